@@ -1,0 +1,64 @@
+# wsrelay: build, test and demo entry points. `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CLUSTER := e2e/cluster
+export WSRELAY_CACHE ?= $(HOME)/.cache/wsrelay
+# The pinned Go binaries (etcd, kube-*, nats-server) are linked here by tools.sh.
+TOOLS_PATH := $(WSRELAY_CACHE)/path
+export PATH := $(TOOLS_PATH):$(PATH)
+export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
+CARGO ?= cargo
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## install missing Debian packages the scripts need
+	@$(CLUSTER)/deps.sh
+
+.PHONY: tools
+tools: deps ## build the pinned etcd, Kubernetes and nats-server binaries (cached)
+	@$(CLUSTER)/tools.sh >/dev/null
+
+.PHONY: cluster-up
+cluster-up: tools ## start the local control plane and NATS on loopback
+	@$(CLUSTER)/up.sh $(TOOLS_PATH)
+
+.PHONY: cluster-down
+cluster-down: ## stop the local cluster and remove its state
+	@$(CLUSTER)/down.sh
+
+.PHONY: fmt-check
+fmt-check: ## cargo fmt --check
+	$(CARGO) fmt --all -- --check
+
+.PHONY: lint
+lint: ## clippy on every target, warnings are errors
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+.PHONY: unit
+unit: tools ## unit and integration tests (real nats-server, no cluster)
+	$(CARGO) test --workspace --exclude wsrelay-e2e --locked
+
+.PHONY: e2e
+e2e: cluster-up ## end-to-end tests against the local cluster
+	$(CARGO) test -p wsrelay-e2e --locked
+
+.PHONY: test
+test: fmt-check lint unit e2e ## everything CI runs
+
+.PHONY: demo
+demo: cluster-up ## bring up the local cluster and NATS, and say what to do next
+	@echo
+	@echo "The local test ground is up:"
+	@echo "  export KUBECONFIG=$(KUBECONFIG)"
+	@echo "  kubectl version            # pinned Kubernetes, served from loopback"
+	@echo "  kubectl get --raw /readyz"
+	@echo "  NATS: $$(cat .cluster/nats-url)   WebSocket: $$(cat .cluster/nats-ws-url)"
+	@echo
+	@KUBECONFIG=$(KUBECONFIG) kubectl version
+	@echo
+	@echo "Stop it with: make cluster-down"

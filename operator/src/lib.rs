@@ -1,0 +1,1 @@
+//! wsrelay-operator: the `WebsocketGateway` API and its reconciler.
