@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the pinned Go binaries the test ground runs (kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubelet, etcd, nats-server) from the
+# kube-controller-manager, kube-scheduler, kubelet, kubectl, etcd, nats-server) from the
 # Go module proxy into a cache outside the checkout, and prints the directory.
 #
 # Each wrapper module under e2e/cluster/go/ is one pin; its binaries land in
@@ -37,7 +37,8 @@ build_kubernetes() {
 		k8s.io/kubernetes/cmd/kube-apiserver \
 		k8s.io/kubernetes/cmd/kube-controller-manager \
 		k8s.io/kubernetes/cmd/kube-scheduler \
-		k8s.io/kubernetes/cmd/kubelet)
+		k8s.io/kubernetes/cmd/kubelet \
+		k8s.io/kubernetes/cmd/kubectl)
 }
 
 build_etcd() {

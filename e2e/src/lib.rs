@@ -22,9 +22,14 @@ use serde_json::json;
 /// Label on every namespace the harness creates, so a crashed run's leftovers can be found.
 pub const TEST_LABEL: &str = "e2e.wsrelay.dev/test";
 
-/// How long a test waits for the cluster to reach a state before it gives up. This bounds a
-/// wait; it is not a speed assertion.
-pub const WAIT: Duration = Duration::from_secs(120);
+/// How long a test waits for the cluster to reach a state before it gives up (default 120 s,
+/// `E2E_WAIT_SECONDS` overrides). This bounds a wait; it is not a speed assertion.
+pub fn wait_limit() -> Duration {
+    let seconds = std::env::var("E2E_WAIT_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    Duration::from_secs(seconds.unwrap_or(120))
+}
 
 /// The repository root (the e2e crate's parent directory).
 pub fn repo_root() -> PathBuf {
@@ -142,34 +147,36 @@ async fn create_namespace(client: &Client, prefix: &str) -> Result<String> {
     Ok(name)
 }
 
-/// Waits until the named object satisfies `condition`, or fails after [`WAIT`].
+/// Waits until the named object satisfies `condition`, or fails after [`wait_limit`].
 pub async fn wait_for<K>(api: &Api<K>, name: &str, condition: impl Condition<K>) -> Result<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default,
 {
     let kind = K::kind(&Default::default()).to_string();
-    match tokio::time::timeout(WAIT, await_condition(api.clone(), name, condition)).await {
+    let limit = wait_limit();
+    match tokio::time::timeout(limit, await_condition(api.clone(), name, condition)).await {
         Ok(Ok(Some(obj))) => Ok(obj),
         Ok(Ok(None)) => bail!("{kind} {name} was deleted while waiting for it"),
         Ok(Err(e)) => Err(e).with_context(|| format!("watching {kind} {name}")),
-        Err(_) => bail!("{kind} {name} did not reach the expected state within {WAIT:?}"),
+        Err(_) => bail!("{kind} {name} did not reach the expected state within {limit:?}"),
     }
 }
 
-/// Waits until `check` returns `Some`, polling once a second, or fails after [`WAIT`] with `what`.
+/// Waits until `check` returns `Some`, polling once a second, or fails after [`wait_limit`].
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let limit = wait_limit();
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(value) = check().await? {
             return Ok(value);
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!("gave up after {WAIT:?} waiting for {what}");
+            bail!("gave up after {limit:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -64,13 +64,34 @@ async fn deployment_controller_creates_replicaset_and_pods() -> Result<()> {
         .await?;
         assert_eq!(rs.spec.replicas, Some(2));
 
-        // The ReplicaSet controller creates the pods; with no node they stay Pending.
-        let pods = eventually("two pods of the ReplicaSet", || async {
-            let pods = pods_of(&client, &ns, "web").await?;
-            Ok((pods.len() == 2).then_some(pods))
-        })
+        // The ReplicaSet controller creates the pods; with no node the scheduler marks them
+        // Unschedulable, which proves it ran.
+        let pods = eventually(
+            "two pods of the ReplicaSet, seen by the scheduler",
+            || async {
+                let pods = pods_of(&client, &ns, "web").await?;
+                let scheduler_saw_all = pods.iter().all(|pod| {
+                    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+                    conditions
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c.type_ == "PodScheduled" && c.status == "False")
+                });
+                Ok((pods.len() == 2 && scheduler_saw_all).then_some(pods))
+            },
+        )
         .await?;
         for pod in &pods {
+            let scheduled = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .into_iter()
+                .flatten();
+            let reason = scheduled
+                .filter(|c| c.type_ == "PodScheduled")
+                .find_map(|c| c.reason.clone());
+            assert_eq!(reason.as_deref(), Some("Unschedulable"));
             let owner = &pod
                 .metadata
                 .owner_references
