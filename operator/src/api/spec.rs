@@ -1,0 +1,665 @@
+//! The desired state of a gateway: what an application team writes.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::WebsocketGatewayStatus;
+
+/// The relay image used when `spec.image.name` is not set.
+pub const DEFAULT_IMAGE: &str = "wsrelay/wsrelay:0.1.0";
+
+/// A fleet of wsrelay pods that bridge WebSocket clients and NATS subjects.
+// The printcolumn attributes repeat `type_ = ...` by design; clippy reads that as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "wsrelay.dev",
+    version = "v1alpha1",
+    kind = "WebsocketGateway",
+    plural = "websocketgateways",
+    singular = "websocketgateway",
+    shortname = "wsgw",
+    category = "wsrelay",
+    namespaced,
+    status = "WebsocketGatewayStatus",
+    derive = "PartialEq",
+    doc = "A WebsocketGateway is a fleet of wsrelay pods that authenticate WebSocket clients and relay messages between them and NATS subjects, behind a Service, autoscaled on connection count.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the gateway serves clients"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.replicas",
+        description = "Relay pods that exist"
+    ),
+    printcolumn(
+        name = "Connections",
+        type_ = "integer",
+        json_path = ".status.connections",
+        description = "Open client connections across the fleet"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "Where clients connect"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(
+    validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("spec.replicas and spec.autoscaling are mutually exclusive: with autoscaling the HorizontalPodAutoscaler sets the replica count"),
+    validation = Rule::new("!has(self.autoscaling) || self.autoscaling.targetConnectionsPerPod <= self.limits.maxConnectionsPerPod").message("spec.autoscaling.targetConnectionsPerPod must not exceed spec.limits.maxConnectionsPerPod: pods would refuse connections before the autoscaler adds more"),
+    validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, b.subject.contains('{claims.'))").message("a binding uses {claims.*} but auth has no jwt section, so clients carry no claims: add auth.jwt or drop the claims from the subject")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WebsocketGatewaySpec {
+    /// The fixed number of relay pods when autoscaling is off (the scale subresource writes
+    /// it). Must be unset when `autoscaling` is set. Defaults to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: Option<i32>,
+
+    /// The NATS servers the relays connect to, and how they authenticate.
+    pub nats: NatsSpec,
+
+    /// How clients authenticate on the WebSocket handshake (required, so that a gateway
+    /// without authentication is a choice someone wrote down: `allowAnonymous: true`).
+    pub auth: AuthSpec,
+
+    /// The client-facing channels and the NATS subjects behind them. Each channel may be
+    /// bound once.
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new("self.all(b, self.exists_one(c, c.channel == b.channel))").message("each channel may be bound only once: two bindings share a channel"))]
+    pub bindings: Vec<Binding>,
+
+    /// Per-pod and per-connection limits.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+
+    /// Scale the fleet on open connections per pod (a HorizontalPodAutoscaler on the relay
+    /// metric `wsrelay_connections`). Unset: a fixed `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+
+    /// How a relay pod lets its clients go when it stops (rollout, scale-down, eviction).
+    #[serde(default)]
+    pub drain: DrainSpec,
+
+    /// The Service clients connect through.
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// Serve `wss://` with this certificate. Unset: plain `ws://` (TLS terminated in front).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+
+    /// CPU and memory for each relay container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// The relay container image.
+    #[serde(default)]
+    pub image: ImageSpec,
+
+    /// Where relay pods run, and extra labels and annotations for them.
+    #[serde(default)]
+    pub placement: PlacementSpec,
+}
+
+/// A reference to one key of a Secret in the gateway's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// The Secret's name, in the gateway's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// The key within the Secret's data.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// The NATS connection of every relay pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsSpec {
+    /// NATS server URLs (`nats://`, `tls://`, `ws://` or `wss://`), e.g. `nats://nats.messaging:4222`.
+    #[schemars(length(min = 1, max = 16), inner(length(max = 256)))]
+    #[x_kube(validation = Rule::new("self.all(u, isURL(u) && url(u).getScheme() in ['nats', 'tls', 'ws', 'wss'] && url(u).getHostname() != '')").message("each NATS URL must look like nats://host:4222 (schemes: nats, tls, ws, wss)"))]
+    pub urls: Vec<String>,
+
+    /// How the relays authenticate to NATS. Unset: no credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<NatsCredentials>,
+
+    /// A PEM CA bundle to verify the NATS servers' certificates with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Exactly one way to authenticate to NATS, read from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("[has(self.token), has(self.userPassword), has(self.nkeySeed), has(self.credsFile)].filter(x, x).size() == 1").message("nats.credentials needs exactly one of token, userPassword, nkeySeed or credsFile")
+)]
+pub struct NatsCredentials {
+    /// A NATS authentication token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretKeyRef>,
+    /// A user name and password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_password: Option<UserPasswordRef>,
+    /// An NKey seed (`SU...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_seed: Option<SecretKeyRef>,
+    /// A `.creds` file (user JWT and NKey seed), as `nsc` writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<SecretKeyRef>,
+}
+
+/// A Secret holding a NATS user name and password.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserPasswordRef {
+    /// The Secret's name, in the gateway's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: String,
+    /// The key holding the user name.
+    #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub username_key: String,
+    /// The key holding the password.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// Client authentication on the WebSocket handshake. A refused client gets HTTP 401/403,
+/// never an upgraded-then-closed socket.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.jwt) || self.allowAnonymous").message("auth needs a jwt section, or allowAnonymous: true for a gateway without authentication"),
+    validation = Rule::new("!has(self.jwt) || !self.jwt.tokenSources.exists(s, s.from == 'Cookie') || (has(self.allowedOrigins) && self.allowedOrigins.size() > 0)").message("a Cookie token source needs allowedOrigins: browsers send cookies on cross-site WebSocket requests")
+)]
+pub struct AuthSpec {
+    /// Verify a JWT presented by each client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtSpec>,
+
+    /// Let clients without a token connect (they see only bindings that use no claims).
+    #[serde(default)]
+    pub allow_anonymous: bool,
+
+    /// Browser origins allowed to connect (`Origin` header), e.g. `https://app.example.com`;
+    /// `*` allows any. Empty: any origin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 256)))]
+    #[x_kube(validation = Rule::new("self.all(o, o == '*' || o.matches('^https?://[A-Za-z0-9.-]+(:[0-9]+)?$'))").message("each allowed origin must be '*' or scheme://host[:port] with no path, such as https://app.example.com"))]
+    pub allowed_origins: Vec<String>,
+}
+
+/// JWT verification: exactly one key source, optional issuer and audience checks, and where
+/// the token is read from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("[has(self.hmacSecretRef), has(self.publicKeySecretRef), has(self.jwksUrl)].filter(x, x).size() == 1").message("auth.jwt needs exactly one key source: hmacSecretRef, publicKeySecretRef or jwksUrl"),
+    validation = Rule::new("!has(self.hmacSecretRef) || !has(self.algorithms) || self.algorithms.all(a, a == 'HS256')").message("an HMAC secret verifies only HS256 tokens: remove the other algorithms"),
+    validation = Rule::new("has(self.hmacSecretRef) || !has(self.algorithms) || !self.algorithms.exists(a, a == 'HS256')").message("HS256 tokens need hmacSecretRef: a public key or JWKS cannot verify them"),
+    validation = Rule::new("!has(self.publicKeySecretRef) || !has(self.algorithms) || self.algorithms.size() == 1").message("a PEM public key is either RSA (RS256) or EC (ES256): list one algorithm")
+)]
+pub struct JwtSpec {
+    /// An HMAC secret for HS256 tokens (at least 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_secret_ref: Option<SecretKeyRef>,
+
+    /// A PEM public key (RSA or EC) for RS256/ES256 tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_secret_ref: Option<SecretKeyRef>,
+
+    /// An https URL serving a JWKS for RS256/ES256 tokens; the relays refresh it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['https', 'http'] && url(self).getHostname() != ''").message("jwksUrl must be an http(s) URL such as https://issuer.example.com/.well-known/jwks.json"))]
+    pub jwks_url: Option<String>,
+
+    /// The algorithms accepted. Empty: HS256 for an HMAC secret, RS256 for a public key,
+    /// RS256 and ES256 for a JWKS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    pub algorithms: Vec<JwtAlgorithm>,
+
+    /// Required `iss` claim. Unset: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub issuer: Option<String>,
+
+    /// Accepted `aud` values (any one must match). Empty: not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 256)))]
+    pub audiences: Vec<String>,
+
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[serde(default = "default_leeway")]
+    #[schemars(range(min = 0, max = 300))]
+    pub leeway_seconds: i32,
+
+    /// Where the token is read, first match wins. Default: the `token` query parameter, the
+    /// `Authorization: Bearer` header, then `Sec-WebSocket-Protocol`.
+    #[serde(default = "default_token_sources")]
+    #[schemars(length(min = 1, max = 4))]
+    pub token_sources: Vec<TokenSource>,
+}
+
+fn default_leeway() -> i32 {
+    30
+}
+
+fn default_token_sources() -> Vec<TokenSource> {
+    vec![
+        TokenSource {
+            from: TokenLocation::Query,
+            name: Some("token".into()),
+        },
+        TokenSource {
+            from: TokenLocation::Header,
+            name: None,
+        },
+        TokenSource {
+            from: TokenLocation::Subprotocol,
+            name: None,
+        },
+    ]
+}
+
+/// A JWT signature algorithm.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum JwtAlgorithm {
+    /// HMAC with SHA-256.
+    HS256,
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    RS256,
+    /// ECDSA P-256 with SHA-256.
+    ES256,
+}
+
+/// One place a client may put its token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("(self.from in ['Query', 'Cookie']) == has(self.name)").message("a Query or Cookie token source needs the parameter or cookie name; Header and Subprotocol take no name")
+)]
+pub struct TokenSource {
+    /// `Query` (parameter `name`), `Header` (`Authorization: Bearer`), `Cookie` (cookie
+    /// `name`), or `Subprotocol` (`Sec-WebSocket-Protocol: wsrelay.v1, bearer.<token>`).
+    pub from: TokenLocation,
+    /// The query parameter or cookie name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub name: Option<String>,
+}
+
+/// Where a token is carried on the handshake.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TokenLocation {
+    /// The `Authorization: Bearer` header.
+    Header,
+    /// A query parameter of the WebSocket URL.
+    Query,
+    /// A cookie.
+    Cookie,
+    /// The `Sec-WebSocket-Protocol` header, as `bearer.<token>`.
+    Subprotocol,
+}
+
+/// Maps a client-facing channel to a NATS subject.
+///
+/// The channel is dot-separated tokens; a token is a name (`orders`) or a placeholder the
+/// client fills in (`{id}`). The subject template uses names, the channel's placeholders and
+/// JWT claims (`{claims.sub}`). A value substituted into a subject that contains `.`, `*`,
+/// `>` or whitespace is refused, so a client can never widen a subject.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.channel.matches('^([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}])([.]([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]))*$')").message("channel must be dot-separated tokens, each a name (letters, digits, _ or -) or a placeholder such as {id}, e.g. orders.{id}"),
+    validation = Rule::new("self.subject.matches('^([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}])([.]([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}]))*$')").message("subject must be dot-separated tokens, each a name (letters, digits, _ or -), a channel placeholder such as {id} or a claim such as {claims.sub} or {claims.org.id}; NATS wildcards are not allowed"),
+    validation = Rule::new("self.subject.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("subject uses a placeholder its channel does not define: a subject may use only the channel's own {placeholders} and {claims.*}")
+)]
+pub struct Binding {
+    /// The channel clients name, e.g. `orders.{id}` or `notifications`.
+    #[schemars(length(min = 1, max = 128))]
+    pub channel: String,
+    /// The NATS subject template, e.g. `orders.{id}.events` or `users.{claims.sub}.notify`.
+    #[schemars(length(min = 1, max = 256))]
+    pub subject: String,
+    /// What clients may do on the channel.
+    #[serde(default)]
+    pub direction: Direction,
+}
+
+/// What clients may do on a channel.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Direction {
+    /// Receive messages published on the subject.
+    #[default]
+    Subscribe,
+    /// Publish to the subject.
+    Publish,
+    /// Both.
+    Both,
+}
+
+/// Per-pod and per-connection limits.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.pingIntervalSeconds < self.idleTimeoutSeconds").message("limits.pingIntervalSeconds must be shorter than limits.idleTimeoutSeconds, or healthy idle clients are cut off")
+)]
+pub struct LimitsSpec {
+    /// Connections one pod accepts before it refuses new ones (HTTP 503).
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_connections_per_pod: i64,
+    /// Largest message a client may send or receive, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 256, max = 8_388_608))]
+    pub max_message_bytes: i32,
+    /// Messages queued per connection before the slow-consumer policy applies.
+    #[serde(default = "default_send_queue")]
+    #[schemars(range(min = 1, max = 65_536))]
+    pub send_queue_length: i32,
+    /// What happens to a client whose queue is full.
+    #[serde(default)]
+    pub slow_consumer_policy: SlowConsumerPolicy,
+    /// Sustained publishes per second one connection may make (bindings decide whether it may
+    /// publish at all).
+    #[serde(default = "default_publish_rate")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub publish_rate_per_second: i32,
+    /// Publishes one connection may make in a burst above the rate.
+    #[serde(default = "default_publish_burst")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub publish_burst: i32,
+    /// Channels one connection may be subscribed to at once.
+    #[serde(default = "default_max_subscriptions")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_subscriptions_per_connection: i32,
+    /// A connection from which nothing (not even a pong) arrived for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(range(min = 5, max = 86_400))]
+    pub idle_timeout_seconds: i32,
+    /// How often the relay pings an idle client.
+    #[serde(default = "default_ping_interval")]
+    #[schemars(range(min = 1, max = 3_600))]
+    pub ping_interval_seconds: i32,
+    /// How long a client has to complete the WebSocket handshake.
+    #[serde(default = "default_handshake_timeout")]
+    #[schemars(range(min = 1, max = 120))]
+    pub handshake_timeout_seconds: i32,
+}
+
+fn default_max_connections() -> i64 {
+    10_000
+}
+fn default_max_message_bytes() -> i32 {
+    65_536
+}
+fn default_send_queue() -> i32 {
+    256
+}
+fn default_publish_rate() -> i32 {
+    10
+}
+fn default_publish_burst() -> i32 {
+    20
+}
+fn default_max_subscriptions() -> i32 {
+    100
+}
+fn default_idle_timeout() -> i32 {
+    60
+}
+fn default_ping_interval() -> i32 {
+    20
+}
+fn default_handshake_timeout() -> i32 {
+    10
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_connections_per_pod: default_max_connections(),
+            max_message_bytes: default_max_message_bytes(),
+            send_queue_length: default_send_queue(),
+            slow_consumer_policy: SlowConsumerPolicy::default(),
+            publish_rate_per_second: default_publish_rate(),
+            publish_burst: default_publish_burst(),
+            max_subscriptions_per_connection: default_max_subscriptions(),
+            idle_timeout_seconds: default_idle_timeout(),
+            ping_interval_seconds: default_ping_interval(),
+            handshake_timeout_seconds: default_handshake_timeout(),
+        }
+    }
+}
+
+/// What happens to a client that reads slower than messages arrive.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SlowConsumerPolicy {
+    /// Close the connection (the client reconnects and resumes).
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued message and keep the connection.
+    DropOldest,
+}
+
+/// Autoscaling on open connections per pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not be greater than autoscaling.maxReplicas")
+)]
+pub struct AutoscalingSpec {
+    /// The fewest relay pods.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// The most relay pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average open connections per pod the autoscaler aims for.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub target_connections_per_pod: i64,
+    /// How long the load must stay low before pods are removed (every removal drains clients).
+    #[serde(default = "default_scale_down_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+}
+
+fn default_min_replicas() -> i32 {
+    2
+}
+fn default_scale_down_window() -> i32 {
+    300
+}
+
+/// Graceful drain of a stopping pod: readiness goes false, new connections are refused, and
+/// open ones are told to reconnect elsewhere, their disconnects spread over the first 80% of
+/// the grace period.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSpec {
+    /// Time a stopping pod has to let its clients go. The pod's
+    /// terminationGracePeriodSeconds is set above it.
+    #[serde(default = "default_grace")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub grace_period_seconds: i32,
+}
+
+fn default_grace() -> i32 {
+    60
+}
+
+impl Default for DrainSpec {
+    fn default() -> Self {
+        Self {
+            grace_period_seconds: default_grace(),
+        }
+    }
+}
+
+/// The Service in front of the relays.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// The Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    /// The port clients connect to.
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Extra annotations on the Service (load balancer settings and the like).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn default_service_port() -> i32 {
+    80
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            type_: ServiceType::default(),
+            port: default_service_port(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+/// A Service type.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster (put an Ingress or Gateway in front).
+    #[default]
+    ClusterIP,
+    /// A port on every node.
+    NodePort,
+    /// A cloud load balancer.
+    LoadBalancer,
+}
+
+/// TLS on the client port.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A `kubernetes.io/tls` Secret (keys `tls.crt` and `tls.key`) in the gateway's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: String,
+}
+
+/// The relay container image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSpec {
+    /// Image reference, e.g. `registry.example.com/wsrelay:0.1.0`.
+    #[serde(default = "default_image")]
+    #[schemars(length(min = 1, max = 512))]
+    pub name: String,
+    /// When the kubelet pulls the image.
+    #[serde(default)]
+    pub pull_policy: PullPolicy,
+}
+
+fn default_image() -> String {
+    DEFAULT_IMAGE.into()
+}
+
+impl Default for ImageSpec {
+    fn default() -> Self {
+        Self {
+            name: default_image(),
+            pull_policy: PullPolicy::default(),
+        }
+    }
+}
+
+/// An image pull policy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum PullPolicy {
+    /// Pull when the node lacks the image.
+    #[default]
+    IfNotPresent,
+    /// Pull on every pod start.
+    Always,
+    /// Never pull.
+    Never,
+}
+
+/// Where relay pods are scheduled, and extra metadata on them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSpec {
+    /// Node labels a pod's node must have.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// How pods spread across zones and nodes. Empty: spread across nodes, best effort.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// Extra labels on the pods. Keys under `app.kubernetes.io/` are reserved for the operator.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('app.kubernetes.io/'))").message("placement.podLabels must not set app.kubernetes.io/* labels: the operator selects its pods with them"))]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Extra annotations on the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub pod_annotations: BTreeMap<String, String>,
+}

@@ -1,0 +1,46 @@
+//! The observed state of a gateway: what the operator reports.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition type: the gateway serves clients (at least one relay pod ready, rollout done).
+pub const CONDITION_READY: &str = "Ready";
+/// Condition type: a rollout or scale change is under way.
+pub const CONDITION_PROGRESSING: &str = "Progressing";
+/// Condition type: the operator cannot bring the gateway to its spec (reason says why).
+pub const CONDITION_DEGRADED: &str = "Degraded";
+
+/// What the operator observed of a gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebsocketGatewayStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready, Progressing and Degraded, one of each at most.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Relay pods that exist (the scale subresource reads it).
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Relay pods ready to serve.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Open client connections across the fleet.
+    #[serde(default)]
+    pub connections: i64,
+
+    /// Where clients connect, e.g. `ws://chat.apps.svc:80`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+
+    /// The label selector of the relay pods, for the scale subresource and HPA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+}

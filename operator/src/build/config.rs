@@ -1,0 +1,250 @@
+//! The relay config (the relay crate's own `wsrelay::config::Config`, never a copy of it)
+//! mapped from the gateway spec, rendered for the ConfigMap.
+
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+use wsrelay::config as relay;
+
+use super::{ADMIN_PORT, CLIENT_PORT, WS_PATH};
+use crate::api::{
+    Direction, JwtAlgorithm, SecretKeyRef, SlowConsumerPolicy, TokenLocation, WebsocketGatewaySpec,
+};
+
+/// The ConfigMap key holding the relay config.
+pub const CONFIG_KEY: &str = "relay.json";
+/// Where the relay reads its config inside the pod.
+pub const CONFIG_FILE: &str = "/etc/wsrelay/config/relay.json";
+/// Directory under which each referenced Secret is mounted, one sub-directory per Secret.
+pub const SECRETS_DIR: &str = "/etc/wsrelay/secrets";
+/// Directory where the serving certificate Secret is mounted.
+pub const TLS_DIR: &str = "/etc/wsrelay/tls";
+
+/// The file a Secret key appears as inside the relay pod.
+pub fn secret_path(secret: &str, key: &str) -> PathBuf {
+    PathBuf::from(format!("{SECRETS_DIR}/{secret}/{key}"))
+}
+
+fn key_path(r: &SecretKeyRef) -> PathBuf {
+    secret_path(&r.name, &r.key)
+}
+
+/// A relay config section with the relay's own serde defaults (not `Default`, which zeroes
+/// numbers the relay requires to be positive), so the operator never restates them.
+fn relay_default<T: serde::de::DeserializeOwned + Default>() -> T {
+    serde_json::from_str("{}").unwrap_or_default()
+}
+
+/// Clamps a spec integer (bounded by the CRD schema) into the relay's unsigned type.
+fn u32_of(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+fn u64_of(v: i32) -> u64 {
+    u64::try_from(v.max(0)).unwrap_or(0)
+}
+
+/// Maps the spec to the relay's config. Secrets appear as file paths (they are mounted into
+/// the pod), never inline, so the ConfigMap holds nothing secret.
+pub fn relay_config(spec: &WebsocketGatewaySpec) -> relay::Config {
+    let nats_credentials = spec
+        .nats
+        .credentials
+        .as_ref()
+        .map(|c| relay::NatsCredentials {
+            token_file: c.token.as_ref().map(key_path),
+            user_file: c
+                .user_password
+                .as_ref()
+                .map(|u| secret_path(&u.secret_name, &u.username_key)),
+            password_file: c
+                .user_password
+                .as_ref()
+                .map(|u| secret_path(&u.secret_name, &u.password_key)),
+            nkey_seed_file: c.nkey_seed.as_ref().map(key_path),
+            creds_file: c.creds_file.as_ref().map(key_path),
+        })
+        .unwrap_or_default();
+
+    let jwt = spec.auth.jwt.as_ref().map(|j| {
+        let algorithms = if j.algorithms.is_empty() {
+            // The key source decides what can be verified; HS256 never mixes with the others.
+            if j.hmac_secret_ref.is_some() {
+                vec![relay::JwtAlgorithm::HS256]
+            } else if j.public_key_secret_ref.is_some() {
+                vec![relay::JwtAlgorithm::RS256]
+            } else {
+                vec![relay::JwtAlgorithm::RS256, relay::JwtAlgorithm::ES256]
+            }
+        } else {
+            j.algorithms
+                .iter()
+                .map(|a| match a {
+                    JwtAlgorithm::HS256 => relay::JwtAlgorithm::HS256,
+                    JwtAlgorithm::RS256 => relay::JwtAlgorithm::RS256,
+                    JwtAlgorithm::ES256 => relay::JwtAlgorithm::ES256,
+                })
+                .collect()
+        };
+        relay::Jwt {
+            algorithms,
+            key: relay::JwtKey {
+                hmac_secret_file: j.hmac_secret_ref.as_ref().map(key_path),
+                public_key_file: j.public_key_secret_ref.as_ref().map(key_path),
+                jwks_url: j.jwks_url.clone(),
+                ..relay_default::<relay::JwtKey>()
+            },
+            issuer: j.issuer.clone(),
+            audiences: j.audiences.clone(),
+            leeway_seconds: u64_of(j.leeway_seconds),
+        }
+    });
+
+    let token_sources = spec
+        .auth
+        .jwt
+        .as_ref()
+        .map(|j| {
+            j.token_sources
+                .iter()
+                .map(|s| {
+                    let name = s.name.clone().unwrap_or_default();
+                    match s.from {
+                        TokenLocation::Query => relay::TokenSource::Query { name },
+                        TokenLocation::Header => relay::TokenSource::AuthorizationHeader {},
+                        TokenLocation::Cookie => relay::TokenSource::Cookie { name },
+                        TokenLocation::Subprotocol => relay::TokenSource::Subprotocol {},
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| relay::Auth::default().token_sources);
+
+    let l = &spec.limits;
+    relay::Config {
+        listen: relay::Listen {
+            client: std::net::SocketAddr::from(([0, 0, 0, 0], CLIENT_PORT as u16)),
+            admin: std::net::SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT as u16)),
+            path: WS_PATH.to_string(),
+        },
+        tls: spec.tls.as_ref().map(|_| relay::ServerTls {
+            cert_file: PathBuf::from(format!("{TLS_DIR}/tls.crt")),
+            key_file: PathBuf::from(format!("{TLS_DIR}/tls.key")),
+        }),
+        nats: relay::Nats {
+            urls: spec.nats.urls.clone(),
+            name: "wsrelay".to_string(),
+            credentials: nats_credentials,
+            tls: spec.nats.ca_secret_ref.as_ref().map(|ca| relay::NatsTls {
+                ca_file: Some(key_path(ca)),
+                ..relay::NatsTls::default()
+            }),
+        },
+        auth: relay::Auth {
+            jwt,
+            token_sources,
+            allowed_origins: spec.auth.allowed_origins.clone(),
+            allow_anonymous: spec.auth.allow_anonymous,
+        },
+        bindings: spec
+            .bindings
+            .iter()
+            .map(|b| relay::Binding {
+                channel: b.channel.clone(),
+                subject: b.subject.clone(),
+                direction: match b.direction {
+                    Direction::Subscribe => relay::Direction::Subscribe,
+                    Direction::Publish => relay::Direction::Publish,
+                    Direction::Both => relay::Direction::Both,
+                },
+            })
+            .collect(),
+        limits: relay::Limits {
+            max_connections: u32_of(l.max_connections_per_pod),
+            max_message_bytes: u32_of(l.max_message_bytes.into()),
+            send_queue_len: u32_of(l.send_queue_length.into()),
+            slow_consumer_policy: match l.slow_consumer_policy {
+                SlowConsumerPolicy::Disconnect => relay::SlowConsumerPolicy::Disconnect,
+                SlowConsumerPolicy::DropOldest => relay::SlowConsumerPolicy::DropOldest,
+            },
+            max_subscriptions_per_connection: u32_of(l.max_subscriptions_per_connection.into()),
+            publish_rate_per_second: u32_of(l.publish_rate_per_second.into()),
+            publish_burst: u32_of(l.publish_burst.into()),
+            idle_timeout_seconds: u64_of(l.idle_timeout_seconds),
+            ping_interval_seconds: u64_of(l.ping_interval_seconds),
+            handshake_timeout_seconds: u64_of(l.handshake_timeout_seconds),
+        },
+        drain: relay::Drain {
+            grace_period_seconds: u64_of(spec.drain.grace_period_seconds),
+        },
+    }
+}
+
+/// The config as the relay reads it. JSON is a subset of YAML, which the relay's loader
+/// reads, and serde_json's output is stable, so the hash only changes with the content.
+pub fn render_config(config: &relay::Config) -> Result<String, serde_json::Error> {
+    let mut out = serde_json::to_string_pretty(config)?;
+    out.push('\n');
+    Ok(out)
+}
+
+/// A short, stable hash of the rendered config, for the pod-template annotation.
+pub fn config_hash(rendered: &str) -> String {
+    let digest = Sha256::digest(rendered.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::WebsocketGateway;
+
+    fn spec(yaml: &str) -> WebsocketGatewaySpec {
+        let gw: WebsocketGateway = serde_yaml::from_str(yaml).expect("fixture parses");
+        gw.spec
+    }
+
+    #[test]
+    fn rendered_config_reads_back_and_passes_the_relays_own_validation() {
+        let config = relay_config(&spec(include_str!("../../tests/fixtures/full.yaml")));
+        config.validate().expect("the relay accepts the config");
+        let rendered = render_config(&config).expect("renders");
+        let back: relay::Config = serde_json::from_str(&rendered).expect("reads back");
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn secrets_become_file_paths_never_inline_values() {
+        let config = relay_config(&spec(include_str!("../../tests/fixtures/full.yaml")));
+        let key = config.auth.jwt.expect("jwt").key;
+        assert_eq!(
+            key.hmac_secret_file,
+            Some(PathBuf::from("/etc/wsrelay/secrets/chat-jwt/hmac"))
+        );
+        assert_eq!(
+            config.nats.credentials.token_file,
+            Some(PathBuf::from("/etc/wsrelay/secrets/chat-nats/token"))
+        );
+    }
+
+    #[test]
+    fn empty_algorithms_follow_the_key_source() {
+        let mut s = spec(include_str!("../../tests/fixtures/full.yaml"));
+        let jwt = relay_config(&s).auth.jwt.expect("jwt");
+        assert_eq!(jwt.algorithms, vec![relay::JwtAlgorithm::HS256]);
+        let j = s.auth.jwt.as_mut().expect("jwt");
+        j.hmac_secret_ref = None;
+        j.jwks_url = Some("https://issuer.example.com/jwks.json".into());
+        let jwt = relay_config(&s).auth.jwt.expect("jwt");
+        assert_eq!(
+            jwt.algorithms,
+            vec![relay::JwtAlgorithm::RS256, relay::JwtAlgorithm::ES256]
+        );
+    }
+
+    #[test]
+    fn the_hash_changes_with_the_content_only() {
+        assert_eq!(config_hash("a"), config_hash("a"));
+        assert_ne!(config_hash("a"), config_hash("b"));
+        assert_eq!(config_hash("a").len(), 16);
+    }
+}
