@@ -1,20 +1,15 @@
 #!/usr/bin/env bash
 # Stops exactly the processes up.sh started (by their pid files) and removes the state.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-state=${WSRELAY_CLUSTER_DIR:-$root/.cluster}
+source "$(dirname "$0")/lib.sh"
 [ -d "$state" ] || exit 0
 
 log() { printf '[cluster-down] %s\n' "$*" >&2; }
 
 # Reverse start order: clients of the API server first, etcd last.
 for name in kube-scheduler kube-controller-manager kube-apiserver nats-server etcd; do
-	pidfile=$state/pids/$name.pid
-	[ -f "$pidfile" ] || continue
-	pid=$(cat "$pidfile")
-	# Only signal the pid if it is still the process we started.
-	if [ "$(basename "$(readlink "/proc/$pid/exe" 2>/dev/null)")" = "$name" ]; then
+	# Only signal a pid that is still the process we started.
+	if pid=$(running_pid "$name"); then
 		log "stopping $name (pid $pid)"
 		kill -TERM "$pid" 2>/dev/null || true
 		for _ in $(seq 1 100); do
@@ -23,7 +18,7 @@ for name in kube-scheduler kube-controller-manager kube-apiserver nats-server et
 		done
 		kill -KILL "$pid" 2>/dev/null || true
 	fi
-	rm -f "$pidfile"
+	rm -f "$state/pids/$name.pid"
 done
 rm -rf "$state"
 log "removed $state"

@@ -55,7 +55,7 @@ mkdir -p "$cache/bin" "$cache/path"
 for m in "${mods[@]}"; do
 	dir="$cache/bin/$m-$(key "$m")"
 	if [ ! -f "$dir/.done" ]; then
-		log "building $m into $dir (first time for this pin; kubernetes takes a while on 2 cores)"
+		log "building $m into $dir (new pin; kubernetes takes minutes on 2 cores)"
 		rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
 		start=$SECONDS
 		"build_$m" "$dir.tmp"

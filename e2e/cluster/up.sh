@@ -9,9 +9,7 @@
 set -euo pipefail
 
 bin=$1
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-state=${WSRELAY_CLUSTER_DIR:-$root/.cluster}
+source "$(dirname "$0")/lib.sh"
 pki=$state/pki
 mkdir -p "$state/logs" "$state/pids" "$state/etcd" "$state/nats"
 
@@ -30,13 +28,7 @@ HPA_SYNC=${HPA_SYNC:-5s}
 
 log() { printf '[cluster-up] %s\n' "$*" >&2; }
 
-alive() { # name
-	local pidfile=$state/pids/$1.pid pid
-	[ -f "$pidfile" ] || return 1
-	pid=$(cat "$pidfile")
-	# The pid must still be the binary we started, not a recycled pid.
-	[ "$(basename "$(readlink "/proc/$pid/exe" 2>/dev/null)")" = "$1" ]
-}
+alive() { running_pid "$1" >/dev/null; }
 
 start() { # name binary args...
 	local name=$1
