@@ -8,7 +8,9 @@ export WSRELAY_CACHE ?= $(HOME)/.cache/wsrelay
 # The pinned Go binaries (etcd, kube-*, nats-server) are linked here by tools.sh.
 TOOLS_PATH := $(WSRELAY_CACHE)/path
 export PATH := $(TOOLS_PATH):$(PATH)
-export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
+# The local cluster's kubeconfig, used by every target here whatever KUBECONFIG says, so the
+# suite never runs against a cluster the developer happens to be pointed at.
+export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 CARGO ?= cargo
 
 .PHONY: help
