@@ -2,7 +2,143 @@
 //!
 //! The reconcile pipeline, one module per stage (only the ends touch the API server):
 //! [`fetch`] referenced Secrets -> [`validate`] -> [`build`] desired objects (pure) ->
-//! [`apply`] them (server-side apply, orphan sweep) -> [`status`].
+//! [`apply`] them (server-side apply, orphan sweep) -> [`status`]. [`controller`] drives it,
+//! [`leader`] makes sure one replica at a time does, [`admin`] serves health and [`metrics`].
 
+pub mod admin;
 pub mod api;
+pub mod apply;
 pub mod build;
+pub mod cli;
+pub mod controller;
+pub mod error;
+pub mod fetch;
+pub mod leader;
+pub mod metrics;
+pub mod status;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kube::Client;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminState;
+use crate::controller::Context;
+use crate::leader::LeaseConfig;
+use crate::metrics::Metrics;
+
+/// How one operator process runs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Watch only this namespace (None: all).
+    pub namespace: Option<String>,
+    /// Where the admin server listens (None: no admin server, for in-process tests).
+    pub admin_addr: Option<SocketAddr>,
+    /// Leader election (None: this process always reconciles).
+    pub leader_election: Option<LeaseConfig>,
+    /// Name of this replica in Events.
+    pub identity: Option<String>,
+}
+
+/// Why the operator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("binding the admin server to {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin server: {0}")]
+    Admin(#[source] std::io::Error),
+}
+
+/// Runs the operator until `shutdown` is cancelled, then stops cleanly: in-flight
+/// reconciles finish and the lease is released.
+pub async fn run(
+    client: Client,
+    config: RunConfig,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let admin = match config.admin_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind { addr, source })?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "admin server listening");
+            let state = AdminState {
+                metrics: metrics.clone(),
+                ready: ready.clone(),
+            };
+            Some(tokio::spawn(admin::serve(
+                listener,
+                state,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
+
+    // Ready once the API server answers; until then a rolling update of the operator waits.
+    {
+        let client = client.clone();
+        let ready = ready.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                match client.apiserver_version().await {
+                    Ok(v) => {
+                        tracing::info!(version = %v.git_version, "connected to the API server");
+                        ready.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(e) => tracing::warn!("API server not reachable yet: {e}"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                }
+            }
+        });
+    }
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        config.identity.clone(),
+    ));
+    let namespace = config.namespace.clone();
+    match config.leader_election {
+        Some(lease) => {
+            leader::run_as_leader(client, lease, &metrics, shutdown.clone(), move |token| {
+                let ctx = ctx.clone();
+                let namespace = namespace.clone();
+                async move {
+                    controller::run(ctx, namespace, async move { token.cancelled().await }).await
+                }
+            })
+            .await;
+        }
+        None => {
+            metrics.leader.set(1);
+            let token = shutdown.clone();
+            controller::run(ctx, namespace, async move { token.cancelled().await }).await;
+        }
+    }
+
+    if let Some(admin) = admin {
+        shutdown.cancel();
+        match admin.await {
+            Ok(result) => result.map_err(RunError::Admin)?,
+            Err(e) => tracing::warn!("admin server task: {e}"),
+        }
+    }
+    Ok(())
+}

@@ -1,4 +1,61 @@
-//! The wsrelay operator binary.
-fn main() {
-    print!("{}", wsrelay_operator::api::crd_yaml());
+//! The wsrelay operator binary: `run` the controller, or print the `crd`.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use wsrelay_operator::cli::{Cli, Command, LogFormat};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            print!("{}", wsrelay_operator::api::crd_yaml());
+            Ok(())
+        }
+        Command::Run(args) => {
+            init_logging(cli.log_format);
+            let client = kube::Client::try_default().await?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(signal_shutdown(shutdown.clone()));
+            wsrelay_operator::run(client, args.into_config(), shutdown).await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM (what the kubelet sends) or Ctrl-C.
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM: {e}");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
 }

@@ -1,0 +1,139 @@
+//! Command line: every flag also reads an environment variable, so a Deployment configures
+//! the operator with `env:` alone.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::RunConfig;
+use crate::leader::LeaseConfig;
+
+/// Kubernetes operator for wsrelay WebSocket gateways.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, env = "WSRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (for log collectors).
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the operator (uses KUBECONFIG, else the in-cluster service account).
+    Run(RunArgs),
+    /// Print the WebsocketGateway CRD as YAML.
+    Crd,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WSRELAY_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of the admin server (/live, /ready, /metrics).
+    #[arg(long, env = "WSRELAY_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// Elect a leader over a Lease so that only one replica reconciles.
+    #[arg(long, env = "WSRELAY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "WSRELAY_LEASE_NAME", default_value = "wsrelay-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the watched namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Seconds a lease holds without renewal; a standby takes over after that.
+    #[arg(long, env = "WSRELAY_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// This replica's identity in the Lease and in Events (default: host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+impl RunArgs {
+    pub fn into_config(self) -> RunConfig {
+        let identity = self.identity.unwrap_or_else(default_identity);
+        let lease_namespace = self
+            .lease_namespace
+            .or_else(|| self.namespace.clone())
+            .unwrap_or_else(|| "default".to_string());
+        RunConfig {
+            namespace: self.namespace,
+            admin_addr: Some(self.admin_addr),
+            leader_election: self.leader_election.then(|| LeaseConfig {
+                namespace: lease_namespace,
+                name: self.lease_name,
+                identity: identity.clone(),
+                lease_duration: Duration::from_secs(self.lease_duration_seconds.max(3)),
+            }),
+            identity: Some(identity),
+        }
+    }
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wsrelay-operator".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_defaults_elect_a_leader_in_the_watched_namespace() {
+        let cli = Cli::try_parse_from([
+            "wsrelay-operator",
+            "run",
+            "--namespace",
+            "apps",
+            "--identity",
+            "a",
+        ])
+        .expect("parses");
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        let config = args.into_config();
+        let lease = config
+            .leader_election
+            .expect("leader election on by default");
+        assert_eq!(lease.namespace, "apps");
+        assert_eq!(lease.identity, "a");
+        assert_eq!(config.namespace.as_deref(), Some("apps"));
+    }
+
+    #[test]
+    fn leader_election_can_be_turned_off_and_logs_can_be_json() {
+        let cli = Cli::try_parse_from([
+            "wsrelay-operator",
+            "--log-format",
+            "json",
+            "run",
+            "--leader-election",
+            "false",
+        ])
+        .expect("parses");
+        assert_eq!(cli.log_format, LogFormat::Json);
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        assert!(args.into_config().leader_election.is_none());
+    }
+}

@@ -1,0 +1,263 @@
+//! The validate stage: what the API server cannot check because it needs other objects.
+//! The schema and CEL rules have already refused malformed specs; here the referenced
+//! Secrets must exist, hold the keys named, and hold something usable.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+
+use crate::api::{SecretKeyRef, WebsocketGateway};
+
+/// Shortest HMAC key accepted: HS256 with less than 256 bits of key is brute-forceable.
+pub const MIN_HMAC_BYTES: usize = 32;
+
+/// A problem a person must fix. Each variant's category is its Event reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidateError {
+    /// A referenced Secret does not exist (yet).
+    #[error("Secret {name} does not exist in the gateway's namespace")]
+    SecretNotFound { name: String },
+    /// A referenced Secret lacks the key named.
+    #[error("Secret {name} has no key {key}")]
+    SecretKeyNotFound { name: String, key: String },
+    /// A Secret key holds something the relay cannot use.
+    #[error("Secret {name} key {key}: {reason}")]
+    InvalidSecret {
+        name: String,
+        key: String,
+        reason: String,
+    },
+}
+
+impl ValidateError {
+    /// The bounded category (metric label and Event reason).
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::SecretNotFound { .. } => "SecretNotFound",
+            Self::SecretKeyNotFound { .. } => "SecretKeyNotFound",
+            Self::InvalidSecret { .. } => "InvalidSecret",
+        }
+    }
+}
+
+/// What a key's content must look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Content {
+    /// Anything non-empty.
+    Any,
+    /// An HMAC key of at least [`MIN_HMAC_BYTES`].
+    HmacKey,
+    /// A PEM block (public key, certificate or CA bundle).
+    Pem,
+    /// An NKey user seed.
+    NkeySeed,
+}
+
+/// Every Secret key the gateway uses, with what it must hold.
+fn references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
+    let spec = &gw.spec;
+    let mut refs = Vec::new();
+    let mut push = |r: &SecretKeyRef, c: Content| refs.push((r.name.clone(), r.key.clone(), c));
+    if let Some(c) = &spec.nats.credentials {
+        if let Some(r) = &c.token {
+            push(r, Content::Any);
+        }
+        if let Some(r) = &c.nkey_seed {
+            push(r, Content::NkeySeed);
+        }
+        if let Some(r) = &c.creds_file {
+            push(r, Content::Any);
+        }
+    }
+    if let Some(r) = &spec.nats.ca_secret_ref {
+        push(r, Content::Pem);
+    }
+    if let Some(j) = &spec.auth.jwt {
+        if let Some(r) = &j.hmac_secret_ref {
+            push(r, Content::HmacKey);
+        }
+        if let Some(r) = &j.public_key_secret_ref {
+            push(r, Content::Pem);
+        }
+    }
+    if let Some(u) = spec
+        .nats
+        .credentials
+        .as_ref()
+        .and_then(|c| c.user_password.as_ref())
+    {
+        refs.push((u.secret_name.clone(), u.username_key.clone(), Content::Any));
+        refs.push((u.secret_name.clone(), u.password_key.clone(), Content::Any));
+    }
+    if let Some(tls) = &spec.tls {
+        refs.push((tls.secret_name.clone(), "tls.crt".into(), Content::Pem));
+        refs.push((tls.secret_name.clone(), "tls.key".into(), Content::Pem));
+    }
+    refs
+}
+
+/// The names of every Secret the gateway refers to (what the fetch stage reads).
+pub fn secret_names(gw: &WebsocketGateway) -> Vec<String> {
+    let mut names: Vec<String> = references(gw).into_iter().map(|(n, _, _)| n).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Checks the referenced Secrets (`None`: the Secret does not exist). Pure.
+pub fn validate(
+    gw: &WebsocketGateway,
+    secrets: &BTreeMap<String, Option<Secret>>,
+) -> Result<(), ValidateError> {
+    for (name, key, content) in references(gw) {
+        let secret = secrets
+            .get(&name)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| ValidateError::SecretNotFound { name: name.clone() })?;
+        let value = secret_value(secret, &key).ok_or_else(|| ValidateError::SecretKeyNotFound {
+            name: name.clone(),
+            key: key.clone(),
+        })?;
+        let invalid = |reason: &str| ValidateError::InvalidSecret {
+            name: name.clone(),
+            key: key.clone(),
+            reason: reason.to_string(),
+        };
+        let trimmed = value.trim_ascii();
+        if trimmed.is_empty() {
+            return Err(invalid("is empty"));
+        }
+        match content {
+            Content::Any => {}
+            Content::HmacKey if trimmed.len() < MIN_HMAC_BYTES => {
+                return Err(invalid(&format!(
+                    "an HS256 key needs at least {MIN_HMAC_BYTES} bytes, this one has {}",
+                    trimmed.len()
+                )));
+            }
+            Content::HmacKey => {}
+            Content::Pem if !trimmed.windows(11).any(|w| w == b"-----BEGIN ") => {
+                return Err(invalid("is not PEM (no -----BEGIN line)"));
+            }
+            Content::Pem => {}
+            Content::NkeySeed if !trimmed.starts_with(b"SU") => {
+                return Err(invalid("is not an NKey user seed (it starts with SU)"));
+            }
+            Content::NkeySeed => {}
+        }
+    }
+    Ok(())
+}
+
+/// A key's bytes, from `data` or (for objects not yet normalised) `stringData`.
+fn secret_value<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return Some(&v.0);
+    }
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|s| s.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn gateway() -> WebsocketGateway {
+        serde_yaml::from_str(include_str!("../tests/fixtures/full.yaml")).expect("fixture")
+    }
+
+    fn secret(pairs: &[(&str, &str)]) -> Option<Secret> {
+        Some(Secret {
+            data: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        })
+    }
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    fn good() -> BTreeMap<String, Option<Secret>> {
+        BTreeMap::from([
+            ("chat-nats".to_string(), secret(&[("token", "t0ken")])),
+            ("nats-ca".to_string(), secret(&[("ca.crt", PEM)])),
+            (
+                "chat-jwt".to_string(),
+                secret(&[("hmac", "0123456789abcdef0123456789abcdef")]),
+            ),
+            (
+                "chat-tls".to_string(),
+                secret(&[
+                    ("tls.crt", PEM),
+                    ("tls.key", "-----BEGIN PRIVATE KEY-----\n"),
+                ]),
+            ),
+        ])
+    }
+
+    #[test]
+    fn all_secrets_present_and_usable_passes() {
+        assert_eq!(validate(&gateway(), &good()), Ok(()));
+    }
+
+    #[test]
+    fn the_fetch_stage_reads_each_secret_once() {
+        assert_eq!(
+            secret_names(&gateway()),
+            ["chat-jwt", "chat-nats", "chat-tls", "nats-ca"]
+        );
+    }
+
+    #[test]
+    fn a_missing_secret_is_named() {
+        let mut s = good();
+        s.insert("chat-jwt".into(), None);
+        assert_eq!(
+            validate(&gateway(), &s),
+            Err(ValidateError::SecretNotFound {
+                name: "chat-jwt".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_missing_key_is_named() {
+        let mut s = good();
+        s.insert("chat-nats".into(), secret(&[("other", "x")]));
+        let err = validate(&gateway(), &s).expect_err("missing key");
+        assert_eq!(err.category(), "SecretKeyNotFound");
+        assert_eq!(err.to_string(), "Secret chat-nats has no key token");
+    }
+
+    #[test]
+    fn a_short_hmac_key_is_refused() {
+        let mut s = good();
+        s.insert("chat-jwt".into(), secret(&[("hmac", "short")]));
+        let err = validate(&gateway(), &s).expect_err("weak key");
+        assert_eq!(err.category(), "InvalidSecret");
+        assert!(err.to_string().contains("at least 32 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_that_is_not_pem_is_refused() {
+        let mut s = good();
+        s.insert("nats-ca".into(), secret(&[("ca.crt", "not a certificate")]));
+        let err = validate(&gateway(), &s).expect_err("not pem");
+        assert!(err.to_string().contains("not PEM"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_value_is_refused() {
+        let mut s = good();
+        s.insert("chat-nats".into(), secret(&[("token", " \n")]));
+        let err = validate(&gateway(), &s).expect_err("empty");
+        assert!(err.to_string().ends_with("is empty"), "{err}");
+    }
+}
