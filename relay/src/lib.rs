@@ -2,6 +2,45 @@
 //!
 //! `config` is the relay's configuration format; it is the contract with the
 //! operator (which renders it into a ConfigMap) and needs only serde. Everything
-//! else is behind the `server` feature (on by default).
+//! else is behind the `server` feature (on by default):
+//!
+//! - pure cores: `protocol` (frames), `authz` (bindings), `limits` (token bucket),
+//!   `drain::schedule`, token lookup in `auth`;
+//! - runtime parts: `auth` (JWT keys, JWKS), `nats`, `hub` (subject fan-out), `outbox`
+//!   (per-connection queue), `connection` (reader and writer), `server` (accept and
+//!   upgrade), `admin` and `metrics`, `drain`, `reload`, `tls`, `process` (start, signals).
 
 pub mod config;
+
+#[cfg(feature = "server")]
+pub mod admin;
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
+pub mod authz;
+#[cfg(feature = "server")]
+pub mod connection;
+#[cfg(feature = "server")]
+pub mod drain;
+#[cfg(feature = "server")]
+pub mod hub;
+#[cfg(feature = "server")]
+pub mod limits;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod nats;
+#[cfg(feature = "server")]
+pub mod outbox;
+#[cfg(feature = "server")]
+pub mod process;
+#[cfg(feature = "server")]
+pub mod protocol;
+#[cfg(feature = "server")]
+pub mod relay;
+#[cfg(feature = "server")]
+pub mod reload;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod tls;

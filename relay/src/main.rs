@@ -1,12 +1,106 @@
-//! The wsrelay binary.
+//! The wsrelay binary: `wsrelay run --config FILE`, `wsrelay check-config FILE`.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use wsrelay::config::{Config, LoadError};
 
 /// WebSocket relay between browsers and NATS.
 #[derive(Debug, Parser)]
 #[command(version, about)]
-struct Args {}
+struct Args {
+    /// Log format.
+    #[arg(long, env = "WSRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _args = Args::parse();
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay until SIGTERM (drain) ; SIGHUP reloads the config.
+    Run {
+        /// The config file (YAML or JSON).
+        #[arg(long, env = "WSRELAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a config file and print every problem found.
+    CheckConfig {
+        /// The config file (YAML or JSON).
+        file: PathBuf,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WSRELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn report(e: &LoadError) {
+    match e {
+        LoadError::Invalid { path, errors } => {
+            eprintln!("{}: {} error(s):", path.display(), errors.0.len());
+            for err in &errors.0 {
+                eprintln!("  - {err}");
+            }
+        }
+        other => eprintln!("{other}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match args.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&e);
+                ExitCode::from(1)
+            }
+        },
+        Command::Run { config } => {
+            init_tracing(args.log_format);
+            let loaded = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    report(&e);
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(wsrelay::process::run(config, loaded)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "relay failed");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,555 @@
+//! Authentication of the upgrade request: Origin allowlist, token lookup, JWT checks.
+//!
+//! Runs on the plain HTTP request, before any upgrade, so a refused client gets an HTTP
+//! status (401/403) and never a WebSocket. Token lookup and the Origin check are pure;
+//! JWT verification uses `jsonwebtoken` with keys from a file or a cached JWKS URL.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use http::header::{AUTHORIZATION, COOKIE, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+
+use crate::config::{Auth, Jwt, JwtAlgorithm, TokenSource};
+use crate::protocol::BEARER_SUBPROTOCOL_PREFIX;
+
+/// Why a request is refused before the upgrade.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// `Origin` not in the allowlist: 403.
+    #[error("origin {0:?} is not allowed")]
+    OriginNotAllowed(String),
+    /// No token, and anonymous clients are not allowed: 401.
+    #[error("no token")]
+    MissingToken,
+    /// The token is not valid (signature, expiry, issuer, audience...): 401.
+    #[error("invalid token: {0}")]
+    InvalidToken(String),
+    /// The token names a key the relay does not know (even after a JWKS refresh): 401.
+    #[error("unknown signing key {0:?}")]
+    UnknownKey(String),
+    /// The keys could not be fetched: 503 (the client may retry).
+    #[error("keys unavailable: {0}")]
+    KeysUnavailable(String),
+}
+
+impl AuthError {
+    /// The HTTP status answered for this refusal.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            Self::OriginNotAllowed(_) => http::StatusCode::FORBIDDEN,
+            Self::MissingToken | Self::InvalidToken(_) | Self::UnknownKey(_) => {
+                http::StatusCode::UNAUTHORIZED
+            }
+            Self::KeysUnavailable(_) => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::OriginNotAllowed(_) => "origin",
+            Self::MissingToken => "no_token",
+            Self::InvalidToken(_) | Self::UnknownKey(_) => "invalid_token",
+            Self::KeysUnavailable(_) => "keys_unavailable",
+        }
+    }
+}
+
+/// Checks the `Origin` header against the allowlist. Pure.
+pub fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), AuthError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let Some(origin) = headers.get(ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        Ok(())
+    } else {
+        Err(AuthError::OriginNotAllowed(origin.to_owned()))
+    }
+}
+
+/// Decodes `%XX` and `+` in a query component. Pure.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where the token was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenVia {
+    /// Query parameter.
+    Query,
+    /// `Authorization: Bearer`.
+    Header,
+    /// `Sec-WebSocket-Protocol: bearer.<token>`.
+    Subprotocol,
+    /// Cookie.
+    Cookie,
+}
+
+/// Looks for a token in the configured sources, in order. Pure.
+pub fn extract_token(
+    sources: &[TokenSource],
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Option<(String, TokenVia)> {
+    for source in sources {
+        let found = match source {
+            TokenSource::Query { name } => query.and_then(|q| {
+                q.split('&').find_map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decode(k) == *name).then(|| percent_decode(v))
+                })
+            }),
+            TokenSource::AuthorizationHeader {} => headers
+                .get_all(AUTHORIZATION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(|v| {
+                    let (scheme, rest) = v.trim().split_once(' ')?;
+                    scheme
+                        .eq_ignore_ascii_case("bearer")
+                        .then(|| rest.trim().to_owned())
+                }),
+            TokenSource::Subprotocol {} => headers
+                .get_all(SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .find_map(|p| {
+                    p.trim()
+                        .strip_prefix(BEARER_SUBPROTOCOL_PREFIX)
+                        .map(str::to_owned)
+                }),
+            TokenSource::Cookie { name } => headers
+                .get_all(COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|c| {
+                    let (k, v) = c.trim().split_once('=')?;
+                    (k == name).then(|| v.trim_matches('"').to_owned())
+                }),
+        };
+        if let Some(token) = found.filter(|t| !t.is_empty()) {
+            let via = match source {
+                TokenSource::Query { .. } => TokenVia::Query,
+                TokenSource::AuthorizationHeader {} => TokenVia::Header,
+                TokenSource::Subprotocol {} => TokenVia::Subprotocol,
+                TokenSource::Cookie { .. } => TokenVia::Cookie,
+            };
+            return Some((token, via));
+        }
+    }
+    None
+}
+
+/// What a verified client is.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// The JWT claims; `None` for an anonymous client.
+    pub claims: Option<Map<String, Value>>,
+    /// `exp` of the token, seconds since the epoch.
+    pub expires_at: Option<u64>,
+}
+
+fn to_alg(a: JwtAlgorithm) -> Algorithm {
+    match a {
+        JwtAlgorithm::HS256 => Algorithm::HS256,
+        JwtAlgorithm::RS256 => Algorithm::RS256,
+        JwtAlgorithm::ES256 => Algorithm::ES256,
+    }
+}
+
+/// Why keys could not be loaded at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyLoadError {
+    /// The key file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The key file is not a key of the expected kind.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+}
+
+#[derive(Debug)]
+enum Keys {
+    Static(DecodingKey),
+    Jwks(JwksCache),
+}
+
+/// Verifies client tokens against the configured keys.
+#[derive(Debug)]
+pub struct Verifier {
+    validation: Validation,
+    keys: Keys,
+}
+
+impl Verifier {
+    /// Builds a verifier, reading key files now.
+    pub fn new(jwt: &Jwt) -> Result<Self, KeyLoadError> {
+        let algorithms: Vec<Algorithm> = jwt.algorithms.iter().copied().map(to_alg).collect();
+        let mut validation = Validation::new(algorithms.first().copied().unwrap_or_default());
+        validation.algorithms = algorithms;
+        validation.leeway = jwt.leeway_seconds;
+        validation.validate_nbf = true;
+        validation.validate_exp = true;
+        if let Some(iss) = &jwt.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        if jwt.audiences.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&jwt.audiences);
+        }
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|source| KeyLoadError::Read {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let parse_err = |p: &std::path::Path, e: jsonwebtoken::errors::Error| KeyLoadError::Parse {
+            path: p.display().to_string(),
+            message: e.to_string(),
+        };
+        let keys = if let Some(p) = &jwt.key.hmac_secret_file {
+            let mut secret = read(p)?;
+            while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                secret.pop();
+            }
+            if secret.is_empty() {
+                return Err(KeyLoadError::Parse {
+                    path: p.display().to_string(),
+                    message: "the HMAC secret is empty".into(),
+                });
+            }
+            Keys::Static(DecodingKey::from_secret(&secret))
+        } else if let Some(p) = &jwt.key.public_key_file {
+            let pem = read(p)?;
+            let key = if jwt.algorithms.contains(&JwtAlgorithm::ES256) {
+                DecodingKey::from_ec_pem(&pem)
+            } else {
+                DecodingKey::from_rsa_pem(&pem)
+            };
+            Keys::Static(key.map_err(|e| parse_err(p, e))?)
+        } else {
+            Keys::Jwks(JwksCache::new(
+                jwt.key.jwks_url.clone().unwrap_or_default(),
+                Duration::from_secs(jwt.key.jwks_cache_seconds),
+                Duration::from_secs(jwt.key.jwks_min_refresh_seconds),
+            ))
+        };
+        Ok(Self { validation, keys })
+    }
+
+    /// Verifies a token: signature, algorithm, `exp`, `nbf`, `iss`, `aud`.
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let invalid = |e: jsonwebtoken::errors::Error| AuthError::InvalidToken(e.to_string());
+        let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
+        if !self.validation.algorithms.contains(&header.alg) {
+            return Err(AuthError::InvalidToken(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
+        }
+        let data = match &self.keys {
+            Keys::Static(key) => {
+                jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
+            }
+            Keys::Jwks(cache) => {
+                let key = cache.key_for(header.kid.as_deref(), header.alg).await?;
+                jsonwebtoken::decode::<Map<String, Value>>(token, &key, &self.validation)
+            }
+        }
+        .map_err(invalid)?;
+        let expires_at = data.claims.get("exp").and_then(Value::as_u64);
+        Ok(Identity {
+            claims: Some(data.claims),
+            expires_at,
+        })
+    }
+}
+
+/// Authenticates an upgrade request: Origin, then token (or anonymous).
+#[derive(Debug)]
+pub struct Authenticator {
+    config: Auth,
+    verifier: Option<Verifier>,
+}
+
+impl Authenticator {
+    /// Builds the authenticator (reads key files).
+    pub fn new(config: &Auth) -> Result<Self, KeyLoadError> {
+        let verifier = config.jwt.as_ref().map(Verifier::new).transpose()?;
+        Ok(Self {
+            config: config.clone(),
+            verifier,
+        })
+    }
+
+    /// Decides on a request. Returns the identity and where the token came from.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<(Identity, Option<TokenVia>), AuthError> {
+        check_origin(&self.config.allowed_origins, headers)?;
+        let found = extract_token(&self.config.token_sources, headers, query);
+        match (found, &self.verifier) {
+            (Some((token, via)), Some(v)) => Ok((v.verify(&token).await?, Some(via))),
+            (Some(_), None) => Err(AuthError::InvalidToken(
+                "tokens are not accepted by this relay".into(),
+            )),
+            (None, _) if self.config.allow_anonymous => Ok((Identity::default(), None)),
+            (None, _) => Err(AuthError::MissingToken),
+        }
+    }
+}
+
+/// JWKS keys, cached; refetched when stale or when a token names an unknown `kid`, at most
+/// once per `min_refresh`.
+#[derive(Debug)]
+struct JwksCache {
+    url: String,
+    ttl: Duration,
+    min_refresh: Duration,
+    state: Mutex<JwksState>,
+}
+
+#[derive(Debug, Default)]
+struct JwksState {
+    keys: HashMap<String, (DecodingKey, Option<Algorithm>)>,
+    /// Keys without a `kid`, tried when the token has none.
+    anonymous: Vec<(DecodingKey, Option<Algorithm>)>,
+    fetched_at: Option<Instant>,
+    attempted_at: Option<Instant>,
+}
+
+impl JwksCache {
+    fn new(url: String, ttl: Duration, min_refresh: Duration) -> Self {
+        Self {
+            url,
+            ttl,
+            min_refresh,
+            state: Mutex::new(JwksState::default()),
+        }
+    }
+
+    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, AuthError> {
+        let mut st = self.state.lock().await;
+        let now = Instant::now();
+        let stale = st.fetched_at.is_none_or(|t| now - t > self.ttl);
+        let known = |st: &JwksState| match kid {
+            Some(k) => st.keys.get(k).cloned(),
+            None => st
+                .anonymous
+                .iter()
+                .find(|(_, a)| a.is_none_or(|a| a == alg))
+                .cloned(),
+        };
+        let may_fetch = st.attempted_at.is_none_or(|t| now - t >= self.min_refresh);
+        if (stale || known(&st).is_none()) && may_fetch {
+            st.attempted_at = Some(now);
+            match fetch_jwks(&self.url).await {
+                Ok(set) => {
+                    st.keys.clear();
+                    st.anonymous.clear();
+                    for jwk in &set.keys {
+                        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                            continue;
+                        };
+                        let alg = jwk
+                            .common
+                            .key_algorithm
+                            .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+                        match &jwk.common.key_id {
+                            Some(id) => {
+                                st.keys.insert(id.clone(), (key, alg));
+                            }
+                            None => st.anonymous.push((key, alg)),
+                        }
+                    }
+                    st.fetched_at = Some(now);
+                    tracing::debug!(url = %self.url, keys = set.keys.len(), "JWKS fetched");
+                }
+                Err(e) => {
+                    tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed");
+                    if st.fetched_at.is_none() {
+                        return Err(AuthError::KeysUnavailable(e));
+                    }
+                }
+            }
+        }
+        match known(&st) {
+            Some((key, key_alg)) => {
+                if key_alg.is_some_and(|a| a != alg) {
+                    return Err(AuthError::InvalidToken(format!(
+                        "key is for {key_alg:?}, token says {alg:?}"
+                    )));
+                }
+                Ok(key)
+            }
+            None => Err(AuthError::UnknownKey(kid.unwrap_or("").to_owned())),
+        }
+    }
+}
+
+/// Fetches a JWKS document (http or https), bounded in time and size.
+async fn fetch_jwks(url: &str) -> Result<JwkSet, String> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let uri: http::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| format!("no TLS roots: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let fut = async {
+        let resp = client.get(uri).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        serde_json::from_slice::<JwkSet>(&body).map_err(|e| format!("not a JWKS: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// Shared handle.
+pub type SharedAuthenticator = Arc<Authenticator>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn all_sources() -> Vec<TokenSource> {
+        vec![
+            TokenSource::Query {
+                name: "token".into(),
+            },
+            TokenSource::AuthorizationHeader {},
+            TokenSource::Subprotocol {},
+            TokenSource::Cookie {
+                name: "session".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let s = all_sources();
+        let h = headers(&[
+            ("authorization", "Bearer from-header"),
+            ("sec-websocket-protocol", "wsrelay.v1, bearer.from-proto"),
+            ("cookie", "a=b; session=from-cookie"),
+        ]);
+        assert_eq!(
+            extract_token(&s, &h, Some("x=1&token=from%2Dquery")),
+            Some(("from-query".into(), TokenVia::Query))
+        );
+        assert_eq!(
+            extract_token(&s, &h, Some("x=1")),
+            Some(("from-header".into(), TokenVia::Header))
+        );
+        let h2 = headers(&[
+            ("sec-websocket-protocol", "wsrelay.v1"),
+            ("sec-websocket-protocol", "bearer.a.b.c"),
+            ("cookie", "session=from-cookie"),
+        ]);
+        assert_eq!(
+            extract_token(&s, &h2, None),
+            Some(("a.b.c".into(), TokenVia::Subprotocol))
+        );
+        let h3 = headers(&[("cookie", "x=1; session=\"c\"")]);
+        assert_eq!(
+            extract_token(&s, &h3, None),
+            Some(("c".into(), TokenVia::Cookie))
+        );
+        assert_eq!(extract_token(&s, &headers(&[]), Some("token=")), None);
+        assert_eq!(
+            extract_token(&s, &headers(&[("authorization", "Basic abc")]), None),
+            None
+        );
+        // Only configured sources are read.
+        assert_eq!(extract_token(&s[1..2], &h3, Some("token=q")), None);
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Eb+c%zz%4"), "a.b c%zz%4");
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("ab%41"), "abA");
+    }
+
+    #[test]
+    fn origin_allowlist() {
+        let allowed = vec!["https://app.example.com".to_owned()];
+        assert!(check_origin(&allowed, &headers(&[])).is_ok());
+        assert!(check_origin(&allowed, &headers(&[("origin", "https://app.example.com")])).is_ok());
+        let err =
+            check_origin(&allowed, &headers(&[("origin", "https://evil.example")])).unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::FORBIDDEN);
+        assert!(check_origin(&[], &headers(&[("origin", "https://x")])).is_ok());
+        assert!(check_origin(&["*".into()], &headers(&[("origin", "https://x")])).is_ok());
+    }
+}

@@ -1,0 +1,449 @@
+//! Authorization: which channel a client may use, and the NATS subject it maps to.
+//!
+//! Pure. A binding's channel pattern is matched token by token against the channel the
+//! client names; the subject template is rendered from the captured tokens and the JWT
+//! claims. Every value that ends up in a subject is checked by [`check_value`], so no
+//! client-chosen token and no claim can add a subject level or a wildcard.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::config::{Binding, Direction, TemplateToken, parse_subject_template, parse_template};
+
+/// What a client wants to do on a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Receive messages.
+    Subscribe,
+    /// Send messages.
+    Publish,
+}
+
+impl Operation {
+    fn allowed_by(self, d: Direction) -> bool {
+        match self {
+            Self::Subscribe => d.allows_subscribe(),
+            Self::Publish => d.allows_publish(),
+        }
+    }
+}
+
+/// Why a channel was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthzError {
+    /// The channel name itself is malformed (empty token, wildcard, whitespace...).
+    #[error("invalid channel {channel:?}: {reason}")]
+    InvalidChannel {
+        /// The channel.
+        channel: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// No binding matches the channel.
+    #[error("no binding for channel {0:?}")]
+    NoBinding(String),
+    /// A binding matches, but not for this operation.
+    #[error("{op:?} is not allowed on channel {channel:?}")]
+    WrongDirection {
+        /// The channel.
+        channel: String,
+        /// The operation.
+        op: Operation,
+    },
+    /// The subject needs a claim the connection does not have (or it is anonymous).
+    #[error("channel {channel:?} needs claim {claim:?}, which the token does not carry")]
+    MissingClaim {
+        /// The channel.
+        channel: String,
+        /// Claim path, dotted.
+        claim: String,
+    },
+    /// A claim value cannot go into a subject.
+    #[error("claim {claim:?} cannot be used in a subject: {reason}")]
+    InvalidClaim {
+        /// Claim path, dotted.
+        claim: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// Checks one value (a channel token or a claim) before it goes into a subject: it must
+/// not be empty and must not contain `.`, `*`, `>`, whitespace or control characters.
+pub fn check_value(v: &str) -> Result<(), &'static str> {
+    if v.is_empty() {
+        return Err("empty value");
+    }
+    if v.contains('.') {
+        return Err("contains '.'");
+    }
+    if v.contains(['*', '>']) {
+        return Err("contains a wildcard ('*' or '>')");
+    }
+    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains whitespace or a control character");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+struct Compiled {
+    channel: Vec<TemplateToken>,
+    subject: Vec<TemplateToken>,
+    direction: Direction,
+}
+
+/// The bindings of a config, parsed once.
+#[derive(Debug, Clone, Default)]
+pub struct Authorizer {
+    bindings: Vec<Compiled>,
+}
+
+/// Longest channel name accepted, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 256;
+
+impl Authorizer {
+    /// Compiles bindings; the config has been validated, so invalid ones are skipped.
+    pub fn new(bindings: &[Binding]) -> Self {
+        let bindings = bindings
+            .iter()
+            .filter_map(|b| {
+                Some(Compiled {
+                    channel: parse_template(&b.channel, true).ok()?,
+                    subject: parse_subject_template(&b.subject).ok()?,
+                    direction: b.direction,
+                })
+            })
+            .collect();
+        Self { bindings }
+    }
+
+    /// Resolves `channel` for `op`: the subject of the first binding whose pattern matches
+    /// and whose direction allows `op`. `claims` is `None` for anonymous connections.
+    pub fn resolve(
+        &self,
+        channel: &str,
+        op: Operation,
+        claims: Option<&Map<String, Value>>,
+    ) -> Result<String, AuthzError> {
+        let invalid = |reason| AuthzError::InvalidChannel {
+            channel: channel.to_owned(),
+            reason,
+        };
+        if channel.len() > MAX_CHANNEL_LEN {
+            return Err(invalid("longer than 256 bytes"));
+        }
+        let tokens: Vec<&str> = channel.split('.').collect();
+        for t in &tokens {
+            check_value(t).map_err(invalid)?;
+        }
+        let mut matched_other_direction = false;
+        for b in &self.bindings {
+            let Some(vars) = match_pattern(&b.channel, &tokens) else {
+                continue;
+            };
+            if !op.allowed_by(b.direction) {
+                matched_other_direction = true;
+                continue;
+            }
+            return render(&b.subject, &vars, claims, channel);
+        }
+        if matched_other_direction {
+            Err(AuthzError::WrongDirection {
+                channel: channel.to_owned(),
+                op,
+            })
+        } else {
+            Err(AuthzError::NoBinding(channel.to_owned()))
+        }
+    }
+}
+
+fn match_pattern<'a>(
+    pattern: &'a [TemplateToken],
+    tokens: &[&'a str],
+) -> Option<HashMap<&'a str, &'a str>> {
+    if pattern.len() != tokens.len() {
+        return None;
+    }
+    let mut vars = HashMap::new();
+    for (p, t) in pattern.iter().zip(tokens) {
+        match p {
+            TemplateToken::Literal(l) if l == t => {}
+            TemplateToken::Var(name) => {
+                vars.insert(name.as_str(), *t);
+            }
+            _ => return None,
+        }
+    }
+    Some(vars)
+}
+
+fn lookup_claim<'a>(claims: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    let mut v = claims.get(first)?;
+    for seg in rest {
+        v = v.as_object()?.get(seg)?;
+    }
+    Some(v)
+}
+
+fn render(
+    subject: &[TemplateToken],
+    vars: &HashMap<&str, &str>,
+    claims: Option<&Map<String, Value>>,
+    channel: &str,
+) -> Result<String, AuthzError> {
+    let mut out = String::with_capacity(64);
+    for (i, tok) in subject.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        match tok {
+            TemplateToken::Literal(l) => out.push_str(l),
+            TemplateToken::Var(name) => {
+                // Checked with the whole channel; validation guarantees the var exists.
+                let Some(v) = vars.get(name.as_str()) else {
+                    return Err(AuthzError::NoBinding(channel.to_owned()));
+                };
+                out.push_str(v);
+            }
+            TemplateToken::Claim(path) => {
+                let dotted = path.join(".");
+                let missing = || AuthzError::MissingClaim {
+                    channel: channel.to_owned(),
+                    claim: dotted.clone(),
+                };
+                let value = claims
+                    .and_then(|c| lookup_claim(c, path))
+                    .ok_or_else(missing)?;
+                let text = match value {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+                    Value::Null => return Err(missing()),
+                    _ => {
+                        return Err(AuthzError::InvalidClaim {
+                            claim: dotted,
+                            reason: "not a string or an integer",
+                        });
+                    }
+                };
+                check_value(&text).map_err(|reason| AuthzError::InvalidClaim {
+                    claim: dotted.clone(),
+                    reason,
+                })?;
+                out.push_str(&text);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn binding(channel: &str, subject: &str, direction: Direction) -> Binding {
+        Binding {
+            channel: channel.into(),
+            subject: subject.into(),
+            direction,
+        }
+    }
+
+    fn authz() -> Authorizer {
+        Authorizer::new(&[
+            binding("orders.{id}", "orders.{id}", Direction::Both),
+            binding(
+                "me.notify",
+                "users.{claims.sub}.notify",
+                Direction::Subscribe,
+            ),
+            binding(
+                "org.{room}",
+                "orgs.{claims.org.id}.rooms.{room}",
+                Direction::Subscribe,
+            ),
+            binding("chat.{room}", "chat.in.{room}", Direction::Publish),
+            binding("chat.{room}", "chat.out.{room}", Direction::Subscribe),
+            binding("news", "public.news", Direction::Subscribe),
+        ])
+    }
+
+    fn claims(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn resolves_tokens_and_claims() {
+        let a = authz();
+        let c = claims(json!({"sub": "42", "org": {"id": 7}}));
+        assert_eq!(
+            a.resolve("orders.99", Operation::Subscribe, None),
+            Ok("orders.99".into())
+        );
+        assert_eq!(
+            a.resolve("orders.99", Operation::Publish, None),
+            Ok("orders.99".into())
+        );
+        assert_eq!(
+            a.resolve("me.notify", Operation::Subscribe, Some(&c)),
+            Ok("users.42.notify".into())
+        );
+        assert_eq!(
+            a.resolve("org.lobby", Operation::Subscribe, Some(&c)),
+            Ok("orgs.7.rooms.lobby".into())
+        );
+        assert_eq!(
+            a.resolve("chat.r1", Operation::Publish, Some(&c)),
+            Ok("chat.in.r1".into())
+        );
+        assert_eq!(
+            a.resolve("chat.r1", Operation::Subscribe, Some(&c)),
+            Ok("chat.out.r1".into())
+        );
+        assert_eq!(
+            a.resolve("news", Operation::Subscribe, None),
+            Ok("public.news".into())
+        );
+    }
+
+    #[test]
+    fn direction_is_enforced() {
+        let a = authz();
+        assert!(matches!(
+            a.resolve("news", Operation::Publish, None),
+            Err(AuthzError::WrongDirection { .. })
+        ));
+        assert!(matches!(
+            a.resolve(
+                "me.notify",
+                Operation::Publish,
+                Some(&claims(json!({"sub":"1"})))
+            ),
+            Err(AuthzError::WrongDirection { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_channels_are_refused() {
+        let a = authz();
+        for ch in [
+            "orders",
+            "orders.1.2",
+            "users.42.notify",
+            "new",
+            "newsx",
+            "me",
+        ] {
+            assert_eq!(
+                a.resolve(ch, Operation::Subscribe, None),
+                Err(AuthzError::NoBinding(ch.into())),
+                "{ch}"
+            );
+        }
+    }
+
+    #[test]
+    fn channel_injection_is_refused() {
+        let a = authz();
+        for ch in [
+            "orders.*",
+            "orders.>",
+            "orders.1 2",
+            "orders.1\t",
+            "orders.\n1",
+            "orders.",
+            ".orders",
+            "orders..1",
+            "",
+            "orders.a\u{0}b",
+            "orders.\u{a0}",
+            "orders.*.x",
+        ] {
+            let r = a.resolve(ch, Operation::Subscribe, None);
+            assert!(
+                matches!(r, Err(AuthzError::InvalidChannel { .. })),
+                "{ch:?} gave {r:?}"
+            );
+        }
+        let long = format!("orders.{}", "x".repeat(300));
+        assert!(a.resolve(&long, Operation::Subscribe, None).is_err());
+    }
+
+    #[test]
+    fn claim_injection_is_refused() {
+        let a = authz();
+        for sub in [
+            json!("42.admin"),
+            json!("*"),
+            json!(">"),
+            json!("a b"),
+            json!(""),
+            json!("x\n"),
+            json!(" 42"),
+            json!("4>2"),
+            json!(true),
+            json!(1.5),
+            json!(["a"]),
+            json!({"a": 1}),
+        ] {
+            let c = claims(json!({ "sub": sub }));
+            let r = a.resolve("me.notify", Operation::Subscribe, Some(&c));
+            assert!(
+                matches!(r, Err(AuthzError::InvalidClaim { .. })),
+                "{sub} gave {r:?}"
+            );
+        }
+        assert_eq!(
+            a.resolve(
+                "me.notify",
+                Operation::Subscribe,
+                Some(&claims(json!({"sub": 42})))
+            ),
+            Ok("users.42.notify".into())
+        );
+        assert_eq!(
+            a.resolve(
+                "me.notify",
+                Operation::Subscribe,
+                Some(&claims(json!({"sub": -1})))
+            ),
+            Ok("users.-1.notify".into())
+        );
+    }
+
+    #[test]
+    fn missing_claims_and_anonymous_are_refused() {
+        let a = authz();
+        for c in [
+            None,
+            Some(claims(json!({}))),
+            Some(claims(json!({"sub": null}))),
+        ] {
+            assert!(matches!(
+                a.resolve("me.notify", Operation::Subscribe, c.as_ref()),
+                Err(AuthzError::MissingClaim { .. })
+            ));
+        }
+        assert!(matches!(
+            a.resolve(
+                "org.x",
+                Operation::Subscribe,
+                Some(&claims(json!({"org": "7"})))
+            ),
+            Err(AuthzError::MissingClaim { .. })
+        ));
+    }
+
+    #[test]
+    fn check_value_rules() {
+        assert!(check_value("abc-DEF_123").is_ok());
+        assert!(check_value("ünïcode").is_ok());
+        for bad in ["", ".", "a.b", "*", ">", "a*", " ", "a\u{2003}b", "\u{7f}"] {
+            assert!(check_value(bad).is_err(), "{bad:?}");
+        }
+    }
+}

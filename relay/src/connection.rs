@@ -1,0 +1,418 @@
+//! One WebSocket connection: a reader that handles requests, and one writer task that
+//! drains the connection's queue, feeding many frames and flushing once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::authz::{AuthzError, Operation};
+use crate::limits::TokenBucket;
+use crate::metrics::Reason;
+use crate::outbox::CloseRequest;
+use crate::protocol::{self, ErrorCode, Request, RequestId, close};
+use crate::relay::{ConnShared, Relay};
+
+/// Frames taken from the queue per write batch.
+const BATCH: usize = 64;
+
+/// Runs a connection to its end. `io` is the upgraded stream.
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    relay: Arc<Relay>,
+    conn: Arc<ConnShared>,
+    expires_at: Option<u64>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let live = relay.live();
+    let limits = live.config.limits.clone();
+    drop(live);
+    let (sink, stream) = ws.split();
+    conn.outbox
+        .push_reply(Message::text(protocol::encode_welcome(
+            limits.max_message_bytes,
+            conn.claims.is_none(),
+        )));
+    let done = CancellationToken::new();
+    let writer = async {
+        let why = write_loop(
+            sink,
+            &conn,
+            &relay,
+            Duration::from_secs(limits.ping_interval_seconds),
+        )
+        .await;
+        done.cancel();
+        why
+    };
+    let reader = async {
+        read_loop(
+            stream,
+            &conn,
+            &relay,
+            &done,
+            Duration::from_secs(limits.idle_timeout_seconds),
+            expires_at,
+        )
+        .await;
+        // Whatever ended the reader, make sure the writer ends too.
+        conn.outbox.close(CloseRequest {
+            code: close::NORMAL,
+            reason: "",
+            flush_first: false,
+        });
+    };
+    let (why, ()) = tokio::join!(writer, reader);
+    relay.unregister(&conn);
+    relay
+        .metrics
+        .closed
+        .get_or_create(&Reason { reason: why })
+        .inc();
+    tracing::debug!(conn = conn.id, reason = why, "connection closed");
+}
+
+fn close_label(code: u16) -> &'static str {
+    match code {
+        close::NORMAL => "normal",
+        close::POLICY => "token_expired",
+        close::TOO_BIG => "too_big",
+        close::RESTART => "drain",
+        close::IDLE_TIMEOUT => "idle",
+        close::SLOW_CONSUMER => "slow_consumer",
+        close::FLOOD => "flood",
+        _ => "other",
+    }
+}
+
+async fn write_loop<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    conn: &ConnShared,
+    relay: &Relay,
+    ping_every: Duration,
+) -> &'static str
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let outbox = &conn.outbox;
+    let metrics = &relay.metrics;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut received: Vec<Instant> = Vec::new();
+    loop {
+        tokio::select! {
+            () = outbox.wait() => {}
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return "write_error";
+                }
+                continue;
+            }
+        }
+        loop {
+            let batch = outbox.take(BATCH);
+            let n = batch.frames.len();
+            let mut wrote = false;
+            if batch.dropped > 0 {
+                if sink
+                    .feed(Message::text(protocol::encode_dropped(batch.dropped)))
+                    .await
+                    .is_err()
+                {
+                    return "write_error";
+                }
+                wrote = true;
+            }
+            received.clear();
+            for f in batch.frames {
+                if let Some(t) = f.received {
+                    received.push(t);
+                }
+                if sink.feed(f.msg).await.is_err() {
+                    return "write_error";
+                }
+                wrote = true;
+            }
+            if wrote {
+                if sink.flush().await.is_err() {
+                    return "write_error";
+                }
+                let now = Instant::now();
+                for t in &received {
+                    metrics
+                        .delivery_latency
+                        .observe(now.saturating_duration_since(*t).as_secs_f64());
+                }
+                metrics.delivered.inc_by(received.len() as u64);
+            }
+            if let Some(c) = batch.close {
+                if c.code != close::NORMAL || !c.reason.is_empty() {
+                    let frame = CloseFrame {
+                        code: CloseCode::from(c.code),
+                        reason: c.reason.into(),
+                    };
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        sink.send(Message::Close(Some(frame))),
+                    )
+                    .await;
+                }
+                return close_label(c.code);
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+}
+
+async fn read_loop<S>(
+    mut stream: SplitStream<WebSocketStream<S>>,
+    conn: &ConnShared,
+    relay: &Relay,
+    done: &CancellationToken,
+    idle_timeout: Duration,
+    expires_at: Option<u64>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let live = relay.live();
+    let limits = &live.config.limits;
+    let mut bucket = TokenBucket::new(
+        limits.publish_rate_per_second,
+        limits.publish_burst,
+        Instant::now(),
+    );
+    let flood_after = limits.publish_burst.max(1).saturating_mul(2);
+    let mut rejected_in_a_row: u32 = 0;
+    drop(live);
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    let expiry = tokio::time::sleep(until_expiry(expires_at));
+    tokio::pin!(expiry);
+    loop {
+        let msg = tokio::select! {
+            () = done.cancelled() => return,
+            () = &mut idle => {
+                conn.outbox.close(CloseRequest { code: close::IDLE_TIMEOUT, reason: "idle timeout", flush_first: false });
+                return;
+            }
+            () = &mut expiry, if expires_at.is_some() => {
+                conn.outbox.close(CloseRequest { code: close::POLICY, reason: "token expired", flush_first: true });
+                return;
+            }
+            m = stream.next() => m,
+        };
+        let msg = match msg {
+            None => return,
+            Some(Err(tungstenite::Error::Capacity(_))) => {
+                conn.outbox.close(CloseRequest {
+                    code: close::TOO_BIG,
+                    reason: "message too big",
+                    flush_first: false,
+                });
+                return;
+            }
+            Some(Err(_)) => return,
+            Some(Ok(m)) => m,
+        };
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + idle_timeout);
+        match msg {
+            Message::Text(text) => {
+                let req = match protocol::parse_request(text.as_str()) {
+                    Ok(r) => r,
+                    Err(bad) => {
+                        reply_error(conn, bad.id.as_ref(), ErrorCode::BadRequest, &bad.reason);
+                        continue;
+                    }
+                };
+                if let Request::Publish { id, .. } = &req
+                    && !bucket.try_take(Instant::now())
+                {
+                    relay.metrics.drop_msgs("rate_limited", 1);
+                    rejected_in_a_row += 1;
+                    if rejected_in_a_row >= flood_after {
+                        conn.outbox.close(CloseRequest {
+                            code: close::FLOOD,
+                            reason: "publish flood",
+                            flush_first: true,
+                        });
+                        return;
+                    }
+                    reply_error(
+                        conn,
+                        id.as_ref(),
+                        ErrorCode::RateLimited,
+                        "publish rate exceeded",
+                    );
+                    continue;
+                }
+                if matches!(req, Request::Publish { .. }) {
+                    rejected_in_a_row = 0;
+                }
+                handle(req, conn, relay).await;
+            }
+            Message::Binary(_) => {
+                reply_error(
+                    conn,
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text",
+                );
+            }
+            Message::Close(_) => return,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+        if conn.outbox.is_closing() {
+            return;
+        }
+    }
+}
+
+fn until_expiry(expires_at: Option<u64>) -> Duration {
+    let Some(exp) = expires_at else {
+        return Duration::from_secs(365 * 24 * 3600);
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Duration::from_secs(exp.saturating_sub(now))
+}
+
+fn reply_error(conn: &ConnShared, id: Option<&RequestId>, code: ErrorCode, reason: &str) {
+    conn.outbox
+        .push_reply(Message::text(protocol::encode_error(id, code, reason)));
+}
+
+fn reply_ok(conn: &ConnShared, id: Option<&RequestId>) {
+    conn.outbox
+        .push_reply(Message::text(protocol::encode_ok(id)));
+}
+
+fn authz_code(e: &AuthzError) -> ErrorCode {
+    match e {
+        AuthzError::InvalidChannel { .. } | AuthzError::InvalidClaim { .. } => {
+            ErrorCode::InvalidValue
+        }
+        AuthzError::NoBinding(_)
+        | AuthzError::WrongDirection { .. }
+        | AuthzError::MissingClaim { .. } => ErrorCode::Forbidden,
+    }
+}
+
+async fn handle(req: Request, conn: &ConnShared, relay: &Relay) {
+    let live = relay.live();
+    match req {
+        Request::Ping { id } => {
+            conn.outbox
+                .push_reply(Message::text(protocol::encode_pong(id.as_ref())));
+        }
+        Request::Subscribe { id, channel } => {
+            let subject =
+                match live
+                    .authz
+                    .resolve(&channel, Operation::Subscribe, conn.claims.as_ref())
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return reply_error(conn, id.as_ref(), authz_code(&e), &e.to_string());
+                    }
+                };
+            {
+                let mut subs = conn.subs();
+                if subs.contains_key(&channel) {
+                    drop(subs);
+                    return reply_error(
+                        conn,
+                        id.as_ref(),
+                        ErrorCode::AlreadySubscribed,
+                        "already subscribed",
+                    );
+                }
+                if subs.len() >= live.config.limits.max_subscriptions_per_connection as usize {
+                    drop(subs);
+                    return reply_error(
+                        conn,
+                        id.as_ref(),
+                        ErrorCode::TooManySubscriptions,
+                        "too many subscriptions",
+                    );
+                }
+                subs.insert(channel.clone(), subject.clone());
+            }
+            drop(live);
+            relay
+                .hub
+                .subscribe(&subject, conn.id, &channel, conn.outbox.clone())
+                .await;
+            reply_ok(conn, id.as_ref());
+        }
+        Request::Unsubscribe { id, channel } => {
+            let removed = conn.subs().remove(&channel);
+            match removed {
+                Some(subject) => {
+                    relay.hub.unsubscribe(&subject, conn.id);
+                    reply_ok(conn, id.as_ref());
+                }
+                None => reply_error(
+                    conn,
+                    id.as_ref(),
+                    ErrorCode::NotSubscribed,
+                    "not subscribed",
+                ),
+            }
+        }
+        Request::Publish {
+            id,
+            channel,
+            payload,
+        } => {
+            let subject =
+                match live
+                    .authz
+                    .resolve(&channel, Operation::Publish, conn.claims.as_ref())
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return reply_error(conn, id.as_ref(), authz_code(&e), &e.to_string());
+                    }
+                };
+            if !relay
+                .nats_connected
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                relay.metrics.drop_msgs("nats_unavailable", 1);
+                return reply_error(
+                    conn,
+                    id.as_ref(),
+                    ErrorCode::Unavailable,
+                    "NATS unavailable",
+                );
+            }
+            match relay.hub.client().publish(subject, payload.into()).await {
+                Ok(()) => {
+                    relay.metrics.published.inc();
+                    reply_ok(conn, id.as_ref());
+                }
+                Err(e) => {
+                    relay.metrics.drop_msgs("nats_unavailable", 1);
+                    reply_error(
+                        conn,
+                        id.as_ref(),
+                        ErrorCode::Unavailable,
+                        &format!("publish failed: {e}"),
+                    );
+                }
+            }
+        }
+    }
+}

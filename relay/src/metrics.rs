@@ -1,0 +1,195 @@
+//! Prometheus metrics of the relay (prometheus-client), served on the admin port.
+//!
+//! `wsrelay_connections` (gauge, no labels) is the open-connection count the autoscaler
+//! reads: keep its name.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A bounded `reason` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// One of a fixed set of reasons (never user input).
+    pub reason: &'static str,
+}
+
+/// Every metric of the relay.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `wsrelay_connections`: open WebSocket connections (the autoscaler's input).
+    pub connections: Gauge,
+    /// `wsrelay_connections_accepted_total`: upgrades accepted.
+    pub accepted: Counter,
+    /// `wsrelay_connections_refused_total{reason}`: requests refused before the upgrade.
+    pub refused: Family<Reason, Counter>,
+    /// `wsrelay_connections_closed_total{reason}`: connections closed, by why.
+    pub closed: Family<Reason, Counter>,
+    /// `wsrelay_messages_delivered_total`: message frames written to clients.
+    pub delivered: Counter,
+    /// `wsrelay_messages_published_total`: client publishes sent to NATS.
+    pub published: Counter,
+    /// `wsrelay_messages_dropped_total{reason}`: messages not delivered/published.
+    pub dropped: Family<Reason, Counter>,
+    /// `wsrelay_slow_consumers_total`: times a connection's send queue overflowed.
+    pub slow_consumers: Counter,
+    /// `wsrelay_nats_subscriptions`: NATS subscriptions held (one per distinct subject).
+    pub nats_subscriptions: Gauge,
+    /// `wsrelay_nats_connected`: 1 while the NATS connection is up.
+    pub nats_connected: Gauge,
+    /// `wsrelay_nats_disconnects_total`: NATS connection losses.
+    pub nats_disconnects: Counter,
+    /// `wsrelay_delivery_latency_seconds`: NATS receive to socket write.
+    pub delivery_latency: Histogram,
+    /// `wsrelay_draining`: 1 while draining.
+    pub draining: Gauge,
+    /// `wsrelay_config_reloads_total{reason}`: config reloads, `ok` or `error`.
+    pub reloads: Family<Reason, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wsrelay");
+        let m = Self {
+            connections: Gauge::default(),
+            accepted: Counter::default(),
+            refused: Family::default(),
+            closed: Family::default(),
+            delivered: Counter::default(),
+            published: Counter::default(),
+            dropped: Family::default(),
+            slow_consumers: Counter::default(),
+            nats_subscriptions: Gauge::default(),
+            nats_connected: Gauge::default(),
+            nats_disconnects: Counter::default(),
+            delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            draining: Gauge::default(),
+            reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "WebSocket upgrades accepted",
+            m.accepted.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Requests refused before the upgrade, by reason",
+            m.refused.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections closed, by reason",
+            m.closed.clone(),
+        );
+        r.register(
+            "messages_delivered",
+            "Message frames written to clients",
+            m.delivered.clone(),
+        );
+        r.register(
+            "messages_published",
+            "Client publishes sent to NATS",
+            m.published.clone(),
+        );
+        r.register(
+            "messages_dropped",
+            "Messages not delivered or not published, by reason",
+            m.dropped.clone(),
+        );
+        r.register(
+            "slow_consumers",
+            "Send-queue overflows",
+            m.slow_consumers.clone(),
+        );
+        r.register(
+            "nats_subscriptions",
+            "NATS subscriptions held (one per distinct subject)",
+            m.nats_subscriptions.clone(),
+        );
+        r.register(
+            "nats_connected",
+            "1 while connected to NATS",
+            m.nats_connected.clone(),
+        );
+        r.register(
+            "nats_disconnects",
+            "NATS connection losses",
+            m.nats_disconnects.clone(),
+        );
+        r.register(
+            "delivery_latency_seconds",
+            "Time from NATS receive to socket write",
+            m.delivery_latency.clone(),
+        );
+        r.register("draining", "1 while the relay drains", m.draining.clone());
+        r.register(
+            "config_reloads",
+            "Config reloads, by outcome",
+            m.reloads.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts a refusal.
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts dropped messages.
+    pub fn drop_msgs(&self, reason: &'static str, n: u64) {
+        self.dropped.get_or_create(&Reason { reason }).inc_by(n);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_stable() {
+        let m = Metrics::new();
+        m.connections.set(3);
+        m.refuse("max_connections");
+        let text = m.encode();
+        assert!(text.contains("\nwsrelay_connections 3\n"), "{text}");
+        assert!(
+            text.contains("wsrelay_connections_refused_total{reason=\"max_connections\"} 1"),
+            "{text}"
+        );
+        for name in [
+            "wsrelay_messages_delivered_total",
+            "wsrelay_nats_subscriptions",
+            "wsrelay_delivery_latency_seconds_bucket",
+            "wsrelay_draining",
+            "wsrelay_nats_connected",
+        ] {
+            assert!(text.contains(name), "{name} missing in {text}");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Starting and stopping a relay process: listeners, NATS, signals, file watching.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::auth::{Authenticator, KeyLoadError};
+use crate::authz::Authorizer;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::nats::NatsError;
+use crate::relay::{Live, Relay};
+use crate::tls::{TlsAcceptor, TlsError};
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Key files.
+    #[error(transparent)]
+    Keys(#[from] KeyLoadError),
+    /// NATS options.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    /// TLS files.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A started relay.
+#[derive(Debug)]
+pub struct Running {
+    /// Shared state.
+    pub relay: Arc<Relay>,
+    /// Bound client address.
+    pub client_addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    /// The TLS acceptor, if serving wss.
+    pub tls: Option<TlsAcceptor>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Starts listeners and the NATS connection from a validated config.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let connected = Arc::new(AtomicBool::new(false));
+    let authn = Authenticator::new(&config.auth)?;
+    let tls = match &config.tls {
+        Some(t) => Some(TlsAcceptor::new(crate::tls::load(
+            &t.cert_file,
+            &t.key_file,
+        )?)),
+        None => None,
+    };
+    let client = crate::nats::connect(&config.nats, metrics.clone(), connected.clone()).await?;
+    let hub = Hub::new(
+        client,
+        metrics.clone(),
+        config.limits.max_message_bytes as usize,
+    );
+    let client_listener = bind(config.listen.client).await?;
+    let admin_listener = bind(config.listen.admin).await?;
+    let client_addr = client_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.listen.client,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.listen.admin,
+            source,
+        })?;
+    let live = Live {
+        authz: Arc::new(Authorizer::new(&config.bindings)),
+        authn: Arc::new(authn),
+        config: Arc::new(config),
+    };
+    let relay = Arc::new(Relay::new(live, hub, metrics, connected));
+    let tasks = vec![
+        tokio::spawn(crate::server::serve(
+            client_listener,
+            relay.clone(),
+            tls.clone(),
+        )),
+        tokio::spawn(crate::admin::serve(admin_listener, relay.clone())),
+    ];
+    tracing::info!(client = %client_addr, admin = %admin_addr, "wsrelay listening");
+    Ok(Running {
+        relay,
+        client_addr,
+        admin_addr,
+        tls,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Drains and stops (what SIGTERM does).
+    pub async fn drain(self) {
+        let grace = Duration::from_secs(self.relay.live().config.drain.grace_period_seconds);
+        crate::drain::drain(&self.relay, grace).await;
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+        }
+    }
+}
+
+/// Content fingerprint of a file (ConfigMap and Secret updates swap symlinks, so the
+/// content, not the mtime, is what counts).
+fn fingerprint(path: &Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+/// Runs the relay from a config file until SIGTERM/SIGINT, reloading on SIGHUP and when
+/// the file (or the TLS files) change. Returns after the drain.
+pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let running = start(config).await?;
+    let relay = running.relay.clone();
+    let mut term = signal(SignalKind::terminate()).map_err(|source| StartError::Bind {
+        addr: running.client_addr,
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| StartError::Bind {
+        addr: running.client_addr,
+        source,
+    })?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| StartError::Bind {
+        addr: running.client_addr,
+        source,
+    })?;
+    let tls_paths = relay
+        .live()
+        .config
+        .tls
+        .as_ref()
+        .map(|t| (t.cert_file.clone(), t.key_file.clone()));
+    let mut seen_config = fingerprint(&config_path);
+    let mut seen_tls = tls_paths
+        .as_ref()
+        .map(|(c, k)| (fingerprint(c), fingerprint(k)));
+    let mut poll = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let mut do_reload = false;
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => { tracing::info!("SIGHUP"); do_reload = true; }
+            _ = poll.tick() => {
+                let now = fingerprint(&config_path);
+                if now.is_some() && now != seen_config {
+                    tracing::info!("config file changed");
+                    do_reload = true;
+                }
+                if let (Some((c, k)), Some(acceptor)) = (&tls_paths, &running.tls) {
+                    let now = (fingerprint(c), fingerprint(k));
+                    if Some(now) != seen_tls {
+                        match crate::tls::load(c, k) {
+                            Ok(cfg) => {
+                                acceptor.replace(cfg);
+                                tracing::info!("TLS certificate reloaded");
+                                seen_tls = Some(now);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "TLS reload failed; keeping the old certificate"),
+                        }
+                    }
+                }
+            }
+        }
+        if do_reload {
+            seen_config = fingerprint(&config_path);
+            if let Err(e) = crate::reload::reload(&relay, &config_path) {
+                tracing::error!(error = %e, "config reload refused; the old config stays in force");
+            }
+        }
+    }
+    tracing::info!("SIGTERM: draining");
+    running.drain().await;
+    Ok(())
+}

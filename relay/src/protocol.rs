@@ -1,0 +1,462 @@
+//! Protocol v1 (`wsrelay.v1`): the JSON text frames exchanged with clients.
+//!
+//! Pure: parsing client frames and encoding server frames. The normative description is
+//! `docs/protocol.md`; the codes and close codes here are the ones listed there.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The WebSocket subprotocol name of this protocol version.
+pub const SUBPROTOCOL: &str = "wsrelay.v1";
+/// Prefix of the subprotocol entry that carries a bearer token (`bearer.<jwt>`).
+pub const BEARER_SUBPROTOCOL_PREFIX: &str = "bearer.";
+
+/// A request id chosen by the client, echoed in the reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RequestId {
+    /// A number.
+    Num(u64),
+    /// A string (at most 64 bytes).
+    Str(String),
+}
+
+/// A client-to-server request, parsed and checked for shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Start receiving messages of a channel.
+    Subscribe {
+        /// Request id.
+        id: Option<RequestId>,
+        /// Channel name.
+        channel: String,
+    },
+    /// Stop receiving messages of a channel.
+    Unsubscribe {
+        /// Request id.
+        id: Option<RequestId>,
+        /// Channel name.
+        channel: String,
+    },
+    /// Publish a payload on a channel.
+    Publish {
+        /// Request id.
+        id: Option<RequestId>,
+        /// Channel name.
+        channel: String,
+        /// The NATS payload bytes (raw JSON of `payload`, or the UTF-8 of `text`).
+        payload: Vec<u8>,
+    },
+    /// Application-level ping; answered with `pong`.
+    Ping {
+        /// Request id.
+        id: Option<RequestId>,
+    },
+}
+
+/// A malformed frame: answered with an `error` reply (code 400), never a crash.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct BadFrame {
+    /// The request id if it could be read.
+    pub id: Option<RequestId>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrame<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<RequestId>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default, borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+/// Best effort: the id of a frame that failed to parse as a whole.
+fn salvage_id(text: &str) -> Option<RequestId> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<RequestId>,
+    }
+    serde_json::from_str::<IdOnly>(text).ok().and_then(|f| f.id)
+}
+
+/// Parses one client text frame.
+pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
+    let raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| BadFrame {
+        id: salvage_id(text),
+        reason: format!("malformed frame: {e}"),
+    })?;
+    let id = raw.id;
+    if let Some(RequestId::Str(s)) = &id
+        && s.len() > 64
+    {
+        return Err(BadFrame {
+            id: None,
+            reason: "id longer than 64 bytes".into(),
+        });
+    }
+    let bad = |id: Option<RequestId>, reason: &str| BadFrame {
+        id,
+        reason: reason.to_owned(),
+    };
+    let need_channel = |id: &Option<RequestId>, ch: Option<String>| {
+        ch.ok_or_else(|| bad(id.clone(), "missing field `channel`"))
+    };
+    match raw.kind.as_str() {
+        "subscribe" | "unsubscribe" => {
+            if raw.payload.is_some() || raw.text.is_some() {
+                return Err(bad(id, "payload is only allowed on publish"));
+            }
+            let channel = need_channel(&id, raw.channel)?;
+            Ok(if raw.kind == "subscribe" {
+                Request::Subscribe { id, channel }
+            } else {
+                Request::Unsubscribe { id, channel }
+            })
+        }
+        "publish" => {
+            let channel = need_channel(&id, raw.channel)?;
+            let payload = match (raw.payload, raw.text) {
+                (Some(p), None) => p.get().as_bytes().to_vec(),
+                (None, Some(t)) => t.into_bytes(),
+                _ => return Err(bad(id, "publish needs exactly one of `payload` or `text`")),
+            };
+            Ok(Request::Publish {
+                id,
+                channel,
+                payload,
+            })
+        }
+        "ping" => Ok(Request::Ping { id }),
+        other => Err(BadFrame {
+            id,
+            reason: format!("unknown frame type {other:?}"),
+        }),
+    }
+}
+
+/// Numeric codes of `error` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// 400: malformed frame, unknown type, missing field, binary frame.
+    BadRequest = 400,
+    /// 403: no binding allows this operation on this channel (or it needs claims the
+    /// connection does not have).
+    Forbidden = 403,
+    /// 404: unsubscribe from a channel the connection is not subscribed to.
+    NotSubscribed = 404,
+    /// 409: subscribe to a channel the connection is already subscribed to.
+    AlreadySubscribed = 409,
+    /// 422: a channel token or claim value would widen the subject (empty, `.`, `*`, `>`,
+    /// whitespace or control characters), or the channel name is malformed.
+    InvalidValue = 422,
+    /// 429: publish rate exceeded; the publish was dropped.
+    RateLimited = 429,
+    /// 430: too many subscriptions on this connection.
+    TooManySubscriptions = 430,
+    /// 503: NATS is not reachable right now; try again.
+    Unavailable = 503,
+}
+
+impl ErrorCode {
+    /// The number sent on the wire.
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+}
+
+/// WebSocket close codes used by the relay.
+pub mod close {
+    /// Normal closure (client asked, or the connection's work is done).
+    pub const NORMAL: u16 = 1000;
+    /// Policy violation (e.g. the token expired while connected).
+    pub const POLICY: u16 = 1008;
+    /// A client message larger than `limits.maxMessageBytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Internal error.
+    pub const INTERNAL: u16 = 1011;
+    /// Service restart: the relay is draining; reconnect (after the hint).
+    pub const RESTART: u16 = 1012;
+    /// Nothing (not even a pong) received for `limits.idleTimeoutSeconds`.
+    pub const IDLE_TIMEOUT: u16 = 4000;
+    /// The client did not read fast enough (slow-consumer policy `disconnect`).
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// The client kept publishing above its rate after being told (flood).
+    pub const FLOOD: u16 = 4029;
+}
+
+/// Appends `s` to `out` as a JSON string literal.
+fn push_json_str(out: &mut String, s: &str) {
+    // serde_json escapes correctly; writing to a String cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned()));
+}
+
+fn push_id(out: &mut String, id: Option<&RequestId>) {
+    out.push_str("\"id\":");
+    match id {
+        None => out.push_str("null"),
+        Some(RequestId::Num(n)) => {
+            let _ = write!(out, "{n}");
+        }
+        Some(RequestId::Str(s)) => push_json_str(out, s),
+    }
+}
+
+/// `{"type":"message","channel":..,"payload":..}`: the NATS payload goes in `payload` when
+/// it is JSON, in `text` when it is other UTF-8, in `base64` otherwise. Encoded once per
+/// (subject, channel) and shared by every recipient.
+pub fn encode_message(channel: &str, payload: &[u8]) -> String {
+    let mut out = String::with_capacity(payload.len() + channel.len() + 48);
+    out.push_str("{\"type\":\"message\",\"channel\":");
+    push_json_str(&mut out, channel);
+    let is_json =
+        !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok();
+    if is_json {
+        out.push_str(",\"payload\":");
+        // Valid JSON is valid UTF-8.
+        out.push_str(std::str::from_utf8(payload).unwrap_or("null"));
+    } else if let Ok(text) = std::str::from_utf8(payload) {
+        out.push_str(",\"text\":");
+        push_json_str(&mut out, text);
+    } else {
+        out.push_str(",\"base64\":\"");
+        base64_encode(payload, &mut out);
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+fn base64_encode(data: &[u8], out: &mut String) {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18u32, 12, 6, 0].iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(T[((n >> shift) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+}
+
+/// `{"type":"ok","id":..}`.
+pub fn encode_ok(id: Option<&RequestId>) -> String {
+    let mut out = String::from("{\"type\":\"ok\",");
+    push_id(&mut out, id);
+    out.push('}');
+    out
+}
+
+/// `{"type":"error","id":..,"code":..,"reason":..}`.
+pub fn encode_error(id: Option<&RequestId>, code: ErrorCode, reason: &str) -> String {
+    let mut out = String::from("{\"type\":\"error\",");
+    push_id(&mut out, id);
+    let _ = write!(out, ",\"code\":{},\"reason\":", code.as_u16());
+    push_json_str(&mut out, reason);
+    out.push('}');
+    out
+}
+
+/// `{"type":"pong","id":..}`.
+pub fn encode_pong(id: Option<&RequestId>) -> String {
+    let mut out = String::from("{\"type\":\"pong\",");
+    push_id(&mut out, id);
+    out.push('}');
+    out
+}
+
+/// `{"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":..}`: first frame after
+/// the upgrade.
+pub fn encode_welcome(max_message_bytes: u32, anonymous: bool) -> String {
+    format!(
+        "{{\"type\":\"welcome\",\"protocol\":\"{SUBPROTOCOL}\",\"maxMessageBytes\":{max_message_bytes},\"anonymous\":{anonymous}}}"
+    )
+}
+
+/// `{"type":"dropped","count":..}`: messages were dropped for this connection since the
+/// last notice (slow-consumer policy `dropOldest`).
+pub fn encode_dropped(count: u64) -> String {
+    format!("{{\"type\":\"dropped\",\"count\":{count}}}")
+}
+
+/// `{"type":"unsubscribed","channel":..,"reason":..}`: the relay ended a subscription by
+/// itself (its binding was removed by a config reload).
+pub fn encode_unsubscribed(channel: &str, reason: &str) -> String {
+    let mut out = String::from("{\"type\":\"unsubscribed\",\"channel\":");
+    push_json_str(&mut out, channel);
+    out.push_str(",\"reason\":");
+    push_json_str(&mut out, reason);
+    out.push('}');
+    out
+}
+
+/// `{"type":"drain","reconnectAfterMs":..}`: the relay is shutting down; it closes this
+/// connection with 1012 after `reconnectAfterMs`; reconnect then (to another relay).
+pub fn encode_drain(reconnect_after_ms: u64) -> String {
+    format!("{{\"type\":\"drain\",\"reconnectAfterMs\":{reconnect_after_ms}}}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn v(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn parses_requests() {
+        assert_eq!(
+            parse_request(r#"{"type":"subscribe","id":1,"channel":"orders.1"}"#),
+            Ok(Request::Subscribe {
+                id: Some(RequestId::Num(1)),
+                channel: "orders.1".into()
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"type":"unsubscribe","id":"a","channel":"x"}"#),
+            Ok(Request::Unsubscribe {
+                id: Some(RequestId::Str("a".into())),
+                channel: "x".into()
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"type":"publish","channel":"x","payload": {"a": [1, 2]}}"#),
+            Ok(Request::Publish {
+                id: None,
+                channel: "x".into(),
+                payload: br#"{"a": [1, 2]}"#.to_vec()
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"type":"publish","channel":"x","text":"hé"}"#),
+            Ok(Request::Publish {
+                id: None,
+                channel: "x".into(),
+                payload: "hé".as_bytes().to_vec()
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"type":"ping","id":7}"#),
+            Ok(Request::Ping {
+                id: Some(RequestId::Num(7))
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_frames_are_errors_with_the_id_when_readable() {
+        for (text, id) in [
+            ("", None),
+            ("not json", None),
+            ("[]", None),
+            (r#"{"type":"subscribe","id":3}"#, Some(RequestId::Num(3))),
+            (r#"{"type":"nope","id":4}"#, Some(RequestId::Num(4))),
+            (
+                r#"{"type":"publish","id":5,"channel":"x"}"#,
+                Some(RequestId::Num(5)),
+            ),
+            (
+                r#"{"type":"publish","id":6,"channel":"x","text":"a","payload":1}"#,
+                Some(RequestId::Num(6)),
+            ),
+            (
+                r#"{"type":"subscribe","id":8,"channel":"x","extra":1}"#,
+                Some(RequestId::Num(8)),
+            ),
+            (
+                r#"{"type":"subscribe","id":9,"channel":7}"#,
+                Some(RequestId::Num(9)),
+            ),
+            (r#"{"type":"subscribe","id":{"x":1},"channel":"a"}"#, None),
+            (r#"{"type":"subscribe","id":-1,"channel":"a"}"#, None),
+        ] {
+            let err = parse_request(text).expect_err(text);
+            assert_eq!(err.id, id, "{text}: {err}");
+        }
+        let long = format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(65));
+        assert!(parse_request(&long).is_err());
+    }
+
+    #[test]
+    fn message_encoding_picks_payload_text_or_base64() {
+        assert_eq!(
+            v(&encode_message("orders.1", br#"{"n": 1}"#)),
+            json!({"type":"message","channel":"orders.1","payload":{"n":1}})
+        );
+        assert_eq!(
+            v(&encode_message("c", b"hello \"world\"")),
+            json!({"type":"message","channel":"c","text":"hello \"world\""})
+        );
+        assert_eq!(
+            v(&encode_message("c", b"")),
+            json!({"type":"message","channel":"c","text":""})
+        );
+        assert_eq!(
+            v(&encode_message("c", &[0xff, 0x00, 0x10, 0x80])),
+            json!({"type":"message","channel":"c","base64":"/wAQgA=="})
+        );
+        assert_eq!(
+            v(&encode_message("c", &[0xfe, 0xff])),
+            json!({"type":"message","channel":"c","base64":"/v8="})
+        );
+        // Two JSON values are not one JSON value.
+        assert_eq!(
+            v(&encode_message("c", b"1 2")),
+            json!({"type":"message","channel":"c","text":"1 2"})
+        );
+    }
+
+    #[test]
+    fn replies_encode() {
+        assert_eq!(
+            v(&encode_ok(Some(&RequestId::Num(1)))),
+            json!({"type":"ok","id":1})
+        );
+        assert_eq!(
+            v(&encode_error(
+                Some(&RequestId::Str("q\"".into())),
+                ErrorCode::Forbidden,
+                "no \"binding\""
+            )),
+            json!({"type":"error","id":"q\"","code":403,"reason":"no \"binding\""})
+        );
+        assert_eq!(
+            v(&encode_error(None, ErrorCode::BadRequest, "x")),
+            json!({"type":"error","id":null,"code":400,"reason":"x"})
+        );
+        assert_eq!(v(&encode_pong(None)), json!({"type":"pong","id":null}));
+        assert_eq!(
+            v(&encode_drain(1500)),
+            json!({"type":"drain","reconnectAfterMs":1500})
+        );
+        assert_eq!(v(&encode_dropped(3)), json!({"type":"dropped","count":3}));
+        assert_eq!(
+            v(&encode_unsubscribed("a.b", "binding removed")),
+            json!({"type":"unsubscribed","channel":"a.b","reason":"binding removed"})
+        );
+        assert_eq!(
+            v(&encode_welcome(1024, true)),
+            json!({"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":1024,"anonymous":true})
+        );
+    }
+}

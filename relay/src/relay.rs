@@ -1,0 +1,163 @@
+//! The state shared by every part of a running relay.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::authz::Authorizer;
+use crate::config::Config;
+use crate::hub::{ConnId, Hub};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+
+/// What the rest of the relay knows about one open connection.
+#[derive(Debug)]
+pub struct ConnShared {
+    /// Process-unique id.
+    pub id: ConnId,
+    /// Its send queue.
+    pub outbox: Arc<Outbox>,
+    /// Channel to NATS subject, for each subscription.
+    pub subs: Mutex<HashMap<String, String>>,
+    /// JWT claims; `None` when anonymous.
+    pub claims: Option<Map<String, Value>>,
+}
+
+impl ConnShared {
+    /// Locks the subscription map.
+    pub fn subs(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.subs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The parts of the config that can change on reload, swapped as one.
+#[derive(Debug)]
+pub struct Live {
+    /// The config in force.
+    pub config: Arc<Config>,
+    /// Its compiled bindings.
+    pub authz: Arc<Authorizer>,
+    /// Its authentication settings and keys.
+    pub authn: Arc<Authenticator>,
+}
+
+/// Shared state of a running relay.
+#[derive(Debug)]
+pub struct Relay {
+    live: RwLock<Arc<Live>>,
+    /// Subject fan-out.
+    pub hub: Hub,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// True while the NATS connection is up.
+    pub nats_connected: Arc<AtomicBool>,
+    /// True from SIGTERM on.
+    pub draining: AtomicBool,
+    /// Open-connection slots (`limits.maxConnections`).
+    pub slots: Arc<Semaphore>,
+    /// Tracks every connection task (and the HTTP handshakes), so none outlives shutdown.
+    pub tracker: TaskTracker,
+    /// Cancelled when the relay stops: ends accept loops and the admin server.
+    pub shutdown: CancellationToken,
+    conns: Mutex<HashMap<ConnId, Arc<ConnShared>>>,
+    next_id: AtomicU64,
+}
+
+impl Relay {
+    /// Assembles the state.
+    pub fn new(
+        live: Live,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        nats_connected: Arc<AtomicBool>,
+    ) -> Self {
+        let max = live.config.limits.max_connections as usize;
+        Self {
+            live: RwLock::new(Arc::new(live)),
+            hub,
+            metrics,
+            nats_connected,
+            draining: AtomicBool::new(false),
+            slots: Arc::new(Semaphore::new(max)),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The config, bindings and authenticator in force.
+    pub fn live(&self) -> Arc<Live> {
+        self.live
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces them (config reload); returns the previous ones.
+    pub fn swap_live(&self, live: Live) -> Arc<Live> {
+        let mut g = self
+            .live
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *g, Arc::new(live))
+    }
+
+    /// Ready: NATS up and not draining.
+    pub fn is_ready(&self) -> bool {
+        self.nats_connected.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether the relay is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Registers a new connection.
+    pub fn register(
+        &self,
+        outbox: Arc<Outbox>,
+        claims: Option<Map<String, Value>>,
+    ) -> Arc<ConnShared> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(ConnShared {
+            id,
+            outbox,
+            subs: Mutex::new(HashMap::new()),
+            claims,
+        });
+        self.conns_lock().insert(id, conn.clone());
+        self.metrics.connections.inc();
+        conn
+    }
+
+    /// Forgets a closed connection and drops its subscriptions.
+    pub fn unregister(&self, conn: &ConnShared) {
+        let subs: Vec<String> = conn.subs().drain().map(|(_, subject)| subject).collect();
+        for subject in subs {
+            self.hub.unsubscribe(&subject, conn.id);
+        }
+        if self.conns_lock().remove(&conn.id).is_some() {
+            self.metrics.connections.dec();
+        }
+    }
+
+    /// A snapshot of the open connections.
+    pub fn connections(&self) -> Vec<Arc<ConnShared>> {
+        self.conns_lock().values().cloned().collect()
+    }
+
+    fn conns_lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Arc<ConnShared>>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

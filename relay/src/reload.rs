@@ -1,0 +1,88 @@
+//! Config reload (SIGHUP or file change) that keeps connections.
+//!
+//! Bindings, auth and most limits take effect at once; subscriptions whose channel no
+//! longer resolves to the same subject are ended with an `unsubscribed` notice. Listen
+//! addresses, NATS settings and TLS file paths need a restart (a warning says so).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::auth::Authenticator;
+use crate::authz::{Authorizer, Operation};
+use crate::config::Config;
+use crate::metrics::Reason;
+use crate::protocol;
+use crate::relay::{Live, Relay};
+
+/// Why a reload was refused (the old config stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file did not load or validate.
+    #[error(transparent)]
+    Load(#[from] crate::config::LoadError),
+    /// A key file did not load.
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeyLoadError),
+}
+
+/// Reloads from `path`. Returns how many subscriptions were ended.
+pub fn reload(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
+    let result = reload_inner(relay, path);
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    relay
+        .metrics
+        .reloads
+        .get_or_create(&Reason { reason: outcome })
+        .inc();
+    result
+}
+
+fn reload_inner(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
+    let new = Config::load(path)?;
+    let authn = Authenticator::new(&new.auth)?;
+    let old = relay.live();
+    if new.listen != old.config.listen || new.nats != old.config.nats || new.tls != old.config.tls {
+        tracing::warn!("listen, nats and tls changes take effect at the next restart");
+    }
+    let old_max = old.config.limits.max_connections;
+    let new_max = new.limits.max_connections;
+    if new_max > old_max {
+        relay.slots.add_permits((new_max - old_max) as usize);
+    } else if new_max < old_max {
+        relay.slots.forget_permits((old_max - new_max) as usize);
+    }
+    let authz = Arc::new(Authorizer::new(&new.bindings));
+    relay.swap_live(Live {
+        config: Arc::new(new),
+        authz: authz.clone(),
+        authn: Arc::new(authn),
+    });
+    let mut ended = 0;
+    for conn in relay.connections() {
+        let gone: Vec<(String, String)> = conn
+            .subs()
+            .iter()
+            .filter(|(channel, subject)| {
+                authz
+                    .resolve(channel, Operation::Subscribe, conn.claims.as_ref())
+                    .as_ref()
+                    != Ok(*subject)
+            })
+            .map(|(c, s)| (c.clone(), s.clone()))
+            .collect();
+        for (channel, subject) in gone {
+            conn.subs().remove(&channel);
+            relay.hub.unsubscribe(&subject, conn.id);
+            conn.outbox
+                .push_reply(Message::text(protocol::encode_unsubscribed(
+                    &channel,
+                    "binding removed",
+                )));
+            ended += 1;
+        }
+    }
+    tracing::info!(ended_subscriptions = ended, "config reloaded");
+    Ok(ended)
+}

@@ -1,0 +1,208 @@
+//! The client listener: accept loop (TCP_NODELAY, optional TLS, handshake timeout) and
+//! the upgrade handler (limits, drain, auth, then the WebSocket upgrade).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::auth::TokenVia;
+use crate::config::Limits;
+use crate::outbox::Outbox;
+use crate::protocol::SUBPROTOCOL;
+use crate::relay::Relay;
+use crate::tls::TlsAcceptor;
+
+/// WebSocket buffers sized for many mostly idle connections, not for one busy one.
+/// tungstenite's defaults allocate a 128 KiB read buffer per connection up front.
+pub fn ws_config(limits: &Limits) -> WebSocketConfig {
+    let max_msg = limits.max_message_bytes as usize;
+    let write_buffer = 16 * 1024;
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(write_buffer)
+        // Room for a batch plus one outgoing message (base64 grows payloads by 4/3).
+        .max_write_buffer_size(write_buffer + 2 * max_msg + 64 * 1024)
+        .max_message_size(Some(max_msg))
+        .max_frame_size(Some(max_msg))
+}
+
+/// The client-facing router (one route: the WebSocket path).
+pub fn router(relay: Arc<Relay>, path: &str) -> Router {
+    Router::new().route(path, get(upgrade)).with_state(relay)
+}
+
+fn refuse(
+    relay: &Relay,
+    status: StatusCode,
+    reason: &'static str,
+    retry_after: Option<u64>,
+) -> Response {
+    relay.metrics.refuse(reason);
+    let mut resp = (status, reason).into_response();
+    if let Some(s) = retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    resp
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response {
+    let headers = req.headers();
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+        || headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(|v| v.as_bytes())
+            != Some(b"13")
+        || key.is_none()
+    {
+        return refuse(&relay, StatusCode::BAD_REQUEST, "not_websocket", None);
+    }
+    if relay.is_draining() {
+        return refuse(&relay, StatusCode::SERVICE_UNAVAILABLE, "draining", Some(1));
+    }
+    let Ok(permit) = relay.slots.clone().try_acquire_owned() else {
+        return refuse(
+            &relay,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "max_connections",
+            Some(5),
+        );
+    };
+    let live = relay.live();
+    let (identity, via) = match live
+        .authn
+        .authenticate(req.headers(), req.uri().query())
+        .await
+    {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::debug!(error = %e, "refused before upgrade");
+            let status = e.status();
+            let retry = (status == StatusCode::SERVICE_UNAVAILABLE).then_some(5);
+            return refuse(&relay, status, e.reason(), retry);
+        }
+    };
+    // Select our subprotocol when offered (browsers that send a token in
+    // Sec-WebSocket-Protocol must offer it too: the token itself is never echoed).
+    let offers_ours = header_has_token(req.headers(), header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    if via == Some(TokenVia::Subprotocol) && !offers_ours {
+        return refuse(&relay, StatusCode::BAD_REQUEST, "subprotocol", None);
+    }
+    let config = ws_config(&live.config.limits);
+    let outbox_cap = live.config.limits.send_queue_len as usize;
+    let policy = live.config.limits.slow_consumer_policy;
+    drop(live);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let relay2 = relay.clone();
+    relay.tracker.spawn(async move {
+        let _permit = permit;
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        relay2.metrics.accepted.inc();
+        let outbox = Arc::new(Outbox::new(outbox_cap, policy));
+        let conn = relay2.register(outbox, identity.claims);
+        crate::connection::run(ws, relay2.clone(), conn, identity.expires_at).await;
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Some(key) = key
+        && let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+    {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if offers_ours {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
+    resp
+}
+
+/// Accepts client connections until the relay shuts down. Each TCP connection serves one
+/// HTTP/1.1 request (the upgrade) within the handshake timeout (TLS included).
+pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcceptor>) {
+    let path = relay.live().config.listen.path.clone();
+    let app = router(relay.clone(), &path);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = relay.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        let handshake = Duration::from_secs(relay.live().config.limits.handshake_timeout_seconds);
+        let relay2 = relay.clone();
+        relay.tracker.spawn(async move {
+            let svc = TowerToHyperService::new(app);
+            let fut = async {
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.keep_alive(false);
+                match tls {
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(stream) => {
+                            let _ = http
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades()
+                                .await;
+                        }
+                        Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    },
+                    None => {
+                        let _ = http
+                            .serve_connection(TokioIo::new(tcp), svc)
+                            .with_upgrades()
+                            .await;
+                    }
+                }
+            };
+            if tokio::time::timeout(handshake, fut).await.is_err() {
+                relay2.metrics.refuse("handshake_timeout");
+                tracing::debug!(%peer, "handshake timed out");
+            }
+        });
+    }
+}
