@@ -288,7 +288,7 @@ fn default_leeway() -> u64 {
 }
 
 /// The source of JWT verification keys. Exactly one of the fields must be set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtKey {
     /// File holding the HMAC secret (raw bytes; trailing newline stripped). For HS256.
@@ -308,6 +308,18 @@ pub struct JwtKey {
     /// in seconds. Default 10.
     #[serde(default = "default_jwks_min_refresh")]
     pub jwks_min_refresh_seconds: u64,
+}
+
+impl Default for JwtKey {
+    fn default() -> Self {
+        Self {
+            hmac_secret_file: None,
+            public_key_file: None,
+            jwks_url: None,
+            jwks_cache_seconds: default_jwks_cache(),
+            jwks_min_refresh_seconds: default_jwks_min_refresh(),
+        }
+    }
 }
 
 fn default_jwks_cache() -> u64 {

@@ -119,58 +119,76 @@ where
         loop {
             let batch = outbox.take(BATCH);
             let n = batch.frames.len();
-            let mut wrote = false;
-            if batch.dropped > 0 {
-                if sink
-                    .feed(Message::text(protocol::encode_dropped(batch.dropped)))
-                    .await
-                    .is_err()
-                {
-                    return "write_error";
-                }
-                wrote = true;
-            }
+            let dropped = batch.dropped;
             received.clear();
-            for f in batch.frames {
-                if let Some(t) = f.received {
-                    received.push(t);
+            received.extend(batch.frames.iter().filter_map(|f| f.received));
+            let write = async {
+                let mut wrote = false;
+                if dropped > 0 {
+                    sink.feed(Message::text(protocol::encode_dropped(dropped)))
+                        .await?;
+                    wrote = true;
                 }
-                if sink.feed(f.msg).await.is_err() {
-                    return "write_error";
+                for f in batch.frames {
+                    sink.feed(f.msg).await?;
+                    wrote = true;
                 }
-                wrote = true;
-            }
-            if wrote {
-                if sink.flush().await.is_err() {
-                    return "write_error";
+                if wrote {
+                    sink.flush().await?;
                 }
-                let now = Instant::now();
-                for t in &received {
-                    metrics
-                        .delivery_latency
-                        .observe(now.saturating_duration_since(*t).as_secs_f64());
+                Ok::<bool, tungstenite::Error>(wrote)
+            };
+            let wrote = tokio::select! {
+                r = write => r,
+                () = outbox.killed() => {
+                    // Blocked on a full socket and told to stop: try a close frame
+                    // briefly, then drop the connection.
+                    let c = outbox.close_request();
+                    return send_close(&mut sink, c.as_ref(), Duration::from_millis(500)).await;
                 }
-                metrics.delivered.inc_by(received.len() as u64);
+            };
+            match wrote {
+                Err(_) => return "write_error",
+                Ok(true) => {
+                    let now = Instant::now();
+                    for t in &received {
+                        metrics
+                            .delivery_latency
+                            .observe(now.saturating_duration_since(*t).as_secs_f64());
+                    }
+                    metrics.delivered.inc_by(received.len() as u64);
+                }
+                Ok(false) => {}
             }
             if let Some(c) = batch.close {
-                if c.code != close::NORMAL || !c.reason.is_empty() {
-                    let frame = CloseFrame {
-                        code: CloseCode::from(c.code),
-                        reason: c.reason.into(),
-                    };
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        sink.send(Message::Close(Some(frame))),
-                    )
-                    .await;
-                }
-                return close_label(c.code);
+                return send_close(&mut sink, Some(&c), Duration::from_secs(2)).await;
             }
             if n < BATCH {
                 break;
             }
         }
     }
+}
+
+async fn send_close<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    c: Option<&CloseRequest>,
+    within: Duration,
+) -> &'static str
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Some(c) = c else {
+        return "other";
+    };
+    if c.code != close::NORMAL || !c.reason.is_empty() {
+        let frame = CloseFrame {
+            code: CloseCode::from(c.code),
+            reason: c.reason.into(),
+        };
+        let _ = tokio::time::timeout(within, sink.send(Message::Close(Some(frame)))).await;
+    }
+    close_label(c.code)
 }
 
 async fn read_loop<S>(

@@ -18,6 +18,9 @@ use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, Push};
 use crate::protocol::encode_message;
 
+/// Subject of the round-trip request used to confirm a SUB (no one answers it).
+const SYNC_SUBJECT: &str = "_WSRELAY.sync";
+
 /// A connection's id, unique in the process.
 pub type ConnId = u64;
 
@@ -157,9 +160,15 @@ async fn run_subject(
             return;
         }
     };
-    // The SUB is on the wire once flushed; do not hold the client's `ok` forever while
-    // NATS is down (the subscription is re-sent on reconnect).
-    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    // Wait for a round trip through the server on this connection, so the SUB has been
+    // processed before the client hears `ok`: a request nobody answers comes back as
+    // "no responders" after the server has handled everything sent before it. Bounded, so
+    // the `ok` is not held while NATS is down (the SUB is re-sent on reconnect).
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(SYNC_SUBJECT, bytes::Bytes::new()),
+    )
+    .await;
     let _ = ready.send(true);
     tracing::debug!(%subject, "NATS subscribed");
     loop {

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::SlowConsumerPolicy;
 
@@ -66,6 +67,9 @@ pub struct Outbox {
     notify: Notify,
     capacity: usize,
     policy: SlowConsumerPolicy,
+    /// Cancelled by a close that must not wait for the queue (slow consumer): interrupts
+    /// a writer blocked on a full socket.
+    kill: CancellationToken,
 }
 
 /// What the writer takes in one go.
@@ -92,6 +96,7 @@ impl Outbox {
             notify: Notify::new(),
             capacity: capacity.max(1),
             policy,
+            kill: CancellationToken::new(),
         }
     }
 
@@ -111,6 +116,7 @@ impl Outbox {
                         flush_first: false,
                     });
                     drop(g);
+                    self.kill.cancel();
                     self.notify.notify_one();
                     return Push::Overflow;
                 }
@@ -145,6 +151,7 @@ impl Outbox {
                 flush_first: false,
             });
             drop(g);
+            self.kill.cancel();
             self.notify.notify_one();
             return false;
         }
@@ -161,6 +168,9 @@ impl Outbox {
     pub fn close(&self, req: CloseRequest) {
         let mut g = lock(&self.inner);
         if g.close.is_none() {
+            if !req.flush_first {
+                self.kill.cancel();
+            }
             g.close = Some(req);
         }
         drop(g);
@@ -192,6 +202,16 @@ impl Outbox {
             dropped,
             close,
         }
+    }
+
+    /// Resolves when a close that must not wait for the queue was requested.
+    pub async fn killed(&self) {
+        self.kill.cancelled().await;
+    }
+
+    /// The close request, if any.
+    pub fn close_request(&self) -> Option<CloseRequest> {
+        lock(&self.inner).close.clone()
     }
 
     /// Waits until something was pushed or a close was requested.

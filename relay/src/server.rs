@@ -179,8 +179,9 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
         relay.tracker.spawn(async move {
             let svc = TowerToHyperService::new(app);
             let fut = async {
-                let mut http = hyper::server::conn::http1::Builder::new();
-                http.keep_alive(false);
+                // Keep-alive stays on: turning it off makes hyper answer the upgrade with
+                // `Connection: close`. The handshake timeout bounds the connection anyway.
+                let http = hyper::server::conn::http1::Builder::new();
                 match tls {
                     Some(acceptor) => match acceptor.accept(tcp).await {
                         Ok(stream) => {

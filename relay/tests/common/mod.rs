@@ -1,0 +1,326 @@
+//! Shared helpers for the relay's integration tests: a real nats-server per test, a relay
+//! in-process (or the real binary), real WebSocket clients. Loopback only; every wait is
+//! bounded.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream as TokioTcp;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wsrelay::config::{Binding, Config, Direction};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TokioTcp>>;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The nats-server binary: `NATS_SERVER_BIN`, else `nats-server` on PATH, else the
+/// project's tool cache.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join("nats-server");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    let cache = std::env::var("WSRELAY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/wsrelay")
+        });
+    let p = cache.join("path/nats-server");
+    if p.is_file() {
+        return p;
+    }
+    panic!(
+        "nats-server not found: set NATS_SERVER_BIN or put nats-server on PATH (run `make tools`, which builds it into ~/.cache/wsrelay/path)"
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A nats-server on 127.0.0.1, killed on drop.
+pub struct Nats {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Nats {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            port,
+            child: Some(child),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("nats connect")
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A config on loopback with free ports.
+pub fn base_config(nats_url: &str) -> Config {
+    let mut c = Config::example(nats_url);
+    c.listen.client = "127.0.0.1:0".parse().unwrap();
+    c.listen.admin = "127.0.0.1:0".parse().unwrap();
+    c.drain.grace_period_seconds = 2;
+    c
+}
+
+pub fn binding(channel: &str, subject: &str, direction: Direction) -> Binding {
+    Binding {
+        channel: channel.into(),
+        subject: subject.into(),
+        direction,
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An HS256 token signed with the fixture secret.
+pub fn hs256(claims: Value) -> String {
+    let secret = std::fs::read_to_string(fixture("hmac.secret")).unwrap();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.trim_end().as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn claims(sub: &str) -> Value {
+    json!({"sub": sub, "iss": "https://issuer.test", "aud": "wsrelay", "exp": now_secs() + 600})
+}
+
+/// Connects a client; `Err(status)` if refused before the upgrade.
+pub async fn connect_with(
+    addr: SocketAddr,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, u16> {
+    let url = format!("ws://{addr}/ws{query}");
+    let mut req = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().append(
+            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let config = tungstenite::protocol::WebSocketConfig::default();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async_with_config(req, Some(config), true),
+    )
+    .await
+    .expect("connect timed out")
+    {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("unexpected connect error: {e}"),
+    }
+}
+
+/// Connects and reads the welcome frame.
+pub async fn connect(addr: SocketAddr, query: &str) -> Ws {
+    let mut ws = connect_with(addr, query, &[]).await.expect("refused");
+    let w = next_json(&mut ws).await.expect("welcome");
+    assert_eq!(w["type"], "welcome", "{w}");
+    ws
+}
+
+/// What a read gave.
+#[derive(Debug, PartialEq)]
+pub enum Got {
+    Json(Value),
+    Closed(Option<u16>),
+    Timeout,
+}
+
+/// The next text frame or close, skipping pings; bounded by `within`.
+pub async fn next_event(ws: &mut Ws, within: Duration) -> Got {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Got::Timeout,
+            Ok(None) => return Got::Closed(None),
+            Ok(Some(Err(_))) => return Got::Closed(None),
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return Got::Json(serde_json::from_str(t.as_str()).expect("json frame"));
+            }
+            Ok(Some(Ok(Message::Close(f)))) => return Got::Closed(f.map(|f| u16::from(f.code))),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+pub async fn next_json(ws: &mut Ws) -> Option<Value> {
+    match next_event(ws, Duration::from_secs(10)).await {
+        Got::Json(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// Waits for a close frame, skipping text; returns its code.
+pub async fn close_code(ws: &mut Ws, within: Duration) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match next_event(ws, left).await {
+            Got::Json(_) => {}
+            Got::Closed(code) => return code,
+            Got::Timeout => return None,
+        }
+    }
+}
+
+pub async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.expect("send");
+}
+
+/// Sends a request and returns its reply (skipping message frames).
+pub async fn request(ws: &mut Ws, v: Value) -> Value {
+    let id = v["id"].clone();
+    send(ws, v).await;
+    for _ in 0..1000 {
+        let r = next_json(ws).await.expect("reply");
+        if (r["type"] == "ok" || r["type"] == "error" || r["type"] == "pong") && r["id"] == id {
+            return r;
+        }
+    }
+    panic!("no reply");
+}
+
+pub async fn subscribe(ws: &mut Ws, id: u64, channel: &str) -> Value {
+    request(
+        ws,
+        json!({"type": "subscribe", "id": id, "channel": channel}),
+    )
+    .await
+}
+
+/// Collects message frames until `quiet` passes without one.
+pub async fn drain_messages(ws: &mut Ws, quiet: Duration) -> Vec<Value> {
+    let mut out = Vec::new();
+    while let Got::Json(v) = next_event(ws, quiet).await {
+        if v["type"] == "message" {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// HTTP GET on the admin port; (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TokioTcp::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// A metric's value from the exposition (first sample whose line starts with `prefix`).
+pub async fn metric(addr: SocketAddr, prefix: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls `f` until true, at most `within`.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Logs to the test output when `WSRELAY_LOG` is set (e.g. `WSRELAY_LOG=debug`).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("WSRELAY_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}

@@ -1,0 +1,323 @@
+//! Delivery reaches exactly the allowed clients; publish directions; claim-templated
+//! subjects; injection refused; the hub shares one NATS subscription per subject;
+//! config reload keeps connections.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use wsrelay::config::{Direction, Jwt, JwtAlgorithm, JwtKey};
+
+fn jwt_config(nats_url: &str) -> wsrelay::config::Config {
+    let mut c = base_config(nats_url);
+    c.auth.allow_anonymous = true;
+    c.auth.jwt = Some(Jwt {
+        algorithms: vec![JwtAlgorithm::HS256],
+        key: JwtKey {
+            hmac_secret_file: Some(fixture("hmac.secret")),
+            ..JwtKey::default()
+        },
+        issuer: Some("https://issuer.test".into()),
+        audiences: vec!["wsrelay".into()],
+        leeway_seconds: 5,
+    });
+    c.bindings = vec![
+        binding("orders.{id}", "orders.{id}", Direction::Both),
+        binding(
+            "me.notify",
+            "users.{claims.sub}.notify",
+            Direction::Subscribe,
+        ),
+        binding("chat.{room}", "chat.in.{room}", Direction::Publish),
+        binding("news", "public.news", Direction::Subscribe),
+    ];
+    c.validate().unwrap();
+    c
+}
+
+const QUIET: Duration = Duration::from_millis(300);
+
+#[tokio::test]
+async fn messages_reach_exactly_the_allowed_clients() {
+    init_logs();
+    let nats = Nats::start();
+    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+        .await
+        .unwrap();
+    let addr = relay.client_addr;
+    let nc = nats.client().await;
+
+    let mut alice = connect(addr, &format!("?token={}", hs256(claims("alice")))).await;
+    let mut bob = connect(addr, &format!("?token={}", hs256(claims("bob")))).await;
+    let mut anon = connect(addr, "").await;
+
+    // Claim-templated subjects: each user gets its own.
+    assert_eq!(subscribe(&mut alice, 1, "me.notify").await["type"], "ok");
+    assert_eq!(subscribe(&mut bob, 1, "me.notify").await["type"], "ok");
+    let r = subscribe(&mut anon, 1, "me.notify").await;
+    assert_eq!(r["code"], 403, "{r}");
+    nc.publish("users.alice.notify", r#"{"for":"alice"}"#.into())
+        .await
+        .unwrap();
+    nc.publish("users.bob.notify", "for bob".into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    let a = drain_messages(&mut alice, QUIET).await;
+    let b = drain_messages(&mut bob, QUIET).await;
+    assert_eq!(
+        a,
+        vec![json!({"type":"message","channel":"me.notify","payload":{"for":"alice"}})]
+    );
+    assert_eq!(
+        b,
+        vec![json!({"type":"message","channel":"me.notify","text":"for bob"})]
+    );
+    assert!(drain_messages(&mut anon, QUIET).await.is_empty());
+
+    // Client tokens: orders.1 only to who asked for orders.1.
+    assert_eq!(subscribe(&mut alice, 2, "orders.1").await["type"], "ok");
+    assert_eq!(subscribe(&mut anon, 2, "orders.2").await["type"], "ok");
+    nc.publish("orders.1", "1".into()).await.unwrap();
+    nc.publish("orders.2", "2".into()).await.unwrap();
+    nc.publish("orders.3", "3".into()).await.unwrap();
+    nc.flush().await.unwrap();
+    assert_eq!(
+        drain_messages(&mut alice, QUIET).await,
+        vec![json!({"type":"message","channel":"orders.1","payload":1})]
+    );
+    assert_eq!(
+        drain_messages(&mut anon, QUIET).await,
+        vec![json!({"type":"message","channel":"orders.2","payload":2})]
+    );
+    assert!(drain_messages(&mut bob, QUIET).await.is_empty());
+
+    // Publish direction: chat publishes land on chat.in.<room>; subscribing is refused.
+    let mut chat_in = nc.subscribe("chat.in.>").await.unwrap();
+    let mut orders_nats = nc.subscribe("orders.7").await.unwrap();
+    nc.flush().await.unwrap();
+    let r = request(
+        &mut bob,
+        json!({"type":"publish","id":3,"channel":"chat.r1","payload":{"hi":1}}),
+    )
+    .await;
+    assert_eq!(r, json!({"type":"ok","id":3}));
+    let m = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut chat_in),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(m.subject.as_str(), "chat.in.r1");
+    assert_eq!(&m.payload[..], br#"{"hi":1}"#);
+    assert_eq!(subscribe(&mut bob, 4, "chat.r1").await["code"], 403);
+    // Subscribe-only binding refuses publish.
+    let r = request(
+        &mut bob,
+        json!({"type":"publish","id":5,"channel":"news","text":"x"}),
+    )
+    .await;
+    assert_eq!(r["code"], 403, "{r}");
+    // Both: publish and receive on orders.7.
+    assert_eq!(subscribe(&mut bob, 6, "orders.7").await["type"], "ok");
+    let r = request(
+        &mut bob,
+        json!({"type":"publish","id":7,"channel":"orders.7","text":"t"}),
+    )
+    .await;
+    assert_eq!(r["type"], "ok");
+    let m = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut orders_nats),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(&m.payload[..], b"t");
+    assert_eq!(
+        drain_messages(&mut bob, QUIET).await,
+        vec![json!({"type":"message","channel":"orders.7","text":"t"})]
+    );
+
+    // Malformed frames get a 400 reply and the connection lives on.
+    send(&mut bob, json!({"type":"subscribe","id":8})).await;
+    let r = next_json(&mut bob).await.unwrap();
+    assert_eq!(
+        (r["code"].clone(), r["id"].clone()),
+        (json!(400), json!(8)),
+        "{r}"
+    );
+    futures::SinkExt::send(
+        &mut bob,
+        tokio_tungstenite::tungstenite::Message::text("{{{"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut bob).await.unwrap()["code"], 400);
+    assert_eq!(
+        request(&mut bob, json!({"type":"ping","id":9})).await["type"],
+        "pong"
+    );
+    relay.drain().await;
+}
+
+#[tokio::test]
+async fn injection_attempts_are_refused() {
+    init_logs();
+    let nats = Nats::start();
+    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+        .await
+        .unwrap();
+    let addr = relay.client_addr;
+    let nc = nats.client().await;
+    let mut anon = connect(addr, "").await;
+    let mut id = 0;
+    for ch in [
+        "orders.*",
+        "orders.>",
+        "orders.1.2",
+        "orders.1 2",
+        "orders.",
+        "orders..1",
+        ">",
+        "*",
+        "orders.\t",
+    ] {
+        id += 1;
+        let r = subscribe(&mut anon, id, ch).await;
+        assert_eq!(r["type"], "error", "{ch:?}: {r}");
+        assert!(r["code"] == 422 || r["code"] == 403, "{ch:?}: {r}");
+        let r = request(
+            &mut anon,
+            json!({"type":"publish","id":id + 100,"channel":ch,"text":"x"}),
+        )
+        .await;
+        assert_eq!(r["type"], "error", "{ch:?}: {r}");
+    }
+    // Claims that would widen the subject.
+    for sub in ["*", ">", "alice.x", "a b", ""] {
+        let mut c = connect(addr, &format!("?token={}", hs256(claims(sub)))).await;
+        let r = subscribe(&mut c, 1, "me.notify").await;
+        assert_eq!(r["code"], 422, "sub {sub:?}: {r}");
+    }
+    // Nothing was subscribed in NATS by those attempts.
+    assert_eq!(relay.relay.hub.subject_count(), 0);
+    nc.publish("orders.1", "1".into()).await.unwrap();
+    nc.publish("users.alice.x.notify", "1".into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    assert!(drain_messages(&mut anon, QUIET).await.is_empty());
+    relay.drain().await;
+}
+
+#[tokio::test]
+async fn one_nats_subscription_per_subject_shared_and_released() {
+    init_logs();
+    let nats = Nats::start();
+    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+        .await
+        .unwrap();
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let nc = nats.client().await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut c = connect(addr, "").await;
+        assert_eq!(subscribe(&mut c, 1, "news").await["type"], "ok");
+        clients.push(c);
+    }
+    assert_eq!(relay.relay.hub.subject_count(), 1);
+    assert_eq!(
+        metric(admin, "wsrelay_nats_subscriptions ").await,
+        Some(1.0)
+    );
+    assert_eq!(metric(admin, "wsrelay_connections ").await, Some(5.0));
+    nc.publish("public.news", "hello".into()).await.unwrap();
+    nc.flush().await.unwrap();
+    for c in &mut clients {
+        assert_eq!(drain_messages(c, QUIET).await.len(), 1);
+    }
+    for c in &mut clients[..4] {
+        let r = request(c, json!({"type":"unsubscribe","id":2,"channel":"news"})).await;
+        assert_eq!(r["type"], "ok");
+    }
+    assert_eq!(relay.relay.hub.subject_count(), 1);
+    let r = request(
+        &mut clients[0],
+        json!({"type":"unsubscribe","id":3,"channel":"news"}),
+    )
+    .await;
+    assert_eq!(r["code"], 404);
+    drop(clients.pop());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            relay.relay.hub.subject_count() == 0
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(admin, "wsrelay_connections ").await == Some(4.0)
+        })
+        .await
+    );
+    let (status, _) = http_get(admin, "/ready").await;
+    assert_eq!(status, 200);
+    assert!(
+        metric(admin, "wsrelay_messages_delivered_total")
+            .await
+            .unwrap()
+            >= 5.0
+    );
+    relay.drain().await;
+}
+
+#[tokio::test]
+async fn config_reload_changes_bindings_and_keeps_connections() {
+    init_logs();
+    let nats = Nats::start();
+    let dir = std::env::temp_dir().join(format!("wsrelay-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.json");
+    let mut config = jwt_config(&nats.url());
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    let relay = wsrelay::process::start(config.clone()).await.unwrap();
+    let addr = relay.client_addr;
+    let nc = nats.client().await;
+    let mut c = connect(addr, "").await;
+    assert_eq!(subscribe(&mut c, 1, "news").await["type"], "ok");
+    assert_eq!(subscribe(&mut c, 2, "orders.5").await["type"], "ok");
+    assert_eq!(subscribe(&mut c, 3, "alerts").await["code"], 403);
+
+    // Remove `news`, add `alerts`.
+    config.bindings.retain(|b| b.channel != "news");
+    config
+        .bindings
+        .push(binding("alerts", "public.alerts", Direction::Subscribe));
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    let ended = wsrelay::reload::reload(&relay.relay, &path).unwrap();
+    assert_eq!(ended, 1);
+    assert_eq!(
+        next_json(&mut c).await.unwrap(),
+        json!({"type":"unsubscribed","channel":"news","reason":"binding removed"})
+    );
+    // Same connection: the kept binding still delivers, the new one works, the old is gone.
+    assert_eq!(subscribe(&mut c, 4, "alerts").await["type"], "ok");
+    assert_eq!(subscribe(&mut c, 5, "news").await["code"], 403);
+    nc.publish("orders.5", "5".into()).await.unwrap();
+    nc.publish("public.alerts", "a".into()).await.unwrap();
+    nc.publish("public.news", "n".into()).await.unwrap();
+    nc.flush().await.unwrap();
+    let got = drain_messages(&mut c, QUIET).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|m| m["channel"] != "news"));
+    // An invalid file is refused and the config in force stays.
+    std::fs::write(&path, "nats: {urls: []}\nbogus: 1\n").unwrap();
+    assert!(wsrelay::reload::reload(&relay.relay, &path).is_err());
+    assert_eq!(subscribe(&mut c, 6, "orders.6").await["type"], "ok");
+    let _ = std::fs::remove_dir_all(&dir);
+    relay.drain().await;
+}
