@@ -2,6 +2,8 @@
 //! subjects; injection refused; the hub shares one NATS subscription per subject;
 //! config reload keeps connections.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Shared helpers for the relay's integration tests: a real nats-server per test, a relay
 //! in-process (or the real binary), real WebSocket clients. Loopback only; every wait is
 //! bounded.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
