@@ -217,14 +217,14 @@ async fn read_loop<S>(
     tokio::pin!(expiry);
     loop {
         let msg = tokio::select! {
-            () = done.cancelled() => return,
+            () = done.cancelled() => return linger(&mut stream).await,
             () = &mut idle => {
                 conn.outbox.close(CloseRequest { code: close::IDLE_TIMEOUT, reason: "idle timeout", flush_first: false });
-                return;
+                return linger(&mut stream).await;
             }
             () = &mut expiry, if expires_at.is_some() => {
                 conn.outbox.close(CloseRequest { code: close::POLICY, reason: "token expired", flush_first: true });
-                return;
+                return linger(&mut stream).await;
             }
             m = stream.next() => m,
         };
@@ -263,7 +263,7 @@ async fn read_loop<S>(
                             reason: "publish flood",
                             flush_first: true,
                         });
-                        return;
+                        return linger(&mut stream).await;
                     }
                     reply_error(
                         conn,
@@ -290,9 +290,26 @@ async fn read_loop<S>(
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
         if conn.outbox.is_closing() {
-            return;
+            return linger(&mut stream).await;
         }
     }
+}
+
+/// After the relay sent (or is sending) a close frame: keep reading, bounded, until the
+/// client's close reply or the end of the stream. Closing the socket with unread client
+/// data would send a TCP reset, and the client could lose the close frame.
+async fn linger<S>(stream: &mut SplitStream<WebSocketStream<S>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(m)) = stream.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn until_expiry(expires_at: Option<u64>) -> Duration {

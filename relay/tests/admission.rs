@@ -1,0 +1,595 @@
+//! Refusals before the upgrade (bad/expired token, wrong audience or issuer, wrong Origin,
+//! too many connections) and the documented answers to abuse after it (oversize frame,
+//! publish flood, slow reader, idle client, stalled handshake), with other clients served.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use wsrelay::config::{
+    Config, Direction, Jwt, JwtAlgorithm, JwtKey, SlowConsumerPolicy, TokenSource,
+};
+
+fn hs_config(nats_url: &str) -> Config {
+    let mut c = base_config(nats_url);
+    c.auth.allow_anonymous = false;
+    c.auth.allowed_origins = vec!["https://app.test".into()];
+    c.auth.token_sources = vec![
+        TokenSource::Query {
+            name: "token".into(),
+        },
+        TokenSource::AuthorizationHeader {},
+        TokenSource::Subprotocol {},
+        TokenSource::Cookie {
+            name: "session".into(),
+        },
+    ];
+    c.auth.jwt = Some(Jwt {
+        algorithms: vec![JwtAlgorithm::HS256],
+        key: JwtKey {
+            hmac_secret_file: Some(fixture("hmac.secret")),
+            ..JwtKey::default()
+        },
+        issuer: Some("https://issuer.test".into()),
+        audiences: vec!["wsrelay".into()],
+        leeway_seconds: 5,
+    });
+    c.bindings = vec![binding("news", "public.news", Direction::Both)];
+    c.validate().unwrap();
+    c
+}
+
+fn status_of(head: &str) -> u16 {
+    head[9..12].parse().unwrap()
+}
+
+#[tokio::test]
+async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
+    init_logs();
+    let nats = Nats::start();
+    let relay = wsrelay::process::start(hs_config(&nats.url()))
+        .await
+        .unwrap();
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let now = now_secs();
+    let base = claims("alice");
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        c
+    };
+    let other_secret = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &base,
+        &jsonwebtoken::EncodingKey::from_secret(b"not the secret"),
+    )
+    .unwrap();
+    let cases: Vec<(&str, String, Vec<(&str, String)>, u16)> = vec![
+        ("no token", String::new(), vec![], 401),
+        ("garbage", "?token=garbage".into(), vec![], 401),
+        ("wrong key", format!("?token={other_secret}"), vec![], 401),
+        (
+            "expired",
+            format!("?token={}", hs256(with("exp", json!(now - 60)))),
+            vec![],
+            401,
+        ),
+        (
+            "not yet valid",
+            format!("?token={}", hs256(with("nbf", json!(now + 600)))),
+            vec![],
+            401,
+        ),
+        (
+            "wrong audience",
+            format!("?token={}", hs256(with("aud", json!("other")))),
+            vec![],
+            401,
+        ),
+        (
+            "wrong issuer",
+            format!("?token={}", hs256(with("iss", json!("https://evil.test")))),
+            vec![],
+            401,
+        ),
+        (
+            "no exp",
+            format!(
+                "?token={}",
+                hs256(json!({"sub":"a","iss":"https://issuer.test","aud":"wsrelay"}))
+            ),
+            vec![],
+            401,
+        ),
+        (
+            "wrong origin",
+            format!("?token={}", hs256(base.clone())),
+            vec![("Origin", "https://evil.test".into())],
+            403,
+        ),
+    ];
+    for (name, query, headers, want) in &cases {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let got = connect_with(addr, query, &h).await;
+        assert_eq!(got.err(), Some(*want), "{name}");
+    }
+    // The raw exchange shows no 101 and no upgrade header.
+    let head = raw_upgrade(addr, "Authorization: Bearer nope\r\n").await;
+    assert_eq!(status_of(&head), 401, "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+
+    // Each token source works.
+    let token = hs256(base.clone());
+    let ok_cases: Vec<(String, Vec<(&str, String)>)> = vec![
+        (
+            format!("?token={token}"),
+            vec![("Origin", "https://app.test".into())],
+        ),
+        (
+            String::new(),
+            vec![("Authorization", format!("Bearer {token}"))],
+        ),
+        (
+            String::new(),
+            vec![("Cookie", format!("a=b; session={token}"))],
+        ),
+    ];
+    for (query, headers) in &ok_cases {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut ws = connect_with(addr, query, &h).await.expect("accepted");
+        assert_eq!(next_json(&mut ws).await.unwrap()["type"], "welcome");
+    }
+    // Sec-WebSocket-Protocol: the relay answers wsrelay.v1, never the token.
+    let head = raw_upgrade(
+        addr,
+        &format!("Sec-WebSocket-Protocol: wsrelay.v1, bearer.{token}\r\n"),
+    )
+    .await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.contains("sec-websocket-protocol: wsrelay.v1"),
+        "{head}"
+    );
+    assert!(!head.contains(&token), "{head}");
+    // A bearer subprotocol without wsrelay.v1 is refused (a browser would fail anyway).
+    let head = raw_upgrade(addr, &format!("Sec-WebSocket-Protocol: bearer.{token}\r\n")).await;
+    assert_eq!(status_of(&head), 400, "{head}");
+
+    assert!(
+        metric(
+            admin,
+            "wsrelay_connections_refused_total{reason=\"invalid_token\"}"
+        )
+        .await
+        .unwrap()
+            >= 7.0
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "wsrelay_connections_refused_total{reason=\"origin\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "wsrelay_connections_refused_total{reason=\"no_token\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    relay.drain().await;
+}
+
+fn rs_token(kid: Option<&str>) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = kid.map(str::to_owned);
+    let key = std::fs::read(fixture("rsa.key")).unwrap();
+    jsonwebtoken::encode(
+        &h,
+        &claims("r"),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&key).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
+    init_logs();
+    let nats = Nats::start();
+    let mut rs = hs_config(&nats.url());
+    let jwt = rs.auth.jwt.as_mut().unwrap();
+    jwt.algorithms = vec![JwtAlgorithm::RS256];
+    jwt.key = JwtKey {
+        public_key_file: Some(fixture("rsa.pub")),
+        ..JwtKey::default()
+    };
+    let relay = wsrelay::process::start(rs.clone()).await.unwrap();
+    assert!(
+        connect_with(
+            relay.client_addr,
+            &format!("?token={}", rs_token(None)),
+            &[]
+        )
+        .await
+        .is_ok()
+    );
+    // An HS256 token is refused by an RS256 relay (no algorithm confusion).
+    assert_eq!(
+        connect_with(
+            relay.client_addr,
+            &format!("?token={}", hs256(claims("x"))),
+            &[]
+        )
+        .await
+        .err(),
+        Some(401)
+    );
+    relay.drain().await;
+
+    let mut es = rs.clone();
+    let jwt = es.auth.jwt.as_mut().unwrap();
+    jwt.algorithms = vec![JwtAlgorithm::ES256];
+    jwt.key.public_key_file = Some(fixture("ec.pub"));
+    let relay = wsrelay::process::start(es).await.unwrap();
+    let key = std::fs::read(fixture("ec.key")).unwrap();
+    let es_token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims("e"),
+        &jsonwebtoken::EncodingKey::from_ec_pem(&key).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        connect_with(relay.client_addr, &format!("?token={es_token}"), &[])
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        connect_with(
+            relay.client_addr,
+            &format!("?token={}", rs_token(None)),
+            &[]
+        )
+        .await
+        .err(),
+        Some(401)
+    );
+    relay.drain().await;
+
+    // JWKS over HTTP, counting fetches.
+    let hits = Arc::new(AtomicUsize::new(0));
+    let jwks = std::fs::read_to_string(fixture("jwks.json")).unwrap();
+    let h2 = hits.clone();
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            h2.fetch_add(1, Ordering::SeqCst);
+            let body = jwks.clone();
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut jw = rs.clone();
+    jw.auth.jwt.as_mut().unwrap().key = JwtKey {
+        jwks_url: Some(format!("http://{jwks_addr}/jwks.json")),
+        jwks_min_refresh_seconds: 30,
+        ..JwtKey::default()
+    };
+    jw.validate().unwrap();
+    let relay = wsrelay::process::start(jw).await.unwrap();
+    for _ in 0..3 {
+        assert!(
+            connect_with(
+                relay.client_addr,
+                &format!("?token={}", rs_token(Some("test-rsa"))),
+                &[]
+            )
+            .await
+            .is_ok()
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "keys are cached");
+    // Unknown kids: refused, and the refetches they cause are rate-limited.
+    for i in 0..5 {
+        let t = rs_token(Some(&format!("rotated-{i}")));
+        assert_eq!(
+            connect_with(relay.client_addr, &format!("?token={t}"), &[])
+                .await
+                .err(),
+            Some(401)
+        );
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "unknown kids within minRefresh do not refetch"
+    );
+    relay.drain().await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn too_many_connections_get_503_with_retry_after() {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = base_config(&nats.url());
+    c.limits.max_connections = 2;
+    let relay = wsrelay::process::start(c).await.unwrap();
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let a = connect(addr, "").await;
+    let _b = connect(addr, "").await;
+    let head = raw_upgrade(addr, "").await;
+    assert_eq!(status_of(&head), 503, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: "),
+        "{head}"
+    );
+    assert_eq!(connect_with(addr, "", &[]).await.err(), Some(503));
+    assert_eq!(
+        metric(
+            admin,
+            "wsrelay_connections_refused_total{reason=\"max_connections\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+    drop(a);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            connect_with(addr, "", &[]).await.is_ok()
+        })
+        .await,
+        "a slot frees when a client leaves"
+    );
+    relay.drain().await;
+}
+
+/// A reader that counts message frames of a client in the background.
+fn count_messages(mut ws: Ws) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Ws>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+            if let Message::Text(t) = m
+                && t.as_str().contains("\"type\":\"message\"")
+                && n2.fetch_add(1, Ordering::SeqCst) + 1 == usize::MAX
+            {
+                break;
+            }
+        }
+        ws
+    });
+    (n, task)
+}
+
+#[tokio::test]
+async fn oversize_frame_closes_1009_and_flood_closes_4029_others_served() {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = base_config(&nats.url());
+    c.limits.max_message_bytes = 1024;
+    c.limits.publish_rate_per_second = 5;
+    c.limits.publish_burst = 5;
+    c.bindings = vec![binding("news", "public.news", Direction::Both)];
+    let relay = wsrelay::process::start(c).await.unwrap();
+    let addr = relay.client_addr;
+    let nc = nats.client().await;
+    let mut good = connect(addr, "").await;
+    assert_eq!(subscribe(&mut good, 1, "news").await["type"], "ok");
+
+    // Oversize.
+    let mut big = connect(addr, "").await;
+    big.send(Message::text(format!(
+        "{{\"type\":\"ping\",\"id\":\"{}\"}}",
+        "x".repeat(2000)
+    )))
+    .await
+    .unwrap();
+    assert_eq!(
+        close_code(&mut big, Duration::from_secs(10)).await,
+        Some(1009)
+    );
+
+    // Flood: the first `burst` publishes pass, then 429 replies, then close 4029.
+    let mut flood = connect(addr, "").await;
+    for i in 0..40u64 {
+        if flood
+            .send(Message::text(
+                json!({"type":"publish","id":i,"channel":"news","text":"f"}).to_string(),
+            ))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let (mut ok, mut limited, mut code) = (0, 0, None);
+    loop {
+        match next_event(&mut flood, Duration::from_secs(10)).await {
+            Got::Json(v) if v["type"] == "ok" => ok += 1,
+            Got::Json(v) if v["type"] == "error" => {
+                assert_eq!(v["code"], 429, "{v}");
+                limited += 1;
+            }
+            Got::Json(_) => {}
+            Got::Closed(c) => {
+                code = c;
+                break;
+            }
+            Got::Timeout => break,
+        }
+    }
+    assert_eq!(code, Some(4029));
+    assert!((5..=6).contains(&ok), "ok {ok}");
+    assert!(limited >= 5, "limited {limited}");
+
+    // The well-behaved client is still served.
+    nc.publish("public.news", "still here".into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    let got = drain_messages(&mut good, Duration::from_millis(500)).await;
+    assert!(got.iter().any(|m| m["text"] == "still here"), "{got:?}");
+    relay.drain().await;
+}
+
+async fn slow_reader_case(policy: SlowConsumerPolicy) {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = base_config(&nats.url());
+    c.limits.send_queue_len = 64;
+    c.limits.slow_consumer_policy = policy;
+    c.limits.idle_timeout_seconds = 120;
+    c.limits.ping_interval_seconds = 60;
+    let relay = wsrelay::process::start(c).await.unwrap();
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let nc = nats.client().await;
+    let mut slow = connect(addr, "").await;
+    assert_eq!(subscribe(&mut slow, 1, "public.t").await["type"], "ok");
+    let mut good = connect(addr, "").await;
+    assert_eq!(subscribe(&mut good, 1, "public.t").await["type"], "ok");
+    let (good_count, good_task) = count_messages(good);
+
+    // 2,000 x 8 KiB = 16 MiB: more than loopback socket buffers hold for a client that
+    // does not read. Paced by the good client, so only the slow one falls behind.
+    let payload = bytes::Bytes::from(vec![b'x'; 8 * 1024]);
+    let total = 2_000;
+    for batch in 0..total / 25 {
+        for _ in 0..25 {
+            nc.publish("public.t", payload.clone()).await.unwrap();
+        }
+        nc.flush().await.unwrap();
+        let want = (batch + 1) * 25;
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                good_count.load(Ordering::SeqCst) >= want
+            })
+            .await,
+            "good client stalled at {} of {want}",
+            good_count.load(Ordering::SeqCst)
+        );
+    }
+    assert_eq!(good_count.load(Ordering::SeqCst), total);
+    match policy {
+        SlowConsumerPolicy::Disconnect => {
+            assert!(
+                eventually(Duration::from_secs(10), || async {
+                    metric(admin, "wsrelay_connections ").await == Some(1.0)
+                })
+                .await,
+                "slow consumer not disconnected"
+            );
+            assert!(metric(admin, "wsrelay_slow_consumers_total").await.unwrap() >= 1.0);
+            // The slow client finds the end of its stream (close 4008 if the frame fit in
+            // the socket, else the connection is simply gone) after fewer messages.
+            let mut seen = 0;
+            let end = loop {
+                match next_event(&mut slow, Duration::from_secs(20)).await {
+                    Got::Json(_) => seen += 1,
+                    Got::Closed(code) => break code,
+                    Got::Timeout => panic!("slow client stream did not end"),
+                }
+            };
+            assert!(end.is_none() || end == Some(4008), "{end:?}");
+            assert!(seen < total, "seen {seen}");
+        }
+        SlowConsumerPolicy::DropOldest => {
+            let (mut seen, mut dropped) = (0u64, 0u64);
+            loop {
+                match next_event(&mut slow, Duration::from_secs(2)).await {
+                    Got::Json(v) if v["type"] == "dropped" => {
+                        dropped += v["count"].as_u64().unwrap()
+                    }
+                    Got::Json(v) if v["type"] == "message" => seen += 1,
+                    Got::Json(_) => {}
+                    Got::Closed(c) => panic!("closed {c:?}"),
+                    Got::Timeout => break,
+                }
+            }
+            assert!(dropped > 0, "nothing dropped");
+            assert_eq!(
+                seen + dropped,
+                total as u64,
+                "every message delivered or counted"
+            );
+            assert_eq!(
+                request(&mut slow, json!({"type":"ping","id":1})).await["type"],
+                "pong"
+            );
+            assert!(
+                metric(
+                    admin,
+                    "wsrelay_messages_dropped_total{reason=\"slow_consumer_drop_oldest\"}"
+                )
+                .await
+                .unwrap()
+                    >= dropped as f64
+            );
+        }
+    }
+    good_task.abort();
+    relay.drain().await;
+}
+
+#[tokio::test]
+async fn slow_reader_is_disconnected_others_served() {
+    slow_reader_case(SlowConsumerPolicy::Disconnect).await;
+}
+
+#[tokio::test]
+async fn slow_reader_drops_oldest_with_notice() {
+    slow_reader_case(SlowConsumerPolicy::DropOldest).await;
+}
+
+#[tokio::test]
+async fn idle_client_and_stalled_handshake_are_closed() {
+    use tokio::io::AsyncReadExt;
+    init_logs();
+    let nats = Nats::start();
+    let mut c = base_config(&nats.url());
+    c.limits.idle_timeout_seconds = 2;
+    c.limits.ping_interval_seconds = 1;
+    c.limits.handshake_timeout_seconds = 1;
+    let relay = wsrelay::process::start(c).await.unwrap();
+    let addr = relay.client_addr;
+    // A client that answers pings (its library does, while reading) stays.
+    let (live_count, live_task) = count_messages(connect(addr, "").await);
+    // A client that never answers pings is closed with 4000 after the idle timeout.
+    let mut idle = raw_ws(addr).await;
+    let frames = raw_frames(&mut idle, Duration::from_secs(10)).await;
+    let close = frames
+        .iter()
+        .find(|(op, _)| *op == 8)
+        .expect("a close frame");
+    assert_eq!(
+        u16::from_be_bytes([close.1[0], close.1[1]]),
+        4000,
+        "{frames:?}"
+    );
+    assert!(frames.iter().any(|(op, _)| *op == 9), "pings were sent");
+    assert!(!live_task.is_finished(), "the answering client was kept");
+    assert_eq!(live_count.load(Ordering::SeqCst), 0);
+    live_task.abort();
+    // A TCP connection that never sends its request is dropped.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "{n:?}");
+    relay.drain().await;
+}
