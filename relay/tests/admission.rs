@@ -72,7 +72,8 @@ async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
         &jsonwebtoken::EncodingKey::from_secret(b"not the secret"),
     )
     .unwrap();
-    let cases: Vec<(&str, String, Vec<(&str, String)>, u16)> = vec![
+    type Case<'a> = (&'a str, String, Vec<(&'a str, String)>, u16);
+    let cases: Vec<Case<'_>> = vec![
         ("no token", String::new(), vec![], 401),
         ("garbage", "?token=garbage".into(), vec![], 401),
         ("wrong key", format!("?token={other_secret}"), vec![], 401),
