@@ -50,6 +50,17 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// A relay holds one descriptor per client: raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+    }
+}
+
 fn report(e: &LoadError) {
     match e {
         LoadError::Invalid { path, errors } => {
@@ -77,6 +88,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => {
             init_tracing(args.log_format);
+            raise_fd_limit();
             let loaded = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {

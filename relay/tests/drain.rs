@@ -1,0 +1,231 @@
+//! SIGTERM to the real relay binary with 1,000 connected clients: /ready goes false, new
+//! connections are refused, every client gets a `drain` notice and a 1012 close spread
+//! across the grace period, and the process exits 0 before the grace period ends.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CLIENTS: usize = 1_000;
+const GRACE_SECS: u64 = 8;
+
+struct Relay {
+    child: std::process::Child,
+    client: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary and reads its bound addresses from the JSON log.
+fn spawn_relay(config_path: &std::path::Path) -> Relay {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(config_path)
+        .env("WSRELAY_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["fields"]["message"] == "wsrelay listening"
+            {
+                let client: SocketAddr = v["fields"]["client"].as_str().unwrap().parse().unwrap();
+                let admin: SocketAddr = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
+                let _ = tx.send((client, admin));
+                sent = true;
+            }
+        }
+    });
+    let (client, admin) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("relay did not start");
+    Relay {
+        child,
+        client,
+        admin,
+    }
+}
+
+struct Outcome {
+    drain_hint_ms: Option<u64>,
+    close: Option<u16>,
+    closed_at: Option<Duration>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_every_client_across_the_grace_period() {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = base_config(&nats.url());
+    c.drain.grace_period_seconds = GRACE_SECS;
+    c.limits.max_connections = 5_000;
+    let dir = std::env::temp_dir().join(format!("wsrelay-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+    let mut relay = spawn_relay(&path);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            http_get(relay.admin, "/ready").await.0 == 200
+        })
+        .await
+    );
+
+    // Connect the clients, 100 at a time.
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for chunk in 0..CLIENTS / 100 {
+        let batch: Vec<_> = (0..100)
+            .map(|i| {
+                let addr = relay.client;
+                tokio::spawn(async move {
+                    let mut ws = connect(addr, "").await;
+                    if (chunk * 100 + i) % 10 == 0 {
+                        assert_eq!(subscribe(&mut ws, 1, "public.x").await["type"], "ok");
+                    }
+                    ws
+                })
+            })
+            .collect();
+        for t in batch {
+            clients.push(t.await.unwrap());
+        }
+    }
+    assert_eq!(
+        metric(relay.admin, "wsrelay_connections ").await,
+        Some(CLIENTS as f64)
+    );
+
+    let sigterm_at = tokio::time::Instant::now();
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut out = Outcome {
+                    drain_hint_ms: None,
+                    close: None,
+                    closed_at: None,
+                };
+                let deadline = sigterm_at + Duration::from_secs(GRACE_SECS + 5);
+                loop {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match next_event(&mut ws, left).await {
+                        Got::Json(v) if v["type"] == "drain" => {
+                            out.drain_hint_ms = v["reconnectAfterMs"].as_u64()
+                        }
+                        Got::Json(_) => {}
+                        Got::Closed(code) => {
+                            out.close = code;
+                            out.closed_at = Some(sigterm_at.elapsed());
+                            break;
+                        }
+                        Got::Timeout => break,
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+
+    // Readiness goes false at once and new clients are refused.
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            http_get(relay.admin, "/ready").await.0 == 503
+        })
+        .await
+    );
+    assert_eq!(connect_with(relay.client, "", &[]).await.err(), Some(503));
+
+    let mut outcomes = Vec::with_capacity(CLIENTS);
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    // The process exits 0 before the grace period ends.
+    let status = loop {
+        if let Some(s) = relay.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(GRACE_SECS + 5),
+            "relay did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let exited_after = started.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        exited_after < Duration::from_secs(GRACE_SECS),
+        "exited after {exited_after:?}"
+    );
+
+    let with_drain = outcomes
+        .iter()
+        .filter(|o| o.drain_hint_ms.is_some())
+        .count();
+    let with_1012 = outcomes.iter().filter(|o| o.close == Some(1012)).count();
+    assert_eq!(with_drain, CLIENTS, "every client gets a drain notice");
+    assert_eq!(with_1012, CLIENTS, "every client gets 1012");
+    let grace = Duration::from_secs(GRACE_SECS);
+    let times: Vec<Duration> = outcomes.iter().filter_map(|o| o.closed_at).collect();
+    assert!(
+        times.iter().all(|t| *t < grace),
+        "a close after the grace period"
+    );
+    // Closes follow the hints: a client is closed at (or just after) its announced turn.
+    for o in &outcomes {
+        let hint = Duration::from_millis(o.drain_hint_ms.unwrap());
+        let at = o.closed_at.unwrap();
+        assert!(
+            at + Duration::from_millis(50) >= hint,
+            "closed at {at:?} before its hint {hint:?}"
+        );
+    }
+    // Spread: histogram over tenths of the grace period.
+    let mut hist = [0usize; 10];
+    for t in &times {
+        hist[((t.as_secs_f64() / grace.as_secs_f64()) * 10.0).min(9.0) as usize] += 1;
+    }
+    println!(
+        "drain of {CLIENTS} clients, grace {GRACE_SECS} s, exit after {:.2} s",
+        exited_after.as_secs_f64()
+    );
+    for (i, n) in hist.iter().enumerate() {
+        println!(
+            "  {:>4.1}-{:>4.1} s  {:>4}  {}",
+            i as f64 * GRACE_SECS as f64 / 10.0,
+            (i + 1) as f64 * GRACE_SECS as f64 / 10.0,
+            n,
+            "#".repeat(n / 5)
+        );
+    }
+    // The close window is the first 70% of the grace period; each of its tenths of the
+    // grace period holds a fair share (100 expected), none holds most.
+    for (i, n) in hist.iter().take(7).enumerate() {
+        assert!((40..=250).contains(n), "bucket {i} holds {n}: {hist:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,149 @@
+//! NATS stopped and started again on the same port: the relay reports not ready, then
+//! resubscribes by itself and delivery resumes. Prints how many messages were lost.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test]
+async fn relay_resubscribes_after_nats_restart() {
+    init_logs();
+    let mut nats = Nats::start();
+    let port = nats.port;
+    let mut c = base_config(&nats.url());
+    c.bindings = vec![binding("t", "public.t", wsrelay::config::Direction::Both)];
+    let relay = wsrelay::process::start(c).await.unwrap();
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            http_get(admin, "/ready").await.0 == 200
+        })
+        .await
+    );
+    let mut ws = connect(addr, "").await;
+    assert_eq!(subscribe(&mut ws, 1, "t").await["type"], "ok");
+    let mut pubc = connect(addr, "").await;
+
+    // A publisher with its own connection, sending a numbered message every 10 ms for
+    // the whole test (async-nats buffers while it is disconnected).
+    let publisher = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|n| Duration::from_millis((n as u64 * 100).min(500)))
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (stop2, sent2) = (stop.clone(), sent.clone());
+    let pub_task = tokio::spawn(async move {
+        for i in 1..=3_000u64 {
+            if stop2.load(Ordering::SeqCst) {
+                break;
+            }
+            if publisher
+                .publish("public.t", i.to_string().into())
+                .await
+                .is_ok()
+            {
+                sent2.store(i, Ordering::SeqCst);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), publisher.flush()).await;
+    });
+    let received = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let r2 = received.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            match next_event(&mut ws, Duration::from_secs(30)).await {
+                Got::Json(v) if v["type"] == "message" => {
+                    r2.lock().unwrap().push(v["payload"].as_u64().unwrap());
+                }
+                Got::Json(_) => {}
+                _ => break,
+            }
+        }
+        ws
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            received.lock().unwrap().len() >= 20
+        })
+        .await
+    );
+
+    nats.stop();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            http_get(admin, "/ready").await.0 == 503
+        })
+        .await,
+        "/ready stays 200 while NATS is down"
+    );
+    assert_eq!(metric(admin, "wsrelay_nats_connected ").await, Some(0.0));
+    // A client publish while NATS is down is answered 503, and the client stays.
+    let r = request(
+        &mut pubc,
+        serde_json::json!({"type":"publish","id":1,"channel":"t","text":"x"}),
+    )
+    .await;
+    assert_eq!(r["code"], 503, "{r}");
+    let outage_started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _nats = Nats::start_on(port);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            http_get(admin, "/ready").await.0 == 200
+        })
+        .await,
+        "relay did not reconnect"
+    );
+    let outage = outage_started.elapsed();
+    // Delivery resumes: messages sent well after the restart arrive.
+    let resumed_from = sent.load(Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|n| *n > resumed_from + 20)
+        })
+        .await,
+        "delivery did not resume after the NATS restart"
+    );
+    stop.store(true, Ordering::SeqCst);
+    pub_task.await.unwrap();
+    let total = sent.load(Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            received.lock().unwrap().last().copied() == Some(total)
+        })
+        .await,
+        "the last message ({total}) never arrived"
+    );
+    let got = received.lock().unwrap().clone();
+    let distinct: std::collections::BTreeSet<u64> = got.iter().copied().collect();
+    let lost = total - distinct.len() as u64;
+    println!(
+        "NATS restart: outage {:.1} s, sent {total}, received {}, lost {lost} ({:.1}%)",
+        outage.as_secs_f64(),
+        distinct.len(),
+        100.0 * lost as f64 / total as f64
+    );
+    assert!(
+        metric(admin, "wsrelay_nats_disconnects_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(relay.relay.hub.subject_count(), 1);
+    reader.abort();
+    relay.drain().await;
+}
