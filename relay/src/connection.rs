@@ -389,6 +389,12 @@ async fn handle(req: Request, conn: &ConnShared, relay: &Relay) {
                 .hub
                 .subscribe(&subject, conn.id, &channel, conn.outbox.clone())
                 .await;
+            // A reload may have ended this subscription while the hub was subscribing:
+            // then undo, so the hub holds nothing the connection does not know about.
+            if conn.subs().get(&channel) != Some(&subject) {
+                relay.hub.unsubscribe(&subject, conn.id);
+                return;
+            }
             reply_ok(conn, id.as_ref());
         }
         Request::Unsubscribe { id, channel } => {

@@ -30,6 +30,9 @@ pub enum StartError {
     /// TLS files.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(std::io::Error),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -143,18 +146,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
     use tokio::signal::unix::{SignalKind, signal};
     let running = start(config).await?;
     let relay = running.relay.clone();
-    let mut term = signal(SignalKind::terminate()).map_err(|source| StartError::Bind {
-        addr: running.client_addr,
-        source,
-    })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|source| StartError::Bind {
-        addr: running.client_addr,
-        source,
-    })?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|source| StartError::Bind {
-        addr: running.client_addr,
-        source,
-    })?;
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let tls_paths = relay
         .live()
         .config

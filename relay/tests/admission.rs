@@ -168,6 +168,21 @@ async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
     let head = raw_upgrade(addr, &format!("Sec-WebSocket-Protocol: bearer.{token}\r\n")).await;
     assert_eq!(status_of(&head), 400, "{head}");
 
+    // A token is good until its `exp`: then the connection is closed with 1008.
+    let mut short = connect(
+        addr,
+        &format!("?token={}", hs256(with("exp", json!(now + 2)))),
+    )
+    .await;
+    let (count, task) = count_messages(connect(addr, &format!("?token={token}")).await);
+    assert_eq!(
+        close_code(&mut short, Duration::from_secs(10)).await,
+        Some(1008)
+    );
+    assert!(!task.is_finished(), "the other client stays");
+    assert_eq!(count.load(Ordering::SeqCst), 0);
+    task.abort();
+
     assert!(
         metric(
             admin,

@@ -403,3 +403,57 @@ async fn metric_wss_free(admin: SocketAddr) -> bool {
         .await
         .is_some_and(|n| n >= 1.0)
 }
+
+#[test]
+fn check_config_prints_every_error() {
+    let dir = std::env::temp_dir().join(format!("wsrelay-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "nats:\n  urls: [http://nope]\nauth:\n  allowAnonymous: false\nbindings:\n  - channel: orders.*\n    subject: orders.{id}\nlimits:\n  maxConnections: 0\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in [
+        "nats.urls[0]",
+        "auth.jwt",
+        "bindings[0].channel",
+        "bindings[0].subject",
+        "limits.maxConnections",
+    ] {
+        assert!(err.contains(field), "{field} missing from:\n{err}");
+    }
+    let unknown = dir.join("unknown.yaml");
+    std::fs::write(&unknown, "nats: {urls: [nats://x:4222]}\nbindngs: []\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["check-config"])
+        .arg(&unknown)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bindngs"));
+    let good = dir.join("good.yaml");
+    std::fs::write(
+        &good,
+        "nats: {urls: [nats://x:4222]}\nauth: {allowAnonymous: true}\nbindings: [{channel: news, subject: public.news}]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
