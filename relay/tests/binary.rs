@@ -425,7 +425,6 @@ fn check_config_prints_every_error() {
         "nats.urls[0]",
         "auth.jwt",
         "bindings[0].channel",
-        "bindings[0].subject",
         "limits.maxConnections",
     ] {
         assert!(err.contains(field), "{field} missing from:\n{err}");
