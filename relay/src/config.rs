@@ -1480,6 +1480,15 @@ limits:
         assert!(err.contains("bogus"), "{err}");
     }
 
+    #[cfg(feature = "server")]
+    #[test]
+    fn the_example_file_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.yaml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.bindings.len(), 3);
+        assert_eq!(c.nats.name, "wsrelay-orders");
+    }
+
     #[test]
     fn templates_parse() {
         use TemplateToken::*;

@@ -456,3 +456,56 @@ fn check_config_prints_every_error() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Resident memory per idle connection (a measurement, not a check: run with
+/// `cargo test -p wsrelay --test binary -- --ignored --nocapture`).
+#[tokio::test]
+#[ignore = "measurement; run by hand"]
+async fn idle_memory_per_connection() {
+    const N: usize = 5_000;
+    let nats = Nats::start();
+    let mut c = base_config(&nats.url());
+    c.limits.max_connections = 10_000;
+    c.limits.idle_timeout_seconds = 600;
+    c.limits.ping_interval_seconds = 300;
+    let dir = std::env::temp_dir().join(format!("wsrelay-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, serde_json::to_string(&c).unwrap()).unwrap();
+    let relay = spawn_relay(&path);
+    let pid = relay.child.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    let mut socks = Vec::with_capacity(N);
+    for _ in 0..N / 250 {
+        let batch: Vec<_> = (0..250)
+            .map(|_| tokio::spawn(raw_ws(relay.client)))
+            .collect();
+        for t in batch {
+            socks.push(t.await.unwrap());
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(relay.admin, "wsrelay_connections ").await == Some(N as f64)
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    println!(
+        "{N} idle connections: RSS {before} KiB -> {after} KiB, {:.1} KiB per connection (debug build)",
+        (after - before) as f64 / N as f64
+    );
+    drop(socks);
+    let _ = std::fs::remove_dir_all(&dir);
+}

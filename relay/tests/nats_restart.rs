@@ -147,3 +147,26 @@ async fn relay_resubscribes_after_nats_restart() {
     reader.abort();
     relay.drain().await;
 }
+
+#[tokio::test]
+async fn relay_starts_without_nats_and_becomes_ready_when_it_appears() {
+    init_logs();
+    let port = free_port();
+    let c = base_config(&format!("nats://127.0.0.1:{port}"));
+    let relay = tokio::time::timeout(Duration::from_secs(10), wsrelay::process::start(c))
+        .await
+        .expect("start does not wait for NATS")
+        .unwrap();
+    let admin = relay.admin_addr;
+    assert_eq!(http_get(admin, "/live").await.0, 200);
+    assert_eq!(http_get(admin, "/ready").await.0, 503);
+    let _nats = Nats::start_on(port);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            http_get(admin, "/ready").await.0 == 200
+        })
+        .await,
+        "never became ready"
+    );
+    relay.drain().await;
+}
