@@ -5,6 +5,8 @@
 //! namespace of its own ([`with_namespace`]) that is removed afterwards, pass or fail, so tests
 //! run in parallel and leave nothing behind.
 
+pub mod operator;
+
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;

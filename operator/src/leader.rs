@@ -165,6 +165,15 @@ impl LeaderElector {
     }
 }
 
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs `work` only while this replica leads, until `shutdown`. `work` gets a token that is
 /// cancelled when leadership is lost or on shutdown; it is started again if leadership
 /// comes back.
@@ -197,6 +206,9 @@ pub async fn run_as_leader<F, Fut>(
         metrics.leader.set(1);
         let token = shutdown.child_token();
         let mut handle = tokio::spawn(work(token.clone()));
+        // If this future is dropped (the process is going down hard, or a test simulates a
+        // crash), the controller must not outlive it as a leaderless zombie.
+        let _abort_on_drop = AbortOnDrop(handle.abort_handle());
         let mut renewed = Instant::now();
         let lost = loop {
             tokio::select! {

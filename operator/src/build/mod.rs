@@ -159,9 +159,12 @@ impl Ctx {
         if gw.metadata.name.is_none() {
             return Err(BuildError::MissingMetadata("name"));
         }
-        let owner = gw
+        let mut owner = gw
             .controller_owner_ref(&())
             .ok_or(BuildError::MissingMetadata("uid"))?;
+        // Foreground deletion of the gateway waits for its children (needs RBAC `update` on
+        // websocketgateways/finalizers where OwnerReferencesPermissionEnforcement is on).
+        owner.block_owner_deletion = Some(true);
         Ok(Self {
             name: child_name(gw),
             namespace,

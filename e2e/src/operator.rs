@@ -1,0 +1,144 @@
+//! Helpers for the operator's end-to-end tests: install the CRD, run an operator in-process
+//! scoped to the test's namespace, and read the example gateway.
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::conditions;
+use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wsrelay_operator::api::WebsocketGateway;
+use wsrelay_operator::leader::LeaseConfig;
+use wsrelay_operator::{RunConfig, RunError};
+
+use crate::{eventually, wait_for};
+
+/// Installs (or updates) the WebsocketGateway CRD from the operator's types and waits until
+/// the API server serves it. Safe to call from many tests at once.
+pub async fn install_crd(client: &Client) -> Result<()> {
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let crd = WebsocketGateway::crd();
+    let name = crd.name_any();
+    crds.patch(
+        &name,
+        &PatchParams::apply("wsrelay-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .context("installing the WebsocketGateway CRD")?;
+    wait_for(&crds, &name, conditions::is_crd_established()).await?;
+    Ok(())
+}
+
+/// An operator running in this process, watching one namespace.
+#[derive(Debug)]
+pub struct Operator {
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), RunError>>>,
+}
+
+impl Operator {
+    /// Starts an operator for `namespace`, with leader election over `lease` if given.
+    pub fn start(client: Client, namespace: &str, lease: Option<LeaseConfig>) -> Self {
+        let shutdown = CancellationToken::new();
+        let config = RunConfig {
+            namespace: Some(namespace.to_string()),
+            admin_addr: None,
+            identity: lease.as_ref().map(|l| l.identity.clone()),
+            leader_election: lease,
+        };
+        let task = tokio::spawn(wsrelay_operator::run(client, config, shutdown.clone()));
+        Self {
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops it as a crash would: no graceful shutdown, the lease is not released.
+    pub fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Stops it gracefully and reports how its run ended.
+    pub async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.context("operator task")??;
+        }
+        Ok(())
+    }
+
+    /// Whether the operator task is still running.
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The Secrets and the gateway of `examples/gateway.yaml`.
+pub fn example() -> Result<(Vec<Secret>, WebsocketGateway)> {
+    let path = crate::repo_root().join("examples/gateway.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut secrets = Vec::new();
+    let mut gateway = None;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        match value["kind"].as_str() {
+            Some("Secret") => secrets.push(serde_json::from_value(value)?),
+            Some("WebsocketGateway") => gateway = Some(serde_json::from_value(value)?),
+            Some(other) => bail!("unexpected {other} in the example"),
+            None => {}
+        }
+    }
+    Ok((
+        secrets,
+        gateway.context("the example has a WebsocketGateway")?,
+    ))
+}
+
+/// Creates the example's Secrets and gateway in `namespace`; returns the stored gateway.
+pub async fn create_example(client: &Client, namespace: &str) -> Result<WebsocketGateway> {
+    let (secrets, gateway) = example()?;
+    let secret_api = Api::<Secret>::namespaced(client.clone(), namespace);
+    for s in &secrets {
+        secret_api.create(&PostParams::default(), s).await?;
+    }
+    create_gateway(client, namespace, &gateway).await
+}
+
+/// Creates a gateway, retrying while a just-installed CRD is not yet served.
+pub async fn create_gateway(
+    client: &Client,
+    namespace: &str,
+    gateway: &WebsocketGateway,
+) -> Result<WebsocketGateway> {
+    let api = Api::<WebsocketGateway>::namespaced(client.clone(), namespace);
+    eventually("the API server to accept the gateway", || async {
+        match api.create(&PostParams::default(), gateway).await {
+            Ok(gw) => Ok(Some(gw)),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await
+}
+
+/// The condition of `type_` in the gateway's status.
+pub fn condition<'a>(gw: &'a WebsocketGateway, type_: &str) -> Option<&'a Condition> {
+    gw.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}

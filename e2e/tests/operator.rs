@@ -1,0 +1,475 @@
+//! The operator against a real control plane: every child object, updates that roll,
+//! autoscaling removed, garbage collection, the API server refusing bad gateways, and a
+//! missing Secret reported and recovered from.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use wsrelay_e2e::operator::{
+    Operator, condition, create_example, create_gateway, example, install_crd,
+};
+use wsrelay_e2e::{eventually, wait_for, with_namespace};
+use wsrelay_operator::api::WebsocketGateway;
+
+const HASH: &str = "wsrelay.dev/config-hash";
+
+fn owned_by(meta: &kube::api::ObjectMeta, gw: &WebsocketGateway) -> bool {
+    meta.owner_references.iter().flatten().any(|o| {
+        o.kind == "WebsocketGateway"
+            && Some(&o.uid) == gw.metadata.uid.as_ref()
+            && o.controller == Some(true)
+            && o.block_owner_deletion == Some(true)
+    })
+}
+
+async fn get<K>(client: &Client, ns: &str, name: &str) -> Result<Option<K>>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    Ok(Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?)
+}
+
+fn pod_hash(d: &Deployment) -> Option<String> {
+    d.spec
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(HASH)
+        .cloned()
+}
+
+#[tokio::test]
+async fn gateway_lifecycle_create_update_unscale_delete() -> Result<()> {
+    with_namespace("op-life", |client, ns| async move {
+        install_crd(&client).await?;
+        let _operator = Operator::start(client.clone(), &ns, None);
+        let gw = create_example(&client, &ns).await?;
+        let name = gw.name_any();
+        let gws = Api::<WebsocketGateway>::namespaced(client.clone(), &ns);
+
+        // Status: observedGeneration and the three conditions.
+        let gw = wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| g.status.as_ref())
+                .is_some_and(|s| s.observed_generation == Some(1) && s.conditions.len() == 3)
+        })
+        .await?;
+        assert_eq!(
+            condition(&gw, "Degraded").map(|c| c.status.as_str()),
+            Some("False")
+        );
+        assert!(condition(&gw, "Ready").is_some() && condition(&gw, "Progressing").is_some());
+        let status = gw.status.clone().context("status")?;
+        assert_eq!(
+            status.endpoint.as_deref(),
+            Some(format!("ws://{name}.{ns}.svc:80/ws").as_str())
+        );
+        assert_eq!(
+            status.selector.as_deref(),
+            Some(
+                format!("app.kubernetes.io/instance={name},app.kubernetes.io/name=wsrelay")
+                    .as_str()
+            )
+        );
+
+        // Every child exists, owned by the gateway, with the fields that matter.
+        let sa: ServiceAccount = get(&client, &ns, &name).await?.context("ServiceAccount")?;
+        assert!(owned_by(&sa.metadata, &gw));
+        let cm: ConfigMap = get(&client, &ns, &name).await?.context("ConfigMap")?;
+        assert!(owned_by(&cm.metadata, &gw));
+        let config = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get("relay.json"))
+            .context("relay.json")?;
+        let config: serde_json::Value = serde_json::from_str(config)?;
+        assert_eq!(config["bindings"].as_array().map(Vec::len), Some(3));
+        assert_eq!(
+            config["auth"]["jwt"]["key"]["hmacSecretFile"],
+            "/etc/wsrelay/secrets/chat-jwt/hmac"
+        );
+        let deploy: Deployment = get(&client, &ns, &name).await?.context("Deployment")?;
+        assert!(owned_by(&deploy.metadata, &gw));
+        let pod = deploy.spec.template.spec.as_ref().context("pod spec")?;
+        assert_eq!(pod.termination_grace_period_seconds, Some(120 + 15));
+        assert_eq!(pod.service_account_name.as_deref(), Some(name.as_str()));
+        let c = &pod.containers[0];
+        let sc = c
+            .security_context
+            .as_ref()
+            .context("container securityContext")?;
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let readiness = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .context("readiness")?;
+        assert_eq!(readiness.path.as_deref(), Some("/ready"));
+        let liveness = c
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .context("liveness")?;
+        assert_eq!(liveness.path.as_deref(), Some("/live"));
+        let hash_before = pod_hash(&deploy).context("config hash annotation")?;
+        let svc: Service = get(&client, &ns, &name).await?.context("Service")?;
+        assert!(owned_by(&svc.metadata, &gw));
+        assert_eq!(
+            svc.spec
+                .as_ref()
+                .and_then(|s| s.ports.as_ref())
+                .map(|p| p[0].port),
+            Some(80)
+        );
+        let hpa: HorizontalPodAutoscaler = get(&client, &ns, &name).await?.context("HPA")?;
+        assert!(owned_by(&hpa.metadata, &gw));
+        let hspec = &hpa.spec;
+        assert_eq!((hspec.min_replicas, hspec.max_replicas), (Some(2), 20));
+        let metric = &hspec.metrics.as_ref().context("metrics")?[0];
+        let pods = metric.pods.as_ref().context("Pods metric")?;
+        assert_eq!(pods.metric.name, "wsrelay_connections");
+        assert_eq!(
+            pods.target.average_value.as_ref().map(|q| q.0.as_str()),
+            Some("5k")
+        );
+        assert_eq!(
+            hspec
+                .behavior
+                .as_ref()
+                .and_then(|b| b.scale_down.as_ref())
+                .and_then(|s| s.stabilization_window_seconds),
+            Some(600)
+        );
+        let pdb: PodDisruptionBudget = get(&client, &ns, &name).await?.context("PDB")?;
+        assert!(owned_by(&pdb.metadata, &gw));
+        let np: NetworkPolicy = get(&client, &ns, &name).await?.context("NetworkPolicy")?;
+        assert!(owned_by(&np.metadata, &gw));
+
+        // Update a binding: the ConfigMap and the pod-template hash change.
+        gws.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "bindings": [
+                { "channel": "notifications", "subject": "users.{claims.sub}.notify" },
+                { "channel": "orders.{id}", "subject": "orders.{id}.updates" },
+                { "channel": "rooms.{room}", "subject": "chat.rooms.{room}", "direction": "Both" }
+            ]}})),
+        )
+        .await?;
+        let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+        wait_for(&cms, &name, |cm: Option<&ConfigMap>| {
+            cm.and_then(|c| c.data.as_ref())
+                .and_then(|d| d.get("relay.json"))
+                .is_some_and(|c| c.contains("orders.{id}.updates"))
+        })
+        .await?;
+        let deploys = Api::<Deployment>::namespaced(client.clone(), &ns);
+        let rolled = wait_for(&deploys, &name, |d: Option<&Deployment>| {
+            d.and_then(pod_hash).is_some_and(|h| h != hash_before)
+        })
+        .await?;
+        assert_ne!(pod_hash(&rolled), Some(hash_before));
+        wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| g.status.as_ref())
+                .is_some_and(|s| s.observed_generation == Some(2))
+        })
+        .await?;
+
+        // Remove autoscaling: the HPA goes, the Deployment gets a fixed replica count.
+        gws.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "autoscaling": null } })),
+        )
+        .await?;
+        eventually("the HPA to be deleted", || async {
+            Ok(get::<HorizontalPodAutoscaler>(&client, &ns, &name)
+                .await?
+                .is_none()
+                .then_some(()))
+        })
+        .await?;
+        let fixed = wait_for(&deploys, &name, |d: Option<&Deployment>| {
+            d.is_some_and(|d| d.spec.replicas == Some(2))
+        })
+        .await?;
+        assert_eq!(fixed.spec.replicas, Some(2));
+
+        // Delete the gateway: the garbage collector removes every child.
+        gws.delete(&name, &DeleteParams::background()).await?;
+        eventually(
+            "every child of the gateway to be garbage-collected",
+            || async {
+                let left = [
+                    get::<ServiceAccount>(&client, &ns, &name).await?.is_some(),
+                    get::<ConfigMap>(&client, &ns, &name).await?.is_some(),
+                    get::<Deployment>(&client, &ns, &name).await?.is_some(),
+                    get::<Service>(&client, &ns, &name).await?.is_some(),
+                    get::<PodDisruptionBudget>(&client, &ns, &name)
+                        .await?
+                        .is_some(),
+                    get::<NetworkPolicy>(&client, &ns, &name).await?.is_some(),
+                ];
+                Ok((!left.contains(&true)).then_some(()))
+            },
+        )
+        .await
+    })
+    .await
+}
+
+/// A valid gateway as JSON, for the refusal cases to break one piece at a time.
+fn valid() -> Result<serde_json::Value> {
+    let (_, gw) = example()?;
+    Ok(serde_json::to_value(gw)?)
+}
+
+fn merge(base: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    b.remove(k);
+                } else {
+                    merge(b.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+#[tokio::test]
+async fn bad_gateways_are_refused_by_the_api_server_with_their_messages() -> Result<()> {
+    with_namespace("op-cel", |client, ns| async move {
+        install_crd(&client).await?;
+        let gws = Api::<kube::api::DynamicObject>::namespaced_with(
+            client.clone(),
+            &ns,
+            &kube::api::ApiResource::erase::<WebsocketGateway>(&()),
+        );
+        // The valid gateway goes in: the cases below fail for their own reason only.
+        let good: kube::api::DynamicObject = serde_json::from_value(valid()?)?;
+        eventually("the CRD to serve gateways", || async {
+            match gws.create(&PostParams { dry_run: true, ..Default::default() }, &good).await {
+                Ok(_) => Ok(Some(())),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+
+        let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+            ("min > max replicas",
+             json!({"spec": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}}),
+             "autoscaling.minReplicas must not be greater than autoscaling.maxReplicas"),
+            ("replicas with autoscaling",
+             json!({"spec": {"replicas": 3}}),
+             "spec.replicas and spec.autoscaling are mutually exclusive"),
+            ("malformed channel",
+             json!({"spec": {"bindings": [{"channel": "orders..{id}", "subject": "orders.x"}]}}),
+             "channel must be dot-separated tokens"),
+            ("wildcard in subject",
+             json!({"spec": {"bindings": [{"channel": "orders", "subject": "orders.>"}]}}),
+             "NATS wildcards are not allowed"),
+            ("subject uses a token its channel lacks",
+             json!({"spec": {"bindings": [{"channel": "orders.{id}", "subject": "orders.{user}"}]}}),
+             "subject uses a placeholder its channel does not define"),
+            ("duplicate channel",
+             json!({"spec": {"bindings": [
+                 {"channel": "news", "subject": "news.a"},
+                 {"channel": "news", "subject": "news.b"}]}}),
+             "each channel may be bound only once"),
+            ("two JWT key sources",
+             json!({"spec": {"auth": {"jwt": {"jwksUrl": "https://issuer.example.com/jwks.json"}}}}),
+             "auth.jwt needs exactly one key source"),
+            ("no JWT key source",
+             json!({"spec": {"auth": {"jwt": {"hmacSecretRef": null}}}}),
+             "auth.jwt needs exactly one key source"),
+            ("HMAC key with RS256",
+             json!({"spec": {"auth": {"jwt": {"algorithms": ["RS256"]}}}}),
+             "an HMAC secret verifies only HS256 tokens"),
+            ("no auth at all",
+             json!({"spec": {"auth": {"jwt": null}}}),
+             "auth needs a jwt section, or allowAnonymous: true"),
+            ("claims without JWT",
+             json!({"spec": {"auth": {"jwt": null, "allowAnonymous": true}}}),
+             "uses {claims.*} but auth has no jwt section"),
+            ("bad NATS URL",
+             json!({"spec": {"nats": {"urls": ["http://nats:4222"]}}}),
+             "each NATS URL must look like nats://host:4222"),
+            ("two NATS credentials",
+             json!({"spec": {"nats": {"credentials": {"nkeySeed": {"name": "s", "key": "seed"}}}}}),
+             "nats.credentials needs exactly one of token, userPassword, nkeySeed or credsFile"),
+            ("ping not below idle timeout",
+             json!({"spec": {"limits": {"pingIntervalSeconds": 90, "idleTimeoutSeconds": 60}}}),
+             "limits.pingIntervalSeconds must be shorter than limits.idleTimeoutSeconds"),
+            ("target above the per-pod maximum",
+             json!({"spec": {"autoscaling": {"targetConnectionsPerPod": 50000}}}),
+             "targetConnectionsPerPod must not exceed spec.limits.maxConnectionsPerPod"),
+            ("origin with a path",
+             json!({"spec": {"auth": {"allowedOrigins": ["https://chat.example.com/app"]}}}),
+             "each allowed origin must be '*' or scheme://host[:port]"),
+            ("query token source without a name",
+             json!({"spec": {"auth": {"jwt": {"tokenSources": [{"from": "Query"}]}}}}),
+             "a Query or Cookie token source needs the parameter or cookie name"),
+            ("reserved pod label",
+             json!({"spec": {"placement": {"podLabels": {"app.kubernetes.io/instance": "x"}}}}),
+             "placement.podLabels must not set app.kubernetes.io/* labels"),
+            ("no bindings",
+             json!({"spec": {"bindings": []}}),
+             "spec.bindings: Invalid value"),
+            ("Secret name that is not a DNS name",
+             json!({"spec": {"nats": {"credentials": {"token": {"name": "Not_A_Name", "key": "token"}}}}}),
+             "spec.nats.credentials.token.name"),
+        ];
+        assert!(cases.len() >= 10);
+        let mut failures = Vec::new();
+        for (i, (what, patch, message)) in cases.iter().enumerate() {
+            let mut obj = valid()?;
+            merge(&mut obj, patch);
+            obj["metadata"] = json!({ "name": format!("bad-{i}") });
+            let obj: kube::api::DynamicObject = serde_json::from_value(obj)?;
+            match gws.create(&PostParams::default(), &obj).await {
+                Ok(_) => failures.push(format!("{what}: accepted")),
+                Err(kube::Error::Api(s)) => {
+                    if s.code != 422 || !s.message.contains(message) {
+                        failures.push(format!("{what}: got {} {:?}, wanted {message:?}", s.code, s.message));
+                    }
+                }
+                Err(e) => failures.push(format!("{what}: {e}")),
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        Ok(())
+    })
+    .await
+}
+
+async fn events_for(client: &Client, ns: &str, name: &str, reason: &str) -> Result<Vec<Event>> {
+    let events = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    Ok(events
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn a_missing_secret_degrades_the_gateway_until_it_appears() -> Result<()> {
+    with_namespace("op-secret", |client, ns| async move {
+        install_crd(&client).await?;
+        let _operator = Operator::start(client.clone(), &ns, None);
+        let (secrets, gw) = example()?;
+        let secret_api = Api::<Secret>::namespaced(client.clone(), &ns);
+        // Only the NATS token: the JWT key Secret is missing.
+        let (jwt, others): (Vec<Secret>, Vec<Secret>) = secrets
+            .into_iter()
+            .partition(|s| s.name_any() == "chat-jwt");
+        for s in &others {
+            secret_api.create(&PostParams::default(), s).await?;
+        }
+        let gw = create_gateway(&client, &ns, &gw).await?;
+        let name = gw.name_any();
+        let gws = Api::<WebsocketGateway>::namespaced(client.clone(), &ns);
+
+        let degraded = wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| condition(g, "Degraded"))
+                .is_some_and(|c| c.status == "True")
+        })
+        .await?;
+        let c = condition(&degraded, "Degraded").context("Degraded")?;
+        assert_eq!(c.reason, "SecretNotFound");
+        assert!(
+            c.message.contains("Secret chat-jwt does not exist"),
+            "{}",
+            c.message
+        );
+        assert_eq!(
+            condition(&degraded, "Ready").map(|c| c.status.as_str()),
+            Some("False")
+        );
+        let events = eventually("a SecretNotFound Event", || async {
+            let e = events_for(&client, &ns, &name, "SecretNotFound").await?;
+            Ok((!e.is_empty()).then_some(e))
+        })
+        .await?;
+        assert_eq!(events[0].type_.as_deref(), Some("Warning"));
+        assert!(
+            get::<Deployment>(&client, &ns, &name).await?.is_none(),
+            "nothing is rolled out while the spec is unusable"
+        );
+
+        // The Secret appears: the operator notices (it watches Secrets) and recovers.
+        let mut jwt = jwt.into_iter().next().context("the example has chat-jwt")?;
+        jwt.metadata.resource_version = None;
+        secret_api.create(&PostParams::default(), &jwt).await?;
+        let recovered = wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| condition(g, "Degraded"))
+                .is_some_and(|c| c.status == "False")
+        })
+        .await?;
+        assert_eq!(
+            condition(&recovered, "Degraded").map(|c| c.reason.as_str()),
+            Some("AsExpected")
+        );
+        assert!(get::<Deployment>(&client, &ns, &name).await?.is_some());
+        eventually("a Recovered Event", || async {
+            Ok((!events_for(&client, &ns, &name, "Recovered")
+                .await?
+                .is_empty())
+            .then_some(()))
+        })
+        .await?;
+
+        // A key that is too short is a user error too, reported the same way.
+        let short: BTreeMap<String, String> =
+            BTreeMap::from([("hmac".to_string(), "short".to_string())]);
+        secret_api
+            .patch(
+                "chat-jwt",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "stringData": short })),
+            )
+            .await?;
+        let invalid = wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| condition(g, "Degraded"))
+                .is_some_and(|c| c.reason == "InvalidSecret")
+        })
+        .await?;
+        let msg = &condition(&invalid, "Degraded").context("Degraded")?.message;
+        assert!(msg.contains("at least 32 bytes"), "{msg}");
+        Ok(())
+    })
+    .await
+}
