@@ -1,5 +1,6 @@
-//! NATS stopped and started again on the same port: the relay reports not ready, then
-//! resubscribes by itself and delivery resumes. Prints how many messages were lost.
+//! The relay and its NATS connection: NATS stopped and started again on the same port (the
+//! relay reports not ready, then resubscribes by itself and delivery resumes; prints how
+//! many messages were lost), NATS absent at start, credentials and TLS from files.
 
 #![allow(clippy::unwrap_used)]
 
@@ -169,4 +170,85 @@ async fn relay_starts_without_nats_and_becomes_ready_when_it_appears() {
         "never became ready"
     );
     relay.drain().await;
+}
+
+/// Credentials and TLS towards NATS, each from files, against a real nats-server.
+#[tokio::test]
+async fn nats_credentials_and_tls_from_files() {
+    init_logs();
+    let dir = std::env::temp_dir().join(format!("wsrelay-natsauth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let user = write("user", "relay\n");
+    let pass = write("pass", "s3cret\n");
+    let token = write("token", "tok-123\n");
+    let (cert, key) = (fixture("tls.crt"), fixture("tls.key"));
+    let cases: Vec<(Vec<String>, Box<dyn Fn(&mut wsrelay::config::Config)>, &str)> = vec![
+        (
+            vec![
+                "--user".into(),
+                "relay".into(),
+                "--pass".into(),
+                "s3cret".into(),
+            ],
+            Box::new(move |c| {
+                c.nats.credentials.user_file = Some(user.clone());
+                c.nats.credentials.password_file = Some(pass.clone());
+            }),
+            "nats",
+        ),
+        (
+            vec!["--auth".into(), "tok-123".into()],
+            Box::new(move |c| c.nats.credentials.token_file = Some(token.clone())),
+            "nats",
+        ),
+        (
+            vec![
+                "--tls".into(),
+                "--tlscert".into(),
+                cert.display().to_string(),
+                "--tlskey".into(),
+                key.display().to_string(),
+            ],
+            Box::new(|c| {
+                c.nats.tls = Some(wsrelay::config::NatsTls {
+                    ca_file: Some(fixture("ca.crt")),
+                    ..Default::default()
+                });
+            }),
+            "tls",
+        ),
+    ];
+    for (args, set, scheme) in cases {
+        let port = free_port();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _nats = Nats::start_with(port, &args);
+        let mut c = base_config(&format!("{scheme}://127.0.0.1:{port}"));
+        set(&mut c);
+        c.validate().unwrap();
+        let relay = wsrelay::process::start(c).await.unwrap();
+        let admin = relay.admin_addr;
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                http_get(admin, "/ready").await.0 == 200
+            })
+            .await,
+            "not ready with {args:?}"
+        );
+        relay.drain().await;
+    }
+    // Wrong credentials: the relay runs but never becomes ready.
+    let port = free_port();
+    let _nats = Nats::start_with(port, &["--auth", "other"]);
+    let mut c = base_config(&format!("nats://127.0.0.1:{port}"));
+    c.nats.credentials.token_file = Some(dir.join("token"));
+    let relay = wsrelay::process::start(c).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(http_get(relay.admin_addr, "/ready").await.0, 503);
+    relay.drain().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

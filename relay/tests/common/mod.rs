@@ -72,8 +72,14 @@ impl Nats {
     }
 
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    /// With extra nats-server arguments (auth, TLS).
+    pub fn start_with(port: u16, extra: &[&str]) -> Self {
         let child = Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
