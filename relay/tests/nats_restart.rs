@@ -187,7 +187,8 @@ async fn nats_credentials_and_tls_from_files() {
     let pass = write("pass", "s3cret\n");
     let token = write("token", "tok-123\n");
     let (cert, key) = (fixture("tls.crt"), fixture("tls.key"));
-    let cases: Vec<(Vec<String>, Box<dyn Fn(&mut wsrelay::config::Config)>, &str)> = vec![
+    type Setup = Box<dyn Fn(&mut wsrelay::config::Config)>;
+    let cases: Vec<(Vec<String>, Setup, &str)> = vec![
         (
             vec![
                 "--user".into(),
