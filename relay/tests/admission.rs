@@ -338,6 +338,54 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
     );
     relay.drain().await;
     server.abort();
+
+    // Key rotation: a token with a kid the cached set lacks triggers a refetch (once the
+    // minimum refresh interval has passed) and is then accepted.
+    let rotated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let jwks = std::fs::read_to_string(fixture("jwks.json")).unwrap();
+    let old_set = jwks.replace("test-rsa", "old-key");
+    let (r2, h2) = (rotated.clone(), hits.clone());
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            h2.fetch_add(1, Ordering::SeqCst);
+            let body = if r2.load(Ordering::SeqCst) {
+                jwks.clone()
+            } else {
+                old_set.clone()
+            };
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut jw = rs.clone();
+    jw.auth.jwt.as_mut().unwrap().key = JwtKey {
+        jwks_url: Some(format!("http://{jwks_addr}/jwks.json")),
+        jwks_min_refresh_seconds: 1,
+        ..JwtKey::default()
+    };
+    let relay = wsrelay::process::start(jw).await.unwrap();
+    let token = rs_token(Some("test-rsa"));
+    assert_eq!(
+        connect_with(relay.client_addr, &format!("?token={token}"), &[])
+            .await
+            .err(),
+        Some(401)
+    );
+    rotated.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        connect_with(relay.client_addr, &format!("?token={token}"), &[])
+            .await
+            .is_ok(),
+        "the rotated key was not fetched"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    relay.drain().await;
+    server.abort();
 }
 
 #[tokio::test]
