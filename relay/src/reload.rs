@@ -1,8 +1,10 @@
 //! Config reload (SIGHUP or file change) that keeps connections.
 //!
-//! Bindings, auth and most limits take effect at once; subscriptions whose channel no
-//! longer resolves to the same subject are ended with an `unsubscribed` notice. Listen
-//! addresses, NATS settings and TLS file paths need a restart (a warning says so).
+//! Bindings and auth take effect at once for every request; subscriptions whose channel no
+//! longer resolves to the same subject are ended with an `unsubscribed` notice.
+//! `limits.maxConnections` changes at once; the other limits apply to connections opened
+//! after the reload. Listen addresses, NATS settings and TLS file paths need a restart (a
+//! warning says so); the TLS files themselves are reloaded when their content changes.
 
 use std::path::Path;
 use std::sync::Arc;
