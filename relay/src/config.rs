@@ -1007,7 +1007,7 @@ impl Config {
                 "must be at least 256 (room for the protocol envelope)",
             ));
         }
-        if l.publish_burst < l.publish_rate_per_second.min(1) {
+        if l.publish_burst == 0 {
             errs.push(ValidationError::invalid(
                 "limits.publishBurst",
                 "must be at least 1",
@@ -1378,7 +1378,7 @@ mod tests {
                 {"channel": "a.{x}", "subject": "c.>"},
                 {"channel": "u", "subject": "users.{claims.}"}
             ],
-            "limits": {"maxConnections": 0, "pingIntervalSeconds": 60, "idleTimeoutSeconds": 60},
+            "limits": {"maxConnections": 0, "publishBurst": 0, "pingIntervalSeconds": 60, "idleTimeoutSeconds": 60},
             "drain": {"gracePeriodSeconds": 0}
         }"#,
         )
@@ -1403,6 +1403,7 @@ mod tests {
             "bindings[2].subject",
             "bindings[3].subject",
             "limits.maxConnections",
+            "limits.publishBurst",
             "limits.pingIntervalSeconds",
             "drain.gracePeriodSeconds",
         ] {
