@@ -15,7 +15,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -120,6 +120,11 @@ async fn reconcile(gw: Arc<WebsocketGateway>, ctx: Arc<Context>) -> Result<Actio
 
 /// fetch -> validate -> build -> apply -> status.
 async fn pipeline(gw: &WebsocketGateway, ctx: &Context) -> Result<Action, Error> {
+    // A gateway being deleted is the garbage collector's business: applying children now
+    // would only re-create what it is removing.
+    if gw.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
     let namespace = gw.namespace().unwrap_or_default();
     let secrets = fetch::secrets(&ctx.client, &namespace, &secret_names(gw)).await?;
     validate(gw, &secrets)?;
@@ -241,7 +246,10 @@ pub async fn run(
     let controller = Controller::new(
         api::<WebsocketGateway>(&client, ns),
         watcher::Config::default(),
-    );
+    )
+    // Creating seven children fires seven watch events, and our own status write one more;
+    // coalesce a burst into one reconcile.
+    .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)));
     let store = controller.store();
     controller
         .owns(api::<Deployment>(&client, ns), owned.clone())
