@@ -40,7 +40,16 @@ pub fn ws_config(limits: &Limits) -> WebSocketConfig {
 
 /// The client-facing router (one route: the WebSocket path).
 pub fn router(relay: Arc<Relay>, path: &str) -> Router {
-    Router::new().route(path, get(upgrade)).with_state(relay)
+    Router::new()
+        .route(path, get(upgrade))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                [(header::CONNECTION, "close")],
+                "not found",
+            )
+        })
+        .with_state(relay)
 }
 
 fn refuse(
@@ -51,6 +60,10 @@ fn refuse(
 ) -> Response {
     relay.metrics.refuse(reason);
     let mut resp = (status, reason).into_response();
+    // One request per connection: close after a refusal, so that only a stalled
+    // handshake ever meets the handshake timeout.
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     if let Some(s) = retry_after {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(s));

@@ -126,6 +126,10 @@ async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
     let head = raw_upgrade(addr, "Authorization: Bearer nope\r\n").await;
     assert_eq!(status_of(&head), 401, "{head}");
     assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert!(
         !head.to_ascii_lowercase().contains("upgrade: websocket"),
         "{head}"
     );
@@ -655,5 +659,14 @@ async fn idle_client_and_stalled_handshake_are_closed() {
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
     assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "{n:?}");
+    // Only the stalled handshake counts as a handshake timeout (refusals close at once).
+    assert_eq!(
+        metric(
+            relay.admin_addr,
+            "wsrelay_connections_refused_total{reason=\"handshake_timeout\"}"
+        )
+        .await,
+        Some(1.0)
+    );
     relay.drain().await;
 }
