@@ -1116,6 +1116,46 @@ fn validate_jwt(jwt: &Jwt, errs: &mut Vec<ValidationError>) {
     }
 }
 
+impl Config {
+    /// Every file the config names, with the path of the field naming it (for checks that
+    /// may touch the file system, e.g. `wsrelay check-config --check-files`).
+    pub fn referenced_files(&self) -> Vec<(&'static str, &std::path::Path)> {
+        let c = &self.nats.credentials;
+        let nats_tls = self.nats.tls.as_ref();
+        let jwt_key = self.auth.jwt.as_ref().map(|j| &j.key);
+        let tls = self.tls.as_ref();
+        [
+            ("tls.certFile", tls.map(|t| &t.cert_file)),
+            ("tls.keyFile", tls.map(|t| &t.key_file)),
+            ("nats.credentials.tokenFile", c.token_file.as_ref()),
+            ("nats.credentials.userFile", c.user_file.as_ref()),
+            ("nats.credentials.passwordFile", c.password_file.as_ref()),
+            ("nats.credentials.nkeySeedFile", c.nkey_seed_file.as_ref()),
+            ("nats.credentials.credsFile", c.creds_file.as_ref()),
+            ("nats.tls.caFile", nats_tls.and_then(|t| t.ca_file.as_ref())),
+            (
+                "nats.tls.certFile",
+                nats_tls.and_then(|t| t.cert_file.as_ref()),
+            ),
+            (
+                "nats.tls.keyFile",
+                nats_tls.and_then(|t| t.key_file.as_ref()),
+            ),
+            (
+                "auth.jwt.key.hmacSecretFile",
+                jwt_key.and_then(|k| k.hmac_secret_file.as_ref()),
+            ),
+            (
+                "auth.jwt.key.publicKeyFile",
+                jwt_key.and_then(|k| k.public_key_file.as_ref()),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(field, p)| p.map(|p| (field, p.as_path())))
+        .collect()
+    }
+}
+
 /// Environment variables that override secret file paths (so a Pod can mount Secrets
 /// wherever it likes without re-rendering the ConfigMap).
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[

@@ -35,6 +35,10 @@ enum Command {
     CheckConfig {
         /// The config file (YAML or JSON).
         file: PathBuf,
+        /// Also check that every file the config names (keys, certificates,
+        /// credentials) can be read: use where the Secrets are mounted.
+        #[arg(long)]
+        check_files: bool,
     },
 }
 
@@ -76,10 +80,31 @@ fn report(e: &LoadError) {
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
+        Command::CheckConfig { file, check_files } => match Config::load(&file) {
+            Ok(config) => {
+                let unreadable: Vec<String> = if check_files {
+                    config
+                        .referenced_files()
+                        .into_iter()
+                        .filter_map(|(field, path)| {
+                            std::fs::File::open(path)
+                                .err()
+                                .map(|e| format!("{field}: cannot read {}: {e}", path.display()))
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                if unreadable.is_empty() {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("{}: {} error(s):", file.display(), unreadable.len());
+                    for e in unreadable {
+                        eprintln!("  - {e}");
+                    }
+                    ExitCode::from(1)
+                }
             }
             Err(e) => {
                 report(&e);

@@ -454,6 +454,24 @@ fn check_config_prints_every_error() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // --check-files reports files that cannot be read.
+    let files = dir.join("files.yaml");
+    std::fs::write(
+        &files,
+        "nats: {urls: [nats://x:4222], credentials: {credsFile: /nonexistent/user.creds}}\nauth: {allowAnonymous: true}\nbindings: [{channel: news, subject: public.news}]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["check-config", "--check-files"])
+        .arg(&files)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nats.credentials.credsFile: cannot read"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
