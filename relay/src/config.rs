@@ -475,8 +475,8 @@ fn default_handshake_timeout() -> u64 {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Drain {
     /// Time from SIGTERM to exit, in seconds. Clients are closed spread over the first
-    /// 70% of it (the rest is for NATS to drain and the process to exit, within 90%); the pod's `terminationGracePeriodSeconds`
-    /// must be larger. Default 30.
+    /// 70% of it; the relay then drains NATS and exits within 90% of it. The pod's
+    /// `terminationGracePeriodSeconds` must be larger. Default 30.
     #[serde(default = "default_grace")]
     pub grace_period_seconds: u64,
 }
