@@ -32,8 +32,12 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the operator (uses KUBECONFIG, else the in-cluster service account).
     Run(RunArgs),
-    /// Print the WebsocketGateway CRD as YAML.
-    Crd,
+    /// Print the WebsocketGateway CRD as YAML (or its Markdown reference).
+    Crd {
+        /// Print the field reference as Markdown instead (docs/crd.md).
+        #[arg(long)]
+        markdown: bool,
+    },
 }
 
 #[derive(Debug, Args)]

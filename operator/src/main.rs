@@ -8,8 +8,12 @@ use wsrelay_operator::cli::{Cli, Command, LogFormat};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => {
-            print!("{}", wsrelay_operator::api::crd_yaml());
+        Command::Crd { markdown } => {
+            if markdown {
+                print!("{}", wsrelay_operator::api::crd_markdown());
+            } else {
+                print!("{}", wsrelay_operator::api::crd_yaml());
+            }
             Ok(())
         }
         Command::Run(args) => {

@@ -6,8 +6,11 @@
 //! Bounds on every list and string (maxItems/maxLength) are there for two reasons: they
 //! are sane limits, and the API server refuses CEL rules whose estimated cost is unbounded.
 
+mod docs;
 mod spec;
 mod status;
+
+pub use docs::crd_markdown;
 
 pub use spec::*;
 pub use status::*;
@@ -42,6 +45,16 @@ mod tests {
             committed == crd_yaml(),
             "crds/websocketgateways.wsrelay.dev.yaml is stale: regenerate it with \
              `cargo run -p wsrelay-operator -- crd > crds/websocketgateways.wsrelay.dev.yaml`"
+        );
+    }
+
+    #[test]
+    fn committed_crd_reference_matches_the_generated_one() {
+        let committed = include_str!("../../../docs/crd.md");
+        assert!(
+            committed == crd_markdown(),
+            "docs/crd.md is stale: regenerate it with \
+             `cargo run -p wsrelay-operator -- crd --markdown > docs/crd.md`"
         );
     }
 
