@@ -236,6 +236,11 @@ async fn read_loop<S>(
                     reason: "message too big",
                     flush_first: false,
                 });
+                // The rest of the oversize message is unread: closing the socket now
+                // would send a TCP reset that can overtake the close frame. Hold it open
+                // briefly after the writer sent the close.
+                let _ = tokio::time::timeout(Duration::from_secs(2), done.cancelled()).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 return;
             }
             Some(Err(_)) => return,
