@@ -163,6 +163,10 @@ async fn messages_reach_exactly_the_allowed_clients() {
         request(&mut bob, json!({"type":"ping","id":9})).await["type"],
         "pong"
     );
+    assert_eq!(
+        metric(relay.admin_addr, "wsrelay_messages_published_total").await,
+        Some(2.0)
+    );
     relay.drain().await;
 }
 
@@ -270,6 +274,12 @@ async fn one_nats_subscription_per_subject_shared_and_released() {
     assert_eq!(status, 200);
     assert!(
         metric(admin, "wsrelay_messages_delivered_total")
+            .await
+            .unwrap()
+            >= 5.0
+    );
+    assert!(
+        metric(admin, "wsrelay_delivery_latency_seconds_count")
             .await
             .unwrap()
             >= 5.0
