@@ -30,6 +30,39 @@ use crate::status::{self, Degradation};
 use crate::validate::{secret_names, validate};
 use crate::{apply, fetch};
 
+/// A gateway whose spec and Secrets are unchanged is fully re-applied at least this often,
+/// which bounds how long a child someone edited or deleted stays wrong.
+const FULL_APPLY_EVERY: Duration = Duration::from_secs(60);
+
+/// The last full apply of one gateway.
+#[derive(Debug)]
+struct Applied {
+    /// uid, generation and the resourceVersions of the Secrets it used.
+    fingerprint: String,
+    at: Instant,
+}
+
+/// What a full apply depends on: the gateway's identity and spec generation, and the
+/// versions of the Secrets it reads.
+fn fingerprint(
+    gw: &WebsocketGateway,
+    secrets: &std::collections::BTreeMap<String, Option<k8s_openapi::api::core::v1::Secret>>,
+) -> String {
+    let mut f = format!(
+        "{}/{}",
+        gw.uid().unwrap_or_default(),
+        gw.metadata.generation.unwrap_or(0)
+    );
+    for (name, secret) in secrets {
+        let version = secret
+            .as_ref()
+            .and_then(|s| s.metadata.resource_version.as_deref())
+            .unwrap_or("-");
+        f.push_str(&format!(" {name}@{version}"));
+    }
+    f
+}
+
 /// How often a healthy gateway is reconciled even when nothing changed (drift repair).
 const RESYNC: Duration = Duration::from_secs(300);
 /// First retry after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
@@ -43,6 +76,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per gateway, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// What was last fully applied per gateway, so that the reconciles its children's
+    /// status updates trigger (the Deployment, HPA and PDB controllers write status several
+    /// times per rollout) cost a status refresh, not a full server-side apply.
+    applied: Mutex<HashMap<String, Applied>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -62,6 +99,7 @@ impl Context {
             client,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            applied: Mutex::new(HashMap::new()),
         }
     }
 
@@ -75,6 +113,32 @@ impl Context {
         let n = failures.entry(Self::key(gw)).or_insert(0);
         *n = n.saturating_add(1);
         backoff_for(*n)
+    }
+
+    /// Whether `fingerprint` was fully applied less than [`FULL_APPLY_EVERY`] ago.
+    fn recently_applied(&self, gw: &WebsocketGateway, fingerprint: &str) -> bool {
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        applied
+            .get(&Self::key(gw))
+            .is_some_and(|a| a.fingerprint == fingerprint && a.at.elapsed() < FULL_APPLY_EVERY)
+    }
+
+    fn record_applied(&self, gw: &WebsocketGateway, fingerprint: Option<String>) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        match fingerprint {
+            Some(fingerprint) => {
+                applied.insert(
+                    Self::key(gw),
+                    Applied {
+                        fingerprint,
+                        at: Instant::now(),
+                    },
+                );
+            }
+            None => {
+                applied.remove(&Self::key(gw));
+            }
+        }
     }
 
     fn succeeded(&self, gw: &WebsocketGateway) {
@@ -127,10 +191,32 @@ async fn pipeline(gw: &WebsocketGateway, ctx: &Context) -> Result<Action, Error>
     }
     let namespace = gw.namespace().unwrap_or_default();
     let secrets = fetch::secrets(&ctx.client, &namespace, &secret_names(gw)).await?;
-    validate(gw, &secrets)?;
+    if let Err(e) = validate(gw, &secrets) {
+        ctx.record_applied(gw, None);
+        return Err(e.into());
+    }
+    let fingerprint = fingerprint(gw, &secrets);
+    if ctx.recently_applied(gw, &fingerprint) {
+        // Nothing the children depend on changed: refresh the status only. A missing
+        // Deployment means someone deleted it: fall through to a full apply.
+        let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
+            .get_opt(&gw.name_any())
+            .await
+            .map_err(|source| Error::Fetch {
+                name: format!("Deployment {}", gw.name_any()),
+                source,
+            })?;
+        if let Some(deployment) = deployment {
+            let status = status::compute(gw, Some(&deployment), None, &now());
+            write_status(&ctx.client, gw, status).await?;
+            return Ok(Action::requeue(FULL_APPLY_EVERY));
+        }
+    }
+    ctx.record_applied(gw, None);
     let desired = build(gw)?;
     let uid = gw.uid().unwrap_or_default();
     let deployment = apply::apply(&ctx.client, &desired, &uid).await?;
+    ctx.record_applied(gw, Some(fingerprint));
     let was_degraded = status::is_degraded(gw);
     let status = status::compute(gw, Some(&deployment), None, &now());
     write_status(&ctx.client, gw, status).await?;

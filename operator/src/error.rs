@@ -7,8 +7,8 @@ use crate::validate::ValidateError;
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Reading a referenced object from the API server failed (transient).
-    #[error("fetching Secret {name}: {source}")]
+    /// Reading an object from the API server failed (transient).
+    #[error("fetching {name}: {source}")]
     Fetch {
         name: String,
         #[source]

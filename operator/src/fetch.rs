@@ -19,7 +19,7 @@ pub async fn secrets(
     let mut out = BTreeMap::new();
     for name in names {
         let secret = api.get_opt(name).await.map_err(|source| Error::Fetch {
-            name: name.clone(),
+            name: format!("Secret {name}"),
             source,
         })?;
         out.insert(name.clone(), secret);
