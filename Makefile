@@ -53,14 +53,5 @@ e2e: cluster-up ## end-to-end tests against the local cluster
 test: fmt-check lint unit e2e ## everything CI runs
 
 .PHONY: demo
-demo: cluster-up ## bring up the local cluster and NATS, and say what to do next
-	@echo
-	@echo "The local test ground is up:"
-	@echo "  export KUBECONFIG=$(KUBECONFIG)"
-	@echo "  kubectl version            # pinned Kubernetes, served from loopback"
-	@echo "  kubectl get --raw /readyz"
-	@echo "  NATS: $$(cat .cluster/nats-url)   WebSocket: $$(cat .cluster/nats-ws-url)"
-	@echo
-	@KUBECONFIG=$(KUBECONFIG) kubectl version
-	@echo
-	@echo "Stop it with: make cluster-down"
+demo: cluster-up ## the local cluster, NATS, the operator and an example gateway
+	@e2e/demo.sh

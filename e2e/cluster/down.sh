@@ -6,8 +6,8 @@ source "$(dirname "$0")/lib.sh"
 
 log() { printf '[cluster-down] %s\n' "$*" >&2; }
 
-# Reverse start order: clients of the API server first, etcd last.
-for name in kube-scheduler kube-controller-manager kube-apiserver nats-server etcd; do
+# Reverse start order: clients of the API server (the demo operator too) first, etcd last.
+for name in wsrelay-operator kube-scheduler kube-controller-manager kube-apiserver nats-server etcd; do
 	# Only signal a pid that is still the process we started.
 	if pid=$(running_pid "$name"); then
 		log "stopping $name (pid $pid)"
