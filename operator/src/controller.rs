@@ -64,7 +64,7 @@ fn fingerprint(
 }
 
 /// How often a healthy gateway is reconciled even when nothing changed (drift repair).
-const RESYNC: Duration = Duration::from_secs(300);
+const RESYNC: Duration = Duration::from_secs(60);
 /// First retry after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -163,6 +163,25 @@ fn now() -> Time {
 async fn reconcile(gw: Arc<WebsocketGateway>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
+    // Work from a fresh read, not the watch cache: right after an API server restart a
+    // watch can lag (410 Gone and relists) for minutes, and a reconcile of a stale spec
+    // would look like success. One GET per reconcile buys convergence within RESYNC.
+    let api = Api::<WebsocketGateway>::namespaced(
+        ctx.client.clone(),
+        &gw.namespace().unwrap_or_default(),
+    );
+    let gw = match api.get_opt(&gw.name_any()).await {
+        Ok(Some(fresh)) => Arc::new(fresh),
+        Ok(None) => return Ok(Action::await_change()),
+        Err(source) => {
+            let e = Error::Fetch {
+                name: format!("WebsocketGateway {}", gw.name_any()),
+                source,
+            };
+            ctx.metrics.failed(e.category());
+            return Err(e);
+        }
+    };
     let result = pipeline(&gw, &ctx).await;
     ctx.metrics
         .duration
@@ -209,7 +228,7 @@ async fn pipeline(gw: &WebsocketGateway, ctx: &Context) -> Result<Action, Error>
         if let Some(deployment) = deployment {
             let status = status::compute(gw, Some(&deployment), None, &now());
             write_status(&ctx.client, gw, status).await?;
-            return Ok(Action::requeue(FULL_APPLY_EVERY));
+            return Ok(Action::requeue(RESYNC));
         }
     }
     ctx.record_applied(gw, None);
@@ -328,14 +347,19 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
-    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    let controller = Controller::new(
-        api::<WebsocketGateway>(&client, ns),
-        watcher::Config::default(),
-    )
-    // Creating seven children fires seven watch events, and our own status write one more;
-    // coalesce a burst into one reconcile.
-    .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)));
+    // Lists come from the API server's watch cache (resourceVersion=0, as client-go's
+    // informers do). A consistent list from etcd can return a resourceVersion older than the
+    // watch cache of a just-restarted API server holds; the watch from it then fails with
+    // 410 Gone over and over, and the operator stays blind after the restart (the e2e test
+    // the_operator_recovers_from_an_api_server_restart caught this).
+    let base = watcher::Config::default().streaming_lists();
+    let owned = base
+        .clone()
+        .labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
+    let controller = Controller::new(api::<WebsocketGateway>(&client, ns), base.clone())
+        // Creating seven children fires seven watch events, and our own status write one more;
+        // coalesce a burst into one reconcile.
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)));
     let store = controller.store();
     controller
         .owns(api::<Deployment>(&client, ns), owned.clone())
@@ -349,7 +373,7 @@ pub async fn run(
         // Degraded for a missing Secret recovers at once, not at its next backoff.
         .watches(
             api::<Secret>(&client, ns),
-            watcher::Config::default(),
+            base.clone(),
             move |secret: Secret| {
                 let ns = secret.namespace();
                 let name = secret.name_any();

@@ -22,6 +22,7 @@ use kube::core::Resource;
 use crate::api::WebsocketGateway;
 
 pub use config::{CONFIG_FILE, CONFIG_KEY, config_hash, relay_config, render_config, secret_path};
+pub use scaling::CONNECTIONS_METRIC;
 
 /// The field manager of every server-side apply the operator makes.
 pub const MANAGER: &str = "wsrelay-operator";
