@@ -347,12 +347,10 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
-    // Lists come from the API server's watch cache (resourceVersion=0, as client-go's
-    // informers do). A consistent list from etcd can return a resourceVersion older than the
-    // watch cache of a just-restarted API server holds; the watch from it then fails with
-    // 410 Gone over and over, and the operator stays blind after the restart (the e2e test
-    // the_operator_recovers_from_an_api_server_restart caught this).
-    let base = watcher::Config::default().streaming_lists();
+    // Plain list+watch, which every API server version serves. After an API server
+    // restart these watches may lag (410 Gone, relists with backoff); reconcile() reads
+    // the gateway afresh and RESYNC bounds how long a missed event can go unnoticed.
+    let base = watcher::Config::default();
     let owned = base
         .clone()
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
