@@ -517,8 +517,8 @@ fn default_scale_down_window() -> i32 {
 }
 
 /// Graceful drain of a stopping pod: readiness goes false, new connections are refused, and
-/// open ones are told to reconnect elsewhere, their disconnects spread over the first 80% of
-/// the grace period.
+/// open ones are told to reconnect elsewhere, their disconnects spread over most of the grace
+/// period (the relay keeps the rest as slack for the last clients and for NATS).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DrainSpec {
