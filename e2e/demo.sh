@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the product on the local cluster as far as it runs today.
-# Installs the CRD, starts the operator (a process on loopback, watching every namespace),
+# Installs the CRD, starts the operator (a process on loopback, watching only namespace `demo`
+# so it never touches e2e test namespaces),
 # applies examples/gateway.yaml in namespace `demo`, and shows what the operator made of it.
 # Assumes `make cluster-up` ran; safe to run again.
 set -euo pipefail
@@ -15,6 +16,8 @@ say "Installing the WebsocketGateway CRD (crds/)"
 kubectl apply --server-side -f crds/
 kubectl wait --for condition=established --timeout=60s crd/websocketgateways.wsrelay.dev
 
+kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f -
+
 say "Starting the operator (logs: .cluster/logs/wsrelay-operator.log)"
 cargo build -q -p wsrelay-operator
 if pid=$(running_pid wsrelay-operator); then
@@ -22,14 +25,13 @@ if pid=$(running_pid wsrelay-operator); then
 	kill -TERM "$pid"
 	while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
 fi
-setsid target/debug/wsrelay-operator run --admin-addr "$operator_admin" \
+setsid target/debug/wsrelay-operator run --namespace "$ns" --lease-namespace "$ns" --admin-addr "$operator_admin" \
 	>>"$state/logs/wsrelay-operator.log" 2>&1 </dev/null &
 echo $! >"$state/pids/wsrelay-operator.pid"
 until curl -fsS "http://$operator_admin/ready" >/dev/null 2>&1; do sleep 0.5; done
 echo "operator ready: http://$operator_admin/metrics"
 
 say "Applying examples/gateway.yaml in namespace $ns"
-kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f -
 kubectl apply -n "$ns" -f examples/gateway.yaml
 generation=$(kubectl get wsgw chat -n "$ns" -o jsonpath='{.metadata.generation}')
 kubectl wait -n "$ns" wsgw/chat --timeout=60s \
