@@ -49,6 +49,11 @@ build_nats() {
 	(cd "$here/go/nats" && go build -trimpath -ldflags "-s -w" -o "$1/nats-server" github.com/nats-io/nats-server/v2)
 }
 
+# The Centrifugo-design benchmark peer: the centrifuge library behind a minimal main.go.
+build_centrifuge() {
+	(cd "$here/go/centrifuge" && go build -trimpath -ldflags "-s -w" -o "$1/centrifuge-bench" .)
+}
+
 mods=("$@")
 [ ${#mods[@]} -gt 0 ] || mods=(kubernetes etcd nats)
 mkdir -p "$cache/bin" "$cache/path"
