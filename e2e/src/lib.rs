@@ -6,6 +6,7 @@
 //! run in parallel and leave nothing behind.
 
 pub mod load;
+pub mod netns;
 pub mod operator;
 
 use std::future::Future;

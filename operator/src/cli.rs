@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// This replica's identity in the Lease and in Events (default: host name and pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// The custom metrics API (custom.metrics.k8s.io) for the HPA. Boxed: it would make
+    /// `Command::Run` much larger than its sibling.
+    #[command(flatten)]
+    pub metrics_api: Box<crate::metrics_api::MetricsApiArgs>,
 }
 
 impl RunArgs {

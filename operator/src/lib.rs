@@ -15,6 +15,7 @@ pub mod error;
 pub mod fetch;
 pub mod leader;
 pub mod metrics;
+pub mod metrics_api;
 pub mod status;
 pub mod validate;
 

@@ -21,7 +21,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let client = kube::Client::try_default().await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(signal_shutdown(shutdown.clone()));
-            wsrelay_operator::run(client, args.into_config(), shutdown).await?;
+            // The custom metrics API runs beside the controller on every replica (not only
+            // the leader): the APIService's Service spreads requests over all of them.
+            let metrics_api = match args.metrics_api.clone().into_config()? {
+                Some(config) => {
+                    let (client, shutdown) = (client.clone(), shutdown.clone());
+                    Some(tokio::spawn(async move {
+                        let result =
+                            wsrelay_operator::metrics_api::serve(client, config, shutdown).await;
+                        if let Err(e) = &result {
+                            // Said at once: the HPA goes blind while the controller goes on.
+                            tracing::error!("custom metrics API stopped: {e}");
+                        }
+                        result
+                    }))
+                }
+                None => None,
+            };
+            wsrelay_operator::run(client, args.into_config(), shutdown.clone()).await?;
+            if let Some(task) = metrics_api {
+                shutdown.cancel();
+                task.await??;
+            }
             tracing::info!("stopped");
             Ok(())
         }

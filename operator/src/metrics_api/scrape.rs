@@ -1,0 +1,419 @@
+//! Gathering the connection gauge from the relay pods themselves: one plain HTTP GET of
+//! `/metrics` on each pod's admin port, all pods concurrently, each bounded by a timeout,
+//! results kept for a short time so that the HPA controller, `kubectl get --raw` and the
+//! status of the gateway asking at once cost one scrape per pod.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::prom;
+use crate::build::ADMIN_PORT;
+
+/// The name of the relay's container port serving `/metrics` (the operator renders it).
+pub const ADMIN_PORT_NAME: &str = "admin";
+/// A relay's `/metrics` is a few kilobytes; anything past this is not a relay.
+const MAX_BODY: u64 = 1 << 20;
+
+/// Where and whom to scrape: one relay pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub uid: String,
+    pub addr: SocketAddr,
+}
+
+/// The relay pods worth scraping among `pods`: running, with an IP, not being deleted.
+/// A pod left out here is simply absent from the metric list; the HPA controller treats a
+/// pod without a metric conservatively (as if it were at the target when scaling down, and
+/// at zero when scaling up), so missing pods never cause a scale-down by themselves.
+pub fn targets(pods: &[Pod]) -> Vec<Target> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            if status.phase.as_deref() != Some("Running") {
+                return None;
+            }
+            let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+            Some(Target {
+                name: p.name_any(),
+                uid: p.metadata.uid.clone().unwrap_or_default(),
+                addr: SocketAddr::new(ip, admin_port(p)),
+            })
+        })
+        .collect()
+}
+
+/// The pod's admin port: the container port named `admin`, else the relay's default.
+pub fn admin_port(pod: &Pod) -> u16 {
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(ADMIN_PORT_NAME))
+        .map(|p| p.container_port)
+        .unwrap_or(ADMIN_PORT)
+        .try_into()
+        .unwrap_or(9090)
+}
+
+/// Why one pod's value could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ScrapeError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connecting or reading: {0}")]
+    Io(String),
+    #[error("HTTP status {0}")]
+    Status(String),
+    #[error("no {0} sample in the exposition")]
+    NoSample(&'static str),
+}
+
+/// Counters of the scrapes, for the operator's `/metrics`.
+#[derive(Debug, Clone)]
+pub struct ScrapeMetrics {
+    /// Scrapes that produced a value.
+    pub ok: Counter,
+    /// Pods left out of an answer because they did not answer (timeout, refused, bad body).
+    pub failed: Counter,
+    /// Time one pod's scrape took (successful or not).
+    pub duration: Histogram,
+}
+
+impl ScrapeMetrics {
+    fn new() -> Self {
+        Self {
+            ok: Counter::default(),
+            failed: Counter::default(),
+            // 0.5 ms .. ~4 s
+            duration: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        }
+    }
+
+    /// Registers the counters under `registry` (names prefixed `metrics_api_`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "metrics_api_scrapes",
+            "Relay /metrics scrapes that produced a connection count",
+            self.ok.clone(),
+        );
+        registry.register(
+            "metrics_api_scrape_failures",
+            "Relay pods left out of a custom metrics answer because their /metrics did not answer in time or had no gauge",
+            self.failed.clone(),
+        );
+        registry.register(
+            "metrics_api_scrape_duration_seconds",
+            "Time one relay /metrics scrape took",
+            self.duration.clone(),
+        );
+    }
+}
+
+/// A cached outcome of one pod's scrape.
+#[derive(Debug, Clone)]
+struct Cached {
+    at: Instant,
+    addr: SocketAddr,
+    value: Result<(i64, String), ScrapeError>,
+}
+
+/// Scrapes relays, with a per-pod cache.
+#[derive(Debug, Clone)]
+pub struct Scraper {
+    pub metric: &'static str,
+    pub timeout: Duration,
+    pub ttl: Duration,
+    pub metrics: ScrapeMetrics,
+    cache: Arc<Mutex<HashMap<String, Cached>>>,
+}
+
+/// One pod's value, as served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scraped {
+    pub name: String,
+    pub value: i64,
+    pub timestamp: String,
+}
+
+impl Scraper {
+    pub fn new(metric: &'static str, timeout: Duration, ttl: Duration) -> Self {
+        Self {
+            metric,
+            timeout,
+            ttl,
+            metrics: ScrapeMetrics::new(),
+            cache: Arc::default(),
+        }
+    }
+
+    /// The values of every target that answered, in target order. Failures (also cached,
+    /// so a dead pod does not cost a timeout per request) are logged and left out.
+    pub async fn values(&self, targets: &[Target]) -> Vec<Scraped> {
+        let outcomes = futures::future::join_all(targets.iter().map(|t| self.value(t))).await;
+        // Forget pods that have not been asked about for a while (deleted, rescheduled).
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = self.ttl * 10;
+            cache.retain(|_, c| c.at.elapsed() < keep);
+        }
+        targets
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(t, outcome)| match outcome {
+                Ok((value, timestamp)) => Some(Scraped {
+                    name: t.name.clone(),
+                    value,
+                    timestamp,
+                }),
+                Err(e) => {
+                    tracing::debug!(pod = %t.name, addr = %t.addr, error = %e, "relay left out of the metric");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// The sum over the targets that answered: a gateway's `status.connections`.
+    pub async fn total(&self, targets: &[Target]) -> i64 {
+        self.values(targets).await.iter().map(|s| s.value).sum()
+    }
+
+    async fn value(&self, target: &Target) -> Result<(i64, String), ScrapeError> {
+        let key = format!("{}/{}", target.uid, target.name);
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .filter(|c| c.at.elapsed() < self.ttl && c.addr == target.addr)
+        {
+            return hit.value.clone();
+        }
+        let started = Instant::now();
+        let value = match tokio::time::timeout(self.timeout, scrape(target.addr)).await {
+            Err(_) => Err(ScrapeError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(body)) => prom::gauge(&body, self.metric)
+                .map(prom::as_count)
+                .ok_or(ScrapeError::NoSample(self.metric)),
+        }
+        .map(|v| (v, now_rfc3339()));
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        match &value {
+            Ok(_) => {
+                self.metrics.ok.inc();
+            }
+            Err(e) => {
+                self.metrics.failed.inc();
+                tracing::warn!(pod = %target.name, addr = %target.addr, error = %e, "relay /metrics did not answer");
+            }
+        };
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            key,
+            Cached {
+                at: Instant::now(),
+                addr: target.addr,
+                value: value.clone(),
+            },
+        );
+        value
+    }
+}
+
+fn now_rfc3339() -> String {
+    serde_json::to_value(Time(Timestamp::now()))
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// One HTTP/1.0 GET of `/metrics`: the connection closes after the answer, so reading to
+/// the end is the whole response, and no HTTP client library is needed.
+async fn scrape(addr: SocketAddr) -> Result<String, ScrapeError> {
+    let io = |e: std::io::Error| ScrapeError::Io(e.to_string());
+    let mut stream = TcpStream::connect(addr).await.map_err(io)?;
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(io)?;
+    let mut raw = Vec::new();
+    stream
+        .take(MAX_BODY)
+        .read_to_end(&mut raw)
+        .await
+        .map_err(io)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| ScrapeError::Io("no HTTP header".into()))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(ScrapeError::Status(status.to_string()));
+    }
+    Ok(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio::net::TcpListener;
+
+    fn pod(name: &str, phase: &str, ip: Option<&str>, admin: Option<i32>) -> Pod {
+        let ports = admin
+            .map(|p| json!([{ "name": "admin", "containerPort": p }]))
+            .unwrap_or(json!([]));
+        serde_json::from_value(json!({
+            "metadata": { "name": name, "uid": format!("uid-{name}") },
+            "spec": { "containers": [{ "name": "relay", "ports": ports }] },
+            "status": { "phase": phase, "podIP": ip }
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn only_running_pods_with_an_ip_are_targets() {
+        let mut deleting = pod("d", "Running", Some("10.0.0.4"), None);
+        deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        let pods = [
+            pod("a", "Running", Some("10.0.0.1"), Some(9191)),
+            pod("b", "Pending", None, None),
+            pod("c", "Running", None, None),
+            deleting,
+            pod("e", "Running", Some("10.0.0.5"), None),
+        ];
+        let t = targets(&pods);
+        assert_eq!(
+            t.iter().map(|t| t.addr.to_string()).collect::<Vec<_>>(),
+            ["10.0.0.1:9191", "10.0.0.5:9090"]
+        );
+        assert_eq!(t[0].name, "a");
+    }
+
+    /// A fake relay admin port that answers `/metrics` with `body` (or never, when None).
+    async fn fake_relay(
+        body: Option<&'static str>,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    match body {
+                        Some(b) => {
+                            let _ = s
+                                .write_all(
+                                    format!(
+                                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{b}"
+                                    )
+                                    .as_bytes(),
+                                )
+                                .await;
+                        }
+                        None => tokio::time::sleep(Duration::from_secs(30)).await,
+                    }
+                });
+            }
+        });
+        (addr, hits)
+    }
+
+    fn target(name: &str, addr: SocketAddr) -> Target {
+        Target {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            addr,
+        }
+    }
+
+    #[tokio::test]
+    async fn answering_pods_are_listed_silent_ones_left_out_and_counted() {
+        let (a, _) = fake_relay(Some(
+            "# TYPE wsrelay_connections gauge\nwsrelay_connections 3\n",
+        ))
+        .await;
+        let (b, _) = fake_relay(Some("wsrelay_connections 5\n")).await;
+        let (silent, _) = fake_relay(None).await;
+        let (no_gauge, _) = fake_relay(Some("other 1\n")).await;
+        let scraper = Scraper::new(
+            "wsrelay_connections",
+            Duration::from_millis(300),
+            Duration::from_secs(5),
+        );
+        let started = Instant::now();
+        let values = scraper
+            .values(&[
+                target("a", a),
+                target("silent", silent),
+                target("b", b),
+                target("no-gauge", no_gauge),
+            ])
+            .await;
+        // Concurrent: the silent pod costs one timeout, not one per pod.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            values
+                .iter()
+                .map(|v| (v.name.as_str(), v.value))
+                .collect::<Vec<_>>(),
+            [("a", 3), ("b", 5)]
+        );
+        assert!(!values[0].timestamp.is_empty());
+        assert_eq!(scraper.metrics.ok.get(), 2);
+        assert_eq!(scraper.metrics.failed.get(), 2);
+        assert_eq!(scraper.total(&[target("a", a), target("b", b)]).await, 8);
+    }
+
+    #[tokio::test]
+    async fn values_are_cached_for_the_ttl() {
+        let (a, hits) = fake_relay(Some("wsrelay_connections 1\n")).await;
+        let scraper = Scraper::new(
+            "wsrelay_connections",
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+        );
+        for _ in 0..3 {
+            assert_eq!(scraper.total(&[target("a", a)]).await, 1);
+        }
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let fresh = Scraper::new(
+            "wsrelay_connections",
+            Duration::from_millis(500),
+            Duration::ZERO,
+        );
+        fresh.total(&[target("a", a)]).await;
+        fresh.total(&[target("a", a)]).await;
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+}
