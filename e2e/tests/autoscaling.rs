@@ -663,6 +663,35 @@ async fn scenario(client: Client, ns: String, relay_bin: PathBuf) -> Result<()> 
         eprintln!(
             "direct, front proxy cert for an unprivileged user: HTTP 403; naming no user: HTTP 401"
         );
+        // The operator's own scrape figures (on its /metrics, authorized like the rest).
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "10", "--cert", &crt, "--key", &key])
+            .args([
+                "-H",
+                "X-Remote-User: wsrelay-e2e-admin",
+                "-H",
+                "X-Remote-Group: system:masters",
+            ])
+            .arg(format!("https://{}:{api_port}/metrics", net.host_addr))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let figure = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let (sum, count) = (
+            figure("wsrelay_operator_metrics_api_scrape_duration_seconds_sum"),
+            figure("wsrelay_operator_metrics_api_scrape_duration_seconds_count"),
+        );
+        ensure!(
+            figure("wsrelay_operator_metrics_api_scrape_failures_total") == 0.0,
+            "no relay failed to answer: {text}"
+        );
+        eprintln!(
+            "FIGURES: {count} relay scrapes, mean {:.2} ms each",
+            sum / count * 1000.0
+        );
     }
 
     // --- the HPA controller: the HPA the operator renders, on a Deployment selecting the pods ---

@@ -34,13 +34,25 @@ pub struct Target {
     pub addr: SocketAddr,
 }
 
-/// The relay pods worth scraping among `pods`: running, with an IP, not being deleted.
+/// The label every relay pod carries (the operator's selector labels), and its value.
+pub const RELAY_LABEL: (&str, &str) = ("app.kubernetes.io/name", "wsrelay");
+
+/// The relay pods worth scraping among `pods`: relay pods (by label: the caller chooses the
+/// selector, and the operator must not be made to fetch other pods' ports), running, with
+/// an IP, not being deleted.
 /// A pod left out here is simply absent from the metric list; the HPA controller treats a
 /// pod without a metric conservatively (as if it were at the target when scaling down, and
 /// at zero when scaling up), so missing pods never cause a scale-down by themselves.
 pub fn targets(pods: &[Pod]) -> Vec<Target> {
     pods.iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(RELAY_LABEL.0))
+                .is_some_and(|v| v == RELAY_LABEL.1)
+        })
         .filter_map(|p| {
             let status = p.status.as_ref()?;
             if status.phase.as_deref() != Some("Running") {
@@ -283,7 +295,7 @@ mod tests {
             .map(|p| json!([{ "name": "admin", "containerPort": p }]))
             .unwrap_or(json!([]));
         serde_json::from_value(json!({
-            "metadata": { "name": name, "uid": format!("uid-{name}") },
+            "metadata": { "name": name, "uid": format!("uid-{name}"), "labels": { "app.kubernetes.io/name": "wsrelay" } },
             "spec": { "containers": [{ "name": "relay", "ports": ports }] },
             "status": { "phase": phase, "podIP": ip }
         }))
@@ -291,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn only_running_pods_with_an_ip_are_targets() {
+    fn only_running_relay_pods_with_an_ip_are_targets() {
         let mut deleting = pod("d", "Running", Some("10.0.0.4"), None);
         deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         let pods = [
@@ -301,6 +313,9 @@ mod tests {
             deleting,
             pod("e", "Running", Some("10.0.0.5"), None),
         ];
+        let mut stranger = pod("s", "Running", Some("10.0.0.6"), None);
+        stranger.metadata.labels = None;
+        let pods: Vec<Pod> = pods.into_iter().chain([stranger]).collect();
         let t = targets(&pods);
         assert_eq!(
             t.iter().map(|t| t.addr.to_string()).collect::<Vec<_>>(),
