@@ -153,6 +153,19 @@ impl NetNs {
         Ok(())
     }
 
+    /// Kills the started process named `what` (by its own pid) and reaps it.
+    pub fn stop(&mut self, what: &str) -> Result<()> {
+        let index = self
+            .children
+            .iter()
+            .position(|(w, _)| w == what)
+            .with_context(|| format!("no process {what} was started"))?;
+        let (_, mut child) = self.children.remove(index);
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Fails if one of the started processes has exited (it should run until the end).
     pub fn check_running(&mut self) -> Result<()> {
         for (what, child) in &mut self.children {

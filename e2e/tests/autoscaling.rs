@@ -592,10 +592,6 @@ async fn scenario(client: Client, ns: String, relay_bin: PathBuf) -> Result<()> 
         "FIGURES: GET through kube-apiserver with fresh scrape {cold:?}, from cache {warm:?}"
     );
 
-    // A relay that is gone is left out, not reported as 0.
-    // (Checked by unit tests with a silent fake relay; not repeated here to keep the
-    // relays' real counts intact for the HPA part.)
-
     // --- straight to the operator: refused without the front proxy's certificate ---
     let direct = format!(
         "https://{}:{api_port}{}",
@@ -696,6 +692,15 @@ async fn scenario(client: Client, ns: String, relay_bin: PathBuf) -> Result<()> 
 
     // --- the HPA controller: the HPA the operator renders, on a Deployment selecting the pods ---
     hpa_part(&client, &ns).await?;
+
+    // --- a relay that stops answering is left out of the list, not reported as 0 ---
+    net.stop(&format!("relay {}", relay_addrs[1]))?;
+    let rest = eventually("the stopped relay left out", || async {
+        let list = raw_get(&client, &path("v1beta2", "*")).await?;
+        Ok((values_of(&list) == expected[..1]).then_some(list))
+    })
+    .await?;
+    eprintln!("after stopping relay {}: {rest}", relay_addrs[1]);
 
     drop(sockets);
     shutdown.cancel();
