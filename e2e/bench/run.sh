@@ -15,6 +15,7 @@
 #   BENCH_STEP_SECONDS      default 4
 #   BENCH_OUT        default <repo>/target/bench
 #   BENCH_NO_DOC=1   do not rewrite docs/benchmarks.md
+#   BENCH_RELAY_BIN  a wsrelay binary to measure instead of the one built (before/after)
 #   BENCH_NO_BUILD=1 use the release binaries already in $CARGO_TARGET_DIR
 set -euo pipefail
 
@@ -33,7 +34,7 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
 	log "building release binaries"
 	(cd "$root" && cargo build --release -q -p wsrelay -p wsrelay-e2e --bin wsrelay --bin wsrelay-load)
 fi
-relay=$target_dir/release/wsrelay
+relay=${BENCH_RELAY_BIN:-$target_dir/release/wsrelay}
 load=$target_dir/release/wsrelay-load
 log "building nats-server and the centrifuge peer (cached)"
 tools=$("$root/e2e/cluster/tools.sh" nats centrifuge)
@@ -83,8 +84,8 @@ printf '%s' "$nats_token" >"$run_dir/nats.token"
 # Workload name -> wsrelay-load arguments.
 workload_args() {
 	case $1 in
-	broadcast-1k) echo "--workload broadcast --connections 1000 --rate-start 50 --rate-factor 2 --max-steps 9" ;;
-	broadcast-10k) echo "--workload broadcast --connections 10000 --rate-start 5 --rate-factor 2 --max-steps 9" ;;
+	broadcast-1k) echo "--workload broadcast --connections 1000 --rate-start 20 --rate-factor 2 --max-steps 9" ;;
+	broadcast-10k) echo "--workload broadcast --connections 10000 --rate-start 2 --rate-factor 2 --max-steps 9" ;;
 	personal-10k) echo "--workload personal --connections 10000 --rate-start 2000 --rate-factor 2 --max-steps 8" ;;
 	smoke) echo "--workload broadcast --connections 200 --rate-start 20 --rate-factor 4 --max-steps 3" ;;
 	smoke-personal) echo "--workload personal --connections 2000 --rate-start 2000 --rate-factor 4 --max-steps 2" ;;

@@ -15,12 +15,15 @@ use tokio_util::sync::CancellationToken;
 use crate::authz::{AuthzError, Operation};
 use crate::limits::TokenBucket;
 use crate::metrics::Reason;
-use crate::outbox::CloseRequest;
+use crate::outbox::{CloseRequest, Frame};
 use crate::protocol::{self, ErrorCode, Request, RequestId, close};
 use crate::relay::{ConnShared, Relay};
 
 /// Frames taken from the queue per write batch.
 const BATCH: usize = 64;
+
+/// Batch buffer capacity a writer keeps between wake-ups.
+const KEEP_FRAMES: usize = 4;
 
 /// Runs a connection to its end. `io` is the upgraded stream.
 pub async fn run<S>(
@@ -41,17 +44,18 @@ pub async fn run<S>(
             conn.claims.is_none(),
         )));
     let done = CancellationToken::new();
-    let writer = async {
-        let why = write_loop(
-            sink,
-            &conn,
-            &relay,
-            Duration::from_secs(limits.ping_interval_seconds),
-        )
-        .await;
-        done.cancel();
-        why
-    };
+    // The writer is a task of its own: joined with the reader in one task, every delivery's
+    // wake-up also polled the reader (its socket, idle and expiry timers, cancellation),
+    // which cost more than the delivery's own user-space work. This task still waits for it.
+    let writer = tokio::spawn({
+        let (conn, relay, done) = (conn.clone(), relay.clone(), done.clone());
+        let ping_every = Duration::from_secs(limits.ping_interval_seconds);
+        async move {
+            let why = write_loop(sink, &conn, &relay, ping_every).await;
+            done.cancel();
+            why
+        }
+    });
     let reader = async {
         read_loop(
             stream,
@@ -69,7 +73,8 @@ pub async fn run<S>(
             flush_first: false,
         });
     };
-    let (why, ()) = tokio::join!(writer, reader);
+    reader.await;
+    let why = writer.await.unwrap_or("other");
     relay.unregister(&conn);
     relay
         .metrics
@@ -106,6 +111,8 @@ where
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut received: Vec<Instant> = Vec::new();
+    // Reused for every batch: no allocation per wake-up.
+    let mut frames: Vec<Frame> = Vec::new();
     loop {
         tokio::select! {
             () = outbox.wait() => {}
@@ -117,11 +124,11 @@ where
             }
         }
         loop {
-            let batch = outbox.take(BATCH);
-            let n = batch.frames.len();
+            let batch = outbox.take_into(BATCH, &mut frames);
+            let n = frames.len();
             let dropped = batch.dropped;
             received.clear();
-            received.extend(batch.frames.iter().filter_map(|f| f.received));
+            received.extend(frames.iter().filter_map(|f| f.received));
             let write = async {
                 let mut wrote = false;
                 if dropped > 0 {
@@ -129,7 +136,7 @@ where
                         .await?;
                     wrote = true;
                 }
-                for f in batch.frames {
+                for f in frames.drain(..) {
                     sink.feed(f.msg).await?;
                     wrote = true;
                 }
@@ -167,6 +174,8 @@ where
                 break;
             }
         }
+        // Going idle: keep a small buffer, not the room a burst needed (memory per connection).
+        frames.shrink_to(KEEP_FRAMES);
     }
 }
 

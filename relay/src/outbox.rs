@@ -184,21 +184,31 @@ impl Outbox {
 
     /// Takes up to `max` frames.
     pub fn take(&self, max: usize) -> Batch {
+        let mut frames = Vec::new();
+        let mut batch = self.take_into(max, &mut frames);
+        batch.frames = frames;
+        batch
+    }
+
+    /// Takes up to `max` frames into `frames` (cleared first, its allocation reused: the
+    /// writer calls this once per wake-up); the returned batch's own `frames` is empty.
+    pub fn take_into(&self, max: usize, frames: &mut Vec<Frame>) -> Batch {
+        frames.clear();
         let mut g = lock(&self.inner);
         let n = g.queue.len().min(max);
-        let frames: Vec<Frame> = g.queue.drain(..n).collect();
+        frames.extend(g.queue.drain(..n));
         g.messages -= frames.iter().filter(|f| f.received.is_some()).count();
         let dropped = std::mem::take(&mut g.dropped_unreported);
         let close = match &g.close {
             Some(c) if !c.flush_first || g.queue.is_empty() => Some(c.clone()),
             _ => None,
         };
+        drop(g);
+        if close.as_ref().is_some_and(|c| !c.flush_first) {
+            frames.clear();
+        }
         Batch {
-            frames: if close.as_ref().is_some_and(|c| !c.flush_first) {
-                Vec::new()
-            } else {
-                frames
-            },
+            frames: Vec::new(),
             dropped,
             close,
         }
