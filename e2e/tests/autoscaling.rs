@@ -693,6 +693,10 @@ async fn scenario(client: Client, ns: String, relay_bin: PathBuf) -> Result<()> 
     // --- the HPA controller: the HPA the operator renders, on a Deployment selecting the pods ---
     hpa_part(&client, &ns).await?;
 
+    // --- the gateway's status.connections: the fleet total the status stage writes ---
+    let total = metrics_api::fleet_connections(&client, &ns, &selector).await;
+    ensure!(total == Some(8), "fleet total of 3 + 5: {total:?}");
+
     // --- a relay that stops answering is left out of the list, not reported as 0 ---
     net.stop(&format!("relay {}", relay_addrs[1]))?;
     let rest = eventually("the stopped relay left out", || async {
@@ -701,6 +705,12 @@ async fn scenario(client: Client, ns: String, relay_bin: PathBuf) -> Result<()> 
     })
     .await?;
     eprintln!("after stopping relay {}: {rest}", relay_addrs[1]);
+    let total = eventually("the fleet total without the stopped relay", || async {
+        let total = metrics_api::fleet_connections(&client, &ns, &selector).await;
+        Ok((total == Some(3)).then_some(total))
+    })
+    .await?;
+    eprintln!("fleet total (status.connections) after stopping one relay: {total:?}");
 
     drop(sockets);
     shutdown.cancel();

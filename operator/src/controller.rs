@@ -297,8 +297,16 @@ async fn publish(
 async fn write_status(
     client: &Client,
     gw: &WebsocketGateway,
-    status: crate::api::WebsocketGatewayStatus,
+    mut status: crate::api::WebsocketGatewayStatus,
 ) -> Result<(), Error> {
+    // The fleet total of open connections, from the relays' own /metrics; the last value
+    // stays when the pods cannot be listed.
+    let selector = crate::build::selector_string(&gw.name_any());
+    let namespace = gw.namespace().unwrap_or_default();
+    if let Some(total) = crate::metrics_api::fleet_connections(client, &namespace, &selector).await
+    {
+        status.connections = total;
+    }
     if gw.status.as_ref() == Some(&status) {
         return Ok(());
     }
