@@ -450,10 +450,26 @@ async fn scenario(client: Client, ns: String, relay_bin: PathBuf) -> Result<()> 
     let mut guard = ApiServiceGuard(Vec::new());
     for (version, priority) in APISERVICE_VERSIONS {
         let name = format!("{version}.custom.metrics.k8s.io");
-        if apiservices.get_opt(&name).await?.is_some() {
-            bail!(
-                "APIService {name} already exists (another metrics adapter, or a test run that crashed): delete it first"
-            );
+        if let Some(existing) = apiservices.get_opt(&name).await? {
+            // Left by a run of this test that was killed before its guard ran: it points at
+            // an address that is gone and would break discovery (and namespace deletion)
+            // for the whole cluster, so it goes. Anything else is not ours to touch.
+            let ours = existing
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(wsrelay_e2e::TEST_LABEL));
+            if !ours {
+                bail!(
+                    "APIService {name} already exists and is not this test's (another metrics adapter?): the test cannot register its own"
+                );
+            }
+            eprintln!("deleting APIService {name} left by an earlier run");
+            drop(ApiServiceGuard(vec![name.clone()]));
+            eventually(&format!("APIService {name} gone"), || async {
+                Ok(apiservices.get_opt(&name).await?.is_none().then_some(()))
+            })
+            .await?;
         }
         let obj: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "apiregistration.k8s.io/v1",
