@@ -69,32 +69,27 @@ pub async fn client() -> Result<Client> {
 
 /// The NATS server the tests use: `NATS_URL`, else the one `make cluster-up` started.
 pub fn nats_url() -> Result<String> {
-    if let Ok(url) = std::env::var("NATS_URL") {
-        return Ok(url);
-    }
-    let path = repo_root().join(".cluster/nats-url");
-    let url = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "no NATS server: cannot read {} (run `make cluster-up`, or set NATS_URL)",
-            path.display()
-        )
-    })?;
-    Ok(url.trim().to_string())
+    env_or_cluster_file("NATS_URL", "nats-url")
 }
 
 /// The NATS WebSocket listener the tests use: `NATS_WS_URL`, else the local one.
 pub fn nats_ws_url() -> Result<String> {
-    if let Ok(url) = std::env::var("NATS_WS_URL") {
-        return Ok(url);
+    env_or_cluster_file("NATS_WS_URL", "nats-ws-url")
+}
+
+/// The value of `var`, else the contents of `.cluster/{file}` that `make cluster-up` wrote.
+fn env_or_cluster_file(var: &str, file: &str) -> Result<String> {
+    if let Ok(value) = std::env::var(var) {
+        return Ok(value);
     }
-    let path = repo_root().join(".cluster/nats-ws-url");
-    let url = std::fs::read_to_string(&path).with_context(|| {
+    let path = repo_root().join(".cluster").join(file);
+    let value = std::fs::read_to_string(&path).with_context(|| {
         format!(
-            "cannot read {} (run `make cluster-up`, or set NATS_WS_URL)",
+            "cannot read {} (run `make cluster-up`, or set {var})",
             path.display()
         )
     })?;
-    Ok(url.trim().to_string())
+    Ok(value.trim().to_string())
 }
 
 /// A name that no other test run uses: `prefix-` and eight random characters.
