@@ -9,7 +9,7 @@
 # regenerates docs/benchmarks.md.
 #
 # Environment (all optional):
-#   BENCH_WORKLOADS  default "broadcast-1k broadcast-10k personal-10k idle"
+#   BENCH_WORKLOADS  default "broadcast-1k broadcast-10k personal-10k idle" (quick check: "smoke smoke-personal smoke-idle")
 #   BENCH_TARGETS    default "wsrelay nats-ws centrifuge"
 #   BENCH_IDLE_CONNECTIONS  default 18000 (the per-process fd limit here is 20000)
 #   BENCH_STEP_SECONDS      default 4
