@@ -41,6 +41,21 @@ fn jwt_config(nats_url: &str) -> wsrelay::config::Config {
 
 const QUIET: Duration = Duration::from_millis(300);
 
+/// Subscribes on the test's own NATS connection and returns once the server holds the
+/// subscription: a probe published on the same connection has come back through it. `flush`
+/// alone only empties the socket buffer, so the relay's publish on its own connection could
+/// otherwise reach the server before this SUB and be lost.
+async fn subscribed(nc: &async_nats::Client, subject: &str, probe: &str) -> async_nats::Subscriber {
+    let mut sub = nc.subscribe(subject.to_string()).await.unwrap();
+    nc.publish(probe.to_string(), "probe".into()).await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut sub))
+        .await
+        .expect("the probe comes back within 5 s")
+        .unwrap();
+    assert_eq!(m.subject.as_str(), probe);
+    sub
+}
+
 #[tokio::test]
 async fn messages_reach_exactly_the_allowed_clients() {
     init_logs();
@@ -97,9 +112,8 @@ async fn messages_reach_exactly_the_allowed_clients() {
     assert!(drain_messages(&mut bob, QUIET).await.is_empty());
 
     // Publish direction: chat publishes land on chat.in.<room>; subscribing is refused.
-    let mut chat_in = nc.subscribe("chat.in.>").await.unwrap();
-    let mut orders_nats = nc.subscribe("orders.7").await.unwrap();
-    nc.flush().await.unwrap();
+    let mut chat_in = subscribed(&nc, "chat.in.>", "chat.in.probe").await;
+    let mut orders_nats = subscribed(&nc, "orders.7", "orders.7").await;
     let r = request(
         &mut bob,
         json!({"type":"publish","id":3,"channel":"chat.r1","payload":{"hi":1}}),
