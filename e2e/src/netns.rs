@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// The range test hosts take their addresses from.
+pub const TEST_RANGE: &str = "10.201.0.0/16";
+
 /// Whether this process runs as root (creating namespaces needs it).
 pub fn is_root() -> bool {
     Command::new("id")
@@ -77,6 +80,11 @@ impl NetNs {
                 .collect(),
             children: Vec::new(),
         };
+        // Nothing addressed to the test range may leave the machine: a stale scrape of a test
+        // host that is gone would otherwise follow the default route out. Live test hosts
+        // keep their more specific /24; every other 10.201.x address is refused locally.
+        // Left in place on purpose (idempotent, and only this project uses the range).
+        ip(&["route", "replace", "unreachable", TEST_RANGE])?;
         // From here on, Drop undoes whatever part was made.
         ip(&["netns", "add", &name])?;
         ip(&[
