@@ -47,10 +47,15 @@ unit: tools ## unit and integration tests (real nats-server, no cluster)
 
 .PHONY: e2e
 e2e: cluster-up ## end-to-end tests against the local cluster
-	$(CARGO) test -p wsrelay-e2e --locked
+	$(CARGO) build -p wsrelay --bin wsrelay --locked
+	WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay $(CARGO) test -p wsrelay-e2e --locked
 
 .PHONY: test
 test: fmt-check lint unit e2e ## everything CI runs
+
+.PHONY: bench
+bench: tools ## wsrelay vs nats-server WebSocket vs centrifuge, one client: target/bench/, docs/benchmarks.md (~8 min)
+	e2e/bench/run.sh
 
 .PHONY: demo
 demo: cluster-up ## the local cluster, NATS, the operator and an example gateway
