@@ -2,7 +2,7 @@
 # Installs the Debian packages the test ground needs when a command is missing (idempotent:
 # nothing is installed when everything is present). Go and Rust come with the machine.
 set -euo pipefail
-declare -A pkg=([openssl]=openssl [curl]=curl [setsid]=util-linux [sha256sum]=coreutils)
+declare -A pkg=([openssl]=openssl [curl]=curl [setsid]=util-linux [sha256sum]=coreutils [ip]=iproute2)
 missing=()
 for cmd in "${!pkg[@]}"; do command -v "$cmd" >/dev/null || missing+=("${pkg[$cmd]}"); done
 for cmd in go cargo kubectl; do
