@@ -8,6 +8,8 @@
 pub mod load;
 pub mod netns;
 pub mod operator;
+pub mod subscriber;
+pub mod tools;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

@@ -24,9 +24,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use wsrelay_e2e::netns::{self, NetNs};
-use wsrelay_e2e::{
-    eventually, kubeconfig_path, repo_root, unique_name, wait_limit, with_namespace,
-};
+use wsrelay_e2e::tools::kubectl;
+use wsrelay_e2e::{eventually, repo_root, unique_name, wait_limit, with_namespace};
 use wsrelay_operator::api::WebsocketGateway;
 use wsrelay_operator::metrics_api::{self, CONNECTIONS_METRIC, MetricsApiConfig};
 
@@ -87,16 +86,6 @@ fn nats_server_binary() -> PathBuf {
         })
 }
 
-fn kubectl() -> PathBuf {
-    let pinned = PathBuf::from(std::env::var("HOME").unwrap_or_default())
-        .join(".cache/wsrelay/path/kubectl");
-    if pinned.is_file() {
-        pinned
-    } else {
-        PathBuf::from("kubectl")
-    }
-}
-
 /// Deletes the APIServices on drop, panic or not, before the namespace goes: an
 /// unavailable aggregated API would otherwise break discovery for the whole cluster (and
 /// stall namespace deletion).
@@ -105,9 +94,7 @@ struct ApiServiceGuard(Vec<String>);
 impl Drop for ApiServiceGuard {
     fn drop(&mut self) {
         for name in &self.0 {
-            let out = Command::new(kubectl())
-                .arg("--kubeconfig")
-                .arg(kubeconfig_path())
+            let out = kubectl()
                 .args([
                     "delete",
                     "apiservice",
@@ -279,9 +266,7 @@ fn relay_labels() -> Value {
 async fn raw_get(_client: &Client, path: &str) -> Result<Value> {
     let path = path.to_string();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(kubectl())
-            .arg("--kubeconfig")
-            .arg(kubeconfig_path())
+        kubectl()
             .args(["get", "--raw", &path, "--request-timeout=20s"])
             .output()
     })

@@ -1,0 +1,672 @@
+//! The whole product on a cluster with a node, as a user meets it: install the Helm chart,
+//! declare a gateway, connect real WebSocket clients with JWTs through the gateway's
+//! Service, publish on NATS, let the HPA scale the fleet on connection count, roll the fleet
+//! while clients stay subscribed, delete everything.
+//!
+//! The same code runs on the local node (`make cluster-up NODE=1`) and on kind
+//! (`make kind-e2e`). What differs between the two comes from the environment:
+//! - `NATS_URL`: where this test publishes (default: the local cluster's NATS);
+//! - `E2E_GATEWAY_NATS_URL`: where relay pods reach NATS (default: `.cluster/node-nats-url`);
+//! - `E2E_SERVICE_ACCESS`: `cluster-ip` (this machine routes the Service range into the
+//!   node, the default) or `node-port` (the node's InternalIP and the Service's node port,
+//!   for kind);
+//! - `E2E_HELM_ARGS`: extra `helm install` arguments (image overrides, for instance).
+//!
+//! Without a Ready node the test prints why it is SKIPPED and returns, unless
+//! `E2E_REQUIRE_NODE=1` (as `make test` sets when it brought a node up), when that fails it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use wsrelay_e2e::subscriber::{self, Subscriber, Target};
+use wsrelay_e2e::tools::{helm, kubectl, run};
+use wsrelay_e2e::{eventually, nats_url, repo_root, with_namespace};
+use wsrelay_operator::api::WebsocketGateway;
+use wsrelay_operator::build::INSTANCE_LABEL;
+
+const RELEASE: &str = "wsrelay";
+const GATEWAY: &str = "fleet";
+const HMAC_KEY: &str = "e2e-fleet-hmac-key-of-at-least-32-bytes!";
+/// Connections per pod the HPA aims at; the test opens enough for three pods.
+const TARGET_PER_POD: i64 = 4;
+const FIRST_CLIENTS: usize = 10;
+const LATER_CLIENTS: usize = 6;
+const MAX_REPLICAS: i32 = 3;
+/// Publications per second while the fleet rolls.
+const PUBLISH_RATE: u64 = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_gateway_clients_scaling_rollout_and_delete() -> Result<()> {
+    let client = wsrelay_e2e::client().await?;
+    if let Some(reason) = no_node(&client).await? {
+        if std::env::var("E2E_REQUIRE_NODE").is_ok_and(|v| v == "1") {
+            bail!("E2E_REQUIRE_NODE=1 but {reason}");
+        }
+        eprintln!("SKIPPED fleet e2e: {reason} (start one with `make cluster-up NODE=1`)");
+        return Ok(());
+    }
+    with_namespace(
+        "fleet",
+        |client, ns| async move { scenario(client, ns).await },
+    )
+    .await
+}
+
+/// Why the fleet cannot run here, if it cannot: no node, or none Ready.
+async fn no_node(client: &Client) -> Result<Option<String>> {
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    if nodes.items.is_empty() {
+        return Ok(Some("the cluster has no node".into()));
+    }
+    let ready = nodes.items.iter().any(|n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    });
+    Ok((!ready).then(|| "no node of the cluster is Ready".into()))
+}
+
+/// Uninstalls the chart on drop, pass or fail, so no APIService is left pointing at an
+/// operator that is gone (that would break discovery for the whole cluster).
+struct Release {
+    namespace: String,
+    uninstalled: bool,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if self.uninstalled {
+            return;
+        }
+        let mut c = helm();
+        c.args([
+            "uninstall",
+            RELEASE,
+            "--namespace",
+            &self.namespace,
+            "--wait",
+            "--timeout",
+            "60s",
+        ]);
+        if let Err(e) = run(c) {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+/// Seconds since `start`, for the figures the test prints.
+fn secs(start: Instant) -> String {
+    format!("{:.1}s", start.elapsed().as_secs_f64())
+}
+
+async fn scenario(client: Client, ns: String) -> Result<()> {
+    let t0 = Instant::now();
+
+    // --- install the chart -> operator Ready ---
+    let mut release = install_chart(&ns)?;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let operator = operator_deployment(&deployments).await?;
+    wait_available(&deployments, &operator, 2).await?;
+    eprintln!("FIGURE operator Ready (2 replicas): {}", secs(t0));
+    wait_apiservices_available().await?;
+    eprintln!("FIGURE metrics APIServices Available: {}", secs(t0));
+
+    // --- apply a gateway -> relay pods Ready ---
+    let t1 = Instant::now();
+    let gateways = Api::<WebsocketGateway>::namespaced(client.clone(), &ns);
+    create_gateway(&client, &ns).await?;
+    wait_available(&deployments, GATEWAY, 1).await?;
+    eprintln!(
+        "FIGURE gateway applied -> first relay pod Ready: {}",
+        secs(t1)
+    );
+    let url = service_url(&client, &ns).await?;
+    eprintln!("relays reached at {url}");
+
+    // --- a client with a JWT connects through the Service; a NATS message arrives ---
+    let nats = async_nats::connect(nats_url()?)
+        .await
+        .context("connecting to NATS")?;
+    let subject = format!("e2e.{ns}.news");
+    let target = Target {
+        url: url.clone(),
+        token: token("alice")?,
+        channel: "news".into(),
+    };
+    let first = subscriber::start(target.clone()).await?;
+    let seq = Arc::new(AtomicU64::new(0));
+    publish_until_received(&nats, &subject, &seq, &first).await?;
+    eprintln!(
+        "FIGURE first message through NATS -> relay -> client: {}",
+        secs(t0)
+    );
+
+    // A bad token is refused before the upgrade, through the Service too.
+    let bad = Target {
+        token: "not-a-jwt".into(),
+        ..target.clone()
+    };
+    let refused = subscriber::connect_and_subscribe(&bad).await;
+    ensure!(
+        refused
+            .as_ref()
+            .err()
+            .is_some_and(|e| format!("{e:#}").contains("401")),
+        "a bad token should get HTTP 401, got {:?}",
+        refused.map(|_| ())
+    );
+
+    // --- enough connections -> the HPA raises replicas -> new pods take new connections ---
+    let t2 = Instant::now();
+    let mut clients: Vec<Subscriber> = vec![first];
+    for i in 1..FIRST_CLIENTS {
+        clients.push(
+            subscriber::start(Target {
+                token: token(&format!("user{i}"))?,
+                ..target.clone()
+            })
+            .await?,
+        );
+    }
+    let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns);
+    eventually("the HPA to ask for more relays", || async {
+        let h = hpas.get(GATEWAY).await?;
+        let desired = h.status.as_ref().map_or(0, |s| s.desired_replicas);
+        Ok((desired > 1).then_some(()))
+    })
+    .await?;
+    eprintln!(
+        "FIGURE {FIRST_CLIENTS} connections -> HPA desires more: {}",
+        secs(t2)
+    );
+    wait_available(&deployments, GATEWAY, MAX_REPLICAS).await?;
+    eprintln!("FIGURE -> {MAX_REPLICAS} relay pods Ready: {}", secs(t2));
+    let before: BTreeMap<String, i64> = pod_connections(&ns).await?;
+    for i in 0..LATER_CLIENTS {
+        clients.push(
+            subscriber::start(Target {
+                token: token(&format!("late{i}"))?,
+                ..target.clone()
+            })
+            .await?,
+        );
+    }
+    let total = (FIRST_CLIENTS + LATER_CLIENTS) as i64;
+    let after = eventually("the metrics API to count every connection", || async {
+        let per_pod = pod_connections(&ns).await?;
+        Ok((per_pod.values().sum::<i64>() == total).then_some(per_pod))
+    })
+    .await?;
+    eprintln!("connections per relay pod before the later clients: {before:?}, after: {after:?}");
+    let new_pods_took_some = after
+        .iter()
+        .any(|(pod, n)| *n > 0 && before.get(pod).copied().unwrap_or(0) == 0);
+    ensure!(
+        new_pods_took_some,
+        "no pod added by the HPA took a new connection: before {before:?}, after {after:?}"
+    );
+    let gw = gateways.get(GATEWAY).await?;
+    eprintln!("gateway status: {}", serde_json::to_string(&gw.status)?);
+
+    // --- change the gateway -> rolling update drains old pods; clients reconnect ---
+    let t3 = Instant::now();
+    let old_pods = relay_pods(&client, &ns).await?;
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish_steadily(
+        nats.clone(),
+        subject.clone(),
+        seq.clone(),
+        stop.clone(),
+    ));
+    let first_seq = seq.load(Ordering::SeqCst) + 1;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gateways
+        .patch(
+            GATEWAY,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "limits": { "publishRatePerSecond": 7 } } })),
+        )
+        .await?;
+    eventually("the rollout to replace every relay pod", || async {
+        let pods = relay_pods(&client, &ns).await?;
+        let replaced = pods.is_disjoint(&old_pods) && !pods.is_empty();
+        let d = deployments.get(GATEWAY).await?;
+        let s = d.status.unwrap_or_default();
+        let done = s.updated_replicas == s.replicas
+            && s.ready_replicas == s.replicas
+            && s.replicas.unwrap_or(0) > 0;
+        Ok((replaced && done).then_some(()))
+    })
+    .await?;
+    eprintln!("FIGURE rollout of {} pods: {}", old_pods.len(), secs(t3));
+    // Let the last reconnections settle, then stop publishing and count.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let last_seq = publisher.await??;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let published: Vec<u64> = (first_seq..=last_seq).collect();
+    let mut lost = Vec::new();
+    for c in &clients {
+        lost.push(c.stats.missing(published.iter().copied()));
+    }
+    let drains: u32 = clients
+        .iter()
+        .map(|c| c.stats.drains.load(Ordering::Relaxed))
+        .sum();
+    let unexpected: u32 = clients
+        .iter()
+        .map(|c| c.stats.unexpected_closes.load(Ordering::Relaxed))
+        .sum();
+    let lost_total: usize = lost.iter().sum();
+    eprintln!(
+        "FIGURE rollout: {} messages published to {} clients, {} deliveries lost ({:.3}%), per client {lost:?}; drain notices {drains}, closes without notice {unexpected}",
+        published.len(),
+        clients.len(),
+        lost_total,
+        100.0 * lost_total as f64 / (published.len() * clients.len()).max(1) as f64
+    );
+    ensure!(
+        drains as usize >= clients.len(),
+        "every client was on an old pod, so each should have had a drain notice; got {drains}"
+    );
+    // Every client is subscribed again on a new pod: the last messages reached all of them.
+    let tail: Vec<u64> = published.iter().rev().take(5).copied().collect();
+    for (i, c) in clients.iter().enumerate() {
+        let got = c.stats.received();
+        ensure!(
+            tail.iter().all(|s| got.contains(s)),
+            "client {i} is not receiving after the rollout (last seqs {tail:?})"
+        );
+    }
+
+    // --- delete -> nothing left ---
+    let t4 = Instant::now();
+    drop(clients);
+    gateways.delete(GATEWAY, &Default::default()).await?;
+    wait_nothing_left(&client, &ns).await?;
+    eprintln!(
+        "FIGURE gateway deleted -> all its objects gone: {}",
+        secs(t4)
+    );
+    let mut c = helm();
+    c.args([
+        "uninstall",
+        RELEASE,
+        "--namespace",
+        &ns,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    run(c)?;
+    release.uninstalled = true;
+    let leftovers = chart_leftovers(&ns)?;
+    ensure!(
+        leftovers.is_empty(),
+        "after helm uninstall these remain: {leftovers:?}"
+    );
+    eprintln!("FIGURE whole scenario: {}", secs(t0));
+    Ok(())
+}
+
+fn install_chart(ns: &str) -> Result<Release> {
+    let chart = repo_root().join("charts/wsrelay-operator");
+    let mut c = helm();
+    c.args(["install", RELEASE])
+        .arg(&chart)
+        .args(["--namespace", ns, "--wait=false"]);
+    if let Ok(extra) = std::env::var("E2E_HELM_ARGS") {
+        c.args(extra.split_whitespace());
+    }
+    run(c).context("helm install")?;
+    Ok(Release {
+        namespace: ns.to_string(),
+        uninstalled: false,
+    })
+}
+
+/// The chart's operator Deployment (found by its label, whatever the chart names it).
+async fn operator_deployment(deployments: &Api<Deployment>) -> Result<String> {
+    let list = deployments
+        .list(&ListParams::default().labels("app.kubernetes.io/name=wsrelay-operator"))
+        .await?;
+    let d = list
+        .items
+        .first()
+        .context("the chart made no Deployment labelled app.kubernetes.io/name=wsrelay-operator")?;
+    Ok(d.name_any())
+}
+
+async fn wait_available(api: &Api<Deployment>, name: &str, replicas: i32) -> Result<()> {
+    eventually(
+        &format!("Deployment {name} with {replicas} ready replicas"),
+        || async {
+            let Some(d) = api.get_opt(name).await? else {
+                return Ok(None);
+            };
+            let ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+            Ok((ready >= replicas).then_some(()))
+        },
+    )
+    .await
+}
+
+async fn wait_apiservices_available() -> Result<()> {
+    eventually("the custom metrics APIServices to be Available", || async {
+        let out = tokio::task::spawn_blocking(|| {
+            let mut c = kubectl();
+            c.args([
+                "get",
+                "apiservice",
+                "v1beta2.custom.metrics.k8s.io",
+                "-o",
+                "json",
+            ]);
+            c.output()
+        })
+        .await??;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let available = v["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Available" && c["status"] == "True");
+        Ok(available.then_some(()))
+    })
+    .await
+}
+
+async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "fleet-jwt" },
+        "stringData": { "hmac": HMAC_KEY }
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let gateway_nats = gateway_nats_url()?;
+    let node_port = service_access() == Access::NodePort;
+    let gw: WebsocketGateway = serde_json::from_value(json!({
+        "apiVersion": "wsrelay.dev/v1alpha1",
+        "kind": "WebsocketGateway",
+        "metadata": { "name": GATEWAY },
+        "spec": {
+            "nats": { "urls": [gateway_nats] },
+            "auth": { "jwt": {
+                "hmacSecretRef": { "name": "fleet-jwt", "key": "hmac" },
+                "tokenSources": [{ "from": "Query", "name": "token" }]
+            } },
+            "bindings": [{ "channel": "news", "subject": format!("e2e.{ns}.news") }],
+            "autoscaling": {
+                "minReplicas": 1,
+                "maxReplicas": MAX_REPLICAS,
+                "targetConnectionsPerPod": TARGET_PER_POD,
+                "scaleDownStabilizationSeconds": 300
+            },
+            "drain": { "gracePeriodSeconds": 6 },
+            "service": { "type": if node_port { "NodePort" } else { "ClusterIP" }, "port": 80 },
+            "resources": { "requests": { "cpu": "10m", "memory": "16Mi" } }
+        }
+    }))?;
+    wsrelay_e2e::operator::create_gateway(client, ns, &gw).await?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Access {
+    ClusterIp,
+    NodePort,
+}
+
+fn service_access() -> Access {
+    match std::env::var("E2E_SERVICE_ACCESS").as_deref() {
+        Ok("node-port") => Access::NodePort,
+        _ => Access::ClusterIp,
+    }
+}
+
+/// Where relay pods reach NATS: `E2E_GATEWAY_NATS_URL`, else what the local node wrote.
+fn gateway_nats_url() -> Result<String> {
+    if let Ok(v) = std::env::var("E2E_GATEWAY_NATS_URL") {
+        return Ok(v);
+    }
+    let path = repo_root().join(".cluster/node-nats-url");
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (set E2E_GATEWAY_NATS_URL)", path.display()))?
+        .trim()
+        .to_string())
+}
+
+/// The gateway's WebSocket URL through its Service.
+async fn service_url(client: &Client, ns: &str) -> Result<String> {
+    let services = Api::<Service>::namespaced(client.clone(), ns);
+    let svc = eventually("the gateway's Service", || async {
+        services.get_opt(GATEWAY).await.map_err(Into::into)
+    })
+    .await?;
+    let spec = svc.spec.context("Service without spec")?;
+    let port = spec
+        .ports
+        .as_ref()
+        .and_then(|p| p.first())
+        .context("Service without ports")?;
+    match service_access() {
+        Access::ClusterIp => {
+            let ip = spec.cluster_ip.context("Service without a ClusterIP")?;
+            Ok(format!("ws://{ip}:{}/ws", port.port))
+        }
+        Access::NodePort => {
+            let node_port = port.node_port.context("Service without a node port")?;
+            let nodes = Api::<Node>::all(client.clone())
+                .list(&ListParams::default())
+                .await?;
+            let ip = nodes
+                .items
+                .iter()
+                .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+                .find(|a| a.type_ == "InternalIP")
+                .context("no node has an InternalIP")?
+                .address
+                .clone();
+            Ok(format!("ws://{ip}:{node_port}/ws"))
+        }
+    }
+}
+
+/// An HS256 JWT for `sub`, valid for an hour.
+fn token(sub: &str) -> Result<String> {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({ "sub": sub, "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(HMAC_KEY.as_bytes()),
+    )?)
+}
+
+async fn publish(nats: &async_nats::Client, subject: &str, seq: &AtomicU64) -> Result<u64> {
+    let n = seq.fetch_add(1, Ordering::SeqCst) + 1;
+    nats.publish(subject.to_string(), json!({ "seq": n }).to_string().into())
+        .await?;
+    nats.flush().await?;
+    Ok(n)
+}
+
+/// Publishes once a second until `sub` received one of the messages.
+async fn publish_until_received(
+    nats: &async_nats::Client,
+    subject: &str,
+    seq: &AtomicU64,
+    sub: &Subscriber,
+) -> Result<()> {
+    eventually(
+        "a message published on NATS to reach the WebSocket client",
+        || async {
+            publish(nats, subject, seq).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok((!sub.stats.received().is_empty()).then_some(()))
+        },
+    )
+    .await
+}
+
+/// Publishes at [`PUBLISH_RATE`] until stopped; returns the last sequence number.
+async fn publish_steadily(
+    nats: async_nats::Client,
+    subject: String,
+    seq: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> Result<u64> {
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / PUBLISH_RATE));
+    let mut last = seq.load(Ordering::SeqCst);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(last),
+            _ = tick.tick() => last = publish(&nats, &subject, &seq).await?,
+        }
+    }
+}
+
+/// Open connections per relay pod, as the custom metrics API reports them (the same values
+/// the HPA reads).
+async fn pod_connections(ns: &str) -> Result<BTreeMap<String, i64>> {
+    let selector = format!("{INSTANCE_LABEL}={GATEWAY}");
+    let path = format!(
+        "/apis/custom.metrics.k8s.io/v1beta2/namespaces/{ns}/pods/*/{}?labelSelector={selector}",
+        wsrelay_operator::metrics_api::CONNECTIONS_METRIC
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        let mut c = kubectl();
+        c.args(["get", "--raw", &path, "--request-timeout=20s"]);
+        run(c)
+    })
+    .await??;
+    let list: Value = serde_json::from_slice(&out.stdout)?;
+    let mut per_pod = BTreeMap::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        let pod = item["describedObject"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let value = item["value"]
+            .as_str()
+            .unwrap_or("0")
+            .parse::<i64>()
+            .unwrap_or(0);
+        per_pod.insert(pod, value);
+    }
+    Ok(per_pod)
+}
+
+/// The relay pods of the gateway that are not terminating.
+async fn relay_pods(client: &Client, ns: &str) -> Result<BTreeSet<String>> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("{INSTANCE_LABEL}={GATEWAY}")))
+        .await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| p.name_any())
+        .collect())
+}
+
+/// Waits until no object the operator made for the gateway remains, pods included.
+async fn wait_nothing_left(client: &Client, ns: &str) -> Result<()> {
+    let lp = ListParams::default().labels(&format!("{INSTANCE_LABEL}={GATEWAY}"));
+    eventually("every object of the deleted gateway to be gone", || async {
+        let mut left = Vec::new();
+        left.extend(names::<Deployment>(client, ns, &lp).await?);
+        left.extend(names::<Service>(client, ns, &lp).await?);
+        left.extend(names::<HorizontalPodAutoscaler>(client, ns, &lp).await?);
+        left.extend(names::<ConfigMap>(client, ns, &lp).await?);
+        left.extend(names::<ServiceAccount>(client, ns, &lp).await?);
+        left.extend(names::<PodDisruptionBudget>(client, ns, &lp).await?);
+        left.extend(names::<NetworkPolicy>(client, ns, &lp).await?);
+        left.extend(names::<Pod>(client, ns, &lp).await?);
+        if !left.is_empty() {
+            tracing::info!(?left, "waiting for the gateway's objects to go");
+        }
+        Ok(left.is_empty().then_some(()))
+    })
+    .await
+}
+
+async fn names<K>(client: &Client, ns: &str, lp: &ListParams) -> Result<Vec<String>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&Default::default()).to_string();
+    let list = Api::<K>::namespaced(client.clone(), ns).list(lp).await?;
+    Ok(list
+        .items
+        .iter()
+        .map(|o| format!("{kind}/{}", o.name_any()))
+        .collect())
+}
+
+/// Objects of the release that outlive `helm uninstall` (CRDs excepted: Helm keeps them by
+/// design, so gateways elsewhere in the cluster are not deleted with the chart).
+fn chart_leftovers(ns: &str) -> Result<Vec<String>> {
+    let selector = format!("app.kubernetes.io/instance={RELEASE}");
+    let mut left = Vec::new();
+    for (kinds, namespaced) in [
+        (
+            "deployments,services,serviceaccounts,secrets,configmaps,roles,rolebindings,poddisruptionbudgets",
+            true,
+        ),
+        ("clusterroles,clusterrolebindings,apiservices", false),
+    ] {
+        let mut c = kubectl();
+        c.args(["get", kinds, "-l", &selector, "-o", "name"]);
+        if namespaced {
+            c.args(["--namespace", ns]);
+        }
+        let out = run(c)?;
+        left.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string),
+        );
+    }
+    // The extension-apiserver-authentication-reader binding lives in kube-system.
+    let mut c = kubectl();
+    c.args([
+        "get",
+        "rolebindings",
+        "-n",
+        "kube-system",
+        "-l",
+        &selector,
+        "-o",
+        "name",
+    ]);
+    let out = run(c)?;
+    left.extend(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string),
+    );
+    Ok(left)
+}
