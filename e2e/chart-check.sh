@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Checks the Helm chart charts/wsrelay-operator offline, with no cluster:
+#   - helm lint --strict with the default values and every charts/wsrelay-operator/ci/*.yaml;
+#   - helm template of each of those piped to kubeconform -strict against JSON schemas made
+#     here from Kubernetes' own OpenAPI document (the pinned release, from the Go module
+#     cache), the chart's CRD and cert-manager's CRDs; a kind without a schema fails;
+#   - the generated serving certificate verifies for the Service name with the caBundle;
+#   - invalid values files are refused by values.schema.json;
+#   - drift: the chart's CRD equals crds/, Chart version and appVersion equal the workspace
+#     version, the image repository equals images/images.env.
+# helm and kubeconform are built by e2e/cluster/tools.sh; the schemas are cached in
+# $WSRELAY_CACHE/schemas/<key>.
+#
+# usage: e2e/chart-check.sh
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+chart=$root/charts/wsrelay-operator
+cache=${WSRELAY_CACHE:-$HOME/.cache/wsrelay}
+# cert-manager's CRDs, to check the Issuer and Certificate the chart renders with
+# metricsApi.certManager.enabled. A Go module, so the module proxy has it.
+cert_manager=v1.21.2
+release=wsrelay-operator
+namespace=wsrelay-system
+
+log() { printf '[chart-check] %s\n' "$*" >&2; }
+fail() { printf '[chart-check] FAIL: %s\n' "$*" >&2; exit 1; }
+
+PATH=$("$root/e2e/cluster/tools.sh" helm kubeconform):$PATH
+export GOFLAGS=-mod=readonly
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# --- drift -------------------------------------------------------------------------------
+version=$(awk '/^\[workspace.package\]/ { p = 1; next } /^\[/ { p = 0 } p && $1 == "version" { gsub(/"/, "", $3); print $3 }' "$root/Cargo.toml")
+[ -n "$version" ] || fail "no [workspace.package] version in Cargo.toml"
+chart_field() { awk -v k="$1:" '$1 == k { gsub(/"/, "", $2); print $2 }' "$chart/Chart.yaml"; }
+[ "$(chart_field version)" = "$version" ] ||
+	fail "Chart.yaml version $(chart_field version) is not the workspace version $version (Cargo.toml)"
+[ "$(chart_field appVersion)" = "$version" ] ||
+	fail "Chart.yaml appVersion $(chart_field appVersion) is not the workspace version $version (Cargo.toml)"
+cmp -s "$root/crds/websocketgateways.wsrelay.dev.yaml" "$chart/crds/websocketgateways.wsrelay.dev.yaml" ||
+	fail "charts/wsrelay-operator/crds/ differs from crds/: cp crds/websocketgateways.wsrelay.dev.yaml charts/wsrelay-operator/crds/"
+repository=$(awk '/^image:/ { p = 1; next } /^[^ #]/ { p = 0 } p && $1 == "repository:" { print $2 }' "$chart/values.yaml")
+if [ -f "$root/images/images.env" ]; then
+	want=$(. "$root/images/images.env" && echo "${OPERATOR_IMAGE:?images.env has no OPERATOR_IMAGE}")
+	[ "$repository" = "$want" ] ||
+		fail "values.yaml image.repository $repository is not OPERATOR_IMAGE $want (images/images.env)"
+fi
+log "drift: chart $version, CRD and image repository $repository agree with the repository"
+
+# --- schemas -----------------------------------------------------------------------------
+kube=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" { print $3 } $1 == "k8s.io/kubernetes" && NF == 2 { print $2 }' \
+	"$root/e2e/cluster/go/kubernetes/go.mod" | head -n1)
+gen=$root/e2e/cluster/go/kubeconform
+key=$( (echo "$kube $cert_manager" && cat "$gen/schemas/main.go" "$gen/go.mod" "$gen/go.sum" "$root/crds/websocketgateways.wsrelay.dev.yaml") |
+	sha256sum | cut -c1-12)
+schemas=$cache/schemas/$key
+if [ ! -f "$schemas/.done" ]; then
+	log "writing JSON schemas for Kubernetes $kube, cert-manager $cert_manager and the CRD into $schemas"
+	dir() { go mod download -json "$1" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p'; }
+	kdir=$(cd "$root/e2e/cluster/go/kubernetes" && dir "k8s.io/kubernetes@$kube")
+	cdir=$(cd "$tmp" && GOFLAGS=-mod=mod dir "github.com/cert-manager/cert-manager@$cert_manager")
+	[ -n "$kdir" ] && [ -n "$cdir" ] || fail "go mod download found no module directory"
+	(cd "$gen" && go build -o "$tmp/schemas" ./schemas)
+	rm -rf "$schemas.tmp"
+	"$tmp/schemas" -out "$schemas.tmp" -swagger "$kdir/api/openapi-spec/swagger.json" \
+		-crd "$root/crds/websocketgateways.wsrelay.dev.yaml" \
+		-crd "$cdir/deploy/crds/cert-manager.io_issuers.yaml" \
+		-crd "$cdir/deploy/crds/cert-manager.io_certificates.yaml"
+	rm -rf "$schemas" && mv "$schemas.tmp" "$schemas" && touch "$schemas/.done"
+	# Schemas of older pins and generators go.
+	find "$cache/schemas" -mindepth 1 -maxdepth 1 ! -name "$key" -exec rm -rf {} +
+fi
+location="$schemas/standalone{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json"
+
+# Every object must have a schema and pass it strictly (unknown fields are errors).
+conform() {
+	local out
+	out=$(kubeconform -strict -summary -schema-location "$location" "$@" 2>&1) || { echo "$out" >&2; return 1; }
+	grep -q ' found in .* Valid: [1-9]' <<<"$out" || { echo "$out" >&2; echo "no object checked" >&2; return 1; }
+	log "  ${out##*$'\n'}"
+}
+
+# --- lint and render ---------------------------------------------------------------------
+sets=("")
+for f in "$chart"/ci/*.yaml; do sets+=("${f#"$root"/}"); done
+for set in "${sets[@]}"; do
+	args=()
+	[ -z "$set" ] || args=(-f "$root/$set")
+	log "values: ${set:-defaults}"
+	helm lint --strict --quiet "$chart" "${args[@]}" >"$tmp/lint" 2>&1 || { cat "$tmp/lint" >&2; fail "helm lint"; }
+	helm template "$release" "$chart" -n "$namespace" --include-crds "${args[@]}" >"$tmp/out.yaml" ||
+		fail "helm template ${set:-defaults}"
+	conform "$tmp/out.yaml" || fail "kubeconform ${set:-defaults}"
+done
+log "examples/gateway.yaml against the CRD"
+conform "$root/examples/gateway.yaml" || fail "examples/gateway.yaml does not fit the CRD"
+
+# The generated certificate: the APIServices' caBundle is the Secret's CA and verifies the
+# serving certificate for <service>.<namespace>.svc.
+helm template "$release" "$chart" -n "$namespace" --show-only templates/metrics-api.yaml >"$tmp/api.yaml"
+field() { awk -v k="$1:" '$1 == k { print $2 }' "$tmp/api.yaml"; }
+field ca.crt | base64 -d >"$tmp/ca.crt"
+field tls.crt | base64 -d >"$tmp/tls.crt"
+for b in $(field caBundle); do
+	[ "$b" = "$(field ca.crt)" ] || fail "an APIService's caBundle is not the Secret's ca.crt"
+done
+[ "$(field caBundle | wc -l)" = 2 ] || fail "expected two APIServices with a caBundle"
+openssl verify -CAfile "$tmp/ca.crt" -purpose sslserver \
+	-verify_hostname "$release-metrics-api.$namespace.svc" "$tmp/tls.crt" >/dev/null ||
+	fail "the generated certificate does not verify for $release-metrics-api.$namespace.svc"
+log "generated certificate verifies for $release-metrics-api.$namespace.svc with the caBundle"
+
+# --- values the schema must refuse -------------------------------------------------------
+refuse() {
+	local name=$1 want=$2
+	cat >"$tmp/bad.yaml"
+	if helm template "$release" "$chart" -n "$namespace" -f "$tmp/bad.yaml" >/dev/null 2>"$tmp/err"; then
+		fail "values with $name were accepted"
+	fi
+	grep -q -- "$want" "$tmp/err" || { cat "$tmp/err" >&2; fail "values with $name: refused without mentioning $want"; }
+	log "refused: $name"
+}
+refuse 'replicaCount: "two"' "at '/replicaCount': got string, want integer" <<<'replicaCount: "two"'
+refuse 'an unknown top-level key' "additional properties 'replicas' not allowed" <<<'replicas: 2'
+refuse 'a misspelt nested key' "additional properties 'enable' not allowed" <<<'metricsApi: {certManager: {enable: true}}'
+refuse 'an unknown pull policy' 'pullPolicy' <<<'image: {pullPolicy: Sometimes}'
+refuse 'existingSecret without caBundle' "at '/metricsApi/existingSecret/caBundle'" <<<'metricsApi: {existingSecret: {name: mine}}'
+refuse 'both cert-manager and an own Secret' 'exclude each other' <<<'metricsApi: {certManager: {enabled: true}, existingSecret: {name: mine, caBundle: QQ==}}'
+refuse 'two replicas without leader election' 'leaderElection' <<<'leaderElection: {enabled: false}'
+log "ok"
