@@ -48,7 +48,11 @@ if [ -f "$root/images/images.env" ]; then
 	[ "$repository" = "$want" ] ||
 		fail "values.yaml image.repository $repository is not OPERATOR_IMAGE $want (images/images.env)"
 fi
-log "drift: chart $version, CRD and image repository $repository agree with the repository"
+# Every top-level value is documented in the chart's README.
+for k in $(awk -F: '/^[a-zA-Z]/ { print $1 }' "$chart/values.yaml"); do
+	grep -q "^| \`$k[.\`]" "$chart/README.md" || fail "value $k is not in the values table of charts/wsrelay-operator/README.md"
+done
+log "drift: chart $version, CRD, image repository $repository and the README's values table agree"
 
 # --- schemas -----------------------------------------------------------------------------
 kube=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" { print $3 } $1 == "k8s.io/kubernetes" && NF == 2 { print $2 }' \
