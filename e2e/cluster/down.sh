@@ -2,6 +2,9 @@
 # Stops exactly the processes up.sh started (by their pid files) and removes the state.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+# The node first (node-up.sh): it is a client of the API server, and its processes, mounts,
+# network namespace, routes and cgroups live outside $state (so even without $state).
+"$here/node-down.sh"
 [ -d "$state" ] || exit 0
 
 log() { printf '[cluster-down] %s\n' "$*" >&2; }

@@ -13,10 +13,11 @@ exe_name() {
 	echo "${exe##*/}"
 }
 
-# The pid of component NAME if it is still the process we started (not a recycled pid).
+# The pid of component NAME if it is still the process we started (not a recycled pid):
+# one running executable EXE (default NAME).
 running_pid() {
 	local pidfile=$state/pids/$1.pid pid
 	[ -f "$pidfile" ] || return 1
 	pid=$(cat "$pidfile")
-	[ "$(exe_name "$pid")" = "$1" ] && echo "$pid"
+	[ "$(exe_name "$pid")" = "${2:-$1}" ] && echo "$pid"
 }

@@ -14,4 +14,5 @@ go build -trimpath -ldflags "$ld" -o "$1/" \
 	k8s.io/kubernetes/cmd/kube-controller-manager \
 	k8s.io/kubernetes/cmd/kube-scheduler \
 	k8s.io/kubernetes/cmd/kubelet \
+	k8s.io/kubernetes/cmd/kube-proxy \
 	k8s.io/kubernetes/cmd/kubectl
