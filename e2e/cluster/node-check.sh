@@ -6,6 +6,7 @@
 #   4. a pod reaches the API server through the `kubernetes` Service (10.96.0.1:443), TLS
 #      verified against its service-account CA, authenticated with its token
 #   5. kubectl logs works (API server -> kubelet on 10.202.0.2:10250)
+#   6. a pod reaches NATS on the node's bridge (nats://10.202.0.2:4222)
 # Prints the time to the first pod Running. usage: node-check.sh BIN_DIR
 set -euo pipefail
 bin=$1
@@ -95,6 +96,7 @@ log "3. host -> Service $cluster_ip:80: $(nodecheck dial "$cluster_ip:80")"
 {
 	pod client Never dial "$cluster_ip:80"
 	pod apiserver Never apiserver
+	pod nats Never dial 10.202.0.2:4222
 } | kubectl apply -f - >/dev/null
 succeeded() {
 	local phase
@@ -109,6 +111,10 @@ wait_for "pod apiserver Succeeded" 120 succeeded apiserver
 out=$(kubectl -n "$ns" logs apiserver 2>&1) || fail "kubectl logs (API server -> kubelet): $out"
 log "4. pod -> API server: $(echo "$out" | tr -d '\n ' | cut -c1-100)"
 log "5. kubectl logs works (API server -> kubelet)"
+wait_for "pod nats Succeeded" 120 succeeded nats
+out=$(kubectl -n "$ns" logs nats 2>&1) || fail "kubectl logs: $out"
+case $out in INFO*) ;; *) fail "pod -> NATS 10.202.0.2:4222 said: $out" ;; esac
+log "6. pod -> NATS 10.202.0.2:4222: $(echo "$out" | cut -c1-60)..."
 
 kubectl delete namespace "$ns" --wait=true --timeout=120s >/dev/null || fail "deleting namespace $ns"
 log "passed in $((SECONDS - start_time))s"

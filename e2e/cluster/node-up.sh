@@ -49,7 +49,218 @@ running_pid kube-apiserver >/dev/null || die "the control plane is not running: 
 "$here/tools.sh" containerd nodecheck >/dev/null
 # Adds the node's certificates and the node address to the API server's SANs.
 "$here/pki.sh" "$pki"
-mkdir -p "$node" "$state/pids" "$state/logs"
+mkdir -p "$state/pids" "$state/logs"
+# Configuration is written here first, and moved in only where it changed: a rewritten file
+# would restart kube-proxy (it exits when its file changes) and reload CNI for nothing.
+new=$(mktemp -d "$state/node-config.XXXXXX")
+trap 'rm -rf "$new"' EXIT
+
+# --- configuration ------------------------------------------------------------------------
+kubeconfig() { # file user cert
+	cat >"$1" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters:
+- name: wsrelay-local
+  cluster:
+    server: https://$NODE_IP:6443
+    certificate-authority: $pki/ca.crt
+users:
+- name: $2
+  user:
+    client-certificate: $pki/$3.crt
+    client-key: $pki/$3.key
+contexts:
+- name: wsrelay-local
+  context: { cluster: wsrelay-local, user: $2 }
+current-context: wsrelay-local
+KUBECONFIG
+}
+kubeconfig "$new/kubelet.kubeconfig" system:node:wsrelay-node node-kubelet
+kubeconfig "$new/kube-proxy.kubeconfig" system:kube-proxy node-kube-proxy
+
+# The node's own image: nodecheck (node-check.sh's server and clients, and the fallback
+# pause), a FROM-scratch OCI archive written here so the node needs nothing else.
+NODECHECK_IMAGE=wsrelay.local/nodecheck:$(sha256sum "$bin/nodecheck" | cut -c1-12)
+oci_archive() { # name binary archive
+	local d
+	d=$(mktemp -d)
+	mkdir -p "$d/rootfs" "$d/blobs/sha256"
+	cp "$2" "$d/rootfs/nodecheck"
+	tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$d/rootfs" -cf "$d/layer" nodecheck
+	blob() { # file -> "sha256:HEX SIZE", moved into blobs/ (before the line: read does not wait)
+		local sum size
+		sum=$(sha256sum "$1" | cut -d' ' -f1)
+		size=$(stat -c %s "$1")
+		mv "$1" "$d/blobs/sha256/$sum"
+		echo "sha256:$sum $size"
+	}
+	read -r layer layer_size < <(blob "$d/layer")
+	printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/nodecheck"]},"rootfs":{"type":"layers","diff_ids":["%s"]}}' "$layer" >"$d/config"
+	read -r config config_size < <(blob "$d/config")
+	printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":%s}]}' \
+		"$config" "$config_size" "$layer" "$layer_size" >"$d/manifest"
+	read -r manifest manifest_size < <(blob "$d/manifest")
+	printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
+		"$manifest" "$manifest_size" "$1" "${1##*:}" >"$d/index.json"
+	echo '{"imageLayoutVersion":"1.0.0"}' >"$d/oci-layout"
+	tar -C "$d" -cf "$3" oci-layout index.json blobs
+	rm -rf "$d"
+}
+
+archives=("$node/images/nodecheck.tar")
+if [ -z "${NODE_IMAGES_DIR+set}" ] && [ -x "$root/images/build.sh" ]; then
+	log "building the project's images (images/build.sh)"
+	NODE_IMAGES_DIR=$("$root/images/build.sh")
+fi
+if [ -n "${NODE_IMAGES_DIR:-}" ]; then
+	for a in "$NODE_IMAGES_DIR"/*.tar; do [ -f "$a" ] && archives+=("$a"); done
+fi
+# The image names an OCI archive declares (its index's io.containerd.image.name annotations).
+image_names() { tar -xOf "$1" index.json | grep -o '"io.containerd.image.name" *: *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/'; }
+pause=${NODE_PAUSE_IMAGE:-}
+if [ -z "$pause" ]; then
+	for a in "${archives[@]:1}"; do
+		pause=$(image_names "$a" | grep -m1 '/pause:' || true)
+		[ -z "$pause" ] || break
+	done
+fi
+pause=${pause:-$NODECHECK_IMAGE}
+
+# Snapshotter: overlayfs when this file system takes an overlay mount, else native (copies).
+snapshotter=native
+probe=$(mktemp -d "$new/overlay-probe.XXXXXX")
+mkdir -p "$probe"/{l,u,w,m}
+if unshare --mount sh -c "mount -t overlay probe -o lowerdir=$probe/l,upperdir=$probe/u,workdir=$probe/w $probe/m" 2>/dev/null; then
+	snapshotter=overlayfs
+fi
+rm -rf "$probe"
+
+cat >"$new/10-wsrelay.conflist" <<CNI
+{
+  "cniVersion": "1.0.0",
+  "name": "wsrelay",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cni0",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "dataDir": "$node/cni/ipam",
+        "ranges": [[{ "subnet": "$POD_CIDR" }]],
+        "routes": [{ "dst": "0.0.0.0/0" }]
+      }
+    }
+  ]
+}
+CNI
+
+cat >"$new/containerd.toml" <<TOML
+version = 4
+root = "$node/containerd/root"
+# Not the host's /etc/containerd/conf.d.
+imports = []
+state = "$node/containerd/state"
+# Plugins that would write outside the state directories, or that the node does not use.
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.image-verifier.v1.bindir", "io.containerd.nri.v1.nri", "io.containerd.internal.v1.tracing"]
+
+[plugins."io.containerd.server.v1.grpc"]
+  address = "$node/containerd.sock"
+[plugins."io.containerd.server.v1.ttrpc"]
+  address = "$node/containerd.sock.ttrpc"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "$snapshotter"
+  # No registry is reachable: every image is imported by node-up.sh.
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "$pause"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  # Lowering a process's oom_score_adj needs CAP_SYS_RESOURCE, which this machine withholds;
+  # clamp the kubelet's negative values (pod sandboxes: -998) to containerd's own.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "$node/cni/net.d"
+TOML
+
+cat >"$new/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# This machine is cgroup v1 (hybrid); the kubelet refuses v1 unless told otherwise.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+failSwapOn: false
+containerRuntimeEndpoint: unix://$node/containerd.sock
+address: $NODE_IP
+port: 10250
+readOnlyPort: 0
+tlsCertFile: $pki/node-kubelet-serving.crt
+tlsPrivateKeyFile: $pki/node-kubelet-serving.key
+authentication:
+  anonymous: { enabled: false }
+  webhook: { enabled: true }
+  x509: { clientCAFile: $pki/ca.crt }
+authorization:
+  mode: Webhook
+podCIDR: $POD_CIDR
+maxPods: 110
+podLogsDir: $node/pod-logs
+# No cluster DNS; pods get an empty resolv.conf instead of the host's.
+resolvConf: ""
+# The disk is shared with everything else on the machine: never evict, never collect images
+# (there is no registry to pull them back from).
+evictionHard:
+  memory.available: "1Mi"
+  nodefs.available: "0%"
+  nodefs.inodesFree: "0%"
+  imagefs.available: "0%"
+  imagefs.inodesFree: "0%"
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+YAML
+
+cat >"$new/kube-proxy.yaml" <<YAML
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: $node/kube-proxy.kubeconfig
+hostnameOverride: wsrelay-node
+mode: nftables
+clusterCIDR: $POD_CIDR
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+# The conntrack table size is global (init netns only): leave the kernel's values alone.
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+YAML
+
+# A running node does not take new configuration (containerd, kubelet read it once): start
+# it again, from nothing.
+changed=
+dest() { case $1 in *.conflist) echo "$node/cni/net.d/${1##*/}" ;; *) echo "$node/${1##*/}" ;; esac; }
+for f in "$new"/*; do cmp -s "$f" "$(dest "$f")" || changed+=" ${f##*/}"; done
+if [ -n "$changed" ] && running_pid node unshare >/dev/null; then
+	log "configuration changed ($changed ): restarting the node"
+	"$here/node-down.sh"
+fi
+mkdir -p "$node/cni/net.d" "$node/images"
+for f in "$new"/*; do cmp -s "$f" "$(dest "$f")" || mv "$f" "$(dest "$f")"; done
+oci_archive "$NODECHECK_IMAGE" "$bin/nodecheck" "$node/images/nodecheck.tar"
+echo "$NODECHECK_IMAGE" >"$node/nodecheck-image"
 
 # --- network ---------------------------------------------------------------------------
 if ! ip netns list | grep -qx "$NETNS\( (id: [0-9]*)\)\?"; then
@@ -87,201 +298,6 @@ start() {
 }
 start node-socat-apiserver socat socat "UNIX-LISTEN:$node/apiserver.sock,fork,unlink-early" "TCP:127.0.0.1:$APISERVER_PORT"
 start node-socat-nats socat socat "UNIX-LISTEN:$node/nats.sock,fork,unlink-early" "TCP:127.0.0.1:$NATS_PORT"
-
-# --- configuration ------------------------------------------------------------------------
-kubeconfig() { # file user cert
-	cat >"$1" <<KUBECONFIG
-apiVersion: v1
-kind: Config
-clusters:
-- name: wsrelay-local
-  cluster:
-    server: https://$NODE_IP:6443
-    certificate-authority: $pki/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $pki/$3.crt
-    client-key: $pki/$3.key
-contexts:
-- name: wsrelay-local
-  context: { cluster: wsrelay-local, user: $2 }
-current-context: wsrelay-local
-KUBECONFIG
-}
-kubeconfig "$node/kubelet.kubeconfig" system:node:wsrelay-node node-kubelet
-kubeconfig "$node/kube-proxy.kubeconfig" system:kube-proxy node-kube-proxy
-
-# The node's own image: nodecheck (node-check.sh's server and clients, and the fallback
-# pause), a FROM-scratch OCI archive written here so the node needs nothing else.
-NODECHECK_IMAGE=wsrelay.local/nodecheck:$(sha256sum "$bin/nodecheck" | cut -c1-12)
-oci_archive() { # name binary archive
-	local d
-	d=$(mktemp -d)
-	mkdir -p "$d/rootfs" "$d/blobs/sha256"
-	cp "$2" "$d/rootfs/nodecheck"
-	tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$d/rootfs" -cf "$d/layer" nodecheck
-	blob() { # file -> "sha256:HEX SIZE", moved into blobs/ (before the line: read does not wait)
-		local sum size
-		sum=$(sha256sum "$1" | cut -d' ' -f1)
-		size=$(stat -c %s "$1")
-		mv "$1" "$d/blobs/sha256/$sum"
-		echo "sha256:$sum $size"
-	}
-	read -r layer layer_size < <(blob "$d/layer")
-	printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/nodecheck"]},"rootfs":{"type":"layers","diff_ids":["%s"]}}' "$layer" >"$d/config"
-	read -r config config_size < <(blob "$d/config")
-	printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":%s}]}' \
-		"$config" "$config_size" "$layer" "$layer_size" >"$d/manifest"
-	read -r manifest manifest_size < <(blob "$d/manifest")
-	printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
-		"$manifest" "$manifest_size" "$1" "${1##*:}" >"$d/index.json"
-	echo '{"imageLayoutVersion":"1.0.0"}' >"$d/oci-layout"
-	tar -C "$d" -cf "$3" oci-layout index.json blobs
-	rm -rf "$d"
-}
-mkdir -p "$node/images"
-oci_archive "$NODECHECK_IMAGE" "$bin/nodecheck" "$node/images/nodecheck.tar"
-echo "$NODECHECK_IMAGE" >"$node/nodecheck-image"
-
-archives=("$node/images/nodecheck.tar")
-if [ -z "${NODE_IMAGES_DIR+set}" ] && [ -x "$root/images/build.sh" ]; then
-	log "building the project's images (images/build.sh)"
-	NODE_IMAGES_DIR=$("$root/images/build.sh")
-fi
-if [ -n "${NODE_IMAGES_DIR:-}" ]; then
-	for a in "$NODE_IMAGES_DIR"/*.tar; do [ -f "$a" ] && archives+=("$a"); done
-fi
-# The image names an OCI archive declares (its index's io.containerd.image.name annotations).
-image_names() { tar -xOf "$1" index.json | grep -o '"io.containerd.image.name" *: *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/'; }
-pause=${NODE_PAUSE_IMAGE:-}
-if [ -z "$pause" ]; then
-	for a in "${archives[@]}"; do
-		pause=$(image_names "$a" | grep -m1 '/pause:' || true)
-		[ -z "$pause" ] || break
-	done
-fi
-pause=${pause:-$NODECHECK_IMAGE}
-
-# Snapshotter: overlayfs when this file system takes an overlay mount, else native (copies).
-snapshotter=native
-probe=$(mktemp -d "$node/overlay-probe.XXXXXX")
-mkdir -p "$probe"/{l,u,w,m}
-if unshare --mount sh -c "mount -t overlay probe -o lowerdir=$probe/l,upperdir=$probe/u,workdir=$probe/w $probe/m" 2>/dev/null; then
-	snapshotter=overlayfs
-fi
-rm -rf "$probe"
-
-mkdir -p "$node/cni/net.d"
-cat >"$node/cni/net.d/10-wsrelay.conflist" <<CNI
-{
-  "cniVersion": "1.0.0",
-  "name": "wsrelay",
-  "plugins": [
-    {
-      "type": "bridge",
-      "bridge": "cni0",
-      "isGateway": true,
-      "ipMasq": false,
-      "hairpinMode": true,
-      "ipam": {
-        "type": "host-local",
-        "dataDir": "$node/cni/ipam",
-        "ranges": [[{ "subnet": "$POD_CIDR" }]],
-        "routes": [{ "dst": "0.0.0.0/0" }]
-      }
-    }
-  ]
-}
-CNI
-
-cat >"$node/containerd.toml" <<TOML
-version = 3
-root = "$node/containerd/root"
-state = "$node/containerd/state"
-# Plugins that would write outside the state directories, or that the node does not use.
-disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.image-verifier.v1.bindir", "io.containerd.nri.v1.nri", "io.containerd.internal.v1.tracing"]
-
-[grpc]
-  address = "$node/containerd.sock"
-[ttrpc]
-  address = "$node/containerd.sock.ttrpc"
-
-[plugins."io.containerd.cri.v1.images"]
-  snapshotter = "$snapshotter"
-  # No registry is reachable: every image is imported by node-up.sh.
-  [plugins."io.containerd.cri.v1.images".pinned_images]
-    sandbox = "$pause"
-
-[plugins."io.containerd.cri.v1.runtime"]
-  # Lowering a process's oom_score_adj needs CAP_SYS_RESOURCE, which this machine withholds;
-  # clamp the kubelet's negative values (pod sandboxes: -998) to containerd's own.
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.cri.v1.runtime".containerd]
-    default_runtime_name = "runc"
-    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = ["/usr/lib/cni"]
-    conf_dir = "$node/cni/net.d"
-TOML
-
-cat >"$node/kubelet.yaml" <<YAML
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-# This machine is cgroup v1 (hybrid); the kubelet refuses v1 unless told otherwise.
-failCgroupV1: false
-cgroupDriver: cgroupfs
-failSwapOn: false
-containerRuntimeEndpoint: unix://$node/containerd.sock
-address: $NODE_IP
-port: 10250
-readOnlyPort: 0
-tlsCertFile: $pki/node-kubelet-serving.crt
-tlsPrivateKeyFile: $pki/node-kubelet-serving.key
-authentication:
-  anonymous: { enabled: false }
-  webhook: { enabled: true }
-  x509: { clientCAFile: $pki/ca.crt }
-authorization:
-  mode: Webhook
-podCIDR: $POD_CIDR
-maxPods: 110
-podLogsDir: $node/pod-logs
-# No cluster DNS; pods get an empty resolv.conf instead of the host's.
-resolvConf: ""
-# The disk is shared with everything else on the machine: never evict, never collect images
-# (there is no registry to pull them back from).
-evictionHard:
-  memory.available: "1Mi"
-  nodefs.available: "0%"
-  nodefs.inodesFree: "0%"
-  imagefs.available: "0%"
-  imagefs.inodesFree: "0%"
-imageGCHighThresholdPercent: 100
-imageGCLowThresholdPercent: 99
-serializeImagePulls: false
-YAML
-
-cat >"$node/kube-proxy.yaml" <<YAML
-apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-clientConnection:
-  kubeconfig: $node/kube-proxy.kubeconfig
-hostnameOverride: wsrelay-node
-mode: nftables
-clusterCIDR: $POD_CIDR
-healthzBindAddress: 127.0.0.1:10256
-metricsBindAddress: 127.0.0.1:10249
-# The conntrack table size is global (init netns only): leave the kernel's values alone.
-conntrack:
-  maxPerCore: 0
-  min: 0
-  tcpEstablishedTimeout: 0s
-  tcpCloseWaitTimeout: 0s
-YAML
 
 # --- the node ------------------------------------------------------------------------------
 if ! running_pid node unshare >/dev/null; then
@@ -330,9 +346,11 @@ wait_until containerd 60 ctrd version
 # Import and pin (kubelet's image GC never removes a pinned image; there is no registry).
 for a in "${archives[@]}"; do
 	# (ctr warns on every call that cgroup v1 is deprecated: known, filtered out.)
-	ctrd images import --snapshotter "$snapshotter" --platform linux/amd64 "$a" 2>&1 >/dev/null |
+	ctrd images import --snapshotter "$snapshotter" --platform linux/amd64 \
+		--label io.cri-containerd.pinned=pinned "$a" 2>&1 >/dev/null |
 		{ grep -v 'support for cgroup v1 is deprecated' || true; } >&2
 	for name in $(image_names "$a"); do
+		# (Again: an image imported before keeps its old labels.)
 		ctrd images label "$name" io.cri-containerd.pinned=pinned 2>&1 >/dev/null |
 			{ grep -v 'support for cgroup v1 is deprecated' || true; } >&2
 		log "image $name"
@@ -377,4 +395,6 @@ log "node wsrelay-node Ready after $((SECONDS - start_time))s"
 if [ "${NODE_CHECK:-1}" != 0 ]; then
 	"$here/node-check.sh" "$bin"
 fi
-log "ready in $((SECONDS - start_time))s: node wsrelay-node ($NODE_IP), pods on $POD_CIDR"
+# Where pods find NATS (the host's 127.0.0.1:$NATS_PORT, bridged into the node).
+echo "nats://$NODE_IP:4222" >"$node/nats-url"
+log "ready in $((SECONDS - start_time))s: node wsrelay-node ($NODE_IP), pods on $POD_CIDR, NATS for pods at $(cat "$node/nats-url")"
