@@ -47,6 +47,8 @@ if [ -f "$root/images/images.env" ]; then
 	want=$(. "$root/images/images.env" && echo "${OPERATOR_IMAGE:?images.env has no OPERATOR_IMAGE}")
 	[ "$repository" = "$want" ] ||
 		fail "values.yaml image.repository $repository is not OPERATOR_IMAGE $want (images/images.env)"
+else
+	log "no images/images.env: image repository not compared"
 fi
 # Every top-level value is documented in the chart's README.
 for k in $(awk -F: '/^[a-zA-Z]/ { print $1 }' "$chart/values.yaml"); do
