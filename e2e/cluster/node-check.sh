@@ -7,6 +7,7 @@
 #      verified against its service-account CA, authenticated with its token
 #   5. kubectl logs works (API server -> kubelet on 10.202.0.2:10250)
 #   6. a pod reaches NATS on the node's bridge (nats://10.202.0.2:4222)
+#   7. kubectl exec and kubectl port-forward work (kubelet -> containerd streaming)
 # Prints the time to the first pod Running. usage: node-check.sh BIN_DIR
 set -euo pipefail
 bin=$1
@@ -115,6 +116,16 @@ wait_for "pod nats Succeeded" 120 succeeded nats
 out=$(kubectl -n "$ns" logs nats 2>&1) || fail "kubectl logs: $out"
 case $out in INFO*) ;; *) fail "pod -> NATS 10.202.0.2:4222 said: $out" ;; esac
 log "6. pod -> NATS 10.202.0.2:4222: $(echo "$out" | cut -c1-60)..."
+
+out=$(kubectl -n "$ns" exec server -- /nodecheck dial 127.0.0.1:8080 2>&1) || fail "kubectl exec: $out"
+log "7. kubectl exec: $out"
+port=$((20000 + RANDOM % 10000))
+kubectl -n "$ns" port-forward pod/server "$port:8080" >/dev/null 2>&1 &
+pf=$!
+wait_for "kubectl port-forward" 30 nodecheck dial "127.0.0.1:$port"
+kill "$pf" 2>/dev/null || true
+wait "$pf" 2>/dev/null || true
+log "7. kubectl port-forward: 127.0.0.1:$port -> server:8080"
 
 kubectl delete namespace "$ns" --wait=true --timeout=120s >/dev/null || fail "deleting namespace $ns"
 log "passed in $((SECONDS - start_time))s"
