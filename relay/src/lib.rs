@@ -11,6 +11,8 @@
 //!   upgrade), `admin` and `metrics`, `drain`, `reload`, `tls`, `process` (start, signals).
 
 pub mod config;
+#[cfg(feature = "pem")]
+pub mod pem;
 
 #[cfg(feature = "server")]
 pub mod admin;

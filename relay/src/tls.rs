@@ -4,8 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use rustls::ServerConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -27,21 +25,10 @@ pub enum TlsError {
 
 /// Builds a rustls server config from PEM files.
 pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let pem_err = |path: &Path, e: rustls::pki_types::pem::Error| TlsError::Pem {
-        path: path.to_owned(),
-        message: e.to_string(),
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| pem_err(cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem_err(cert, e))?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem {
-            path: cert.to_owned(),
-            message: "no certificate found".into(),
-        });
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
+    let (certs, key) = crate::pem::cert_chain_and_key(cert, key).map_err(|e| TlsError::Pem {
+        path: e.path,
+        message: e.message,
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

@@ -10,7 +10,7 @@ use hyper_util::service::TowerToHyperService;
 use rustls::RootCertStore;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,21 +39,10 @@ pub fn server_config(
     key: &Path,
     requestheader: &RequestHeaderConfig,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let pem_err = |path: &Path, e: rustls::pki_types::pem::Error| TlsError::Pem {
-        path: path.to_owned(),
-        message: e.to_string(),
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| pem_err(cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem_err(cert, e))?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem {
-            path: cert.to_owned(),
-            message: "no certificate found".into(),
-        });
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
+    let (certs, key) = wsrelay::pem::cert_chain_and_key(cert, key).map_err(|e| TlsError::Pem {
+        path: e.path,
+        message: e.message,
+    })?;
 
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(requestheader.client_ca_pem.as_bytes()) {
