@@ -28,10 +28,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let (client, shutdown) = (client.clone(), shutdown.clone());
                     Some(tokio::spawn(async move {
                         let result =
-                            wsrelay_operator::metrics_api::serve(client, config, shutdown).await;
+                            wsrelay_operator::metrics_api::serve(client, config, shutdown.clone())
+                                .await;
                         if let Err(e) = &result {
-                            // Said at once: the HPA goes blind while the controller goes on.
-                            tracing::error!("custom metrics API stopped: {e}");
+                            // A replica whose metrics API died would stay Ready behind the
+                            // APIService while the HPA goes blind: stop the whole process,
+                            // so the exit is seen and the kubelet restarts it.
+                            tracing::error!("custom metrics API stopped: {e}; shutting down");
+                            shutdown.cancel();
                         }
                         result
                     }))
