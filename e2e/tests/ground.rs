@@ -26,7 +26,12 @@ fn deployment(name: &str, replicas: i32) -> Deployment {
             "selector": { "matchLabels": { "app": name } },
             "template": {
                 "metadata": { "labels": { "app": name } },
-                "spec": { "containers": [{ "name": "main", "image": "example.invalid/none:1" }] }
+                // No node carries this label, with or without the node tier, so the
+                // scheduler has to mark the pods Unschedulable (and nothing pulls the image).
+                "spec": {
+                    "nodeSelector": { "e2e.wsrelay.dev/no-such-node": "true" },
+                    "containers": [{ "name": "main", "image": "example.invalid/none:1" }]
+                }
             }
         }
     }))
@@ -64,8 +69,8 @@ async fn deployment_controller_creates_replicaset_and_pods() -> Result<()> {
         .await?;
         assert_eq!(rs.spec.replicas, Some(2));
 
-        // The ReplicaSet controller creates the pods; with no node the scheduler marks them
-        // Unschedulable, which proves it ran.
+        // The ReplicaSet controller creates the pods; with no node that matches them the
+        // scheduler marks them Unschedulable, which proves it ran.
         let pods = eventually(
             "two pods of the ReplicaSet, seen by the scheduler",
             || async {
