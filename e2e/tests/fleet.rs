@@ -6,7 +6,7 @@
 //! The same code runs on the local node (`make cluster-up NODE=1`) and on kind
 //! (`make kind-e2e`). What differs between the two comes from the environment:
 //! - `NATS_URL`: where this test publishes (default: the local cluster's NATS);
-//! - `E2E_GATEWAY_NATS_URL`: where relay pods reach NATS (default: `.cluster/node-nats-url`);
+//! - `E2E_GATEWAY_NATS_URL`: where relay pods reach NATS (default: `.cluster/node/nats-url`);
 //! - `E2E_SERVICE_ACCESS`: `cluster-ip` (this machine routes the Service range into the
 //!   node, the default) or `node-port` (the node's InternalIP and the Service's node port,
 //!   for kind);
@@ -24,6 +24,7 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -42,7 +43,9 @@ const HMAC_KEY: &str = "e2e-fleet-hmac-key-of-at-least-32-bytes!";
 /// Connections per pod the HPA aims at; the test opens enough for three pods.
 const TARGET_PER_POD: i64 = 4;
 const FIRST_CLIENTS: usize = 10;
-const LATER_CLIENTS: usize = 6;
+/// Clients opened once the new pods are Ready. kube-proxy picks an endpoint at random, so
+/// the chance that all of them still land on the first pod is (1/3)^8, about 1 in 6,500.
+const LATER_CLIENTS: usize = 8;
 const MAX_REPLICAS: i32 = 3;
 /// Publications per second while the fleet rolls.
 const PUBLISH_RATE: u64 = 20;
@@ -196,6 +199,10 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     );
     wait_available(&deployments, GATEWAY, MAX_REPLICAS).await?;
     eprintln!("FIGURE -> {MAX_REPLICAS} relay pods Ready: {}", secs(t2));
+    wait_endpoints_ready(&client, &ns, MAX_REPLICAS as usize).await?;
+    // kube-proxy programs the new endpoints within its sync period (1 s by default) of
+    // the EndpointSlice change; there is nothing to watch for that, so give it two.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let before: BTreeMap<String, i64> = pod_connections(&ns).await?;
     for i in 0..LATER_CLIENTS {
         clients.push(
@@ -448,7 +455,7 @@ fn gateway_nats_url() -> Result<String> {
     if let Ok(v) = std::env::var("E2E_GATEWAY_NATS_URL") {
         return Ok(v);
     }
-    let path = repo_root().join(".cluster/node-nats-url");
+    let path = repo_root().join(".cluster/node/nats-url");
     Ok(std::fs::read_to_string(&path)
         .with_context(|| format!("reading {} (set E2E_GATEWAY_NATS_URL)", path.display()))?
         .trim()
@@ -542,6 +549,27 @@ async fn publish_steadily(
             _ = tick.tick() => last = publish(&nats, &subject, &seq).await?,
         }
     }
+}
+
+/// Waits until the gateway Service's EndpointSlices list `n` ready endpoints.
+async fn wait_endpoints_ready(client: &Client, ns: &str, n: usize) -> Result<()> {
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={GATEWAY}"));
+    eventually(
+        &format!("{n} ready endpoints behind Service {GATEWAY}"),
+        || async {
+            let ready = slices
+                .list(&lp)
+                .await?
+                .items
+                .iter()
+                .flat_map(|s| s.endpoints.iter().flatten())
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
+                .count();
+            Ok((ready >= n).then_some(()))
+        },
+    )
+    .await
 }
 
 /// Open connections per relay pod, as the custom metrics API reports them (the same values
