@@ -15,7 +15,7 @@ CARGO ?= cargo
 
 .PHONY: help
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: deps
 deps: ## install missing Debian packages the scripts need
@@ -25,9 +25,16 @@ deps: ## install missing Debian packages the scripts need
 tools: deps ## build the pinned etcd, Kubernetes and nats-server binaries (cached)
 	@$(CLUSTER)/tools.sh >/dev/null
 
+# The node tier (kubelet, containerd, kube-proxy in a network namespace of its own) needs root;
+# it is on by default for root and off otherwise. NODE=0 or NODE=1 says so explicitly.
+NODE ?= $(shell [ "$$(id -u)" = 0 ] && echo 1 || echo 0)
+
 .PHONY: cluster-up
-cluster-up: tools ## start the local control plane and NATS on loopback
+cluster-up: tools ## start the local control plane and NATS on loopback, and the node (NODE=1, root)
 	@$(CLUSTER)/up.sh $(TOOLS_PATH)
+ifeq ($(NODE),1)
+	@$(CLUSTER)/node-up.sh $(TOOLS_PATH)
+endif
 
 .PHONY: cluster-down
 cluster-down: ## stop the local cluster and remove its state
@@ -45,18 +52,31 @@ lint: ## clippy on every target, warnings are errors
 unit: tools ## unit and integration tests (real nats-server, no cluster)
 	$(CARGO) test --workspace --exclude wsrelay-e2e --locked
 
+.PHONY: images
+images: ## build the relay, operator and pause OCI images without Docker (static binaries)
+	@images/build.sh
+
+.PHONY: chart-check
+chart-check: deps ## lint the Helm chart and check its rendered objects offline (helm lint, kubeconform -strict, drift)
+	e2e/chart-check.sh
+
 .PHONY: e2e
-e2e: cluster-up ## end-to-end tests against the local cluster
+e2e: cluster-up ## end-to-end tests against the local cluster (with the node when NODE=1)
+	@$(CLUSTER)/tools.sh helm >/dev/null
 	$(CARGO) build -p wsrelay --bin wsrelay --locked
-	WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay $(CARGO) test -p wsrelay-e2e --locked
+	WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked
+
+.PHONY: kind-e2e
+kind-e2e: ## the same fleet suite on a kind cluster (needs Docker and kind; not run by this repo's CI)
+	e2e/kind/run.sh
 
 .PHONY: test
-test: fmt-check lint unit e2e ## everything CI runs
+test: fmt-check lint unit chart-check e2e ## everything CI runs
 
 .PHONY: bench
 bench: tools ## wsrelay vs nats-server WebSocket vs centrifuge, one client: target/bench/, docs/benchmarks.md (~8 min)
 	e2e/bench/run.sh
 
 .PHONY: demo
-demo: cluster-up ## the local cluster, NATS, the operator and an example gateway
+demo: cluster-up ## the chart, an example gateway, and a client receiving live NATS messages through the fleet
 	@e2e/demo.sh
