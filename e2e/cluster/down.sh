@@ -24,4 +24,5 @@ for name in wsrelay-operator kube-scheduler kube-controller-manager kube-apiserv
 	rm -f "$state/pids/$name.pid"
 done
 rm -rf "$state"
+ip route del unreachable 10.96.0.0/16 2>/dev/null || true
 log "removed $state"

@@ -70,6 +70,8 @@ fi
 ip link del "$HOST_IF" 2>/dev/null || true
 ip route del 10.202.64.0/18 2>/dev/null || true
 ip route del 10.96.0.0/16 2>/dev/null || true
+# While the control plane stays up, its Service range stays unreachable (as up.sh leaves it).
+if [ -d "$state" ]; then ip route replace unreachable 10.96.0.0/16; fi
 ip route del unreachable 10.202.0.0/16 2>/dev/null || true
 
 # Deepest first; a cgroup is removable only once its last process is gone, which the kernel

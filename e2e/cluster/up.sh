@@ -100,6 +100,12 @@ websocket { listen: "127.0.0.1:$NATS_WS_PORT", no_tls: true }
 NATSCONF
 start nats-server "$bin/nats-server" -c "$state/nats.conf"
 
+# Nothing on this machine routes the Service range until the node tier does; until then a
+# ClusterIP dialled here must fail at once rather than follow the default route off the machine.
+if [ "$(id -u)" -eq 0 ] && [ -z "$(ip route show "$SERVICE_CIDR")" ]; then
+	ip route replace unreachable "$SERVICE_CIDR"
+fi
+
 wait_until etcd 60 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 
 start kube-apiserver "$bin/kube-apiserver" \
