@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::WebsocketGatewayStatus;
 
-/// The relay image used when `spec.image.name` is not set.
-pub const DEFAULT_IMAGE: &str = "wsrelay/wsrelay:0.1.0";
+/// The relay image used when `spec.image.name` is not set: the one `images/build.sh` builds
+/// from this workspace, named in `images/images.env`, tagged with the workspace version.
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsrelay/wsrelay:", env!("CARGO_PKG_VERSION"));
 
 /// A fleet of wsrelay pods that bridge WebSocket clients and NATS subjects.
 // The printcolumn attributes repeat `type_ = ...` by design; clippy reads that as duplicates.
@@ -662,4 +663,26 @@ pub struct PlacementSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub pod_annotations: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DEFAULT_IMAGE;
+
+    /// The default must name the image `images/build.sh` builds, so a gateway without
+    /// `spec.image` runs the relay of the same release as the operator.
+    #[test]
+    fn default_image_matches_images_env() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../images/images.env");
+        let env = std::fs::read_to_string(path).unwrap();
+        let relay = env
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("RELAY_IMAGE="))
+            .expect("RELAY_IMAGE= in images/images.env");
+        assert_eq!(
+            DEFAULT_IMAGE,
+            format!("{relay}:{}", env!("CARGO_PKG_VERSION")),
+            "DEFAULT_IMAGE and images/images.env disagree"
+        );
+    }
 }
