@@ -163,7 +163,8 @@ def build(args):
         ("blobs/", 0o755, None),
         ("blobs/sha256/", 0o755, None),
     ] + [("blobs/sha256/" + h, 0o644, b) for h, b in blobs.items()]
-    tmp = args.out + ".tmp"
+    # Unique, so two builds writing the same archive never interleave; the rename is atomic.
+    tmp = f"{args.out}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(tar_bytes(outer, mtime))
     os.replace(tmp, args.out)
