@@ -70,6 +70,8 @@ for b in wsrelay wsrelay-operator wsrelay-pause; do
         log "$bin/$b is not statically linked: $(file -b "$bin/$b")"
         exit 1
     fi
+    # And it runs: what goes into the image is what printed this.
+    "$bin/$b" --version >/dev/null || { log "$bin/$b --version failed"; exit 1; }
 done
 
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
