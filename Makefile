@@ -54,6 +54,7 @@ unit: tools ## unit and integration tests (real nats-server, no cluster)
 
 .PHONY: images
 images: ## build the relay, operator and pause OCI images without Docker (static binaries)
+	@$(CLUSTER)/deps.sh images
 	@images/build.sh
 
 .PHONY: chart-check

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test ground needs when a command is missing (idempotent:
 # nothing is installed when everything is present). Go and Rust come with the machine.
-# usage: deps.sh [node]    (node: also what the node tier needs)
+# usage: deps.sh [images|node]    (images: what images/build.sh needs; node: the node tier,
+#                                  which builds the images too)
 set -euo pipefail
 declare -A pkg=([openssl]=openssl [curl]=curl [setsid]=util-linux [sha256sum]=coreutils [ip]=iproute2)
 # The node tier (node-up.sh) runs containers: runc, the CNI plugins (not on PATH, so keyed by
 # their path), socat to bridge loopback services into the node's netns, nft for kube-proxy.
 [ "${1:-}" != node ] || pkg+=([runc]=runc [/usr/lib/cni/bridge]=containernetworking-plugins [socat]=socat [nft]=nftables)
+# images/build.sh links static musl binaries and checks them with file.
+case ${1:-} in images | node) pkg+=([musl-gcc]=musl-tools [file]=file) ;; esac
 missing=()
 for cmd in "${!pkg[@]}"; do command -v "$cmd" >/dev/null || missing+=("${pkg[$cmd]}"); done
 for cmd in go cargo kubectl; do
