@@ -1,56 +1,61 @@
 #!/usr/bin/env bash
-# `make demo`: the product on the local cluster as far as it runs today.
-# Installs the CRD, starts the operator (a process on loopback, watching only namespace `demo`
-# so it never touches e2e test namespaces),
-# applies examples/gateway.yaml in namespace `demo`, and shows what the operator made of it.
-# Assumes `make cluster-up` ran; safe to run again.
+# `make demo`: the product on the local cluster with its node, as a user meets it.
+#   1. installs the Helm chart (charts/wsrelay-operator): the CRD, the operator (two replicas,
+#      leader election) and its custom metrics API;
+#   2. applies examples/gateway.yaml in namespace `demo` (its NATS URL pointed at the NATS that
+#      pods on the local node reach) and waits for the relay pods;
+#   3. connects a WebSocket client with a JWT through the gateway's Service, publishes on NATS
+#      and prints the messages as they arrive through the fleet;
+#   4. shows the gateway's status, its HPA and the connection metric the HPA reads.
+# Assumes `make cluster-up NODE=1` ran (make demo does it); safe to run again.
 set -euo pipefail
 source "$(dirname "$0")/cluster/lib.sh"
 cd "$root"
 ns=demo
-operator_admin=127.0.0.1:18080
+release=wsrelay
+release_ns=wsrelay-system
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "Installing the WebsocketGateway CRD (crds/)"
-kubectl apply --server-side -f crds/
-kubectl wait --for condition=established --timeout=60s crd/websocketgateways.wsrelay.dev
+nats_url_file=$state/node/nats-url
+[ -f "$nats_url_file" ] || { echo "no node is running: run make cluster-up NODE=1 (as root)" >&2; exit 1; }
+pods_nats=$(cat "$nats_url_file")
+"$here/tools.sh" helm >/dev/null
 
+say "Installing the chart charts/wsrelay-operator into $release_ns"
+helm upgrade --install "$release" charts/wsrelay-operator --namespace "$release_ns" --create-namespace \
+	--wait --timeout 5m
+kubectl get deploy,pods,svc -n "$release_ns"
+kubectl get apiservice v1beta2.custom.metrics.k8s.io
+
+say "Applying examples/gateway.yaml in namespace $ns (NATS for pods: $pods_nats)"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f -
+sed "s#nats://127.0.0.1:14222#$pods_nats#" examples/gateway.yaml | kubectl apply -n "$ns" -f -
+kubectl wait -n "$ns" wsgw/chat --for=condition=Ready --timeout=300s
+kubectl get wsgw,deploy,pods,svc,hpa -n "$ns" -l app.kubernetes.io/instance=chat -o wide
 
-say "Starting the operator (logs: .cluster/logs/wsrelay-operator.log)"
-cargo build -q -p wsrelay-operator
-if pid=$(running_pid wsrelay-operator); then
-	echo "already running (pid $pid); restarting it on the fresh build"
-	kill -TERM "$pid"
-	while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
-fi
-setsid target/debug/wsrelay-operator run --namespace "$ns" --lease-namespace "$ns" --admin-addr "$operator_admin" \
-	>>"$state/logs/wsrelay-operator.log" 2>&1 </dev/null &
-echo $! >"$state/pids/wsrelay-operator.pid"
-until curl -fsS "http://$operator_admin/ready" >/dev/null 2>&1; do sleep 0.5; done
-echo "operator ready: http://$operator_admin/metrics"
+say "A browser-like client: JWT for alice, through Service chat, channel notifications"
+ip=$(kubectl get svc chat -n "$ns" -o jsonpath='{.spec.clusterIP}')
+port=$(kubectl get svc chat -n "$ns" -o jsonpath='{.spec.ports[0].port}')
+key=$(kubectl get secret chat-jwt -n "$ns" -o jsonpath='{.data.hmac}' | base64 -d)
+cargo build -q -p wsrelay-e2e --bin wsrelay-demo
+target/debug/wsrelay-demo --url "ws://$ip:$port/ws" --hmac-key "$key" \
+	--issuer https://auth.example.com --audience chat --origin https://chat.example.com \
+	--user alice --channel notifications --subject users.alice.notify \
+	--nats "$(cat "$state/nats-url")" --count 5
 
-say "Applying examples/gateway.yaml in namespace $ns"
-kubectl apply -n "$ns" -f examples/gateway.yaml
-generation=$(kubectl get wsgw chat -n "$ns" -o jsonpath='{.metadata.generation}')
-kubectl wait -n "$ns" wsgw/chat --timeout=60s \
-	--for=jsonpath='{.status.observedGeneration}'="$generation"
-
-say "kubectl get wsgw -n $ns"
-kubectl get wsgw -n "$ns"
-say "What the operator made of it"
-kubectl get sa,cm,deploy,svc,hpa,pdb,networkpolicy -n "$ns" -l app.kubernetes.io/instance=chat
-say "Its conditions"
-kubectl get wsgw chat -n "$ns" -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}'
+say "The connection metric the HPA reads (custom.metrics.k8s.io, served by the operator)"
+kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta2/namespaces/$ns/pods/*/wsrelay_connections?labelSelector=app.kubernetes.io/instance%3Dchat"
+echo
+kubectl get wsgw chat -n "$ns"
 cat <<TEXT
 
-No node runs at this tier yet, so the relay pods stay Pending and the gateway is not Ready.
 Try:
   export KUBECONFIG=$state/kubeconfig PATH=$WSRELAY_CACHE/path:\$PATH
   kubectl explain websocketgateway.spec.bindings
   kubectl get cm chat -n $ns -o yaml                 # the relay config the operator rendered
-  kubectl edit wsgw chat -n $ns                      # change a binding: the pod template hash changes
+  kubectl edit wsgw chat -n $ns                      # change it: the relays roll, draining clients
+  kubectl logs -n $release_ns deploy/$release-wsrelay-operator
   kubectl apply -n $ns -f - <<< '{"apiVersion":"wsrelay.dev/v1alpha1","kind":"WebsocketGateway","metadata":{"name":"bad"},"spec":{}}'
                                                      # refused by the API server, with the reason
 Stop everything with: make cluster-down
