@@ -65,7 +65,9 @@ chart-check: deps ## lint the Helm chart and check its rendered objects offline 
 e2e: cluster-up ## end-to-end tests against the local cluster (with the node when NODE=1)
 	@$(CLUSTER)/tools.sh helm >/dev/null
 	$(CARGO) build -p wsrelay --bin wsrelay --locked
-	WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked
+	WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay $(CARGO) test -p wsrelay-e2e --locked -- --skip chart_gateway_clients
+	@# The fleet suite alone, with its output: it prints the figures (times, messages lost).
+	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test fleet -- --nocapture
 
 .PHONY: kind-e2e
 kind-e2e: ## the same fleet suite on a kind cluster (needs Docker and kind; not run by this repo's CI)
