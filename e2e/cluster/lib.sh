@@ -1,4 +1,4 @@
-# Shared by up.sh and down.sh (sourced): where the cluster's state lives and how to tell
+# Shared by the cluster scripts (sourced): where the cluster's state lives and how to tell
 # whether a component we started is still running.
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -20,4 +20,27 @@ running_pid() {
 	[ -f "$pidfile" ] || return 1
 	pid=$(cat "$pidfile")
 	[ "$(exe_name "$pid")" = "${2:-$1}" ] && echo "$pid"
+}
+
+# Writes a kubeconfig FILE for SERVER with the client certificate $pki/CERT.{crt,key} of
+# USER, trusting the cluster CA. (Callers set pki.)
+kubeconfig() { # file server user cert
+	cat >"$1" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters:
+- name: wsrelay-local
+  cluster:
+    server: $2
+    certificate-authority: $pki/ca.crt
+users:
+- name: $3
+  user:
+    client-certificate: $pki/$4.crt
+    client-key: $pki/$4.key
+contexts:
+- name: wsrelay-local
+  context: { cluster: wsrelay-local, user: $3 }
+current-context: wsrelay-local
+KUBECONFIG
 }

@@ -56,28 +56,8 @@ new=$(mktemp -d "$state/node-config.XXXXXX")
 trap 'rm -rf "$new"' EXIT
 
 # --- configuration ------------------------------------------------------------------------
-kubeconfig() { # file user cert
-	cat >"$1" <<KUBECONFIG
-apiVersion: v1
-kind: Config
-clusters:
-- name: wsrelay-local
-  cluster:
-    server: https://$NODE_IP:6443
-    certificate-authority: $pki/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $pki/$3.crt
-    client-key: $pki/$3.key
-contexts:
-- name: wsrelay-local
-  context: { cluster: wsrelay-local, user: $2 }
-current-context: wsrelay-local
-KUBECONFIG
-}
-kubeconfig "$new/kubelet.kubeconfig" system:node:wsrelay-node node-kubelet
-kubeconfig "$new/kube-proxy.kubeconfig" system:kube-proxy node-kube-proxy
+kubeconfig "$new/kubelet.kubeconfig" "https://$NODE_IP:6443" system:node:wsrelay-node node-kubelet
+kubeconfig "$new/kube-proxy.kubeconfig" "https://$NODE_IP:6443" system:kube-proxy node-kube-proxy
 
 # The node's own image: nodecheck (node-check.sh's server and clients, and the fallback
 # pause), a FROM-scratch OCI archive written here so the node needs nothing else.

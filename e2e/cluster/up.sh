@@ -59,31 +59,11 @@ wait_until() {
 	log "$what ready"
 }
 
-kubeconfig() { # file user cert
-	cat >"$1" <<KUBECONFIG
-apiVersion: v1
-kind: Config
-clusters:
-- name: wsrelay-local
-  cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
-    certificate-authority: $pki/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $pki/$3.crt
-    client-key: $pki/$3.key
-contexts:
-- name: wsrelay-local
-  context: { cluster: wsrelay-local, user: $2 }
-current-context: wsrelay-local
-KUBECONFIG
-}
 
 "$here/pki.sh" "$pki"
-kubeconfig "$state/kubeconfig" admin admin
-kubeconfig "$state/controller-manager.kubeconfig" controller-manager controller-manager
-kubeconfig "$state/scheduler.kubeconfig" scheduler scheduler
+kubeconfig "$state/kubeconfig" "https://127.0.0.1:$APISERVER_PORT" admin admin
+kubeconfig "$state/controller-manager.kubeconfig" "https://127.0.0.1:$APISERVER_PORT" controller-manager controller-manager
+kubeconfig "$state/scheduler.kubeconfig" "https://127.0.0.1:$APISERVER_PORT" scheduler scheduler
 
 # etcd: plain HTTP, bound to loopback only; nothing else on the machine can reach it.
 start etcd "$bin/etcd" --name local --data-dir "$state/etcd" \

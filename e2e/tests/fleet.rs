@@ -177,15 +177,7 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     // --- enough connections -> the HPA raises replicas -> new pods take new connections ---
     let t2 = Instant::now();
     let mut clients: Vec<Subscriber> = vec![first];
-    for i in 1..FIRST_CLIENTS {
-        clients.push(
-            subscriber::start(Target {
-                token: token(&format!("user{i}"))?,
-                ..target.clone()
-            })
-            .await?,
-        );
-    }
+    clients.extend(open_clients(&target, "user", FIRST_CLIENTS - 1).await?);
     let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns);
     eventually("the HPA to ask for more relays", || async {
         let h = hpas.get(GATEWAY).await?;
@@ -204,15 +196,7 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     // the EndpointSlice change; there is nothing to watch for that, so give it two.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before: BTreeMap<String, i64> = pod_connections(&ns).await?;
-    for i in 0..LATER_CLIENTS {
-        clients.push(
-            subscriber::start(Target {
-                token: token(&format!("late{i}"))?,
-                ..target.clone()
-            })
-            .await?,
-        );
-    }
+    clients.extend(open_clients(&target, "late", LATER_CLIENTS).await?);
     let total = (FIRST_CLIENTS + LATER_CLIENTS) as i64;
     let after = eventually("the metrics API to count every connection", || async {
         let per_pod = pod_connections(&ns).await?;
@@ -496,6 +480,19 @@ async fn service_url(client: &Client, ns: &str) -> Result<String> {
             Ok(format!("ws://{ip}:{node_port}/ws"))
         }
     }
+}
+
+/// Opens `n` subscribers like `target`, each with a token of its own (`{prefix}{i}`).
+async fn open_clients(target: &Target, prefix: &str, n: usize) -> Result<Vec<Subscriber>> {
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let own = Target {
+            token: token(&format!("{prefix}{i}"))?,
+            ..target.clone()
+        };
+        clients.push(subscriber::start(own).await?);
+    }
+    Ok(clients)
 }
 
 /// An HS256 JWT for `sub`, valid for an hour.
