@@ -49,7 +49,7 @@ lint: ## clippy on every target, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 .PHONY: unit
-unit: tools ## unit and integration tests (real nats-server, no cluster)
+unit: tools ## unit and integration tests (real nats-server, headless Chromium, no cluster)
 	$(CARGO) test --workspace --exclude wsrelay-e2e --locked
 
 .PHONY: images

@@ -5,6 +5,8 @@
 #                                  which builds the images too)
 set -euo pipefail
 declare -A pkg=([openssl]=openssl [curl]=curl [setsid]=util-linux [sha256sum]=coreutils [ip]=iproute2)
+# The relay's browser test drives Debian's Chromium, headless.
+pkg+=([chromium]=chromium)
 # The node tier (node-up.sh) runs containers: runc, the CNI plugins (not on PATH, so keyed by
 # their path), socat to bridge loopback services into the node's netns, nft for kube-proxy.
 [ "${1:-}" != node ] || pkg+=([runc]=runc [/usr/lib/cni/bridge]=containernetworking-plugins [socat]=socat [nft]=nftables)

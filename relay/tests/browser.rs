@@ -1,0 +1,283 @@
+//! A real browser as the client: headless Chromium runs the browser example of
+//! docs/protocol.md (section 7, taken from the document itself, so the example cannot rot)
+//! against a relay and a real nats-server. The token travels the only way a browser can send
+//! it, in `Sec-WebSocket-Protocol`, and the browser's own `Origin` header meets the relay's
+//! allowlist: allowed from the page's origin, refused (403 before the upgrade) from another.
+//!
+//! Chromium comes from Debian (`chromium`, installed by `make deps`; `CHROMIUM` overrides).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use wsrelay::config::{Direction, Jwt, JwtAlgorithm, JwtKey};
+
+/// How long the browser may take to start, load the page, connect and report.
+const BROWSER_WAIT: Duration = Duration::from_secs(60);
+
+/// The ```js block of docs/protocol.md's browser example.
+fn documented_example() -> String {
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md"),
+    )
+    .unwrap();
+    let section = doc
+        .split("## 7. Example (browser)")
+        .nth(1)
+        .expect("docs/protocol.md has the browser example section");
+    let code = section
+        .split("```js\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the browser example is a ```js block");
+    assert!(
+        code.contains("function open(url, token, onMessage)"),
+        "{code}"
+    );
+    code.to_string()
+}
+
+/// A page that runs the example and reports to the test server what it sees: every message
+/// (`onMessage`), and the close code of a refused connection.
+fn page(relay: SocketAddr, token: &str) -> String {
+    format!(
+        r#"<!doctype html><html><body><script>
+{example}
+const report = (what) => fetch("/report", {{ method: "POST", body: JSON.stringify(what) }});
+open("ws://{relay}/ws", "{token}", (channel, payload) => report({{ kind: "message", channel, payload }}));
+</script></body></html>"#,
+        example = documented_example()
+    )
+}
+
+/// A page whose connection the relay must refuse: it reports the close code once.
+fn refused_page(relay: SocketAddr, token: &str) -> String {
+    format!(
+        r#"<!doctype html><html><body><script>
+const ws = new WebSocket("ws://{relay}/ws", ["wsrelay.v1", "bearer.{token}"]);
+ws.onclose = (e) => fetch("/report", {{ method: "POST", body: JSON.stringify({{ kind: "closed", code: e.code, opened: e.wasClean }}) }});
+</script></body></html>"#
+    )
+}
+
+/// A tiny HTTP server on `listener`: serves `page` at `/` and forwards each `/report` body.
+fn serve_page(listener: TcpListener, page: String) -> mpsc::UnboundedReceiver<Value> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let page = page.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read the head and, for a POST, its body (Content-Length).
+                let body = loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + length {
+                            break (
+                                text[..end].to_string(),
+                                buf[end + 4..end + 4 + length].to_vec(),
+                            );
+                        }
+                    }
+                };
+                let (head, body) = body;
+                let reply = if head.starts_with("POST /report") {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                        let _ = tx.send(v);
+                    }
+                    "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string()
+                } else if head.starts_with("GET / ") {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                        page.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .into()
+                };
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    rx
+}
+
+/// Headless Chromium on `url`, killed on drop.
+struct Browser {
+    child: Child,
+    profile: PathBuf,
+}
+
+impl Browser {
+    fn open(url: &str) -> Self {
+        let bin = std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".into());
+        let profile = std::env::temp_dir().join(format!(
+            "wsrelay-chromium-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        // No background networking: this machine has no way out, and the browser must not try.
+        let child = Command::new(&bin)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin} ({e}): install Debian's chromium (make deps) or set CHROMIUM")
+            });
+        Self { child, profile }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+fn config(nats_url: &str, allowed_origin: &str) -> wsrelay::config::Config {
+    let mut c = base_config(nats_url);
+    c.auth.jwt = Some(Jwt {
+        algorithms: vec![JwtAlgorithm::HS256],
+        key: JwtKey {
+            hmac_secret_file: Some(fixture("hmac.secret")),
+            ..JwtKey::default()
+        },
+        issuer: Some("https://issuer.test".into()),
+        audiences: vec!["wsrelay".into()],
+        leeway_seconds: 5,
+    });
+    c.auth.allowed_origins = vec![allowed_origin.to_string()];
+    c.bindings = vec![binding(
+        "me.notify",
+        "users.{claims.sub}.notify",
+        Direction::Subscribe,
+    )];
+    c.validate().unwrap();
+    c
+}
+
+async fn next_report(rx: &mut mpsc::UnboundedReceiver<Value>, within: Duration) -> Option<Value> {
+    tokio::time::timeout(within, rx.recv()).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_browser_example_receives_its_messages_in_chromium() {
+    init_logs();
+    let nats = Nats::start();
+    let nc = nats.client().await;
+    // The page's origin (its server's address) goes into the relay's allowlist.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = hs256(claims("alice"));
+    let relay = wsrelay::process::start(config(&nats.url(), &format!("http://{addr}")))
+        .await
+        .unwrap();
+    let mut reports = serve_page(listener, page(relay.client_addr, &token));
+    let _browser = Browser::open(&format!("http://{addr}/"));
+
+    // Publish until the browser reports a message: its subscription is in place once one
+    // arrives (the example does not surface the `ok`).
+    let deadline = tokio::time::Instant::now() + BROWSER_WAIT;
+    let got = loop {
+        nc.publish("users.alice.notify", r#"{"hello":"browser"}"#.into())
+            .await
+            .unwrap();
+        nc.flush().await.unwrap();
+        if let Some(r) = next_report(&mut reports, Duration::from_millis(500)).await {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Chromium reported no message within {BROWSER_WAIT:?}"
+        );
+    };
+    assert_eq!(
+        got,
+        json!({"kind": "message", "channel": "me.notify", "payload": {"hello": "browser"}})
+    );
+    // Nothing for another user reaches this page.
+    nc.publish("users.bob.notify", r#"{"not":"yours"}"#.into())
+        .await
+        .unwrap();
+    nc.publish("users.alice.notify", r#"{"last":1}"#.into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    let mut rest = Vec::new();
+    while let Some(r) = next_report(&mut reports, Duration::from_millis(700)).await {
+        rest.push(r["payload"].clone());
+    }
+    assert!(rest.contains(&json!({"last": 1})), "{rest:?}");
+    assert!(!rest.contains(&json!({"not": "yours"})), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_from_another_origin_is_refused_before_the_upgrade() {
+    init_logs();
+    let nats = Nats::start();
+    let relay = wsrelay::process::start(config(&nats.url(), "https://app.example.com"))
+        .await
+        .unwrap();
+    let token = hs256(claims("alice"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut reports = serve_page(listener, refused_page(relay.client_addr, &token));
+    let _browser = Browser::open(&format!("http://{addr}/"));
+    let report = next_report(&mut reports, BROWSER_WAIT)
+        .await
+        .expect("the page reports how its connection ended");
+    // A browser shows a refused handshake as close code 1006, never as an open socket.
+    assert_eq!(report["kind"], "closed", "{report}");
+    assert_eq!(report["code"], 1006, "{report}");
+    let refused = metric(
+        relay.admin_addr,
+        "wsrelay_connections_refused_total{reason=\"origin\"}",
+    )
+    .await;
+    assert_eq!(refused, Some(1.0), "the relay counts one origin refusal");
+}
