@@ -155,7 +155,19 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
         .tls
         .as_ref()
         .map(|t| (t.cert_file.clone(), t.key_file.clone()));
-    let mut seen_config = fingerprint(&config_path);
+    // The config file and the JWT key files it names: a change to any of them reloads (a
+    // rotated Secret updates the key file in place, and the relay picks the new key up
+    // without dropping connections).
+    let watched = |relay: &Relay| -> Vec<Option<u64>> {
+        let live = relay.live();
+        let key = live.config.auth.jwt.as_ref().map(|j| &j.key);
+        std::iter::once(config_path.as_path())
+            .chain(key.and_then(|k| k.hmac_secret_file.as_deref()))
+            .chain(key.and_then(|k| k.public_key_file.as_deref()))
+            .map(fingerprint)
+            .collect()
+    };
+    let mut seen_config = watched(&relay);
     let mut seen_tls = tls_paths
         .as_ref()
         .map(|(c, k)| (fingerprint(c), fingerprint(k)));
@@ -167,9 +179,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
             _ = int.recv() => break,
             _ = hup.recv() => { tracing::info!("SIGHUP"); do_reload = true; }
             _ = poll.tick() => {
-                let now = fingerprint(&config_path);
-                if now.is_some() && now != seen_config {
-                    tracing::info!("config file changed");
+                let now = watched(&relay);
+                if now.iter().all(Option::is_some) && now != seen_config {
+                    tracing::info!("config or key file changed");
                     do_reload = true;
                 }
                 if let (Some((c, k)), Some(acceptor)) = (&tls_paths, &running.tls) {
@@ -188,10 +200,11 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
             }
         }
         if do_reload {
-            seen_config = fingerprint(&config_path);
             if let Err(e) = crate::reload::reload(&relay, &config_path) {
                 tracing::error!(error = %e, "config reload refused; the old config stays in force");
             }
+            // After the reload: the new config may name other key files.
+            seen_config = watched(&relay);
         }
     }
     tracing::info!("SIGTERM: draining");

@@ -4,7 +4,7 @@
 //!   every client gets a `drain` notice and a 1012 close spread across the grace period,
 //!   and the process exits 0 before the grace period ends.
 //! - SIGHUP (and file changes): the config is reloaded with connections kept; the TLS
-//!   certificate is reloaded when its files change.
+//!   certificate is reloaded when its files change, and so is the JWT key (a rotated Secret).
 
 #![allow(clippy::unwrap_used)]
 
@@ -393,6 +393,86 @@ async fn sighup_reload_and_tls_rotation_keep_connections() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_jwt_key_file_takes_effect_without_a_restart() {
+    use serde_json::json;
+    init_logs();
+    let nats = Nats::start();
+    let dir = std::env::temp_dir().join(format!("wsrelay-key-rotation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("hmac");
+    let (old_key, new_key) = (
+        "the-first-key-of-at-least-32-bytes-long",
+        "the-second-key-of-at-least-32-bytes-long",
+    );
+    std::fs::write(&key_file, old_key).unwrap();
+    let mut c = base_config(&nats.url());
+    c.auth.jwt = Some(wsrelay::config::Jwt {
+        algorithms: vec![wsrelay::config::JwtAlgorithm::HS256],
+        key: wsrelay::config::JwtKey {
+            hmac_secret_file: Some(key_file.clone()),
+            ..Default::default()
+        },
+        issuer: None,
+        audiences: vec![],
+        leeway_seconds: 5,
+    });
+    c.bindings = vec![binding(
+        "news",
+        "public.news",
+        wsrelay::config::Direction::Subscribe,
+    )];
+    c.validate().unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+    let relay = spawn_relay(&path);
+    let token = |key: &str| {
+        let claims = json!({"sub": "alice", "exp": now_secs() + 600});
+        let t = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+        )
+        .unwrap();
+        format!("?token={t}")
+    };
+
+    let mut open = connect(relay.client, &token(old_key)).await;
+    assert_eq!(subscribe(&mut open, 1, "news").await["type"], "ok");
+    assert_eq!(
+        connect_with(relay.client, &token(new_key), &[]).await.err(),
+        Some(401)
+    );
+
+    // Rotate the key as a Secret update would: the file's content changes, nothing else.
+    std::fs::write(&key_file, new_key).unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            connect_with(relay.client, &token(new_key), &[])
+                .await
+                .is_ok()
+        })
+        .await,
+        "the new key was not picked up"
+    );
+    assert_eq!(
+        connect_with(relay.client, &token(old_key), &[]).await.err(),
+        Some(401)
+    );
+    // The connection opened with the old key is still served.
+    let nc = nats.client().await;
+    nc.publish("public.news", "still here".into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    assert_eq!(
+        next_json(&mut open).await,
+        Some(json!({"type":"message","channel":"news","text":"still here"}))
+    );
+    drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
