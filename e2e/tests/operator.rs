@@ -200,6 +200,57 @@ async fn gateway_lifecycle_create_update_unscale_delete() -> Result<()> {
         })
         .await?;
 
+        // Rotate the NATS token (read by the relay only at start): the pods roll. Rotate the
+        // JWT key (reloaded by the relay in place): they do not.
+        let hash_rotated = pod_hash(&rolled).context("config hash annotation")?;
+        let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+        secrets
+            .patch(
+                "chat-jwt",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "stringData": { "hmac": "a-rotated-key-of-at-least-32-bytes!" } })),
+            )
+            .await?;
+        secrets
+            .patch(
+                "chat-nats",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "stringData": { "token": "a-rotated-nats-token" } })),
+            )
+            .await?;
+        let after_nats = wait_for(&deploys, &name, |d: Option<&Deployment>| {
+            d.and_then(pod_hash).is_some_and(|h| h != hash_rotated)
+        })
+        .await?;
+        let hash_nats = pod_hash(&after_nats).context("config hash annotation")?;
+        secrets
+            .patch(
+                "chat-jwt",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "stringData": { "hmac": "yet-another-key-of-at-least-32-bytes" } })),
+            )
+            .await?;
+        // A later spec change (a Service annotation, which leaves the pod template alone) is
+        // reconciled with the rotated JWT key in hand: the template must still be the same.
+        gws.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "service": { "annotations": { "e2e.wsrelay.dev/probe": "1" } } } })),
+        )
+        .await?;
+        let services = Api::<Service>::namespaced(client.clone(), &ns);
+        wait_for(&services, &name, |svc: Option<&Service>| {
+            svc.and_then(|s| s.metadata.annotations.as_ref())
+                .is_some_and(|a| a.contains_key("e2e.wsrelay.dev/probe"))
+        })
+        .await?;
+        let after_jwt = deploys.get(&name).await?;
+        assert_eq!(
+            pod_hash(&after_jwt),
+            Some(hash_nats),
+            "a JWT key rotation must not roll the relays (the relay reloads the key file)"
+        );
+
         // Remove autoscaling: the HPA goes, the Deployment gets a fixed replica count.
         gws.patch(
             &name,

@@ -23,11 +23,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::WebsocketGateway;
-use crate::build::{MANAGED_BY_LABEL, MANAGER, build};
+use crate::build::{MANAGED_BY_LABEL, MANAGER, build_with};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::status::{self, Degradation};
-use crate::validate::{secret_names, validate};
+use crate::validate::{restart_secrets_digest, secret_names, validate};
 use crate::{apply, fetch};
 
 /// A gateway whose spec and Secrets are unchanged is fully re-applied at least this often,
@@ -232,7 +232,7 @@ async fn pipeline(gw: &WebsocketGateway, ctx: &Context) -> Result<Action, Error>
         }
     }
     ctx.record_applied(gw, None);
-    let desired = build(gw)?;
+    let desired = build_with(gw, &restart_secrets_digest(gw, &secrets))?;
     let uid = gw.uid().unwrap_or_default();
     let deployment = apply::apply(&ctx.client, &desired, &uid).await?;
     ctx.record_applied(gw, Some(fingerprint));

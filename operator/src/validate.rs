@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
+use sha2::{Digest, Sha256};
 
 use crate::api::{SecretKeyRef, WebsocketGateway};
 
@@ -56,6 +57,27 @@ enum Content {
 /// Every Secret key the gateway uses, with what it must hold.
 fn references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
     let spec = &gw.spec;
+    let mut refs = nats_references(gw);
+    let mut push = |r: &SecretKeyRef, c: Content| refs.push((r.name.clone(), r.key.clone(), c));
+    if let Some(j) = &spec.auth.jwt {
+        if let Some(r) = &j.hmac_secret_ref {
+            push(r, Content::HmacKey);
+        }
+        if let Some(r) = &j.public_key_secret_ref {
+            push(r, Content::Pem);
+        }
+    }
+    if let Some(tls) = &spec.tls {
+        refs.push((tls.secret_name.clone(), "tls.crt".into(), Content::Pem));
+        refs.push((tls.secret_name.clone(), "tls.key".into(), Content::Pem));
+    }
+    refs
+}
+
+/// The Secret keys of the NATS connection: credentials and CA. The relay reads them only
+/// when it starts (unlike its JWT keys and serving certificate, which it reloads).
+fn nats_references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
+    let spec = &gw.spec;
     let mut refs = Vec::new();
     let mut push = |r: &SecretKeyRef, c: Content| refs.push((r.name.clone(), r.key.clone(), c));
     if let Some(c) = &spec.nats.credentials {
@@ -72,14 +94,6 @@ fn references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
     if let Some(r) = &spec.nats.ca_secret_ref {
         push(r, Content::Pem);
     }
-    if let Some(j) = &spec.auth.jwt {
-        if let Some(r) = &j.hmac_secret_ref {
-            push(r, Content::HmacKey);
-        }
-        if let Some(r) = &j.public_key_secret_ref {
-            push(r, Content::Pem);
-        }
-    }
     if let Some(u) = spec
         .nats
         .credentials
@@ -89,11 +103,40 @@ fn references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
         refs.push((u.secret_name.clone(), u.username_key.clone(), Content::Any));
         refs.push((u.secret_name.clone(), u.password_key.clone(), Content::Any));
     }
-    if let Some(tls) = &spec.tls {
-        refs.push((tls.secret_name.clone(), "tls.crt".into(), Content::Pem));
-        refs.push((tls.secret_name.clone(), "tls.key".into(), Content::Pem));
-    }
     refs
+}
+
+/// A digest of the values the relay reads only at start (the NATS credentials and CA), for
+/// the pod template: rotating one of them rolls the relays, which reconnect with the new
+/// value. JWT keys and the wss certificate are left out: the relay reloads those files in
+/// place, keeping its connections. Empty when the gateway uses none. Pure.
+pub fn restart_secrets_digest(
+    gw: &WebsocketGateway,
+    secrets: &BTreeMap<String, Option<Secret>>,
+) -> String {
+    let refs = nats_references(gw);
+    if refs.is_empty() {
+        return String::new();
+    }
+    let mut hasher = Sha256::new();
+    for (name, key, _) in refs {
+        let value = secrets
+            .get(&name)
+            .and_then(Option::as_ref)
+            .and_then(|s| secret_value(s, &key))
+            .unwrap_or_default();
+        // Length-prefixed, so no two different lists hash alike.
+        for part in [name.as_bytes(), key.as_bytes(), value] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+    }
+    hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The names of every Secret the gateway refers to (what the fetch stage reads).
@@ -200,6 +243,46 @@ mod tests {
                 ]),
             ),
         ])
+    }
+
+    #[test]
+    fn rotating_nats_credentials_changes_the_restart_digest_and_jwt_or_tls_keys_do_not() {
+        let gw = gateway();
+        let base = restart_secrets_digest(&gw, &good());
+        assert_eq!(base.len(), 16);
+        assert_eq!(base, restart_secrets_digest(&gw, &good()), "stable");
+
+        let mut token = good();
+        token.insert("chat-nats".into(), secret(&[("token", "n3w")]));
+        assert_ne!(restart_secrets_digest(&gw, &token), base, "NATS token");
+        let mut ca = good();
+        ca.insert(
+            "nats-ca".into(),
+            secret(&[("ca.crt", "-----BEGIN CERTIFICATE-----\nMIIC\n")]),
+        );
+        assert_ne!(restart_secrets_digest(&gw, &ca), base, "NATS CA");
+
+        // Reloaded by the relay in place: no roll.
+        let mut jwt = good();
+        jwt.insert(
+            "chat-jwt".into(),
+            secret(&[("hmac", "another-key-of-at-least-32-bytes!")]),
+        );
+        assert_eq!(restart_secrets_digest(&gw, &jwt), base, "JWT key");
+        let mut tls = good();
+        tls.insert(
+            "chat-tls".into(),
+            secret(&[("tls.crt", PEM), ("tls.key", "other")]),
+        );
+        assert_eq!(restart_secrets_digest(&gw, &tls), base, "wss certificate");
+    }
+
+    #[test]
+    fn a_gateway_without_nats_secrets_has_no_restart_digest() {
+        let mut gw = gateway();
+        gw.spec.nats.credentials = None;
+        gw.spec.nats.ca_secret_ref = None;
+        assert_eq!(restart_secrets_digest(&gw, &good()), "");
     }
 
     #[test]

@@ -150,11 +150,12 @@ pub struct NatsSpec {
     #[x_kube(validation = Rule::new("self.all(u, isURL(u) && url(u).getScheme() in ['nats', 'tls', 'ws', 'wss'] && url(u).getHostname() != '')").message("each NATS URL must look like nats://host:4222 (schemes: nats, tls, ws, wss)"))]
     pub urls: Vec<String>,
 
-    /// How the relays authenticate to NATS. Unset: no credentials.
+    /// How the relays authenticate to NATS. Unset: no credentials. Changing the Secret's value
+    /// rolls the relays (they read it when they start), draining their clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<NatsCredentials>,
 
-    /// A PEM CA bundle to verify the NATS servers' certificates with.
+    /// A PEM CA bundle to verify the NATS servers' certificates with. Changing it rolls the relays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
 }
@@ -243,7 +244,9 @@ pub struct AuthSpec {
     validation = Rule::new("!has(self.publicKeySecretRef) || !has(self.algorithms) || self.algorithms.size() == 1").message("a PEM public key is either RSA (RS256) or EC (ES256): list one algorithm")
 )]
 pub struct JwtSpec {
-    /// An HMAC secret for HS256 tokens (at least 32 bytes).
+    /// An HMAC secret for HS256 tokens (at least 32 bytes). Rotating the Secret's value takes
+    /// effect within seconds of the kubelet updating the mounted file, without a restart; open
+    /// connections stay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hmac_secret_ref: Option<SecretKeyRef>,
 

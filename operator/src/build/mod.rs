@@ -94,11 +94,22 @@ impl Desired {
 
 /// Builds every desired object of `gw`.
 pub fn build(gw: &WebsocketGateway) -> Result<Desired, BuildError> {
+    build_with(gw, "")
+}
+
+/// Builds every desired object of `gw`; `restart_digest` (from
+/// [`crate::validate::restart_secrets_digest`]) joins the config in the pod template's hash,
+/// so that rotating a Secret the relay reads only at start rolls the relays.
+pub fn build_with(gw: &WebsocketGateway, restart_digest: &str) -> Result<Desired, BuildError> {
     let ctx = Ctx::new(gw)?;
     let config = relay_config(&gw.spec);
     config.validate()?;
     let rendered = render_config(&config)?;
-    let hash = config_hash(&rendered);
+    let hash = if restart_digest.is_empty() {
+        config_hash(&rendered)
+    } else {
+        config_hash(&format!("{rendered}\n# secrets {restart_digest}"))
+    };
     Ok(Desired {
         service_account: workload::service_account(&ctx),
         config_map: workload::config_map(&ctx, rendered),
@@ -211,6 +222,29 @@ mod tests {
     fn gateway() -> WebsocketGateway {
         serde_yaml::from_str(include_str!("../../tests/fixtures/minimal.yaml"))
             .expect("fixture parses")
+    }
+
+    #[test]
+    fn the_restart_digest_changes_the_pod_template_and_nothing_else() {
+        let gw = gateway();
+        let plain = build(&gw).expect("builds");
+        let rotated = build_with(&gw, "0123456789abcdef").expect("builds");
+        let annotations = |d: &Desired| {
+            d.deployment
+                .spec
+                .template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.clone())
+                .unwrap_or_default()
+        };
+        assert_ne!(annotations(&plain), annotations(&rotated));
+        assert_eq!(plain.config_map, rotated.config_map);
+        assert_eq!(plain.service, rotated.service);
+        assert_eq!(
+            build_with(&gw, "").expect("builds").deployment,
+            plain.deployment
+        );
     }
 
     #[test]
