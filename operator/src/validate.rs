@@ -94,6 +94,10 @@ fn nats_references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
     if let Some(r) = &spec.nats.ca_secret_ref {
         push(r, Content::Pem);
     }
+    if let Some(name) = &spec.nats.client_cert_secret_name {
+        refs.push((name.clone(), "tls.crt".into(), Content::Pem));
+        refs.push((name.clone(), "tls.key".into(), Content::Pem));
+    }
     if let Some(u) = spec
         .nats
         .credentials
@@ -232,6 +236,13 @@ mod tests {
             ("chat-nats".to_string(), secret(&[("token", "t0ken")])),
             ("nats-ca".to_string(), secret(&[("ca.crt", PEM)])),
             (
+                "nats-client".to_string(),
+                secret(&[
+                    ("tls.crt", PEM),
+                    ("tls.key", "-----BEGIN PRIVATE KEY-----\n"),
+                ]),
+            ),
+            (
                 "chat-jwt".to_string(),
                 secret(&[("hmac", "0123456789abcdef0123456789abcdef")]),
             ),
@@ -261,6 +272,16 @@ mod tests {
             secret(&[("ca.crt", "-----BEGIN CERTIFICATE-----\nMIIC\n")]),
         );
         assert_ne!(restart_secrets_digest(&gw, &ca), base, "NATS CA");
+        let mut client = good();
+        client.insert(
+            "nats-client".into(),
+            secret(&[("tls.crt", PEM), ("tls.key", "new")]),
+        );
+        assert_ne!(
+            restart_secrets_digest(&gw, &client),
+            base,
+            "NATS client certificate"
+        );
 
         // Reloaded by the relay in place: no roll.
         let mut jwt = good();
@@ -282,6 +303,7 @@ mod tests {
         let mut gw = gateway();
         gw.spec.nats.credentials = None;
         gw.spec.nats.ca_secret_ref = None;
+        gw.spec.nats.client_cert_secret_name = None;
         assert_eq!(restart_secrets_digest(&gw, &good()), "");
     }
 
@@ -294,7 +316,13 @@ mod tests {
     fn the_fetch_stage_reads_each_secret_once() {
         assert_eq!(
             secret_names(&gateway()),
-            ["chat-jwt", "chat-nats", "chat-tls", "nats-ca"]
+            [
+                "chat-jwt",
+                "chat-nats",
+                "chat-tls",
+                "nats-ca",
+                "nats-client"
+            ]
         );
     }
 

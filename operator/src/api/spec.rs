@@ -158,6 +158,15 @@ pub struct NatsSpec {
     /// A PEM CA bundle to verify the NATS servers' certificates with. Changing it rolls the relays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
+
+    /// A `kubernetes.io/tls` Secret (keys `tls.crt` and `tls.key`, PEM) whose certificate
+    /// the relays present to NATS servers that require mutual TLS. Changing it rolls the relays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub client_cert_secret_name: Option<String>,
 }
 
 /// Exactly one way to authenticate to NATS, read from a Secret.
@@ -241,7 +250,8 @@ pub struct AuthSpec {
     validation = Rule::new("[has(self.hmacSecretRef), has(self.publicKeySecretRef), has(self.jwksUrl)].filter(x, x).size() == 1").message("auth.jwt needs exactly one key source: hmacSecretRef, publicKeySecretRef or jwksUrl"),
     validation = Rule::new("!has(self.hmacSecretRef) || !has(self.algorithms) || self.algorithms.all(a, a == 'HS256')").message("an HMAC secret verifies only HS256 tokens: remove the other algorithms"),
     validation = Rule::new("has(self.hmacSecretRef) || !has(self.algorithms) || !self.algorithms.exists(a, a == 'HS256')").message("HS256 tokens need hmacSecretRef: a public key or JWKS cannot verify them"),
-    validation = Rule::new("!has(self.publicKeySecretRef) || !has(self.algorithms) || self.algorithms.size() == 1").message("a PEM public key is either RSA (RS256) or EC (ES256): list one algorithm")
+    validation = Rule::new("!has(self.publicKeySecretRef) || !has(self.algorithms) || self.algorithms.size() == 1").message("a PEM public key is either RSA (RS256) or EC (ES256): list one algorithm"),
+    validation = Rule::new("has(self.jwksUrl) || (!has(self.jwksCacheSeconds) && !has(self.jwksMinRefreshSeconds))").message("jwksCacheSeconds and jwksMinRefreshSeconds apply only with jwksUrl")
 )]
 pub struct JwtSpec {
     /// An HMAC secret for HS256 tokens (at least 32 bytes). Rotating the Secret's value takes
@@ -259,6 +269,19 @@ pub struct JwtSpec {
     #[schemars(length(max = 512))]
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['https', 'http'] && url(self).getHostname() != ''").message("jwksUrl must be an http(s) URL such as https://issuer.example.com/.well-known/jwks.json"))]
     pub jwks_url: Option<String>,
+
+    /// How long the relays use a fetched JWKS before fetching it again, in seconds (with
+    /// `jwksUrl`). Unset: the relay's default (300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub jwks_cache_seconds: Option<i32>,
+
+    /// The least time between two fetches caused by tokens with an unknown key id, in
+    /// seconds (with `jwksUrl`): a flood of made-up `kid`s cannot hammer the issuer. Unset:
+    /// the relay's default (10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub jwks_min_refresh_seconds: Option<i32>,
 
     /// The algorithms accepted. Empty: HS256 for an HMAC secret, RS256 for a public key,
     /// RS256 and ES256 for a JWKS.

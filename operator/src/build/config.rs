@@ -85,14 +85,21 @@ pub fn relay_config(spec: &WebsocketGatewaySpec) -> relay::Config {
                 })
                 .collect()
         };
+        let mut key = relay::JwtKey {
+            hmac_secret_file: j.hmac_secret_ref.as_ref().map(key_path),
+            public_key_file: j.public_key_secret_ref.as_ref().map(key_path),
+            jwks_url: j.jwks_url.clone(),
+            ..relay_default::<relay::JwtKey>()
+        };
+        if let Some(s) = j.jwks_cache_seconds {
+            key.jwks_cache_seconds = u64_of(s);
+        }
+        if let Some(s) = j.jwks_min_refresh_seconds {
+            key.jwks_min_refresh_seconds = u64_of(s);
+        }
         relay::Jwt {
             algorithms,
-            key: relay::JwtKey {
-                hmac_secret_file: j.hmac_secret_ref.as_ref().map(key_path),
-                public_key_file: j.public_key_secret_ref.as_ref().map(key_path),
-                jwks_url: j.jwks_url.clone(),
-                ..relay_default::<relay::JwtKey>()
-            },
+            key,
             issuer: j.issuer.clone(),
             audiences: j.audiences.clone(),
             leeway_seconds: u64_of(j.leeway_seconds),
@@ -134,10 +141,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec) -> relay::Config {
             urls: spec.nats.urls.clone(),
             name: "wsrelay".to_string(),
             credentials: nats_credentials,
-            tls: spec.nats.ca_secret_ref.as_ref().map(|ca| relay::NatsTls {
-                ca_file: Some(key_path(ca)),
-                ..relay::NatsTls::default()
-            }),
+            tls: nats_tls(spec),
         },
         auth: relay::Auth {
             jwt,
@@ -185,6 +189,21 @@ pub fn render_config(config: &relay::Config) -> Result<String, serde_json::Error
     let mut out = serde_json::to_string_pretty(config)?;
     out.push('\n');
     Ok(out)
+}
+
+/// TLS towards NATS: the CA to verify the servers with, and the client certificate for
+/// mutual TLS, each when the spec names one.
+fn nats_tls(spec: &WebsocketGatewaySpec) -> Option<relay::NatsTls> {
+    let ca = spec.nats.ca_secret_ref.as_ref();
+    let client = spec.nats.client_cert_secret_name.as_deref();
+    if ca.is_none() && client.is_none() {
+        return None;
+    }
+    Some(relay::NatsTls {
+        ca_file: ca.map(key_path),
+        cert_file: client.map(|s| secret_path(s, "tls.crt")),
+        key_file: client.map(|s| secret_path(s, "tls.key")),
+    })
 }
 
 /// A short, stable hash of the rendered config, for the pod-template annotation.
@@ -238,6 +257,48 @@ mod tests {
         assert_eq!(
             jwt.algorithms,
             vec![relay::JwtAlgorithm::RS256, relay::JwtAlgorithm::ES256]
+        );
+    }
+
+    #[test]
+    fn jwks_timings_are_passed_on_and_default_to_the_relays_own() {
+        let mut s = spec(include_str!("../../tests/fixtures/full.yaml"));
+        let j = s.auth.jwt.as_mut().expect("jwt");
+        j.hmac_secret_ref = None;
+        j.jwks_url = Some("https://issuer.example.com/jwks.json".into());
+        let defaults = relay_config(&s).auth.jwt.expect("jwt").key;
+        let relay_defaults: relay::JwtKey = relay_default();
+        assert_eq!(
+            defaults.jwks_cache_seconds,
+            relay_defaults.jwks_cache_seconds
+        );
+        assert_eq!(
+            defaults.jwks_min_refresh_seconds,
+            relay_defaults.jwks_min_refresh_seconds
+        );
+        let j = s.auth.jwt.as_mut().expect("jwt");
+        j.jwks_cache_seconds = Some(120);
+        j.jwks_min_refresh_seconds = Some(3);
+        let config = relay_config(&s);
+        config.validate().expect("the relay accepts the config");
+        let key = config.auth.jwt.expect("jwt").key;
+        assert_eq!(
+            (key.jwks_cache_seconds, key.jwks_min_refresh_seconds),
+            (120, 3)
+        );
+    }
+
+    #[test]
+    fn the_nats_client_certificate_is_mounted_for_mutual_tls() {
+        let config = relay_config(&spec(include_str!("../../tests/fixtures/full.yaml")));
+        let tls = config.nats.tls.expect("nats tls");
+        assert_eq!(
+            tls.cert_file,
+            Some(PathBuf::from("/etc/wsrelay/secrets/nats-client/tls.crt"))
+        );
+        assert_eq!(
+            tls.key_file,
+            Some(PathBuf::from("/etc/wsrelay/secrets/nats-client/tls.key"))
         );
     }
 

@@ -52,6 +52,9 @@ pub(crate) fn referenced_secrets(gw: &WebsocketGateway) -> BTreeSet<String> {
     if let Some(ca) = &spec.nats.ca_secret_ref {
         names.insert(ca.name.clone());
     }
+    if let Some(client) = &spec.nats.client_cert_secret_name {
+        names.insert(client.clone());
+    }
     if let Some(j) = &spec.auth.jwt {
         for r in [&j.hmac_secret_ref, &j.public_key_secret_ref]
             .into_iter()
