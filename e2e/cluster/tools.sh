@@ -40,7 +40,7 @@ mkdir -p "$cache/bin" "$cache/path"
 for m in "${mods[@]}"; do
 	dir="$cache/bin/$m-$(key "$m")"
 	if [ ! -f "$dir/.done" ]; then
-		log "building $m into $dir (new pin; kubernetes takes minutes on 2 cores)"
+		log "building $m into $dir (new pin or recipe)"
 		rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
 		start=$SECONDS
 		build "$m" "$dir.tmp"
