@@ -151,7 +151,19 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
         token: token("alice")?,
         channel: "news".into(),
     };
-    let first = subscriber::start(target.clone()).await?;
+    // kube-proxy programs a new endpoint within a second or so of the EndpointSlice listing
+    // it; until then the Service answers "no route to host". A client retries, and so do we.
+    wait_endpoints_ready(&client, &ns, 1).await?;
+    let first = eventually("a first client to connect through the Service", || async {
+        match subscriber::start(target.clone()).await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => {
+                tracing::info!("not yet: {e:#}");
+                Ok(None)
+            }
+        }
+    })
+    .await?;
     let seq = Arc::new(AtomicU64::new(0));
     publish_until_received(&nats, &subject, &seq, &first).await?;
     eprintln!(
