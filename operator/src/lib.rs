@@ -65,7 +65,17 @@ pub async fn run(
     config: RunConfig,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let metrics = Arc::new(Metrics::new());
+    run_with_metrics(client, config, Arc::new(Metrics::new()), shutdown).await
+}
+
+/// As [`run`], exporting `metrics` on the admin server (the binary shares them with the
+/// custom metrics API, so its scrape counts show there too).
+pub async fn run_with_metrics(
+    client: Client,
+    config: RunConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let ready = Arc::new(AtomicBool::new(false));
 
     let admin = match config.admin_addr {

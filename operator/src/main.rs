@@ -1,8 +1,11 @@
 //! The wsrelay operator binary: `run` the controller, or print the `crd`.
 
+use std::sync::Arc;
+
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use wsrelay_operator::cli::{Cli, Command, LogFormat};
+use wsrelay_operator::metrics::Metrics;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -23,13 +26,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokio::spawn(signal_shutdown(shutdown.clone()));
             // The custom metrics API runs beside the controller on every replica (not only
             // the leader): the APIService's Service spreads requests over all of them.
+            // One set of metrics for the admin /metrics, the metrics API counting into it.
+            let metrics = Arc::new(Metrics::new());
             let metrics_api = match args.metrics_api.clone().into_config()? {
                 Some(config) => {
                     let (client, shutdown) = (client.clone(), shutdown.clone());
+                    let scrape = metrics.scrape.clone();
                     Some(tokio::spawn(async move {
-                        let result =
-                            wsrelay_operator::metrics_api::serve(client, config, shutdown.clone())
-                                .await;
+                        let result = wsrelay_operator::metrics_api::serve(
+                            client,
+                            config,
+                            scrape,
+                            shutdown.clone(),
+                        )
+                        .await;
                         if let Err(e) = &result {
                             // A replica whose metrics API died would stay Ready behind the
                             // APIService while the HPA goes blind: stop the whole process,
@@ -42,7 +52,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 None => None,
             };
-            wsrelay_operator::run(client, args.into_config(), shutdown.clone()).await?;
+            wsrelay_operator::run_with_metrics(
+                client,
+                args.into_config(),
+                metrics,
+                shutdown.clone(),
+            )
+            .await?;
             if let Some(task) = metrics_api {
                 shutdown.cancel();
                 task.await??;

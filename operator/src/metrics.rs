@@ -8,6 +8,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::CATEGORIES;
+use crate::metrics_api::ScrapeMetrics;
 
 /// Label of a failure: its bounded category.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -22,6 +23,8 @@ pub struct Metrics {
     pub failures: Family<FailureLabels, Counter>,
     pub duration: Histogram,
     pub leader: Gauge,
+    /// The custom metrics API's scrapes of the relays (it counts into these clones).
+    pub scrape: ScrapeMetrics,
     registry: Registry,
 }
 
@@ -55,6 +58,8 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let scrape = ScrapeMetrics::new();
+        scrape.register(&mut registry);
         // Every category shows up at 0 from the start, so rate() works on the first failure.
         for category in CATEGORIES {
             let _ = failures.get_or_create(&FailureLabels {
@@ -66,6 +71,7 @@ impl Metrics {
             failures,
             duration,
             leader,
+            scrape,
             registry,
         }
     }
@@ -115,6 +121,25 @@ mod tests {
         );
         assert!(
             text.contains("wsrelay_operator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_metrics_api_scrapes_count_into_the_operators_registry() {
+        let m = Metrics::new();
+        // The metrics API holds a clone: what it counts shows on the operator's /metrics.
+        let scraper_side = m.scrape.clone();
+        scraper_side.ok.inc();
+        scraper_side.failed.inc();
+        scraper_side.failed.inc();
+        let text = m.encode();
+        assert!(
+            text.contains("wsrelay_operator_metrics_api_scrapes_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wsrelay_operator_metrics_api_scrape_failures_total 2"),
             "{text}"
         );
     }

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::api::Route;
 use self::auth::{AuthConfigError, Authorizer, RequestHeaderConfig};
+pub use self::scrape::ScrapeMetrics;
 use self::scrape::Scraper;
 pub use crate::build::CONNECTIONS_METRIC;
 
@@ -143,9 +144,12 @@ impl std::fmt::Debug for Shared {
 struct PeerName(Option<String>);
 
 /// Binds `config.addr` and serves until `shutdown`.
+/// Scrape counts go to `metrics`, which the caller may also register with the operator's
+/// own `/metrics` (they are on this API's `/metrics` too).
 pub async fn serve(
     client: Client,
     config: MetricsApiConfig,
+    metrics: ScrapeMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), MetricsApiError> {
     let listener =
@@ -155,7 +159,7 @@ pub async fn serve(
                 addr: config.addr,
                 source,
             })?;
-    serve_on(listener, client, config, shutdown).await
+    serve_counting(listener, client, config, metrics, shutdown).await
 }
 
 /// Serves on an already bound listener until `shutdown` (tests bind port 0 themselves).
@@ -167,11 +171,26 @@ pub async fn serve_on(
     config: MetricsApiConfig,
     shutdown: CancellationToken,
 ) -> Result<(), MetricsApiError> {
+    serve_counting(listener, client, config, ScrapeMetrics::new(), shutdown).await
+}
+
+async fn serve_counting(
+    listener: TcpListener,
+    client: Client,
+    config: MetricsApiConfig,
+    metrics: ScrapeMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), MetricsApiError> {
     let requestheader = RequestHeaderConfig::fetch(&client).await?;
     let server_config = tls::server_config(&config.cert, &config.key, &requestheader)?;
     let acceptor = tls::Acceptor::new(server_config);
 
-    let scraper = Scraper::new(CONNECTIONS_METRIC, config.scrape_timeout, config.cache_ttl);
+    let scraper = Scraper::with_metrics(
+        CONNECTIONS_METRIC,
+        config.scrape_timeout,
+        config.cache_ttl,
+        metrics,
+    );
     let mut registry = Registry::with_prefix("wsrelay_operator");
     scraper.metrics.register(&mut registry);
     let shared = Arc::new(Shared {

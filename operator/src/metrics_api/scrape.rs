@@ -105,8 +105,14 @@ pub struct ScrapeMetrics {
     pub duration: Histogram,
 }
 
+impl Default for ScrapeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ScrapeMetrics {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             ok: Counter::default(),
             failed: Counter::default(),
@@ -163,11 +169,21 @@ pub struct Scraped {
 
 impl Scraper {
     pub fn new(metric: &'static str, timeout: Duration, ttl: Duration) -> Self {
+        Self::with_metrics(metric, timeout, ttl, ScrapeMetrics::new())
+    }
+
+    /// As [`Scraper::new`], counting into `metrics` (shared with the operator's registry).
+    pub fn with_metrics(
+        metric: &'static str,
+        timeout: Duration,
+        ttl: Duration,
+        metrics: ScrapeMetrics,
+    ) -> Self {
         Self {
             metric,
             timeout,
             ttl,
-            metrics: ScrapeMetrics::new(),
+            metrics,
             cache: Arc::default(),
         }
     }
