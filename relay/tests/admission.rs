@@ -14,9 +14,7 @@ use common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-use wsrelay::config::{
-    Config, Direction, Jwt, JwtAlgorithm, JwtKey, SlowConsumerPolicy, TokenSource,
-};
+use wsrelay::config::{Config, Direction, JwtAlgorithm, JwtKey, SlowConsumerPolicy, TokenSource};
 
 fn hs_config(nats_url: &str) -> Config {
     let mut c = base_config(nats_url);
@@ -32,16 +30,7 @@ fn hs_config(nats_url: &str) -> Config {
             name: "session".into(),
         },
     ];
-    c.auth.jwt = Some(Jwt {
-        algorithms: vec![JwtAlgorithm::HS256],
-        key: JwtKey {
-            hmac_secret_file: Some(fixture("hmac.secret")),
-            ..JwtKey::default()
-        },
-        issuer: Some("https://issuer.test".into()),
-        audiences: vec!["wsrelay".into()],
-        leeway_seconds: 5,
-    });
+    c.auth.jwt = Some(fixture_jwt());
     c.bindings = vec![binding("news", "public.news", Direction::Both)];
     c.validate().unwrap();
     c

@@ -410,16 +410,12 @@ async fn a_rotated_jwt_key_file_takes_effect_without_a_restart() {
     );
     std::fs::write(&key_file, old_key).unwrap();
     let mut c = base_config(&nats.url());
-    c.auth.jwt = Some(wsrelay::config::Jwt {
-        algorithms: vec![wsrelay::config::JwtAlgorithm::HS256],
-        key: wsrelay::config::JwtKey {
-            hmac_secret_file: Some(key_file.clone()),
-            ..Default::default()
-        },
-        issuer: None,
-        audiences: vec![],
-        leeway_seconds: 5,
-    });
+    // The fixture's verification, but reading the key from a file this test rotates.
+    let mut jwt = fixture_jwt();
+    jwt.key.hmac_secret_file = Some(key_file.clone());
+    jwt.issuer = None;
+    jwt.audiences.clear();
+    c.auth.jwt = Some(jwt);
     c.bindings = vec![binding(
         "news",
         "public.news",

@@ -17,10 +17,9 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use wsrelay::config::{Direction, Jwt, JwtAlgorithm, JwtKey};
+use wsrelay::config::Direction;
 
 /// How long the browser may take to start, load the page, connect and report.
 const BROWSER_WAIT: Duration = Duration::from_secs(60);
@@ -70,65 +69,24 @@ ws.onclose = (e) => fetch("/report", {{ method: "POST", body: JSON.stringify({{ 
     )
 }
 
-/// A tiny HTTP server on `listener`: serves `page` at `/` and forwards each `/report` body.
+/// A small web server on `listener`: the page at `/`, and each JSON body POSTed to
+/// `/report` forwarded to the test.
 fn serve_page(listener: TcpListener, page: String) -> mpsc::UnboundedReceiver<Value> {
+    use axum::routing::{get, post};
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let page = page.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                // Read the head and, for a POST, its body (Content-Length).
-                let body = loop {
-                    let Ok(n) = s.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let length = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case("content-length")
-                                    .then(|| v.trim().parse::<usize>().ok())?
-                            })
-                            .unwrap_or(0);
-                        if buf.len() >= end + 4 + length {
-                            break (
-                                text[..end].to_string(),
-                                buf[end + 4..end + 4 + length].to_vec(),
-                            );
-                        }
-                    }
-                };
-                let (head, body) = body;
-                let reply = if head.starts_with("POST /report") {
-                    if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-                        let _ = tx.send(v);
-                    }
-                    "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string()
-                } else if head.starts_with("GET / ") {
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
-                        page.len()
-                    )
-                } else {
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        .into()
-                };
-                let _ = s.write_all(reply.as_bytes()).await;
-            });
-        }
-    });
+    let app = axum::Router::new()
+        .route("/", get(move || async move { axum::response::Html(page) }))
+        .route(
+            "/report",
+            // The page posts text (no CORS preflight), so the body is parsed here.
+            post(move |body: String| async move {
+                if let Ok(v) = serde_json::from_str::<Value>(&body) {
+                    let _ = tx.send(v);
+                }
+                axum::http::StatusCode::NO_CONTENT
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
     rx
 }
 
@@ -181,16 +139,7 @@ impl Drop for Browser {
 
 fn config(nats_url: &str, allowed_origin: &str) -> wsrelay::config::Config {
     let mut c = base_config(nats_url);
-    c.auth.jwt = Some(Jwt {
-        algorithms: vec![JwtAlgorithm::HS256],
-        key: JwtKey {
-            hmac_secret_file: Some(fixture("hmac.secret")),
-            ..JwtKey::default()
-        },
-        issuer: Some("https://issuer.test".into()),
-        audiences: vec!["wsrelay".into()],
-        leeway_seconds: 5,
-    });
+    c.auth.jwt = Some(fixture_jwt());
     c.auth.allowed_origins = vec![allowed_origin.to_string()];
     c.bindings = vec![binding(
         "me.notify",

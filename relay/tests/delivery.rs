@@ -10,21 +10,12 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use wsrelay::config::{Direction, Jwt, JwtAlgorithm, JwtKey};
+use wsrelay::config::Direction;
 
 fn jwt_config(nats_url: &str) -> wsrelay::config::Config {
     let mut c = base_config(nats_url);
     c.auth.allow_anonymous = true;
-    c.auth.jwt = Some(Jwt {
-        algorithms: vec![JwtAlgorithm::HS256],
-        key: JwtKey {
-            hmac_secret_file: Some(fixture("hmac.secret")),
-            ..JwtKey::default()
-        },
-        issuer: Some("https://issuer.test".into()),
-        audiences: vec!["wsrelay".into()],
-        leeway_seconds: 5,
-    });
+    c.auth.jwt = Some(fixture_jwt());
     c.bindings = vec![
         binding("orders.{id}", "orders.{id}", Direction::Both),
         binding(

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use wsrelay::config::{Binding, Config, Direction};
+use wsrelay::config::{Binding, Config, Direction, Jwt, JwtAlgorithm, JwtKey};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TokioTcp>>;
 
@@ -142,6 +142,21 @@ pub fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// JWT verification that accepts what [`hs256`] signs with [`claims`]: HS256 with the fixture
+/// secret, issuer `https://issuer.test`, audience `wsrelay`.
+pub fn fixture_jwt() -> Jwt {
+    Jwt {
+        algorithms: vec![JwtAlgorithm::HS256],
+        key: JwtKey {
+            hmac_secret_file: Some(fixture("hmac.secret")),
+            ..JwtKey::default()
+        },
+        issuer: Some("https://issuer.test".into()),
+        audiences: vec!["wsrelay".into()],
+        leeway_seconds: 5,
+    }
 }
 
 /// An HS256 token signed with the fixture secret.
