@@ -44,3 +44,19 @@ contexts:
 current-context: wsrelay-local
 KUBECONFIG
 }
+
+# Starts COMMAND... detached as component NAME: in its own session (it outlives the calling
+# script and no terminal signal reaches it), output in $state/logs/NAME.log, pid in
+# $state/pids/NAME.pid. Left alone while the process started last time still runs.
+# (Callers define log.)
+start() { # name command...
+	local name=$1
+	shift
+	if running_pid "$name" "$(basename "$1")" >/dev/null; then
+		log "$name already running (pid $(cat "$state/pids/$name.pid"))"
+		return
+	fi
+	log "starting $name"
+	setsid "$@" >>"$state/logs/$name.log" 2>&1 </dev/null &
+	echo $! >"$state/pids/$name.pid"
+}

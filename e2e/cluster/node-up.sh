@@ -264,20 +264,8 @@ ip route replace "$POD_CIDR" via "$NODE_IP" dev "$HOST_IF"
 ip route replace "$SERVICE_CIDR" via "$NODE_IP" dev "$HOST_IF"
 
 # --- host ends of the loopback bridges ----------------------------------------------------
-# start NAME EXE COMMAND...: detached (own session), pid in $state/pids/NAME.pid, unless the
-# process we started last time still runs.
-start() {
-	local name=$1 exe=$2
-	shift 2
-	if running_pid "$name" "$exe" >/dev/null; then
-		return
-	fi
-	log "starting $name"
-	setsid "$@" >>"$state/logs/$name.log" 2>&1 </dev/null &
-	echo $! >"$state/pids/$name.pid"
-}
-start node-socat-apiserver socat socat "UNIX-LISTEN:$node/apiserver.sock,fork,unlink-early" "TCP:127.0.0.1:$APISERVER_PORT"
-start node-socat-nats socat socat "UNIX-LISTEN:$node/nats.sock,fork,unlink-early" "TCP:127.0.0.1:$NATS_PORT"
+start node-socat-apiserver socat "UNIX-LISTEN:$node/apiserver.sock,fork,unlink-early" "TCP:127.0.0.1:$APISERVER_PORT"
+start node-socat-nats socat "UNIX-LISTEN:$node/nats.sock,fork,unlink-early" "TCP:127.0.0.1:$NATS_PORT"
 
 # --- the node ------------------------------------------------------------------------------
 if ! running_pid node unshare >/dev/null; then

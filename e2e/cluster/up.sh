@@ -28,21 +28,6 @@ HPA_SYNC=${HPA_SYNC:-5s}
 
 log() { printf '[cluster-up] %s\n' "$*" >&2; }
 
-alive() { running_pid "$1" >/dev/null; }
-
-start() { # name binary args...
-	local name=$1
-	shift
-	if alive "$name"; then
-		log "$name already running (pid $(cat "$state/pids/$name.pid"))"
-		return
-	fi
-	log "starting $name"
-	# setsid: its own session, so it outlives this script and no terminal signal reaches it.
-	setsid "$@" >>"$state/logs/$name.log" 2>&1 </dev/null &
-	echo $! >"$state/pids/$name.pid"
-}
-
 # wait_until what timeout_seconds command...
 wait_until() {
 	local what=$1 limit=$2
