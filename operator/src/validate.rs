@@ -2,7 +2,7 @@
 //! The schema and CEL rules have already refused malformed specs; here the referenced
 //! Secrets must exist, hold the keys named, and hold something usable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Secret;
 use sha2::{Digest, Sha256};
@@ -56,10 +56,20 @@ enum Content {
 
 /// Every Secret key the gateway uses, with what it must hold.
 fn references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
-    let spec = &gw.spec;
+    let mut refs = mounted_references(gw);
+    if let Some(tls) = &gw.spec.tls {
+        refs.push((tls.secret_name.clone(), "tls.crt".into(), Content::Pem));
+        refs.push((tls.secret_name.clone(), "tls.key".into(), Content::Pem));
+    }
+    refs
+}
+
+/// The keys of the Secrets mounted under the relay's secrets directory: NATS and JWT (the
+/// serving certificate has a mount of its own).
+fn mounted_references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
     let mut refs = nats_references(gw);
-    let mut push = |r: &SecretKeyRef, c: Content| refs.push((r.name.clone(), r.key.clone(), c));
-    if let Some(j) = &spec.auth.jwt {
+    if let Some(j) = &gw.spec.auth.jwt {
+        let mut push = |r: &SecretKeyRef, c: Content| refs.push((r.name.clone(), r.key.clone(), c));
         if let Some(r) = &j.hmac_secret_ref {
             push(r, Content::HmacKey);
         }
@@ -67,11 +77,16 @@ fn references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
             push(r, Content::Pem);
         }
     }
-    if let Some(tls) = &spec.tls {
-        refs.push((tls.secret_name.clone(), "tls.crt".into(), Content::Pem));
-        refs.push((tls.secret_name.clone(), "tls.key".into(), Content::Pem));
-    }
     refs
+}
+
+/// The Secrets the relay pods mount under the secrets directory, one volume each (sorted,
+/// so volume order is stable).
+pub fn mounted_secret_names(gw: &WebsocketGateway) -> BTreeSet<String> {
+    mounted_references(gw)
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect()
 }
 
 /// The Secret keys of the NATS connection: credentials and CA. The relay reads them only

@@ -1,6 +1,6 @@
 //! ServiceAccount, ConfigMap and Deployment: the relay pods and what they read.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
@@ -34,38 +34,6 @@ pub(super) fn config_map(ctx: &Ctx, rendered: String) -> ConfigMap {
     }
 }
 
-/// Every Secret the pods mount, by name (sorted, so volume order is stable).
-pub(crate) fn referenced_secrets(gw: &WebsocketGateway) -> BTreeSet<String> {
-    let spec = &gw.spec;
-    let mut names = BTreeSet::new();
-    if let Some(c) = &spec.nats.credentials {
-        for r in [&c.token, &c.nkey_seed, &c.creds_file]
-            .into_iter()
-            .flatten()
-        {
-            names.insert(r.name.clone());
-        }
-        if let Some(u) = &c.user_password {
-            names.insert(u.secret_name.clone());
-        }
-    }
-    if let Some(ca) = &spec.nats.ca_secret_ref {
-        names.insert(ca.name.clone());
-    }
-    if let Some(client) = &spec.nats.client_cert_secret_name {
-        names.insert(client.clone());
-    }
-    if let Some(j) = &spec.auth.jwt {
-        for r in [&j.hmac_secret_ref, &j.public_key_secret_ref]
-            .into_iter()
-            .flatten()
-        {
-            names.insert(r.name.clone());
-        }
-    }
-    names
-}
-
 pub(super) fn deployment(ctx: &Ctx, gw: &WebsocketGateway, config_hash: &str) -> Deployment {
     let spec = &gw.spec;
 
@@ -89,7 +57,7 @@ pub(super) fn deployment(ctx: &Ctx, gw: &WebsocketGateway, config_hash: &str) ->
         json!({ "name": "config", "mountPath": "/etc/wsrelay/config", "readOnly": true }),
         json!({ "name": "tmp", "mountPath": "/tmp" }),
     ];
-    for (i, secret) in referenced_secrets(gw).iter().enumerate() {
+    for (i, secret) in crate::validate::mounted_secret_names(gw).iter().enumerate() {
         // Volume names are DNS labels (63 chars); Secret names may be longer, so index them.
         let volume = format!("secret-{i}");
         volumes.push(json!({
