@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use wsrelay_e2e::netns::{self, NetNs};
-use wsrelay_e2e::tools::kubectl;
+use wsrelay_e2e::tools::{kubectl, tool};
 use wsrelay_e2e::{eventually, repo_root, unique_name, wait_limit, with_namespace};
 use wsrelay_operator::api::WebsocketGateway;
 use wsrelay_operator::metrics_api::{self, CONNECTIONS_METRIC, MetricsApiConfig};
@@ -80,10 +80,7 @@ fn relay_binary() -> Result<PathBuf> {
 fn nats_server_binary() -> PathBuf {
     std::env::var_os("NATS_SERVER_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/wsrelay/path/nats-server")
-        })
+        .unwrap_or_else(|| tool("nats-server"))
 }
 
 /// Deletes the APIServices on drop, panic or not, before the namespace goes: an

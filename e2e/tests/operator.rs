@@ -43,6 +43,18 @@ where
         .await?)
 }
 
+/// Sets one key of a Secret (a merge patch of its stringData).
+async fn set_secret_key(secrets: &Api<Secret>, name: &str, key: &str, value: &str) -> Result<()> {
+    secrets
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "stringData": { key: value } })),
+        )
+        .await?;
+    Ok(())
+}
+
 fn pod_hash(d: &Deployment) -> Option<String> {
     d.spec
         .template
@@ -204,32 +216,14 @@ async fn gateway_lifecycle_create_update_unscale_delete() -> Result<()> {
         // JWT key (reloaded by the relay in place): they do not.
         let hash_rotated = pod_hash(&rolled).context("config hash annotation")?;
         let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
-        secrets
-            .patch(
-                "chat-jwt",
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "stringData": { "hmac": "a-rotated-key-of-at-least-32-bytes!" } })),
-            )
-            .await?;
-        secrets
-            .patch(
-                "chat-nats",
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "stringData": { "token": "a-rotated-nats-token" } })),
-            )
-            .await?;
+        set_secret_key(&secrets, "chat-jwt", "hmac", "a-rotated-key-of-at-least-32-bytes!").await?;
+        set_secret_key(&secrets, "chat-nats", "token", "a-rotated-nats-token").await?;
         let after_nats = wait_for(&deploys, &name, |d: Option<&Deployment>| {
             d.and_then(pod_hash).is_some_and(|h| h != hash_rotated)
         })
         .await?;
         let hash_nats = pod_hash(&after_nats).context("config hash annotation")?;
-        secrets
-            .patch(
-                "chat-jwt",
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "stringData": { "hmac": "yet-another-key-of-at-least-32-bytes" } })),
-            )
-            .await?;
+        set_secret_key(&secrets, "chat-jwt", "hmac", "yet-another-key-of-at-least-32-bytes").await?;
         // A later spec change (a Service annotation, which leaves the pod template alone) is
         // reconciled with the rotated JWT key in hand: the template must still be the same.
         gws.patch(
