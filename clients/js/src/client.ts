@@ -1,0 +1,942 @@
+/**
+ * The wsrelay client: one logical connection to a relay (a fleet behind one URL), kept open
+ * across relay restarts, drains, network loss and token expiry, with subscriptions that
+ * survive reconnects. docs/client.md describes the behaviour; the rules are here once.
+ */
+import { backoffDelay } from "./backoff.js";
+import { closePolicy, LocalClose } from "./closecodes.js";
+import { Emitter } from "./emitter.js";
+import { WsrelayError } from "./errors.js";
+import type { Position } from "./position.js";
+import {
+  decodeBase64,
+  parseFrame,
+  type ErrorFrame,
+  type MessageFrame,
+  type OkFrame,
+  type PongFrame,
+  type ServerFrame,
+  type WelcomeFrame,
+} from "./protocol.js";
+import {
+  Subscription,
+  type Message,
+  type SubscriptionOptions,
+  type SubscriptionOwner,
+} from "./subscription.js";
+import { jwtExpiryMs, refreshDelayMs, tokenExpired } from "./token.js";
+import {
+  webSocketTransport,
+  type Transport,
+  type TransportFactory,
+  type WebSocketConstructor,
+} from "./transport.js";
+
+export type ClientState = "disconnected" | "connecting" | "connected";
+
+/** Timers and time, injectable for tests. */
+export interface Clock {
+  now(): number;
+  setTimeout(fn: () => void, ms: number): unknown;
+  clearTimeout(handle: unknown): void;
+}
+
+const systemClock: Clock = {
+  now: () => Date.now(),
+  setTimeout: (fn, ms) => globalThis.setTimeout(fn, ms),
+  clearTimeout: (h) => globalThis.clearTimeout(h as ReturnType<typeof setTimeout>),
+};
+
+export interface ClientOptions {
+  /** The relay's WebSocket URL (`wss://relay.example/ws`), or a function called before each connection. */
+  url: string | (() => string);
+  /** A JWT to start with (optional when `getToken` is given; neither means anonymous). */
+  token?: string | null;
+  /**
+   * Returns a JWT (or null for anonymous). Called before a connection when there is no token,
+   * when the token expires within `tokenMinValidityMs`, after the relay said the token expired
+   * or was refused (1008, 4401, repeated handshake failures), and before expiry for the in-band
+   * refresh.
+   */
+  getToken?: () => Promise<string | null | undefined>;
+  /** Backoff floor. Default 500 ms. */
+  minReconnectDelayMs?: number;
+  /** Backoff ceiling. Default 20 000 ms. */
+  maxReconnectDelayMs?: number;
+  /** The backoff restarts from its first step once a connection stayed up this long. Default 10 000 ms. */
+  stableConnectionMs?: number;
+  /** A connection must reach `welcome` within this time, else it is dropped and retried. Default 10 000 ms. */
+  connectTimeoutMs?: number;
+  /** Send a `ping` after this long without any frame from the relay; 0 disables dead-link detection. Default 15 000 ms. */
+  pingIntervalMs?: number;
+  /** After a `ping`, the link is dead when nothing arrives within this time. Default 10 000 ms. */
+  pongTimeoutMs?: number;
+  /** A publish (or ping, refresh) not answered within this time is rejected with `timeout`. Default 10 000 ms. */
+  requestTimeoutMs?: number;
+  /** Requests made while (re)connecting wait in a queue of this size; beyond it they are rejected (`queue_full`). Default 100. */
+  maxQueuedRequests?: number;
+  /** Refresh the token in band (`refresh` frame) before it expires. Default true (needs `getToken`). */
+  refreshToken?: boolean;
+  /** A token expiring within this time is not used for a new connection. Default 5 000 ms. */
+  tokenMinValidityMs?: number;
+  /** After a drain, reconnect at the relay's turn plus a random delay up to this. Default 1 000 ms. */
+  drainJitterMs?: number;
+  /** Consecutive 4401 refusals after which the client stops and reports. Default 3. */
+  maxAuthFailures?: number;
+  /** Consecutive connections that never reached `welcome` after which `getToken` is called before each new try (an HTTP 401 shows as 1006 in browsers). Default 3. */
+  newTokenAfterFailedOpens?: number;
+  /** Transports in order of preference. Default: WebSocket only. */
+  transports?: TransportFactory[];
+  /** Consecutive failed opens of a transport before the next one in `transports` is tried. Default 2. */
+  fallbackAfterFailures?: number;
+  /** Reconnect at once when the browser reports it is back online. Default true. */
+  reconnectOnOnline?: boolean;
+  /** A WebSocket constructor for environments without a global one (Node < 22: the `ws` package). */
+  WebSocket?: WebSocketConstructor;
+  /** @internal tests */
+  clock?: Clock;
+  /** @internal tests */
+  random?: () => number;
+}
+
+export interface ConnectedContext {
+  transport: string;
+  protocol: string;
+  maxMessageBytes: number;
+  anonymous: boolean;
+  /** Not the first connection of this client. */
+  reconnected: boolean;
+}
+
+export interface DisconnectedContext {
+  /** The close code (see docs/client.md for each); 1006 when the connection failed without one. */
+  code: number;
+  reason: string;
+  wasClean: boolean;
+  /** The client reconnects by itself (false: stopped until `connect()`). */
+  willReconnect: boolean;
+  /** When `willReconnect`: the delay before the next attempt. */
+  delayMs?: number;
+}
+
+export interface ConnectingContext {
+  /** "connect" (the app called connect), "reconnect", "drain", "online", "token". */
+  reason: string;
+  /** The backoff step this attempt used. */
+  attempt: number;
+  /** Delay before the attempt starts. */
+  delayMs: number;
+}
+
+export type ErrorKind = "token" | "transport" | "refresh" | "closed" | "protocol" | "subscribe";
+
+export interface ClientEvents {
+  state: { state: ClientState; previous: ClientState };
+  connecting: ConnectingContext;
+  connected: ConnectedContext;
+  disconnected: DisconnectedContext;
+  error: { kind: ErrorKind; error: WsrelayError };
+  /** The relay is draining: it closes this connection with 1012 in `reconnectAfterMs`; the client reconnects then. */
+  drain: { reconnectAfterMs: number };
+  /** A new token is in use. `inBand`: applied to the open connection by a `refresh` frame. */
+  token: { inBand: boolean; expiresAt?: number };
+  /** The relay dropped messages for this connection (slow consumer); `channel` when the relay names it. */
+  dropped: { count: number; channel?: string };
+}
+
+export interface PublishResult {
+  /** The stored position, on a resumable channel whose relay acknowledges after storing. */
+  seq?: number;
+}
+
+type Reply = OkFrame | PongFrame;
+
+interface Pending {
+  frame: Record<string, unknown>;
+  resolve: (r: Reply) => void;
+  reject: (e: WsrelayError) => void;
+  timer: unknown;
+  id?: number;
+}
+
+interface Conn {
+  transport: Transport | undefined;
+  welcomed: boolean;
+  factory: TransportFactory;
+}
+
+function byteLength(s: string): number {
+  return new TextEncoder().encode(s).length;
+}
+
+export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
+  private readonly o: Required<
+    Omit<ClientOptions, "token" | "getToken" | "WebSocket" | "clock" | "random" | "transports">
+  >;
+  private readonly getToken: ClientOptions["getToken"];
+  private readonly transports: TransportFactory[];
+  private readonly clock: Clock;
+  private readonly random: () => number;
+
+  private _state: ClientState = "disconnected";
+  private conn: Conn | undefined;
+  private stopped = true;
+  private generation = 0;
+  private everConnected = false;
+
+  private token: string | null | undefined;
+  private needNewToken = false;
+
+  private attempt = 0;
+  private authFailures = 0;
+  private failedOpens = 0;
+  private transportIndex = 0;
+  private transportFailures = 0;
+  private drainAt: number | undefined;
+
+  private reconnectTimer: unknown;
+  private connectTimer: unknown;
+  private stableTimer: unknown;
+  private pingTimer: unknown;
+  private pongTimer: unknown;
+  private refreshTimer: unknown;
+  private lastReceived = 0;
+  private pingSentAt = 0;
+
+  private nextId = 1;
+  private readonly inflight = new Map<number, Pending>();
+  private queue: Pending[] = [];
+  private readonly subs = new Map<string, Subscription>();
+  private readonly subRequests = new Map<number, Subscription>();
+  private readonly ignoredReplies = new Set<number>();
+  private welcome: WelcomeFrame | undefined;
+  private onlineListener: (() => void) | undefined;
+
+  constructor(options: ClientOptions) {
+    super();
+    this.o = {
+      url: options.url,
+      minReconnectDelayMs: options.minReconnectDelayMs ?? 500,
+      maxReconnectDelayMs: options.maxReconnectDelayMs ?? 20_000,
+      stableConnectionMs: options.stableConnectionMs ?? 10_000,
+      connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
+      pingIntervalMs: options.pingIntervalMs ?? 15_000,
+      pongTimeoutMs: options.pongTimeoutMs ?? 10_000,
+      requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
+      maxQueuedRequests: options.maxQueuedRequests ?? 100,
+      refreshToken: options.refreshToken ?? true,
+      tokenMinValidityMs: options.tokenMinValidityMs ?? 5_000,
+      drainJitterMs: options.drainJitterMs ?? 1_000,
+      maxAuthFailures: options.maxAuthFailures ?? 3,
+      newTokenAfterFailedOpens: options.newTokenAfterFailedOpens ?? 3,
+      fallbackAfterFailures: options.fallbackAfterFailures ?? 2,
+      reconnectOnOnline: options.reconnectOnOnline ?? true,
+    };
+    this.token = options.token;
+    this.getToken = options.getToken;
+    this.transports = options.transports?.length
+      ? options.transports
+      : [webSocketTransport(options.WebSocket)];
+    this.clock = options.clock ?? systemClock;
+    this.random = options.random ?? Math.random;
+  }
+
+  // ---- public API -------------------------------------------------------------------------
+
+  get state(): ClientState {
+    return this._state;
+  }
+
+  /** The name of the transport of the current (or last) connection: "websocket", "sse". */
+  get transport(): string {
+    return (this.conn?.factory ?? this.transports[this.transportIndex])!.name;
+  }
+
+  /** The relay's `welcome` of the current connection. */
+  get server(): WelcomeFrame | undefined {
+    return this.welcome;
+  }
+
+  /** Starts connecting (and keeps reconnecting). No effect unless disconnected. */
+  connect(): void {
+    if (this._state !== "disconnected") return;
+    this.stopped = false;
+    this.attempt = 0;
+    this.authFailures = 0;
+    this.failedOpens = 0;
+    this.listenOnline(true);
+    this.scheduleConnect(0, "connect");
+  }
+
+  /**
+   * Closes the connection (1000) and stops reconnecting. Subscriptions stay registered and
+   * resubscribe on the next `connect()`; queued requests are rejected (`not_connected`).
+   */
+  disconnect(): void {
+    this.stopped = true;
+    this.generation++;
+    this.listenOnline(false);
+    this.clearTimer("reconnectTimer");
+    const conn = this.conn;
+    if (conn) {
+      conn.transport?.close(1000, "client disconnect");
+      this.closed(conn, 1000, "client disconnect", true);
+    } else {
+      this.failQueue("not_connected", "client disconnected");
+      this.setState("disconnected");
+    }
+  }
+
+  /**
+   * Subscribes to a channel; the subscription is (re)sent on every connection until
+   * `unsubscribe()`. Throws if this client already has a subscription to the channel.
+   */
+  subscribe(channel: string, options: SubscriptionOptions = {}): Subscription {
+    if (this.subs.has(channel))
+      throw new Error(`already subscribed to ${channel}: use getSubscription() or unsubscribe first`);
+    const sub = new Subscription(this, channel, options);
+    this.subs.set(channel, sub);
+    sub._subscribing("subscribe");
+    if (this.conn?.welcomed) this.sendSubscribe(sub);
+    return sub;
+  }
+
+  getSubscription(channel: string): Subscription | undefined {
+    return this.subs.get(channel);
+  }
+
+  get subscriptions(): Subscription[] {
+    return [...this.subs.values()];
+  }
+
+  /** Publishes a JSON value; settles with the relay's `ok` (resolve) or `error` (reject, with code and reason). */
+  async publish(channel: string, payload: unknown): Promise<PublishResult> {
+    const ok = (await this.request({ type: "publish", channel, payload })) as OkFrame;
+    return ok.seq !== undefined ? { seq: ok.seq } : {};
+  }
+
+  /** Publishes a string as the exact NATS payload (not JSON-encoded). */
+  async publishText(channel: string, text: string): Promise<PublishResult> {
+    const ok = (await this.request({ type: "publish", channel, text })) as OkFrame;
+    return ok.seq !== undefined ? { seq: ok.seq } : {};
+  }
+
+  /** An application-level round trip; resolves with the time it took in ms. */
+  async ping(): Promise<number> {
+    const start = this.clock.now();
+    await this.request({ type: "ping" });
+    return this.clock.now() - start;
+  }
+
+  /** Refreshes the token in band now (normally scheduled by itself before expiry). */
+  async refreshTokenNow(): Promise<void> {
+    await this.refreshInBand(true);
+  }
+
+  // ---- connection -------------------------------------------------------------------------
+
+  private setState(state: ClientState): void {
+    const previous = this._state;
+    if (previous === state) return;
+    this._state = state;
+    this.emit("state", { state, previous });
+  }
+
+  private clearTimer(
+    name: "reconnectTimer" | "connectTimer" | "stableTimer" | "pingTimer" | "pongTimer" | "refreshTimer",
+  ): void {
+    if (this[name] !== undefined) {
+      this.clock.clearTimeout(this[name]);
+      this[name] = undefined;
+    }
+  }
+
+  private listenOnline(on: boolean): void {
+    const g = globalThis as {
+      addEventListener?: (n: string, f: () => void) => void;
+      removeEventListener?: (n: string, f: () => void) => void;
+    };
+    if (typeof g.addEventListener !== "function" || typeof g.removeEventListener !== "function") return;
+    if (on && this.o.reconnectOnOnline && !this.onlineListener) {
+      this.onlineListener = () => {
+        // Back online while waiting out a backoff: try now (not while waiting for a drain turn).
+        if (this._state === "connecting" && this.reconnectTimer !== undefined && this.drainAt === undefined) {
+          this.clearTimer("reconnectTimer");
+          this.attempt = 0;
+          this.scheduleConnect(0, "online");
+        }
+      };
+      g.addEventListener("online", this.onlineListener);
+    } else if (!on && this.onlineListener) {
+      g.removeEventListener("online", this.onlineListener);
+      this.onlineListener = undefined;
+    }
+  }
+
+  private scheduleConnect(delayMs: number, reason: string): void {
+    this.clearTimer("reconnectTimer");
+    this.setState("connecting");
+    this.emit("connecting", { reason, attempt: this.attempt, delayMs });
+    const gen = this.generation;
+    this.reconnectTimer = this.clock.setTimeout(() => {
+      this.reconnectTimer = undefined;
+      if (gen === this.generation && !this.stopped) void this.open(gen);
+    }, delayMs);
+  }
+
+  /** Schedules the next attempt after a failure before any connection existed (token, transport). */
+  private retryLater(reason: string): void {
+    const delay = backoffDelay(this.attempt, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
+    this.attempt++;
+    this.scheduleConnect(delay, reason);
+  }
+
+  private stop(kind: ErrorKind, error: WsrelayError): void {
+    this.stopped = true;
+    this.generation++;
+    this.listenOnline(false);
+    this.clearTimer("reconnectTimer");
+    this.emit("error", { kind, error });
+    this.failQueue("not_connected", error.reason);
+    this.setState("disconnected");
+  }
+
+  private async open(gen: number): Promise<void> {
+    // 1. A token good enough to connect with.
+    let token = this.token;
+    const expired = typeof token === "string" && tokenExpired(token, this.clock.now(), this.o.tokenMinValidityMs);
+    if (this.getToken && (this.needNewToken || token === undefined || expired)) {
+      try {
+        token = (await this.getToken()) ?? null;
+      } catch (e) {
+        if (gen !== this.generation || this.stopped) return;
+        this.emit("error", { kind: "token", error: new WsrelayError("token", `getToken failed: ${String(e)}`) });
+        this.retryLater("token");
+        return;
+      }
+      if (gen !== this.generation || this.stopped) return;
+      this.token = token;
+      this.needNewToken = false;
+      if (token && tokenExpired(token, this.clock.now(), this.o.tokenMinValidityMs)) {
+        this.emit("error", { kind: "token", error: new WsrelayError("token", "getToken returned an expired token") });
+        this.needNewToken = true;
+        this.retryLater("token");
+        return;
+      }
+    } else if (expired) {
+      this.stop("token", new WsrelayError("token", "the token expired and no getToken is configured"));
+      return;
+    }
+
+    // 2. The transport.
+    const factory = this.transports[this.transportIndex]!;
+    const url = typeof this.o.url === "function" ? this.o.url() : this.o.url;
+    const conn: Conn = { transport: undefined, welcomed: false, factory };
+    this.conn = conn;
+    this.welcome = undefined;
+    try {
+      conn.transport = factory.open(
+        { url, token: token ?? null },
+        {
+          onOpen: () => {},
+          onFrame: (text) => this.frame(conn, text),
+          onClose: (code, reason, wasClean) => this.closed(conn, code, reason, wasClean),
+        },
+      );
+    } catch (e) {
+      this.conn = undefined;
+      this.emit("error", {
+        kind: "transport",
+        error: new WsrelayError("disconnected", `${factory.name} unavailable: ${String(e)}`),
+      });
+      this.transportFailed();
+      this.retryLater("reconnect");
+      return;
+    }
+    this.connectTimer = this.clock.setTimeout(() => {
+      this.connectTimer = undefined;
+      this.abandon(conn, LocalClose.ConnectTimeout, `no welcome within ${this.o.connectTimeoutMs} ms`);
+    }, this.o.connectTimeoutMs);
+  }
+
+  private transportFailed(): void {
+    this.transportFailures++;
+    if (this.transports.length > 1 && this.transportFailures >= this.o.fallbackAfterFailures) {
+      this.transportIndex = (this.transportIndex + 1) % this.transports.length;
+      this.transportFailures = 0;
+    }
+  }
+
+  /** Drops a connection the client gave up on (dead link, timeout, deliberate reconnect). */
+  private abandon(conn: Conn, code: number, reason: string): void {
+    if (conn !== this.conn) return;
+    conn.transport?.close(code, reason);
+    this.closed(conn, code, reason, false);
+  }
+
+  private welcomed(conn: Conn, w: WelcomeFrame): void {
+    if (conn.welcomed) return;
+    conn.welcomed = true;
+    this.clearTimer("connectTimer");
+    this.welcome = w;
+    this.failedOpens = 0;
+    this.authFailures = 0;
+    this.transportFailures = 0;
+    this.drainAt = undefined;
+    this.stableTimer = this.clock.setTimeout(() => {
+      this.stableTimer = undefined;
+      this.attempt = 0;
+    }, this.o.stableConnectionMs);
+    const reconnected = this.everConnected;
+    this.everConnected = true;
+    this.setState("connected");
+    this.emit("connected", {
+      transport: conn.factory.name,
+      protocol: w.protocol,
+      maxMessageBytes: w.maxMessageBytes,
+      anonymous: w.anonymous,
+      reconnected,
+    });
+    if (conn !== this.conn) return; // a listener disconnected
+    this.startHeartbeat(conn);
+    this.scheduleRefresh();
+    for (const sub of this.subs.values()) {
+      if (sub._retryTimer !== undefined) {
+        this.clock.clearTimeout(sub._retryTimer);
+        sub._retryTimer = undefined;
+      }
+      if (sub.state !== "unsubscribed") this.sendSubscribe(sub);
+    }
+    const queued = this.queue;
+    this.queue = [];
+    for (const p of queued) this.transmit(p);
+  }
+
+  private closed(conn: Conn, code: number, reason: string, wasClean: boolean): void {
+    if (conn !== this.conn) return;
+    this.conn = undefined;
+    for (const t of ["connectTimer", "stableTimer", "pingTimer", "pongTimer", "refreshTimer"] as const)
+      this.clearTimer(t);
+    const wasWelcomed = conn.welcomed;
+    if (!wasWelcomed) {
+      this.failedOpens++;
+      this.transportFailed();
+    }
+    for (const p of this.inflight.values()) {
+      this.clock.clearTimeout(p.timer);
+      p.reject(new WsrelayError("disconnected", `connection closed (${code}) before the reply`));
+    }
+    this.inflight.clear();
+    this.subRequests.clear();
+    this.ignoredReplies.clear();
+    for (const sub of this.subs.values()) {
+      sub._pendingId = undefined;
+      if (sub.state === "subscribed") sub._subscribing("disconnected");
+    }
+
+    if (this.stopped) {
+      this.emit("disconnected", { code, reason, wasClean, willReconnect: false });
+      this.failQueue("not_connected", "client disconnected");
+      this.setState("disconnected");
+      return;
+    }
+
+    const policy = closePolicy(code);
+    if (policy.newToken) this.needNewToken = true;
+    if (!wasWelcomed && this.getToken && this.failedOpens >= this.o.newTokenAfterFailedOpens)
+      this.needNewToken = true;
+    let terminal = !policy.reconnect;
+    if (policy.authFailure) {
+      this.authFailures++;
+      if (this.authFailures >= this.o.maxAuthFailures) terminal = true;
+    }
+    if (terminal) {
+      this.emit("disconnected", { code, reason, wasClean, willReconnect: false });
+      this.stop("closed", new WsrelayError(code, reason || `connection closed with ${code}`));
+      return;
+    }
+
+    let delay: number;
+    let why = "reconnect";
+    if (this.drainAt !== undefined) {
+      // The relay gave this connection a turn: reconnect at it, never before, plus a little jitter.
+      delay = Math.max(0, this.drainAt - this.clock.now()) + Math.floor(this.random() * this.o.drainJitterMs);
+      this.drainAt = undefined;
+      why = "drain";
+    } else if (policy.immediate) {
+      delay = 0;
+      why = "token";
+    } else {
+      this.attempt = Math.max(this.attempt, policy.minAttempt);
+      delay = backoffDelay(this.attempt, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
+      this.attempt++;
+    }
+    this.emit("disconnected", { code, reason, wasClean, willReconnect: true, delayMs: delay });
+    if (!this.stopped) this.scheduleConnect(delay, why);
+  }
+
+  // ---- dead-link detection ----------------------------------------------------------------
+
+  private startHeartbeat(conn: Conn): void {
+    this.lastReceived = this.clock.now();
+    if (this.o.pingIntervalMs > 0) this.schedulePing(conn, this.o.pingIntervalMs);
+  }
+
+  private schedulePing(conn: Conn, delay: number): void {
+    this.pingTimer = this.clock.setTimeout(() => {
+      this.pingTimer = undefined;
+      if (conn !== this.conn) return;
+      const idle = this.clock.now() - this.lastReceived;
+      if (idle < this.o.pingIntervalMs) {
+        this.schedulePing(conn, this.o.pingIntervalMs - idle);
+        return;
+      }
+      this.pingSentAt = this.clock.now();
+      this.sendRaw(conn, { type: "ping" });
+      this.pongTimer = this.clock.setTimeout(() => {
+        this.pongTimer = undefined;
+        if (conn !== this.conn) return;
+        if (this.lastReceived >= this.pingSentAt) {
+          const next = this.lastReceived + this.o.pingIntervalMs - this.clock.now();
+          this.schedulePing(conn, Math.max(0, next));
+          return;
+        }
+        this.abandon(
+          conn,
+          LocalClose.DeadLink,
+          `no frame from the relay for ${this.clock.now() - this.lastReceived} ms`,
+        );
+      }, this.o.pongTimeoutMs);
+    }, delay);
+  }
+
+  // ---- tokens -----------------------------------------------------------------------------
+
+  private scheduleRefresh(): void {
+    this.clearTimer("refreshTimer");
+    if (!this.o.refreshToken || !this.getToken || !this.token) return;
+    const delay = refreshDelayMs(jwtExpiryMs(this.token), this.clock.now());
+    if (delay === undefined) return;
+    this.refreshTimer = this.clock.setTimeout(() => {
+      this.refreshTimer = undefined;
+      void this.refreshInBand(false);
+    }, delay);
+  }
+
+  private async refreshInBand(byApp: boolean): Promise<void> {
+    const conn = this.conn;
+    if (!conn?.welcomed || !this.getToken) {
+      if (byApp) throw new WsrelayError("not_connected", "no open connection to refresh");
+      return;
+    }
+    const current = this.token;
+    let next: string | null | undefined;
+    try {
+      next = await this.getToken();
+    } catch (e) {
+      const err = new WsrelayError("token", `getToken failed: ${String(e)}`);
+      this.emit("error", { kind: "refresh", error: err });
+      // Try again while there is time; the relay's 1008 at expiry is the backstop.
+      const exp = current ? jwtExpiryMs(current) : undefined;
+      const left = exp !== undefined ? exp - this.clock.now() : 0;
+      if (conn === this.conn && left > 2_000)
+        this.refreshTimer = this.clock.setTimeout(() => {
+          this.refreshTimer = undefined;
+          void this.refreshInBand(false);
+        }, Math.min(5_000, Math.floor(left / 2)));
+      if (byApp) throw err;
+      return;
+    }
+    if (conn !== this.conn) {
+      if (next) this.token = next;
+      return;
+    }
+    const oldExp = current ? jwtExpiryMs(current) : undefined;
+    const newExp = next ? jwtExpiryMs(next) : undefined;
+    if (!next || (oldExp !== undefined && (newExp === undefined || newExp <= oldExp))) {
+      // Nothing newer to offer: the relay closes with 1008 at expiry and the client then
+      // asks getToken again before reconnecting.
+      const err = new WsrelayError("token", "getToken returned no token that expires later than the current one");
+      this.emit("error", { kind: "refresh", error: err });
+      if (byApp) throw err;
+      return;
+    }
+    try {
+      await this.request({ type: "refresh", token: next });
+      if (conn !== this.conn) return;
+      this.token = next;
+      this.emit("token", { inBand: true, ...(newExp !== undefined ? { expiresAt: newExp } : {}) });
+      this.scheduleRefresh();
+    } catch (e) {
+      const err = e instanceof WsrelayError ? e : new WsrelayError("token", String(e));
+      // 401: the relay refuses the new token itself, so ask getToken again before connecting.
+      // Otherwise (403: another identity; 400: a relay without in-band refresh; no reply)
+      // connect anew with the new token.
+      if (err.code === 401) {
+        this.token = undefined;
+        this.needNewToken = true;
+      } else {
+        this.token = next;
+      }
+      this.emit("error", { kind: "refresh", error: err });
+      if (conn === this.conn) this.abandon(conn, LocalClose.TokenRefresh, `token refresh failed (${err.code}): reconnecting with a new token`);
+      if (byApp) throw err;
+    }
+  }
+
+  // ---- requests ---------------------------------------------------------------------------
+
+  private request(frame: Record<string, unknown>): Promise<Reply> {
+    if (this._state === "disconnected")
+      return Promise.reject(new WsrelayError("not_connected", "the client is not connected (call connect())"));
+    return new Promise<Reply>((resolve, reject) => {
+      const p: Pending = { frame, resolve, reject, timer: undefined };
+      p.timer = this.clock.setTimeout(() => {
+        if (p.id !== undefined) this.inflight.delete(p.id);
+        else this.queue = this.queue.filter((q) => q !== p);
+        reject(new WsrelayError("timeout", `no reply within ${this.o.requestTimeoutMs} ms`));
+      }, this.o.requestTimeoutMs);
+      if (this.conn?.welcomed) {
+        this.transmit(p);
+      } else if (this.queue.length >= this.o.maxQueuedRequests) {
+        this.clock.clearTimeout(p.timer);
+        reject(new WsrelayError("queue_full", `${this.o.maxQueuedRequests} requests already wait for a connection`));
+      } else {
+        this.queue.push(p);
+      }
+    });
+  }
+
+  private transmit(p: Pending): void {
+    const conn = this.conn;
+    if (!conn?.welcomed) {
+      this.queue.push(p);
+      return;
+    }
+    const id = this.nextId++;
+    const text = JSON.stringify({ ...p.frame, id });
+    const max = this.welcome?.maxMessageBytes;
+    if (max && byteLength(text) > max) {
+      this.clock.clearTimeout(p.timer);
+      p.reject(new WsrelayError("too_big", `the frame is larger than the relay's maxMessageBytes (${max})`));
+      return;
+    }
+    p.id = id;
+    this.inflight.set(id, p);
+    conn.transport?.send(text);
+  }
+
+  private sendRaw(conn: Conn, frame: Record<string, unknown>): void {
+    try {
+      conn.transport?.send(JSON.stringify(frame));
+    } catch {
+      // the close event follows
+    }
+  }
+
+  private failQueue(code: "not_connected", reason: string): void {
+    const q = this.queue;
+    this.queue = [];
+    for (const p of q) {
+      this.clock.clearTimeout(p.timer);
+      p.reject(new WsrelayError(code, reason));
+    }
+  }
+
+  // ---- frames -----------------------------------------------------------------------------
+
+  private frame(conn: Conn, text: string): void {
+    if (conn !== this.conn) return;
+    this.lastReceived = this.clock.now();
+    const f = parseFrame(text);
+    if (!f) return;
+    switch (f.type) {
+      case "welcome":
+        this.welcomed(conn, f);
+        return;
+      case "ok":
+      case "error":
+      case "pong":
+        this.reply(f);
+        return;
+      case "message":
+        this.message(f);
+        return;
+      case "dropped":
+        this.emit("dropped", { count: f.count, ...(f.channel !== undefined ? { channel: f.channel } : {}) });
+        if (f.channel !== undefined) this.subs.get(f.channel)?._emit("dropped", { count: f.count });
+        return;
+      case "unsubscribed":
+        this.relayUnsubscribed(f.channel, f.reason);
+        return;
+      case "drain":
+        this.drainAt = this.clock.now() + Math.max(0, f.reconnectAfterMs);
+        this.emit("drain", { reconnectAfterMs: f.reconnectAfterMs });
+        return;
+      default:
+        // A frame type from a newer relay: ignored, as the protocol asks.
+        return;
+    }
+  }
+
+  private reply(f: OkFrame | ErrorFrame | PongFrame): void {
+    const id = f.id;
+    if (typeof id !== "number") {
+      if (f.type === "error")
+        this.emit("error", { kind: "protocol", error: new WsrelayError(f.code, f.reason) });
+      return;
+    }
+    if (this.ignoredReplies.delete(id)) return;
+    const sub = this.subRequests.get(id);
+    if (sub) {
+      this.subRequests.delete(id);
+      this.subscribeReply(sub, id, f);
+      return;
+    }
+    const p = this.inflight.get(id);
+    if (!p) return;
+    this.inflight.delete(id);
+    this.clock.clearTimeout(p.timer);
+    if (f.type === "error") p.reject(new WsrelayError(f.code, f.reason));
+    else p.resolve(f);
+  }
+
+  // ---- subscriptions ----------------------------------------------------------------------
+
+  private sendSubscribe(sub: Subscription): void {
+    const conn = this.conn;
+    if (!conn?.welcomed) return;
+    const since: Position | undefined = sub._position.since();
+    const id = this.nextId++;
+    sub._pendingId = id;
+    sub._sentSince = since;
+    this.subRequests.set(id, sub);
+    this.sendRaw(conn, { type: "subscribe", id, channel: sub.channel, ...(since ? { since } : {}) });
+  }
+
+  private subscribeReply(sub: Subscription, id: number, f: OkFrame | ErrorFrame | PongFrame): void {
+    if (sub._pendingId !== id) return;
+    sub._pendingId = undefined;
+    if (sub.state === "unsubscribed" || this.subs.get(sub.channel) !== sub) return;
+    const since = sub._sentSince;
+    if (f.type === "ok" || (f.type === "error" && f.code === 409)) {
+      const ok: OkFrame = f.type === "ok" ? f : { type: "ok", id };
+      const recovered = sub._position.subscribed(ok, since);
+      const resubscribed = sub._everSubscribed;
+      sub._everSubscribed = true;
+      sub._retryAttempt = 0;
+      const pos = sub._position;
+      sub._subscribed({
+        resumable: ok.epoch !== undefined,
+        recovering: since !== undefined,
+        recovered,
+        resubscribed,
+        ...(pos.epoch !== undefined ? { epoch: pos.epoch } : {}),
+        ...(pos.seq !== undefined ? { seq: pos.seq } : {}),
+      });
+      return;
+    }
+    if (f.type !== "error") return;
+    if (since !== undefined && (f.code === 400 || f.code === 422)) {
+      // The relay refused the position (a relay without history, or a position it cannot
+      // read): subscribe from now on, and say so with recovered: false.
+      sub._position.reset();
+      this.sendSubscribe(sub);
+      return;
+    }
+    if (f.code === 503) {
+      this.retrySubscribe(sub, "retry");
+      return;
+    }
+    const err = new WsrelayError(f.code, f.reason);
+    this.subs.delete(sub.channel);
+    sub._emit("error", err);
+    this.emit("error", { kind: "subscribe", error: err });
+    sub._ended({ reason: f.reason, code: f.code, byRelay: true });
+  }
+
+  private retrySubscribe(sub: Subscription, reason: "retry" | "unavailable"): void {
+    sub._subscribing(reason);
+    if (sub._retryTimer !== undefined) return;
+    const delay = backoffDelay(sub._retryAttempt++, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
+    sub._retryTimer = this.clock.setTimeout(() => {
+      sub._retryTimer = undefined;
+      if (sub.state !== "unsubscribed" && this.subs.get(sub.channel) === sub) this.sendSubscribe(sub);
+    }, delay);
+  }
+
+  private relayUnsubscribed(channel: string, reason: string): void {
+    const sub = this.subs.get(channel);
+    if (!sub) return;
+    sub._pendingId = undefined;
+    if (reason === "unavailable") {
+      // Transient (the relay lost its NATS subscription): resubscribe with backoff, resuming.
+      this.retrySubscribe(sub, "unavailable");
+      return;
+    }
+    this.subs.delete(channel);
+    if (sub._retryTimer !== undefined) {
+      this.clock.clearTimeout(sub._retryTimer);
+      sub._retryTimer = undefined;
+    }
+    sub._ended({ reason, byRelay: true });
+  }
+
+  private message(f: MessageFrame): void {
+    const sub = this.subs.get(f.channel);
+    if (!sub || sub.state === "unsubscribed") return;
+    const seq = typeof f.seq === "number" ? f.seq : undefined;
+    const prev = typeof f.prev === "number" ? f.prev : undefined;
+    const verdict = sub._position.judge(seq, prev);
+    if (verdict === "duplicate") {
+      sub._duplicates++;
+      return;
+    }
+    if (verdict === "gap") {
+      // A message on this channel was skipped. While a resume is under way the relay's replay
+      // brings it; otherwise resync: unsubscribe and subscribe again from the last delivered
+      // position (the relay processes the two in order).
+      if (sub.state === "subscribed") this.resync(sub);
+      return;
+    }
+    sub._position.delivered(seq);
+    let m: Message;
+    if (f.base64 !== undefined) m = { channel: f.channel, data: decodeBase64(f.base64), format: "binary" };
+    else if (f.text !== undefined) m = { channel: f.channel, data: f.text, format: "text" };
+    else m = { channel: f.channel, data: f.payload, format: "json" };
+    if (seq !== undefined) m.seq = seq;
+    if (prev !== undefined) m.prev = prev;
+    sub._emit("message", m);
+  }
+
+  private resync(sub: Subscription): void {
+    const conn = this.conn;
+    if (!conn?.welcomed) return;
+    sub._subscribing("gap");
+    const id = this.nextId++;
+    this.ignoredReplies.add(id);
+    this.sendRaw(conn, { type: "unsubscribe", id, channel: sub.channel });
+    this.sendSubscribe(sub);
+  }
+
+  /** @internal called by Subscription.unsubscribe() */
+  _unsubscribe(sub: Subscription): void {
+    if (sub.state === "unsubscribed") return;
+    if (sub._retryTimer !== undefined) {
+      this.clock.clearTimeout(sub._retryTimer);
+      sub._retryTimer = undefined;
+    }
+    const active = sub.state === "subscribed" || sub._pendingId !== undefined;
+    if (this.subs.get(sub.channel) === sub) this.subs.delete(sub.channel);
+    sub._pendingId = undefined;
+    const conn = this.conn;
+    if (active && conn?.welcomed) {
+      const id = this.nextId++;
+      this.ignoredReplies.add(id);
+      this.sendRaw(conn, { type: "unsubscribe", id, channel: sub.channel });
+    }
+    sub._ended({ reason: "unsubscribe", byRelay: false });
+  }
+}
+
+export type { ServerFrame };

@@ -1,0 +1,55 @@
+/**
+ * What the client does when a connection closes, by close code. One table, used by the client
+ * and documented in docs/client.md ("Close codes").
+ */
+
+/** Close codes the SDK uses itself when it closes a connection (a relay never sends them). */
+export const LocalClose = {
+  /** No frame from the relay within `pingIntervalMs + pongTimeoutMs`: the link is dead. */
+  DeadLink: 4901,
+  /** No `welcome` within `connectTimeoutMs` of starting the connection. */
+  ConnectTimeout: 4902,
+  /** The in-band token refresh failed: reconnecting with a fresh token. */
+  TokenRefresh: 4903,
+} as const;
+
+export interface ClosePolicy {
+  /** Reconnect by itself (false: stop until the app calls `connect()` again). */
+  reconnect: boolean;
+  /** Call `getToken()` before the next connection, whatever the cached token says. */
+  newToken: boolean;
+  /** Start the backoff at least at this attempt (a larger first delay). */
+  minAttempt: number;
+  /** Counts toward `maxAuthFailures` (consecutive refusals of the token). */
+  authFailure: boolean;
+  /** Reconnect at once, without a backoff delay (the close was the client's own, deliberate). */
+  immediate: boolean;
+}
+
+const retry: ClosePolicy = {
+  reconnect: true,
+  newToken: false,
+  minAttempt: 0,
+  authFailure: false,
+  immediate: false,
+};
+
+export function closePolicy(code: number): ClosePolicy {
+  switch (code) {
+    case 1008: // the token expired (relay) or was refused (policy): fetch a new one
+      return { ...retry, newToken: true };
+    case 4029: // publish flood: back off harder (first delay 0.5-8 s instead of 0.5-1 s)
+      return { ...retry, minAttempt: 3 };
+    case 4401: // handshake refused: token missing or invalid
+      return { ...retry, newToken: true, authFailure: true };
+    case 4403: // handshake refused: forbidden (origin, identity); retrying cannot help
+      return { ...retry, reconnect: false };
+    case LocalClose.TokenRefresh:
+      return { ...retry, immediate: true };
+    default:
+      // 1000, 1001, 1006 (network, or a handshake refused with an HTTP status, which browsers
+      // do not show), 1009, 1011, 1012 (drain), 1013, 4000 (idle), 4008 (slow consumer),
+      // 4503 (relay at capacity or draining), 4901, 4902, and anything unknown.
+      return retry;
+  }
+}

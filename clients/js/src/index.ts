@@ -1,0 +1,37 @@
+export {
+  Client,
+  type ClientOptions,
+  type ClientState,
+  type ClientEvents,
+  type Clock,
+  type ConnectedContext,
+  type ConnectingContext,
+  type DisconnectedContext,
+  type ErrorKind,
+  type PublishResult,
+} from "./client.js";
+export {
+  Subscription,
+  type Message,
+  type SubscribedContext,
+  type SubscribingContext,
+  type SubscriptionEvents,
+  type SubscriptionOptions,
+  type SubscriptionState,
+  type UnsubscribedContext,
+} from "./subscription.js";
+export { WsrelayError, type ErrorCode } from "./errors.js";
+export { backoffDelay, backoffCap } from "./backoff.js";
+export { jwtClaims, jwtExpiryMs, tokenExpired, refreshDelayMs } from "./token.js";
+export { closePolicy, LocalClose, type ClosePolicy } from "./closecodes.js";
+export { PositionTracker, type Position, type Verdict } from "./position.js";
+export { PROTOCOL, parseFrame, type ServerFrame } from "./protocol.js";
+export {
+  webSocketTransport,
+  type Transport,
+  type TransportFactory,
+  type TransportHandlers,
+  type TransportParams,
+  type WebSocketConstructor,
+  type WebSocketLike,
+} from "./transport.js";

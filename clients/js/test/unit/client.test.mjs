@@ -1,0 +1,555 @@
+// The client's state machine with a fake clock and a fake WebSocket: reconnect and backoff,
+// drain turns, close-code handling, tokens, dead links, request queueing, resubscribe, resume.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { Client, WsrelayError, LocalClose } from "../../dist/esm/index.js";
+import { FakeClock, fakeWebSocketClass, fakeJwt, flush } from "./fakes.mjs";
+
+function setup(opts = {}) {
+  const clock = new FakeClock();
+  const WS = fakeWebSocketClass();
+  const events = [];
+  const tokens = [];
+  let tokenSeq = 0;
+  const getToken =
+    opts.getToken === null
+      ? undefined
+      : opts.getToken ??
+        (async () => {
+          const t = fakeJwt({ sub: "alice", n: ++tokenSeq, exp: Math.floor(clock.now() / 1000) + (opts.tokenLifetimeS ?? 600) });
+          tokens.push(t);
+          return t;
+        });
+  const client = new Client({
+    url: "ws://relay.test/ws",
+    WebSocket: WS,
+    clock,
+    random: opts.random ?? (() => 0.5),
+    pingIntervalMs: 0, // dead-link detection has its own test
+    ...(getToken ? { getToken } : {}),
+    ...opts.client,
+  });
+  for (const name of ["state", "connecting", "connected", "disconnected", "error", "drain", "token", "dropped"])
+    client.on(name, (e) => events.push({ name, ...e }));
+  const sockets = () => WS.all;
+  const last = () => WS.all[WS.all.length - 1];
+  const named = (name) => events.filter((e) => e.name === name);
+  return { clock, WS, client, events, tokens, sockets, last, named };
+}
+
+async function connected(t, welcome) {
+  t.client.connect();
+  await t.clock.advance(0);
+  t.last().accept(welcome);
+  await flush();
+  assert.equal(t.client.state, "connected");
+  return t.last();
+}
+
+test("connect: token offered as subprotocol, states connecting -> connected, welcome surfaced", async () => {
+  const t = setup();
+  t.client.connect();
+  assert.equal(t.client.state, "connecting");
+  await t.clock.advance(0);
+  const ws = t.last();
+  assert.deepEqual(ws.protocols, ["wsrelay.v1", "bearer." + t.tokens[0]]);
+  assert.equal(ws.url, "ws://relay.test/ws");
+  ws.accept({ maxMessageBytes: 1024 });
+  assert.equal(t.client.state, "connected");
+  const c = t.named("connected")[0];
+  assert.deepEqual(
+    { transport: c.transport, max: c.maxMessageBytes, reconnected: c.reconnected },
+    { transport: "websocket", max: 1024, reconnected: false },
+  );
+  assert.deepEqual(t.named("state").map((e) => e.state), ["connecting", "connected"]);
+});
+
+test("anonymous: no token and no getToken offers only wsrelay.v1", async () => {
+  const t = setup({ getToken: null });
+  t.client.connect();
+  await t.clock.advance(0);
+  assert.deepEqual(t.last().protocols, ["wsrelay.v1"]);
+});
+
+test("publish: resolved by ok, rejected by error with code and reason", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const p1 = t.client.publish("chat.1", { hi: 1 });
+  const f1 = ws.last("publish");
+  assert.deepEqual({ ...f1, id: undefined }, { type: "publish", channel: "chat.1", payload: { hi: 1 }, id: undefined });
+  const p2 = t.client.publishText("orders.1", "raw");
+  const f2 = ws.last("publish");
+  assert.equal(f2.text, "raw");
+  assert.notEqual(f1.id, f2.id);
+  ws.push({ type: "ok", id: f1.id });
+  ws.push({ type: "error", id: f2.id, code: 403, reason: "no binding allows publish on orders.1" });
+  assert.deepEqual(await p1, {});
+  await assert.rejects(p2, (e) => e instanceof WsrelayError && e.code === 403 && /no binding/.test(e.reason));
+});
+
+test("requests: queued while connecting (bounded), flushed on welcome; not_connected when stopped; timeout", async () => {
+  const t = setup({ client: { maxQueuedRequests: 2, requestTimeoutMs: 5000 } });
+  await assert.rejects(t.client.publish("a", 1), (e) => e.code === "not_connected");
+  t.client.connect();
+  const q1 = t.client.publish("a", 1);
+  const q2 = t.client.publish("a", 2);
+  await assert.rejects(t.client.publish("a", 3), (e) => e.code === "queue_full");
+  await t.clock.advance(0);
+  const ws = t.last();
+  assert.equal(ws.sent.length, 0, "nothing sent before welcome");
+  ws.accept();
+  assert.deepEqual(ws.ofType("publish").map((f) => f.payload), [1, 2]);
+  ws.ok("publish");
+  ws.push({ type: "ok", id: ws.ofType("publish")[0].id });
+  await q1;
+  await q2;
+  const slow = assert.rejects(t.client.publish("a", 4), (e) => e.code === "timeout");
+  await t.clock.advance(5000);
+  await slow;
+});
+
+test("requests in flight when the connection drops are rejected as disconnected (never resent)", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const p = t.client.publish("a", 1);
+  ws.serverClose(1006, "", false);
+  await assert.rejects(p, (e) => e.code === "disconnected");
+  await t.clock.advance(30_000);
+  t.last().accept();
+  assert.equal(t.last().ofType("publish").length, 0);
+});
+
+test("too big: a frame above the relay's maxMessageBytes is rejected without being sent", async () => {
+  const t = setup();
+  const ws = await connected(t, { maxMessageBytes: 100 });
+  await assert.rejects(t.client.publish("a", "x".repeat(200)), (e) => e.code === "too_big");
+  assert.equal(ws.ofType("publish").length, 0);
+});
+
+test("reconnect: full-jitter backoff grows per failure and resets after a stable connection", async () => {
+  const t = setup({ random: () => 1 }); // always the top of the window
+  await connected(t);
+  t.last().serverClose(1006, "", false);
+  const delays = [t.named("disconnected")[0].delayMs];
+  for (let i = 0; i < 6; i++) {
+    await t.clock.advance(delays[delays.length - 1]);
+    t.last().serverClose(1006, "", false); // refused before the upgrade
+    delays.push(t.named("disconnected").at(-1).delayMs);
+  }
+  assert.deepEqual(delays, [1000, 2000, 4000, 8000, 16000, 20000, 20000]);
+  // A connection that lasts less than stableConnectionMs does not reset the backoff...
+  await t.clock.advance(20000);
+  t.last().accept();
+  await t.clock.advance(5000);
+  t.last().serverClose(1011, "internal");
+  assert.equal(t.named("disconnected").at(-1).delayMs, 20000);
+  // ...one that lasts 10 s does.
+  await t.clock.advance(20000);
+  t.last().accept();
+  await t.clock.advance(10000);
+  t.last().serverClose(1011, "internal");
+  assert.equal(t.named("disconnected").at(-1).delayMs, 1000);
+  await t.clock.advance(1000);
+  t.last().accept();
+  assert.equal(t.named("connected").at(-1).reconnected, true);
+});
+
+test("drain: reconnect at the relay's turn (1012), never before it", async () => {
+  const t = setup({ random: () => 0.5 });
+  const ws = await connected(t);
+  ws.push({ type: "drain", reconnectAfterMs: 3000 });
+  assert.deepEqual(t.named("drain").map((e) => e.reconnectAfterMs), [3000]);
+  await t.clock.advance(3000);
+  ws.serverClose(1012, "service restart");
+  const d = t.named("disconnected").at(-1);
+  assert.equal(d.code, 1012);
+  assert.equal(d.delayMs, 500, "the turn has come: only the client's jitter (0.5 x 1000 ms)");
+  assert.equal(t.named("connecting").at(-1).reason, "drain");
+  const n = t.sockets().length;
+  await t.clock.advance(499);
+  assert.equal(t.sockets().length, n);
+  await t.clock.advance(1);
+  assert.equal(t.sockets().length, n + 1);
+});
+
+test("drain: a connection lost before its turn still waits for the turn", async () => {
+  const t = setup({ random: () => 0 });
+  const ws = await connected(t);
+  ws.push({ type: "drain", reconnectAfterMs: 8000 });
+  await t.clock.advance(1000);
+  ws.serverClose(1006, "", false); // the relay died early
+  assert.equal(t.named("disconnected").at(-1).delayMs, 7000);
+  const n = t.sockets().length;
+  await t.clock.advance(6999);
+  assert.equal(t.sockets().length, n, "not before the turn");
+  await t.clock.advance(1);
+  assert.equal(t.sockets().length, n + 1);
+});
+
+test("1008 (token expired): getToken is called again before reconnecting", async () => {
+  const t = setup({ client: { refreshToken: false } });
+  const ws = await connected(t);
+  assert.equal(t.tokens.length, 1);
+  ws.serverClose(1008, "token expired");
+  await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  assert.equal(t.tokens.length, 2, "a new token even though the old one looks valid locally");
+  assert.deepEqual(t.last().protocols, ["wsrelay.v1", "bearer." + t.tokens[1]]);
+});
+
+test("expired token: getToken before connecting; without getToken the client stops and reports", async () => {
+  const t = setup({ getToken: null, client: { token: fakeJwt({ exp: 1 }) } });
+  t.client.connect();
+  await t.clock.advance(0);
+  assert.equal(t.sockets().length, 0);
+  assert.equal(t.client.state, "disconnected");
+  assert.equal(t.named("error")[0].kind, "token");
+
+  const t2 = setup({ client: { token: fakeJwt({ exp: 1 }) } });
+  await connected(t2);
+  assert.equal(t2.tokens.length, 1);
+  assert.deepEqual(t2.last().protocols, ["wsrelay.v1", "bearer." + t2.tokens[0]]);
+});
+
+test("getToken failing or returning an expired token: reported, retried with backoff", async () => {
+  let calls = 0;
+  const clockRef = {};
+  const t = setup({
+    getToken: async () => {
+      calls++;
+      if (calls === 1) throw new Error("auth server down");
+      if (calls === 2) return fakeJwt({ exp: 1 });
+      return fakeJwt({ exp: Math.floor(clockRef.c.now() / 1000) + 600 });
+    },
+  });
+  clockRef.c = t.clock;
+  t.client.connect();
+  await t.clock.advance(0);
+  assert.equal(t.named("error").length, 1);
+  assert.equal(t.client.state, "connecting");
+  await t.clock.advance(t.named("connecting").at(-1).delayMs);
+  await t.clock.advance(t.named("connecting").at(-1).delayMs);
+  assert.equal(calls, 3);
+  assert.equal(t.named("error").length, 2);
+  assert.equal(t.sockets().length, 1);
+});
+
+test("4403 is terminal: no reconnect until the app calls connect()", async () => {
+  const t = setup();
+  t.client.connect();
+  await t.clock.advance(0);
+  t.last().serverClose(4403, "origin not allowed");
+  assert.equal(t.client.state, "disconnected");
+  assert.equal(t.named("disconnected")[0].willReconnect, false);
+  assert.equal(t.named("error")[0].error.code, 4403);
+  await t.clock.advance(60000);
+  assert.equal(t.sockets().length, 1);
+  t.client.connect();
+  await t.clock.advance(0);
+  assert.equal(t.sockets().length, 2);
+});
+
+test("4401: a new token before each retry, stop after maxAuthFailures and report", async () => {
+  const t = setup();
+  t.client.connect();
+  await t.clock.advance(0);
+  for (let i = 0; i < 3; i++) {
+    t.last().serverClose(4401, "invalid token");
+    await t.clock.advance(t.named("disconnected").at(-1).delayMs ?? 0);
+  }
+  assert.equal(t.tokens.length, 3, "getToken before each try");
+  assert.equal(t.sockets().length, 3);
+  assert.equal(t.client.state, "disconnected");
+  assert.equal(t.named("error").at(-1).error.code, 4401);
+});
+
+test("repeated handshake failures (browsers see 1006 for HTTP 401) fetch a new token from the 3rd on", async () => {
+  const t = setup();
+  t.client.connect();
+  await t.clock.advance(0);
+  for (let i = 0; i < 4; i++) {
+    t.last().serverClose(1006, "", false);
+    await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  }
+  assert.equal(t.sockets().length, 5);
+  assert.equal(t.tokens.length, 3, "first token, then one before the 4th and 5th tries");
+});
+
+test("4029 (publish flood): a harder first backoff step", async () => {
+  const t = setup({ random: () => 1 });
+  const ws = await connected(t);
+  ws.serverClose(4029, "flood");
+  assert.equal(t.named("disconnected").at(-1).delayMs, 8000, "attempt 3: 0.5-8 s");
+});
+
+test("dead link: ping after pingIntervalMs of silence, reconnect when nothing comes within pongTimeoutMs", async () => {
+  const t = setup({ client: { pingIntervalMs: 1000, pongTimeoutMs: 500 } });
+  const ws = await connected(t);
+  // Frames keep the link alive without pings.
+  for (let i = 0; i < 5; i++) {
+    await t.clock.advance(600);
+    ws.push({ type: "message", channel: "nobody", payload: 1 });
+  }
+  assert.equal(ws.ofType("ping").length, 0);
+  // Silence: a ping at 1000 ms, answered by a pong: still alive.
+  await t.clock.advance(1000);
+  assert.equal(ws.ofType("ping").length, 1);
+  ws.push({ type: "pong", id: null });
+  await t.clock.advance(500);
+  assert.equal(t.client.state, "connected");
+  // Silence again, no pong: dead at last frame (the pong) + interval + timeout.
+  await t.clock.advance(999);
+  assert.equal(t.client.state, "connected");
+  assert.equal(ws.ofType("ping").length, 2);
+  await t.clock.advance(1);
+  assert.equal(ws.closedWith.code, LocalClose.DeadLink);
+  const d = t.named("disconnected").at(-1);
+  assert.equal(d.code, LocalClose.DeadLink);
+  assert.equal(d.willReconnect, true);
+});
+
+test("connect timeout: no welcome within connectTimeoutMs", async () => {
+  const t = setup({ client: { connectTimeoutMs: 2000 } });
+  t.client.connect();
+  await t.clock.advance(0);
+  await t.clock.advance(2000);
+  assert.equal(t.last().closedWith.code, LocalClose.ConnectTimeout);
+  assert.equal(t.client.state, "connecting");
+});
+
+test("in-band refresh: before expiry, a refresh frame with a new token; ok keeps the connection", async () => {
+  const t = setup({ tokenLifetimeS: 100 });
+  const ws = await connected(t);
+  await t.clock.advance(79_999);
+  assert.equal(ws.ofType("refresh").length, 0);
+  await t.clock.advance(1);
+  const r = ws.last("refresh");
+  assert.equal(r.token, t.tokens[1]);
+  ws.ok("refresh");
+  await flush();
+  assert.equal(t.named("token").length, 1);
+  assert.equal(t.named("token")[0].inBand, true);
+  // And again, 80% into the new token's life.
+  await t.clock.advance(80_000);
+  assert.equal(ws.ofType("refresh").length, 2);
+  ws.ok("refresh");
+  await flush();
+  assert.equal(t.named("token").length, 2);
+  assert.equal(t.sockets().length, 1, "one connection throughout");
+});
+
+test("in-band refresh refused (400: relay without refresh, 403: other identity): reconnect with the new token", async () => {
+  for (const code of [400, 403]) {
+    const t = setup({ tokenLifetimeS: 100 });
+    const ws = await connected(t);
+    await t.clock.advance(80_000);
+    const r = ws.last("refresh");
+    ws.push({ type: "error", id: r.id, code, reason: "nope" });
+    await flush();
+    assert.equal(ws.closedWith.code, LocalClose.TokenRefresh);
+    assert.equal(t.named("connecting").at(-1).delayMs, 0);
+    await t.clock.advance(0);
+    assert.deepEqual(t.last().protocols, ["wsrelay.v1", "bearer." + r.token]);
+    assert.equal(t.tokens.length, 2, "the refreshed token is used, not another");
+  }
+});
+
+test("in-band refresh refused with 401: reconnect and ask getToken again", async () => {
+  const t = setup({ tokenLifetimeS: 100 });
+  const ws = await connected(t);
+  await t.clock.advance(80_000);
+  ws.push({ type: "error", id: ws.last("refresh").id, code: 401, reason: "invalid token" });
+  await flush();
+  await t.clock.advance(0);
+  assert.equal(t.tokens.length, 3);
+  assert.deepEqual(t.last().protocols, ["wsrelay.v1", "bearer." + t.tokens[2]]);
+});
+
+test("subscriptions: resubscribed after a reconnect; resubscribed/recovered surfaced", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const got = [];
+  const sub = t.client.subscribe("me.notify", { onMessage: (m) => got.push(m.data) });
+  const states = [];
+  sub.on("state", (e) => states.push(e.state));
+  const subscribed = [];
+  sub.on("subscribed", (c) => subscribed.push(c));
+  assert.equal(sub.state, "subscribing");
+  ws.ok("subscribe");
+  assert.equal(sub.state, "subscribed");
+  ws.push({ type: "message", channel: "me.notify", payload: { n: 1 } });
+  ws.serverClose(1006, "", false);
+  assert.equal(sub.state, "subscribing");
+  await t.clock.advance(5000);
+  const ws2 = t.last();
+  ws2.accept();
+  assert.equal(ws2.last("subscribe").channel, "me.notify");
+  assert.equal(ws2.last("subscribe").since, undefined, "a plain channel has no position");
+  ws2.ok("subscribe");
+  ws2.push({ type: "message", channel: "me.notify", text: "two" });
+  ws2.push({ type: "message", channel: "me.notify", base64: "/wAQ" });
+  assert.deepEqual(got.slice(0, 2), [{ n: 1 }, "two"]);
+  assert.deepEqual([...got[2]], [0xff, 0x00, 0x10]);
+  assert.deepEqual(states, ["subscribed", "subscribing", "subscribed"]);
+  assert.deepEqual(subscribed.map((c) => [c.resubscribed, c.recovered, c.resumable]), [
+    [false, false, false],
+    [true, false, false],
+  ]);
+  await assert.doesNotReject(sub.ready());
+  assert.throws(() => t.client.subscribe("me.notify"), /already subscribed/);
+});
+
+test("subscriptions: subscribe refused (403) ends it with the code; 503 retried with backoff", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const denied = t.client.subscribe("admin.x");
+  const ready = denied.ready();
+  const f = ws.last("subscribe");
+  ws.push({ type: "error", id: f.id, code: 403, reason: "forbidden" });
+  await assert.rejects(ready, (e) => e.code === 403);
+  assert.equal(denied.state, "unsubscribed");
+  assert.equal(t.client.getSubscription("admin.x"), undefined);
+
+  const later = t.client.subscribe("orders.1");
+  ws.push({ type: "error", id: ws.last("subscribe").id, code: 503, reason: "NATS unavailable" });
+  assert.equal(later.state, "subscribing");
+  const before = ws.ofType("subscribe").length;
+  await t.clock.advance(1000);
+  assert.equal(ws.ofType("subscribe").length, before + 1);
+  ws.ok("subscribe");
+  assert.equal(later.state, "subscribed");
+});
+
+test("subscriptions: unsubscribe sends unsubscribe and stops delivery", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const got = [];
+  const sub = t.client.subscribe("a.b", { onMessage: (m) => got.push(m.data) });
+  ws.ok("subscribe");
+  sub.unsubscribe();
+  assert.equal(ws.last("unsubscribe").channel, "a.b");
+  ws.ok("unsubscribe");
+  ws.push({ type: "message", channel: "a.b", payload: 1 });
+  assert.deepEqual(got, []);
+  assert.equal(sub.state, "unsubscribed");
+  // The channel can be subscribed again.
+  t.client.subscribe("a.b");
+});
+
+test("relay-ended subscriptions: 'unavailable' resubscribes with backoff, other reasons end it", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const a = t.client.subscribe("a");
+  ws.ok("subscribe");
+  const b = t.client.subscribe("b");
+  ws.ok("subscribe");
+  const ended = [];
+  b.on("unsubscribed", (c) => ended.push(c));
+  ws.push({ type: "unsubscribed", channel: "a", reason: "unavailable" });
+  ws.push({ type: "unsubscribed", channel: "b", reason: "binding removed" });
+  assert.equal(a.state, "subscribing");
+  assert.equal(b.state, "unsubscribed");
+  assert.deepEqual(ended, [{ reason: "binding removed", byRelay: true }]);
+  await t.clock.advance(1000);
+  assert.equal(ws.last("subscribe").channel, "a");
+  ws.ok("subscribe");
+  assert.equal(a.state, "subscribed");
+});
+
+test("dropped: surfaced on the client and, when named, on the subscription", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const sub = t.client.subscribe("c");
+  ws.ok("subscribe");
+  const d = [];
+  sub.on("dropped", (e) => d.push(e.count));
+  ws.push({ type: "dropped", count: 3, channel: "c" });
+  ws.push({ type: "dropped", count: 2 });
+  assert.deepEqual(d, [3]);
+  assert.deepEqual(t.named("dropped").map((e) => e.count), [3, 2]);
+});
+
+test("resume: since sent on resubscribe, recovered surfaced, replayed duplicates dropped", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const got = [];
+  const ctxs = [];
+  const sub = t.client.subscribe("orders.7", { onMessage: (m) => got.push(m.seq), onSubscribed: (c) => ctxs.push(c) });
+  assert.equal(ws.last("subscribe").since, undefined);
+  ws.ok("subscribe", { epoch: "E", seq: 100 });
+  ws.push({ type: "message", channel: "orders.7", payload: 1, seq: 105, prev: 100 });
+  ws.push({ type: "message", channel: "orders.7", payload: 2, seq: 109, prev: 105 });
+  ws.serverClose(1006, "", false);
+  await t.clock.advance(5000);
+  const ws2 = t.last();
+  ws2.accept();
+  assert.deepEqual(ws2.last("subscribe").since, { epoch: "E", seq: 109 });
+  ws2.ok("subscribe", { epoch: "E", seq: 120, recovered: true });
+  // The replay overlaps what was delivered: 109 must not come twice.
+  ws2.push({ type: "message", channel: "orders.7", payload: 2, seq: 109, prev: 105 });
+  ws2.push({ type: "message", channel: "orders.7", payload: 3, seq: 115, prev: 109 });
+  ws2.push({ type: "message", channel: "orders.7", payload: 4, seq: 120, prev: 115 });
+  ws2.push({ type: "message", channel: "orders.7", payload: 4, seq: 120, prev: 115 });
+  assert.deepEqual(got, [105, 109, 115, 120]);
+  assert.equal(sub.duplicatesDropped, 2);
+  assert.deepEqual(sub.position, { epoch: "E", seq: 120 });
+  assert.deepEqual(ctxs.map((c) => [c.resumable, c.recovering, c.recovered, c.resubscribed, c.seq]), [
+    [true, false, false, false, 100],
+    [true, true, true, true, 109],
+  ]);
+  // Not recovered (position too old, or a new epoch): surfaced, position moves to the relay's.
+  ws2.serverClose(1006, "", false);
+  await t.clock.advance(5000);
+  const ws3 = t.last();
+  ws3.accept();
+  ws3.ok("subscribe", { epoch: "F", seq: 3, recovered: false });
+  assert.deepEqual([ctxs.at(-1).recovered, ctxs.at(-1).epoch, ctxs.at(-1).seq], [false, "F", 3]);
+});
+
+test("resume: a relay that refuses since (400) gets a plain subscribe; a gap triggers a resync", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const got = [];
+  const sub = t.client.subscribe("o", { since: { epoch: "E", seq: 5 }, onMessage: (m) => got.push(m.seq) });
+  const f = ws.last("subscribe");
+  assert.deepEqual(f.since, { epoch: "E", seq: 5 });
+  ws.push({ type: "error", id: f.id, code: 400, reason: "unknown field `since`" });
+  assert.equal(ws.last("subscribe").since, undefined);
+  ws.ok("subscribe", { epoch: "E", seq: 10 });
+  ws.push({ type: "message", channel: "o", payload: 0, seq: 11, prev: 10 });
+  // prev 14 was never seen: resync from 11 (unsubscribe, subscribe since).
+  ws.push({ type: "message", channel: "o", payload: 0, seq: 15, prev: 14 });
+  assert.equal(sub.state, "subscribing");
+  assert.equal(ws.last("unsubscribe").channel, "o");
+  assert.deepEqual(ws.last("subscribe").since, { epoch: "E", seq: 11 });
+  ws.ok("unsubscribe");
+  ws.ok("subscribe", { epoch: "E", seq: 15, recovered: true });
+  ws.push({ type: "message", channel: "o", payload: 0, seq: 14, prev: 11 });
+  ws.push({ type: "message", channel: "o", payload: 0, seq: 15, prev: 14 });
+  assert.deepEqual(got, [11, 14, 15]);
+});
+
+test("disconnect(): closes with 1000, no reconnect, queued requests rejected; connect() resubscribes", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  t.client.subscribe("x");
+  ws.ok("subscribe");
+  t.client.disconnect();
+  assert.equal(ws.closedWith.code, 1000);
+  assert.equal(t.client.state, "disconnected");
+  assert.equal(t.named("disconnected").at(-1).willReconnect, false);
+  await t.clock.advance(60000);
+  assert.equal(t.sockets().length, 1);
+  t.client.connect();
+  await t.clock.advance(0);
+  t.last().accept();
+  assert.equal(t.last().last("subscribe").channel, "x");
+});
+
+test("a frame type the SDK does not know is ignored", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  ws.push({ type: "presence", who: ["a"] });
+  ws.onmessage({ data: "not json" });
+  assert.equal(t.client.state, "connected");
+  assert.equal(t.named("error").length, 0);
+});
