@@ -52,6 +52,11 @@ lint: ## clippy on every target, warnings are errors
 unit: tools ## unit and integration tests (real nats-server, headless Chromium, no cluster)
 	$(CARGO) test --workspace --exclude wsrelay-e2e --locked
 
+.PHONY: client-js
+client-js: tools ## the TypeScript client SDK (clients/js): npm ci, build, unit tests, headless Chromium against a real relay and nats-server
+	$(CARGO) build -p wsrelay --bin wsrelay --locked
+	cd clients/js && npm ci --no-audit --no-fund && WSRELAY_REQUIRE_BROWSER=1 WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay npm test
+
 .PHONY: images
 images: ## build the relay, operator and pause OCI images without Docker (static binaries)
 	@$(CLUSTER)/deps.sh images
@@ -74,7 +79,7 @@ kind-e2e: ## the same fleet suite on a kind cluster (needs Docker and kind; not 
 	e2e/kind/run.sh
 
 .PHONY: test
-test: fmt-check lint unit chart-check e2e ## everything CI runs
+test: fmt-check lint unit chart-check client-js e2e ## everything CI runs
 
 .PHONY: bench
 bench: tools ## wsrelay vs nats-server WebSocket vs centrifuge, one client: target/bench/, docs/benchmarks.md (~8 min)

@@ -373,10 +373,10 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     }
   }
 
-  private scheduleConnect(delayMs: number, reason: string): void {
+  private scheduleConnect(delayMs: number, reason: string, step = 0): void {
     this.clearTimer("reconnectTimer");
     this.setState("connecting");
-    this.emit("connecting", { reason, attempt: this.attempt, delayMs });
+    this.emit("connecting", { reason, attempt: step, delayMs });
     const gen = this.generation;
     this.reconnectTimer = this.clock.setTimeout(() => {
       this.reconnectTimer = undefined;
@@ -386,9 +386,9 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
 
   /** Schedules the next attempt after a failure before any connection existed (token, transport). */
   private retryLater(reason: string): void {
-    const delay = backoffDelay(this.attempt, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
-    this.attempt++;
-    this.scheduleConnect(delay, reason);
+    const step = this.attempt++;
+    const delay = backoffDelay(step, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
+    this.scheduleConnect(delay, reason, step);
   }
 
   private stop(kind: ErrorKind, error: WsrelayError): void {
@@ -558,6 +558,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
 
     let delay: number;
     let why = "reconnect";
+    let step = 0;
     if (this.drainAt !== undefined) {
       // The relay gave this connection a turn: reconnect at it, never before, plus a little jitter.
       delay = Math.max(0, this.drainAt - this.clock.now()) + Math.floor(this.random() * this.o.drainJitterMs);
@@ -567,12 +568,12 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       delay = 0;
       why = "token";
     } else {
-      this.attempt = Math.max(this.attempt, policy.minAttempt);
-      delay = backoffDelay(this.attempt, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
-      this.attempt++;
+      step = Math.max(this.attempt, policy.minAttempt);
+      this.attempt = step + 1;
+      delay = backoffDelay(step, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
     }
     this.emit("disconnected", { code, reason, wasClean, willReconnect: true, delayMs: delay });
-    if (!this.stopped) this.scheduleConnect(delay, why);
+    if (!this.stopped) this.scheduleConnect(delay, why, step);
   }
 
   // ---- dead-link detection ----------------------------------------------------------------

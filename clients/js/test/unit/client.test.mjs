@@ -137,6 +137,7 @@ test("reconnect: full-jitter backoff grows per failure and resets after a stable
     delays.push(t.named("disconnected").at(-1).delayMs);
   }
   assert.deepEqual(delays, [1000, 2000, 4000, 8000, 16000, 20000, 20000]);
+  assert.deepEqual(t.named("connecting").map((e) => e.attempt), [0, 0, 1, 2, 3, 4, 5, 6]);
   // A connection that lasts less than stableConnectionMs does not reset the backoff...
   await t.clock.advance(20000);
   t.last().accept();

@@ -1,0 +1,290 @@
+// End to end in a real browser: headless Debian Chromium loads a page that uses the built SDK
+// against real wsrelay processes (target/debug/wsrelay) and a real nats-server, through a TCP
+// front that routes new connections to a ready relay like a Kubernetes Service.
+//
+// Needs: the relay binary (cargo build -p wsrelay --bin wsrelay, or WSRELAY_BIN), nats-server
+// (make tools, or NATS_SERVER_BIN) and /usr/bin/chromium (make deps, or CHROMIUM). Without them
+// the suite is skipped, unless WSRELAY_REQUIRE_BROWSER=1 (make client-js) makes that a failure.
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import {
+  chromiumBin,
+  killAll,
+  launchBrowser,
+  natsBin,
+  natsClient,
+  relayBin,
+  sleep,
+  startNats,
+  startPageServer,
+  startRelay,
+  startService,
+  waitFor,
+} from "./harness.mjs";
+
+const missing = [
+  !relayBin() && "the relay binary (cargo build -p wsrelay --bin wsrelay, or WSRELAY_BIN)",
+  !natsBin() && "nats-server (make tools, or NATS_SERVER_BIN)",
+  !chromiumBin() && "chromium (make deps, or CHROMIUM)",
+].filter(Boolean);
+if (missing.length && process.env.WSRELAY_REQUIRE_BROWSER === "1")
+  throw new Error(`browser tests need ${missing.join(", ")}`);
+const skip = missing.length ? `missing ${missing.join(", ")}` : false;
+
+describe("@wsrelay/client in headless Chromium against real relays and NATS", { skip }, () => {
+  let nats, nc, pages, browser, page;
+
+  before(async () => {
+    nats = await startNats();
+    nc = await natsClient(nats.port);
+    pages = await startPageServer();
+    browser = await launchBrowser();
+    page = await browser.context.newPage();
+    page.on("pageerror", (e) => console.error("page error:", e));
+    await page.goto(pages.origin + "/");
+    await page.waitForFunction(() => window.T?.ready === true, null, { timeout: 20_000 });
+  });
+
+  after(async () => {
+    await browser?.close();
+    nc?.close();
+    pages?.close();
+    nats?.stop();
+    killAll();
+  });
+
+  // ---- helpers on the page's record ----
+
+  const log = (client, kind) =>
+    page.evaluate(([c, k]) => window.T.log.filter((e) => e.client === c && e.kind === k), [client, kind]);
+  const messages = (client, channel) =>
+    page.evaluate((key) => window.T.messages[key] ?? [], `${client}:${channel}`);
+  const subscribedCtx = (client, channel) =>
+    page.evaluate((key) => window.T.subscribed[key] ?? [], `${client}:${channel}`);
+
+  async function waitLog(what, client, kind, n, ms, pred = () => true) {
+    return waitFor(what, ms, async () => {
+      const es = (await log(client, kind)).filter(pred);
+      return es.length >= n ? es : undefined;
+    });
+  }
+  async function waitSubscribed(client, channel, n, ms = 20_000) {
+    return waitFor(`${client} subscribed to ${channel} (${n})`, ms, async () => {
+      const cs = await subscribedCtx(client, channel);
+      return cs.length >= n ? cs : undefined;
+    });
+  }
+  /** Publishes on NATS and waits for the page to receive it (the subscription is in place). */
+  async function roundTrip(client, subject, channel, payload, ms = 10_000) {
+    const before = (await messages(client, channel)).length;
+    nc.publish(subject, payload);
+    await nc.flush();
+    const got = await waitFor(`${client} to receive ${JSON.stringify(payload)}`, ms, async () => {
+      const m = await messages(client, channel);
+      return m.length > before ? m : undefined;
+    });
+    assert.deepEqual(got[got.length - 1], payload);
+  }
+  const open = (name, url, sub, opts = {}) =>
+    page.evaluate(([n, u, s, o]) => window.openClient(n, { url: u, sub: s, ...o }), [name, url, sub, opts]);
+  const subscribe = (name, channel) => page.evaluate(([n, c]) => window.subscribeChannel(n, c), [name, channel]);
+  const publish = (name, channel, payload) =>
+    page.evaluate(([n, c, p]) => window.publish(n, c, p), [name, channel, payload]);
+  const closeClient = (name) => page.evaluate((n) => window.closeClient(n), name);
+  const wsUrl = (svc) => `ws://127.0.0.1:${svc.port}/ws`;
+
+  test("connects with a JWT, receives its NATS messages only, publish settles with ok / 403", async () => {
+    const relay = await startRelay({ natsUrl: nats.url, origin: pages.origin, name: "basic" });
+    const svc = await startService([relay]);
+    try {
+      await open("basic", wsUrl(svc), "alice");
+      const [c] = await waitLog("connected", "basic", "connected", 1, 20_000);
+      assert.equal(c.transport, "websocket");
+      assert.equal(c.anonymous, false, "authenticated by the token in Sec-WebSocket-Protocol");
+      assert.equal(c.maxMessageBytes, 65536);
+      await subscribe("basic", "me.notify");
+      await waitSubscribed("basic", "me.notify", 1);
+      nc.publish("users.bob.notify", { not: "yours" });
+      await roundTrip("basic", "users.alice.notify", "me.notify", { hello: "browser" });
+      await roundTrip("basic", "users.alice.notify", "me.notify", "plain text");
+      assert.deepEqual(await messages("basic", "me.notify"), [{ hello: "browser" }, "plain text"]);
+
+      const onNats = await nc.subscribe("chat.room1");
+      const ok = await publish("basic", "chat.room1", { n: 1 });
+      assert.deepEqual(ok, { ok: true, result: {} });
+      await waitFor("the publish on NATS", 5000, () => onNats.length === 1);
+      assert.equal(onNats[0].payload, '{"n":1}');
+
+      const denied = await publish("basic", "orders.1", { x: 1 });
+      assert.equal(denied.ok, false);
+      assert.equal(denied.code, 403);
+      assert.match(denied.reason, /.+/);
+      assert.equal((await log("basic", "disconnected")).length, 0);
+    } finally {
+      await closeClient("basic");
+      svc.close();
+      await relay.kill();
+    }
+  });
+
+  test("relay killed (SIGKILL) and restarted: reconnects and resubscribes by itself", async () => {
+    const a = await startRelay({ natsUrl: nats.url, origin: pages.origin, name: "kill" });
+    const svc = await startService([a]);
+    try {
+      await open("kill", wsUrl(svc), "kate");
+      await subscribe("kill", "me.notify");
+      await waitSubscribed("kill", "me.notify", 1);
+      await roundTrip("kill", "users.kate.notify", "me.notify", { before: "kill" });
+
+      await a.kill();
+      const [d] = await waitLog("disconnected after SIGKILL", "kill", "disconnected", 1, 10_000);
+      assert.equal(d.code, 1006);
+      assert.equal(d.willReconnect, true);
+      const a2 = await startRelay({
+        natsUrl: nats.url,
+        origin: pages.origin,
+        name: "kill",
+        port: a.port,
+        adminPort: a.adminPort,
+      });
+      svc.setBackends([a2]);
+      try {
+        const subs = await waitSubscribed("kill", "me.notify", 2, 30_000);
+        assert.equal(subs[1].resubscribed, true);
+        assert.equal(subs[1].recovered, false, "a plain channel cannot recover: the app is told");
+        await roundTrip("kill", "users.kate.notify", "me.notify", { after: "restart" });
+        const connected = await log("kill", "connected");
+        assert.equal(connected.at(-1).reconnected, true);
+      } finally {
+        await closeClient("kill");
+        await a2.kill();
+      }
+    } finally {
+      svc.close();
+      await a.kill();
+    }
+  });
+
+  test("drain (SIGTERM): reconnects at the relay's turn, not before, to another relay", async () => {
+    const a = await startRelay({ natsUrl: nats.url, origin: pages.origin, name: "drain-a", graceSeconds: 4 });
+    const b = await startRelay({ natsUrl: nats.url, origin: pages.origin, name: "drain-b" });
+    const svc = await startService([a, b]);
+    try {
+      await open("drain", wsUrl(svc), "dana");
+      await subscribe("drain", "me.notify");
+      await waitSubscribed("drain", "me.notify", 1);
+      assert.deepEqual(svc.routed, ["drain-a"]);
+      await roundTrip("drain", "users.dana.notify", "me.notify", { n: 1 });
+
+      a.signal("SIGTERM");
+      const [drain] = await waitLog("the drain frame", "drain", "drain", 1, 10_000);
+      assert.ok(drain.reconnectAfterMs >= 0 && drain.reconnectAfterMs <= 0.7 * 4000 + 100, JSON.stringify(drain));
+      const [closed] = await waitLog("the 1012 close", "drain", "disconnected", 1, 10_000);
+      assert.equal(closed.code, 1012);
+      // The relay closed at the announced turn and the client did not leave before it.
+      assert.ok(
+        closed.at >= drain.at + drain.reconnectAfterMs - 250,
+        `closed ${closed.at - drain.at} ms after the drain frame, turn ${drain.reconnectAfterMs} ms`,
+      );
+      const connecting = (await log("drain", "connecting")).filter((e) => e.at >= drain.at);
+      assert.equal(connecting[0]?.reason, "drain");
+      assert.ok(connecting[0].delayMs <= 1000, "only the client's jitter after the turn");
+
+      const subs = await waitSubscribed("drain", "me.notify", 2, 15_000);
+      assert.equal(subs[1].resubscribed, true);
+      assert.equal(svc.routed.at(-1), "drain-b", "the Service sent the new connection to the other relay");
+      await roundTrip("drain", "users.dana.notify", "me.notify", { n: 2 });
+      const exit = await Promise.race([a.exited, sleep(15_000).then(() => "still running")]);
+      assert.deepEqual(exit, { code: 0, signal: null }, "the drained relay exits 0");
+    } finally {
+      await closeClient("drain");
+      svc.close();
+      await a.kill();
+      await b.kill();
+    }
+  });
+
+  test("token expiry (1008): getToken is called again and the connection comes back", async () => {
+    const relay = await startRelay({ natsUrl: nats.url, origin: pages.origin, name: "expiry" });
+    const svc = await startService([relay]);
+    try {
+      const before = pages.tokenRequests.filter((r) => r.sub === "erin").length;
+      await open("exp", wsUrl(svc), "erin", { ttl: 7, options: { refreshToken: false } });
+      await subscribe("exp", "me.notify");
+      await waitSubscribed("exp", "me.notify", 1);
+      const [d] = await waitLog("the 1008 close at expiry", "exp", "disconnected", 1, 15_000);
+      assert.equal(d.code, 1008);
+      await waitSubscribed("exp", "me.notify", 2, 15_000);
+      const tokens = pages.tokenRequests.filter((r) => r.sub === "erin").length - before;
+      assert.equal(tokens, 2, "one token per connection: getToken before the first and after 1008");
+      await roundTrip("exp", "users.erin.notify", "me.notify", { fresh: "token" });
+    } finally {
+      await closeClient("exp");
+      svc.close();
+      await relay.kill();
+    }
+  });
+
+  test("token refresh before expiry: in band when the relay supports it, else a reconnect with the new token", async (t) => {
+    const relay = await startRelay({ natsUrl: nats.url, origin: pages.origin, name: "refresh" });
+    const svc = await startService([relay]);
+    try {
+      await open("refresh", wsUrl(svc), "rita", { ttl: 8 });
+      await subscribe("refresh", "me.notify");
+      await waitSubscribed("refresh", "me.notify", 1);
+      // The refresh is due 3 s in (8 s token: 80% of the life, at least 5 s before expiry).
+      const first = await waitFor("a refresh outcome", 15_000, async () => {
+        const ok = await log("refresh", "token");
+        const err = (await log("refresh", "error")).filter((e) => e.errorKind === "refresh");
+        return ok[0] ?? err[0];
+      });
+      if (first.kind === "token") {
+        assert.equal(first.inBand, true);
+        await waitLog("a second in-band refresh", "refresh", "token", 2, 15_000);
+        assert.equal((await log("refresh", "connected")).length, 1, "one connection throughout");
+        assert.equal((await log("refresh", "disconnected")).length, 0);
+      } else {
+        // A relay without the `refresh` frame answers 400: the SDK reconnects with the new token.
+        t.diagnostic("the relay answered refresh with an error: in-band refresh pending relay support; fallback exercised");
+        assert.equal(first.error.code, 400, JSON.stringify(first));
+        const [d] = await waitLog("the fallback reconnect", "refresh", "disconnected", 1, 5000);
+        assert.equal(d.code, 4903);
+        await waitSubscribed("refresh", "me.notify", 2, 15_000);
+      }
+      await roundTrip("refresh", "users.rita.notify", "me.notify", { still: "here" });
+    } finally {
+      await closeClient("refresh");
+      svc.close();
+      await relay.kill();
+    }
+  });
+
+  test("dead link (relay stopped with SIGSTOP): detected within ping interval + timeout, reconnects elsewhere", async () => {
+    const a = await startRelay({ natsUrl: nats.url, origin: pages.origin, name: "stop-a" });
+    const b = await startRelay({ natsUrl: nats.url, origin: pages.origin, name: "stop-b" });
+    const svc = await startService([a, b]);
+    const pingIntervalMs = 1000;
+    const pongTimeoutMs = 1000;
+    try {
+      await open("dead", wsUrl(svc), "dave", { options: { pingIntervalMs, pongTimeoutMs } });
+      await subscribe("dead", "me.notify");
+      await waitSubscribed("dead", "me.notify", 1);
+      await roundTrip("dead", "users.dave.notify", "me.notify", { alive: 1 });
+      const stoppedAt = Date.now();
+      a.signal("SIGSTOP");
+      const [d] = await waitLog("dead-link detection", "dead", "disconnected", 1, 10_000);
+      assert.equal(d.code, 4901, JSON.stringify(d));
+      const window = pingIntervalMs + pongTimeoutMs;
+      assert.ok(d.at - stoppedAt <= window + 500, `detected after ${d.at - stoppedAt} ms (window ${window} ms)`);
+      await waitSubscribed("dead", "me.notify", 2, 15_000);
+      assert.equal(svc.routed.at(-1), "stop-b");
+      await roundTrip("dead", "users.dave.notify", "me.notify", { alive: 2 });
+    } finally {
+      await closeClient("dead");
+      svc.close();
+      a.signal("SIGCONT");
+      await a.kill();
+      await b.kill();
+    }
+  });
+});

@@ -1,0 +1,379 @@
+// The real parts of the browser test: nats-server, wsrelay processes (the built binary), a raw
+// NATS client (the protocol is text), a TCP "Service" in front of the relays that routes new
+// connections to a ready relay as kube-proxy would, a page server that also issues JWTs
+// (HS256, signed here with node:crypto), and headless Debian Chromium driven by playwright-core.
+// Everything listens on 127.0.0.1; every wait is bounded; every process is killed at the end.
+import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer as createHttpServer, get as httpGet } from "node:http";
+import { createServer as createNetServer, connect as netConnect } from "node:net";
+import { tmpdir, homedir } from "node:os";
+import { delimiter, dirname, extname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+export const pkgRoot = resolve(here, "../..");
+const repoRoot = resolve(pkgRoot, "../..");
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Polls `f` until it returns a truthy value, at most `ms`; returns that value or throws `what`. */
+export async function waitFor(what, ms, f, every = 50) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await f();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await sleep(every);
+  }
+}
+
+// ---- binaries ------------------------------------------------------------------------------
+
+export function relayBin() {
+  const p = process.env.WSRELAY_BIN ?? join(repoRoot, "target/debug/wsrelay");
+  return existsSync(p) ? p : undefined;
+}
+
+export function natsBin() {
+  if (process.env.NATS_SERVER_BIN) return process.env.NATS_SERVER_BIN;
+  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
+    const p = join(dir, "nats-server");
+    if (dir && existsSync(p)) return p;
+  }
+  const cache = process.env.WSRELAY_CACHE ?? join(homedir(), ".cache/wsrelay");
+  const p = join(cache, "path/nats-server");
+  return existsSync(p) ? p : undefined;
+}
+
+export function chromiumBin() {
+  const p = process.env.CHROMIUM ?? "/usr/bin/chromium";
+  return existsSync(p) ? p : undefined;
+}
+
+export async function freePort() {
+  const srv = createNetServer();
+  await new Promise((r) => srv.listen(0, "127.0.0.1", r));
+  const { port } = srv.address();
+  await new Promise((r) => srv.close(r));
+  return port;
+}
+
+async function waitTcp(port, ms) {
+  await waitFor(`127.0.0.1:${port} to listen`, ms, () =>
+    new Promise((r) => {
+      const s = netConnect(port, "127.0.0.1");
+      s.once("connect", () => (s.destroy(), r(true)));
+      s.once("error", () => r(false));
+    }),
+  );
+}
+
+/** GET http://127.0.0.1:port/path with a timeout: {status, body}, or undefined on error/timeout. */
+export function httpStatus(port, path, timeoutMs = 500) {
+  return new Promise((r) => {
+    const req = httpGet({ host: "127.0.0.1", port, path, timeout: timeoutMs }, (res) => {
+      let body = "";
+      res.setEncoding("utf8");
+      res.on("data", (c) => (body += c));
+      res.on("end", () => r({ status: res.statusCode, body }));
+    });
+    req.on("timeout", () => (req.destroy(), r(undefined)));
+    req.on("error", () => r(undefined));
+  });
+}
+
+const children = new Set();
+function track(child) {
+  children.add(child);
+  child.once("exit", () => children.delete(child));
+  return child;
+}
+/** Kills every process this harness started (SIGCONT first, for a stopped one). */
+export function killAll() {
+  for (const c of children) {
+    try {
+      c.kill("SIGCONT");
+      c.kill("SIGKILL");
+    } catch {
+      /* gone */
+    }
+  }
+}
+process.once("exit", killAll);
+
+// ---- NATS ----------------------------------------------------------------------------------
+
+export async function startNats() {
+  const port = await freePort();
+  const child = track(spawn(natsBin(), ["-a", "127.0.0.1", "-p", String(port)], { stdio: "ignore" }));
+  await waitTcp(port, 10_000);
+  return { port, url: `nats://127.0.0.1:${port}`, stop: () => child.kill("SIGKILL") };
+}
+
+/** A minimal NATS client over TCP: PUB, SUB, and flush by PING/PONG. */
+export async function natsClient(port) {
+  const sock = netConnect(port, "127.0.0.1");
+  await new Promise((r, j) => (sock.once("connect", r), sock.once("error", j)));
+  let buf = Buffer.alloc(0);
+  const pongs = [];
+  const subs = new Map();
+  let sid = 0;
+  sock.on("data", (d) => {
+    buf = Buffer.concat([buf, d]);
+    for (;;) {
+      const eol = buf.indexOf("\r\n");
+      if (eol < 0) return;
+      const line = buf.subarray(0, eol).toString();
+      if (line.startsWith("MSG ")) {
+        const parts = line.split(" ");
+        const size = Number(parts[parts.length - 1]);
+        if (buf.length < eol + 2 + size + 2) return;
+        const payload = buf.subarray(eol + 2, eol + 2 + size).toString();
+        buf = buf.subarray(eol + 2 + size + 2);
+        subs.get(parts[2])?.push({ subject: parts[1], payload });
+        continue;
+      }
+      buf = buf.subarray(eol + 2);
+      if (line === "PING") sock.write("PONG\r\n");
+      else if (line === "PONG") pongs.shift()?.();
+    }
+  });
+  sock.write('CONNECT {"verbose":false,"pedantic":false,"name":"client-js-test"}\r\n');
+  const c = {
+    publish(subject, payload) {
+      const b = Buffer.from(typeof payload === "string" ? payload : JSON.stringify(payload));
+      sock.write(`PUB ${subject} ${b.length}\r\n`);
+      sock.write(Buffer.concat([b, Buffer.from("\r\n")]));
+    },
+    flush() {
+      return new Promise((r, j) => {
+        const t = setTimeout(() => j(new Error("NATS flush timed out")), 5000);
+        pongs.push(() => (clearTimeout(t), r()));
+        sock.write("PING\r\n");
+      });
+    },
+    /** Subscribes; returns the array the messages land in. */
+    async subscribe(subject) {
+      const id = String(++sid);
+      const got = [];
+      subs.set(id, got);
+      sock.write(`SUB ${subject} ${id}\r\n`);
+      await c.flush();
+      return got;
+    },
+    close: () => sock.destroy(),
+  };
+  await c.flush();
+  return c;
+}
+
+// ---- JWT -----------------------------------------------------------------------------------
+
+export const HMAC_SECRET = "client-js-test-secret-0123456789abcdef";
+const b64url = (s) => Buffer.from(s).toString("base64url");
+
+export function signJwt(claims) {
+  const head = b64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
+  const body = b64url(JSON.stringify(claims));
+  const sig = createHmac("sha256", HMAC_SECRET).update(`${head}.${body}`).digest("base64url");
+  return `${head}.${body}.${sig}`;
+}
+
+export function token(sub, ttlSeconds) {
+  const now = Math.floor(Date.now() / 1000);
+  return signJwt({ sub, iss: "https://issuer.test", aud: "wsrelay", iat: now, exp: now + ttlSeconds });
+}
+
+// ---- relays --------------------------------------------------------------------------------
+
+const workDir = mkdtempSync(join(tmpdir(), "wsrelay-client-js-"));
+process.once("exit", () => rmSync(workDir, { recursive: true, force: true }));
+writeFileSync(join(workDir, "hmac.secret"), HMAC_SECRET);
+
+/** Starts a relay (the real binary) on fixed ports so that it can be restarted on them. */
+export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4 }) {
+  port ??= await freePort();
+  adminPort ??= await freePort();
+  const config = {
+    listen: { client: `127.0.0.1:${port}`, admin: `127.0.0.1:${adminPort}`, path: "/ws" },
+    nats: { urls: [natsUrl], name: `client-js-${name}` },
+    auth: {
+      jwt: {
+        algorithms: ["HS256"],
+        key: { hmacSecretFile: join(workDir, "hmac.secret") },
+        issuer: "https://issuer.test",
+        audiences: ["wsrelay"],
+        leewaySeconds: 0,
+      },
+      tokenSources: [{ type: "subprotocol" }],
+      allowedOrigins: [origin],
+      allowAnonymous: false,
+    },
+    bindings: [
+      { channel: "me.notify", subject: "users.{claims.sub}.notify", direction: "subscribe" },
+      { channel: "chat.{room}", subject: "chat.{room}", direction: "both" },
+      { channel: "orders.{id}", subject: "orders.{id}", direction: "subscribe" },
+    ],
+    limits: { pingIntervalSeconds: 5, idleTimeoutSeconds: 30 },
+    drain: { gracePeriodSeconds: graceSeconds },
+  };
+  const file = join(workDir, `${name}-${port}.json`);
+  writeFileSync(file, JSON.stringify(config, null, 2));
+  const logFile = join(workDir, `${name}-${port}.log`);
+  const log = [];
+  const child = track(spawn(relayBin(), ["run", "--config", file], { stdio: ["ignore", "ignore", "pipe"] }));
+  child.stderr.setEncoding("utf8");
+  child.stderr.on("data", (d) => log.push(d));
+  const exited = new Promise((r) => child.once("exit", (code, signal) => r({ code, signal })));
+  const relay = {
+    name,
+    port,
+    adminPort,
+    pid: child.pid,
+    exited,
+    log: () => log.join(""),
+    signal: (s) => child.kill(s),
+    kill: async () => {
+      child.kill("SIGCONT");
+      child.kill("SIGKILL");
+      await exited;
+    },
+    ready: async () => (await httpStatus(adminPort, "/ready", 300))?.status === 200,
+    metric: async (name) => {
+      const r = await httpStatus(adminPort, "/metrics", 1000);
+      const line = r?.body.split("\n").find((l) => l.startsWith(name + " ") || l.startsWith(name + "{"));
+      return line === undefined ? undefined : Number(line.split(" ").pop());
+    },
+    logFile,
+  };
+  try {
+    await waitFor(`${name} to be ready`, 20_000, async () => {
+      if (child.exitCode !== null) throw new Error(`${name} exited: ${relay.log()}`);
+      return relay.ready();
+    });
+  } catch (e) {
+    await relay.kill();
+    throw e;
+  }
+  return relay;
+}
+
+/**
+ * A TCP front like a Kubernetes Service: each new connection goes to the first backend whose
+ * /ready answers 200 within 300 ms (a draining, stopped or dead relay gets none); established
+ * connections are left alone. Connections that find no ready backend are closed.
+ */
+export async function startService(backends) {
+  const port = await freePort();
+  const sockets = new Set();
+  const routed = [];
+  const srv = createNetServer(async (client) => {
+    sockets.add(client);
+    client.on("close", () => sockets.delete(client));
+    client.on("error", () => {});
+    client.pause();
+    let target;
+    for (const b of backends) {
+      if (await b.ready()) {
+        target = b;
+        break;
+      }
+    }
+    if (!target || client.destroyed) {
+      client.destroy();
+      return;
+    }
+    routed.push(target.name);
+    const up = netConnect(target.port, "127.0.0.1");
+    sockets.add(up);
+    up.on("close", () => (sockets.delete(up), client.destroy()));
+    client.on("close", () => up.destroy());
+    up.on("error", () => {});
+    up.once("connect", () => {
+      client.pipe(up);
+      up.pipe(client);
+      client.resume();
+    });
+  });
+  await new Promise((r) => srv.listen(port, "127.0.0.1", r));
+  return {
+    port,
+    routed,
+    setBackends(list) {
+      backends = list;
+    },
+    close: () => {
+      for (const s of sockets) s.destroy();
+      srv.close();
+    },
+  };
+}
+
+// ---- the page ------------------------------------------------------------------------------
+
+const types = { ".js": "text/javascript", ".map": "application/json", ".html": "text/html", ".ts": "text/plain" };
+
+/** Serves the page, the built SDK (dist/esm) and `/token?sub=..&ttl=..`; counts token requests. */
+export async function startPageServer() {
+  const port = await freePort();
+  const tokenRequests = [];
+  const srv = createHttpServer((req, res) => {
+    const url = new URL(req.url, `http://127.0.0.1:${port}`);
+    if (url.pathname === "/token") {
+      const sub = url.searchParams.get("sub") ?? "alice";
+      const ttl = Number(url.searchParams.get("ttl") ?? "600");
+      tokenRequests.push({ sub, ttl, at: Date.now() });
+      res.writeHead(200, { "content-type": "text/plain", "cache-control": "no-store" });
+      res.end(token(sub, ttl));
+      return;
+    }
+    if (url.pathname === "/") {
+      res.writeHead(200, { "content-type": "text/html" });
+      res.end(readFileSync(join(here, "page.html")));
+      return;
+    }
+    if (url.pathname.startsWith("/dist/")) {
+      const file = resolve(pkgRoot, "." + url.pathname);
+      if (file.startsWith(join(pkgRoot, "dist")) && existsSync(file)) {
+        res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream" });
+        res.end(readFileSync(file));
+        return;
+      }
+    }
+    res.writeHead(404);
+    res.end();
+  });
+  await new Promise((r) => srv.listen(port, "127.0.0.1", r));
+  return { port, origin: `http://127.0.0.1:${port}`, tokenRequests, close: () => srv.close() };
+}
+
+/** Headless Debian Chromium with a fresh profile (never a downloaded browser). */
+export async function launchBrowser() {
+  const { chromium } = await import("playwright-core");
+  const profile = mkdtempSync(join(tmpdir(), "wsrelay-chromium-"));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: chromiumBin(),
+    headless: true,
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--disable-extensions",
+    ],
+    timeout: 60_000,
+  });
+  return {
+    context,
+    close: async () => {
+      await context.close().catch(() => {});
+      rmSync(profile, { recursive: true, force: true });
+    },
+  };
+}
