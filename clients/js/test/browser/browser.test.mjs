@@ -13,6 +13,7 @@ import {
   launchBrowser,
   natsBin,
   natsClient,
+  pageApi,
   relayBin,
   sleep,
   startNats,
@@ -54,26 +55,11 @@ describe("@wsrelay/client in headless Chromium against real relays and NATS", { 
   });
 
   // ---- helpers on the page's record ----
+  const api = (name) => (...args) => pageApi(page)[name](...args);
+  const [log, messages, waitLog, waitSubscribed, open, subscribe, publish, closeClient] = [
+    "log", "messages", "waitLog", "waitSubscribed", "open", "subscribe", "publish", "closeClient",
+  ].map(api);
 
-  const log = (client, kind) =>
-    page.evaluate(([c, k]) => window.T.log.filter((e) => e.client === c && e.kind === k), [client, kind]);
-  const messages = (client, channel) =>
-    page.evaluate((key) => window.T.messages[key] ?? [], `${client}:${channel}`);
-  const subscribedCtx = (client, channel) =>
-    page.evaluate((key) => window.T.subscribed[key] ?? [], `${client}:${channel}`);
-
-  async function waitLog(what, client, kind, n, ms, pred = () => true) {
-    return waitFor(what, ms, async () => {
-      const es = (await log(client, kind)).filter(pred);
-      return es.length >= n ? es : undefined;
-    });
-  }
-  async function waitSubscribed(client, channel, n, ms = 20_000) {
-    return waitFor(`${client} subscribed to ${channel} (${n})`, ms, async () => {
-      const cs = await subscribedCtx(client, channel);
-      return cs.length >= n ? cs : undefined;
-    });
-  }
   /** Publishes on NATS and waits for the page to receive it (the subscription is in place). */
   async function roundTrip(client, subject, channel, payload, ms = 10_000) {
     const before = (await messages(client, channel)).length;
@@ -85,12 +71,6 @@ describe("@wsrelay/client in headless Chromium against real relays and NATS", { 
     });
     assert.deepEqual(got[got.length - 1], payload);
   }
-  const open = (name, url, sub, opts = {}) =>
-    page.evaluate(([n, u, s, o]) => window.openClient(n, { url: u, sub: s, ...o }), [name, url, sub, opts]);
-  const subscribe = (name, channel) => page.evaluate(([n, c]) => window.subscribeChannel(n, c), [name, channel]);
-  const publish = (name, channel, payload) =>
-    page.evaluate(([n, c, p]) => window.publish(n, c, p), [name, channel, payload]);
-  const closeClient = (name) => page.evaluate((n) => window.closeClient(n), name);
   const wsUrl = (svc) => `ws://127.0.0.1:${svc.port}/ws`;
 
   test("connects with a JWT, receives its NATS messages only, publish settles with ok / 403", async () => {

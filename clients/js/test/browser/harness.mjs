@@ -377,3 +377,34 @@ export async function launchBrowser() {
     },
   };
 }
+
+/** Reading and driving test/browser/page.html from the test. */
+export function pageApi(page) {
+  const api = {
+    log: (client, kind) =>
+      page.evaluate(([c, k]) => window.T.log.filter((e) => e.client === c && e.kind === k), [client, kind]),
+    messages: (client, channel) => page.evaluate((key) => window.T.messages[key] ?? [], `${client}:${channel}`),
+    subscribedCtx: (client, channel) => page.evaluate((key) => window.T.subscribed[key] ?? [], `${client}:${channel}`),
+    waitLog: (what, client, kind, n, ms, pred = () => true) =>
+      waitFor(what, ms, async () => {
+        const es = (await api.log(client, kind)).filter(pred);
+        return es.length >= n ? es : undefined;
+      }),
+    waitSubscribed: (client, channel, n, ms = 20_000) =>
+      waitFor(`${client} subscribed to ${channel} (${n})`, ms, async () => {
+        const cs = await api.subscribedCtx(client, channel);
+        return cs.length >= n ? cs : undefined;
+      }),
+    waitMessages: (client, channel, n, ms = 10_000) =>
+      waitFor(`${client} to receive ${n} messages on ${channel}`, ms, async () => {
+        const m = await api.messages(client, channel);
+        return m.length >= n ? m : undefined;
+      }),
+    open: (name, url, sub, opts = {}) =>
+      page.evaluate(([n, u, s, o]) => window.openClient(n, { url: u, sub: s, ...o }), [name, url, sub, opts]),
+    subscribe: (name, channel) => page.evaluate(([n, c]) => window.subscribeChannel(n, c), [name, channel]),
+    publish: (name, channel, payload) => page.evaluate(([n, c, p]) => window.publish(n, c, p), [name, channel, payload]),
+    closeClient: (name) => page.evaluate((n) => window.closeClient(n), name),
+  };
+  return api;
+}
