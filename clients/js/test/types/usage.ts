@@ -1,0 +1,42 @@
+// Compiled (not run) by `npm test` against dist/esm/index.d.ts: the public types as an
+// application uses them. A type error here is a broken declaration.
+import {
+  Client,
+  WsrelayError,
+  type ConnectedContext,
+  type DisconnectedContext,
+  type Message,
+  type SubscribedContext,
+  type Subscription,
+} from "../../dist/esm/index.js";
+
+const client = new Client({
+  url: () => "wss://relay.example.com/ws",
+  getToken: async () => "jwt",
+  pingIntervalMs: 15_000,
+});
+client.on("connected", (c: ConnectedContext) => c.transport.toUpperCase());
+client.on("disconnected", (d: DisconnectedContext) => (d.willReconnect ? d.delayMs ?? 0 : d.code));
+client.on("error", ({ kind, error }) => `${kind} ${String(error.code)} ${error.reason}`);
+client.on("drain", (d) => d.reconnectAfterMs + 1);
+const sub: Subscription = client.subscribe("me.notify", {
+  onMessage: (m: Message) => (m.format === "binary" ? (m.data as Uint8Array).length : m.data),
+  onSubscribed: (ctx: SubscribedContext) => ctx.resubscribed && !ctx.recovered,
+  since: { epoch: "e", seq: 1 },
+});
+sub.on("dropped", (d) => d.count);
+const pos: { epoch: string; seq: number } | undefined = sub.position;
+void pos;
+async function main(): Promise<void> {
+  client.connect();
+  const r = await client.publish("chat.lobby", { text: "hi" });
+  const seq: number | undefined = r.seq;
+  void seq;
+  await sub.ready(5000);
+  try {
+    await client.publishText("chat.lobby", "raw");
+  } catch (e) {
+    if (e instanceof WsrelayError && e.code === 403) client.disconnect();
+  }
+}
+void main;
