@@ -83,7 +83,7 @@ export interface ClientOptions {
   drainJitterMs?: number;
   /** Consecutive 4401 refusals after which the client stops and reports. Default 3. */
   maxAuthFailures?: number;
-  /** Consecutive connections that never reached `welcome` after which `getToken` is called before each new try (an HTTP 401 shows as 1006 in browsers). Default 3. */
+  /** After every this many consecutive connections that never reached `welcome`, call `getToken` before the next try (an HTTP 401 shows as 1006 in browsers). Default 3; 0 never. */
   newTokenAfterFailedOpens?: number;
   /** Transports in order of preference. Default: WebSocket only. */
   transports?: TransportFactory[];
@@ -543,8 +543,10 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
 
     const policy = closePolicy(code);
     if (policy.newToken) this.needNewToken = true;
-    if (!wasWelcomed && this.getToken && this.failedOpens >= this.o.newTokenAfterFailedOpens)
-      this.needNewToken = true;
+    // Every N-th failed open in a row (not every one: during an outage of the relays, a crowd
+    // of clients must not turn into a storm on the app's token endpoint).
+    const n = this.o.newTokenAfterFailedOpens;
+    if (!wasWelcomed && this.getToken && n > 0 && this.failedOpens % n === 0) this.needNewToken = true;
     let terminal = !policy.reconnect;
     if (policy.authFailure) {
       this.authFailures++;

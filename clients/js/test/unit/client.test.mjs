@@ -263,16 +263,18 @@ test("4401: a new token before each retry, stop after maxAuthFailures and report
   assert.equal(t.named("error").at(-1).error.code, 4401);
 });
 
-test("repeated handshake failures (browsers see 1006 for HTTP 401) fetch a new token from the 3rd on", async () => {
+test("repeated handshake failures (browsers see 1006 for HTTP 401) fetch a new token after every 3rd", async () => {
   const t = setup();
   t.client.connect();
   await t.clock.advance(0);
-  for (let i = 0; i < 4; i++) {
+  for (let i = 0; i < 7; i++) {
     t.last().serverClose(1006, "", false);
     await t.clock.advance(t.named("disconnected").at(-1).delayMs);
   }
-  assert.equal(t.sockets().length, 5);
-  assert.equal(t.tokens.length, 3, "first token, then one before the 4th and 5th tries");
+  assert.equal(t.sockets().length, 8);
+  assert.equal(t.tokens.length, 3, "the first token, then one before the 4th and the 7th tries");
+  assert.deepEqual(t.sockets()[3].protocols[1], "bearer." + t.tokens[1]);
+  assert.deepEqual(t.sockets()[6].protocols[1], "bearer." + t.tokens[2]);
 });
 
 test("4029 (publish flood): a harder first backoff step", async () => {
