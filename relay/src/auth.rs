@@ -235,14 +235,20 @@ impl Verifier {
         validation.leeway = jwt.leeway_seconds;
         validation.validate_nbf = true;
         validation.validate_exp = true;
+        // A configured claim is required, not only compared: jsonwebtoken checks `iss` and
+        // `aud` only when the token carries them.
+        let mut required = vec!["exp"];
         if let Some(iss) = &jwt.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
         if jwt.audiences.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&jwt.audiences);
+            required.push("aud");
         }
+        validation.set_required_spec_claims(&required);
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|source| KeyLoadError::Read {
                 path: p.display().to_string(),
@@ -303,11 +309,29 @@ impl Verifier {
             }
         }
         .map_err(invalid)?;
-        let expires_at = data.claims.get("exp").and_then(Value::as_u64);
+        let expires_at = expiry(&data.claims).ok_or_else(|| {
+            AuthError::InvalidToken("exp is not a number of seconds since the epoch".into())
+        })?;
         Ok(Identity {
             claims: Some(data.claims),
-            expires_at,
+            expires_at: Some(expires_at),
         })
+    }
+}
+
+/// The token's `exp` in whole seconds. Issuers that compute `Date.now()/1000 + ttl` write
+/// a fraction; it is floored (the connection ends no later than the token says). `None` for
+/// anything that is not a non-negative number: such a token never gets a connection without
+/// its expiry timer. Pure.
+pub fn expiry(claims: &Map<String, Value>) -> Option<u64> {
+    match claims.get("exp")? {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+                // Truncation is the floor for a non-negative value.
+                .map(|f| f as u64)
+        }),
+        _ => None,
     }
 }
 
@@ -532,6 +556,30 @@ mod tests {
         );
         // Only configured sources are read.
         assert_eq!(extract_token(&s[1..2], &h3, Some("token=q")), None);
+    }
+
+    #[test]
+    fn expiry_is_floored_and_required() {
+        let c = |v: Value| serde_json::json!({ "exp": v }).as_object().unwrap().clone();
+        assert_eq!(expiry(&c(serde_json::json!(1767225600))), Some(1767225600));
+        assert_eq!(
+            expiry(&c(serde_json::json!(1767225600.5))),
+            Some(1767225600)
+        );
+        assert_eq!(
+            expiry(&c(serde_json::json!(1767225600.999))),
+            Some(1767225600)
+        );
+        for bad in [
+            serde_json::json!(-1),
+            serde_json::json!(-0.5),
+            serde_json::json!("1767225600"),
+            serde_json::json!(null),
+            serde_json::json!(1e300),
+        ] {
+            assert_eq!(expiry(&c(bad.clone())), None, "{bad}");
+        }
+        assert_eq!(expiry(&Map::new()), None);
     }
 
     #[test]

@@ -67,6 +67,33 @@ pub enum AuthzError {
         /// Why.
         reason: &'static str,
     },
+    /// The rendered subject is longer than [`MAX_SUBJECT_LEN`] (a long claim): NATS would
+    /// refuse the control line and drop the relay's whole connection.
+    #[error(
+        "channel {channel:?} maps to a subject of {len} bytes, above the limit of {MAX_SUBJECT_LEN}"
+    )]
+    SubjectTooLong {
+        /// The channel.
+        channel: String,
+        /// Length of the rendered subject.
+        len: usize,
+    },
+    /// The rendered subject is in a namespace NATS reserves (`$JS.`, `$SYS.`, `_INBOX.`...).
+    #[error("channel {channel:?} maps to a reserved NATS subject")]
+    ReservedSubject {
+        /// The channel.
+        channel: String,
+    },
+}
+
+/// Longest subject a channel may map to, in bytes. NATS's control line (`SUB <subject>
+/// <sid>`) is limited to 4 KiB by default; real subjects are far shorter.
+pub const MAX_SUBJECT_LEN: usize = 512;
+
+/// Whether `subject` is in a namespace NATS reserves for itself or for request/reply:
+/// anything starting with `$` (`$JS.`, `$SYS.`, `$KV.`...) or `_INBOX.`. Pure.
+pub fn is_reserved_subject(subject: &str) -> bool {
+    subject.starts_with('$') || subject == "_INBOX" || subject.starts_with("_INBOX.")
 }
 
 /// Checks one value (a channel token or a claim) before it goes into a subject: it must
@@ -147,7 +174,19 @@ impl Authorizer {
                 matched_other_direction = true;
                 continue;
             }
-            return render(&b.subject, &vars, claims, channel);
+            let subject = render(&b.subject, &vars, claims, channel)?;
+            if subject.len() > MAX_SUBJECT_LEN {
+                return Err(AuthzError::SubjectTooLong {
+                    channel: channel.to_owned(),
+                    len: subject.len(),
+                });
+            }
+            if is_reserved_subject(&subject) {
+                return Err(AuthzError::ReservedSubject {
+                    channel: channel.to_owned(),
+                });
+            }
+            return Ok(subject);
         }
         if matched_other_direction {
             Err(AuthzError::WrongDirection {
@@ -436,6 +475,47 @@ mod tests {
             ),
             Err(AuthzError::MissingClaim { .. })
         ));
+    }
+
+    #[test]
+    fn long_and_reserved_subjects_are_refused() {
+        let a = authz();
+        let long = "x".repeat(600);
+        assert!(matches!(
+            a.resolve(
+                "me.notify",
+                Operation::Subscribe,
+                Some(&claims(json!({ "sub": long })))
+            ),
+            Err(AuthzError::SubjectTooLong { .. })
+        ));
+        let just = "x".repeat(MAX_SUBJECT_LEN - "users..notify".len());
+        assert!(
+            a.resolve(
+                "me.notify",
+                Operation::Subscribe,
+                Some(&claims(json!({ "sub": just })))
+            )
+            .is_ok()
+        );
+        // Config validation refuses such templates; the authorizer refuses the subjects too.
+        let raw = Authorizer::new(&[
+            binding("a.{x}", "{x}.feed", Direction::Subscribe),
+            binding("b", "$JS.API.INFO", Direction::Subscribe),
+        ]);
+        for (ch, subject) in [("a.$SYS", "$SYS"), ("a._INBOX", "_INBOX"), ("b", "$JS")] {
+            assert!(
+                matches!(
+                    raw.resolve(ch, Operation::Subscribe, None),
+                    Err(AuthzError::ReservedSubject { .. })
+                ),
+                "{ch} -> {subject}"
+            );
+        }
+        assert!(raw.resolve("a.orders", Operation::Subscribe, None).is_ok());
+        assert!(is_reserved_subject("_INBOX.abc"));
+        assert!(!is_reserved_subject("_INBOXES.a"));
+        assert!(!is_reserved_subject("a.$JS"));
     }
 
     #[test]

@@ -423,6 +423,11 @@ pub struct Limits {
     /// Default 10.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_seconds: u64,
+    /// Time one write to a client (a batch of frames, a ping, a close) may take, in seconds;
+    /// a client that takes no bytes for this long is dropped (close reason `write_timeout`).
+    /// Also the client sockets' TCP user timeout. Default 10.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_seconds: u64,
 }
 
 impl Default for Limits {
@@ -438,6 +443,7 @@ impl Default for Limits {
             idle_timeout_seconds: default_idle_timeout(),
             ping_interval_seconds: default_ping_interval(),
             handshake_timeout_seconds: default_handshake_timeout(),
+            write_timeout_seconds: default_write_timeout(),
         }
     }
 }
@@ -467,6 +473,9 @@ fn default_ping_interval() -> u64 {
     20
 }
 fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_write_timeout() -> u64 {
     10
 }
 
@@ -878,6 +887,12 @@ impl Config {
                         "a cookie token needs an Origin allowlist (cross-site WebSocket hijacking)"
                             .into(),
                 });
+            } else if kind == "cookie" && auth.allowed_origins.iter().any(|o| o == "*") {
+                errs.push(ValidationError::Conflict {
+                    field,
+                    other: "auth.allowedOrigins".into(),
+                    reason: "a cookie token cannot be combined with the origin '*': any site could open a connection with the visitor's cookie (cross-site WebSocket hijacking); list the allowed origins".into(),
+                });
             }
         }
         for (i, origin) in auth.allowed_origins.iter().enumerate() {
@@ -933,6 +948,27 @@ impl Config {
             }
             match parse_subject_template(&b.subject) {
                 Ok(subject) => {
+                    match subject.first() {
+                        Some(TemplateToken::Literal(first))
+                            if first.starts_with('$') || first == "_INBOX" =>
+                        {
+                            errs.push(ValidationError::invalid(
+                                format!("bindings[{i}].subject"),
+                                format!(
+                                    "{:?} is in a namespace NATS reserves ('$...', '_INBOX')",
+                                    b.subject
+                                ),
+                            ));
+                        }
+                        Some(TemplateToken::Literal(_)) => {}
+                        _ => errs.push(ValidationError::invalid(
+                            format!("bindings[{i}].subject"),
+                            format!(
+                                "{:?} must start with a literal token (a placeholder first could reach '$JS.', '$SYS.' or '_INBOX.')",
+                                b.subject
+                            ),
+                        )),
+                    }
                     for tok in &subject {
                         match tok {
                             TemplateToken::Var(v) => {
@@ -1476,6 +1512,55 @@ mod tests {
             errs.iter().any(|e| e.field() == "auth.tokenSources[3]"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn cookie_with_any_origin_is_refused() {
+        let mut c = Config::example("nats://n:4222");
+        c.auth
+            .token_sources
+            .push(TokenSource::Cookie { name: "s".into() });
+        c.auth.allowed_origins = vec!["https://app.example.com".into(), "*".into()];
+        let errs = c.validate().unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field(), "auth.tokenSources[3]");
+        assert!(errs[0].to_string().contains("'*'"), "{}", errs[0]);
+        c.auth.allowed_origins.pop();
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn subject_templates_start_literal_outside_reserved_namespaces() {
+        let mut c = Config::example("nats://n:4222");
+        for (subject, ok) in [
+            ("{topic}.feed", false),
+            ("{topic}", false),
+            ("$JS.API.STREAM.INFO.{topic}", false),
+            ("$SYS.x.{topic}", false),
+            ("_INBOX.{topic}", false),
+            ("public.{topic}", true),
+            ("_INBOXES.{topic}", true),
+            ("a.$JS.{topic}", true),
+        ] {
+            c.bindings[0].subject = subject.into();
+            let r = c.validate();
+            assert_eq!(r.is_ok(), ok, "{subject}: {r:?}");
+            if let Err(errs) = r {
+                assert_eq!(errs.0[0].field(), "bindings[0].subject", "{subject}");
+            }
+        }
+        c.auth.jwt = Some(Jwt {
+            algorithms: vec![JwtAlgorithm::HS256],
+            key: JwtKey {
+                hmac_secret_file: Some("/k".into()),
+                ..JwtKey::default()
+            },
+            issuer: None,
+            audiences: vec![],
+            leeway_seconds: 5,
+        });
+        c.bindings[0].subject = "{claims.sub}.notify".into();
+        assert!(c.validate().is_err());
     }
 
     #[test]

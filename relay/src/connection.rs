@@ -50,8 +50,9 @@ pub async fn run<S>(
     let writer = tokio::spawn({
         let (conn, relay, done) = (conn.clone(), relay.clone(), done.clone());
         let ping_every = Duration::from_secs(limits.ping_interval_seconds);
+        let write_timeout = Duration::from_secs(limits.write_timeout_seconds);
         async move {
-            let why = write_loop(sink, &conn, &relay, ping_every).await;
+            let why = write_loop(sink, &conn, &relay, ping_every, write_timeout).await;
             done.cancel();
             why
         }
@@ -97,11 +98,46 @@ fn close_label(code: u16) -> &'static str {
     }
 }
 
+/// How a bounded write ended.
+#[derive(Debug)]
+enum WriteEnd {
+    /// The socket failed.
+    Error,
+    /// No progress within the write timeout: the peer takes no bytes.
+    Timeout,
+}
+
+impl WriteEnd {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Error => "write_error",
+            Self::Timeout => "write_timeout",
+        }
+    }
+}
+
+/// One sink call (`feed` of a frame, or `flush`) bounded by the write timeout. `timeout`
+/// polls the write first, so a write that completes at once never arms a timer.
+async fn bounded<F>(within: Duration, call: F) -> Result<(), WriteEnd>
+where
+    F: std::future::Future<Output = Result<(), tungstenite::Error>>,
+{
+    match tokio::time::timeout(within, call).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteEnd::Error),
+        Err(_) => Err(WriteEnd::Timeout),
+    }
+}
+
+/// How long a killed connection's writer may still try to send its close frame.
+const KILLED_CLOSE_WITHIN: Duration = Duration::from_millis(500);
+
 async fn write_loop<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
     conn: &ConnShared,
     relay: &Relay,
     ping_every: Duration,
+    write_timeout: Duration,
 ) -> &'static str
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -117,8 +153,23 @@ where
         tokio::select! {
             () = outbox.wait() => {}
             _ = ping.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    return "write_error";
+                // Every write, the ping included, is bounded by the write timeout and
+                // raced against the kill signal: a peer that stopped taking bytes must not
+                // hold the connection (its permit, its subscriptions, its share of the
+                // connection gauge) past either.
+                let send_ping = async {
+                    bounded(write_timeout, sink.feed(Message::Ping(Default::default()))).await?;
+                    bounded(write_timeout, sink.flush()).await
+                };
+                let r = tokio::select! {
+                    r = send_ping => r,
+                    () = outbox.killed() => {
+                        let c = outbox.close_request();
+                        return send_close(&mut sink, c.as_ref(), KILLED_CLOSE_WITHIN).await;
+                    }
+                };
+                if let Err(e) = r {
+                    return e.label();
                 }
                 continue;
             }
@@ -132,18 +183,18 @@ where
             let write = async {
                 let mut wrote = false;
                 if dropped > 0 {
-                    sink.feed(Message::text(protocol::encode_dropped(dropped)))
-                        .await?;
+                    let notice = Message::text(protocol::encode_dropped(dropped));
+                    bounded(write_timeout, sink.feed(notice)).await?;
                     wrote = true;
                 }
                 for f in frames.drain(..) {
-                    sink.feed(f.msg).await?;
+                    bounded(write_timeout, sink.feed(f.msg)).await?;
                     wrote = true;
                 }
                 if wrote {
-                    sink.flush().await?;
+                    bounded(write_timeout, sink.flush()).await?;
                 }
-                Ok::<bool, tungstenite::Error>(wrote)
+                Ok::<bool, WriteEnd>(wrote)
             };
             let wrote = tokio::select! {
                 r = write => r,
@@ -151,11 +202,11 @@ where
                     // Blocked on a full socket and told to stop: try a close frame
                     // briefly, then drop the connection.
                     let c = outbox.close_request();
-                    return send_close(&mut sink, c.as_ref(), Duration::from_millis(500)).await;
+                    return send_close(&mut sink, c.as_ref(), KILLED_CLOSE_WITHIN).await;
                 }
             };
             match wrote {
-                Err(_) => return "write_error",
+                Err(e) => return e.label(),
                 Ok(true) => {
                     let now = Instant::now();
                     for t in &received {
@@ -202,7 +253,7 @@ where
 
 async fn read_loop<S>(
     mut stream: SplitStream<WebSocketStream<S>>,
-    conn: &ConnShared,
+    conn: &Arc<ConnShared>,
     relay: &Relay,
     done: &CancellationToken,
     idle_timeout: Duration,
@@ -349,16 +400,17 @@ fn reply_ok(conn: &ConnShared, id: Option<&RequestId>) {
 
 fn authz_code(e: &AuthzError) -> ErrorCode {
     match e {
-        AuthzError::InvalidChannel { .. } | AuthzError::InvalidClaim { .. } => {
-            ErrorCode::InvalidValue
-        }
+        AuthzError::InvalidChannel { .. }
+        | AuthzError::InvalidClaim { .. }
+        | AuthzError::SubjectTooLong { .. } => ErrorCode::InvalidValue,
         AuthzError::NoBinding(_)
         | AuthzError::WrongDirection { .. }
-        | AuthzError::MissingClaim { .. } => ErrorCode::Forbidden,
+        | AuthzError::MissingClaim { .. }
+        | AuthzError::ReservedSubject { .. } => ErrorCode::Forbidden,
     }
 }
 
-async fn handle(req: Request, conn: &ConnShared, relay: &Relay) {
+async fn handle(req: Request, conn: &Arc<ConnShared>, relay: &Relay) {
     let live = relay.live();
     match req {
         Request::Ping { id } => {
@@ -399,23 +451,35 @@ async fn handle(req: Request, conn: &ConnShared, relay: &Relay) {
                 subs.insert(channel.clone(), subject.clone());
             }
             drop(live);
-            relay
-                .hub
-                .subscribe(&subject, conn.id, &channel, conn.outbox.clone())
-                .await;
-            // A reload may have ended this subscription while the hub was subscribing:
-            // then undo, so the hub holds nothing the connection does not know about.
-            if conn.subs().get(&channel) != Some(&subject) {
-                relay.hub.unsubscribe(&subject, conn.id);
-                return;
+            match relay.hub.subscribe(&subject, conn, &channel).await {
+                // A reload or a NATS refusal may have ended this subscription while the hub
+                // was subscribing (and sent `unsubscribed`): then undo, so the hub holds
+                // nothing the connection does not know about.
+                Ok(()) if conn.subs().get(&channel) != Some(&subject) => {
+                    relay.hub.unsubscribe(&subject, conn.id, &channel);
+                    reply_error(
+                        conn,
+                        id.as_ref(),
+                        ErrorCode::Unavailable,
+                        "the subscription ended while it was being set up",
+                    );
+                }
+                Ok(()) => reply_ok(conn, id.as_ref()),
+                Err(e) => {
+                    let mut subs = conn.subs();
+                    if subs.get(&channel) == Some(&subject) {
+                        subs.remove(&channel);
+                    }
+                    drop(subs);
+                    reply_error(conn, id.as_ref(), ErrorCode::Unavailable, &e.to_string());
+                }
             }
-            reply_ok(conn, id.as_ref());
         }
         Request::Unsubscribe { id, channel } => {
             let removed = conn.subs().remove(&channel);
             match removed {
                 Some(subject) => {
-                    relay.hub.unsubscribe(&subject, conn.id);
+                    relay.hub.unsubscribe(&subject, conn.id, &channel);
                     reply_ok(conn, id.as_ref());
                 }
                 None => reply_error(

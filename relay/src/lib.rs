@@ -45,4 +45,6 @@ pub mod reload;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
+pub mod slots;
+#[cfg(feature = "server")]
 pub mod tls;

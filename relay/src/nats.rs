@@ -35,11 +35,13 @@ fn read_trimmed(p: &std::path::Path) -> Result<String, NatsError> {
 }
 
 /// Connects (in the background: the relay starts even while NATS is down, and reports
-/// not ready). `connected` mirrors the connection state.
+/// not ready). `connected` mirrors the connection state; the subjects the server refuses
+/// to let this connection subscribe to are sent to `refused` (the hub ends them).
 pub async fn connect(
     cfg: &Nats,
     metrics: Arc<Metrics>,
     connected: Arc<AtomicBool>,
+    refused: tokio::sync::mpsc::Sender<String>,
 ) -> Result<async_nats::Client, NatsError> {
     let m = metrics.clone();
     let flag = connected.clone();
@@ -56,6 +58,7 @@ pub async fn connect(
         .event_callback(move |event| {
             let m = m.clone();
             let flag = flag.clone();
+            let refused = refused.clone();
             async move {
                 match event {
                     Event::Connected => {
@@ -72,6 +75,16 @@ pub async fn connect(
                     Event::Closed => {
                         flag.store(false, Ordering::SeqCst);
                         m.nats_connected.set(0);
+                    }
+                    Event::ServerError(async_nats::ServerError::Other(e))
+                        if crate::hub::refused_subject(&e).is_some() =>
+                    {
+                        if let Some(subject) = crate::hub::refused_subject(&e) {
+                            // Bounded: a flood of refusals beyond it is only logged.
+                            if refused.try_send(subject.to_owned()).is_err() {
+                                tracing::warn!(%subject, "NATS refusal not forwarded");
+                            }
+                        }
                     }
                     other => tracing::info!(event = %other, "NATS event"),
                 }

@@ -75,12 +75,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         )?)),
         None => None,
     };
-    let client = crate::nats::connect(&config.nats, metrics.clone(), connected.clone()).await?;
-    let hub = Hub::new(
+    let (refused_tx, mut refused_rx) = tokio::sync::mpsc::channel::<String>(256);
+    let client =
+        crate::nats::connect(&config.nats, metrics.clone(), connected.clone(), refused_tx).await?;
+    let hub = Arc::new(Hub::new(
         client,
         metrics.clone(),
         config.limits.max_message_bytes as usize,
-    );
+    ));
     let client_listener = bind(config.listen.client).await?;
     let admin_listener = bind(config.listen.admin).await?;
     let client_addr = client_listener
@@ -101,7 +103,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config: Arc::new(config),
     };
     let relay = Arc::new(Relay::new(live, hub, metrics, connected));
+    // NATS refusals of subscriptions, reported by the connection's event callback, end the
+    // hub's entries for those subjects.
+    let refusals = {
+        let relay = relay.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = relay.shutdown.cancelled() => break,
+                    s = refused_rx.recv() => match s {
+                        Some(subject) => relay.hub.refused(&subject),
+                        None => break,
+                    },
+                }
+            }
+        })
+    };
     let tasks = vec![
+        refusals,
         tokio::spawn(crate::server::serve(
             client_listener,
             relay.clone(),

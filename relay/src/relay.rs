@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::{Map, Value};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +14,7 @@ use crate::config::Config;
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use crate::slots::Slots;
 
 /// What the rest of the relay knows about one open connection.
 #[derive(Debug)]
@@ -54,7 +54,7 @@ pub struct Live {
 pub struct Relay {
     live: RwLock<Arc<Live>>,
     /// Subject fan-out.
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// True while the NATS connection is up.
@@ -62,7 +62,7 @@ pub struct Relay {
     /// True from SIGTERM on.
     pub draining: AtomicBool,
     /// Open-connection slots (`limits.maxConnections`).
-    pub slots: Arc<Semaphore>,
+    pub slots: Arc<Slots>,
     /// Tracks every connection task (and the HTTP handshakes), so none outlives shutdown.
     pub tracker: TaskTracker,
     /// Cancelled when the relay stops: ends accept loops and the admin server.
@@ -75,7 +75,7 @@ impl Relay {
     /// Assembles the state.
     pub fn new(
         live: Live,
-        hub: Hub,
+        hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         nats_connected: Arc<AtomicBool>,
     ) -> Self {
@@ -86,7 +86,7 @@ impl Relay {
             metrics,
             nats_connected,
             draining: AtomicBool::new(false),
-            slots: Arc::new(Semaphore::new(max)),
+            slots: Arc::new(Slots::new(max)),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             conns: Mutex::new(HashMap::new()),
@@ -141,9 +141,9 @@ impl Relay {
 
     /// Forgets a closed connection and drops its subscriptions.
     pub fn unregister(&self, conn: &ConnShared) {
-        let subs: Vec<String> = conn.subs().drain().map(|(_, subject)| subject).collect();
-        for subject in subs {
-            self.hub.unsubscribe(&subject, conn.id);
+        let subs: Vec<(String, String)> = conn.subs().drain().collect();
+        for (channel, subject) in subs {
+            self.hub.unsubscribe(&subject, conn.id, &channel);
         }
         if self.conns_lock().remove(&conn.id).is_some() {
             self.metrics.connections.dec();

@@ -48,13 +48,7 @@ fn reload_inner(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
     if new.listen != old.config.listen || new.nats != old.config.nats || new.tls != old.config.tls {
         tracing::warn!("listen, nats and tls changes take effect at the next restart");
     }
-    let old_max = old.config.limits.max_connections;
-    let new_max = new.limits.max_connections;
-    if new_max > old_max {
-        relay.slots.add_permits((new_max - old_max) as usize);
-    } else if new_max < old_max {
-        relay.slots.forget_permits((old_max - new_max) as usize);
-    }
+    relay.slots.set_max(new.limits.max_connections as usize);
     let authz = Arc::new(Authorizer::new(&new.bindings));
     relay.swap_live(Live {
         config: Arc::new(new),
@@ -76,7 +70,7 @@ fn reload_inner(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
             .collect();
         for (channel, subject) in gone {
             conn.subs().remove(&channel);
-            relay.hub.unsubscribe(&subject, conn.id);
+            relay.hub.unsubscribe(&subject, conn.id, &channel);
             conn.outbox
                 .push_reply(Message::text(protocol::encode_unsubscribed(
                     &channel,

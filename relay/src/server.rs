@@ -96,7 +96,7 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
     if relay.is_draining() {
         return refuse(&relay, StatusCode::SERVICE_UNAVAILABLE, "draining", Some(1));
     }
-    let Ok(permit) = relay.slots.clone().try_acquire_owned() else {
+    let Some(permit) = relay.slots.try_acquire() else {
         return refuse(
             &relay,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -166,6 +166,28 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
     resp
 }
 
+/// Socket options for a client connection: no Nagle delay; keepalive probes so a peer that
+/// vanished without a FIN is found even when nothing is being sent (30 s idle, then 3 probes
+/// 10 s apart); and a TCP user timeout equal to the write timeout, so the kernel gives up on
+/// data a peer leaves unacknowledged as soon as the writer would. Best effort.
+fn tune_socket(tcp: &tokio::net::TcpStream, write_timeout: Duration) {
+    let _ = tcp.set_nodelay(true);
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(write_timeout)) {
+        tracing::debug!(error = %e, "TCP user timeout not set");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = write_timeout;
+}
+
 /// Accepts client connections until the relay shuts down. Each TCP connection serves one
 /// HTTP/1.1 request (the upgrade) within the handshake timeout (TLS included).
 pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcceptor>) {
@@ -184,10 +206,11 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
                 }
             },
         };
-        let _ = tcp.set_nodelay(true);
+        let limits = relay.live().config.limits.clone();
+        tune_socket(&tcp, Duration::from_secs(limits.write_timeout_seconds));
         let app = app.clone();
         let tls = tls.clone();
-        let handshake = Duration::from_secs(relay.live().config.limits.handshake_timeout_seconds);
+        let handshake = Duration::from_secs(limits.handshake_timeout_seconds);
         let relay2 = relay.clone();
         relay.tracker.spawn(async move {
             let svc = TowerToHyperService::new(app);

@@ -176,6 +176,8 @@ pub fn relay_config(spec: &WebsocketGatewaySpec) -> relay::Config {
             idle_timeout_seconds: u64_of(l.idle_timeout_seconds),
             ping_interval_seconds: u64_of(l.ping_interval_seconds),
             handshake_timeout_seconds: u64_of(l.handshake_timeout_seconds),
+            // Not in the CRD yet: the relay's default.
+            write_timeout_seconds: relay::Limits::default().write_timeout_seconds,
         },
         drain: relay::Drain {
             grace_period_seconds: u64_of(spec.drain.grace_period_seconds),
