@@ -56,6 +56,8 @@ pub enum RunError {
     },
     #[error("admin server: {0}")]
     Admin(#[source] std::io::Error),
+    #[error(transparent)]
+    Leadership(#[from] leader::LeaderError),
 }
 
 /// Runs the operator until `shutdown` is cancelled, then stops cleanly: in-flight
@@ -126,23 +128,22 @@ pub async fn run_with_metrics(
         config.identity.clone(),
     ));
     let namespace = config.namespace.clone();
-    match config.leader_election {
+    // A replica that lost the lease ends here with an error (the binary exits non-zero and
+    // is restarted as a candidate; see `leader`), its controller already stopped.
+    let led = match config.leader_election {
         Some(lease) => {
             leader::run_as_leader(client, lease, &metrics, shutdown.clone(), move |token| {
-                let ctx = ctx.clone();
-                let namespace = namespace.clone();
-                async move {
-                    controller::run(ctx, namespace, async move { token.cancelled().await }).await
-                }
+                controller::run(ctx, namespace, async move { token.cancelled().await })
             })
-            .await;
+            .await
         }
         None => {
             metrics.leader.set(1);
             let token = shutdown.clone();
             controller::run(ctx, namespace, async move { token.cancelled().await }).await;
+            Ok(())
         }
-    }
+    };
 
     if let Some(admin) = admin {
         shutdown.cancel();
@@ -151,5 +152,5 @@ pub async fn run_with_metrics(
             Err(e) => tracing::warn!("admin server task: {e}"),
         }
     }
-    Ok(())
+    Ok(led?)
 }

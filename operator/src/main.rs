@@ -58,7 +58,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 metrics,
                 shutdown.clone(),
             )
-            .await?;
+            .await
+            // A lost lease ends up here: exit non-zero, and the kubelet restarts the replica.
+            .inspect_err(|e| tracing::error!("{e}; exiting"))?;
             if let Some(task) = metrics_api {
                 shutdown.cancel();
                 task.await??;
