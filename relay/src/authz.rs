@@ -9,7 +9,8 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::config::{Binding, Direction, TemplateToken, parse_subject_template, parse_template};
+use crate::config::{Binding, Direction};
+use crate::template::{TemplateToken, parse_subject_template, parse_template};
 
 /// What a client wants to do on a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

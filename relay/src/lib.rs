@@ -1,6 +1,7 @@
 //! wsrelay: the WebSocket data plane between browsers and NATS.
 //!
-//! `config` is the relay's configuration format; it is the contract with the
+//! `config` is the relay's configuration format (with `template`, the channel and subject
+//! template parser it validates with); it is the contract with the
 //! operator (which renders it into a ConfigMap) and needs only serde. Everything
 //! else is behind the `server` feature (on by default):
 //!
@@ -13,6 +14,7 @@
 pub mod config;
 #[cfg(feature = "pem")]
 pub mod pem;
+pub mod template;
 
 #[cfg(feature = "server")]
 pub mod admin;

@@ -1,0 +1,333 @@
+//! Config format and validation tests.
+
+use super::auth::default_token_sources;
+use super::*;
+use crate::template::*;
+use std::path::PathBuf;
+
+const FULL: &str = r#"{
+        "listen": {"client": "0.0.0.0:8080", "admin": "0.0.0.0:9090", "path": "/ws"},
+        "tls": {"certFile": "/tls/tls.crt", "keyFile": "/tls/tls.key"},
+        "nats": {
+            "urls": ["nats://nats:4222"],
+            "name": "wsrelay-gw",
+            "credentials": {"credsFile": "/nats/user.creds"},
+            "tls": {"caFile": "/nats/ca.crt"}
+        },
+        "auth": {
+            "jwt": {
+                "algorithms": ["RS256", "ES256"],
+                "key": {"jwksUrl": "https://issuer.example/.well-known/jwks.json"},
+                "issuer": "https://issuer.example",
+                "audiences": ["wsrelay"],
+                "leewaySeconds": 30
+            },
+            "tokenSources": [
+                {"type": "query", "name": "access_token"},
+                {"type": "authorizationHeader"},
+                {"type": "subprotocol"},
+                {"type": "cookie", "name": "session"}
+            ],
+            "allowedOrigins": ["https://app.example.com"],
+            "allowAnonymous": false
+        },
+        "bindings": [
+            {"channel": "orders.{id}", "subject": "orders.{id}", "direction": "both"},
+            {"channel": "me.notify", "subject": "users.{claims.sub}.notify"},
+            {"channel": "org.feed", "subject": "orgs.{claims.org.id}.feed", "direction": "subscribe"}
+        ],
+        "limits": {
+            "maxConnections": 50000, "maxMessageBytes": 65536, "sendQueueLen": 128,
+            "slowConsumerPolicy": "dropOldest", "maxSubscriptionsPerConnection": 50,
+            "publishRatePerSecond": 5, "publishBurst": 10,
+            "idleTimeoutSeconds": 90, "pingIntervalSeconds": 30, "handshakeTimeoutSeconds": 5
+        },
+        "drain": {"gracePeriodSeconds": 45}
+    }"#;
+
+#[test]
+fn full_config_parses_and_validates() {
+    let c: Config = serde_json::from_str(FULL).unwrap();
+    c.validate().unwrap();
+    assert_eq!(
+        c.limits.slow_consumer_policy,
+        SlowConsumerPolicy::DropOldest
+    );
+    assert_eq!(c.auth.token_sources.len(), 4);
+    assert_eq!(c.bindings[0].direction, Direction::Both);
+    // Round trip.
+    let back: Config = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c: Config = serde_json::from_str(
+        r#"{"nats":{"urls":["nats://n:4222"]},"auth":{"allowAnonymous":true},
+                "bindings":[{"channel":"news","subject":"news"}]}"#,
+    )
+    .unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.listen.client.port(), 8080);
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(c.drain.grace_period_seconds, 30);
+    assert_eq!(c.nats.name, "wsrelay");
+    assert_eq!(c.bindings[0].direction, Direction::Subscribe);
+    assert_eq!(c.auth.token_sources, default_token_sources());
+    assert_eq!(Config::example("nats://x:1").validate(), Ok(()));
+}
+
+#[test]
+fn unknown_fields_are_refused() {
+    let err = serde_json::from_str::<Config>(r#"{"nats":{"urls":[]},"natsUrl":"x"}"#).unwrap_err();
+    assert!(err.to_string().contains("unknown field `natsUrl`"), "{err}");
+    let err = serde_json::from_str::<Config>(
+        r#"{"nats":{"urls":[]},"auth":{"tokenSources":[{"type":"query","name":"t","x":1}]}}"#,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("unknown field"), "{err}");
+    let err = serde_json::from_str::<Config>(
+            r#"{"nats":{"urls":[]},"auth":{"tokenSources":[{"type":"authorizationHeader","name":"x"}]}}"#,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown field"), "{err}");
+}
+
+#[test]
+fn validate_reports_every_error_with_its_field() {
+    let c: Config = serde_json::from_str(
+            r#"{
+            "listen": {"client": "0.0.0.0:8080", "admin": "0.0.0.0:8080", "path": "ws"},
+            "nats": {"urls": ["http://x"], "credentials": {"tokenFile": "/t", "userFile": "/u"}},
+            "auth": {
+                "jwt": {"algorithms": ["HS256", "RS256"], "key": {}, "audiences": [""]},
+                "tokenSources": [{"type": "cookie", "name": "a b"}, {"type": "cookie", "name": "c"}],
+                "allowedOrigins": ["app.example.com/"]
+            },
+            "bindings": [
+                {"channel": "orders.*", "subject": "orders.{id}"},
+                {"channel": "a.{x}", "subject": "b.{y}"},
+                {"channel": "a.{x}", "subject": "c.>"},
+                {"channel": "u", "subject": "users.{claims.}"}
+            ],
+            "limits": {"maxConnections": 0, "publishBurst": 0, "pingIntervalSeconds": 60, "idleTimeoutSeconds": 60},
+            "drain": {"gracePeriodSeconds": 0}
+        }"#,
+        )
+        .unwrap();
+    let errs = c.validate().unwrap_err().0;
+    let fields: Vec<&str> = errs.iter().map(ValidationError::field).collect();
+    for expected in [
+        "listen.admin",
+        "listen.path",
+        "nats.urls[0]",
+        "nats.credentials",
+        "nats.credentials.passwordFile",
+        "auth.jwt.algorithms",
+        "auth.jwt.key",
+        "auth.jwt.audiences[0]",
+        "auth.tokenSources[0].name",
+        "auth.tokenSources[1]",
+        "auth.allowedOrigins[0]",
+        "bindings[0].channel",
+        "bindings[1].subject",
+        "bindings[2].channel",
+        "bindings[2].subject",
+        "bindings[3].subject",
+        "limits.maxConnections",
+        "limits.publishBurst",
+        "limits.pingIntervalSeconds",
+        "drain.gracePeriodSeconds",
+    ] {
+        assert!(
+            fields.contains(&expected),
+            "missing {expected} in {errs:#?}"
+        );
+    }
+    let text = ValidationErrors(errs).to_string();
+    assert!(
+        text.contains("bindings[1].subject: {y} is not a placeholder"),
+        "{text}"
+    );
+}
+
+#[test]
+fn claims_need_jwt_and_cookie_needs_origins() {
+    let mut c = Config::example("nats://n:4222");
+    c.bindings[0].subject = "users.{claims.sub}".into();
+    c.bindings[0].channel = "me".into();
+    c.auth
+        .token_sources
+        .push(TokenSource::Cookie { name: "s".into() });
+    let errs = c.validate().unwrap_err().0;
+    assert!(
+        errs.iter().any(|e| e.field() == "bindings[0].subject"),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.field() == "auth.tokenSources[3]"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn cookie_with_any_origin_is_refused() {
+    let mut c = Config::example("nats://n:4222");
+    c.auth
+        .token_sources
+        .push(TokenSource::Cookie { name: "s".into() });
+    c.auth.allowed_origins = vec!["https://app.example.com".into(), "*".into()];
+    let errs = c.validate().unwrap_err().0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].field(), "auth.tokenSources[3]");
+    assert!(errs[0].to_string().contains("'*'"), "{}", errs[0]);
+    c.auth.allowed_origins.pop();
+    assert_eq!(c.validate(), Ok(()));
+}
+
+#[test]
+fn subject_templates_start_literal_outside_reserved_namespaces() {
+    let mut c = Config::example("nats://n:4222");
+    for (subject, ok) in [
+        ("{topic}.feed", false),
+        ("{topic}", false),
+        ("$JS.API.STREAM.INFO.{topic}", false),
+        ("$SYS.x.{topic}", false),
+        ("_INBOX.{topic}", false),
+        ("public.{topic}", true),
+        ("_INBOXES.{topic}", true),
+        ("a.$JS.{topic}", true),
+    ] {
+        c.bindings[0].subject = subject.into();
+        let r = c.validate();
+        assert_eq!(r.is_ok(), ok, "{subject}: {r:?}");
+        if let Err(errs) = r {
+            assert_eq!(errs.0[0].field(), "bindings[0].subject", "{subject}");
+        }
+    }
+    c.auth.jwt = Some(Jwt {
+        algorithms: vec![JwtAlgorithm::HS256],
+        key: JwtKey {
+            hmac_secret_file: Some("/k".into()),
+            ..JwtKey::default()
+        },
+        issuer: None,
+        audiences: vec![],
+        leeway_seconds: 5,
+    });
+    c.bindings[0].subject = "{claims.sub}.notify".into();
+    assert!(c.validate().is_err());
+}
+
+#[test]
+fn no_jwt_and_no_anonymous_is_refused() {
+    let mut c = Config::example("nats://n:4222");
+    c.auth.allow_anonymous = false;
+    let errs = c.validate().unwrap_err().0;
+    assert_eq!(errs[0].field(), "auth.jwt");
+}
+
+#[cfg(feature = "server")]
+#[test]
+fn yaml_and_json_parse_alike() {
+    let yaml = r#"
+nats:
+  urls: [nats://nats:4222]
+  credentials:
+    credsFile: /nats/user.creds
+auth:
+  jwt:
+    algorithms: [HS256]
+    key: {hmacSecretFile: /jwt/secret}
+    issuer: https://issuer.example
+    audiences: [wsrelay]
+  tokenSources:
+    - {type: query, name: token}
+    - type: authorizationHeader
+bindings:
+  - channel: orders.{id}
+    subject: orders.{id}
+    direction: both
+  - channel: me.notify
+    subject: users.{claims.sub}.notify
+limits:
+  slowConsumerPolicy: dropOldest
+"#;
+    let c = Config::from_yaml_str(yaml).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.bindings[1].subject, "users.{claims.sub}.notify");
+    let json = serde_json::to_string(&c).unwrap();
+    assert_eq!(Config::from_yaml_str(&json).unwrap(), c);
+    let err = Config::from_yaml_str("nats: {urls: [a]}\nbogus: 1\n").unwrap_err();
+    assert!(err.contains("bogus"), "{err}");
+}
+
+#[cfg(feature = "server")]
+#[test]
+fn the_example_file_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.yaml");
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.bindings.len(), 3);
+    assert_eq!(c.nats.name, "wsrelay-orders");
+}
+
+#[test]
+fn templates_parse() {
+    use TemplateToken::*;
+    assert_eq!(
+        parse_template("orders.{id}", true).unwrap(),
+        vec![Literal("orders".into()), Var("id".into())]
+    );
+    assert_eq!(
+        parse_subject_template("orgs.{claims.org.id}.{x}.feed").unwrap(),
+        vec![
+            Literal("orgs".into()),
+            Claim(vec!["org".into(), "id".into()]),
+            Var("x".into()),
+            Literal("feed".into())
+        ]
+    );
+    assert_eq!(
+        parse_template("a.{x}.{x}", true),
+        Err(TemplateError::DuplicateVar("x".into()))
+    );
+    assert!(matches!(
+        parse_template("a.{claims.sub}", true),
+        Err(TemplateError::ClaimInChannel(_))
+    ));
+    for bad in [
+        "", ".a", "a.", "a..b", "a.*", "a.>", "a b", "a.{}", "a.{x", "{claims}",
+    ] {
+        assert!(parse_template(bad, true).is_err(), "{bad:?} parsed");
+        assert!(parse_subject_template(bad).is_err(), "{bad:?} parsed");
+    }
+    for bad in [
+        "x.{claims.a..b}",
+        "x.{claims.",
+        "x.{claims.a b}",
+        "{claims.}",
+    ] {
+        assert!(parse_subject_template(bad).is_err(), "{bad:?} parsed");
+    }
+}
+
+#[test]
+fn env_overrides_set_secret_paths() {
+    let mut c: Config = serde_json::from_str(FULL).unwrap();
+    c.nats.credentials = NatsCredentials::default();
+    c.tls = None;
+    c.apply_env_overrides(|k| match k {
+        "WSRELAY_NATS_CREDS_FILE" => Some("/secrets/nats.creds".into()),
+        "WSRELAY_TLS_CERT_FILE" => Some("/c".into()),
+        "WSRELAY_TLS_KEY_FILE" => Some("/k".into()),
+        "WSRELAY_NATS_TOKEN_FILE" => Some(String::new()),
+        _ => None,
+    });
+    assert_eq!(
+        c.nats.credentials.creds_file.as_deref(),
+        Some(std::path::Path::new("/secrets/nats.creds"))
+    );
+    assert_eq!(c.nats.credentials.token_file, None);
+    assert_eq!(c.tls.as_ref().unwrap().key_file, PathBuf::from("/k"));
+    c.validate().unwrap();
+}
