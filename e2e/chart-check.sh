@@ -136,4 +136,13 @@ refuse 'an unknown pull policy' 'pullPolicy' <<<'image: {pullPolicy: Sometimes}'
 refuse 'existingSecret without caBundle' "at '/metricsApi/existingSecret/caBundle'" <<<'metricsApi: {existingSecret: {name: mine}}'
 refuse 'both cert-manager and an own Secret' 'exclude each other' <<<'metricsApi: {certManager: {enabled: true}, existingSecret: {name: mine, caBundle: QQ==}}'
 refuse 'two replicas without leader election' 'leaderElection' <<<'leaderElection: {enabled: false}'
+refuse 'a misspelt relay admin peer' "additional properties 'podSelecter' not allowed" <<<'relayAdminAccess: {from: [{podSelecter: {}}]}'
+# The relays' admin port: the operator's own pods first, then relayAdminAccess.from.
+helm template "$release" "$chart" -n "$namespace" --show-only templates/deployment.yaml \
+	-f "$chart/ci/watch-namespace-values.yaml" >"$tmp/deploy.yaml"
+peers=$(awk '$3 == "WSRELAY_RELAY_ADMIN_PEERS" { getline; sub(/^ *value: /, ""); print }' "$tmp/deploy.yaml")
+# helm's quote escapes the JSON's quotes: "[{\"namespaceSelector\": ...
+want='[{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":\"'$namespace'\"}},\"podSelector\":{\"matchLabels\":{\"app.kubernetes.io/instance\":\"'$release'\",\"app.kubernetes.io/name\":\"wsrelay-operator\"}}},{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":\"monitoring\"}},\"podSelector\":{\"matchLabels\":{\"app.kubernetes.io/name\":\"prometheus\"}}}]'
+[ "$peers" = "\"$want\"" ] || fail "WSRELAY_RELAY_ADMIN_PEERS is $peers, wanted \"$want\""
+log "relay admin peers: the operator's pods and relayAdminAccess.from"
 log "ok"

@@ -1,13 +1,15 @@
 //! Helpers for the operator's end-to-end tests: install the CRD, run an operator in-process
 //! scoped to the test's namespace, and read the example gateway.
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::conditions;
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wsrelay_operator::api::WebsocketGateway;
@@ -20,7 +22,7 @@ use crate::{eventually, wait_for};
 /// the API server serves it. Safe to call from many tests at once.
 pub async fn install_crd(client: &Client) -> Result<()> {
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    let crd = WebsocketGateway::crd();
+    let crd = wsrelay_operator::api::crd();
     let name = crd.name_any();
     crds.patch(
         &name,
@@ -49,6 +51,7 @@ impl Operator {
             admin_addr: None,
             identity: lease.as_ref().map(|l| l.identity.clone()),
             leader_election: lease,
+            relay_admin_peers: Vec::new(),
         };
         let task = tokio::spawn(wsrelay_operator::run(client, config, shutdown.clone()));
         Self {
@@ -141,4 +144,102 @@ pub fn condition<'a>(gw: &'a WebsocketGateway, type_: &str) -> Option<&'a Condit
         .conditions
         .iter()
         .find(|c| c.type_ == type_)
+}
+
+/// One API request a client made: method, path with query, and the Accept header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiRequest {
+    pub method: String,
+    pub path: String,
+    pub accept: String,
+}
+
+impl ApiRequest {
+    /// A watch (long-running; re-established now and then, not per reconcile).
+    pub fn is_watch(&self) -> bool {
+        self.path.contains("watch=true") || self.path.contains("watch=1")
+    }
+}
+
+/// The requests a [`recording_client`] made, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct RequestLog(Arc<Mutex<Vec<ApiRequest>>>);
+
+impl RequestLog {
+    /// Every request since the last call.
+    pub fn take(&self) -> Vec<ApiRequest> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// A client for the cluster under test that records every request it makes, to see what the
+/// operator asks the API server.
+pub async fn recording_client() -> Result<(Client, RequestLog)> {
+    let log = RequestLog::default();
+    let client = kube::client::ClientBuilder::try_from(crate::config().await?)?
+        .with_layer(&RecordLayer { log: log.clone() })
+        .build();
+    Ok((client, log))
+}
+
+/// The tower layer that wraps kube's HTTP service in a [`Record`].
+#[derive(Debug, Clone)]
+struct RecordLayer {
+    log: RequestLog,
+}
+
+/// Logs each request, then passes it on.
+#[derive(Debug, Clone)]
+struct Record<S> {
+    log: RequestLog,
+    inner: S,
+}
+
+impl<S> tower::Layer<S> for RecordLayer {
+    type Service = Record<S>;
+    fn layer(&self, inner: S) -> Record<S> {
+        Record {
+            log: self.log.clone(),
+            inner,
+        }
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Record<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let entry = ApiRequest {
+            method: req.method().to_string(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            accept: req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+        };
+        self.log
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(entry);
+        self.inner.call(req)
+    }
 }

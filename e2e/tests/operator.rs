@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, ResourceQuota, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -245,11 +245,12 @@ async fn gateway_lifecycle_create_update_unscale_delete() -> Result<()> {
             "a JWT key rotation must not roll the relays (the relay reloads the key file)"
         );
 
-        // Remove autoscaling: the HPA goes, the Deployment gets a fixed replica count.
+        // Remove autoscaling (with the replica count to go to, which the API server asks
+        // for): the HPA goes, the Deployment gets the fixed replica count.
         gws.patch(
             &name,
             &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "autoscaling": null } })),
+            &Patch::Merge(json!({ "spec": { "autoscaling": null, "replicas": 2 } })),
         )
         .await?;
         eventually("the HPA to be deleted", || async {
@@ -413,6 +414,17 @@ async fn bad_gateways_are_refused_by_the_api_server_with_their_messages() -> Res
                 Err(e) => failures.push(format!("{what}: {e}")),
             }
         }
+        // A valid custom resource name that its children cannot carry (the Service name
+        // must be a DNS label): refused up front, not failing every reconcile afterwards.
+        let mut obj = valid()?;
+        obj["metadata"] = json!({ "name": "chat.v2" });
+        let obj: kube::api::DynamicObject = serde_json::from_value(obj)?;
+        match gws.create(&PostParams::default(), &obj).await {
+            Ok(_) => failures.push("name chat.v2: accepted".to_string()),
+            Err(kube::Error::Api(s))
+                if s.code == 422 && s.message.contains("metadata.name must be a DNS label") => {}
+            Err(e) => failures.push(format!("name chat.v2: {e}")),
+        }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
         Ok(())
     })
@@ -517,6 +529,277 @@ async fn a_missing_secret_degrades_the_gateway_until_it_appears() -> Result<()> 
         .await?;
         let msg = &condition(&invalid, "Degraded").context("Degraded")?.message;
         assert!(msg.contains("at least 32 bytes"), "{msg}");
+        Ok(())
+    })
+    .await
+}
+
+/// An apply the API server refuses (here a ResourceQuota that allows no Service: 403) is a
+/// problem a person must fix: the gateway says so in Degraded and a Warning Event, and
+/// recovers once the quota allows the Service.
+#[tokio::test]
+async fn a_refused_apply_degrades_the_gateway_until_it_is_allowed() -> Result<()> {
+    with_namespace("op-quota", |client, ns| async move {
+        install_crd(&client).await?;
+        let quotas = Api::<ResourceQuota>::namespaced(client.clone(), &ns);
+        let quota: ResourceQuota = serde_json::from_value(json!({
+            "metadata": { "name": "no-services" },
+            "spec": { "hard": { "services": "0" } }
+        }))?;
+        quotas.create(&PostParams::default(), &quota).await?;
+        let _operator = Operator::start(client.clone(), &ns, None);
+        let gw = create_example(&client, &ns).await?;
+        let name = gw.name_any();
+        let gws = Api::<WebsocketGateway>::namespaced(client.clone(), &ns);
+
+        let degraded = wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| condition(g, "Degraded"))
+                .is_some_and(|c| c.status == "True")
+        })
+        .await?;
+        let c = condition(&degraded, "Degraded").context("Degraded")?;
+        assert_eq!(c.reason, "ApplyForbidden", "{}", c.message);
+        assert!(
+            c.message.contains("Service") && c.message.contains("quota"),
+            "{}",
+            c.message
+        );
+        let events = eventually("an ApplyForbidden Event", || async {
+            let e = events_for(&client, &ns, &name, "ApplyForbidden").await?;
+            Ok((!e.is_empty()).then_some(e))
+        })
+        .await?;
+        assert_eq!(events[0].type_.as_deref(), Some("Warning"));
+
+        quotas
+            .delete("no-services", &DeleteParams::default())
+            .await?;
+        let recovered = wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| condition(g, "Degraded"))
+                .is_some_and(|c| c.status == "False")
+        })
+        .await?;
+        assert_eq!(
+            condition(&recovered, "Degraded").map(|c| c.reason.as_str()),
+            Some("AsExpected")
+        );
+        assert!(get::<Service>(&client, &ns, &name).await?.is_some());
+        Ok(())
+    })
+    .await
+}
+
+/// Every `spec.replicas` the Deployment `name` takes, in order, while `during` runs (and
+/// for `settle` after it), from a watch: a dip that lasts one update is seen.
+async fn replicas_seen<F, Fut>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    settle: std::time::Duration,
+    during: F,
+) -> Result<Vec<i32>>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let deploys = Api::<Deployment>::namespaced(client.clone(), ns);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<i32>::new()));
+    let watch = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut stream = watcher(deploys, config).applied_objects().boxed();
+            while let Some(Ok(d)) = stream.next().await {
+                if let Some(r) = d.spec.replicas {
+                    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    if seen.last() != Some(&r) {
+                        seen.push(r);
+                    }
+                }
+            }
+        })
+    };
+    // Let the watch list the Deployment before anything changes.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let outcome = during().await;
+    tokio::time::sleep(settle).await;
+    watch.abort();
+    outcome?;
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(seen)
+}
+
+/// replicas: 4 -> autoscaling hands the count to the HPA without a dip (it was 4 -> 1 -> 2:
+/// three relays drained for nothing); autoscaling -> replicas: 3 goes straight to 3, and
+/// removing autoscaling without saying where to go is refused.
+#[tokio::test]
+async fn switching_between_fixed_replicas_and_autoscaling_never_dips() -> Result<()> {
+    with_namespace("op-handover", |client, ns| async move {
+        install_crd(&client).await?;
+        let _operator = Operator::start(client.clone(), &ns, None);
+        let (secrets, mut gw) = example()?;
+        let secret_api = Api::<Secret>::namespaced(client.clone(), &ns);
+        for s in &secrets {
+            secret_api.create(&PostParams::default(), s).await?;
+        }
+        gw.spec.autoscaling = None;
+        gw.spec.replicas = Some(4);
+        let gw = create_gateway(&client, &ns, &gw).await?;
+        let name = gw.name_any();
+        let gws = Api::<WebsocketGateway>::namespaced(client.clone(), &ns);
+        let deploys = Api::<Deployment>::namespaced(client.clone(), &ns);
+        wait_for(&deploys, &name, |d: Option<&Deployment>| {
+            d.is_some_and(|d| d.spec.replicas == Some(4))
+        })
+        .await?;
+
+        // To autoscaling (2..6, no metrics served here, so the HPA keeps what it finds).
+        let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns);
+        let seen = replicas_seen(
+            &client,
+            &ns,
+            &name,
+            std::time::Duration::from_secs(10),
+            || async {
+                gws.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "spec": { "replicas": null, "autoscaling": {
+                    "minReplicas": 2, "maxReplicas": 6, "targetConnectionsPerPod": 100 } } })),
+                )
+                .await?;
+                // The HPA has looked at the Deployment (it reports the current count).
+                wait_for(&hpas, &name, |h: Option<&HorizontalPodAutoscaler>| {
+                    h.and_then(|h| h.status.as_ref())
+                        .is_some_and(|s| s.current_replicas == Some(4))
+                })
+                .await?;
+                Ok(())
+            },
+        )
+        .await?;
+        assert_eq!(
+            seen,
+            vec![4],
+            "spec.replicas of the Deployment while autoscaling took over"
+        );
+        let deploy = deploys.get(&name).await?;
+        let fields = serde_json::to_string(&deploy.metadata.managed_fields)?;
+        assert!(
+            !wsrelay_operator::build::applies_replicas(&deploy, "wsrelay-operator"),
+            "the operator still applies spec.replicas under autoscaling: {fields}"
+        );
+
+        // Removing autoscaling without a replica count is refused with the reason.
+        let refused = gws
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "autoscaling": null } })),
+            )
+            .await;
+        match refused {
+            Err(kube::Error::Api(s))
+                if s.code == 422
+                    && s.message
+                        .contains("removing spec.autoscaling needs an explicit spec.replicas") => {}
+            other => panic!("removing autoscaling alone: {other:?}"),
+        }
+
+        // Back to a fixed count: straight from 4 to 3, and the HPA is gone.
+        let seen = replicas_seen(
+            &client,
+            &ns,
+            &name,
+            std::time::Duration::from_secs(10),
+            || async {
+                gws.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "spec": { "autoscaling": null, "replicas": 3 } })),
+                )
+                .await?;
+                eventually("the HPA to be deleted", || async {
+                    Ok(hpas.get_opt(&name).await?.is_none().then_some(()))
+                })
+                .await?;
+                wait_for(&deploys, &name, |d: Option<&Deployment>| {
+                    d.is_some_and(|d| d.spec.replicas == Some(3))
+                })
+                .await?;
+                Ok(())
+            },
+        )
+        .await?;
+        assert_eq!(
+            seen,
+            vec![4, 3],
+            "spec.replicas of the Deployment when autoscaling was removed"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// The operator's API requests, recorded: Secrets are watched by their metadata only and
+/// read one by one, only those a gateway names (a Helm release's Secret beside them is never
+/// read); at rest a reconcile (the 60 s resync) costs no request: no GET of the gateway or
+/// its Deployment, no list of pods, no Secret read, no re-apply.
+#[tokio::test]
+async fn the_operator_reads_only_the_secrets_it_needs_and_is_quiet_at_rest() -> Result<()> {
+    with_namespace("op-quiet", |client, ns| async move {
+        install_crd(&client).await?;
+        let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+        let unrelated: Secret = serde_json::from_value(json!({
+            "metadata": { "name": "sh.helm.release.v1.other.v1" },
+            "type": "helm.sh/release.v1",
+            "stringData": { "release": "x".repeat(256 * 1024) }
+        }))?;
+        secrets.create(&PostParams::default(), &unrelated).await?;
+        let (recording, log) = wsrelay_e2e::operator::recording_client().await?;
+        let _operator = Operator::start(recording, &ns, None);
+        let gw = create_example(&client, &ns).await?;
+        let name = gw.name_any();
+        let gws = Api::<WebsocketGateway>::namespaced(client.clone(), &ns);
+        wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| condition(g, "Degraded"))
+                .is_some_and(|c| c.status == "False")
+        })
+        .await?;
+
+        let named = [
+            format!("/api/v1/namespaces/{ns}/secrets/chat-jwt"),
+            format!("/api/v1/namespaces/{ns}/secrets/chat-nats"),
+        ];
+        let mut wrong = Vec::new();
+        for r in log.take().iter().filter(|r| r.path.contains("/secrets")) {
+            let by_name = r.method == "GET" && named.iter().any(|n| r.path.starts_with(n.as_str()));
+            let metadata_only = r.accept.contains("as=PartialObjectMetadata");
+            if !(by_name || metadata_only) {
+                wrong.push(format!("{} {} (Accept: {})", r.method, r.path, r.accept));
+            }
+        }
+        assert!(wrong.is_empty(), "Secret requests beyond the metadata watch and the named Secrets:\n{}", wrong.join("\n"));
+
+        // At rest: one resync period and a bit. Watches (long-running) and status writes
+        // (the status may still move: pods come and go) do not count.
+        let window = std::time::Duration::from_secs(75);
+        tokio::time::sleep(window).await;
+        let at_rest: Vec<_> = log.take().into_iter().filter(|r| !r.is_watch()).collect();
+        let per_minute = at_rest.len() as f64 * 60.0 / window.as_secs_f64();
+        eprintln!(
+            "FIGURES: {} API requests by the operator in {window:?} at rest for 1 gateway ({per_minute:.1}/min): {:?}",
+            at_rest.len(),
+            at_rest.iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>()
+        );
+        let unexpected: Vec<_> = at_rest
+            .iter()
+            .filter(|r| !(r.method == "PATCH" && r.path.contains("/status")))
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        assert!(unexpected.is_empty(), "requests at rest: {unexpected:?}");
         Ok(())
     })
     .await

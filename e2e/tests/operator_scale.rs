@@ -5,6 +5,10 @@
 //!
 //!   cargo test -p wsrelay-e2e --test operator_scale -- --ignored --nocapture
 //!
+//! The relay pods are kept off the nodes (a nodeSelector nothing matches): the measurement is
+//! the operator's. It also reports the operator's API requests per gateway per minute at rest
+//! (watches excluded) and the resident memory of the test process, which runs the operator.
+//!
 //! `SCALE_GATEWAYS` sets N (default 100). With `SCALE_EXTERNAL_OPERATOR=1` no operator is
 //! started in-process, so one started by hand (watching all namespaces) can be measured,
 //! e.g. for its memory.
@@ -30,8 +34,14 @@ async fn reconcile_latency_over_many_gateways() -> Result<()> {
     let external = std::env::var_os("SCALE_EXTERNAL_OPERATOR").is_some();
     with_namespace("op-scale", |client, ns| async move {
         install_crd(&client).await?;
-        let _operator = (!external).then(|| Operator::start(client.clone(), &ns, None));
-        let (secrets, template) = example()?;
+        // The in-process operator's requests are recorded, for the figure at rest.
+        let (recording, log) = wsrelay_e2e::operator::recording_client().await?;
+        let _operator = (!external).then(|| Operator::start(recording, &ns, None));
+        let (secrets, mut template) = example()?;
+        // The relay pods stay Pending (no node has this label): the operator is measured,
+        // not a node starting hundreds of relays, and nothing churns at rest.
+        template.spec.placement.node_selector =
+            [("e2e.wsrelay.dev/scale-test".to_string(), "no-such-node".to_string())].into();
         let secret_api = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns);
         for s in &secrets {
             secret_api.create(&PostParams::default(), s).await?;
@@ -81,6 +91,30 @@ async fn reconcile_latency_over_many_gateways() -> Result<()> {
             pct(0.99),
             latencies[latencies.len() - 1],
         );
+        if !external {
+            // At rest: every gateway reconciled, nothing changing. Watches (long-running)
+            // do not count; everything else the operator asked in the window does.
+            let settle = Duration::from_secs(20);
+            tokio::time::sleep(settle).await;
+            let _ = log.take();
+            let window = Duration::from_secs(120);
+            tokio::time::sleep(window).await;
+            let requests: Vec<_> = log.take().into_iter().filter(|r| !r.is_watch()).collect();
+            let per_gateway_minute = requests.len() as f64 / n as f64 * 60.0 / window.as_secs_f64();
+            let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+            for r in &requests {
+                let kind = r.path.split('?').next().unwrap_or("").rsplit('/').nth(1).unwrap_or("").to_string();
+                *kinds.entry(format!("{} {kind}", r.method)).or_default() += 1;
+            }
+            let rss = std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+                .unwrap_or_default();
+            println!(
+                "at rest over {window:?}: {} API requests by the operator, {per_gateway_minute:.3} per gateway per minute ({kinds:?}); test process (operator in-process) {rss}",
+                requests.len()
+            );
+        }
         Ok(())
     })
     .await

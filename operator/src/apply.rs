@@ -11,35 +11,59 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::build::{Desired, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER};
+use crate::build::{
+    Desired, HANDOVER_MANAGER, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER, replicas_handover,
+};
 use crate::error::Error;
 
-/// Applies every object of `desired` and deletes what is no longer desired. Returns the
+/// Applies every object of `desired` and deletes what is no longer desired. `live` is the
+/// Deployment as last seen (None: not created yet), for the replica handover. Returns the
 /// Deployment as the API server stored it, for the status stage.
+///
+/// The replica count changes hands without a jump either way:
+/// - autoscaling switched on: a second field manager first claims the live `spec.replicas`
+///   ([`replicas_handover`]), so dropping it from our apply leaves the count alone until the
+///   HPA scales (without that the Deployment fell back to 1 replica);
+/// - autoscaling switched off: the HPA is deleted before the Deployment gets its fixed
+///   count, so the HPA cannot scale it once more in between.
 pub async fn apply(
     client: &Client,
     desired: &Desired,
     owner_uid: &str,
+    live: Option<&Deployment>,
 ) -> Result<Deployment, Error> {
     let d = desired;
+    let namespace = d.deployment.namespace().unwrap_or_default();
+    let instance = d.deployment.name_any();
     ssa(client, &d.service_account).await?;
     // The ConfigMap goes before the Deployment, so new pods never start without their config.
     ssa(client, &d.config_map).await?;
+    // Every other child always exists under the gateway's own name; only the HPA comes
+    // and goes with spec.autoscaling.
+    if d.hpa.is_none() {
+        sweep::<HorizontalPodAutoscaler>(client, &namespace, &instance, owner_uid).await?;
+    }
+    if let Some(handover) = replicas_handover(&d.deployment, live) {
+        tracing::info!(deployment = %instance, %namespace, replicas = ?handover["spec"]["replicas"], "handing spec.replicas over to the HorizontalPodAutoscaler");
+        Api::<Deployment>::namespaced(client.clone(), &namespace)
+            .patch(
+                &instance,
+                &PatchParams::apply(HANDOVER_MANAGER).force(),
+                &Patch::Apply(&handover),
+            )
+            .await
+            .map_err(|source| Error::Apply {
+                kind: "Deployment",
+                name: instance.clone(),
+                source,
+            })?;
+    }
     let deployment = ssa(client, &d.deployment).await?;
     ssa(client, &d.service).await?;
     ssa(client, &d.pdb).await?;
     ssa(client, &d.network_policy).await?;
-    let namespace = d.deployment.namespace().unwrap_or_default();
-    let instance = d.deployment.name_any();
-    match &d.hpa {
-        Some(hpa) => {
-            ssa(client, hpa).await?;
-        }
-        // Every other child always exists under the gateway's own name; only the HPA comes
-        // and goes with spec.autoscaling.
-        None => {
-            sweep::<HorizontalPodAutoscaler>(client, &namespace, &instance, owner_uid).await?;
-        }
+    if let Some(hpa) = &d.hpa {
+        ssa(client, hpa).await?;
     }
     Ok(deployment)
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 
 use crate::RunConfig;
 use crate::leader::LeaseConfig;
@@ -63,6 +64,11 @@ pub struct RunArgs {
     /// This replica's identity in the Lease and in Events (default: host name and pid).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// JSON list of NetworkPolicy peers (`namespaceSelector`/`podSelector`/`ipBlock`) allowed
+    /// to reach the relays' admin port 9090 (unauthenticated /metrics): the operator's own
+    /// pods and the monitoring. Empty: only the node (kubelet probes) reaches it.
+    #[arg(long, env = "WSRELAY_RELAY_ADMIN_PEERS", value_parser = parse_peers, default_value = "[]")]
+    pub relay_admin_peers: Peers,
     /// The custom metrics API (custom.metrics.k8s.io) for the HPA. Boxed: it would make
     /// `Command::Run` much larger than its sibling.
     #[command(flatten)]
@@ -86,8 +92,19 @@ impl RunArgs {
                 lease_duration: Duration::from_secs(self.lease_duration_seconds.max(3)),
             }),
             identity: Some(identity),
+            relay_admin_peers: self.relay_admin_peers.0,
         }
     }
+}
+
+/// The parsed `--relay-admin-peers`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Peers(pub Vec<NetworkPolicyPeer>);
+
+fn parse_peers(s: &str) -> Result<Peers, String> {
+    serde_json::from_str(s)
+        .map(Peers)
+        .map_err(|e| format!("a JSON list of NetworkPolicy peers: {e}"))
 }
 
 fn default_identity() -> String {
@@ -143,5 +160,26 @@ mod tests {
             panic!("run")
         };
         assert!(args.into_config().leader_election.is_none());
+    }
+
+    #[test]
+    fn relay_admin_peers_are_a_json_list_and_default_to_none() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["wsrelay-operator", "run"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Run(args) => args.into_config().relay_admin_peers,
+                Command::Crd { .. } => panic!("run"),
+            })
+        };
+        assert!(parse(&[]).expect("parses").is_empty());
+        let peers = parse(&[
+            "--relay-admin-peers",
+            r#"[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]"#,
+        ])
+        .expect("parses");
+        assert_eq!(peers.len(), 1);
+        assert!(peers[0].namespace_selector.is_some());
+        assert!(parse(&["--relay-admin-peers", "{}"]).is_err());
     }
 }

@@ -1,7 +1,10 @@
-//! The controller: watches gateways, their children and the Secrets they use, and runs the
-//! pipeline fetch -> validate -> build -> apply -> status for each gateway that changed.
+//! The controller: watches gateways, their children, the relay pods and the metadata of the
+//! Secrets, and runs the pipeline for each gateway that changed:
+//! [`fetch::observe`] (everything, from the watch caches) -> [`validate`] -> [`build_with`]
+//! -> [`apply::apply`] -> [`status::compute`] -> [`write_status`]. Only the first and the
+//! last two stages do I/O.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,51 +12,68 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::WebsocketGateway;
-use crate::build::{MANAGED_BY_LABEL, MANAGER, build_with};
+use crate::api::{WebsocketGateway, WebsocketGatewayStatus};
+use crate::build::{MANAGED_BY_LABEL, MANAGER, Options, applies_replicas, build_with};
 use crate::error::Error;
+use crate::fetch::{Caches, Children, Observed, SecretCache};
 use crate::metrics::Metrics;
+use crate::metrics_api::scrape::Scraper;
 use crate::status::{self, Degradation};
 use crate::validate::{restart_secrets_digest, secret_names, validate};
 use crate::{apply, fetch};
 
-/// A gateway whose spec and Secrets are unchanged is fully re-applied at least this often,
-/// which bounds how long a child someone edited or deleted stays wrong.
-const FULL_APPLY_EVERY: Duration = Duration::from_secs(60);
+/// A gateway whose spec, Secrets and children are unchanged is still fully re-applied this
+/// often, which bounds how long a child someone edited behind the watch's back (a Service,
+/// a ConfigMap: changes the fingerprint does not see) stays wrong. Everything else
+/// re-applies on change.
+const FULL_APPLY_EVERY: Duration = Duration::from_secs(600);
+/// How often a gateway is reconciled when nothing changed: a status refresh (the fleet's
+/// connection count moves without any watch event). From the caches: no API request unless
+/// the status changed.
+const RESYNC: Duration = Duration::from_secs(60);
+/// Reconciles running at once (of different gateways; one gateway is never reconciled
+/// twice at a time). Bounds the burst of API requests after a restart or a relist.
+pub const CONCURRENCY: u16 = 8;
+/// First retry after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
+const BASE_BACKOFF: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The last full apply of one gateway.
 #[derive(Debug)]
 struct Applied {
-    /// uid, generation and the resourceVersions of the Secrets it used.
+    /// What it depended on ([`fingerprint`]).
     fingerprint: String,
+    /// The Deployment's generation and replica count it left (or last saw the HPA set): a
+    /// newer generation with the same count means someone edited the Deployment's spec.
+    deployment_generation: i64,
+    deployment_replicas: Option<i32>,
     at: Instant,
 }
 
 /// What a full apply depends on: the gateway's identity and spec generation, and the
 /// versions of the Secrets it reads.
-fn fingerprint(
-    gw: &WebsocketGateway,
-    secrets: &std::collections::BTreeMap<String, Option<k8s_openapi::api::core::v1::Secret>>,
-) -> String {
+fn fingerprint(o: &Observed) -> String {
+    let gw = &o.gateway;
     let mut f = format!(
         "{}/{}",
         gw.uid().unwrap_or_default(),
         gw.metadata.generation.unwrap_or(0)
     );
-    for (name, secret) in secrets {
+    for (name, secret) in &o.secrets {
         let version = secret
             .as_ref()
             .and_then(|s| s.metadata.resource_version.as_deref())
@@ -63,11 +83,92 @@ fn fingerprint(
     f
 }
 
-/// How often a healthy gateway is reconciled even when nothing changed (drift repair).
-const RESYNC: Duration = Duration::from_secs(60);
-/// First retry after a failure; doubles per consecutive failure up to [`MAX_BACKOFF`].
-const BASE_BACKOFF: Duration = Duration::from_secs(2);
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Whether the Deployment's spec moved since `last` through someone else than the HPA: a
+/// newer generation, unless autoscaling is on and the replica count is what changed (then
+/// it was the HPA scaling; an edit in the same generation waits for the slow resync).
+fn deployment_edited(o: &Observed, last: &Applied) -> bool {
+    let Some(deployment) = &o.deployment else {
+        return true;
+    };
+    let generation = deployment.metadata.generation.unwrap_or(0);
+    let scaled = o.gateway.spec.autoscaling.is_some()
+        && deployment.spec.replicas != last.deployment_replicas;
+    generation > last.deployment_generation && !scaled
+}
+
+/// Whether the children need a full apply now, or a status refresh is enough.
+fn needs_apply(o: &Observed, last: Option<&Applied>) -> bool {
+    let Some(last) = last else { return true };
+    let Some(deployment) = &o.deployment else {
+        return true;
+    };
+    // The replica count is still ours although autoscaling is on: hand it over.
+    let handover = o.gateway.spec.autoscaling.is_some() && applies_replicas(deployment, MANAGER);
+    handover
+        || (o.gateway.spec.autoscaling.is_some() != o.hpa.is_some())
+        || !o.missing.is_empty()
+        || last.fingerprint != fingerprint(o)
+        || deployment_edited(o, last)
+        || last.at.elapsed() >= FULL_APPLY_EVERY
+}
+
+/// Which gateways use which Secret, so that a Secret event wakes exactly those (and not a
+/// scan of every gateway). Kept up to date by each reconcile.
+#[derive(Debug, Default)]
+struct SecretIndex {
+    /// (namespace, Secret) -> gateways of that namespace using it.
+    by_secret: HashMap<(String, String), BTreeSet<String>>,
+    /// (namespace, gateway) -> the Secrets it uses.
+    by_gateway: HashMap<(String, String), Vec<String>>,
+}
+
+impl SecretIndex {
+    /// Records that gateway `gw` of `ns` uses `secrets` (and no other).
+    fn set(&mut self, ns: &str, gw: &str, secrets: Vec<String>) {
+        let key = (ns.to_string(), gw.to_string());
+        if self.by_gateway.get(&key) == Some(&secrets) {
+            return;
+        }
+        self.remove(ns, gw);
+        for secret in &secrets {
+            self.by_secret
+                .entry((ns.to_string(), secret.clone()))
+                .or_default()
+                .insert(gw.to_string());
+        }
+        if !secrets.is_empty() {
+            self.by_gateway.insert(key, secrets);
+        }
+    }
+
+    fn remove(&mut self, ns: &str, gw: &str) {
+        let Some(old) = self.by_gateway.remove(&(ns.to_string(), gw.to_string())) else {
+            return;
+        };
+        for secret in old {
+            let key = (ns.to_string(), secret);
+            if let Some(users) = self.by_secret.get_mut(&key) {
+                users.remove(gw);
+                if users.is_empty() {
+                    self.by_secret.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The gateways of `ns` that use Secret `secret`.
+    fn users(&self, ns: &str, secret: &str) -> Vec<String> {
+        self.by_secret
+            .get(&(ns.to_string(), secret.to_string()))
+            .map(|users| users.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn uses(&self, ns: &str, secret: &str) -> bool {
+        self.by_secret
+            .contains_key(&(ns.to_string(), secret.to_string()))
+    }
+}
 
 /// What every reconcile shares.
 pub struct Context {
@@ -80,6 +181,14 @@ pub struct Context {
     /// status updates trigger (the Deployment, HPA and PDB controllers write status several
     /// times per rollout) cost a status refresh, not a full server-side apply.
     applied: Mutex<HashMap<String, Applied>>,
+    /// Who may reach the relays' admin port ([`crate::build::Options::admin_peers`]).
+    admin_peers: Vec<NetworkPolicyPeer>,
+    /// The one scraper of the relays' `/metrics` (shared with the custom metrics API, so a
+    /// pod is asked once per cache period whoever asks).
+    scraper: Scraper,
+    /// The Secrets read, reused while their resourceVersion holds.
+    secret_cache: SecretCache,
+    secret_index: Mutex<SecretIndex>,
 }
 
 impl std::fmt::Debug for Context {
@@ -89,7 +198,13 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+        admin_peers: Vec<NetworkPolicyPeer>,
+        scraper: Scraper,
+    ) -> Self {
         let reporter = Reporter {
             controller: MANAGER.to_string(),
             instance,
@@ -100,6 +215,10 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
+            admin_peers,
+            scraper,
+            secret_cache: SecretCache::default(),
+            secret_index: Mutex::new(SecretIndex::default()),
         }
     }
 
@@ -115,28 +234,42 @@ impl Context {
         backoff_for(*n)
     }
 
-    /// Whether `fingerprint` was fully applied less than [`FULL_APPLY_EVERY`] ago.
-    fn recently_applied(&self, gw: &WebsocketGateway, fingerprint: &str) -> bool {
+    fn needs_apply(&self, o: &Observed) -> bool {
         let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        applied
-            .get(&Self::key(gw))
-            .is_some_and(|a| a.fingerprint == fingerprint && a.at.elapsed() < FULL_APPLY_EVERY)
+        needs_apply(o, applied.get(&Self::key(&o.gateway)))
     }
 
-    fn record_applied(&self, gw: &WebsocketGateway, fingerprint: Option<String>) {
+    fn record_applied(&self, o: &Observed, deployment: Option<&Deployment>) {
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        match fingerprint {
-            Some(fingerprint) => {
+        let key = Self::key(&o.gateway);
+        match deployment {
+            Some(d) => {
                 applied.insert(
-                    Self::key(gw),
+                    key,
                     Applied {
-                        fingerprint,
+                        fingerprint: fingerprint(o),
+                        deployment_generation: d.metadata.generation.unwrap_or(0),
+                        deployment_replicas: d.spec.replicas,
                         at: Instant::now(),
                     },
                 );
             }
             None => {
-                applied.remove(&Self::key(gw));
+                applied.remove(&key);
+            }
+        }
+    }
+
+    /// The HPA scaled the Deployment: remember its new generation and count, so that the
+    /// next change is judged against them.
+    fn note_scaled(&self, o: &Observed) {
+        let Some(d) = &o.deployment else { return };
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(last) = applied.get_mut(&Self::key(&o.gateway)) {
+            let generation = d.metadata.generation.unwrap_or(0);
+            if generation > last.deployment_generation {
+                last.deployment_generation = generation;
+                last.deployment_replicas = d.spec.replicas;
             }
         }
     }
@@ -144,6 +277,36 @@ impl Context {
     fn succeeded(&self, gw: &WebsocketGateway) {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         failures.remove(&Self::key(gw));
+    }
+
+    fn index_secrets(&self, gw: &WebsocketGateway) {
+        let ns = gw.namespace().unwrap_or_default();
+        let mut index = self.secret_index.lock().unwrap_or_else(|p| p.into_inner());
+        if gw.metadata.deletion_timestamp.is_some() {
+            index.remove(&ns, &gw.name_any());
+        } else {
+            index.set(&ns, &gw.name_any(), secret_names(gw));
+        }
+    }
+
+    /// The gateways a change of Secret `ns/name` concerns (those of them still in `store`).
+    fn secret_users(
+        &self,
+        store: &Store<WebsocketGateway>,
+        ns: &str,
+        name: &str,
+    ) -> Vec<ObjectRef<WebsocketGateway>> {
+        let mut index = self.secret_index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for gw in index.users(ns, name) {
+            let r = ObjectRef::new(&gw).within(ns);
+            if store.get(&r).is_some() {
+                out.push(r);
+            } else {
+                index.remove(ns, &gw);
+            }
+        }
+        out
     }
 }
 
@@ -160,84 +323,83 @@ fn now() -> Time {
     Time(Timestamp::now())
 }
 
-async fn reconcile(gw: Arc<WebsocketGateway>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    ctx.metrics.reconciles.inc();
-    // Work from a fresh read, not the watch cache: right after an API server restart a
-    // watch can lag (410 Gone and relists) for minutes, and a reconcile of a stale spec
-    // would look like success. One GET per reconcile buys convergence within RESYNC.
-    let api = Api::<WebsocketGateway>::namespaced(
-        ctx.client.clone(),
-        &gw.namespace().unwrap_or_default(),
-    );
-    let gw = match api.get_opt(&gw.name_any()).await {
-        Ok(Some(fresh)) => Arc::new(fresh),
-        Ok(None) => return Ok(Action::await_change()),
-        Err(source) => {
-            let e = Error::Fetch {
-                name: format!("WebsocketGateway {}", gw.name_any()),
-                source,
-            };
-            ctx.metrics.failed(e.category());
-            return Err(e);
-        }
-    };
-    let result = pipeline(&gw, &ctx).await;
-    ctx.metrics
-        .duration
-        .observe(started.elapsed().as_secs_f64());
-    match &result {
-        Ok(_) => {
-            ctx.succeeded(&gw);
-            tracing::debug!(gateway = %Context::key(&gw), elapsed = ?started.elapsed(), "reconciled");
-        }
-        Err(e) => {
-            ctx.metrics.failed(e.category());
-            if e.is_user_error() {
-                report_user_error(&gw, &ctx, e).await;
-            }
-        }
-    }
-    result
+/// The context plus the watch caches of one controller run.
+struct Reconciler {
+    ctx: Arc<Context>,
+    caches: Caches,
 }
 
-/// fetch -> validate -> build -> apply -> status.
-async fn pipeline(gw: &WebsocketGateway, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile(gw: Arc<WebsocketGateway>, r: Arc<Reconciler>) -> Result<Action, Error> {
+    let ctx = &r.ctx;
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    ctx.index_secrets(&gw);
     // A gateway being deleted is the garbage collector's business: applying children now
     // would only re-create what it is removing.
     if gw.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let namespace = gw.namespace().unwrap_or_default();
-    let secrets = fetch::secrets(&ctx.client, &namespace, &secret_names(gw)).await?;
-    if let Err(e) = validate(gw, &secrets) {
-        ctx.record_applied(gw, None);
-        return Err(e.into());
-    }
-    let fingerprint = fingerprint(gw, &secrets);
-    if ctx.recently_applied(gw, &fingerprint) {
-        // Nothing the children depend on changed: refresh the status only. A missing
-        // Deployment means someone deleted it: fall through to a full apply.
-        let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
-            .get_opt(&gw.name_any())
+    let result = match fetch::observe(
+        &ctx.client,
+        &r.caches,
+        &ctx.secret_cache,
+        &ctx.scraper,
+        gw.clone(),
+    )
+    .await
+    {
+        Ok(observed) => pipeline(&observed, ctx)
             .await
-            .map_err(|source| Error::Fetch {
-                name: format!("Deployment {}", gw.name_any()),
-                source,
-            })?;
-        if let Some(deployment) = deployment {
-            let status = status::compute(gw, Some(&deployment), None, &now());
-            write_status(&ctx.client, gw, status).await?;
-            return Ok(Action::requeue(RESYNC));
+            .map_err(|e| (e, Some(observed))),
+        Err(e) => Err((e, None)),
+    };
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(action) => {
+            ctx.succeeded(&gw);
+            tracing::debug!(gateway = %Context::key(&gw), elapsed = ?started.elapsed(), "reconciled");
+            Ok(action)
+        }
+        Err((e, observed)) => {
+            ctx.metrics.failed(e.category());
+            if e.is_user_error()
+                && let Some(observed) = observed
+            {
+                report_user_error(&observed, ctx, &e).await;
+            }
+            Err(e)
         }
     }
-    ctx.record_applied(gw, None);
-    let desired = build_with(gw, &restart_secrets_digest(gw, &secrets))?;
-    let uid = gw.uid().unwrap_or_default();
-    let deployment = apply::apply(&ctx.client, &desired, &uid).await?;
-    ctx.record_applied(gw, Some(fingerprint));
+}
+
+/// validate -> build -> apply (when something changed) -> status.
+async fn pipeline(o: &Observed, ctx: &Context) -> Result<Action, Error> {
+    let gw = o.gateway.as_ref();
+    if let Err(e) = validate(gw, &o.secrets) {
+        ctx.record_applied(o, None);
+        return Err(e.into());
+    }
     let was_degraded = status::is_degraded(gw);
-    let status = status::compute(gw, Some(&deployment), None, &now());
+    let deployment = if ctx.needs_apply(o) {
+        ctx.record_applied(o, None);
+        let options = Options {
+            restart_digest: restart_secrets_digest(gw, &o.secrets),
+            admin_peers: ctx.admin_peers.clone(),
+        };
+        let desired = build_with(gw, &options)?;
+        let uid = gw.uid().unwrap_or_default();
+        let applied = apply::apply(&ctx.client, &desired, &uid, o.deployment.as_deref()).await?;
+        ctx.record_applied(o, Some(&applied));
+        tracing::info!(gateway = %Context::key(gw), "applied");
+        Some(applied)
+    } else {
+        ctx.note_scaled(o);
+        None
+    };
+    let deployment = deployment.as_ref().or(o.deployment.as_deref());
+    let status = status::compute(gw, deployment, o.connections, None, &now());
     write_status(&ctx.client, gw, status).await?;
     if was_degraded {
         publish(
@@ -245,7 +407,7 @@ async fn pipeline(gw: &WebsocketGateway, ctx: &Context) -> Result<Action, Error>
             gw,
             EventType::Normal,
             "Recovered",
-            "the gateway's spec and Secrets are usable again".into(),
+            "the gateway's spec, its Secrets and its children are usable again".into(),
         )
         .await;
     }
@@ -253,20 +415,21 @@ async fn pipeline(gw: &WebsocketGateway, ctx: &Context) -> Result<Action, Error>
 }
 
 /// A person must act: say so in the Degraded condition and in an Event.
-async fn report_user_error(gw: &WebsocketGateway, ctx: &Context, e: &Error) {
+async fn report_user_error(o: &Observed, ctx: &Context, e: &Error) {
+    let gw = o.gateway.as_ref();
     tracing::warn!(gateway = %Context::key(gw), reason = e.category(), "{e}");
     let degradation = Degradation {
         reason: e.category().to_string(),
         message: e.to_string(),
     };
     // Keep reporting the Deployment that runs (it still serves with the previous config).
-    let namespace = gw.namespace().unwrap_or_default();
-    let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&gw.name_any())
-        .await
-        .ok()
-        .flatten();
-    let status = status::compute(gw, deployment.as_ref(), Some(&degradation), &now());
+    let status = status::compute(
+        gw,
+        o.deployment.as_deref(),
+        o.connections,
+        Some(&degradation),
+        &now(),
+    );
     if let Err(err) = write_status(&ctx.client, gw, status).await {
         tracing::warn!(gateway = %Context::key(gw), "could not mark the gateway Degraded: {err}");
     }
@@ -297,16 +460,8 @@ async fn publish(
 async fn write_status(
     client: &Client,
     gw: &WebsocketGateway,
-    mut status: crate::api::WebsocketGatewayStatus,
+    status: WebsocketGatewayStatus,
 ) -> Result<(), Error> {
-    // The fleet total of open connections, from the relays' own /metrics; the last value
-    // stays when the pods cannot be listed.
-    let selector = crate::build::selector_string(&gw.name_any());
-    let namespace = gw.namespace().unwrap_or_default();
-    if let Some(total) = crate::metrics_api::fleet_connections(client, &namespace, &selector).await
-    {
-        status.connections = total;
-    }
     if gw.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -327,8 +482,8 @@ async fn write_status(
     Ok(())
 }
 
-fn error_policy(gw: Arc<WebsocketGateway>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff(&gw);
+fn error_policy(gw: Arc<WebsocketGateway>, error: &Error, r: Arc<Reconciler>) -> Action {
+    let delay = r.ctx.backoff(&gw);
     if !error.is_user_error() {
         tracing::warn!(gateway = %Context::key(&gw), category = error.category(), retry_in = ?delay, "reconcile failed: {error}");
     }
@@ -355,44 +510,134 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
-    // Plain list+watch, which every API server version serves. After an API server
-    // restart these watches may lag (410 Gone, relists with backoff); reconcile() reads
-    // the gateway afresh and RESYNC bounds how long a missed event can go unnoticed.
     let base = watcher::Config::default();
+    // The children and pods the operator made carry its managed-by label: only those are
+    // watched.
     let owned = base
         .clone()
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
     let controller = Controller::new(api::<WebsocketGateway>(&client, ns), base.clone())
         // Creating seven children fires seven watch events, and our own status write one more;
         // coalesce a burst into one reconcile.
-        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)));
-    let store = controller.store();
+        .with_config(
+            ControllerConfig::default()
+                .debounce(Duration::from_millis(500))
+                .concurrency(CONCURRENCY),
+        );
+    let gateways = controller.store();
+
+    // Caches the fetch stage reads from, filled by the streams that also wake the gateways.
+    let (deployments, deployments_w) = reflector::store::<Deployment>();
+    let (hpas, hpas_w) = reflector::store::<HorizontalPodAutoscaler>();
+    let (pods, pods_w) = reflector::store::<Pod>();
+    let (secrets, secrets_w) = reflector::store::<PartialObjectMeta<Secret>>();
+    let deployment_events = reflector::reflector(
+        deployments_w,
+        watcher(api::<Deployment>(&client, ns), owned.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let hpa_events = reflector::reflector(
+        hpas_w,
+        watcher(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pod_events = reflector::reflector(pods_w, watcher(api::<Pod>(&client, ns), owned.clone()))
+        .default_backoff()
+        .touched_objects();
+    // Secrets: metadata only (name, resourceVersion), never the data of every Secret in the
+    // cluster; fetch::observe reads the few a gateway names.
+    let secret_events = reflector::reflector(
+        secrets_w,
+        watcher(api::<PartialObjectMeta<Secret>>(&client, ns), base.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    // The other children: their metadata is enough (wake the gateway, see one deleted).
+    fn meta<K>(
+        client: &Client,
+        ns: Option<&str>,
+        config: &watcher::Config,
+        writer: reflector::store::Writer<PartialObjectMeta<K>>,
+    ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        // An Api of PartialObjectMeta makes metadata-only requests.
+        reflector::reflector(
+            writer,
+            watcher(api::<PartialObjectMeta<K>>(client, ns), config.clone()),
+        )
+        .default_backoff()
+        .touched_objects()
+    }
+    let (config_maps, config_maps_w) = reflector::store();
+    let (services, services_w) = reflector::store();
+    let (service_accounts, service_accounts_w) = reflector::store();
+    let (pdbs, pdbs_w) = reflector::store();
+    let (network_policies, network_policies_w) = reflector::store();
+
+    let reconciler = Arc::new(Reconciler {
+        ctx: ctx.clone(),
+        caches: Caches {
+            deployments,
+            hpas,
+            pods,
+            secrets,
+            children: Children {
+                config_maps,
+                services,
+                service_accounts,
+                pdbs,
+                network_policies,
+            },
+        },
+    });
+    let index = ctx.clone();
     controller
-        .owns(api::<Deployment>(&client, ns), owned.clone())
-        .owns(api::<ConfigMap>(&client, ns), owned.clone())
-        .owns(api::<Service>(&client, ns), owned.clone())
-        .owns(api::<ServiceAccount>(&client, ns), owned.clone())
-        .owns(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone())
-        .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
-        .owns(api::<NetworkPolicy>(&client, ns), owned)
+        .owns_stream(deployment_events)
+        .owns_stream(hpa_events)
+        .owns_stream(meta::<ConfigMap>(&client, ns, &owned, config_maps_w))
+        .owns_stream(meta::<Service>(&client, ns, &owned, services_w))
+        .owns_stream(meta::<ServiceAccount>(
+            &client,
+            ns,
+            &owned,
+            service_accounts_w,
+        ))
+        .owns_stream(meta::<PodDisruptionBudget>(&client, ns, &owned, pdbs_w))
+        .owns_stream(meta::<NetworkPolicy>(
+            &client,
+            ns,
+            &owned,
+            network_policies_w,
+        ))
+        // Pods wake nothing (their Deployment's status does); the stream fills the cache.
+        .watches_stream(pod_events, |_pod| Vec::<ObjectRef<WebsocketGateway>>::new())
         // A Secret that appears or changes wakes the gateways that use it, so a gateway
         // Degraded for a missing Secret recovers at once, not at its next backoff.
-        .watches(
-            api::<Secret>(&client, ns),
-            base.clone(),
-            move |secret: Secret| {
-                let ns = secret.namespace();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|gw| gw.namespace() == ns && secret_names(gw).contains(&name))
-                    .map(|gw| ObjectRef::from_obj(gw.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(secret_events, move |secret: PartialObjectMeta<Secret>| {
+            let ns = secret.namespace().unwrap_or_default();
+            let name = secret.name_any();
+            if !index
+                .secret_index
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .uses(&ns, &name)
+            {
+                return Vec::new();
+            }
+            index.secret_users(&gateways, &ns, &name)
+        })
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, reconciler)
         .for_each(|result| async move {
             match result {
                 Ok((obj, _)) => tracing::trace!(gateway = %obj, "reconcile done"),
@@ -405,6 +650,113 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_index_the_gateways_that_use_them() {
+        let mut index = SecretIndex::default();
+        index.set("apps", "chat", vec!["jwt".into(), "nats".into()]);
+        index.set("apps", "feed", vec!["nats".into()]);
+        index.set("other", "chat", vec!["nats".into()]);
+        assert_eq!(index.users("apps", "nats"), ["chat", "feed"]);
+        assert_eq!(index.users("apps", "jwt"), ["chat"]);
+        assert_eq!(index.users("other", "nats"), ["chat"]);
+        assert!(!index.uses("apps", "helm-release"));
+        // chat stops using jwt.
+        index.set("apps", "chat", vec!["nats".into()]);
+        assert!(!index.uses("apps", "jwt"));
+        index.remove("apps", "feed");
+        assert_eq!(index.users("apps", "nats"), ["chat"]);
+        index.remove("apps", "chat");
+        assert!(!index.uses("apps", "nats"));
+        assert!(index.by_gateway.len() == 1 && index.by_secret.len() == 1);
+    }
+
+    fn observed(autoscaling: bool, generation: i64, managers: serde_json::Value) -> Observed {
+        let mut gw: WebsocketGateway =
+            serde_yaml::from_str(include_str!("../tests/fixtures/minimal.yaml")).expect("fixture");
+        if autoscaling {
+            gw.spec.replicas = None;
+            gw.spec.autoscaling = Some(
+                serde_json::from_value(
+                    json!({ "minReplicas": 2, "maxReplicas": 4, "targetConnectionsPerPod": 100 }),
+                )
+                .expect("autoscaling"),
+            );
+        }
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": { "name": "ticker", "generation": generation, "managedFields": managers },
+            "spec": { "replicas": 2, "selector": {}, "template": {} }
+        }))
+        .expect("deployment");
+        Observed {
+            gateway: Arc::new(gw),
+            secrets: Default::default(),
+            deployment: Some(Arc::new(deployment)),
+            hpa: None,
+            missing: Vec::new(),
+            connections: 0,
+        }
+    }
+
+    /// At rest (nothing changed since the last apply) a reconcile refreshes the status only;
+    /// a spec change, a Deployment edited by someone, a deleted child, a pending replica
+    /// handover or the slow resync re-apply.
+    #[test]
+    fn only_a_change_or_the_slow_resync_re_applies() {
+        let o = observed(false, 3, json!([]));
+        let last = Applied {
+            fingerprint: fingerprint(&o),
+            deployment_generation: 3,
+            deployment_replicas: Some(2),
+            at: Instant::now(),
+        };
+        assert!(!needs_apply(&o, Some(&last)));
+        let mut service_deleted = observed(false, 3, json!([]));
+        service_deleted.missing = vec!["Service"];
+        assert!(needs_apply(&service_deleted, Some(&last)));
+        assert!(needs_apply(&o, None));
+        assert!(needs_apply(&observed(false, 4, json!([])), Some(&last)));
+        let mut gone = observed(false, 3, json!([]));
+        gone.deployment = None;
+        assert!(needs_apply(&gone, Some(&last)));
+        let mut edited = observed(false, 3, json!([]));
+        Arc::make_mut(&mut edited.gateway).metadata.generation = Some(9);
+        assert!(needs_apply(&edited, Some(&last)));
+        let stale = Applied {
+            at: Instant::now() - FULL_APPLY_EVERY,
+            ..Applied {
+                fingerprint: fingerprint(&o),
+                deployment_generation: 3,
+                deployment_replicas: Some(2),
+                at: Instant::now(),
+            }
+        };
+        assert!(needs_apply(&o, Some(&stale)));
+        // Autoscaling on, the HPA missing: apply. The replica count still applied by the
+        // operator: apply (the handover).
+        let auto = observed(true, 3, json!([]));
+        let last_auto = Applied {
+            fingerprint: fingerprint(&auto),
+            deployment_generation: 3,
+            deployment_replicas: Some(1),
+            at: Instant::now(),
+        };
+        assert!(needs_apply(&auto, Some(&last_auto)));
+        // With its HPA: the HPA scaling (a newer generation, another count) is no edit.
+        let mut scaled = observed(true, 4, json!([]));
+        scaled.hpa = Some(Arc::new(
+            serde_json::from_value(json!({ "spec": { "maxReplicas": 4, "scaleTargetRef": { "kind": "Deployment", "name": "ticker" } } }))
+                .expect("hpa"),
+        ));
+        assert!(!needs_apply(&scaled, Some(&last_auto)));
+        let owned = observed(
+            true,
+            3,
+            json!([{ "manager": MANAGER, "operation": "Apply", "fieldsType": "FieldsV1",
+                     "fieldsV1": { "f:spec": { "f:replicas": {} } } }]),
+        );
+        assert!(needs_apply(&owned, Some(&last_auto)));
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {

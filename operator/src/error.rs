@@ -48,7 +48,11 @@ impl Error {
             Self::Validate(e) => e.category(),
             Self::Build(BuildError::InvalidConfig(_)) => "InvalidConfig",
             Self::Build(_) => "BuildFailed",
-            Self::Apply { .. } => "ApplyFailed",
+            Self::Apply { source, .. } => match api_code(source) {
+                Some(400 | 422) => "ApplyInvalid",
+                Some(403) => "ApplyForbidden",
+                _ => "ApplyFailed",
+            },
             Self::Cleanup { .. } => "CleanupFailed",
             Self::Status(_) => "StatusFailed",
         }
@@ -56,9 +60,21 @@ impl Error {
 
     /// Whether a person must act (the spec or a Secret is wrong): the gateway is marked
     /// Degraded and an Event says why. Other errors are retried quietly.
+    /// An apply the API server refused is one too: 400/422 (an object the spec maps to is
+    /// invalid) or 403 (an admission webhook or policy, a ResourceQuota, or the operator's
+    /// own RBAC). Retrying cannot fix those; someone has to.
     pub fn is_user_error(&self) -> bool {
         matches!(self, Self::Validate(_))
             || matches!(self, Self::Build(BuildError::InvalidConfig(_)))
+            || matches!(self, Self::Apply { source, .. } if matches!(api_code(source), Some(400 | 403 | 422)))
+    }
+}
+
+/// The HTTP status of an error the API server answered with (None: no answer).
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
     }
 }
 
@@ -72,6 +88,8 @@ pub const CATEGORIES: &[&str] = &[
     "InvalidConfig",
     "BuildFailed",
     "ApplyFailed",
+    "ApplyInvalid",
+    "ApplyForbidden",
     "CleanupFailed",
     "StatusFailed",
 ];
@@ -81,11 +99,40 @@ mod tests {
     use super::*;
 
     fn api_error() -> kube::Error {
+        api_error_with(500)
+    }
+
+    fn api_error_with(code: u16) -> kube::Error {
         kube::Error::Api(
             kube::core::Status::failure("boom", "InternalError")
-                .with_code(500)
+                .with_code(code)
                 .boxed(),
         )
+    }
+
+    fn apply_error(code: u16) -> Error {
+        Error::Apply {
+            kind: "Service",
+            name: "chat".into(),
+            source: api_error_with(code),
+        }
+    }
+
+    /// An invalid child, an admission refusal or an exhausted quota is reported on the
+    /// gateway (Degraded and a Warning Event), with its own reason; a 5xx or a lost
+    /// connection is retried quietly.
+    #[test]
+    fn refused_applies_are_user_errors_with_their_own_reason() {
+        assert_eq!(apply_error(422).category(), "ApplyInvalid");
+        assert_eq!(apply_error(400).category(), "ApplyInvalid");
+        assert_eq!(apply_error(403).category(), "ApplyForbidden");
+        assert_eq!(apply_error(500).category(), "ApplyFailed");
+        for code in [400, 403, 422] {
+            assert!(apply_error(code).is_user_error(), "{code}");
+        }
+        for code in [409, 429, 500, 503] {
+            assert!(!apply_error(code).is_user_error(), "{code}");
+        }
     }
 
     #[test]
@@ -111,6 +158,8 @@ mod tests {
                 name: "d".into(),
                 source: api_error(),
             },
+            apply_error(422),
+            apply_error(403),
             Error::Cleanup {
                 kind: "HorizontalPodAutoscaler",
                 source: api_error(),

@@ -1,27 +1,242 @@
-//! The fetch stage: read every object the gateway refers to. Only this stage and
-//! [`crate::apply`] talk to the API server.
+//! The fetch stage: everything a reconcile looks at, gathered into one [`Observed`] value.
+//! Only this stage and [`crate::apply`] talk to the outside (the API server and the relays'
+//! `/metrics`); validate, build and status are pure functions of what it returns.
+//!
+//! Most of it comes from the controller's watch caches ([`Caches`]): the relay Deployment,
+//! the HPA, the relay pods, and the metadata (name and resourceVersion, never the data) of
+//! every Secret. The few Secrets a gateway names are read with a GET, and only when their
+//! resourceVersion moved since the last read: at rest a reconcile costs no API request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, ResourceExt};
 
+use crate::api::WebsocketGateway;
+use crate::build::selector_labels;
 use crate::error::Error;
+use crate::metrics_api::scrape::{self, Scraper};
+use crate::validate::secret_names;
+
+/// The controller's watch caches (reflector stores), filled by the watches that also
+/// trigger reconciles.
+#[derive(Clone)]
+pub struct Caches {
+    /// Relay Deployments (label `app.kubernetes.io/managed-by=wsrelay-operator`).
+    pub deployments: Store<Deployment>,
+    /// The HPAs of autoscaled gateways (same label).
+    pub hpas: Store<HorizontalPodAutoscaler>,
+    /// Relay pods (same label), for the connection total.
+    pub pods: Store<Pod>,
+    /// Metadata of every Secret in the watched namespaces.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Metadata of the other children.
+    pub children: Children,
+}
+
+/// Metadata of the children every gateway has besides its Deployment (same label).
+#[derive(Clone)]
+pub struct Children {
+    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    pub services: Store<PartialObjectMeta<Service>>,
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
+    pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
+}
+
+impl std::fmt::Debug for Children {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Children")
+            .field("services", &self.services.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Children {
+    /// The kinds of the children named `name` in `namespace` that do not exist.
+    fn missing(&self, namespace: &str, name: &str) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if self
+            .config_maps
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_none()
+        {
+            missing.push("ConfigMap");
+        }
+        if self
+            .services
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_none()
+        {
+            missing.push("Service");
+        }
+        if self
+            .service_accounts
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_none()
+        {
+            missing.push("ServiceAccount");
+        }
+        if self
+            .pdbs
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_none()
+        {
+            missing.push("PodDisruptionBudget");
+        }
+        if self
+            .network_policies
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_none()
+        {
+            missing.push("NetworkPolicy");
+        }
+        missing
+    }
+}
+
+impl std::fmt::Debug for Caches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caches")
+            .field("deployments", &self.deployments.len())
+            .field("hpas", &self.hpas.len())
+            .field("pods", &self.pods.len())
+            .field("secrets", &self.secrets.len())
+            .field("children", &self.children)
+            .finish()
+    }
+}
+
+/// Everything one reconcile of one gateway looks at.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The gateway as the watch cache has it.
+    pub gateway: Arc<WebsocketGateway>,
+    /// The Secrets it names; `None` for one that does not exist.
+    pub secrets: BTreeMap<String, Option<Secret>>,
+    /// Its relay Deployment (None: not created yet, or deleted by someone).
+    pub deployment: Option<Arc<Deployment>>,
+    /// Its HPA.
+    pub hpa: Option<Arc<HorizontalPodAutoscaler>>,
+    /// The kinds of its other children that do not exist (deleted by someone).
+    pub missing: Vec<&'static str>,
+    /// Open connections summed over the running relay pods that answered their scrape.
+    pub connections: i64,
+}
+
+/// Secrets read before, by namespace/name, with the resourceVersion they were read at.
+#[derive(Debug, Default)]
+pub struct SecretCache {
+    read: Mutex<HashMap<(String, String), Secret>>,
+}
+
+impl SecretCache {
+    fn get(&self, namespace: &str, name: &str, version: &str) -> Option<Secret> {
+        let read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        read.get(&(namespace.to_string(), name.to_string()))
+            .filter(|s| s.metadata.resource_version.as_deref() == Some(version))
+            .cloned()
+    }
+
+    fn put(&self, namespace: &str, name: &str, secret: Option<&Secret>) {
+        let mut read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (namespace.to_string(), name.to_string());
+        match secret {
+            Some(s) => {
+                read.insert(key, s.clone());
+            }
+            None => {
+                read.remove(&key);
+            }
+        }
+    }
+
+    /// Forgets Secrets no gateway uses any more.
+    pub fn retain(&self, used: impl Fn(&str, &str) -> bool) {
+        let mut read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        read.retain(|(ns, name), _| used(ns, name));
+    }
+}
+
+/// Gathers what the reconcile of `gw` needs.
+pub async fn observe(
+    client: &Client,
+    caches: &Caches,
+    secret_cache: &SecretCache,
+    scraper: &Scraper,
+    gw: Arc<WebsocketGateway>,
+) -> Result<Observed, Error> {
+    let namespace = gw.namespace().unwrap_or_default();
+    let name = gw.name_any();
+    let secrets = secrets(
+        client,
+        &caches.secrets,
+        secret_cache,
+        &namespace,
+        &secret_names(&gw),
+    )
+    .await?;
+    let deployment = caches
+        .deployments
+        .get(&ObjectRef::new(&name).within(&namespace));
+    let hpa = caches.hpas.get(&ObjectRef::new(&name).within(&namespace));
+    let missing = caches.children.missing(&namespace, &name);
+    let selector = selector_labels(&name);
+    let pods: Vec<Pod> = caches
+        .pods
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|p| {
+            let labels = p.labels();
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .map(|p| Pod::clone(p))
+        .collect();
+    let targets = scrape::targets(&pods);
+    let connections = scraper.total(&targets).await;
+    Ok(Observed {
+        gateway: gw,
+        secrets,
+        deployment,
+        hpa,
+        missing,
+        connections,
+    })
+}
 
 /// The named Secrets of `namespace`; `None` for one that does not exist (the validate stage
-/// turns that into a user-facing error, a failed request into a transient one).
-pub async fn secrets(
+/// turns that into a user-facing error, a failed request into a transient one). A Secret
+/// whose resourceVersion in the metadata cache equals the one read before is not read again.
+async fn secrets(
     client: &Client,
+    metadata: &Store<PartialObjectMeta<Secret>>,
+    cache: &SecretCache,
     namespace: &str,
     names: &[String],
 ) -> Result<BTreeMap<String, Option<Secret>>, Error> {
     let api = Api::<Secret>::namespaced(client.clone(), namespace);
     let mut out = BTreeMap::new();
     for name in names {
+        let version = metadata
+            .get(&ObjectRef::new(name).within(namespace))
+            .and_then(|m| m.metadata.resource_version.clone());
+        if let Some(secret) = version.and_then(|v| cache.get(namespace, name, &v)) {
+            out.insert(name.clone(), Some(secret));
+            continue;
+        }
         let secret = api.get_opt(name).await.map_err(|source| Error::Fetch {
             name: format!("Secret {name}"),
             source,
         })?;
+        cache.put(namespace, name, secret.as_ref());
         out.insert(name.clone(), secret);
     }
     Ok(out)

@@ -31,6 +31,8 @@ use crate::admin::AdminState;
 use crate::controller::Context;
 use crate::leader::LeaseConfig;
 use crate::metrics::Metrics;
+use crate::metrics_api::CONNECTIONS_METRIC;
+use crate::metrics_api::scrape::Scraper;
 
 /// How one operator process runs.
 #[derive(Debug, Clone)]
@@ -43,6 +45,8 @@ pub struct RunConfig {
     pub leader_election: Option<LeaseConfig>,
     /// Name of this replica in Events.
     pub identity: Option<String>,
+    /// Who may reach the relays' admin port (see [`build::Options::admin_peers`]).
+    pub relay_admin_peers: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
 }
 
 /// Why the operator could not run.
@@ -76,6 +80,25 @@ pub async fn run_with_metrics(
     client: Client,
     config: RunConfig,
     metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let scraper = Scraper::with_metrics(
+        CONNECTIONS_METRIC,
+        metrics_api::DEFAULT_SCRAPE_TIMEOUT,
+        metrics_api::DEFAULT_CACHE_TTL,
+        metrics.scrape.clone(),
+    );
+    run_with(client, config, metrics, scraper, shutdown).await
+}
+
+/// As [`run_with_metrics`], with the relay scraper the custom metrics API uses too (one
+/// scraper per process: its timeout flag holds for the gateways' status as well, and a pod
+/// is asked once per cache period whoever asks).
+pub async fn run_with(
+    client: Client,
+    config: RunConfig,
+    metrics: Arc<Metrics>,
+    scraper: Scraper,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let ready = Arc::new(AtomicBool::new(false));
@@ -126,6 +149,8 @@ pub async fn run_with_metrics(
         client.clone(),
         metrics.clone(),
         config.identity.clone(),
+        config.relay_admin_peers.clone(),
+        scraper,
     ));
     let namespace = config.namespace.clone();
     // A replica that lost the lease ends here with an error (the binary exits non-zero and

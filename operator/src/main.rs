@@ -28,15 +28,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             // the leader): the APIService's Service spreads requests over all of them.
             // One set of metrics for the admin /metrics, the metrics API counting into it.
             let metrics = Arc::new(Metrics::new());
+            // One scraper of the relays' /metrics for the metrics API and the gateways'
+            // status.connections, with the timeout and cache flags.
+            let scraper = args.metrics_api.scraper(metrics.scrape.clone());
             let metrics_api = match args.metrics_api.clone().into_config()? {
                 Some(config) => {
                     let (client, shutdown) = (client.clone(), shutdown.clone());
-                    let scrape = metrics.scrape.clone();
+                    let scraper = scraper.clone();
                     Some(tokio::spawn(async move {
                         let result = wsrelay_operator::metrics_api::serve(
                             client,
                             config,
-                            scrape,
+                            scraper,
                             shutdown.clone(),
                         )
                         .await;
@@ -52,10 +55,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 None => None,
             };
-            wsrelay_operator::run_with_metrics(
+            wsrelay_operator::run_with(
                 client,
                 args.into_config(),
                 metrics,
+                scraper,
                 shutdown.clone(),
             )
             .await

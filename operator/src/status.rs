@@ -18,11 +18,13 @@ pub struct Degradation {
     pub message: String,
 }
 
-/// Computes the status from the Deployment as stored (None: not created yet) and an optional
-/// degradation. A condition keeps its lastTransitionTime while its status does not change.
+/// Computes the status from the Deployment as stored (None: not created yet), the fleet's
+/// open connections and an optional degradation. A condition keeps its lastTransitionTime
+/// while its status does not change.
 pub fn compute(
     gw: &WebsocketGateway,
     deployment: Option<&Deployment>,
+    connections: i64,
     degraded: Option<&Degradation>,
     now: &Time,
 ) -> WebsocketGatewayStatus {
@@ -117,7 +119,7 @@ pub fn compute(
         conditions: vec![ready_cond, progressing, degraded_cond],
         replicas,
         ready_replicas: ready,
-        connections: previous.map(|p| p.connections).unwrap_or(0),
+        connections,
         endpoint: endpoint(gw),
         selector: Some(selector_string(&name)),
     }
@@ -165,9 +167,10 @@ mod tests {
     #[test]
     fn ready_rolled_out_gateway() {
         let gw = gateway();
-        let s = compute(&gw, Some(&deployment(2, 2, 2)), None, &at(100));
+        let s = compute(&gw, Some(&deployment(2, 2, 2)), 7, None, &at(100));
         assert_eq!(s.observed_generation, Some(1));
         assert_eq!((s.replicas, s.ready_replicas), (2, 2));
+        assert_eq!(s.connections, 7);
         assert_eq!(cond(&s, "Ready").status, "True");
         assert_eq!(cond(&s, "Progressing").reason, "RolloutComplete");
         assert_eq!(cond(&s, "Degraded").status, "False");
@@ -180,7 +183,7 @@ mod tests {
 
     #[test]
     fn a_rollout_in_progress_is_progressing() {
-        let s = compute(&gateway(), Some(&deployment(3, 1, 1)), None, &at(100));
+        let s = compute(&gateway(), Some(&deployment(3, 1, 1)), 0, None, &at(100));
         assert_eq!(cond(&s, "Progressing").status, "True");
         assert_eq!(cond(&s, "Ready").message, "1 of 3 relay pods ready");
     }
@@ -191,7 +194,7 @@ mod tests {
             reason: "SecretNotFound".into(),
             message: "Secret x does not exist".into(),
         };
-        let s = compute(&gateway(), None, Some(&d), &at(100));
+        let s = compute(&gateway(), None, 0, Some(&d), &at(100));
         let c = cond(&s, "Degraded");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
@@ -203,10 +206,10 @@ mod tests {
     #[test]
     fn transition_time_is_kept_while_status_holds() {
         let mut gw = gateway();
-        gw.status = Some(compute(&gw, Some(&deployment(2, 2, 2)), None, &at(100)));
-        let later = compute(&gw, Some(&deployment(2, 2, 2)), None, &at(200));
+        gw.status = Some(compute(&gw, Some(&deployment(2, 2, 2)), 7, None, &at(100)));
+        let later = compute(&gw, Some(&deployment(2, 2, 2)), 0, None, &at(200));
         assert_eq!(cond(&later, "Ready").last_transition_time, at(100));
-        let down = compute(&gw, Some(&deployment(2, 0, 2)), None, &at(300));
+        let down = compute(&gw, Some(&deployment(2, 0, 2)), 0, None, &at(300));
         assert_eq!(cond(&down, "Ready").last_transition_time, at(300));
     }
 }

@@ -60,3 +60,12 @@ app.kubernetes.io/part-of: wsrelay
 {{- define "wsrelay-operator.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The NetworkPolicy peers allowed to reach the relays' admin port, as JSON: the operator's
+own pods (by namespace name and selector labels) and relayAdminAccess.from. */}}
+{{- define "wsrelay-operator.relayAdminPeers" -}}
+{{- $operator := dict
+      "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace))
+      "podSelector" (dict "matchLabels" (include "wsrelay-operator.selectorLabels" . | fromYaml)) -}}
+{{- prepend .Values.relayAdminAccess.from $operator | toJson -}}
+{{- end }}

@@ -3,13 +3,10 @@
 
 use serde_json::Value;
 
-use super::WebsocketGateway;
-use kube::CustomResourceExt;
-
 /// The reference as Markdown: every field with its type, default and description, and the
 /// validation rules with their messages.
 pub fn crd_markdown() -> String {
-    let crd = WebsocketGateway::crd();
+    let crd = super::crd();
     let schema = serde_json::to_value(&crd.spec.versions[0].schema)
         .ok()
         .and_then(|s| s.get("openAPIV3Schema").cloned())
@@ -23,6 +20,18 @@ pub fn crd_markdown() -> String {
          ## Fields\n\n| field | type | default | description |\n|---|---|---|---|\n",
     );
     let mut rules = Vec::new();
+    for v in schema["x-kubernetes-validations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        rules.push((
+            // The only top-level rules are on metadata.name.
+            "metadata.name".to_string(),
+            v["rule"].as_str().unwrap_or("").to_string(),
+            v["message"].as_str().unwrap_or("").to_string(),
+        ));
+    }
     for root in ["spec", "status"] {
         if let Some(s) = schema["properties"].get(root) {
             walk(root, s, &mut out, &mut rules);

@@ -15,15 +15,49 @@ pub use docs::crd_markdown;
 pub use spec::*;
 pub use status::*;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, ValidationRule,
+};
 use kube::CustomResourceExt;
 
 /// The API group of every wsrelay resource.
 pub const GROUP: &str = "wsrelay.dev";
 
+/// The CEL rule on `metadata.name`: every child object carries the gateway's name, and the
+/// strictest of them is the Service (an RFC 1035 label: the cluster DNS name of the
+/// endpoint) and the pods' `app.kubernetes.io/instance` label value (63 characters). A
+/// custom resource name may be any DNS subdomain (`chat.v2`), which would be accepted and
+/// then fail at every reconcile.
+pub const NAME_RULE: &str =
+    "size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
+/// What the API server answers when [`NAME_RULE`] refuses a name.
+pub const NAME_RULE_MESSAGE: &str = "metadata.name must be a DNS label (at most 63 lowercase letters, digits and '-', starting with a letter and ending with a letter or digit, so no '.'): it also names the gateway's Service and labels its pods, which allow nothing else";
+
+/// The `WebsocketGateway` CRD: the derived one plus the rules the derive cannot place, at
+/// the top level of the schema (on `metadata.name`).
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = WebsocketGateway::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            schema.x_kubernetes_validations = Some(vec![ValidationRule {
+                rule: NAME_RULE.to_string(),
+                message: Some(NAME_RULE_MESSAGE.to_string()),
+                reason: Some("FieldValueInvalid".to_string()),
+                ..ValidationRule::default()
+            }]);
+        }
+    }
+    crd
+}
+
 /// The CRD of `WebsocketGateway` as YAML, exactly as `wsrelay-operator crd` prints it and
 /// `crds/websocketgateways.wsrelay.dev.yaml` holds it.
 pub fn crd_yaml() -> String {
-    let crd = WebsocketGateway::crd();
+    let crd = crd();
     // A CRD always serialises; failing here would be a bug in the derive, not a user error.
     let body = serde_yaml::to_string(&crd).expect("a CRD serialises to YAML");
     format!(
@@ -60,7 +94,7 @@ mod tests {
 
     #[test]
     fn crd_has_scale_status_and_short_name() {
-        let crd = WebsocketGateway::crd();
+        let crd = crd();
         assert_eq!(crd.spec.names.short_names, Some(vec!["wsgw".to_string()]));
         let version = &crd.spec.versions[0];
         let sub = version.subresources.as_ref().expect("subresources");
@@ -80,6 +114,18 @@ mod tests {
             columns,
             ["Ready", "Replicas", "Connections", "Endpoint", "Age"]
         );
+    }
+
+    /// The rule sits on the root, where CEL may read metadata.name (the e2e suite checks
+    /// that the API server refuses `chat.v2` with the message).
+    #[test]
+    fn the_name_rule_is_on_the_top_level_schema() {
+        let yaml = crd_yaml();
+        let doc: serde_json::Value = serde_yaml::from_str(&yaml).expect("yaml");
+        let rules =
+            &doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"];
+        assert_eq!(rules[0]["rule"], NAME_RULE);
+        assert!(NAME_RULE_MESSAGE.contains("DNS label"));
     }
 
     #[test]

@@ -68,13 +68,16 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsrelay/wsrelay:", env!("CARGO_
 )]
 #[x_kube(
     validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("spec.replicas and spec.autoscaling are mutually exclusive: with autoscaling the HorizontalPodAutoscaler sets the replica count"),
+    validation = Rule::new("has(self.autoscaling) || !has(oldSelf.autoscaling) || has(self.replicas)").message("removing spec.autoscaling needs an explicit spec.replicas: set it to the current count (status.replicas) to keep every relay running, or to the count you want; the relays go straight from the autoscaled count to it"),
     validation = Rule::new("!has(self.autoscaling) || self.autoscaling.targetConnectionsPerPod <= self.limits.maxConnectionsPerPod").message("spec.autoscaling.targetConnectionsPerPod must not exceed spec.limits.maxConnectionsPerPod: pods would refuse connections before the autoscaler adds more"),
     validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, b.subject.contains('{claims.'))").message("a binding uses {claims.*} but auth has no jwt section, so clients carry no claims: add auth.jwt or drop the claims from the subject")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WebsocketGatewaySpec {
     /// The fixed number of relay pods when autoscaling is off (the scale subresource writes
-    /// it). Must be unset when `autoscaling` is set. Defaults to 2.
+    /// it). Must be unset when `autoscaling` is set, and set in the same change that removes
+    /// `autoscaling` (the relays then go straight from the autoscaled count to this one).
+    /// Defaults to 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: Option<i32>,

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 use kube::api::ObjectMeta;
@@ -22,7 +22,7 @@ use kube::core::Resource;
 use crate::api::WebsocketGateway;
 
 pub use config::{CONFIG_FILE, CONFIG_KEY, config_hash, relay_config, render_config, secret_path};
-pub use scaling::CONNECTIONS_METRIC;
+pub use scaling::{CONNECTIONS_METRIC, HANDOVER_MANAGER, applies_replicas, replicas_handover};
 
 /// The field manager of every server-side apply the operator makes.
 pub const MANAGER: &str = "wsrelay-operator";
@@ -92,19 +92,34 @@ impl Desired {
     }
 }
 
-/// Builds every desired object of `gw`.
-pub fn build(gw: &WebsocketGateway) -> Result<Desired, BuildError> {
-    build_with(gw, "")
+/// What the build needs beside the gateway: a digest of the Secrets it reads and facts of
+/// this installation of the operator.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Options {
+    /// From [`crate::validate::restart_secrets_digest`]: joins the config in the pod
+    /// template's hash, so that rotating a Secret the relay reads only at start rolls the
+    /// relays. Empty: none.
+    pub restart_digest: String,
+    /// Who may reach the relays' unauthenticated admin port (`/metrics`, `/ready`): the
+    /// operator's own pods (it scrapes the connection count) and the monitoring the
+    /// installation names (operator flag `--relay-admin-peers`, chart value
+    /// `relayAdminAccess.from`). Empty: nobody but the node (kubelet probes, which a
+    /// NetworkPolicy cannot block).
+    pub admin_peers: Vec<NetworkPolicyPeer>,
 }
 
-/// Builds every desired object of `gw`; `restart_digest` (from
-/// [`crate::validate::restart_secrets_digest`]) joins the config in the pod template's hash,
-/// so that rotating a Secret the relay reads only at start rolls the relays.
-pub fn build_with(gw: &WebsocketGateway, restart_digest: &str) -> Result<Desired, BuildError> {
+/// Builds every desired object of `gw` with default [`Options`].
+pub fn build(gw: &WebsocketGateway) -> Result<Desired, BuildError> {
+    build_with(gw, &Options::default())
+}
+
+/// Builds every desired object of `gw`.
+pub fn build_with(gw: &WebsocketGateway, options: &Options) -> Result<Desired, BuildError> {
     let ctx = Ctx::new(gw)?;
     let config = relay_config(&gw.spec);
     config.validate()?;
     let rendered = render_config(&config)?;
+    let restart_digest = &options.restart_digest;
     let hash = if restart_digest.is_empty() {
         config_hash(&rendered)
     } else {
@@ -117,7 +132,7 @@ pub fn build_with(gw: &WebsocketGateway, restart_digest: &str) -> Result<Desired
         service: network::service(&ctx, gw),
         hpa: scaling::hpa(&ctx, gw),
         pdb: scaling::pdb(&ctx),
-        network_policy: network::network_policy(&ctx),
+        network_policy: network::network_policy(&ctx, &options.admin_peers),
     })
 }
 
@@ -228,7 +243,14 @@ mod tests {
     fn the_restart_digest_changes_the_pod_template_and_nothing_else() {
         let gw = gateway();
         let plain = build(&gw).expect("builds");
-        let rotated = build_with(&gw, "0123456789abcdef").expect("builds");
+        let rotated = build_with(
+            &gw,
+            &Options {
+                restart_digest: "0123456789abcdef".into(),
+                ..Options::default()
+            },
+        )
+        .expect("builds");
         let annotations = |d: &Desired| {
             d.deployment
                 .spec
@@ -242,7 +264,9 @@ mod tests {
         assert_eq!(plain.config_map, rotated.config_map);
         assert_eq!(plain.service, rotated.service);
         assert_eq!(
-            build_with(&gw, "").expect("builds").deployment,
+            build_with(&gw, &Options::default())
+                .expect("builds")
+                .deployment,
             plain.deployment
         );
     }

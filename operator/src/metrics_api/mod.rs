@@ -16,7 +16,7 @@ pub mod tls;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Extension;
@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use self::api::Route;
 use self::auth::{AuthConfigError, Authorizer, RequestHeaderConfig};
 pub use self::scrape::ScrapeMetrics;
-use self::scrape::Scraper;
+pub use self::scrape::Scraper;
 pub use crate::build::CONNECTIONS_METRIC;
 
 /// Default bound on one relay scrape.
@@ -72,9 +72,40 @@ pub struct MetricsApiArgs {
     /// Milliseconds a scraped value is reused.
     #[arg(long, env = "WSRELAY_METRICS_CACHE_TTL_MS", default_value_t = 2000)]
     pub metrics_cache_ttl_ms: u64,
+    /// Connections the metrics API serves at once; more wait in the listen backlog.
+    #[arg(
+        long,
+        env = "WSRELAY_METRICS_API_MAX_CONNECTIONS",
+        default_value_t = 256
+    )]
+    pub metrics_api_max_connections: usize,
+    /// Milliseconds a client has to send a request's headers.
+    #[arg(
+        long,
+        env = "WSRELAY_METRICS_API_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub metrics_api_header_read_timeout_ms: u64,
+    /// Milliseconds a connection may stay silent before it is closed.
+    #[arg(
+        long,
+        env = "WSRELAY_METRICS_API_IDLE_TIMEOUT_MS",
+        default_value_t = 90_000
+    )]
+    pub metrics_api_idle_timeout_ms: u64,
 }
 
 impl MetricsApiArgs {
+    /// The relay scraper these flags describe (timeout, cache), counting into `metrics`.
+    pub fn scraper(&self, metrics: ScrapeMetrics) -> Scraper {
+        Scraper::with_metrics(
+            CONNECTIONS_METRIC,
+            Duration::from_millis(self.metrics_scrape_timeout_ms.max(1)),
+            Duration::from_millis(self.metrics_cache_ttl_ms),
+            metrics,
+        )
+    }
+
     /// The server's configuration, None when `--metrics-api-addr` is not set.
     pub fn into_config(self) -> Result<Option<MetricsApiConfig>, MetricsApiError> {
         let Some(addr) = self.metrics_api_addr else {
@@ -89,6 +120,13 @@ impl MetricsApiArgs {
             key,
             scrape_timeout: Duration::from_millis(self.metrics_scrape_timeout_ms.max(1)),
             cache_ttl: Duration::from_millis(self.metrics_cache_ttl_ms),
+            limits: tls::Limits {
+                max_connections: self.metrics_api_max_connections.max(1),
+                header_read_timeout: Duration::from_millis(
+                    self.metrics_api_header_read_timeout_ms.max(1),
+                ),
+                idle_timeout: Duration::from_millis(self.metrics_api_idle_timeout_ms.max(1)),
+            },
         }))
     }
 }
@@ -101,6 +139,8 @@ pub struct MetricsApiConfig {
     pub key: PathBuf,
     pub scrape_timeout: Duration,
     pub cache_ttl: Duration,
+    /// Connection cap, header-read and idle timeouts of the HTTPS listener.
+    pub limits: tls::Limits,
 }
 
 /// Why the metrics API could not run.
@@ -143,13 +183,14 @@ impl std::fmt::Debug for Shared {
 #[derive(Debug, Clone)]
 struct PeerName(Option<String>);
 
-/// Binds `config.addr` and serves until `shutdown`.
-/// Scrape counts go to `metrics`, which the caller may also register with the operator's
-/// own `/metrics` (they are on this API's `/metrics` too).
+/// Binds `config.addr` and serves until `shutdown`, asking the relays through `scraper`
+/// (the process's one scraper: its counters may also be on the operator's own `/metrics`;
+/// they are on this API's `/metrics` too). `config.scrape_timeout` and `config.cache_ttl`
+/// are the scraper's business then.
 pub async fn serve(
     client: Client,
     config: MetricsApiConfig,
-    metrics: ScrapeMetrics,
+    scraper: Scraper,
     shutdown: CancellationToken,
 ) -> Result<(), MetricsApiError> {
     let listener =
@@ -159,7 +200,7 @@ pub async fn serve(
                 addr: config.addr,
                 source,
             })?;
-    serve_counting(listener, client, config, metrics, shutdown).await
+    serve_with(listener, client, config, scraper, shutdown).await
 }
 
 /// Serves on an already bound listener until `shutdown` (tests bind port 0 themselves).
@@ -171,26 +212,21 @@ pub async fn serve_on(
     config: MetricsApiConfig,
     shutdown: CancellationToken,
 ) -> Result<(), MetricsApiError> {
-    serve_counting(listener, client, config, ScrapeMetrics::new(), shutdown).await
+    let scraper = Scraper::new(CONNECTIONS_METRIC, config.scrape_timeout, config.cache_ttl);
+    serve_with(listener, client, config, scraper, shutdown).await
 }
 
-async fn serve_counting(
+async fn serve_with(
     listener: TcpListener,
     client: Client,
     config: MetricsApiConfig,
-    metrics: ScrapeMetrics,
+    scraper: Scraper,
     shutdown: CancellationToken,
 ) -> Result<(), MetricsApiError> {
     let requestheader = RequestHeaderConfig::fetch(&client).await?;
     let server_config = tls::server_config(&config.cert, &config.key, &requestheader)?;
     let acceptor = tls::Acceptor::new(server_config);
 
-    let scraper = Scraper::with_metrics(
-        CONNECTIONS_METRIC,
-        config.scrape_timeout,
-        config.cache_ttl,
-        metrics,
-    );
     let mut registry = Registry::with_prefix("wsrelay_operator");
     scraper.metrics.register(&mut registry);
     let shared = Arc::new(Shared {
@@ -203,8 +239,8 @@ async fn serve_counting(
     });
     tracing::info!(
         addr = %listener.local_addr().unwrap_or(config.addr),
-        scrape_timeout = ?config.scrape_timeout,
-        cache_ttl = ?config.cache_ttl,
+        scrape_timeout = ?shared.scraper.timeout,
+        cache_ttl = ?shared.scraper.ttl,
         "custom metrics API listening"
     );
 
@@ -240,7 +276,7 @@ async fn serve_counting(
     let app = axum::Router::new()
         .fallback(handle)
         .with_state(shared.clone());
-    tls::accept_loop(listener, acceptor, shutdown, move |peer| {
+    tls::accept_loop(listener, acceptor, config.limits, shutdown, move |peer| {
         app.clone().layer(Extension(PeerName(peer)))
     })
     .await;
@@ -440,27 +476,6 @@ fn kube_failure(e: &kube::Error) -> Response {
     }
 }
 
-/// The fleet total of open connections of the relay pods `selector` matches in `namespace`
-/// (a gateway's `status.connections`): the sum over the pods that answered. None when the
-/// pods cannot be listed. Uses a process-wide scraper with the default timeout and cache,
-/// so the status stage and the metrics API do not scrape a pod twice in a burst.
-pub async fn fleet_connections(client: &Client, namespace: &str, selector: &str) -> Option<i64> {
-    static SCRAPER: OnceLock<Scraper> = OnceLock::new();
-    let scraper = SCRAPER.get_or_init(|| {
-        Scraper::new(
-            CONNECTIONS_METRIC,
-            DEFAULT_SCRAPE_TIMEOUT,
-            DEFAULT_CACHE_TTL,
-        )
-    });
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default().labels(selector))
-        .await
-        .map_err(|e| tracing::debug!(%namespace, error = %e, "listing relay pods for the connection total"))
-        .ok()?;
-    Some(scraper.total(&scrape::targets(&pods.items)).await)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,5 +515,8 @@ mod tests {
         assert_eq!(on.addr.port(), 6443);
         assert_eq!(on.scrape_timeout, DEFAULT_SCRAPE_TIMEOUT);
         assert_eq!(on.cache_ttl, DEFAULT_CACHE_TTL);
+        assert_eq!(on.limits.max_connections, 256);
+        assert_eq!(on.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(on.limits.idle_timeout, Duration::from_secs(90));
     }
 }
