@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::config::{Binding, Direction};
+use crate::config::{Binding, Direction, History};
 use crate::template::{TemplateToken, parse_subject_template, parse_template};
 
 /// What a client wants to do on a channel.
@@ -120,6 +120,16 @@ struct Compiled {
     channel: Vec<TemplateToken>,
     subject: Vec<TemplateToken>,
     direction: Direction,
+    history: Option<History>,
+}
+
+/// What a channel resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The NATS subject.
+    pub subject: String,
+    /// The binding's history, when its channels are resumable.
+    pub history: Option<History>,
 }
 
 /// The bindings of a config, parsed once.
@@ -141,6 +151,7 @@ impl Authorizer {
                     channel: parse_template(&b.channel, true).ok()?,
                     subject: parse_subject_template(&b.subject).ok()?,
                     direction: b.direction,
+                    history: b.history.clone(),
                 })
             })
             .collect();
@@ -155,6 +166,16 @@ impl Authorizer {
         op: Operation,
         claims: Option<&Map<String, Value>>,
     ) -> Result<String, AuthzError> {
+        self.resolve_binding(channel, op, claims).map(|r| r.subject)
+    }
+
+    /// [`Authorizer::resolve`], with the matching binding's history.
+    pub fn resolve_binding(
+        &self,
+        channel: &str,
+        op: Operation,
+        claims: Option<&Map<String, Value>>,
+    ) -> Result<Resolved, AuthzError> {
         let invalid = |reason| AuthzError::InvalidChannel {
             channel: channel.to_owned(),
             reason,
@@ -187,7 +208,10 @@ impl Authorizer {
                     channel: channel.to_owned(),
                 });
             }
-            return Ok(subject);
+            return Ok(Resolved {
+                subject,
+                history: b.history.clone(),
+            });
         }
         if matched_other_direction {
             Err(AuthzError::WrongDirection {
@@ -290,6 +314,7 @@ mod tests {
             channel: channel.into(),
             subject: subject.into(),
             direction,
+            history: None,
         }
     }
 

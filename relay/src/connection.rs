@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::authz::{AuthzError, Operation};
+use crate::hub::Target;
 use crate::limits::TokenBucket;
 use crate::metrics::Reason;
 use crate::outbox::{CloseRequest, Frame};
@@ -417,17 +418,17 @@ async fn handle(req: Request, conn: &Arc<ConnShared>, relay: &Relay) {
             conn.outbox
                 .push_reply(Message::text(protocol::encode_pong(id.as_ref())));
         }
-        Request::Subscribe { id, channel } => {
-            let subject =
-                match live
-                    .authz
-                    .resolve(&channel, Operation::Subscribe, conn.claims.as_ref())
-                {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return reply_error(conn, id.as_ref(), authz_code(&e), &e.to_string());
-                    }
-                };
+        Request::Subscribe { id, channel, since } => {
+            let target = match live.authz.resolve_binding(
+                &channel,
+                Operation::Subscribe,
+                conn.claims.as_ref(),
+            ) {
+                Ok(r) => Target::of(&r),
+                Err(e) => {
+                    return reply_error(conn, id.as_ref(), authz_code(&e), &e.to_string());
+                }
+            };
             {
                 let mut subs = conn.subs();
                 if subs.contains_key(&channel) {
@@ -448,31 +449,22 @@ async fn handle(req: Request, conn: &Arc<ConnShared>, relay: &Relay) {
                         "too many subscriptions",
                     );
                 }
-                subs.insert(channel.clone(), subject.clone());
+                subs.insert(channel.clone(), target.key.clone());
             }
             drop(live);
-            match relay.hub.subscribe(&subject, conn, &channel).await {
-                // A reload or a NATS refusal may have ended this subscription while the hub
-                // was subscribing (and sent `unsubscribed`): then undo, so the hub holds
-                // nothing the connection does not know about.
-                Ok(()) if conn.subs().get(&channel) != Some(&subject) => {
-                    relay.hub.unsubscribe(&subject, conn.id, &channel);
-                    reply_error(
-                        conn,
-                        id.as_ref(),
-                        ErrorCode::Unavailable,
-                        "the subscription ended while it was being set up",
-                    );
+            // The hub queues the `ok` itself (for a resumable channel: before the replay
+            // and the first live message, under one lock).
+            if let Err(e) = relay
+                .hub
+                .subscribe(&target, conn, &channel, id.as_ref(), since.as_ref())
+                .await
+            {
+                let mut subs = conn.subs();
+                if subs.get(&channel) == Some(&target.key) {
+                    subs.remove(&channel);
                 }
-                Ok(()) => reply_ok(conn, id.as_ref()),
-                Err(e) => {
-                    let mut subs = conn.subs();
-                    if subs.get(&channel) == Some(&subject) {
-                        subs.remove(&channel);
-                    }
-                    drop(subs);
-                    reply_error(conn, id.as_ref(), ErrorCode::Unavailable, &e.to_string());
-                }
+                drop(subs);
+                reply_error(conn, id.as_ref(), ErrorCode::Unavailable, &e.to_string());
             }
         }
         Request::Unsubscribe { id, channel } => {
@@ -494,17 +486,19 @@ async fn handle(req: Request, conn: &Arc<ConnShared>, relay: &Relay) {
             id,
             channel,
             payload,
+            msg_id,
         } => {
-            let subject =
+            let resolved =
                 match live
                     .authz
-                    .resolve(&channel, Operation::Publish, conn.claims.as_ref())
+                    .resolve_binding(&channel, Operation::Publish, conn.claims.as_ref())
                 {
-                    Ok(s) => s,
+                    Ok(r) => r,
                     Err(e) => {
                         return reply_error(conn, id.as_ref(), authz_code(&e), &e.to_string());
                     }
                 };
+            drop(live);
             if !relay
                 .nats_connected
                 .load(std::sync::atomic::Ordering::SeqCst)
@@ -517,21 +511,92 @@ async fn handle(req: Request, conn: &Arc<ConnShared>, relay: &Relay) {
                     "NATS unavailable",
                 );
             }
-            match relay.hub.client().publish(subject, payload.into()).await {
-                Ok(()) => {
+            let headers = sender_headers(conn, &relay.name);
+            let outcome = if resolved.history.is_some() {
+                publish_stored(relay, resolved.subject, headers, payload, msg_id).await
+            } else {
+                relay
+                    .hub
+                    .client()
+                    .publish_with_headers(resolved.subject, headers, payload.into())
+                    .await
+                    .map(|()| protocol::encode_ok(id.as_ref()))
+                    .map_err(|e| format!("publish failed: {e}"))
+                    .map(|ok| (ok, None))
+            };
+            match outcome {
+                Ok((ok, stored)) => {
                     relay.metrics.published.inc();
-                    reply_ok(conn, id.as_ref());
+                    let ok = match stored {
+                        Some((seq, duplicate)) => {
+                            protocol::encode_ok_stored(id.as_ref(), seq, duplicate)
+                        }
+                        None => ok,
+                    };
+                    conn.outbox.push_reply(Message::text(ok));
                 }
-                Err(e) => {
+                Err(reason) => {
                     relay.metrics.drop_msgs("nats_unavailable", 1);
-                    reply_error(
-                        conn,
-                        id.as_ref(),
-                        ErrorCode::Unavailable,
-                        &format!("publish failed: {e}"),
-                    );
+                    reply_error(conn, id.as_ref(), ErrorCode::Unavailable, &reason);
                 }
             }
         }
     }
+}
+
+/// Headers a client publish carries to NATS, so a backend knows who sent it: the token's
+/// `sub` (absent for anonymous clients or a token without one) and the connection
+/// (`<relay name>/<connection id>`). Set by the relay; a client cannot set NATS headers, so it
+/// cannot forge them.
+fn sender_headers(conn: &ConnShared, relay_name: &str) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    if let Some(sub) = conn
+        .claims
+        .as_ref()
+        .and_then(|c| c.get("sub"))
+        .and_then(|v| match v {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+        .filter(|s| !s.chars().any(char::is_control))
+    {
+        h.insert(SENDER_SUB_HEADER, sub.as_str());
+    }
+    h.insert(
+        SENDER_CONNECTION_HEADER,
+        format!("{relay_name}/{}", conn.id).as_str(),
+    );
+    h
+}
+
+/// The header naming the publishing client's token subject.
+pub const SENDER_SUB_HEADER: &str = "Wsrelay-Sub";
+/// The header naming the publishing connection.
+pub const SENDER_CONNECTION_HEADER: &str = "Wsrelay-Connection";
+
+/// A publish on a resumable channel: stored by JetStream before the `ok`, which carries its
+/// position. `msg_id` de-duplicates within the stream's duplicate window.
+async fn publish_stored(
+    relay: &Relay,
+    subject: String,
+    mut headers: async_nats::HeaderMap,
+    payload: Vec<u8>,
+    msg_id: Option<String>,
+) -> Result<(String, Option<(u64, bool)>), String> {
+    if let Some(m) = &msg_id {
+        headers.insert("Nats-Msg-Id", m.as_str());
+    }
+    let js = async_nats::jetstream::new(relay.hub.client().clone());
+    let ack = async {
+        js.publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|e| format!("publish failed: {e}"))?
+            .await
+            .map_err(|e| format!("not stored: {e}"))
+    };
+    let ack = tokio::time::timeout(crate::history::stream::READ_TIMEOUT, ack)
+        .await
+        .map_err(|_| "JetStream did not acknowledge in time".to_owned())??;
+    Ok((String::new(), Some((ack.sequence, ack.duplicate))))
 }

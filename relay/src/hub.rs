@@ -3,20 +3,33 @@
 //!
 //! Each NATS message is encoded once per (subject, channel) and the same bytes are queued
 //! to every recipient. async-nats resubscribes by itself after a reconnect.
+//!
+//! A resumable channel's entry subscribes to the subject its stream republishes to (every
+//! message then carries its position), keeps the channel's retained messages in a ring
+//! (`crate::history`), and joins a subscriber under the ring's lock: the `ok`, the replay and
+//! the first live message cannot interleave, so nothing is lost or doubled.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::authz::Resolved;
+use crate::config::History;
+use crate::history::ring::{Ring, Stored};
+use crate::history::{self, Live, Resumable, Start, Streams, stream};
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Push};
-use crate::protocol::{encode_message, encode_unsubscribed};
+use crate::protocol::{
+    RequestId, Since, encode_message, encode_message_at, encode_ok, encode_ok_not_recovered,
+    encode_ok_position, encode_unsubscribed,
+};
 use crate::relay::ConnShared;
 
 /// Subject of the round-trip request used to confirm a SUB (no one answers it).
@@ -24,6 +37,10 @@ const SYNC_SUBJECT: &str = "_WSRELAY.sync";
 
 /// How long a subscribe waits for NATS to confirm the SUB before answering 503.
 const CONFIRM_WITHIN: Duration = Duration::from_secs(2);
+
+/// How long a gap fill retries JetStream before the channel's subscribers are told to
+/// subscribe again.
+const FILL_WITHIN: Duration = Duration::from_secs(10);
 
 /// Why an entry ended when NATS refused it.
 const REFUSED: &str = "refused by NATS";
@@ -36,10 +53,13 @@ pub type ConnId = u64;
 /// every message under its own name.
 type SubKey = (ConnId, Arc<str>);
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Subscriber {
     conn: Arc<ConnShared>,
     channel: Arc<str>,
+    /// Receives live messages (a resumable subscriber is joined, not yet live, until its
+    /// replay is queued).
+    live: AtomicBool,
 }
 
 /// Where a subject's NATS subscription stands.
@@ -58,6 +78,37 @@ struct SubjectEntry {
     subscribers: RwLock<HashMap<SubKey, Subscriber>>,
     cancel: CancellationToken,
     state: watch::Sender<State>,
+    /// Set for a resumable channel.
+    resumable: Option<Arc<Resumable>>,
+    /// Wakes a resumable entry's task to read what it may have missed (NATS reconnected).
+    resync: Notify,
+}
+
+/// What a subscription is to: the key is the NATS subject the hub subscribes to (the
+/// republish subject for a resumable channel); `history` is the binding's, with the
+/// channel's subject in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The NATS subject subscribed to; a connection's subscription map holds it.
+    pub key: String,
+    /// For a resumable channel: its binding's history and its subject in the stream.
+    pub history: Option<(History, String)>,
+}
+
+impl Target {
+    /// The target of a resolved channel. Pure.
+    pub fn of(r: &Resolved) -> Self {
+        match &r.history {
+            None => Self {
+                key: r.subject.clone(),
+                history: None,
+            },
+            Some(h) => Self {
+                key: stream::republish_subject(&h.stream, &r.subject),
+                history: Some((h.clone(), r.subject.clone())),
+            },
+        }
+    }
 }
 
 /// Why a subscription could not be put in place (the client hears 503).
@@ -66,6 +117,12 @@ pub enum SubscribeError {
     /// NATS refused, failed or did not confirm the subscription in time.
     #[error("NATS subscription {0}")]
     Unavailable(&'static str),
+    /// JetStream did not answer for the channel's history.
+    #[error("history unavailable: {0}")]
+    History(String),
+    /// A config reload ended the subscription while it was being set up.
+    #[error("the subscription ended while it was being set up")]
+    Ended,
 }
 
 /// Subject to local subscribers.
@@ -76,6 +133,7 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     max_payload: usize,
     tasks: TaskTracker,
+    streams: Streams,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,6 +142,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Hub {
@@ -95,6 +157,7 @@ impl Hub {
             metrics,
             max_payload,
             tasks: TaskTracker::new(),
+            streams: Streams::default(),
         }
     }
 
@@ -103,97 +166,227 @@ impl Hub {
         &self.client
     }
 
+    /// The epochs of the history streams in place.
+    pub fn streams(&self) -> &Streams {
+        &self.streams
+    }
+
     /// Distinct subjects subscribed.
     pub fn subject_count(&self) -> usize {
         lock(&self.subjects).len()
     }
 
-    /// Adds `conn` as a subscriber of `subject`, delivering as `channel`. Returns once the
-    /// NATS subscription is confirmed by a round trip through the server, so a message
-    /// published after the client's `ok` is delivered; or an error (and `conn` is not
-    /// subscribed) when NATS refuses, fails or does not confirm within 2 s.
+    /// Subscribes `conn` to `target` as `channel` and queues the `ok` (for a resumable
+    /// channel with its epoch and position, then the replay `since` asked for). Returns once
+    /// the NATS subscription is confirmed by a round trip through the server, so a message
+    /// published after the `ok` is delivered; or an error (and `conn` is not subscribed)
+    /// when NATS refuses, fails or does not confirm within 2 s, or JetStream does not answer.
     pub async fn subscribe(
         self: &Arc<Self>,
-        subject: &str,
+        target: &Target,
         conn: &Arc<ConnShared>,
         channel: &str,
+        id: Option<&RequestId>,
+        since: Option<&Since>,
     ) -> Result<(), SubscribeError> {
         let channel: Arc<str> = Arc::from(channel);
         let key = (conn.id, channel.clone());
         let (entry, mut state) = {
             let mut subjects = lock(&self.subjects);
             let entry = subjects
-                .entry(subject.to_owned())
-                .or_insert_with(|| self.start_subject(subject))
+                .entry(target.key.clone())
+                .or_insert_with(|| self.start_subject(target))
                 .clone();
             write(&entry.subscribers).insert(
                 key.clone(),
                 Subscriber {
                     conn: conn.clone(),
-                    channel,
+                    channel: channel.clone(),
+                    live: AtomicBool::new(entry.resumable.is_none()),
                 },
             );
             let state = entry.state.subscribe();
             (entry, state)
         };
-        let settled =
-            tokio::time::timeout(CONFIRM_WITHIN, state.wait_for(|s| *s != State::Pending)).await;
-        let outcome = match settled {
-            Ok(Ok(s)) => match &*s {
-                State::Live => Ok(()),
-                State::Ended(why) => Err(SubscribeError::Unavailable(why)),
-                State::Pending => Err(SubscribeError::Unavailable("not confirmed")),
-            },
-            Ok(Err(_)) => Err(SubscribeError::Unavailable("ended")),
-            Err(_) => Err(SubscribeError::Unavailable("not confirmed in time")),
+        // In a block of its own: the watch's read guard must be gone before the next await.
+        let mut outcome = {
+            let settled =
+                tokio::time::timeout(CONFIRM_WITHIN, state.wait_for(|s| *s != State::Pending))
+                    .await;
+            match settled {
+                Ok(Ok(s)) => match &*s {
+                    State::Live => Ok(()),
+                    State::Ended(why) => Err(SubscribeError::Unavailable(why)),
+                    State::Pending => Err(SubscribeError::Unavailable("not confirmed")),
+                },
+                Ok(Err(_)) => Err(SubscribeError::Unavailable("ended")),
+                Err(_) => Err(SubscribeError::Unavailable("not confirmed in time")),
+            }
         };
+        if outcome.is_ok() {
+            outcome = match &entry.resumable {
+                None => self.join_plain(&entry, target, conn, &channel, id, since),
+                Some(res) => {
+                    self.join_resumable(&entry, res, target, conn, &channel, id, since)
+                        .await
+                }
+            };
+        }
         if outcome.is_err() {
-            // Not confirmed: this subscriber leaves, and an entry that never went live is
+            // Not joined: this subscriber leaves, and an entry that never went live is
             // ended so the next subscriber starts afresh instead of joining a dead one.
             write(&entry.subscribers).remove(&key);
             if *entry.state.borrow() == State::Pending {
-                self.end(subject, &entry, "not confirmed in time");
+                self.end(&target.key, &entry, "not confirmed in time");
             } else {
-                self.release_if_empty(subject, &entry);
+                self.release_if_empty(&target.key, &entry);
             }
         }
         outcome
     }
 
-    fn start_subject(self: &Arc<Self>, subject: &str) -> Arc<SubjectEntry> {
+    /// A plain channel: the subscriber is live already; queue the `ok` unless a reload
+    /// ended the subscription meanwhile.
+    fn join_plain(
+        &self,
+        entry: &SubjectEntry,
+        target: &Target,
+        conn: &ConnShared,
+        channel: &str,
+        id: Option<&RequestId>,
+        since: Option<&Since>,
+    ) -> Result<(), SubscribeError> {
+        let _subs = read(&entry.subscribers);
+        if conn.subs().get(channel) != Some(&target.key) {
+            return Err(SubscribeError::Ended);
+        }
+        // A resume asked of a channel without history: nothing can be recovered.
+        let ok = if since.is_some() {
+            encode_ok_not_recovered(id)
+        } else {
+            encode_ok(id)
+        };
+        conn.outbox.push_reply(Message::text(ok));
+        Ok(())
+    }
+
+    /// A resumable channel: complete the ring (once per entry), decide the resume (asking
+    /// the stream only when the ring cannot tell), then, under the ring's lock, queue the
+    /// `ok`, the replay, and make the subscriber live.
+    #[allow(clippy::too_many_arguments)]
+    async fn join_resumable(
+        &self,
+        entry: &SubjectEntry,
+        res: &Resumable,
+        target: &Target,
+        conn: &ConnShared,
+        channel: &str,
+        id: Option<&RequestId>,
+        since: Option<&Since>,
+    ) -> Result<(), SubscribeError> {
+        let m = &self.metrics;
+        let unavailable = |e: stream::StreamError| {
+            m.history(&m.history_reads, "error");
+            if since.is_some() {
+                m.history(&m.history_resumes, "unavailable");
+            }
+            SubscribeError::History(e.to_string())
+        };
+        let loaded_before = res.with_ring(|r| r.is_loaded());
+        res.ensure_loaded(&self.client).await.map_err(unavailable)?;
+        if !loaded_before {
+            m.history(&m.history_reads, "load");
+        }
+        let Some(epoch) = self.streams.epoch(&res.stream) else {
+            if since.is_some() {
+                m.history(&m.history_resumes, "unavailable");
+            }
+            return Err(SubscribeError::History(format!(
+                "stream {} is not in place yet",
+                res.stream
+            )));
+        };
+        let asked = since.map(|s| (s.epoch.as_str(), s.seq));
+        let held = res
+            .check(&self.client, &epoch, asked)
+            .await
+            .map_err(unavailable)?;
+        if held.is_some() {
+            m.history(&m.history_reads, "check");
+        }
+        res.with_ring(|ring| {
+            let start = Resumable::decide(ring, &epoch, asked, held);
+            let subs = read(&entry.subscribers);
+            if conn.subs().get(channel) != Some(&target.key) {
+                return Err(SubscribeError::Ended);
+            }
+            let (pos, recovered, replay) = match start {
+                Start::Recovered { from, replay } => (from, Some(true), replay),
+                Start::Fresh { head, asked } => (head, asked.then_some(false), Vec::new()),
+            };
+            if since.is_some() {
+                let outcome = if recovered == Some(true) {
+                    "recovered"
+                } else {
+                    "not_recovered"
+                };
+                m.history(&m.history_resumes, outcome);
+            }
+            conn.outbox.push_reply(Message::text(encode_ok_position(
+                id, &epoch, pos, recovered,
+            )));
+            let mut prev = pos;
+            let received = Instant::now();
+            for s in &replay {
+                let frame = encode_message_at(channel, &s.payload, Some((s.seq, prev)));
+                prev = s.seq;
+                conn.outbox.push_message(Frame {
+                    msg: Message::text(frame),
+                    received: Some(received),
+                });
+            }
+            if let Some(sub) = subs.get(&(conn.id, Arc::from(channel))) {
+                sub.live.store(true, Ordering::Release);
+            }
+            Ok(())
+        })
+    }
+
+    fn start_subject(self: &Arc<Self>, target: &Target) -> Arc<SubjectEntry> {
         let (state, _) = watch::channel(State::Pending);
         let entry = Arc::new(SubjectEntry {
             subscribers: RwLock::new(HashMap::new()),
             cancel: CancellationToken::new(),
             state,
+            resumable: target
+                .history
+                .as_ref()
+                .map(|(h, subject)| Arc::new(Resumable::new(h, subject))),
+            resync: Notify::new(),
         });
         self.metrics.nats_subscriptions.inc();
         self.tasks
-            .spawn(self.clone().run_subject(subject.to_owned(), entry.clone()));
+            .spawn(self.clone().run_subject(target.key.clone(), entry.clone()));
         entry
     }
 
-    /// Removes `conn`'s subscription to `subject` under `channel`; the NATS subscription
-    /// goes with the last subscriber.
-    pub fn unsubscribe(&self, subject: &str, conn: ConnId, channel: &str) {
-        let Some(entry) = lock(&self.subjects).get(subject).cloned() else {
+    /// Removes `conn`'s subscription to `key` under `channel`; the NATS subscription goes
+    /// with the last subscriber.
+    pub fn unsubscribe(&self, key: &str, conn: ConnId, channel: &str) {
+        let Some(entry) = lock(&self.subjects).get(key).cloned() else {
             return;
         };
         write(&entry.subscribers).remove(&(conn, Arc::from(channel)));
-        self.release_if_empty(subject, &entry);
+        self.release_if_empty(key, &entry);
     }
 
-    fn release_if_empty(&self, subject: &str, entry: &Arc<SubjectEntry>) {
+    fn release_if_empty(&self, key: &str, entry: &Arc<SubjectEntry>) {
         let mut subjects = lock(&self.subjects);
         // Checked under the map lock: a subscriber joining concurrently holds it too.
-        if entry
-            .subscribers
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_empty()
-            && subjects.get(subject).is_some_and(|e| Arc::ptr_eq(e, entry))
+        if read(&entry.subscribers).is_empty()
+            && subjects.get(key).is_some_and(|e| Arc::ptr_eq(e, entry))
         {
-            subjects.remove(subject);
+            subjects.remove(key);
             entry.cancel.cancel();
             self.metrics.nats_subscriptions.dec();
         }
@@ -209,14 +402,37 @@ impl Hub {
         }
     }
 
+    /// NATS reconnected: republished messages sent meanwhile are lost, so every resumable
+    /// channel reads what it missed from its stream.
+    pub fn resync(&self) {
+        for entry in lock(&self.subjects).values() {
+            if entry.resumable.is_some() {
+                entry.resync.notify_one();
+            }
+        }
+    }
+
+    /// A history stream was recreated (new epoch): its channels' positions are void. Their
+    /// subscribers are told to subscribe again (and then hear `recovered: false`).
+    pub fn reset_stream(&self, name: &str) {
+        let ended: Vec<(String, Arc<SubjectEntry>)> = lock(&self.subjects)
+            .iter()
+            .filter(|(_, e)| e.resumable.as_ref().is_some_and(|r| r.stream == name))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        for (key, entry) in ended {
+            self.end(&key, &entry, "history stream recreated");
+        }
+    }
+
     /// Ends a subject: out of the map, its task stopped. Subscribers waiting for the
     /// confirmation hear the reason as an error; live ones lose the channel and get an
     /// `unsubscribed` notice, so no client stays subscribed to nothing.
-    fn end(&self, subject: &str, entry: &Arc<SubjectEntry>, why: &'static str) {
+    fn end(&self, key: &str, entry: &Arc<SubjectEntry>, why: &'static str) {
         {
             let mut subjects = lock(&self.subjects);
-            if subjects.get(subject).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-                subjects.remove(subject);
+            if subjects.get(key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+                subjects.remove(key);
                 self.metrics.nats_subscriptions.dec();
             }
         }
@@ -230,7 +446,7 @@ impl Hub {
         }
         for s in subscribers {
             let mut subs = s.conn.subs();
-            if subs.get(&*s.channel).map(String::as_str) == Some(subject) {
+            if subs.get(&*s.channel).map(String::as_str) == Some(key) {
                 subs.remove(&*s.channel);
                 drop(subs);
                 s.conn.outbox.push_reply(Message::text(encode_unsubscribed(
@@ -250,12 +466,12 @@ impl Hub {
         let _ = tokio::time::timeout(within, self.tasks.wait()).await;
     }
 
-    async fn run_subject(self: Arc<Self>, subject: String, entry: Arc<SubjectEntry>) {
-        let mut sub = match self.client.subscribe(subject.clone()).await {
+    async fn run_subject(self: Arc<Self>, key: String, entry: Arc<SubjectEntry>) {
+        let mut sub = match self.client.subscribe(key.clone()).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(%subject, error = %e, "NATS subscribe failed");
-                self.end(&subject, &entry, "failed");
+                tracing::error!(subject = %key, error = %e, "NATS subscribe failed");
+                self.end(&key, &entry, "failed");
                 return;
             }
         };
@@ -271,7 +487,7 @@ impl Hub {
             ) => r.is_ok(),
         };
         if !confirmed {
-            self.end(&subject, &entry, "not confirmed in time");
+            self.end(&key, &entry, "not confirmed in time");
             let _ = sub.unsubscribe().await;
             return;
         }
@@ -283,24 +499,129 @@ impl Hub {
             }
             pending
         });
-        tracing::debug!(%subject, "NATS subscribed");
+        tracing::debug!(subject = %key, "NATS subscribed");
         let ended = loop {
             let msg = tokio::select! {
-                () = entry.cancel.cancelled() => break false,
+                () = entry.cancel.cancelled() => break None,
+                () = entry.resync.notified() => {
+                    if let Some(res) = &entry.resumable
+                        && let Err(why) = self.fill(&entry, res, None).await
+                    {
+                        break Some(why);
+                    }
+                    continue;
+                }
                 m = sub.next() => match m {
                     Some(m) => m,
-                    None => break true,
+                    None => break Some("ended"),
                 },
             };
-            fan_out(&entry, &msg.payload, &self.metrics, self.max_payload);
+            match &entry.resumable {
+                None => fan_out(&entry, &msg.payload, &self.metrics, self.max_payload),
+                Some(res) => {
+                    if let Err(why) = self.deliver(&entry, res, msg).await {
+                        break Some(why);
+                    }
+                }
+            }
         };
-        if ended {
-            // The client closed the subscription under us: tell its subscribers.
-            tracing::warn!(%subject, "NATS subscription ended");
-            self.end(&subject, &entry, "ended");
+        if let Some(why) = ended {
+            tracing::warn!(subject = %key, why, "NATS subscription ended");
+            self.end(&key, &entry, why);
         }
         let _ = sub.unsubscribe().await;
-        tracing::debug!(%subject, "NATS unsubscribed");
+        tracing::debug!(subject = %key, "NATS unsubscribed");
+    }
+
+    /// Delivers a republished message of a resumable channel, reading the stream first when
+    /// messages before it were missed. An error ends the entry (its subscribers resubscribe
+    /// with their position, and the stream decides).
+    async fn deliver(
+        &self,
+        entry: &SubjectEntry,
+        res: &Resumable,
+        msg: async_nats::Message,
+    ) -> Result<(), &'static str> {
+        let Some(pos) = history::position(msg.headers.as_ref()) else {
+            tracing::warn!(subject = %msg.subject, "a republished message without Nats-Sequence");
+            return Ok(());
+        };
+        let m = Stored {
+            seq: pos.seq,
+            at_ms: history::now_ms(),
+            payload: msg.payload,
+        };
+        if let Live::Gap { .. } = self.offer(entry, res, m.clone(), pos.prev) {
+            self.fill(entry, res, Some(m.seq)).await?;
+            if let Live::Gap { after } = self.offer(entry, res, m, pos.prev) {
+                // The stream no longer holds what came before: never skip silently.
+                tracing::warn!(stream = %res.stream, subject = %res.subject, after, "history hole the stream cannot fill");
+                self.metrics.history(&self.metrics.history_gaps, "lost");
+                return Err("history hole");
+            }
+            self.metrics.history(&self.metrics.history_gaps, "filled");
+        }
+        Ok(())
+    }
+
+    /// Reads the messages after the last one delivered (and before `before`) from the
+    /// stream and delivers them.
+    async fn fill(
+        &self,
+        entry: &SubjectEntry,
+        res: &Resumable,
+        before: Option<u64>,
+    ) -> Result<(), &'static str> {
+        let after = res.with_ring(|r| r.last_seen());
+        // JetStream may be briefly unable to answer (a NATS server lost, the stream's leader
+        // being re-elected): retry with backoff, bounded, before giving the entry up.
+        let mut pause = Duration::from_millis(100);
+        let give_up = tokio::time::Instant::now() + FILL_WITHIN;
+        let read = loop {
+            self.metrics.history(&self.metrics.history_reads, "fill");
+            match stream::read_after(
+                &self.client,
+                &res.stream,
+                &res.subject,
+                after,
+                before,
+                res.max_messages,
+            )
+            .await
+            {
+                Ok(read) => break read,
+                Err(e) => {
+                    self.metrics.history(&self.metrics.history_reads, "error");
+                    if tokio::time::Instant::now() + pause > give_up {
+                        tracing::warn!(error = %e, "history fill failed; giving the channel up");
+                        return Err("history unavailable");
+                    }
+                    tracing::debug!(error = %e, "history fill failed; retrying");
+                    tokio::select! {
+                        () = entry.cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        for m in read {
+            // Read from the stream: in order after `after`, so no hole check.
+            self.offer(entry, res, m, 0);
+        }
+        Ok(())
+    }
+
+    /// Offers a message to a resumable entry: appended and fanned out under the ring lock
+    /// when it is the next one.
+    fn offer(&self, entry: &SubjectEntry, res: &Resumable, m: Stored, prev: u64) -> Live {
+        res.with_ring(|ring: &mut Ring| {
+            let verdict = Resumable::accept(ring, m.clone(), prev, history::now_ms());
+            if let Live::Deliver { prev } = verdict {
+                fan_out_at(entry, &m, prev, &self.metrics, self.max_payload);
+            }
+            verdict
+        })
     }
 }
 
@@ -326,11 +647,27 @@ pub fn refused_subject(error: &str) -> Option<&str> {
 }
 
 fn fan_out(entry: &SubjectEntry, payload: &[u8], metrics: &Metrics, max_payload: usize) {
+    fan_out_encoded(entry, payload, metrics, max_payload, |channel| {
+        encode_message(channel, payload)
+    });
+}
+
+/// Fans out a message of a resumable channel, with its position and the previous one.
+fn fan_out_at(entry: &SubjectEntry, m: &Stored, prev: u64, metrics: &Metrics, max_payload: usize) {
+    fan_out_encoded(entry, &m.payload, metrics, max_payload, |channel| {
+        encode_message_at(channel, &m.payload, Some((m.seq, prev)))
+    });
+}
+
+fn fan_out_encoded(
+    entry: &SubjectEntry,
+    payload: &[u8],
+    metrics: &Metrics,
+    max_payload: usize,
+    encode: impl Fn(&str) -> String,
+) {
     let received = Instant::now();
-    let subs = entry
-        .subscribers
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let subs = read(&entry.subscribers);
     if payload.len() > max_payload {
         metrics.drop_msgs("too_large", subs.len() as u64);
         return;
@@ -340,10 +677,13 @@ fn fan_out(entry: &SubjectEntry, payload: &[u8], metrics: &Metrics, max_payload:
     let mut encoded: Vec<(&Arc<str>, Utf8Bytes)> = Vec::with_capacity(1);
     let (mut dropped, mut slow) = (0u64, 0u64);
     for sub in subs.values() {
+        if !sub.live.load(Ordering::Acquire) {
+            continue;
+        }
         let bytes = match encoded.iter().find(|(c, _)| **c == sub.channel) {
             Some((_, b)) => b.clone(),
             None => {
-                let b = Utf8Bytes::from(encode_message(&sub.channel, payload));
+                let b = Utf8Bytes::from(encode(&sub.channel));
                 encoded.push((&sub.channel, b.clone()));
                 b
             }

@@ -27,6 +27,8 @@ pub mod connection;
 #[cfg(feature = "server")]
 pub mod drain;
 #[cfg(feature = "server")]
+pub mod history;
+#[cfg(feature = "server")]
 pub mod hub;
 #[cfg(feature = "server")]
 pub mod limits;

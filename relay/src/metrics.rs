@@ -49,6 +49,18 @@ pub struct Metrics {
     pub draining: Gauge,
     /// `wsrelay_config_reloads_total{reason}`: config reloads, `ok` or `error`.
     pub reloads: Family<Reason, Counter>,
+    /// `wsrelay_history_streams_ready`: history streams in place (resumable bindings).
+    pub history_streams_ready: Gauge,
+    /// `wsrelay_history_resumes_total{reason}`: subscribes with `since`, by outcome:
+    /// `recovered`, `not_recovered`, `unavailable` (JetStream did not answer: 503).
+    pub history_resumes: Family<Reason, Counter>,
+    /// `wsrelay_history_reads_total{reason}`: JetStream requests made for history: `load`
+    /// (a channel's retained messages, once per channel and relay), `check` (whether the
+    /// stream still holds a position), `fill` (a hole in live delivery), `error` (failed).
+    pub history_reads: Family<Reason, Counter>,
+    /// `wsrelay_history_gaps_total{reason}`: holes in live delivery: `filled` from the
+    /// stream, or `lost` (the subscribers were told to resubscribe).
+    pub history_gaps: Family<Reason, Counter>,
 }
 
 impl Default for Metrics {
@@ -76,6 +88,10 @@ impl Metrics {
             delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             draining: Gauge::default(),
             reloads: Family::default(),
+            history_streams_ready: Gauge::default(),
+            history_resumes: Family::default(),
+            history_reads: Family::default(),
+            history_gaps: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -145,7 +161,32 @@ impl Metrics {
             "Config reloads, by outcome",
             m.reloads.clone(),
         );
+        r.register(
+            "history_streams_ready",
+            "History streams in place",
+            m.history_streams_ready.clone(),
+        );
+        r.register(
+            "history_resumes",
+            "Subscribes with since, by outcome",
+            m.history_resumes.clone(),
+        );
+        r.register(
+            "history_reads",
+            "JetStream requests made for history, by kind",
+            m.history_reads.clone(),
+        );
+        r.register(
+            "history_gaps",
+            "Holes in live delivery of resumable channels, by outcome",
+            m.history_gaps.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts one history event in `family`.
+    pub fn history(&self, family: &Family<Reason, Counter>, reason: &'static str) {
+        family.get_or_create(&Reason { reason }).inc();
     }
 
     /// Counts a refusal.

@@ -34,14 +34,24 @@ fn read_trimmed(p: &std::path::Path) -> Result<String, NatsError> {
         })
 }
 
+/// What the NATS connection reports to the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// The server refused this connection's subscription to the subject (the hub ends it).
+    Refused(String),
+    /// The connection is up again after a loss (republished messages may have been lost:
+    /// resumable channels read what they missed).
+    Reconnected,
+}
+
 /// Connects (in the background: the relay starts even while NATS is down, and reports
-/// not ready). `connected` mirrors the connection state; the subjects the server refuses
-/// to let this connection subscribe to are sent to `refused` (the hub ends them).
+/// not ready). `connected` mirrors the connection state; refusals and reconnections are
+/// sent to `signals`.
 pub async fn connect(
     cfg: &Nats,
     metrics: Arc<Metrics>,
     connected: Arc<AtomicBool>,
-    refused: tokio::sync::mpsc::Sender<String>,
+    signals: tokio::sync::mpsc::Sender<Signal>,
 ) -> Result<async_nats::Client, NatsError> {
     let m = metrics.clone();
     let flag = connected.clone();
@@ -58,13 +68,17 @@ pub async fn connect(
         .event_callback(move |event| {
             let m = m.clone();
             let flag = flag.clone();
-            let refused = refused.clone();
+            let signals = signals.clone();
             async move {
                 match event {
                     Event::Connected => {
+                        let again = m.nats_disconnects.get() > 0;
                         flag.store(true, Ordering::SeqCst);
                         m.nats_connected.set(1);
                         tracing::info!("NATS connected");
+                        if again && signals.try_send(Signal::Reconnected).is_err() {
+                            tracing::warn!("NATS reconnection not forwarded");
+                        }
                     }
                     Event::Disconnected => {
                         flag.store(false, Ordering::SeqCst);
@@ -81,7 +95,10 @@ pub async fn connect(
                     {
                         if let Some(subject) = crate::hub::refused_subject(&e) {
                             // Bounded: a flood of refusals beyond it is only logged.
-                            if refused.try_send(subject.to_owned()).is_err() {
+                            if signals
+                                .try_send(Signal::Refused(subject.to_owned()))
+                                .is_err()
+                            {
                                 tracing::warn!(%subject, "NATS refusal not forwarded");
                             }
                         }

@@ -14,7 +14,7 @@ use crate::authz::Authorizer;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::nats::NatsError;
+use crate::nats::{NatsError, Signal};
 use crate::relay::{Live, Relay};
 use crate::tls::{TlsAcceptor, TlsError};
 
@@ -75,9 +75,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         )?)),
         None => None,
     };
-    let (refused_tx, mut refused_rx) = tokio::sync::mpsc::channel::<String>(256);
+    let (signals_tx, mut signals_rx) = tokio::sync::mpsc::channel(256);
     let client =
-        crate::nats::connect(&config.nats, metrics.clone(), connected.clone(), refused_tx).await?;
+        crate::nats::connect(&config.nats, metrics.clone(), connected.clone(), signals_tx).await?;
     let hub = Arc::new(Hub::new(
         client,
         metrics.clone(),
@@ -103,24 +103,33 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config: Arc::new(config),
     };
     let relay = Arc::new(Relay::new(live, hub, metrics, connected));
-    // NATS refusals of subscriptions, reported by the connection's event callback, end the
-    // hub's entries for those subjects.
+    // What the NATS connection reports: refused subscriptions end the hub's entries for
+    // those subjects; a reconnection makes resumable channels read what they missed.
     let refusals = {
         let relay = relay.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     () = relay.shutdown.cancelled() => break,
-                    s = refused_rx.recv() => match s {
-                        Some(subject) => relay.hub.refused(&subject),
+                    s = signals_rx.recv() => match s {
+                        Some(Signal::Refused(subject)) => relay.hub.refused(&subject),
+                        Some(Signal::Reconnected) => relay.hub.resync(),
                         None => break,
                     },
                 }
             }
         })
     };
+    let history = tokio::spawn({
+        let relay = relay.clone();
+        let hub = relay.hub.clone();
+        crate::history::maintain(relay, Duration::from_secs(60), move |stream| {
+            hub.reset_stream(stream)
+        })
+    });
     let tasks = vec![
         refusals,
+        history,
         tokio::spawn(crate::server::serve(
             client_listener,
             relay.clone(),

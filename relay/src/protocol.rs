@@ -32,6 +32,8 @@ pub enum Request {
         id: Option<RequestId>,
         /// Channel name.
         channel: String,
+        /// Resume from this position (resumable channels).
+        since: Option<Since>,
     },
     /// Stop receiving messages of a channel.
     Unsubscribe {
@@ -48,6 +50,8 @@ pub enum Request {
         channel: String,
         /// The NATS payload bytes (raw JSON of `payload`, or the UTF-8 of `text`).
         payload: Vec<u8>,
+        /// Client message id for de-duplication on resumable channels (`Nats-Msg-Id`).
+        msg_id: Option<String>,
     },
     /// Application-level ping; answered with `pong`.
     Ping {
@@ -55,6 +59,19 @@ pub enum Request {
         id: Option<RequestId>,
     },
 }
+
+/// A position on a resumable channel, as a client sends it back (`since`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    /// The stream's epoch the position belongs to.
+    pub epoch: String,
+    /// The last position received.
+    pub seq: u64,
+}
+
+/// Longest `since.epoch` and `msgId` accepted, in bytes.
+pub const MAX_TOKEN_FIELD: usize = 64;
 
 /// A malformed frame: answered with an `error` reply (code 400), never a crash.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,6 +96,10 @@ struct RawFrame<'a> {
     payload: Option<&'a RawValue>,
     #[serde(default)]
     text: Option<String>,
+    #[serde(default)]
+    since: Option<Since>,
+    #[serde(default, rename = "msgId")]
+    msg_id: Option<String>,
 }
 
 /// Best effort: the id of a frame that failed to parse as a whole.
@@ -115,17 +136,40 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
     };
     match raw.kind.as_str() {
         "subscribe" | "unsubscribe" => {
-            if raw.payload.is_some() || raw.text.is_some() {
-                return Err(bad(id, "payload is only allowed on publish"));
+            if raw.payload.is_some() || raw.text.is_some() || raw.msg_id.is_some() {
+                return Err(bad(id, "payload and msgId are only allowed on publish"));
             }
             let channel = need_channel(&id, raw.channel)?;
-            Ok(if raw.kind == "subscribe" {
-                Request::Subscribe { id, channel }
+            if raw.kind == "subscribe" {
+                if raw
+                    .since
+                    .as_ref()
+                    .is_some_and(|s| s.epoch.is_empty() || s.epoch.len() > MAX_TOKEN_FIELD)
+                {
+                    return Err(bad(id, "since.epoch must be 1 to 64 bytes"));
+                }
+                Ok(Request::Subscribe {
+                    id,
+                    channel,
+                    since: raw.since,
+                })
+            } else if raw.since.is_some() {
+                Err(bad(id, "since is only allowed on subscribe"))
             } else {
-                Request::Unsubscribe { id, channel }
-            })
+                Ok(Request::Unsubscribe { id, channel })
+            }
         }
         "publish" => {
+            if raw.since.is_some() {
+                return Err(bad(id, "since is only allowed on subscribe"));
+            }
+            if raw
+                .msg_id
+                .as_ref()
+                .is_some_and(|m| m.is_empty() || m.len() > MAX_TOKEN_FIELD)
+            {
+                return Err(bad(id, "msgId must be 1 to 64 bytes"));
+            }
             let channel = need_channel(&id, raw.channel)?;
             let payload = match (raw.payload, raw.text) {
                 (Some(p), None) => p.get().as_bytes().to_vec(),
@@ -136,7 +180,11 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
                 id,
                 channel,
                 payload,
+                msg_id: raw.msg_id,
             })
+        }
+        "ping" if raw.since.is_some() || raw.msg_id.is_some() => {
+            Err(bad(id, "ping takes only an id"))
         }
         "ping" => Ok(Request::Ping { id }),
         other => Err(BadFrame {
@@ -217,9 +265,17 @@ fn push_id(out: &mut String, id: Option<&RequestId>) {
 /// it is JSON, in `text` when it is other UTF-8, in `base64` otherwise. Encoded once per
 /// (subject, channel) and shared by every recipient.
 pub fn encode_message(channel: &str, payload: &[u8]) -> String {
-    let mut out = String::with_capacity(payload.len() + channel.len() + 48);
+    encode_message_at(channel, payload, None)
+}
+
+/// [`encode_message`] with the position on a resumable channel: `seq` and `prev`.
+pub fn encode_message_at(channel: &str, payload: &[u8], at: Option<(u64, u64)>) -> String {
+    let mut out = String::with_capacity(payload.len() + channel.len() + 80);
     out.push_str("{\"type\":\"message\",\"channel\":");
     push_json_str(&mut out, channel);
+    if let Some((seq, prev)) = at {
+        let _ = write!(out, ",\"seq\":{seq},\"prev\":{prev}");
+    }
     let is_json =
         !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok();
     if is_json {
@@ -261,6 +317,48 @@ fn base64_encode(data: &[u8], out: &mut String) {
 pub fn encode_ok(id: Option<&RequestId>) -> String {
     let mut out = String::from("{\"type\":\"ok\",");
     push_id(&mut out, id);
+    out.push('}');
+    out
+}
+
+/// The `ok` of a subscribe on a resumable channel: `{"type":"ok","id":..,"epoch":..,
+/// "seq":..}`, with `"recovered":..` when the subscribe carried `since`.
+pub fn encode_ok_position(
+    id: Option<&RequestId>,
+    epoch: &str,
+    seq: u64,
+    recovered: Option<bool>,
+) -> String {
+    let mut out = String::from("{\"type\":\"ok\",");
+    push_id(&mut out, id);
+    out.push_str(",\"epoch\":");
+    push_json_str(&mut out, epoch);
+    let _ = write!(out, ",\"seq\":{seq}");
+    if let Some(r) = recovered {
+        let _ = write!(out, ",\"recovered\":{r}");
+    }
+    out.push('}');
+    out
+}
+
+/// The `ok` of a subscribe with `since` on a channel without history:
+/// `{"type":"ok","id":..,"recovered":false}`.
+pub fn encode_ok_not_recovered(id: Option<&RequestId>) -> String {
+    let mut out = String::from("{\"type\":\"ok\",");
+    push_id(&mut out, id);
+    out.push_str(",\"recovered\":false}");
+    out
+}
+
+/// The `ok` of a publish stored by JetStream: `{"type":"ok","id":..,"seq":..}`, with
+/// `"duplicate":true` when JetStream had the `msgId` already.
+pub fn encode_ok_stored(id: Option<&RequestId>, seq: u64, duplicate: bool) -> String {
+    let mut out = String::from("{\"type\":\"ok\",");
+    push_id(&mut out, id);
+    let _ = write!(out, ",\"seq\":{seq}");
+    if duplicate {
+        out.push_str(",\"duplicate\":true");
+    }
     out.push('}');
     out
 }
@@ -329,7 +427,8 @@ mod tests {
             parse_request(r#"{"type":"subscribe","id":1,"channel":"orders.1"}"#),
             Ok(Request::Subscribe {
                 id: Some(RequestId::Num(1)),
-                channel: "orders.1".into()
+                channel: "orders.1".into(),
+                since: None
             })
         );
         assert_eq!(
@@ -344,7 +443,8 @@ mod tests {
             Ok(Request::Publish {
                 id: None,
                 channel: "x".into(),
-                payload: br#"{"a": [1, 2]}"#.to_vec()
+                payload: br#"{"a": [1, 2]}"#.to_vec(),
+                msg_id: None
             })
         );
         assert_eq!(
@@ -352,7 +452,8 @@ mod tests {
             Ok(Request::Publish {
                 id: None,
                 channel: "x".into(),
-                payload: "hé".as_bytes().to_vec()
+                payload: "hé".as_bytes().to_vec(),
+                msg_id: None
             })
         );
         assert_eq!(
@@ -360,6 +461,78 @@ mod tests {
             Ok(Request::Ping {
                 id: Some(RequestId::Num(7))
             })
+        );
+    }
+
+    #[test]
+    fn positions_and_message_ids() {
+        assert_eq!(
+            parse_request(
+                r#"{"type":"subscribe","id":1,"channel":"c","since":{"epoch":"e1","seq":42}}"#
+            ),
+            Ok(Request::Subscribe {
+                id: Some(RequestId::Num(1)),
+                channel: "c".into(),
+                since: Some(Since {
+                    epoch: "e1".into(),
+                    seq: 42
+                })
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"type":"publish","id":2,"channel":"c","text":"t","msgId":"m-1"}"#),
+            Ok(Request::Publish {
+                id: Some(RequestId::Num(2)),
+                channel: "c".into(),
+                payload: b"t".to_vec(),
+                msg_id: Some("m-1".into())
+            })
+        );
+        let long = "x".repeat(65);
+        for bad in [
+            r#"{"type":"subscribe","id":3,"channel":"c","since":{"epoch":"e","seq":-1}}"#
+                .to_owned(),
+            r#"{"type":"subscribe","id":3,"channel":"c","since":{"epoch":"e","seq":1.5}}"#
+                .to_owned(),
+            r#"{"type":"subscribe","id":3,"channel":"c","since":{"epoch":1,"seq":1}}"#.to_owned(),
+            r#"{"type":"subscribe","id":3,"channel":"c","since":{"epoch":"e"}}"#.to_owned(),
+            r#"{"type":"subscribe","id":3,"channel":"c","since":{"epoch":"","seq":1}}"#.to_owned(),
+            r#"{"type":"subscribe","id":3,"channel":"c","since":{"epoch":"e","seq":1,"x":1}}"#
+                .to_owned(),
+            r#"{"type":"subscribe","id":3,"channel":"c","since":"e:1"}"#.to_owned(),
+            format!(
+                r#"{{"type":"subscribe","id":3,"channel":"c","since":{{"epoch":"{long}","seq":1}}}}"#
+            ),
+            r#"{"type":"unsubscribe","id":3,"channel":"c","since":{"epoch":"e","seq":1}}"#
+                .to_owned(),
+            r#"{"type":"subscribe","id":3,"channel":"c","msgId":"m"}"#.to_owned(),
+            r#"{"type":"publish","id":3,"channel":"c","text":"t","msgId":""}"#.to_owned(),
+            format!(r#"{{"type":"publish","id":3,"channel":"c","text":"t","msgId":"{long}"}}"#),
+            r#"{"type":"ping","id":3,"since":{"epoch":"e","seq":1}}"#.to_owned(),
+        ] {
+            let e = parse_request(&bad).unwrap_err();
+            assert_eq!(e.id, Some(RequestId::Num(3)), "{bad}: {e}");
+        }
+        assert_eq!(
+            v(&encode_message_at("c", b"{}", Some((9, 4)))),
+            json!({"type":"message","channel":"c","seq":9,"prev":4,"payload":{}})
+        );
+        assert_eq!(
+            v(&encode_ok_position(
+                Some(&RequestId::Num(1)),
+                "e",
+                7,
+                Some(true)
+            )),
+            json!({"type":"ok","id":1,"epoch":"e","seq":7,"recovered":true})
+        );
+        assert_eq!(
+            v(&encode_ok_position(None, "e", 0, None)),
+            json!({"type":"ok","id":null,"epoch":"e","seq":0})
+        );
+        assert_eq!(
+            v(&encode_ok_stored(Some(&RequestId::Num(2)), 8, true)),
+            json!({"type":"ok","id":2,"seq":8,"duplicate":true})
         );
     }
 

@@ -67,6 +67,9 @@ pub struct Relay {
     pub tracker: TaskTracker,
     /// Cancelled when the relay stops: ends accept loops and the admin server.
     pub shutdown: CancellationToken,
+    /// This relay's name in the `Wsrelay-Connection` header of client publishes: the pod
+    /// name (`HOSTNAME`), else the NATS connection name.
+    pub name: String,
     conns: Mutex<HashMap<ConnId, Arc<ConnShared>>>,
     next_id: AtomicU64,
 }
@@ -80,7 +83,12 @@ impl Relay {
         nats_connected: Arc<AtomicBool>,
     ) -> Self {
         let max = live.config.limits.max_connections as usize;
+        let name = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| live.config.nats.name.clone());
         Self {
+            name,
             live: RwLock::new(Arc::new(live)),
             hub,
             metrics,

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::auth::Authenticator;
 use crate::authz::{Authorizer, Operation};
 use crate::config::Config;
+use crate::hub::Target;
 use crate::metrics::Reason;
 use crate::protocol;
 use crate::relay::{Live, Relay};
@@ -60,11 +61,12 @@ fn reload_inner(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
         let gone: Vec<(String, String)> = conn
             .subs()
             .iter()
-            .filter(|(channel, subject)| {
+            .filter(|(channel, key)| {
                 authz
-                    .resolve(channel, Operation::Subscribe, conn.claims.as_ref())
+                    .resolve_binding(channel, Operation::Subscribe, conn.claims.as_ref())
+                    .map(|r| Target::of(&r).key)
                     .as_ref()
-                    != Ok(*subject)
+                    != Ok(*key)
             })
             .map(|(c, s)| (c.clone(), s.clone()))
             .collect();

@@ -160,6 +160,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec) -> relay::Config {
                     Direction::Publish => relay::Direction::Publish,
                     Direction::Both => relay::Direction::Both,
                 },
+                history: None,
             })
             .collect(),
         limits: relay::Limits {

@@ -48,6 +48,62 @@ pub struct Binding {
     /// What clients may do on it. Default `subscribe`.
     #[serde(default)]
     pub direction: Direction,
+    /// Keep history: the binding's channels become resumable (docs/protocol.md section 8).
+    /// Absent: messages are delivered only while a client is connected (at most once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<History>,
+}
+
+/// The history of a resumable binding: a NATS JetStream stream that captures the binding's
+/// subjects, created and kept up to date by the relays (idempotently: every relay applies
+/// the same configuration). Backends keep publishing with core NATS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct History {
+    /// Name of the JetStream stream (letters, digits, `-`, `_`; at most 64). One stream per
+    /// binding; the operator names it after the gateway.
+    pub stream: String,
+    /// Newest messages kept per channel (the stream's `max_msgs_per_subject`). Default 100.
+    #[serde(default = "default_history_messages")]
+    pub max_messages: u32,
+    /// Oldest message kept, in seconds (the stream's `max_age`). Default 300.
+    #[serde(default = "default_history_age")]
+    pub max_age_seconds: u64,
+    /// Stream replicas in a NATS cluster (1, 3 or 5). Default 1.
+    #[serde(default = "default_history_replicas")]
+    pub replicas: u8,
+}
+
+fn default_history_messages() -> u32 {
+    100
+}
+fn default_history_age() -> u64 {
+    300
+}
+fn default_history_replicas() -> u8 {
+    1
+}
+
+/// Whether `name` can name a JetStream stream (and a subject token of the republish prefix).
+fn is_stream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// The subject filter a binding's stream captures: the subject template with every
+/// placeholder and claim as `*` (`users.{claims.sub}.notify` -> `users.*.notify`). Pure.
+pub fn subject_filter(tokens: &[TemplateToken]) -> String {
+    tokens
+        .iter()
+        .map(|t| match t {
+            TemplateToken::Literal(l) => l.as_str(),
+            TemplateToken::Var(_) | TemplateToken::Claim(_) => "*",
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 impl Config {
@@ -58,7 +114,71 @@ impl Config {
             });
         }
         let mut channels = BTreeSet::new();
+        // Stream name -> subject filter, to refuse one stream for two filters and one filter
+        // in two streams (JetStream refuses overlapping streams).
+        let mut streams: Vec<(&str, String)> = Vec::new();
         for (i, b) in self.bindings.iter().enumerate() {
+            if let Some(h) = &b.history {
+                let field = |f: &str| format!("bindings[{i}].history.{f}");
+                if !is_stream_name(&h.stream) {
+                    errs.push(ValidationError::invalid(
+                        field("stream"),
+                        format!(
+                            "{:?} is not a stream name (letters, digits, '-', '_'; 1 to 64)",
+                            h.stream
+                        ),
+                    ));
+                }
+                if h.max_messages == 0 {
+                    errs.push(ValidationError::invalid(
+                        field("maxMessages"),
+                        "must be at least 1",
+                    ));
+                }
+                if h.max_age_seconds == 0 {
+                    errs.push(ValidationError::invalid(
+                        field("maxAgeSeconds"),
+                        "must be at least 1",
+                    ));
+                }
+                if h.max_messages > self.limits.send_queue_len {
+                    errs.push(ValidationError::Conflict {
+                        field: field("maxMessages"),
+                        other: "limits.sendQueueLen".into(),
+                        reason: format!(
+                            "a full replay ({}) must fit in a connection's send queue ({})",
+                            h.max_messages, self.limits.send_queue_len
+                        ),
+                    });
+                }
+                if ![1, 3, 5].contains(&h.replicas) {
+                    errs.push(ValidationError::invalid(
+                        field("replicas"),
+                        "must be 1, 3 or 5",
+                    ));
+                }
+                if let Ok(tokens) = parse_subject_template(&b.subject) {
+                    let filter = subject_filter(&tokens);
+                    for (stream, other) in &streams {
+                        if *stream == h.stream && *other != filter {
+                            errs.push(ValidationError::invalid(
+                                field("stream"),
+                                format!(
+                                    "stream {stream:?} already holds {other:?}; give each binding with history a stream of its own"
+                                ),
+                            ));
+                        } else if *stream != h.stream && *other == filter {
+                            errs.push(ValidationError::invalid(
+                                field("stream"),
+                                format!(
+                                    "subjects {filter:?} are already kept by stream {stream:?}; JetStream refuses two streams on the same subjects"
+                                ),
+                            ));
+                        }
+                    }
+                    streams.push((&h.stream, filter));
+                }
+            }
             let channel = match parse_template(&b.channel, true) {
                 Ok(t) => Some(t),
                 Err(e) => {

@@ -93,6 +93,7 @@ impl Config {
                 channel: "public.{topic}".to_owned(),
                 subject: "public.{topic}".to_owned(),
                 direction: Direction::Subscribe,
+                history: None,
             }],
             limits: Limits::default(),
             drain: Drain::default(),

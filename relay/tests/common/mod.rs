@@ -134,6 +134,7 @@ pub fn binding(channel: &str, subject: &str, direction: Direction) -> Binding {
         channel: channel.into(),
         subject: subject.into(),
         direction,
+        history: None,
     }
 }
 

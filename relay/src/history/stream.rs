@@ -1,0 +1,229 @@
+//! The JetStream side of resumable channels: the stream a binding's history lives in
+//! (created and updated by the relay, idempotently), and the reads a resume or a gap fill
+//! makes (Direct Get, batched: no consumer is ever created).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, StatusCode};
+use futures::StreamExt;
+use serde_json::json;
+
+use super::ring::Stored;
+use crate::config::History;
+
+/// Bound on every JetStream request a subscribe or a gap fill makes.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Prefix of the subjects the stream republishes stored messages to; the relay subscribes
+/// there, so every live message carries its position (`Nats-Sequence`) and the position of
+/// the previous one on its subject (`Nats-Last-Sequence`).
+pub const REPUBLISH_PREFIX: &str = "_WSRELAY";
+
+/// A JetStream request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Creating or updating the stream.
+    #[error("stream {stream}: {message}")]
+    Ensure {
+        /// The stream.
+        stream: String,
+        /// Why.
+        message: String,
+    },
+    /// A read.
+    #[error("reading stream {stream}: {message}")]
+    Read {
+        /// The stream.
+        stream: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The subject live messages of `subject` are republished to.
+pub fn republish_subject(stream: &str, subject: &str) -> String {
+    format!("{REPUBLISH_PREFIX}.{stream}.{subject}")
+}
+
+/// The stream's configuration: the binding's subjects (placeholders as `*`), its limits per
+/// channel, republishing to [`republish_subject`]. Pure.
+pub fn stream_config(h: &History, subject_filter: &str) -> stream::Config {
+    stream::Config {
+        name: h.stream.clone(),
+        description: Some("wsrelay history (resumable channels); managed by the relays".into()),
+        subjects: vec![subject_filter.to_owned()],
+        max_messages_per_subject: i64::from(h.max_messages),
+        max_age: Duration::from_secs(h.max_age_seconds),
+        storage: stream::StorageType::File,
+        num_replicas: usize::from(h.replicas),
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        republish: Some(stream::Republish {
+            source: ">".into(),
+            destination: format!("{REPUBLISH_PREFIX}.{}.>", h.stream),
+            headers_only: false,
+        }),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+/// The epoch of a stream: its creation time, in hex nanoseconds. It changes only when the
+/// stream is deleted and created again.
+pub fn epoch_of(info: &stream::Info) -> String {
+    format!("{:x}", info.created.unix_timestamp_nanos())
+}
+
+/// Creates the stream, or updates it to `config`; returns its epoch.
+pub async fn ensure(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<String, StreamError> {
+    let name = config.name.clone();
+    let err = |message: String| StreamError::Ensure {
+        stream: name.clone(),
+        message,
+    };
+    let info = tokio::time::timeout(READ_TIMEOUT, js.create_or_update_stream(config))
+        .await
+        .map_err(|_| err("JetStream did not answer".into()))?
+        .map_err(|e| err(e.to_string()))?;
+    Ok(epoch_of(&info))
+}
+
+/// The stream's last sequence.
+pub async fn last_sequence(js: &jetstream::Context, name: &str) -> Result<u64, StreamError> {
+    let err = |message: String| StreamError::Read {
+        stream: name.to_owned(),
+        message,
+    };
+    let fut = async {
+        let s = js.get_stream(name).await.map_err(|e| err(e.to_string()))?;
+        Ok::<u64, StreamError>(s.cached_info().state.last_sequence)
+    };
+    tokio::time::timeout(READ_TIMEOUT, fut)
+        .await
+        .map_err(|_| err("JetStream did not answer".into()))?
+}
+
+fn header_u64(h: Option<&HeaderMap>, name: &str) -> Option<u64> {
+    h?.get(name)?.as_str().parse().ok()
+}
+
+/// Reads the messages of `subject` with a position above `after` (and below `before`, when
+/// given), oldest first, at most `max` of them: one batched Direct Get request.
+pub async fn read_after(
+    client: &async_nats::Client,
+    name: &str,
+    subject: &str,
+    after: u64,
+    before: Option<u64>,
+    max: usize,
+) -> Result<Vec<Stored>, StreamError> {
+    let err = |message: String| StreamError::Read {
+        stream: name.to_owned(),
+        message,
+    };
+    let fut = async {
+        let inbox = client.new_inbox();
+        let mut replies = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let request = json!({
+            "seq": after + 1,
+            "next_by_subj": subject,
+            "batch": max.max(1),
+        });
+        client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{name}"),
+                inbox,
+                request.to_string().into(),
+            )
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut out = Vec::new();
+        while let Some(msg) = replies.next().await {
+            match msg.status {
+                // End of batch, or nothing at all after `after`.
+                Some(StatusCode::NOT_FOUND) => break,
+                Some(s) if s.as_u16() == 204 => break,
+                Some(s) if s != StatusCode::OK => {
+                    return Err(err(format!(
+                        "status {} {}",
+                        s.as_u16(),
+                        msg.description.unwrap_or_default()
+                    )));
+                }
+                _ => {}
+            }
+            let Some(seq) = header_u64(msg.headers.as_ref(), "Nats-Sequence") else {
+                return Err(err("a reply without Nats-Sequence".into()));
+            };
+            if before.is_some_and(|b| seq >= b) {
+                break;
+            }
+            let at_ms = jetstream::message::StreamMessage::try_from(msg.clone())
+                .ok()
+                .map_or_else(super::now_ms, |m| {
+                    u64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+                });
+            out.push(Stored {
+                seq,
+                at_ms,
+                payload: msg.payload,
+            });
+            // An old server answers one message and no end-of-batch marker.
+            if header_u64(msg.headers.as_ref(), "Nats-Num-Pending").is_none() || out.len() >= max {
+                break;
+            }
+        }
+        let _ = replies.unsubscribe().await;
+        Ok(out)
+    };
+    tokio::time::timeout(READ_TIMEOUT, fut)
+        .await
+        .map_err(|_| err("JetStream did not answer".into()))?
+}
+
+/// Whether the stream still holds the message at `seq`, and whether it is on `subject`:
+/// `None` when it is gone (or never was).
+pub async fn held(
+    client: &async_nats::Client,
+    name: &str,
+    seq: u64,
+    subject: &str,
+) -> Result<Option<bool>, StreamError> {
+    let err = |message: String| StreamError::Read {
+        stream: name.to_owned(),
+        message,
+    };
+    let request = json!({ "seq": seq });
+    let reply = tokio::time::timeout(
+        READ_TIMEOUT,
+        client.request(
+            format!("$JS.API.DIRECT.GET.{name}"),
+            request.to_string().into(),
+        ),
+    )
+    .await
+    .map_err(|_| err("JetStream did not answer".into()))?;
+    let msg = match reply {
+        Ok(m) => m,
+        Err(e) => return Err(err(e.to_string())),
+    };
+    match msg.status {
+        Some(StatusCode::NOT_FOUND) => Ok(None),
+        Some(s) if s != StatusCode::OK => Err(err(format!("status {}", s.as_u16()))),
+        _ => {
+            let on = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Subject"))
+                .map(|v| v.as_str() == subject);
+            Ok(Some(on.unwrap_or(false)))
+        }
+    }
+}
