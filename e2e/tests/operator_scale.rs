@@ -103,7 +103,14 @@ async fn reconcile_latency_over_many_gateways() -> Result<()> {
             let per_gateway_minute = requests.len() as f64 / n as f64 * 60.0 / window.as_secs_f64();
             let mut kinds = std::collections::BTreeMap::<String, usize>::new();
             for r in &requests {
-                let kind = r.path.split('?').next().unwrap_or("").rsplit('/').nth(1).unwrap_or("").to_string();
+                // .../namespaces/NS/RESOURCE[/NAME[/SUBRESOURCE]]
+                let path = r.path.split('?').next().unwrap_or("");
+                let parts: Vec<&str> = path.split('/').collect();
+                let at = parts.iter().position(|p| *p == "namespaces").map_or(0, |i| i + 2);
+                let mut kind = parts.get(at).copied().unwrap_or(path).to_string();
+                if let Some(sub) = parts.get(at + 2) {
+                    kind = format!("{kind}/{sub}");
+                }
                 *kinds.entry(format!("{} {kind}", r.method)).or_default() += 1;
             }
             let rss = std::fs::read_to_string("/proc/self/status")

@@ -14,6 +14,10 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The watch caches have not listed their objects yet (just started, or the API server
+    /// does not answer): reconciling from an empty cache would act on absent children.
+    #[error("the watch caches are not filled yet (waited {0:?})")]
+    CachesNotReady(std::time::Duration),
     /// The spec refers to something unusable (a user error: fix the spec or the Secret).
     #[error(transparent)]
     Validate(#[from] ValidateError),
@@ -44,7 +48,7 @@ impl Error {
     /// A short CamelCase name from a fixed set: the metric label and the Event reason.
     pub fn category(&self) -> &'static str {
         match self {
-            Self::Fetch { .. } => "FetchFailed",
+            Self::Fetch { .. } | Self::CachesNotReady(_) => "FetchFailed",
             Self::Validate(e) => e.category(),
             Self::Build(BuildError::InvalidConfig(_)) => "InvalidConfig",
             Self::Build(_) => "BuildFailed",
@@ -165,6 +169,7 @@ mod tests {
                 source: api_error(),
             },
             Error::Status(api_error()),
+            Error::CachesNotReady(std::time::Duration::from_secs(10)),
         ];
         for e in &errors {
             assert!(CATEGORIES.contains(&e.category()), "{}", e.category());

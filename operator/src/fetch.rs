@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -102,6 +103,34 @@ impl Children {
     }
 }
 
+/// How long a reconcile waits for the caches' first list.
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+impl Caches {
+    /// Waits (at most [`READY_WAIT`]) until every cache has listed once: right after a
+    /// start, an empty cache would read as "no Deployment", and the replica handover, which
+    /// needs the live Deployment, would be skipped.
+    async fn ready(&self) -> Result<(), Error> {
+        let all = async {
+            let c = &self.children;
+            let _ = futures::join!(
+                self.deployments.wait_until_ready(),
+                self.hpas.wait_until_ready(),
+                self.pods.wait_until_ready(),
+                self.secrets.wait_until_ready(),
+                c.config_maps.wait_until_ready(),
+                c.services.wait_until_ready(),
+                c.service_accounts.wait_until_ready(),
+                c.pdbs.wait_until_ready(),
+                c.network_policies.wait_until_ready(),
+            );
+        };
+        tokio::time::timeout(READY_WAIT, all)
+            .await
+            .map_err(|_| Error::CachesNotReady(READY_WAIT))
+    }
+}
+
 impl std::fmt::Debug for Caches {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Caches")
@@ -173,6 +202,7 @@ pub async fn observe(
     scraper: &Scraper,
     gw: Arc<WebsocketGateway>,
 ) -> Result<Observed, Error> {
+    caches.ready().await?;
     let namespace = gw.namespace().unwrap_or_default();
     let name = gw.name_any();
     let secrets = secrets(
