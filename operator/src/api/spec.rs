@@ -70,6 +70,7 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsrelay/wsrelay:", env!("CARGO_
     validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("spec.replicas and spec.autoscaling are mutually exclusive: with autoscaling the HorizontalPodAutoscaler sets the replica count"),
     validation = Rule::new("has(self.autoscaling) || !has(oldSelf.autoscaling) || has(self.replicas)").message("removing spec.autoscaling needs an explicit spec.replicas: set it to the current count (status.replicas) to keep every relay running, or to the count you want; the relays go straight from the autoscaled count to it"),
     validation = Rule::new("!has(self.autoscaling) || self.autoscaling.targetConnectionsPerPod <= self.limits.maxConnectionsPerPod").message("spec.autoscaling.targetConnectionsPerPod must not exceed spec.limits.maxConnectionsPerPod: pods would refuse connections before the autoscaler adds more"),
+    validation = Rule::new("self.bindings.all(b, !has(b.history) || b.history.maxMessages <= self.limits.sendQueueLength)").message("a binding's history.maxMessages must not exceed limits.sendQueueLength: a full replay is queued to the client at once"),
     validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, b.subject.contains('{claims.'))").message("a binding uses {claims.*} but auth has no jwt section, so clients carry no claims: add auth.jwt or drop the claims from the subject")
 )]
 #[serde(rename_all = "camelCase")]
@@ -226,7 +227,8 @@ fn default_password_key() -> String {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("has(self.jwt) || self.allowAnonymous").message("auth needs a jwt section, or allowAnonymous: true for a gateway without authentication"),
-    validation = Rule::new("!has(self.jwt) || !self.jwt.tokenSources.exists(s, s.from == 'Cookie') || (has(self.allowedOrigins) && self.allowedOrigins.size() > 0)").message("a Cookie token source needs allowedOrigins: browsers send cookies on cross-site WebSocket requests")
+    validation = Rule::new("!has(self.jwt) || !self.jwt.tokenSources.exists(s, s.from == 'Cookie') || (has(self.allowedOrigins) && self.allowedOrigins.size() > 0)").message("a Cookie token source needs allowedOrigins: browsers send cookies on cross-site WebSocket requests"),
+    validation = Rule::new("!has(self.jwt) || !self.jwt.tokenSources.exists(s, s.from == 'Cookie') || !has(self.allowedOrigins) || !self.allowedOrigins.exists(o, o == '*')").message("a Cookie token source cannot be combined with allowedOrigins '*': any site could open a connection with the visitor's cookie (cross-site WebSocket hijacking); list the allowed origins")
 )]
 pub struct AuthSpec {
     /// Verify a JWT presented by each client.
@@ -386,7 +388,8 @@ pub enum TokenLocation {
 #[x_kube(
     validation = Rule::new("self.channel.matches('^([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}])([.]([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]))*$')").message("channel must be dot-separated tokens, each a name (letters, digits, _ or -) or a placeholder such as {id}, e.g. orders.{id}"),
     validation = Rule::new("self.subject.matches('^([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}])([.]([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}]))*$')").message("subject must be dot-separated tokens, each a name (letters, digits, _ or -), a channel placeholder such as {id} or a claim such as {claims.sub} or {claims.org.id}; NATS wildcards are not allowed"),
-    validation = Rule::new("self.subject.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("subject uses a placeholder its channel does not define: a subject may use only the channel's own {placeholders} and {claims.*}")
+    validation = Rule::new("self.subject.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("subject uses a placeholder its channel does not define: a subject may use only the channel's own {placeholders} and {claims.*}"),
+    validation = Rule::new("!self.subject.startsWith('{') && self.subject != '_INBOX' && !self.subject.startsWith('_INBOX.')").message("subject must start with a fixed name, outside _INBOX: a placeholder first could reach NATS's own subjects ($JS., $SYS., _INBOX.)")
 )]
 pub struct Binding {
     /// The channel clients name, e.g. `orders.{id}` or `notifications`.
@@ -398,6 +401,42 @@ pub struct Binding {
     /// What clients may do on the channel.
     #[serde(default)]
     pub direction: Direction,
+    /// Keep history: the channels become resumable. A client that reconnects gets the
+    /// messages it missed, or is told it cannot (docs/protocol.md section 8). The relays keep
+    /// the history in a NATS JetStream stream they create and update themselves; NATS must
+    /// have JetStream enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<BindingHistory>,
+}
+
+/// How much history a resumable binding keeps, per channel.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.replicas in [1, 3, 5]").message("history.replicas must be 1, 3 or 5 (JetStream stream replicas)")
+)]
+pub struct BindingHistory {
+    /// Newest messages kept per channel: a client that missed more is told `recovered: false`.
+    #[serde(default = "default_history_messages")]
+    #[schemars(range(min = 1, max = 65_536))]
+    pub max_messages: i32,
+    /// Oldest message kept, in seconds.
+    #[serde(default = "default_history_age")]
+    #[schemars(range(min = 1, max = 31_536_000))]
+    pub max_age_seconds: i32,
+    /// Copies of the history in a NATS cluster (1, 3 or 5); 3 survives the loss of a server.
+    #[serde(default = "default_history_replicas")]
+    pub replicas: i32,
+}
+
+fn default_history_messages() -> i32 {
+    100
+}
+fn default_history_age() -> i32 {
+    300
+}
+fn default_history_replicas() -> i32 {
+    1
 }
 
 /// What clients may do on a channel.
@@ -459,6 +498,11 @@ pub struct LimitsSpec {
     #[serde(default = "default_handshake_timeout")]
     #[schemars(range(min = 1, max = 120))]
     pub handshake_timeout_seconds: i32,
+    /// A client that takes no bytes for this long (it stopped reading) is dropped; also the
+    /// TCP user timeout of client sockets.
+    #[serde(default = "default_write_timeout")]
+    #[schemars(range(min = 1, max = 300))]
+    pub write_timeout_seconds: i32,
 }
 
 fn default_max_connections() -> i64 {
@@ -488,6 +532,9 @@ fn default_ping_interval() -> i32 {
 fn default_handshake_timeout() -> i32 {
     10
 }
+fn default_write_timeout() -> i32 {
+    10
+}
 
 impl Default for LimitsSpec {
     fn default() -> Self {
@@ -502,6 +549,7 @@ impl Default for LimitsSpec {
             idle_timeout_seconds: default_idle_timeout(),
             ping_interval_seconds: default_ping_interval(),
             handshake_timeout_seconds: default_handshake_timeout(),
+            write_timeout_seconds: default_write_timeout(),
         }
     }
 }

@@ -43,9 +43,23 @@ fn u64_of(v: i32) -> u64 {
     u64::try_from(v.max(0)).unwrap_or(0)
 }
 
+/// The JetStream stream that keeps a binding's history: named after the gateway and the
+/// subjects it keeps (not the binding's position, so reordering bindings keeps it), within
+/// JetStream's 64 characters. Pure.
+pub fn history_stream(namespace: &str, name: &str, subject_filter: &str) -> String {
+    let digest = Sha256::digest(format!("{namespace}/{name}/{subject_filter}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let full = format!("wsrelay_{namespace}_{name}_{}", &hex[..8]);
+    if full.len() <= 64 {
+        full
+    } else {
+        format!("wsrelay_{}", &hex[..24])
+    }
+}
+
 /// Maps the spec to the relay's config. Secrets appear as file paths (they are mounted into
 /// the pod), never inline, so the ConfigMap holds nothing secret.
-pub fn relay_config(spec: &WebsocketGatewaySpec) -> relay::Config {
+pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) -> relay::Config {
     let nats_credentials = spec
         .nats
         .credentials
@@ -160,7 +174,18 @@ pub fn relay_config(spec: &WebsocketGatewaySpec) -> relay::Config {
                     Direction::Publish => relay::Direction::Publish,
                     Direction::Both => relay::Direction::Both,
                 },
-                history: None,
+                history: b.history.as_ref().map(|h| relay::History {
+                    stream: history_stream(
+                        namespace,
+                        name,
+                        &wsrelay::template::parse_subject_template(&b.subject)
+                            .map(|t| relay::subject_filter(&t))
+                            .unwrap_or_else(|_| b.subject.clone()),
+                    ),
+                    max_messages: u32_of(h.max_messages.into()),
+                    max_age_seconds: u64_of(h.max_age_seconds),
+                    replicas: u8::try_from(h.replicas).unwrap_or(1),
+                }),
             })
             .collect(),
         limits: relay::Limits {
@@ -177,8 +202,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec) -> relay::Config {
             idle_timeout_seconds: u64_of(l.idle_timeout_seconds),
             ping_interval_seconds: u64_of(l.ping_interval_seconds),
             handshake_timeout_seconds: u64_of(l.handshake_timeout_seconds),
-            // Not in the CRD yet: the relay's default.
-            write_timeout_seconds: relay::Limits::default().write_timeout_seconds,
+            write_timeout_seconds: u64_of(l.write_timeout_seconds),
         },
         drain: relay::Drain {
             grace_period_seconds: u64_of(spec.drain.grace_period_seconds),
@@ -227,7 +251,11 @@ mod tests {
 
     #[test]
     fn rendered_config_reads_back_and_passes_the_relays_own_validation() {
-        let config = relay_config(&spec(include_str!("../../tests/fixtures/full.yaml")));
+        let config = relay_config(
+            &spec(include_str!("../../tests/fixtures/full.yaml")),
+            "ns",
+            "gw",
+        );
         config.validate().expect("the relay accepts the config");
         let rendered = render_config(&config).expect("renders");
         let back: relay::Config = serde_json::from_str(&rendered).expect("reads back");
@@ -236,7 +264,11 @@ mod tests {
 
     #[test]
     fn secrets_become_file_paths_never_inline_values() {
-        let config = relay_config(&spec(include_str!("../../tests/fixtures/full.yaml")));
+        let config = relay_config(
+            &spec(include_str!("../../tests/fixtures/full.yaml")),
+            "ns",
+            "gw",
+        );
         let key = config.auth.jwt.expect("jwt").key;
         assert_eq!(
             key.hmac_secret_file,
@@ -251,12 +283,12 @@ mod tests {
     #[test]
     fn empty_algorithms_follow_the_key_source() {
         let mut s = spec(include_str!("../../tests/fixtures/full.yaml"));
-        let jwt = relay_config(&s).auth.jwt.expect("jwt");
+        let jwt = relay_config(&s, "ns", "gw").auth.jwt.expect("jwt");
         assert_eq!(jwt.algorithms, vec![relay::JwtAlgorithm::HS256]);
         let j = s.auth.jwt.as_mut().expect("jwt");
         j.hmac_secret_ref = None;
         j.jwks_url = Some("https://issuer.example.com/jwks.json".into());
-        let jwt = relay_config(&s).auth.jwt.expect("jwt");
+        let jwt = relay_config(&s, "ns", "gw").auth.jwt.expect("jwt");
         assert_eq!(
             jwt.algorithms,
             vec![relay::JwtAlgorithm::RS256, relay::JwtAlgorithm::ES256]
@@ -269,7 +301,7 @@ mod tests {
         let j = s.auth.jwt.as_mut().expect("jwt");
         j.hmac_secret_ref = None;
         j.jwks_url = Some("https://issuer.example.com/jwks.json".into());
-        let defaults = relay_config(&s).auth.jwt.expect("jwt").key;
+        let defaults = relay_config(&s, "ns", "gw").auth.jwt.expect("jwt").key;
         let relay_defaults: relay::JwtKey = relay_default();
         assert_eq!(
             defaults.jwks_cache_seconds,
@@ -282,7 +314,7 @@ mod tests {
         let j = s.auth.jwt.as_mut().expect("jwt");
         j.jwks_cache_seconds = Some(120);
         j.jwks_min_refresh_seconds = Some(3);
-        let config = relay_config(&s);
+        let config = relay_config(&s, "ns", "gw");
         config.validate().expect("the relay accepts the config");
         let key = config.auth.jwt.expect("jwt").key;
         assert_eq!(
@@ -293,7 +325,11 @@ mod tests {
 
     #[test]
     fn the_nats_client_certificate_is_mounted_for_mutual_tls() {
-        let config = relay_config(&spec(include_str!("../../tests/fixtures/full.yaml")));
+        let config = relay_config(
+            &spec(include_str!("../../tests/fixtures/full.yaml")),
+            "ns",
+            "gw",
+        );
         let tls = config.nats.tls.expect("nats tls");
         assert_eq!(
             tls.cert_file,
@@ -310,5 +346,39 @@ mod tests {
         assert_eq!(config_hash("a"), config_hash("a"));
         assert_ne!(config_hash("a"), config_hash("b"));
         assert_eq!(config_hash("a").len(), 16);
+    }
+
+    #[test]
+    fn history_streams_are_named_after_the_gateway_and_subjects() {
+        let a = history_stream("shop", "chat", "orders.*.events");
+        assert!(a.starts_with("wsrelay_shop_chat_"), "{a}");
+        assert_eq!(a, history_stream("shop", "chat", "orders.*.events"));
+        assert_ne!(a, history_stream("shop", "chat", "orders.*"));
+        assert_ne!(a, history_stream("other", "chat", "orders.*.events"));
+        let long = history_stream(&"n".repeat(63), &"g".repeat(63), "x");
+        assert!(long.len() <= 64 && long.starts_with("wsrelay_"), "{long}");
+        for name in [a, long] {
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                "{name}"
+            );
+        }
+        let config = relay_config(
+            &spec(include_str!("../../tests/fixtures/full.yaml")),
+            "ns",
+            "gw",
+        );
+        let h = config
+            .bindings
+            .iter()
+            .find_map(|b| b.history.clone())
+            .expect("a binding with history");
+        assert_eq!(h.stream, history_stream("ns", "gw", "orders.*.events"));
+        assert_eq!(
+            (h.max_messages, h.max_age_seconds, h.replicas),
+            (200, 600, 3)
+        );
+        config.validate().expect("valid");
     }
 }

@@ -116,7 +116,7 @@ pub fn build(gw: &WebsocketGateway) -> Result<Desired, BuildError> {
 /// Builds every desired object of `gw`.
 pub fn build_with(gw: &WebsocketGateway, options: &Options) -> Result<Desired, BuildError> {
     let ctx = Ctx::new(gw)?;
-    let config = relay_config(&gw.spec);
+    let config = relay_config(&gw.spec, &ctx.namespace, &ctx.name);
     config.validate()?;
     let rendered = render_config(&config)?;
     let restart_digest = &options.restart_digest;
