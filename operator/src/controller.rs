@@ -124,10 +124,13 @@ struct SecretIndex {
 
 impl SecretIndex {
     /// Records that gateway `gw` of `ns` uses `secrets` (and no other).
-    fn set(&mut self, ns: &str, gw: &str, secrets: Vec<String>) {
+    /// Whether anything changed.
+    fn set(&mut self, ns: &str, gw: &str, secrets: Vec<String>) -> bool {
         let key = (ns.to_string(), gw.to_string());
-        if self.by_gateway.get(&key) == Some(&secrets) {
-            return;
+        if self.by_gateway.get(&key) == Some(&secrets)
+            || (secrets.is_empty() && !self.by_gateway.contains_key(&key))
+        {
+            return false;
         }
         self.remove(ns, gw);
         for secret in &secrets {
@@ -139,11 +142,13 @@ impl SecretIndex {
         if !secrets.is_empty() {
             self.by_gateway.insert(key, secrets);
         }
+        true
     }
 
-    fn remove(&mut self, ns: &str, gw: &str) {
+    /// Whether the gateway was indexed.
+    fn remove(&mut self, ns: &str, gw: &str) -> bool {
         let Some(old) = self.by_gateway.remove(&(ns.to_string(), gw.to_string())) else {
-            return;
+            return false;
         };
         for secret in old {
             let key = (ns.to_string(), secret);
@@ -154,6 +159,7 @@ impl SecretIndex {
                 }
             }
         }
+        true
     }
 
     /// The gateways of `ns` that use Secret `secret`.
@@ -282,10 +288,14 @@ impl Context {
     fn index_secrets(&self, gw: &WebsocketGateway) {
         let ns = gw.namespace().unwrap_or_default();
         let mut index = self.secret_index.lock().unwrap_or_else(|p| p.into_inner());
-        if gw.metadata.deletion_timestamp.is_some() {
-            index.remove(&ns, &gw.name_any());
+        let changed = if gw.metadata.deletion_timestamp.is_some() {
+            index.remove(&ns, &gw.name_any())
         } else {
-            index.set(&ns, &gw.name_any(), secret_names(gw));
+            index.set(&ns, &gw.name_any(), secret_names(gw))
+        };
+        // Forget the Secrets read for gateways that no longer use them.
+        if changed {
+            self.secret_cache.retain(|ns, name| index.uses(ns, name));
         }
     }
 
@@ -302,8 +312,8 @@ impl Context {
             let r = ObjectRef::new(&gw).within(ns);
             if store.get(&r).is_some() {
                 out.push(r);
-            } else {
-                index.remove(ns, &gw);
+            } else if index.remove(ns, &gw) {
+                self.secret_cache.retain(|ns, name| index.uses(ns, name));
             }
         }
         out
