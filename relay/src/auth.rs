@@ -369,6 +369,22 @@ impl Authenticator {
             (None, _) => Err(AuthError::MissingToken),
         }
     }
+
+    /// Verifies a token sent in band (the `refresh` frame), as the handshake would.
+    pub async fn verify_token(&self, token: &str) -> Result<Identity, AuthError> {
+        match &self.verifier {
+            Some(v) => v.verify(token).await,
+            None => Err(AuthError::InvalidToken(
+                "tokens are not accepted by this relay".into(),
+            )),
+        }
+    }
+}
+
+/// Whether two tokens' claims name the same identity: the same `iss` and `sub` (a refresh may
+/// extend a connection's life, never change whose it is). Pure.
+pub fn same_identity(old: &Map<String, Value>, new: &Map<String, Value>) -> bool {
+    ["iss", "sub"].iter().all(|k| old.get(*k) == new.get(*k))
 }
 
 /// JWKS keys, cached; refetched when stale or when a token names an unknown `kid`, at most
@@ -556,6 +572,28 @@ mod tests {
         );
         // Only configured sources are read.
         assert_eq!(extract_token(&s[1..2], &h3, Some("token=q")), None);
+    }
+
+    #[test]
+    fn a_refresh_keeps_the_identity() {
+        let m = |v: Value| v.as_object().unwrap().clone();
+        let old = m(serde_json::json!({"iss": "i", "sub": "alice", "exp": 1}));
+        assert!(same_identity(
+            &old,
+            &m(serde_json::json!({"iss": "i", "sub": "alice", "exp": 9, "x": 1}))
+        ));
+        assert!(!same_identity(
+            &old,
+            &m(serde_json::json!({"iss": "i", "sub": "bob", "exp": 9}))
+        ));
+        assert!(!same_identity(
+            &old,
+            &m(serde_json::json!({"iss": "j", "sub": "alice", "exp": 9}))
+        ));
+        assert!(!same_identity(
+            &old,
+            &m(serde_json::json!({"iss": "i", "exp": 9}))
+        ));
     }
 
     #[test]

@@ -258,7 +258,7 @@ async fn read_loop<S>(
     relay: &Relay,
     done: &CancellationToken,
     idle_timeout: Duration,
-    expires_at: Option<u64>,
+    mut expires_at: Option<u64>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -342,6 +342,20 @@ async fn read_loop<S>(
                 if matches!(req, Request::Publish { .. }) {
                     rejected_in_a_row = 0;
                 }
+                if let Request::Refresh { id, token } = req {
+                    // In band: the connection stays, its expiry moves.
+                    match refresh(&token, conn, relay).await {
+                        Ok(exp) => {
+                            expires_at = Some(exp);
+                            expiry
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + until_expiry(expires_at));
+                            reply_ok(conn, id.as_ref());
+                        }
+                        Err((code, reason)) => reply_error(conn, id.as_ref(), code, &reason),
+                    }
+                    continue;
+                }
                 handle(req, conn, relay).await;
             }
             Message::Binary(_) => {
@@ -389,6 +403,36 @@ fn until_expiry(expires_at: Option<u64>) -> Duration {
     Duration::from_secs(exp.saturating_sub(now))
 }
 
+/// Verifies a `refresh` token: valid as at the handshake, and of the connection's identity.
+/// Returns its expiry.
+async fn refresh(
+    token: &str,
+    conn: &ConnShared,
+    relay: &Relay,
+) -> Result<u64, (ErrorCode, String)> {
+    let Some(old) = &conn.claims else {
+        return Err((
+            ErrorCode::Forbidden,
+            "an anonymous connection has no token to refresh".into(),
+        ));
+    };
+    let authn = relay.live().authn.clone();
+    let identity = authn
+        .verify_token(token)
+        .await
+        .map_err(|e| (ErrorCode::Unauthorized, e.to_string()))?;
+    let new = identity.claims.unwrap_or_default();
+    if !crate::auth::same_identity(old, &new) {
+        return Err((
+            ErrorCode::Forbidden,
+            "the token names another identity (iss and sub must stay the same)".into(),
+        ));
+    }
+    identity
+        .expires_at
+        .ok_or((ErrorCode::Unauthorized, "the token has no exp".into()))
+}
+
 fn reply_error(conn: &ConnShared, id: Option<&RequestId>, code: ErrorCode, reason: &str) {
     conn.outbox
         .push_reply(Message::text(protocol::encode_error(id, code, reason)));
@@ -418,6 +462,8 @@ async fn handle(req: Request, conn: &Arc<ConnShared>, relay: &Relay) {
             conn.outbox
                 .push_reply(Message::text(protocol::encode_pong(id.as_ref())));
         }
+        // Handled by the reader, which owns the connection's expiry timer.
+        Request::Refresh { .. } => {}
         Request::Subscribe { id, channel, since } => {
             let target = match live.authz.resolve_binding(
                 &channel,

@@ -53,6 +53,13 @@ pub enum Request {
         /// Client message id for de-duplication on resumable channels (`Nats-Msg-Id`).
         msg_id: Option<String>,
     },
+    /// A new token for this connection (same identity): its expiry replaces the old one.
+    Refresh {
+        /// Request id.
+        id: Option<RequestId>,
+        /// The JWT.
+        token: String,
+    },
     /// Application-level ping; answered with `pong`.
     Ping {
         /// Request id.
@@ -100,7 +107,12 @@ struct RawFrame<'a> {
     since: Option<Since>,
     #[serde(default, rename = "msgId")]
     msg_id: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
 }
+
+/// Longest token a `refresh` frame may carry, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// Best effort: the id of a frame that failed to parse as a whole.
 fn salvage_id(text: &str) -> Option<RequestId> {
@@ -134,6 +146,9 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
     let need_channel = |id: &Option<RequestId>, ch: Option<String>| {
         ch.ok_or_else(|| bad(id.clone(), "missing field `channel`"))
     };
+    if raw.token.is_some() && raw.kind != "refresh" {
+        return Err(bad(id, "token is only allowed on refresh"));
+    }
     match raw.kind.as_str() {
         "subscribe" | "unsubscribe" => {
             if raw.payload.is_some() || raw.text.is_some() || raw.msg_id.is_some() {
@@ -183,6 +198,21 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
                 msg_id: raw.msg_id,
             })
         }
+        "refresh" => {
+            let extra = raw.channel.is_some()
+                || raw.payload.is_some()
+                || raw.text.is_some()
+                || raw.since.is_some()
+                || raw.msg_id.is_some();
+            match raw.token {
+                _ if extra => Err(bad(id, "refresh takes only an id and a token")),
+                None => Err(bad(id, "missing field `token`")),
+                Some(t) if t.is_empty() || t.len() > MAX_TOKEN_BYTES => {
+                    Err(bad(id, "token must be 1 to 8192 bytes"))
+                }
+                Some(token) => Ok(Request::Refresh { id, token }),
+            }
+        }
         "ping" if raw.since.is_some() || raw.msg_id.is_some() => {
             Err(bad(id, "ping takes only an id"))
         }
@@ -199,9 +229,12 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
 pub enum ErrorCode {
     /// 400: malformed frame, unknown type, missing field, binary frame.
     BadRequest = 400,
+    /// 401: the token of a `refresh` is not valid (signature, expiry, issuer, audience).
+    Unauthorized = 401,
     /// 403: no binding allows this operation on this channel (or it needs claims the
-    /// connection does not have).
+    /// connection does not have); a `refresh` token of another identity.
     Forbidden = 403,
+
     /// 404: unsubscribe from a channel the connection is not subscribed to.
     NotSubscribed = 404,
     /// 409: subscribe to a channel the connection is already subscribed to.
@@ -534,6 +567,30 @@ mod tests {
             v(&encode_ok_stored(Some(&RequestId::Num(2)), 8, true)),
             json!({"type":"ok","id":2,"seq":8,"duplicate":true})
         );
+    }
+
+    #[test]
+    fn refresh_frames() {
+        assert_eq!(
+            parse_request(r#"{"type":"refresh","id":9,"token":"a.b.c"}"#),
+            Ok(Request::Refresh {
+                id: Some(RequestId::Num(9)),
+                token: "a.b.c".into()
+            })
+        );
+        for bad in [
+            r#"{"type":"refresh","id":9}"#,
+            r#"{"type":"refresh","id":9,"token":""}"#,
+            r#"{"type":"refresh","id":9,"token":"t","channel":"c"}"#,
+            r#"{"type":"subscribe","id":9,"channel":"c","token":"t"}"#,
+            r#"{"type":"ping","id":9,"token":"t"}"#,
+        ] {
+            assert_eq!(
+                parse_request(bad).unwrap_err().id,
+                Some(RequestId::Num(9)),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
