@@ -93,6 +93,7 @@ pub async fn maintain(relay: Arc<crate::relay::Relay>, every: Duration, changed:
     let js = async_nats::jetstream::new(relay.hub.client().clone());
     let mut applied: Option<Vec<async_nats::jetstream::stream::Config>> = None;
     let mut last_check = tokio::time::Instant::now();
+    let mut failures: u32 = 0;
     loop {
         let wanted = wanted_streams(&relay.live().config);
         let due = applied.as_ref() != Some(&wanted) || last_check.elapsed() >= every;
@@ -121,10 +122,13 @@ pub async fn maintain(relay: Arc<crate::relay::Relay>, every: Duration, changed:
                 last_check = tokio::time::Instant::now();
             }
         }
-        let pause = if applied.is_some() {
+        // While JetStream refuses (not enabled, no permission), retry with backoff up to
+        // 30 s: the warning above is logged at that pace, not twice a second.
+        failures = if applied.is_some() { 0 } else { failures + 1 };
+        let pause = if failures == 0 {
             Duration::from_secs(2)
         } else {
-            Duration::from_millis(500)
+            Duration::from_millis(250u64.saturating_mul(1 << failures.min(7)))
         };
         tokio::select! {
             () = relay.shutdown.cancelled() => return,
