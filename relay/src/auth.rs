@@ -80,31 +80,6 @@ pub fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), AuthE
     }
 }
 
-/// Decodes `%XX` and `+` in a query component. Pure.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Where the token was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenVia {
@@ -126,11 +101,10 @@ pub fn extract_token(
 ) -> Option<(String, TokenVia)> {
     for source in sources {
         let found = match source {
+            // application/x-www-form-urlencoded: `%XX` and `+` decoded (`form_urlencoded`).
             TokenSource::Query { name } => query.and_then(|q| {
-                q.split('&').find_map(|pair| {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    (percent_decode(k) == *name).then(|| percent_decode(v))
-                })
+                form_urlencoded::parse(q.as_bytes())
+                    .find_map(|(k, v)| (k == name.as_str()).then(|| v.into_owned()))
             }),
             TokenSource::AuthorizationHeader {} => headers
                 .get_all(AUTHORIZATION)
@@ -284,6 +258,8 @@ impl Verifier {
                 jwt.key.jwks_url.clone().unwrap_or_default(),
                 Duration::from_secs(jwt.key.jwks_cache_seconds),
                 Duration::from_secs(jwt.key.jwks_min_refresh_seconds),
+                validation.algorithms.clone(),
+                jwt.key.jwks_allow_http,
             ))
         };
         Ok(Self { validation, keys })
@@ -387,108 +363,273 @@ pub fn same_identity(old: &Map<String, Value>, new: &Map<String, Value>) -> bool
     ["iss", "sub"].iter().all(|k| old.get(*k) == new.get(*k))
 }
 
-/// JWKS keys, cached; refetched when stale or when a token names an unknown `kid`, at most
-/// once per `min_refresh`.
+/// The HTTP client JWKS documents are fetched with (built once, connections reused).
+type JwksClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// JWKS keys, cached. Handshakes are served from the current key set, read without waiting:
+/// a stale set is refreshed by one background fetch while it goes on serving. Only a token
+/// that names a key the set lacks (or the very first handshake) waits, for one fetch shared
+/// by every such handshake, at most once per `min_refresh`. No lock is held across a fetch
+/// but the one that makes concurrent fetches wait for each other.
 #[derive(Debug)]
 struct JwksCache {
+    inner: Arc<JwksInner>,
+}
+
+#[derive(Debug)]
+struct JwksInner {
     url: String,
     ttl: Duration,
     min_refresh: Duration,
-    state: Mutex<JwksState>,
+    /// The configured algorithms: keys for others are left out of the set.
+    accepted: Vec<Algorithm>,
+    client: Result<JwksClient, String>,
+    /// The key set in force; the lock is only held to clone or replace the `Arc`.
+    current: std::sync::RwLock<Option<Arc<KeySet>>>,
+    /// Held by the one fetch in progress.
+    fetch: Mutex<FetchState>,
+    /// Fetch attempts completed (success or not).
+    generation: std::sync::atomic::AtomicU64,
+    /// A background refresh is scheduled or running.
+    refreshing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
-struct JwksState {
-    keys: HashMap<String, (DecodingKey, Option<Algorithm>)>,
-    /// Keys without a `kid`, tried when the token has none.
-    anonymous: Vec<(DecodingKey, Option<Algorithm>)>,
-    fetched_at: Option<Instant>,
+struct FetchState {
     attempted_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+type JwksKey = (DecodingKey, Algorithm);
+
+#[derive(Debug)]
+struct KeySet {
+    by_kid: HashMap<String, JwksKey>,
+    /// Keys without a `kid`, tried when the token has none.
+    anonymous: Vec<JwksKey>,
+    fetched_at: Instant,
+}
+
+impl KeySet {
+    fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<&JwksKey> {
+        match kid {
+            Some(k) => self.by_kid.get(k),
+            None => self.anonymous.iter().find(|(_, a)| *a == alg),
+        }
+    }
+}
+
+/// The key a JWK gives, if it is one the relay may use: for signatures (`use` absent or
+/// `sig`, `key_ops` absent or with `verify`), of a type matching a configured algorithm
+/// (`RSA` for RS256, `EC` on P-256 for ES256), and with `alg` absent or that algorithm.
+/// Symmetric (`oct`) keys are never taken from a JWKS. Pure.
+fn usable_key(jwk: &jsonwebtoken::jwk::Jwk, accepted: &[Algorithm]) -> Option<JwksKey> {
+    use jsonwebtoken::jwk::{
+        AlgorithmParameters, EllipticCurve, KeyAlgorithm, KeyOperations, PublicKeyUse,
+    };
+    let c = &jwk.common;
+    if c.public_key_use
+        .as_ref()
+        .is_some_and(|u| *u != PublicKeyUse::Signature)
+    {
+        return None;
+    }
+    if c.key_operations
+        .as_ref()
+        .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
+    {
+        return None;
+    }
+    let alg = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
+        _ => return None,
+    };
+    if !accepted.contains(&alg) {
+        return None;
+    }
+    match c.key_algorithm {
+        None | Some(KeyAlgorithm::RS256 | KeyAlgorithm::ES256) => {}
+        Some(_) => return None,
+    }
+    if c.key_algorithm
+        .is_some_and(|a| (a == KeyAlgorithm::RS256) != (alg == Algorithm::RS256))
+    {
+        return None;
+    }
+    DecodingKey::from_jwk(jwk).ok().map(|k| (k, alg))
 }
 
 impl JwksCache {
-    fn new(url: String, ttl: Duration, min_refresh: Duration) -> Self {
+    fn new(
+        url: String,
+        ttl: Duration,
+        min_refresh: Duration,
+        accepted: Vec<Algorithm>,
+        allow_http: bool,
+    ) -> Self {
+        use hyper_util::client::legacy::Client;
+        use hyper_util::rt::TokioExecutor;
+        let client = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| format!("no TLS roots: {e}"))
+            .map(|b| {
+                let b = if allow_http {
+                    b.https_or_http()
+                } else {
+                    b.https_only()
+                };
+                let https = b.enable_http1().build();
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build(https)
+            });
         Self {
-            url,
-            ttl,
-            min_refresh,
-            state: Mutex::new(JwksState::default()),
+            inner: Arc::new(JwksInner {
+                url,
+                ttl,
+                min_refresh,
+                accepted,
+                client,
+                current: std::sync::RwLock::new(None),
+                fetch: Mutex::new(FetchState::default()),
+                generation: std::sync::atomic::AtomicU64::new(0),
+                refreshing: std::sync::atomic::AtomicBool::new(false),
+            }),
         }
     }
 
     async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, AuthError> {
-        let mut st = self.state.lock().await;
-        let now = Instant::now();
-        let stale = st.fetched_at.is_none_or(|t| now - t > self.ttl);
-        let known = |st: &JwksState| match kid {
-            Some(k) => st.keys.get(k).cloned(),
-            None => st
-                .anonymous
-                .iter()
-                .find(|(_, a)| a.is_none_or(|a| a == alg))
-                .cloned(),
-        };
-        let may_fetch = st.attempted_at.is_none_or(|t| now - t >= self.min_refresh);
-        if (stale || known(&st).is_none()) && may_fetch {
-            st.attempted_at = Some(now);
-            match fetch_jwks(&self.url).await {
-                Ok(set) => {
-                    st.keys.clear();
-                    st.anonymous.clear();
-                    for jwk in &set.keys {
-                        let Ok(key) = DecodingKey::from_jwk(jwk) else {
-                            continue;
-                        };
-                        let alg = jwk
-                            .common
-                            .key_algorithm
-                            .and_then(|a| a.to_string().parse::<Algorithm>().ok());
-                        match &jwk.common.key_id {
-                            Some(id) => {
-                                st.keys.insert(id.clone(), (key, alg));
-                            }
-                            None => st.anonymous.push((key, alg)),
-                        }
-                    }
-                    st.fetched_at = Some(now);
-                    tracing::debug!(url = %self.url, keys = set.keys.len(), "JWKS fetched");
-                }
-                Err(e) => {
-                    tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed");
-                    if st.fetched_at.is_none() {
-                        return Err(AuthError::KeysUnavailable(e));
-                    }
-                }
+        let inner = &self.inner;
+        if let Some(set) = inner.current()
+            && let Some((key, key_alg)) = set.find(kid, alg)
+        {
+            if set.fetched_at.elapsed() > inner.ttl {
+                inner.refresh_in_background();
             }
+            return check_key_alg(key, *key_alg, alg);
         }
-        match known(&st) {
-            Some((key, key_alg)) => {
-                if key_alg.is_some_and(|a| a != alg) {
-                    return Err(AuthError::InvalidToken(format!(
-                        "key is for {key_alg:?}, token says {alg:?}"
-                    )));
-                }
-                Ok(key)
-            }
-            None => Err(AuthError::UnknownKey(kid.unwrap_or("").to_owned())),
+        // A key the set lacks (rotation), or no set yet: wait for one fetch.
+        let fetched = inner.refresh().await;
+        match inner.current() {
+            None => Err(AuthError::KeysUnavailable(
+                fetched.err().unwrap_or_else(|| "no keys".into()),
+            )),
+            Some(set) => match set.find(kid, alg) {
+                Some((key, key_alg)) => check_key_alg(key, *key_alg, alg),
+                None => Err(AuthError::UnknownKey(kid.unwrap_or("").to_owned())),
+            },
         }
     }
 }
 
-/// Fetches a JWKS document (http or https), bounded in time and size.
-async fn fetch_jwks(url: &str) -> Result<JwkSet, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
+fn check_key_alg(
+    key: &DecodingKey,
+    key_alg: Algorithm,
+    alg: Algorithm,
+) -> Result<DecodingKey, AuthError> {
+    if key_alg != alg {
+        return Err(AuthError::InvalidToken(format!(
+            "key is for {key_alg:?}, token says {alg:?}"
+        )));
+    }
+    Ok(key.clone())
+}
+
+impl JwksInner {
+    fn current(&self) -> Option<Arc<KeySet>> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Starts one background refresh unless one is scheduled or running.
+    fn refresh_in_background(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self
+            .refreshing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _ = me.refresh().await;
+            me.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Fetches the set unless a fetch completed while this one waited its turn, or the
+    /// last attempt is more recent than `min_refresh`. `Err` carries the last failure.
+    async fn refresh(&self) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let seen = self.generation.load(Ordering::Acquire);
+        let mut st = self.fetch.lock().await;
+        if self.generation.load(Ordering::Acquire) != seen {
+            // Another fetch ended while this one waited: use its outcome.
+            return st.last_error.clone().map_or(Ok(()), Err);
+        }
+        let now = Instant::now();
+        if st.attempted_at.is_some_and(|t| now - t < self.min_refresh) {
+            return st.last_error.clone().map_or(Ok(()), Err);
+        }
+        st.attempted_at = Some(now);
+        let result = match &self.client {
+            Ok(client) => fetch_jwks(client, &self.url).await,
+            Err(e) => Err(e.clone()),
+        };
+        let outcome = match result {
+            Ok(set) => {
+                let mut keys = KeySet {
+                    by_kid: HashMap::new(),
+                    anonymous: Vec::new(),
+                    fetched_at: Instant::now(),
+                };
+                for jwk in &set.keys {
+                    let Some(key) = usable_key(jwk, &self.accepted) else {
+                        continue;
+                    };
+                    match &jwk.common.key_id {
+                        Some(id) => {
+                            keys.by_kid.insert(id.clone(), key);
+                        }
+                        None => keys.anonymous.push(key),
+                    }
+                }
+                tracing::debug!(
+                    url = %self.url,
+                    listed = set.keys.len(),
+                    usable = keys.by_kid.len() + keys.anonymous.len(),
+                    "JWKS fetched"
+                );
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(keys));
+                st.last_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed");
+                st.last_error = Some(e.clone());
+                Err(e)
+            }
+        };
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        outcome
+    }
+}
+
+/// Fetches a JWKS document, bounded in time and size.
+async fn fetch_jwks(client: &JwksClient, url: &str) -> Result<JwkSet, String> {
+    use http_body_util::{BodyExt, Limited};
 
     let uri: http::Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(|e| format!("no TLS roots: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build(https);
     let fut = async {
         let resp = client.get(uri).await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
@@ -621,10 +762,12 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%2Eb+c%zz%4"), "a.b c%zz%4");
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("ab%41"), "abA");
+    fn query_tokens_are_form_decoded() {
+        let s = &all_sources()[..1];
+        let q = |query: &str| extract_token(s, &headers(&[]), Some(query)).map(|(t, _)| t);
+        assert_eq!(q("token=a%2Eb+c%zz%4").as_deref(), Some("a.b c%zz%4"));
+        assert_eq!(q("t%6Fken=ab%41").as_deref(), Some("abA"));
+        assert_eq!(q("x=1&token").as_deref(), None);
     }
 
     #[test]

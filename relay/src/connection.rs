@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::authz::{AuthzError, Operation};
 use crate::hub::Target;
-use crate::limits::TokenBucket;
-use crate::metrics::Reason;
+use crate::limits::{RequestLimiter, Verdict};
+use crate::metrics::{Op, Reason};
 use crate::outbox::{CloseRequest, Frame};
 use crate::protocol::{self, ErrorCode, Request, RequestId, close};
 use crate::relay::{ConnShared, Relay};
@@ -264,13 +264,11 @@ async fn read_loop<S>(
 {
     let live = relay.live();
     let limits = &live.config.limits;
-    let mut bucket = TokenBucket::new(
-        limits.publish_rate_per_second,
-        limits.publish_burst,
-        Instant::now(),
-    );
-    let flood_after = limits.publish_burst.max(1).saturating_mul(2);
-    let mut rejected_in_a_row: u32 = 0;
+    // One rate over the requests that cost NATS work (subscribe, unsubscribe, publish).
+    let mut limiter = RequestLimiter::new(limits.publish_rate_per_second, limits.publish_burst);
+    // Except a connection's first `maxSubscriptionsPerConnection` subscribes: a client that
+    // reconnects subscribes again to everything it had at once.
+    let mut free_subscribes = limits.max_subscriptions_per_connection;
     drop(live);
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
@@ -318,29 +316,46 @@ async fn read_loop<S>(
                         continue;
                     }
                 };
-                if let Request::Publish { id, .. } = &req
-                    && !bucket.try_take(Instant::now())
-                {
-                    relay.metrics.drop_msgs("rate_limited", 1);
-                    rejected_in_a_row += 1;
-                    if rejected_in_a_row >= flood_after {
-                        conn.outbox.close(CloseRequest {
-                            code: close::FLOOD,
-                            reason: "publish flood",
-                            flush_first: true,
-                        });
-                        return linger(&mut stream).await;
+                let limited = match &req {
+                    Request::Subscribe { .. } if free_subscribes > 0 => {
+                        free_subscribes -= 1;
+                        None
                     }
-                    reply_error(
-                        conn,
-                        id.as_ref(),
-                        ErrorCode::RateLimited,
-                        "publish rate exceeded",
-                    );
-                    continue;
-                }
-                if matches!(req, Request::Publish { .. }) {
-                    rejected_in_a_row = 0;
+                    Request::Subscribe { id, .. } => Some(("subscribe", id)),
+                    Request::Unsubscribe { id, .. } => Some(("unsubscribe", id)),
+                    Request::Publish { id, .. } => Some(("publish", id)),
+                    // A JWT verification each (and maybe a JWKS fetch).
+                    Request::Refresh { id, .. } => Some(("refresh", id)),
+                    Request::Ping { .. } => None,
+                };
+                if let Some((op, id)) = limited {
+                    let verdict = limiter.check();
+                    if verdict != Verdict::Allowed {
+                        relay.metrics.rate_limited.get_or_create(&Op { op }).inc();
+                        if op == "publish" {
+                            relay.metrics.drop_msgs("rate_limited", 1);
+                        }
+                    }
+                    match verdict {
+                        Verdict::Allowed => {}
+                        Verdict::Limited => {
+                            reply_error(
+                                conn,
+                                id.as_ref(),
+                                ErrorCode::RateLimited,
+                                "request rate exceeded",
+                            );
+                            continue;
+                        }
+                        Verdict::Flood => {
+                            conn.outbox.close(CloseRequest {
+                                code: close::FLOOD,
+                                reason: "request flood",
+                                flush_first: true,
+                            });
+                            return linger(&mut stream).await;
+                        }
+                    }
                 }
                 if let Request::Refresh { id, token } = req {
                     // In band: the connection stays, its expiry moves.

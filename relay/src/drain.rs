@@ -33,12 +33,27 @@ pub fn schedule(n: usize, window: Duration, rng: &mut impl Rng) -> Vec<Duration>
 
 /// Drains the relay. Returns when every connection task has ended (or at the deadline)
 /// and NATS has been drained.
+///
+/// With `drain.delayBeforeCloseSeconds`, the relay first only stops being ready and refuses
+/// new connections for that long, so that Service endpoints and ingresses stop routing to it
+/// before any client is told to reconnect; then turns are spread over 70% of the rest of
+/// the grace period.
 pub async fn drain(relay: &Arc<Relay>, grace: Duration) {
     let start = Instant::now();
     let deadline = start + grace.mul_f64(0.9);
     relay.draining.store(true, Ordering::SeqCst);
     relay.metrics.draining.set(1);
-    let window = grace.mul_f64(SPREAD_SHARE);
+    let delay = Duration::from_secs(relay.live().config.drain.delay_before_close_seconds)
+        .min(grace.saturating_sub(Duration::from_secs(1)));
+    if !delay.is_zero() {
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "draining: not ready, waiting before the first close"
+        );
+        tokio::time::sleep(delay).await;
+    }
+    let start = Instant::now();
+    let window = grace.saturating_sub(delay).mul_f64(SPREAD_SHARE);
     let mut conns = relay.connections();
     let turns = {
         let mut rng = rand::rng();

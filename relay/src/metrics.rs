@@ -17,6 +17,13 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// A bounded `op` label (a request type).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Op {
+    /// `subscribe`, `unsubscribe` or `publish`.
+    pub op: &'static str,
+}
+
 /// Every metric of the relay.
 #[derive(Debug)]
 pub struct Metrics {
@@ -37,6 +44,15 @@ pub struct Metrics {
     pub dropped: Family<Reason, Counter>,
     /// `wsrelay_slow_consumers_total`: times a connection's send queue overflowed.
     pub slow_consumers: Counter,
+    /// `wsrelay_queued_bytes`: bytes in all send queues (`limits.maxQueuedBytes` bounds it).
+    pub queued_bytes: Gauge,
+    /// `wsrelay_send_queue_limit_hits_total{limit}`: pushes that met the slow-consumer
+    /// policy, by the limit reached.
+    pub queue_limit_hits: Family<crate::outbox::LimitHit, Counter>,
+    /// `wsrelay_requests_rate_limited_total{op}`: requests refused with 429.
+    pub rate_limited: Family<Op, Counter>,
+    /// `wsrelay_handshakes_in_flight`: HTTP handshakes between accept and upgrade.
+    pub handshakes_in_flight: Gauge,
     /// `wsrelay_nats_subscriptions`: NATS subscriptions held (one per distinct subject).
     pub nats_subscriptions: Gauge,
     /// `wsrelay_nats_connected`: 1 while the NATS connection is up.
@@ -82,6 +98,10 @@ impl Metrics {
             published: Counter::default(),
             dropped: Family::default(),
             slow_consumers: Counter::default(),
+            queued_bytes: Gauge::default(),
+            queue_limit_hits: Family::default(),
+            rate_limited: Family::default(),
+            handshakes_in_flight: Gauge::default(),
             nats_subscriptions: Gauge::default(),
             nats_connected: Gauge::default(),
             nats_disconnects: Counter::default(),
@@ -134,6 +154,26 @@ impl Metrics {
             "slow_consumers",
             "Send-queue overflows",
             m.slow_consumers.clone(),
+        );
+        r.register(
+            "queued_bytes",
+            "Bytes queued to clients, all connections together",
+            m.queued_bytes.clone(),
+        );
+        r.register(
+            "send_queue_limit_hits",
+            "Messages that met the slow-consumer policy, by the limit reached",
+            m.queue_limit_hits.clone(),
+        );
+        r.register(
+            "requests_rate_limited",
+            "Requests refused by the per-connection rate limit, by type",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "handshakes_in_flight",
+            "HTTP handshakes between TCP accept and the upgrade",
+            m.handshakes_in_flight.clone(),
         );
         r.register(
             "nats_subscriptions",
@@ -229,6 +269,8 @@ mod tests {
             "wsrelay_delivery_latency_seconds_bucket",
             "wsrelay_draining",
             "wsrelay_nats_connected",
+            "wsrelay_queued_bytes",
+            "wsrelay_handshakes_in_flight",
         ] {
             assert!(text.contains(name), "{name} missing in {text}");
         }

@@ -3,11 +3,32 @@
 //!
 //! A plain `VecDeque` under a short lock rather than a channel, because the drop-oldest
 //! policy needs to remove from the front. An idle connection's queue holds no allocation.
+//!
+//! Three limits decide when the slow-consumer policy applies to a pushed message:
+//! - `limits.sendQueueLen`: messages queued on this connection;
+//! - `limits.sendQueueBytes`: bytes queued on this connection;
+//! - `limits.maxQueuedBytes`: bytes queued on all connections of the process
+//!   ([`QueueBudget`]). When a push would take the total above it, the push meets the policy
+//!   only if its connection holds more than its fair share of the budget (the budget divided
+//!   by the open connections): the backlogged connections pay, and a connection that keeps
+//!   up (a few frames queued at most, usually none) is never punished for the others. The
+//!   total can then pass the budget by what connections below their share still add; each
+//!   such connection stops at its share.
+//!
+//! A message pushed to an empty queue is always queued (one message of up to
+//! `maxMessageBytes`, plus its envelope, is never refused by a byte limit). Bytes are counted
+//! per queue as if each held its own copy; a message's encoded bytes are shared by all its
+//! recipients, so the memory really held is at most the count.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -47,11 +68,98 @@ pub struct CloseRequest {
     pub flush_first: bool,
 }
 
+/// Which limit sent a push to the slow-consumer policy (label `limit` of
+/// `wsrelay_send_queue_limit_hits_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct LimitHit {
+    /// `messages` (`sendQueueLen`), `bytes` (`sendQueueBytes`) or `process_bytes`
+    /// (`maxQueuedBytes`); `replies` for a client that makes requests without reading.
+    pub limit: &'static str,
+}
+
+/// The process-wide budget of queued bytes (`limits.maxQueuedBytes`), shared by every
+/// connection's [`Outbox`]. Its count is the `wsrelay_queued_bytes` gauge itself.
+#[derive(Debug)]
+pub struct QueueBudget {
+    used: Gauge,
+    limit: AtomicU64,
+    hits: Family<LimitHit, Counter>,
+    /// Outboxes drawing on the budget (open connections).
+    queues: std::sync::atomic::AtomicUsize,
+    /// `wsrelay_messages_dropped_total{reason="slow_consumer_drop_oldest"}`: a byte limit can
+    /// drop more than one message for one push; the hub counts one per push, this the rest.
+    dropped_extra: Counter,
+}
+
+impl QueueBudget {
+    /// A budget of `limit` bytes counted into `used`; limit hits counted into `hits`.
+    pub fn new(
+        limit: u64,
+        used: Gauge,
+        hits: Family<LimitHit, Counter>,
+        dropped_extra: Counter,
+    ) -> Self {
+        Self {
+            used,
+            limit: AtomicU64::new(limit),
+            hits,
+            queues: std::sync::atomic::AtomicUsize::new(0),
+            dropped_extra,
+        }
+    }
+
+    /// A budget without a limit (tests, tools).
+    pub fn unlimited() -> Self {
+        Self::new(
+            u64::MAX,
+            Gauge::default(),
+            Family::default(),
+            Counter::default(),
+        )
+    }
+
+    /// Changes the limit (config reload); queues above it shrink as their clients read.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Bytes queued on all connections now.
+    pub fn used(&self) -> u64 {
+        u64::try_from(self.used.get()).unwrap_or(0)
+    }
+
+    fn would_exceed(&self, add: usize) -> bool {
+        self.used().saturating_add(add as u64) > self.limit.load(Ordering::Relaxed)
+    }
+
+    /// The budget divided by the open connections.
+    fn fair_share(&self) -> u64 {
+        let n = self.queues.load(Ordering::Relaxed).max(1) as u64;
+        self.limit.load(Ordering::Relaxed) / n
+    }
+
+    fn add(&self, n: usize) {
+        self.used.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    fn sub(&self, n: usize) {
+        if n > 0 {
+            self.used.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn hit(&self, limit: &'static str) {
+        self.hits.get_or_create(&LimitHit { limit }).inc();
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     queue: VecDeque<Frame>,
     /// Messages (not replies) in `queue`.
     messages: usize,
+    /// Bytes of every frame in `queue` (messages and replies).
+    bytes: usize,
     dropped_unreported: u64,
     close: Option<CloseRequest>,
 }
@@ -66,6 +174,8 @@ pub struct Outbox {
     inner: Mutex<Inner>,
     notify: Notify,
     capacity: usize,
+    max_bytes: usize,
+    budget: Arc<QueueBudget>,
     policy: SlowConsumerPolicy,
     /// Cancelled by a close that must not wait for the queue (slow consumer): interrupts
     /// a writer blocked on a full socket.
@@ -89,25 +199,70 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
 }
 
 impl Outbox {
-    /// An empty queue of `capacity` messages.
+    /// An empty queue of `capacity` messages and no byte limit.
     pub fn new(capacity: usize, policy: SlowConsumerPolicy) -> Self {
+        Self::with_budget(
+            capacity,
+            usize::MAX,
+            policy,
+            Arc::new(QueueBudget::unlimited()),
+        )
+    }
+
+    /// An empty queue of at most `capacity` messages and `max_bytes` bytes, drawing on the
+    /// process-wide `budget`.
+    pub fn with_budget(
+        capacity: usize,
+        max_bytes: usize,
+        policy: SlowConsumerPolicy,
+        budget: Arc<QueueBudget>,
+    ) -> Self {
+        budget.queues.fetch_add(1, Ordering::Relaxed);
         Self {
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
             capacity: capacity.max(1),
+            max_bytes: max_bytes.max(1),
+            budget,
             policy,
             kill: CancellationToken::new(),
         }
     }
 
-    /// Queues a message (subject to the slow-consumer policy).
+    /// The limit a push of `len` bytes would break, if any. A push to an empty queue breaks
+    /// none: one message always fits.
+    fn over(&self, g: &Inner, len: usize) -> Option<&'static str> {
+        if g.messages >= self.capacity {
+            Some("messages")
+        } else if g.queue.is_empty() {
+            None
+        } else if g.bytes.saturating_add(len) > self.max_bytes {
+            Some("bytes")
+        } else if self.budget.would_exceed(len) && g.bytes as u64 > self.budget.fair_share() {
+            Some("process_bytes")
+        } else {
+            None
+        }
+    }
+
+    /// A close that does not flush: what is queued will never be written, so its bytes go
+    /// back to the budget now rather than when the connection's task ends.
+    fn discard(&self, g: &mut Inner) {
+        g.queue.clear();
+        g.messages = 0;
+        self.budget.sub(std::mem::take(&mut g.bytes));
+    }
+
+    /// Queues a message (subject to the slow-consumer policy, see the module doc).
     pub fn push_message(&self, frame: Frame) -> Push {
+        let len = frame.msg.len();
         let mut g = lock(&self.inner);
         if g.close.is_some() {
             return Push::Closed;
         }
         let mut result = Push::Queued;
-        if g.messages >= self.capacity {
+        if let Some(limit) = self.over(&g, len) {
+            self.budget.hit(limit);
             match self.policy {
                 SlowConsumerPolicy::Disconnect => {
                     g.close = Some(CloseRequest {
@@ -115,23 +270,39 @@ impl Outbox {
                         reason: "slow consumer",
                         flush_first: false,
                     });
+                    self.discard(&mut g);
                     drop(g);
                     self.kill.cancel();
                     self.notify.notify_one();
                     return Push::Overflow;
                 }
                 SlowConsumerPolicy::DropOldest => {
-                    if let Some(pos) = g.queue.iter().position(|f| f.received.is_some()) {
-                        g.queue.remove(pos);
+                    // Oldest messages first (never replies), until the new one fits.
+                    let mut dropped = 0u64;
+                    while self.over(&g, len).is_some() {
+                        let Some(pos) = g.queue.iter().position(|f| f.received.is_some()) else {
+                            break;
+                        };
+                        if let Some(old) = g.queue.remove(pos) {
+                            let n = old.msg.len();
+                            g.bytes -= n;
+                            self.budget.sub(n);
+                        }
                         g.messages -= 1;
                         g.dropped_unreported += 1;
+                        dropped += 1;
+                    }
+                    if dropped > 0 {
                         result = Push::DroppedOldest;
+                        self.budget.dropped_extra.inc_by(dropped - 1);
                     }
                 }
             }
         }
         g.queue.push_back(frame);
         g.messages += 1;
+        g.bytes += len;
+        self.budget.add(len);
         drop(g);
         self.notify.notify_one();
         result
@@ -145,20 +316,25 @@ impl Outbox {
             return false;
         }
         if g.queue.len() >= self.capacity + REPLY_ROOM {
+            self.budget.hit("replies");
             g.close = Some(CloseRequest {
                 code: crate::protocol::close::SLOW_CONSUMER,
                 reason: "slow consumer",
                 flush_first: false,
             });
+            self.discard(&mut g);
             drop(g);
             self.kill.cancel();
             self.notify.notify_one();
             return false;
         }
+        let len = msg.len();
         g.queue.push_back(Frame {
             msg,
             received: None,
         });
+        g.bytes += len;
+        self.budget.add(len);
         drop(g);
         self.notify.notify_one();
         true
@@ -169,6 +345,7 @@ impl Outbox {
         let mut g = lock(&self.inner);
         if g.close.is_none() {
             if !req.flush_first {
+                self.discard(&mut g);
                 self.kill.cancel();
             }
             g.close = Some(req);
@@ -198,6 +375,9 @@ impl Outbox {
         let n = g.queue.len().min(max);
         frames.extend(g.queue.drain(..n));
         g.messages -= frames.iter().filter(|f| f.received.is_some()).count();
+        let taken: usize = frames.iter().map(|f| f.msg.len()).sum();
+        g.bytes -= taken;
+        self.budget.sub(taken);
         let dropped = std::mem::take(&mut g.dropped_unreported);
         let close = match &g.close {
             Some(c) if !c.flush_first || g.queue.is_empty() => Some(c.clone()),
@@ -227,6 +407,20 @@ impl Outbox {
     /// Waits until something was pushed or a close was requested.
     pub async fn wait(&self) {
         self.notify.notified().await;
+    }
+
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        lock(&self.inner).bytes
+    }
+}
+
+impl Drop for Outbox {
+    /// Frames left behind by a closed connection give their bytes back to the budget.
+    fn drop(&mut self) {
+        let g = lock(&self.inner);
+        self.budget.sub(g.bytes);
+        self.budget.queues.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -276,6 +470,79 @@ mod tests {
         let b = o.take(100);
         assert!(b.frames.is_empty());
         assert_eq!(b.close.unwrap().code, 4008);
+    }
+
+    fn budget(limit: u64) -> Arc<QueueBudget> {
+        Arc::new(QueueBudget::new(
+            limit,
+            Gauge::default(),
+            Family::default(),
+            Counter::default(),
+        ))
+    }
+
+    fn sized(n: usize) -> Frame {
+        Frame {
+            msg: Message::Text("x".repeat(n).into()),
+            received: Some(Instant::now()),
+        }
+    }
+
+    #[test]
+    fn byte_limit_applies_the_policy_but_one_message_always_fits() {
+        let b = budget(u64::MAX);
+        let o = Outbox::with_budget(100, 250, SlowConsumerPolicy::Disconnect, b.clone());
+        // Larger than the limit, into an empty queue: queued.
+        assert_eq!(o.push_message(sized(300)), Push::Queued);
+        assert_eq!(b.used(), 300);
+        assert_eq!(o.push_message(sized(1)), Push::Overflow);
+        assert_eq!(
+            b.used(),
+            0,
+            "a disconnected outbox returns its bytes at once"
+        );
+        drop(o);
+
+        let o = Outbox::with_budget(100, 250, SlowConsumerPolicy::DropOldest, b.clone());
+        for _ in 0..2 {
+            assert_eq!(o.push_message(sized(100)), Push::Queued);
+        }
+        // 200 + 200 > 250: both older messages go.
+        assert_eq!(o.push_message(sized(200)), Push::DroppedOldest);
+        assert_eq!(o.queued_bytes(), 200);
+        let batch = o.take(10);
+        assert_eq!(batch.dropped, 2);
+        assert_eq!(b.used(), 0);
+        assert_eq!(b.dropped_extra.get(), 1);
+        assert_eq!(b.hits.get_or_create(&LimitHit { limit: "bytes" }).get(), 2);
+    }
+
+    #[test]
+    fn exhausted_budget_spares_connections_that_keep_up() {
+        let b = budget(1000);
+        let behind = Outbox::with_budget(100, 10_000, SlowConsumerPolicy::Disconnect, b.clone());
+        let keeping_up =
+            Outbox::with_budget(100, 10_000, SlowConsumerPolicy::Disconnect, b.clone());
+        for _ in 0..9 {
+            assert_eq!(behind.push_message(sized(100)), Push::Queued);
+        }
+        // 900 of 1000 used. The connection that keeps up is served, even with something
+        // queued, while it holds less than its share (1000 / 2)...
+        assert_eq!(keeping_up.push_message(sized(200)), Push::Queued);
+        assert_eq!(keeping_up.push_message(sized(200)), Push::Queued);
+        let _ = keeping_up.take(10);
+        // ...the one that is behind meets the policy.
+        assert_eq!(behind.push_message(sized(200)), Push::Overflow);
+        assert_eq!(b.used(), 0);
+        assert_eq!(
+            b.hits
+                .get_or_create(&LimitHit {
+                    limit: "process_bytes"
+                })
+                .get(),
+            1
+        );
+        assert_eq!(keeping_up.push_message(sized(200)), Push::Queued);
     }
 
     #[test]

@@ -327,23 +327,10 @@ pub fn encode_message_at(channel: &str, payload: &[u8], at: Option<(u64, u64)>) 
     out
 }
 
+/// Standard alphabet, padded (the `base64` crate), appended to `out`.
 fn base64_encode(data: &[u8], out: &mut String) {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(T[((n >> shift) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode_string(data, out);
 }
 
 /// `{"type":"ok","id":..}`.

@@ -12,8 +12,9 @@ use crate::auth::Authenticator;
 use crate::authz::Authorizer;
 use crate::config::Config;
 use crate::hub::{ConnId, Hub};
+use crate::limits::{ConnCounter, InFlight};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, QueueBudget};
 use crate::slots::Slots;
 
 /// What the rest of the relay knows about one open connection.
@@ -63,6 +64,14 @@ pub struct Relay {
     pub draining: AtomicBool,
     /// Open-connection slots (`limits.maxConnections`).
     pub slots: Arc<Slots>,
+    /// Bytes queued on all connections (`limits.maxQueuedBytes`).
+    pub queue_budget: Arc<QueueBudget>,
+    /// Open connections per client address (`limits.maxConnectionsPerIp`).
+    pub per_ip: Arc<ConnCounter<std::net::IpAddr>>,
+    /// Open connections per token `sub` (`limits.maxConnectionsPerSubject`).
+    pub per_subject: Arc<ConnCounter<String>>,
+    /// HTTP handshakes in flight (`limits.maxHandshakesInFlight`).
+    pub handshakes: InFlight,
     /// Tracks every connection task (and the HTTP handshakes), so none outlives shutdown.
     pub tracker: TaskTracker,
     /// Cancelled when the relay stops: ends accept loops and the admin server.
@@ -83,6 +92,17 @@ impl Relay {
         nats_connected: Arc<AtomicBool>,
     ) -> Self {
         let max = live.config.limits.max_connections as usize;
+        let queue_budget = Arc::new(QueueBudget::new(
+            live.config.limits.max_queued_bytes,
+            metrics.queued_bytes.clone(),
+            metrics.queue_limit_hits.clone(),
+            metrics
+                .dropped
+                .get_or_create(&crate::metrics::Reason {
+                    reason: "slow_consumer_drop_oldest",
+                })
+                .clone(),
+        ));
         let name = std::env::var("HOSTNAME")
             .ok()
             .filter(|h| !h.is_empty())
@@ -95,6 +115,10 @@ impl Relay {
             nats_connected,
             draining: AtomicBool::new(false),
             slots: Arc::new(Slots::new(max)),
+            queue_budget,
+            per_ip: Arc::default(),
+            per_subject: Arc::default(),
+            handshakes: InFlight::default(),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             conns: Mutex::new(HashMap::new()),
@@ -110,8 +134,11 @@ impl Relay {
             .clone()
     }
 
-    /// Replaces them (config reload); returns the previous ones.
+    /// Replaces them (config reload); returns the previous ones. The process-wide queue
+    /// budget takes the new `maxQueuedBytes` at once.
     pub fn swap_live(&self, live: Live) -> Arc<Live> {
+        self.queue_budget
+            .set_limit(live.config.limits.max_queued_bytes);
         let mut g = self
             .live
             .write()

@@ -1,6 +1,8 @@
-//! The client listener: accept loop (TCP_NODELAY, optional TLS, handshake timeout) and
-//! the upgrade handler (limits, drain, auth, then the WebSocket upgrade).
+//! The client listener: accept loop (TCP_NODELAY, optional TLS, handshake timeout, cap on
+//! handshakes in flight) and the upgrade handler (drain, limits per client address, per
+//! process and per token subject, auth, then the WebSocket upgrade).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -19,6 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::auth::TokenVia;
 use crate::config::Limits;
+use crate::limits::{client_ip, ip_key};
 use crate::outbox::Outbox;
 use crate::protocol::SUBPROTOCOL;
 use crate::relay::Relay;
@@ -80,7 +83,12 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The TCP peer of the connection a request came on (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
 async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response {
+    let peer = req.extensions().get::<Peer>().map(|p| p.0.ip());
     let headers = req.headers();
     let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
     if !header_has_token(headers, header::UPGRADE, "websocket")
@@ -96,6 +104,32 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
     if relay.is_draining() {
         return refuse(&relay, StatusCode::SERVICE_UNAVAILABLE, "draining", Some(1));
     }
+    let live = relay.live();
+    let limits = &live.config.limits;
+    // Per client address first: the cheapest refusal, before any token is verified.
+    let ip_guard = match peer {
+        Some(peer) => {
+            let listen = &live.config.listen;
+            let values = req
+                .headers()
+                .get_all(listen.client_ip_header.as_str())
+                .iter()
+                .filter_map(|v| v.to_str().ok());
+            let ip: IpAddr = client_ip(peer, &listen.trusted_proxies, values);
+            match relay
+                .per_ip
+                .try_acquire(ip_key(ip), limits.max_connections_per_ip)
+            {
+                Some(g) => Some(g),
+                None => {
+                    tracing::debug!(%ip, "too many connections from one address");
+                    return refuse(&relay, StatusCode::TOO_MANY_REQUESTS, "per_ip", Some(5));
+                }
+            }
+        }
+        None => None,
+    };
+    drop(live);
     let Some(permit) = relay.slots.try_acquire() else {
         return refuse(
             &relay,
@@ -118,6 +152,29 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
             return refuse(&relay, status, e.reason(), retry);
         }
     };
+    let sub_guard = match identity
+        .claims
+        .as_ref()
+        .and_then(|c| c.get("sub"))
+        .and_then(|s| s.as_str())
+    {
+        Some(sub) => match relay.per_subject.try_acquire(
+            sub.to_owned(),
+            live.config.limits.max_connections_per_subject,
+        ) {
+            Some(g) => Some(g),
+            None => {
+                tracing::debug!(sub, "too many connections for one token subject");
+                return refuse(
+                    &relay,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "per_subject",
+                    Some(5),
+                );
+            }
+        },
+        None => None,
+    };
     // Select our subprotocol when offered (browsers that send a token in
     // Sec-WebSocket-Protocol must offer it too: the token itself is never echoed).
     let offers_ours = header_has_token(req.headers(), header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
@@ -126,12 +183,14 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
     }
     let config = ws_config(&live.config.limits);
     let outbox_cap = live.config.limits.send_queue_len as usize;
+    let outbox_bytes = usize::try_from(live.config.limits.send_queue_bytes).unwrap_or(usize::MAX);
     let policy = live.config.limits.slow_consumer_policy;
     drop(live);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let relay2 = relay.clone();
     relay.tracker.spawn(async move {
-        let _permit = permit;
+        // Held for the connection's life: its slot and its counts per address and subject.
+        let _held = (permit, ip_guard, sub_guard);
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -143,7 +202,12 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
         relay2.metrics.accepted.inc();
-        let outbox = Arc::new(Outbox::new(outbox_cap, policy));
+        let outbox = Arc::new(Outbox::with_budget(
+            outbox_cap,
+            outbox_bytes,
+            policy,
+            relay2.queue_budget.clone(),
+        ));
         let conn = relay2.register(outbox, identity.claims);
         crate::connection::run(ws, relay2.clone(), conn, identity.expires_at).await;
     });
@@ -207,13 +271,37 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
             },
         };
         let limits = relay.live().config.limits.clone();
+        let Some(in_flight) = relay
+            .handshakes
+            .try_enter(limits.max_handshakes_in_flight as usize)
+        else {
+            relay.metrics.refuse("handshakes");
+            tracing::debug!(%peer, "too many handshakes in flight");
+            // On ws:// a fixed answer costs nothing; on wss:// answering would need the TLS
+            // handshake this limit protects against: close.
+            if tls.is_none() {
+                relay.tracker.spawn(refuse_raw(tcp));
+            }
+            continue;
+        };
         tune_socket(&tcp, Duration::from_secs(limits.write_timeout_seconds));
         let app = app.clone();
         let tls = tls.clone();
         let handshake = Duration::from_secs(limits.handshake_timeout_seconds);
         let relay2 = relay.clone();
         relay.tracker.spawn(async move {
-            let svc = TowerToHyperService::new(app);
+            let _in_flight = in_flight;
+            relay2
+                .metrics
+                .handshakes_in_flight
+                .set(relay2.handshakes.get() as i64);
+            // The router, with the peer address as a request extension.
+            let svc =
+                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(Peer(peer));
+                    let mut app = app.clone();
+                    tower_service::Service::call(&mut app, req)
+                });
             let fut = async {
                 // Keep-alive stays on: turning it off makes hyper answer the upgrade with
                 // `Connection: close`. The handshake timeout bounds the connection anyway.
@@ -240,6 +328,22 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
                 relay2.metrics.refuse("handshake_timeout");
                 tracing::debug!(%peer, "handshake timed out");
             }
+            drop(_in_flight);
+            relay2
+                .metrics
+                .handshakes_in_flight
+                .set(relay2.handshakes.get() as i64);
         });
     }
+}
+
+/// Answers a plain-TCP client 503 without reading its request (too many handshakes in
+/// flight), bounded in time.
+async fn refuse_raw(mut tcp: tokio::net::TcpStream) {
+    const ANSWER: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 10\r\n\r\nhandshakes";
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tcp.write_all(ANSWER).await?;
+        tcp.shutdown().await
+    })
+    .await;
 }

@@ -297,6 +297,7 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
     let mut jw = rs.clone();
     jw.auth.jwt.as_mut().unwrap().key = JwtKey {
         jwks_url: Some(format!("http://{jwks_addr}/jwks.json")),
+        jwks_allow_http: true,
         jwks_min_refresh_seconds: 30,
         ..JwtKey::default()
     };
@@ -357,6 +358,7 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
     let mut jw = rs.clone();
     jw.auth.jwt.as_mut().unwrap().key = JwtKey {
         jwks_url: Some(format!("http://{jwks_addr}/jwks.json")),
+        jwks_allow_http: true,
         jwks_min_refresh_seconds: 1,
         ..JwtKey::default()
     };

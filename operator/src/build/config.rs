@@ -146,6 +146,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             client: std::net::SocketAddr::from(([0, 0, 0, 0], CLIENT_PORT as u16)),
             admin: std::net::SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT as u16)),
             path: WS_PATH.to_string(),
+            ..relay::Listen::default()
         },
         tls: spec.tls.as_ref().map(|_| relay::ServerTls {
             cert_file: PathBuf::from(format!("{TLS_DIR}/tls.crt")),
@@ -192,6 +193,11 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             max_connections: u32_of(l.max_connections_per_pod),
             max_message_bytes: u32_of(l.max_message_bytes.into()),
             send_queue_len: u32_of(l.send_queue_length.into()),
+            send_queue_bytes: relay::Limits::default().send_queue_bytes,
+            max_queued_bytes: relay::Limits::default().max_queued_bytes,
+            max_connections_per_ip: relay::Limits::default().max_connections_per_ip,
+            max_connections_per_subject: relay::Limits::default().max_connections_per_subject,
+            max_handshakes_in_flight: relay::Limits::default().max_handshakes_in_flight,
             slow_consumer_policy: match l.slow_consumer_policy {
                 SlowConsumerPolicy::Disconnect => relay::SlowConsumerPolicy::Disconnect,
                 SlowConsumerPolicy::DropOldest => relay::SlowConsumerPolicy::DropOldest,
@@ -206,6 +212,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
         },
         drain: relay::Drain {
             grace_period_seconds: u64_of(spec.drain.grace_period_seconds),
+            delay_before_close_seconds: relay::Drain::default().delay_before_close_seconds,
         },
     }
 }

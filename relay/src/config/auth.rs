@@ -131,7 +131,9 @@ pub struct JwtKey {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_file: Option<PathBuf>,
     /// URL of a JWKS document (`https://issuer/.well-known/jwks.json`). For RS256/ES256.
-    /// Keys are cached and refetched when a token names an unknown `kid`.
+    /// Keys are cached and refetched when a token names an unknown `kid`. Only keys for a
+    /// configured algorithm are used: `use` absent or `sig`, `kty` `RSA` (RS256) or `EC` on
+    /// P-256 (ES256), `alg` absent or configured. `https://` unless `jwksAllowHttp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
     /// Keep fetched JWKS keys this long before refetching, in seconds. Default 300.
@@ -141,6 +143,10 @@ pub struct JwtKey {
     /// in seconds. Default 10.
     #[serde(default = "default_jwks_min_refresh")]
     pub jwks_min_refresh_seconds: u64,
+    /// Allow an `http://` `jwksUrl` (keys fetched without TLS can be replaced by anyone on
+    /// the path: for tests and loopback only). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub jwks_allow_http: bool,
 }
 
 impl Default for JwtKey {
@@ -151,6 +157,7 @@ impl Default for JwtKey {
             jwks_url: None,
             jwks_cache_seconds: default_jwks_cache(),
             jwks_min_refresh_seconds: default_jwks_min_refresh(),
+            jwks_allow_http: false,
         }
     }
 }
@@ -301,13 +308,21 @@ fn validate_jwt(jwt: &Jwt, errs: &mut Vec<ValidationError>) {
             "one PEM public key is either RSA (RS256) or EC (ES256), not both",
         ));
     }
-    if let Some(url) = &k.jwks_url
-        && !(url.starts_with("https://") || url.starts_with("http://"))
-    {
-        errs.push(ValidationError::invalid(
-            "auth.jwt.key.jwksUrl",
-            format!("{url:?} is not an http(s) URL"),
-        ));
+    if let Some(url) = &k.jwks_url {
+        if url.starts_with("http://") && !k.jwks_allow_http {
+            errs.push(ValidationError::Conflict {
+                field: "auth.jwt.key.jwksUrl".into(),
+                other: "auth.jwt.key.jwksAllowHttp".into(),
+                reason: format!(
+                    "{url:?} is not https: keys fetched without TLS can be replaced on the way; use https, or set jwksAllowHttp (tests, loopback)"
+                ),
+            });
+        } else if !(url.starts_with("https://") || url.starts_with("http://")) {
+            errs.push(ValidationError::invalid(
+                "auth.jwt.key.jwksUrl",
+                format!("{url:?} is not an https URL"),
+            ));
+        }
     }
     if k.jwks_cache_seconds == 0 {
         errs.push(ValidationError::invalid(

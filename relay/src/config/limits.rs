@@ -31,16 +31,50 @@ pub struct Limits {
     /// Frames queued per connection before the slow-consumer policy applies. Default 256.
     #[serde(default = "default_send_queue_len")]
     pub send_queue_len: u32,
+    /// Bytes queued per connection before the slow-consumer policy applies (counted with
+    /// `sendQueueLen`; the first to be reached applies). A message pushed to an empty queue
+    /// is always queued. At least `maxMessageBytes`. Default 1048576 (1 MiB).
+    #[serde(default = "default_send_queue_bytes")]
+    pub send_queue_bytes: u64,
+    /// Bytes queued on all connections of the process together. When a message would take
+    /// the total above it, the slow-consumer policy applies to it if its connection already
+    /// has something queued (it is behind); a connection with an empty queue (it keeps up)
+    /// still gets it. Gauge `wsrelay_queued_bytes`. At least `sendQueueBytes`. Default
+    /// 536870912 (512 MiB).
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: u64,
     /// What to do with a client whose send queue is full. Default `disconnect`.
     #[serde(default)]
     pub slow_consumer_policy: SlowConsumerPolicy,
+    /// Open connections per client address; beyond it, HTTP 429 with `Retry-After` before
+    /// the upgrade. The address is the peer's, or the one `listen.trustedProxies` lets a
+    /// proxy header name; IPv6 addresses are counted per /64. 0: no limit (the default:
+    /// behind a proxy that is not in `trustedProxies`, every client has the proxy's address).
+    #[serde(default)]
+    pub max_connections_per_ip: u32,
+    /// Open connections per token subject (`sub` claim; anonymous clients are not counted);
+    /// beyond it, HTTP 429 with `Retry-After` before the upgrade. 0: no limit (the default).
+    #[serde(default)]
+    pub max_connections_per_subject: u32,
+    /// HTTP handshakes (TLS included) in progress at once, from TCP accept to the upgrade
+    /// response; beyond it a new TCP connection is answered 503 with `Retry-After` (on `ws://`)
+    /// or closed (on `wss://`, where an answer would cost the TLS handshake it protects
+    /// against). Default 1024.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes_in_flight: u32,
     /// Channels one connection may be subscribed to at once. Default 100.
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions_per_connection: u32,
-    /// Sustained client publishes per second per connection (token bucket). Default 10.
+    /// Sustained requests that cost work per second per connection: `subscribe`,
+    /// `unsubscribe`, `publish` and `refresh` share one rate limit (a subscription costs the
+    /// NATS server a `SUB` and a round trip, a publish a `PUB`, a refresh a JWT
+    /// verification); a connection's first `maxSubscriptionsPerConnection` subscribes are
+    /// not counted (a reconnecting client subscribes again at once). Above it each gets an `error`
+    /// 429, and `2 × publishBurst` refusals in a row close the connection with 4029. The
+    /// name is older than the limit's reach. Default 10.
     #[serde(default = "default_publish_rate")]
     pub publish_rate_per_second: u32,
-    /// Publishes a connection may make in a burst above the rate. Default 20.
+    /// Such requests a connection may make in a burst above the rate. Default 20.
     #[serde(default = "default_publish_burst")]
     pub publish_burst: u32,
     /// Close a connection from which nothing (not even a pong) arrived for this long, in
@@ -68,7 +102,12 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             max_message_bytes: default_max_message_bytes(),
             send_queue_len: default_send_queue_len(),
+            send_queue_bytes: default_send_queue_bytes(),
+            max_queued_bytes: default_max_queued_bytes(),
             slow_consumer_policy: SlowConsumerPolicy::default(),
+            max_connections_per_ip: 0,
+            max_connections_per_subject: 0,
+            max_handshakes_in_flight: default_max_handshakes(),
             max_subscriptions_per_connection: default_max_subscriptions(),
             publish_rate_per_second: default_publish_rate(),
             publish_burst: default_publish_burst(),
@@ -88,6 +127,15 @@ fn default_max_message_bytes() -> u32 {
 }
 fn default_send_queue_len() -> u32 {
     256
+}
+fn default_send_queue_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_max_queued_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+fn default_max_handshakes() -> u32 {
+    1024
 }
 fn default_max_subscriptions() -> u32 {
     100
@@ -120,12 +168,21 @@ pub struct Drain {
     /// `terminationGracePeriodSeconds` must be larger. Default 30.
     #[serde(default = "default_grace")]
     pub grace_period_seconds: u64,
+    /// Time from SIGTERM to the first `drain` notice, in seconds (counted in the grace
+    /// period). During it the relay is not ready and refuses new connections (503) but
+    /// leaves open ones alone, so that the Service's endpoints and the ingress drop the pod
+    /// before its clients reconnect: reconnects then land on other pods. Turns are spread
+    /// over 70% of what remains of the grace period. Must leave at least 1 s of it.
+    /// Default 0 (the operator sets it from the gateway's spec).
+    #[serde(default)]
+    pub delay_before_close_seconds: u64,
 }
 
 impl Default for Drain {
     fn default() -> Self {
         Self {
             grace_period_seconds: default_grace(),
+            delay_before_close_seconds: 0,
         }
     }
 }
@@ -141,10 +198,13 @@ pub const MAX_MESSAGE_BYTES_CEILING: u32 = 8 * 1024 * 1024;
 impl Config {
     pub(super) fn validate_limits(&self, errs: &mut Vec<ValidationError>) {
         let l = &self.limits;
-        let positive: [(&str, u64); 8] = [
+        let positive: [(&str, u64); 11] = [
             ("maxConnections", l.max_connections.into()),
             ("maxMessageBytes", l.max_message_bytes.into()),
             ("sendQueueLen", l.send_queue_len.into()),
+            ("sendQueueBytes", l.send_queue_bytes),
+            ("maxQueuedBytes", l.max_queued_bytes),
+            ("maxHandshakesInFlight", l.max_handshakes_in_flight.into()),
             (
                 "maxSubscriptionsPerConnection",
                 l.max_subscriptions_per_connection.into(),
@@ -173,6 +233,28 @@ impl Config {
                 "limits.maxMessageBytes",
                 "must be at least 256 (room for the protocol envelope)",
             ));
+        }
+        if l.send_queue_bytes != 0 && l.send_queue_bytes < u64::from(l.max_message_bytes) {
+            errs.push(ValidationError::Conflict {
+                field: "limits.sendQueueBytes".into(),
+                other: "limits.maxMessageBytes".into(),
+                reason: "a connection's queue must have room for the largest message".into(),
+            });
+        }
+        if l.max_queued_bytes != 0 && l.max_queued_bytes < l.send_queue_bytes {
+            errs.push(ValidationError::Conflict {
+                field: "limits.maxQueuedBytes".into(),
+                other: "limits.sendQueueBytes".into(),
+                reason: "the process budget must hold at least one connection's queue".into(),
+            });
+        }
+        let d = &self.drain;
+        if d.grace_period_seconds != 0 && d.delay_before_close_seconds >= d.grace_period_seconds {
+            errs.push(ValidationError::Conflict {
+                field: "drain.delayBeforeCloseSeconds".into(),
+                other: "drain.gracePeriodSeconds".into(),
+                reason: "the delay must leave at least 1 s of the grace period for closing".into(),
+            });
         }
         if l.publish_burst == 0 {
             errs.push(ValidationError::invalid(

@@ -20,6 +20,20 @@ pub struct Listen {
     /// HTTP path of the WebSocket endpoint on the client listener. Default `/ws`.
     #[serde(default = "default_ws_path")]
     pub path: String,
+    /// Proxies (CIDRs, `10.0.0.0/8`, `2001:db8::/32`, or single addresses) whose
+    /// `clientIpHeader` is believed. A request from one of them is counted (for
+    /// `limits.maxConnectionsPerIp`) under the address the header names: the header's list is
+    /// read from the right, skipping trusted proxies, and the first other address is the
+    /// client. A request from any other peer is counted under the peer's address, whatever it
+    /// sends. Empty (the default): the header is never read. The PROXY protocol is not
+    /// supported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header a trusted proxy puts the client's address in: a comma-separated list
+    /// appended to by each proxy (`X-Forwarded-For`), or a single address (`X-Real-IP`).
+    /// Default `X-Forwarded-For`.
+    #[serde(default = "default_client_ip_header")]
+    pub client_ip_header: String,
 }
 
 impl Default for Listen {
@@ -28,8 +42,14 @@ impl Default for Listen {
             client: default_client_addr(),
             admin: default_admin_addr(),
             path: default_ws_path(),
+            trusted_proxies: Vec::new(),
+            client_ip_header: default_client_ip_header(),
         }
     }
+}
+
+fn default_client_ip_header() -> String {
+    "X-Forwarded-For".to_owned()
 }
 
 fn default_client_addr() -> SocketAddr {
@@ -65,6 +85,17 @@ impl Config {
             errs.push(ValidationError::invalid(
                 "listen.path",
                 "must start with '/'",
+            ));
+        }
+        let h = &self.listen.client_ip_header;
+        if h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        {
+            errs.push(ValidationError::invalid(
+                "listen.clientIpHeader",
+                format!("{h:?} is not an HTTP header name"),
             ));
         }
         if let Some(tls) = &self.tls {
