@@ -52,6 +52,10 @@ lint: ## clippy on every target, warnings are errors
 unit: tools ## unit and integration tests (real nats-server, headless Chromium, no cluster)
 	$(CARGO) test --workspace --exclude wsrelay-e2e --locked
 
+.PHONY: proptest-long
+proptest-long: ## the relay's property tests (frame parser, subject renderer, config loader) over a million generated cases; not part of make test
+	PROPTEST_CASES=$${PROPTEST_CASES:-150000} $(CARGO) test -p wsrelay --test properties --locked -- --nocapture
+
 .PHONY: client-js
 client-js: tools ## the TypeScript client SDK (clients/js): npm ci, build, unit tests, headless Chromium against a real relay and nats-server
 	$(CARGO) build -p wsrelay --bin wsrelay --locked

@@ -24,8 +24,10 @@ pub enum TemplateError {
     /// `a..b`, `.a`, `a.`.
     #[error("token {0} is empty (leading, trailing or doubled '.')")]
     EmptyToken(usize),
-    /// `*`, `>`, whitespace or a stray brace in a literal token.
-    #[error("token {index} ({token:?}) may not contain '*', '>', '{{', '}}' or whitespace")]
+    /// `*`, `>`, whitespace, a control character or a stray brace in a literal token.
+    #[error(
+        "token {index} ({token:?}) may not contain '*', '>', '{{', '}}', whitespace or control characters"
+    )]
     BadLiteral {
         /// Position of the token.
         index: usize,
@@ -96,7 +98,9 @@ pub fn parse_template(s: &str, is_channel: bool) -> Result<Vec<TemplateToken>, T
                     token: tok.to_owned(),
                 });
             }
-        } else if tok.contains(['*', '>', '{', '}']) || tok.chars().any(char::is_whitespace) {
+        } else if tok.contains(['*', '>', '{', '}'])
+            || tok.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(TemplateError::BadLiteral {
                 index,
                 token: tok.to_owned(),
