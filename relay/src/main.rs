@@ -10,7 +10,7 @@ use wsrelay::config::{Config, LoadError};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Log format.
+    /// Log format: `text` (coloured only when stderr is a terminal) or `json`.
     #[arg(long, env = "WSRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -45,8 +45,11 @@ enum Command {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WSRELAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

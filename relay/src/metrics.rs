@@ -24,6 +24,16 @@ pub struct Op {
     pub op: &'static str,
 }
 
+/// Labels of `wsrelay_nats_last_error`: a configured server URL without credentials, and
+/// one of a fixed set of causes (`crate::nats::io_cause`, `crate::nats::nats_cause`). Bounded by the config.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NatsError {
+    /// The server, e.g. `nats://nats.messaging:4222` (never a user or password).
+    pub server: String,
+    /// Why it cannot be reached, e.g. `connection refused`.
+    pub error: String,
+}
+
 /// Every metric of the relay.
 #[derive(Debug)]
 pub struct Metrics {
@@ -59,6 +69,12 @@ pub struct Metrics {
     pub nats_connected: Gauge,
     /// `wsrelay_nats_disconnects_total`: NATS connection losses.
     pub nats_disconnects: Counter,
+    /// `wsrelay_nats_last_error{server,error}`: 1 for the last connection failure while
+    /// NATS is not connected; no sample while connected (info-style, at most one sample).
+    pub nats_last_error: Family<NatsError, Gauge>,
+    /// `wsrelay_config_rejected`: 1 while the last config reload was refused (the relay
+    /// runs the previous config).
+    pub config_rejected: Gauge,
     /// `wsrelay_delivery_latency_seconds`: NATS receive to socket write.
     pub delivery_latency: Histogram,
     /// `wsrelay_draining`: 1 while draining.
@@ -105,6 +121,8 @@ impl Metrics {
             nats_subscriptions: Gauge::default(),
             nats_connected: Gauge::default(),
             nats_disconnects: Counter::default(),
+            nats_last_error: Family::default(),
+            config_rejected: Gauge::default(),
             delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             draining: Gauge::default(),
             reloads: Family::default(),
@@ -191,6 +209,16 @@ impl Metrics {
             m.nats_disconnects.clone(),
         );
         r.register(
+            "nats_last_error",
+            "1 for the last NATS connection failure (server, cause) while disconnected",
+            m.nats_last_error.clone(),
+        );
+        r.register(
+            "config_rejected",
+            "1 while the last config reload was refused",
+            m.config_rejected.clone(),
+        );
+        r.register(
             "delivery_latency_seconds",
             "Time from NATS receive to socket write",
             m.delivery_latency.clone(),
@@ -239,6 +267,14 @@ impl Metrics {
         self.dropped.get_or_create(&Reason { reason }).inc_by(n);
     }
 
+    /// Records why NATS cannot be reached (replacing the previous failure).
+    pub fn nats_failed(&self, server: String, error: String) {
+        self.nats_last_error.clear();
+        self.nats_last_error
+            .get_or_create(&NatsError { server, error })
+            .set(1);
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -274,5 +310,23 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing in {text}");
         }
+    }
+
+    #[test]
+    fn the_last_nats_error_is_one_sample_cleared_on_connect() {
+        let m = Metrics::new();
+        m.nats_failed("nats://a:4222".into(), "timed out".into());
+        m.nats_failed("nats://10.0.0.1:4222".into(), "connection refused".into());
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "wsrelay_nats_last_error{server=\"nats://10.0.0.1:4222\",error=\"connection refused\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("nats://a:4222"), "{text}");
+        m.nats_last_error.clear();
+        assert!(!m.encode().contains("wsrelay_nats_last_error{"));
+        assert!(text.contains("wsrelay_config_rejected 0"), "{text}");
     }
 }

@@ -55,6 +55,13 @@ pub async fn connect(
 ) -> Result<async_nats::Client, NatsError> {
     let m = metrics.clone();
     let flag = connected.clone();
+    let diagnosis = Arc::new(Diagnosis {
+        urls: cfg.urls.clone(),
+        metrics: metrics.clone(),
+        connected: connected.clone(),
+        probing: AtomicBool::new(false),
+        last: std::sync::Mutex::new(None),
+    });
     let mut opts = ConnectOptions::new()
         .name(&cfg.name)
         .retry_on_initial_connect()
@@ -69,12 +76,14 @@ pub async fn connect(
             let m = m.clone();
             let flag = flag.clone();
             let signals = signals.clone();
+            let diagnosis = diagnosis.clone();
             async move {
                 match event {
                     Event::Connected => {
                         let again = m.nats_disconnects.get() > 0;
                         flag.store(true, Ordering::SeqCst);
                         m.nats_connected.set(1);
+                        m.nats_last_error.clear();
                         tracing::info!("NATS connected");
                         if again && signals.try_send(Signal::Reconnected).is_err() {
                             tracing::warn!("NATS reconnection not forwarded");
@@ -102,6 +111,13 @@ pub async fn connect(
                                 tracing::warn!(%subject, "NATS refusal not forwarded");
                             }
                         }
+                    }
+                    // async-nats says only the kind ("IO error"): find the server and the cause.
+                    Event::ClientError(async_nats::ClientError::Other(kind)) => {
+                        diagnosis.failed(kind);
+                    }
+                    Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                        diagnosis.failed("authorization violation".into());
                     }
                     other => tracing::info!(event = %other, "NATS event"),
                 }
@@ -144,4 +160,211 @@ pub async fn connect(
     opts.connect(urls)
         .await
         .map_err(|e| NatsError::Connect(e.to_string()))
+}
+
+/// Finds out which server cannot be reached and why, after async-nats reported a failed
+/// connection attempt (it names neither): a TCP connect to each configured server, one
+/// probe at a time. The outcome goes to the log (once per change or minute) and to
+/// `wsrelay_nats_last_error`, which the operator reads.
+struct Diagnosis {
+    urls: Vec<String>,
+    metrics: Arc<Metrics>,
+    connected: Arc<AtomicBool>,
+    probing: AtomicBool,
+    last: std::sync::Mutex<Option<(String, &'static str, std::time::Instant)>>,
+}
+
+/// How long one probe of one server may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A failure that does not change is logged again after this long.
+const RELOG_AFTER: Duration = Duration::from_secs(60);
+
+impl Diagnosis {
+    fn failed(self: &Arc<Self>, kind: String) {
+        if self.probing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (server, error) = match probe(&me.urls).await {
+                Some(found) => found,
+                None => (
+                    me.urls.first().map(|u| display_url(u)).unwrap_or_default(),
+                    nats_cause(&kind),
+                ),
+            };
+            // Connected meanwhile: the failure is history.
+            if !me.connected.load(Ordering::SeqCst) {
+                me.metrics.nats_failed(server.clone(), error.to_string());
+                let mut last = me.last.lock().unwrap_or_else(|p| p.into_inner());
+                let repeat = last.as_ref().is_some_and(|(s, e, at)| {
+                    *s == server && *e == error && at.elapsed() < RELOG_AFTER
+                });
+                if repeat {
+                    tracing::debug!(%server, error, nats_error = %kind, "NATS unreachable");
+                } else {
+                    tracing::warn!(%server, error, nats_error = %kind, "NATS unreachable");
+                    *last = Some((server, error, std::time::Instant::now()));
+                }
+            }
+            me.probing.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// A configured server URL as a log, a metric label or a status may show it: scheme, host
+/// and port, never a user, password or token (`nats://user:pw@host:4222` -> `nats://host:4222`).
+pub fn display_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("nats", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{host}")
+}
+
+/// `host:port` to dial for a server URL (NATS' default port 4222 when none is given).
+fn dial_address(url: &str) -> String {
+    let shown = display_url(url);
+    let hostport = shown.split_once("://").map_or(shown.as_str(), |(_, h)| h);
+    match hostport.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            hostport.to_string()
+        }
+        _ => format!("{hostport}:4222"),
+    }
+}
+
+/// The first configured server a TCP connect fails to, and why; None when all answer
+/// (then the failure is above TCP: TLS, authentication, the NATS handshake).
+async fn probe(urls: &[String]) -> Option<(String, &'static str)> {
+    for url in urls {
+        let addr = dial_address(url);
+        let outcome = tokio::time::timeout(PROBE_TIMEOUT, async {
+            let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&addr)
+                .await
+                .map_err(|_| "name not resolved")?
+                .collect();
+            let mut last = "name not resolved";
+            for a in resolved {
+                match tokio::net::TcpStream::connect(a).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = io_cause(&e),
+                }
+            }
+            Err(last)
+        })
+        .await
+        .unwrap_or(Err("connection timed out"));
+        if let Err(cause) = outcome {
+            return Some((display_url(url), cause));
+        }
+    }
+    None
+}
+
+/// A bounded description of a failed TCP connect.
+pub fn io_cause(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::ConnectionRefused => "connection refused",
+        ErrorKind::TimedOut => "connection timed out",
+        ErrorKind::HostUnreachable => "host unreachable",
+        ErrorKind::NetworkUnreachable => "network unreachable",
+        ErrorKind::ConnectionReset => "connection reset",
+        ErrorKind::AddrNotAvailable => "address not available",
+        ErrorKind::PermissionDenied => "permission denied",
+        _ => "connection failed",
+    }
+}
+
+/// A bounded description of a failure async-nats reported (its `ConnectErrorKind` text)
+/// when TCP itself works.
+pub fn nats_cause(kind: &str) -> &'static str {
+    match kind {
+        "timed out" => "NATS handshake timed out",
+        "TLS error" => "TLS error",
+        "authorization violation" => "authorization violation",
+        "failed signing nonce" => "authentication failed",
+        "DNS error" => "name not resolved",
+        "failed to parse server or server list" => "invalid server URL",
+        _ => "connection failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        assert_eq!(
+            display_url("nats://user:secret@nats.example:4222"),
+            "nats://nats.example:4222"
+        );
+        assert_eq!(
+            display_url("tls://tok@10.0.0.1:4443/x?y"),
+            "tls://10.0.0.1:4443"
+        );
+        assert_eq!(display_url("nats.example"), "nats://nats.example");
+        assert_eq!(dial_address("nats://u:p@nats.example"), "nats.example:4222");
+        assert_eq!(dial_address("nats://[::1]:4000"), "[::1]:4000");
+        assert_eq!(dial_address("nats://[::1]"), "[::1]:4222");
+    }
+
+    #[tokio::test]
+    async fn a_probe_names_the_server_that_refuses_and_why() {
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let closed_port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let up = format!(
+            "nats://127.0.0.1:{}",
+            open.local_addr().expect("addr").port()
+        );
+        let down = format!("nats://a:b@127.0.0.1:{closed_port}");
+        assert_eq!(probe(std::slice::from_ref(&up)).await, None);
+        assert_eq!(
+            probe(&[up, down]).await,
+            Some((
+                format!("nats://127.0.0.1:{closed_port}"),
+                "connection refused"
+            ))
+        );
+        assert_eq!(
+            probe(&["nats://nats.invalid:4222".to_string()]).await,
+            Some(("nats://nats.invalid:4222".to_string(), "name not resolved"))
+        );
+    }
+
+    /// The relay's own connection to a port nothing listens on: the metric names it.
+    #[tokio::test]
+    async fn an_unreachable_server_shows_in_the_metrics() {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let cfg: Nats = serde_json::from_value(serde_json::json!({
+            "urls": [format!("nats://127.0.0.1:{port}")]
+        }))
+        .expect("config");
+        let metrics = Arc::new(Metrics::new());
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        let _client = connect(&cfg, metrics.clone(), Arc::new(AtomicBool::new(false)), tx)
+            .await
+            .expect("connects in the background");
+        let want = format!(
+            "wsrelay_nats_last_error{{server=\"nats://127.0.0.1:{port}\",error=\"connection refused\"}} 1"
+        );
+        for _ in 0..100 {
+            if metrics.encode().contains(&want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{want} not in {}", metrics.encode());
+    }
 }

@@ -36,6 +36,10 @@ pub fn reload(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
     let outcome = if result.is_ok() { "ok" } else { "error" };
     relay
         .metrics
+        .config_rejected
+        .set(i64::from(result.is_err()));
+    relay
+        .metrics
         .reloads
         .get_or_create(&Reason { reason: outcome })
         .inc();
