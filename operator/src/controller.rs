@@ -26,7 +26,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{WebsocketGateway, WebsocketGatewayStatus};
+use crate::api::{CONDITION_READY, WebsocketGateway, WebsocketGatewayStatus};
 use crate::build::{MANAGED_BY_LABEL, MANAGER, Options, applies_replicas, build_with};
 use crate::error::Error;
 use crate::fetch::{Caches, Children, Observed, SecretCache};
@@ -45,6 +45,9 @@ const FULL_APPLY_EVERY: Duration = Duration::from_secs(600);
 /// connection count moves without any watch event). From the caches: no API request unless
 /// the status changed.
 const RESYNC: Duration = Duration::from_secs(60);
+/// How often a gateway that is not Ready is looked at when nothing changed: the relays'
+/// reports (NATS unreachable, say) reach its status within this.
+const NOT_READY_RESYNC: Duration = Duration::from_secs(10);
 /// Reconciles running at once (of different gateways; one gateway is never reconciled
 /// twice at a time). Bounds the burst of API requests after a restart or a relist.
 pub const CONCURRENCY: u16 = 8;
@@ -391,7 +394,7 @@ async fn pipeline(o: &Observed, ctx: &Context) -> Result<Action, Error> {
         ctx.record_applied(o, None);
         return Err(e.into());
     }
-    let was_degraded = status::is_degraded(gw);
+    let was_degraded = status::degraded_reason(gw);
     let deployment = if ctx.needs_apply(o) {
         ctx.record_applied(o, None);
         let options = Options {
@@ -409,19 +412,38 @@ async fn pipeline(o: &Observed, ctx: &Context) -> Result<Action, Error> {
         None
     };
     let deployment = deployment.as_ref().or(o.deployment.as_deref());
-    let status = status::compute(gw, deployment, o.connections, None, &now());
+    // What the relays report (NATS unreachable, a refused reload, missing history streams).
+    let problem = status::relay_problem(gw, &o.relays);
+    let status = status::compute(gw, deployment, o.connections, problem.as_ref(), &now());
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == CONDITION_READY && c.status == "True");
     write_status(&ctx.client, gw, status).await?;
-    if was_degraded {
-        publish(
-            ctx,
-            gw,
-            EventType::Normal,
-            "Recovered",
-            "the gateway's spec, its Secrets and its children are usable again".into(),
-        )
-        .await;
+    match (&problem, was_degraded) {
+        (Some(p), previous) if previous.as_deref() != Some(p.reason.as_str()) => {
+            tracing::warn!(gateway = %Context::key(gw), reason = %p.reason, "{}", p.message);
+            publish(ctx, gw, EventType::Warning, &p.reason, p.message.clone()).await;
+        }
+        (None, Some(_)) => {
+            publish(
+                ctx,
+                gw,
+                EventType::Normal,
+                "Recovered",
+                "the gateway's spec, its Secrets, its children and its relays are in order again"
+                    .into(),
+            )
+            .await;
+        }
+        _ => {}
     }
-    Ok(Action::requeue(RESYNC))
+    // Not Ready: look again soon (what the relays report moves without a watch event).
+    Ok(Action::requeue(if ready {
+        RESYNC
+    } else {
+        NOT_READY_RESYNC
+    }))
 }
 
 /// A person must act: say so in the Degraded condition and in an Event.
@@ -705,6 +727,7 @@ mod tests {
             hpa: None,
             missing: Vec::new(),
             connections: 0,
+            relays: Vec::new(),
         }
     }
 

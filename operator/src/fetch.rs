@@ -158,6 +158,8 @@ pub struct Observed {
     pub missing: Vec<&'static str>,
     /// Open connections summed over the running relay pods that answered their scrape.
     pub connections: i64,
+    /// What the running relay pods that answered report about themselves, by pod name.
+    pub relays: Vec<(String, scrape::Report)>,
 }
 
 /// Secrets read before, by namespace/name, with the resourceVersion they were read at.
@@ -231,7 +233,8 @@ pub async fn observe(
         .map(|p| Pod::clone(p))
         .collect();
     let targets = scrape::targets(&pods);
-    let connections = scraper.total(&targets).await;
+    let relays = scraper.reports(&targets).await;
+    let connections = relays.iter().map(|(_, r)| r.connections).sum();
     Ok(Observed {
         gateway: gw,
         secrets,
@@ -239,6 +242,7 @@ pub async fn observe(
         hpa,
         missing,
         connections,
+        relays,
     })
 }
 

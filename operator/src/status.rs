@@ -7,7 +7,8 @@ use crate::api::{
     CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, WebsocketGateway,
     WebsocketGatewayStatus,
 };
-use crate::build::{endpoint, selector_string};
+use crate::build::{endpoint, relay_config, selector_string};
+use crate::metrics_api::scrape::Report;
 
 /// A problem a person must fix, as the Degraded condition shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,7 @@ pub fn compute(
     let replicas = dstatus.and_then(|s| s.replicas).unwrap_or(0);
     let ready = dstatus.and_then(|s| s.ready_replicas).unwrap_or(0);
     let updated = dstatus.and_then(|s| s.updated_replicas).unwrap_or(0);
+    let available = dstatus.and_then(|s| s.available_replicas).unwrap_or(0);
     let wanted = deployment.and_then(|d| d.spec.replicas).unwrap_or(0);
     let rolled_out = deployment.is_some_and(|d| {
         let observed = d.status.as_ref().and_then(|s| s.observed_generation);
@@ -67,20 +69,34 @@ pub fn compute(
             "Degraded",
             "the gateway cannot be rolled out; see the Degraded condition".into(),
         )
-    } else if ready > 0 {
+    } else if rolled_out && available >= wanted {
+        // Ready as for a Deployment's rollout: every replica runs the current spec and is
+        // available, not merely one pod answering.
         condition(
             CONDITION_READY,
             true,
-            "RelaysReady",
-            format!("{ready} of {wanted} relay pods ready"),
+            "RolloutComplete",
+            format!("{available} of {wanted} relay pods available, all on the current spec"),
         )
     } else {
-        condition(
-            CONDITION_READY,
-            false,
-            "NoRelayReady",
-            format!("0 of {wanted} relay pods ready"),
-        )
+        let why = match degraded {
+            Some(d) => format!("; {}: see the Degraded condition", d.reason),
+            None => String::new(),
+        };
+        let (reason, message) = if available == 0 && wanted > 0 {
+            (
+                "NoRelayReady",
+                format!("0 of {wanted} relay pods available{why}"),
+            )
+        } else {
+            (
+                "RollingOut",
+                format!(
+                    "{updated} of {wanted} relay pods on the current spec, {available} available{why}"
+                ),
+            )
+        };
+        condition(CONDITION_READY, false, reason, message)
     };
     let progressing = if deployment.is_none() {
         condition(
@@ -118,11 +134,96 @@ pub fn compute(
         observed_generation: generation,
         conditions: vec![ready_cond, progressing, degraded_cond],
         replicas,
+        desired_replicas: wanted,
         ready_replicas: ready,
         connections,
         endpoint: endpoint(gw),
         selector: Some(selector_string(&name)),
     }
+}
+
+/// What the relays report that a person must fix, as a degradation (None: nothing). Pure:
+/// from the gateway and the reports of the relay pods that answered their scrape. In
+/// order: NATS unreachable (with each server and cause), a config reload refused, history
+/// streams missing (fewer than the gateway's resumable bindings need).
+pub fn relay_problem(gw: &WebsocketGateway, relays: &[(String, Report)]) -> Option<Degradation> {
+    let total = relays.len();
+    let mut unreachable: std::collections::BTreeMap<&(String, String), usize> =
+        std::collections::BTreeMap::new();
+    for (_, r) in relays {
+        if r.nats_connected == Some(false)
+            && let Some(e) = &r.nats_error
+        {
+            *unreachable.entry(e).or_default() += 1;
+        }
+    }
+    if !unreachable.is_empty() {
+        let pods: usize = unreachable.values().sum();
+        let causes: Vec<String> = unreachable
+            .keys()
+            .take(3)
+            .map(|(server, error)| format!("{server}: {error}"))
+            .collect();
+        return Some(Degradation {
+            reason: "NatsUnreachable".into(),
+            message: format!(
+                "{pods} of {total} relay pods cannot connect to NATS ({}); check spec.nats.urls, that the server runs, and that the relay pods' network reaches it",
+                causes.join("; ")
+            ),
+        });
+    }
+    let rejected: Vec<&str> = relays
+        .iter()
+        .filter(|(_, r)| r.config_rejected)
+        .map(|(pod, _)| pod.as_str())
+        .collect();
+    if !rejected.is_empty() {
+        return Some(Degradation {
+            reason: "ConfigRejected".into(),
+            message: format!(
+                "{} of {total} relay pods refused their last config reload and run the previous config ({}); their logs say why",
+                rejected.len(),
+                rejected.join(", ")
+            ),
+        });
+    }
+    let name = gw.metadata.name.clone().unwrap_or_default();
+    let namespace = gw.metadata.namespace.clone().unwrap_or_default();
+    let wanted: std::collections::BTreeSet<String> = relay_config(&gw.spec, &namespace, &name)
+        .bindings
+        .into_iter()
+        .filter_map(|b| b.history.map(|h| h.stream))
+        .collect();
+    let expected = i64::try_from(wanted.len()).unwrap_or(i64::MAX);
+    let lagging: Vec<(&str, i64)> = relays
+        .iter()
+        .filter(|(_, r)| r.nats_connected == Some(true))
+        .filter_map(|(pod, r)| {
+            r.history_streams_ready
+                .filter(|n| *n < expected)
+                .map(|n| (pod.as_str(), n))
+        })
+        .collect();
+    if let Some(fewest) = lagging.iter().map(|(_, n)| *n).min() {
+        return Some(Degradation {
+            reason: "HistoryNotReady".into(),
+            message: format!(
+                "{} of {total} relay pods have {fewest} of {expected} history streams in place, so resumable subscribes are answered 503; is JetStream enabled on the NATS server, and may the relays' NATS user create streams? Their logs say why",
+                lagging.len()
+            ),
+        });
+    }
+    None
+}
+
+/// The reason of the gateway's current Degraded=True condition, if it has one.
+pub fn degraded_reason(gw: &WebsocketGateway) -> Option<String> {
+    gw.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_DEGRADED && c.status == "True")
+            .map(|c| c.reason.clone())
+    })
 }
 
 /// Whether the gateway's current status says Degraded=True.
@@ -152,7 +253,7 @@ mod tests {
         serde_json::from_value(json!({
             "metadata": { "name": "ticker", "generation": 2 },
             "spec": { "replicas": wanted, "selector": {}, "template": {} },
-            "status": { "observedGeneration": 2, "replicas": wanted, "readyReplicas": ready, "updatedReplicas": updated }
+            "status": { "observedGeneration": 2, "replicas": wanted, "readyReplicas": ready, "availableReplicas": ready, "updatedReplicas": updated }
         }))
         .expect("deployment")
     }
@@ -185,7 +286,110 @@ mod tests {
     fn a_rollout_in_progress_is_progressing() {
         let s = compute(&gateway(), Some(&deployment(3, 1, 1)), 0, None, &at(100));
         assert_eq!(cond(&s, "Progressing").status, "True");
-        assert_eq!(cond(&s, "Ready").message, "1 of 3 relay pods ready");
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(
+            cond(&s, "Ready").message,
+            "1 of 3 relay pods on the current spec, 1 available"
+        );
+    }
+
+    /// Ready means the rollout is done: one ready pod of two is not Ready, nor are two
+    /// available pods of which one still runs the previous spec.
+    #[test]
+    fn ready_means_every_replica_updated_and_available() {
+        let gw = gateway();
+        assert_eq!(
+            cond(
+                &compute(&gw, Some(&deployment(2, 1, 2)), 0, None, &at(1)),
+                "Ready"
+            )
+            .status,
+            "False"
+        );
+        assert_eq!(
+            cond(
+                &compute(&gw, Some(&deployment(2, 2, 1)), 0, None, &at(1)),
+                "Ready"
+            )
+            .status,
+            "False"
+        );
+        let mut stale = deployment(2, 2, 2);
+        stale.metadata.generation = Some(3);
+        assert_eq!(
+            cond(&compute(&gw, Some(&stale), 0, None, &at(1)), "Ready").status,
+            "False"
+        );
+        let done = compute(&gw, Some(&deployment(2, 2, 2)), 0, None, &at(1));
+        assert_eq!(cond(&done, "Ready").reason, "RolloutComplete");
+    }
+
+    fn report(nats: Option<(&str, &str)>) -> Report {
+        Report {
+            connections: 0,
+            nats_connected: Some(nats.is_none()),
+            nats_error: nats.map(|(s, e)| (s.into(), e.into())),
+            config_rejected: false,
+            history_streams_ready: Some(0),
+        }
+    }
+
+    #[test]
+    fn unreachable_nats_is_degraded_with_the_server_and_cause() {
+        let gw = gateway();
+        let refused = ("nats://10.0.0.9:4222", "connection refused");
+        let relays = vec![
+            ("ticker-a".to_string(), report(Some(refused))),
+            ("ticker-b".to_string(), report(Some(refused))),
+        ];
+        let d = relay_problem(&gw, &relays).expect("a problem");
+        assert_eq!(d.reason, "NatsUnreachable");
+        assert!(
+            d.message.starts_with(
+                "2 of 2 relay pods cannot connect to NATS (nats://10.0.0.9:4222: connection refused)"
+            ),
+            "{}",
+            d.message
+        );
+        let s = compute(&gw, Some(&deployment(2, 0, 2)), 0, Some(&d), &at(1));
+        assert_eq!(cond(&s, "Degraded").reason, "NatsUnreachable");
+        assert_eq!(cond(&s, "Degraded").status, "True");
+        assert_eq!(
+            cond(&s, "Ready").message,
+            "0 of 2 relay pods available; NatsUnreachable: see the Degraded condition"
+        );
+        // Connected pods, an older relay without the metric, no pods: nothing to say.
+        assert_eq!(relay_problem(&gw, &[("a".into(), report(None))]), None);
+        assert_eq!(relay_problem(&gw, &[("a".into(), Report::default())]), None);
+        assert_eq!(relay_problem(&gw, &[]), None);
+    }
+
+    #[test]
+    fn a_refused_reload_and_missing_history_streams_are_degraded() {
+        let gw = gateway();
+        let mut rejected = report(None);
+        rejected.config_rejected = true;
+        let d = relay_problem(&gw, &[("ticker-a".into(), rejected)]).expect("problem");
+        assert_eq!(d.reason, "ConfigRejected");
+        assert!(d.message.contains("ticker-a"), "{}", d.message);
+
+        let mut resumable = gateway();
+        resumable.spec.bindings[0].history =
+            Some(serde_json::from_value(json!({ "maxMessages": 10 })).expect("history"));
+        let d = relay_problem(&resumable, &[("ticker-a".into(), report(None))]).expect("problem");
+        assert_eq!(d.reason, "HistoryNotReady");
+        assert!(
+            d.message.contains("0 of 1 history streams"),
+            "{}",
+            d.message
+        );
+        let mut in_place = report(None);
+        in_place.history_streams_ready = Some(1);
+        assert_eq!(relay_problem(&resumable, &[("a".into(), in_place)]), None);
+        // Not connected to NATS yet: streams cannot be in place, and NATS is the news.
+        let mut down = report(None);
+        down.nats_connected = Some(false);
+        assert_eq!(relay_problem(&resumable, &[("a".into(), down)]), None);
     }
 
     #[test]

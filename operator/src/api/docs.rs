@@ -48,6 +48,15 @@ pub fn crd_markdown() -> String {
     out
 }
 
+/// Defaults the operator applies where a schema default cannot stand (the API server would
+/// fill it in where it must stay unset).
+fn operator_default(path: &str) -> Option<&'static str> {
+    match path {
+        "spec.replicas" => Some("`2` (without `autoscaling`)"),
+        _ => None,
+    }
+}
+
 fn type_of(s: &Value) -> String {
     match s["type"].as_str() {
         Some("array") => format!("[]{}", type_of(&s["items"])),
@@ -78,6 +87,7 @@ fn walk(path: &str, s: &Value, out: &mut String, rules: &mut Vec<(String, String
     let default = s
         .get("default")
         .map(|d| format!("`{d}`"))
+        .or_else(|| operator_default(path).map(str::to_string))
         .unwrap_or_default();
     out.push_str(&format!(
         "| `{path}` | {kind} | {default} | {} |\n",

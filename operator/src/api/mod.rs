@@ -49,9 +49,68 @@ pub fn crd() -> CustomResourceDefinition {
                 reason: Some("FieldValueInvalid".to_string()),
                 ..ValidationRule::default()
             }]);
+            // `kubectl explain` prints descriptions as they are: reflow the doc comments'
+            // source line breaks, keep their paragraphs and list items.
+            if let Ok(mut value) = serde_json::to_value(&*schema) {
+                reflow_descriptions(&mut value);
+                if let Ok(reflowed) = serde_json::from_value(value) {
+                    *schema = reflowed;
+                }
+            }
         }
     }
     crd
+}
+
+/// Rewrites every `description` string under `v` with [`reflow`].
+fn reflow_descriptions(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                match child {
+                    serde_json::Value::String(text) if key == "description" => {
+                        *text = reflow(text);
+                    }
+                    other => reflow_descriptions(other),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(reflow_descriptions),
+        _ => {}
+    }
+}
+
+/// One line per paragraph (paragraphs stay apart by a blank line) and per list item (a line
+/// starting with `- `, `* ` or `1. `): the reader's terminal wraps, not the source file.
+pub fn reflow(text: &str) -> String {
+    let mut paragraphs: Vec<String> = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let flush = |current: &mut Vec<String>, paragraphs: &mut Vec<String>| {
+        if !current.is_empty() {
+            paragraphs.push(current.join("\n"));
+            current.clear();
+        }
+    };
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() {
+            flush(&mut current, &mut paragraphs);
+            continue;
+        }
+        let item = line.starts_with("- ")
+            || line.starts_with("* ")
+            || line
+                .split_once(". ")
+                .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+        match current.last_mut() {
+            Some(last) if !item => {
+                last.push(' ');
+                last.push_str(line);
+            }
+            _ => current.push(line.to_string()),
+        }
+    }
+    flush(&mut current, &mut paragraphs);
+    paragraphs.join("\n\n")
 }
 
 /// The CRD of `WebsocketGateway` as YAML, exactly as `wsrelay-operator crd` prints it and
@@ -112,7 +171,33 @@ mod tests {
             .collect();
         assert_eq!(
             columns,
-            ["Ready", "Replicas", "Connections", "Endpoint", "Age"]
+            [
+                "Ready",
+                "Desired",
+                "Pods-Ready",
+                "Connections",
+                "Degraded",
+                "Endpoint",
+                "Age"
+            ]
+        );
+    }
+
+    #[test]
+    fn descriptions_are_reflowed_paragraphs() {
+        assert_eq!(
+            reflow(
+                "Each channel may be\nbound once.\n\nSecond\n  paragraph:\n- one\n- two\n  wrapped"
+            ),
+            "Each channel may be bound once.\n\nSecond paragraph:\n- one\n- two wrapped"
+        );
+        let yaml = crd_yaml();
+        let doc: serde_json::Value = serde_yaml::from_str(&yaml).expect("yaml");
+        let bindings = &doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["bindings"]["description"];
+        assert_eq!(
+            bindings,
+            "The client-facing channels and the NATS subjects behind them. Each channel may be bound once."
         );
     }
 

@@ -43,16 +43,28 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsrelay/wsrelay:", env!("CARGO_
         description = "Whether the gateway serves clients"
     ),
     printcolumn(
-        name = "Replicas",
+        name = "Desired",
         type_ = "integer",
-        json_path = ".status.replicas",
-        description = "Relay pods that exist"
+        json_path = ".status.desiredReplicas",
+        description = "Relay pods wanted (spec.replicas, or the autoscaler's count)"
+    ),
+    printcolumn(
+        name = "Pods-Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Relay pods ready to serve"
     ),
     printcolumn(
         name = "Connections",
         type_ = "integer",
         json_path = ".status.connections",
         description = "Open client connections across the fleet"
+    ),
+    printcolumn(
+        name = "Degraded",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Degraded\")].reason",
+        description = "Why the gateway is degraded (AsExpected when it is not)"
     ),
     printcolumn(
         name = "Endpoint",
@@ -78,7 +90,9 @@ pub struct WebsocketGatewaySpec {
     /// The fixed number of relay pods when autoscaling is off (the scale subresource writes
     /// it). Must be unset when `autoscaling` is set, and set in the same change that removes
     /// `autoscaling` (the relays then go straight from the autoscaled count to this one).
-    /// Defaults to 2.
+    ///
+    /// Default: 2 when `autoscaling` is unset. (The operator applies it, not the API
+    /// server: a schema default would also be filled in beside `autoscaling`.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: Option<i32>,

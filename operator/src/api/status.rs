@@ -4,7 +4,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
-/// Condition type: the gateway serves clients (at least one relay pod ready, rollout done).
+/// Condition type: the rollout is done: every relay pod runs the current spec and is
+/// available (as `kubectl rollout status` means it).
 pub const CONDITION_READY: &str = "Ready";
 /// Condition type: a rollout or scale change is under way.
 pub const CONDITION_PROGRESSING: &str = "Progressing";
@@ -27,6 +28,10 @@ pub struct WebsocketGatewayStatus {
     /// Relay pods that exist (the scale subresource reads it).
     #[serde(default)]
     pub replicas: i32,
+
+    /// Relay pods wanted: `spec.replicas`, or the count the autoscaler chose.
+    #[serde(default)]
+    pub desired_replicas: i32,
 
     /// Relay pods ready to serve.
     #[serde(default)]

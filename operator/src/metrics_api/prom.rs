@@ -33,6 +33,67 @@ pub fn gauge(text: &str, name: &str) -> Option<f64> {
     None
 }
 
+/// Every sample named exactly `name` in `text`, with its labels (in exposition order) and
+/// value. Label values are unescaped (`\\`, `\"`, `\n`); a malformed line is skipped.
+pub fn samples(text: &str, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels, rest) = match rest.strip_prefix('{') {
+            Some(inner) => match parse_labels(inner) {
+                Some(parsed) => parsed,
+                None => continue,
+            },
+            None => (Vec::new(), rest),
+        };
+        if !rest.starts_with([' ', '\t']) {
+            continue;
+        }
+        if let Some(value) = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+        {
+            out.push((labels, value));
+        }
+    }
+    out
+}
+
+/// Parses `a="x",b="y"}` (after the `{`): the labels and what follows the `}`.
+fn parse_labels(mut s: &str) -> Option<(Vec<(String, String)>, &str)> {
+    let mut labels = Vec::new();
+    loop {
+        s = s.trim_start_matches([' ', ',']);
+        if let Some(rest) = s.strip_prefix('}') {
+            return Some((labels, rest));
+        }
+        let (key, rest) = s.split_once('=')?;
+        let mut chars = rest.strip_prefix('"')?.char_indices();
+        let mut value = String::new();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '"' => break i,
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                c => value.push(c),
+            }
+        };
+        labels.push((key.trim().to_string(), value));
+        s = &rest[end + 2..];
+    }
+}
+
 /// A gauge value as a connection count: rounded, never negative.
 pub fn as_count(value: f64) -> i64 {
     // A gauge of open connections is integral; rounding only guards against float noise.
@@ -81,6 +142,24 @@ wsrelay_refused_total{reason=\"auth\"} 1
         assert_eq!(gauge("m +Inf\n", "m"), None);
         assert_eq!(gauge("m garbage\n", "m"), None);
         assert_eq!(gauge("", "m"), None);
+    }
+
+    #[test]
+    fn labelled_samples_are_read_with_their_labels() {
+        let text = "# TYPE e gauge\ne{server=\"nats://a:1\",error=\"say \\\"no\\\"\"} 1\ne_other 2\ne 3\ne{x=\"1\"\n";
+        assert_eq!(
+            samples(text, "e"),
+            [
+                (
+                    vec![
+                        ("server".to_string(), "nats://a:1".to_string()),
+                        ("error".to_string(), "say \"no\"".to_string())
+                    ],
+                    1.0
+                ),
+                (vec![], 3.0)
+            ]
+        );
     }
 
     #[test]

@@ -141,12 +141,58 @@ impl ScrapeMetrics {
     }
 }
 
+/// What one relay reports about itself on `/metrics`, besides its connection count: what
+/// the gateway's status shows when the relays cannot do their job.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Report {
+    /// The connection gauge (the scraper's metric).
+    pub connections: i64,
+    /// `wsrelay_nats_connected`, when the relay exports it.
+    pub nats_connected: Option<bool>,
+    /// `wsrelay_nats_last_error{server,error}`: the server it cannot reach, and why.
+    pub nats_error: Option<(String, String)>,
+    /// `wsrelay_config_rejected`: its last config reload was refused.
+    pub config_rejected: bool,
+    /// `wsrelay_history_streams_ready`, when exported.
+    pub history_streams_ready: Option<i64>,
+}
+
+impl Report {
+    /// Reads a relay's exposition; `metric` is the connection gauge, which must be there.
+    pub fn parse(body: &str, metric: &'static str) -> Result<Self, ScrapeError> {
+        let connections = prom::gauge(body, metric)
+            .map(prom::as_count)
+            .ok_or(ScrapeError::NoSample(metric))?;
+        let nats_error = prom::samples(body, "wsrelay_nats_last_error")
+            .into_iter()
+            .find(|(_, v)| *v > 0.0)
+            .map(|(labels, _)| {
+                let get = |k: &str| {
+                    labels
+                        .iter()
+                        .find(|(name, _)| name == k)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                (get("server"), get("error"))
+            });
+        Ok(Self {
+            connections,
+            nats_connected: prom::gauge(body, "wsrelay_nats_connected").map(|v| v > 0.0),
+            nats_error,
+            config_rejected: prom::gauge(body, "wsrelay_config_rejected").is_some_and(|v| v > 0.0),
+            history_streams_ready: prom::gauge(body, "wsrelay_history_streams_ready")
+                .map(prom::as_count),
+        })
+    }
+}
+
 /// A cached outcome of one pod's scrape.
 #[derive(Debug, Clone)]
 struct Cached {
     at: Instant,
     addr: SocketAddr,
-    value: Result<(i64, String), ScrapeError>,
+    value: Result<(Report, String), ScrapeError>,
 }
 
 /// Scrapes relays, with a per-pod cache.
@@ -220,7 +266,24 @@ impl Scraper {
         self.values(targets).await.iter().map(|s| s.value).sum()
     }
 
+    /// The reports of the targets that answered, by pod name, in target order (same cache
+    /// as [`Scraper::values`]: one scrape per pod and period whoever asks).
+    pub async fn reports(&self, targets: &[Target]) -> Vec<(String, Report)> {
+        let outcomes = futures::future::join_all(targets.iter().map(|t| self.report(t))).await;
+        targets
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(t, r)| r.ok().map(|(report, _)| (t.name.clone(), report)))
+            .collect()
+    }
+
     async fn value(&self, target: &Target) -> Result<(i64, String), ScrapeError> {
+        self.report(target)
+            .await
+            .map(|(report, at)| (report.connections, at))
+    }
+
+    async fn report(&self, target: &Target) -> Result<(Report, String), ScrapeError> {
         let key = format!("{}/{}", target.uid, target.name);
         if let Some(hit) = self
             .cache
@@ -235,9 +298,7 @@ impl Scraper {
         let value = match tokio::time::timeout(self.timeout, scrape(target.addr)).await {
             Err(_) => Err(ScrapeError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(body)) => prom::gauge(&body, self.metric)
-                .map(prom::as_count)
-                .ok_or(ScrapeError::NoSample(self.metric)),
+            Ok(Ok(body)) => Report::parse(&body, self.metric),
         }
         .map(|v| (v, now_rfc3339()));
         self.metrics
@@ -424,6 +485,31 @@ mod tests {
         assert_eq!(scraper.metrics.ok.get(), 2);
         assert_eq!(scraper.metrics.failed.get(), 2);
         assert_eq!(scraper.total(&[target("a", a), target("b", b)]).await, 8);
+    }
+
+    #[test]
+    fn a_report_carries_what_the_relay_says_about_nats_config_and_history() {
+        let body = "wsrelay_connections 2\nwsrelay_nats_connected 0\n\
+            wsrelay_nats_last_error{server=\"nats://10.0.0.9:4222\",error=\"connection refused\"} 1\n\
+            wsrelay_config_rejected 1\nwsrelay_history_streams_ready 1\n";
+        let r = Report::parse(body, "wsrelay_connections").expect("report");
+        assert_eq!(
+            r,
+            Report {
+                connections: 2,
+                nats_connected: Some(false),
+                nats_error: Some(("nats://10.0.0.9:4222".into(), "connection refused".into())),
+                config_rejected: true,
+                history_streams_ready: Some(1),
+            }
+        );
+        // An older relay: only the connection gauge.
+        let old = Report::parse("wsrelay_connections 4\n", "wsrelay_connections").expect("old");
+        assert_eq!(
+            (old.connections, old.nats_connected, old.nats_error),
+            (4, None, None)
+        );
+        assert!(Report::parse("x 1\n", "wsrelay_connections").is_err());
     }
 
     #[tokio::test]
