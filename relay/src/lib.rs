@@ -51,4 +51,6 @@ pub mod server;
 #[cfg(feature = "server")]
 pub mod slots;
 #[cfg(feature = "server")]
+pub mod sse;
+#[cfg(feature = "server")]
 pub mod tls;

@@ -234,7 +234,6 @@ pub enum ErrorCode {
     /// 403: no binding allows this operation on this channel (or it needs claims the
     /// connection does not have); a `refresh` token of another identity.
     Forbidden = 403,
-
     /// 404: unsubscribe from a channel the connection is not subscribed to.
     NotSubscribed = 404,
     /// 409: subscribe to a channel the connection is already subscribed to.
@@ -275,6 +274,17 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// The client kept publishing above its rate after being told (flood).
     pub const FLOOD: u16 = 4029;
+    /// A request refused after the upgrade (`auth.refuseAfterUpgrade`): no token, or an
+    /// invalid one (HTTP 401 otherwise).
+    pub const REFUSED_UNAUTHORIZED: u16 = 4401;
+    /// Refused after the upgrade: the `Origin` is not allowed (HTTP 403 otherwise).
+    pub const REFUSED_FORBIDDEN: u16 = 4403;
+    /// Refused after the upgrade: too many connections from this client address or token
+    /// subject (HTTP 429 otherwise).
+    pub const REFUSED_TOO_MANY: u16 = 4429;
+    /// Refused after the upgrade: the relay is at capacity, draining, or cannot fetch its
+    /// keys (HTTP 503 otherwise).
+    pub const REFUSED_UNAVAILABLE: u16 = 4503;
 }
 
 /// Appends `s` to `out` as a JSON string literal.

@@ -11,19 +11,22 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use crate::auth::TokenVia;
 use crate::config::Limits;
 use crate::limits::{client_ip, ip_key};
 use crate::outbox::Outbox;
-use crate::protocol::SUBPROTOCOL;
+use crate::protocol::{SUBPROTOCOL, close};
 use crate::relay::Relay;
 use crate::tls::TlsAcceptor;
 
@@ -41,10 +44,13 @@ pub fn ws_config(limits: &Limits) -> WebSocketConfig {
         .max_frame_size(Some(max_msg))
 }
 
-/// The client-facing router (one route: the WebSocket path).
+/// The client-facing router: the WebSocket path, and under it the SSE fallback
+/// (`<path>/sse`, `<path>/sse/{session}`).
 pub fn router(relay: Arc<Relay>, path: &str) -> Router {
     Router::new()
         .route(path, get(upgrade))
+        .with_state(relay.clone())
+        .merge(crate::sse::router(relay, path))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -52,10 +58,14 @@ pub fn router(relay: Arc<Relay>, path: &str) -> Router {
                 "not found",
             )
         })
-        .with_state(relay)
 }
 
-fn refuse(
+/// Set on each request: a handler that answers with a long-lived stream (SSE) notifies it,
+/// and the connection leaves the handshake timeout and the handshakes-in-flight count.
+#[derive(Debug, Clone)]
+pub struct StreamHandoff(pub Arc<tokio::sync::Notify>);
+
+pub(crate) fn refuse(
     relay: &Relay,
     status: StatusCode,
     reason: &'static str,
@@ -70,6 +80,98 @@ fn refuse(
     if let Some(s) = retry_after {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    resp
+}
+
+/// A refusal of a valid WebSocket request: an HTTP status, or, with
+/// `auth.refuseAfterUpgrade`, an upgrade closed at once with a 4xxx code and a readable reason
+/// (browsers show a refused upgrade only as 1006). Counted in the same refusal metric; the
+/// connection is never registered, so it cannot subscribe and is not in `wsrelay_connections`.
+fn refuse_ws(
+    relay: &Arc<Relay>,
+    req: &mut Request,
+    status: StatusCode,
+    reason: &'static str,
+    retry_after: Option<u64>,
+) -> Response {
+    let code = refusal_close_code(status);
+    let Some(code) = code.filter(|_| relay.live().config.auth.refuse_after_upgrade) else {
+        return refuse(relay, status, reason, retry_after);
+    };
+    relay.metrics.refuse(reason);
+    let text = refusal_text(reason);
+    let offers_ours = header_has_token(req.headers(), header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let config = ws_config(&relay.live().config.limits);
+    let on_upgrade = hyper::upgrade::on(req);
+    relay.tracker.spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        // Bounded: the close frame, then the client's close reply (or its end).
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: text.into(),
+            };
+            if ws.send(Message::Close(Some(frame))).await.is_err() {
+                return;
+            }
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+    });
+    switching_protocols(key.as_ref(), offers_ours)
+}
+
+/// The close code that stands for an HTTP refusal after the upgrade.
+pub(crate) fn refusal_close_code(status: StatusCode) -> Option<u16> {
+    match status {
+        StatusCode::UNAUTHORIZED => Some(close::REFUSED_UNAUTHORIZED),
+        StatusCode::FORBIDDEN => Some(close::REFUSED_FORBIDDEN),
+        StatusCode::TOO_MANY_REQUESTS => Some(close::REFUSED_TOO_MANY),
+        StatusCode::SERVICE_UNAVAILABLE => Some(close::REFUSED_UNAVAILABLE),
+        _ => None,
+    }
+}
+
+/// The close reason of a refusal after the upgrade, by metric label. Fixed texts: a reason
+/// never carries anything from the request (the token least of all).
+pub(crate) fn refusal_text(reason: &'static str) -> &'static str {
+    match reason {
+        "no_token" => "no token",
+        "invalid_token" => "invalid token",
+        "origin" => "origin not allowed",
+        "keys_unavailable" => "signing keys unavailable, retry later",
+        "draining" => "relay draining, retry later",
+        "max_connections" => "relay at capacity, retry later",
+        "per_ip" => "too many connections from this address",
+        "per_subject" => "too many connections for this token subject",
+        _ => "refused",
+    }
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket request.
+fn switching_protocols(key: Option<&HeaderValue>, offers_ours: bool) -> Response {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Some(key) = key
+        && let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+    {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if offers_ours {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
     }
     resp
 }
@@ -102,7 +204,13 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
         return refuse(&relay, StatusCode::BAD_REQUEST, "not_websocket", None);
     }
     if relay.is_draining() {
-        return refuse(&relay, StatusCode::SERVICE_UNAVAILABLE, "draining", Some(1));
+        return refuse_ws(
+            &relay,
+            &mut req,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            Some(1),
+        );
     }
     let live = relay.live();
     let limits = &live.config.limits;
@@ -123,7 +231,13 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
                 Some(g) => Some(g),
                 None => {
                     tracing::debug!(%ip, "too many connections from one address");
-                    return refuse(&relay, StatusCode::TOO_MANY_REQUESTS, "per_ip", Some(5));
+                    return refuse_ws(
+                        &relay,
+                        &mut req,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "per_ip",
+                        Some(5),
+                    );
                 }
             }
         }
@@ -131,8 +245,9 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
     };
     drop(live);
     let Some(permit) = relay.slots.try_acquire() else {
-        return refuse(
+        return refuse_ws(
             &relay,
+            &mut req,
             StatusCode::SERVICE_UNAVAILABLE,
             "max_connections",
             Some(5),
@@ -149,7 +264,7 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
             tracing::debug!(error = %e, "refused before upgrade");
             let status = e.status();
             let retry = (status == StatusCode::SERVICE_UNAVAILABLE).then_some(5);
-            return refuse(&relay, status, e.reason(), retry);
+            return refuse_ws(&relay, &mut req, status, e.reason(), retry);
         }
     };
     let sub_guard = match identity
@@ -165,8 +280,9 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
             Some(g) => Some(g),
             None => {
                 tracing::debug!(sub, "too many connections for one token subject");
-                return refuse(
+                return refuse_ws(
                     &relay,
+                    &mut req,
                     StatusCode::TOO_MANY_REQUESTS,
                     "per_subject",
                     Some(5),
@@ -211,23 +327,7 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
         let conn = relay2.register(outbox, identity.claims);
         crate::connection::run(ws, relay2.clone(), conn, identity.expires_at).await;
     });
-    let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Some(key) = key
-        && let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
-    {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    if offers_ours {
-        h.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(SUBPROTOCOL),
-        );
-    }
-    resp
+    switching_protocols(key.as_ref(), offers_ours)
 }
 
 /// Socket options for a client connection: no Nagle delay; keepalive probes so a peer that
@@ -290,15 +390,18 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
         let handshake = Duration::from_secs(limits.handshake_timeout_seconds);
         let relay2 = relay.clone();
         relay.tracker.spawn(async move {
-            let _in_flight = in_flight;
+            let mut _in_flight = Some(in_flight);
             relay2
                 .metrics
                 .handshakes_in_flight
                 .set(relay2.handshakes.get() as i64);
+            let handoff = Arc::new(tokio::sync::Notify::new());
+            let handoff2 = handoff.clone();
             // The router, with the peer address as a request extension.
             let svc =
                 hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(Peer(peer));
+                    req.extensions_mut().insert(StreamHandoff(handoff2.clone()));
                     let mut app = app.clone();
                     tower_service::Service::call(&mut app, req)
                 });
@@ -324,7 +427,22 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
                     }
                 }
             };
-            if tokio::time::timeout(handshake, fut).await.is_err() {
+            tokio::pin!(fut);
+            let timed_out = tokio::select! {
+                () = &mut fut => false,
+                () = tokio::time::sleep(handshake) => true,
+                // An SSE stream: served for its life, which its session bounds.
+                () = handoff.notified() => {
+                    drop(_in_flight.take());
+                    relay2
+                        .metrics
+                        .handshakes_in_flight
+                        .set(relay2.handshakes.get() as i64);
+                    fut.await;
+                    false
+                }
+            };
+            if timed_out {
                 relay2.metrics.refuse("handshake_timeout");
                 tracing::debug!(%peer, "handshake timed out");
             }

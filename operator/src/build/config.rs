@@ -163,6 +163,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             token_sources,
             allowed_origins: spec.auth.allowed_origins.clone(),
             allow_anonymous: spec.auth.allow_anonymous,
+            refuse_after_upgrade: relay::Auth::default().refuse_after_upgrade,
         },
         bindings: spec
             .bindings

@@ -29,6 +29,14 @@ pub struct Auth {
     /// A token that is present but invalid is refused all the same. Default false.
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// Refuse a WebSocket request for auth, origin or capacity reasons *after* the upgrade:
+    /// accept it, then close at once with 4401 (no or invalid token), 4403 (origin not
+    /// allowed), 4429 (too many connections from this address or subject) or 4503 (at
+    /// capacity, draining, keys unavailable) and a readable reason, instead of an HTTP 401,
+    /// 403, 429 or 503 that browsers only report as 1006. Such a connection never subscribes
+    /// and is not counted in `wsrelay_connections`. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refuse_after_upgrade: bool,
 }
 
 impl Default for Auth {
@@ -38,6 +46,7 @@ impl Default for Auth {
             token_sources: default_token_sources(),
             allowed_origins: Vec::new(),
             allow_anonymous: false,
+            refuse_after_upgrade: false,
         }
     }
 }

@@ -1,0 +1,508 @@
+//! The Server-Sent Events + POST fallback (docs/protocol.md section 10) and refusals after the
+//! upgrade (`auth.refuseAfterUpgrade`, section 1), against a real relay and nats-server. The
+//! HTTP client here is raw TCP (the event stream's chunked body decoded by hand), so every
+//! byte the relay writes is what is checked.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wsrelay::config::Direction;
+
+fn config(nats_url: &str) -> wsrelay::config::Config {
+    let mut c = base_config(nats_url);
+    c.auth.jwt = Some(fixture_jwt());
+    c.auth.allow_anonymous = false;
+    c.auth.allowed_origins = vec!["https://app.test".into()];
+    c.limits.ping_interval_seconds = 1;
+    c.bindings = vec![
+        binding("chat.{room}", "chat.{room}", Direction::Both),
+        binding(
+            "me.notify",
+            "users.{claims.sub}.notify",
+            Direction::Subscribe,
+        ),
+    ];
+    c.validate().unwrap();
+    c
+}
+
+fn token(sub: &str) -> String {
+    hs256(claims(sub))
+}
+
+/// An open event stream.
+struct Stream {
+    tcp: TcpStream,
+    /// Raw bytes read, not yet decoded.
+    raw: Vec<u8>,
+    /// Decoded body bytes, not yet parsed into events.
+    body: Vec<u8>,
+    status: u16,
+    headers: String,
+}
+
+/// One SSE event: its name (`None`: a `message`), its data; a comment is `(Some(":"), text)`.
+type Event = (Option<String>, String);
+
+impl Stream {
+    async fn open(addr: SocketAddr, query: &str, extra: &str) -> Self {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(
+            format!(
+                "GET /ws/sse{query} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{extra}\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut raw = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(i) = find(&raw, b"\r\n\r\n") {
+                    return i;
+                }
+                let mut b = [0u8; 4096];
+                let n = tcp.read(&mut b).await.unwrap();
+                assert!(n > 0, "closed before the headers");
+                raw.extend_from_slice(&b[..n]);
+            }
+        })
+        .await
+        .expect("headers in time");
+        let headers = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let status = headers[9..12].parse().unwrap();
+        raw.drain(..end + 4);
+        Self {
+            tcp,
+            raw,
+            body: Vec::new(),
+            status,
+            headers,
+        }
+    }
+
+    /// Moves complete chunks from `raw` to `body`; false at the last chunk.
+    fn dechunk(&mut self) -> bool {
+        loop {
+            let Some(eol) = find(&self.raw, b"\r\n") else {
+                return true;
+            };
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&self.raw[..eol]).unwrap().trim(), 16)
+                    .unwrap();
+            if size == 0 {
+                return false;
+            }
+            if self.raw.len() < eol + 2 + size + 2 {
+                return true;
+            }
+            self.body
+                .extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
+            self.raw.drain(..eol + 2 + size + 2);
+        }
+    }
+
+    /// The next event or comment; `None` when the stream ended or nothing came `within`.
+    async fn next(&mut self, within: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let more = self.dechunk();
+            if let Some(i) = find(&self.body, b"\n\n") {
+                let block = String::from_utf8(self.body.drain(..i + 2).collect()).unwrap();
+                let mut name = None;
+                let mut data: Vec<&str> = Vec::new();
+                for line in block.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        return Some((Some(":".into()), c.trim().to_owned()));
+                    } else if let Some(n) = line.strip_prefix("event: ") {
+                        name = Some(n.to_owned());
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data.push(d);
+                    }
+                }
+                return Some((name, data.join("\n")));
+            }
+            if !more {
+                return None;
+            }
+            let mut b = [0u8; 4096];
+            let n = match tokio::time::timeout_at(deadline, self.tcp.read(&mut b)).await {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return None,
+            };
+            self.raw.extend_from_slice(&b[..n]);
+        }
+    }
+
+    /// The next `data` frame (skipping comments), parsed.
+    async fn frame(&mut self) -> Value {
+        for _ in 0..100 {
+            match self.next(Duration::from_secs(10)).await {
+                Some((None, d)) => return serde_json::from_str(&d).unwrap(),
+                Some((Some(n), _)) if n == ":" => {}
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+        panic!("no frame");
+    }
+
+    /// The reply to request `id` (skipping other frames).
+    async fn reply(&mut self, id: u64) -> Value {
+        for _ in 0..100 {
+            let f = self.frame().await;
+            if f["id"] == id {
+                return f;
+            }
+        }
+        panic!("no reply to {id}");
+    }
+
+    /// Reads up to the `close` event; returns its data.
+    async fn close_event(&mut self) -> Value {
+        for _ in 0..100 {
+            match self.next(Duration::from_secs(10)).await {
+                Some((Some(n), d)) if n == "close" => return serde_json::from_str(&d).unwrap(),
+                Some(_) => {}
+                None => panic!("the stream ended without a close event"),
+            }
+        }
+        panic!("no close event");
+    }
+
+    /// Opens a session: the `session` event, then `welcome`. Returns the POST path.
+    async fn session(&mut self) -> String {
+        let (name, data) = self.next(Duration::from_secs(5)).await.expect("session");
+        assert_eq!(name.as_deref(), Some("session"), "{data}");
+        let s: Value = serde_json::from_str(&data).unwrap();
+        let post = s["post"].as_str().unwrap().to_owned();
+        assert_eq!(post, format!("/ws/sse/{}", s["session"].as_str().unwrap()));
+        let w = self.frame().await;
+        assert_eq!(w["type"], "welcome", "{w}");
+        post
+    }
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+/// POSTs `body`; returns the status.
+async fn post(addr: SocketAddr, path: &str, body: &str, extra: &str) -> u16 {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf))
+        .await
+        .expect("POST answered in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf)[9..12].parse().unwrap()
+}
+
+async fn connections(admin: SocketAddr) -> f64 {
+    metric(admin, "wsrelay_connections ").await.unwrap()
+}
+
+#[tokio::test]
+async fn a_session_subscribes_receives_and_publishes_like_a_connection() {
+    init_logs();
+    let nats = Nats::start();
+    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let nc = nats.client().await;
+
+    let t = token("alice");
+    let q = format!("?token={t}");
+    let mut s = Stream::open(addr, &q, "Origin: https://app.test\r\n").await;
+    assert_eq!(s.status, 200, "{}", s.headers);
+    let h = s.headers.to_ascii_lowercase();
+    for want in [
+        "content-type: text/event-stream",
+        "cache-control: no-cache",
+        "x-accel-buffering: no",
+        "access-control-allow-origin: https://app.test",
+    ] {
+        assert!(h.contains(want), "{want} missing: {h}");
+    }
+    let path = s.session().await;
+    assert_eq!(connections(admin).await, 1.0, "a session is a connection");
+
+    // Subscribe over POST: 202, the `ok` on the stream; a NATS message arrives.
+    let sub = json!({"type": "subscribe", "id": 1, "channel": "me.notify"}).to_string();
+    assert_eq!(post(addr, &format!("{path}{q}"), &sub, "").await, 202);
+    assert_eq!(s.reply(1).await["type"], "ok");
+    nc.publish("users.alice.notify", "{\"n\":\n1}".into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    let m = s.frame().await;
+    assert_eq!(m["type"], "message", "{m}");
+    assert_eq!(
+        m["payload"],
+        json!({"n": 1}),
+        "a payload with a line break survives"
+    );
+
+    // Publish over POST (token in the Authorization header this time): on NATS, `ok` on the
+    // stream.
+    let mut inbox = nc.subscribe("chat.lobby").await.unwrap();
+    nc.flush().await.unwrap();
+    let pubf = json!({"type": "publish", "id": 2, "channel": "chat.lobby", "payload": {"hi": 1}})
+        .to_string();
+    let auth = format!("Authorization: Bearer {t}\r\n");
+    assert_eq!(post(addr, &path, &pubf, &auth).await, 202);
+    assert_eq!(s.reply(2).await["type"], "ok");
+    let got = tokio::time::timeout(Duration::from_secs(5), inbox.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got.payload[..], b"{\"hi\":1}");
+
+    // Errors are the protocol's, on the stream.
+    assert_eq!(post(addr, &format!("{path}{q}"), "not json", "").await, 202);
+    let e = s.frame().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_u64()),
+        (Some("error"), Some(400)),
+        "{e}"
+    );
+
+    // The heartbeat: the relay's pings (every second here) are SSE comments.
+    let mut comments = 0;
+    for _ in 0..3 {
+        if let Some((Some(n), _)) = s.next(Duration::from_secs(2)).await
+            && n == ":"
+        {
+            comments += 1;
+        }
+    }
+    assert!(comments >= 2, "{comments} heartbeats in ~3 s");
+
+    // POSTs that are not the session's.
+    let ping = json!({"type": "ping", "id": 3}).to_string();
+    assert_eq!(post(addr, &path, &ping, "").await, 401, "no token");
+    let bob = format!("?token={}", token("bob"));
+    assert_eq!(
+        post(addr, &format!("{path}{bob}"), &ping, "").await,
+        403,
+        "another identity"
+    );
+    assert_eq!(
+        post(
+            addr,
+            &format!("{path}{q}"),
+            &ping,
+            "Origin: https://evil.test\r\n"
+        )
+        .await,
+        403,
+        "another origin"
+    );
+    assert_eq!(post(addr, &format!("/ws/sse/00{q}"), &ping, "").await, 404);
+
+    // The client leaves: the session ends, it is no longer counted.
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            connections(admin).await == 0.0
+        })
+        .await,
+        "the session outlived its stream"
+    );
+    assert_eq!(post(addr, &format!("{path}{q}"), &ping, "").await, 404);
+    assert_eq!(
+        metric(admin, "wsrelay_connections_accepted_total").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_frame_over_the_limit_closes_with_1009_and_drain_closes_with_1012() {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = config(&nats.url());
+    c.limits.max_message_bytes = 1024;
+    let relay = wsrelay::process::start(c).await.unwrap();
+    let addr = relay.client_addr;
+    let q = format!("?token={}", token("alice"));
+
+    let mut s = Stream::open(addr, &q, "").await;
+    let path = s.session().await;
+    let big = "x".repeat(2000);
+    assert_eq!(post(addr, &format!("{path}{q}"), &big, "").await, 413);
+    let c = s.close_event().await;
+    assert_eq!(c["code"], 1009, "{c}");
+    assert!(
+        s.next(Duration::from_secs(5)).await.is_none(),
+        "the stream ends after close"
+    );
+
+    // Drain: the `drain` frame, then the close with 1012 at the turn, then the stream ends.
+    let mut s = Stream::open(addr, &q, "").await;
+    s.session().await;
+    let draining = tokio::spawn(relay.drain());
+    let mut saw_drain = false;
+    let close = loop {
+        match s.next(Duration::from_secs(10)).await.expect("drain events") {
+            (None, d) => {
+                let f: Value = serde_json::from_str(&d).unwrap();
+                if f["type"] == "drain" {
+                    saw_drain = true;
+                }
+            }
+            (Some(n), d) if n == "close" => break serde_json::from_str::<Value>(&d).unwrap(),
+            _ => {}
+        }
+    };
+    assert!(saw_drain, "no drain frame before the close");
+    assert_eq!(close["code"], 1012, "{close}");
+    assert!(s.next(Duration::from_secs(5)).await.is_none());
+    tokio::time::timeout(Duration::from_secs(10), draining)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn refusals_after_the_upgrade_carry_a_code_and_a_reason() {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = config(&nats.url());
+    c.auth.refuse_after_upgrade = true;
+    c.limits.max_connections = 1;
+    let relay = wsrelay::process::start(c).await.unwrap();
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+
+    let bad = format!("{}x", token("alice"));
+    let cases = [
+        (
+            format!("?token={bad}"),
+            "",
+            4401,
+            "invalid token",
+            "invalid_token",
+        ),
+        (String::new(), "", 4401, "no token", "no_token"),
+        (
+            format!("?token={}", token("alice")),
+            "https://evil.test",
+            4403,
+            "origin not allowed",
+            "origin",
+        ),
+    ];
+    for (query, origin, code, reason, label) in &cases {
+        let headers: Vec<(&str, &str)> = if origin.is_empty() {
+            vec![]
+        } else {
+            vec![("Origin", *origin)]
+        };
+        let mut ws = connect_with(addr, query, &headers)
+            .await
+            .expect("the upgrade is accepted");
+        match next_event(&mut ws, Duration::from_secs(5)).await {
+            Got::Closed(Some(c)) => assert_eq!(c, *code, "{label}"),
+            other => panic!("{label}: expected a close, got {other:?}"),
+        }
+        let _ = reason;
+        assert_eq!(
+            metric(
+                admin,
+                &format!("wsrelay_connections_refused_total{{reason=\"{label}\"}}")
+            )
+            .await,
+            Some(1.0),
+            "{label}"
+        );
+        // The same refusal on the event stream: 200 and a lone `close` event.
+        let extra = if origin.is_empty() {
+            String::new()
+        } else {
+            format!("Origin: {origin}\r\n")
+        };
+        let mut s = Stream::open(addr, query, &extra).await;
+        assert_eq!(s.status, 200);
+        let c = s.close_event().await;
+        assert_eq!(c, json!({"code": code, "reason": reason}), "{label}");
+        assert!(
+            !c.to_string().contains(&bad),
+            "the reason never holds the token"
+        );
+        assert!(s.next(Duration::from_secs(5)).await.is_none());
+        assert_eq!(
+            metric(
+                admin,
+                &format!("wsrelay_connections_refused_total{{reason=\"{label}\"}}")
+            )
+            .await,
+            Some(2.0),
+            "{label}"
+        );
+    }
+
+    // The reason is readable by the client (a raw close frame, checked byte for byte).
+    let mut ws = connect_with(addr, &format!("?token={bad}"), &[])
+        .await
+        .unwrap();
+    let frame = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => break f.unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(u16::from(frame.code), 4401);
+    assert_eq!(frame.reason.as_str(), "invalid token");
+
+    // At capacity: 4503. The refused connections were never counted.
+    let _one = connect(addr, &format!("?token={}", token("alice"))).await;
+    assert_eq!(connections(admin).await, 1.0);
+    let mut ws = connect_with(addr, &format!("?token={}", token("bob")), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(5)).await,
+        Got::Closed(Some(4503))
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "wsrelay_connections_refused_total{reason=\"max_connections\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(connections(admin).await, 1.0);
+}
+
+#[tokio::test]
+async fn without_the_option_refusals_stay_http_statuses() {
+    init_logs();
+    let nats = Nats::start();
+    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let addr = relay.client_addr;
+    assert_eq!(connect_with(addr, "?token=bad", &[]).await.err(), Some(401));
+    let s = Stream::open(addr, "?token=bad", "").await;
+    assert_eq!(s.status, 401);
+    let s = Stream::open(addr, "", "Origin: https://evil.test\r\n").await;
+    assert_eq!(s.status, 403);
+}
