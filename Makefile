@@ -73,10 +73,16 @@ chart-check: deps ## lint the Helm chart and check its rendered objects offline 
 .PHONY: e2e
 e2e: cluster-up ## end-to-end tests against the local cluster (with the node when NODE=1)
 	@$(CLUSTER)/tools.sh helm >/dev/null
+	@# The suites install the chart and the metrics APIService themselves: a `make demo`
+	@# left running is uninstalled first (the script says so when it does).
+	@e2e/demo.sh stop
 	$(CARGO) build -p wsrelay --bin wsrelay --locked
-	WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay $(CARGO) test -p wsrelay-e2e --locked -- --skip chart_gateway_clients
+	E2E_REQUIRE_NODE=$(NODE) WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay $(CARGO) test -p wsrelay-e2e --locked -- --skip chart_gateway_clients --skip chaos_
 	@# The fleet suite alone, with its output: it prints the figures (times, messages lost).
 	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test fleet -- --nocapture
+	@# Resumable channels under chaos, alone, with its output: 200 clients through a rolling
+	@# update, a pod force-deleted and a relay SIGKILLed; it prints lost/duplicated/catch-up per case.
+	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test chaos -- --nocapture
 
 .PHONY: kind-e2e
 kind-e2e: ## the same fleet suite on a kind cluster (needs Docker and kind; not run by this repo's CI)

@@ -16,6 +16,28 @@ release=wsrelay
 release_ns=wsrelay-system
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# The demo's own namespace carries this label; `demo.sh stop` deletes only a namespace with it.
+demo_label=wsrelay.dev/demo=true
+
+# `e2e/demo.sh stop` (make e2e runs it first): the e2e suites install the chart themselves and
+# register the cluster's custom metrics APIService, which the demo's release holds; remove
+# what the demo installed, saying so, and nothing else.
+if [ "${1:-}" = stop ]; then
+	"$here/tools.sh" helm >/dev/null
+	if helm status "$release" --namespace "$release_ns" >/dev/null 2>&1; then
+		cat >&2 <<TEXT
+== make demo's installation is up (Helm release $release in namespace $release_ns, gateway namespace $ns).
+   The e2e suites install the chart and register the custom metrics APIService themselves,
+   and the two cannot share the cluster: uninstalling the demo now. Run make demo again afterwards.
+TEXT
+		helm uninstall "$release" --namespace "$release_ns" --wait --timeout 2m
+	fi
+	if kubectl get namespace "$ns" -l "$demo_label" -o name 2>/dev/null | grep -q .; then
+		echo "== deleting the demo's namespace $ns" >&2
+		kubectl delete namespace "$ns" --wait --timeout=2m
+	fi
+	exit 0
+fi
 
 nats_url_file=$state/node/nats-url
 [ -f "$nats_url_file" ] || { echo "no node is running: run make cluster-up NODE=1 (as root)" >&2; exit 1; }
@@ -30,6 +52,7 @@ kubectl get apiservice v1beta2.custom.metrics.k8s.io
 
 say "Applying examples/gateway.yaml in namespace $ns (NATS for pods: $pods_nats)"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f -
+kubectl label namespace "$ns" "$demo_label" --overwrite >/dev/null
 sed "s#nats://127.0.0.1:14222#$pods_nats#" examples/gateway.yaml | kubectl apply -n "$ns" -f -
 kubectl wait -n "$ns" wsgw/chat --for=condition=Ready --timeout=300s
 kubectl get wsgw,deploy,pods,svc,hpa -n "$ns" -l app.kubernetes.io/instance=chat -o wide
@@ -58,5 +81,6 @@ Try:
   kubectl logs -n $release_ns deploy/$release-wsrelay-operator
   kubectl apply -n $ns -f - <<< '{"apiVersion":"wsrelay.dev/v1alpha1","kind":"WebsocketGateway","metadata":{"name":"bad"},"spec":{}}'
                                                      # refused by the API server, with the reason
+make test (make e2e) uninstalls this demo first, saying so; make demo brings it back.
 Stop everything with: make cluster-down
 TEXT

@@ -35,6 +35,30 @@ pub async fn install_crd(client: &Client) -> Result<()> {
     Ok(())
 }
 
+/// Installs (or updates) the CRD from the Helm chart's own copy
+/// (`charts/wsrelay-operator/crds/`), as `helm install` would on a fresh cluster, by
+/// server-side apply, and waits until the API server serves it. The chart's copy is what
+/// users get: a test using this checks that copy, not only the operator's types.
+pub async fn install_chart_crd(client: &Client) -> Result<()> {
+    let path =
+        crate::repo_root().join("charts/wsrelay-operator/crds/websocketgateways.wsrelay.dev.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(&text).with_context(|| format!("{} is not a CRD", path.display()))?;
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let name = crd.name_any();
+    crds.patch(
+        &name,
+        &PatchParams::apply("wsrelay-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .context("installing the chart's WebsocketGateway CRD")?;
+    wait_for(&crds, &name, conditions::is_crd_established()).await?;
+    Ok(())
+}
+
 /// An operator running in this process, watching one namespace.
 #[derive(Debug)]
 pub struct Operator {
