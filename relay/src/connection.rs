@@ -1,5 +1,10 @@
 //! One WebSocket connection: a reader that handles requests, and one writer task that
 //! drains the connection's queue, feeding many frames and flushing once.
+//!
+//! Closing follows one sequence, described on [`CloseRequest`] and in docs/protocol.md
+//! section 6: whoever decides asks the outbox with a [`Cause`]; the writer flushes or is
+//! killed, sends the close frame (bounded), and ends; the reader lingers for the client's
+//! close reply (bounded); `run` unregisters and counts the close under its label.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,8 +21,11 @@ use crate::authz::{AuthzError, Operation};
 use crate::hub::Target;
 use crate::limits::{RequestLimiter, Verdict};
 use crate::metrics::{Op, Reason};
-use crate::outbox::{CloseRequest, Frame};
-use crate::protocol::{self, ErrorCode, Request, RequestId, close};
+use crate::outbox::{
+    CLOSE_FRAME_WITHIN, Cause, CloseRequest, Frame, KILLED_CLOSE_WITHIN, LINGER_WITHIN,
+    TOO_BIG_HOLD,
+};
+use crate::protocol::{self, ErrorCode, Request, RequestId};
 use crate::relay::{ConnShared, Relay};
 
 /// Frames taken from the queue per write batch.
@@ -68,12 +76,9 @@ pub async fn run<S>(
             expires_at,
         )
         .await;
-        // Whatever ended the reader, make sure the writer ends too.
-        conn.outbox.close(CloseRequest {
-            code: close::NORMAL,
-            reason: "",
-            flush_first: false,
-        });
+        // Whatever ended the reader, make sure the writer ends too (a no-op when a close
+        // was requested already: the first request wins).
+        conn.outbox.close(Cause::PeerGone.request());
     };
     reader.await;
     let why = writer.await.unwrap_or("other");
@@ -84,19 +89,6 @@ pub async fn run<S>(
         .get_or_create(&Reason { reason: why })
         .inc();
     tracing::debug!(conn = conn.id, reason = why, "connection closed");
-}
-
-fn close_label(code: u16) -> &'static str {
-    match code {
-        close::NORMAL => "normal",
-        close::POLICY => "token_expired",
-        close::TOO_BIG => "too_big",
-        close::RESTART => "drain",
-        close::IDLE_TIMEOUT => "idle",
-        close::SLOW_CONSUMER => "slow_consumer",
-        close::FLOOD => "flood",
-        _ => "other",
-    }
 }
 
 /// How a bounded write ended.
@@ -129,9 +121,6 @@ where
         Err(_) => Err(WriteEnd::Timeout),
     }
 }
-
-/// How long a killed connection's writer may still try to send its close frame.
-const KILLED_CLOSE_WITHIN: Duration = Duration::from_millis(500);
 
 async fn write_loop<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
@@ -220,7 +209,7 @@ where
                 Ok(false) => {}
             }
             if let Some(c) = batch.close {
-                return send_close(&mut sink, Some(&c), Duration::from_secs(2)).await;
+                return send_close(&mut sink, Some(&c), CLOSE_FRAME_WITHIN).await;
             }
             if n < BATCH {
                 break;
@@ -242,14 +231,14 @@ where
     let Some(c) = c else {
         return "other";
     };
-    if c.code != close::NORMAL || !c.reason.is_empty() {
+    if c.sends_frame() {
         let frame = CloseFrame {
             code: CloseCode::from(c.code),
             reason: c.reason.into(),
         };
         let _ = tokio::time::timeout(within, sink.send(Message::Close(Some(frame)))).await;
     }
-    close_label(c.code)
+    c.label()
 }
 
 async fn read_loop<S>(
@@ -278,11 +267,11 @@ async fn read_loop<S>(
         let msg = tokio::select! {
             () = done.cancelled() => return linger(&mut stream).await,
             () = &mut idle => {
-                conn.outbox.close(CloseRequest { code: close::IDLE_TIMEOUT, reason: "idle timeout", flush_first: false });
+                conn.outbox.close(Cause::Idle.request());
                 return linger(&mut stream).await;
             }
             () = &mut expiry, if expires_at.is_some() => {
-                conn.outbox.close(CloseRequest { code: close::POLICY, reason: "token expired", flush_first: true });
+                conn.outbox.close(Cause::TokenExpired.request());
                 return linger(&mut stream).await;
             }
             m = stream.next() => m,
@@ -290,16 +279,12 @@ async fn read_loop<S>(
         let msg = match msg {
             None => return,
             Some(Err(tungstenite::Error::Capacity(_))) => {
-                conn.outbox.close(CloseRequest {
-                    code: close::TOO_BIG,
-                    reason: "message too big",
-                    flush_first: false,
-                });
+                conn.outbox.close(Cause::TooBig.request());
                 // The rest of the oversize message is unread: closing the socket now
                 // would send a TCP reset that can overtake the close frame. Hold it open
                 // briefly after the writer sent the close.
-                let _ = tokio::time::timeout(Duration::from_secs(2), done.cancelled()).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = tokio::time::timeout(CLOSE_FRAME_WITHIN, done.cancelled()).await;
+                tokio::time::sleep(TOO_BIG_HOLD).await;
                 return;
             }
             Some(Err(_)) => return,
@@ -348,11 +333,7 @@ async fn read_loop<S>(
                             continue;
                         }
                         Verdict::Flood => {
-                            conn.outbox.close(CloseRequest {
-                                code: close::FLOOD,
-                                reason: "request flood",
-                                flush_first: true,
-                            });
+                            conn.outbox.close(Cause::Flood.request());
                             return linger(&mut stream).await;
                         }
                     }
@@ -397,7 +378,7 @@ async fn linger<S>(stream: &mut SplitStream<WebSocketStream<S>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let _ = tokio::time::timeout(LINGER_WITHIN, async {
         while let Some(Ok(m)) = stream.next().await {
             if m.is_close() {
                 break;

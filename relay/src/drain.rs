@@ -10,8 +10,8 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::outbox::CloseRequest;
-use crate::protocol::{self, close};
+use crate::outbox::Cause;
+use crate::protocol;
 use crate::relay::Relay;
 
 /// Share of the grace period over which clients are closed; the rest is for NATS to drain
@@ -70,11 +70,7 @@ pub async fn drain(relay: &Arc<Relay>, grace: Duration) {
             turn.as_millis() as u64
         )));
     }
-    let restart = CloseRequest {
-        code: close::RESTART,
-        reason: "service restart",
-        flush_first: true,
-    };
+    let restart = Cause::Drain.request();
     for (conn, turn) in conns.iter().zip(&turns) {
         tokio::time::sleep_until(start + *turn).await;
         conn.outbox.close(restart.clone());

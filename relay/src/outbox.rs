@@ -58,6 +58,22 @@ pub enum Push {
 }
 
 /// A close requested by anyone; the writer sends it.
+///
+/// How a connection closes, as one sequence (docs/protocol.md section 6 has the table):
+///
+/// ```text
+/// open --close(req)--> closing --flush_first--> flushing --(queue written)--> close frame
+///                              \--!flush_first--> killed: the write in progress is
+///                                  interrupted, the queue discarded --> close frame
+/// close frame (bounded: CLOSE_FRAME_WITHIN, KILLED_CLOSE_WITHIN after a kill; none for
+///   PeerGone) --> the reader lingers (reads until the client's close, LINGER_WITHIN; for
+///   TooBig it holds the socket TOO_BIG_HOLD without reading) --> closed: unregistered,
+///   counted under `label()`
+/// ```
+///
+/// The first request wins; a later one changes nothing. A write that fails or makes no
+/// progress for `limits.writeTimeoutSeconds` skips to closed (`write_error`,
+/// `write_timeout`), with no close frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseRequest {
     /// WebSocket close code.
@@ -66,6 +82,82 @@ pub struct CloseRequest {
     pub reason: &'static str,
     /// Write what is queued before closing (drain), or not (slow consumer).
     pub flush_first: bool,
+}
+
+/// Time the writer may take to send a close frame after the queue (flush-first closes, and
+/// closes that find the writer idle).
+pub const CLOSE_FRAME_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+/// Time a killed writer (it was blocked on a full socket) may still try its close frame.
+pub const KILLED_CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
+/// Time the reader keeps reading after a close, for the client's close reply: closing a
+/// socket with unread client data sends a TCP reset, and the client could lose the close.
+pub const LINGER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+/// After a 1009 the rest of the oversize message is unread: the reader waits for the writer
+/// (at most `CLOSE_FRAME_WITHIN`), then holds the socket this long without reading.
+pub const TOO_BIG_HOLD: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Why a connection is closed by the relay (or found closed by the client). Each maps to
+/// one [`CloseRequest`]: its code, its reason and whether the queue is written first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The client closed, or its stream ended or failed: no close frame, queue discarded.
+    PeerGone,
+    /// Nothing from the client for `limits.idleTimeoutSeconds`: 4000, queue discarded.
+    Idle,
+    /// The token's `exp` passed: 1008 after the queue.
+    TokenExpired,
+    /// A client message above `limits.maxMessageBytes`: 1009, queue discarded.
+    TooBig,
+    /// Requests above the rate after `2 × publishBurst` refusals in a row: 4029 after the
+    /// queue (its 429 replies included).
+    Flood,
+    /// A send-queue limit under policy `disconnect`: 4008, queue discarded.
+    SlowConsumer,
+    /// The drain reached this connection's turn: 1012 after the queue (the `drain` notice).
+    Drain,
+}
+
+impl Cause {
+    /// The close request for this cause.
+    pub const fn request(self) -> CloseRequest {
+        use crate::protocol::close;
+        let (code, reason, flush_first) = match self {
+            Self::PeerGone => (close::NORMAL, "", false),
+            Self::Idle => (close::IDLE_TIMEOUT, "idle timeout", false),
+            Self::TokenExpired => (close::POLICY, "token expired", true),
+            Self::TooBig => (close::TOO_BIG, "message too big", false),
+            Self::Flood => (close::FLOOD, "request flood", true),
+            Self::SlowConsumer => (close::SLOW_CONSUMER, "slow consumer", false),
+            Self::Drain => (close::RESTART, "service restart", true),
+        };
+        CloseRequest {
+            code,
+            reason,
+            flush_first,
+        }
+    }
+}
+
+impl CloseRequest {
+    /// Whether the writer sends a close frame (not when the client is gone).
+    pub fn sends_frame(&self) -> bool {
+        self.code != crate::protocol::close::NORMAL || !self.reason.is_empty()
+    }
+
+    /// The `reason` label of `wsrelay_connections_closed_total`.
+    pub fn label(&self) -> &'static str {
+        use crate::protocol::close;
+        match self.code {
+            close::NORMAL => "normal",
+            close::POLICY => "token_expired",
+            close::TOO_BIG => "too_big",
+            close::RESTART => "drain",
+            close::IDLE_TIMEOUT => "idle",
+            close::SLOW_CONSUMER => "slow_consumer",
+            close::FLOOD => "flood",
+            _ => "other",
+        }
+    }
 }
 
 /// Which limit sent a push to the slow-consumer policy (label `limit` of
@@ -265,11 +357,7 @@ impl Outbox {
             self.budget.hit(limit);
             match self.policy {
                 SlowConsumerPolicy::Disconnect => {
-                    g.close = Some(CloseRequest {
-                        code: crate::protocol::close::SLOW_CONSUMER,
-                        reason: "slow consumer",
-                        flush_first: false,
-                    });
+                    g.close = Some(Cause::SlowConsumer.request());
                     self.discard(&mut g);
                     drop(g);
                     self.kill.cancel();
@@ -317,11 +405,7 @@ impl Outbox {
         }
         if g.queue.len() >= self.capacity + REPLY_ROOM {
             self.budget.hit("replies");
-            g.close = Some(CloseRequest {
-                code: crate::protocol::close::SLOW_CONSUMER,
-                reason: "slow consumer",
-                flush_first: false,
-            });
+            g.close = Some(Cause::SlowConsumer.request());
             self.discard(&mut g);
             drop(g);
             self.kill.cancel();
@@ -551,11 +635,7 @@ mod tests {
         o.push_message(msg(1));
         o.push_message(msg(2));
         o.push_reply(Message::Text("drain".into()));
-        o.close(CloseRequest {
-            code: 1012,
-            reason: "drain",
-            flush_first: true,
-        });
+        o.close(Cause::Drain.request());
         let b = o.take(2);
         assert_eq!(texts(&b), ["1", "2"]);
         assert!(b.close.is_none());
