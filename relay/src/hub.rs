@@ -292,9 +292,7 @@ impl Hub {
             }
             SubscribeError::History(e.to_string())
         };
-        let loaded_before = res.with_ring(|r| r.is_loaded());
-        res.ensure_loaded(&self.client).await.map_err(unavailable)?;
-        if !loaded_before {
+        if res.ensure_loaded(&self.client).await.map_err(unavailable)? {
             m.history(&m.history_reads, "load");
         }
         let Some(epoch) = self.streams.epoch(&res.stream) else {

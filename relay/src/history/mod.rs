@@ -248,14 +248,15 @@ impl Resumable {
         Live::Deliver { prev: last }
     }
 
-    /// Makes the ring complete (once per entry; later callers wait for the first).
+    /// Makes the ring complete (once per entry; later callers wait for the first). Returns
+    /// whether this call read the stream.
     pub async fn ensure_loaded(
         &self,
         client: &async_nats::Client,
-    ) -> Result<(), stream::StreamError> {
+    ) -> Result<bool, stream::StreamError> {
         let _one = self.loading.lock().await;
         if lock(&self.ring).is_loaded() {
-            return Ok(());
+            return Ok(false);
         }
         let js = async_nats::jetstream::new(client.clone());
         let last = stream::last_sequence(&js, &self.stream).await?;
@@ -269,7 +270,7 @@ impl Resumable {
         )
         .await?;
         lock(&self.ring).load(read, last, now_ms());
-        Ok(())
+        Ok(true)
     }
 
     /// What the stream says of the client's position, when the ring alone cannot decide a
