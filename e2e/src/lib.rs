@@ -5,9 +5,11 @@
 //! namespace of its own ([`with_namespace`]) that is removed afterwards, pass or fail, so tests
 //! run in parallel and leave nothing behind.
 
+pub mod gateway;
 pub mod load;
 pub mod netns;
 pub mod operator;
+pub mod resumable;
 pub mod subscriber;
 pub mod tools;
 

@@ -15,22 +15,23 @@
 //! Without a Ready node the test prints why it is SKIPPED and returns, unless
 //! `E2E_REQUIRE_NODE=1` (as `make test` sets when it brought a node up), when that fails it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service, ServiceAccount};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use wsrelay_e2e::gateway;
+use wsrelay_e2e::resumable::{self, Feed, Published};
 use wsrelay_e2e::subscriber::{self, Subscriber, Target};
 use wsrelay_e2e::tools::{helm, kubectl, run};
 use wsrelay_e2e::{eventually, nats_url, repo_root, with_namespace};
@@ -47,17 +48,16 @@ const FIRST_CLIENTS: usize = 10;
 /// the chance that all of them still land on the first pod is (1/3)^8, about 1 in 6,500.
 const LATER_CLIENTS: usize = 8;
 const MAX_REPLICAS: i32 = 3;
-/// Publications per second while the fleet rolls.
+/// Publications per second while the fleet rolls (on each of the two channels).
 const PUBLISH_RATE: u64 = 20;
+/// Clients on the resumable channel (`orders`, a binding with history), opened before the
+/// rollout; they are not counted by the scaling checks above.
+const RESUMABLE_CLIENTS: usize = 12;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_gateway_clients_scaling_rollout_and_delete() -> Result<()> {
     let client = wsrelay_e2e::client().await?;
-    if let Some(reason) = no_node(&client).await? {
-        if std::env::var("E2E_REQUIRE_NODE").is_ok_and(|v| v == "1") {
-            bail!("E2E_REQUIRE_NODE=1 but {reason}");
-        }
-        eprintln!("SKIPPED fleet e2e: {reason} (start one with `make cluster-up NODE=1`)");
+    if !gateway::node_or_skip(&client, "fleet e2e").await? {
         return Ok(());
     }
     with_namespace(
@@ -65,23 +65,6 @@ async fn chart_gateway_clients_scaling_rollout_and_delete() -> Result<()> {
         |client, ns| async move { scenario(client, ns).await },
     )
     .await
-}
-
-/// Why the fleet cannot run here, if it cannot: no node, or none Ready.
-async fn no_node(client: &Client) -> Result<Option<String>> {
-    let nodes = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await?;
-    if nodes.items.is_empty() {
-        return Ok(Some("the cluster has no node".into()));
-    }
-    let ready = nodes.items.iter().any(|n| {
-        n.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    });
-    Ok((!ready).then(|| "no node of the cluster is Ready".into()))
 }
 
 /// Uninstalls the chart on drop, pass or fail, so no APIService is left pointing at an
@@ -124,7 +107,7 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     let mut release = install_chart(&ns)?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let operator = operator_deployment(&deployments).await?;
-    wait_available(&deployments, &operator, 2).await?;
+    gateway::wait_available(&deployments, &operator, 2).await?;
     eprintln!("FIGURE operator Ready (2 replicas): {}", secs(t0));
     wait_apiservices_available().await?;
     eprintln!("FIGURE metrics APIServices Available: {}", secs(t0));
@@ -133,12 +116,12 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     let t1 = Instant::now();
     let gateways = Api::<WebsocketGateway>::namespaced(client.clone(), &ns);
     create_gateway(&client, &ns).await?;
-    wait_available(&deployments, GATEWAY, 1).await?;
+    gateway::wait_available(&deployments, GATEWAY, 1).await?;
     eprintln!(
         "FIGURE gateway applied -> first relay pod Ready: {}",
         secs(t1)
     );
-    let url = service_url(&client, &ns).await?;
+    let url = gateway::service_url(&client, &ns, GATEWAY).await?;
     eprintln!("relays reached at {url}");
 
     // --- a client with a JWT connects through the Service; a NATS message arrives ---
@@ -153,7 +136,7 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     };
     // kube-proxy programs a new endpoint within a second or so of the EndpointSlice listing
     // it; until then the Service answers "no route to host". A client retries, and so do we.
-    wait_endpoints_ready(&client, &ns, 1).await?;
+    gateway::wait_endpoints_ready(&client, &ns, GATEWAY, 1).await?;
     let first = eventually("a first client to connect through the Service", || async {
         match subscriber::start(target.clone()).await {
             Ok(s) => Ok(Some(s)),
@@ -201,9 +184,9 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
         "FIGURE {FIRST_CLIENTS} connections -> HPA desires more: {}",
         secs(t2)
     );
-    wait_available(&deployments, GATEWAY, MAX_REPLICAS).await?;
+    gateway::wait_available(&deployments, GATEWAY, MAX_REPLICAS).await?;
     eprintln!("FIGURE -> {MAX_REPLICAS} relay pods Ready: {}", secs(t2));
-    wait_endpoints_ready(&client, &ns, MAX_REPLICAS as usize).await?;
+    gateway::wait_endpoints_ready(&client, &ns, GATEWAY, MAX_REPLICAS as usize).await?;
     // kube-proxy programs the new endpoints within its sync period (1 s by default) of
     // the EndpointSlice change; there is nothing to watch for that, so give it two.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -226,9 +209,38 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     let gw = gateways.get(GATEWAY).await?;
     eprintln!("gateway status: {}", serde_json::to_string(&gw.status)?);
 
+    // --- resumable clients join: the same fleet, a binding with history ---
+    let js = async_nats::jetstream::new(nats.clone());
+    let orders = Feed {
+        channel: "orders".into(),
+        subject: format!("e2e.{ns}.orders"),
+    };
+    let published = Arc::new(Published::default());
+    let counter = Arc::new(AtomicU64::new(0));
+    eventually("the orders history stream to store a message", || async {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        match resumable::publish_acked(&js, &orders, n, &published).await {
+            Ok(_) => Ok(Some(())),
+            Err(e) => {
+                tracing::info!("stream not there yet: {e:#}");
+                Ok(None)
+            }
+        }
+    })
+    .await?;
+    let resumable_clients = resumable::open_clients(
+        &url,
+        std::slice::from_ref(&orders.channel),
+        RESUMABLE_CLIENTS,
+        |i| token(&format!("resumer{i}")),
+        &published,
+        4,
+    )
+    .await?;
+
     // --- change the gateway -> rolling update drains old pods; clients reconnect ---
     let t3 = Instant::now();
-    let old_pods = relay_pods(&client, &ns).await?;
+    let old_pods = gateway::relay_pods(&client, &ns, GATEWAY).await?;
     let stop = CancellationToken::new();
     let publisher = tokio::spawn(publish_steadily(
         nats.clone(),
@@ -236,7 +248,16 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
         seq.clone(),
         stop.clone(),
     ));
+    let resumable_publisher = tokio::spawn(resumable::publish_steadily(
+        js.clone(),
+        vec![orders.clone()],
+        PUBLISH_RATE,
+        published.clone(),
+        counter.clone(),
+        stop.clone(),
+    ));
     let first_seq = seq.load(Ordering::SeqCst) + 1;
+    let orders_from = published.heads();
     tokio::time::sleep(Duration::from_secs(1)).await;
     gateways
         .patch(
@@ -245,27 +266,18 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
             &Patch::Merge(json!({ "spec": { "limits": { "publishRatePerSecond": 7 } } })),
         )
         .await?;
-    eventually("the rollout to replace every relay pod", || async {
-        let pods = relay_pods(&client, &ns).await?;
-        let replaced = pods.is_disjoint(&old_pods) && !pods.is_empty();
-        let d = deployments.get(GATEWAY).await?;
-        let s = d.status.unwrap_or_default();
-        let done = s.updated_replicas == s.replicas
-            && s.ready_replicas == s.replicas
-            && s.replicas.unwrap_or(0) > 0;
-        Ok((replaced && done).then_some(()))
-    })
-    .await?;
+    gateway::wait_rollout(&client, &ns, GATEWAY, &old_pods).await?;
     eprintln!("FIGURE rollout of {} pods: {}", old_pods.len(), secs(t3));
     // Let the last reconnections settle, then stop publishing and count.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.cancel();
     let last_seq = publisher.await??;
+    resumable_publisher.await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let published: Vec<u64> = (first_seq..=last_seq).collect();
+    let published_plain: Vec<u64> = (first_seq..=last_seq).collect();
     let mut lost = Vec::new();
     for c in &clients {
-        lost.push(c.stats.missing(published.iter().copied()));
+        lost.push(c.stats.missing(published_plain.iter().copied()));
     }
     let drains: u32 = clients
         .iter()
@@ -276,19 +288,22 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
         .map(|c| c.stats.unexpected_closes.load(Ordering::Relaxed))
         .sum();
     let lost_total: usize = lost.iter().sum();
+    // Plain channels are at-most-once by design (docs/protocol.md): a message published while
+    // a client is between two relays is not delivered to it. The count is reported, not
+    // asserted.
     eprintln!(
-        "FIGURE rollout: {} messages published to {} clients, {} deliveries lost ({:.3}%), per client {lost:?}; drain notices {drains}, closes without notice {unexpected}",
-        published.len(),
+        "FIGURE rollout, plain channel (at-most-once, not asserted): {} messages published to {} clients, {} deliveries lost ({:.3}%), per client {lost:?}; drain notices {drains}, closes without notice {unexpected}",
+        published_plain.len(),
         clients.len(),
         lost_total,
-        100.0 * lost_total as f64 / (published.len() * clients.len()).max(1) as f64
+        100.0 * lost_total as f64 / (published_plain.len() * clients.len()).max(1) as f64
     );
     ensure!(
         drains as usize >= clients.len(),
         "every client was on an old pod, so each should have had a drain notice; got {drains}"
     );
     // Every client is subscribed again on a new pod: the last messages reached all of them.
-    let tail: Vec<u64> = published.iter().rev().take(5).copied().collect();
+    let tail: Vec<u64> = published_plain.iter().rev().take(5).copied().collect();
     for (i, c) in clients.iter().enumerate() {
         let got = c.stats.received();
         ensure!(
@@ -296,10 +311,43 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
             "client {i} is not receiving after the rollout (last seqs {tail:?})"
         );
     }
+    // Resumable channels promise more: every message the stream stored, once, in order.
+    let resumed = resumable::tally(
+        &resumable_clients,
+        &published,
+        &orders_from,
+        &published.heads(),
+        Duration::from_secs(30),
+    )
+    .await;
+    eprintln!("{}", resumed.line("fleet rollout, resumable channel"));
+    let publish_errors = published.errors.load(Ordering::Relaxed);
+    ensure!(
+        publish_errors == 0,
+        "{publish_errors} publishes on the resumable channel were not acknowledged by JetStream"
+    );
+    ensure!(
+        !resumed.failed(),
+        "the rollout broke the resumable channel: lost {}, duplicated {}, chain breaks {}, recovered:false {}, foreign {}, behind {}, gave up {:?}; {:?}",
+        resumed.lost,
+        resumed.counters.duplicates,
+        resumed.counters.chain_breaks,
+        resumed.counters.not_recovered,
+        resumed.foreign,
+        resumed.behind,
+        resumed.gave_up,
+        resumed.anomalies
+    );
+    ensure!(
+        resumed.counters.resubscribes as usize >= resumable_clients.len(),
+        "every resumable client was on an old pod and should have resumed; {} resumes",
+        resumed.counters.resubscribes
+    );
 
     // --- delete -> nothing left ---
     let t4 = Instant::now();
     drop(clients);
+    drop(resumable_clients);
     gateways.delete(GATEWAY, &Default::default()).await?;
     wait_nothing_left(&client, &ns).await?;
     eprintln!(
@@ -318,6 +366,7 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     ]);
     run(c)?;
     release.uninstalled = true;
+    resumable::delete_stream_of(&nats_url()?, &format!("e2e.{ns}.orders")).await;
     let leftovers = chart_leftovers(&ns)?;
     ensure!(
         leftovers.is_empty(),
@@ -353,20 +402,6 @@ async fn operator_deployment(deployments: &Api<Deployment>) -> Result<String> {
         .first()
         .context("the chart made no Deployment labelled app.kubernetes.io/name=wsrelay-operator")?;
     Ok(d.name_any())
-}
-
-async fn wait_available(api: &Api<Deployment>, name: &str, replicas: i32) -> Result<()> {
-    eventually(
-        &format!("Deployment {name} with {replicas} ready replicas"),
-        || async {
-            let Some(d) = api.get_opt(name).await? else {
-                return Ok(None);
-            };
-            let ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
-            Ok((ready >= replicas).then_some(()))
-        },
-    )
-    .await
 }
 
 async fn wait_apiservices_available() -> Result<()> {
@@ -405,8 +440,7 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
     Api::<Secret>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &secret)
         .await?;
-    let gateway_nats = gateway_nats_url()?;
-    let node_port = service_access() == Access::NodePort;
+    let gateway_nats = gateway::gateway_nats_url()?;
     let gw: WebsocketGateway = serde_json::from_value(json!({
         "apiVersion": "wsrelay.dev/v1alpha1",
         "kind": "WebsocketGateway",
@@ -417,7 +451,14 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
                 "hmacSecretRef": { "name": "fleet-jwt", "key": "hmac" },
                 "tokenSources": [{ "from": "Query", "name": "token" }]
             } },
-            "bindings": [{ "channel": "news", "subject": format!("e2e.{ns}.news") }],
+            "bindings": [
+                { "channel": "news", "subject": format!("e2e.{ns}.news") },
+                {
+                    "channel": "orders",
+                    "subject": format!("e2e.{ns}.orders"),
+                    "history": { "maxMessages": 200, "maxAgeSeconds": 300 }
+                }
+            ],
             "autoscaling": {
                 "minReplicas": 1,
                 "maxReplicas": MAX_REPLICAS,
@@ -425,73 +466,12 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
                 "scaleDownStabilizationSeconds": 300
             },
             "drain": { "gracePeriodSeconds": 6 },
-            "service": { "type": if node_port { "NodePort" } else { "ClusterIP" }, "port": 80 },
+            "service": { "type": gateway::service_type(), "port": 80 },
             "resources": { "requests": { "cpu": "10m", "memory": "16Mi" } }
         }
     }))?;
     wsrelay_e2e::operator::create_gateway(client, ns, &gw).await?;
     Ok(())
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Access {
-    ClusterIp,
-    NodePort,
-}
-
-fn service_access() -> Access {
-    match std::env::var("E2E_SERVICE_ACCESS").as_deref() {
-        Ok("node-port") => Access::NodePort,
-        _ => Access::ClusterIp,
-    }
-}
-
-/// Where relay pods reach NATS: `E2E_GATEWAY_NATS_URL`, else what the local node wrote.
-fn gateway_nats_url() -> Result<String> {
-    if let Ok(v) = std::env::var("E2E_GATEWAY_NATS_URL") {
-        return Ok(v);
-    }
-    let path = repo_root().join(".cluster/node/nats-url");
-    Ok(std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {} (set E2E_GATEWAY_NATS_URL)", path.display()))?
-        .trim()
-        .to_string())
-}
-
-/// The gateway's WebSocket URL through its Service.
-async fn service_url(client: &Client, ns: &str) -> Result<String> {
-    let services = Api::<Service>::namespaced(client.clone(), ns);
-    let svc = eventually("the gateway's Service", || async {
-        services.get_opt(GATEWAY).await.map_err(Into::into)
-    })
-    .await?;
-    let spec = svc.spec.context("Service without spec")?;
-    let port = spec
-        .ports
-        .as_ref()
-        .and_then(|p| p.first())
-        .context("Service without ports")?;
-    match service_access() {
-        Access::ClusterIp => {
-            let ip = spec.cluster_ip.context("Service without a ClusterIP")?;
-            Ok(format!("ws://{ip}:{}/ws", port.port))
-        }
-        Access::NodePort => {
-            let node_port = port.node_port.context("Service without a node port")?;
-            let nodes = Api::<Node>::all(client.clone())
-                .list(&ListParams::default())
-                .await?;
-            let ip = nodes
-                .items
-                .iter()
-                .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
-                .find(|a| a.type_ == "InternalIP")
-                .context("no node has an InternalIP")?
-                .address
-                .clone();
-            Ok(format!("ws://{ip}:{node_port}/ws"))
-        }
-    }
 }
 
 /// Opens `n` subscribers like `target`, each with a token of its own (`{prefix}{i}`).
@@ -509,12 +489,7 @@ async fn open_clients(target: &Target, prefix: &str, n: usize) -> Result<Vec<Sub
 
 /// An HS256 JWT for `sub`, valid for an hour.
 fn token(sub: &str) -> Result<String> {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
-    Ok(jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({ "sub": sub, "exp": exp }),
-        &jsonwebtoken::EncodingKey::from_secret(HMAC_KEY.as_bytes()),
-    )?)
+    gateway::hs256_token(HMAC_KEY, sub)
 }
 
 async fn publish(nats: &async_nats::Client, subject: &str, seq: &AtomicU64) -> Result<u64> {
@@ -560,27 +535,6 @@ async fn publish_steadily(
     }
 }
 
-/// Waits until the gateway Service's EndpointSlices list `n` ready endpoints.
-async fn wait_endpoints_ready(client: &Client, ns: &str, n: usize) -> Result<()> {
-    let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={GATEWAY}"));
-    eventually(
-        &format!("{n} ready endpoints behind Service {GATEWAY}"),
-        || async {
-            let ready = slices
-                .list(&lp)
-                .await?
-                .items
-                .iter()
-                .flat_map(|s| s.endpoints.iter().flatten())
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
-                .count();
-            Ok((ready >= n).then_some(()))
-        },
-    )
-    .await
-}
-
 /// Open connections per relay pod, as the custom metrics API reports them (the same values
 /// the HPA reads).
 async fn pod_connections(ns: &str) -> Result<BTreeMap<String, i64>> {
@@ -610,19 +564,6 @@ async fn pod_connections(ns: &str) -> Result<BTreeMap<String, i64>> {
         per_pod.insert(pod, value);
     }
     Ok(per_pod)
-}
-
-/// The relay pods of the gateway that are not terminating.
-async fn relay_pods(client: &Client, ns: &str) -> Result<BTreeSet<String>> {
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&format!("{INSTANCE_LABEL}={GATEWAY}")))
-        .await?;
-    Ok(pods
-        .items
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .map(|p| p.name_any())
-        .collect())
 }
 
 /// Waits until no object the operator made for the gateway remains, pods included.
