@@ -1,7 +1,9 @@
 //! The whole product on a cluster with a node, as a user meets it: install the Helm chart,
 //! declare a gateway, connect real WebSocket clients with JWTs through the gateway's
 //! Service, publish on NATS, let the HPA scale the fleet on connection count, roll the fleet
-//! while clients stay subscribed, delete everything.
+//! while clients stay subscribed, delete everything. Through the rollout, what plain-channel
+//! clients lose is reported, not asserted (at-most-once by design); clients of a resumable
+//! channel (a binding with history, src/resumable.rs) must lose nothing.
 //!
 //! The same code runs on the local node (`make cluster-up NODE=1`) and on kind
 //! (`make kind-e2e`). What differs between the two comes from the environment:
