@@ -1,8 +1,10 @@
 //! A real browser as the client: headless Chromium runs the browser example of
 //! docs/protocol.md (section 7, taken from the document itself, so the example cannot rot)
-//! against a relay and a real nats-server. The token travels the only way a browser can send
-//! it, in `Sec-WebSocket-Protocol`, and the browser's own `Origin` header meets the relay's
-//! allowlist: allowed from the page's origin, refused (403 before the upgrade) from another.
+//! against a relay and a real nats-server. The example uses the SDK: the page loads the built
+//! `@wsrelay/client` (clients/js/dist/esm, through an import map) as an application would. The
+//! token travels the only way a browser can send it, in `Sec-WebSocket-Protocol`, and the
+//! browser's own `Origin` header meets the relay's allowlist: allowed from the page's origin,
+//! refused (403 before the upgrade) from another.
 //!
 //! Chromium comes from Debian (`chromium`, installed by `make deps`; `CHROMIUM` overrides).
 
@@ -15,6 +17,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use common::*;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -40,20 +43,45 @@ fn documented_example() -> String {
         .and_then(|rest| rest.split("```").next())
         .expect("the browser example is a ```js block");
     assert!(
-        code.contains("function open(url, token, onMessage)"),
+        code.contains(r#"import { Client } from "@wsrelay/client";"#)
+            && code.contains("export function start(url, getToken, onMessage)"),
         "{code}"
     );
     code.to_string()
 }
 
-/// A page that runs the example and reports to the test server what it sees: every message
-/// (`onMessage`), and the close code of a refused connection.
+/// The SDK's build output (clients/js/dist/esm), built first if missing (needs
+/// `npm ci` in clients/js, which `make client-js` runs).
+fn sdk_dist() -> PathBuf {
+    let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients/js");
+    let dist = js.join("dist/esm");
+    if !dist.join("index.js").exists() {
+        let built = Command::new("npm")
+            .args(["run", "build"])
+            .current_dir(&js)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            built && dist.join("index.js").exists(),
+            "the SDK is not built: run `cd clients/js && npm ci && npm run build` (or make client-js)"
+        );
+    }
+    dist
+}
+
+/// A page that runs the example (a module that imports the SDK by its package name) and
+/// reports to the test server what it sees: every message (`onMessage`), and each connection
+/// with its transport.
 fn page(relay: SocketAddr, token: &str) -> String {
     format!(
-        r#"<!doctype html><html><body><script>
+        r#"<!doctype html><html><head>
+<script type="importmap">{{ "imports": {{ "@wsrelay/client": "/dist/esm/index.js" }} }}</script>
+</head><body><script type="module">
 {example}
 const report = (what) => fetch("/report", {{ method: "POST", body: JSON.stringify(what) }});
-open("ws://{relay}/ws", "{token}", (channel, payload) => report({{ kind: "message", channel, payload }}));
+const client = start("ws://{relay}/ws", async () => "{token}", (channel, payload) => report({{ kind: "message", channel, payload }}));
+client.on("connected", (c) => report({{ kind: "connected", transport: c.transport }}));
 </script></body></html>"#,
         example = documented_example()
     )
@@ -69,13 +97,34 @@ ws.onclose = (e) => fetch("/report", {{ method: "POST", body: JSON.stringify({{ 
     )
 }
 
-/// A small web server on `listener`: the page at `/`, and each JSON body POSTed to
-/// `/report` forwarded to the test.
+/// A small web server on `listener`: the page at `/`, the built SDK under `/dist/esm/`, and
+/// each JSON body POSTed to `/report` forwarded to the test.
 fn serve_page(listener: TcpListener, page: String) -> mpsc::UnboundedReceiver<Value> {
     use axum::routing::{get, post};
     let (tx, rx) = mpsc::unbounded_channel();
+    let dist = sdk_dist();
     let app = axum::Router::new()
         .route("/", get(move || async move { axum::response::Html(page) }))
+        .route(
+            "/dist/esm/{file}",
+            get(
+                move |axum::extract::Path(file): axum::extract::Path<String>| {
+                    let dist = dist.clone();
+                    async move {
+                        let ok =
+                            file.ends_with(".js") && !file.contains("..") && !file.contains('/');
+                        match std::fs::read(dist.join(&file)) {
+                            Ok(body) if ok => (
+                                [(axum::http::header::CONTENT_TYPE, "text/javascript")],
+                                body,
+                            )
+                                .into_response(),
+                            _ => axum::http::StatusCode::NOT_FOUND.into_response(),
+                        }
+                    }
+                },
+            ),
+        )
         .route(
             "/report",
             // The page posts text (no CORS preflight), so the body is parsed here.
@@ -169,6 +218,13 @@ async fn the_documented_browser_example_receives_its_messages_in_chromium() {
     let mut reports = serve_page(listener, page(relay.client_addr, &token));
     let _browser = Browser::open(&format!("http://{addr}/"));
 
+    let connected = next_report(&mut reports, BROWSER_WAIT)
+        .await
+        .expect("the SDK connects");
+    assert_eq!(
+        connected,
+        json!({"kind": "connected", "transport": "websocket"})
+    );
     // Publish until the browser reports a message: its subscription is in place once one
     // arrives (the example does not surface the `ok`).
     let deadline = tokio::time::Instant::now() + BROWSER_WAIT;

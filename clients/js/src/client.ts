@@ -26,6 +26,7 @@ import {
 } from "./subscription.js";
 import { jwtExpiryMs, refreshDelayMs, tokenExpired } from "./token.js";
 import {
+  sseTransport,
   webSocketTransport,
   type Transport,
   type TransportFactory,
@@ -85,7 +86,7 @@ export interface ClientOptions {
   maxAuthFailures?: number;
   /** After every this many consecutive connections that never reached `welcome`, call `getToken` before the next try (an HTTP 401 shows as 1006 in browsers). Default 3; 0 never. */
   newTokenAfterFailedOpens?: number;
-  /** Transports in order of preference. Default: WebSocket only. */
+  /** Transports in order of preference. Default: WebSocket, then SSE + POST where EventSource exists (browsers); WebSocket only elsewhere. */
   transports?: TransportFactory[];
   /** Consecutive failed opens of a transport before the next one in `transports` is tried. Default 2. */
   fallbackAfterFailures?: number;
@@ -234,9 +235,14 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     };
     this.token = options.token;
     this.getToken = options.getToken;
+    // Where the platform has EventSource (browsers), the SSE + POST transport follows the
+    // WebSocket one: a network that blocks WebSockets gets the fallback by itself.
+    const hasEventSource = typeof (globalThis as { EventSource?: unknown }).EventSource === "function";
     this.transports = options.transports?.length
       ? options.transports
-      : [webSocketTransport(options.WebSocket)];
+      : hasEventSource
+        ? [webSocketTransport(options.WebSocket), sseTransport()]
+        : [webSocketTransport(options.WebSocket)];
     this.clock = options.clock ?? systemClock;
     this.random = options.random ?? Math.random;
   }
@@ -436,7 +442,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     this.welcome = undefined;
     try {
       conn.transport = factory.open(
-        { url, token: token ?? null },
+        { url, token: token ?? null, currentToken: () => this.token ?? null },
         {
           onOpen: () => {},
           onFrame: (text) => this.frame(conn, text),
@@ -520,7 +526,8 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     const wasWelcomed = conn.welcomed;
     if (!wasWelcomed) {
       this.failedOpens++;
-      this.transportFailed();
+      // A refusal the relay sent (4401, 4403, 4503...) came through: the transport works.
+      if (code < 4000 || code >= 4900) this.transportFailed();
     }
     for (const p of this.inflight.values()) {
       this.clock.clearTimeout(p.timer);

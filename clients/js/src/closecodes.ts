@@ -44,6 +44,8 @@ export function closePolicy(code: number): ClosePolicy {
       return { ...retry, newToken: true, authFailure: true };
     case 4403: // handshake refused: forbidden (origin, identity); retrying cannot help
       return { ...retry, reconnect: false };
+    case 4429: // handshake refused: too many connections from this address or token subject
+      return { ...retry, minAttempt: 3 };
     case LocalClose.TokenRefresh:
       return { ...retry, immediate: true };
     default:

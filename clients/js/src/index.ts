@@ -27,7 +27,12 @@ export { closePolicy, LocalClose, type ClosePolicy } from "./closecodes.js";
 export { PositionTracker, type Position, type Verdict } from "./position.js";
 export { PROTOCOL, parseFrame, type ServerFrame } from "./protocol.js";
 export {
+  sseTransport,
+  sseUrl,
   webSocketTransport,
+  type EventSourceConstructor,
+  type EventSourceLike,
+  type SseTransportOptions,
   type Transport,
   type TransportFactory,
   type TransportHandlers,

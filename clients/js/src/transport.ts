@@ -1,8 +1,8 @@
 /**
  * Transports carry the protocol's text frames. The client talks to a transport only through
- * this interface, so a Server-Sent-Events + HTTP POST transport (relay to client over an
- * EventSource, client to relay over fetch POSTs, same frames, same token) can be added next to
- * the WebSocket one without touching the connection logic.
+ * this interface: the WebSocket transport, and the Server-Sent-Events + HTTP POST fallback
+ * (relay to client over an EventSource, client to relay over fetch POSTs, same frames, same
+ * token) for networks that block WebSockets.
  */
 import { PROTOCOL } from "./protocol.js";
 
@@ -19,6 +19,11 @@ export interface TransportParams {
   url: string;
   /** The JWT, or null for an anonymous connection. */
   token: string | null;
+  /**
+   * The client's current token (it changes with an in-band refresh). Transports that send
+   * the token with every request (SSE's POSTs) read it here; default: `token`.
+   */
+  currentToken?: () => string | null;
 }
 
 export interface Transport {
@@ -91,6 +96,138 @@ export function webSocketTransport(ctor?: WebSocketConstructor): TransportFactor
           } catch {
             // already closed, or a code the implementation refuses: nothing left to do
           }
+        },
+      };
+    },
+  };
+}
+
+/** An EventSource constructor (the browser's). */
+export interface EventSourceLike {
+  onmessage: ((ev: { data: string }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  addEventListener(type: string, listener: (ev: { data: string }) => void): void;
+  close(): void;
+}
+export type EventSourceConstructor = new (url: string, init?: { withCredentials?: boolean }) => EventSourceLike;
+
+export interface SseTransportOptions {
+  /** An EventSource constructor; default the global one. */
+  EventSource?: EventSourceConstructor;
+  /** A fetch function; default the global one. */
+  fetch?: typeof fetch;
+  /** Send cookies (the relay's cookie token source) on the stream and the POSTs. Default false. */
+  withCredentials?: boolean;
+}
+
+/**
+ * The SSE URL of a relay's WebSocket URL: `wss://h/ws?x` -> `https://h/ws/sse?x`, with the
+ * token as the `token` query parameter (EventSource cannot set headers; the relay must list
+ * a `query` token source).
+ */
+export function sseUrl(wsUrl: string, token: string | null): URL {
+  const u = new URL(wsUrl);
+  if (u.protocol === "ws:") u.protocol = "http:";
+  else if (u.protocol === "wss:") u.protocol = "https:";
+  u.pathname = u.pathname.replace(/\/+$/, "") + "/sse";
+  if (token) u.searchParams.set("token", token);
+  return u;
+}
+
+/**
+ * The fallback transport: Server-Sent Events from the relay (`GET <path>/sse`, the first
+ * event names the session), one HTTP POST per frame to the relay (`POST <path>/sse/<session>`,
+ * answered 202; the reply comes on the stream). POSTs go one at a time, so frames keep their
+ * order. The token travels as a query parameter on both (no custom header: no CORS
+ * preflight), so it can show in access logs of proxies on the way: see docs/client.md.
+ * The relay's close arrives as a `close` event with the WebSocket close code.
+ */
+export function sseTransport(opts: SseTransportOptions = {}): TransportFactory {
+  return {
+    name: "sse",
+    open(params, h) {
+      const ES = opts.EventSource ?? (globalThis as { EventSource?: EventSourceConstructor }).EventSource;
+      const doFetch = opts.fetch ?? (globalThis as { fetch?: typeof fetch }).fetch;
+      if (!ES || !doFetch) throw new Error("no EventSource or fetch here");
+      const current = params.currentToken ?? (() => params.token);
+      const es = new ES(sseUrl(params.url, params.token).toString(), { withCredentials: !!opts.withCredentials });
+      let done = false;
+      let postUrl: URL | undefined;
+      const queue: string[] = [];
+      let posting = false;
+      const finish = (code: number, reason: string, wasClean: boolean) => {
+        if (done) return;
+        done = true;
+        es.close();
+        h.onClose(code, reason, wasClean);
+      };
+      const pump = async () => {
+        if (posting || done || !postUrl) return;
+        posting = true;
+        while (queue.length > 0 && !done) {
+          const text = queue.shift()!;
+          const u = new URL(postUrl);
+          const t = current();
+          if (t) u.searchParams.set("token", t);
+          let status = 0;
+          try {
+            const r = await doFetch(u.toString(), {
+              method: "POST",
+              body: text,
+              headers: { "content-type": "text/plain" },
+              credentials: opts.withCredentials ? "include" : "same-origin",
+              cache: "no-store",
+            });
+            status = r.status;
+          } catch {
+            status = 0;
+          }
+          // 413: the relay closes the session with 1009 on the stream; wait for it.
+          if (status !== 202 && status !== 413) {
+            finish(1006, `POST failed (${status || "network error"})`, false);
+          }
+        }
+        posting = false;
+      };
+      es.addEventListener("session", (ev) => {
+        if (done) return;
+        try {
+          const s = JSON.parse(ev.data) as { post: string };
+          postUrl = new URL(s.post, sseUrl(params.url, null));
+        } catch {
+          finish(1006, "bad session event", false);
+          return;
+        }
+        h.onOpen();
+        void pump();
+      });
+      es.onmessage = (ev) => {
+        if (!done) h.onFrame(ev.data);
+      };
+      es.addEventListener("close", (ev) => {
+        let code = 1006;
+        let reason = "";
+        try {
+          const c = JSON.parse(ev.data) as { code: number; reason: string };
+          code = c.code;
+          reason = c.reason;
+        } catch {
+          // keep 1006
+        }
+        finish(code, reason, true);
+      });
+      // A stream that fails or ends without a close event; EventSource would reconnect by
+      // itself into a new session: the client reconnects instead, with its own backoff.
+      es.onerror = () => finish(1006, "", false);
+      return {
+        send(text) {
+          if (done) return;
+          queue.push(text);
+          void pump();
+        },
+        close() {
+          done = true;
+          es.close();
         },
       };
     },

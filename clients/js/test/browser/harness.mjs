@@ -193,7 +193,7 @@ process.once("exit", () => rmSync(workDir, { recursive: true, force: true }));
 writeFileSync(join(workDir, "hmac.secret"), HMAC_SECRET);
 
 /** Starts a relay (the real binary) on fixed ports so that it can be restarted on them. */
-export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4 }) {
+export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4, auth = {}, jwt = {} }) {
   port ??= await freePort();
   adminPort ??= await freePort();
   const config = {
@@ -206,10 +206,14 @@ export async function startRelay({ natsUrl, origin, port, adminPort, name = "rel
         issuer: "https://issuer.test",
         audiences: ["wsrelay"],
         leewaySeconds: 0,
+        ...jwt,
       },
-      tokenSources: [{ type: "subprotocol" }],
+      // The subprotocol for WebSockets; the query parameter for the SSE fallback (EventSource
+      // cannot set headers).
+      tokenSources: [{ type: "subprotocol" }, { type: "query", name: "token" }],
       allowedOrigins: [origin],
       allowAnonymous: false,
+      ...auth,
     },
     bindings: [
       { channel: "me.notify", subject: "users.{claims.sub}.notify", direction: "subscribe" },
