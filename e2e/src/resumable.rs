@@ -229,8 +229,12 @@ impl Record {
         }
     }
 
+    /// The subscription is gone: the catch-up clock starts, or keeps running from an earlier
+    /// loss the client had not caught up from.
     fn lost_subscription(&mut self) {
-        if self.down_since.is_none() && self.catching_up.is_none() {
+        if let Some((since, _)) = self.catching_up.take() {
+            self.down_since = Some(since);
+        } else if self.down_since.is_none() {
             self.down_since = Some(Instant::now());
         }
     }
@@ -589,9 +593,11 @@ fn on_ok(r: &mut Record, ok: &Value, resumed: bool, head: &(dyn Fn() -> u64 + Se
         }
         r.after_ok = true;
     }
-    let since = r.down_since.take().unwrap_or_else(Instant::now);
-    r.catching_up = Some((since, head()));
-    r.check_caught_up();
+    // Catch-up is measured from a loss only (not for the first subscribe).
+    if let Some(since) = r.down_since.take() {
+        r.catching_up = Some((since, head()));
+        r.check_caught_up();
+    }
 }
 
 /// Reads one connection until it ends; resubscribes on it after `unavailable`.
@@ -892,4 +898,75 @@ pub async fn tally(
         }
     }
     f
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn msg(seq: u64, prev: u64) -> Value {
+        json!({"type": "message", "channel": "c", "seq": seq, "prev": prev, "payload": {"n": seq}})
+    }
+
+    fn fresh(ok_seq: u64) -> Record {
+        let mut r = Record::default();
+        on_ok(
+            &mut r,
+            &json!({"type": "ok", "id": 1, "epoch": "e", "seq": ok_seq}),
+            false,
+            &|| 0,
+        );
+        r
+    }
+
+    #[test]
+    fn the_first_message_after_an_ok_may_follow_an_earlier_position() {
+        // An ok gives a stream position; the channel's last message may be older.
+        let mut r = fresh(5);
+        on_message(&mut r, &msg(8, 3));
+        on_message(&mut r, &msg(9, 8));
+        assert_eq!((r.chain_breaks, r.duplicates, r.last), (0, 0, 9));
+        // But not a later one: that message's predecessor was never delivered.
+        let mut r = fresh(5);
+        on_message(&mut r, &msg(8, 6));
+        assert_eq!(r.chain_breaks, 1);
+    }
+
+    #[test]
+    fn holes_duplicates_and_reorders_are_counted() {
+        let mut r = fresh(0);
+        on_message(&mut r, &msg(1, 0));
+        on_message(&mut r, &msg(4, 2)); // 2 never arrived
+        assert_eq!(r.chain_breaks, 1);
+        on_message(&mut r, &msg(4, 2)); // again
+        assert_eq!((r.duplicates, r.chain_breaks), (1, 1));
+        on_message(&mut r, &msg(3, 1)); // late: below the last
+        assert_eq!((r.duplicates, r.chain_breaks), (2, 2));
+        assert_eq!(r.received.keys().copied().collect::<Vec<_>>(), vec![1, 4]);
+    }
+
+    #[test]
+    fn a_recovered_resume_continues_the_chain_and_a_lost_one_is_counted() {
+        let mut r = fresh(0);
+        on_message(&mut r, &msg(1, 0));
+        r.lost_subscription();
+        let ok = json!({"type": "ok", "id": 2, "epoch": "e", "seq": 1, "recovered": true});
+        on_ok(&mut r, &ok, true, &|| 3);
+        on_message(&mut r, &msg(2, 1));
+        assert!(r.catching_up.is_some(), "not caught up before the head");
+        on_message(&mut r, &msg(3, 2));
+        assert_eq!((r.chain_breaks, r.not_recovered, r.replayed), (0, 0, 2));
+        assert_eq!(r.catchups.len(), 1);
+        // After a recovered resume the next message must follow the last one exactly.
+        r.lost_subscription();
+        on_ok(&mut r, &ok, true, &|| 0);
+        on_message(&mut r, &msg(5, 4));
+        assert_eq!(r.chain_breaks, 1);
+        // recovered: false is a failure, and the relay's position is taken.
+        let not = json!({"type": "ok", "id": 3, "epoch": "f", "seq": 9, "recovered": false});
+        on_ok(&mut r, &not, true, &|| 0);
+        assert_eq!((r.not_recovered, r.last), (1, 9));
+    }
 }
