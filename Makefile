@@ -48,8 +48,12 @@ fmt-check: ## cargo fmt --check
 lint: ## clippy on every target, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+.PHONY: sdk
+sdk: ## build the TypeScript client SDK (clients/js/dist), which the relay's browser test serves
+	cd clients/js && npm ci --no-audit --no-fund && npm run build
+
 .PHONY: unit
-unit: tools ## unit and integration tests (real nats-server, headless Chromium, no cluster)
+unit: tools sdk ## unit and integration tests (real nats-server, headless Chromium, no cluster)
 	$(CARGO) test --workspace --exclude wsrelay-e2e --locked
 
 .PHONY: proptest-long
@@ -57,9 +61,9 @@ proptest-long: ## the relay's property tests (frame parser, subject renderer, co
 	PROPTEST_CASES=$${PROPTEST_CASES:-150000} $(CARGO) test -p wsrelay --test properties --locked -- --nocapture
 
 .PHONY: client-js
-client-js: tools ## the TypeScript client SDK (clients/js): npm ci, build, unit tests, headless Chromium against a real relay and nats-server
+client-js: tools sdk ## the TypeScript client SDK (clients/js): unit tests, headless Chromium against a real relay and nats-server
 	$(CARGO) build -p wsrelay --bin wsrelay --locked
-	cd clients/js && npm ci --no-audit --no-fund && WSRELAY_REQUIRE_BROWSER=1 WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay npm test
+	cd clients/js && WSRELAY_REQUIRE_BROWSER=1 WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay npm test
 
 .PHONY: images
 images: ## build the relay, operator and pause OCI images without Docker (static binaries)
