@@ -17,7 +17,9 @@
 //!
 //! The operator runs in this process (the current code, scoped to the test's namespace); the
 //! relays are the node's imported image (`make images`, node-up.sh). Without a Ready node the
-//! test says SKIPPED, unless `E2E_REQUIRE_NODE=1`.
+//! test says SKIPPED, unless `E2E_REQUIRE_NODE=1`. It needs the local node (as root): it reads
+//! each relay's connection count from its pod IP and finds the relay process in this
+//! machine's /proc, which a kind cluster does not offer (`make kind-e2e` runs the fleet suite).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
