@@ -619,6 +619,13 @@ pub struct DrainSpec {
     #[serde(default = "default_grace")]
     #[schemars(range(min = 1, max = 3600))]
     pub grace_period_seconds: i32,
+    /// Wait this long after the pod stops being ready before the first client is told to
+    /// reconnect, so the Service's endpoints and any ingress have dropped the pod and
+    /// reconnects cannot land on it again. At most half the grace period is used. 0 (the
+    /// default) starts at once; behind an ingress with slow endpoint updates, 5 is typical.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 600))]
+    pub delay_before_close_seconds: i32,
 }
 
 fn default_grace() -> i32 {
@@ -629,6 +636,7 @@ impl Default for DrainSpec {
     fn default() -> Self {
         Self {
             grace_period_seconds: default_grace(),
+            delay_before_close_seconds: 0,
         }
     }
 }

@@ -213,7 +213,12 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
         },
         drain: relay::Drain {
             grace_period_seconds: u64_of(spec.drain.grace_period_seconds),
-            delay_before_close_seconds: relay::Drain::default().delay_before_close_seconds,
+            // At most half the grace period: the rest is for the closes themselves.
+            delay_before_close_seconds: u64_of(
+                spec.drain
+                    .delay_before_close_seconds
+                    .min(spec.drain.grace_period_seconds / 2),
+            ),
         },
     }
 }
@@ -388,5 +393,26 @@ mod tests {
             (200, 600, 3)
         );
         config.validate().expect("valid");
+    }
+
+    #[test]
+    fn the_drain_delay_is_at_most_half_the_grace_period() {
+        let mut s = spec(include_str!("../../tests/fixtures/full.yaml"));
+        s.drain.grace_period_seconds = 30;
+        s.drain.delay_before_close_seconds = 5;
+        assert_eq!(
+            relay_config(&s, "ns", "gw")
+                .drain
+                .delay_before_close_seconds,
+            5
+        );
+        s.drain.delay_before_close_seconds = 100;
+        let c = relay_config(&s, "ns", "gw");
+        assert_eq!(c.drain.delay_before_close_seconds, 15);
+        c.validate().expect("valid");
+        s.drain.grace_period_seconds = 1;
+        let c = relay_config(&s, "ns", "gw");
+        assert_eq!(c.drain.delay_before_close_seconds, 0);
+        c.validate().expect("valid");
     }
 }
