@@ -338,3 +338,65 @@ async fn config_reload_changes_bindings_and_keeps_connections() {
     let _ = std::fs::remove_dir_all(&dir);
     relay.drain().await;
 }
+
+/// A client publish carries who sent it: `Wsrelay-Sub` (the token's `sub`) and
+/// `Wsrelay-Connection`, set by the relay; an anonymous publish has no `Wsrelay-Sub`.
+#[tokio::test]
+async fn publishes_carry_the_sender_in_nats_headers() {
+    init_logs();
+    let nats = Nats::start();
+    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+        .await
+        .unwrap();
+    let admin = relay.admin_addr;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            metric(admin, "wsrelay_nats_connected").await == Some(1.0)
+        })
+        .await
+    );
+    let nc = nats.client().await;
+    let mut sub = subscribed(&nc, "orders.5", "orders.5").await;
+    let mut alice = connect(
+        relay.client_addr,
+        &format!("?token={}", hs256(claims("alice"))),
+    )
+    .await;
+    let r = request(
+        &mut alice,
+        json!({"type": "publish", "id": 1, "channel": "orders.5", "text": "hi"}),
+    )
+    .await;
+    assert_eq!(r["type"], "ok", "{r}");
+    let m = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut sub))
+        .await
+        .unwrap()
+        .unwrap();
+    let h = m.headers.expect("headers");
+    assert_eq!(h.get("Wsrelay-Sub").map(|v| v.as_str()), Some("alice"));
+    let conn = h
+        .get("Wsrelay-Connection")
+        .expect("connection header")
+        .as_str()
+        .to_owned();
+    assert!(conn.contains('/'), "{conn}");
+    let mut anon = connect(relay.client_addr, "").await;
+    let r = request(
+        &mut anon,
+        json!({"type": "publish", "id": 2, "channel": "orders.5", "text": "anon"}),
+    )
+    .await;
+    assert_eq!(r["type"], "ok", "{r}");
+    let m = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut sub))
+        .await
+        .unwrap()
+        .unwrap();
+    let h = m.headers.expect("headers");
+    assert!(h.get("Wsrelay-Sub").is_none(), "anonymous: no sub");
+    assert_ne!(
+        h.get("Wsrelay-Connection").map(|v| v.as_str().to_owned()),
+        Some(conn),
+        "another connection"
+    );
+    relay.drain().await;
+}
