@@ -144,8 +144,9 @@ pub fn compute(
 
 /// What the relays report that a person must fix, as a degradation (None: nothing). Pure:
 /// from the gateway and the reports of the relay pods that answered their scrape. In
-/// order: NATS unreachable (with each server and cause), a config reload refused, history
-/// streams missing (fewer than the gateway's resumable bindings need).
+/// order: NATS unreachable (with each server and cause), a config reload refused, the JWKS
+/// document unreachable, history streams missing (fewer than the gateway's resumable bindings
+/// need).
 pub fn relay_problem(gw: &WebsocketGateway, relays: &[(String, Report)]) -> Option<Degradation> {
     let total = relays.len();
     let mut unreachable: std::collections::BTreeMap<&(String, String), usize> =
@@ -184,6 +185,27 @@ pub fn relay_problem(gw: &WebsocketGateway, relays: &[(String, Report)]) -> Opti
                 "{} of {total} relay pods refused their last config reload and run the previous config ({}); their logs say why",
                 rejected.len(),
                 rejected.join(", ")
+            ),
+        });
+    }
+    let failing: Vec<&str> = relays
+        .iter()
+        .filter(|(_, r)| r.jwks_failing)
+        .map(|(pod, _)| pod.as_str())
+        .collect();
+    if !failing.is_empty() {
+        let url = gw
+            .spec
+            .auth
+            .jwt
+            .as_ref()
+            .and_then(|j| j.jwks_url.clone())
+            .unwrap_or_default();
+        return Some(Degradation {
+            reason: "JwksUnreachable".into(),
+            message: format!(
+                "{} of {total} relay pods cannot fetch the JWKS document {url}, so tokens signed with a key they do not hold yet are refused (503); check spec.auth.jwt.jwksUrl and that the relay pods reach it; their logs say why",
+                failing.len()
             ),
         });
     }
@@ -331,6 +353,7 @@ mod tests {
             nats_error: nats.map(|(s, e)| (s.into(), e.into())),
             config_rejected: false,
             history_streams_ready: Some(0),
+            jwks_failing: false,
         }
     }
 
@@ -383,6 +406,12 @@ mod tests {
             "{}",
             d.message
         );
+        let mut keys = report(None);
+        keys.jwks_failing = true;
+        let d = relay_problem(&gw, &[("ticker-b".into(), keys)]).expect("problem");
+        assert_eq!(d.reason, "JwksUnreachable");
+        assert!(d.message.contains("1 of 1 relay pods"), "{}", d.message);
+
         let mut in_place = report(None);
         in_place.history_streams_ready = Some(1);
         assert_eq!(relay_problem(&resumable, &[("a".into(), in_place)]), None);

@@ -31,6 +31,11 @@ async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
+    // Read at scrape time from the authenticator in force (a reload replaces it).
+    relay
+        .metrics
+        .jwks_fetch_failing
+        .set(i64::from(relay.live().authn.jwks_failing()));
     (
         [(
             header::CONTENT_TYPE,

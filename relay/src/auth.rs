@@ -346,6 +346,17 @@ impl Authenticator {
         }
     }
 
+    /// Whether the last JWKS fetch failed (false without a JWKS URL).
+    pub fn jwks_failing(&self) -> bool {
+        match self.verifier.as_ref().map(|v| &v.keys) {
+            Some(Keys::Jwks(cache)) => cache
+                .inner
+                .failing
+                .load(std::sync::atomic::Ordering::Acquire),
+            _ => false,
+        }
+    }
+
     /// Verifies a token sent in band (the `refresh` frame), as the handshake would.
     pub async fn verify_token(&self, token: &str) -> Result<Identity, AuthError> {
         match &self.verifier {
@@ -395,6 +406,8 @@ struct JwksInner {
     generation: std::sync::atomic::AtomicU64,
     /// A background refresh is scheduled or running.
     refreshing: std::sync::atomic::AtomicBool,
+    /// The last fetch failed (reported as `wsrelay_jwks_fetch_failing`).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -498,6 +511,7 @@ impl JwksCache {
                 fetch: Mutex::new(FetchState::default()),
                 generation: std::sync::atomic::AtomicU64::new(0),
                 refreshing: std::sync::atomic::AtomicBool::new(false),
+                failing: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -612,11 +626,13 @@ impl JwksInner {
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(keys));
                 st.last_error = None;
+                self.failing.store(false, Ordering::Release);
                 Ok(())
             }
             Err(e) => {
                 tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed");
                 st.last_error = Some(e.clone());
+                self.failing.store(true, Ordering::Release);
                 Err(e)
             }
         };

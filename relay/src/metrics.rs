@@ -75,6 +75,9 @@ pub struct Metrics {
     /// `wsrelay_config_rejected`: 1 while the last config reload was refused (the relay
     /// runs the previous config).
     pub config_rejected: Gauge,
+    /// `wsrelay_jwks_fetch_failing`: 1 while the last fetch of the JWKS document failed
+    /// (handshakes with a key the relay does not hold are refused 503 meanwhile).
+    pub jwks_fetch_failing: Gauge,
     /// `wsrelay_delivery_latency_seconds`: NATS receive to socket write.
     pub delivery_latency: Histogram,
     /// `wsrelay_draining`: 1 while draining.
@@ -123,6 +126,7 @@ impl Metrics {
             nats_disconnects: Counter::default(),
             nats_last_error: Family::default(),
             config_rejected: Gauge::default(),
+            jwks_fetch_failing: Gauge::default(),
             delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             draining: Gauge::default(),
             reloads: Family::default(),
@@ -217,6 +221,11 @@ impl Metrics {
             "config_rejected",
             "1 while the last config reload was refused",
             m.config_rejected.clone(),
+        );
+        r.register(
+            "jwks_fetch_failing",
+            "1 while the last fetch of the JWKS document failed",
+            m.jwks_fetch_failing.clone(),
         );
         r.register(
             "delivery_latency_seconds",

@@ -661,3 +661,50 @@ async fn idle_client_and_stalled_handshake_are_closed() {
     );
     relay.drain().await;
 }
+
+/// A JWKS document the relay cannot fetch: handshakes that need it get 503 (`keys_unavailable`,
+/// with `Retry-After`) and `wsrelay_jwks_fetch_failing` says so, for the operator to report.
+#[tokio::test]
+async fn an_unreachable_jwks_is_reported() {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = hs_config(&nats.url());
+    let jwt = c.auth.jwt.as_mut().unwrap();
+    jwt.algorithms = vec![JwtAlgorithm::RS256];
+    jwt.key = JwtKey {
+        // A loopback port nothing listens on.
+        jwks_url: Some(format!("http://127.0.0.1:{}/jwks.json", free_port())),
+        jwks_allow_http: true,
+        ..JwtKey::default()
+    };
+    c.validate().unwrap();
+    let relay = wsrelay::process::start(c).await.unwrap();
+    assert_eq!(
+        metric(relay.admin_addr, "wsrelay_jwks_fetch_failing").await,
+        Some(0.0),
+        "nothing fetched yet"
+    );
+    assert_eq!(
+        connect_with(
+            relay.client_addr,
+            &format!("?token={}", rs_token(Some("test-rsa"))),
+            &[]
+        )
+        .await
+        .err(),
+        Some(503)
+    );
+    assert_eq!(
+        metric(relay.admin_addr, "wsrelay_jwks_fetch_failing").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            relay.admin_addr,
+            "wsrelay_connections_refused_total{reason=\"keys_unavailable\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    relay.drain().await;
+}

@@ -155,6 +155,8 @@ pub struct Report {
     pub config_rejected: bool,
     /// `wsrelay_history_streams_ready`, when exported.
     pub history_streams_ready: Option<i64>,
+    /// `wsrelay_jwks_fetch_failing`: its last fetch of the JWKS document failed.
+    pub jwks_failing: bool,
 }
 
 impl Report {
@@ -183,6 +185,7 @@ impl Report {
             config_rejected: prom::gauge(body, "wsrelay_config_rejected").is_some_and(|v| v > 0.0),
             history_streams_ready: prom::gauge(body, "wsrelay_history_streams_ready")
                 .map(prom::as_count),
+            jwks_failing: prom::gauge(body, "wsrelay_jwks_fetch_failing").is_some_and(|v| v > 0.0),
         })
     }
 }
@@ -491,7 +494,8 @@ mod tests {
     fn a_report_carries_what_the_relay_says_about_nats_config_and_history() {
         let body = "wsrelay_connections 2\nwsrelay_nats_connected 0\n\
             wsrelay_nats_last_error{server=\"nats://10.0.0.9:4222\",error=\"connection refused\"} 1\n\
-            wsrelay_config_rejected 1\nwsrelay_history_streams_ready 1\n";
+            wsrelay_config_rejected 1\nwsrelay_history_streams_ready 1\n\
+            wsrelay_jwks_fetch_failing 1\n";
         let r = Report::parse(body, "wsrelay_connections").expect("report");
         assert_eq!(
             r,
@@ -501,6 +505,7 @@ mod tests {
                 nats_error: Some(("nats://10.0.0.9:4222".into(), "connection refused".into())),
                 config_rejected: true,
                 history_streams_ready: Some(1),
+                jwks_failing: true,
             }
         );
         // An older relay: only the connection gauge.
