@@ -809,9 +809,13 @@ async fn the_operator_reads_only_the_secrets_it_needs_and_is_quiet_at_rest() -> 
             at_rest.len(),
             at_rest.iter().map(|r| format!("{} {}", r.method, r.path)).collect::<Vec<_>>()
         );
+        // A status write may still come (pods come and go), and with it an Event when a
+        // condition's reason changes: this gateway's NATS URL is loopback, which its relay
+        // pods on the node cannot reach, so they report NatsUnreachable once they run.
         let unexpected: Vec<_> = at_rest
             .iter()
             .filter(|r| !(r.method == "PATCH" && r.path.contains("/status")))
+            .filter(|r| !(r.method == "POST" && r.path.contains("/events")))
             .map(|r| format!("{} {}", r.method, r.path))
             .collect();
         assert!(unexpected.is_empty(), "requests at rest: {unexpected:?}");
