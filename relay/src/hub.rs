@@ -544,14 +544,15 @@ impl Hub {
             tracing::warn!(subject = %msg.subject, "a republished message without Nats-Sequence");
             return Ok(());
         };
+        let now = history::now_ms();
         let m = Stored {
             seq: pos.seq,
-            at_ms: history::now_ms(),
+            at_ms: now,
             payload: msg.payload,
         };
-        if let Live::Gap { .. } = self.offer(entry, res, m.clone(), pos.prev) {
+        if let Live::Gap { .. } = self.offer(entry, res, &m, pos.prev, now) {
             self.fill(entry, res, Some(m.seq)).await?;
-            if let Live::Gap { after } = self.offer(entry, res, m, pos.prev) {
+            if let Live::Gap { after } = self.offer(entry, res, &m, pos.prev, history::now_ms()) {
                 // The stream no longer holds what came before: never skip silently.
                 tracing::warn!(stream = %res.stream, subject = %res.subject, after, "history hole the stream cannot fill");
                 self.metrics.history(&self.metrics.history_gaps, "lost");
@@ -603,20 +604,28 @@ impl Hub {
                 }
             }
         };
-        for m in read {
+        let now = history::now_ms();
+        for m in &read {
             // Read from the stream: in order after `after`, so no hole check.
-            self.offer(entry, res, m, 0);
+            self.offer(entry, res, m, 0, now);
         }
         Ok(())
     }
 
     /// Offers a message to a resumable entry: appended and fanned out under the ring lock
     /// when it is the next one.
-    fn offer(&self, entry: &SubjectEntry, res: &Resumable, m: Stored, prev: u64) -> Live {
+    fn offer(
+        &self,
+        entry: &SubjectEntry,
+        res: &Resumable,
+        m: &Stored,
+        prev: u64,
+        now: u64,
+    ) -> Live {
         res.with_ring(|ring: &mut Ring| {
-            let verdict = Resumable::accept(ring, m.clone(), prev, history::now_ms());
+            let verdict = Resumable::accept(ring, m, prev, now);
             if let Live::Deliver { prev } = verdict {
-                fan_out_at(entry, &m, prev, &self.metrics, self.max_payload);
+                fan_out_at(entry, m, prev, &self.metrics, self.max_payload);
             }
             verdict
         })

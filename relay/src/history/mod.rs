@@ -235,7 +235,7 @@ impl Resumable {
     }
 
     /// Classifies a live message and, when it is to be delivered, appends it.
-    pub fn accept(ring: &mut Ring, m: Stored, prev: u64, now: u64) -> Live {
+    pub fn accept(ring: &mut Ring, m: &Stored, prev: u64, now: u64) -> Live {
         let last = ring.last_seen();
         if m.seq <= last {
             return Live::Duplicate;
@@ -244,7 +244,7 @@ impl Resumable {
         if ring.is_loaded() && prev > known {
             return Live::Gap { after: last };
         }
-        ring.append(m, now);
+        ring.append(m.clone(), now);
         Live::Deliver { prev: last }
     }
 
@@ -362,27 +362,27 @@ mod tests {
         let mut r = ring();
         r.load(vec![m(2)], 5, 0);
         assert_eq!(
-            Resumable::accept(&mut r, m(6), 2, 0),
+            Resumable::accept(&mut r, &m(6), 2, 0),
             Live::Deliver { prev: 2 }
         );
-        assert_eq!(Resumable::accept(&mut r, m(6), 2, 0), Live::Duplicate);
-        assert_eq!(Resumable::accept(&mut r, m(4), 0, 0), Live::Duplicate);
+        assert_eq!(Resumable::accept(&mut r, &m(6), 2, 0), Live::Duplicate);
+        assert_eq!(Resumable::accept(&mut r, &m(4), 0, 0), Live::Duplicate);
         // 9 says the message before it was 8, which was never seen: read after 6 first.
         assert_eq!(
-            Resumable::accept(&mut r, m(9), 8, 0),
+            Resumable::accept(&mut r, &m(9), 8, 0),
             Live::Gap { after: 6 }
         );
         assert_eq!(
-            Resumable::accept(&mut r, m(8), 6, 0),
+            Resumable::accept(&mut r, &m(8), 6, 0),
             Live::Deliver { prev: 6 }
         );
         assert_eq!(
-            Resumable::accept(&mut r, m(9), 8, 0),
+            Resumable::accept(&mut r, &m(9), 8, 0),
             Live::Deliver { prev: 8 }
         );
         // prev 0: the previous one was removed from the stream; nothing to fill.
         assert_eq!(
-            Resumable::accept(&mut r, m(12), 0, 0),
+            Resumable::accept(&mut r, &m(12), 0, 0),
             Live::Deliver { prev: 9 }
         );
     }
