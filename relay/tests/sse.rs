@@ -1,4 +1,4 @@
-//! The Server-Sent Events + POST fallback (docs/protocol.md section 10) and refusals after the
+//! The Server-Sent Events + POST fallback (docs/protocol.md section 9) and refusals after the
 //! upgrade (`auth.refuseAfterUpgrade`, section 1), against a real relay and nats-server. The
 //! HTTP client here is raw TCP (the event stream's chunked body decoded by hand), so every
 //! byte the relay writes is what is checked.
