@@ -216,8 +216,8 @@ async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
         }));
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    // What NATS has sent before the kill (the publisher flushes each message).
-    let stream_last = {
+    // Messages the stream holds at the kill (one channel: the payloads 0..n).
+    let stored_before_kill = {
         let js = async_nats::jetstream::new(nc.clone());
         js.get_stream("WSRELAY_STORM")
             .await
@@ -226,7 +226,7 @@ async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
             .state
             .messages
     };
-    *kill_mark.lock().await = Some((Instant::now(), stream_last));
+    *kill_mark.lock().await = Some((Instant::now(), stored_before_kill));
     relay_a.kill().unwrap();
     let _ = relay_a.wait();
     publisher.await.unwrap();
@@ -246,7 +246,7 @@ async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
         assert!(client.broken.is_none(), "chain broken: {:?}", client.broken);
         catch_up.push(caught.unwrap_or(Duration::from_secs(3_600)));
     }
-    let before_kill = stream_last;
+    let before_kill = stored_before_kill;
     let total = TOTAL;
     catch_up.sort();
     let pct = |p: f64| catch_up[((catch_up.len() as f64 * p) as usize).min(catch_up.len() - 1)];
