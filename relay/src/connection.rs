@@ -429,7 +429,17 @@ async fn refresh(
         .ok_or((ErrorCode::Unauthorized, "the token has no exp".into()))
 }
 
+/// A client's request id as a log field: `7`, `"a-string"` (escaped), or `-` without one.
+fn log_id(id: Option<&RequestId>) -> String {
+    match id {
+        Some(RequestId::Num(n)) => n.to_string(),
+        Some(RequestId::Str(s)) => format!("{s:?}"),
+        None => "-".into(),
+    }
+}
+
 fn reply_error(conn: &ConnShared, id: Option<&RequestId>, code: ErrorCode, reason: &str) {
+    tracing::debug!(request_id = %log_id(id), code = code as u16, reason, "request refused");
     conn.outbox
         .push_reply(Message::text(protocol::encode_error(id, code, reason)));
 }
@@ -461,6 +471,7 @@ async fn handle(req: Request, conn: &Arc<ConnShared>, relay: &Relay) {
         // Handled by the reader, which owns the connection's expiry timer.
         Request::Refresh { .. } => {}
         Request::Subscribe { id, channel, since } => {
+            tracing::debug!(request_id = %log_id(id.as_ref()), %channel, resume = since.is_some(), "subscribe");
             let target = match live.authz.resolve_binding(
                 &channel,
                 Operation::Subscribe,
@@ -507,6 +518,8 @@ async fn handle(req: Request, conn: &Arc<ConnShared>, relay: &Relay) {
                 }
                 drop(subs);
                 reply_error(conn, id.as_ref(), ErrorCode::Unavailable, &e.to_string());
+            } else {
+                tracing::debug!(request_id = %log_id(id.as_ref()), %channel, "subscribed");
             }
         }
         Request::Unsubscribe { id, channel } => {

@@ -43,6 +43,13 @@ pub async fn drain(relay: &Arc<Relay>, grace: Duration) {
     let deadline = start + grace.mul_f64(0.9);
     relay.draining.store(true, Ordering::SeqCst);
     relay.metrics.draining.set(1);
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    relay
+        .metrics
+        .drain_started
+        .set(since_epoch.as_secs() as i64);
     let delay = Duration::from_secs(relay.live().config.drain.delay_before_close_seconds)
         .min(grace.saturating_sub(Duration::from_secs(1)));
     if !delay.is_zero() {

@@ -34,6 +34,47 @@ pub struct NatsError {
     pub error: String,
 }
 
+/// `reason` values of `wsrelay_connections_refused_total` (`crate::server`, `crate::sse`,
+/// `crate::auth::AuthError::reason`).
+pub const REFUSAL_REASONS: &[&str] = &[
+    "not_websocket",
+    "draining",
+    "per_ip",
+    "max_connections",
+    "no_token",
+    "invalid_token",
+    "origin",
+    "keys_unavailable",
+    "per_subject",
+    "subprotocol",
+    "handshakes",
+    "handshake_timeout",
+];
+/// `reason` values of `wsrelay_connections_closed_total` (`crate::outbox::CloseRequest::label`,
+/// and the writer's `write_error`, `write_timeout`).
+pub const CLOSE_REASONS: &[&str] = &[
+    "write_error",
+    "write_timeout",
+    "normal",
+    "token_expired",
+    "too_big",
+    "drain",
+    "idle",
+    "slow_consumer",
+    "flood",
+    "other",
+];
+/// `reason` values of `wsrelay_messages_dropped_total`.
+pub const DROP_REASONS: &[&str] = &[
+    "too_large",
+    "slow_consumer_drop_oldest",
+    "slow_consumer_disconnect",
+    "rate_limited",
+    "nats_unavailable",
+];
+/// `reason` values of `wsrelay_history_resumes_total`.
+pub const RESUME_OUTCOMES: &[&str] = &["recovered", "not_recovered", "unavailable"];
+
 /// Every metric of the relay.
 #[derive(Debug)]
 pub struct Metrics {
@@ -82,6 +123,11 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// `wsrelay_draining`: 1 while draining.
     pub draining: Gauge,
+    /// `wsrelay_drain_started_timestamp_seconds`: Unix time the drain began (0 before).
+    pub drain_started: Gauge,
+    /// `wsrelay_drain_grace_period_seconds`: `drain.gracePeriodSeconds` of the config in
+    /// force, so an alert can compare a drain's age with it.
+    pub drain_grace: Gauge,
     /// `wsrelay_config_reloads_total{reason}`: config reloads, `ok` or `error`.
     pub reloads: Family<Reason, Counter>,
     /// `wsrelay_history_streams_ready`: history streams in place (resumable bindings).
@@ -129,6 +175,8 @@ impl Metrics {
             jwks_fetch_failing: Gauge::default(),
             delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             draining: Gauge::default(),
+            drain_started: Gauge::default(),
+            drain_grace: Gauge::default(),
             reloads: Family::default(),
             history_streams_ready: Gauge::default(),
             history_resumes: Family::default(),
@@ -234,6 +282,16 @@ impl Metrics {
         );
         r.register("draining", "1 while the relay drains", m.draining.clone());
         r.register(
+            "drain_started_timestamp_seconds",
+            "Unix time the drain began, 0 before",
+            m.drain_started.clone(),
+        );
+        r.register(
+            "drain_grace_period_seconds",
+            "Grace period of a drain (drain.gracePeriodSeconds in force)",
+            m.drain_grace.clone(),
+        );
+        r.register(
             "config_reloads",
             "Config reloads, by outcome",
             m.reloads.clone(),
@@ -258,6 +316,18 @@ impl Metrics {
             "Holes in live delivery of resumable channels, by outcome",
             m.history_gaps.clone(),
         );
+        // The known label values show up at 0 from the start, so that rate() and increase()
+        // (and the alerts built on them) see the first refusal, close or drop too.
+        for (family, reasons) in [
+            (&m.refused, REFUSAL_REASONS),
+            (&m.closed, CLOSE_REASONS),
+            (&m.dropped, DROP_REASONS),
+            (&m.history_resumes, RESUME_OUTCOMES),
+        ] {
+            for reason in reasons {
+                let _ = family.get_or_create(&Reason { reason });
+            }
+        }
         Self { registry, ..m }
     }
 
@@ -308,11 +378,22 @@ mod tests {
             text.contains("wsrelay_connections_refused_total{reason=\"max_connections\"} 1"),
             "{text}"
         );
+        // Known reasons are there at 0 before the first event.
+        for sample in [
+            "wsrelay_connections_refused_total{reason=\"invalid_token\"} 0",
+            "wsrelay_connections_closed_total{reason=\"slow_consumer\"} 0",
+            "wsrelay_messages_dropped_total{reason=\"slow_consumer_drop_oldest\"} 0",
+            "wsrelay_history_resumes_total{reason=\"unavailable\"} 0",
+        ] {
+            assert!(text.contains(sample), "{sample} missing in {text}");
+        }
         for name in [
             "wsrelay_messages_delivered_total",
             "wsrelay_nats_subscriptions",
             "wsrelay_delivery_latency_seconds_bucket",
             "wsrelay_draining",
+            "wsrelay_drain_started_timestamp_seconds",
+            "wsrelay_drain_grace_period_seconds",
             "wsrelay_nats_connected",
             "wsrelay_queued_bytes",
             "wsrelay_handshakes_in_flight",

@@ -107,6 +107,9 @@ impl Relay {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| live.config.nats.name.clone());
+        metrics
+            .drain_grace
+            .set(live.config.drain.grace_period_seconds as i64);
         Self {
             name,
             live: RwLock::new(Arc::new(live)),
@@ -139,6 +142,9 @@ impl Relay {
     pub fn swap_live(&self, live: Live) -> Arc<Live> {
         self.queue_budget
             .set_limit(live.config.limits.max_queued_bytes);
+        self.metrics
+            .drain_grace
+            .set(live.config.drain.grace_period_seconds as i64);
         let mut g = self
             .live
             .write()

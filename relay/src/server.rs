@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tracing::Instrument;
 
 use crate::auth::TokenVia;
 use crate::config::Limits;
@@ -72,6 +73,7 @@ pub(crate) fn refuse(
     retry_after: Option<u64>,
 ) -> Response {
     relay.metrics.refuse(reason);
+    tracing::debug!(status = status.as_u16(), reason, "handshake refused");
     let mut resp = (status, reason).into_response();
     // One request per connection: close after a refusal, so that only a stalled
     // handshake ever meets the handshake timeout.
@@ -100,6 +102,7 @@ fn refuse_ws(
         return refuse(relay, status, reason, retry_after);
     };
     relay.metrics.refuse(reason);
+    tracing::debug!(close = code, reason, "handshake refused after the upgrade");
     let text = refusal_text(reason);
     let offers_ours = header_has_token(req.headers(), header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
@@ -189,7 +192,38 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response {
+/// The header a request id is read from and answered in.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The id of one handshake in the relay's log lines: the client's (or its proxy's)
+/// `X-Request-Id` when it is a short token of letters, digits and `.-_:`, else a fresh random
+/// one. Never derived from anything secret.
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+        })
+        .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned)
+}
+
+/// The WebSocket handshake, in a span that puts its request id (answered in `X-Request-Id`)
+/// on every log line of the handshake and of the connection it opens.
+async fn upgrade(State(relay): State<Arc<Relay>>, req: Request) -> Response {
+    let id = request_id(req.headers());
+    let span = tracing::debug_span!("handshake", request_id = %id);
+    let mut resp = handshake(relay, req, span.clone()).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+async fn handshake(relay: Arc<Relay>, mut req: Request, span: tracing::Span) -> Response {
     let peer = req.extensions().get::<Peer>().map(|p| p.0.ip());
     let headers = req.headers();
     let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
@@ -304,7 +338,7 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
     drop(live);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let relay2 = relay.clone();
-    relay.tracker.spawn(async move {
+    let task = async move {
         // Held for the connection's life: its slot and its counts per address and subject.
         let _held = (permit, ip_guard, sub_guard);
         let upgraded = match on_upgrade.await {
@@ -325,8 +359,13 @@ async fn upgrade(State(relay): State<Arc<Relay>>, mut req: Request) -> Response 
             relay2.queue_budget.clone(),
         ));
         let conn = relay2.register(outbox, identity.claims);
-        crate::connection::run(ws, relay2.clone(), conn, identity.expires_at).await;
-    });
+        tracing::debug!(conn = conn.id, "connection accepted");
+        let id = conn.id;
+        crate::connection::run(ws, relay2.clone(), conn, identity.expires_at)
+            .instrument(tracing::debug_span!("connection", conn = id))
+            .await;
+    };
+    relay.tracker.spawn(task.instrument(span));
     switching_protocols(key.as_ref(), offers_ours)
 }
 

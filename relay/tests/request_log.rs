@@ -1,0 +1,178 @@
+//! The relay's debug log follows a client by request id, and never holds its token.
+//!
+//! The real binary with `WSRELAY_LOG=wsrelay=debug` and JSON logs: a handshake refused for a
+//! bad token, one accepted, a subscribe allowed and one refused. Every line of the handshake
+//! and of the connection it opened carries the handshake's `request_id` (the client's
+//! `X-Request-Id`, answered in the same header); subscribe lines carry the frame's id; no line
+//! holds either token.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use wsrelay::config::Direction;
+
+struct Relay {
+    child: std::process::Child,
+    client: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_relay(config_path: &std::path::Path) -> Relay {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(config_path)
+        .env("WSRELAY_LOG", "wsrelay=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let keep = lines.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v["fields"]["message"] == "wsrelay listening"
+            {
+                let client: SocketAddr = v["fields"]["client"].as_str().unwrap().parse().unwrap();
+                let _ = tx.send(client);
+            }
+            keep.lock().unwrap().push(line);
+        }
+    });
+    let client = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("relay did not start");
+    Relay {
+        child,
+        client,
+        lines,
+    }
+}
+
+/// The JSON log lines whose message is `message`.
+fn lines_with(relay: &Relay, message: &str) -> Vec<Value> {
+    relay
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == message)
+        .collect()
+}
+
+/// The `request_id` of the spans of a JSON log line (tracing-subscriber's `spans` list).
+fn span_request_id(v: &Value) -> Option<String> {
+    v["spans"]
+        .as_array()?
+        .iter()
+        .find_map(|s| s["request_id"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
+    let nats = Nats::start();
+    let mut c = base_config(&nats.url());
+    c.auth.allow_anonymous = false;
+    c.auth.jwt = Some(fixture_jwt());
+    c.bindings = vec![binding("news", "public.news", Direction::Subscribe)];
+    let dir = std::env::temp_dir().join(format!("wsrelay-reqlog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+    let relay = spawn_relay(&path);
+
+    // Refused: a token that is no JWT. The answer names the request id.
+    let bad = "not-a-jwt-but-secret-looking-0123456789";
+    let head = raw_upgrade(
+        relay.client,
+        &format!("X-Request-Id: req-bad-1\r\nAuthorization: Bearer {bad}\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("x-request-id: req-bad-1"),
+        "{head}"
+    );
+
+    // Accepted, with a real token; one subscribe allowed, one refused.
+    let token = hs256(claims("alice"));
+    let mut ws = connect_with(
+        relay.client,
+        &format!("?token={token}"),
+        &[("X-Request-Id", "req-good-2")],
+    )
+    .await
+    .expect("refused");
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "welcome");
+    assert_eq!(subscribe(&mut ws, 7, "news").await["type"], "ok");
+    assert_eq!(subscribe(&mut ws, 8, "secrets").await["type"], "error");
+
+    // A header that is not a short token is replaced by a fresh id.
+    let head = raw_upgrade(relay.client, "X-Request-Id: has spaces\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let answered = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-request-id: ").map(str::to_owned))
+        .unwrap();
+    assert_eq!(answered.len(), 16, "{head}");
+
+    let ok = eventually(Duration::from_secs(5), || async {
+        !lines_with(&relay, "request refused").is_empty()
+    })
+    .await;
+    assert!(ok, "no 'request refused' line");
+
+    let refused = lines_with(&relay, "handshake refused");
+    assert!(
+        refused.iter().any(|v| span_request_id(v).as_deref() == Some("req-bad-1")
+            && v["fields"]["reason"] == "invalid_token"),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|v| span_request_id(v).as_deref() == Some(answered.as_str())),
+        "{refused:?}"
+    );
+    let accepted = lines_with(&relay, "connection accepted");
+    assert!(
+        accepted
+            .iter()
+            .any(|v| span_request_id(v).as_deref() == Some("req-good-2")),
+        "{accepted:?}"
+    );
+    for (message, id) in [("subscribe", "7"), ("subscribed", "7"), ("request refused", "8")] {
+        let found = lines_with(&relay, message);
+        assert!(
+            found.iter().any(|v| v["fields"]["request_id"] == id
+                && span_request_id(v).as_deref() == Some("req-good-2")),
+            "{message}: {found:?}"
+        );
+    }
+
+    let all = relay.lines.lock().unwrap().join("\n");
+    assert!(!all.contains(bad), "the refused token is in the log");
+    assert!(!all.contains(&token), "the accepted token is in the log");
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(!all.contains(signature), "a token's signature is in the log");
+    drop(ws);
+}
