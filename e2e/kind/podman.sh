@@ -28,6 +28,9 @@ podman_setup() {
 	cat >"$podman_dir/containers.conf" <<CONF
 [containers]
 default_ulimits = ["nofile=19999:19999", "nproc=4096:4096"]
+# Not the host's resolver (which the node could not reach anyway: no forwarding): the host's
+# end of the kind bridge, where nothing answers, so lookups of outside names fail at once.
+dns_servers = ["$KIND_SUBNET.1"]
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
