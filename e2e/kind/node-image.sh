@@ -84,6 +84,7 @@ log "building $image"
 mkdir -p "$kind_cache/rootfs" "$kind_cache/tmp"
 work=$(mktemp -d "$kind_cache/tmp/node-image.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
 
 # --- Debian root filesystem (cached) -------------------------------------------------------
 if [ ! -f "$base_tar" ]; then
@@ -153,6 +154,8 @@ echo "$k8s_version" >"$fs/kind/version"
 # --- CNI and storage manifests kind applies ---------------------------------------------------
 # The node's pod range is the first /24 of kind's podSubnet (10.244.0.0/16, set explicitly in
 # cluster.yaml): what the controller-manager gives the one node, and what kindnetd would write.
+# Pod traffic leaving the node is masqueraded to the node's address, as kindnetd does, so the
+# host (which has no route to 10.244.0.0/16) answers the node, never its default route.
 mkdir -p "$fs/etc/cni/net.d"
 cat >"$fs/etc/cni/net.d/10-wsrelay-ptp.conflist" <<'CNI'
 {
@@ -161,7 +164,7 @@ cat >"$fs/etc/cni/net.d/10-wsrelay-ptp.conflist" <<'CNI'
   "plugins": [
     {
       "type": "ptp",
-      "ipMasq": false,
+      "ipMasq": true,
       "ipam": {
         "type": "host-local",
         "dataDir": "/run/cni-ipam-state",

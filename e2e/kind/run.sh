@@ -16,7 +16,8 @@
 #
 # Environment: KIND_CLUSTER (default wsrelay-e2e), KIND_PROVIDER (docker or podman; default
 # docker when `docker info` answers, else podman), KIND_NODE_IMAGE (overrides the node
-# image), KIND_KEEP=1, E2E_WAIT_SECONDS (default 300).
+# image), KIND_IMAGES_DIR (use the archives there instead of running images/build.sh),
+# KIND_KEEP=1, E2E_WAIT_SECONDS (default 300).
 # usage: run.sh            the whole run
 #        run.sh delete     delete the cluster a KIND_KEEP=1 run left
 set -euo pipefail
@@ -72,8 +73,13 @@ k8s_version=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" { print $3 }' e2
 nats_version=$(awk '$1 == "require" && $2 == "github.com/nats-io/nats-server/v2" { print $3 }' e2e/cluster/go/nats/go.mod)
 
 # --- images ----------------------------------------------------------------------------------
-phase "building the project's images (images/build.sh)"
-images_dir=$(images/build.sh)
+if [ -n "${KIND_IMAGES_DIR:-}" ]; then
+	images_dir=$KIND_IMAGES_DIR
+	log "using the image archives in $images_dir (KIND_IMAGES_DIR)"
+else
+	phase "building the project's images (images/build.sh)"
+	images_dir=$(images/build.sh)
+fi
 mkdir -p .kind
 nats_image=wsrelay.local/kind/nats:$nats_version
 SOURCE_DATE_EPOCH=0 python3 images/oci.py --out .kind/nats.oci.tar --name "$nats_image" \
