@@ -25,6 +25,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::api::{CONDITION_READY, WebsocketGateway, WebsocketGatewayStatus};
 use crate::build::{MANAGED_BY_LABEL, MANAGER, Options, applies_replicas, build_with};
@@ -32,6 +33,7 @@ use crate::error::Error;
 use crate::fetch::{Caches, Children, Observed, SecretCache};
 use crate::metrics::Metrics;
 use crate::metrics_api::scrape::Scraper;
+use crate::stages::{self, Stages};
 use crate::status::{self, Degradation};
 use crate::validate::{restart_secrets_digest, secret_names, validate};
 use crate::{apply, fetch};
@@ -342,7 +344,20 @@ struct Reconciler {
     caches: Caches,
 }
 
+/// One reconcile, in its span with the stage timings ([`crate::stages`]).
 async fn reconcile(gw: Arc<WebsocketGateway>, r: Arc<Reconciler>) -> Result<Action, Error> {
+    let span = stages::reconcile_span(&Context::key(&gw));
+    let mut stages = Stages::new(span.clone(), r.ctx.metrics.clone());
+    let result = reconcile_stages(gw, r, &mut stages).instrument(span).await;
+    stages.finish(result.as_ref().err().map(Error::category));
+    result
+}
+
+async fn reconcile_stages(
+    gw: Arc<WebsocketGateway>,
+    r: Arc<Reconciler>,
+    stages: &mut Stages,
+) -> Result<Action, Error> {
     let ctx = &r.ctx;
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
@@ -361,7 +376,7 @@ async fn reconcile(gw: Arc<WebsocketGateway>, r: Arc<Reconciler>) -> Result<Acti
     )
     .await
     {
-        Ok(observed) => pipeline(&observed, ctx)
+        Ok(observed) => pipeline(&observed, ctx, stages)
             .await
             .map_err(|e| (e, Some(observed))),
         Err(e) => Err((e, None)),
@@ -388,9 +403,12 @@ async fn reconcile(gw: Arc<WebsocketGateway>, r: Arc<Reconciler>) -> Result<Acti
 }
 
 /// validate -> build -> apply (when something changed) -> status.
-async fn pipeline(o: &Observed, ctx: &Context) -> Result<Action, Error> {
+async fn pipeline(o: &Observed, ctx: &Context, stages: &mut Stages) -> Result<Action, Error> {
+    stages.done("fetch");
     let gw = o.gateway.as_ref();
-    if let Err(e) = validate(gw, &o.secrets) {
+    let valid = validate(gw, &o.secrets);
+    stages.done("validate");
+    if let Err(e) = valid {
         ctx.record_applied(o, None);
         return Err(e.into());
     }
@@ -402,8 +420,10 @@ async fn pipeline(o: &Observed, ctx: &Context) -> Result<Action, Error> {
             admin_peers: ctx.admin_peers.clone(),
         };
         let desired = build_with(gw, &options)?;
+        stages.done("build");
         let uid = gw.uid().unwrap_or_default();
         let applied = apply::apply(&ctx.client, &desired, &uid, o.deployment.as_deref()).await?;
+        stages.done("apply");
         ctx.record_applied(o, Some(&applied));
         tracing::info!(gateway = %Context::key(gw), "applied");
         Some(applied)
@@ -411,6 +431,7 @@ async fn pipeline(o: &Observed, ctx: &Context) -> Result<Action, Error> {
         ctx.note_scaled(o);
         None
     };
+    stages.skip();
     let deployment = deployment.as_ref().or(o.deployment.as_deref());
     // What the relays report (NATS unreachable, a refused reload, missing history streams).
     let problem = status::relay_problem(gw, &o.relays);
@@ -420,6 +441,7 @@ async fn pipeline(o: &Observed, ctx: &Context) -> Result<Action, Error> {
         .iter()
         .any(|c| c.type_ == CONDITION_READY && c.status == "True");
     write_status(&ctx.client, gw, status).await?;
+    stages.done("status");
     match (&problem, was_degraded) {
         (Some(p), previous) if previous.as_deref() != Some(p.reason.as_str()) => {
             tracing::warn!(gateway = %Context::key(gw), reason = %p.reason, "{}", p.message);
@@ -562,6 +584,12 @@ pub async fn run(
     let (deployments, deployments_w) = reflector::store::<Deployment>();
     let (hpas, hpas_w) = reflector::store::<HorizontalPodAutoscaler>();
     let (pods, pods_w) = reflector::store::<Pod>();
+    // The operator's per-gateway series come from these caches while this controller runs.
+    let _exported = ctx.metrics.gateways.attach(crate::gateway_metrics::Caches {
+        gateways: gateways.clone(),
+        hpas: hpas.clone(),
+        pods: pods.clone(),
+    });
     let (secrets, secrets_w) = reflector::store::<PartialObjectMeta<Secret>>();
     let deployment_events = reflector::reflector(
         deployments_w,

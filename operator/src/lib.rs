@@ -13,9 +13,11 @@ pub mod cli;
 pub mod controller;
 pub mod error;
 pub mod fetch;
+pub mod gateway_metrics;
 pub mod leader;
 pub mod metrics;
 pub mod metrics_api;
+pub mod stages;
 pub mod status;
 pub mod validate;
 

@@ -8,12 +8,19 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::CATEGORIES;
+use crate::gateway_metrics::GatewayMetrics;
 use crate::metrics_api::ScrapeMetrics;
 
 /// Label of a failure: its bounded category.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub category: String,
+}
+
+/// Label of a stage of the reconcile pipeline.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: &'static str,
 }
 
 /// Reconcile counters, the duration histogram and the leadership gauge.
@@ -25,7 +32,17 @@ pub struct Metrics {
     pub leader: Gauge,
     /// The custom metrics API's scrapes of the relays (it counts into these clones).
     pub scrape: ScrapeMetrics,
+    /// `wsrelay_operator_reconcile_stage_duration_seconds{stage}`: time spent in each stage
+    /// of the pipeline (fetch, validate, build, apply, status).
+    pub stage_duration: Family<StageLabels, Histogram>,
+    /// Per-gateway series read from the leader's caches at scrape time.
+    pub gateways: GatewayMetrics,
     registry: Registry,
+}
+
+/// 0.1 ms .. ~3 s: a stage is a cache read, pure code, or a few API calls.
+fn stage_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 15))
 }
 
 impl Default for Metrics {
@@ -58,6 +75,15 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let stage_duration =
+            Family::<StageLabels, Histogram>::new_with_constructor(stage_histogram as fn() -> _);
+        registry.register(
+            "reconcile_stage_duration_seconds",
+            "Time one stage of a reconcile took (fetch, validate, build, apply, status)",
+            stage_duration.clone(),
+        );
+        let gateways = GatewayMetrics::default();
+        registry.register_collector(Box::new(gateways.clone()));
         let scrape = ScrapeMetrics::new();
         scrape.register(&mut registry);
         // Every category shows up at 0 from the start, so rate() works on the first failure.
@@ -72,8 +98,17 @@ impl Metrics {
             duration,
             leader,
             scrape,
+            stage_duration,
+            gateways,
             registry,
         }
+    }
+
+    /// Records how long `stage` of a reconcile took.
+    pub fn stage(&self, stage: &'static str, seconds: f64) {
+        self.stage_duration
+            .get_or_create(&StageLabels { stage })
+            .observe(seconds);
     }
 
     /// Counts a failure under its category.
