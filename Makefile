@@ -96,7 +96,7 @@ kind-e2e: ## the same fleet suite on a kind cluster (needs Docker and kind; not 
 test: fmt-check lint unit chart-check client-js e2e ## everything CI runs
 
 .PHONY: bench
-bench: tools ## wsrelay vs nats-server WebSocket vs centrifuge, one client: target/bench/, docs/benchmarks.md (~8 min)
+bench: tools ## wsrelay vs nats-server WebSocket vs Centrifugo vs a bare baseline, pinned cores, 3 trials: target/bench/, docs/benchmarks.md (BENCH_QUICK=1: one trial; BENCH_WORKLOADS=smoke: a minute)
 	e2e/bench/run.sh
 
 .PHONY: demo

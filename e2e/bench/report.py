@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Turns the JSON of one `e2e/bench/run.sh` run into summary.json, PNG plots and docs/benchmarks.md.
+"""Turns the JSON of `e2e/bench/run.sh` runs into summary.json, PNG plots and docs/benchmarks.md.
 
-Every number in the document comes from the JSON files of the run; nothing is typed by hand.
+Every number in the document comes from the JSON files of the run (target/bench/<workload>/
+<target>.<trial>.json, target/bench/config/); nothing is typed by hand.
 """
 import argparse
 import datetime
@@ -9,118 +10,189 @@ import json
 import os
 import platform
 import shutil
-import subprocess
+import statistics
 
-TARGETS = ["wsrelay", "nats-ws", "centrifuge"]
-LABEL = {"wsrelay": "wsrelay", "nats-ws": "nats-server WebSocket", "centrifuge": "centrifuge (library)"}
-LOADS = ["broadcast-1k", "broadcast-10k", "personal-10k"]
+TARGETS = ["wsrelay", "nats-ws", "centrifugo", "baseline"]
+LABEL = {"wsrelay": "wsrelay", "nats-ws": "nats-server WebSocket", "centrifugo": "Centrifugo",
+         "baseline": "bare baseline"}
+CORE = ["broadcast-1k", "broadcast-10k", "personal-10k"]
+LADDERS = CORE + ["channels-10k", "upstream-1k", "churn-1k", "payload-64", "payload-1k", "payload-16k", "payload-64k"]
+DESCRIBE = {
+    "broadcast-1k": "1,000 connections on one channel; a message fans out to all",
+    "broadcast-10k": "10,000 connections on one channel",
+    "personal-10k": "10,000 connections, each on its own channel (`bench.u{i}`, the per-user case); one delivery per message",
+    "channels-10k": "10,000 connections over 1,000 channels, 10 subscribers each; the publisher goes round the channels",
+    "upstream-1k": "1,000 connections publish (client -> server -> NATS); the generator receives on NATS. Rate = client publishes per second over all connections",
+    "churn-1k": "1,000 connections each subscribe and unsubscribe (a random one of 100 channels) when the schedule says; rate = subscribe+unsubscribe cycles per second; latency = due time to the unsubscribe's confirmation",
+    "payload-64": "100 connections on one channel, 64-byte payloads",
+    "payload-1k": "100 connections on one channel, 1 KiB payloads",
+    "payload-16k": "100 connections on one channel, 16 KiB payloads",
+    "payload-64k": "100 connections on one channel, 64 KiB payloads",
+}
+UNIT = {"upstream-1k": "publishes/s", "churn-1k": "cycles/s"}
 
 
 def load(d):
     runs = {}
-    for name in sorted(os.listdir(d)):
-        if name.endswith(".json") and name != "summary.json" and "-" in name:
+    for w in sorted(os.listdir(d)):
+        wd = os.path.join(d, w)
+        if not os.path.isdir(wd) or w in ("run", "config"):
+            continue
+        for name in sorted(os.listdir(wd)):
+            if not name.endswith(".json"):
+                continue
             try:
-                r = json.load(open(os.path.join(d, name)))
+                r = json.load(open(os.path.join(wd, name)))
             except (OSError, ValueError):
                 continue
-            if "workload_name" in r:
-                runs[(r["workload_name"], r["target"].replace("natsws", "nats-ws"))] = r
+            runs.setdefault(w, {}).setdefault(r["target"], []).append(r)
     return runs
 
 
 def fmt(v, digits=0):
     if v is None:
         return "–"
-    if isinstance(v, float) and digits:
+    if v == float("inf"):
+        return "∞"
+    if digits:
         return f"{v:,.{digits}f}"
     return f"{v:,.0f}"
 
 
-def half_rate_step(r):
-    """The sustained step whose rate is closest to half the maximum sustained rate."""
-    best = r.get("max_sustained")
-    if not best:
-        return None
-    half = best["rate"] / 2
-    ok = [s for s in r.get("steps", []) if s["rate"] <= best["rate"]]
-    return min(ok, key=lambda s: abs(s["rate"] - half)) if ok else None
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
-def server_hwm(r):
-    return max((p.get("server", {}).get("hwm_bytes", 0) for p in [r.get("procs_end", {}), r.get("procs_after_connect", {})]), default=0)
+def rng(xs, digits=1):
+    """median (min–max) of xs, or the value alone when there is one."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    m = statistics.median(xs)
+    if len(xs) == 1 or min(xs) == max(xs):
+        return fmt(m, digits)
+    return f"{fmt(m, digits)} ({fmt(min(xs), digits)}–{fmt(max(xs), digits)})"
 
 
-def equal_rate(runs, w):
-    """The highest rate every server sustained in workload w, and each one's step there."""
-    per = {}
-    for t in TARGETS:
-        r = runs.get((w, t))
-        if r:
-            per[t] = {s["rate"]: s for s in r.get("steps", []) if s.get("sustained")}
-    if len(per) < 2:
-        return None
-    common = set.intersection(*(set(v) for v in per.values()))
-    if not common:
-        return None
-    rate = max(common)
-    return {"rate": rate, "steps": {t: v[rate] for t, v in per.items()}}
+def steps_at(r, rate, kinds=("ladder", "refine")):
+    return [s for s in r.get("steps", []) if s["rate"] == rate and s["kind"] in kinds]
 
 
-def summarize(runs):
-    out = {"broadcast": {}, "idle": {}, "equal_rate": {}}
-    for w in LOADS:
-        eq = equal_rate(runs, w)
-        if eq:
-            out["equal_rate"][w] = {
-                "rate": eq["rate"],
-                **{t: {"deliveries_per_server_cpu_second": s["deliveries_per_server_cpu_second"],
-                       "p99_ms": s["latency"]["p99_ms"]} for t, s in eq["steps"].items()},
-            }
-    for w in LOADS:
-        for t in TARGETS:
-            r = runs.get((w, t))
-            if not r:
-                continue
-            best = r.get("max_sustained") or {}
-            half = half_rate_step(r) or {}
-            cpu = best.get("cpu_seconds", {})
-            both = cpu.get("server", 0) + cpu.get("nats", 0)
-            out["broadcast"].setdefault(w, {})[t] = {
-                "connections": r["connections_ready"],
-                "connect_failed": r["connect_failed"],
-                "max_rate": best.get("rate"),
-                "deliveries_per_second": best.get("deliveries_per_second"),
-                "deliveries_per_server_cpu_second": best.get("deliveries_per_server_cpu_second"),
-                "deliveries_per_cpu_second_incl_nats": (best.get("delivered", 0) / both) if both else None,
-                "p50_ms": best.get("latency", {}).get("p50_ms"),
-                "p99_ms": best.get("latency", {}).get("p99_ms"),
-                "p999_ms": best.get("latency", {}).get("p999_ms"),
-                "half_rate": half.get("rate"),
-                "p99_ms_at_half_rate": half.get("latency", {}).get("p99_ms"),
-                "server_peak_rss_bytes": server_hwm(r),
-                "first_failed_step": next((s for s in r.get("steps", []) if s is not r.get("max_sustained") and s["rate"] > (best.get("rate") or 0)), None),
-            }
-    for t in TARGETS:
-        r = runs.get(("idle", t))
-        if not r:
-            continue
-        hs = r["handshake"]
-        cpu = hs.get("cpu_seconds", {}).get("server")
-        out["idle"][t] = {
-            "connections": r["connections_ready"],
-            "connect_failed": r["connect_failed"],
-            "rss_bytes_per_connection": r.get("idle", {}).get("rss_bytes_per_connection", {}).get("server"),
-            "handshakes_per_second": hs["per_second"],
-            "handshakes_per_server_cpu_second": (r["connections_ready"] / cpu) if cpu else None,
-            "handshake_p99_ms": (hs.get("latency") or {}).get("p99_ms"),
-            "server_peak_rss_bytes": server_hwm(r),
-            "nofile_limit": r.get("nofile_limit"),
-        }
+def valid(s):
+    return s["verdict"] != "discarded"
+
+
+def shared_rates(runs_w):
+    """Ladder rates every peer sustained (median over trials of each peer's max sustained rate)."""
+    peers = [t for t in TARGETS if runs_w.get(t)]
+    if not peers:
+        return []
+    ladder = sorted({s["rate"] for t in peers for r in runs_w[t] for s in r.get("steps", []) if s["kind"] == "ladder"})
+    out = []
+    for rate in ladder:
+        ok = True
+        for t in peers:
+            mx = med([r.get("max_sustained_rate") for r in runs_w[t]])
+            have = [s for r in runs_w[t] for s in steps_at(r, rate, ("ladder",)) if valid(s)]
+            if mx is None or mx < rate or not have:
+                ok = False
+        if ok:
+            out.append(rate)
     return out
 
 
-def plots(runs, summary, d):
+def at_rate(runs_w, t, rate, key):
+    vals = []
+    for r in runs_w.get(t, []):
+        for s in steps_at(r, rate, ("ladder",)):
+            if valid(s):
+                vals.append(key(s))
+    return vals
+
+
+def stop_reasons(rs):
+    return "; ".join(sorted({r.get("stop_reason") or "–" for r in rs}))
+
+
+def ladders(runs):
+    """Workloads with a rate ladder, known ones in their order, then any other (smoke runs)."""
+    extra = sorted(w for w, rw in runs.items() if w not in LADDERS and w not in ("storm-5k", "slow-1k", "idle")
+                   and any(r.get("steps") for rs in rw.values() for r in rs))
+    return [w for w in LADDERS if w in runs] + extra
+
+
+def summarize(runs):
+    out = {"ladders": {}, "storm": {}, "slow": {}, "idle": {}}
+    for w in ladders(runs):
+        rw = runs.get(w)
+        if not rw:
+            continue
+        shared = shared_rates(rw)
+        entry = {"shared_rates": shared, "peers": {}}
+        for t in TARGETS:
+            rs = rw.get(t)
+            if not rs:
+                continue
+            maxes = [r.get("max_sustained_rate") for r in rs]
+            best_steps = []
+            for r in rs:
+                m = r.get("max_sustained_rate")
+                ss = [s for s in r.get("steps", []) if s["rate"] == m and s["verdict"] == "sustained"]
+                if ss:
+                    best_steps.append(ss[-1])
+            entry["peers"][t] = {
+                "trials": len(rs),
+                "max_sustained_rate": maxes,
+                "deliveries_per_second_at_max": [s["deliveries_per_second"] for s in best_steps],
+                "p99_ms_at_max": [s["latency"]["p99_ms"] for s in best_steps],
+                "stop_reasons": [r.get("stop_reason") for r in rs],
+                "at_shared_rates": {
+                    str(rate): {
+                        "cpu_us_per_delivery_incl_nats": at_rate(rw, t, rate, lambda s: s["cpu_us_per_delivery_incl_nats"]),
+                        "cpu_us_per_delivery": at_rate(rw, t, rate, lambda s: s["cpu_us_per_delivery"]),
+                        "nats_cpu_us_per_delivery": at_rate(rw, t, rate, lambda s: (s["cpu_us_per_delivery_incl_nats"] or 0) - (s["cpu_us_per_delivery"] or 0)),
+                        "generator_cpu_us_per_delivery": at_rate(rw, t, rate, lambda s: s["generator_cpu_us_per_delivery"]),
+                        "p50_ms": at_rate(rw, t, rate, lambda s: s["latency"]["p50_ms"]),
+                        "p99_ms": at_rate(rw, t, rate, lambda s: s["latency"]["p99_ms"]),
+                        "relay_p99_ms": at_rate(rw, t, rate, lambda s: (s.get("relay_delivery_latency") or {}).get("p99_ms")),
+                        "deliveries_per_second": at_rate(rw, t, rate, lambda s: s["deliveries_per_second"]),
+                    } for rate in shared
+                },
+            }
+        out["ladders"][w] = entry
+    for t, rs in (runs.get("storm-5k") or {}).items():
+        out["storm"][t] = [r.get("storm") for r in rs]
+    for t, rs in (runs.get("slow-1k") or {}).items():
+        out["slow"][t] = [[{k: s.get(k) for k in ("rate", "kind", "verdict", "reason", "delivery_ratio", "server_rss_bytes")}
+                           | {"p99_ms": s["latency"]["p99_ms"]} for s in r.get("steps", [])] for r in rs]
+    for t, rs in (runs.get("idle") or {}).items():
+        out["idle"][t] = [{
+            "connections": r["connections_ready"],
+            "connect_failed": r["connect_failed"],
+            "rss_bytes_per_connection": r.get("idle", {}).get("rss_bytes_per_connection", {}).get("server"),
+            "handshakes_per_second": r["handshake"]["per_second"],
+            "handshake_p50_ms": r["handshake"]["latency"]["p50_ms"],
+            "handshake_p99_ms": r["handshake"]["latency"]["p99_ms"],
+            "handshake_max_ms": r["handshake"]["latency"]["max_ms"],
+            "handshake_cpu_seconds": r["handshake"].get("cpu_seconds", {}),
+            "tcp_counters": r["handshake"].get("tcp_counters", {}),
+            "concurrency": r["handshake"].get("concurrency"),
+        } for r in rs]
+    return out
+
+
+def ladder_series(rs, key):
+    """Per ladder rate: the values over trials of key(step) for valid steps."""
+    by = {}
+    for r in rs:
+        for s in r.get("steps", []):
+            if s["kind"] in ("ladder", "refine") and valid(s):
+                by.setdefault(s["rate"], []).append(key(s))
+    return sorted(by.items())
+
+
+def plots(runs, d):
     try:
         import matplotlib
 
@@ -129,40 +201,41 @@ def plots(runs, summary, d):
     except ImportError:
         return []
     made = []
-    for w in LOADS:
-        if not any((w, t) in runs for t in TARGETS):
+    for w in ladders(runs):
+        rw = runs.get(w)
+        if not rw:
             continue
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        limit = next((r.get("p99_limit_ms") for rs in rw.values() for r in rs), None)
         for t in TARGETS:
-            r = runs.get((w, t))
-            if not r or not r.get("steps"):
+            rs = rw.get(t)
+            if not rs:
                 continue
-            xs = [s["deliveries_per_second"] for s in r["steps"]]
-            a.plot(xs, [max(s["latency"]["p99_ms"], 0.01) for s in r["steps"]], marker="o", label=LABEL[t])
-            b.plot(xs, [s["deliveries_per_server_cpu_second"] for s in r["steps"]], marker="o", label=LABEL[t])
-        a.set(xscale="log", yscale="log", xlabel="deliveries / s", ylabel="p99 publish-to-receive (ms)", title=f"{w}: p99 latency")
-        b.set(xscale="log", xlabel="deliveries / s", ylabel="deliveries per server CPU-second", title=f"{w}: efficiency")
-        a.legend()
-        b.legend()
-        a.grid(True, which="both", alpha=0.3)
-        b.grid(True, which="both", alpha=0.3)
+            for ax, key in ((a, lambda s: max(s["latency"]["p99_ms"], 0.01)),
+                            (b, lambda s: s["cpu_us_per_delivery_incl_nats"])):
+                ser = [(x, [v for v in vs if v is not None]) for x, vs in ladder_series(rs, key)]
+                ser = [(x, vs) for x, vs in ser if vs]
+                if not ser:
+                    continue
+                xs = [x for x, _ in ser]
+                ys = [statistics.median(vs) for _, vs in ser]
+                lo = [y - min(vs) for y, (_, vs) in zip(ys, ser)]
+                hi = [max(vs) - y for y, (_, vs) in zip(ys, ser)]
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=LABEL[t])
+        if limit:
+            a.axhline(limit, color="grey", linestyle="--", linewidth=1, label=f"p99 limit {limit:g} ms")
+        unit = UNIT.get(w, "messages/s")
+        a.set(xscale="log", yscale="log", xlabel=f"rate ({unit})", ylabel="p99 latency (ms)", title=f"{w}: p99")
+        b.set(xscale="log", yscale="log", xlabel=f"rate ({unit})", ylabel="CPU-µs per delivery (server + its NATS)",
+              title=f"{w}: cost per delivery")
+        for ax in (a, b):
+            ax.legend(fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         name = f"{w}.png"
         fig.savefig(os.path.join(d, name), dpi=90)
         plt.close(fig)
         made.append(name)
-    idle = summary["idle"]
-    if idle:
-        ts = [t for t in TARGETS if t in idle]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        a.bar([LABEL[t] for t in ts], [(idle[t]["rss_bytes_per_connection"] or 0) / 1024 for t in ts])
-        a.set(ylabel="KiB resident per idle connection", title="idle: memory per connection")
-        b.bar([LABEL[t] for t in ts], [idle[t]["handshakes_per_second"] for t in ts])
-        b.set(ylabel="authenticated handshakes / s", title="idle: handshakes per second")
-        fig.tight_layout()
-        fig.savefig(os.path.join(d, "idle.png"), dpi=90)
-        plt.close(fig)
-        made.append("idle.png")
     return made
 
 
@@ -189,223 +262,365 @@ def ratio(a, b):
     return f"{a / b:.2f}x" if a and b else "–"
 
 
-def doc(summary, versions, nofile, images, path):
+def read(path, default=""):
+    try:
+        return open(path).read()
+    except OSError:
+        return default
+
+
+def foreign_load(runs):
+    """Per workload: median share of each core busy with work that is not ours (other
+    processes of the machine), during the schedules of valid steps."""
+    out = {}
+    for w, rw in runs.items():
+        srv, gen = [], []
+        for rs in rw.values():
+            for r in rs:
+                for s in r.get("steps", []):
+                    cb, sh = s.get("cores_busy_during_schedule") or {}, s.get("core_share_during_schedule") or {}
+                    sc, gc = r.get("cores", {}).get("server", 0), r.get("cores", {}).get("generator", 1)
+                    if f"cpu{sc}" in cb:
+                        srv.append(max(0.0, cb[f"cpu{sc}"] - (sh.get("server") or 0) - (sh.get("nats") or 0)))
+                    if f"cpu{gc}" in cb:
+                        gen.append(max(0.0, cb[f"cpu{gc}"] - (sh.get("loadgen") or 0)))
+        if srv:
+            out[w] = (med(srv), med(gen))
+    return out
+
+
+def doc(runs, summary, d, images, path, step_seconds):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    versions = read(os.path.join(d, "config", "versions.txt")).strip()
+    seconds = read(os.path.join(d, "config", "seconds.txt")).strip()
+    loads = sorted({tuple(r.get("loadavg", [])) for rw in runs.values() for rs in rw.values() for r in rs})
     L = []
     p = L.append
     p("# Benchmarks: wsrelay and its peers, side by side")
     p("")
-    p("<!-- Generated by e2e/bench/run.sh (make bench) from target/bench/*.json; do not edit by hand. -->")
+    p("<!-- Generated by e2e/bench/run.sh (make bench) from target/bench/**/*.json; do not edit by hand. -->")
     p("")
-    p(f"Run of {now}. Machine: {machine()}. Everything (servers, nats-server, the load generator) shares this one")
-    p("machine, on loopback, so the load generator's own CPU use competes with the server under test: read the")
-    p("absolute numbers as a floor, the ratios as the result.")
-    p("")
-    p("Versions:")
+    p(f"Run of {now}, {fmt(int(seconds) / 60 if seconds else None, 0)} minutes of measuring. Machine: {machine()}.")
+    if loads:
+        l1 = [float(x[0]) for x in loads if x]
+        p(f"The machine was shared while it ran: its 1-minute load average, read after each run, went from {min(l1):.2f} to"
+          f" {max(l1):.2f}. Other processes' share of each core during the steps is in the table of workloads below.")
     p("")
     p("```")
-    p(versions.strip())
+    p(versions)
     p("```")
+    p("")
+    p("## Headline: CPU per delivery, server and its NATS together, at rates every peer sustained")
+    p("")
+    p("CPU-µs per delivery = CPU time (user + system) of the server process and of the nats-server behind it over a")
+    p("step, divided by the messages delivered to clients in it. nats-server's WebSocket listener *is* the NATS server;")
+    p("the bare baseline has none. Median over trials, (min–max) when they differ. A rate appears when every peer's")
+    p("median maximum sustained rate reached it. Ratio = peer's cost / wsrelay's cost (above 1: wsrelay does the same")
+    p("work with less CPU).")
+    p("")
+    p("| workload | rate (msg/s) | " + " | ".join(LABEL[t] for t in TARGETS) + " | wsrelay vs nats-ws | wsrelay vs Centrifugo |")
+    p("|---|---:|" + "---:|" * len(TARGETS) + "---:|---:|")
+    for w in CORE:
+        e = summary["ladders"].get(w)
+        if not e:
+            continue
+        for rate in e["shared_rates"]:
+            cells, m = [], {}
+            for t in TARGETS:
+                pe = e["peers"].get(t)
+                vals = pe["at_shared_rates"][str(rate)]["cpu_us_per_delivery_incl_nats"] if pe else []
+                m[t] = med(vals)
+                cells.append(rng(vals, 2))
+            p(f"| {w} | {fmt(rate)} | " + " | ".join(cells) + f" | {ratio(m.get('nats-ws'), m.get('wsrelay'))} | {ratio(m.get('centrifugo'), m.get('wsrelay'))} |")
+        if not e["shared_rates"]:
+            p(f"| {w} | no rate every peer sustained | " + " | ".join("" for _ in TARGETS) + " | – | – |")
+    p("")
+    p("### Maximum sustained rate under the shared limit, and why each peer stopped")
+    p("")
+    p("| workload | p99 limit | peer | trials | max rate (msg/s) | deliveries/s there | p99 ms there | stopped because |")
+    p("|---|---:|---|---:|---:|---:|---:|---|")
+    for w in CORE:
+        e = summary["ladders"].get(w)
+        if not e:
+            continue
+        limit = next((r.get("p99_limit_ms") for rs in runs[w].values() for r in rs), None)
+        for t in TARGETS:
+            pe = e["peers"].get(t)
+            if not pe:
+                continue
+            p(f"| {w} | {fmt(limit)} ms | {LABEL[t]} | {pe['trials']} | {rng(pe['max_sustained_rate'], 0)} | "
+              f"{rng(pe['deliveries_per_second_at_max'], 0)} | {rng(pe['p99_ms_at_max'], 1)} | {'; '.join(sorted(set(x or '–' for x in pe['stop_reasons'])))} |")
+    p("")
+    p("\"generator core saturated\" means the load generator used its whole core in that step: the server was not the")
+    p("limit, this machine's client was, and the step was thrown out.")
     p("")
     p("## The peers")
     p("")
-    p("- **wsrelay**: the relay of this repository (`relay/`), release build, its own config (HS256 JWT in the query")
-    p("  string, one binding `bench.{id}` -> `bench.{id}`, default limits except `maxConnections`), behind a nats-server.")
-    p("- **nats-ws**: nats-server's own WebSocket listener; clients speak the NATS text protocol (CONNECT with a token,")
-    p("  SUB, MSG, PING/PONG) directly: the \"browsers talk to NATS directly\" design.")
-    p("- **centrifuge**: *not the Centrifugo binary.* Centrifugo cannot be fetched here (the Go module proxy answers 403")
-    p("  for `github.com/centrifugal/centrifugo/v5` and `/v6`), so this is its engine, the `github.com/centrifugal/centrifuge`")
-    p("  library, behind our minimal wrapper (`e2e/cluster/go/centrifuge/main.go`): WebSocket handler with the JSON")
-    p("  protocol, HS256 JWT checked on connect as Centrifugo does, every authenticated client may subscribe, and one NATS")
-    p("  subscription `bench.>` whose messages go to `node.Publish` (in-memory broker). Centrifugo adds its own config,")
-    p("  proxy and admin layers on top of this, so it would not be faster than this.")
+    p("Each runs as its users would run it in front of NATS, on one core (`taskset`), with one worker thread:")
     p("")
+    p("- **wsrelay**: the relay of this repository, release build, `TOKIO_WORKER_THREADS=1`, behind its own nats-server")
+    p("  on the same core. Clients authenticate with an HS256 JWT in the query string; one binding.")
+    p("- **nats-server WebSocket**: nats-server's own WebSocket listener (`GOMAXPROCS=1`); clients speak the NATS text")
+    p("  protocol (CONNECT with a token, SUB, MSG, PING/PONG): the \"browsers talk to NATS directly\" design.")
+    p("- **Centrifugo**: the real server (`github.com/centrifugal/centrifugo/v6`, built from the Go module proxy by")
+    p("  `e2e/cluster/go/centrifugo`), `GOMAXPROCS=1`, behind its own nats-server on the same core: its NATS broker in raw")
+    p("  mode (backends publish plain payloads on NATS subjects; `:` in a channel becomes `.` in the subject, so channel")
+    p("  `bench:u42` is subject `bench.u42`), HS256 connection JWT, namespace `bench` that lets clients subscribe (and")
+    p("  publish, for the upstream workload). JSON protocol over WebSocket.")
+    p("- **bare baseline**: `wsrelay-baseline` (`e2e/src/bin/wsrelay-baseline.rs`): tokio-tungstenite, one thread, no")
+    p("  auth, no NATS, no protocol; the generator publishes into its `/pub` socket. What one core of this machine can")
+    p("  push through WebSocket fan-out; not a product.")
+    p("")
+    p("Configs as run (ports and secrets replaced by placeholders):")
+    p("")
+    for name, lang in (("wsrelay.yaml", "yaml"), ("centrifugo.json", "json"), ("nats-server.conf", "")):
+        text = read(os.path.join(d, "config", name)).strip()
+        if text:
+            p(f"`{name}`" + (" (every nats-server of the run; the WebSocket block is what nats-ws clients use)" if name.startswith("nats") else
+                             " (every other option at its default; `centrifugo defaultconfig -b` prints them all: target/bench/config/centrifugo.effective.json)" if name.startswith("centrifugo") else
+                             " (every other limit at its default, see docs/crd.md)") + ":")
+            p("")
+            p(f"```{lang}")
+            p(text)
+            p("```")
+            p("")
     p("## Method")
     p("")
-    p("One client for all three, `wsrelay-load` (`e2e/src/bin/wsrelay-load.rs`, Rust/tokio). Per workload and per")
-    p("server, `e2e/bench/run.sh` starts a fresh nats-server (and the server under test), so CPU time and peak RSS belong")
-    p("to that run alone. The generator opens N connections over source addresses 127.0.0.2..127.0.0.33 (bind before")
-    p("connect), authenticates and subscribes each one, then publishes through NATS at fixed rates (each step")
-    p("`BENCH_STEP_SECONDS`, default 4 s, then up to 3 s for in-flight messages), doubling the rate until a step's p99")
-    p("passes its limit, fewer than 99% of the expected messages arrive, or a connection is lost. The p99 limit is")
-    p("max(50 ms, 4 x the p99 of the lowest rate): on this 2-core machine a single fan-out burst of one message to 10k")
-    p("sockets (written by the server, read by the generator on the same cores) takes longer than 50 ms by itself, so a")
-    p("plain 50 ms limit would stop every server at its first step; the knee is where queueing makes p99 grow well past")
-    p("its low-rate value. Each 128-byte payload is a")
-    p("JSON object carrying its send time (wall clock, ns); the receiver records now - send time in an HDR histogram.")
-    p("CPU = utime + stime from `/proc/PID/stat` over the step; memory = VmRSS/VmHWM from `/proc/PID/status`.")
-    p("\"Server\" CPU is the process the clients talk to: wsrelay (or the centrifuge peer) without its nats-server;")
-    p("for nats-ws it is nats-server, which also receives the publishes. The column \"incl. NATS\" adds the backing")
-    p("nats-server's CPU for wsrelay and centrifuge.")
+    p("- One client for all, `wsrelay-load` (`e2e/src/bin/wsrelay-load.rs`, Rust, one tokio thread). It opens the")
+    p("  connections over source addresses 127.0.0.2..127.0.0.33, authenticates and subscribes them, then drives a")
+    p("  schedule: item k of a step is due at start + k/rate, and the timestamp it carries is that due time on the")
+    p("  monotonic clock, so a late sender shows as latency instead of hiding it (no coordinated omission). Latency =")
+    p("  receive time - due time, in an HDR histogram.")
+    p(f"- Cores: the server and its nats-server on one core, the generator on the other (`taskset`). Per step, CPU time")
+    p("  of server, nats-server and generator from `/proc/PID/stat`, and each core's busy time from `/proc/stat`. A step in")
+    p("  which the generator used 90% or more of its core is thrown out (it measured the client), and the ladder stops.")
+    p(f"- Steps: a warm-up step (discarded), then a fixed ladder of rates, the same for every peer, {step_seconds} s each plus")
+    p("  up to 3 s for what is in flight; the ladder stops at the first step that fails; then two steps bisect (geometric")
+    p("  mean) between the last sustained and the first failed rate. A step is sustained when its p99 is within the")
+    p("  workload's one p99 limit (the same for every peer), at least 99% of the expected deliveries arrived, and no")
+    p("  connection was lost.")
+    p("- Trials: broadcast-1k, broadcast-10k and personal-10k run three times, the peers one after another with their")
+    p("  order rotated per trial, each on fresh processes; tables give the median and the range. The other workloads run")
+    p("  once (`BENCH_EXTRA_TRIALS` raises it).")
+    p("- wsrelay's own histogram `wsrelay_delivery_latency_seconds` (NATS receive to socket write) is read from its")
+    p("  admin port around every step and kept in the JSON next to the client's figure.")
     p("")
-    idle_n = max((v["connections"] for v in summary["idle"].values()), default=0)
-    p(f"Idle scale is run at {fmt(idle_n)} connections, not 50k: the per-process open-file limit (RLIMIT_NOFILE) is")
-    p(f"{nofile} here and cannot be raised (no CAP_SYS_RESOURCE), so no single server process can hold 50k sockets.")
-    p("RSS per connection = (server VmRSS after holding the connections 5 s - VmRSS before connecting) / connections.")
-    p("Handshakes per second = connections / time until the last one is authenticated (TCP + HTTP upgrade + auth;")
-    p("256 handshakes in flight); also shown per server CPU-second of that phase.")
-    p("")
-    p("## Results")
-    p("")
-    p("### Fan-out: broadcast (one channel) and personal (one channel each)")
-    p("")
-    p("Max sustained = the highest step that met the criteria above. Ratio = wsrelay's deliveries per server")
-    p("CPU-second divided by the peer's (above 1: wsrelay does more work per CPU).")
-    p("")
-    p("| workload | server | conns | max rate (msg/s) | deliveries/s | deliveries per server CPU-s | incl. NATS | wsrelay ratio | p50 ms | p99 ms | p999 ms | p99 ms at half rate | peak RSS MiB |")
-    p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for w in LOADS:
-        rows = summary["broadcast"].get(w, {})
-        ws = (rows.get("wsrelay") or {}).get("deliveries_per_server_cpu_second")
-        for t in TARGETS:
-            s = rows.get(t)
-            if not s:
-                continue
-            rr = "1.00x" if t == "wsrelay" else ratio(ws, s["deliveries_per_server_cpu_second"])
-            p(f"| {w} | {LABEL[t]} | {fmt(s['connections'])} | {fmt(s['max_rate'])} | {fmt(s['deliveries_per_second'])} | "
-              f"{fmt(s['deliveries_per_server_cpu_second'])} | {fmt(s['deliveries_per_cpu_second_incl_nats'])} | {rr} | "
-              f"{fmt(s['p50_ms'], 2)} | {fmt(s['p99_ms'], 2)} | {fmt(s['p999_ms'], 2)} | {fmt(s['p99_ms_at_half_rate'], 2)} | "
-              f"{fmt(s['server_peak_rss_bytes'] / 2**20, 1)} |")
-    p("")
-    p("Deliveries per CPU-second grow with the rate (more frames per write), so the ratios above compare each server")
-    p("at its own maximum; and on this shared 2-core machine the knee step moves a lot between runs (a single noisy")
-    p("low-rate p99 changes the limit). The steadier comparison is at the same rate, the highest one every server")
-    p("sustained:")
-    p("")
-    p("| workload | rate (msg/s) | server | deliveries per server CPU-s | wsrelay ratio | p99 ms |")
-    p("|---|---:|---|---:|---:|---:|")
-    for w in LOADS:
-        eq = summary["equal_rate"].get(w)
-        if not eq:
+    fl = foreign_load(runs)
+    p("| workload | what it is | p99 limit | trials | other processes on the server core | on the generator core |")
+    p("|---|---|---:|---:|---:|---:|")
+    for w in ladders(runs):
+        if w not in runs:
             continue
-        ws = (eq.get("wsrelay") or {}).get("deliveries_per_server_cpu_second")
-        for t in TARGETS:
-            e = eq.get(t)
-            if not e:
-                continue
-            rr = "1.00x" if t == "wsrelay" else ratio(ws, e["deliveries_per_server_cpu_second"])
-            p(f"| {w} | {fmt(eq['rate'])} | {LABEL[t]} | {fmt(e['deliveries_per_server_cpu_second'])} | {rr} | {fmt(e['p99_ms'], 2)} |")
+        limit = next((r.get("p99_limit_ms") for rs in runs[w].values() for r in rs), None)
+        trials = max(len(rs) for rs in runs[w].values())
+        f = fl.get(w, (None, None))
+        p(f"| {w} | {DESCRIBE.get(w, '')} | {fmt(limit)} ms | {trials} | {fmt(f[0] * 100 if f[0] is not None else None)}% | {fmt(f[1] * 100 if f[1] is not None else None)}% |")
     p("")
-    p("### Idle scale")
+    p("## All workloads with a rate ladder")
     p("")
-    p("| server | connections | failed | RSS per connection (KiB) | handshakes/s | handshakes per server CPU-s | handshake p99 ms | peak RSS MiB |")
-    p("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for t in TARGETS:
-        s = summary["idle"].get(t)
-        if not s:
+    p("Per workload: each peer's maximum sustained rate and why it stopped, then at each rate every peer sustained the")
+    p("CPU per delivery (server + NATS; the server alone in brackets where a NATS is behind it), the client's p99, and")
+    p("for wsrelay its own delivery-latency p99 (bucket upper bound).")
+    p("")
+    for w in ladders(runs):
+        e = summary["ladders"].get(w)
+        if not e:
             continue
-        rss = s["rss_bytes_per_connection"]
-        p(f"| {LABEL[t]} | {fmt(s['connections'])} | {fmt(s['connect_failed'])} | {fmt(rss / 1024 if rss else None, 1)} | "
-          f"{fmt(s['handshakes_per_second'])} | {fmt(s['handshakes_per_server_cpu_second'])} | {fmt(s['handshake_p99_ms'], 2)} | "
-          f"{fmt(s['server_peak_rss_bytes'] / 2**20, 1)} |")
-    p("")
-    if images:
-        p("## Plots")
+        unit = UNIT.get(w, "msg/s")
+        p(f"### {w}")
         p("")
-        for i in images:
-            p(f"![{i[:-4]}](benchmarks/{i})")
+        p(DESCRIBE.get(w, "") + ".")
+        p("")
+        p(f"| peer | max rate ({unit}) | deliveries/s there | p99 ms there | stopped because |")
+        p("|---|---:|---:|---:|---|")
+        for t in TARGETS:
+            pe = e["peers"].get(t)
+            if pe:
+                p(f"| {LABEL[t]} | {rng(pe['max_sustained_rate'], 0)} | {rng(pe['deliveries_per_second_at_max'], 0)} | "
+                  f"{rng(pe['p99_ms_at_max'], 1)} | {'; '.join(sorted(set(x or '–' for x in pe['stop_reasons'])))} |")
+        p("")
+        if e["shared_rates"]:
+            p(f"| rate ({unit}) | peer | CPU-µs per delivery incl. NATS (server alone) | generator CPU-µs per delivery | p50 ms | p99 ms | wsrelay's own p99 ms |")
+            p("|---:|---|---:|---:|---:|---:|---:|")
+            for rate in e["shared_rates"]:
+                for t in TARGETS:
+                    pe = e["peers"].get(t)
+                    if not pe:
+                        continue
+                    a = pe["at_shared_rates"][str(rate)]
+                    own = f" ({rng(a['cpu_us_per_delivery'], 2)})" if t in ("wsrelay", "centrifugo") else ""
+                    p(f"| {fmt(rate)} | {LABEL[t]} | {rng(a['cpu_us_per_delivery_incl_nats'], 2)}{own} | {rng(a['generator_cpu_us_per_delivery'], 2)} | "
+                      f"{rng(a['p50_ms'], 2)} | {rng(a['p99_ms'], 2)} | {rng(a['relay_p99_ms'], 2) if t == 'wsrelay' else ''} |")
             p("")
-    p("## Targets (issue 7) against this run")
+        else:
+            p("No rate every peer sustained.")
+            p("")
+        if f"{w}.png" in images:
+            p(f"![{w}](benchmarks/{w}.png)")
+            p("")
+    if summary["storm"]:
+        p("## Reconnect storm after a server restart (storm-5k)")
+        p("")
+        p("5,000 connections subscribed to one channel; the driver kills the server with SIGKILL and starts it again at")
+        p("once (nats-ws: the nats-server itself). Every client notices the drop, waits a uniform random time of up to")
+        p("1 s, reconnects, authenticates and subscribes again (after a failed attempt it backs off with full jitter, 0.5 s")
+        p("doubling to 8 s). \"Back after\" is from the first drop any client saw to that client's confirmed subscription;")
+        p("it includes the server's start. Then a 4-second check step at 10 msg/s counts what arrives. Plain channels: what")
+        p("is published meanwhile is not replayed (wsrelay's resumable channels are tested by")
+        p("`relay/tests/resume_storm.rs`, not here).")
+        p("")
+        p("| peer | clients | back | not back | back after p50 s | p99 s | max s | attempts | failed attempts | delivered after |")
+        p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t in TARGETS:
+            for s in summary["storm"].get(t) or []:
+                if not s:
+                    continue
+                ra = s.get("recovered_after") or {}
+                da = s.get("delivery_after") or {}
+                p(f"| {LABEL[t]} | {fmt(s['clients'])} | {fmt(s['recovered'])} | {fmt(s['not_recovered'])} | {fmt(ra.get('p50_ms', 0) / 1000, 2)} | "
+                  f"{fmt(ra.get('p99_ms', 0) / 1000, 2)} | {fmt(ra.get('max_ms', 0) / 1000, 2)} | {fmt(s['reconnect_attempts'])} | {fmt(s['reconnect_failures'])} | "
+                  f"{fmt((da.get('delivery_ratio') or 0) * 100, 1)}% |")
+        p("")
+    if summary["slow"]:
+        p("## Slow consumers (slow-1k)")
+        p("")
+        p("1,000 connections on one channel, 1 KiB payloads; 100 of them never read after subscribing (4 KiB receive")
+        p("buffer). The healthy 900 are expected to receive everything; each step runs 8 s. Server memory is its RSS at the")
+        p("end of the step.")
+        p("")
+        p("| peer | rate (msg/s) | healthy delivered | healthy p99 ms | server RSS MiB | verdict |")
+        p("|---|---:|---:|---:|---:|---|")
+        for t in TARGETS:
+            for trial in summary["slow"].get(t) or []:
+                for s in trial:
+                    if s["kind"] == "warmup":
+                        continue
+                    p(f"| {LABEL[t]} | {fmt(s['rate'])} | {fmt((s['delivery_ratio'] or 0) * 100, 1)}% | {fmt(s['p99_ms'], 1)} | "
+                      f"{fmt((s['server_rss_bytes'] or 0) / 2**20, 1)} | {s['verdict']}{': ' + s['reason'] if s['reason'] else ''} |")
+        p("")
+    if summary["idle"]:
+        p("## Idle connections and handshakes")
+        p("")
+        idle_n = max((x["connections"] for v in summary["idle"].values() for x in v), default=0)
+        conc = next((x["concurrency"] for v in summary["idle"].values() for x in v), None)
+        p(f"{fmt(idle_n)} authenticated connections that subscribe to nothing, {conc} handshakes in flight. RSS per")
+        p("connection = (server VmRSS after holding them 5 s - before connecting) / connections. The TCP counters are the")
+        p("kernel's (`/proc/net/netstat`, what `nstat` reads) over the connect phase, for the whole machine.")
+        p("")
+        p("| peer | connections | failed | RSS per connection KiB | handshakes/s | handshake p50 ms | p99 ms | max ms | ListenOverflows | ListenDrops | TCPSynRetrans | TCPTimeouts |")
+        p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t in TARGETS:
+            for x in summary["idle"].get(t) or []:
+                c = x["tcp_counters"]
+                rss = x["rss_bytes_per_connection"]
+                p(f"| {LABEL[t]} | {fmt(x['connections'])} | {fmt(x['connect_failed'])} | {fmt(rss / 1024 if rss else None, 1)} | "
+                  f"{fmt(x['handshakes_per_second'])} | {fmt(x['handshake_p50_ms'], 1)} | {fmt(x['handshake_p99_ms'], 1)} | {fmt(x['handshake_max_ms'], 1)} | "
+                  f"{fmt(c.get('TcpExt.ListenOverflows'))} | {fmt(c.get('TcpExt.ListenDrops'))} | {fmt(c.get('TcpExt.TCPSynRetrans'))} | {fmt(c.get('TcpExt.TCPTimeouts'))} |")
+        p("")
+        p(HANDSHAKE_NOTE)
+        p("")
+    p("## Issue 15's targets against this run")
     p("")
-    idle = summary["idle"].get("wsrelay")
-    if idle and idle["rss_bytes_per_connection"]:
-        kib = idle["rss_bytes_per_connection"] / 1024
-        p(f"- Idle memory, goal at most 8 KiB per connection: **{kib:.1f} KiB** at {fmt(idle['connections'])} connections"
-          f" ({'met' if kib <= 8 else 'not met'}; measured at the fd limit, not at 50k).")
-        hs = idle["handshakes_per_server_cpu_second"]
-        if hs:
-            p(f"- Handshakes, goal at least 10k authenticated handshakes per second per relay core: **{fmt(hs)} per relay CPU-second**"
-              f" ({'met' if hs >= 10000 else 'not met'}).")
-    for w in LOADS:
-        rows = summary["broadcast"].get(w, {})
-        s = rows.get("wsrelay")
-        if not s:
-            continue
-        parts = []
-        for t in ["nats-ws", "centrifuge"]:
-            if rows.get(t):
-                parts.append(f"{ratio(s['deliveries_per_server_cpu_second'], rows[t]['deliveries_per_server_cpu_second'])} {LABEL[t]}")
-        half = s["p99_ms_at_half_rate"]
-        eq = summary["equal_rate"].get(w) or {}
-        eq_parts = [f"{ratio((eq.get('wsrelay') or {}).get('deliveries_per_server_cpu_second'), eq[t]['deliveries_per_server_cpu_second'])} {LABEL[t]}"
-                    for t in ["nats-ws", "centrifuge"] if eq.get(t)]
-        p(f"- {w}: deliveries per server CPU-second vs peers, each at its max: {', '.join(parts) or '–'}; at the same rate"
-          f" ({fmt(eq.get('rate'))} msg/s): {', '.join(eq_parts) or '–'} (goal: at least 1x nats-ws, 3x centrifuge);"
-          f" p99 at half the max sustained rate: {fmt(half, 2)} ms (goal under 5 ms"
-          f"{'; on 2 shared cores one fan-out burst alone takes longer' if half and half > 5 and w.startswith('broadcast') else ''}).")
+    for line in targets(summary):
+        p(f"- {line}")
     p("")
-    if BEFORE_AFTER:
-        p("## wsrelay hot path: before and after (issue 7, item 5)")
-        p("")
-        p("Profile (`perf record -g` of the relay during broadcast-1k): about 60% of the relay's CPU is the kernel (one")
-        p("`sendto` per recipient per wake-up, and on loopback the receiving side's TCP work too); in user space no single")
-        p("function passed 2.5%, but the polls of the connection's *reader* (socket readiness, idle and expiry timers,")
-        p("cancellation token, the split-stream lock) added up to ~8%: reader and writer were joined in one task, so every")
-        p("delivery's wake-up polled the reader as well. Changes: the writer is a task of its own; the writer reuses one")
-        p("batch buffer instead of allocating a `Vec` per wake-up (`Outbox::take_into`). Encoding once per message and")
-        p("feeding many frames per flush were already in place. Same load generator, same steps, wsrelay only,")
-        p("`BENCH_RELAY_BIN` pointing at each binary; relay CPU only:")
-        p("")
-        p("| workload | rate (msg/s) | deliveries/s | before: deliveries per relay CPU-s | after | change | p99 ms before | after |")
-        p("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for w, sb, sa in BEFORE_AFTER:
-            b, a = sb["deliveries_per_server_cpu_second"], sa["deliveries_per_server_cpu_second"]
-            p(f"| {w} | {fmt(sb['rate'])} | {fmt(sa['deliveries_per_second'])} | {fmt(b)} | {fmt(a)} | "
-              f"{(a / b - 1) * 100:+.0f}% | {fmt(sb['latency']['p99_ms'], 1)} | {fmt(sa['latency']['p99_ms'], 1)} |")
-        p("")
-        p("At the higher rates the load generator (same two cores) takes most of the remaining CPU, frames batch up per")
-        p("write and both binaries converge; the gain shows where the relay is not starved.")
-        p("")
     p("## Reproduce")
     p("")
-    p("`make bench` (or `e2e/bench/run.sh`; `BENCH_WORKLOADS`, `BENCH_TARGETS`, `BENCH_IDLE_CONNECTIONS`,")
-    p("`BENCH_STEP_SECONDS` narrow or widen a run). Raw results: `target/bench/<workload>-<server>.json`,")
-    p("`target/bench/summary.json`; plots: `target/bench/*.png`, copied to `docs/benchmarks/`.")
+    p("`make bench` (or `e2e/bench/run.sh`). `BENCH_QUICK=1` runs one trial of everything with 2-second steps;")
+    p("`BENCH_WORKLOADS=smoke` checks the harness in about a minute; `BENCH_WORKLOADS`, `BENCH_TARGETS`, `BENCH_TRIALS`,")
+    p("`BENCH_CORES` narrow or move a run; `BENCH_RELAY_BIN` measures another wsrelay binary (before/after). Raw results:")
+    p("`target/bench/<workload>/<peer>.<trial>.json` (every step: CPU per process, core shares, latency, the relay's")
+    p("histogram, verdict and reason), `target/bench/summary.json`; plots copied to `docs/benchmarks/`.")
     p("")
     with open(path, "w") as f:
         f.write("\n".join(L))
 
 
-BEFORE_AFTER = []
+HANDSHAKE_NOTE = ""
 
 
-def load_before_after(d):
-    """Steps of wsrelay-only runs kept in <dir>/relay-before and <dir>/relay-after, if any."""
-    rows = []
-    for w in LOADS:
-        try:
-            b = json.load(open(os.path.join(d, "relay-before", f"{w}-wsrelay.json")))
-            a = json.load(open(os.path.join(d, "relay-after", f"{w}-wsrelay.json")))
-        except (OSError, ValueError):
+def targets(summary):
+    out = []
+    for w in CORE:
+        e = summary["ladders"].get(w)
+        if not e or not e["shared_rates"]:
             continue
-        for sb, sa in zip(b.get("steps", []), a.get("steps", [])):
-            if sb["rate"] == sa["rate"]:
-                rows.append((w, sb, sa))
-    return rows
+        rs_n, rs_c = [], []
+        for rate in e["shared_rates"]:
+            g = lambda t: med((e["peers"].get(t) or {}).get("at_shared_rates", {}).get(str(rate), {}).get("cpu_us_per_delivery_incl_nats", []))
+            ws, nw, cf = g("wsrelay"), g("nats-ws"), g("centrifugo")
+            if ws and nw:
+                rs_n.append((nw / ws, rate))
+            if ws and cf:
+                rs_c.append((cf / ws, rate))
+        if rs_n:
+            worst = min(rs_n)
+            out.append(f"{w}: deliveries per CPU-second incl. NATS, wsrelay / nats-ws, goal at least 1.0x at every shared rate: "
+                       f"lowest {worst[0]:.2f}x (at {fmt(worst[1])} msg/s) — {'met' if worst[0] >= 1.0 else 'not met'}.")
+        if rs_c:
+            worst = min(rs_c)
+            out.append(f"{w}: wsrelay / Centrifugo, goal at least 1.5x: lowest {worst[0]:.2f}x (at {fmt(worst[1])} msg/s) — "
+                       f"{'met' if worst[0] >= 1.5 else 'not met'}.")
+    e = summary["ladders"].get("personal-10k")
+    if e:
+        for rate in e["shared_rates"]:
+            a = e["peers"].get("wsrelay", {}).get("at_shared_rates", {}).get(str(rate), {})
+            n = e["peers"].get("nats-ws", {}).get("at_shared_rates", {}).get(str(rate), {})
+            own, p99, np99 = med(a.get("cpu_us_per_delivery", [])), med(a.get("p99_ms", [])), med(n.get("p99_ms", []))
+            if own is not None:
+                out.append(f"personal-10k at {fmt(rate)} msg/s: relay CPU per delivery {own:.1f} µs (goal at most 8: "
+                           f"{'met' if own <= 8 else 'not met'}); p99 {fmt(p99, 2)} ms vs nats-ws {fmt(np99, 2)} ms "
+                           f"({'met' if p99 is not None and np99 is not None and p99 <= np99 else 'not met'}).")
+    for w in CORE:
+        e = summary["ladders"].get(w)
+        if not e or "wsrelay" not in e["peers"] or "baseline" not in e["peers"]:
+            continue
+        mx = med(e["peers"]["wsrelay"]["max_sustained_rate"])
+        if not mx:
+            continue
+        # The ladder rate nearest half of wsrelay's max that both ran.
+        rates = sorted(set(e["shared_rates"]))
+        cand = [r for r in rates if r <= mx / 2] or rates[:1]
+        if not cand:
+            continue
+        r = cand[-1]
+        a = med(e["peers"]["wsrelay"]["at_shared_rates"][str(r)]["p99_ms"])
+        b = med(e["peers"]["baseline"]["at_shared_rates"][str(r)]["p99_ms"])
+        if a is not None and b:
+            out.append(f"{w}: p99 at about half wsrelay's max ({fmt(r)} of {fmt(mx)} msg/s): {a:.2f} ms vs baseline {b:.2f} ms = "
+                       f"{a / b:.1f}x (goal at most 2x: {'met' if a <= 2 * b else 'not met'}).")
+    for x in summary["idle"].get("wsrelay") or []:
+        rss = x["rss_bytes_per_connection"]
+        if rss:
+            out.append(f"Idle: {rss / 1024:.1f} KiB RSS per authenticated connection at {fmt(x['connections'])} (goal at most 8: "
+                       f"{'met' if rss / 1024 <= 8 else 'not met'}); handshake p99 {x['handshake_p99_ms']:.1f} ms at {x['concurrency']} in flight "
+                       f"(goal under 50: {'met' if x['handshake_p99_ms'] < 50 else 'not met'}).")
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
-    ap.add_argument("--versions", default="")
     ap.add_argument("--nofile", default="?")
+    ap.add_argument("--step", default="4")
     ap.add_argument("--doc")
     a = ap.parse_args()
     runs = load(a.dir)
-    BEFORE_AFTER.extend(load_before_after(a.dir))
     summary = summarize(runs)
-    summary["versions"] = a.versions
     summary["nofile_limit"] = a.nofile
     with open(os.path.join(a.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    images = plots(runs, summary, a.dir)
+    images = plots(runs, a.dir)
     if a.doc:
         img_dir = os.path.join(os.path.dirname(a.doc), "benchmarks")
         os.makedirs(img_dir, exist_ok=True)
+        for old in os.listdir(img_dir):
+            if old.endswith(".png") and old not in images:
+                os.remove(os.path.join(img_dir, old))
         for i in images:
             shutil.copy(os.path.join(a.dir, i), os.path.join(img_dir, i))
-        doc(summary, a.versions, a.nofile, images, a.doc)
-    print(json.dumps(summary, indent=1))
+        doc(runs, summary, a.dir, images, a.doc, a.step)
+    print(json.dumps({w: {t: v["max_sustained_rate"] for t, v in e["peers"].items()} for w, e in summary["ladders"].items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,17 +2,25 @@
 # The benchmark driver (`make bench`): the same load, from the same client (wsrelay-load), against
 #   wsrelay      the relay, behind its own nats-server
 #   nats-ws      nats-server's own WebSocket listener, NATS text protocol ("browsers talk to NATS")
-#   centrifuge   the centrifuge library (Centrifugo's engine) behind e2e/cluster/go/centrifuge
-# per workload, on loopback only. Each (workload, target) gets a fresh nats-server and a fresh
-# server, so peak RSS (VmHWM) and CPU time read from /proc belong to that run alone.
-# Writes target/bench/<workload>-<target>.json, target/bench/summary.json, PNG plots, and
-# regenerates docs/benchmarks.md.
+#   centrifugo   Centrifugo v6 (the real server, built from the Go module proxy), behind its own
+#                nats-server through its NATS broker in raw mode
+#   baseline     wsrelay-baseline: bare tokio-tungstenite broadcast, no auth, no NATS (this
+#                machine's practical limit)
+# on loopback only. The server under test and its nats-server run on one core (taskset; one
+# tokio worker, GOMAXPROCS=1), the generator on the other. Per workload, trial after trial, the
+# peers are run one after another (their order rotates per trial), each on fresh processes.
+# Writes target/bench/<workload>/<target>.<trial>.json, the peers' configs in
+# target/bench/config/, summary.json and PNG plots, and regenerates docs/benchmarks.md.
 #
 # Environment (all optional):
-#   BENCH_WORKLOADS  default "broadcast-1k broadcast-10k personal-10k idle" (quick check: "smoke smoke-personal smoke-idle")
-#   BENCH_TARGETS    default "wsrelay nats-ws centrifuge"
+#   BENCH_WORKLOADS  default: every workload below; BENCH_WORKLOADS=smoke is a 1-minute check
+#   BENCH_TARGETS    default "wsrelay nats-ws centrifugo baseline"
+#   BENCH_TRIALS     trials of broadcast-1k, broadcast-10k and personal-10k (default 3)
+#   BENCH_EXTRA_TRIALS  trials of the other workloads (default 1)
+#   BENCH_QUICK=1    one trial of each, 2-second steps (about a quarter of the time)
+#   BENCH_STEP_SECONDS  default 4 (2 with BENCH_QUICK)
+#   BENCH_CORES      "<server core> <generator core>", default "0 1"
 #   BENCH_IDLE_CONNECTIONS  default 18000 (the per-process fd limit here is 20000)
-#   BENCH_STEP_SECONDS      default 4
 #   BENCH_OUT        default <repo>/target/bench
 #   BENCH_NO_DOC=1   do not rewrite docs/benchmarks.md
 #   BENCH_RELAY_BIN  a wsrelay binary to measure instead of the one built (before/after)
@@ -22,24 +30,30 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${BENCH_OUT:-$root/target/bench}
 target_dir=${CARGO_TARGET_DIR:-$root/target}
-workloads=${BENCH_WORKLOADS:-broadcast-1k broadcast-10k personal-10k idle}
-targets=${BENCH_TARGETS:-wsrelay nats-ws centrifuge}
+all_workloads="broadcast-1k broadcast-10k personal-10k channels-10k upstream-1k churn-1k storm-5k payload-64 payload-1k payload-16k payload-64k slow-1k idle"
+workloads=${BENCH_WORKLOADS:-$all_workloads}
+targets=${BENCH_TARGETS:-wsrelay nats-ws centrifugo baseline}
+quick=${BENCH_QUICK:-}
+trials=${BENCH_TRIALS:-$([ -n "$quick" ] && echo 1 || echo 3)}
+extra_trials=${BENCH_EXTRA_TRIALS:-1}
 idle_n=${BENCH_IDLE_CONNECTIONS:-18000}
-step=${BENCH_STEP_SECONDS:-4}
+step=${BENCH_STEP_SECONDS:-$([ -n "$quick" ] && echo 2 || echo 4)}
+read -r server_core gen_core <<<"${BENCH_CORES:-0 1}"
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
-mkdir -p "$out/run"
+mkdir -p "$out/run" "$out/config"
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
 	log "building release binaries"
-	(cd "$root" && cargo build --release -q -p wsrelay -p wsrelay-e2e --bin wsrelay --bin wsrelay-load)
+	(cd "$root" && cargo build --release -q -p wsrelay -p wsrelay-e2e --bin wsrelay --bin wsrelay-load --bin wsrelay-baseline)
 fi
 relay=${BENCH_RELAY_BIN:-$target_dir/release/wsrelay}
 load=$target_dir/release/wsrelay-load
-log "building nats-server and the centrifuge peer (cached)"
-tools=$("$root/e2e/cluster/tools.sh" nats centrifuge)
+baseline=$target_dir/release/wsrelay-baseline
+log "building nats-server and Centrifugo (cached)"
+tools=$("$root/e2e/cluster/tools.sh" nats centrifugo)
 nats_server=$tools/nats-server
-centrifuge=$tools/centrifuge-bench
+centrifugo=$tools/centrifugo
 
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
 	log "installing matplotlib for the plots"
@@ -81,85 +95,144 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret"
 nats_token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 printf '%s' "$nats_token" >"$run_dir/nats.token"
 
-# Workload name -> wsrelay-load arguments.
-workload_args() {
+# Workload -> "p99 limit (ms)|targets it applies to|wsrelay-load arguments". One limit per
+# workload, the same for every peer.
+workload_spec() {
+	local b="--workload broadcast"
 	case $1 in
-	broadcast-1k) echo "--workload broadcast --connections 1000 --rate-start 20 --rate-factor 2 --max-steps 9" ;;
-	broadcast-10k) echo "--workload broadcast --connections 10000 --rate-start 2 --rate-factor 2 --max-steps 9" ;;
-	personal-10k) echo "--workload personal --connections 10000 --rate-start 2000 --rate-factor 2 --max-steps 8" ;;
-	smoke) echo "--workload broadcast --connections 200 --rate-start 20 --rate-factor 4 --max-steps 3" ;;
-	smoke-personal) echo "--workload personal --connections 2000 --rate-start 2000 --rate-factor 4 --max-steps 2" ;;
-	smoke-idle) echo "--workload idle --connections 500 --hold-seconds 1" ;;
-	idle) echo "--workload idle --connections $idle_n --hold-seconds 5" ;;
+	broadcast-1k) echo "50|all|$b --connections 1000 --rates 10,20,40,80,160,320,640,1280,2560" ;;
+	broadcast-10k) echo "250|all|$b --connections 10000 --rates 1,2,4,8,16,32,64,128" ;;
+	personal-10k) echo "50|all|--workload personal --connections 10000 --rates 1000,2000,4000,8000,16000,32000,64000" ;;
+	channels-10k) echo "50|all|--workload channels --connections 10000 --channels 1000 --rates 100,200,400,800,1600,3200,6400,12800" ;;
+	upstream-1k) echo "50|no-baseline|--workload upstream --connections 1000 --rates 500,1000,2000,4000,8000,16000,32000,64000" ;;
+	churn-1k) echo "100|no-baseline|--workload churn --connections 1000 --channels 100 --rates 100,200,400,800,1600,3200,6400,12800" ;;
+	storm-5k) echo "1000|all|--workload storm --connections 5000 --rates 10 --reconnect-jitter-ms 1000 --storm-seconds 60" ;;
+	payload-64) echo "50|all|$b --connections 100 --payload-bytes 64 --rates 100,200,400,800,1600,3200,6400,12800" ;;
+	payload-1k) echo "50|all|$b --connections 100 --payload-bytes 1024 --rates 100,200,400,800,1600,3200,6400" ;;
+	payload-16k) echo "50|all|$b --connections 100 --payload-bytes 16384 --rates 25,50,100,200,400,800,1600" ;;
+	payload-64k) echo "50|all|$b --connections 100 --payload-bytes 65536 --rates 6,12,25,50,100,200,400" ;;
+	slow-1k) echo "50|all|$b --connections 1000 --slow 100 --payload-bytes 1024 --rates 50,100,200 --refine 0 --step-seconds 8" ;;
+	idle) echo "1000|no-baseline|--workload idle --connections $idle_n --rates 1 --hold-seconds 5" ;;
+	smoke) echo "200|all|$b --connections 200 --rates 20,80 --refine 0 --warmup-seconds 1" ;;
+	smoke-personal) echo "200|all|--workload personal --connections 500 --rates 500,2000 --refine 0 --warmup-seconds 1" ;;
+	smoke-idle) echo "1000|no-baseline|--workload idle --connections 300 --rates 1 --hold-seconds 1" ;;
 	*) echo "unknown workload $1" >&2; return 1 ;;
 	esac
 }
 
-run_one() { # workload target
-	local w=$1 t=$2 np wp sp ap server_pid nats_pid path json=$out/$1-$2.json
-	np=$(free_port); wp=$(free_port); sp=$(free_port); ap=$(free_port)
+core_workload() { case $1 in broadcast-1k | broadcast-10k | personal-10k) return 0 ;; *) return 1 ;; esac; }
+
+# The peers' configs, written once per run (ports filled in per start).
+write_configs() { # np sp ap
+	local np=$1 sp=$2 ap=$3
 	cat >"$run_dir/nats.conf" <<-EOF
 		listen: 127.0.0.1:$np
 		authorization { token: "$nats_token" }
 		websocket { listen: "127.0.0.1:$wp", no_tls: true }
 		max_connections: 65536
 	EOF
-	"$nats_server" -c "$run_dir/nats.conf" >"$run_dir/$w-$t.nats.log" 2>&1 &
+	cat >"$run_dir/wsrelay.yaml" <<-EOF
+		listen: {client: "127.0.0.1:$sp", admin: "127.0.0.1:$ap", path: /ws}
+		nats:
+		  urls: ["nats://127.0.0.1:$np"]
+		  name: wsrelay-bench
+		  credentials: {tokenFile: $run_dir/nats.token}
+		auth:
+		  jwt: {algorithms: [HS256], key: {hmacSecretFile: $secret}}
+		  tokenSources: [{type: query, name: token}]
+		bindings:
+		  - {channel: "bench.{id}", subject: "bench.{id}", direction: both}
+		limits: {maxConnections: 19900, maxMessageBytes: 131072, publishRatePerSecond: 1000, publishBurst: 1000}
+	EOF
+	cat >"$run_dir/centrifugo.json" <<-EOF
+		{
+		  "log": {"level": "warn"},
+		  "http_server": {"address": "127.0.0.1", "port": "$sp", "internal_address": "127.0.0.1", "internal_port": "$ap"},
+		  "http_api": {"key": "$nats_token"},
+		  "client": {"token": {"hmac_secret_key": "$(cat "$secret")"}},
+		  "channel": {"namespaces": [{"name": "bench", "allow_subscribe_for_client": true, "allow_publish_for_client": true}]},
+		  "broker": {"enabled": true, "type": "nats", "nats": {"url": "nats://$nats_token@127.0.0.1:$np", "raw_mode": {"enabled": true, "channel_replacements": {":": "."}}}}
+		}
+	EOF
+}
+
+start_nats() {
+	taskset -c "$server_core" env GOMAXPROCS=1 "$nats_server" -c "$run_dir/nats.conf" >>"$run_dir/$cur.nats.log" 2>&1 &
 	nats_pid=$!
 	pids+=("$nats_pid")
 	wait_port 127.0.0.1 "$np" 10 || { log "nats-server did not start"; return 1; }
-	case $t in
+}
+
+start_server() { # target
+	case $1 in
 	wsrelay)
-		cat >"$run_dir/wsrelay.yaml" <<-EOF
-			listen: {client: "127.0.0.1:$sp", admin: "127.0.0.1:$ap", path: /ws}
-			nats:
-			  urls: ["nats://127.0.0.1:$np"]
-			  name: wsrelay-bench
-			  credentials: {tokenFile: $run_dir/nats.token}
-			auth:
-			  jwt: {algorithms: [HS256], key: {hmacSecretFile: $secret}}
-			  tokenSources: [{type: query, name: token}]
-			bindings:
-			  - {channel: "bench.{id}", subject: "bench.{id}", direction: subscribe}
-			limits: {maxConnections: 19900}
-		EOF
-		WSRELAY_LOG=warn "$relay" run --config "$run_dir/wsrelay.yaml" >"$run_dir/$w-$t.server.log" 2>&1 &
-		server_pid=$!
-		path=/ws
-		;;
-	nats-ws)
-		server_pid=$nats_pid
-		sp=$wp
-		path=/
-		;;
-	centrifuge)
-		"$centrifuge" -listen "127.0.0.1:$sp" -nats "nats://127.0.0.1:$np" -nats-token "$nats_token" \
-			-hmac-secret-file "$secret" >"$run_dir/$w-$t.server.log" 2>&1 &
-		server_pid=$!
-		path=/connection/websocket
-		;;
+		taskset -c "$server_core" env TOKIO_WORKER_THREADS=1 WSRELAY_LOG=warn "$relay" run --config "$run_dir/wsrelay.yaml" >>"$run_dir/$cur.server.log" 2>&1 &
+		server_pid=$! ;;
+	nats-ws) start_nats; server_pid=$nats_pid; return 0 ;;
+	centrifugo)
+		taskset -c "$server_core" env GOMAXPROCS=1 "$centrifugo" -c "$run_dir/centrifugo.json" >>"$run_dir/$cur.server.log" 2>&1 &
+		server_pid=$! ;;
+	baseline)
+		taskset -c "$server_core" "$baseline" --listen "127.0.0.1:$sp" >>"$run_dir/$cur.server.log" 2>&1 &
+		server_pid=$! ;;
 	esac
-	[ "$server_pid" = "$nats_pid" ] || pids+=("$server_pid")
-	wait_port 127.0.0.1 "$sp" 15 || { log "$t did not start"; stop_all; return 1; }
-	[ "$t" != wsrelay ] || for _ in $(seq 100); do
+	pids+=("$server_pid")
+	wait_port 127.0.0.1 "$sp" 15 || { log "$1 did not start"; return 1; }
+	[ "$1" != wsrelay ] || for _ in $(seq 100); do
 		curl -fs "http://127.0.0.1:$ap/ready" >/dev/null && break
 		sleep 0.1
 	done
+}
+
+run_one() { # workload target trial
+	local w=$1 t=$2 trial=$3 spec limit which wargs path json
+	spec=$(workload_spec "$w")
+	limit=${spec%%|*}; spec=${spec#*|}
+	which=${spec%%|*}; wargs=${spec#*|}
+	if [ "$which" = no-baseline ] && [ "$t" = baseline ]; then return 0; fi
+	mkdir -p "$out/$w"
+	json=$out/$w/$t.$trial.json
+	cur=$w-$t-$trial
+	np=$(free_port); wp=$(free_port); sp=$(free_port); ap=$(free_port)
+	write_configs "$np" "$sp" "$ap"
+	nats_pid=
+	[ "$t" = nats-ws ] || [ "$t" = baseline ] || start_nats || return 1
+	start_server "$t" || { stop_all; return 1; }
+	case $t in
+	wsrelay) path=/ws ;;
+	nats-ws) sp=$wp; path=/ ;;
+	centrifugo) path=/connection/websocket ;;
+	baseline) path=/ ;;
+	esac
 	local pid_args=(--pid "server=$server_pid")
-	[ "$server_pid" = "$nats_pid" ] || pid_args+=(--pid "nats=$nats_pid")
-	log "$w against $t"
-	# shellcheck disable=SC2046
-	"$load" --target "$t" $(workload_args "$w") --server "127.0.0.1:$sp" --path "$path" \
-		--nats "127.0.0.1:$np" --nats-token "$nats_token" --jwt-secret-file "$secret" \
-		--sources 32 --step-seconds "$step" "${pid_args[@]}" --clk-tck "$clk_tck" \
-		--max-seconds 240 --out "$json.tmp" || log "wsrelay-load failed for $w/$t (status $?)"
+	[ -z "$nats_pid" ] || [ "$server_pid" = "$nats_pid" ] || pid_args+=(--pid "nats=$nats_pid")
+	[ "$t" != wsrelay ] || pid_args+=(--metrics "127.0.0.1:$ap")
+	local storm=()
+	[[ $w != storm-* ]] || { rm -f "$run_dir/ready"; storm=(--ready-file "$run_dir/ready"); }
+	log "$w against $t (trial $trial)"
+	# shellcheck disable=SC2086
+	taskset -c "$gen_core" "$load" --target "$t" $wargs --server "127.0.0.1:$sp" --path "$path" \
+		--nats "127.0.0.1:${np}" --nats-token "$nats_token" --jwt-secret-file "$secret" \
+		--sources 32 --step-seconds "$step" --p99-limit-ms "$limit" "${pid_args[@]}" "${storm[@]}" \
+		--clk-tck "$clk_tck" --max-seconds 400 --out "$json.tmp" 2>>"$run_dir/$cur.load.log" &
+	local load_pid=$!
+	if [ ${#storm[@]} -gt 0 ]; then
+		for _ in $(seq 600); do [ -f "$run_dir/ready" ] || ! kill -0 "$load_pid" 2>/dev/null && break; sleep 0.1; done
+		if [ -f "$run_dir/ready" ]; then
+			log "storm: SIGKILL $t (pid $server_pid) and start it again"
+			kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null || true
+			start_server "$t" || log "$t did not come back"
+		fi
+	fi
+	wait "$load_pid" || log "wsrelay-load failed for $w/$t (status $?; $run_dir/$cur.load.log)"
+	tail -n 30 "$run_dir/$cur.load.log" >&2 || true
 	if [ -f "$json.tmp" ]; then
-		python3 - "$json.tmp" "$nofile" "$w" <<-'EOF'
-			import json, sys
-			p, nofile, w = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+		python3 - "$json.tmp" "$nofile" "$w" "$trial" "$limit" "$server_core" "$gen_core" <<-'EOF'
+			import json, sys, os
+			p, nofile, w, trial, limit, sc, gc = sys.argv[1:]
 			d = json.load(open(p))
-			d["workload_name"] = w
-			d["nofile_limit"] = nofile
+			d.update(workload_name=w, trial=int(trial), nofile_limit=int(nofile), p99_limit_ms=float(limit),
+			         cores={"server": int(sc), "generator": int(gc)}, loadavg=open("/proc/loadavg").read().split()[:3])
 			json.dump(d, open(p, "w"), indent=1)
 		EOF
 		mv "$json.tmp" "$json"
@@ -168,22 +241,40 @@ run_one() { # workload target
 	sleep 1
 }
 
+# The configs as run (ports as placeholders) and the versions, for the document.
+np=NATS_PORT; wp=NATS_WS_PORT; sp=SERVER_PORT; ap=ADMIN_PORT
+write_configs "$np" "$sp" "$ap"
+sed "s/$nats_token/<token>/g; s/$(cat "$secret")/<hs256 key>/g" "$run_dir/nats.conf" >"$out/config/nats-server.conf"
+sed "s/$nats_token/<token>/g" "$run_dir/wsrelay.yaml" >"$out/config/wsrelay.yaml"
+sed "s/$nats_token/<token>/g; s/$(cat "$secret")/<hs256 key>/g" "$run_dir/centrifugo.json" >"$out/config/centrifugo.json"
+"$centrifugo" defaultconfig -b "$run_dir/centrifugo.json" -d 2>/dev/null |
+	sed "s/$nats_token/<token>/g; s/$(cat "$secret")/<hs256 key>/g" >"$out/config/centrifugo.effective.json" || true
+
 started=$SECONDS
+for w in $workloads; do rm -rf "${out:?}/$w"; done
 for w in $workloads; do
-	for t in $targets; do
-		run_one "$w" "$t" || log "run $w/$t failed"
+	n=$extra_trials
+	core_workload "$w" && n=$trials
+	for trial in $(seq "$n"); do
+		# Rotate the order of the peers from trial to trial.
+		read -r -a ts <<<"$targets"
+		k=$(((trial - 1) % ${#ts[@]}))
+		for t in "${ts[@]:k}" "${ts[@]:0:k}"; do
+			run_one "$w" "$t" "$trial" || log "run $w/$t/$trial failed"
+		done
 	done
 done
 log "all runs done in $((SECONDS - started))s"
 
-versions=$(
+{
 	printf 'wsrelay %s\n' "$(cd "$root" && git rev-parse --short HEAD)$(cd "$root" && git diff --quiet -- relay || echo '+dirty')"
 	"$nats_server" --version
-	printf 'centrifuge %s\n' "$(awk '$1 == "github.com/centrifugal/centrifuge" { print $2 }' "$root/e2e/cluster/go/centrifuge/go.mod")"
+	"$centrifugo" version
 	rustc --version
 	go version
-)
+} >"$out/config/versions.txt"
+printf '%s\n' "$((SECONDS - started))" >"$out/config/seconds.txt"
 doc_args=()
 [ -n "${BENCH_NO_DOC:-}" ] || doc_args=(--doc "$root/docs/benchmarks.md")
-python3 "$root/e2e/bench/report.py" --dir "$out" --versions "$versions" --nofile "$nofile" "${doc_args[@]}"
+python3 "$root/e2e/bench/report.py" --dir "$out" --nofile "$nofile" --step "$step" "${doc_args[@]}"
 log "results in $out"

@@ -1,18 +1,24 @@
 //! `wsrelay-load`: the one benchmark client of `make bench`, run against wsrelay, nats-server's
-//! own WebSocket listener and the centrifuge peer alike.
+//! own WebSocket listener, Centrifugo and the bare baseline alike.
 //!
 //! It opens N WebSocket connections (bound to source addresses 127.0.0.2.. so the ephemeral
-//! port range is no limit), authenticates them, subscribes them, then publishes through NATS
-//! at fixed rates with the send time in each 128-byte payload and records publish-to-receive
-//! latency in an HDR histogram. Every run is bounded: `--connections`, `--step-seconds` times
-//! `--max-steps`, and a hard `--max-seconds` after which the process exits by itself.
-//! Output: one JSON document (`--out`).
+//! port range is no limit), authenticates them, subscribes them, then drives a schedule at
+//! fixed rates, step by step: publishes through NATS (or the baseline's publish socket), or
+//! hands each connection its due publish or subscribe/unsubscribe cycle. Every timestamp is
+//! the time the schedule says an item is due, on the monotonic clock, so a late sender counts
+//! as latency (no coordinated omission). Per step it reads the CPU time of the server, its
+//! nats-server and itself, the busy time of every core, the relay's own delivery-latency
+//! histogram when given its admin address, and judges the step against one fixed p99 limit.
+//! Every run is bounded: `--connections`, the number of steps times `--step-seconds`, and a
+//! hard `--max-seconds` after which the process exits by itself. Output: one JSON document.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -20,8 +26,9 @@ use clap::{Parser, ValueEnum};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -29,14 +36,17 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use wsrelay_e2e::load::natsproto::{Op, Reader};
 use wsrelay_e2e::load::{
-    ProcSample, encode_payload, new_histogram, now_ns, sample_proc, summarize, timestamps,
+    ProcSample, encode_payload, histogram_delta_quantile, new_histogram, now_ns, parse_cpu_ticks,
+    parse_netstat, parse_prom_histogram, sample_proc, summarize, timestamps,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
     Wsrelay,
     NatsWs,
-    Centrifuge,
+    Centrifugo,
+    /// `wsrelay-baseline`: no auth, no NATS; publishes go to its `/pub` socket.
+    Baseline,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -45,11 +55,21 @@ enum Workload {
     Broadcast,
     /// Each connection on its own channel.
     Personal,
+    /// `--channels` channels, connection i on channel i mod channels.
+    Channels,
     /// Authenticated connections that subscribe to nothing: memory and handshakes.
     Idle,
+    /// Connections publish upstream (client -> server -> NATS), received by the generator.
+    Upstream,
+    /// Connections subscribe and unsubscribe (one cycle per schedule item, on a random channel
+    /// of `--channels`); latency is from the item's due time to the unsubscribe's reply.
+    Churn,
+    /// Every connection on one channel; the server is killed and restarted by the driver
+    /// (after `--ready-file` appears); every client reconnects and subscribes again.
+    Storm,
 }
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(about = "WebSocket fan-out benchmark client (bounded in connections and time)")]
 struct Args {
     #[arg(long, value_enum)]
@@ -59,7 +79,7 @@ struct Args {
     /// Server address (loopback only), e.g. 127.0.0.1:18080.
     #[arg(long)]
     server: SocketAddrV4,
-    /// WebSocket path: /ws (wsrelay), / (nats-ws), /connection/websocket (centrifuge).
+    /// WebSocket path: /ws (wsrelay), / (nats-ws), /connection/websocket (Centrifugo).
     #[arg(long, default_value = "/ws")]
     path: String,
     /// NATS server the publisher uses (loopback only).
@@ -73,34 +93,61 @@ struct Args {
     jwt_secret_file: Option<PathBuf>,
     #[arg(long, default_value_t = 1000)]
     connections: usize,
+    /// Channels of the `channels` and `churn` workloads.
+    #[arg(long, default_value_t = 100)]
+    channels: usize,
+    /// Connections that never read after subscribing (slow consumers; broadcast only). They
+    /// are the first ones, with a small receive buffer, and are not expected to receive.
+    #[arg(long, default_value_t = 0)]
+    slow: usize,
+    /// Payload size in bytes (at least 32).
+    #[arg(long, default_value_t = wsrelay_e2e::load::PAYLOAD_BYTES)]
+    payload_bytes: usize,
     /// Spread connections over 127.0.0.2 ..= 127.0.0.(1 + sources).
     #[arg(long, default_value_t = 16)]
     sources: u8,
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
-    /// Publish rates (messages per second), tried in order; empty: start, factor, steps.
-    #[arg(long, value_delimiter = ',')]
+    /// The rate ladder (items per second), tried in order until a step fails.
+    #[arg(long, value_delimiter = ',', required = true)]
     rates: Vec<f64>,
-    #[arg(long, default_value_t = 50.0)]
-    rate_start: f64,
+    /// Steps between the last sustained and the first failed rate of the ladder (geometric
+    /// bisection), to find the knee finer than the ladder.
+    #[arg(long, default_value_t = 2)]
+    refine: usize,
+    /// A warm-up step at the first rate, discarded, before the ladder.
     #[arg(long, default_value_t = 2.0)]
-    rate_factor: f64,
-    #[arg(long, default_value_t = 10)]
-    max_steps: usize,
-    #[arg(long, default_value_t = 5.0)]
-    step_seconds: f64,
-    /// A step fails when its p99 passes max(this, `--knee-factor` x the first step's p99);
-    /// the run stops after the first failed step.
-    #[arg(long, default_value_t = 50.0)]
-    p99_limit_ms: f64,
-    /// See `--p99-limit-ms`: on a small machine one fan-out burst to 10k sockets takes longer
-    /// than 50 ms by itself, so saturation is where p99 grows well past its low-rate value.
+    warmup_seconds: f64,
     #[arg(long, default_value_t = 4.0)]
-    knee_factor: f64,
+    step_seconds: f64,
+    /// After a step's schedule, how long to wait at most for what is in flight.
+    #[arg(long, default_value_t = 3.0)]
+    grace_seconds: f64,
+    /// A step is sustained when its p99 is at most this, at least 99% of the expected
+    /// deliveries arrived and no connection was lost. The same for every server.
+    #[arg(long)]
+    p99_limit_ms: f64,
+    /// A step in which the generator's own CPU use reached this share of its core is thrown
+    /// out (it measured the generator, not the server) and the ladder stops there.
+    #[arg(long, default_value_t = 0.9)]
+    generator_saturation: f64,
     /// Idle workload: how long the connections are held before memory is read.
     #[arg(long, default_value_t = 5.0)]
     hold_seconds: f64,
+    /// wsrelay's admin address: its delivery-latency histogram is read around every step.
+    #[arg(long)]
+    metrics: Option<SocketAddrV4>,
+    /// Storm: written once every connection is subscribed; the driver then restarts the server.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Storm: a client's first reconnect waits a uniform random time up to this; later ones
+    /// back off (full jitter, 0.5 s doubling up to 8 s).
+    #[arg(long, default_value_t = 1000)]
+    reconnect_jitter_ms: u64,
+    /// Storm: how long to wait for every client to be back.
+    #[arg(long, default_value_t = 60.0)]
+    storm_seconds: f64,
     /// Processes to read CPU time and memory of: name=PID (repeatable).
     #[arg(long = "pid", value_parser = parse_pid)]
     pids: Vec<(String, u32)>,
@@ -118,6 +165,58 @@ fn parse_pid(s: &str) -> Result<(String, u32), String> {
     Ok((name.to_string(), pid.parse().map_err(|e| format!("{e}"))?))
 }
 
+impl Args {
+    /// The NATS subject connection `i` subscribes to (the channel is derived from it).
+    fn subject_of(&self, i: usize) -> String {
+        match self.workload {
+            Workload::Personal => format!("bench.u{i}"),
+            Workload::Channels => format!("bench.c{}", i % self.channels.max(1)),
+            _ => "bench.all".to_string(),
+        }
+    }
+
+    /// Index of connection i's subject in [`Args::subjects`].
+    fn subject_index(&self, i: usize) -> usize {
+        match self.workload {
+            Workload::Personal => i,
+            Workload::Channels => i % self.channels.max(1),
+            _ => 0,
+        }
+    }
+
+    /// The subjects the publisher goes round, in order.
+    fn subjects(&self) -> Vec<String> {
+        match self.workload {
+            Workload::Personal => (0..self.connections).map(|i| self.subject_of(i)).collect(),
+            Workload::Channels => (0..self.channels.max(1))
+                .map(|i| self.subject_of(i))
+                .collect(),
+            _ => vec![self.subject_of(0)],
+        }
+    }
+
+    fn subscribes_at_connect(&self) -> bool {
+        !matches!(
+            self.workload,
+            Workload::Idle | Workload::Upstream | Workload::Churn
+        )
+    }
+
+    fn ticketed(&self) -> bool {
+        matches!(self.workload, Workload::Upstream | Workload::Churn)
+    }
+}
+
+/// The channel a client names for a NATS subject: the subject itself, except on Centrifugo,
+/// whose namespace `bench` is written `bench:` (its raw-mode NATS broker maps `:` to `.`).
+fn channel_for(target: Target, subject: &str) -> String {
+    match target {
+        Target::Centrifugo => subject.replacen('.', ":", 1),
+        _ => subject.to_string(),
+    }
+}
+
+const UPSTREAM_SUBJECT: &str = "bench.up";
 const SHARDS: usize = 64;
 
 #[derive(Debug)]
@@ -136,15 +235,27 @@ struct Shared {
     errors: Mutex<BTreeMap<String, u64>>,
     last_ready_ns: AtomicU64,
     stop: CancellationToken,
+    /// Healthy (reading) subscribers per subject index.
+    subscribers: Vec<AtomicU32>,
+    // Storm.
+    first_drop_ns: AtomicU64,
+    recovered: AtomicUsize,
+    recovery: Mutex<Histogram<u64>>,
+    reconnect_attempts: AtomicU64,
+    reconnect_failures: AtomicU64,
 }
 
 impl Shared {
+    fn record_at(&self, conn: usize, t_ns: u64) {
+        let us = (now_ns().saturating_sub(t_ns) / 1000).max(1);
+        let mut shard = lock(&self.shards[conn % SHARDS]);
+        shard.hist.saturating_record(us);
+        shard.delivered += 1;
+    }
+
     fn record(&self, conn: usize, frame: &[u8]) {
         let now = now_ns();
-        let mut shard = match self.shards[conn % SHARDS].lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let mut shard = lock(&self.shards[conn % SHARDS]);
         for t in timestamps(frame) {
             let us = (now.saturating_sub(t) / 1000).max(1);
             shard.hist.saturating_record(us);
@@ -152,15 +263,16 @@ impl Shared {
         }
     }
 
+    fn delivered(&self) -> u64 {
+        self.shards.iter().map(|s| lock(s).delivered).sum()
+    }
+
     /// Resets every shard and returns what they held.
     fn take(&self) -> (Histogram<u64>, u64) {
         let mut all = new_histogram();
         let mut delivered = 0;
         for s in &self.shards {
-            let mut s = match s.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            let mut s = lock(s);
             let _ = all.add(&s.hist);
             delivered += s.delivered;
             s.hist.reset();
@@ -171,23 +283,60 @@ impl Shared {
 
     fn error(&self, e: &anyhow::Error) {
         let key: String = format!("{e:#}").chars().take(120).collect();
-        if let Ok(mut m) = self.errors.lock() {
-            *m.entry(key).or_default() += 1;
-        }
+        *lock(&self.errors).entry(key).or_default() += 1;
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
-
-fn subject_for(workload: Workload, i: usize) -> String {
-    match workload {
-        Workload::Personal => format!("bench.u{i}"),
-        _ => "bench.all".to_string(),
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
+
+/// The byte stream under a WebSocket (plain TCP today; a trait object so a TLS stream fits).
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+struct BoxIo(Box<dyn Io>);
+
+impl AsyncRead for BoxIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BoxIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+type Ws = WebSocketStream<BoxIo>;
 
 fn mint(key: &[u8], i: usize) -> Result<String> {
-    let exp = now_ns() / 1_000_000_000 + 3600;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
     let claims = json!({"sub": format!("u{i}"), "exp": exp});
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -197,9 +346,12 @@ fn mint(key: &[u8], i: usize) -> Result<String> {
     .context("mint JWT")
 }
 
-async fn tcp_connect(args: &Args, i: usize) -> Result<TcpStream> {
+async fn tcp_connect(args: &Args, i: usize, small_rcvbuf: bool) -> Result<TcpStream> {
     let src = Ipv4Addr::new(127, 0, 0, 2 + (i % args.sources.max(1) as usize) as u8);
     let sock = TcpSocket::new_v4()?;
+    if small_rcvbuf {
+        sock.set_recv_buffer_size(4096)?;
+    }
     sock.bind(SocketAddr::V4(SocketAddrV4::new(src, 0)))
         .with_context(|| format!("bind {src}"))?;
     let stream = sock
@@ -210,120 +362,98 @@ async fn tcp_connect(args: &Args, i: usize) -> Result<TcpStream> {
     Ok(stream)
 }
 
-/// Reads frames until `done` says the exchange is over (Some(Ok)) or failed (Some(Err)).
-async fn expect(ws: &mut Ws, mut done: impl FnMut(&[u8]) -> Option<Result<()>>) -> Result<()> {
+/// Replies to what a server asks of an idle client in `frame` (Centrifugo's `{}` ping, NATS
+/// `PING`), recording any benchmark payload on the way when `conn` is given.
+fn absorb(
+    target: Target,
+    shared: &Shared,
+    conn: Option<usize>,
+    reader: &mut Reader,
+    msg: &Message,
+    mut on_op: impl FnMut(&Op),
+) -> Option<Message> {
+    match msg {
+        Message::Text(t) => {
+            let b = t.as_bytes();
+            if let Some(c) = conn {
+                shared.record(c, b);
+            }
+            (target == Target::Centrifugo && b.split(|c| *c == b'\n').any(|l| l == b"{}"))
+                .then(|| Message::text("{}"))
+        }
+        Message::Binary(b) if target == Target::NatsWs => {
+            reader.push(b);
+            let mut pong = false;
+            while let Some(op) = reader.next_op() {
+                match &op {
+                    Op::Msg(p) => {
+                        if let Some(c) = conn {
+                            shared.record(c, p);
+                        }
+                    }
+                    Op::Ping => pong = true,
+                    Op::Err(e) => shared.error(&anyhow!("nats: {e}")),
+                    _ => {}
+                }
+                on_op(&op);
+            }
+            pong.then(|| Message::binary(b"PONG\r\n".to_vec()))
+        }
+        Message::Binary(b) => {
+            if let Some(c) = conn {
+                shared.record(c, b);
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Reads frames until `done` says the exchange is over (Some(Ok)) or failed (Some(Err)),
+/// answering pings meanwhile.
+async fn expect(
+    ws: &mut Ws,
+    target: Target,
+    shared: &Shared,
+    reader: &mut Reader,
+    mut done: impl FnMut(&[u8]) -> Option<Result<()>>,
+) -> Result<()> {
     while let Some(msg) = ws.next().await {
         let msg = msg.context("read")?;
+        if let Message::Close(c) = &msg {
+            bail!("closed: {c:?}");
+        }
+        if target == Target::NatsWs {
+            let mut result = None;
+            let reply = absorb(target, shared, None, reader, &msg, |op| {
+                if result.is_none() {
+                    result = nats_reply(op);
+                }
+            });
+            if let Some(r) = reply {
+                ws.send(r).await?;
+            }
+            if let Some(r) = result {
+                return r;
+            }
+            continue;
+        }
         let bytes: &[u8] = match &msg {
             Message::Text(t) => t.as_bytes(),
             Message::Binary(b) => b,
-            Message::Close(c) => bail!("closed: {c:?}"),
             _ => continue,
         };
         if let Some(r) = done(bytes) {
             return r;
         }
+        if let Some(r) = absorb(target, shared, None, reader, &msg, |_| {}) {
+            ws.send(r).await?;
+        }
     }
     bail!("connection ended")
 }
 
-/// Connects, authenticates and (unless idle) subscribes; returns the open socket and, for
-/// nats-ws, the protocol reader holding any bytes already received.
-async fn open(args: &Args, i: usize, token: &str) -> Result<(Ws, Reader)> {
-    let stream = tcp_connect(args, i).await?;
-    let url = match args.target {
-        Target::Wsrelay => format!("ws://{}{}?token={token}", args.server, args.path),
-        _ => format!("ws://{}{}", args.server, args.path),
-    };
-    let req = url.into_client_request()?;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(1 << 20);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
-        .await
-        .context("upgrade")?;
-    let subscribe = args.workload != Workload::Idle;
-    let subject = subject_for(args.workload, i);
-    let mut reader = Reader::default();
-    match args.target {
-        Target::Wsrelay => {
-            expect(&mut ws, |b| wsrelay_welcome(b).then_some(Ok(()))).await?;
-            if subscribe {
-                let sub = json!({"type": "subscribe", "id": 1, "channel": subject}).to_string();
-                ws.send(Message::text(sub)).await?;
-                expect(&mut ws, |b| {
-                    let v: Value = serde_json::from_slice(b).ok()?;
-                    match v["type"].as_str()? {
-                        "ok" => Some(Ok(())),
-                        "error" => Some(Err(anyhow!("subscribe: {v}"))),
-                        _ => None,
-                    }
-                })
-                .await?;
-            }
-        }
-        Target::Centrifuge => {
-            let connect = json!({"id": 1, "connect": {"token": token}}).to_string();
-            ws.send(Message::text(connect)).await?;
-            expect(&mut ws, |b| centrifuge_reply(b, 1)).await?;
-            if subscribe {
-                let sub = json!({"id": 2, "subscribe": {"channel": subject}}).to_string();
-                ws.send(Message::text(sub)).await?;
-                expect(&mut ws, |b| centrifuge_reply(b, 2)).await?;
-            }
-        }
-        Target::NatsWs => {
-            expect(&mut ws, |b| {
-                reader.push(b);
-                match reader.next_op()? {
-                    Op::Info => Some(Ok(())),
-                    other => Some(Err(anyhow!("expected INFO, got {other:?}"))),
-                }
-            })
-            .await?;
-            let connect = json!({"verbose": false, "pedantic": false, "protocol": 1,
-                "auth_token": args.nats_token, "name": format!("bench-{i}"), "lang": "rust",
-                "version": "0", "headers": false});
-            let mut cmd = format!("CONNECT {connect}\r\n");
-            if subscribe {
-                cmd.push_str(&format!("SUB {subject} 1\r\n"));
-            }
-            cmd.push_str("PING\r\n");
-            ws.send(Message::binary(cmd.into_bytes())).await?;
-            let mut pending: Option<Result<()>> = None;
-            // Anything already buffered first (INFO may share a frame with more).
-            while let Some(op) = reader.next_op() {
-                if let Some(r) = nats_handshake_op(op) {
-                    pending = Some(r);
-                    break;
-                }
-            }
-            match pending {
-                Some(r) => r?,
-                None => {
-                    expect(&mut ws, |b| {
-                        reader.push(b);
-                        while let Some(op) = reader.next_op() {
-                            if let Some(r) = nats_handshake_op(op) {
-                                return Some(r);
-                            }
-                        }
-                        None
-                    })
-                    .await?
-                }
-            }
-        }
-    }
-    Ok((ws, reader))
-}
-
-fn wsrelay_welcome(b: &[u8]) -> bool {
-    wsrelay_e2e::load::find(b, b"\"type\":\"welcome\"").is_some()
-}
-
-fn nats_handshake_op(op: Op) -> Option<Result<()>> {
+fn nats_reply(op: &Op) -> Option<Result<()>> {
     match op {
         Op::Pong => Some(Ok(())),
         Op::Err(e) => Some(Err(anyhow!("nats: {e}"))),
@@ -331,20 +461,266 @@ fn nats_handshake_op(op: Op) -> Option<Result<()>> {
     }
 }
 
-/// The reply to centrifuge command `id`, possibly among other lines of one frame.
-fn centrifuge_reply(b: &[u8], id: u64) -> Option<Result<()>> {
+fn wsrelay_reply(b: &[u8], id: u64) -> Option<Result<()>> {
+    let v: Value = serde_json::from_slice(b).ok()?;
+    if v["id"].as_u64() != Some(id) {
+        return None;
+    }
+    match v["type"].as_str()? {
+        "ok" => Some(Ok(())),
+        "error" => Some(Err(anyhow!("wsrelay: {v}"))),
+        _ => None,
+    }
+}
+
+/// The reply to Centrifugo command `id`, possibly among other lines of one frame.
+fn centrifugo_reply(b: &[u8], id: u64) -> Option<Result<()>> {
     for line in b.split(|c| *c == b'\n') {
         let Ok(v) = serde_json::from_slice::<Value>(line) else {
             continue;
         };
         if v["id"].as_u64() == Some(id) {
             return Some(match v.get("error") {
-                Some(e) => Err(anyhow!("centrifuge: {e}")),
+                Some(e) => Err(anyhow!("centrifugo: {e}")),
                 None => Ok(()),
             });
         }
     }
     None
+}
+
+/// Subscribes (`on`) or unsubscribes a connection to `subject`'s channel and waits for the
+/// server's confirmation (NATS: a PING's PONG after the SUB or UNSUB).
+async fn set_subscription(
+    ws: &mut Ws,
+    args: &Args,
+    shared: &Shared,
+    reader: &mut Reader,
+    subject: &str,
+    sid: u64,
+    on: bool,
+) -> Result<()> {
+    let channel = channel_for(args.target, subject);
+    match args.target {
+        Target::Wsrelay => {
+            let kind = if on { "subscribe" } else { "unsubscribe" };
+            let cmd = json!({"type": kind, "id": sid, "channel": channel}).to_string();
+            ws.send(Message::text(cmd)).await?;
+            expect(ws, args.target, shared, reader, |b| wsrelay_reply(b, sid)).await
+        }
+        Target::Centrifugo => {
+            let kind = if on { "subscribe" } else { "unsubscribe" };
+            let cmd = json!({"id": sid, kind: {"channel": channel}}).to_string();
+            ws.send(Message::text(cmd)).await?;
+            expect(ws, args.target, shared, reader, |b| {
+                centrifugo_reply(b, sid)
+            })
+            .await
+        }
+        Target::NatsWs => {
+            let cmd = if on {
+                format!("SUB {subject} {sid}\r\nPING\r\n")
+            } else {
+                format!("UNSUB {sid}\r\nPING\r\n")
+            };
+            ws.send(Message::binary(cmd.into_bytes())).await?;
+            expect(ws, args.target, shared, reader, |_| None).await
+        }
+        Target::Baseline => bail!("the baseline has no subscribe command"),
+    }
+}
+
+/// Connects, authenticates and (when the workload says so) subscribes; returns the open
+/// socket and, for nats-ws, the protocol reader holding any bytes already received.
+async fn open(
+    args: &Args,
+    shared: &Shared,
+    i: usize,
+    token: &str,
+    slow: bool,
+) -> Result<(Ws, Reader)> {
+    let stream = tcp_connect(args, i, slow).await?;
+    let subject = args.subject_of(i);
+    let url = match args.target {
+        Target::Wsrelay => format!("ws://{}{}?token={token}", args.server, args.path),
+        Target::Baseline => format!("ws://{}/sub?c={subject}", args.server),
+        _ => format!("ws://{}{}", args.server, args.path),
+    };
+    let req = url.into_client_request()?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(1 << 20);
+    let io = BoxIo(Box::new(stream));
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(config))
+        .await
+        .context("upgrade")?;
+    let subscribe = args.subscribes_at_connect();
+    let mut reader = Reader::default();
+    match args.target {
+        Target::Wsrelay => {
+            expect(&mut ws, args.target, shared, &mut reader, |b| {
+                wsrelay_e2e::load::find(b, b"\"type\":\"welcome\"").map(|_| Ok(()))
+            })
+            .await?;
+        }
+        Target::Centrifugo => {
+            let connect = json!({"id": 1, "connect": {"token": token}}).to_string();
+            ws.send(Message::text(connect)).await?;
+            expect(&mut ws, args.target, shared, &mut reader, |b| {
+                centrifugo_reply(b, 1)
+            })
+            .await?;
+        }
+        Target::NatsWs => {
+            // INFO first (it may share a frame with more), then CONNECT and a PING whose
+            // PONG says the server took the CONNECT.
+            let mut info = false;
+            while !info {
+                let msg = ws.next().await.context("connection ended")??;
+                if let Message::Binary(b) = msg {
+                    reader.push(&b);
+                    match reader.next_op() {
+                        Some(Op::Info) => info = true,
+                        None => {}
+                        Some(other) => bail!("expected INFO, got {other:?}"),
+                    }
+                }
+            }
+            let connect = json!({"verbose": false, "pedantic": false, "protocol": 1,
+                "auth_token": args.nats_token, "name": format!("bench-{i}"), "lang": "rust",
+                "version": "0", "headers": false});
+            ws.send(Message::binary(
+                format!("CONNECT {connect}\r\nPING\r\n").into_bytes(),
+            ))
+            .await?;
+            let mut done = None;
+            while let Some(op) = reader.next_op() {
+                done = done.or(nats_reply(&op));
+            }
+            match done {
+                Some(r) => r?,
+                None => expect(&mut ws, args.target, shared, &mut reader, |_| None).await?,
+            }
+        }
+        Target::Baseline => {}
+    }
+    if subscribe && args.target != Target::Baseline {
+        set_subscription(&mut ws, args, shared, &mut reader, &subject, 1, true).await?;
+    }
+    Ok((ws, reader))
+}
+
+/// Opens connection `i` within the handshake bound.
+async fn open_bounded(
+    args: &Args,
+    shared: &Shared,
+    i: usize,
+    token: &str,
+    slow: bool,
+) -> Result<(Ws, Reader)> {
+    match tokio::time::timeout(Duration::from_secs(20), open(args, shared, i, token, slow)).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow!("handshake timed out (20 s)")),
+    }
+}
+
+/// How a connection's life ended.
+enum End {
+    Stopped,
+    Lost,
+}
+
+/// Serves one open connection: records deliveries, answers pings, and carries out the items
+/// the schedule hands it (a publish, or a subscribe/unsubscribe cycle).
+async fn serve(
+    i: usize,
+    args: &Args,
+    shared: &Shared,
+    ws: &mut Ws,
+    reader: &mut Reader,
+    tickets: &mut Option<mpsc::Receiver<u64>>,
+) -> End {
+    let stop = shared.stop.clone();
+    let mut next_id: u64 = 10;
+    loop {
+        let ticket = async {
+            match tickets.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return End::Stopped,
+            t = ticket => {
+                let Some(due) = t else { return End::Stopped };
+                next_id += 2;
+                if let Err(e) = work(i, args, shared, ws, reader, due, next_id).await {
+                    shared.error(&e);
+                    return End::Lost;
+                }
+                continue;
+            }
+            m = ws.next() => m,
+        };
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                shared.error(&anyhow!("read: {e}"));
+                return End::Lost;
+            }
+            None => return End::Lost,
+        };
+        if let Message::Close(c) = &msg {
+            shared.error(&anyhow!("closed by server: {c:?}"));
+            return End::Lost;
+        }
+        if let Some(r) = absorb(args.target, shared, Some(i), reader, &msg, |_| {})
+            && ws.send(r).await.is_err()
+        {
+            return End::Lost;
+        }
+    }
+}
+
+/// One schedule item due at `due` (ns): a publish upstream, or a subscribe/unsubscribe cycle.
+async fn work(
+    i: usize,
+    args: &Args,
+    shared: &Shared,
+    ws: &mut Ws,
+    reader: &mut Reader,
+    due: u64,
+    id: u64,
+) -> Result<()> {
+    match args.workload {
+        Workload::Upstream => {
+            let payload = encode_payload(due, args.payload_bytes);
+            let text = String::from_utf8(payload).unwrap_or_default();
+            let channel = channel_for(args.target, UPSTREAM_SUBJECT);
+            let msg = match args.target {
+                Target::Wsrelay => Message::text(format!(
+                    r#"{{"type":"publish","channel":"{channel}","payload":{text}}}"#
+                )),
+                Target::Centrifugo => Message::text(format!(
+                    r#"{{"id":{id},"publish":{{"channel":"{channel}","data":{text}}}}}"#
+                )),
+                Target::NatsWs => Message::binary(
+                    format!("PUB {UPSTREAM_SUBJECT} {}\r\n{text}\r\n", text.len()).into_bytes(),
+                ),
+                Target::Baseline => bail!("the baseline takes no client publishes"),
+            };
+            ws.send(msg).await?;
+        }
+        Workload::Churn => {
+            let subject = format!("bench.c{}", rand::random_range(0..args.channels.max(1)));
+            set_subscription(ws, args, shared, reader, &subject, id, true).await?;
+            set_subscription(ws, args, shared, reader, &subject, id + 1, false).await?;
+            shared.record_at(i, due);
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 async fn client(
@@ -354,81 +730,82 @@ async fn client(
     token: String,
     gate: Arc<Semaphore>,
     started: Instant,
+    mut tickets: Option<mpsc::Receiver<u64>>,
 ) {
+    let slow = i < args.slow;
     let permit = gate.acquire().await;
     let t0 = Instant::now();
-    let opened = tokio::time::timeout(Duration::from_secs(20), open(&args, i, &token)).await;
+    let opened = open_bounded(&args, &shared, i, &token, slow).await;
     drop(permit);
     let (mut ws, mut reader) = match opened {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
+        Ok(v) => v,
+        Err(e) => {
             shared.error(&e);
             shared.failed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        Err(_) => {
-            shared.error(&anyhow!("handshake timed out (20 s)"));
-            shared.failed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
     };
-    if let Ok(mut h) = shared.handshake.lock() {
-        h.saturating_record((t0.elapsed().as_micros() as u64).max(1));
-    }
+    lock(&shared.handshake).saturating_record((t0.elapsed().as_micros() as u64).max(1));
     shared
         .last_ready_ns
         .fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    if !slow && args.subscribes_at_connect() {
+        shared.subscribers[args.subject_index(i)].fetch_add(1, Ordering::Relaxed);
+    }
     shared.ready.fetch_add(1, Ordering::Relaxed);
-    let stop = shared.stop.clone();
+    if slow {
+        // Never read again: the server's queue for this client fills.
+        shared.stop.cancelled().await;
+        return;
+    }
     loop {
-        let msg = tokio::select! {
-            _ = stop.cancelled() => break,
-            m = ws.next() => m,
-        };
-        let reply: Option<Message> = match msg {
-            Some(Ok(Message::Text(t))) => {
-                let b = t.as_bytes();
-                shared.record(i, b);
-                (args.target == Target::Centrifuge && b.split(|c| *c == b'\n').any(|l| l == b"{}"))
-                    .then(|| Message::text("{}"))
-            }
-            Some(Ok(Message::Binary(b))) => {
-                reader.push(&b);
-                let mut pong = false;
-                while let Some(op) = reader.next_op() {
-                    match op {
-                        Op::Msg(p) => shared.record(i, &p),
-                        Op::Ping => pong = true,
-                        Op::Err(e) => shared.error(&anyhow!("nats: {e}")),
-                        _ => {}
+        match serve(i, &args, &shared, &mut ws, &mut reader, &mut tickets).await {
+            End::Stopped => break,
+            End::Lost if args.workload == Workload::Storm => {
+                match reconnect(i, &args, &shared, &token).await {
+                    Some((w, r)) => {
+                        ws = w;
+                        reader = r;
                     }
+                    None => return,
                 }
-                pong.then(|| Message::binary(b"PONG\r\n".to_vec()))
             }
-            Some(Ok(Message::Close(c))) => {
-                shared.error(&anyhow!("closed by server: {c:?}"));
+            End::Lost => {
                 shared.lost.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Some(Ok(_)) => None,
-            Some(Err(e)) => {
-                shared.error(&anyhow!("read: {e}"));
-                shared.lost.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            None => {
-                shared.lost.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        if let Some(r) = reply
-            && ws.send(r).await.is_err()
-        {
-            shared.lost.fetch_add(1, Ordering::Relaxed);
-            return;
         }
     }
     let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+}
+
+/// Storm: reconnects after the server went away, with a jittered first attempt and full-jitter
+/// backoff after failures; records the time from the first drop any client saw.
+async fn reconnect(i: usize, args: &Args, shared: &Shared, token: &str) -> Option<(Ws, Reader)> {
+    shared.first_drop_ns.fetch_min(now_ns(), Ordering::Relaxed);
+    let mut delay = rand::random_range(0..=args.reconnect_jitter_ms.max(1));
+    let mut backoff: u64 = 500;
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+        }
+        shared.reconnect_attempts.fetch_add(1, Ordering::Relaxed);
+        match open_bounded(args, shared, i, token, false).await {
+            Ok(v) => {
+                let since = now_ns().saturating_sub(shared.first_drop_ns.load(Ordering::Relaxed));
+                lock(&shared.recovery).saturating_record((since / 1000).max(1));
+                shared.recovered.fetch_add(1, Ordering::Relaxed);
+                return Some(v);
+            }
+            Err(e) => {
+                shared.reconnect_failures.fetch_add(1, Ordering::Relaxed);
+                shared.error(&e.context("reconnect"));
+                delay = rand::random_range(0..=backoff);
+                backoff = (backoff * 2).min(8000);
+            }
+        }
+    }
 }
 
 fn samples(args: &Args) -> BTreeMap<String, ProcSample> {
@@ -450,59 +827,387 @@ fn cpu_delta(a: &BTreeMap<String, ProcSample>, b: &BTreeMap<String, ProcSample>)
     Value::Object(m)
 }
 
-/// Publishes `rate` messages per second for `seconds`, round-robin over `subjects`.
-async fn publish(
-    nc: &async_nats::Client,
-    subjects: &[String],
-    rate: f64,
-    seconds: f64,
-) -> Result<u64> {
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut sent: u64 = 0;
-    let total = (rate * seconds).round() as u64;
-    while sent < total {
-        tick.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
-        while sent < due {
-            let subject = subjects[(sent as usize) % subjects.len()].clone();
-            nc.publish(subject, encode_payload(now_ns()).into()).await?;
-            sent += 1;
+fn cores() -> BTreeMap<String, (u64, u64)> {
+    std::fs::read_to_string("/proc/stat")
+        .map(|s| parse_cpu_ticks(&s))
+        .unwrap_or_default()
+}
+
+/// Busy share of each core between two readings.
+fn cores_busy(a: &BTreeMap<String, (u64, u64)>, b: &BTreeMap<String, (u64, u64)>) -> Value {
+    let mut m = serde_json::Map::new();
+    for (name, (busy, total)) in b {
+        if let Some((b0, t0)) = a.get(name) {
+            let dt = total.saturating_sub(*t0).max(1);
+            m.insert(
+                name.clone(),
+                json!(busy.saturating_sub(*b0) as f64 / dt as f64),
+            );
         }
     }
-    nc.flush().await?;
-    Ok(sent)
+    Value::Object(m)
 }
 
-fn rates(args: &Args) -> Vec<f64> {
-    if !args.rates.is_empty() {
-        return args.rates.clone();
+/// The kernel TCP counters that tell why a handshake waited (all of the machine: other
+/// loopback traffic counts too).
+const NET_COUNTERS: &[&str] = &[
+    "TcpExt.ListenOverflows",
+    "TcpExt.ListenDrops",
+    "TcpExt.TCPSynRetrans",
+    "TcpExt.TCPReqQFullDrop",
+    "TcpExt.TCPReqQFullDoCookies",
+    "TcpExt.SyncookiesSent",
+    "TcpExt.TCPTimeouts",
+    "TcpExt.TCPBacklogDrop",
+    "Tcp.RetransSegs",
+    "Tcp.AttemptFails",
+];
+
+fn net_counters() -> BTreeMap<String, i64> {
+    let mut text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    text.push_str(&std::fs::read_to_string("/proc/net/snmp").unwrap_or_default());
+    parse_netstat(&text)
+}
+
+fn net_delta(a: &BTreeMap<String, i64>, b: &BTreeMap<String, i64>) -> Value {
+    let mut m = serde_json::Map::new();
+    for k in NET_COUNTERS {
+        if let (Some(x), Some(y)) = (a.get(*k), b.get(*k)) {
+            m.insert((*k).to_string(), json!(y - x));
+        }
     }
-    (0..args.max_steps)
-        .map(|k| (args.rate_start * args.rate_factor.powi(k as i32)).round())
-        .collect()
+    Value::Object(m)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = Arc::new(Args::parse());
+/// wsrelay's delivery-latency histogram (NATS receive to socket write), from its admin port.
+async fn relay_histogram(addr: Option<SocketAddrV4>) -> Option<Vec<(f64, u64)>> {
+    let addr = addr?;
+    let fetch = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        anyhow::Ok(body)
+    };
+    let body = tokio::time::timeout(Duration::from_secs(2), fetch)
+        .await
+        .ok()?
+        .ok()?;
+    Some(parse_prom_histogram(
+        &body,
+        "wsrelay_delivery_latency_seconds",
+    ))
+}
+
+/// Where the schedule's items go.
+enum Sink {
+    Nats(async_nats::Client, Vec<String>),
+    /// The baseline's publish socket.
+    Baseline(Box<Ws>, Vec<String>),
+    /// Per-connection schedule items (upstream publishes, churn cycles).
+    Tickets(Vec<mpsc::Sender<u64>>),
+}
+
+impl Sink {
+    /// Issues `rate` items per second for `seconds`; item k is due at start + k/rate and
+    /// carries that time. Returns how many were issued.
+    async fn drive(
+        &mut self,
+        rate: f64,
+        seconds: f64,
+        size: usize,
+        shared: &Shared,
+    ) -> Result<u64> {
+        let start = now_ns();
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let total = (rate * seconds).round() as u64;
+        let mut sent: u64 = 0;
+        let due_at = |k: u64| start + (k as f64 * 1e9 / rate) as u64;
+        while sent < total {
+            tick.tick().await;
+            let elapsed = now_ns().saturating_sub(start) as f64 / 1e9;
+            let due = ((elapsed * rate) as u64 + 1).min(total);
+            while sent < due {
+                let t = due_at(sent);
+                match self {
+                    Sink::Nats(nc, subjects) => {
+                        let subject = subjects[(sent as usize) % subjects.len()].clone();
+                        nc.publish(subject, encode_payload(t, size).into()).await?;
+                    }
+                    Sink::Baseline(ws, subjects) => {
+                        let subject = &subjects[(sent as usize) % subjects.len()];
+                        let payload = String::from_utf8(encode_payload(t, size))?;
+                        ws.feed(Message::text(format!("{subject} {payload}")))
+                            .await?;
+                    }
+                    Sink::Tickets(txs) => {
+                        if txs[(sent as usize) % txs.len()].try_send(t).is_err() {
+                            shared.error(&anyhow!("a connection's schedule queue was full"));
+                        }
+                    }
+                }
+                sent += 1;
+            }
+            match self {
+                Sink::Nats(nc, _) => nc.flush().await?,
+                Sink::Baseline(ws, _) => ws.flush().await?,
+                Sink::Tickets(_) => {}
+            }
+        }
+        Ok(sent)
+    }
+}
+
+/// What a step is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Warmup,
+    Ladder,
+    Refine,
+    Check,
+}
+
+struct Runner {
+    args: Arc<Args>,
+    shared: Arc<Shared>,
+    sink: Sink,
+}
+
+impl Runner {
+    /// Expected deliveries for `issued` items.
+    fn expected(&self, issued: u64) -> f64 {
+        match self.args.workload {
+            Workload::Upstream | Workload::Churn => issued as f64,
+            _ => {
+                let counts: Vec<u64> = self
+                    .shared
+                    .subscribers
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed) as u64)
+                    .collect();
+                let n = counts.len() as u64;
+                if n == 0 {
+                    return 0.0;
+                }
+                let full = issued / n;
+                let rest = issued % n;
+                let all: u64 = counts.iter().sum();
+                (full * all + counts.iter().take(rest as usize).sum::<u64>()) as f64
+            }
+        }
+    }
+
+    async fn step(&mut self, rate: f64, kind: Kind) -> Result<Value> {
+        let args = self.args.clone();
+        let shared = self.shared.clone();
+        let seconds = if kind == Kind::Warmup {
+            args.warmup_seconds
+        } else {
+            args.step_seconds
+        };
+        let lost_before = shared.lost.load(Ordering::Relaxed);
+        let errors_before: u64 = lock(&shared.errors).values().sum();
+        let metrics_a = relay_histogram(args.metrics).await;
+        shared.take();
+        let (a, cores_a, t_a) = (samples(&args), cores(), Instant::now());
+        let issued = self
+            .sink
+            .drive(rate, seconds, args.payload_bytes, &shared)
+            .await?;
+        let (c, cores_c, window) = (samples(&args), cores(), t_a.elapsed().as_secs_f64());
+        let expected = self.expected(issued);
+        let grace = Instant::now();
+        while (shared.delivered() as f64) < expected
+            && grace.elapsed().as_secs_f64() < args.grace_seconds
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = t_a.elapsed().as_secs_f64();
+        let b = samples(&args);
+        let (hist, delivered) = shared.take();
+        let metrics_b = relay_histogram(args.metrics).await;
+        let lat = summarize(&hist);
+        let cpu = cpu_delta(&a, &b);
+        let cpu_window = cpu_delta(&a, &c);
+        let share = |name: &str| cpu_window[name].as_f64().map(|s| s / window.max(1e-9));
+        let lost = shared.lost.load(Ordering::Relaxed) - lost_before;
+        let ratio = if expected > 0.0 {
+            delivered as f64 / expected
+        } else {
+            0.0
+        };
+        let server_cpu = cpu["server"].as_f64().unwrap_or(0.0);
+        let with_nats = server_cpu + cpu["nats"].as_f64().unwrap_or(0.0);
+        let per = |cpu: f64| (delivered > 0).then(|| cpu * 1e6 / delivered as f64);
+        let generator = share("loadgen").unwrap_or(0.0);
+        let relay = match (&metrics_a, &metrics_b) {
+            (Some(x), Some(y)) => json!({
+                "p50_ms": histogram_delta_quantile(x, y, 0.5),
+                "p99_ms": histogram_delta_quantile(x, y, 0.99),
+                "count": y.last().map(|l| l.1).unwrap_or(0)
+                    .saturating_sub(x.last().map(|l| l.1).unwrap_or(0)),
+            }),
+            _ => Value::Null,
+        };
+        let (verdict, reason) = if kind == Kind::Warmup || kind == Kind::Check {
+            ("discarded", format!("{kind:?} step").to_lowercase())
+        } else if generator >= args.generator_saturation {
+            (
+                "discarded",
+                format!(
+                    "generator core saturated ({:.0}% of its core)",
+                    generator * 100.0
+                ),
+            )
+        } else if lost > 0 {
+            ("failed", format!("{lost} connections lost"))
+        } else if ratio < 0.99 {
+            (
+                "failed",
+                format!("{:.1}% of expected deliveries arrived", ratio * 100.0),
+            )
+        } else if lat.p99_ms > args.p99_limit_ms {
+            (
+                "failed",
+                format!(
+                    "p99 {:.1} ms above the limit {} ms",
+                    lat.p99_ms, args.p99_limit_ms
+                ),
+            )
+        } else {
+            ("sustained", String::new())
+        };
+        let errors_after: u64 = lock(&shared.errors).values().sum();
+        let step = json!({
+            "kind": format!("{kind:?}").to_lowercase(),
+            "rate": rate,
+            "issued": issued,
+            "expected_deliveries": expected,
+            "delivered": delivered,
+            "delivery_ratio": ratio,
+            "seconds": seconds,
+            "elapsed_seconds": elapsed,
+            "deliveries_per_second": delivered as f64 / seconds,
+            "cpu_seconds": cpu,
+            "core_share_during_schedule": {
+                "server": share("server"), "nats": share("nats"), "loadgen": share("loadgen"),
+            },
+            "cores_busy_during_schedule": cores_busy(&cores_a, &cores_c),
+            "cpu_us_per_delivery": per(server_cpu),
+            "cpu_us_per_delivery_incl_nats": per(with_nats),
+            "generator_cpu_us_per_delivery": per(cpu["loadgen"].as_f64().unwrap_or(0.0)),
+            "server_rss_bytes": b.get("server").map(|s| s.rss_bytes),
+            "latency": lat,
+            "relay_delivery_latency": relay,
+            "lost_connections": lost,
+            "errors": errors_after - errors_before,
+            "verdict": verdict,
+            "reason": reason,
+        });
+        eprintln!(
+            "  {kind:?} {rate:>8}: {delivered}/{expected:.0} p50 {:.2} ms p99 {:.2} ms, server {:.2}s nats {:.2}s gen {:.0}% -> {verdict} {reason}",
+            lat.p50_ms,
+            lat.p99_ms,
+            server_cpu,
+            cpu["nats"].as_f64().unwrap_or(0.0),
+            generator * 100.0
+        );
+        Ok(step)
+    }
+
+    /// Warm-up, the ladder until a step fails, then bisection between the last sustained and
+    /// the first failed rate.
+    async fn ladder(&mut self) -> Result<Value> {
+        let args = self.args.clone();
+        let mut steps = Vec::new();
+        if args.warmup_seconds > 0.0 {
+            steps.push(self.step(args.rates[0], Kind::Warmup).await?);
+        }
+        let mut pass: Option<f64> = None;
+        let mut fail: Option<(f64, String)> = None;
+        let mut stop = "sustained every rate of the ladder".to_string();
+        for &rate in &args.rates {
+            let s = self.step(rate, Kind::Ladder).await?;
+            let verdict = s["verdict"].as_str().unwrap_or("").to_string();
+            let reason = s["reason"].as_str().unwrap_or("").to_string();
+            steps.push(s);
+            match verdict.as_str() {
+                "sustained" => pass = Some(rate),
+                "discarded" => {
+                    stop = reason;
+                    break;
+                }
+                _ => {
+                    fail = Some((rate, reason.clone()));
+                    stop = reason;
+                    break;
+                }
+            }
+        }
+        if let (Some(mut p), Some((mut f, _))) = (pass, fail.clone()) {
+            for _ in 0..args.refine {
+                let m = ((p * f).sqrt()).round();
+                if m <= p || m >= f {
+                    break;
+                }
+                let s = self.step(m, Kind::Refine).await?;
+                let verdict = s["verdict"].as_str().unwrap_or("").to_string();
+                let reason = s["reason"].as_str().unwrap_or("").to_string();
+                steps.push(s);
+                match verdict.as_str() {
+                    "sustained" => p = m,
+                    "discarded" => break,
+                    _ => {
+                        f = m;
+                        stop = reason;
+                    }
+                }
+            }
+            pass = Some(p);
+        }
+        Ok(json!({
+            "steps": steps,
+            "max_sustained_rate": pass,
+            "stop_reason": stop,
+        }))
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
     for addr in [args.server.ip(), args.nats.ip()] {
         if !addr.is_loopback() {
             bail!("{addr} is not a loopback address: this tool only runs on loopback");
         }
     }
+    if let Some(m) = args.metrics
+        && !m.ip().is_loopback()
+    {
+        bail!("{m} is not a loopback address");
+    }
     let max_seconds = args.max_seconds;
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(max_seconds)).await;
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(max_seconds));
         eprintln!("wsrelay-load: --max-seconds {max_seconds} reached, exiting");
         std::process::exit(3);
     });
+    // One thread: the generator has one core of its own.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(Arc::new(args)))
+}
+
+async fn run(args: Arc<Args>) -> Result<()> {
+    now_ns();
     let key = match &args.jwt_secret_file {
         Some(p) => std::fs::read(p).with_context(|| format!("read {}", p.display()))?,
         None => Vec::new(),
     };
-    let tokens: Vec<String> = (0..args.connections)
+    let n = args.connections;
+    let tokens: Vec<String> = (0..n)
         .map(|i| {
             if key.is_empty() {
                 Ok(String::new())
@@ -511,7 +1216,7 @@ async fn main() -> Result<()> {
             }
         })
         .collect::<Result<_>>()?;
-
+    let subjects = args.subjects();
     let shared = Arc::new(Shared {
         shards: (0..SHARDS)
             .map(|_| {
@@ -528,14 +1233,29 @@ async fn main() -> Result<()> {
         errors: Mutex::new(BTreeMap::new()),
         last_ready_ns: AtomicU64::new(0),
         stop: CancellationToken::new(),
+        subscribers: subjects.iter().map(|_| AtomicU32::new(0)).collect(),
+        first_drop_ns: AtomicU64::new(u64::MAX),
+        recovered: AtomicUsize::new(0),
+        recovery: Mutex::new(new_histogram()),
+        reconnect_attempts: AtomicU64::new(0),
+        reconnect_failures: AtomicU64::new(0),
     });
     let before_connect = samples(&args);
+    let net_before = net_counters();
 
     // Connect phase.
     let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, token) in tokens.into_iter().enumerate() {
+    let mut ticket_txs = Vec::new();
+    for (i, token) in tokens.iter().cloned().enumerate() {
+        let rx = if args.ticketed() {
+            let (tx, rx) = mpsc::channel(1024);
+            ticket_txs.push(tx);
+            Some(rx)
+        } else {
+            None
+        };
         tasks.spawn(client(
             i,
             args.clone(),
@@ -543,9 +1263,9 @@ async fn main() -> Result<()> {
             token,
             gate.clone(),
             started,
+            rx,
         ));
     }
-    let n = args.connections;
     while shared.ready.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -553,142 +1273,154 @@ async fn main() -> Result<()> {
     let ready = shared.ready.load(Ordering::Relaxed);
     let failed = shared.failed.load(Ordering::Relaxed);
     let after_connect = samples(&args);
-    let handshake = shared.handshake.lock().map(|h| summarize(&h)).ok();
+    let net_after = net_counters();
+    let handshake = summarize(&lock(&shared.handshake));
     eprintln!(
-        "wsrelay-load {:?}/{:?}: {ready} connected, {failed} failed in {connect_seconds:.2}s",
-        args.target, args.workload
+        "wsrelay-load {:?}/{:?}: {ready} connected, {failed} failed in {connect_seconds:.2}s (handshake p99 {:.1} ms)",
+        args.target, args.workload, handshake.p99_ms
     );
 
     let mut report = json!({
-        "target": format!("{:?}", args.target).to_lowercase(),
+        "target": format!("{:?}", args.target).to_lowercase().replace("natsws", "nats-ws"),
         "workload": format!("{:?}", args.workload).to_lowercase(),
         "connections_requested": n,
         "connections_ready": ready,
         "connect_failed": failed,
+        "slow_connections": args.slow.min(n),
+        "channels": subjects.len(),
         "handshake": {
             "seconds": connect_seconds,
             "per_second": ready as f64 / connect_seconds,
             "concurrency": args.connect_concurrency,
             "latency": handshake,
             "cpu_seconds": cpu_delta(&before_connect, &after_connect),
+            "tcp_counters": net_delta(&net_before, &net_after),
         },
         "procs_before_connect": before_connect,
         "procs_after_connect": after_connect,
-        "payload_bytes": wsrelay_e2e::load::PAYLOAD_BYTES,
+        "payload_bytes": args.payload_bytes,
+        "p99_limit_ms": args.p99_limit_ms,
+        "step_seconds": args.step_seconds,
+        "generator_saturation": args.generator_saturation,
         "sources": args.sources,
     });
 
-    if args.workload == Workload::Idle {
-        tokio::time::sleep(Duration::from_secs_f64(args.hold_seconds)).await;
-        let held = samples(&args);
-        let mut per_conn = serde_json::Map::new();
-        for (name, s) in &held {
-            if let Some(b) = before_connect.get(name) {
-                let alive = ready
-                    .saturating_sub(shared.lost.load(Ordering::Relaxed))
-                    .max(1);
-                per_conn.insert(
-                    name.clone(),
-                    json!((s.rss_bytes as f64 - b.rss_bytes as f64) / alive as f64),
-                );
-            }
-        }
-        report["idle"] = json!({
-            "hold_seconds": args.hold_seconds,
-            "procs_held": held,
-            "rss_bytes_per_connection": per_conn,
-            "lost_while_held": shared.lost.load(Ordering::Relaxed),
-        });
-    } else if ready > 0 {
+    let sink = if args.ticketed() {
+        Sink::Tickets(ticket_txs)
+    } else if args.target == Target::Baseline {
+        let url = format!("ws://{}/pub", args.server);
+        let stream = TcpStream::connect(args.server).await?;
+        stream.set_nodelay(true)?;
+        let (ws, _) =
+            tokio_tungstenite::client_async(url.into_client_request()?, BoxIo(Box::new(stream)))
+                .await
+                .context("baseline publish socket")?;
+        Sink::Baseline(Box::new(ws), subjects.clone())
+    } else {
         let nc = async_nats::ConnectOptions::new()
             .token(args.nats_token.clone())
             .name("wsrelay-load publisher")
             .connect(args.nats.to_string())
             .await
             .context("publisher: connect to NATS")?;
-        let subjects: Vec<String> = match args.workload {
-            Workload::Personal => (0..n).map(|i| subject_for(Workload::Personal, i)).collect(),
-            _ => vec![subject_for(Workload::Broadcast, 0)],
-        };
-        let fanout = if args.workload == Workload::Broadcast {
-            ready as f64
-        } else {
-            1.0
-        };
-        let mut steps = Vec::new();
-        let mut best: Option<Value> = None;
-        let mut limit_ms = args.p99_limit_ms;
-        for rate in rates(&args) {
-            let lost_before = shared.lost.load(Ordering::Relaxed);
-            shared.take();
-            let a = samples(&args);
-            let t0 = Instant::now();
-            let published = publish(&nc, &subjects, rate, args.step_seconds).await?;
-            // Let what is in flight arrive (bounded).
-            let expected = published as f64 * fanout;
-            let grace = Instant::now();
-            loop {
-                let got: u64 = shared
-                    .shards
-                    .iter()
-                    .map(|s| s.lock().map(|s| s.delivered).unwrap_or(0))
-                    .sum();
-                if got as f64 >= expected || grace.elapsed() > Duration::from_secs(3) {
-                    break;
+        Sink::Nats(nc, subjects.clone())
+    };
+    // Upstream: the generator is the backend that receives what clients publish.
+    if args.workload == Workload::Upstream {
+        let nc = async_nats::ConnectOptions::new()
+            .token(args.nats_token.clone())
+            .name("wsrelay-load upstream receiver")
+            .connect(args.nats.to_string())
+            .await
+            .context("upstream receiver: connect to NATS")?;
+        let mut sub = nc.subscribe(UPSTREAM_SUBJECT).await?;
+        nc.flush().await?;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _keep = nc;
+            while let Some(m) = sub.next().await {
+                shared.record(0, &m.payload);
+            }
+        });
+    }
+    let mut runner = Runner {
+        args: args.clone(),
+        shared: shared.clone(),
+        sink,
+    };
+
+    match args.workload {
+        Workload::Idle => {
+            tokio::time::sleep(Duration::from_secs_f64(args.hold_seconds)).await;
+            let held = samples(&args);
+            let mut per_conn = serde_json::Map::new();
+            for (name, s) in &held {
+                if let Some(b) = before_connect.get(name) {
+                    let alive = ready
+                        .saturating_sub(shared.lost.load(Ordering::Relaxed))
+                        .max(1);
+                    per_conn.insert(
+                        name.clone(),
+                        json!((s.rss_bytes as f64 - b.rss_bytes as f64) / alive as f64),
+                    );
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let elapsed = t0.elapsed().as_secs_f64();
-            let b = samples(&args);
-            let (hist, delivered) = shared.take();
-            let lat = summarize(&hist);
-            let cpu = cpu_delta(&a, &b);
-            let server_cpu = cpu["server"].as_f64().unwrap_or(0.0);
-            let lost = shared.lost.load(Ordering::Relaxed) - lost_before;
-            let ratio = if expected > 0.0 {
-                delivered as f64 / expected
-            } else {
-                0.0
-            };
-            let step = json!({
-                "rate": rate,
-                "published": published,
-                "expected_deliveries": expected,
-                "delivered": delivered,
-                "delivery_ratio": ratio,
-                "seconds": elapsed,
-                "deliveries_per_second": delivered as f64 / args.step_seconds,
-                "cpu_seconds": cpu,
-                "deliveries_per_server_cpu_second": if server_cpu > 0.0 { delivered as f64 / server_cpu } else { 0.0 },
-                "latency": lat,
-                "lost_connections": lost,
+            report["idle"] = json!({
+                "hold_seconds": args.hold_seconds,
+                "procs_held": held,
+                "rss_bytes_per_connection": per_conn,
+                "lost_while_held": shared.lost.load(Ordering::Relaxed),
             });
-            eprintln!(
-                "  rate {rate:>8}: delivered {delivered}/{expected:.0} p50 {:.2} ms p99 {:.2} ms, server cpu {server_cpu:.2}s",
-                lat.p50_ms, lat.p99_ms
-            );
-            if steps.is_empty() {
-                limit_ms = limit_ms.max(args.knee_factor * lat.p99_ms);
-            }
-            let sustained = lat.p99_ms <= limit_ms && ratio >= 0.99 && lost == 0;
-            let mut step = step;
-            step["p99_limit_ms"] = json!(limit_ms);
-            step["sustained"] = json!(sustained);
-            steps.push(step.clone());
-            if !sustained {
-                break;
-            }
-            best = Some(step);
         }
-        report["steps"] = json!(steps);
-        report["max_sustained"] = best.unwrap_or(Value::Null);
-        report["p99_limit_ms"] = json!(limit_ms);
-        report["p99_limit_floor_ms"] = json!(args.p99_limit_ms);
-        report["knee_factor"] = json!(args.knee_factor);
-        report["step_seconds"] = json!(args.step_seconds);
+        Workload::Storm => {
+            if let Some(f) = &args.ready_file {
+                std::fs::write(f, "ready\n")?;
+            }
+            let wait = Instant::now();
+            while shared.first_drop_ns.load(Ordering::Relaxed) == u64::MAX
+                && wait.elapsed() < Duration::from_secs(30)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let t = Instant::now();
+            while shared.recovered.load(Ordering::Relaxed) < ready
+                && t.elapsed().as_secs_f64() < args.storm_seconds
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let recovered = shared.recovered.load(Ordering::Relaxed);
+            report["storm"] = json!({
+                "clients": ready,
+                "recovered": recovered,
+                "not_recovered": ready - recovered.min(ready),
+                "reconnect_attempts": shared.reconnect_attempts.load(Ordering::Relaxed),
+                "reconnect_failures": shared.reconnect_failures.load(Ordering::Relaxed),
+                "reconnect_jitter_ms": args.reconnect_jitter_ms,
+                "recovered_after": summarize(&lock(&shared.recovery)),
+                "procs_after": samples(&args),
+            });
+            eprintln!("  storm: {recovered}/{ready} back");
+            // The server's pid changed: CPU figures of the check step are not read.
+            let mut check_args = args.as_ref().clone();
+            check_args.pids.clear();
+            check_args.metrics = None;
+            runner.args = Arc::new(check_args);
+            report["storm"]["delivery_after"] = match runner.step(args.rates[0], Kind::Check).await
+            {
+                Ok(v) => v,
+                Err(e) => json!({"error": format!("{e:#}")}),
+            };
+        }
+        _ if ready > 0 => {
+            let l = runner.ladder().await?;
+            report["steps"] = l["steps"].clone();
+            report["max_sustained_rate"] = l["max_sustained_rate"].clone();
+            report["stop_reason"] = l["stop_reason"].clone();
+        }
+        _ => {}
     }
     report["lost_connections"] = json!(shared.lost.load(Ordering::Relaxed));
-    report["errors"] = json!(shared.errors.lock().map(|m| m.clone()).unwrap_or_default());
+    report["errors"] = json!(lock(&shared.errors).clone());
     report["procs_end"] = json!(samples(&args));
 
     shared.stop.cancel();

@@ -1,43 +1,47 @@
 //! Pure parts of the `wsrelay-load` benchmark client: the timestamped payload, the latency
-//! histogram summary, the NATS text-protocol reader for the nats-server WebSocket peer and the
-//! `/proc` readers. The network side lives in `src/bin/wsrelay-load.rs`.
+//! histogram summary, the NATS text-protocol reader for the nats-server WebSocket peer, the
+//! `/proc` readers (process CPU and memory, per-core busy time, the kernel's TCP counters) and
+//! the reader of a Prometheus histogram (the relay's own delivery latency). The network side
+//! lives in `src/bin/wsrelay-load.rs`.
 
 pub mod natsproto;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// Size of every published payload, in bytes.
+/// Default size of a published payload, in bytes.
 pub const PAYLOAD_BYTES: usize = 128;
 
 /// The key that carries the send time; no frame of any of the three protocols contains it
 /// except inside a benchmark payload.
 const TS_KEY: &[u8] = b"\"t\":";
 
-/// Nanoseconds since the Unix epoch (all processes of a run share the machine's clock).
+/// Nanoseconds on the monotonic clock since this process first asked (the sender and the
+/// receivers of a timestamp are the same process, so no wall clock is involved).
 pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
-/// A JSON object of exactly [`PAYLOAD_BYTES`] bytes carrying the send time `t` (nanoseconds
-/// since the epoch), padded with a string: `{"t":1700000000000000000,"p":"xxx…"}`. Valid
-/// JSON, so every server forwards it as JSON (wsrelay as `payload`, centrifuge as `data`).
-pub fn encode_payload(t_ns: u64) -> Vec<u8> {
+/// A JSON object of `size` bytes (at least the header's) carrying the time `t` (nanoseconds
+/// on [`now_ns`]'s clock: the time the schedule says it is due, not when it left), padded
+/// with a string: `{"t":123456789,"p":"xxx…"}`. Valid JSON, so every server forwards it as
+/// JSON (wsrelay as `payload`, Centrifugo as `data`).
+pub fn encode_payload(t_ns: u64, size: usize) -> Vec<u8> {
     let head = format!("{{\"t\":{t_ns},\"p\":\"");
-    let mut out = Vec::with_capacity(PAYLOAD_BYTES);
+    let mut out = Vec::with_capacity(size);
     out.extend_from_slice(head.as_bytes());
-    let pad = PAYLOAD_BYTES.saturating_sub(head.len() + 2);
+    let pad = size.saturating_sub(head.len() + 2);
     out.resize(out.len() + pad, b'x');
     out.extend_from_slice(b"\"}");
     out
 }
 
-/// Every send time found in `frame` (one per benchmark payload it holds; a centrifuge frame
+/// Every send time found in `frame` (one per benchmark payload it holds; a Centrifugo frame
 /// may batch several).
 pub fn timestamps(frame: &[u8]) -> impl Iterator<Item = u64> + '_ {
     let mut rest = frame;
@@ -147,6 +151,97 @@ pub fn sample_proc(pid: u32, clk_tck: u64) -> Option<ProcSample> {
     })
 }
 
+/// Busy and total clock ticks of each CPU (`cpu0`, `cpu1`, ...) from `/proc/stat` text; busy is
+/// everything but idle and iowait.
+pub fn parse_cpu_ticks(stat: &str) -> BTreeMap<String, (u64, u64)> {
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let name = f.next()?.to_string();
+            let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
+            let total: u64 = v.iter().take(8).sum();
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            Some((name, (total - idle.min(total), total)))
+        })
+        .collect()
+}
+
+/// The kernel's TCP counters (`/proc/net/netstat` and `/proc/net/snmp` text: header line,
+/// value line, per group), keyed `Group.Name` (`TcpExt.ListenOverflows`, `Tcp.RetransSegs`).
+pub fn parse_netstat(text: &str) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [head, values] = pair else { continue };
+        let (Some((g1, names)), Some((g2, vals))) = (head.split_once(':'), values.split_once(':'))
+        else {
+            continue;
+        };
+        if g1 != g2 {
+            continue;
+        }
+        for (n, v) in names.split_whitespace().zip(vals.split_whitespace()) {
+            if let Ok(v) = v.parse() {
+                out.insert(format!("{g1}.{n}"), v);
+            }
+        }
+    }
+    out
+}
+
+/// The buckets (`le` upper bound in seconds, cumulative count) of the Prometheus histogram
+/// `name` in a text exposition, in order; `+Inf` is `f64::INFINITY`.
+pub fn parse_prom_histogram(text: &str, name: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut out: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = l.rsplit(' ').next()?.parse::<f64>().ok()? as u64;
+            Some((le, count))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// Percentile `q` (0..1) of the difference of two readings of one cumulative histogram: the
+/// upper bound of the bucket it falls in, in milliseconds (`None` when nothing was counted;
+/// infinite when it is in the last, open bucket).
+pub fn histogram_delta_quantile(
+    before: &[(f64, u64)],
+    after: &[(f64, u64)],
+    q: f64,
+) -> Option<f64> {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(le, c)| {
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map(|x| x.1)
+                .unwrap_or(0);
+            (*le, c.saturating_sub(b))
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil() as u64;
+    delta
+        .iter()
+        .find(|(_, c)| *c >= want)
+        .map(|(le, _)| le * 1000.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,8 +249,13 @@ mod tests {
     #[test]
     fn payload_is_128_bytes_of_json_and_round_trips() {
         let t = 1_763_800_000_123_456_789;
-        let p = encode_payload(t);
+        let p = encode_payload(t, PAYLOAD_BYTES);
         assert_eq!(p.len(), PAYLOAD_BYTES);
+        assert_eq!(encode_payload(t, 65536).len(), 65536);
+        assert_eq!(
+            timestamps(&encode_payload(t, 64)).collect::<Vec<_>>(),
+            vec![t]
+        );
         let v: serde_json::Value = serde_json::from_slice(&p).expect("json");
         assert_eq!(v["t"], t);
         assert_eq!(timestamps(&p).collect::<Vec<_>>(), vec![t]);
@@ -163,15 +263,15 @@ mod tests {
 
     #[test]
     fn timestamps_found_inside_each_protocol_frame() {
-        let p = String::from_utf8(encode_payload(42)).expect("utf8");
+        let p = String::from_utf8(encode_payload(42, PAYLOAD_BYTES)).expect("utf8");
         let wsrelay = format!(r#"{{"type":"message","channel":"bench.all","payload":{p}}}"#);
         assert_eq!(timestamps(wsrelay.as_bytes()).collect::<Vec<_>>(), vec![42]);
-        let q = String::from_utf8(encode_payload(43)).expect("utf8");
-        let centrifuge = format!(
+        let q = String::from_utf8(encode_payload(43, PAYLOAD_BYTES)).expect("utf8");
+        let centrifugo = format!(
             "{{\"push\":{{\"channel\":\"c\",\"pub\":{{\"data\":{p}}}}}}}\n{{\"push\":{{\"channel\":\"c\",\"pub\":{{\"data\":{q}}}}}}}"
         );
         assert_eq!(
-            timestamps(centrifuge.as_bytes()).collect::<Vec<_>>(),
+            timestamps(centrifugo.as_bytes()).collect::<Vec<_>>(),
             vec![42, 43]
         );
         assert_eq!(timestamps(br#"{"type":"ok","id":1}"#).count(), 0);
@@ -203,5 +303,36 @@ mod tests {
         assert_eq!(parse_status_kb(status, "VmRSS"), Some(10240 * 1024));
         assert_eq!(parse_status_kb(status, "VmHWM"), Some(20480 * 1024));
         assert_eq!(parse_status_kb(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn cpu_ticks_per_core() {
+        let stat = "cpu  10 0 10 100 5 0 0 0 0 0\ncpu0 4 0 6 50 2 0 0 0 0 0\ncpu1 6 0 4 50 3 1 0 0 0 0\nintr 1\n";
+        let t = parse_cpu_ticks(stat);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t["cpu0"], (10, 62));
+        assert_eq!(t["cpu1"], (11, 64));
+    }
+
+    #[test]
+    fn netstat_counters() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 7 9\nIpExt: InNoRoutes\nIpExt: 3\n";
+        let n = parse_netstat(text);
+        assert_eq!(n["TcpExt.ListenOverflows"], 7);
+        assert_eq!(n["TcpExt.ListenDrops"], 9);
+        assert_eq!(n["IpExt.InNoRoutes"], 3);
+    }
+
+    #[test]
+    fn prometheus_histogram_delta() {
+        let a = "x_bucket{le=\"0.001\"} 10\nx_bucket{le=\"0.002\"} 20\nx_bucket{le=\"+Inf\"} 20\nx_count 20\n";
+        let b =
+            "x_bucket{le=\"0.001\"} 110\nx_bucket{le=\"0.002\"} 219\nx_bucket{le=\"+Inf\"} 220\n";
+        let (a, b) = (parse_prom_histogram(a, "x"), parse_prom_histogram(b, "x"));
+        assert_eq!(b.len(), 3);
+        assert_eq!(histogram_delta_quantile(&a, &b, 0.5), Some(1.0));
+        assert_eq!(histogram_delta_quantile(&a, &b, 0.99), Some(2.0));
+        assert_eq!(histogram_delta_quantile(&a, &b, 1.0), Some(f64::INFINITY));
+        assert_eq!(histogram_delta_quantile(&b, &b, 0.5), None);
     }
 }
