@@ -20,6 +20,9 @@ cache=${WSRELAY_CACHE:-$HOME/.cache/wsrelay}
 # cert-manager's CRDs, to check the Issuer and Certificate the chart renders with
 # metricsApi.certManager.enabled. A Go module, so the module proxy has it.
 cert_manager=v1.21.2
+# The Prometheus Operator's CRDs, to check the PodMonitors and PrometheusRule the chart renders
+# with monitoring.* (also a Go module).
+prometheus_operator=v0.85.0
 release=wsrelay-operator
 namespace=wsrelay-system
 
@@ -55,12 +58,15 @@ for k in $(awk -F: '/^[a-zA-Z]/ { print $1 }' "$chart/values.yaml"); do
 	grep -q "^| \`$k[.\`]" "$chart/README.md" || fail "value $k is not in the values table of charts/wsrelay-operator/README.md"
 done
 log "drift: chart $version, CRD, image repository $repository and the README's values table agree"
+# The dashboard JSON is generated from e2e/prometheus/dashboard.py.
+python3 "$root/e2e/prometheus/dashboard.py" --check || fail "dashboard drift"
+log "drift: dashboards/wsrelay.json is what e2e/prometheus/dashboard.py writes"
 
 # --- schemas -----------------------------------------------------------------------------
 kube=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" { print $3 } $1 == "k8s.io/kubernetes" && NF == 2 { print $2 }' \
 	"$root/e2e/cluster/go/kubernetes/go.mod" | head -n1)
 gen=$root/e2e/cluster/go/kubeconform
-key=$( (echo "$kube $cert_manager" && cat "$gen/schemas/main.go" "$gen/go.mod" "$gen/go.sum" "$root/crds/websocketgateways.wsrelay.dev.yaml") |
+key=$( (echo "$kube $cert_manager $prometheus_operator" && cat "$gen/schemas/main.go" "$gen/go.mod" "$gen/go.sum" "$root/crds/websocketgateways.wsrelay.dev.yaml") |
 	sha256sum | cut -c1-12)
 schemas=$cache/schemas/$key
 if [ ! -f "$schemas/.done" ]; then
@@ -68,13 +74,16 @@ if [ ! -f "$schemas/.done" ]; then
 	dir() { go mod download -json "$1" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p'; }
 	kdir=$(cd "$root/e2e/cluster/go/kubernetes" && dir "k8s.io/kubernetes@$kube")
 	cdir=$(cd "$tmp" && GOFLAGS=-mod=mod dir "github.com/cert-manager/cert-manager@$cert_manager")
-	[ -n "$kdir" ] && [ -n "$cdir" ] || fail "go mod download found no module directory"
+	pdir=$(cd "$tmp" && GOFLAGS=-mod=mod dir "github.com/prometheus-operator/prometheus-operator@$prometheus_operator")
+	[ -n "$kdir" ] && [ -n "$cdir" ] && [ -n "$pdir" ] || fail "go mod download found no module directory"
 	(cd "$gen" && go build -o "$tmp/schemas" ./schemas)
 	rm -rf "$schemas.tmp"
 	"$tmp/schemas" -out "$schemas.tmp" -swagger "$kdir/api/openapi-spec/swagger.json" \
 		-crd "$root/crds/websocketgateways.wsrelay.dev.yaml" \
 		-crd "$cdir/deploy/crds/cert-manager.io_issuers.yaml" \
-		-crd "$cdir/deploy/crds/cert-manager.io_certificates.yaml"
+		-crd "$cdir/deploy/crds/cert-manager.io_certificates.yaml" \
+		-crd "$pdir/example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml" \
+		-crd "$pdir/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml"
 	rm -rf "$schemas" && mv "$schemas.tmp" "$schemas" && touch "$schemas/.done"
 	# Schemas of older pins and generators go.
 	find "$cache/schemas" -mindepth 1 -maxdepth 1 ! -name "$key" -exec rm -rf {} +
@@ -119,6 +128,25 @@ openssl verify -CAfile "$tmp/ca.crt" -purpose sslserver \
 	fail "the generated certificate does not verify for $release-metrics-api.$namespace.svc"
 log "generated certificate verifies for $release-metrics-api.$namespace.svc with the caBundle"
 
+# The PrometheusRule carries monitoring/alerts.yaml's groups unchanged (ruleLabels added to
+# every rule when set), and the dashboard ConfigMap the JSON.
+helm template "$release" "$chart" -n "$namespace" --show-only templates/monitoring.yaml \
+	-f "$chart/ci/monitoring-values.yaml" >"$tmp/monitoring.yaml"
+python3 - "$tmp/monitoring.yaml" "$chart/monitoring/alerts.yaml" "$chart/dashboards/wsrelay.json" <<'PY' ||
+import json, sys, yaml
+docs = {d["kind"]: d for d in yaml.safe_load_all(open(sys.argv[1])) if d}
+want = yaml.safe_load(open(sys.argv[2]))["groups"]
+extra = {"team": "platform"}  # ci/monitoring-values.yaml's ruleLabels
+for g in want:
+    for r in g["rules"]:
+        r["labels"] = {**r.get("labels", {}), **extra}
+assert docs["PrometheusRule"]["spec"]["groups"] == want, "PrometheusRule groups differ from monitoring/alerts.yaml"
+assert json.loads(docs["ConfigMap"]["data"]["wsrelay.json"]) == json.load(open(sys.argv[3])), "dashboard ConfigMap differs"
+assert docs["ConfigMap"]["metadata"]["labels"]["grafana_dashboard"] == "1"
+PY
+	fail "the rendered monitoring objects do not carry monitoring/alerts.yaml and dashboards/wsrelay.json"
+log "PrometheusRule = monitoring/alerts.yaml (+ ruleLabels), dashboard ConfigMap = dashboards/wsrelay.json"
+
 # --- values the schema must refuse -------------------------------------------------------
 refuse() {
 	local name=$1 want=$2
@@ -136,6 +164,8 @@ refuse 'an unknown pull policy' 'pullPolicy' <<<'image: {pullPolicy: Sometimes}'
 refuse 'existingSecret without caBundle' "at '/metricsApi/existingSecret/caBundle'" <<<'metricsApi: {existingSecret: {name: mine}}'
 refuse 'both cert-manager and an own Secret' 'exclude each other' <<<'metricsApi: {certManager: {enabled: true}, existingSecret: {name: mine, caBundle: QQ==}}'
 refuse 'two replicas without leader election' 'leaderElection' <<<'leaderElection: {enabled: false}'
+refuse 'a misspelt monitoring key' "additional properties 'enable' not allowed" <<<'monitoring: {podMonitor: {enable: true}}'
+refuse 'a scrape interval without unit' "at '/monitoring/podMonitor/interval'" <<<'monitoring: {podMonitor: {interval: "30"}}'
 refuse 'a misspelt relay admin peer' "additional properties 'podSelecter' not allowed" <<<'relayAdminAccess: {from: [{podSelecter: {}}]}'
 # The relays' admin port: the operator's own pods first, then relayAdminAccess.from.
 helm template "$release" "$chart" -n "$namespace" --show-only templates/deployment.yaml \
