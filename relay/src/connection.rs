@@ -172,8 +172,8 @@ where
             received.extend(frames.iter().filter_map(|f| f.received));
             let write = async {
                 let mut wrote = false;
-                if dropped > 0 {
-                    let notice = Message::text(protocol::encode_dropped(dropped));
+                for (channel, count) in &dropped {
+                    let notice = Message::text(protocol::encode_dropped(channel, *count));
                     bounded(write_timeout, sink.feed(notice)).await?;
                     wrote = true;
                 }

@@ -335,15 +335,17 @@ impl Hub {
             )));
             let mut prev = pos;
             let received = Instant::now();
+            let name: Arc<str> = Arc::from(channel);
             for s in &replay {
                 let frame = encode_message_at(channel, &s.payload, Some((s.seq, prev)));
                 prev = s.seq;
                 conn.outbox.push_message(Frame {
                     msg: Message::text(frame),
                     received: Some(received),
+                    channel: Some(name.clone()),
                 });
             }
-            if let Some(sub) = subs.get(&(conn.id, Arc::from(channel))) {
+            if let Some(sub) = subs.get(&(conn.id, name)) {
                 sub.live.store(true, Ordering::Release);
             }
             Ok(())
@@ -698,6 +700,7 @@ fn fan_out_encoded(
         match sub.conn.outbox.push_message(Frame {
             msg: Message::Text(bytes),
             received: Some(received),
+            channel: Some(sub.channel.clone()),
         }) {
             Push::Queued | Push::Closed => {}
             Push::DroppedOldest => dropped += 1,

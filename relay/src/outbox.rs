@@ -42,6 +42,9 @@ pub struct Frame {
     pub msg: Message,
     /// When the NATS message arrived (for the latency histogram); `None` for replies.
     pub received: Option<Instant>,
+    /// The channel a message was delivered on (named in a `dropped` notice); `None` for
+    /// replies.
+    pub channel: Option<Arc<str>>,
 }
 
 /// What happened to a pushed message.
@@ -252,7 +255,9 @@ struct Inner {
     messages: usize,
     /// Bytes of every frame in `queue` (messages and replies).
     bytes: usize,
-    dropped_unreported: u64,
+    /// Messages dropped (drop-oldest) since the last batch, per channel, in the order the
+    /// channels first lost one.
+    dropped_unreported: Vec<(Arc<str>, u64)>,
     close: Option<CloseRequest>,
 }
 
@@ -279,10 +284,19 @@ pub struct Outbox {
 pub struct Batch {
     /// Frames to write, in order.
     pub frames: Vec<Frame>,
-    /// Messages dropped (drop-oldest) since the last batch: tell the client.
-    pub dropped: u64,
+    /// Messages dropped (drop-oldest) since the last batch, per channel: tell the client.
+    pub dropped: Vec<(Arc<str>, u64)>,
     /// Close after writing (or instead of writing, when `flush_first` is false).
     pub close: Option<CloseRequest>,
+}
+
+/// Counts one message dropped on `channel` (messages always carry theirs).
+fn count_drop(counts: &mut Vec<(Arc<str>, u64)>, channel: Option<Arc<str>>) {
+    let channel = channel.unwrap_or_else(|| Arc::from(""));
+    match counts.iter_mut().find(|(c, _)| *c == channel) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((channel, 1)),
+    }
 }
 
 fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
@@ -375,9 +389,9 @@ impl Outbox {
                             let n = old.msg.len();
                             g.bytes -= n;
                             self.budget.sub(n);
+                            count_drop(&mut g.dropped_unreported, old.channel);
                         }
                         g.messages -= 1;
-                        g.dropped_unreported += 1;
                         dropped += 1;
                     }
                     if dropped > 0 {
@@ -416,6 +430,7 @@ impl Outbox {
         g.queue.push_back(Frame {
             msg,
             received: None,
+            channel: None,
         });
         g.bytes += len;
         self.budget.add(len);
@@ -513,9 +528,14 @@ mod tests {
     use super::*;
 
     fn msg(i: usize) -> Frame {
+        on("c", i)
+    }
+
+    fn on(channel: &str, i: usize) -> Frame {
         Frame {
             msg: Message::Text(i.to_string().into()),
             received: Some(Instant::now()),
+            channel: Some(Arc::from(channel)),
         }
     }
 
@@ -539,9 +559,22 @@ mod tests {
         assert_eq!(o.push_message(msg(4)), Push::DroppedOldest);
         let b = o.take(100);
         assert_eq!(texts(&b), ["r", "3", "4"]);
-        assert_eq!(b.dropped, 2);
+        assert_eq!(b.dropped, [(Arc::from("c"), 2)]);
         assert!(b.close.is_none());
-        assert_eq!(o.take(100).dropped, 0);
+        assert!(o.take(100).dropped.is_empty());
+    }
+
+    #[test]
+    fn drops_are_counted_per_channel() {
+        let o = Outbox::new(2, SlowConsumerPolicy::DropOldest);
+        o.push_message(on("a", 1));
+        o.push_message(on("b", 2));
+        o.push_message(on("b", 3)); // drops a:1
+        o.push_message(on("a", 4)); // drops b:2
+        o.push_message(on("a", 5)); // drops b:3
+        let b = o.take(100);
+        assert_eq!(texts(&b), ["4", "5"]);
+        assert_eq!(b.dropped, [(Arc::from("a"), 1), (Arc::from("b"), 2)]);
     }
 
     #[test]
@@ -569,6 +602,7 @@ mod tests {
         Frame {
             msg: Message::Text("x".repeat(n).into()),
             received: Some(Instant::now()),
+            channel: Some(Arc::from("c")),
         }
     }
 
@@ -595,7 +629,7 @@ mod tests {
         assert_eq!(o.push_message(sized(200)), Push::DroppedOldest);
         assert_eq!(o.queued_bytes(), 200);
         let batch = o.take(10);
-        assert_eq!(batch.dropped, 2);
+        assert_eq!(batch.dropped, [(Arc::from("c"), 2)]);
         assert_eq!(b.used(), 0);
         assert_eq!(b.dropped_extra.get(), 1);
         assert_eq!(b.hits.get_or_create(&LimitHit { limit: "bytes" }).get(), 2);

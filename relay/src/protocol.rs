@@ -419,10 +419,13 @@ pub fn encode_welcome(max_message_bytes: u32, anonymous: bool) -> String {
     )
 }
 
-/// `{"type":"dropped","count":..}`: messages were dropped for this connection since the
-/// last notice (slow-consumer policy `dropOldest`).
-pub fn encode_dropped(count: u64) -> String {
-    format!("{{\"type\":\"dropped\",\"count\":{count}}}")
+/// `{"type":"dropped","channel":..,"count":..}`: this many messages of `channel` were
+/// dropped for this connection since the last notice (slow-consumer policy `dropOldest`).
+pub fn encode_dropped(channel: &str, count: u64) -> String {
+    let mut out = String::from("{\"type\":\"dropped\",\"channel\":");
+    push_json_str(&mut out, channel);
+    let _ = write!(out, ",\"count\":{count}}}");
+    out
 }
 
 /// `{"type":"unsubscribed","channel":..,"reason":..}`: the relay ended a subscription by
@@ -676,7 +679,10 @@ mod tests {
             v(&encode_drain(1500)),
             json!({"type":"drain","reconnectAfterMs":1500})
         );
-        assert_eq!(v(&encode_dropped(3)), json!({"type":"dropped","count":3}));
+        assert_eq!(
+            v(&encode_dropped("a\"b", 3)),
+            json!({"type":"dropped","channel":"a\"b","count":3})
+        );
         assert_eq!(
             v(&encode_unsubscribed("a.b", "binding removed")),
             json!({"type":"unsubscribed","channel":"a.b","reason":"binding removed"})

@@ -573,6 +573,8 @@ async fn slow_reader_case(policy: SlowConsumerPolicy) {
             loop {
                 match next_event(&mut slow, Duration::from_secs(2)).await {
                     Got::Json(v) if v["type"] == "dropped" => {
+                        // The notice names the channel that lost the messages.
+                        assert_eq!(v["channel"], "public.t", "{v}");
                         dropped += v["count"].as_u64().unwrap()
                     }
                     Got::Json(v) if v["type"] == "message" => seen += 1,

@@ -487,3 +487,140 @@ async fn a_cluster_server_killed_mid_stream_loses_nothing() {
     );
     relay.drain().await;
 }
+
+/// A WebSocket client with a 4 KiB receive buffer: a client that stops reading fills the
+/// relay's send queue after a few hundred KiB instead of the megabytes loopback buffers hold.
+async fn connect_small_window(addr: std::net::SocketAddr) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{addr}/ws"),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await.unwrap()["type"], "welcome");
+    ws
+}
+
+/// Slow-consumer policy `dropOldest` on a resumable channel (protocol sections 5 and 8): the
+/// `dropped` notice names the channel, the next message's `prev` shows the hole, and a client
+/// that subscribes again from its last position is told `recovered: false` (the history holds
+/// at most `sendQueueLen` messages of the channel, all newer than what was dropped), then
+/// receives a gap-free chain again.
+#[tokio::test]
+async fn a_slow_client_on_a_resumable_channel_is_told_of_the_hole() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("dropped", free_port());
+    let mut c = resumable_config(&nats.url(), 16);
+    c.limits.send_queue_len = 16;
+    c.limits.slow_consumer_policy = wsrelay::config::SlowConsumerPolicy::DropOldest;
+    c.validate().unwrap();
+    let relay = start_relay(c).await;
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let nc = nats.client().await;
+
+    let mut ws = connect_small_window(addr).await;
+    let ok = subscribe(&mut ws, 1, "orders.7").await;
+    let epoch = ok["epoch"].as_str().unwrap().to_owned();
+    let mut last = ok["seq"].as_u64().unwrap();
+
+    // Publish 1 KiB messages, unread, until the relay drops some for this client, then a
+    // few more (bounded: at most 12,000 messages, 12 MiB: the relay's socket buffer can take 4 MiB).
+    let pad = "x".repeat(1024);
+    let dropped_metric = "wsrelay_messages_dropped_total{reason=\"slow_consumer_drop_oldest\"}";
+    let mut total = 0u64;
+    let mut extra = None;
+    while total < 12_000 && extra.is_none_or(|n| n > 0) {
+        for i in total..total + 100 {
+            nc.publish("orders.7", json!({"i": i, "pad": pad}).to_string().into())
+                .await
+                .unwrap();
+        }
+        nc.flush().await.unwrap();
+        total += 100;
+        extra = match extra {
+            None if metric(admin, dropped_metric).await.unwrap_or(0.0) > 0.0 => Some(2),
+            Some(n) => Some(n - 1),
+            e => e,
+        };
+    }
+    assert!(
+        extra.is_some(),
+        "{total} messages published, nothing dropped"
+    );
+    // Until the relay has taken in every message: each one now drops an older one.
+    let mut seen = -1.0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = metric(admin, dropped_metric).await.unwrap_or(0.0);
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+
+    // Read what comes; on the hole, subscribe again from the last position, as the SDK does.
+    let (mut notices, mut delivered) = (0u64, 0u64);
+    let mut resync = None;
+    let mut answer = None;
+    loop {
+        match next_event(&mut ws, Duration::from_secs(3)).await {
+            Got::Json(v) if v["type"] == "dropped" => {
+                assert_eq!(v["channel"], "orders.7", "{v}");
+                notices += v["count"].as_u64().unwrap();
+            }
+            Got::Json(v) if v["type"] == "message" => {
+                let (seq, prev) = (v["seq"].as_u64().unwrap(), v["prev"].as_u64().unwrap());
+                if resync.is_some() && answer.is_none() {
+                    continue; // the old subscription's tail, before the answer
+                }
+                // A hole: `prev` above the last position held (after an `ok`, the first
+                // `prev` may be below its position, section 8).
+                if prev > last {
+                    assert!(
+                        answer.is_none(),
+                        "a hole after the resubscribe: {v}, last {last}"
+                    );
+                    send(
+                        &mut ws,
+                        json!({"type":"unsubscribe","id":2,"channel":"orders.7"}),
+                    )
+                    .await;
+                    send(
+                        &mut ws,
+                        json!({"type":"subscribe","id":3,"channel":"orders.7",
+                               "since":{"epoch":epoch,"seq":last}}),
+                    )
+                    .await;
+                    resync = Some(last);
+                    continue;
+                }
+                assert!(seq > last);
+                last = seq;
+                delivered += 1;
+            }
+            Got::Json(v) if v["type"] == "ok" && v["id"] == 3 => {
+                // From here the chain starts at the answer's position.
+                last = v["seq"].as_u64().unwrap();
+                answer = Some(v);
+            }
+            Got::Json(v) if v["type"] == "ok" => {}
+            Got::Timeout => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(notices > 0, "no dropped notice");
+    assert!(resync.is_some(), "no hole seen");
+    let answer = answer.expect("no answer to the resubscribe");
+    assert_eq!(answer["recovered"], false, "{answer}");
+    // More messages: live delivery carries on, gap-free, from the answer's position.
+    publish_all(&nc, "orders.7", 0, 5).await;
+    let got = read_chain(&mut ws, &mut last, 5, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 5);
+    eprintln!(
+        "dropOldest on a resumable channel: {total} published, {delivered} delivered, {notices} \
+         named in dropped notices, resubscribed from {resync:?}: {answer}"
+    );
+}
