@@ -22,6 +22,11 @@ KIND_BRIDGE=${KIND_BRIDGE:-wsrelay-kind0}
 # A /24 nothing else on this machine uses (the local node has 10.202.0.0/16, the e2e test
 # hosts 10.201.0.0/16, Services 10.96.0.0/16).
 KIND_SUBNET=${KIND_SUBNET:-10.203.0}
+# The node has no default route, only this one (to the host's end of the bridge, which
+# forwards nothing): the Service range (cluster.yaml serviceSubnet). Processes on the node
+# (the API server reaching the metrics APIService, ...) dial ClusterIPs, and a connect() to
+# an address without a route fails before kube-proxy's DNAT can apply.
+KIND_SERVICE_SUBNET=10.96.0.0/16
 
 podman_setup() {
 	mkdir -p "$podman_dir/cni" "$podman_dir/storage"
@@ -60,7 +65,8 @@ CONF
       "hairpinMode": true,
       "ipam": {
         "type": "host-local",
-        "ranges": [[{ "subnet": "$KIND_SUBNET.0/24", "gateway": "$KIND_SUBNET.1" }]]
+        "ranges": [[{ "subnet": "$KIND_SUBNET.0/24", "gateway": "$KIND_SUBNET.1" }]],
+        "routes": [{ "dst": "$KIND_SERVICE_SUBNET" }]
       }
     }
   ]
