@@ -89,8 +89,16 @@ e2e: cluster-up ## end-to-end tests against the local cluster (with the node whe
 	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test chaos -- --nocapture
 
 .PHONY: kind-e2e
-kind-e2e: ## the same fleet suite on a kind cluster (needs Docker and kind; not run by this repo's CI)
+kind-e2e: ## the fleet and operator suites on a kind cluster: Docker if it answers, else podman (root) with a node image built here
 	e2e/kind/run.sh
+
+.PHONY: kind-node-image
+kind-node-image: ## build the kind node image for podman offline (cached under ~/.cache/wsrelay/kind; root)
+	e2e/kind/node-image.sh
+
+.PHONY: kind-delete
+kind-delete: ## delete the kind cluster a KIND_KEEP=1 run left
+	e2e/kind/run.sh delete
 
 .PHONY: test
 test: fmt-check lint unit chart-check client-js e2e ## everything CI runs
