@@ -557,6 +557,27 @@ where
 
 /// Runs the controller until `shutdown` resolves (in-flight reconciles finish first).
 /// `namespace` restricts every watch to one namespace.
+/// The controller's merged trigger stream gets no backoff of its own: each stream backs off
+/// on its own errors. A shared one (kube-runtime's default) stops polling *every* stream
+/// after *any* stream's error and grows with each: after an API server restart each of the
+/// eleven watches answers one 410 (its resource version is older than the new server's
+/// cache) and the shared pause grew to a minute and more, while the gateway watch, never
+/// polled, left the cache the reconcile reads stale; the operator kept applying the spec it
+/// had before the restart.
+struct NoSharedBackoff;
+
+impl Iterator for NoSharedBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoSharedBackoff {
+    fn reset(&mut self) {}
+}
+
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
@@ -570,15 +591,23 @@ pub async fn run(
     let owned = base
         .clone()
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    let controller = Controller::new(api::<WebsocketGateway>(&client, ns), base.clone())
+    // The gateway watch backs off on its own errors, like every other stream below.
+    let (gateways, gateways_w) = reflector::store::<WebsocketGateway>();
+    let gateway_events = reflector::reflector(
+        gateways_w,
+        watcher(api::<WebsocketGateway>(&client, ns), base.clone()),
+    )
+    .default_backoff()
+    .applied_objects();
+    let controller = Controller::for_stream(gateway_events, gateways.clone())
         // Creating seven children fires seven watch events, and our own status write one more;
         // coalesce a burst into one reconcile.
         .with_config(
             ControllerConfig::default()
                 .debounce(Duration::from_millis(500))
                 .concurrency(CONCURRENCY),
-        );
-    let gateways = controller.store();
+        )
+        .trigger_backoff(NoSharedBackoff);
 
     // Caches the fetch stage reads from, filled by the streams that also wake the gateways.
     let (deployments, deployments_w) = reflector::store::<Deployment>();
