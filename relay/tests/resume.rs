@@ -148,6 +148,33 @@ async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
     relay.drain().await;
 }
 
+/// A client that subscribed before the stream had any message holds position 0 (its `ok`);
+/// it resumes from there on a relay whose ring was made afresh: the stream never removed a
+/// message, so nothing was lost.
+#[tokio::test]
+async fn a_client_that_subscribed_before_any_message_resumes_from_zero() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("zero", free_port());
+    let relay = start_relay(resumable_config(&nats.url(), 100)).await;
+    let addr = relay.client_addr;
+    let nc = nats.client().await;
+
+    let mut ws = connect(addr, "").await;
+    let ok = subscribe(&mut ws, 1, "orders.7").await;
+    assert_eq!(ok["seq"], 0, "{ok}");
+    let epoch = ok["epoch"].as_str().unwrap().to_owned();
+    drop(ws);
+    // The channel's entry leaves with its client; messages come while it is away.
+    publish_all(&nc, "orders.8", 100, 102).await;
+    publish_all(&nc, "orders.7", 0, 3).await;
+    let mut ws = connect(addr, "").await;
+    let ok = resume(&mut ws, 2, "orders.7", &epoch, 0).await;
+    assert_eq!(ok["recovered"], true, "{ok}");
+    let mut last = 0;
+    let got = read_chain(&mut ws, &mut last, 3, Duration::from_secs(5)).await;
+    assert_eq!(got, [0, 1, 2]);
+}
+
 #[tokio::test]
 async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
     init_logs();

@@ -296,6 +296,13 @@ impl Resumable {
         if !ask {
             return Ok(None);
         }
+        if pos == 0 {
+            // No message sits at 0: what proves nothing was removed after it is a stream
+            // that never removed any (its first message is still the first ever stored).
+            let js = async_nats::jetstream::new(client.clone());
+            let first = stream::first_sequence(&js, &self.stream).await?;
+            return Ok(Some((first <= 1).then_some(false)));
+        }
         stream::held(client, &self.stream, pos, &self.subject)
             .await
             .map(Some)

@@ -178,9 +178,8 @@ impl Ring {
         {
             return Decision::Replay(self.after(pos));
         }
-        if pos == 0 {
-            return Decision::Lost;
-        }
+        // Position 0 (an `ok` on a stream that had no message yet) included: the stream
+        // answers whether it ever removed a message.
         Decision::AskStream
     }
 
@@ -265,7 +264,11 @@ mod tests {
         // Before the first held message, not a held one: ask the stream.
         assert_eq!(r.decide(2), Decision::AskStream);
         assert_eq!(r.decide(5), Decision::AskStream);
-        assert_eq!(r.decide(0), Decision::Lost);
+        assert_eq!(
+            r.decide(0),
+            Decision::AskStream,
+            "the stream tells (first sequence)"
+        );
         // Beyond anything seen here: another relay's position, or garbage; the stream tells.
         assert_eq!(r.decide(100), Decision::AskStream);
         assert_eq!(
@@ -325,6 +328,21 @@ mod tests {
             "1 left the ring for memory"
         );
         assert_eq!(seqs(&small.decide(1)), [2, 3]);
+    }
+
+    #[test]
+    fn position_zero_is_decided_by_the_stream() {
+        // The ring was made after the client's `ok` at 0 (its entry left and came back).
+        let mut r = Ring::new(LIMITS);
+        r.load(vec![m(2), m(4)], 5, 1_000);
+        assert_eq!(r.decide(0), Decision::AskStream);
+        // The stream never removed a message, and fewer than the window follow: recovered.
+        assert_eq!(seqs(&r.decide_with_stream(0, Some(false))), [2, 4]);
+        // It removed some: lost.
+        assert_eq!(r.decide_with_stream(0, None), Decision::Lost);
+        let mut full = Ring::new(LIMITS);
+        full.load(vec![m(1), m(2), m(3)], 3, 1_000);
+        assert_eq!(full.decide_with_stream(0, Some(false)), Decision::Lost);
     }
 
     #[test]

@@ -107,6 +107,21 @@ pub async fn last_sequence(js: &jetstream::Context, name: &str) -> Result<u64, S
         .map_err(|_| err("JetStream did not answer".into()))?
 }
 
+/// The stream's first sequence: 1 (or 0 when empty) as long as it never removed a message.
+pub async fn first_sequence(js: &jetstream::Context, name: &str) -> Result<u64, StreamError> {
+    let err = |message: String| StreamError::Read {
+        stream: name.to_owned(),
+        message,
+    };
+    let fut = async {
+        let s = js.get_stream(name).await.map_err(|e| err(e.to_string()))?;
+        Ok::<u64, StreamError>(s.cached_info().state.first_sequence)
+    };
+    tokio::time::timeout(READ_TIMEOUT, fut)
+        .await
+        .map_err(|_| err("JetStream did not answer".into()))?
+}
+
 fn header_u64(h: Option<&HeaderMap>, name: &str) -> Option<u64> {
     h?.get(name)?.as_str().parse().ok()
 }
