@@ -57,11 +57,25 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Binds with a listen backlog as deep as the kernel allows (`net.core.somaxconn` caps it, as
+/// Go servers do): `TcpListener::bind` asks for 128, and a burst of connects (256 handshakes in
+/// flight in the idle benchmark) overflowed it: the kernel dropped the SYNs (`ListenOverflows`)
+/// and those clients waited for their 1-second SYN retransmit.
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    let listen = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind { addr, source })
 }
+
+/// Asked of `listen(2)`; the kernel lowers it to `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 65_535;
 
 /// Starts listeners and the NATS connection from a validated config.
 pub async fn start(config: Config) -> Result<Running, StartError> {
