@@ -74,19 +74,26 @@ images: ## build the relay, operator and pause OCI images without Docker (static
 chart-check: deps ## lint the Helm chart and check its rendered objects offline (helm lint, kubeconform -strict, drift)
 	e2e/chart-check.sh
 
+.PHONY: rules-check
+rules-check: ## the chart's alert rules: promtool check rules, promtool test rules (every alert firing and not), a runbook each
+	e2e/prometheus/check-rules.sh
+
 .PHONY: e2e
 e2e: cluster-up ## end-to-end tests against the local cluster (with the node when NODE=1)
-	@$(CLUSTER)/tools.sh helm >/dev/null
+	@$(CLUSTER)/tools.sh helm prometheus >/dev/null
 	@# The suites install the chart and the metrics APIService themselves: a `make demo`
 	@# left running is uninstalled first (the script says so when it does).
 	@e2e/demo.sh stop
 	$(CARGO) build -p wsrelay --bin wsrelay --locked
-	E2E_REQUIRE_NODE=$(NODE) WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay $(CARGO) test -p wsrelay-e2e --locked -- --skip chart_gateway_clients --skip chaos_
+	E2E_REQUIRE_NODE=$(NODE) WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay $(CARGO) test -p wsrelay-e2e --locked -- --skip chart_gateway_clients --skip chaos_ --skip prometheus_scrapes
 	@# The fleet suite alone, with its output: it prints the figures (times, messages lost).
 	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test fleet -- --nocapture
 	@# Resumable channels under chaos, alone, with its output: 200 clients through a rolling
 	@# update, a pod force-deleted and a relay SIGKILLed; it prints lost/duplicated/catch-up per case.
 	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test chaos -- --nocapture
+	@# A real Prometheus scraping the fleet like the chart's PodMonitors; every dashboard query
+	@# must return series under load (it prints the counts and which alerts' conditions hold).
+	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test observability -- --nocapture
 
 .PHONY: kind-e2e
 kind-e2e: ## the fleet and operator suites on a kind cluster: Docker if it answers, else podman (root) with a node image built here
@@ -101,7 +108,7 @@ kind-delete: ## delete the kind cluster a KIND_KEEP=1 run left
 	e2e/kind/run.sh delete
 
 .PHONY: test
-test: fmt-check lint unit chart-check client-js e2e ## everything CI runs
+test: fmt-check lint unit chart-check rules-check client-js e2e ## everything CI runs
 
 .PHONY: bench
 bench: tools ## wsrelay vs nats-server WebSocket vs Centrifugo vs a bare baseline, pinned cores, 3 trials: target/bench/, docs/benchmarks.md (BENCH_QUICK=1: one trial; BENCH_WORKLOADS=smoke: a minute)

@@ -109,7 +109,8 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
     .await;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     assert!(
-        head.to_ascii_lowercase().contains("x-request-id: req-bad-1"),
+        head.to_ascii_lowercase()
+            .contains("x-request-id: req-bad-1"),
         "{head}"
     );
 
@@ -131,7 +132,11 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     let answered = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-request-id: ").map(str::to_owned))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-request-id: ")
+                .map(str::to_owned)
+        })
         .unwrap();
     assert_eq!(answered.len(), 16, "{head}");
 
@@ -143,8 +148,10 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
 
     let refused = lines_with(&relay, "handshake refused");
     assert!(
-        refused.iter().any(|v| span_request_id(v).as_deref() == Some("req-bad-1")
-            && v["fields"]["reason"] == "invalid_token"),
+        refused
+            .iter()
+            .any(|v| span_request_id(v).as_deref() == Some("req-bad-1")
+                && v["fields"]["reason"] == "invalid_token"),
         "{refused:?}"
     );
     assert!(
@@ -160,7 +167,11 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
             .any(|v| span_request_id(v).as_deref() == Some("req-good-2")),
         "{accepted:?}"
     );
-    for (message, id) in [("subscribe", "7"), ("subscribed", "7"), ("request refused", "8")] {
+    for (message, id) in [
+        ("subscribe", "7"),
+        ("subscribed", "7"),
+        ("request refused", "8"),
+    ] {
         let found = lines_with(&relay, message);
         assert!(
             found.iter().any(|v| v["fields"]["request_id"] == id
@@ -173,6 +184,9 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
     assert!(!all.contains(bad), "the refused token is in the log");
     assert!(!all.contains(&token), "the accepted token is in the log");
     let signature = token.rsplit('.').next().unwrap();
-    assert!(!all.contains(signature), "a token's signature is in the log");
+    assert!(
+        !all.contains(signature),
+        "a token's signature is in the log"
+    );
     drop(ws);
 }
