@@ -56,8 +56,9 @@ describe("@wsrelay/client in headless Chromium against real relays and NATS", { 
 
   // ---- helpers on the page's record ----
   const api = (name) => (...args) => pageApi(page)[name](...args);
-  const [log, messages, waitLog, waitSubscribed, open, subscribe, publish, closeClient] = [
-    "log", "messages", "waitLog", "waitSubscribed", "open", "subscribe", "publish", "closeClient",
+  const [log, messages, waitLog, waitSubscribed, waitMessages, open, subscribe, publish, closeClient, positions, stats] = [
+    "log", "messages", "waitLog", "waitSubscribed", "waitMessages", "open", "subscribe", "publish", "closeClient",
+    "positions", "stats",
   ].map(api);
 
   /** Publishes on NATS and waits for the page to receive it (the subscription is in place). */
@@ -265,6 +266,147 @@ describe("@wsrelay/client in headless Chromium against real relays and NATS", { 
       a.signal("SIGCONT");
       await a.kill();
       await b.kill();
+    }
+  });
+  // ---- resumable channels (docs/protocol.md section 8): a JetStream nats-server of their own ----
+
+  // 200 kept per channel: a full replay must fit in a connection's send queue (256 by default).
+  const HISTORY = { stream: "CLIENTJS_FEED", maxMessages: 200, maxAgeSeconds: 300 };
+
+  /**
+   * What the page delivered on `channel` is exactly 1..n, once each, in order, with an unbroken
+   * position chain (each `prev` the `seq` before it, `seq` increasing), and the SDK had no
+   * duplicate to drop. Returns the figures for the test's diagnostic.
+   */
+  async function assertExactlyOnceInOrder(client, channel, n) {
+    const got = await messages(client, channel);
+    const pos = await positions(client, channel);
+    const st = await stats(client, channel);
+    const want = Array.from({ length: n }, (_, i) => i + 1);
+    const lost = want.filter((x) => !got.includes(x));
+    const dup = got.length - new Set(got).size;
+    assert.deepEqual(lost, [], `lost ${lost.length} of ${n}`);
+    assert.equal(dup, 0, `${dup} duplicates`);
+    assert.deepEqual(got, want, "every message once, in publish order");
+    assert.equal(pos.length, n, "every message carried its position");
+    for (let i = 1; i < pos.length; i++) {
+      assert.ok(pos[i].seq > pos[i - 1].seq, `seq ${pos[i].seq} after ${pos[i - 1].seq}`);
+      assert.equal(pos[i].prev, pos[i - 1].seq, `message ${i + 1}: prev ${pos[i].prev}, last ${pos[i - 1].seq}`);
+    }
+    assert.equal(st.duplicatesDropped, 0, "the relay sent no message twice (none for the SDK to drop)");
+    return { messages: got.length, lost: lost.length, duplicates: dup, transport: st.transport };
+  }
+
+  test("resumable channel, relay killed (SIGKILL) while messages are published: resumes with recovered: true, nothing missed", async (t) => {
+    const js = await startNats({ jetstream: true });
+    const jc = await natsClient(js.port);
+    const a = await startRelay({ natsUrl: js.url, origin: pages.origin, name: "resume-kill", history: HISTORY });
+    const svc = await startService([a]);
+    let a2;
+    let n = 0;
+    const publishN = async (k) => {
+      for (let i = 0; i < k; i++) jc.publish("feed.1", ++n);
+      await jc.flush();
+    };
+    try {
+      await open("rk", wsUrl(svc), "rosa");
+      await subscribe("rk", "feed.1");
+      const [first] = await waitSubscribed("rk", "feed.1", 1);
+      assert.equal(first.resumable, true, JSON.stringify(first));
+      assert.equal(typeof first.epoch, "string");
+      await publishN(10);
+      await waitMessages("rk", "feed.1", 10);
+
+      await a.kill();
+      const killedAt = Date.now();
+      const [d] = await waitLog("disconnected after SIGKILL", "rk", "disconnected", 1, 10_000);
+      assert.equal(d.code, 1006);
+      assert.equal(d.willReconnect, true);
+      // Published while no relay runs: only the stream keeps them.
+      await publishN(20);
+      assert.equal((await messages("rk", "feed.1")).length, 10);
+
+      a2 = await startRelay({ natsUrl: js.url, origin: pages.origin, name: "resume-kill", port: a.port, adminPort: a.adminPort, history: HISTORY });
+      const upAt = Date.now();
+      svc.setBackends([a2]);
+      const subs = await waitSubscribed("rk", "feed.1", 2, 30_000);
+      const resumedAt = Date.now();
+      assert.equal(subs[1].resubscribed, true);
+      assert.equal(subs[1].recovering, true, "resubscribed with since");
+      assert.equal(subs[1].recovered, true, "the relay replayed what was missed and said so");
+      assert.equal(subs[1].epoch, first.epoch, "the same stream life");
+      await waitMessages("rk", "feed.1", 30, 10_000);
+      await publishN(10); // live again
+      await waitMessages("rk", "feed.1", 40, 10_000);
+      await sleep(500); // a late duplicate or stray message would show now
+      const f = await assertExactlyOnceInOrder("rk", "feed.1", 40);
+      t.diagnostic(
+        `SIGKILL: ${f.messages} messages (20 while down), lost ${f.lost}, duplicates ${f.duplicates}, ` +
+          `transport ${f.transport}; resumed ${resumedAt - killedAt} ms after the kill, ${resumedAt - upAt} ms after the relay was ready again`,
+      );
+    } finally {
+      await closeClient("rk");
+      svc.close();
+      await a.kill();
+      await a2?.kill();
+      jc.close();
+      js.stop();
+    }
+  });
+
+  test("resumable channel through a drain (SIGTERM) with a steady publisher: moves to the other relay, recovered: true, nothing missed", async (t) => {
+    const js = await startNats({ jetstream: true });
+    const jc = await natsClient(js.port);
+    const a = await startRelay({ natsUrl: js.url, origin: pages.origin, name: "resume-drain-a", history: HISTORY, graceSeconds: 3 });
+    const b = await startRelay({ natsUrl: js.url, origin: pages.origin, name: "resume-drain-b", history: HISTORY });
+    const svc = await startService([a, b]);
+    let n = 0;
+    let publisher;
+    try {
+      await open("rd", wsUrl(svc), "ruth");
+      await subscribe("rd", "feed.2");
+      const [first] = await waitSubscribed("rd", "feed.2", 1);
+      assert.equal(first.resumable, true);
+      assert.deepEqual(svc.routed, ["resume-drain-a"]);
+      // One message every 25 ms from now until 20 after the resubscribe (at most 600: 15 s).
+      let stopAt = 600;
+      const published = new Promise((resolve) => {
+        publisher = setInterval(() => {
+          if (n >= stopAt) {
+            clearInterval(publisher);
+            jc.flush().then(resolve, resolve);
+            return;
+          }
+          jc.publish("feed.2", ++n);
+        }, 25);
+      });
+      await waitMessages("rd", "feed.2", 20);
+      a.signal("SIGTERM");
+      const [closed] = await waitLog("the 1012 close", "rd", "disconnected", 1, 10_000);
+      assert.equal(closed.code, 1012);
+      const subs = await waitSubscribed("rd", "feed.2", 2, 15_000);
+      const resumedAt = Date.now();
+      stopAt = n + 20;
+      assert.equal(subs[1].recovering, true);
+      assert.equal(subs[1].recovered, true);
+      assert.equal(svc.routed.at(-1), "resume-drain-b");
+      await Promise.race([published, sleep(15_000)]);
+      assert.ok(n === stopAt, `the publisher stopped at ${n}, not ${stopAt}`);
+      await waitMessages("rd", "feed.2", n, 15_000);
+      await sleep(500);
+      const f = await assertExactlyOnceInOrder("rd", "feed.2", n);
+      t.diagnostic(
+        `drain: ${f.messages} messages at 40/s, lost ${f.lost}, duplicates ${f.duplicates}, transport ${f.transport}; ` +
+          `resubscribed on the other relay ${resumedAt - closed.at} ms after the 1012`,
+      );
+    } finally {
+      clearInterval(publisher);
+      await closeClient("rd");
+      svc.close();
+      await a.kill();
+      await b.kill();
+      jc.close();
+      js.stop();
     }
   });
 });

@@ -84,6 +84,9 @@ export function httpStatus(port, path, timeoutMs = 500) {
   });
 }
 
+const workDir = mkdtempSync(join(tmpdir(), "wsrelay-client-js-"));
+process.once("exit", () => rmSync(workDir, { recursive: true, force: true }));
+
 const children = new Set();
 function track(child) {
   children.add(child);
@@ -105,16 +108,19 @@ process.once("exit", killAll);
 
 // ---- NATS ----------------------------------------------------------------------------------
 
-export async function startNats() {
+/** A nats-server on loopback; with `jetstream`, JetStream on and its store in a directory of its own. */
+export async function startNats({ jetstream = false } = {}) {
   const port = await freePort();
-  const child = track(spawn(natsBin(), ["-a", "127.0.0.1", "-p", String(port)], { stdio: "ignore" }));
+  const args = ["-a", "127.0.0.1", "-p", String(port)];
+  if (jetstream) args.push("-js", "-sd", join(workDir, `jetstream-${port}`));
+  const child = track(spawn(natsBin(), args, { stdio: "ignore" }));
   await waitTcp(port, 10_000);
   return { port, url: `nats://127.0.0.1:${port}`, stop: () => child.kill("SIGKILL") };
 }
 
 /** A minimal NATS client over TCP: PUB, SUB, and flush by PING/PONG. */
-export async function natsClient(port) {
-  const sock = netConnect(port, "127.0.0.1");
+export async function natsClient(port, host = "127.0.0.1") {
+  const sock = netConnect(port, host);
   await new Promise((r, j) => (sock.once("connect", r), sock.once("error", j)));
   let buf = Buffer.alloc(0);
   const pongs = [];
@@ -171,7 +177,9 @@ export async function natsClient(port) {
 
 // ---- JWT -----------------------------------------------------------------------------------
 
-export const HMAC_SECRET = "client-js-test-secret-0123456789abcdef";
+/** The HS256 key of the relays and the page's tokens (the e2e test names its gateway's). */
+export const HMAC_SECRET = process.env.WSRELAY_E2E_HMAC_KEY ?? "client-js-test-secret-0123456789abcdef";
+writeFileSync(join(workDir, "hmac.secret"), HMAC_SECRET);
 const b64url = (s) => Buffer.from(s).toString("base64url");
 
 export function signJwt(claims) {
@@ -188,12 +196,14 @@ export function token(sub, ttlSeconds) {
 
 // ---- relays --------------------------------------------------------------------------------
 
-const workDir = mkdtempSync(join(tmpdir(), "wsrelay-client-js-"));
-process.once("exit", () => rmSync(workDir, { recursive: true, force: true }));
-writeFileSync(join(workDir, "hmac.secret"), HMAC_SECRET);
 
-/** Starts a relay (the real binary) on fixed ports so that it can be restarted on them. */
-export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4, auth = {}, jwt = {} }) {
+/**
+ * Starts a relay (the real binary) on fixed ports so that it can be restarted on them.
+ * `history` (e.g. `{stream: "FEED", maxMessages: 1000}`) adds the resumable binding
+ * `feed.{id}` -> `feed.{id}` (docs/protocol.md section 8; NATS needs JetStream), and the
+ * relay is ready only once its history stream is in place.
+ */
+export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4, auth = {}, jwt = {}, history }) {
   port ??= await freePort();
   adminPort ??= await freePort();
   const config = {
@@ -219,6 +229,7 @@ export async function startRelay({ natsUrl, origin, port, adminPort, name = "rel
       { channel: "me.notify", subject: "users.{claims.sub}.notify", direction: "subscribe" },
       { channel: "chat.{room}", subject: "chat.{room}", direction: "both" },
       { channel: "orders.{id}", subject: "orders.{id}", direction: "subscribe" },
+      ...(history ? [{ channel: "feed.{id}", subject: "feed.{id}", direction: "subscribe", history }] : []),
     ],
     limits: { pingIntervalSeconds: 5, idleTimeoutSeconds: 30 },
     drain: { gracePeriodSeconds: graceSeconds },
@@ -257,6 +268,8 @@ export async function startRelay({ natsUrl, origin, port, adminPort, name = "rel
       if (child.exitCode !== null) throw new Error(`${name} exited: ${relay.log()}`);
       return relay.ready();
     });
+    if (history)
+      await waitFor(`${name}'s history stream`, 20_000, async () => (await relay.metric("wsrelay_history_streams_ready")) === 1);
   } catch (e) {
     await relay.kill();
     throw e;
@@ -388,6 +401,8 @@ export function pageApi(page) {
     log: (client, kind) =>
       page.evaluate(([c, k]) => window.T.log.filter((e) => e.client === c && e.kind === k), [client, kind]),
     messages: (client, channel) => page.evaluate((key) => window.T.messages[key] ?? [], `${client}:${channel}`),
+    positions: (client, channel) => page.evaluate((key) => window.T.positions[key] ?? [], `${client}:${channel}`),
+    stats: (client, channel) => page.evaluate(([c, ch]) => window.subscriptionStats(c, ch), [client, channel]),
     subscribedCtx: (client, channel) => page.evaluate((key) => window.T.subscribed[key] ?? [], `${client}:${channel}`),
     waitLog: (what, client, kind, n, ms, pred = () => true) =>
       waitFor(what, ms, async () => {
