@@ -79,7 +79,7 @@ rules-check: ## the chart's alert rules: promtool check rules, promtool test rul
 	e2e/prometheus/check-rules.sh
 
 .PHONY: e2e
-e2e: cluster-up ## end-to-end tests against the local cluster (with the node when NODE=1)
+e2e: cluster-up sdk ## end-to-end tests against the local cluster (with the node when NODE=1; the browser test uses the built SDK)
 	@$(CLUSTER)/tools.sh helm prometheus >/dev/null
 	@# The suites install the chart and the metrics APIService themselves: a `make demo`
 	@# left running is uninstalled first (the script says so when it does).

@@ -1,0 +1,122 @@
+// The browser test against a gateway's Service on a cluster: run by e2e/tests/browser.rs (make
+// e2e), which creates the gateway (a binding with history), runs this script, and disrupts the
+// relay pods when told to. Headless Debian Chromium loads test/browser/page.html, which uses the
+// built SDK (dist/esm), connects through the Service with a JWT and subscribes to a resumable
+// channel while this script publishes on NATS at a steady rate. Each round: the script prints
+// `DISRUPT <i>` once the page is subscribed and receiving, and the test answers `DISRUPTED <i>`
+// on stdin after it killed or deleted the relay pod holding the connection; the page must
+// reconnect by itself and resume with `recovered: true`. At the end every published message
+// must have arrived once, in order, with an unbroken position chain. The last line is
+// `FIGURES {json}`; the exit code is 0 only when everything held.
+//
+// Not part of `npm test` (the name does not match *.test.mjs): it needs a cluster. Env:
+//   WSRELAY_E2E_URL       the gateway's WebSocket URL through its Service (ws://10.96.x.y:80/ws)
+//   WSRELAY_E2E_HMAC_KEY  the HS256 key the gateway verifies tokens with (iss https://issuer.test, aud wsrelay)
+//   WSRELAY_E2E_NATS_URL  where this script publishes (nats://127.0.0.1:14222)
+//   WSRELAY_E2E_SUBJECT   the NATS subject behind WSRELAY_E2E_CHANNEL
+//   WSRELAY_E2E_CHANNEL   the resumable channel the page subscribes to
+//   WSRELAY_E2E_ROUNDS    how many disruptions (default 1)
+import assert from "node:assert/strict";
+import { createInterface } from "node:readline";
+import { launchBrowser, natsClient, pageApi, sleep, startPageServer, waitFor } from "./harness.mjs";
+
+const env = (k, d) => {
+  const v = process.env[k] ?? d;
+  if (v === undefined) throw new Error(`${k} is not set (this script is run by e2e/tests/browser.rs)`);
+  return v;
+};
+const url = env("WSRELAY_E2E_URL");
+env("WSRELAY_E2E_HMAC_KEY"); // read by the harness, which signs the page's tokens with it
+const natsUrl = new URL(env("WSRELAY_E2E_NATS_URL"));
+const subject = env("WSRELAY_E2E_SUBJECT");
+const channel = env("WSRELAY_E2E_CHANNEL");
+const rounds = Number(env("WSRELAY_E2E_ROUNDS", "1"));
+/** Messages a second, and how many after the last resume before stopping. */
+const RATE = 20;
+const TAIL = 20;
+const MAX_MESSAGES = 4000; // 200 s at RATE: the publisher stops by itself whatever happens
+
+const out = (line) => process.stdout.write(line + "\n");
+const stdin = createInterface({ input: process.stdin });
+const answers = [];
+stdin.on("line", (l) => answers.push(l.trim()));
+
+let browser, pages, nc, publisher;
+let exitCode = 1;
+try {
+  nc = await natsClient(Number(natsUrl.port || 4222), natsUrl.hostname);
+  pages = await startPageServer();
+  browser = await launchBrowser();
+  const page = await browser.context.newPage();
+  page.on("pageerror", (e) => console.error("page error:", e));
+  await page.goto(pages.origin + "/");
+  await page.waitForFunction(() => window.T?.ready === true, null, { timeout: 20_000 });
+  const p = pageApi(page);
+
+  await p.open("gw", url, "eve");
+  const [connected] = await p.waitLog("connected through the Service", "gw", "connected", 1, 30_000);
+  await p.subscribe("gw", channel);
+  const [first] = await p.waitSubscribed("gw", channel, 1, 30_000);
+  assert.equal(first.resumable, true, `the channel is resumable: ${JSON.stringify(first)}`);
+
+  let n = 0;
+  let stopAt = MAX_MESSAGES;
+  const published = new Promise((resolve) => {
+    publisher = setInterval(() => {
+      if (n >= stopAt) {
+        clearInterval(publisher);
+        nc.flush().then(resolve, resolve);
+        return;
+      }
+      nc.publish(subject, ++n);
+    }, 1000 / RATE);
+  });
+
+  const resumes = [];
+  for (let i = 1; i <= rounds; i++) {
+    await p.waitMessages("gw", channel, n >= 10 ? n - 5 : 10, 30_000); // receiving live
+    const before = (await p.log("gw", "disconnected")).length;
+    out(`DISRUPT ${i}`);
+    await waitFor(`the test to answer DISRUPTED ${i}`, 180_000, () => answers.includes(`DISRUPTED ${i}`), 100);
+    const [d] = (await p.waitLog(`disconnected in round ${i}`, "gw", "disconnected", before + 1, 60_000)).slice(before);
+    const subs = await p.waitSubscribed("gw", channel, i + 1, 90_000);
+    const s = subs[i];
+    const connectedNow = (await p.log("gw", "connected")).at(-1);
+    resumes.push({ round: i, code: d.code, reconnectMs: connectedNow.at - d.at, recovered: s.recovered, transport: connectedNow.transport });
+    assert.equal(s.resubscribed, true);
+    assert.equal(s.recovering, true, "resubscribed with since");
+    assert.equal(s.recovered, true, `round ${i}: recovered: true (${JSON.stringify(s)})`);
+    assert.equal(s.epoch, first.epoch, "the same stream life");
+    console.error(`round ${i}: disconnected with ${d.code}, connected again after ${connectedNow.at - d.at} ms, recovered: ${s.recovered}`);
+  }
+  stopAt = n + TAIL;
+  await Promise.race([published, sleep(30_000)]);
+  assert.equal(n, stopAt, "the publisher finished");
+  await p.waitMessages("gw", channel, n, 60_000);
+  await sleep(1000); // a late duplicate would show now
+
+  const got = await p.messages("gw", channel);
+  const pos = await p.positions("gw", channel);
+  const st = await p.stats("gw", channel);
+  const want = Array.from({ length: n }, (_, i) => i + 1);
+  const lost = want.filter((x) => !got.includes(x)).length;
+  const duplicates = got.length - new Set(got).size;
+  const figures = { messages: n, received: got.length, lost, duplicates, sdkDroppedDuplicates: st.duplicatesDropped, firstTransport: connected.transport, resumes };
+  out(`FIGURES ${JSON.stringify(figures)}`);
+  assert.equal(lost, 0, "nothing lost");
+  assert.equal(duplicates, 0, "nothing twice");
+  assert.deepEqual(got, want, "in publish order");
+  assert.equal(pos.length, n);
+  for (let i = 1; i < pos.length; i++) assert.equal(pos[i].prev, pos[i - 1].seq, `position chain at message ${i + 1}`);
+  assert.equal(st.duplicatesDropped, 0, "the relays sent nothing twice");
+  exitCode = 0;
+} catch (e) {
+  console.error(e);
+} finally {
+  clearInterval(publisher);
+  stdin.close();
+  await browser?.close();
+  pages?.close();
+  nc?.close();
+}
+process.exit(exitCode);
