@@ -115,5 +115,5 @@ bench: tools ## wsrelay vs nats-server WebSocket vs Centrifugo vs a bare baselin
 	e2e/bench/run.sh
 
 .PHONY: demo
-demo: cluster-up ## the chart, an example gateway, and a client receiving live NATS messages through the fleet
+demo: cluster-up sdk ## the chart, an example gateway, and the client SDK (from Node) receiving live NATS messages through the fleet
 	@e2e/demo.sh

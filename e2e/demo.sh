@@ -4,8 +4,10 @@
 #      leader election) and its custom metrics API;
 #   2. applies examples/gateway.yaml in namespace `demo` (its NATS URL pointed at the NATS that
 #      pods on the local node reach) and waits for the relay pods;
-#   3. connects a WebSocket client with a JWT through the gateway's Service, publishes on NATS
-#      and prints the messages as they arrive through the fleet;
+#   3. runs the client SDK (clients/js, built by `make sdk`) from Node (e2e/demo-client.mjs):
+#      it connects with a JWT through the gateway's Service and subscribes, NATS messages are
+#      published and it prints them as they arrive through the fleet, then it publishes with
+#      an ack;
 #   4. shows the gateway's status, its HPA and the connection metric the HPA reads.
 # Assumes `make cluster-up NODE=1` ran (make demo does it); safe to run again.
 set -euo pipefail
@@ -57,15 +59,18 @@ sed "s#nats://127.0.0.1:14222#$pods_nats#" examples/gateway.yaml | kubectl apply
 kubectl wait -n "$ns" wsgw/chat --for=condition=Ready --timeout=300s
 kubectl get wsgw,deploy,pods,svc,hpa -n "$ns" -l app.kubernetes.io/instance=chat -o wide
 
-say "A browser-like client: JWT for alice, through Service chat, channel notifications"
+say "The client SDK (@wsrelay/client, built into clients/js/dist) from Node: a JWT for alice, through Service chat"
+[ -f clients/js/dist/esm/index.js ] || { echo "the SDK is not built: run make sdk (make demo does)" >&2; exit 1; }
 ip=$(kubectl get svc chat -n "$ns" -o jsonpath='{.spec.clusterIP}')
 port=$(kubectl get svc chat -n "$ns" -o jsonpath='{.spec.ports[0].port}')
 key=$(kubectl get secret chat-jwt -n "$ns" -o jsonpath='{.data.hmac}' | base64 -d)
-cargo build -q -p wsrelay-e2e --bin wsrelay-demo
-target/debug/wsrelay-demo --url "ws://$ip:$port/ws" --hmac-key "$key" \
-	--issuer https://auth.example.com --audience chat --origin https://chat.example.com \
+# Node 22 has a global WebSocket; Node 20 (10 and later) has it behind a flag.
+node_flags=()
+node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || node_flags=(--experimental-websocket)
+node "${node_flags[@]}" e2e/demo-client.mjs --url "ws://$ip:$port/ws" --hmac-key "$key" \
+	--issuer https://auth.example.com --audience chat \
 	--user alice --channel notifications --subject users.alice.notify \
-	--nats "$(cat "$state/nats-url")" --count 5
+	--nats "$(cat "$state/nats-url")" --count 5 --publish-channel rooms.lobby
 
 say "The connection metric the HPA reads (custom.metrics.k8s.io, served by the operator)"
 kubectl get --raw "/apis/custom.metrics.k8s.io/v1beta2/namespaces/$ns/pods/*/wsrelay_connections?labelSelector=app.kubernetes.io/instance%3Dchat"
