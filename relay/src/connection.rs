@@ -109,13 +109,26 @@ impl WriteEnd {
     }
 }
 
-/// One sink call (`feed` of a frame, or `flush`) bounded by the write timeout. `timeout`
-/// polls the write first, so a write that completes at once never arms a timer.
+/// One sink call (`feed` of a frame, or `flush`) bounded by the write timeout. The call is
+/// polled once first: a write that completes at once (nearly all of them) neither reads the
+/// clock nor creates a timer; one that has to wait gets `within` from then.
 async fn bounded<F>(within: Duration, call: F) -> Result<(), WriteEnd>
 where
     F: std::future::Future<Output = Result<(), tungstenite::Error>>,
 {
-    match tokio::time::timeout(within, call).await {
+    let mut call = std::pin::pin!(call);
+    let at_once = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match call.as_mut().poll(cx) {
+            std::task::Poll::Ready(r) => Some(r),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await;
+    let done = match at_once {
+        Some(r) => Ok(r),
+        None => tokio::time::timeout(within, call).await,
+    };
+    match done {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(WriteEnd::Error),
         Err(_) => Err(WriteEnd::Timeout),
@@ -139,6 +152,9 @@ where
     let mut received: Vec<Instant> = Vec::new();
     // Reused for every batch: no allocation per wake-up.
     let mut frames: Vec<Frame> = Vec::new();
+    // Created once: a fresh one per batch registered and unregistered a waiter per message.
+    let killed = outbox.killed();
+    tokio::pin!(killed);
     loop {
         tokio::select! {
             () = outbox.wait() => {}
@@ -152,8 +168,9 @@ where
                     bounded(write_timeout, sink.flush()).await
                 };
                 let r = tokio::select! {
+                    biased;
                     r = send_ping => r,
-                    () = outbox.killed() => {
+                    () = &mut killed => {
                         let c = outbox.close_request();
                         return send_close(&mut sink, c.as_ref(), KILLED_CLOSE_WITHIN).await;
                     }
@@ -186,9 +203,11 @@ where
                 }
                 Ok::<bool, WriteEnd>(wrote)
             };
+            // The write first: one that completes at once never looks at `killed`.
             let wrote = tokio::select! {
+                biased;
                 r = write => r,
-                () = outbox.killed() => {
+                () = &mut killed => {
                     // Blocked on a full socket and told to stop: try a close frame
                     // briefly, then drop the connection.
                     let c = outbox.close_request();

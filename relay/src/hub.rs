@@ -500,10 +500,18 @@ impl Hub {
             pending
         });
         tracing::debug!(subject = %key, "NATS subscribed");
+        // Created once, not per message: a fresh `cancelled()` or `notified()` in every
+        // `select!` registered and unregistered a waiter (a lock each) per message.
+        let cancelled = entry.cancel.cancelled();
+        tokio::pin!(cancelled);
+        let resync = entry.resync.notified();
+        tokio::pin!(resync);
         let ended = loop {
             let msg = tokio::select! {
-                () = entry.cancel.cancelled() => break None,
-                () = entry.resync.notified() => {
+                biased;
+                () = &mut cancelled => break None,
+                () = &mut resync => {
+                    resync.set(entry.resync.notified());
                     if let Some(res) = &entry.resumable
                         && let Err(why) = self.fill(&entry, res, None).await
                     {
@@ -682,20 +690,30 @@ fn fan_out_encoded(
         return;
     }
     // Usually every subscriber of a subject uses the same channel name: encode once per
-    // distinct channel and share the bytes.
-    let mut encoded: Vec<(&Arc<str>, Utf8Bytes)> = Vec::with_capacity(1);
+    // distinct channel and share the bytes. The first encoding is held apart, so the usual
+    // message allocates nothing but its frame.
+    let mut first: Option<(&Arc<str>, Utf8Bytes)> = None;
+    let mut others: Vec<(&Arc<str>, Utf8Bytes)> = Vec::new();
     let (mut dropped, mut slow) = (0u64, 0u64);
     for sub in subs.values() {
         if !sub.live.load(Ordering::Acquire) {
             continue;
         }
-        let bytes = match encoded.iter().find(|(c, _)| **c == sub.channel) {
-            Some((_, b)) => b.clone(),
+        let bytes = match &first {
             None => {
                 let b = Utf8Bytes::from(encode(&sub.channel));
-                encoded.push((&sub.channel, b.clone()));
+                first = Some((&sub.channel, b.clone()));
                 b
             }
+            Some((c, b)) if **c == sub.channel => b.clone(),
+            Some(_) => match others.iter().find(|(c, _)| **c == sub.channel) {
+                Some((_, b)) => b.clone(),
+                None => {
+                    let b = Utf8Bytes::from(encode(&sub.channel));
+                    others.push((&sub.channel, b.clone()));
+                    b
+                }
+            },
         };
         match sub.conn.outbox.push_message(Frame {
             msg: Message::Text(bytes),

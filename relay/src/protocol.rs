@@ -287,10 +287,40 @@ pub mod close {
     pub const REFUSED_UNAVAILABLE: u16 = 4503;
 }
 
+/// Whether JSON escapes byte `b` inside a string (as serde_json does: `"`, `\\` and the
+/// control characters; nothing else).
+fn escaped(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
 /// Appends `s` to `out` as a JSON string literal.
 fn push_json_str(out: &mut String, s: &str) {
+    if !s.bytes().any(escaped) {
+        // The common case (channel names): nothing to escape, no temporary string.
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     // serde_json escapes correctly; writing to a String cannot fail.
     out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned()));
+}
+
+/// The length of `s` as [`push_json_str`] writes it.
+fn json_str_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | 0x08 | 0x0c | b'\n' | b'\r' | b'\t' => 2,
+            b if b < 0x20 => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+/// Decimal digits of `n`.
+fn digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |l| l as usize + 1)
 }
 
 fn push_id(out: &mut String, id: Option<&RequestId>) {
@@ -313,19 +343,39 @@ pub fn encode_message(channel: &str, payload: &[u8]) -> String {
 
 /// [`encode_message`] with the position on a resumable channel: `seq` and `prev`.
 pub fn encode_message_at(channel: &str, payload: &[u8], at: Option<(u64, u64)>) -> String {
-    let mut out = String::with_capacity(payload.len() + channel.len() + 80);
-    out.push_str("{\"type\":\"message\",\"channel\":");
+    const HEAD: &str = "{\"type\":\"message\",\"channel\":";
+    let is_json =
+        !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok();
+    // Valid JSON is valid UTF-8.
+    let json = is_json.then(|| std::str::from_utf8(payload).unwrap_or("null"));
+    let text = if is_json {
+        None
+    } else {
+        std::str::from_utf8(payload).ok()
+    };
+    // Sized exactly: the frame's bytes become a `Bytes` without another allocation (one
+    // whose length is below its capacity needs a shared header allocated beside it).
+    let len = HEAD.len()
+        + json_str_len(channel)
+        + at.map_or(0, |(seq, prev)| {
+            ",\"seq\":".len() + digits(seq) + ",\"prev\":".len() + digits(prev)
+        })
+        + match (json, text) {
+            (Some(j), _) => ",\"payload\":".len() + j.len(),
+            (None, Some(t)) => ",\"text\":".len() + json_str_len(t),
+            (None, None) => ",\"base64\":\"".len() + payload.len().div_ceil(3) * 4 + 1,
+        }
+        + 1;
+    let mut out = String::with_capacity(len);
+    out.push_str(HEAD);
     push_json_str(&mut out, channel);
     if let Some((seq, prev)) = at {
         let _ = write!(out, ",\"seq\":{seq},\"prev\":{prev}");
     }
-    let is_json =
-        !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok();
-    if is_json {
+    if let Some(j) = json {
         out.push_str(",\"payload\":");
-        // Valid JSON is valid UTF-8.
-        out.push_str(std::str::from_utf8(payload).unwrap_or("null"));
-    } else if let Ok(text) = std::str::from_utf8(payload) {
+        out.push_str(j);
+    } else if let Some(text) = text {
         out.push_str(",\"text\":");
         push_json_str(&mut out, text);
     } else {
@@ -654,6 +704,30 @@ mod tests {
             v(&encode_message("c", b"1 2")),
             json!({"type":"message","channel":"c","text":"1 2"})
         );
+    }
+
+    #[test]
+    fn message_frames_are_sized_exactly() {
+        let channels = ["c", "orders.1", "a\"b\\c\u{1}\n\u{7f}é"];
+        let payloads: [&[u8]; 7] = [
+            br#"{"n": 1}"#,
+            b"hello \"world\"\t\x01",
+            b"",
+            &[0xff, 0x00, 0x10, 0x80],
+            &[0xfe, 0xff, 0x01, 0x02, 0x03],
+            b"1 2",
+            b"\"\xff\"",
+        ];
+        for channel in channels {
+            for payload in payloads {
+                for at in [None, Some((0, 0)), Some((10, 9)), Some((u64::MAX, 99))] {
+                    let out = encode_message_at(channel, payload, at);
+                    assert_eq!(out.len(), out.capacity(), "{out}");
+                    // The channel is escaped as serde_json escapes it.
+                    assert_eq!(v(&out)["channel"], channel, "{out}");
+                }
+            }
+        }
     }
 
     #[test]
