@@ -656,6 +656,26 @@ pub struct ServiceSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub annotations: BTreeMap<String, String>,
+    /// `ClientIP`: the Service sends every connection from one client address to the same
+    /// relay pod (for 3 hours after the address's last connection). Needed with more than one
+    /// replica when browsers may use the SSE fallback and reach this Service directly: the
+    /// event stream and its POSTs are separate connections and must reach the same pod.
+    /// `None` (the default) balances each connection on its own: WebSocket clients need no
+    /// affinity, and behind an ingress (which balances to the pods itself: use its cookie
+    /// affinity) or a load balancer that hides client addresses, `ClientIP` would pin every
+    /// client to one pod. See docs/client.md.
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
+}
+
+/// Session affinity of the gateway's Service.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SessionAffinity {
+    /// Each connection balanced on its own.
+    #[default]
+    None,
+    /// Connections from one client address go to the same relay pod.
+    ClientIP,
 }
 
 fn default_service_port() -> i32 {
@@ -668,6 +688,7 @@ impl Default for ServiceSpec {
             type_: ServiceType::default(),
             port: default_service_port(),
             annotations: BTreeMap::new(),
+            session_affinity: SessionAffinity::default(),
         }
     }
 }

@@ -5,7 +5,7 @@ use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use serde_json::json;
 
 use super::{ADMIN_PORT, CLIENT_PORT, Ctx, from_json, selector_labels};
-use crate::api::{ServiceType, WebsocketGateway};
+use crate::api::{ServiceType, SessionAffinity, WebsocketGateway};
 
 pub(super) fn service(ctx: &Ctx, gw: &WebsocketGateway) -> Service {
     let svc = &gw.spec.service;
@@ -14,9 +14,15 @@ pub(super) fn service(ctx: &Ctx, gw: &WebsocketGateway) -> Service {
         ServiceType::NodePort => "NodePort",
         ServiceType::LoadBalancer => "LoadBalancer",
     };
+    // Always set, so that turning ClientIP off again is applied (server-side apply).
+    let affinity = match svc.session_affinity {
+        SessionAffinity::None => "None",
+        SessionAffinity::ClientIP => "ClientIP",
+    };
     let mut service: Service = from_json(json!({
         "spec": {
             "type": type_,
+            "sessionAffinity": affinity,
             "selector": selector_labels(&ctx.name),
             "ports": [{
                 "name": "ws",
@@ -115,6 +121,30 @@ mod tests {
         );
         // Clients still reach the WebSocket port from anywhere.
         assert_eq!(rules_for(&np, CLIENT_PORT), vec![None]);
+    }
+
+    #[test]
+    fn session_affinity_is_none_unless_asked_for_client_ip() {
+        let affinity = |gw: &WebsocketGateway| {
+            build_with(gw, &Options::default())
+                .expect("builds")
+                .service
+                .spec
+                .and_then(|s| s.session_affinity)
+        };
+        // Set explicitly, so that going back from ClientIP is applied too.
+        assert_eq!(affinity(&gateway()).as_deref(), Some("None"));
+        let mut gw = gateway();
+        gw.spec.service.session_affinity = SessionAffinity::ClientIP;
+        assert_eq!(affinity(&gw).as_deref(), Some("ClientIP"));
+        // And from YAML, as a user writes it.
+        let gw: WebsocketGateway =
+            serde_yaml::from_str(&include_str!("../../tests/fixtures/minimal.yaml").replace(
+                "spec:\n",
+                "spec:\n  service:\n    sessionAffinity: ClientIP\n",
+            ))
+            .expect("parses");
+        assert_eq!(affinity(&gw).as_deref(), Some("ClientIP"));
     }
 
     #[test]
