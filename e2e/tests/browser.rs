@@ -1,7 +1,9 @@
 //! The browser client against a gateway on the node (issue 12): headless Debian Chromium runs a
 //! page that uses the built SDK (clients/js/dist) and connects through the gateway's Service
 //! with a JWT, subscribes to a resumable channel (a binding with history) while NATS messages
-//! are published at a steady rate, and, in turn:
+//! are published at a steady rate; a second page whose WebSocket is blocked does the same over
+//! the SSE fallback (the Service has `sessionAffinity: ClientIP`, so its stream and POSTs reach
+//! one pod). Then, in turn:
 //! 1. the relay process holding the page's connection is killed with SIGKILL (found from this
 //!    machine's pid namespace by its container's cgroup; kubelet restarts the container; on a
 //!    cluster whose processes this machine cannot see, the pod is force-deleted instead);
@@ -129,6 +131,7 @@ async fn scenario(client: &Client, ns: &str, script: &std::path::Path) -> Result
         .env("WSRELAY_E2E_SUBJECT", format!("{}.1", subject_prefix(ns)))
         .env("WSRELAY_E2E_CHANNEL", "feed.1")
         .env("WSRELAY_E2E_ROUNDS", "2")
+        .env("WSRELAY_E2E_SSE", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -150,14 +153,20 @@ async fn scenario(client: &Client, ns: &str, script: &std::path::Path) -> Result
         status.success(),
         "the browser script failed ({status}): {figures}"
     );
+    let clients = figures["clients"]
+        .as_array()
+        .context("FIGURES without clients")?;
     ensure!(
-        figures["lost"] == 0 && figures["duplicates"] == 0,
-        "{figures}"
+        clients.len() == 2,
+        "a WebSocket and an SSE client: {figures}"
     );
-    ensure!(
-        figures["resumes"].as_array().map(Vec::len) == Some(2),
-        "two disruptions felt: {figures}"
-    );
+    for c in clients {
+        ensure!(c["lost"] == 0 && c["duplicates"] == 0, "{c}");
+        ensure!(
+            c["resumes"].as_array().map(Vec::len) == Some(2),
+            "two disruptions felt: {c}"
+        );
+    }
     Ok(())
 }
 
@@ -181,11 +190,16 @@ async fn drive(client: &Client, ns: &str, child: &mut Script, deadline: Instant)
     }
 }
 
-/// The relay pod holding the page's connection (the only client).
+/// The relay pod holding the pages' connections (both come from this machine's address, which
+/// the Service's ClientIP affinity sends to one pod).
 async fn busiest_pod(client: &Client, ns: &str) -> Result<Pod> {
     let pods = gateway::relay_pods_by_connections(client, ns, GATEWAY).await?;
     let (pod, n) = pods.into_iter().next().context("no Ready relay pod")?;
-    ensure!(n > 0, "no relay pod has the page's connection");
+    // Both pages' connections (and the SSE page's POSTs) on one pod: the ClientIP affinity.
+    ensure!(
+        n == 2,
+        "the busiest relay pod has {n} connections, not both pages' (sessionAffinity: ClientIP)"
+    );
     Ok(pod)
 }
 
@@ -260,7 +274,8 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
             }],
             "limits": { "sendQueueLength": 2000 },
             "drain": { "gracePeriodSeconds": 5 },
-            "service": { "type": gateway::service_type(), "port": 80 },
+            // The SSE client's stream and POSTs must reach the same relay pod.
+            "service": { "type": gateway::service_type(), "port": 80, "sessionAffinity": "ClientIP" },
             "resources": { "requests": { "cpu": "10m", "memory": "16Mi" } }
         }
     }))?;

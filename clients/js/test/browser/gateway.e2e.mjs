@@ -2,7 +2,8 @@
 // e2e), which creates the gateway (a binding with history), runs this script, and disrupts the
 // relay pods when told to. Headless Debian Chromium loads test/browser/page.html, which uses the
 // built SDK (dist/esm), connects through the Service with a JWT and subscribes to a resumable
-// channel while this script publishes on NATS at a steady rate. Each round: the script prints
+// channel while this script publishes on NATS at a steady rate (with WSRELAY_E2E_SSE=1, a second
+// page whose WebSocket is blocked does the same over SSE + POST). Each round: the script prints
 // `DISRUPT <i>` once the page is subscribed and receiving, and the test answers `DISRUPTED <i>`
 // on stdin after it killed or deleted the relay pod holding the connection; the page must
 // reconnect by itself and resume with `recovered: true`. At the end every published message
@@ -16,6 +17,8 @@
 //   WSRELAY_E2E_SUBJECT   the NATS subject behind WSRELAY_E2E_CHANNEL
 //   WSRELAY_E2E_CHANNEL   the resumable channel the page subscribes to
 //   WSRELAY_E2E_ROUNDS    how many disruptions (default 1)
+//   WSRELAY_E2E_SSE       1: a second page whose WebSocket is blocked subscribes too, over the
+//                         SSE fallback (the Service needs sessionAffinity: ClientIP)
 import assert from "node:assert/strict";
 import { createInterface } from "node:readline";
 import { launchBrowser, natsClient, pageApi, sleep, startPageServer, waitFor } from "./harness.mjs";
@@ -31,6 +34,7 @@ const natsUrl = new URL(env("WSRELAY_E2E_NATS_URL"));
 const subject = env("WSRELAY_E2E_SUBJECT");
 const channel = env("WSRELAY_E2E_CHANNEL");
 const rounds = Number(env("WSRELAY_E2E_ROUNDS", "1"));
+const sse = env("WSRELAY_E2E_SSE", "0") === "1";
 /** Messages a second, and how many after the last resume before stopping. */
 const RATE = 20;
 const TAIL = 20;
@@ -47,17 +51,30 @@ try {
   nc = await natsClient(Number(natsUrl.port || 4222), natsUrl.hostname);
   pages = await startPageServer();
   browser = await launchBrowser();
-  const page = await browser.context.newPage();
-  page.on("pageerror", (e) => console.error("page error:", e));
-  await page.goto(pages.origin + "/");
-  await page.waitForFunction(() => window.T?.ready === true, null, { timeout: 20_000 });
-  const p = pageApi(page);
 
-  await p.open("gw", url, "eve");
-  const [connected] = await p.waitLog("connected through the Service", "gw", "connected", 1, 30_000);
-  await p.subscribe("gw", channel);
-  const [first] = await p.waitSubscribed("gw", channel, 1, 30_000);
-  assert.equal(first.resumable, true, `the channel is resumable: ${JSON.stringify(first)}`);
+  /** A page with one client subscribed to the channel; `blockWebSocket`: over SSE + POST. */
+  async function openClient(name, sub, blockWebSocket) {
+    const page = await browser.context.newPage();
+    page.on("pageerror", (e) => console.error("page error:", e));
+    if (blockWebSocket)
+      await page.addInitScript(() => {
+        window.WebSocket = function () {
+          throw new Error("WebSocket blocked by the test");
+        };
+      });
+    await page.goto(pages.origin + "/");
+    await page.waitForFunction(() => window.T?.ready === true, null, { timeout: 20_000 });
+    const p = pageApi(page);
+    await p.open(name, url, sub);
+    const [connected] = await p.waitLog(`${name} connected through the Service`, name, "connected", 1, 30_000);
+    assert.equal(connected.transport, blockWebSocket ? "sse" : "websocket", JSON.stringify(connected));
+    await p.subscribe(name, channel);
+    const [first] = await p.waitSubscribed(name, channel, 1, 30_000);
+    assert.equal(first.resumable, true, `the channel is resumable: ${JSON.stringify(first)}`);
+    return { name, p, first, transport: connected.transport, resumes: [] };
+  }
+  const clients = [await openClient("ws", "eve", false)];
+  if (sse) clients.push(await openClient("sse", "sam", true));
 
   let n = 0;
   let stopAt = MAX_MESSAGES;
@@ -72,43 +89,57 @@ try {
     }, 1000 / RATE);
   });
 
-  const resumes = [];
   for (let i = 1; i <= rounds; i++) {
-    await p.waitMessages("gw", channel, n >= 10 ? n - 5 : 10, 30_000); // receiving live
-    const before = (await p.log("gw", "disconnected")).length;
+    const before = [];
+    for (const c of clients) {
+      await c.p.waitMessages(c.name, channel, n >= 10 ? n - 5 : 10, 30_000); // receiving live
+      before.push((await c.p.log(c.name, "disconnected")).length);
+    }
     out(`DISRUPT ${i}`);
     await waitFor(`the test to answer DISRUPTED ${i}`, 180_000, () => answers.includes(`DISRUPTED ${i}`), 100);
-    const [d] = (await p.waitLog(`disconnected in round ${i}`, "gw", "disconnected", before + 1, 60_000)).slice(before);
-    const subs = await p.waitSubscribed("gw", channel, i + 1, 90_000);
-    const s = subs[i];
-    const connectedNow = (await p.log("gw", "connected")).at(-1);
-    resumes.push({ round: i, code: d.code, reconnectMs: connectedNow.at - d.at, recovered: s.recovered, transport: connectedNow.transport });
-    assert.equal(s.resubscribed, true);
-    assert.equal(s.recovering, true, "resubscribed with since");
-    assert.equal(s.recovered, true, `round ${i}: recovered: true (${JSON.stringify(s)})`);
-    assert.equal(s.epoch, first.epoch, "the same stream life");
-    console.error(`round ${i}: disconnected with ${d.code}, connected again after ${connectedNow.at - d.at} ms, recovered: ${s.recovered}`);
+    for (const [k, c] of clients.entries()) {
+      const { p, name } = c;
+      const [d] = (await p.waitLog(`${name} disconnected in round ${i}`, name, "disconnected", before[k] + 1, 60_000)).slice(before[k]);
+      const subs = await p.waitSubscribed(name, channel, i + 1, 90_000);
+      const s = subs[i];
+      const connectedNow = (await p.log(name, "connected")).at(-1);
+      c.resumes.push({ round: i, code: d.code, reconnectMs: connectedNow.at - d.at, recovered: s.recovered, transport: connectedNow.transport });
+      assert.equal(s.resubscribed, true);
+      assert.equal(s.recovering, true, `${name}: resubscribed with since`);
+      assert.equal(s.recovered, true, `${name}, round ${i}: recovered: true (${JSON.stringify(s)})`);
+      assert.equal(s.epoch, c.first.epoch, "the same stream life");
+      console.error(`round ${i}: ${name} (${connectedNow.transport}) disconnected with ${d.code}, connected again after ${connectedNow.at - d.at} ms, recovered: ${s.recovered}`);
+    }
   }
   stopAt = n + TAIL;
   await Promise.race([published, sleep(30_000)]);
   assert.equal(n, stopAt, "the publisher finished");
-  await p.waitMessages("gw", channel, n, 60_000);
-  await sleep(1000); // a late duplicate would show now
 
-  const got = await p.messages("gw", channel);
-  const pos = await p.positions("gw", channel);
-  const st = await p.stats("gw", channel);
-  const want = Array.from({ length: n }, (_, i) => i + 1);
-  const lost = want.filter((x) => !got.includes(x)).length;
-  const duplicates = got.length - new Set(got).size;
-  const figures = { messages: n, received: got.length, lost, duplicates, sdkDroppedDuplicates: st.duplicatesDropped, firstTransport: connected.transport, resumes };
+  const figures = { messages: n, clients: [] };
+  const failures = [];
+  for (const c of clients) {
+    const { p, name } = c;
+    await p.waitMessages(name, channel, n, 60_000).catch(() => {}); // counted below either way
+  }
+  await sleep(1000); // a late duplicate would show now
+  for (const c of clients) {
+    const { p, name } = c;
+    const got = await p.messages(name, channel);
+    const pos = await p.positions(name, channel);
+    const st = await p.stats(name, channel);
+    const want = Array.from({ length: n }, (_, i) => i + 1);
+    const lost = want.filter((x) => !got.includes(x)).length;
+    const duplicates = got.length - new Set(got).size;
+    const chainBreaks = pos.filter((q, i) => i > 0 && q.prev !== pos[i - 1].seq).length;
+    figures.clients.push({ name, transport: c.transport, received: got.length, lost, duplicates, chainBreaks, sdkDroppedDuplicates: st.duplicatesDropped, resumes: c.resumes });
+    if (lost) failures.push(`${name}: lost ${lost}`);
+    if (duplicates) failures.push(`${name}: ${duplicates} duplicates`);
+    if (got.join(",") !== want.join(",")) failures.push(`${name}: not 1..${n} in order`);
+    if (pos.length !== n || chainBreaks) failures.push(`${name}: ${pos.length} positions, ${chainBreaks} chain breaks`);
+    if (st.duplicatesDropped) failures.push(`${name}: the relays sent ${st.duplicatesDropped} messages twice`);
+  }
   out(`FIGURES ${JSON.stringify(figures)}`);
-  assert.equal(lost, 0, "nothing lost");
-  assert.equal(duplicates, 0, "nothing twice");
-  assert.deepEqual(got, want, "in publish order");
-  assert.equal(pos.length, n);
-  for (let i = 1; i < pos.length; i++) assert.equal(pos[i].prev, pos[i - 1].seq, `position chain at message ${i + 1}`);
-  assert.equal(st.duplicatesDropped, 0, "the relays sent nothing twice");
+  assert.deepEqual(failures, [], "every message once, in order, on every client");
   exitCode = 0;
 } catch (e) {
   console.error(e);
