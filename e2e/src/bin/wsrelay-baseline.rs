@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Result, bail};
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -144,7 +144,11 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = TcpListener::bind(args.listen).await?;
+        // The same listen backlog as the other servers (the kernel caps it at somaxconn).
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(args.listen.into())?;
+        let listener = socket.listen(65_535)?;
         let hub = Arc::new(Hub::default());
         loop {
             let (stream, _) = listener.accept().await?;
