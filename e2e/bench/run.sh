@@ -18,7 +18,7 @@
 #   BENCH_TRIALS     trials of broadcast-1k, broadcast-10k and personal-10k (default 3)
 #   BENCH_EXTRA_TRIALS  trials of the other workloads (default 1)
 #   BENCH_QUICK=1    one trial of each, 2-second steps (about a quarter of the time)
-#   BENCH_STEP_SECONDS  default 4 (2 with BENCH_QUICK)
+#   BENCH_STEP_SECONDS  default 3 (2 with BENCH_QUICK)
 #   BENCH_CORES      "<server core> <generator core>", default "0 1"
 #   BENCH_NICE       niceness of every benchmark process, default -15 (as root; 0 otherwise)
 #   BENCH_IDLE_CONNECTIONS  default 18000 (the per-process fd limit here is 20000)
@@ -31,14 +31,14 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${BENCH_OUT:-$root/target/bench}
 target_dir=${CARGO_TARGET_DIR:-$root/target}
-all_workloads="broadcast-1k broadcast-10k personal-10k channels-10k upstream-1k churn-1k storm-5k payload-64 payload-1k payload-16k payload-64k slow-1k wss-1k idle"
+all_workloads="broadcast-1k broadcast-10k personal-10k idle storm-5k slow-1k upstream-1k churn-1k channels-10k wss-1k payload-64 payload-64k payload-1k payload-16k"
 workloads=${BENCH_WORKLOADS:-$all_workloads}
 targets=${BENCH_TARGETS:-wsrelay nats-ws centrifugo baseline}
 quick=${BENCH_QUICK:-}
 trials=${BENCH_TRIALS:-$([ -n "$quick" ] && echo 1 || echo 3)}
 extra_trials=${BENCH_EXTRA_TRIALS:-1}
 idle_n=${BENCH_IDLE_CONNECTIONS:-18000}
-step=${BENCH_STEP_SECONDS:-$([ -n "$quick" ] && echo 2 || echo 4)}
+step=${BENCH_STEP_SECONDS:-$([ -n "$quick" ] && echo 2 || echo 3)}
 read -r server_core gen_core <<<"${BENCH_CORES:-0 1}"
 # Every benchmark process runs at this niceness (root only): on a machine shared with other
 # work, it keeps the pinned cores for the processes under measurement most of the time.

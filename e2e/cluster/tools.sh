@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the pinned Go binaries the test ground runs (kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl, etcd, nats-server;
-# on demand containerd and nodecheck for the node tier) from the Go module proxy into a
-# cache outside the checkout, and prints the directory.
+# on demand containerd and nodecheck for the node tier, Centrifugo for `make bench`) from the
+# Go module proxy into a cache outside the checkout, and prints the directory.
 #
 # Each wrapper module under e2e/cluster/go/ is one pin with its recipe (build.sh); its
 # binaries land in
