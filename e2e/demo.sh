@@ -34,7 +34,8 @@ if [ "${1:-}" = stop ]; then
 TEXT
 		helm uninstall "$release" --namespace "$release_ns" --wait --timeout 2m
 	fi
-	if kubectl get namespace "$ns" -l "$demo_label" -o name 2>/dev/null | grep -q .; then
+	# (kubectl refuses a name together with a label selector: read the label instead.)
+	if [ "$(kubectl get namespace "$ns" -o jsonpath='{.metadata.labels.wsrelay\.dev/demo}' 2>/dev/null)" = true ]; then
 		echo "== deleting the demo's namespace $ns" >&2
 		kubectl delete namespace "$ns" --wait --timeout=2m
 	fi
