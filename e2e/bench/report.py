@@ -325,8 +325,8 @@ def doc(runs, summary, d, images, path, step_seconds):
     p("")
     p("## Headline: CPU per delivery, server and its NATS together, at rates every peer sustained")
     p("")
-    p("CPU-µs per delivery = CPU time (user + system) of the server process and of the nats-server behind it over a")
-    p("step, divided by the messages delivered to clients in it. nats-server's WebSocket listener *is* the NATS server;")
+    p("CPU-µs per delivery = CPU time (user + system, `/proc/PID/stat`, 10 ms ticks) of the server process and of the")
+    p("nats-server behind it over a step, divided by the messages delivered to clients in it. nats-server's WebSocket listener *is* the NATS server;")
     p("the bare baseline has none. Median over trials, (min–max) when they differ. A rate appears when every peer's")
     p("median maximum sustained rate reached it. Ratio = peer's cost / wsrelay's cost (above 1: wsrelay does the same")
     p("work with less CPU).")
@@ -396,12 +396,24 @@ def doc(runs, summary, d, images, path, step_seconds):
         text = read(os.path.join(d, "config", name)).strip()
         if text:
             p(f"`{name}`" + (" (every nats-server of the run; the WebSocket block is what nats-ws clients use)" if name.startswith("nats") else
-                             " (every other option at its default; `centrifugo defaultconfig -b` prints them all: target/bench/config/centrifugo.effective.json)" if name.startswith("centrifugo") else
-                             " (every other limit at its default, see docs/crd.md)") + ":")
+                             " (every other option at its default)" if name.startswith("centrifugo") else
+                             " (every other limit at its default; wss runs add `tls: {certFile, keyFile}`)") + ":")
             p("")
             p(f"```{lang}")
             p(text)
             p("```")
+            p("")
+    for name, lang, what in (("wsrelay.effective.yaml", "yaml", "wsrelay's effective config (the file above as the relay reads it, every default filled in; printed by `wsrelay-effective-config`)"),
+                             ("centrifugo.effective.json", "json", "Centrifugo's effective config (`centrifugo defaultconfig -b centrifugo.json -d`: the file above with every default)")):
+        text = read(os.path.join(d, "config", name)).strip()
+        if text and not text.startswith("error"):
+            p(f"<details><summary>{what}</summary>")
+            p("")
+            p(f"```{lang}")
+            p(text)
+            p("```")
+            p("")
+            p("</details>")
             p("")
     p("## Method")
     p("")
@@ -462,16 +474,16 @@ def doc(runs, summary, d, images, path, step_seconds):
                   f"{rng(pe['p99_ms_at_max'], 1)} | {'; '.join(sorted(set(x or '–' for x in pe['stop_reasons'])))} |")
         p("")
         if e["shared_rates"]:
-            p(f"| rate ({unit}) | peer | CPU-µs per delivery incl. NATS (server alone) | generator CPU-µs per delivery | p50 ms | p99 ms | wsrelay's own p99 ms |")
-            p("|---:|---|---:|---:|---:|---:|---:|")
+            p(f"| rate ({unit}) | peer | CPU-µs per delivery incl. NATS | server alone | generator CPU-µs per delivery | p50 ms | p99 ms | wsrelay's own p99 ms |")
+            p("|---:|---|---:|---:|---:|---:|---:|---:|")
             for rate in e["shared_rates"]:
                 for t in TARGETS:
                     pe = e["peers"].get(t)
                     if not pe:
                         continue
                     a = pe["at_shared_rates"][str(rate)]
-                    own = f" ({rng(a['cpu_us_per_delivery'], 2)})" if t in ("wsrelay", "centrifugo") else ""
-                    p(f"| {fmt(rate)} | {LABEL[t]} | {rng(a['cpu_us_per_delivery_incl_nats'], 2)}{own} | {rng(a['generator_cpu_us_per_delivery'], 2)} | "
+                    own = rng(a['cpu_us_per_delivery'], 2) if t in ("wsrelay", "centrifugo") else ""
+                    p(f"| {fmt(rate)} | {LABEL[t]} | {rng(a['cpu_us_per_delivery_incl_nats'], 2)} | {own} | {rng(a['generator_cpu_us_per_delivery'], 2)} | "
                       f"{rng(a['p50_ms'], 2)} | {rng(a['p99_ms'], 2)} | {rng(a['relay_p99_ms'], 2) if t == 'wsrelay' else ''} |")
             p("")
         else:
@@ -559,7 +571,9 @@ def doc(runs, summary, d, images, path, step_seconds):
     p("`BENCH_WORKLOADS=smoke` checks the harness in about a minute; `BENCH_WORKLOADS`, `BENCH_TARGETS`, `BENCH_TRIALS`,")
     p("`BENCH_CORES` narrow or move a run; `BENCH_RELAY_BIN` measures another wsrelay binary (before/after). Raw results:")
     p("`target/bench/<workload>/<peer>.<trial>.json` (every step: CPU per process, core shares, latency, the relay's")
-    p("histogram, verdict and reason), `target/bench/summary.json`; plots copied to `docs/benchmarks/`.")
+    p("histogram, verdict and reason), `target/bench/summary.json`; plots copied to `docs/benchmarks/`. A before/after of")
+    p("the relay alone: `BENCH_TARGETS=wsrelay BENCH_NO_DOC=1 BENCH_OUT=target/bench-before BENCH_RELAY_BIN=<old binary>")
+    p("e2e/bench/run.sh`, the same with the new binary into another directory, then compare the two `summary.json`.")
     p("")
     with open(path, "w") as f:
         f.write("\n".join(L))

@@ -26,6 +26,7 @@
 #   BENCH_NO_DOC=1   do not rewrite docs/benchmarks.md
 #   BENCH_RELAY_BIN  a wsrelay binary to measure instead of the one built (before/after)
 #   BENCH_NO_BUILD=1 use the release binaries already in $CARGO_TARGET_DIR
+#   BENCH_CONFIG_ONLY=1  only write the peers' configs (target/bench/config/) and stop
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -53,7 +54,7 @@ log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 mkdir -p "$out/run" "$out/config"
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
 	log "building release binaries"
-	(cd "$root" && cargo build --release -q -p wsrelay -p wsrelay-e2e --bin wsrelay --bin wsrelay-load --bin wsrelay-baseline)
+	(cd "$root" && cargo build --release -q -p wsrelay -p wsrelay-e2e --bin wsrelay --bin wsrelay-load --bin wsrelay-baseline --bin wsrelay-effective-config)
 fi
 relay=${BENCH_RELAY_BIN:-$target_dir/release/wsrelay}
 load=$target_dir/release/wsrelay-load
@@ -270,14 +271,17 @@ run_one() { # workload target trial
 	sleep 1
 }
 
-# The configs as run (ports as placeholders) and the versions, for the document.
-np=NATS_PORT; wp=NATS_WS_PORT; sp=SERVER_PORT; ap=ADMIN_PORT
+# The configs as run and as each server reads them (every default filled in), with ports and
+# secrets replaced by placeholders, for the document.
+np=41001; wp=41002; sp=41003; ap=41004
 write_configs "$np" "$sp" "$ap"
-sed "s/$nats_token/<token>/g; s/$(cat "$secret")/<hs256 key>/g" "$run_dir/nats.conf" >"$out/config/nats-server.conf"
-sed "s/$nats_token/<token>/g" "$run_dir/wsrelay.yaml" >"$out/config/wsrelay.yaml"
-sed "s/$nats_token/<token>/g; s/$(cat "$secret")/<hs256 key>/g" "$run_dir/centrifugo.json" >"$out/config/centrifugo.json"
-"$centrifugo" defaultconfig -b "$run_dir/centrifugo.json" -d 2>/dev/null |
-	sed "s/$nats_token/<token>/g; s/$(cat "$secret")/<hs256 key>/g" >"$out/config/centrifugo.effective.json" || true
+scrub() { sed "s/$nats_token/<token>/g; s/$(cat "$secret")/<hs256 key>/g; s/41001/<nats port>/g; s/41002/<nats ws port>/g; s/41003/<server port>/g; s/41004/<admin port>/g"; }
+scrub <"$run_dir/nats.conf" >"$out/config/nats-server.conf"
+scrub <"$run_dir/wsrelay.yaml" >"$out/config/wsrelay.yaml"
+scrub <"$run_dir/centrifugo.json" >"$out/config/centrifugo.json"
+"$target_dir/release/wsrelay-effective-config" "$run_dir/wsrelay.yaml" | scrub >"$out/config/wsrelay.effective.yaml" || true
+"$centrifugo" defaultconfig -b "$run_dir/centrifugo.json" -d 2>/dev/null | scrub >"$out/config/centrifugo.effective.json" || true
+[ -z "${BENCH_CONFIG_ONLY:-}" ] || { log "configs in $out/config"; exit 0; }
 
 started=$SECONDS
 for w in $workloads; do rm -rf "${out:?}/$w"; done
