@@ -254,8 +254,12 @@ tar -C "$fs" --numeric-owner -c . | podman import \
 	--change 'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]' \
 	--change 'STOPSIGNAL SIGRTMIN+3' --change 'ENV container=docker' \
 	- "$image" >/dev/null 2>"$work/podman-import.log" || { cat "$work/podman-import.log" >&2; die "podman import failed"; }
-# Older builds of the node image go.
-podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/wsrelay/kind-node:' | grep -vx "$image" |
-	while read -r old; do podman rmi "$old" >/dev/null 2>&1 || true; done
+# Older builds of the node image go. (Not a grep pipeline: under pipefail, a grep that
+# matches nothing, as on the first build, would end the script with status 1, silently.)
+for old in $(podman images --format '{{.Repository}}:{{.Tag}}'); do
+	if [[ $old == localhost/wsrelay/kind-node:* && $old != "$image" ]]; then
+		podman rmi "$old" >/dev/null 2>&1 || true
+	fi
+done
 log "built $image in $((SECONDS - start))s"
 echo "$image"
