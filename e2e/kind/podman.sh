@@ -89,4 +89,9 @@ bridge_up() {
 
 bridge_down() {
 	if ip link show "$KIND_BRIDGE" >/dev/null 2>&1; then ip link del "$KIND_BRIDGE"; fi
+	# What podman's CNI plugins kept about the kind network on this machine (host-local's
+	# leases; libcni's results, removed with the node): the directories go when nothing else
+	# keeps files in them.
+	rm -rf "/var/lib/cni/networks/$KIND_NET"
+	rmdir /var/lib/cni/networks /var/lib/cni/results /var/lib/cni 2>/dev/null || true
 }

@@ -56,9 +56,16 @@ podman)
 esac
 log "provider: $provider"
 
+# The route to kind's pods (podSubnet) this script adds on this machine, see below. Routes it
+# adds carry this protocol number, and only those are ever removed.
+pod_subnet=$(awk '$1 == "podSubnet:" { print $2 }' "$here/cluster.yaml")
+route_proto=203
+pod_route_del() { if [ "$(id -u)" -eq 0 ]; then ip route flush exact "$pod_subnet" proto "$route_proto" || true; fi; }
+
 if [ "${1:-}" = delete ]; then
 	export PATH=$("$here/tools.sh" kind):$PATH
 	kind delete cluster --name "$name" >&2
+	pod_route_del
 	if [ "$provider" = podman ]; then bridge_down; fi
 	exit 0
 fi
@@ -114,6 +121,7 @@ fi
 
 # --- cluster ---------------------------------------------------------------------------------
 created_lib_modules=
+pod_route=
 cleanup() {
 	local rc=$?
 	if [ "${KIND_KEEP:-0}" = 1 ]; then
@@ -121,6 +129,7 @@ cleanup() {
 	else
 		log "deleting kind cluster $name"
 		timeout 120 kind delete cluster --name "$name" >&2 || log "kind delete cluster failed"
+		if [ -n "$pod_route" ]; then pod_route_del; fi
 		if [ "$provider" = podman ]; then bridge_down; fi
 	fi
 	if [ -n "$created_lib_modules" ]; then rmdir /lib/modules 2>/dev/null || true; fi
@@ -131,6 +140,20 @@ if [ "$provider" = podman ]; then
 	bridge_up
 	# kind bind-mounts the host's /lib/modules read-only into the node; this machine has none.
 	if [ ! -e /lib/modules ]; then mkdir /lib/modules && created_lib_modules=1; fi
+fi
+# The pods' addresses from this machine: the operator suite runs the operator here, and it
+# scrapes each relay pod's admin port at the pod's IP. This machine has no route to kind's
+# podSubnet, so those connections used to leave by the default route (and something beyond
+# it answered "426 Upgrade Required"). The range is unreachable until the node exists, then
+# routed to the node, which forwards to its pods; this machine only ends those connections,
+# it forwards nothing. Removed with the cluster.
+if [ "$(id -u)" -eq 0 ]; then
+	other=$(ip -4 route show exact "$pod_subnet" | grep -v "proto $route_proto" || true)
+	[ -z "$other" ] || die "this machine already routes kind's podSubnet $pod_subnet ($other): choose another in e2e/kind/cluster.yaml"
+	ip route replace unreachable "$pod_subnet" proto "$route_proto"
+	pod_route=1
+else
+	log "not root: no route to the pods ($pod_subnet); the operator suite's scrapes of the relay pods follow this machine's default route"
 fi
 if kind get clusters 2>/dev/null | grep -qx "$name"; then
 	log "kind cluster $name exists: deleting it first"
@@ -160,6 +183,10 @@ phase "installing NATS $nats_version"
 sed "s#NATS_IMAGE#$nats_image#" e2e/kind/nats.yaml | kubectl apply -f - >&2
 kubectl -n wsrelay-nats rollout status deploy/nats --timeout 180s >&2
 node_ip=$(kubectl get nodes -o jsonpath='{.items[0].status.addresses[?(@.type=="InternalIP")].address}')
+if [ -n "$pod_route" ]; then
+	ip route replace "$pod_subnet" via "$node_ip" proto "$route_proto"
+	log "pods ($pod_subnet) routed to the node: $(ip -4 route show exact "$pod_subnet")"
+fi
 
 export NATS_URL="nats://$node_ip:30422"
 export E2E_GATEWAY_NATS_URL="nats://nats.wsrelay-nats.svc:4222"
