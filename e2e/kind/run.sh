@@ -24,6 +24,10 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+# kind create/delete write the cluster into $KUBECONFIG and make it the current context; make
+# exports the local cluster's kubeconfig (.cluster/kubeconfig), which must stay untouched.
+mkdir -p "$root/.kind"
+export KUBECONFIG=$root/.kind/kind-cli.kubeconfig
 cd "$root"
 name=${KIND_CLUSTER:-wsrelay-e2e}
 log() { printf '[kind-e2e] %s\n' "$*" >&2; }
