@@ -499,7 +499,7 @@ def doc(runs, summary, d, images, path, step_seconds):
         p("once (nats-ws: the nats-server itself). Every client notices the drop, waits a uniform random time of up to")
         p("1 s, reconnects, authenticates and subscribes again (after a failed attempt it backs off with full jitter, 0.5 s")
         p("doubling to 8 s). \"Back after\" is from the first drop any client saw to that client's confirmed subscription;")
-        p("it includes the server's start. Then a 4-second check step at 10 msg/s counts what arrives. Plain channels: what")
+        p(f"it includes the server's start. Then a {step_seconds}-second check step at 10 msg/s counts what arrives. Plain channels: what")
         p("is published meanwhile is not replayed (wsrelay's resumable channels are tested by")
         p("`relay/tests/resume_storm.rs`, not here).")
         p("")
@@ -513,7 +513,7 @@ def doc(runs, summary, d, images, path, step_seconds):
                 da = s.get("delivery_after") or {}
                 p(f"| {LABEL[t]} | {fmt(s['clients'])} | {fmt(s['recovered'])} | {fmt(s['not_recovered'])} | {fmt(ra.get('p50_ms', 0) / 1000, 2)} | "
                   f"{fmt(ra.get('p99_ms', 0) / 1000, 2)} | {fmt(ra.get('max_ms', 0) / 1000, 2)} | {fmt(s['reconnect_attempts'])} | {fmt(s['reconnect_failures'])} | "
-                  f"{fmt((da.get('delivery_ratio') or 0) * 100, 1)}% |")
+                  f"{fmt(da['delivery_ratio'] * 100, 1) + '%' if 'delivery_ratio' in da else '– (' + da.get('error', 'not measured')[:60] + ')'} |")
         p("")
     if summary["slow"]:
         p("## Slow consumers (slow-1k)")

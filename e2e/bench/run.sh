@@ -237,13 +237,14 @@ run_one() { # workload target trial
 	local pid_args=(--pid "server=$server_pid")
 	[ -z "$nats_pid" ] || [ "$server_pid" = "$nats_pid" ] || pid_args+=(--pid "nats=$nats_pid")
 	[ "$t" != wsrelay ] || pid_args+=(--metrics "127.0.0.1:$ap")
-	local storm=()
+	local storm=() step_args=(--step-seconds "$step")
+	[[ $wargs != *--step-seconds* ]] || step_args=()
 	[[ $w != storm-* ]] || { rm -f "$run_dir/ready"; storm=(--ready-file "$run_dir/ready"); }
 	log "$w against $t (trial $trial)"
 	# shellcheck disable=SC2086
 	"${on_gen_core[@]}" "$load" --target "$t" $wargs --server "127.0.0.1:$sp" --path "$path" \
 		--nats "127.0.0.1:${np}" --nats-token "$nats_token" --jwt-secret-file "$secret" \
-		--sources 32 --step-seconds "$step" --p99-limit-ms "$limit" "${pid_args[@]}" "${storm[@]}" "${tls_args[@]}" \
+		--sources 32 "${step_args[@]}" --p99-limit-ms "$limit" "${pid_args[@]}" "${storm[@]}" "${tls_args[@]}" \
 		--clk-tck "$clk_tck" --max-seconds 400 --out "$json.tmp" 2>>"$run_dir/$cur.load.log" &
 	local load_pid=$!
 	if [ ${#storm[@]} -gt 0 ]; then
@@ -300,7 +301,8 @@ done
 log "all runs done in $((SECONDS - started))s"
 
 {
-	printf 'wsrelay %s\n' "$(cd "$root" && git rev-parse --short HEAD)$(cd "$root" && git diff --quiet -- relay || echo '+dirty')"
+	printf 'wsrelay %s, binary %s sha256 %.16s built %s\n' "$(cd "$root" && git rev-parse --short HEAD)$(cd "$root" && git diff --quiet -- relay || echo '+dirty')" \
+		"${relay#"$root"/}" "$(sha256sum "$relay" | cut -d' ' -f1)" "$(date -u -r "$relay" '+%Y-%m-%d %H:%M UTC')"
 	"$nats_server" --version
 	"$centrifugo" version
 	rustc --version

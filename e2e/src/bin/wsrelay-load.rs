@@ -814,6 +814,10 @@ async fn client(
             }
             End::Lost => {
                 shared.lost.fetch_add(1, Ordering::Relaxed);
+                // Later steps expect nothing for it.
+                if args.subscribes_at_connect() {
+                    shared.subscribers[args.subject_index(i)].fetch_sub(1, Ordering::Relaxed);
+                }
                 return;
             }
         }
@@ -1195,7 +1199,9 @@ impl Runner {
                 }
             }
         }
-        if let (Some(mut p), Some((mut f, _))) = (pass, fail.clone()) {
+        // Bisecting on fewer connections than the ladder had would measure something else.
+        let lost = self.shared.lost.load(Ordering::Relaxed) > 0;
+        if let (Some(mut p), Some((mut f, _)), false) = (pass, fail.clone(), lost) {
             for _ in 0..args.refine {
                 let m = ((p * f).sqrt()).round();
                 if m <= p || m >= f {
