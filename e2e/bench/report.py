@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 
@@ -514,6 +515,29 @@ def doc(runs, summary, d, images, path, step_seconds):
                 p(f"| {LABEL[t]} | {fmt(s['clients'])} | {fmt(s['recovered'])} | {fmt(s['not_recovered'])} | {fmt(ra.get('p50_ms', 0) / 1000, 2)} | "
                   f"{fmt(ra.get('p99_ms', 0) / 1000, 2)} | {fmt(ra.get('max_ms', 0) / 1000, 2)} | {fmt(s['reconnect_attempts'])} | {fmt(s['reconnect_failures'])} | "
                   f"{fmt(da['delivery_ratio'] * 100, 1) + '%' if 'delivery_ratio' in da else '– (' + da.get('error', 'not measured')[:60] + ')'} |")
+        p("")
+    resume_storm = os.path.join(d, "resume-storm.txt")
+    if os.path.exists(resume_storm):
+        line = read(resume_storm).strip()
+        p("## Reconnect storm on resumable channels (wsrelay)")
+        p("")
+        p("`relay/tests/resume_storm.rs`, run by this script in release: 5,000 clients on resumable channels")
+        p("(history) of one relay, a publisher running; the relay is killed with SIGKILL and another one started;")
+        p("every client reconnects and subscribes with its last position. Lost must be 0 (the test fails")
+        p("otherwise). \"Caught up\" is from the kill to the client holding the last message published;")
+        p("JetStream reads are what the new relay asked of the stream (load: one per channel's ring).")
+        p("")
+        m = re.match(r"storm: (\d+) clients, (\d+) messages \((\d+) before the kill\), lost (\d+), doubled (\d+), "
+                     r"not recovered (\d+); caught up after the kill p50 ([\d.]+) s, p99 ([\d.]+) s, max ([\d.]+) s; "
+                     r"relay B JetStream reads: load ([\d.]+), check ([\d.]+), fill ([\d.]+)", line)
+        if m:
+            g = m.groups()
+            p("| clients | messages | lost | doubled | not recovered | caught up p50 s | p99 s | max s | JetStream reads (load, check, fill) |")
+            p("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            p(f"| {fmt(int(g[0]))} | {fmt(int(g[1]))} | {g[3]} | {g[4]} | {g[5]} | {g[6]} | {g[7]} | {g[8]} | "
+              f"{int(float(g[9]))}, {int(float(g[10]))}, {int(float(g[11]))} |")
+        else:
+            p(f"Not measured in this run: {line or 'no figures printed'}")
         p("")
     if summary["slow"]:
         p("## Slow consumers (slow-1k)")

@@ -300,6 +300,20 @@ for w in $workloads; do
 done
 log "all runs done in $((SECONDS - started))s"
 
+# Resumable channels (issue 11): 5,000 clients on resumable channels of one relay, the relay
+# SIGKILLed and another started; every client resumes from its last position. The relay's
+# own storm test measures it (lost must be 0; time until all caught up; JetStream reads).
+if [ -z "${BENCH_NO_RESUME_STORM:-}" ] && [[ " $workloads " == *" storm-5k "* ]]; then
+	log "resumable storm: relay/tests/resume_storm.rs (5,000 clients)"
+	if (cd "$root" && cargo test --release -q -p wsrelay --test resume_storm -- --ignored --nocapture) \
+		>"$out/resume-storm.log" 2>&1; then
+		grep '^storm: .*, lost ' "$out/resume-storm.log" >"$out/resume-storm.txt" || true
+	else
+		log "resumable storm failed: $out/resume-storm.log"
+		printf 'failed: see %s\n' "$out/resume-storm.log" >"$out/resume-storm.txt"
+	fi
+fi
+
 {
 	printf 'wsrelay %s, binary %s sha256 %.16s built %s\n' "$(cd "$root" && git rev-parse --short HEAD)$(cd "$root" && git diff --quiet -- relay || echo '+dirty')" \
 		"${relay#"$root"/}" "$(sha256sum "$relay" | cut -d' ' -f1)" "$(date -u -r "$relay" '+%Y-%m-%d %H:%M UTC')"
