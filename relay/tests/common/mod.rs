@@ -68,6 +68,13 @@ pub struct Nats {
 
 impl Nats {
     pub fn start() -> Self {
+        // The port free_port() saw can be taken before nats-server binds it (tests run in
+        // parallel): then try another.
+        for _ in 0..4 {
+            if let Some(nats) = Self::try_start_with(free_port(), &[]) {
+                return nats;
+            }
+        }
         Self::start_on(free_port())
     }
 
@@ -77,7 +84,15 @@ impl Nats {
 
     /// With extra nats-server arguments (auth, TLS).
     pub fn start_with(port: u16, extra: &[&str]) -> Self {
-        let child = Command::new(nats_server_bin())
+        Self::try_start_with(port, extra).unwrap_or_else(|| {
+            panic!("nats-server could not listen on {port}: taken by another process")
+        })
+    }
+
+    /// Starts nats-server on `port`; `None` when it exited instead (the port was taken: what
+    /// answers there is someone else's server).
+    pub fn try_start_with(port: u16, extra: &[&str]) -> Option<Self> {
+        let mut child = Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .args(extra)
             .stdout(Stdio::null())
@@ -86,16 +101,25 @@ impl Nats {
             .expect("spawn nats-server");
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not listen on {port}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self {
+        // Something listens; it is ours only if ours is still running (a server that could
+        // not bind exits at once).
+        std::thread::sleep(Duration::from_millis(100));
+        if child.try_wait().ok().flatten().is_some() {
+            return None;
+        }
+        Some(Self {
             port,
             child: Some(child),
-        }
+        })
     }
 
     pub fn url(&self) -> String {
