@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -277,4 +277,48 @@ pub async fn relay_pods_by_connections(
     }
     out.sort_by_key(|(p, n)| (-n, p.name_any()));
     Ok(out)
+}
+
+/// The containerd id of the pod's (only) container.
+pub fn container_id(pod: &Pod) -> Result<String> {
+    let id = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.container_id.clone())
+        .context("pod without a container id")?;
+    Ok(id.rsplit("://").next().unwrap_or(&id).to_string())
+}
+
+/// The pid, in this machine's pid namespace, of the process named `comm` whose cgroup is the
+/// container's. The node's processes live in a pid namespace below this one, so they are
+/// visible here; the cgroup path names the container id, so nothing else can match.
+pub fn host_pid_of(container: &str, comm: &str) -> Result<u32> {
+    ensure!(
+        container.len() >= 12,
+        "container id {container:?} is too short to match on"
+    );
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            continue;
+        };
+        if !cgroup.contains(container) {
+            continue;
+        }
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if name.trim() == comm {
+            found.push(pid);
+        }
+    }
+    match found.as_slice() {
+        [pid] => Ok(*pid),
+        [] => bail!("no process {comm} in a cgroup of container {container}"),
+        many => bail!("several processes {comm} in container {container}: {many:?}"),
+    }
 }

@@ -207,7 +207,7 @@ async fn busiest_pod(client: &Client, ns: &str) -> Result<Pod> {
 /// the pod when this machine cannot see the node's processes (not root, or not the local node).
 async fn kill_busiest_relay(client: &Client, ns: &str) -> Result<String> {
     let victim = busiest_pod(client, ns).await?;
-    let pid = container_id(&victim).and_then(|c| host_pid_of(&c, "wsrelay"));
+    let pid = gateway::container_id(&victim).and_then(|c| gateway::host_pid_of(&c, "wsrelay"));
     match pid {
         Ok(pid) => {
             let mut kill = Command::new("kill");
@@ -356,49 +356,5 @@ impl Script {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-}
-
-/// The containerd id of the pod's (only) container.
-fn container_id(pod: &Pod) -> Result<String> {
-    let id = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|c| c.first())
-        .and_then(|c| c.container_id.clone())
-        .context("pod without a container id")?;
-    Ok(id.rsplit("://").next().unwrap_or(&id).to_string())
-}
-
-/// The pid, in this machine's pid namespace, of the process named `comm` whose cgroup is the
-/// container's (as tests/chaos.rs does: the node's processes live in a pid namespace below
-/// this one, and the cgroup path names the container id).
-fn host_pid_of(container: &str, comm: &str) -> Result<u32> {
-    ensure!(
-        container.len() >= 12,
-        "container id {container:?} is too short to match on"
-    );
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-            continue;
-        };
-        if !cgroup.contains(container) {
-            continue;
-        }
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if name.trim() == comm {
-            found.push(pid);
-        }
-    }
-    match found.as_slice() {
-        [pid] => Ok(*pid),
-        [] => bail!("no process {comm} in a cgroup of container {container}"),
-        many => bail!("several processes {comm} in container {container}: {many:?}"),
     }
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -221,8 +221,8 @@ async fn scenario(client: &Client, ns: &str) -> Result<()> {
     let from = published.heads();
     let victim = busiest_pod(client, ns, "(c)").await?;
     let restarts = restart_count(&victim);
-    let container = container_id(&victim)?;
-    let pid = host_pid_of(&container, "wsrelay")?;
+    let container = gateway::container_id(&victim)?;
+    let pid = gateway::host_pid_of(&container, "wsrelay")?;
     let t = Instant::now();
     let mut kill = std::process::Command::new("kill");
     kill.args(["-KILL", &pid.to_string()]);
@@ -396,48 +396,4 @@ fn restart_count(pod: &Pod) -> i32 {
         .as_ref()
         .and_then(|s| s.container_statuses.as_ref())
         .map_or(0, |c| c.iter().map(|c| c.restart_count).sum())
-}
-
-/// The containerd id of the pod's (only) container.
-fn container_id(pod: &Pod) -> Result<String> {
-    let id = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|c| c.first())
-        .and_then(|c| c.container_id.clone())
-        .context("pod without a container id")?;
-    Ok(id.rsplit("://").next().unwrap_or(&id).to_string())
-}
-
-/// The pid, in this machine's pid namespace, of the process named `comm` whose cgroup is the
-/// container's. The node's processes live in a pid namespace below this one, so they are
-/// visible here; the cgroup path names the container id, so nothing else can match.
-fn host_pid_of(container: &str, comm: &str) -> Result<u32> {
-    ensure!(
-        container.len() >= 12,
-        "container id {container:?} is too short to match on"
-    );
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-            continue;
-        };
-        if !cgroup.contains(container) {
-            continue;
-        }
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if name.trim() == comm {
-            found.push(pid);
-        }
-    }
-    match found.as_slice() {
-        [pid] => Ok(*pid),
-        [] => bail!("no process {comm} in a cgroup of container {container}"),
-        many => bail!("several processes {comm} in container {container}: {many:?}"),
-    }
 }
