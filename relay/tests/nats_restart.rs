@@ -225,9 +225,9 @@ async fn nats_credentials_and_tls_from_files() {
         ),
     ];
     for (args, set, scheme) in cases {
-        let port = free_port();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let _nats = Nats::start_with(port, &args);
+        let nats = Nats::start_args(&args);
+        let port = nats.port;
         let mut c = base_config(&format!("{scheme}://127.0.0.1:{port}"));
         set(&mut c);
         c.validate().unwrap();
@@ -243,8 +243,8 @@ async fn nats_credentials_and_tls_from_files() {
         relay.drain().await;
     }
     // Wrong credentials: the relay runs but never becomes ready.
-    let port = free_port();
-    let _nats = Nats::start_with(port, &["--auth", "other"]);
+    let nats = Nats::start_args(&["--auth", "other"]);
+    let port = nats.port;
     let mut c = base_config(&format!("nats://127.0.0.1:{port}"));
     c.nats.credentials.token_file = Some(dir.join("token"));
     let relay = wsrelay::process::start(c).await.unwrap();

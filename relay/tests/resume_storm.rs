@@ -94,7 +94,7 @@ async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
     let dir = std::env::temp_dir().join(format!("wsrelay-storm-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let nats = Nats::start_with(free_port(), &["-js", "-sd", dir.to_str().unwrap()]);
+    let nats = Nats::start_args(&["-js", "-sd", dir.to_str().unwrap()]);
 
     // Relay A: a process of its own, to be killed.
     let mut ca = config(&nats.url());

@@ -3,7 +3,7 @@
 //! bounded.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -67,59 +67,88 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// On a port nats-server picks itself (`-p -1`): no other process can take it between
+    /// the choice and the bind, as one could a port `free_port` saw free.
     pub fn start() -> Self {
-        // The port free_port() saw can be taken before nats-server binds it (tests run in
-        // parallel): then try another.
-        for _ in 0..4 {
-            if let Some(nats) = Self::try_start_with(free_port(), &[]) {
-                return nats;
-            }
-        }
-        Self::start_on(free_port())
+        Self::start_args(&[])
     }
 
+    /// Like [`Nats::start`], with extra nats-server arguments (auth, TLS, JetStream).
+    pub fn start_args(extra: &[&str]) -> Self {
+        Self::spawn("-1", extra).unwrap_or_else(|log| panic!("nats-server did not start:\n{log}"))
+    }
+
+    /// On `port`, e.g. to start again where a stopped server listened.
     pub fn start_on(port: u16) -> Self {
         Self::start_with(port, &[])
     }
 
-    /// With extra nats-server arguments (auth, TLS).
+    /// On `port`, with extra nats-server arguments (auth, TLS).
     pub fn start_with(port: u16, extra: &[&str]) -> Self {
-        Self::try_start_with(port, extra).unwrap_or_else(|| {
-            panic!("nats-server could not listen on {port}: taken by another process")
-        })
+        Self::try_start_with(port, extra)
+            .unwrap_or_else(|log| panic!("nats-server could not start on {port}:\n{log}"))
     }
 
-    /// Starts nats-server on `port`; `None` when it exited instead (the port was taken: what
-    /// answers there is someone else's server).
-    pub fn try_start_with(port: u16, extra: &[&str]) -> Option<Self> {
+    /// Starts nats-server on `port`; `Err(its log)` when it exited instead (the port was
+    /// taken: what answers there is someone else's server).
+    pub fn try_start_with(port: u16, extra: &[&str]) -> Result<Self, String> {
+        Self::spawn(&port.to_string(), extra)
+    }
+
+    /// Starts nats-server and waits for its own log to say it is ready, and on which port.
+    /// A connect to the port cannot tell this server from another test's that took the port
+    /// first (this one then exits, but maybe only after a check had found it alive).
+    fn spawn(port: &str, extra: &[&str]) -> Result<Self, String> {
+        use std::io::{BufRead, BufReader};
         let mut child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-a", "127.0.0.1", "-p", port])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn nats-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if child.try_wait().ok().flatten().is_some() {
-                return None;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel::<Result<u16, String>>();
+        // Reads the log to its end (the server's exit), so that it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            let (mut log, mut listening) = (String::new(), None);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.is_none() {
+                    continue;
+                }
+                log.push_str(&line);
+                log.push('\n');
+                if let Some(at) = line.split("Listening for client connections on ").nth(1) {
+                    listening = at.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+                }
+                if line.contains("Server is ready")
+                    && let Some(port) = listening
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(Ok(port));
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            if let Some(tx) = tx {
+                let _ = tx.send(Err(log));
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(port)) => Ok(Self {
+                port,
+                child: Some(child),
+            }),
+            Ok(Err(log)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(log)
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nats-server (port {port}) was not ready within 30 s")
+            }
         }
-        // Something listens; it is ours only if ours is still running (a server that could
-        // not bind exits at once).
-        std::thread::sleep(Duration::from_millis(100));
-        if child.try_wait().ok().flatten().is_some() {
-            return None;
-        }
-        Some(Self {
-            port,
-            child: Some(child),
-        })
     }
 
     pub fn url(&self) -> String {
@@ -319,6 +348,32 @@ pub async fn drain_messages(ws: &mut Ws, quiet: Duration) -> Vec<Value> {
         }
     }
     out
+}
+
+/// Waits for `n` message frames (skipping other frames), at most `within` in all; returns
+/// those that came. Delivery is asynchronous (NATS, the hub, the client's outbox): a loaded
+/// machine can take seconds, so expected messages are awaited, never assumed to come within
+/// a short quiet period. Pair it with [`drain_messages`] to check that nothing more comes.
+pub async fn expect_messages(ws: &mut Ws, n: usize, within: Duration) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match next_event(ws, left).await {
+            Got::Json(v) if v["type"] == "message" => out.push(v),
+            Got::Json(_) => {}
+            Got::Closed(_) | Got::Timeout => break,
+        }
+    }
+    out
+}
+
+/// The `n` message frames a client is waiting for (bounded: 20 s), then any that follow
+/// within a short quiet period: for asserting that exactly these came.
+pub async fn messages_then_quiet(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut got = expect_messages(ws, n, Duration::from_secs(20)).await;
+    got.extend(drain_messages(ws, Duration::from_millis(300)).await);
+    got
 }
 
 /// HTTP GET on the admin port; (status, body).
