@@ -161,7 +161,7 @@ async fn a_writer_blocked_mid_ping_is_released() {
     // The peer stops taking bytes before the first ping (1 s): the writer blocks in it.
     frozen.store(true, Ordering::SeqCst);
     assert_eq!(relay.connections().len(), 1);
-    let ended = tokio::time::timeout(Duration::from_secs(10), task).await;
+    let ended = tokio::time::timeout(Duration::from_secs(20), task).await;
     assert!(ended.is_ok(), "the connection task is still blocked");
     assert_eq!(relay.connections().len(), 0);
     assert_eq!(
@@ -203,13 +203,30 @@ async fn a_client_that_stops_reading_is_released_by_the_write_deadline() {
         .await,
         "the stuck client still counts as a connection"
     );
-    assert_eq!(
+    // Let go by the write deadline, which the relay enforces twice with the same duration:
+    // its own timer on the blocked write (`write_timeout`), and the socket's TCP user
+    // timeout, which makes the kernel abort a connection whose peer keeps a zero window
+    // (the write then fails: `write_error`). Which one fires first is a race (a loaded
+    // machine delays the relay's timer): either is the deadline at work.
+    let closes: Vec<String> = http_get(admin, "/metrics")
+        .await
+        .1
+        .lines()
+        .filter(|l| l.starts_with("wsrelay_connections_closed_total"))
+        .map(str::to_owned)
+        .collect();
+    let closed = |reason: &'static str| async move {
         metric(
             admin,
-            "wsrelay_connections_closed_total{reason=\"write_timeout\"}"
+            &format!("wsrelay_connections_closed_total{{reason=\"{reason}\"}}"),
         )
-        .await,
-        Some(1.0)
+        .await
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        closed("write_timeout").await + closed("write_error").await,
+        1.0,
+        "{closes:?}"
     );
     drop(stuck);
     relay.drain().await;
@@ -230,7 +247,7 @@ async fn two_channels_on_one_subject_are_independent() {
     let nc = nats.client().await;
     nc.publish("orders.1", "m1".into()).await.unwrap();
     nc.flush().await.unwrap();
-    let got = drain_messages(&mut ws, Duration::from_millis(500)).await;
+    let got = messages_then_quiet(&mut ws, 2).await;
     let mut channels: Vec<&str> = got.iter().map(|m| m["channel"].as_str().unwrap()).collect();
     channels.sort_unstable();
     assert_eq!(channels, ["o.1", "orders.1"], "{got:?}");
@@ -242,7 +259,7 @@ async fn two_channels_on_one_subject_are_independent() {
     assert_eq!(r["type"], "ok");
     nc.publish("orders.1", "m2".into()).await.unwrap();
     nc.flush().await.unwrap();
-    let got = drain_messages(&mut ws, Duration::from_millis(500)).await;
+    let got = messages_then_quiet(&mut ws, 1).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["channel"], "orders.1");
     assert_eq!(got[0]["text"], "m2");
@@ -269,7 +286,7 @@ async fn an_overlong_subject_is_refused_and_nats_stays_up() {
     let nc = nats.client().await;
     nc.publish("public.news", "hi".into()).await.unwrap();
     nc.flush().await.unwrap();
-    let got = drain_messages(&mut ws, Duration::from_millis(500)).await;
+    let got = messages_then_quiet(&mut ws, 1).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(
         metric(admin, "wsrelay_nats_disconnects_total").await,
@@ -303,7 +320,7 @@ async fn a_subscription_nats_refuses_is_reported_and_removed() {
 }
 "#,
     );
-    let nats = Nats::start_with(free_port(), &["-c", conf.to_str().unwrap()]);
+    let nats = Nats::start_args(&["-c", conf.to_str().unwrap()]);
     let mut c = base_config(&format!("nats://127.0.0.1:{}", nats.port));
     c.nats.credentials.user_file = Some(write_temp("user", "relay"));
     c.nats.credentials.password_file = Some(write_temp("password", "relaypw"));
@@ -331,7 +348,7 @@ async fn a_subscription_nats_refuses_is_reported_and_removed() {
             assert_eq!(r["code"], 503, "round {round}: {r}");
         }
         assert!(
-            eventually(Duration::from_secs(5), || async {
+            eventually(Duration::from_secs(20), || async {
                 metric(admin, "wsrelay_nats_subscriptions ").await == Some(0.0)
             })
             .await,
@@ -347,7 +364,7 @@ async fn a_subscription_nats_refuses_is_reported_and_removed() {
         assert_eq!(r["code"], 404, "round {round}: {r}");
         nc.publish("public.y", "ok".into()).await.unwrap();
         nc.flush().await.unwrap();
-        let got = drain_messages(&mut ws, Duration::from_millis(500)).await;
+        let got = messages_then_quiet(&mut ws, 1).await;
         assert_eq!(got.len(), 1, "round {round}: {got:?}");
     }
     relay.drain().await;
@@ -376,7 +393,7 @@ async fn max_connections_survives_lowering_and_raising() {
     assert_eq!(connect_with(addr, "", &[]).await.err(), Some(503));
     drop(open.pop());
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(20), || async {
             metric(relay.admin_addr, "wsrelay_connections ").await == Some(2.0)
         })
         .await
