@@ -213,9 +213,11 @@ async fn drop_oldest_under_the_byte_limit_counts_every_message() {
     let (good_count, good_task) = count_messages(good);
     let total = 2_000u64;
     publish_paced(&nc, "public.t", total as usize, &good_count).await;
+    // Until every message is accounted for (bounded): a quiet period is no proof that
+    // nothing more comes on a loaded machine.
     let (mut seen, mut dropped) = (0u64, 0u64);
-    loop {
-        match next_event(&mut slow, Duration::from_secs(2)).await {
+    while seen + dropped < total {
+        match next_event(&mut slow, Duration::from_secs(20)).await {
             Got::Json(v) if v["type"] == "dropped" => dropped += v["count"].as_u64().unwrap(),
             Got::Json(v) if v["type"] == "message" => seen += 1,
             Got::Json(_) => {}
@@ -289,7 +291,7 @@ async fn connections_per_client_address_with_and_without_a_trusted_proxy() {
     // A closed connection frees its address's slot.
     drop(a1);
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(20), || async {
             metric(admin, "wsrelay_connections ").await == Some(2.0)
         })
         .await
@@ -358,7 +360,7 @@ async fn connections_per_token_subject() {
     );
     drop(a1);
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(20), || async {
             connect_with(addr, &alice, &[]).await.is_ok()
         })
         .await,
@@ -384,7 +386,7 @@ async fn handshakes_in_flight_are_capped() {
         stalled.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(20), || async {
             metric(admin, "wsrelay_handshakes_in_flight ").await == Some(3.0)
         })
         .await
@@ -409,7 +411,7 @@ async fn handshakes_in_flight_are_capped() {
     // A stalled client that leaves gives its slot back.
     drop(stalled.pop());
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(20), || async {
             metric(admin, "wsrelay_handshakes_in_flight ").await == Some(2.0)
         })
         .await
@@ -512,7 +514,7 @@ async fn one_rate_limit_over_subscribe_unsubscribe_and_publish() {
     assert!(f.limited >= 9, "{f:?}");
     assert!(f.ok + f.other + f.limited < 200, "{f:?}");
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(20), || async {
             metric(admin, "wsrelay_nats_subscriptions ").await == Some(0.0)
         })
         .await,
@@ -613,7 +615,9 @@ async fn jwks_stale_keys_serve_handshakes_while_one_background_refresh_runs() {
     init_logs();
     let nats = Nats::start();
     let jwks = std::fs::read_to_string(fixture("jwks.json")).unwrap();
-    let delay = Arc::new(AtomicUsize::new(3_000));
+    // A refresh much longer than five handshakes can take on a loaded machine, so that
+    // handshakes that waited for it cannot be mistaken for ones that did not.
+    let delay = Arc::new(AtomicUsize::new(20_000));
     let (jwks_addr, hits, server) = jwks_server(jwks, delay).await;
     let c = jwks_config(&nats.url(), format!("http://{jwks_addr}/jwks.json"), 1);
     c.validate().unwrap();
@@ -622,7 +626,7 @@ async fn jwks_stale_keys_serve_handshakes_while_one_background_refresh_runs() {
     let token = format!("?token={}", rs_token("test-rsa"));
     assert!(connect_with(addr, &token, &[]).await.is_ok());
     assert_eq!(hits.load(Ordering::SeqCst), 1);
-    // The set is now stale (1 s); its refresh takes 3 s. Handshakes meanwhile are served
+    // The set is now stale (1 s); its refresh takes 20 s. Handshakes meanwhile are served
     // from the stale set at once, and start one refresh between them, not one each.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let t0 = Instant::now();
@@ -631,11 +635,11 @@ async fn jwks_stale_keys_serve_handshakes_while_one_background_refresh_runs() {
     }
     let took = t0.elapsed();
     assert!(
-        took < Duration::from_millis(2_500),
+        took < Duration::from_secs(15),
         "handshakes waited for the refresh: {took:?}"
     );
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(20), || async {
             hits.load(Ordering::SeqCst) == 2
         })
         .await
@@ -727,9 +731,10 @@ async fn drain_waits_before_the_first_close() {
     let mut ws = connect(addr, "").await;
     let t0 = Instant::now();
     let drained = tokio::spawn(relay.drain());
-    // At once: not ready, new connections refused.
+    // At once: not ready, new connections refused (bounded well within the 2 s delay
+    // before the first close).
     assert!(
-        eventually(Duration::from_secs(1), || async {
+        eventually(Duration::from_millis(1_500), || async {
             http_get(admin, "/ready").await.0 == 503
         })
         .await
