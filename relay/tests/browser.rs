@@ -253,7 +253,17 @@ async fn the_documented_browser_example_receives_its_messages_in_chromium() {
         .await
         .unwrap();
     nc.flush().await.unwrap();
+    // Until the last message's report (bounded): the page reports each message with its
+    // own request, so reports can come late and in any order; then briefly, for stragglers.
     let mut rest = Vec::new();
+    let deadline = tokio::time::Instant::now() + BROWSER_WAIT;
+    while !rest.contains(&json!({"last": 1})) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match next_report(&mut reports, left).await {
+            Some(r) => rest.push(r["payload"].clone()),
+            None => break,
+        }
+    }
     while let Some(r) = next_report(&mut reports, Duration::from_millis(700)).await {
         rest.push(r["payload"].clone());
     }
