@@ -155,9 +155,10 @@ async fn sigterm_drains_every_client_across_the_grace_period() {
     )
     .unwrap();
 
-    // Readiness goes false at once and new clients are refused.
+    // Readiness goes false at once and new clients are refused (bounded well within the
+    // grace period, after which the admin port is gone).
     assert!(
-        eventually(Duration::from_secs(2), || async {
+        eventually(Duration::from_secs(4), || async {
             http_get(relay.admin, "/ready").await.0 == 503
         })
         .await
@@ -200,6 +201,8 @@ async fn sigterm_drains_every_client_across_the_grace_period() {
         "a close after the grace period"
     );
     // Closes follow the hints: a client is closed at (or just after) its announced turn.
+    // "Just after" is generous: the close time is when this process read the close, which
+    // a loaded machine can delay by seconds.
     for o in &outcomes {
         let hint = Duration::from_millis(o.drain_hint_ms.unwrap());
         let at = o.closed_at.unwrap();
@@ -207,11 +210,22 @@ async fn sigterm_drains_every_client_across_the_grace_period() {
             at + Duration::from_millis(50) >= hint,
             "closed at {at:?} before its hint {hint:?}"
         );
+        assert!(
+            at <= hint + Duration::from_secs(3),
+            "closed at {at:?}, long after its hint {hint:?}"
+        );
     }
-    // Spread: histogram over tenths of the grace period.
+    // Spread: histogram of the closes over tenths of the grace period (printed), and of the
+    // announced turns (checked: the relay's schedule, which the closes follow as checked
+    // above; the times this process read the closes at shift between tenths when it stalls).
+    let tenth = |t: Duration| ((t.as_secs_f64() / grace.as_secs_f64()) * 10.0).min(9.0) as usize;
     let mut hist = [0usize; 10];
     for t in &times {
-        hist[((t.as_secs_f64() / grace.as_secs_f64()) * 10.0).min(9.0) as usize] += 1;
+        hist[tenth(*t)] += 1;
+    }
+    let mut turns = [0usize; 10];
+    for o in &outcomes {
+        turns[tenth(Duration::from_millis(o.drain_hint_ms.unwrap()))] += 1;
     }
     println!(
         "drain of {CLIENTS} clients, grace {GRACE_SECS} s, exit after {:.2} s",
@@ -226,10 +240,14 @@ async fn sigterm_drains_every_client_across_the_grace_period() {
             "#".repeat(n / 5)
         );
     }
+    println!("  announced turns per tenth: {turns:?}");
     // The close window is the first 70% of the grace period; each of its tenths of the
     // grace period holds a fair share (100 expected), none holds most.
-    for (i, n) in hist.iter().take(7).enumerate() {
-        assert!((40..=250).contains(n), "bucket {i} holds {n}: {hist:?}");
+    for (i, n) in turns.iter().take(7).enumerate() {
+        assert!(
+            (40..=250).contains(n),
+            "tenth {i} holds {n} turns: {turns:?}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -476,7 +494,7 @@ async fn a_rotated_jwt_key_file_takes_effect_without_a_restart() {
 /// seen the change; the second finds nothing to end).
 /// The reload counter moves after the reload's notices are queued: poll it, bounded.
 async fn metric_wss_free(admin: SocketAddr) -> bool {
-    eventually(Duration::from_secs(5), || async {
+    eventually(Duration::from_secs(20), || async {
         metric(admin, "wsrelay_config_reloads_total{reason=\"ok\"}")
             .await
             .is_some_and(|n| n >= 1.0)
