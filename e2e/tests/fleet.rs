@@ -275,8 +275,19 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     stop.cancel();
     let last_seq = publisher.await??;
     resumable_publisher.await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let published_plain: Vec<u64> = (first_seq..=last_seq).collect();
+    // The last messages are still on their way to the clients when the publisher stops:
+    // wait for them (bounded) rather than for a fixed second, before counting and checking.
+    let tail: Vec<u64> = published_plain.iter().rev().take(5).copied().collect();
+    let tail_by = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < tail_by
+        && !clients.iter().all(|c| {
+            let got = c.stats.received();
+            tail.iter().all(|s| got.contains(s))
+        })
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let mut lost = Vec::new();
     for c in &clients {
         lost.push(c.stats.missing(published_plain.iter().copied()));
@@ -305,7 +316,6 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
         "every client was on an old pod, so each should have had a drain notice; got {drains}"
     );
     // Every client is subscribed again on a new pod: the last messages reached all of them.
-    let tail: Vec<u64> = published_plain.iter().rev().take(5).copied().collect();
     for (i, c) in clients.iter().enumerate() {
         let got = c.stats.received();
         ensure!(

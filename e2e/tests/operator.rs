@@ -636,8 +636,16 @@ where
             }
         })
     };
-    // Let the watch list the Deployment before anything changes.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Let the watch list the Deployment before anything changes: waited for (bounded), not
+    // assumed to take under a fixed 2 s on a loaded cluster.
+    let listed_by = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        if std::time::Instant::now() > listed_by {
+            watch.abort();
+            anyhow::bail!("the watch did not list Deployment {name} within 60 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let outcome = during().await;
     tokio::time::sleep(settle).await;
     watch.abort();
