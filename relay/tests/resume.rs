@@ -17,11 +17,11 @@ use wsrelay::config::{Config, Direction, History};
 const STREAM: &str = "WSRELAY_TEST_ORDERS";
 
 /// A nats-server with JetStream, its store in a directory of the test's own.
-fn jetstream_nats(tag: &str, port: u16) -> (Nats, std::path::PathBuf) {
+fn jetstream_nats(tag: &str) -> (Nats, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("wsrelay-resume-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let nats = Nats::start_with(port, &["-js", "-sd", dir.to_str().unwrap()]);
+    let nats = Nats::start_args(&["-js", "-sd", dir.to_str().unwrap()]);
     (nats, dir)
 }
 
@@ -85,6 +85,25 @@ async fn read_chain(ws: &mut Ws, last: &mut u64, want: usize, quiet: Duration) -
     payloads
 }
 
+/// Waits until the history stream has stored its message `seq`: what core NATS publishes
+/// reaches the stream asynchronously, after the publisher's `flush`.
+async fn stream_stored(nc: &async_nats::Client, seq: u64) {
+    let js = async_nats::jetstream::new(nc.clone());
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let js = js.clone();
+            async move {
+                match js.get_stream(STREAM).await {
+                    Ok(s) => s.cached_info().state.last_sequence >= seq,
+                    Err(_) => false,
+                }
+            }
+        })
+        .await,
+        "the stream did not store message {seq}"
+    );
+}
+
 async fn resume(ws: &mut Ws, id: u64, channel: &str, epoch: &str, seq: u64) -> Value {
     request(
         ws,
@@ -97,7 +116,7 @@ async fn resume(ws: &mut Ws, id: u64, channel: &str, epoch: &str, seq: u64) -> V
 #[tokio::test]
 async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("basic", free_port());
+    let (nats, _dir) = jetstream_nats("basic");
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
@@ -109,21 +128,33 @@ async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
     assert!(ok.get("recovered").is_none(), "{ok}");
     let mut last = ok["seq"].as_u64().unwrap();
     publish_all(&nc, "orders.7", 0, 10).await;
-    let got = read_chain(&mut ws, &mut last, 10, Duration::from_secs(5)).await;
+    let got = read_chain(&mut ws, &mut last, 10, Duration::from_secs(20)).await;
     assert_eq!(got, (0..10).collect::<Vec<_>>());
     drop(ws);
+    // The relay ends the channel's entry once it has read the close: until then a client
+    // coming back would join the old entry, and no second stream read would make its ring.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            relay.relay.hub.subject_count() == 0
+        })
+        .await,
+        "the channel's entry outlived its only client"
+    );
 
     // Published while the client is away, with another channel's messages in between.
     publish_all(&nc, "orders.8", 100, 105).await;
     publish_all(&nc, "orders.7", 10, 25).await;
+    // Stored before the client comes back, so the stream reads counted below do not depend
+    // on how far the stream had got.
+    stream_stored(&nc, 30).await;
     let mut ws = connect(addr, "").await;
     let ok = resume(&mut ws, 2, "orders.7", &epoch, last).await;
     assert_eq!(ok["recovered"], true, "{ok}");
     assert_eq!(ok["seq"].as_u64(), Some(last), "{ok}");
-    let got = read_chain(&mut ws, &mut last, 15, Duration::from_secs(5)).await;
+    let got = read_chain(&mut ws, &mut last, 15, Duration::from_secs(20)).await;
     assert_eq!(got, (10..25).collect::<Vec<_>>(), "the replay");
     publish_all(&nc, "orders.7", 25, 30).await;
-    let got = read_chain(&mut ws, &mut last, 5, Duration::from_secs(5)).await;
+    let got = read_chain(&mut ws, &mut last, 5, Duration::from_secs(20)).await;
     assert_eq!(got, (25..30).collect::<Vec<_>>(), "live after the replay");
     assert!(
         read_chain(&mut ws, &mut last, 1, Duration::from_millis(300))
@@ -154,7 +185,7 @@ async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
 #[tokio::test]
 async fn a_client_that_subscribed_before_any_message_resumes_from_zero() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("zero", free_port());
+    let (nats, _dir) = jetstream_nats("zero");
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
@@ -171,14 +202,14 @@ async fn a_client_that_subscribed_before_any_message_resumes_from_zero() {
     let ok = resume(&mut ws, 2, "orders.7", &epoch, 0).await;
     assert_eq!(ok["recovered"], true, "{ok}");
     let mut last = 0;
-    let got = read_chain(&mut ws, &mut last, 3, Duration::from_secs(5)).await;
+    let got = read_chain(&mut ws, &mut last, 3, Duration::from_secs(20)).await;
     assert_eq!(got, [0, 1, 2]);
 }
 
 #[tokio::test]
 async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("window", free_port());
+    let (nats, _dir) = jetstream_nats("window");
     let relay = start_relay(resumable_config(&nats.url(), 5)).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
@@ -187,11 +218,13 @@ async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
     let epoch = ok["epoch"].as_str().unwrap().to_owned();
     let mut last = ok["seq"].as_u64().unwrap();
     publish_all(&nc, "orders.1", 0, 3).await;
-    read_chain(&mut ws, &mut last, 3, Duration::from_secs(5)).await;
+    read_chain(&mut ws, &mut last, 3, Duration::from_secs(20)).await;
     drop(ws);
-    // Twenty while away: the channel keeps five, so the client's position is gone.
+    // Twenty while away: the channel keeps five, so the client's position is gone (once
+    // the stream has stored them: until it holds more than five after the position, the
+    // position is still in it).
     publish_all(&nc, "orders.1", 3, 23).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream_stored(&nc, 23).await;
 
     let mut ws = connect(addr, "").await;
     let ok = resume(&mut ws, 2, "orders.1", &epoch, last).await;
@@ -208,7 +241,7 @@ async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
     let mut pos = head;
     publish_all(&nc, "orders.1", 23, 25).await;
     assert_eq!(
-        read_chain(&mut ws, &mut pos, 2, Duration::from_secs(5)).await,
+        read_chain(&mut ws, &mut pos, 2, Duration::from_secs(20)).await,
         [23, 24]
     );
 
@@ -230,12 +263,13 @@ async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
 #[tokio::test]
 async fn foreign_and_malformed_positions_get_defined_answers() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("foreign", free_port());
+    let (nats, _dir) = jetstream_nats("foreign");
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     publish_all(&nc, "orders.secret", 0, 5).await;
     publish_all(&nc, "orders.mine", 100, 102).await;
+    stream_stored(&nc, 7).await;
     let mut ws = connect(addr, "").await;
     let ok = subscribe(&mut ws, 1, "orders.mine").await;
     let epoch = ok["epoch"].as_str().unwrap().to_owned();
@@ -244,7 +278,7 @@ async fn foreign_and_malformed_positions_get_defined_answers() {
     let mut again = connect(addr, "").await;
     let ok = resume(&mut again, 2, "orders.mine", &epoch, 1).await;
     assert_eq!(ok["recovered"], true, "{ok}");
-    let got = drain_messages(&mut again, Duration::from_millis(500)).await;
+    let got = messages_then_quiet(&mut again, 2).await;
     let payloads: Vec<u64> = got.iter().map(|m| m["payload"].as_u64().unwrap()).collect();
     assert_eq!(payloads, [100, 101], "{got:?}");
     assert!(got.iter().all(|m| m["channel"] == "orders.mine"));
@@ -272,7 +306,7 @@ async fn foreign_and_malformed_positions_get_defined_answers() {
 #[tokio::test]
 async fn publishes_on_resumable_channels_are_stored_before_ok() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("publish", free_port());
+    let (nats, _dir) = jetstream_nats("publish");
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let mut reader = connect(relay.client_addr, "").await;
     let ok = subscribe(&mut reader, 1, "orders.p").await;
@@ -293,7 +327,8 @@ async fn publishes_on_resumable_channels_are_stored_before_ok() {
     .await;
     assert_eq!(again["duplicate"], true, "{again}");
     assert_eq!(again["seq"].as_u64(), Some(seq), "{again}");
-    let got = read_chain(&mut reader, &mut last, 2, Duration::from_millis(500)).await;
+    let mut got = read_chain(&mut reader, &mut last, 1, Duration::from_secs(20)).await;
+    got.extend(read_chain(&mut reader, &mut last, 1, Duration::from_millis(500)).await);
     assert_eq!(got, [1], "stored once, delivered once");
     assert_eq!(last, seq);
     relay.drain().await;
@@ -304,7 +339,7 @@ async fn publishes_on_resumable_channels_are_stored_before_ok() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_racing_live_publishes_lose_and_double_nothing() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("race", free_port());
+    let (nats, _dir) = jetstream_nats("race");
     // A window that holds everything: what is measured is the merge, not the window.
     let relay = start_relay(resumable_config(&nats.url(), 4_096)).await;
     let addr = relay.client_addr;
@@ -331,7 +366,7 @@ async fn replays_racing_live_publishes_lose_and_double_nothing() {
     });
     let mut got: Vec<u64> = Vec::new();
     for round in 0..5 {
-        got.extend(read_chain(&mut ws, &mut last, 150, Duration::from_secs(5)).await);
+        got.extend(read_chain(&mut ws, &mut last, 150, Duration::from_secs(20)).await);
         drop(ws);
         tokio::time::sleep(Duration::from_millis(20)).await;
         ws = connect(addr, "").await;
@@ -340,7 +375,7 @@ async fn replays_racing_live_publishes_lose_and_double_nothing() {
     }
     publisher.await.unwrap();
     while (got.len() as u64) < total {
-        let more = read_chain(&mut ws, &mut last, 1_000, Duration::from_secs(3)).await;
+        let more = read_chain(&mut ws, &mut last, 1_000, Duration::from_secs(20)).await;
         if more.is_empty() {
             break;
         }
@@ -360,8 +395,8 @@ async fn replays_racing_live_publishes_lose_and_double_nothing() {
 #[tokio::test]
 async fn nats_restarted_mid_stream_loses_nothing() {
     init_logs();
-    let port = free_port();
-    let (mut nats, dir) = jetstream_nats("restart", port);
+    let (mut nats, dir) = jetstream_nats("restart");
+    let port = nats.port;
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
@@ -370,7 +405,7 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     let epoch = ok["epoch"].as_str().unwrap().to_owned();
     let mut last = ok["seq"].as_u64().unwrap();
     publish_all(&nc, "orders.r", 0, 5).await;
-    let mut got = read_chain(&mut ws, &mut last, 5, Duration::from_secs(5)).await;
+    let mut got = read_chain(&mut ws, &mut last, 5, Duration::from_secs(20)).await;
     drop(nc);
     nats.stop();
     let nats = Nats::start_with(port, &["-js", "-sd", dir.to_str().unwrap()]);
@@ -384,7 +419,7 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     publish_all(&nc, "orders.r", 5, 10).await;
     // The subscription survived the restart (async-nats resubscribes); if it had missed
     // anything the resync after the reconnection read it from the stream.
-    got.extend(read_chain(&mut ws, &mut last, 5, Duration::from_secs(5)).await);
+    got.extend(read_chain(&mut ws, &mut last, 5, Duration::from_secs(20)).await);
     assert_eq!(got, (0..10).collect::<Vec<_>>());
     drop(ws);
     publish_all(&nc, "orders.r", 10, 12).await;
@@ -392,7 +427,7 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     let ok = resume(&mut ws, 2, "orders.r", &epoch, last).await;
     assert_eq!(ok["recovered"], true, "{ok}");
     assert_eq!(
-        read_chain(&mut ws, &mut last, 2, Duration::from_secs(5)).await,
+        read_chain(&mut ws, &mut last, 2, Duration::from_secs(20)).await,
         [10, 11]
     );
     relay.drain().await;
@@ -539,7 +574,7 @@ async fn connect_small_window(addr: std::net::SocketAddr) -> Ws {
 #[tokio::test]
 async fn a_slow_client_on_a_resumable_channel_is_told_of_the_hole() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("dropped", free_port());
+    let (nats, _dir) = jetstream_nats("dropped");
     let mut c = resumable_config(&nats.url(), 16);
     c.limits.send_queue_len = 16;
     c.limits.slow_consumer_policy = wsrelay::config::SlowConsumerPolicy::DropOldest;
@@ -592,8 +627,16 @@ async fn a_slow_client_on_a_resumable_channel_is_told_of_the_hole() {
     let (mut notices, mut delivered) = (0u64, 0u64);
     let mut resync = None;
     let mut answer = None;
+    // Until 3 s pass without a frame once the resubscribe is answered; before that, a pause
+    // (a loaded machine) is waited out, up to 30 s in all.
+    let patience = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match next_event(&mut ws, Duration::from_secs(3)).await {
+        let quiet = if answer.is_some() {
+            Duration::from_secs(3)
+        } else {
+            patience.saturating_duration_since(tokio::time::Instant::now())
+        };
+        match next_event(&mut ws, quiet).await {
             Got::Json(v) if v["type"] == "dropped" => {
                 assert_eq!(v["channel"], "orders.7", "{v}");
                 notices += v["count"].as_u64().unwrap();
@@ -644,7 +687,7 @@ async fn a_slow_client_on_a_resumable_channel_is_told_of_the_hole() {
     assert_eq!(answer["recovered"], false, "{answer}");
     // More messages: live delivery carries on, gap-free, from the answer's position.
     publish_all(&nc, "orders.7", 0, 5).await;
-    let got = read_chain(&mut ws, &mut last, 5, Duration::from_secs(5)).await;
+    let got = read_chain(&mut ws, &mut last, 5, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 5);
     eprintln!(
         "dropOldest on a resumable channel: {total} published, {delivered} delivered, {notices} \
