@@ -149,6 +149,11 @@ where
     let metrics = &relay.metrics;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the next ping is due. The select below looks at the queue first, so under a
+    // steady load the timer never gets its turn: the batch path sends the ping instead.
+    // Pings must keep flowing then: the client's pongs are what keep a receive-only client
+    // within the idle timeout.
+    let mut ping_due = Instant::now() + ping_every;
     let mut received: Vec<Instant> = Vec::new();
     // Reused for every batch: no allocation per wake-up.
     let mut frames: Vec<Frame> = Vec::new();
@@ -156,30 +161,36 @@ where
     let killed = outbox.killed();
     tokio::pin!(killed);
     loop {
+        let mut send_ping = false;
         tokio::select! {
+            // The queue first: under load it is nearly always ready, and then the ping
+            // timer is not polled (nor a branch order drawn at random) per delivery.
+            biased;
             () = outbox.wait() => {}
-            _ = ping.tick() => {
-                // Every write, the ping included, is bounded by the write timeout and
-                // raced against the kill signal: a peer that stopped taking bytes must not
-                // hold the connection (its permit, its subscriptions, its share of the
-                // connection gauge) past either.
-                let send_ping = async {
-                    bounded(write_timeout, sink.feed(Message::Ping(Default::default()))).await?;
-                    bounded(write_timeout, sink.flush()).await
-                };
-                let r = tokio::select! {
-                    biased;
-                    r = send_ping => r,
-                    () = &mut killed => {
-                        let c = outbox.close_request();
-                        return send_close(&mut sink, c.as_ref(), KILLED_CLOSE_WITHIN).await;
-                    }
-                };
-                if let Err(e) = r {
-                    return e.label();
+            _ = ping.tick() => send_ping = true,
+        }
+        if send_ping {
+            // Every write, the ping included, is bounded by the write timeout and raced
+            // against the kill signal: a peer that stopped taking bytes must not hold the
+            // connection (its permit, its subscriptions, its share of the connection
+            // gauge) past either.
+            let write = async {
+                bounded(write_timeout, sink.feed(Message::Ping(Default::default()))).await?;
+                bounded(write_timeout, sink.flush()).await
+            };
+            let r = tokio::select! {
+                biased;
+                r = write => r,
+                () = &mut killed => {
+                    let c = outbox.close_request();
+                    return send_close(&mut sink, c.as_ref(), KILLED_CLOSE_WITHIN).await;
                 }
-                continue;
+            };
+            if let Err(e) = r {
+                return e.label();
             }
+            ping_due = Instant::now() + ping_every;
+            continue;
         }
         loop {
             let batch = outbox.take_into(BATCH, &mut frames);
@@ -187,8 +198,14 @@ where
             let dropped = batch.dropped;
             received.clear();
             received.extend(frames.iter().filter_map(|f| f.received));
+            // A busy connection's ping rides with a batch (its newest message's arrival
+            // time stands for the clock: one read fewer per delivery).
+            let ping_now = received.last().is_some_and(|t| *t >= ping_due);
             let write = async {
                 let mut wrote = false;
+                if ping_now {
+                    bounded(write_timeout, sink.feed(Message::Ping(Default::default()))).await?;
+                }
                 for (channel, count) in &dropped {
                     let notice = Message::text(protocol::encode_dropped(channel, *count));
                     bounded(write_timeout, sink.feed(notice)).await?;
@@ -218,6 +235,10 @@ where
                 Err(e) => return e.label(),
                 Ok(true) => {
                     let now = Instant::now();
+                    if ping_now {
+                        ping_due = now + ping_every;
+                        ping.reset();
+                    }
                     for t in &received {
                         metrics
                             .delivery_latency

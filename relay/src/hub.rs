@@ -12,10 +12,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,6 +32,7 @@ use crate::protocol::{
     encode_ok_position, encode_unsubscribed,
 };
 use crate::relay::ConnShared;
+use crate::signal::Signal;
 
 /// Subject of the round-trip request used to confirm a SUB (no one answers it).
 const SYNC_SUBJECT: &str = "_WSRELAY.sync";
@@ -80,8 +82,21 @@ struct SubjectEntry {
     state: watch::Sender<State>,
     /// Set for a resumable channel.
     resumable: Option<Arc<Resumable>>,
-    /// Wakes a resumable entry's task to read what it may have missed (NATS reconnected).
-    resync: Notify,
+    /// Set to make a resumable entry's task read what it may have missed (NATS
+    /// reconnected).
+    resync: AtomicBool,
+    /// Wakes the entry's task for `cancel` or `resync`. Polled before every message: a
+    /// `Signal` costs two atomic swaps there, where the token's and a `Notify`'s waiters took
+    /// a lock each (about 500 instructions per delivery).
+    control: Signal,
+}
+
+impl SubjectEntry {
+    /// Stops the entry's task.
+    fn stop(&self) {
+        self.cancel.cancel();
+        self.control.notify();
+    }
 }
 
 /// What a subscription is to: the key is the NATS subject the hub subscribes to (the
@@ -362,7 +377,8 @@ impl Hub {
                 .history
                 .as_ref()
                 .map(|(h, subject)| Arc::new(Resumable::new(h, subject))),
-            resync: Notify::new(),
+            resync: AtomicBool::new(false),
+            control: Signal::default(),
         });
         self.metrics.nats_subscriptions.inc();
         self.tasks
@@ -387,7 +403,7 @@ impl Hub {
             && subjects.get(key).is_some_and(|e| Arc::ptr_eq(e, entry))
         {
             subjects.remove(key);
-            entry.cancel.cancel();
+            entry.stop();
             self.metrics.nats_subscriptions.dec();
         }
     }
@@ -407,7 +423,8 @@ impl Hub {
     pub fn resync(&self) {
         for entry in lock(&self.subjects).values() {
             if entry.resumable.is_some() {
-                entry.resync.notify_one();
+                entry.resync.store(true, Ordering::Release);
+                entry.control.notify();
             }
         }
     }
@@ -436,7 +453,7 @@ impl Hub {
                 self.metrics.nats_subscriptions.dec();
             }
         }
-        entry.cancel.cancel();
+        entry.stop();
         let was = entry.state.send_replace(State::Ended(why));
         let subscribers: Vec<Subscriber> =
             write(&entry.subscribers).drain().map(|(_, s)| s).collect();
@@ -460,7 +477,7 @@ impl Hub {
     /// Stops every subject task (at shutdown) and waits for them, bounded.
     pub async fn close(&self, within: Duration) {
         for entry in lock(&self.subjects).values() {
-            entry.cancel.cancel();
+            entry.stop();
         }
         self.tasks.close();
         let _ = tokio::time::timeout(within, self.tasks.wait()).await;
@@ -500,29 +517,31 @@ impl Hub {
             pending
         });
         tracing::debug!(subject = %key, "NATS subscribed");
-        // Created once, not per message: a fresh `cancelled()` or `notified()` in every
-        // `select!` registered and unregistered a waiter (a lock each) per message.
-        let cancelled = entry.cancel.cancelled();
-        tokio::pin!(cancelled);
-        let resync = entry.resync.notified();
-        tokio::pin!(resync);
         let ended = loop {
-            let msg = tokio::select! {
-                biased;
-                () = &mut cancelled => break None,
-                () = &mut resync => {
-                    resync.set(entry.resync.notified());
-                    if let Some(res) = &entry.resumable
+            // The control signal first (a stop or a resync is not kept waiting behind a
+            // stream of messages), then the next message.
+            let next = std::future::poll_fn(|cx| {
+                if entry.control.poll_wait(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                sub.poll_next_unpin(cx).map(Some)
+            })
+            .await;
+            let msg = match next {
+                None => {
+                    if entry.cancel.is_cancelled() {
+                        break None;
+                    }
+                    if entry.resync.swap(false, Ordering::AcqRel)
+                        && let Some(res) = &entry.resumable
                         && let Err(why) = self.fill(&entry, res, None).await
                     {
                         break Some(why);
                     }
                     continue;
                 }
-                m = sub.next() => match m {
-                    Some(m) => m,
-                    None => break Some("ended"),
-                },
+                Some(None) => break Some("ended"),
+                Some(Some(m)) => m,
             };
             match &entry.resumable {
                 None => fan_out(&entry, &msg.payload, &self.metrics, self.max_payload),

@@ -26,10 +26,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use crate::signal::Signal;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -269,7 +269,7 @@ const REPLY_ROOM: usize = 64;
 #[derive(Debug)]
 pub struct Outbox {
     inner: Mutex<Inner>,
-    notify: Notify,
+    notify: Signal,
     capacity: usize,
     max_bytes: usize,
     budget: Arc<QueueBudget>,
@@ -326,7 +326,7 @@ impl Outbox {
         budget.queues.fetch_add(1, Ordering::Relaxed);
         Self {
             inner: Mutex::new(Inner::default()),
-            notify: Notify::new(),
+            notify: Signal::default(),
             capacity: capacity.max(1),
             max_bytes: max_bytes.max(1),
             budget,
@@ -375,7 +375,7 @@ impl Outbox {
                     self.discard(&mut g);
                     drop(g);
                     self.kill.cancel();
-                    self.notify.notify_one();
+                    self.notify.notify();
                     return Push::Overflow;
                 }
                 SlowConsumerPolicy::DropOldest => {
@@ -406,7 +406,7 @@ impl Outbox {
         g.bytes += len;
         self.budget.add(len);
         drop(g);
-        self.notify.notify_one();
+        self.notify.notify();
         result
     }
 
@@ -423,7 +423,7 @@ impl Outbox {
             self.discard(&mut g);
             drop(g);
             self.kill.cancel();
-            self.notify.notify_one();
+            self.notify.notify();
             return false;
         }
         let len = msg.len();
@@ -435,7 +435,7 @@ impl Outbox {
         g.bytes += len;
         self.budget.add(len);
         drop(g);
-        self.notify.notify_one();
+        self.notify.notify();
         true
     }
 
@@ -450,7 +450,7 @@ impl Outbox {
             g.close = Some(req);
         }
         drop(g);
-        self.notify.notify_one();
+        self.notify.notify();
     }
 
     /// Whether a close was requested.
@@ -505,7 +505,7 @@ impl Outbox {
 
     /// Waits until something was pushed or a close was requested.
     pub async fn wait(&self) {
-        self.notify.notified().await;
+        self.notify.wait().await;
     }
 
     /// Bytes queued now.

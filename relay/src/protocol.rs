@@ -344,15 +344,12 @@ pub fn encode_message(channel: &str, payload: &[u8]) -> String {
 /// [`encode_message`] with the position on a resumable channel: `seq` and `prev`.
 pub fn encode_message_at(channel: &str, payload: &[u8], at: Option<(u64, u64)>) -> String {
     const HEAD: &str = "{\"type\":\"message\",\"channel\":";
-    let is_json =
-        !payload.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok();
-    // Valid JSON is valid UTF-8.
-    let json = is_json.then(|| std::str::from_utf8(payload).unwrap_or("null"));
-    let text = if is_json {
-        None
-    } else {
-        std::str::from_utf8(payload).ok()
-    };
+    // Embedded raw only when it is UTF-8 and JSON. serde_json skips over a string's bytes
+    // without decoding them, so it alone let non-UTF-8 bytes inside a string pass (and the
+    // payload became `null`): such a payload goes as base64.
+    let utf8 = std::str::from_utf8(payload).ok();
+    let json = utf8.filter(|p| serde_json::from_str::<serde::de::IgnoredAny>(p).is_ok());
+    let text = if json.is_some() { None } else { utf8 };
     // Sized exactly: the frame's bytes become a `Bytes` without another allocation (one
     // whose length is below its capacity needs a shared header allocated beside it).
     let len = HEAD.len()
@@ -703,6 +700,12 @@ mod tests {
         assert_eq!(
             v(&encode_message("c", b"1 2")),
             json!({"type":"message","channel":"c","text":"1 2"})
+        );
+        // JSON-shaped but not UTF-8 inside a string (serde_json skips those bytes): base64,
+        // not `"payload": null`.
+        assert_eq!(
+            v(&encode_message("c", b"[\"\xff\"]")),
+            json!({"type":"message","channel":"c","base64":"WyL/Il0="})
         );
     }
 

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use wsrelay::config::{Config, Direction, SlowConsumerPolicy};
 use wsrelay::outbox::Outbox;
@@ -401,5 +402,76 @@ async fn max_connections_survives_lowering_and_raising() {
     let again = connect_with(addr, "", &[]).await;
     assert!(again.is_ok(), "a freed slot is usable");
     assert_eq!(connect_with(addr, "", &[]).await.err(), Some(503));
+    relay.drain().await;
+}
+
+/// A receive-only client under a steady flood still gets the relay's pings. Without pings it
+/// sends nothing (its pongs answer them) and the idle timeout would close it mid-stream. The
+/// writer looks at its queue before its ping timer, so a queue that is ready on every turn
+/// would starve the timer; the ping then rides with a batch. (Here the writer still goes idle
+/// between bursts now and then, so this guards the property rather than that path alone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_only_client_under_a_flood_keeps_getting_pings() {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = jwt_config(&nats.url());
+    c.limits.ping_interval_seconds = 1;
+    c.limits.idle_timeout_seconds = 3;
+    c.limits.slow_consumer_policy = SlowConsumerPolicy::DropOldest;
+    c.limits.send_queue_len = 64;
+    let relay = wsrelay::process::start(c).await.unwrap();
+    let mut ws = connect(relay.client_addr, &token(claims("alice"))).await;
+    assert_eq!(subscribe(&mut ws, 1, "news").await["type"], "ok");
+
+    // Bounded: 6 s of publishing, in bursts that keep the writer's queue non-empty.
+    let nc = nats.client().await;
+    let flood = tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + Duration::from_secs(6);
+        while tokio::time::Instant::now() < until {
+            for _ in 0..200 {
+                nc.publish("public.news", r#"{"n":1}"#.into())
+                    .await
+                    .unwrap();
+            }
+            nc.flush().await.unwrap();
+            tokio::task::yield_now().await;
+        }
+    });
+    let (mut pings, mut messages, mut closed) = (0u32, 0u64, None);
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < until {
+        match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(Message::Text(_)))) => messages += 1,
+            Ok(Some(Ok(Message::Close(f)))) => {
+                closed = Some(f.map(|f| u16::from(f.code)));
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => panic!("read failed after {messages} messages: {e}"),
+            Ok(None) => {
+                closed = Some(None);
+                break;
+            }
+            Err(_) => panic!("nothing for 2 s in a flood ({messages} messages so far)"),
+        }
+    }
+    flood.await.unwrap();
+    assert_eq!(
+        closed, None,
+        "closed mid-flood after {messages} messages, {pings} pings"
+    );
+    eprintln!("{messages} messages, {pings} pings");
+    assert!(messages > 1000, "{messages} messages");
+    assert!(
+        pings >= 3,
+        "{pings} pings in 6 s at a 1 s interval ({messages} messages)"
+    );
+    // Still connected and answering, once what the flood left queued is read.
+    drain_messages(&mut ws, Duration::from_millis(500)).await;
+    assert_eq!(
+        request(&mut ws, json!({"type":"ping","id":9})).await["type"],
+        "pong"
+    );
     relay.drain().await;
 }
