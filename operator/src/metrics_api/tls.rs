@@ -390,7 +390,9 @@ mod tests {
             .await
             .expect("write");
         let took = closed_after(&mut slow).await;
-        assert!(took < Duration::from_secs(2), "closed after {took:?}");
+        // 300 ms nominally: the bound stays below the 5 s after which `closed_after` gives
+        // up, and leaves a loaded machine seconds of slack (it was 2 s).
+        assert!(took < Duration::from_secs(4), "closed after {took:?}");
     }
 
     #[tokio::test]
@@ -399,7 +401,8 @@ mod tests {
         let mut client = TcpStream::connect(addr).await.expect("connect");
         assert!(get(&mut client).await.starts_with("HTTP/1.1 200"));
         let took = closed_after(&mut client).await;
-        assert!(took < Duration::from_secs(2), "closed after {took:?}");
+        // 400 ms nominally; see above for the bound.
+        assert!(took < Duration::from_secs(4), "closed after {took:?}");
     }
 
     #[tokio::test]
