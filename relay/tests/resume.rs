@@ -440,20 +440,26 @@ async fn nats_restarted_mid_stream_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_server_killed_mid_stream_loses_nothing() {
     init_logs();
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let routes = ports
-        .iter()
-        .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut servers: Vec<(Nats, std::path::PathBuf)> = Vec::new();
-    for (i, (port, cport)) in ports.iter().enumerate() {
-        let dir = std::env::temp_dir().join(format!("wsrelay-resume-{}-c{i}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let nats = Nats::start_with(
-            *port,
-            &[
+    // Each server names the route ports of all three, so those are chosen before any starts:
+    // one taken meanwhile by another process makes its server exit, and then all three
+    // start again on other ports. Client ports are picked by nats-server itself.
+    let mut attempt = 0;
+    let mut servers: Vec<(Nats, std::path::PathBuf)> = loop {
+        attempt += 1;
+        let cports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes = cports
+            .iter()
+            .map(|c| format!("nats://127.0.0.1:{c}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::new();
+        let mut failed = None;
+        for (i, cport) in cports.iter().enumerate() {
+            let dir =
+                std::env::temp_dir().join(format!("wsrelay-resume-{}-c{i}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            match Nats::try_start_args(&[
                 "-js",
                 "-sd",
                 dir.to_str().unwrap(),
@@ -465,10 +471,22 @@ async fn a_cluster_server_killed_mid_stream_loses_nothing() {
                 &format!("nats://127.0.0.1:{cport}"),
                 "--routes",
                 &routes,
-            ],
-        );
-        servers.push((nats, dir));
-    }
+            ]) {
+                Ok(nats) => servers.push((nats, dir)),
+                Err(log) => {
+                    failed = Some(log);
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => break servers,
+            Some(log) if attempt < 4 => {
+                eprintln!("a cluster server did not start; again on other ports:\n{log}");
+            }
+            Some(log) => panic!("the cluster did not start:\n{log}"),
+        }
+    };
     let mut c = resumable_config(&servers[0].0.url(), 100);
     c.bindings[0].history.as_mut().unwrap().replicas = 3;
     c.validate().unwrap();

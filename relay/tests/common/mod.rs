@@ -75,7 +75,13 @@ impl Nats {
 
     /// Like [`Nats::start`], with extra nats-server arguments (auth, TLS, JetStream).
     pub fn start_args(extra: &[&str]) -> Self {
-        Self::spawn("-1", extra).unwrap_or_else(|log| panic!("nats-server did not start:\n{log}"))
+        Self::try_start_args(extra)
+            .unwrap_or_else(|log| panic!("nats-server did not start:\n{log}"))
+    }
+
+    /// Like [`Nats::start_args`]; `Err(its log)` when it exited instead of starting.
+    pub fn try_start_args(extra: &[&str]) -> Result<Self, String> {
+        Self::spawn("-1", extra)
     }
 
     /// On `port`, e.g. to start again where a stopped server listened.
@@ -110,9 +116,12 @@ impl Nats {
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = std::sync::mpsc::channel::<Result<u16, String>>();
         // Reads the log to its end (the server's exit), so that it never blocks on a full pipe.
+        // A cluster member binds its route port after "Server is ready" (and exits if that
+        // port is taken): it is ready once it listens for routes too.
+        let mut routes = !extra.contains(&"--cluster");
         std::thread::spawn(move || {
             let mut tx = Some(tx);
-            let (mut log, mut listening) = (String::new(), None);
+            let (mut log, mut listening, mut ready) = (String::new(), None, false);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if tx.is_none() {
                     continue;
@@ -122,7 +131,10 @@ impl Nats {
                 if let Some(at) = line.split("Listening for client connections on ").nth(1) {
                     listening = at.trim().rsplit(':').next().and_then(|p| p.parse().ok());
                 }
-                if line.contains("Server is ready")
+                routes |= line.contains("Listening for route connections on ");
+                ready |= line.contains("Server is ready");
+                if ready
+                    && routes
                     && let Some(port) = listening
                     && let Some(tx) = tx.take()
                 {
