@@ -1,6 +1,6 @@
 //! Shared helpers for the relay's integration tests: a real nats-server per test, a relay
 //! in-process (or the real binary), real WebSocket clients. Loopback only; every wait is
-//! bounded.
+//! bounded, by 20 s for what is expected to come: a loaded machine can stall for seconds.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpListener};
@@ -261,7 +261,7 @@ pub async fn connect_with(
     }
     let config = tungstenite::protocol::WebSocketConfig::default();
     match tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         tokio_tungstenite::connect_async_with_config(req, Some(config), true),
     )
     .await
@@ -307,7 +307,7 @@ pub async fn next_event(ws: &mut Ws, within: Duration) -> Got {
 }
 
 pub async fn next_json(ws: &mut Ws) -> Option<Value> {
-    match next_event(ws, Duration::from_secs(10)).await {
+    match next_event(ws, Duration::from_secs(20)).await {
         Got::Json(v) => Some(v),
         _ => None,
     }
@@ -396,7 +396,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
         .await
         .unwrap()
         .unwrap();
@@ -453,7 +453,7 @@ pub async fn raw_upgrade(addr: SocketAddr, extra: &str) -> String {
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let mut got = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !String::from_utf8_lossy(&buf[..got]).contains("\r\n\r\n") {
         let n = tokio::time::timeout_at(deadline, s.read(&mut buf[got..]))
             .await
@@ -480,7 +480,7 @@ pub async fn raw_ws(addr: SocketAddr) -> TokioTcp {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut b))
             .await
             .unwrap()
             .unwrap();
