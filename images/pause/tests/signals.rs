@@ -80,6 +80,10 @@ fn reaps_inherited_children() {
     wait_for("the exited child to be reaped", || {
         !Path::new(&format!("/proc/{orphan}")).exists()
     });
+    // The child may also be gone because the shell reaped it before its exec (a loaded
+    // machine can delay the exec past the child's 0.3 s): SIGTERM before pause has blocked
+    // it would kill pause instead of making it exit 0.
+    wait_for("sigwait", || waiting_for_signals(pause.id()));
     kill(Pid::from_raw(pause.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(pause.wait().unwrap().code(), Some(0));
 }
