@@ -130,8 +130,20 @@ where
     };
     match done {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(WriteEnd::Error),
+        Ok(Err(e)) => Err(write_end(&e)),
         Err(_) => Err(WriteEnd::Timeout),
+    }
+}
+
+/// A failed write's label. The kernel's TCP user timeout (set to the write timeout, see
+/// `server::tune_socket`) ends a write to a peer that takes no bytes with ETIMEDOUT, at the
+/// moment our own deadline would: the same cause, so the same label, whichever fires first.
+fn write_end(e: &tungstenite::Error) -> WriteEnd {
+    match e {
+        tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            WriteEnd::Timeout
+        }
+        _ => WriteEnd::Error,
     }
 }
 
@@ -380,7 +392,7 @@ async fn read_loop<S>(
                 }
                 if let Request::Refresh { id, token } = req {
                     // In band: the connection stays, its expiry moves.
-                    match refresh(&token, conn, relay).await {
+                    match Box::pin(refresh(&token, conn, relay)).await {
                         Ok(exp) => {
                             expires_at = Some(exp);
                             expiry
@@ -392,7 +404,11 @@ async fn read_loop<S>(
                     }
                     continue;
                 }
-                handle(req, conn, relay).await;
+                // Boxed, here and for `refresh`: a request's future (a subscribe waits for
+                // NATS and may read a stream) is larger than everything else an idle
+                // connection holds. Inline, it sized every connection's task for it:
+                // 4,440 bytes, now 1,840 (one allocation per request instead).
+                Box::pin(handle(req, conn, relay)).await;
             }
             Message::Binary(_) => {
                 reply_error(
