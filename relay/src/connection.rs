@@ -6,6 +6,7 @@
 //! killed, sends the close frame (bounded), and ends; the reader lingers for the client's
 //! close reply (bounded); `run` unregisters and counts the close under its label.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,9 +31,6 @@ use crate::relay::{ConnShared, Relay};
 
 /// Frames taken from the queue per write batch.
 const BATCH: usize = 64;
-
-/// Batch buffer capacity a writer keeps between wake-ups.
-const KEEP_FRAMES: usize = 4;
 
 /// Runs a connection to its end. `io` is the upgraded stream.
 pub async fn run<S>(
@@ -167,8 +165,8 @@ where
     // within the idle timeout.
     let mut ping_due = Instant::now() + ping_every;
     let mut received: Vec<Instant> = Vec::new();
-    // Reused for every batch: no allocation per wake-up.
-    let mut frames: Vec<Frame> = Vec::new();
+    // The batch being written: the queue's own buffer, swapped out (`Outbox::take_into`).
+    let mut frames: VecDeque<Frame> = VecDeque::new();
     // Created once: a fresh one per batch registered and unregistered a waiter per message.
     let killed = outbox.killed();
     tokio::pin!(killed);
@@ -267,8 +265,9 @@ where
                 break;
             }
         }
-        // Going idle: keep a small buffer, not the room a burst needed (memory per connection).
-        frames.shrink_to(KEEP_FRAMES);
+        // Going idle: keep no buffer (memory per idle connection; `Outbox::take_into`
+        // swaps buffers, so the queue's next push allocates one: once per wake-up).
+        frames = VecDeque::new();
     }
 }
 

@@ -460,19 +460,26 @@ impl Outbox {
 
     /// Takes up to `max` frames.
     pub fn take(&self, max: usize) -> Batch {
-        let mut frames = Vec::new();
+        let mut frames = VecDeque::new();
         let mut batch = self.take_into(max, &mut frames);
-        batch.frames = frames;
+        batch.frames = frames.into();
         batch
     }
 
-    /// Takes up to `max` frames into `frames` (cleared first, its allocation reused: the
-    /// writer calls this once per wake-up); the returned batch's own `frames` is empty.
-    pub fn take_into(&self, max: usize, frames: &mut Vec<Frame>) -> Batch {
+    /// Takes up to `max` frames into `frames` (cleared first; the writer calls this once per
+    /// wake-up); the returned batch's own `frames` is empty. When the whole queue fits, the
+    /// two buffers are swapped rather than frames moved: the queue keeps the caller's (empty)
+    /// buffer, so a writer that drops its buffer when it goes idle leaves an idle connection
+    /// holding no frame buffer at all (704 bytes each otherwise, for one buffer here and one
+    /// in the writer, both grown by the welcome frame).
+    pub fn take_into(&self, max: usize, frames: &mut VecDeque<Frame>) -> Batch {
         frames.clear();
         let mut g = lock(&self.inner);
-        let n = g.queue.len().min(max);
-        frames.extend(g.queue.drain(..n));
+        if g.queue.len() <= max {
+            std::mem::swap(frames, &mut g.queue);
+        } else {
+            frames.extend(g.queue.drain(..max));
+        }
         g.messages -= frames.iter().filter(|f| f.received.is_some()).count();
         let taken: usize = frames.iter().map(|f| f.msg.len()).sum();
         g.bytes -= taken;
