@@ -186,8 +186,9 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    /// Consecutive failures per gateway, for exponential backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive failed tries per gateway and when the next is due, for exponential
+    /// backoff.
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
     /// What was last fully applied per gateway, so that the reconciles its children's
     /// status updates trigger (the Deployment, HPA and PDB controllers write status several
     /// times per rollout) cost a status refresh, not a full server-side apply.
@@ -240,9 +241,10 @@ impl Context {
     /// Records one more failure and returns how long to wait before the next try.
     fn backoff(&self, gw: &WebsocketGateway) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(Self::key(gw)).or_insert(0);
-        *n = n.saturating_add(1);
-        backoff_for(*n)
+        let key = Self::key(gw);
+        let (tries, due) = next_try(failures.get(&key).copied(), Instant::now());
+        failures.insert(key, (tries, due));
+        backoff_for(tries)
     }
 
     fn needs_apply(&self, o: &Observed) -> bool {
@@ -323,6 +325,20 @@ impl Context {
         }
         out
     }
+}
+
+/// The failed-try count and the next try's time after a failure at `now`, given the previous
+/// ones. A failure before the scheduled retry (a reconcile an event woke: the children's
+/// status updates come in bursts) is the same try again, not a new one: counted, a burst of
+/// events doubled the delay up to its cap within seconds, and a gateway whose cause was fixed
+/// (a quota lifted) then waited the full 5 minutes. Pure.
+pub fn next_try(prev: Option<(u32, Instant)>, now: Instant) -> (u32, Instant) {
+    let tries = match prev {
+        Some((n, due)) if now < due => n,
+        Some((n, _)) => n.saturating_add(1),
+        None => 1,
+    };
+    (tries, now + backoff_for(tries))
 }
 
 /// Delay before retry number `failures` (1-based): 2s, 4s, 8s ... capped at 5 minutes, so a
@@ -846,6 +862,19 @@ mod tests {
                      "fieldsV1": { "f:spec": { "f:replicas": {} } } }]),
         );
         assert!(needs_apply(&owned, Some(&last_auto)));
+    }
+
+    #[test]
+    fn failures_before_the_retry_is_due_are_the_same_try() {
+        let t0 = Instant::now();
+        let (n, due) = next_try(None, t0);
+        assert_eq!((n, due), (1, t0 + Duration::from_secs(2)));
+        // An event woke the reconcile 1 s later, and it failed again: still try 1.
+        let (n, due) = next_try(Some((n, due)), t0 + Duration::from_secs(1));
+        assert_eq!((n, due), (1, t0 + Duration::from_secs(3)));
+        // The retry itself failed: try 2, 4 s.
+        let (n, due) = next_try(Some((n, due)), due);
+        assert_eq!((n, due), (2, t0 + Duration::from_secs(7)));
     }
 
     #[test]
