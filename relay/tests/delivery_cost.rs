@@ -15,6 +15,10 @@
 //! delivery; voluntary and involuntary context switches of the relay's threads; client-side
 //! latency p50/p99/max (scheduled send to receive; the clients share the machine).
 //!
+//! `COST_SERVER_CORE=0`: place the relay and its nats-server on that core as `make bench` does
+//! (`taskset`, one tokio worker); run the test itself under `taskset -c 1` for the clients.
+//! `COST_SYSCALLS=1`: count the relay's and nats-server's system calls by kind over the
+//! publish phase (`perf stat` on the syscall tracepoints), printed per delivery.
 //! Other knobs: `COST_RELAY_BIN` (measure another build: before/after), `COST_PERF_OUT` (run
 //! `perf record -e cpu-clock -g` on the relay during the publish phase into that file),
 //! `COST_CALLGRIND_OUT` (run the relay under `valgrind --tool=callgrind`, instrumentation on
@@ -96,6 +100,67 @@ fn stamp(frame: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// Moves every thread of `pid` to `core`.
+fn pin(pid: u32, core: &str) {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", core, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset could not move {pid} to core {core}");
+}
+
+/// The system calls counted with `COST_SYSCALLS`.
+const SYSCALLS: [&str; 9] = [
+    "read",
+    "write",
+    "recvfrom",
+    "sendto",
+    "readv",
+    "writev",
+    "epoll_wait",
+    "futex",
+    "sched_yield",
+];
+
+/// Counts `pid`'s system calls of [`SYSCALLS`] into `out` (CSV) until interrupted.
+fn count_syscalls(pid: u32, out: &std::path::Path) -> Proc {
+    let mut cmd = Command::new("perf");
+    cmd.args(["stat", "-x", ",", "-o"]).arg(out);
+    for call in SYSCALLS {
+        cmd.args(["-e", &format!("syscalls:sys_enter_{call}")]);
+    }
+    Proc(
+        cmd.args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// (system call, count) from `perf stat -x ,` output.
+fn read_counts(out: &std::path::Path) -> Vec<(String, u64)> {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let n = f.first()?.parse().ok()?;
+            let call = f.get(2)?.strip_prefix("syscalls:sys_enter_")?;
+            Some((call.to_owned(), n))
+        })
+        .collect()
+}
+
+/// Stops a `perf` child the way that makes it write its output.
+fn interrupt(p: &mut Proc) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.0.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = p.0.wait();
+}
+
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -114,6 +179,7 @@ async fn delivery_cost() {
     let broadcast = std::env::var("COST_WORKLOAD").is_ok_and(|w| w == "broadcast");
     let callgrind = std::env::var("COST_CALLGRIND_OUT").ok();
     let perf_out = std::env::var("COST_PERF_OUT").ok();
+    let server_core = std::env::var("COST_SERVER_CORE").ok();
     let bin = std::env::var("COST_RELAY_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsrelay").to_owned());
 
@@ -152,12 +218,20 @@ async fn delivery_cost() {
         cmd.args(["run", "--config"])
             .arg(&path)
             .env("WSRELAY_LOG", "warn")
+            .env(
+                "TOKIO_WORKER_THREADS",
+                if server_core.is_some() { "1" } else { "2" },
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),
     );
     let pid = relay.0.id();
+    if let Some(core) = &server_core {
+        pin(pid, core);
+        pin(nats.pid(), core);
+    }
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     assert!(
@@ -252,6 +326,12 @@ async fn delivery_cost() {
                 .unwrap(),
         )
     });
+    let counting = std::env::var("COST_SYSCALLS").is_ok().then(|| {
+        [("relay", pid), ("nats-server", nats.pid())].map(|(name, p)| {
+            let out = dir.join(format!("syscalls-{name}.csv"));
+            (name, count_syscalls(p, &out), out)
+        })
+    });
     let start = base.elapsed();
     let wall = Instant::now();
     for k in 0..messages {
@@ -274,12 +354,16 @@ async fn delivery_cost() {
     }
     let (cpu1, nats1, sw1) = (cpu_seconds(pid), cpu_seconds(nats.pid()), switches(pid));
     if let Some(p) = perf.as_mut() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p.0.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = p.0.wait();
+        interrupt(p);
     }
+    let counted: Vec<_> = counting
+        .into_iter()
+        .flatten()
+        .map(|(name, mut p, out)| {
+            interrupt(&mut p);
+            (name, read_counts(&out))
+        })
+        .collect();
     if callgrind.is_some() {
         let _ = Command::new("callgrind_control")
             .args(["-i", "off", &pid.to_string()])
@@ -323,6 +407,14 @@ async fn delivery_cost() {
         (sw1.0 - sw0.0) as f64 / got.max(1) as f64,
         (sw1.1 - sw0.1) as f64 / got.max(1) as f64
     );
+    for (name, counts) in &counted {
+        let per: Vec<String> = counts
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(call, n)| format!("{call} {:.3}", *n as f64 / got.max(1) as f64))
+            .collect();
+        println!("{name} system calls per delivery: {}", per.join(", "));
+    }
     println!(
         "client latency (scheduled send to receive): p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms; relay latency sum {relay_latency:?}",
         q(0.5),
