@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
+use futures::stream::SplitStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -28,6 +28,7 @@ use crate::outbox::{
 };
 use crate::protocol::{self, ErrorCode, Request, RequestId};
 use crate::relay::{ConnShared, Relay};
+use crate::sink::SharedSink;
 
 /// Frames taken from the queue per write batch.
 const BATCH: usize = 64;
@@ -45,6 +46,8 @@ pub async fn run<S>(
     let limits = live.config.limits.clone();
     drop(live);
     let (sink, stream) = ws.split();
+    let sink = Arc::new(SharedSink::new(sink));
+    let _ = conn.sink.set(sink.clone());
     conn.outbox
         .push_reply(Message::text(protocol::encode_welcome(
             limits.max_message_bytes,
@@ -59,7 +62,10 @@ pub async fn run<S>(
         let ping_every = Duration::from_secs(limits.ping_interval_seconds);
         let write_timeout = Duration::from_secs(limits.write_timeout_seconds);
         async move {
-            let why = write_loop(sink, &conn, &relay, ping_every, write_timeout).await;
+            let why = write_loop(&sink, &conn, &relay, ping_every, write_timeout).await;
+            // The socket closes once both halves are gone: not kept open by fan-outs that
+            // still hold the connection.
+            sink.release();
             done.cancel();
             why
         }
@@ -145,25 +151,21 @@ fn write_end(e: &tungstenite::Error) -> WriteEnd {
     }
 }
 
-async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
+async fn write_loop(
+    sink: &SharedSink,
     conn: &ConnShared,
     relay: &Relay,
     ping_every: Duration,
     write_timeout: Duration,
-) -> &'static str
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+) -> &'static str {
     let outbox = &conn.outbox;
     let metrics = &relay.metrics;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // When the next ping is due. The select below looks at the queue first, so under a
-    // steady load the timer never gets its turn: the batch path sends the ping instead.
-    // Pings must keep flowing then: the client's pongs are what keep a receive-only client
-    // within the idle timeout.
-    let mut ping_due = Instant::now() + ping_every;
+    // The ping schedule lives in the outbox: a fan-out that writes a message itself sends a
+    // due ping with it, and so does a batch here. Pings must keep flowing under load: the
+    // client's pongs are what keep a receive-only client within the idle timeout.
+    outbox.start_pings(ping_every);
+    let ping = tokio::time::sleep(ping_every);
+    tokio::pin!(ping);
     let mut received: Vec<Instant> = Vec::new();
     // The batch being written: the queue's own buffer, swapped out (`Outbox::take_into`).
     let mut frames: VecDeque<Frame> = VecDeque::new();
@@ -177,9 +179,19 @@ where
             // timer is not polled (nor a branch order drawn at random) per delivery.
             biased;
             () = outbox.wait() => {}
-            _ = ping.tick() => send_ping = true,
+            () = &mut ping => send_ping = true,
         }
         if send_ping {
+            // Unless a message took the ping with it since.
+            match outbox.take_ping(Instant::now()) {
+                Ok(()) => {}
+                Err(due) => {
+                    ping.as_mut().reset(due.into());
+                    continue;
+                }
+            }
+            ping.as_mut()
+                .reset(tokio::time::Instant::now() + ping_every);
             // Every write, the ping included, is bounded by the write timeout and raced
             // against the kill signal: a peer that stopped taking bytes must not hold the
             // connection (its permit, its subscriptions, its share of the connection
@@ -193,26 +205,31 @@ where
                 r = write => r,
                 () = &mut killed => {
                     let c = outbox.close_request();
-                    return send_close(&mut sink, c.as_ref(), KILLED_CLOSE_WITHIN).await;
+                    return send_close(sink, c.as_ref(), KILLED_CLOSE_WITHIN).await;
                 }
             };
             if let Err(e) = r {
                 return e.label();
             }
-            ping_due = Instant::now() + ping_every;
             continue;
         }
+        // Batch after batch until a look finds nothing: an empty look marks the writer idle
+        // (fan-outs may then write themselves).
         loop {
             let batch = outbox.take_into(BATCH, &mut frames);
-            let n = frames.len();
+            if batch.is_idle(frames.len()) {
+                break;
+            }
             let dropped = batch.dropped;
             received.clear();
             received.extend(frames.iter().filter_map(|f| f.received));
             // A busy connection's ping rides with a batch (its newest message's arrival
             // time stands for the clock: one read fewer per delivery).
-            let ping_now = received.last().is_some_and(|t| *t >= ping_due);
+            let ping_now = received
+                .last()
+                .is_some_and(|t| outbox.take_ping(*t).is_ok());
             let write = async {
-                let mut wrote = false;
+                let mut wrote = batch.flush;
                 if ping_now {
                     bounded(write_timeout, sink.feed(Message::Ping(Default::default()))).await?;
                 }
@@ -238,7 +255,7 @@ where
                     // Blocked on a full socket and told to stop: try a close frame
                     // briefly, then drop the connection.
                     let c = outbox.close_request();
-                    return send_close(&mut sink, c.as_ref(), KILLED_CLOSE_WITHIN).await;
+                    return send_close(sink, c.as_ref(), KILLED_CLOSE_WITHIN).await;
                 }
             };
             match wrote {
@@ -246,8 +263,8 @@ where
                 Ok(true) => {
                     let now = Instant::now();
                     if ping_now {
-                        ping_due = now + ping_every;
-                        ping.reset();
+                        ping.as_mut()
+                            .reset(tokio::time::Instant::now() + ping_every);
                     }
                     for t in &received {
                         metrics
@@ -259,10 +276,7 @@ where
                 Ok(false) => {}
             }
             if let Some(c) = batch.close {
-                return send_close(&mut sink, Some(&c), CLOSE_FRAME_WITHIN).await;
-            }
-            if n < BATCH {
-                break;
+                return send_close(sink, Some(&c), CLOSE_FRAME_WITHIN).await;
             }
         }
         // Going idle: keep no buffer (memory per idle connection; `Outbox::take_into`
@@ -271,14 +285,7 @@ where
     }
 }
 
-async fn send_close<S>(
-    sink: &mut SplitSink<WebSocketStream<S>, Message>,
-    c: Option<&CloseRequest>,
-    within: Duration,
-) -> &'static str
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+async fn send_close(sink: &SharedSink, c: Option<&CloseRequest>, within: Duration) -> &'static str {
     let Some(c) = c else {
         return "other";
     };

@@ -33,6 +33,7 @@ use crate::protocol::{
 };
 use crate::relay::ConnShared;
 use crate::signal::Signal;
+use crate::sink::{self, Delivery};
 
 /// Subject of the round-trip request used to confirm a SUB (no one answers it).
 const SYNC_SUBJECT: &str = "_WSRELAY.sync";
@@ -46,6 +47,11 @@ const FILL_WITHIN: Duration = Duration::from_secs(10);
 
 /// Why an entry ended when NATS refused it.
 const REFUSED: &str = "refused by NATS";
+
+/// Subscribers of a subject up to which its fan-out writes to idle connections itself
+/// (`sink::deliver`). Above, the writes stay with the connections' writer tasks: one task
+/// writing to thousands of sockets in a row would hold one worker and delay the last.
+const DIRECT_FAN_OUT: usize = 4;
 
 /// A connection's id, unique in the process.
 pub type ConnId = u64;
@@ -714,6 +720,10 @@ fn fan_out_encoded(
     let mut first: Option<(&Arc<str>, Utf8Bytes)> = None;
     let mut others: Vec<(&Arc<str>, Utf8Bytes)> = Vec::new();
     let (mut dropped, mut slow) = (0u64, 0u64);
+    // A subject with few subscribers (a personal channel) writes to each idle connection
+    // itself; a broadcast leaves the writes to the connections' writers, which the runtime
+    // spreads over its workers.
+    let direct = subs.len() <= DIRECT_FAN_OUT;
     for sub in subs.values() {
         if !sub.live.load(Ordering::Acquire) {
             continue;
@@ -734,14 +744,15 @@ fn fan_out_encoded(
                 }
             },
         };
-        match sub.conn.outbox.push_message(Frame {
+        let frame = Frame {
             msg: Message::Text(bytes),
             received: Some(received),
             channel: Some(sub.channel.clone()),
-        }) {
-            Push::Queued | Push::Closed => {}
-            Push::DroppedOldest => dropped += 1,
-            Push::Overflow => slow += 1,
+        };
+        match sink::deliver(&sub.conn, frame, direct, received, metrics) {
+            Delivery::Written | Delivery::Queued(Push::Queued | Push::Closed) => {}
+            Delivery::Queued(Push::DroppedOldest) => dropped += 1,
+            Delivery::Queued(Push::Overflow) => slow += 1,
         }
     }
     if dropped > 0 {

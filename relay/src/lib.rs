@@ -8,7 +8,7 @@
 //! - pure cores: `protocol` (frames), `authz` (bindings), `limits` (token bucket),
 //!   `drain::schedule`, token lookup in `auth`;
 //! - runtime parts: `auth` (JWT keys, JWKS), `nats`, `hub` (subject fan-out), `outbox`
-//!   (per-connection queue), `signal` (a cheap wake-up for one task), `connection` (reader and writer), `server` (accept and
+//!   (per-connection queue), `signal` (a cheap wake-up for one task), `connection` (reader and writer), `sink` (the write half a fan-out may write to at once), `server` (accept and
 //!   upgrade), `admin` and `metrics`, `drain`, `reload`, `tls`, `process` (start, signals).
 
 pub mod config;
@@ -50,6 +50,8 @@ pub mod reload;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod signal;
+#[cfg(feature = "server")]
+pub mod sink;
 #[cfg(feature = "server")]
 pub mod slots;
 #[cfg(feature = "server")]

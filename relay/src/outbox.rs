@@ -259,6 +259,26 @@ struct Inner {
     /// channels first lost one.
     dropped_unreported: Vec<(Arc<str>, u64)>,
     close: Option<CloseRequest>,
+    /// The writer found nothing at its last look and holds nothing it took: a fan-out may
+    /// write a message itself (`claim_direct`).
+    writer_idle: bool,
+    /// A fan-out is writing (between `claim_direct` and `release_direct`).
+    direct: bool,
+    /// A fan-out's write left bytes in the sink's buffer: the writer flushes them.
+    flush_owed: bool,
+    /// When the next ping is due, and the interval (`start_pings`); `None` before.
+    ping: Option<(Instant, std::time::Duration)>,
+}
+
+/// How a fan-out's write (`Outbox::claim_direct`) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Written and flushed.
+    Done,
+    /// Written (or failed) with a flush left for the writer.
+    FlushOwed,
+    /// Nothing taken; the message is queued next.
+    NotTaken,
 }
 
 /// Extra room for replies beyond the message capacity, so replies are not dropped; a
@@ -269,7 +289,9 @@ const REPLY_ROOM: usize = 64;
 #[derive(Debug)]
 pub struct Outbox {
     inner: Mutex<Inner>,
-    notify: Signal,
+    notify: Arc<Signal>,
+    /// Wakes the writer (`notify`), for sinks a fan-out's write registers with.
+    waker: std::task::Waker,
     capacity: usize,
     max_bytes: usize,
     budget: Arc<QueueBudget>,
@@ -288,6 +310,15 @@ pub struct Batch {
     pub dropped: Vec<(Arc<str>, u64)>,
     /// Close after writing (or instead of writing, when `flush_first` is false).
     pub close: Option<CloseRequest>,
+    /// A fan-out's write left bytes to flush.
+    pub flush: bool,
+}
+
+impl Batch {
+    /// Nothing to write, flush or close.
+    pub fn is_idle(&self, frames: usize) -> bool {
+        frames == 0 && self.dropped.is_empty() && self.close.is_none() && !self.flush
+    }
 }
 
 /// Counts one message dropped on `channel` (messages always carry theirs).
@@ -324,9 +355,11 @@ impl Outbox {
         budget: Arc<QueueBudget>,
     ) -> Self {
         budget.queues.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(Signal::default());
         Self {
             inner: Mutex::new(Inner::default()),
-            notify: Signal::default(),
+            waker: std::task::Waker::from(notify.clone()),
+            notify,
             capacity: capacity.max(1),
             max_bytes: max_bytes.max(1),
             budget,
@@ -472,9 +505,15 @@ impl Outbox {
     /// buffer, so a writer that drops its buffer when it goes idle leaves an idle connection
     /// holding no frame buffer at all (704 bytes each otherwise, for one buffer here and one
     /// in the writer, both grown by the welcome frame).
+    ///
+    /// While a fan-out writes, nothing is taken (it wakes the writer when done, if anything
+    /// waits). A batch with nothing in it marks the writer idle: fan-outs may write.
     pub fn take_into(&self, max: usize, frames: &mut VecDeque<Frame>) -> Batch {
         frames.clear();
         let mut g = lock(&self.inner);
+        if g.direct {
+            return Batch::default();
+        }
         if g.queue.len() <= max {
             std::mem::swap(frames, &mut g.queue);
         } else {
@@ -489,15 +528,80 @@ impl Outbox {
             Some(c) if !c.flush_first || g.queue.is_empty() => Some(c.clone()),
             _ => None,
         };
-        drop(g);
-        if close.as_ref().is_some_and(|c| !c.flush_first) {
-            frames.clear();
-        }
-        Batch {
+        let flush = std::mem::take(&mut g.flush_owed);
+        let batch = Batch {
             frames: Vec::new(),
             dropped,
             close,
+            flush,
+        };
+        g.writer_idle = batch.is_idle(frames.len());
+        drop(g);
+        if batch.close.as_ref().is_some_and(|c| !c.flush_first) {
+            frames.clear();
         }
+        batch
+    }
+
+    /// Claims the sink for a fan-out's write of one message: only when nothing is queued,
+    /// the writer is idle, no other fan-out writes and no close was asked for. `Some(ping)`
+    /// when claimed: `ping` says a ping is due (`now` stands for the clock) and goes with
+    /// the message. Every claim is followed by a [`Outbox::release_direct`].
+    pub fn claim_direct(&self, now: Instant) -> Option<bool> {
+        let mut g = lock(&self.inner);
+        if !g.writer_idle || g.direct || g.flush_owed || g.close.is_some() || !g.queue.is_empty() {
+            return None;
+        }
+        g.direct = true;
+        let ping = match &mut g.ping {
+            Some((due, every)) if now >= *due => {
+                *due = now + *every;
+                true
+            }
+            _ => false,
+        };
+        Some(ping)
+    }
+
+    /// Ends a fan-out's write; wakes the writer when it has something to do. `ping_owed`:
+    /// the claim's ping was not sent, and is due again.
+    pub fn release_direct(&self, how: Release, ping_owed: bool) {
+        let mut g = lock(&self.inner);
+        g.direct = false;
+        if how == Release::FlushOwed {
+            g.flush_owed = true;
+        }
+        if ping_owed && let Some((due, _)) = &mut g.ping {
+            *due = Instant::now();
+        }
+        let wake = g.flush_owed || !g.queue.is_empty() || g.close.is_some();
+        drop(g);
+        if wake {
+            self.notify.notify();
+        }
+    }
+
+    /// Starts the ping schedule: the first is due `every` from now.
+    pub fn start_pings(&self, every: std::time::Duration) {
+        lock(&self.inner).ping = Some((Instant::now() + every, every));
+    }
+
+    /// `Ok` when a ping is due at `now` (and the next one is scheduled), else when it is.
+    pub fn take_ping(&self, now: Instant) -> Result<(), Instant> {
+        let mut g = lock(&self.inner);
+        match &mut g.ping {
+            Some((due, every)) if now >= *due => {
+                *due = now + *every;
+                Ok(())
+            }
+            Some((due, _)) => Err(*due),
+            None => Err(now),
+        }
+    }
+
+    /// Wakes the writer: the waker a fan-out's write leaves with the sink.
+    pub fn waker(&self) -> &std::task::Waker {
+        &self.waker
     }
 
     /// Resolves when a close that must not wait for the queue was requested.
@@ -683,5 +787,76 @@ mod tests {
         let b = o.take(2);
         assert_eq!(texts(&b), ["drain"]);
         assert_eq!(b.close.unwrap().code, 1012);
+    }
+
+    #[test]
+    fn a_fan_out_writes_itself_only_while_the_writer_is_idle_and_nothing_is_queued() {
+        let o = Outbox::new(10, SlowConsumerPolicy::DropOldest);
+        // The writer has not looked yet (it has the welcome to write).
+        assert_eq!(o.claim_direct(Instant::now()), None);
+        assert!(o.take(10).is_idle(0), "an empty look");
+        assert_eq!(o.claim_direct(Instant::now()), Some(false));
+        // While the fan-out writes: another is refused, the writer takes nothing, and what
+        // is pushed is queued behind, for the writer.
+        assert_eq!(o.claim_direct(Instant::now()), None);
+        assert_eq!(o.push_message(msg(1)), Push::Queued);
+        assert!(
+            o.take(10).frames.is_empty(),
+            "nothing taken during a direct write"
+        );
+        o.release_direct(Release::Done, false);
+        assert_eq!(o.claim_direct(Instant::now()), None, "a message is queued");
+        let b = o.take(10);
+        assert_eq!(texts(&b), ["1"]);
+        assert_eq!(
+            o.claim_direct(Instant::now()),
+            None,
+            "the writer holds what it took until its next look"
+        );
+        assert!(o.take(10).is_idle(0));
+        assert_eq!(o.claim_direct(Instant::now()), Some(false));
+        o.release_direct(Release::Done, false);
+    }
+
+    #[test]
+    fn a_flush_left_by_a_fan_out_goes_to_the_writer_before_any_other_fan_out_writes() {
+        let o = Outbox::new(10, SlowConsumerPolicy::DropOldest);
+        let _ = o.take(10);
+        assert!(o.claim_direct(Instant::now()).is_some());
+        o.release_direct(Release::FlushOwed, false);
+        assert_eq!(o.claim_direct(Instant::now()), None);
+        let b = o.take(10);
+        assert!(b.flush && b.frames.is_empty() && !b.is_idle(0));
+        assert!(o.take(10).is_idle(0));
+        assert!(o.claim_direct(Instant::now()).is_some());
+        o.release_direct(Release::Done, false);
+    }
+
+    #[test]
+    fn a_close_stops_fan_outs_from_writing() {
+        let o = Outbox::new(10, SlowConsumerPolicy::DropOldest);
+        let _ = o.take(10);
+        o.close(Cause::Drain.request());
+        assert_eq!(o.claim_direct(Instant::now()), None);
+        assert_eq!(o.push_message(msg(1)), Push::Closed);
+    }
+
+    #[test]
+    fn a_due_ping_goes_with_one_write_and_is_given_back_when_nothing_was_written() {
+        let o = Outbox::new(10, SlowConsumerPolicy::DropOldest);
+        let every = std::time::Duration::from_secs(20);
+        o.start_pings(every);
+        let _ = o.take(10);
+        let t0 = Instant::now();
+        assert_eq!(o.claim_direct(t0), Some(false), "not due yet");
+        o.release_direct(Release::Done, false);
+        let later = t0 + every * 2;
+        assert_eq!(o.claim_direct(later), Some(true));
+        o.release_direct(Release::NotTaken, true);
+        assert!(o.take_ping(Instant::now()).is_ok(), "still owed");
+        assert!(o.take_ping(Instant::now()).is_err(), "and then scheduled");
+        assert_eq!(o.claim_direct(later), Some(true));
+        o.release_direct(Release::Done, false);
+        assert_eq!(o.take_ping(later), Err(later + every));
     }
 }

@@ -28,6 +28,9 @@ pub struct ConnShared {
     pub subs: Mutex<HashMap<String, String>>,
     /// JWT claims; `None` when anonymous.
     pub claims: Option<Map<String, Value>>,
+    /// Its WebSocket write half, for fan-outs that write at once (`sink::deliver`); set by
+    /// `connection::run` (unset before: messages are queued).
+    pub sink: std::sync::OnceLock<Arc<crate::sink::SharedSink>>,
 }
 
 impl ConnShared {
@@ -174,6 +177,7 @@ impl Relay {
             outbox,
             subs: Mutex::new(HashMap::new()),
             claims,
+            sink: std::sync::OnceLock::new(),
         });
         self.conns_lock().insert(id, conn.clone());
         self.metrics.connections.inc();

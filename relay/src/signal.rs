@@ -45,6 +45,18 @@ impl Signal {
     }
 }
 
+/// A signal as a waker: for I/O that a task other than the waiter starts and the waiter
+/// finishes (a fan-out's write that leaves its flush to the connection's writer).
+impl std::task::Wake for Signal {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.notify();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.notify();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -400,3 +400,81 @@ async fn publishes_carry_the_sender_in_nats_headers() {
     );
     relay.drain().await;
 }
+
+/// A subject with one subscriber (a personal channel) has its messages written by the
+/// fan-out itself while the connection's writer is idle, and queued for the writer while it
+/// is busy (the welcome, replies, a backlog). Either way: every message, in NATS order, with
+/// the replies to requests made meanwhile. Bursts and pauses switch between the two paths;
+/// two runtime workers let the fan-out and the writer run at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_personal_channel_keeps_order_across_direct_and_queued_writes() {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = jwt_config(&nats.url());
+    c.limits.send_queue_len = 20_000;
+    c.limits.ping_interval_seconds = 1;
+    c.limits.idle_timeout_seconds = 30;
+    let relay = wsrelay::process::start(c).await.unwrap();
+    let mut ws = connect(
+        relay.client_addr,
+        &format!("?token={}", hs256(claims("alice"))),
+    )
+    .await;
+    assert_eq!(subscribe(&mut ws, 1, "me.notify").await["type"], "ok");
+
+    const N: u64 = 6_000;
+    let nc = nats.client().await;
+    let publisher = tokio::spawn(async move {
+        for i in 0..N {
+            nc.publish("users.alice.notify", format!("{{\"n\":{i}}}").into())
+                .await
+                .unwrap();
+            if i % 300 == 299 {
+                nc.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        nc.flush().await.unwrap();
+    });
+    let (mut next, mut asked, mut answered) = (0u64, 0u64, 0u64);
+    while next < N {
+        if next % 200 == 0 && asked * 200 <= next {
+            asked += 1;
+            send(&mut ws, json!({"type": "ping", "id": asked})).await;
+        }
+        let Some(v) = next_json(&mut ws).await else {
+            panic!("nothing after message {next} of {N}");
+        };
+        match v["type"].as_str() {
+            Some("message") => {
+                assert_eq!(v["payload"]["n"], next, "out of order");
+                next += 1;
+            }
+            Some("pong") => {
+                answered += 1;
+                assert_eq!(v["id"], answered, "replies in order");
+            }
+            _ => panic!("unexpected frame {v}"),
+        }
+    }
+    publisher.await.unwrap();
+    while answered < asked {
+        let v = next_json(&mut ws).await.expect("a reply");
+        assert_eq!(v["type"], "pong", "{v}");
+        answered += 1;
+    }
+    assert!(
+        drain_messages(&mut ws, QUIET).await.is_empty(),
+        "no duplicates"
+    );
+    // Counted after each write returns, which can be just after the client read it.
+    let admin = relay.admin_addr;
+    let counted =
+        || async move { metric(admin, "wsrelay_messages_delivered_total").await == Some(N as f64) };
+    assert!(
+        eventually(Duration::from_secs(10), counted).await,
+        "every delivery counted once: {:?}",
+        metric(admin, "wsrelay_messages_delivered_total").await
+    );
+    relay.drain().await;
+}

@@ -626,8 +626,14 @@ async fn a_slow_client_on_a_resumable_channel_is_told_of_the_hole() {
             e => e,
         };
     }
+    // The relay may still be behind the publisher (messages a fan-out writes to an idle
+    // connection at once fill the socket before any queue): wait for it to catch up.
     assert!(
-        extra.is_some(),
+        extra.is_some()
+            || eventually(Duration::from_secs(30), || async {
+                metric(admin, dropped_metric).await.unwrap_or(0.0) > 0.0
+            })
+            .await,
         "{total} messages published, nothing dropped"
     );
     // Until the relay has taken in every message: each one now drops an older one.
