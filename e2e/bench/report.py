@@ -13,6 +13,8 @@ import re
 import shutil
 import statistics
 
+import cpu_profile  # e2e/bench/cpu_profile.py, beside this file
+
 TARGETS = ["wsrelay", "nats-ws", "centrifugo", "baseline"]
 LABEL = {"wsrelay": "wsrelay", "nats-ws": "nats-server WebSocket", "centrifugo": "Centrifugo",
          "baseline": "bare baseline"}
@@ -584,6 +586,8 @@ def doc(runs, summary, d, images, path, step_seconds):
         p("and the baseline too. The counters above are for the whole machine (other loopback traffic counts as well): with")
         p("zero overflows and SYN retransmits during a peer's connect phase, its handshake p99 is queueing behind the CPU.")
         p("")
+    for line in cpu_profile.section(d):
+        p(line)
     p("## Issue 15's targets against this run")
     p("")
     for line in targets(summary):

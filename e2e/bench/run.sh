@@ -26,6 +26,7 @@
 #   BENCH_NO_DOC=1   do not rewrite docs/benchmarks.md
 #   BENCH_RELAY_BIN  a wsrelay binary to measure instead of the one built (before/after)
 #   BENCH_NO_BUILD=1 use the release binaries already in $CARGO_TARGET_DIR
+#   BENCH_NO_PROFILE=1  skip the profile of the relay (perf) that runs with personal-10k
 #   BENCH_CONFIG_ONLY=1  only write the peers' configs (target/bench/config/) and stop
 set -euo pipefail
 
@@ -311,6 +312,31 @@ if [ -z "${BENCH_NO_RESUME_STORM:-}" ] && [[ " $workloads " == *" storm-5k "* ]]
 	else
 		log "resumable storm failed: $out/resume-storm.log"
 		printf 'failed: see %s\n' "$out/resume-storm.log" >"$out/resume-storm.txt"
+	fi
+fi
+
+# Where the relay's CPU goes on personal deliveries (issue 15: a missed target needs the profile
+# that says why): the relay's own cost test at 16,000 msg/s over 10,000 personal clients, placed
+# as above, with its system calls counted and perf sampling it (cpu-clock, call graphs).
+if [ -z "${BENCH_NO_PROFILE:-}" ] && [[ " $workloads " == *" personal-10k "* ]]; then
+	mkdir -p "$out/profile"
+	rm -f "$out/profile/"*
+	if perf stat -e syscalls:sys_enter_sendto -o /dev/null true 2>/dev/null; then
+		log "profile: relay/tests/delivery_cost.rs under perf (10,000 personal clients, 16,000 msg/s)"
+		if (cd "$root" && GOMAXPROCS=1 NATS_SERVER_BIN=$nats_server COST_RELAY_BIN=$relay \
+			COST_SERVER_CORE=$server_core COST_SYSCALLS=1 COST_PERF_OUT=$out/profile/perf.data \
+			COST_CONNECTIONS=10000 COST_RATE=16000 COST_MESSAGES=128000 \
+			taskset -c "$gen_core" cargo test --release -q -p wsrelay --test delivery_cost -- --ignored --nocapture) \
+			>"$out/profile/cost.txt" 2>&1; then
+			# Per sample, in the same order: the function it hit, and its kernel call stack (leaf
+			# first; user-space stacks do not unwind without frame pointers). cpu_profile.py reads them.
+			perf script -i "$out/profile/perf.data" -F ip,sym --hide-call-graph >"$out/profile/leaves.txt" 2>/dev/null || true
+			perf script -i "$out/profile/perf.data" -F period,ip,sym >"$out/profile/stacks.txt" 2>/dev/null || true
+		else
+			log "profile failed: $out/profile/cost.txt"
+		fi
+	else
+		log "perf (with syscall tracepoints) unavailable: no profile"
 	fi
 fi
 
