@@ -129,9 +129,9 @@ def section(d):
     sendto = sum(n for (s, part), n in counts.items() if s == "kernel" and part.startswith("sendto"))
     L.append("")
     L.append(f"Writing each frame to its client's socket (`sendto`, one per delivery) is {sendto / total * 100:.0f}% of the relay's CPU,")
-    L.append(f"{relay_us * sendto / total:.2f} µs per delivery. Every peer pays a write per delivery: nats-server's WebSocket listener and")
-    L.append("Centrifugo write the same frames to the same sockets. What the relay adds is its NATS hop (its nats-server's")
-    L.append("routing, the relay's reads from NATS) and its user-space work above.")
+    L.append(f"{relay_us * sendto / total:.2f} µs per delivery. Each client here has its own socket and a message every few seconds, so")
+    L.append("whichever server delivers it makes a write per delivery. What the relay adds to that is its NATS hop (its")
+    L.append("nats-server's routing, the relay's reads from NATS) and its user-space work above.")
     sendto_us = relay_us * sendto / total
     if sendto_us > 8:
         L.append(f"Issue 15's goal of at most 8 µs of relay CPU per personal delivery is below what this one system call")

@@ -306,8 +306,13 @@ def foreign_load(runs):
 
 
 def doc(runs, summary, d, images, path, step_seconds):
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    versions = read(os.path.join(d, "config", "versions.txt")).strip()
+    # When the run ended (run.sh writes versions.txt then), not when this report was written:
+    # regenerating the document from the same results keeps its date.
+    vpath = os.path.join(d, "config", "versions.txt")
+    ended = os.path.getmtime(vpath) if os.path.exists(vpath) else None
+    now = datetime.datetime.fromtimestamp(ended, datetime.timezone.utc) if ended else datetime.datetime.now(datetime.timezone.utc)
+    now = now.strftime("%Y-%m-%d %H:%M UTC")
+    versions = read(vpath).strip()
     seconds = read(os.path.join(d, "config", "seconds.txt")).strip()
     loads = sorted({tuple(r.get("loadavg", [])) for rw in runs.values() for rs in rw.values() for r in rs})
     L = []

@@ -1,5 +1,6 @@
 //! One WebSocket connection: a reader that handles requests, and one writer task that
-//! drains the connection's queue, feeding many frames and flushing once.
+//! drains the connection's queue, feeding many frames and flushing once. While the writer is
+//! idle with nothing queued, a fan-out may write a message itself (`sink::deliver`).
 //!
 //! Closing follows one sequence, described on [`CloseRequest`] and in docs/protocol.md
 //! section 6: whoever decides asks the outbox with a [`Cause`]; the writer flushes or is
@@ -182,16 +183,15 @@ async fn write_loop(
             () = &mut ping => send_ping = true,
         }
         if send_ping {
-            // Unless a message took the ping with it since.
+            // Unless a message took the ping with it since: the timer only wakes the writer
+            // when the outbox's schedule says.
             match outbox.take_ping(Instant::now()) {
-                Ok(()) => {}
+                Ok(next) => ping.as_mut().reset(next.into()),
                 Err(due) => {
                     ping.as_mut().reset(due.into());
                     continue;
                 }
             }
-            ping.as_mut()
-                .reset(tokio::time::Instant::now() + ping_every);
             // Every write, the ping included, is bounded by the write timeout and raced
             // against the kill signal: a peer that stopped taking bytes must not hold the
             // connection (its permit, its subscriptions, its share of the connection
@@ -225,9 +225,13 @@ async fn write_loop(
             received.extend(frames.iter().filter_map(|f| f.received));
             // A busy connection's ping rides with a batch (its newest message's arrival
             // time stands for the clock: one read fewer per delivery).
-            let ping_now = received
-                .last()
-                .is_some_and(|t| outbox.take_ping(*t).is_ok());
+            let ping_now = match received.last().map(|t| outbox.take_ping(*t)) {
+                Some(Ok(next)) => {
+                    ping.as_mut().reset(next.into());
+                    true
+                }
+                _ => false,
+            };
             let write = async {
                 let mut wrote = batch.flush;
                 if ping_now {
@@ -262,10 +266,6 @@ async fn write_loop(
                 Err(e) => return e.label(),
                 Ok(true) => {
                     let now = Instant::now();
-                    if ping_now {
-                        ping.as_mut()
-                            .reset(tokio::time::Instant::now() + ping_every);
-                    }
                     for t in &received {
                         metrics
                             .delivery_latency

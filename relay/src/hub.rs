@@ -749,7 +749,7 @@ fn fan_out_encoded(
             received: Some(received),
             channel: Some(sub.channel.clone()),
         };
-        match sink::deliver(&sub.conn, frame, direct, received, metrics) {
+        match sink::deliver(&sub.conn, frame, direct, metrics) {
             Delivery::Written | Delivery::Queued(Push::Queued | Push::Closed) => {}
             Delivery::Queued(Push::DroppedOldest) => dropped += 1,
             Delivery::Queued(Push::Overflow) => slow += 1,

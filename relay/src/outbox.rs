@@ -330,6 +330,20 @@ fn count_drop(counts: &mut Vec<(Arc<str>, u64)>, channel: Option<Arc<str>>) {
     }
 }
 
+/// The ping schedule, shared by the writer and fan-outs that write themselves: `Ok(next)`
+/// takes the ping due at `now` and schedules the next; `Err(due)` when none is due yet (or
+/// pings have not started: then in an interval, never at once).
+fn next_ping(g: &mut Inner, now: Instant) -> Result<Instant, Instant> {
+    match &mut g.ping {
+        Some((due, every)) if now >= *due => {
+            *due = now + *every;
+            Ok(*due)
+        }
+        Some((due, _)) => Err(*due),
+        None => Err(now + std::time::Duration::from_secs(1)),
+    }
+}
+
 fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     // A panic while holding this lock cannot leave the queue inconsistent.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -553,14 +567,7 @@ impl Outbox {
             return None;
         }
         g.direct = true;
-        let ping = match &mut g.ping {
-            Some((due, every)) if now >= *due => {
-                *due = now + *every;
-                true
-            }
-            _ => false,
-        };
-        Some(ping)
+        Some(next_ping(&mut g, now).is_ok())
     }
 
     /// Ends a fan-out's write; wakes the writer when it has something to do. `ping_owed`:
@@ -586,17 +593,10 @@ impl Outbox {
         lock(&self.inner).ping = Some((Instant::now() + every, every));
     }
 
-    /// `Ok` when a ping is due at `now` (and the next one is scheduled), else when it is.
-    pub fn take_ping(&self, now: Instant) -> Result<(), Instant> {
-        let mut g = lock(&self.inner);
-        match &mut g.ping {
-            Some((due, every)) if now >= *due => {
-                *due = now + *every;
-                Ok(())
-            }
-            Some((due, _)) => Err(*due),
-            None => Err(now),
-        }
+    /// `Ok(next)` when a ping is due at `now` (the next one is then scheduled at `next`);
+    /// `Err(due)` when it is not yet.
+    pub fn take_ping(&self, now: Instant) -> Result<Instant, Instant> {
+        next_ping(&mut lock(&self.inner), now)
     }
 
     /// Wakes the writer: the waker a fan-out's write leaves with the sink.

@@ -149,22 +149,17 @@ pub enum Delivery {
 }
 
 /// Delivers a message frame to `conn`: written at once when its writer is idle with nothing
-/// queued and `direct` allows (the fan-out's choice), else queued. `now` stands for the clock.
-pub fn deliver(
-    conn: &ConnShared,
-    frame: Frame,
-    direct: bool,
-    now: Instant,
-    metrics: &Metrics,
-) -> Delivery {
+/// queued and `direct` allows (the fan-out's choice), else queued. The frame's arrival time
+/// stands for the clock (a due ping goes with it).
+pub fn deliver(conn: &ConnShared, frame: Frame, direct: bool, metrics: &Metrics) -> Delivery {
     let outbox = &conn.outbox;
     let Some(sink) = conn.sink.get().filter(|_| direct) else {
         return Delivery::Queued(outbox.push_message(frame));
     };
-    let Some(ping) = outbox.claim_direct(now) else {
+    let received = frame.received;
+    let Some(ping) = outbox.claim_direct(received.unwrap_or_else(Instant::now)) else {
         return Delivery::Queued(outbox.push_message(frame));
     };
-    let received = frame.received;
     let (written, ping_owed) = sink.write_now(ping, frame.msg, outbox.waker());
     match written {
         Written::NotTaken(msg) => {
@@ -223,11 +218,10 @@ mod tests {
         };
         conn.sink.set(Arc::new(SharedSink::new(sink))).unwrap();
         let metrics = Metrics::new();
-        let now = Instant::now();
 
         // The writer has not looked at its queue yet: queued.
         assert_eq!(
-            deliver(&conn, frame("1"), true, now, &metrics),
+            deliver(&conn, frame("1"), true, &metrics),
             Delivery::Queued(Push::Queued)
         );
         assert_eq!(conn.outbox.take(8).frames.len(), 1);
@@ -235,7 +229,7 @@ mod tests {
         // Idle: written by the caller, with the ping that is due.
         conn.outbox.start_pings(std::time::Duration::ZERO);
         assert_eq!(
-            deliver(&conn, frame("2"), true, Instant::now(), &metrics),
+            deliver(&conn, frame("2"), true, &metrics),
             Delivery::Written
         );
         assert_eq!(client.next().await.unwrap().unwrap(), Message::text("2"));
@@ -246,12 +240,12 @@ mod tests {
         assert_eq!(metrics.delivered.get(), 1);
         // The fan-out may decline (a broadcast): queued.
         assert_eq!(
-            deliver(&conn, frame("3"), false, now, &metrics),
+            deliver(&conn, frame("3"), false, &metrics),
             Delivery::Queued(Push::Queued)
         );
         // Something queued: queued behind it, never ahead.
         assert_eq!(
-            deliver(&conn, frame("4"), true, now, &metrics),
+            deliver(&conn, frame("4"), true, &metrics),
             Delivery::Queued(Push::Queued)
         );
         assert_eq!(conn.outbox.take(8).frames.len(), 2);
