@@ -23,6 +23,8 @@ pub fn router(relay: Arc<Relay>) -> Router {
 async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     if relay.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if relay.nats_failed.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "NATS client failed")
     } else if relay.is_ready() {
         (StatusCode::OK, "ready")
     } else {

@@ -265,8 +265,14 @@ impl Verifier {
         Ok(Self { validation, keys })
     }
 
-    /// Verifies a token: signature, algorithm, `exp`, `nbf`, `iss`, `aud`.
+    /// Verifies a token: size, signature, algorithm, `exp`, `nbf`, `iss`, `aud`, `sub`.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        if token.len() > crate::protocol::MAX_TOKEN_BYTES {
+            return Err(AuthError::InvalidToken(format!(
+                "the token is longer than {} bytes",
+                crate::protocol::MAX_TOKEN_BYTES
+            )));
+        }
         let invalid = |e: jsonwebtoken::errors::Error| AuthError::InvalidToken(e.to_string());
         let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
         if !self.validation.algorithms.contains(&header.alg) {
@@ -288,6 +294,18 @@ impl Verifier {
         let expires_at = expiry(&data.claims).ok_or_else(|| {
             AuthError::InvalidToken("exp is not a number of seconds since the epoch".into())
         })?;
+        // The leeway is for clocks that disagree on when a token starts (`nbf`); a token past
+        // its `exp` would be accepted only to be closed at once (1008).
+        if expires_at <= now_secs() {
+            return Err(AuthError::InvalidToken("the token has expired".into()));
+        }
+        // Identity is the pair (iss, sub): a token that names no subject cannot be told from
+        // another one of its issuer (an SSE POST, a refresh, a per-subject limit).
+        if subject(&data.claims).is_none() {
+            return Err(AuthError::InvalidToken(
+                "the token has no sub (a non-empty string without control characters)".into(),
+            ));
+        }
         Ok(Identity {
             claims: Some(data.claims),
             expires_at: Some(expires_at),
@@ -368,10 +386,26 @@ impl Authenticator {
     }
 }
 
-/// Whether two tokens' claims name the same identity: the same `iss` and `sub` (a refresh may
-/// extend a connection's life, never change whose it is). Pure.
+/// Whether two tokens' claims name the same identity: the same `iss` and the same `sub`, which
+/// both must carry (a refresh may extend a connection's life, never change whose it is). Pure.
 pub fn same_identity(old: &Map<String, Value>, new: &Map<String, Value>) -> bool {
-    ["iss", "sub"].iter().all(|k| old.get(*k) == new.get(*k))
+    subject(old).is_some() && old.get("iss") == new.get("iss") && subject(old) == subject(new)
+}
+
+/// The token's subject: `sub`, a non-empty string without control characters (it is shown
+/// to backends in the `Wsrelay-Sub` header, and counted per subject). Pure.
+pub fn subject(claims: &Map<String, Value>) -> Option<&str> {
+    claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The HTTP client JWKS documents are fetched with (built once, connections reused).
@@ -751,6 +785,11 @@ mod tests {
             &old,
             &m(serde_json::json!({"iss": "i", "exp": 9}))
         ));
+        // Two tokens without `sub` are not one identity.
+        let none = m(serde_json::json!({"iss": "i", "exp": 1}));
+        assert!(!same_identity(&none, &none));
+        let empty = m(serde_json::json!({"iss": "i", "sub": "", "exp": 1}));
+        assert!(!same_identity(&empty, &empty));
     }
 
     #[test]

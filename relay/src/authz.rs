@@ -91,11 +91,16 @@ pub enum AuthzError {
 /// <sid>`) is limited to 4 KiB by default; real subjects are far shorter.
 pub const MAX_SUBJECT_LEN: usize = 512;
 
-/// Whether `subject` is in a namespace NATS reserves for itself or for request/reply:
-/// anything starting with `$` (`$JS.`, `$SYS.`, `$KV.`...) or `_INBOX.`. Pure.
+/// Whether `subject` is in a namespace NATS reserves for itself or for request/reply, or
+/// in the relay's own: anything starting with `$` (`$JS.`, `$SYS.`, `$KV.`...), `_INBOX.`,
+/// or `_WSRELAY.` (history republishing and SUB confirmations, `crate::confirm`). Pure.
 pub fn is_reserved_subject(subject: &str) -> bool {
-    subject.starts_with('$') || subject == "_INBOX" || subject.starts_with("_INBOX.")
+    let first = subject.split('.').next().unwrap_or_default();
+    subject.starts_with('$') || RESERVED_FIRST_TOKENS.contains(&first)
 }
+
+/// First tokens no binding may map to: NATS's request/reply inboxes and the relay's own.
+pub const RESERVED_FIRST_TOKENS: &[&str] = &["_INBOX", crate::config::RELAY_SUBJECT_PREFIX];
 
 /// Checks one value (a channel token or a claim) before it goes into a subject: it must
 /// not be empty and must not contain `.`, `*`, `>`, whitespace or control characters.
@@ -540,6 +545,9 @@ mod tests {
         }
         assert!(raw.resolve("a.orders", Operation::Subscribe, None).is_ok());
         assert!(is_reserved_subject("_INBOX.abc"));
+        assert!(is_reserved_subject("_WSRELAY.confirm.abc"));
+        assert!(is_reserved_subject("_WSRELAY"));
+        assert!(!is_reserved_subject("_WSRELAYS.a"));
         assert!(!is_reserved_subject("_INBOXES.a"));
         assert!(!is_reserved_subject("a.$JS"));
     }

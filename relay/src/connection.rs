@@ -63,7 +63,13 @@ pub async fn run<S>(
         let ping_every = Duration::from_secs(limits.ping_interval_seconds);
         let write_timeout = Duration::from_secs(limits.write_timeout_seconds);
         async move {
-            let why = write_loop(&sink, &conn, &relay, ping_every, write_timeout).await;
+            let why = crate::task::catch(
+                "writer",
+                &relay.metrics,
+                write_loop(&sink, &conn, &relay, ping_every, write_timeout),
+            )
+            .await
+            .unwrap_or("internal_error");
             // The socket closes once both halves are gone: not kept open by fan-outs that
             // still hold the connection.
             sink.release();
@@ -71,22 +77,23 @@ pub async fn run<S>(
             why
         }
     });
-    let reader = async {
-        read_loop(
-            stream,
-            &conn,
-            &relay,
-            &done,
-            Duration::from_secs(limits.idle_timeout_seconds),
-            expires_at,
-        )
-        .await;
-        // Whatever ended the reader, make sure the writer ends too (a no-op when a close
-        // was requested already: the first request wins).
-        conn.outbox.close(Cause::PeerGone.request());
+    let read = read_loop(
+        stream,
+        &conn,
+        &relay,
+        &done,
+        Duration::from_secs(limits.idle_timeout_seconds),
+        expires_at,
+    );
+    // Whatever ended the reader, make sure the writer ends too (a no-op when a close was
+    // requested already: the first request wins). A panic in a request's handling ends
+    // this connection with 1011 and nothing else.
+    let cause = match crate::task::catch("reader", &relay.metrics, read).await {
+        Some(()) => Cause::PeerGone,
+        None => Cause::Internal,
     };
-    reader.await;
-    let why = writer.await.unwrap_or("other");
+    conn.outbox.close(cause.request());
+    let why = writer.await.unwrap_or("internal_error");
     relay.unregister(&conn);
     relay
         .metrics
@@ -450,15 +457,19 @@ where
     .await;
 }
 
+/// The longest a connection's expiry timer is set for: a token with no `exp` (anonymous) or
+/// an `exp` centuries away gets this, and an `Instant` never overflows.
+const EXPIRY_HORIZON: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn until_expiry(expires_at: Option<u64>) -> Duration {
     let Some(exp) = expires_at else {
-        return Duration::from_secs(365 * 24 * 3600);
+        return EXPIRY_HORIZON;
     };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    Duration::from_secs(exp.saturating_sub(now))
+    Duration::from_secs(exp.saturating_sub(now)).min(EXPIRY_HORIZON)
 }
 
 /// Verifies a `refresh` token: valid as at the handshake, and of the connection's identity.
@@ -667,18 +678,8 @@ async fn handle(req: Request, conn: &Arc<ConnShared>, relay: &Relay) {
 /// cannot forge them.
 fn sender_headers(conn: &ConnShared, relay_name: &str) -> async_nats::HeaderMap {
     let mut h = async_nats::HeaderMap::new();
-    if let Some(sub) = conn
-        .claims
-        .as_ref()
-        .and_then(|c| c.get("sub"))
-        .and_then(|v| match v {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        })
-        .filter(|s| !s.chars().any(char::is_control))
-    {
-        h.insert(SENDER_SUB_HEADER, sub.as_str());
+    if let Some(sub) = conn.claims.as_ref().and_then(crate::auth::subject) {
+        h.insert(SENDER_SUB_HEADER, sub);
     }
     h.insert(
         SENDER_CONNECTION_HEADER,

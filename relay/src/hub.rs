@@ -35,9 +35,6 @@ use crate::relay::ConnShared;
 use crate::signal::Signal;
 use crate::sink::{self, Delivery};
 
-/// Subject of the round-trip request used to confirm a SUB (no one answers it).
-const SYNC_SUBJECT: &str = "_WSRELAY.sync";
-
 /// How long a subscribe waits for NATS to confirm the SUB before answering 503.
 const CONFIRM_WITHIN: Duration = Duration::from_secs(2);
 
@@ -150,6 +147,8 @@ pub enum SubscribeError {
 #[derive(Debug)]
 pub struct Hub {
     client: async_nats::Client,
+    /// Confirms SUBs by a round trip no other NATS client can answer or delay.
+    confirm: crate::confirm::Confirmer,
     subjects: Mutex<HashMap<String, Arc<SubjectEntry>>>,
     metrics: Arc<Metrics>,
     max_payload: usize,
@@ -173,6 +172,10 @@ impl Hub {
     /// A hub over `client`; NATS payloads above `max_payload` bytes are dropped.
     pub fn new(client: async_nats::Client, metrics: Arc<Metrics>, max_payload: usize) -> Self {
         Self {
+            confirm: crate::confirm::Confirmer::new(
+                client.clone(),
+                crate::config::RELAY_SUBJECT_PREFIX,
+            ),
             client,
             subjects: Mutex::new(HashMap::new()),
             metrics,
@@ -387,8 +390,18 @@ impl Hub {
             control: Signal::default(),
         });
         self.metrics.nats_subscriptions.inc();
-        self.tasks
-            .spawn(self.clone().run_subject(target.key.clone(), entry.clone()));
+        let (hub, key, e) = (self.clone(), target.key.clone(), entry.clone());
+        self.tasks.spawn(async move {
+            // A panic ends this subject's entry (its subscribers hear `unsubscribed`), not the
+            // process.
+            let run = hub.clone().run_subject(key.clone(), e.clone());
+            if crate::task::catch("subject", &hub.metrics, run)
+                .await
+                .is_none()
+            {
+                hub.end(&key, &e, "failed");
+            }
+        });
         entry
     }
 
@@ -499,15 +512,13 @@ impl Hub {
             }
         };
         // Wait for a round trip through the server on this connection, so the SUB has been
-        // processed before the client hears `ok`: a request nobody answers comes back as
-        // "no responders" after the server has handled everything sent before it. Bounded:
-        // while NATS is unreachable the subscribe answers 503 rather than a hopeful `ok`.
+        // processed before the client hears `ok` (`crate::confirm`). Bounded: while NATS is
+        // unreachable the subscribe answers 503 rather than a hopeful `ok`.
         let confirmed = tokio::select! {
             () = entry.cancel.cancelled() => false,
-            r = tokio::time::timeout(
-                CONFIRM_WITHIN,
-                self.client.request(SYNC_SUBJECT, bytes::Bytes::new()),
-            ) => r.is_ok(),
+            r = tokio::time::timeout(CONFIRM_WITHIN, self.confirm.round_trip()) => {
+                matches!(r, Ok(Ok(())))
+            }
         };
         if !confirmed {
             self.end(&key, &entry, "not confirmed in time");

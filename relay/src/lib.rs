@@ -7,9 +7,11 @@
 //!
 //! - pure cores: `protocol` (frames), `authz` (bindings), `limits` (token bucket),
 //!   `drain::schedule`, token lookup in `auth`;
-//! - runtime parts: `auth` (JWT keys, JWKS), `nats`, `hub` (subject fan-out), `outbox`
+//! - runtime parts: `auth` (JWT keys, JWKS), `nats`, `confirm` (a round trip through the NATS
+//!   server that no other client can answer or delay), `hub` (subject fan-out), `outbox`
 //!   (per-connection queue), `signal` (a cheap wake-up for one task), `connection` (reader and writer), `sink` (the write half a fan-out may write to at once), `server` (accept and
-//!   upgrade), `admin` and `metrics`, `drain`, `reload`, `tls`, `process` (start, signals).
+//!   upgrade), `admin` and `metrics`, `drain`, `reload`, `tls`, `process` (start, signals),
+//!   `task` (the panic boundary of per-connection and per-subject tasks).
 
 pub mod config;
 #[cfg(feature = "pem")]
@@ -22,6 +24,8 @@ pub mod admin;
 pub mod auth;
 #[cfg(feature = "server")]
 pub mod authz;
+#[cfg(feature = "server")]
+pub mod confirm;
 #[cfg(feature = "server")]
 pub mod connection;
 #[cfg(feature = "server")]
@@ -56,5 +60,7 @@ pub mod sink;
 pub mod slots;
 #[cfg(feature = "server")]
 pub mod sse;
+#[cfg(feature = "server")]
+pub mod task;
 #[cfg(feature = "server")]
 pub mod tls;

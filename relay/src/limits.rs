@@ -211,6 +211,12 @@ pub fn ip_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Whether `ip` is one of the trusted proxies (`listen.trustedProxies`). Pure.
+pub fn is_trusted_proxy(ip: IpAddr, trusted: &[ipnet::IpNet]) -> bool {
+    let ip = ip.to_canonical();
+    trusted.iter().any(|n| n.contains(&ip))
+}
+
 /// The client's address: `peer`, unless `peer` is a trusted proxy and `header` (the values
 /// of the configured client-IP header, in order) names one. The list is read from the right
 /// (the closest proxy appends last), skipping trusted proxies; the first other address is
@@ -222,10 +228,7 @@ pub fn client_ip<'a>(
     trusted: &[ipnet::IpNet],
     header: impl IntoIterator<Item = &'a str>,
 ) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| {
-        let ip = ip.to_canonical();
-        trusted.iter().any(|n| n.contains(&ip))
-    };
+    let is_trusted = |ip: &IpAddr| is_trusted_proxy(*ip, trusted);
     if trusted.is_empty() || !is_trusted(&peer) {
         return peer;
     }

@@ -116,6 +116,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => {
             init_tracing(args.log_format);
+            wsrelay::task::install_panic_log();
             raise_fd_limit();
             let loaded = match Config::load(&config) {
                 Ok(c) => c,

@@ -48,6 +48,7 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "per_subject",
     "subprotocol",
     "handshakes",
+    "handshakes_per_ip",
     "handshake_timeout",
 ];
 /// `reason` values of `wsrelay_connections_closed_total` (`crate::outbox::CloseRequest::label`,
@@ -62,6 +63,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "idle",
     "slow_consumer",
     "flood",
+    "internal_error",
     "other",
 ];
 /// `reason` values of `wsrelay_messages_dropped_total`.
@@ -95,6 +97,12 @@ pub struct Metrics {
     pub dropped: Family<Reason, Counter>,
     /// `wsrelay_slow_consumers_total`: times a connection's send queue overflowed.
     pub slow_consumers: Counter,
+    /// `wsrelay_task_panics_total`: panics caught at a task's boundary (`crate::task`): each
+    /// ended its own connection or subject, never the process.
+    pub task_panics: Counter,
+    /// `wsrelay_nats_client_failed`: 1 once the NATS client itself has stopped (its
+    /// connection task ended): the relay is not ready, not live, and drains to restart.
+    pub nats_client_failed: Gauge,
     /// `wsrelay_queued_bytes`: bytes in all send queues (`limits.maxQueuedBytes` bounds it).
     pub queued_bytes: Gauge,
     /// `wsrelay_send_queue_limit_hits_total{limit}`: pushes that met the slow-consumer
@@ -163,6 +171,8 @@ impl Metrics {
             published: Counter::default(),
             dropped: Family::default(),
             slow_consumers: Counter::default(),
+            task_panics: Counter::default(),
+            nats_client_failed: Gauge::default(),
             queued_bytes: Gauge::default(),
             queue_limit_hits: Family::default(),
             rate_limited: Family::default(),
@@ -224,6 +234,16 @@ impl Metrics {
             "slow_consumers",
             "Send-queue overflows",
             m.slow_consumers.clone(),
+        );
+        r.register(
+            "task_panics",
+            "Panics caught at a task boundary (each ended its own connection or subject)",
+            m.task_panics.clone(),
+        );
+        r.register(
+            "nats_client_failed",
+            "1 once the NATS client has stopped for good (the relay drains to restart)",
+            m.nats_client_failed.clone(),
         );
         r.register(
             "queued_bytes",

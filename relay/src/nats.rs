@@ -162,6 +162,45 @@ pub async fn connect(
         .map_err(|e| NatsError::Connect(e.to_string()))
 }
 
+/// How often the NATS client's own connection task is checked for life.
+pub const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+
+/// Watches the NATS client until `stop`: its connection task answers a flush (or, while it
+/// reconnects, keeps it waiting); an error means the task itself is gone (a bug in the client,
+/// or a panic it could not survive), and a client without it never reconnects. Then the relay
+/// stops being ready, says why in `wsrelay_nats_client_failed` and `wsrelay_nats_last_error`
+/// (which the operator turns into `Degraded`), and `failed` is cancelled: the process drains
+/// and exits, to be started again with a new client.
+pub async fn supervise(
+    client: async_nats::Client,
+    metrics: Arc<Metrics>,
+    connected: Arc<AtomicBool>,
+    failed: tokio_util::sync::CancellationToken,
+    stop: tokio_util::sync::CancellationToken,
+    server: String,
+) {
+    let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(Err(e)) = tokio::time::timeout(SUPERVISE_EVERY, client.flush()).await else {
+            continue;
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        connected.store(false, Ordering::SeqCst);
+        metrics.nats_connected.set(0);
+        metrics.nats_client_failed.set(1);
+        metrics.nats_failed(display_url(&server), "NATS client failed".into());
+        tracing::error!(error = %e, "the NATS client stopped for good; draining to restart");
+        failed.cancel();
+        return;
+    }
+}
+
 /// Finds out which server cannot be reached and why, after async-nats reported a failed
 /// connection attempt (it names neither): a TCP connect to each configured server, one
 /// probe at a time. The outcome goes to the log (once per change or minute) and to

@@ -118,6 +118,9 @@ pub enum Cause {
     SlowConsumer,
     /// The drain reached this connection's turn: 1012 after the queue (the `drain` notice).
     Drain,
+    /// The connection's own task panicked (a bug, caught at the task boundary): 1011, queue
+    /// discarded.
+    Internal,
 }
 
 impl Cause {
@@ -132,6 +135,7 @@ impl Cause {
             Self::Flood => (close::FLOOD, "request flood", true),
             Self::SlowConsumer => (close::SLOW_CONSUMER, "slow consumer", false),
             Self::Drain => (close::RESTART, "service restart", true),
+            Self::Internal => (close::INTERNAL, "internal error", false),
         };
         CloseRequest {
             code,
@@ -158,6 +162,7 @@ impl CloseRequest {
             close::IDLE_TIMEOUT => "idle",
             close::SLOW_CONSUMER => "slow_consumer",
             close::FLOOD => "flood",
+            close::INTERNAL => "internal_error",
             _ => "other",
         }
     }
@@ -281,9 +286,12 @@ pub enum Release {
     NotTaken,
 }
 
-/// Extra room for replies beyond the message capacity, so replies are not dropped; a
-/// client that makes requests without reading still hits it and is closed.
+/// Extra room for replies beyond the queue's limits (this many frames, and
+/// [`REPLY_ROOM_BYTES`] bytes), so a client whose queue is full of messages still gets its
+/// replies; a client that makes requests without reading still hits it and is closed (4008).
 const REPLY_ROOM: usize = 64;
+/// See [`REPLY_ROOM`].
+const REPLY_ROOM_BYTES: usize = 64 * 1024;
 
 /// The bounded send queue of one connection.
 #[derive(Debug)]
@@ -464,7 +472,11 @@ impl Outbox {
         if g.close.is_some() {
             return false;
         }
-        if g.queue.len() >= self.capacity + REPLY_ROOM {
+        let len = msg.len();
+        // Replies count against the byte limit too: each holds memory like a message.
+        let over_bytes = !g.queue.is_empty()
+            && g.bytes.saturating_add(len) > self.max_bytes.saturating_add(REPLY_ROOM_BYTES);
+        if g.queue.len() >= self.capacity + REPLY_ROOM || over_bytes {
             self.budget.hit("replies");
             g.close = Some(Cause::SlowConsumer.request());
             self.discard(&mut g);
@@ -473,7 +485,6 @@ impl Outbox {
             self.notify.notify();
             return false;
         }
-        let len = msg.len();
         g.queue.push_back(Frame {
             msg,
             received: None,
@@ -658,6 +669,29 @@ mod tests {
                 _ => String::new(),
             })
             .collect()
+    }
+
+    #[test]
+    fn unread_replies_count_against_the_byte_limit() {
+        let o = Outbox::with_budget(
+            10_000,
+            1000,
+            SlowConsumerPolicy::DropOldest,
+            Arc::new(QueueBudget::unlimited()),
+        );
+        let reply = || Message::Text("r".repeat(100).into());
+        let mut queued = 0;
+        while o.push_reply(reply()) {
+            queued += 1;
+            assert!(
+                queued <= 1000,
+                "replies are bounded by bytes, not only by count"
+            );
+        }
+        // The limit plus the replies' room, and not a frame more.
+        assert_eq!(queued, (1000 + REPLY_ROOM_BYTES) / 100);
+        assert_eq!(o.close_request().map(|c| c.code), Some(4008));
+        assert_eq!(o.queued_bytes(), 0, "a slow consumer's queue is discarded");
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub enum StartError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
+    /// The NATS client stopped for good while the relay ran (it drained first).
+    #[error("the NATS client stopped for good; the relay drained and exits to be restarted")]
+    NatsClientFailed,
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -141,9 +144,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             hub.reset_stream(stream)
         })
     });
+    let supervisor = tokio::spawn(crate::nats::supervise(
+        relay.hub.client().clone(),
+        relay.metrics.clone(),
+        relay.nats_connected.clone(),
+        relay.nats_failed.clone(),
+        relay.shutdown.clone(),
+        relay
+            .live()
+            .config
+            .nats
+            .urls
+            .first()
+            .cloned()
+            .unwrap_or_default(),
+    ));
     let tasks = vec![
         refusals,
         history,
+        supervisor,
         tokio::spawn(crate::server::serve(
             client_listener,
             relay.clone(),
@@ -219,6 +238,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            () = relay.nats_failed.cancelled() => break,
             _ = hup.recv() => { tracing::info!("SIGHUP"); do_reload = true; }
             _ = poll.tick() => {
                 let now = watched(&relay);
@@ -249,7 +269,11 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
             seen_config = watched(&relay);
         }
     }
-    tracing::info!("SIGTERM: draining");
+    let failed = relay.nats_failed.is_cancelled();
+    tracing::info!(nats_client_failed = failed, "draining");
     running.drain().await;
+    if failed {
+        return Err(StartError::NatsClientFailed);
+    }
     Ok(())
 }

@@ -80,6 +80,35 @@ pub struct Since {
 /// Longest `since.epoch` and `msgId` accepted, in bytes.
 pub const MAX_TOKEN_FIELD: usize = 64;
 
+/// Whether `s` may be a `msgId`: 1 to 64 bytes of printable ASCII, no space. It becomes the
+/// `Nats-Msg-Id` header of a stored publish, where a line break would end the header (the
+/// NATS client refuses it) and anything unprintable would reach the backend's logs. Pure.
+pub fn is_msg_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_TOKEN_FIELD && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// `s` cut to at most 64 bytes (on a character boundary) for an error reason that quotes
+/// what the client sent: a reply never grows with the request that caused it.
+fn quoted(s: &str) -> &str {
+    if s.len() <= MAX_TOKEN_FIELD {
+        return s;
+    }
+    let mut end = MAX_TOKEN_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A `since` as the documented object, `{"epoch": .., "seq": ..}`; serde would take the
+/// array `[epoch, seq]` for the struct too.
+fn parse_since(raw: &RawValue) -> Result<Since, String> {
+    if !raw.get().trim_start().starts_with('{') {
+        return Err("since must be an object {\"epoch\": .., \"seq\": ..}".into());
+    }
+    serde_json::from_str(raw.get()).map_err(|e| format!("malformed since: {e}"))
+}
+
 /// A malformed frame: answered with an `error` reply (code 400), never a crash.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
@@ -103,8 +132,8 @@ struct RawFrame<'a> {
     payload: Option<&'a RawValue>,
     #[serde(default)]
     text: Option<String>,
-    #[serde(default)]
-    since: Option<Since>,
+    #[serde(default, borrow)]
+    since: Option<&'a RawValue>,
     #[serde(default, rename = "msgId")]
     msg_id: Option<String>,
     #[serde(default)]
@@ -156,18 +185,17 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
             }
             let channel = need_channel(&id, raw.channel)?;
             if raw.kind == "subscribe" {
-                if raw
-                    .since
+                let since = match raw.since.map(parse_since).transpose() {
+                    Ok(s) => s,
+                    Err(reason) => return Err(bad(id, &reason)),
+                };
+                if since
                     .as_ref()
                     .is_some_and(|s| s.epoch.is_empty() || s.epoch.len() > MAX_TOKEN_FIELD)
                 {
                     return Err(bad(id, "since.epoch must be 1 to 64 bytes"));
                 }
-                Ok(Request::Subscribe {
-                    id,
-                    channel,
-                    since: raw.since,
-                })
+                Ok(Request::Subscribe { id, channel, since })
             } else if raw.since.is_some() {
                 Err(bad(id, "since is only allowed on subscribe"))
             } else {
@@ -178,12 +206,11 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
             if raw.since.is_some() {
                 return Err(bad(id, "since is only allowed on subscribe"));
             }
-            if raw
-                .msg_id
-                .as_ref()
-                .is_some_and(|m| m.is_empty() || m.len() > MAX_TOKEN_FIELD)
-            {
-                return Err(bad(id, "msgId must be 1 to 64 bytes"));
+            if raw.msg_id.as_deref().is_some_and(|m| !is_msg_id(m)) {
+                return Err(bad(
+                    id,
+                    "msgId must be 1 to 64 bytes of printable ASCII (no spaces or control characters)",
+                ));
             }
             let channel = need_channel(&id, raw.channel)?;
             let payload = match (raw.payload, raw.text) {
@@ -219,7 +246,7 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
         "ping" => Ok(Request::Ping { id }),
         other => Err(BadFrame {
             id,
-            reason: format!("unknown frame type {other:?}"),
+            reason: format!("unknown frame type {:?}", quoted(other)),
         }),
     }
 }
@@ -502,6 +529,13 @@ mod tests {
     }
 
     #[test]
+    fn a_reason_never_grows_with_the_request() {
+        let long = format!(r#"{{"type":"{}","id":1}}"#, "é".repeat(10_000));
+        let e = parse_request(&long).unwrap_err();
+        assert!(e.reason.len() < 100, "{}", e.reason);
+    }
+
+    #[test]
     fn parses_requests() {
         assert_eq!(
             parse_request(r#"{"type":"subscribe","id":1,"channel":"orders.1"}"#),
@@ -589,6 +623,14 @@ mod tests {
             r#"{"type":"publish","id":3,"channel":"c","text":"t","msgId":""}"#.to_owned(),
             format!(r#"{{"type":"publish","id":3,"channel":"c","text":"t","msgId":"{long}"}}"#),
             r#"{"type":"ping","id":3,"since":{"epoch":"e","seq":1}}"#.to_owned(),
+            // The array form of `since` is not the documented object.
+            r#"{"type":"subscribe","id":3,"channel":"c","since":["e",1]}"#.to_owned(),
+            // A msgId becomes a NATS header: no line breaks, controls or spaces.
+            r#"{"type":"publish","id":3,"channel":"c","text":"t","msgId":"a\r\nb"}"#.to_owned(),
+            r#"{"type":"publish","id":3,"channel":"c","text":"t","msgId":"a\nb"}"#.to_owned(),
+            r#"{"type":"publish","id":3,"channel":"c","text":"t","msgId":"a\u0000b"}"#.to_owned(),
+            r#"{"type":"publish","id":3,"channel":"c","text":"t","msgId":"a b"}"#.to_owned(),
+            r#"{"type":"publish","id":3,"channel":"c","text":"t","msgId":"é"}"#.to_owned(),
         ] {
             let e = parse_request(&bad).unwrap_err();
             assert_eq!(e.id, Some(RequestId::Num(3)), "{bad}: {e}");

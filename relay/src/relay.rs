@@ -65,6 +65,8 @@ pub struct Relay {
     pub nats_connected: Arc<AtomicBool>,
     /// True from SIGTERM on.
     pub draining: AtomicBool,
+    /// Cancelled when the NATS client stopped for good (`crate::nats::supervise`).
+    pub nats_failed: CancellationToken,
     /// Open-connection slots (`limits.maxConnections`).
     pub slots: Arc<Slots>,
     /// Bytes queued on all connections (`limits.maxQueuedBytes`).
@@ -75,6 +77,9 @@ pub struct Relay {
     pub per_subject: Arc<ConnCounter<String>>,
     /// HTTP handshakes in flight (`limits.maxHandshakesInFlight`).
     pub handshakes: InFlight,
+    /// TCP connections in their handshake per client address
+    /// (`limits.maxHandshakesInFlightPerIp`).
+    pub handshakes_per_ip: Arc<ConnCounter<std::net::IpAddr>>,
     /// Tracks every connection task (and the HTTP handshakes), so none outlives shutdown.
     pub tracker: TaskTracker,
     /// Cancelled when the relay stops: ends accept loops and the admin server.
@@ -120,11 +125,13 @@ impl Relay {
             metrics,
             nats_connected,
             draining: AtomicBool::new(false),
+            nats_failed: CancellationToken::new(),
             slots: Arc::new(Slots::new(max)),
             queue_budget,
             per_ip: Arc::default(),
             per_subject: Arc::default(),
             handshakes: InFlight::default(),
+            handshakes_per_ip: Arc::default(),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             conns: Mutex::new(HashMap::new()),
@@ -157,7 +164,9 @@ impl Relay {
 
     /// Ready: NATS up and not draining.
     pub fn is_ready(&self) -> bool {
-        self.nats_connected.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+        self.nats_connected.load(Ordering::SeqCst)
+            && !self.draining.load(Ordering::SeqCst)
+            && !self.nats_failed.is_cancelled()
     }
 
     /// Whether the relay is draining.

@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use crate::auth::TokenVia;
 use crate::config::Limits;
-use crate::limits::{client_ip, ip_key};
+use crate::limits::{client_ip, ip_key, is_trusted_proxy};
 use crate::outbox::Outbox;
 use crate::protocol::{SUBPROTOCOL, close};
 use crate::relay::Relay;
@@ -301,12 +301,7 @@ async fn handshake(relay: Arc<Relay>, mut req: Request, span: tracing::Span) -> 
             return refuse_ws(&relay, &mut req, status, e.reason(), retry);
         }
     };
-    let sub_guard = match identity
-        .claims
-        .as_ref()
-        .and_then(|c| c.get("sub"))
-        .and_then(|s| s.as_str())
-    {
+    let sub_guard = match identity.claims.as_ref().and_then(crate::auth::subject) {
         Some(sub) => match relay.per_subject.try_acquire(
             sub.to_owned(),
             live.config.limits.max_connections_per_subject,
@@ -409,19 +404,26 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
                 }
             },
         };
-        let limits = relay.live().config.limits.clone();
-        let Some(in_flight) = relay
-            .handshakes
-            .try_enter(limits.max_handshakes_in_flight as usize)
-        else {
-            relay.metrics.refuse("handshakes");
-            tracing::debug!(%peer, "too many handshakes in flight");
-            // On ws:// a fixed answer costs nothing; on wss:// answering would need the TLS
-            // handshake this limit protects against: close.
-            if tls.is_none() {
-                relay.tracker.spawn(refuse_raw(tcp));
+        let live = relay.live();
+        let limits = live.config.limits.clone();
+        // One address's share first, from the accept on: connects that send nothing from one
+        // address cannot hold the whole handshake budget. A trusted proxy speaks for many
+        // clients and is not counted.
+        let behind_proxy = is_trusted_proxy(peer.ip(), &live.config.listen.trusted_proxies);
+        drop(live);
+        let share = if behind_proxy {
+            None
+        } else {
+            match relay
+                .handshakes_per_ip
+                .try_acquire(ip_key(peer.ip()), limits.handshakes_per_ip())
+            {
+                Some(g) => Some(g),
+                None => {
+                    refuse_handshake(&relay, tcp, tls.is_some(), "handshakes_per_ip");
+                    continue;
+                }
             }
-            continue;
         };
         tune_socket(&tcp, Duration::from_secs(limits.write_timeout_seconds));
         let app = app.clone();
@@ -429,6 +431,26 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
         let handshake = Duration::from_secs(limits.handshake_timeout_seconds);
         let relay2 = relay.clone();
         relay.tracker.spawn(async move {
+            let mut share = share;
+            // A slot of `maxHandshakesInFlight` only once the client has sent something.
+            // The handshake timeout counts from the accept, the wait for first bytes included.
+            let deadline = tokio::time::Instant::now() + handshake;
+            let first = handshake.min(FIRST_BYTES_WITHIN);
+            if !matches!(
+                tokio::time::timeout(first, tcp.readable()).await,
+                Ok(Ok(()))
+            ) {
+                relay2.metrics.refuse("handshake_timeout");
+                tracing::debug!(%peer, "nothing sent after the TCP connect");
+                return;
+            }
+            let Some(in_flight) = relay2
+                .handshakes
+                .try_enter(limits.max_handshakes_in_flight as usize)
+            else {
+                refuse_handshake(&relay2, tcp, tls.is_some(), "handshakes");
+                return;
+            };
             let mut _in_flight = Some(in_flight);
             relay2
                 .metrics
@@ -469,10 +491,11 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
             tokio::pin!(fut);
             let timed_out = tokio::select! {
                 () = &mut fut => false,
-                () = tokio::time::sleep(handshake) => true,
+                () = tokio::time::sleep_until(deadline) => true,
                 // An SSE stream: served for its life, which its session bounds.
                 () = handoff.notified() => {
                     drop(_in_flight.take());
+                    drop(share.take());
                     relay2
                         .metrics
                         .handshakes_in_flight
@@ -494,13 +517,33 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, tls: Option<TlsAcce
     }
 }
 
-/// Answers a plain-TCP client 503 without reading its request (too many handshakes in
-/// flight), bounded in time.
+/// How long a new TCP connection may stay silent before it is closed; it takes a handshake
+/// slot only once it has sent something (`limits.handshakeTimeoutSeconds`, if shorter).
+pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(5);
+
+/// Refuses a TCP connection over a handshake limit, counted under `reason`. On ws:// a fixed
+/// answer costs nothing; on wss:// answering would need the TLS handshake the limit protects
+/// against: close.
+fn refuse_handshake(relay: &Relay, tcp: tokio::net::TcpStream, tls: bool, reason: &'static str) {
+    relay.metrics.refuse(reason);
+    tracing::debug!(reason, "handshake limit reached");
+    if !tls {
+        relay.tracker.spawn(refuse_raw(tcp));
+    }
+}
+
+/// Answers a plain-TCP client 503 without reading its request (a handshake limit), bounded
+/// in time. What the client sent is read and dropped until it closes too: closing with
+/// unread bytes would send a reset that can overtake the answer.
 async fn refuse_raw(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
     const ANSWER: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 10\r\n\r\nhandshakes";
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         tcp.write_all(ANSWER).await?;
-        tcp.shutdown().await
+        tcp.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while tcp.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
     })
     .await;
 }

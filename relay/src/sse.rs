@@ -80,17 +80,29 @@ pub fn router(relay: Arc<Relay>, path: &str) -> Router {
         .with_state(state)
 }
 
-/// CORS for a cross-origin page: the request's `Origin` is echoed when it passed the allowlist
-/// (the handlers refuse other origins first). Credentials (the cookie token source) only
-/// with an allowlist: never for any origin.
+/// CORS for a cross-origin page. An origin the allowlist names is echoed with credentials
+/// (the cookie token source); with no allowlist, or `*` in it, any origin is echoed without
+/// credentials; any other origin gets no CORS header at all. A reflected origin never comes
+/// with credentials unless the list names it.
 fn cors(relay: &Relay, req: &HeaderMap, resp: &mut Response) {
     let Some(origin) = req.get(header::ORIGIN) else {
         return;
     };
+    let live = relay.live();
+    let allowed = &live.config.auth.allowed_origins;
+    let listed = origin.to_str().is_ok_and(|o| {
+        allowed
+            .iter()
+            .any(|a| a != "*" && a.eq_ignore_ascii_case(o))
+    });
+    let open = allowed.is_empty() || allowed.iter().any(|a| a == "*");
+    if !listed && !open {
+        return;
+    }
     let h = resp.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
     h.insert(header::VARY, HeaderValue::from_static("Origin"));
-    if !relay.live().config.auth.allowed_origins.is_empty() {
+    if listed {
         h.insert(
             header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
             HeaderValue::from_static("true"),
@@ -140,6 +152,10 @@ fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
     );
     // nginx (ingress-nginx) buffers responses unless told not to.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // One session per TCP connection: when the stream ends, so does the socket. Another
+    // request on it would skip the handshake limits, and an idle kept-alive socket would be
+    // counted nowhere.
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 
@@ -159,10 +175,7 @@ fn refuse_stream(
     relay.metrics.refuse(reason);
     let (tx, rx) = mpsc::channel(1);
     let _ = tx.try_send(close_event(code, refusal_text(reason)));
-    let mut resp = stream_response(rx);
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
+    stream_response(rx)
 }
 
 /// What an admitted session holds for its life.
@@ -214,12 +227,7 @@ async fn admit(
             let retry = (status == StatusCode::SERVICE_UNAVAILABLE).then_some(5);
             (status, e.reason(), retry)
         })?;
-    let sub_guard = match identity
-        .claims
-        .as_ref()
-        .and_then(|c| c.get("sub"))
-        .and_then(|s| s.as_str())
-    {
+    let sub_guard = match identity.claims.as_ref().and_then(crate::auth::subject) {
         Some(sub) => {
             let max = relay.live().config.limits.max_connections_per_subject;
             match relay.per_subject.try_acquire(sub.to_owned(), max) {
@@ -406,6 +414,11 @@ async fn frame(State(sse): State<Sse>, Path(session): Path<String>, req: Request
     let relay = sse.relay.clone();
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
+    // The origin first: a page of another origin learns nothing, not even whether the
+    // session exists.
+    if let Err(e) = crate::auth::check_origin(&relay.live().config.auth.allowed_origins, &headers) {
+        return answer(&relay, &headers, e.status(), e.reason());
+    }
     let session = sse
         .sessions()
         .get(&session)

@@ -209,11 +209,18 @@ async fn injection_attempts_are_refused() {
         assert_eq!(r["type"], "error", "{ch:?}: {r}");
     }
     // Claims that would widen the subject.
-    for sub in ["*", ">", "alice.x", "a b", ""] {
+    for sub in ["*", ">", "alice.x", "a b"] {
         let mut c = connect(addr, &format!("?token={}", hs256(claims(sub)))).await;
         let r = subscribe(&mut c, 1, "me.notify").await;
         assert_eq!(r["code"], 422, "sub {sub:?}: {r}");
     }
+    // An empty `sub` names no one: refused before the upgrade (docs/protocol.md section 1).
+    assert_eq!(
+        connect_with(addr, &format!("?token={}", hs256(claims(""))), &[])
+            .await
+            .err(),
+        Some(401)
+    );
     // Nothing was subscribed in NATS by those attempts.
     assert_eq!(relay.relay.hub.subject_count(), 0);
     nc.publish("orders.1", "1".into()).await.unwrap();

@@ -376,14 +376,18 @@ async fn handshakes_in_flight_are_capped() {
     let nats = Nats::start();
     let mut c = quiet_config(&nats.url());
     c.limits.max_handshakes_in_flight = 3;
+    c.limits.max_handshakes_in_flight_per_ip = Some(10);
     c.limits.handshake_timeout_seconds = 30;
     c.validate().unwrap();
     let relay = wsrelay::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
-    // Three clients that open TCP and send nothing hold every handshake slot.
+    // Three clients that start their request and stall hold every handshake slot (a connect
+    // that sends nothing holds none: `audit.rs`, item 8).
     let mut stalled = Vec::new();
     for _ in 0..3 {
-        stalled.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\n").await.unwrap();
+        stalled.push(s);
     }
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -392,6 +396,9 @@ async fn handshakes_in_flight_are_capped() {
         .await
     );
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await

@@ -199,6 +199,8 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             max_connections_per_ip: relay::Limits::default().max_connections_per_ip,
             max_connections_per_subject: relay::Limits::default().max_connections_per_subject,
             max_handshakes_in_flight: relay::Limits::default().max_handshakes_in_flight,
+            max_handshakes_in_flight_per_ip: relay::Limits::default()
+                .max_handshakes_in_flight_per_ip,
             slow_consumer_policy: match l.slow_consumer_policy {
                 SlowConsumerPolicy::Disconnect => relay::SlowConsumerPolicy::Disconnect,
                 SlowConsumerPolicy::DropOldest => relay::SlowConsumerPolicy::DropOldest,

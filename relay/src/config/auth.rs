@@ -117,7 +117,8 @@ pub struct Jwt {
     /// Accepted `aud` values; the token's `aud` must contain one. Empty: `aud` not checked.
     #[serde(default)]
     pub audiences: Vec<String>,
-    /// Clock skew tolerated on `exp` and `nbf`, in seconds. Default 30.
+    /// Clock skew tolerated on `nbf`, in seconds (`exp` is enforced to the second: an expired
+    /// token would only be closed at once). Default 30.
     #[serde(default = "default_leeway")]
     pub leeway_seconds: u64,
 }

@@ -206,12 +206,14 @@ impl Config {
                 Ok(subject) => {
                     match subject.first() {
                         Some(TemplateToken::Literal(first))
-                            if first.starts_with('$') || first == "_INBOX" =>
+                            if first.starts_with('$')
+                                || first == "_INBOX"
+                                || first == super::RELAY_SUBJECT_PREFIX =>
                         {
                             errs.push(ValidationError::invalid(
                                 format!("bindings[{i}].subject"),
                                 format!(
-                                    "{:?} is in a namespace NATS reserves ('$...', '_INBOX')",
+                                    "{:?} is in a namespace NATS or the relay reserves ('$...', '_INBOX', '_WSRELAY')",
                                     b.subject
                                 ),
                             ));

@@ -62,6 +62,16 @@ pub struct Limits {
     /// against). Default 1024.
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes_in_flight: u32,
+    /// Handshakes in progress at once from one client address (the TCP peer's, IPv6 per
+    /// /64), counted from the TCP accept; beyond it the new TCP connection is refused like
+    /// one over `maxHandshakesInFlight`. Peers in `listen.trustedProxies` are not counted
+    /// (every client behind them shares their address). Unset: a quarter of
+    /// `maxHandshakesInFlight` (at least 1). Also, a TCP connection takes one of the
+    /// `maxHandshakesInFlight` slots only once its first bytes arrive, within 5 s (or the
+    /// handshake timeout, if shorter) of the accept, else it is closed: a connect that sends
+    /// nothing holds no slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_handshakes_in_flight_per_ip: Option<u32>,
     /// Channels one connection may be subscribed to at once. Default 100.
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions_per_connection: u32,
@@ -96,6 +106,14 @@ pub struct Limits {
     pub write_timeout_seconds: u64,
 }
 
+impl Limits {
+    /// Handshakes one client address may have in progress at once.
+    pub fn handshakes_per_ip(&self) -> u32 {
+        self.max_handshakes_in_flight_per_ip
+            .unwrap_or((self.max_handshakes_in_flight / 4).max(1))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -108,6 +126,7 @@ impl Default for Limits {
             max_connections_per_ip: 0,
             max_connections_per_subject: 0,
             max_handshakes_in_flight: default_max_handshakes(),
+            max_handshakes_in_flight_per_ip: None,
             max_subscriptions_per_connection: default_max_subscriptions(),
             publish_rate_per_second: default_publish_rate(),
             publish_burst: default_publish_burst(),
@@ -247,6 +266,12 @@ impl Config {
                 other: "limits.sendQueueBytes".into(),
                 reason: "the process budget must hold at least one connection's queue".into(),
             });
+        }
+        if l.max_handshakes_in_flight_per_ip == Some(0) {
+            errs.push(ValidationError::invalid(
+                "limits.maxHandshakesInFlightPerIp",
+                "must be at least 1 (leave it unset for a quarter of maxHandshakesInFlight)",
+            ));
         }
         let d = &self.drain;
         if d.grace_period_seconds != 0 && d.delay_before_close_seconds >= d.grace_period_seconds {

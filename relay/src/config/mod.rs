@@ -43,6 +43,10 @@ pub use listen::*;
 pub use load::*;
 pub use nats::*;
 
+/// The first token of every subject the relay uses for itself (history republishing,
+/// SUB confirmations): reserved, no binding may map a channel under it.
+pub const RELAY_SUBJECT_PREFIX: &str = "_WSRELAY";
+
 /// Top-level relay configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -18,7 +18,7 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Prefix of the subjects the stream republishes stored messages to; the relay subscribes
 /// there, so every live message carries its position (`Nats-Sequence`) and the position of
 /// the previous one on its subject (`Nats-Last-Sequence`).
-pub const REPUBLISH_PREFIX: &str = "_WSRELAY";
+pub const REPUBLISH_PREFIX: &str = crate::config::RELAY_SUBJECT_PREFIX;
 
 /// A JetStream request failed.
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsrelay::config::{Binding, Config, Direction, Jwt, JwtAlgorithm, JwtKey};
 
+pub mod sse;
+
 pub type Ws = WebSocketStream<MaybeTlsStream<TokioTcp>>;
 
 pub fn fixture(name: &str) -> PathBuf {
