@@ -468,7 +468,12 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     this.welcome = undefined;
     try {
       conn.transport = factory.open(
-        { url, token: token ?? null, currentToken: () => this.token ?? null },
+        {
+          url,
+          token: token ?? null,
+          currentToken: () => this.token ?? null,
+          maxQueuedRequests: this.o.maxQueuedRequests,
+        },
         {
           onOpen: () => {},
           onFrame: (text) => this.frame(conn, text),
