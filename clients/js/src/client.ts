@@ -64,7 +64,11 @@ export interface ClientOptions {
   minReconnectDelayMs?: number;
   /** Backoff ceiling. Default 20 000 ms. */
   maxReconnectDelayMs?: number;
-  /** The backoff restarts from its first step once a connection stayed up this long. Default 10 000 ms. */
+  /**
+   * After a welcomed connection is lost, the backoff starts again from its first step; only
+   * welcomed connections that keep ending sooner than this, in a row, start one step higher
+   * each (a relay that accepts and then closes at once). Default 10 000 ms.
+   */
   stableConnectionMs?: number;
   /** A connection must reach `welcome` within this time, else it is dropped and retried. Default 10 000 ms. */
   connectTimeoutMs?: number;
@@ -74,7 +78,10 @@ export interface ClientOptions {
   pongTimeoutMs?: number;
   /** A publish (or ping, refresh) not answered within this time is rejected with `timeout`. Default 10 000 ms. */
   requestTimeoutMs?: number;
-  /** Requests made while (re)connecting wait in a queue of this size; beyond it they are rejected (`queue_full`). Default 100. */
+  /**
+   * Requests made while (re)connecting wait in a queue of this size, and so many at most wait
+   * for their POST on the SSE transport; beyond it they are rejected (`queue_full`). Default 100.
+   */
   maxQueuedRequests?: number;
   /** Refresh the token in band (`refresh` frame) before it expires. Default true (needs `getToken`). */
   refreshToken?: boolean;
@@ -88,7 +95,13 @@ export interface ClientOptions {
   newTokenAfterFailedOpens?: number;
   /** Transports in order of preference. Default: WebSocket, then SSE + POST where EventSource exists (browsers); WebSocket only elsewhere. */
   transports?: TransportFactory[];
-  /** Consecutive failed opens of a transport before the next one in `transports` is tried. Default 2. */
+  /**
+   * Consecutive failed opens of the first transport after which the next one is tried, at
+   * once, as a probe: the client stays on it only if it reaches `welcome` (or a refusal from
+   * the relay), i.e. it works where the first failed; else the relay is down and the client
+   * goes back to the first. A lost welcomed connection always starts again with the first
+   * transport (one try, once a fallback has worked). Default 2.
+   */
   fallbackAfterFailures?: number;
   /** Reconnect at once when the browser reports it is back online. Default true. */
   reconnectOnOnline?: boolean;
@@ -121,7 +134,10 @@ export interface DisconnectedContext {
 }
 
 export interface ConnectingContext {
-  /** "connect" (the app called connect), "reconnect", "drain", "online", "token". */
+  /**
+   * "connect" (the app called connect), "reconnect", "drain", "online", "token", "fallback"
+   * (the next transport, tried at once after the previous one failed).
+   */
   reason: string;
   /** The backoff step this attempt used. */
   attempt: number;
@@ -158,6 +174,8 @@ interface Pending {
   reject: (e: WsrelayError) => void;
   timer: unknown;
   id?: number;
+  /** Withdraws the frame from a transport that still holds it back (SSE's POST queue). */
+  withdraw?: () => void;
 }
 
 interface Conn {
@@ -192,12 +210,17 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   private authFailures = 0;
   private failedOpens = 0;
   private transportIndex = 0;
+  /** Consecutive failed opens of the first transport. */
   private transportFailures = 0;
+  /** A fallback transport worked where the first failed (cleared when the first works again). */
+  private fellBack = false;
+  private welcomedAt = 0;
+  /** Consecutive welcomed connections that ended within `stableConnectionMs`. */
+  private shortSessions = 0;
   private drainAt: number | undefined;
 
   private reconnectTimer: unknown;
   private connectTimer: unknown;
-  private stableTimer: unknown;
   private pingTimer: unknown;
   private pongTimer: unknown;
   private refreshTimer: unknown;
@@ -268,8 +291,11 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     if (this._state !== "disconnected") return;
     this.stopped = false;
     this.attempt = 0;
+    this.shortSessions = 0;
     this.authFailures = 0;
     this.failedOpens = 0;
+    this.transportIndex = 0;
+    this.transportFailures = 0;
     this.listenOnline(true);
     this.scheduleConnect(0, "connect");
   }
@@ -349,7 +375,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   }
 
   private clearTimer(
-    name: "reconnectTimer" | "connectTimer" | "stableTimer" | "pingTimer" | "pongTimer" | "refreshTimer",
+    name: "reconnectTimer" | "connectTimer" | "pingTimer" | "pongTimer" | "refreshTimer",
   ): void {
     if (this[name] !== undefined) {
       this.clock.clearTimeout(this[name]);
@@ -442,7 +468,12 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     this.welcome = undefined;
     try {
       conn.transport = factory.open(
-        { url, token: token ?? null, currentToken: () => this.token ?? null },
+        {
+          url,
+          token: token ?? null,
+          currentToken: () => this.token ?? null,
+          maxQueuedRequests: this.o.maxQueuedRequests,
+        },
         {
           onOpen: () => {},
           onFrame: (text) => this.frame(conn, text),
@@ -450,13 +481,11 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
         },
       );
     } catch (e) {
-      this.conn = undefined;
-      this.emit("error", {
-        kind: "transport",
-        error: new WsrelayError("disconnected", `${factory.name} unavailable: ${String(e)}`),
-      });
-      this.transportFailed();
-      this.retryLater("reconnect");
+      // A failed connection like any other (counted toward the fallback, reported by
+      // `disconnected`, retried with backoff), after the `error` that says why.
+      const reason = `${factory.name} unavailable: ${String(e)}`;
+      this.emit("error", { kind: "transport", error: new WsrelayError("disconnected", reason) });
+      this.closed(conn, 1006, reason, false);
       return;
     }
     this.connectTimer = this.clock.setTimeout(() => {
@@ -465,12 +494,37 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     }, this.o.connectTimeoutMs);
   }
 
-  private transportFailed(): void {
-    this.transportFailures++;
-    if (this.transports.length > 1 && this.transportFailures >= this.o.fallbackAfterFailures) {
-      this.transportIndex = (this.transportIndex + 1) % this.transports.length;
-      this.transportFailures = 0;
+  /**
+   * A connection ended before `welcome`; `refused`: by a refusal the relay sent (4401, 4403,
+   * 4503...), which proves the transport works. Returns true when the next transport is to be
+   * tried at once: a probe of whether it works where this one failed. A relay that is down
+   * fails every transport, so the client falls back only when the relay is reachable over the
+   * fallback while the first transport fails.
+   */
+  private openFailed(refused: boolean): boolean {
+    const i = this.transportIndex;
+    if (refused) {
+      if (i > 0) this.fellBack = true;
+      return false;
     }
+    if (this.transports.length < 2) return false;
+    if (i === 0) {
+      this.transportFailures++;
+      // Once a fallback has worked, the first transport gets one try after a lost session.
+      const threshold = this.fellBack ? 1 : this.o.fallbackAfterFailures;
+      if (this.transportFailures < threshold) return false;
+      this.transportFailures = 0;
+      this.transportIndex = 1;
+      return true;
+    }
+    if (i + 1 < this.transports.length) {
+      this.transportIndex = i + 1;
+      return true;
+    }
+    // Every transport failed: the relay is unreachable, not the first transport blocked.
+    this.transportIndex = 0;
+    this.transportFailures = 0;
+    return false;
   }
 
   /** Drops a connection the client gave up on (dead link, timeout, deliberate reconnect). */
@@ -485,14 +539,12 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     conn.welcomed = true;
     this.clearTimer("connectTimer");
     this.welcome = w;
+    this.welcomedAt = this.clock.now();
     this.failedOpens = 0;
     this.authFailures = 0;
     this.transportFailures = 0;
+    this.fellBack = conn.factory !== this.transports[0];
     this.drainAt = undefined;
-    this.stableTimer = this.clock.setTimeout(() => {
-      this.stableTimer = undefined;
-      this.attempt = 0;
-    }, this.o.stableConnectionMs);
     const reconnected = this.everConnected;
     this.everConnected = true;
     this.setState("connected");
@@ -521,13 +573,22 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   private closed(conn: Conn, code: number, reason: string, wasClean: boolean): void {
     if (conn !== this.conn) return;
     this.conn = undefined;
-    for (const t of ["connectTimer", "stableTimer", "pingTimer", "pongTimer", "refreshTimer"] as const)
-      this.clearTimer(t);
+    for (const t of ["connectTimer", "pingTimer", "pongTimer", "refreshTimer"] as const) this.clearTimer(t);
     const wasWelcomed = conn.welcomed;
-    if (!wasWelcomed) {
+    let probe = false;
+    if (wasWelcomed) {
+      // A lost session starts over: the backoff from its first step (unless sessions keep
+      // ending at once), the transports from the first (the relay may just have restarted;
+      // a fallback is chosen again only if the first transport fails again).
+      this.shortSessions =
+        this.clock.now() - this.welcomedAt >= this.o.stableConnectionMs ? 0 : this.shortSessions + 1;
+      this.attempt = Math.max(0, this.shortSessions - 1);
+      this.transportIndex = 0;
+      this.transportFailures = 0;
+    } else {
       this.failedOpens++;
       // A refusal the relay sent (4401, 4403, 4503...) came through: the transport works.
-      if (code < 4000 || code >= 4900) this.transportFailed();
+      probe = this.openFailed(code >= 4000 && code < 4900);
     }
     for (const p of this.inflight.values()) {
       this.clock.clearTimeout(p.timer);
@@ -576,6 +637,11 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     } else if (policy.immediate) {
       delay = 0;
       why = "token";
+    } else if (probe) {
+      // Right after the failure, so that both transports meet the relay in the same state.
+      delay = 0;
+      why = "fallback";
+      step = this.attempt;
     } else {
       step = Math.max(this.attempt, policy.minAttempt);
       this.attempt = step + 1;
@@ -702,8 +768,11 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     return new Promise<Reply>((resolve, reject) => {
       const p: Pending = { frame, resolve, reject, timer: undefined };
       p.timer = this.clock.setTimeout(() => {
-        if (p.id !== undefined) this.inflight.delete(p.id);
-        else this.queue = this.queue.filter((q) => q !== p);
+        if (p.id !== undefined) {
+          this.inflight.delete(p.id);
+          // Rejected: it must not go out later (SSE may still hold it in its POST queue).
+          p.withdraw?.();
+        } else this.queue = this.queue.filter((q) => q !== p);
         reject(new WsrelayError("timeout", `no reply within ${this.o.requestTimeoutMs} ms`));
       }, this.o.requestTimeoutMs);
       if (this.conn?.welcomed) {
@@ -733,7 +802,18 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     }
     p.id = id;
     this.inflight.set(id, p);
-    conn.transport?.send(text);
+    try {
+      const withdraw = conn.transport?.send(text, true);
+      if (withdraw) p.withdraw = withdraw;
+    } catch (e) {
+      if (e instanceof WsrelayError) {
+        // Refused by the transport (SSE's POST queue is full): nothing was sent.
+        this.inflight.delete(id);
+        this.clock.clearTimeout(p.timer);
+        p.reject(e);
+      }
+      // Anything else: the transport is closing, and its close rejects the request.
+    }
   }
 
   private sendRaw(conn: Conn, frame: Record<string, unknown>): void {

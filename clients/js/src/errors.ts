@@ -8,7 +8,7 @@
  * | `"timeout"` | no reply within `requestTimeoutMs` |
  * | `"disconnected"` | the connection closed before the reply came: the outcome is unknown (a publish may have reached NATS) |
  * | `"not_connected"` | the client is stopped (`disconnect()`, never connected, or a terminal close) |
- * | `"queue_full"` | `maxQueuedRequests` requests are already waiting for a connection |
+ * | `"queue_full"` | `maxQueuedRequests` requests are already waiting for a connection, or (SSE) for their POST |
  * | `"too_big"` | the frame is larger than the relay's `maxMessageBytes` (from `welcome`): not sent |
  * | `"token"` | `getToken()` failed or gave no usable token |
  * | `"unsubscribed"` | the subscription ended before it was subscribed |

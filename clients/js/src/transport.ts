@@ -4,6 +4,7 @@
  * (relay to client over an EventSource, client to relay over fetch POSTs, same frames, same
  * token) for networks that block WebSockets.
  */
+import { WsrelayError } from "./errors.js";
 import { PROTOCOL } from "./protocol.js";
 
 export interface TransportHandlers {
@@ -24,11 +25,24 @@ export interface TransportParams {
    * the token with every request (SSE's POSTs) read it here; default: `token`.
    */
   currentToken?: () => string | null;
+  /**
+   * A transport that queues frames (SSE: one POST at a time) holds at most this many requests
+   * waiting to go out; default 100. The client passes its `maxQueuedRequests`.
+   */
+  maxQueuedRequests?: number;
 }
 
 export interface Transport {
-  /** Sends one text frame. */
-  send(text: string): void;
+  /**
+   * Sends one text frame. `request`: a frame the app waits on (publish, ping, refresh).
+   * A transport that queues frames (SSE) refuses a request when `maxQueuedRequests` requests
+   * already wait, by throwing a `WsrelayError` with code `queue_full` (nothing is sent), and
+   * returns a function that withdraws the frame while it still waits: the client calls it
+   * when it rejects the request (timeout), so a rejected request is never sent afterwards.
+   * Frames that are not requests (subscribe, unsubscribe, the heartbeat ping) are never
+   * refused: the client's state bounds them.
+   */
+  send(text: string, request?: boolean): (() => void) | void;
   /**
    * Closes the transport. After this call no handler is called any more: the client has
    * already accounted for the close (it may be closing a dead link, whose close handshake
@@ -153,7 +167,10 @@ export function sseTransport(opts: SseTransportOptions = {}): TransportFactory {
       const es = new ES(sseUrl(params.url, params.token).toString(), { withCredentials: !!opts.withCredentials });
       let done = false;
       let postUrl: URL | undefined;
-      const queue: string[] = [];
+      // Frames waiting for their POST; `requests` counts the requests among them (the bound).
+      const queue: { text: string; request: boolean }[] = [];
+      const maxRequests = params.maxQueuedRequests ?? 100;
+      let requests = 0;
       let posting = false;
       const finish = (code: number, reason: string, wasClean: boolean) => {
         if (done) return;
@@ -165,7 +182,8 @@ export function sseTransport(opts: SseTransportOptions = {}): TransportFactory {
         if (posting || done || !postUrl) return;
         posting = true;
         while (queue.length > 0 && !done) {
-          const text = queue.shift()!;
+          const item = queue.shift()!;
+          if (item.request) requests--;
           const u = new URL(postUrl);
           const t = current();
           if (t) u.searchParams.set("token", t);
@@ -173,7 +191,7 @@ export function sseTransport(opts: SseTransportOptions = {}): TransportFactory {
           try {
             const r = await doFetch(u.toString(), {
               method: "POST",
-              body: text,
+              body: item.text,
               headers: { "content-type": "text/plain" },
               credentials: opts.withCredentials ? "include" : "same-origin",
               cache: "no-store",
@@ -220,10 +238,24 @@ export function sseTransport(opts: SseTransportOptions = {}): TransportFactory {
       // itself into a new session: the client reconnects instead, with its own backoff.
       es.onerror = () => finish(1006, "", false);
       return {
-        send(text) {
+        send(text, request = false) {
           if (done) return;
-          queue.push(text);
+          if (request && requests >= maxRequests)
+            throw new WsrelayError(
+              "queue_full",
+              `${maxRequests} requests already wait to be POSTed (SSE sends one frame at a time)`,
+            );
+          const item = { text, request };
+          queue.push(item);
+          if (request) requests++;
           void pump();
+          return () => {
+            // Still waiting (not taken by a POST): drop it. Once its POST has started it is out.
+            const i = queue.indexOf(item);
+            if (i < 0) return;
+            queue.splice(i, 1);
+            if (item.request) requests--;
+          };
         },
         close() {
           done = true;

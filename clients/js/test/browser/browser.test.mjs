@@ -136,6 +136,7 @@ describe("@wsrelay/client in headless Chromium against real relays and NATS", { 
         await roundTrip("kill", "users.kate.notify", "me.notify", { after: "restart" });
         const connected = await log("kill", "connected");
         assert.equal(connected.at(-1).reconnected, true);
+        assert.equal(connected.at(-1).transport, "websocket", "a restart does not move the page to SSE");
       } finally {
         await closeClient("kill");
         await a2.kill();

@@ -281,51 +281,87 @@ export async function startRelay({ natsUrl, origin, port, adminPort, name = "rel
  * A TCP front like a Kubernetes Service: each new connection goes to the first backend whose
  * /ready answers 200 within 300 ms (a draining, stopped or dead relay gets none); established
  * connections are left alone. Connections that find no ready backend are closed.
+ *
+ * It reads each connection's request head first, records what it is in `seen` (`websocket`:
+ * an upgrade, `sse`: the event stream, `post`: a POST to a session) and, while
+ * `blockWebSocket` is set, closes WebSocket upgrades as a proxy that does not pass them would
+ * (the browser sees 1006) while the SSE stream and its POSTs go through.
  */
-export async function startService(backends) {
+export async function startService(backends, { blockWebSocket = false } = {}) {
   const port = await freePort();
   const sockets = new Set();
   const routed = [];
-  const srv = createNetServer(async (client) => {
-    sockets.add(client);
-    client.on("close", () => sockets.delete(client));
-    client.on("error", () => {});
-    client.pause();
-    let target;
-    for (const b of backends) {
-      if (await b.ready()) {
-        target = b;
-        break;
-      }
-    }
-    if (!target || client.destroyed) {
-      client.destroy();
-      return;
-    }
-    routed.push(target.name);
-    const up = netConnect(target.port, "127.0.0.1");
-    sockets.add(up);
-    up.on("close", () => (sockets.delete(up), client.destroy()));
-    client.on("close", () => up.destroy());
-    up.on("error", () => {});
-    up.once("connect", () => {
-      client.pipe(up);
-      up.pipe(client);
-      client.resume();
-    });
-  });
-  await new Promise((r) => srv.listen(port, "127.0.0.1", r));
-  return {
+  const seen = [];
+  const svc = {
     port,
     routed,
+    seen,
+    blockWebSocket,
     setBackends(list) {
       backends = list;
+    },
+    /** Cuts every established connection (the clients see the relay go away). */
+    dropConnections() {
+      for (const s of sockets) s.destroy();
     },
     close: () => {
       for (const s of sockets) s.destroy();
       srv.close();
     },
   };
+  const srv = createNetServer((client) => {
+    sockets.add(client);
+    client.on("close", () => sockets.delete(client));
+    client.on("error", () => {});
+    let head = Buffer.alloc(0);
+    const onData = async (d) => {
+      head = Buffer.concat([head, d]);
+      // Browsers send the whole request head at once; wait for its end (bounded) to be sure.
+      if (head.indexOf("\r\n\r\n") < 0 && head.length < 16_384) return;
+      client.off("data", onData);
+      client.pause();
+      const text = head.toString("latin1");
+      const kind = /^upgrade:\s*websocket/im.test(text)
+        ? "websocket"
+        : text.startsWith("POST ")
+          ? "post"
+          : /^GET [^ ]*\/sse[ ?]/.test(text)
+            ? "sse"
+            : "other";
+      const blocked = kind === "websocket" && svc.blockWebSocket;
+      seen.push({ kind, blocked, at: Date.now() });
+      if (blocked) {
+        client.destroy();
+        return;
+      }
+      let target;
+      for (const b of backends) {
+        if (await b.ready()) {
+          target = b;
+          break;
+        }
+      }
+      if (!target || client.destroyed) {
+        client.destroy();
+        return;
+      }
+      routed.push(target.name);
+      const up = netConnect(target.port, "127.0.0.1");
+      sockets.add(up);
+      up.on("close", () => (sockets.delete(up), client.destroy()));
+      client.on("close", () => up.destroy());
+      up.on("error", () => {});
+      up.once("connect", () => {
+        up.write(head);
+        client.pipe(up);
+        up.pipe(client);
+        client.resume();
+      });
+    };
+    client.on("data", onData);
+  });
+  await new Promise((r) => srv.listen(port, "127.0.0.1", r));
+  return svc;
 }
 
 // ---- the page ------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 // drain turns, close-code handling, tokens, dead links, request queueing, resubscribe, resume.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Client, WsrelayError, LocalClose } from "../../dist/esm/index.js";
-import { FakeClock, fakeWebSocketClass, fakeJwt, flush } from "./fakes.mjs";
+import { Client, WsrelayError, LocalClose, webSocketTransport } from "../../dist/esm/index.js";
+import { FakeClock, fakeWebSocketClass, fakeJwt, fakeTransports, flush } from "./fakes.mjs";
 
 function setup(opts = {}) {
   const clock = new FakeClock();
@@ -126,7 +126,7 @@ test("too big: a frame above the relay's maxMessageBytes is rejected without bei
   assert.equal(ws.ofType("publish").length, 0);
 });
 
-test("reconnect: full-jitter backoff grows per failure and resets after a stable connection", async () => {
+test("reconnect: full-jitter backoff grows per failed open; a lost welcomed session starts it over", async () => {
   const t = setup({ random: () => 1 }); // always the top of the window
   await connected(t);
   t.last().serverClose(1006, "", false);
@@ -138,21 +138,34 @@ test("reconnect: full-jitter backoff grows per failure and resets after a stable
   }
   assert.deepEqual(delays, [1000, 2000, 4000, 8000, 16000, 20000, 20000]);
   assert.deepEqual(t.named("connecting").map((e) => e.attempt), [0, 0, 1, 2, 3, 4, 5, 6]);
-  // A connection that lasts less than stableConnectionMs does not reset the backoff...
+  // After a welcomed session the backoff starts over, even after that long run of failures.
+  // Sessions that keep ending within stableConnectionMs (10 s) in a row start one step higher
+  // each (the first connection above was the first such session, this is the second)...
   await t.clock.advance(20000);
   t.last().accept();
   await t.clock.advance(5000);
   t.last().serverClose(1011, "internal");
-  assert.equal(t.named("disconnected").at(-1).delayMs, 20000);
-  // ...one that lasts 10 s does.
-  await t.clock.advance(20000);
+  assert.equal(t.named("disconnected").at(-1).delayMs, 2000);
+  assert.equal(t.named("connecting").at(-1).attempt, 1);
+  await t.clock.advance(2000);
+  t.last().accept();
+  await t.clock.advance(100);
+  t.last().serverClose(1011, "internal");
+  assert.equal(t.named("disconnected").at(-1).delayMs, 4000, "the third short session in a row");
+  // ...one that lasted 10 s ends the run: the first step again.
+  await t.clock.advance(4000);
   t.last().accept();
   await t.clock.advance(10000);
   t.last().serverClose(1011, "internal");
   assert.equal(t.named("disconnected").at(-1).delayMs, 1000);
+  assert.equal(t.named("connecting").at(-1).attempt, 0);
   await t.clock.advance(1000);
   t.last().accept();
   assert.equal(t.named("connected").at(-1).reconnected, true);
+  // A short session after a stable one is the first of a new run: the first step too.
+  await t.clock.advance(3000);
+  t.last().serverClose(1006, "", false);
+  assert.equal(t.named("connecting").at(-1).attempt, 0);
 });
 
 test("drain: reconnect at the relay's turn (1012), never before it", async () => {
@@ -555,4 +568,119 @@ test("a frame type the SDK does not know is ignored", async () => {
   ws.onmessage({ data: "not json" });
   assert.equal(t.client.state, "connected");
   assert.equal(t.named("error").length, 0);
+});
+
+// ---- the transport fallback (issue 22, item 13) -------------------------------------------
+
+/** A client on the two fake transports; `fail()` fails the open in progress (1006). */
+function setupFallback() {
+  const f = fakeTransports(webSocketTransport);
+  const t = setup({ random: () => 1, client: { transports: f.transports } });
+  const lastOf = (C) => C.all[C.all.length - 1];
+  const current = () => (f.opened.at(-1) === "sse" ? lastOf(f.SSE) : lastOf(f.WS));
+  return { ...t, ...f, current, fail: () => current().serverClose(1006, "", false) };
+}
+
+test("fallback: a relay that is down fails the SSE probe too: back to WebSocket, never stuck on SSE", async () => {
+  const t = setupFallback();
+  t.client.connect();
+  await t.clock.advance(0);
+  t.current().accept();
+  t.current().serverClose(1006, "", false); // the relay went away
+  // Down: every open fails. After 2 WebSocket failures SSE is tried at once; it fails too.
+  for (let i = 0; i < 9; i++) {
+    await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+    t.fail();
+  }
+  assert.deepEqual(t.opened, ["websocket", "websocket", "websocket", "sse", "websocket", "websocket", "sse", "websocket", "websocket", "sse"]);
+  const ds = t.named("disconnected");
+  assert.deepEqual(
+    ds.slice(2, 4).map((d) => d.delayMs),
+    [0, 4000],
+    "the probe at once; after its failure the backoff goes on from the step of the failure that triggered it",
+  );
+  assert.deepEqual(t.named("connecting").filter((c) => c.reason === "fallback").length, 3);
+  // Up again: the next open is a WebSocket one.
+  await t.clock.advance(ds.at(-1).delayMs);
+  assert.equal(t.opened.at(-1), "websocket");
+  t.current().accept();
+  assert.equal(t.named("connected").at(-1).transport, "websocket");
+  assert.equal(t.client.transport, "websocket");
+});
+
+test("fallback: SSE used only where it works and WebSocket fails; a lost session tries WebSocket first", async () => {
+  const t = setupFallback();
+  t.client.connect();
+  await t.clock.advance(0);
+  t.fail(); // WebSocket blocked...
+  await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  t.fail();
+  await t.clock.advance(0); // ...SSE at once, and it works
+  assert.deepEqual(t.opened, ["websocket", "websocket", "sse"]);
+  t.current().accept();
+  assert.equal(t.named("connected").at(-1).transport, "sse");
+  // The session ends (drain, restart, a POST that reached another pod): WebSocket first,
+  // one try only now that SSE has worked where it failed, then SSE at once.
+  await t.clock.advance(60_000);
+  t.current().serverClose(1012, "service restart");
+  await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  assert.equal(t.opened.at(-1), "websocket");
+  t.fail();
+  assert.equal(t.named("disconnected").at(-1).delayMs, 0);
+  await t.clock.advance(0);
+  assert.equal(t.opened.at(-1), "sse");
+  t.current().accept();
+  // WebSocket unblocked: after the next lost session it is used again, and the fallback needs
+  // two WebSocket failures again.
+  await t.clock.advance(60_000);
+  t.current().serverClose(1006, "", false);
+  await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  assert.equal(t.opened.at(-1), "websocket");
+  t.current().accept();
+  assert.equal(t.named("connected").at(-1).transport, "websocket");
+  await t.clock.advance(60_000);
+  t.current().serverClose(1006, "", false);
+  await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  t.fail();
+  await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  assert.deepEqual(t.opened.slice(-2), ["websocket", "websocket"]);
+  assert.equal(t.named("connected").length, 3);
+});
+
+test("fallback: a relay refusal over WebSocket (4401) is not a failed open of the transport", async () => {
+  const t = setupFallback();
+  t.client.connect();
+  await t.clock.advance(0);
+  for (let i = 0; i < 2; i++) {
+    t.current().serverClose(4401, "invalid token");
+    await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  }
+  assert.deepEqual(t.opened, ["websocket", "websocket", "websocket"]);
+});
+
+test("a WebSocket constructor that throws: error, then disconnected (1006, willReconnect), like any failed connection", async () => {
+  let calls = 0;
+  const Throwing = function () {
+    calls++;
+    throw new Error("blocked by policy");
+  };
+  const t = setup({ client: { WebSocket: Throwing } });
+  t.client.connect();
+  await t.clock.advance(0);
+  assert.equal(calls, 1);
+  const [e] = t.named("error");
+  assert.equal(e.kind, "transport");
+  assert.match(e.error.reason, /websocket unavailable: Error: blocked by policy/);
+  const ds = t.named("disconnected");
+  assert.equal(ds.length, 1, "disconnected fires for the failed connection");
+  assert.deepEqual(
+    { code: ds[0].code, wasClean: ds[0].wasClean, willReconnect: ds[0].willReconnect, delayMs: ds[0].delayMs },
+    { code: 1006, wasClean: false, willReconnect: true, delayMs: 750 },
+  );
+  assert.match(ds[0].reason, /blocked by policy/);
+  assert.ok(t.events.indexOf(e) < t.events.indexOf(ds[0]), "error first, then disconnected");
+  assert.equal(t.client.state, "connecting");
+  await t.clock.advance(750);
+  assert.equal(calls, 2);
+  assert.equal(t.named("disconnected").length, 2);
 });

@@ -102,3 +102,22 @@ export function fakeJwt(claims) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
   return `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}.sig`;
 }
+
+/**
+ * Two transports for the fallback rules: "websocket" and "sse", each a webSocketTransport over
+ * its own fake socket class (the client sees only the name and the handlers). `opened` lists
+ * the name of each transport in the order the client opened them.
+ */
+export function fakeTransports(webSocketTransport) {
+  const WS = fakeWebSocketClass();
+  const SSE = fakeWebSocketClass();
+  const opened = [];
+  const named = (name, ctor) => ({
+    name,
+    open(params, handlers) {
+      opened.push(name);
+      return webSocketTransport(ctor).open(params, handlers);
+    },
+  });
+  return { WS, SSE, opened, transports: [named("websocket", WS), named("sse", SSE)] };
+}
