@@ -542,6 +542,53 @@ async fn a_subscribe_while_nats_is_down_is_answered_503() {
     relay.drain().await;
 }
 
+/// §2 error code 503 "(for `subscribe`) the NATS server ... did not confirm it within 2 s; the
+/// connection is not subscribed". The nats-server is stopped (SIGSTOP): the relay's
+/// connection to it stays open, so the relay still counts NATS as connected, but nothing
+/// comes back. After SIGCONT the same subscribe works.
+#[tokio::test]
+async fn a_subscribe_nats_does_not_confirm_is_answered_503() {
+    init_logs();
+    let nats = Nats::start();
+    let relay = start(config(&nats.url())).await;
+    let mut ws = connect(relay.client_addr, "").await;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(nats.pid()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let r = subscribe(&mut ws, 1, "news").await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(
+        (r["type"].clone(), r["code"].clone()),
+        (json!("error"), json!(503)),
+        "{r}"
+    );
+    let r = request(
+        &mut ws,
+        json!({"type":"unsubscribe","id":2,"channel":"news"}),
+    )
+    .await;
+    assert_eq!(r["code"], 404, "{r}");
+    // The next subscriber is not joined to the dead entry: it gets a working subscription.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(relay.admin_addr, "wsrelay_nats_subscriptions ").await == Some(0.0)
+        })
+        .await,
+        "the unconfirmed subject's entry stayed"
+    );
+    assert_eq!(
+        subscribe(&mut ws, 3, "news").await,
+        json!({"type":"ok","id":3})
+    );
+    let nc = nats.client().await;
+    nc.publish("public.news", "back".into()).await.unwrap();
+    nc.flush().await.unwrap();
+    assert_eq!(
+        messages_then_quiet(&mut ws, 1).await,
+        vec![json!({"type":"message","channel":"news","text":"back"})]
+    );
+    relay.drain().await;
+}
+
 const STREAM: &str = "WSRELAY_TEST_RULES";
 
 fn nats_conf(path: &std::path::Path, relay_permissions: &str) {
@@ -586,12 +633,12 @@ async fn silent_jetstream_makes_resumable_subscribes_and_publishes_503() {
     c.nats.credentials.user_file = Some(secret("user", "relay"));
     c.nats.credentials.password_file = Some(secret("password", "relaypw"));
     let mut orders = binding("orders.{id}", "orders.{id}", Direction::Both);
-    orders.history = Some(History {
-        stream: STREAM.into(),
-        max_messages: 100,
-        max_age_seconds: 300,
-        replicas: 1,
-    });
+    // From the config format, so that fields added to `History` later take their defaults.
+    let history: History = serde_json::from_value(
+        json!({"stream": STREAM, "maxMessages": 100, "maxAgeSeconds": 300, "replicas": 1}),
+    )
+    .unwrap();
+    orders.history = Some(history);
     c.bindings = vec![orders];
     c.validate().unwrap();
     let relay = start(c).await;
