@@ -88,6 +88,58 @@ async fn the_welcome_frame_and_the_subprotocol_answer_are_as_documented() {
     relay.drain().await;
 }
 
+/// §1 "Where the token goes": the configured places in the configured order (default: query,
+/// header, subprotocol); the first one present is used, even when a later one holds a good
+/// token.
+#[tokio::test]
+async fn the_first_token_source_present_is_the_one_used() {
+    init_logs();
+    let nats = Nats::start();
+    let mut c = config(&nats.url());
+    c.auth.allow_anonymous = false;
+    c.validate().unwrap();
+    let relay = start(c).await;
+    let addr = relay.client_addr;
+    let good = hs256(claims("alice"));
+    let bearer = format!("Bearer {good}");
+    let protocols = format!("wsrelay.v1, bearer.{good}");
+    // Query before header.
+    assert_eq!(
+        connect_with(addr, "?token=garbage", &[("Authorization", &bearer)])
+            .await
+            .err(),
+        Some(401)
+    );
+    // Header before subprotocol.
+    assert_eq!(
+        connect_with(
+            addr,
+            "",
+            &[
+                ("Authorization", "Bearer garbage"),
+                ("Sec-WebSocket-Protocol", &protocols)
+            ]
+        )
+        .await
+        .err(),
+        Some(401)
+    );
+    // Each good one alone is accepted.
+    assert!(
+        connect_with(addr, &format!("?token={good}"), &[])
+            .await
+            .is_ok()
+    );
+    assert!(
+        connect_with(addr, "", &[("Authorization", &bearer)])
+            .await
+            .is_ok()
+    );
+    let head = raw_upgrade(addr, &format!("Sec-WebSocket-Protocol: {protocols}\r\n")).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    relay.drain().await;
+}
+
 /// §2 "Binary frames are answered with an `error` (400)", and the connection stays.
 #[tokio::test]
 async fn a_binary_frame_is_answered_400_and_the_connection_stays() {
