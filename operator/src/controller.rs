@@ -486,7 +486,7 @@ where
 /// The controller's merged trigger stream gets no backoff of its own: each stream backs off
 /// on its own errors. A shared one (kube-runtime's default) stops polling *every* stream
 /// after *any* stream's error and grows with each: after an API server restart each of the
-/// eleven watches answers one 410 (its resource version is older than the new server's
+/// watches (eleven then) answers one 410 (its resource version is older than the new server's
 /// cache) and the shared pause grew to a minute and more, while the gateway watch, never
 /// polled, left the cache the reconcile reads stale; the operator kept applying the spec it
 /// had before the restart.
