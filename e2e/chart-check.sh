@@ -6,6 +6,8 @@
 #     cache), the chart's CRD and cert-manager's CRDs; a kind without a schema fails;
 #   - the generated serving certificate verifies for the Service name with the caBundle;
 #   - invalid values files are refused by values.schema.json;
+#   - no Role or ClusterRole grants list or watch on Secrets (every values set above);
+#   - the operator's NetworkPolicy admits its admin port only from relayAdminAccess.from;
 #   - drift: the chart's CRD equals crds/, Chart version and appVersion equal the workspace
 #     version, the image repository equals images/images.env.
 # helm and kubeconform are built by e2e/cluster/tools.sh; the schemas are cached in
@@ -98,6 +100,31 @@ conform() {
 	log "  ${out##*$'\n'}"
 }
 
+# No Role or ClusterRole the chart renders may let the operator list or watch Secrets
+# (RBAC cannot narrow those to metadata: they hand over every Secret's data); `get` by name
+# is all it needs. Wildcards count.
+no_secret_listing() {
+	python3 - "$1" <<'PY'
+import sys, yaml
+bad = []
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if not d or d.get("kind") not in ("Role", "ClusterRole"):
+        continue
+    where = d["kind"] + " " + d["metadata"]["name"]
+    if d.get("aggregationRule"):
+        bad.append(where + ": an aggregated role, whose rules cannot be checked here")
+    for i, r in enumerate(d.get("rules") or []):
+        core = {"", "*"} & set(r.get("apiGroups") or [])
+        secrets = {"secrets", "*"} & set(r.get("resources") or [])
+        verbs = sorted({"list", "watch", "*"} & set(r.get("verbs") or []))
+        if core and secrets and verbs:
+            bad.append("%s, rule %d (resources %s): verbs %s on Secrets" % (where, i + 1, r["resources"], verbs))
+for b in bad:
+    print("  " + b, file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+}
+
 # --- lint and render ---------------------------------------------------------------------
 sets=("")
 for f in "$chart"/ci/*.yaml; do sets+=("${f#"$root"/}"); done
@@ -109,6 +136,10 @@ for set in "${sets[@]}"; do
 	helm template "$release" "$chart" -n "$namespace" --include-crds "${args[@]}" >"$tmp/out.yaml" ||
 		fail "helm template ${set:-defaults}"
 	conform "$tmp/out.yaml" || fail "kubeconform ${set:-defaults}"
+	no_secret_listing "$tmp/out.yaml" ||
+		fail "with values ${set:-defaults}, a role the chart renders grants list or watch on Secrets (above); the operator needs only get"
+	log "  no role grants list or watch on Secrets"
+	grep -q '^kind: NetworkPolicy$' "$tmp/out.yaml" || fail "with values ${set:-defaults}, no NetworkPolicy for the operator pods"
 done
 log "examples/gateway.yaml against the CRD"
 conform "$root/examples/gateway.yaml" || fail "examples/gateway.yaml does not fit the CRD"
@@ -167,6 +198,7 @@ refuse 'two replicas without leader election' 'leaderElection' <<<'leaderElectio
 refuse 'a misspelt monitoring key' "additional properties 'enable' not allowed" <<<'monitoring: {podMonitor: {enable: true}}'
 refuse 'a scrape interval without unit' "at '/monitoring/podMonitor/interval'" <<<'monitoring: {podMonitor: {interval: "30"}}'
 refuse 'a misspelt relay admin peer' "additional properties 'podSelecter' not allowed" <<<'relayAdminAccess: {from: [{podSelecter: {}}]}'
+refuse 'a misspelt networkPolicy key' "additional properties 'enable' not allowed" <<<'networkPolicy: {enable: false}'
 # The relays' admin port: the operator's own pods first, then relayAdminAccess.from.
 helm template "$release" "$chart" -n "$namespace" --show-only templates/deployment.yaml \
 	-f "$chart/ci/watch-namespace-values.yaml" >"$tmp/deploy.yaml"
@@ -175,4 +207,27 @@ peers=$(awk '$3 == "WSRELAY_RELAY_ADMIN_PEERS" { getline; sub(/^ *value: /, "");
 want='[{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":\"'$namespace'\"}},\"podSelector\":{\"matchLabels\":{\"app.kubernetes.io/instance\":\"'$release'\",\"app.kubernetes.io/name\":\"wsrelay-operator\"}}},{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":\"monitoring\"}},\"podSelector\":{\"matchLabels\":{\"app.kubernetes.io/name\":\"prometheus\"}}}]'
 [ "$peers" = "\"$want\"" ] || fail "WSRELAY_RELAY_ADMIN_PEERS is $peers, wanted \"$want\""
 log "relay admin peers: the operator's pods and relayAdminAccess.from"
+# The operator's NetworkPolicy: the admin port only from relayAdminAccess.from (no rule at
+# all without peers: the node only), the metrics API port from anywhere when it is served.
+netpol() {
+	helm template "$release" "$chart" -n "$namespace" --show-only templates/networkpolicy.yaml "$@" >"$tmp/netpol.yaml"
+	python3 - "$tmp/netpol.yaml" "$want_netpol" <<'PY'
+import json, sys, yaml
+got = yaml.safe_load(open(sys.argv[1]))["spec"]
+want = json.loads(sys.argv[2])
+if got != want:
+    sys.exit("rendered %s\nwanted   %s" % (json.dumps(got, sort_keys=True), json.dumps(want, sort_keys=True)))
+PY
+}
+selector='{"matchLabels": {"app.kubernetes.io/instance": "'$release'", "app.kubernetes.io/name": "wsrelay-operator"}}'
+want_netpol='{"podSelector": '$selector', "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 6443, "protocol": "TCP"}]}]}'
+netpol || fail "the operator's NetworkPolicy with the default values"
+want_netpol='{"podSelector": '$selector', "policyTypes": ["Ingress"], "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}], "ports": [{"port": 8080, "protocol": "TCP"}]}]}'
+netpol -f "$chart/ci/watch-namespace-values.yaml" || fail "the operator's NetworkPolicy with ci/watch-namespace-values.yaml"
+want_netpol='{"podSelector": '$selector', "policyTypes": ["Ingress"], "ingress": []}'
+netpol --set metricsApi.enabled=false || fail "the operator's NetworkPolicy with no peers and no metrics API"
+if helm template "$release" "$chart" -n "$namespace" --set networkPolicy.enabled=false | grep -q '^kind: NetworkPolicy$'; then
+	fail "networkPolicy.enabled=false still renders a NetworkPolicy"
+fi
+log "operator NetworkPolicy: admin port from relayAdminAccess.from only, metrics API port from anywhere"
 log "ok"

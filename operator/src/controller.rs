@@ -1,10 +1,15 @@
-//! The controller: watches gateways, their children, the relay pods and the metadata of the
-//! Secrets, and runs the pipeline for each gateway that changed:
-//! [`fetch::observe`] (everything, from the watch caches) -> [`validate`] -> [`build_with`]
-//! -> [`apply::apply`] -> [`status::compute`] -> [`write_status`]. Only the first and the
-//! last two stages do I/O.
+//! The controller: watches gateways, their children and the relay pods, and runs the
+//! pipeline for each gateway that changed or whose resync is due:
+//! [`fetch::observe`] (the watch caches, and a GET of each Secret the gateway names) ->
+//! [`validate`] -> [`build_with`] -> [`apply::apply`] -> [`status::compute`] ->
+//! [`write_status`]. Only the first and the last two stages do I/O.
+//!
+//! Secrets are not watched: a watch needs `list` and `watch` on Secrets, which RBAC cannot
+//! narrow to metadata, so the operator's role could read every Secret of every namespace.
+//! A change to a Secret a gateway names is instead seen by the gateway's next reconcile,
+//! at most [`RESYNC`] later ([`SECRET_RECHECK`] for a gateway failing on its Secrets).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,7 +17,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -21,7 +26,7 @@ use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -30,12 +35,12 @@ use tracing::Instrument;
 use crate::api::{CONDITION_READY, WebsocketGateway, WebsocketGatewayStatus};
 use crate::build::{MANAGED_BY_LABEL, MANAGER, Options, applies_replicas, build_with};
 use crate::error::Error;
-use crate::fetch::{Caches, Children, Observed, SecretCache};
+use crate::fetch::{Caches, Children, Observed};
 use crate::metrics::Metrics;
 use crate::metrics_api::scrape::Scraper;
 use crate::stages::{self, Stages};
 use crate::status::{self, Degradation};
-use crate::validate::{restart_secrets_digest, secret_names, validate};
+use crate::validate::{restart_secrets_digest, validate};
 use crate::{apply, fetch};
 
 /// A gateway whose spec, Secrets and children are unchanged is still fully re-applied this
@@ -44,9 +49,16 @@ use crate::{apply, fetch};
 /// re-applies on change.
 const FULL_APPLY_EVERY: Duration = Duration::from_secs(600);
 /// How often a gateway is reconciled when nothing changed: a status refresh (the fleet's
-/// connection count moves without any watch event). From the caches: no API request unless
-/// the status changed.
-const RESYNC: Duration = Duration::from_secs(60);
+/// connection count moves without any watch event) and a GET of each Secret it names, which
+/// is how a rotated Secret is noticed (Secrets are not watched): this bounds the time from a
+/// Secret write to the new pod template. Otherwise from the caches: no other API request
+/// unless the status changed.
+pub const RESYNC: Duration = Duration::from_secs(60);
+/// The longest wait before a gateway that failed on its Secrets (one missing, a key missing
+/// or unusable) is looked at again, whatever its backoff: with no watch on Secrets, only a
+/// reconcile sees the fix. Each try costs a GET per named Secret and a patch of the
+/// gateway's Event series (the status is written only when it changes).
+pub const SECRET_RECHECK: Duration = RESYNC;
 /// How often a gateway that is not Ready is looked at when nothing changed: the relays'
 /// reports (NATS unreachable, say) reach its status within this.
 const NOT_READY_RESYNC: Duration = Duration::from_secs(10);
@@ -117,70 +129,6 @@ fn needs_apply(o: &Observed, last: Option<&Applied>) -> bool {
         || last.at.elapsed() >= FULL_APPLY_EVERY
 }
 
-/// Which gateways use which Secret, so that a Secret event wakes exactly those (and not a
-/// scan of every gateway). Kept up to date by each reconcile.
-#[derive(Debug, Default)]
-struct SecretIndex {
-    /// (namespace, Secret) -> gateways of that namespace using it.
-    by_secret: HashMap<(String, String), BTreeSet<String>>,
-    /// (namespace, gateway) -> the Secrets it uses.
-    by_gateway: HashMap<(String, String), Vec<String>>,
-}
-
-impl SecretIndex {
-    /// Records that gateway `gw` of `ns` uses `secrets` (and no other).
-    /// Whether anything changed.
-    fn set(&mut self, ns: &str, gw: &str, secrets: Vec<String>) -> bool {
-        let key = (ns.to_string(), gw.to_string());
-        if self.by_gateway.get(&key) == Some(&secrets)
-            || (secrets.is_empty() && !self.by_gateway.contains_key(&key))
-        {
-            return false;
-        }
-        self.remove(ns, gw);
-        for secret in &secrets {
-            self.by_secret
-                .entry((ns.to_string(), secret.clone()))
-                .or_default()
-                .insert(gw.to_string());
-        }
-        if !secrets.is_empty() {
-            self.by_gateway.insert(key, secrets);
-        }
-        true
-    }
-
-    /// Whether the gateway was indexed.
-    fn remove(&mut self, ns: &str, gw: &str) -> bool {
-        let Some(old) = self.by_gateway.remove(&(ns.to_string(), gw.to_string())) else {
-            return false;
-        };
-        for secret in old {
-            let key = (ns.to_string(), secret);
-            if let Some(users) = self.by_secret.get_mut(&key) {
-                users.remove(gw);
-                if users.is_empty() {
-                    self.by_secret.remove(&key);
-                }
-            }
-        }
-        true
-    }
-
-    /// The gateways of `ns` that use Secret `secret`.
-    fn users(&self, ns: &str, secret: &str) -> Vec<String> {
-        self.by_secret
-            .get(&(ns.to_string(), secret.to_string()))
-            .map(|users| users.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    fn uses(&self, ns: &str, secret: &str) -> bool {
-        self.by_secret
-            .contains_key(&(ns.to_string(), secret.to_string()))
-    }
-}
-
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -198,9 +146,6 @@ pub struct Context {
     /// The one scraper of the relays' `/metrics` (shared with the custom metrics API, so a
     /// pod is asked once per cache period whoever asks).
     scraper: Scraper,
-    /// The Secrets read, reused while their resourceVersion holds.
-    secret_cache: SecretCache,
-    secret_index: Mutex<SecretIndex>,
 }
 
 impl std::fmt::Debug for Context {
@@ -229,8 +174,6 @@ impl Context {
             applied: Mutex::new(HashMap::new()),
             admin_peers,
             scraper,
-            secret_cache: SecretCache::default(),
-            secret_index: Mutex::new(SecretIndex::default()),
         }
     }
 
@@ -291,40 +234,6 @@ impl Context {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         failures.remove(&Self::key(gw));
     }
-
-    fn index_secrets(&self, gw: &WebsocketGateway) {
-        let ns = gw.namespace().unwrap_or_default();
-        let mut index = self.secret_index.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = if gw.metadata.deletion_timestamp.is_some() {
-            index.remove(&ns, &gw.name_any())
-        } else {
-            index.set(&ns, &gw.name_any(), secret_names(gw))
-        };
-        // Forget the Secrets read for gateways that no longer use them.
-        if changed {
-            self.secret_cache.retain(|ns, name| index.uses(ns, name));
-        }
-    }
-
-    /// The gateways a change of Secret `ns/name` concerns (those of them still in `store`).
-    fn secret_users(
-        &self,
-        store: &Store<WebsocketGateway>,
-        ns: &str,
-        name: &str,
-    ) -> Vec<ObjectRef<WebsocketGateway>> {
-        let mut index = self.secret_index.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::new();
-        for gw in index.users(ns, name) {
-            let r = ObjectRef::new(&gw).within(ns);
-            if store.get(&r).is_some() {
-                out.push(r);
-            } else if index.remove(ns, &gw) {
-                self.secret_cache.retain(|ns, name| index.uses(ns, name));
-            }
-        }
-        out
-    }
 }
 
 /// The failed-try count and the next try's time after a failure at `now`, given the previous
@@ -339,6 +248,16 @@ pub fn next_try(prev: Option<(u32, Instant)>, now: Instant) -> (u32, Instant) {
         None => 1,
     };
     (tries, now + backoff_for(tries))
+}
+
+/// When to retry after `error`, given the backoff: a gateway failing on its Secrets is
+/// looked at again within [`SECRET_RECHECK`], since nothing else would wake it when the
+/// Secret is fixed (Secrets are not watched). Pure.
+pub fn retry_delay(error: &Error, backoff: Duration) -> Duration {
+    match error {
+        Error::Validate(_) => backoff.min(SECRET_RECHECK),
+        _ => backoff,
+    }
 }
 
 /// Delay before retry number `failures` (1-based): 2s, 4s, 8s ... capped at 5 minutes, so a
@@ -377,21 +296,12 @@ async fn reconcile_stages(
     let ctx = &r.ctx;
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
-    ctx.index_secrets(&gw);
     // A gateway being deleted is the garbage collector's business: applying children now
     // would only re-create what it is removing.
     if gw.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let result = match fetch::observe(
-        &ctx.client,
-        &r.caches,
-        &ctx.secret_cache,
-        &ctx.scraper,
-        gw.clone(),
-    )
-    .await
-    {
+    let result = match fetch::observe(&ctx.client, &r.caches, &ctx.scraper, gw.clone()).await {
         Ok(observed) => pipeline(&observed, ctx, stages)
             .await
             .map_err(|e| (e, Some(observed))),
@@ -553,7 +463,7 @@ async fn write_status(
 }
 
 fn error_policy(gw: Arc<WebsocketGateway>, error: &Error, r: Arc<Reconciler>) -> Action {
-    let delay = r.ctx.backoff(&gw);
+    let delay = retry_delay(error, r.ctx.backoff(&gw));
     if !error.is_user_error() {
         tracing::warn!(gateway = %Context::key(&gw), category = error.category(), retry_in = ?delay, "reconcile failed: {error}");
     }
@@ -576,7 +486,7 @@ where
 /// The controller's merged trigger stream gets no backoff of its own: each stream backs off
 /// on its own errors. A shared one (kube-runtime's default) stops polling *every* stream
 /// after *any* stream's error and grows with each: after an API server restart each of the
-/// eleven watches answers one 410 (its resource version is older than the new server's
+/// watches (eleven then) answers one 410 (its resource version is older than the new server's
 /// cache) and the shared pause grew to a minute and more, while the gateway watch, never
 /// polled, left the cache the reconcile reads stale; the operator kept applying the spec it
 /// had before the restart.
@@ -635,7 +545,6 @@ pub async fn run(
         hpas: hpas.clone(),
         pods: pods.clone(),
     });
-    let (secrets, secrets_w) = reflector::store::<PartialObjectMeta<Secret>>();
     let deployment_events = reflector::reflector(
         deployments_w,
         watcher(api::<Deployment>(&client, ns), owned.clone()),
@@ -651,14 +560,6 @@ pub async fn run(
     let pod_events = reflector::reflector(pods_w, watcher(api::<Pod>(&client, ns), owned.clone()))
         .default_backoff()
         .touched_objects();
-    // Secrets: metadata only (name, resourceVersion), never the data of every Secret in the
-    // cluster; fetch::observe reads the few a gateway names.
-    let secret_events = reflector::reflector(
-        secrets_w,
-        watcher(api::<PartialObjectMeta<Secret>>(&client, ns), base.clone()),
-    )
-    .default_backoff()
-    .touched_objects();
     // The other children: their metadata is enough (wake the gateway, see one deleted).
     fn meta<K>(
         client: &Client,
@@ -695,7 +596,6 @@ pub async fn run(
             deployments,
             hpas,
             pods,
-            secrets,
             children: Children {
                 config_maps,
                 services,
@@ -705,7 +605,6 @@ pub async fn run(
             },
         },
     });
-    let index = ctx.clone();
     controller
         .owns_stream(deployment_events)
         .owns_stream(hpa_events)
@@ -726,21 +625,6 @@ pub async fn run(
         ))
         // Pods wake nothing (their Deployment's status does); the stream fills the cache.
         .watches_stream(pod_events, |_pod| Vec::<ObjectRef<WebsocketGateway>>::new())
-        // A Secret that appears or changes wakes the gateways that use it, so a gateway
-        // Degraded for a missing Secret recovers at once, not at its next backoff.
-        .watches_stream(secret_events, move |secret: PartialObjectMeta<Secret>| {
-            let ns = secret.namespace().unwrap_or_default();
-            let name = secret.name_any();
-            if !index
-                .secret_index
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .uses(&ns, &name)
-            {
-                return Vec::new();
-            }
-            index.secret_users(&gateways, &ns, &name)
-        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, reconciler)
         .for_each(|result| async move {
@@ -755,26 +639,6 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secrets_index_the_gateways_that_use_them() {
-        let mut index = SecretIndex::default();
-        index.set("apps", "chat", vec!["jwt".into(), "nats".into()]);
-        index.set("apps", "feed", vec!["nats".into()]);
-        index.set("other", "chat", vec!["nats".into()]);
-        assert_eq!(index.users("apps", "nats"), ["chat", "feed"]);
-        assert_eq!(index.users("apps", "jwt"), ["chat"]);
-        assert_eq!(index.users("other", "nats"), ["chat"]);
-        assert!(!index.uses("apps", "helm-release"));
-        // chat stops using jwt.
-        index.set("apps", "chat", vec!["nats".into()]);
-        assert!(!index.uses("apps", "jwt"));
-        index.remove("apps", "feed");
-        assert_eq!(index.users("apps", "nats"), ["chat"]);
-        index.remove("apps", "chat");
-        assert!(!index.uses("apps", "nats"));
-        assert!(index.by_gateway.len() == 1 && index.by_secret.len() == 1);
-    }
 
     fn observed(autoscaling: bool, generation: i64, managers: serde_json::Value) -> Observed {
         let mut gw: WebsocketGateway =
@@ -875,6 +739,21 @@ mod tests {
         // The retry itself failed: try 2, 4 s.
         let (n, due) = next_try(Some((n, due)), due);
         assert_eq!((n, due), (2, t0 + Duration::from_secs(7)));
+    }
+
+    /// Secrets are not watched: a gateway failing on a Secret is looked at again within
+    /// SECRET_RECHECK however long its backoff has grown, so a fixed Secret is noticed;
+    /// other failures keep their backoff.
+    #[test]
+    fn a_gateway_failing_on_its_secrets_is_rechecked_within_the_resync() {
+        let missing = Error::Validate(crate::validate::ValidateError::SecretNotFound {
+            name: "chat-nats".into(),
+        });
+        assert_eq!(retry_delay(&missing, MAX_BACKOFF), SECRET_RECHECK);
+        assert_eq!(retry_delay(&missing, BASE_BACKOFF), BASE_BACKOFF);
+        assert!(SECRET_RECHECK <= RESYNC);
+        let transient = Error::CachesNotReady(Duration::from_secs(10));
+        assert_eq!(retry_delay(&transient, MAX_BACKOFF), MAX_BACKOFF);
     }
 
     #[test]

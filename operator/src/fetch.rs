@@ -3,12 +3,15 @@
 //! `/metrics`); validate, build and status are pure functions of what it returns.
 //!
 //! Most of it comes from the controller's watch caches ([`Caches`]): the relay Deployment,
-//! the HPA, the relay pods, and the metadata (name and resourceVersion, never the data) of
-//! every Secret. The few Secrets a gateway names are read with a GET, and only when their
-//! resourceVersion moved since the last read: at rest a reconcile costs no API request.
+//! the HPA, the relay pods, the metadata of the other children. The few Secrets a gateway
+//! names are read with a GET on every reconcile, in the gateway's namespace: Secrets are
+//! not watched, because a watch needs `list` and `watch` on every Secret the operator may
+//! see (RBAC cannot narrow them to metadata), while a GET needs only `get`, and only the
+//! Secrets named are ever asked for. The periodic resync ([`crate::controller::RESYNC`])
+//! is what notices a rotated Secret.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -36,8 +39,6 @@ pub struct Caches {
     pub hpas: Store<HorizontalPodAutoscaler>,
     /// Relay pods (same label), for the connection total.
     pub pods: Store<Pod>,
-    /// Metadata of every Secret in the watched namespaces.
-    pub secrets: Store<PartialObjectMeta<Secret>>,
     /// Metadata of the other children.
     pub children: Children,
 }
@@ -117,7 +118,6 @@ impl Caches {
                 self.deployments.wait_until_ready(),
                 self.hpas.wait_until_ready(),
                 self.pods.wait_until_ready(),
-                self.secrets.wait_until_ready(),
                 c.config_maps.wait_until_ready(),
                 c.services.wait_until_ready(),
                 c.service_accounts.wait_until_ready(),
@@ -137,7 +137,6 @@ impl std::fmt::Debug for Caches {
             .field("deployments", &self.deployments.len())
             .field("hpas", &self.hpas.len())
             .field("pods", &self.pods.len())
-            .field("secrets", &self.secrets.len())
             .field("children", &self.children)
             .finish()
     }
@@ -162,59 +161,17 @@ pub struct Observed {
     pub relays: Vec<(String, scrape::Report)>,
 }
 
-/// Secrets read before, by namespace/name, with the resourceVersion they were read at.
-#[derive(Debug, Default)]
-pub struct SecretCache {
-    read: Mutex<HashMap<(String, String), Secret>>,
-}
-
-impl SecretCache {
-    fn get(&self, namespace: &str, name: &str, version: &str) -> Option<Secret> {
-        let read = self.read.lock().unwrap_or_else(|p| p.into_inner());
-        read.get(&(namespace.to_string(), name.to_string()))
-            .filter(|s| s.metadata.resource_version.as_deref() == Some(version))
-            .cloned()
-    }
-
-    fn put(&self, namespace: &str, name: &str, secret: Option<&Secret>) {
-        let mut read = self.read.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (namespace.to_string(), name.to_string());
-        match secret {
-            Some(s) => {
-                read.insert(key, s.clone());
-            }
-            None => {
-                read.remove(&key);
-            }
-        }
-    }
-
-    /// Forgets Secrets no gateway uses any more.
-    pub fn retain(&self, used: impl Fn(&str, &str) -> bool) {
-        let mut read = self.read.lock().unwrap_or_else(|p| p.into_inner());
-        read.retain(|(ns, name), _| used(ns, name));
-    }
-}
-
 /// Gathers what the reconcile of `gw` needs.
 pub async fn observe(
     client: &Client,
     caches: &Caches,
-    secret_cache: &SecretCache,
     scraper: &Scraper,
     gw: Arc<WebsocketGateway>,
 ) -> Result<Observed, Error> {
     caches.ready().await?;
     let namespace = gw.namespace().unwrap_or_default();
     let name = gw.name_any();
-    let secrets = secrets(
-        client,
-        &caches.secrets,
-        secret_cache,
-        &namespace,
-        &secret_names(&gw),
-    )
-    .await?;
+    let secrets = secrets(client, &namespace, &secret_names(&gw)).await?;
     let deployment = caches
         .deployments
         .get(&ObjectRef::new(&name).within(&namespace));
@@ -246,31 +203,21 @@ pub async fn observe(
     })
 }
 
-/// The named Secrets of `namespace`; `None` for one that does not exist (the validate stage
-/// turns that into a user-facing error, a failed request into a transient one). A Secret
-/// whose resourceVersion in the metadata cache equals the one read before is not read again.
+/// The named Secrets of `namespace`, each read with a GET; `None` for one that does not
+/// exist (the validate stage turns that into a user-facing error, a failed request into a
+/// transient one).
 async fn secrets(
     client: &Client,
-    metadata: &Store<PartialObjectMeta<Secret>>,
-    cache: &SecretCache,
     namespace: &str,
     names: &[String],
 ) -> Result<BTreeMap<String, Option<Secret>>, Error> {
     let api = Api::<Secret>::namespaced(client.clone(), namespace);
     let mut out = BTreeMap::new();
     for name in names {
-        let version = metadata
-            .get(&ObjectRef::new(name).within(namespace))
-            .and_then(|m| m.metadata.resource_version.clone());
-        if let Some(secret) = version.and_then(|v| cache.get(namespace, name, &v)) {
-            out.insert(name.clone(), Some(secret));
-            continue;
-        }
         let secret = api.get_opt(name).await.map_err(|source| Error::Fetch {
             name: format!("Secret {name}"),
             source,
         })?;
-        cache.put(namespace, name, secret.as_ref());
         out.insert(name.clone(), secret);
     }
     Ok(out)

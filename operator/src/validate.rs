@@ -125,29 +125,42 @@ fn nats_references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
     refs
 }
 
-/// A digest of the values the relay reads only at start (the NATS credentials and CA), for
-/// the pod template: rotating one of them rolls the relays, which reconnect with the new
-/// value. JWT keys and the wss certificate are left out: the relay reloads those files in
-/// place, keeping its connections. Empty when the gateway uses none. Pure.
+/// A digest of the Secrets whose values the relay reads only at start (the NATS credentials
+/// and CA), for the pod template: rotating one of them rolls the relays, which reconnect
+/// with the new value. JWT keys and the wss certificate are left out: the relay reloads
+/// those files in place, keeping its connections. Empty when the gateway uses none. Pure.
+///
+/// Built from each Secret's `metadata.uid` and `metadata.resourceVersion`, never from its
+/// data: the digest ends up in a pod-template annotation that anyone with the built-in
+/// `view` role reads, and an unkeyed hash of a password is an offline oracle for it. Any
+/// write to a Secret moves its resourceVersion, so a rotation still rolls the relays; so
+/// does any other write to that Secret (another key, a label), which is why the NATS
+/// credentials are best kept in a Secret of their own (docs/operations.md).
 pub fn restart_secrets_digest(
     gw: &WebsocketGateway,
     secrets: &BTreeMap<String, Option<Secret>>,
 ) -> String {
-    let refs = nats_references(gw);
-    if refs.is_empty() {
+    let names: BTreeSet<String> = nats_references(gw)
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect();
+    if names.is_empty() {
         return String::new();
     }
     let mut hasher = Sha256::new();
-    for (name, key, _) in refs {
-        let value = secrets
+    for name in names {
+        let meta = secrets
             .get(&name)
             .and_then(Option::as_ref)
-            .and_then(|s| secret_value(s, &key))
+            .map(|s| &s.metadata);
+        let uid = meta.and_then(|m| m.uid.as_deref()).unwrap_or_default();
+        let version = meta
+            .and_then(|m| m.resource_version.as_deref())
             .unwrap_or_default();
         // Length-prefixed, so no two different lists hash alike.
-        for part in [name.as_bytes(), key.as_bytes(), value] {
+        for part in [name.as_str(), uid, version] {
             hasher.update((part.len() as u64).to_be_bytes());
-            hasher.update(part);
+            hasher.update(part.as_bytes());
         }
     }
     hasher
@@ -227,13 +240,24 @@ fn secret_value<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
 mod tests {
     use super::*;
     use k8s_openapi::ByteString;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn gateway() -> WebsocketGateway {
         serde_yaml::from_str(include_str!("../tests/fixtures/full.yaml")).expect("fixture")
     }
 
     fn secret(pairs: &[(&str, &str)]) -> Option<Secret> {
+        versioned("uid-0", "1", pairs)
+    }
+
+    /// A Secret as the API server returns it: with a uid and a resourceVersion.
+    fn versioned(uid: &str, version: &str, pairs: &[(&str, &str)]) -> Option<Secret> {
         Some(Secret {
+            metadata: ObjectMeta {
+                uid: Some(uid.into()),
+                resource_version: Some(version.into()),
+                ..ObjectMeta::default()
+            },
             data: Some(
                 pairs
                     .iter()
@@ -278,39 +302,101 @@ mod tests {
         assert_eq!(base.len(), 16);
         assert_eq!(base, restart_secrets_digest(&gw, &good()), "stable");
 
+        // A rotation is a write, which moves the Secret's resourceVersion.
         let mut token = good();
-        token.insert("chat-nats".into(), secret(&[("token", "n3w")]));
+        token.insert(
+            "chat-nats".into(),
+            versioned("uid-0", "2", &[("token", "n3w")]),
+        );
         assert_ne!(restart_secrets_digest(&gw, &token), base, "NATS token");
         let mut ca = good();
         ca.insert(
             "nats-ca".into(),
-            secret(&[("ca.crt", "-----BEGIN CERTIFICATE-----\nMIIC\n")]),
+            versioned(
+                "uid-0",
+                "2",
+                &[("ca.crt", "-----BEGIN CERTIFICATE-----\nMIIC\n")],
+            ),
         );
         assert_ne!(restart_secrets_digest(&gw, &ca), base, "NATS CA");
         let mut client = good();
         client.insert(
             "nats-client".into(),
-            secret(&[("tls.crt", PEM), ("tls.key", "new")]),
+            versioned("uid-0", "2", &[("tls.crt", PEM), ("tls.key", "new")]),
         );
         assert_ne!(
             restart_secrets_digest(&gw, &client),
             base,
             "NATS client certificate"
         );
+        // Deleted and created again under the same name: a new uid, maybe an old version.
+        let mut recreated = good();
+        recreated.insert(
+            "chat-nats".into(),
+            versioned("uid-1", "1", &[("token", "t0ken")]),
+        );
+        assert_ne!(restart_secrets_digest(&gw, &recreated), base, "recreated");
 
         // Reloaded by the relay in place: no roll.
         let mut jwt = good();
         jwt.insert(
             "chat-jwt".into(),
-            secret(&[("hmac", "another-key-of-at-least-32-bytes!")]),
+            versioned(
+                "uid-0",
+                "2",
+                &[("hmac", "another-key-of-at-least-32-bytes!")],
+            ),
         );
         assert_eq!(restart_secrets_digest(&gw, &jwt), base, "JWT key");
         let mut tls = good();
         tls.insert(
             "chat-tls".into(),
-            secret(&[("tls.crt", PEM), ("tls.key", "other")]),
+            versioned("uid-0", "2", &[("tls.crt", PEM), ("tls.key", "other")]),
         );
         assert_eq!(restart_secrets_digest(&gw, &tls), base, "wss certificate");
+    }
+
+    /// The digest lands in a pod-template annotation anyone with `view` reads: it must not
+    /// be a function of the Secrets' bytes (an unkeyed hash of a password is an offline
+    /// oracle for it), only of their identity and version.
+    #[test]
+    fn the_restart_digest_depends_on_secret_versions_never_on_their_data() {
+        let gw = gateway();
+        let base = restart_secrets_digest(&gw, &good());
+        // Other bytes under the same uid and resourceVersion: the same digest.
+        let mut guess = good();
+        guess.insert("chat-nats".into(), secret(&[("token", "password1")]));
+        guess.insert("nats-ca".into(), secret(&[("ca.crt", "guess")]));
+        guess.insert(
+            "nats-client".into(),
+            secret(&[("tls.crt", "guess"), ("tls.key", "guess")]),
+        );
+        assert_eq!(
+            restart_secrets_digest(&gw, &guess),
+            base,
+            "data changed the digest"
+        );
+        // No data at all: still the same.
+        let mut empty = good();
+        for name in ["chat-nats", "nats-ca", "nats-client"] {
+            empty.insert(name.into(), versioned("uid-0", "1", &[]));
+        }
+        assert_eq!(
+            restart_secrets_digest(&gw, &empty),
+            base,
+            "data changed the digest"
+        );
+        // Only the version moved, the bytes are the same: another digest.
+        let mut touched = good();
+        touched.insert(
+            "nats-ca".into(),
+            versioned("uid-0", "7", &[("ca.crt", PEM)]),
+        );
+        assert_ne!(
+            restart_secrets_digest(&gw, &touched),
+            base,
+            "version ignored"
+        );
     }
 
     #[test]

@@ -271,6 +271,63 @@ mod tests {
         );
     }
 
+    /// What anyone with the built-in `view` role reads (the Deployment's pod-template
+    /// annotation, every other child) holds nothing derived from Secret data: the same
+    /// objects whatever the NATS password, other objects when the Secret's version moves.
+    #[test]
+    fn the_built_objects_depend_on_secret_versions_never_on_secret_data() {
+        use k8s_openapi::ByteString;
+        use k8s_openapi::api::core::v1::Secret;
+        use std::collections::BTreeMap;
+
+        let gw: WebsocketGateway =
+            serde_yaml::from_str(include_str!("../../tests/fixtures/full.yaml")).expect("fixture");
+        let names = crate::validate::secret_names(&gw);
+        let secrets = |version: &str, value: &str| -> BTreeMap<String, Option<Secret>> {
+            let keys = ["token", "ca.crt", "tls.crt", "tls.key", "hmac"];
+            names
+                .iter()
+                .map(|name| {
+                    let secret: Secret = serde_json::from_value(serde_json::json!({
+                        "metadata": { "name": name, "uid": format!("uid-{name}"), "resourceVersion": version },
+                    }))
+                    .expect("secret");
+                    let data = keys
+                        .iter()
+                        .map(|k| (k.to_string(), ByteString(value.as_bytes().to_vec())))
+                        .collect();
+                    (name.clone(), Some(Secret { data: Some(data), ..secret }))
+                })
+                .collect()
+        };
+        let built = |secrets: &BTreeMap<String, Option<Secret>>| {
+            let options = Options {
+                restart_digest: crate::validate::restart_secrets_digest(&gw, secrets),
+                ..Options::default()
+            };
+            build_with(&gw, &options)
+                .expect("builds")
+                .to_yaml()
+                .expect("yaml")
+        };
+        let hunter = built(&secrets("41", "hunter2-hunter2-hunter2-hunter2-x"));
+        let other = built(&secrets("41", "correct-horse-battery-staple-0000"));
+        assert_eq!(hunter, other, "the built objects depend on Secret data");
+        assert!(
+            !hunter.contains("hunter2"),
+            "Secret data in the built objects"
+        );
+        let rotated = built(&secrets("42", "hunter2-hunter2-hunter2-hunter2-x"));
+        assert_ne!(hunter, rotated, "a new Secret version must roll the relays");
+        let annotation = |yaml: &str| {
+            yaml.lines()
+                .find(|l| l.contains(CONFIG_HASH_ANNOTATION))
+                .map(str::to_string)
+        };
+        assert!(annotation(&hunter).is_some());
+        assert_ne!(annotation(&hunter), annotation(&rotated));
+    }
+
     #[test]
     fn every_child_is_owned_by_the_gateway() {
         let d = build(&gateway()).expect("builds");
