@@ -718,3 +718,242 @@ async fn a_slow_client_on_a_resumable_channel_is_told_of_the_hole() {
          named in dropped notices, resubscribed from {resync:?}: {answer}"
     );
 }
+
+/// Payloads of `size` bytes with their index: `{"i":N,"pad":"xx…"}`.
+fn big_payload(i: u64, size: usize) -> String {
+    let head = format!("{{\"i\":{i},\"pad\":\"");
+    let pad = "x".repeat(size - head.len() - 2);
+    format!("{head}{pad}\"}}")
+}
+
+/// Reads `want` message frames of big payloads, checking the position chain; panics on a
+/// close (naming its code) or when nothing comes for 20 s.
+async fn read_big_chain(ws: &mut Ws, last: &mut u64, want: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        match next_event(ws, Duration::from_secs(20)).await {
+            Got::Json(v) if v["type"] == "message" => {
+                let (seq, prev) = (v["seq"].as_u64().unwrap(), v["prev"].as_u64().unwrap());
+                assert!(seq > *last, "seq {seq} not above {last}");
+                assert_eq!(prev, *last, "prev of {seq} is not the last position");
+                *last = seq;
+                got.push(v["payload"]["i"].as_u64().unwrap());
+            }
+            Got::Json(v) => panic!("unexpected frame {}", v["type"]),
+            other => panic!("after {} messages: {other:?}", got.len()),
+        }
+    }
+    got
+}
+
+/// Issue 22 item 4: a resume whose replay is larger than the connection's send queue
+/// (`sendQueueBytes`, 1 MiB here: 60 messages of 60 KB are 3.6 MB) is paced against the
+/// client's reading, never closed as a slow consumer. Before the fix the whole replay was
+/// queued at once and the client was closed with 4008 before its `ok`, on every retry.
+#[tokio::test]
+async fn a_resume_larger_than_the_send_queue_is_paced_not_closed() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("paced");
+    let c = resumable_config(&nats.url(), 100);
+    assert_eq!(c.limits.send_queue_bytes, 1 << 20);
+    let relay = start_relay(c).await;
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let nc = nats.client().await;
+
+    let mut ws = connect(addr, "").await;
+    let ok = subscribe(&mut ws, 1, "orders.big").await;
+    let epoch = ok["epoch"].as_str().unwrap().to_owned();
+    let from = ok["seq"].as_u64().unwrap();
+    drop(ws);
+    for i in 0..60 {
+        nc.publish("orders.big", big_payload(i, 60_000).into())
+            .await
+            .unwrap();
+    }
+    nc.flush().await.unwrap();
+    stream_stored(&nc, 60).await;
+
+    // Twice: a client that resumed once resumes the same way again.
+    for attempt in 0..2 {
+        let mut ws = connect_small_window(addr).await;
+        let ok = resume(&mut ws, 2, "orders.big", &epoch, from).await;
+        assert_eq!(ok["type"], "ok", "attempt {attempt}: {ok}");
+        assert_eq!(ok["recovered"], true, "attempt {attempt}: {ok}");
+        let mut last = from;
+        let got = read_big_chain(&mut ws, &mut last, 60).await;
+        assert_eq!(got, (0..60).collect::<Vec<_>>(), "attempt {attempt}");
+        // Live after the replay, in the same chain.
+        nc.publish("orders.big", big_payload(60, 100).into())
+            .await
+            .unwrap();
+        nc.flush().await.unwrap();
+        assert_eq!(read_big_chain(&mut ws, &mut last, 1).await, [60]);
+        drop(ws);
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                relay.relay.hub.subject_count() == 0
+            })
+            .await
+        );
+    }
+    assert_eq!(
+        metric(admin, "wsrelay_slow_consumers_total").await,
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "wsrelay_connections_closed_total{reason=\"slow_consumer\"}"
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
+    relay.drain().await;
+}
+
+/// A TCP proxy on loopback to a NATS server that the test can cut (every connection through
+/// it dropped, new ones closed at once) and restore: the relay loses NATS while the server,
+/// and its stream, carry on.
+struct Cuttable {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let (open, conns) = (open.clone(), conns.clone());
+            async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        continue; // dropped: closed at once
+                    }
+                    conns.lock().unwrap().push(tokio::spawn(async move {
+                        if let Ok(mut up) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                    }));
+                }
+            }
+        });
+        Self {
+            port,
+            open,
+            conns,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Issue 22 item 4, the gap fill: messages stored while the relay was cut off from NATS
+/// (60 of 60 KB: 3.6 MB, above each connection's 1 MiB send queue) are read from the stream
+/// after the reconnection and reach every subscriber of the channel, paced, in order; none
+/// is closed as a slow consumer. Before the fix the fill was queued at once to all of them
+/// and every one was closed with 4008.
+#[tokio::test]
+async fn a_gap_fill_larger_than_the_send_queue_is_paced_for_every_subscriber() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("paced-fill");
+    let proxy = Cuttable::start(nats.port).await;
+    let relay = start_relay(resumable_config(&proxy.url(), 100)).await;
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let nc = nats.client().await;
+
+    // More subscribers than a fan-out writes to itself: every message goes through the
+    // connections' queues.
+    let mut clients = Vec::new();
+    for id in 0..6 {
+        let mut ws = connect_small_window(addr).await;
+        let ok = subscribe(&mut ws, id, "orders.fill").await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+        let last = ok["seq"].as_u64().unwrap();
+        clients.push((ws, last));
+    }
+    nc.publish("orders.fill", big_payload(0, 100).into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    for (ws, last) in &mut clients {
+        assert_eq!(read_big_chain(ws, last, 1).await, [0]);
+    }
+
+    proxy.cut();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(admin, "wsrelay_nats_connected").await == Some(0.0)
+        })
+        .await,
+        "the relay did not notice the cut"
+    );
+    for i in 1..61 {
+        nc.publish("orders.fill", big_payload(i, 60_000).into())
+            .await
+            .unwrap();
+    }
+    nc.flush().await.unwrap();
+    stream_stored(&nc, 61).await;
+    proxy.restore();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            metric(admin, "wsrelay_nats_connected").await == Some(1.0)
+        })
+        .await,
+        "the relay did not reconnect"
+    );
+
+    for (n, (ws, last)) in clients.iter_mut().enumerate() {
+        let got = read_big_chain(ws, last, 60).await;
+        assert_eq!(got, (1..61).collect::<Vec<_>>(), "subscriber {n}");
+    }
+    // Live again, for all.
+    nc.publish("orders.fill", big_payload(61, 100).into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    for (ws, last) in &mut clients {
+        assert_eq!(read_big_chain(ws, last, 1).await, [61]);
+    }
+    assert!(
+        metric(admin, "wsrelay_history_reads_total{reason=\"fill\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(
+        metric(admin, "wsrelay_slow_consumers_total").await,
+        Some(0.0)
+    );
+    relay.drain().await;
+}
