@@ -117,7 +117,18 @@ pub async fn maintain(relay: Arc<crate::relay::Relay>, every: Duration, changed:
                         tracing::warn!(error = %e, "history stream not in place; resumable subscribes answer 503");
                         failed.push(crate::metrics::StreamError {
                             stream: cfg.name.clone(),
-                            error: e.reason().chars().take(200).collect(),
+                            // A label value: no quote, backslash or line break to escape.
+                            error: e
+                                .reason()
+                                .chars()
+                                .map(|c| match c {
+                                    '"' => '\'',
+                                    '\\' => '/',
+                                    c if c.is_control() => ' ',
+                                    c => c,
+                                })
+                                .take(200)
+                                .collect(),
                         });
                     }
                 }
