@@ -227,10 +227,20 @@ pub fn relay_problem(gw: &WebsocketGateway, relays: &[(String, Report)]) -> Opti
         })
         .collect();
     if let Some(fewest) = lagging.iter().map(|(_, n)| *n).min() {
+        // JetStream's answer, when a relay reports one: a refusal (a limit, a name, subjects
+        // another stream holds) is a config error no retry mends, so it is named.
+        let refused = relays
+            .iter()
+            .filter(|(pod, _)| lagging.iter().any(|(p, _)| *p == pod.as_str()))
+            .find_map(|(_, r)| r.history_error.as_ref());
+        let why = match refused {
+            Some((stream, error)) => format!("stream {stream}: {error}; check the binding's history (maxBytes within the JetStream file store), JetStream on the NATS server, and that the relays' NATS user may create streams"),
+            None => "is JetStream enabled on the NATS server, and may the relays' NATS user create streams? Their logs say why".into(),
+        };
         return Some(Degradation {
             reason: "HistoryNotReady".into(),
             message: format!(
-                "{} of {total} relay pods have {fewest} of {expected} history streams in place, so resumable subscribes are answered 503; is JetStream enabled on the NATS server, and may the relays' NATS user create streams? Their logs say why",
+                "{} of {total} relay pods have {fewest} of {expected} history streams in place, so resumable subscribes are answered 503; {why}",
                 lagging.len()
             ),
         });
@@ -353,6 +363,7 @@ mod tests {
             nats_error: nats.map(|(s, e)| (s.into(), e.into())),
             config_rejected: false,
             history_streams_ready: Some(0),
+            history_error: None,
             jwks_failing: false,
         }
     }
@@ -403,6 +414,21 @@ mod tests {
         assert_eq!(d.reason, "HistoryNotReady");
         assert!(
             d.message.contains("0 of 1 history streams"),
+            "{}",
+            d.message
+        );
+        // A relay that says why JetStream refused the stream: the condition says it too.
+        let mut refused = report(None);
+        refused.history_error = Some((
+            "wsrelay_ns_gw_1".into(),
+            "insufficient storage resources available (code 500, error code 10047)".into(),
+        ));
+        let d = relay_problem(&resumable, &[("ticker-a".into(), refused)]).expect("problem");
+        assert_eq!(d.reason, "HistoryNotReady");
+        assert!(
+            d.message.contains(
+                "stream wsrelay_ns_gw_1: insufficient storage resources available (code 500, error code 10047)"
+            ),
             "{}",
             d.message
         );

@@ -42,6 +42,15 @@ const CONFIRM_WITHIN: Duration = Duration::from_secs(2);
 /// subscribe again.
 const FILL_WITHIN: Duration = Duration::from_secs(10);
 
+/// A paced replay (or gap fill) waits this long at first for its client's queue to take
+/// more, doubling up to [`PACE_MAX`] while it does not.
+const PACE_MIN: Duration = Duration::from_millis(2);
+const PACE_MAX: Duration = Duration::from_millis(100);
+
+/// A paced replay whose client's queue took nothing for this long gives up: the client is
+/// closed as a slow consumer (and counted).
+const PACE_STALL: Duration = Duration::from_secs(30);
+
 /// Why an entry ended when NATS refused it.
 const REFUSED: &str = "refused by NATS";
 
@@ -65,6 +74,9 @@ struct Subscriber {
     /// Receives live messages (a resumable subscriber is joined, not yet live, until its
     /// replay is queued).
     live: AtomicBool,
+    /// Unique in the hub: a paced replay serves this subscriber, not a later one of the
+    /// same connection and channel.
+    serial: u64,
 }
 
 /// Where a subject's NATS subscription stands.
@@ -154,6 +166,7 @@ pub struct Hub {
     max_payload: usize,
     tasks: TaskTracker,
     streams: Streams,
+    serials: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,6 +195,7 @@ impl Hub {
             max_payload,
             tasks: TaskTracker::new(),
             streams: Streams::default(),
+            serials: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -227,6 +241,7 @@ impl Hub {
                     conn: conn.clone(),
                     channel: channel.clone(),
                     live: AtomicBool::new(entry.resumable.is_none()),
+                    serial: self.serials.fetch_add(1, Ordering::Relaxed),
                 },
             );
             let state = entry.state.subscribe();
@@ -296,14 +311,15 @@ impl Hub {
 
     /// A resumable channel: complete the ring (once per entry), decide the resume (asking
     /// the stream only when the ring cannot tell), then, under the ring's lock, queue the
-    /// `ok`, the replay, and make the subscriber live.
+    /// `ok`, the replay, and make the subscriber live. A replay the client's queue cannot
+    /// take at once is paced ([`Hub::catch_up`]): never a slow-consumer close.
     #[allow(clippy::too_many_arguments)]
     async fn join_resumable(
-        &self,
-        entry: &SubjectEntry,
+        self: &Arc<Self>,
+        entry: &Arc<SubjectEntry>,
         res: &Resumable,
         target: &Target,
-        conn: &ConnShared,
+        conn: &Arc<ConnShared>,
         channel: &str,
         id: Option<&RequestId>,
         since: Option<&Since>,
@@ -336,7 +352,7 @@ impl Hub {
         if held.is_some() {
             m.history(&m.history_reads, "check");
         }
-        res.with_ring(|ring| {
+        let paced = res.with_ring(|ring| {
             let start = Resumable::decide(ring, &epoch, asked, held);
             let subs = read(&entry.subscribers);
             if conn.subs().get(channel) != Some(&target.key) {
@@ -357,23 +373,133 @@ impl Hub {
             conn.outbox.push_reply(Message::text(encode_ok_position(
                 id, &epoch, pos, recovered,
             )));
-            let mut prev = pos;
-            let received = Instant::now();
             let name: Arc<str> = Arc::from(channel);
-            for s in &replay {
-                let frame = encode_message_at(channel, &s.payload, Some((s.seq, prev)));
-                prev = s.seq;
-                conn.outbox.push_message(Frame {
-                    msg: Message::text(frame),
-                    received: Some(received),
-                    channel: Some(name.clone()),
-                });
+            let Some(sub) = subs.get(&(conn.id, name.clone())) else {
+                return Ok(None);
+            };
+            match queue_replay(conn, &name, pos, &replay) {
+                Queued::All(_) => {
+                    sub.live.store(true, Ordering::Release);
+                    Ok(None)
+                }
+                Queued::Upto(prev) => Ok(Some((name, sub.serial, prev))),
+                Queued::Closing => Ok(None),
             }
-            if let Some(sub) = subs.get(&(conn.id, name)) {
-                sub.live.store(true, Ordering::Release);
+        })?;
+        if let Some((name, serial, prev)) = paced {
+            self.pace(entry, &target.key, conn, name, serial, prev);
+        }
+        Ok(())
+    }
+
+    /// Starts a paced catch-up for a subscriber the client's queue could not take at once.
+    fn pace(
+        self: &Arc<Self>,
+        entry: &Arc<SubjectEntry>,
+        key: &str,
+        conn: &Arc<ConnShared>,
+        channel: Arc<str>,
+        serial: u64,
+        prev: u64,
+    ) {
+        self.tasks.spawn(self.clone().catch_up(
+            entry.clone(),
+            key.to_owned(),
+            conn.clone(),
+            channel,
+            serial,
+            prev,
+        ));
+    }
+
+    /// A subscriber joined but not live, that holds every message of the channel up to
+    /// `prev`: queues what follows from the ring as its client's queue empties, then makes
+    /// it live, both under the ring's lock (live messages are appended under it, so none is
+    /// lost or doubled in between). The ring dropping a message it still needs ends the
+    /// subscription with an `unsubscribed` notice (`unavailable`): the client subscribes
+    /// again from its position, and the stream decides. A client that takes nothing for
+    /// [`PACE_STALL`] is closed as a slow consumer.
+    async fn catch_up(
+        self: Arc<Self>,
+        entry: Arc<SubjectEntry>,
+        key: String,
+        conn: Arc<ConnShared>,
+        channel: Arc<str>,
+        serial: u64,
+        mut prev: u64,
+    ) {
+        let Some(res) = entry.resumable.clone() else {
+            return;
+        };
+        let sub_key: SubKey = (conn.id, channel.clone());
+        let mut pause = PACE_MIN;
+        let mut progress_at = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = entry.cancel.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
             }
-            Ok(())
-        })
+            let step = res.with_ring(|ring| {
+                let subs = read(&entry.subscribers);
+                let Some(sub) = subs.get(&sub_key).filter(|s| s.serial == serial) else {
+                    return Some(Queued::Closing);
+                };
+                let rest = ring.continue_after(prev)?;
+                let queued = queue_replay(&conn, &channel, prev, &rest);
+                if let Queued::All(_) = queued {
+                    sub.live.store(true, Ordering::Release);
+                }
+                Some(queued)
+            });
+            match step {
+                Some(Queued::All(_) | Queued::Closing) => return,
+                Some(Queued::Upto(p)) if p > prev => {
+                    prev = p;
+                    pause = PACE_MIN;
+                    progress_at = tokio::time::Instant::now();
+                }
+                Some(Queued::Upto(_)) => {
+                    if progress_at.elapsed() >= PACE_STALL {
+                        tracing::info!(conn = conn.id, %channel, "paced replay: the client took nothing; closing it as a slow consumer");
+                        self.metrics.slow_consumers.inc();
+                        conn.outbox
+                            .close(crate::outbox::Cause::SlowConsumer.request());
+                        return;
+                    }
+                    pause = (pause * 2).min(PACE_MAX);
+                }
+                None => {
+                    tracing::debug!(conn = conn.id, %channel, after = prev, "paced replay: the ring no longer holds what follows; the client subscribes again");
+                    self.leave(&key, &entry, &sub_key, serial);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Ends one subscriber (the one `serial` names) with an `unsubscribed` notice
+    /// (`unavailable`): it subscribes again from its position.
+    fn leave(&self, key: &str, entry: &Arc<SubjectEntry>, sub_key: &SubKey, serial: u64) {
+        let removed = {
+            let mut subs = write(&entry.subscribers);
+            if subs.get(sub_key).is_some_and(|s| s.serial == serial) {
+                subs.remove(sub_key)
+            } else {
+                None
+            }
+        };
+        if let Some(s) = removed {
+            let mut subs = s.conn.subs();
+            if subs.get(&*s.channel).map(String::as_str) == Some(key) {
+                subs.remove(&*s.channel);
+                drop(subs);
+                s.conn.outbox.push_reply(Message::text(encode_unsubscribed(
+                    &s.channel,
+                    "unavailable",
+                )));
+            }
+        }
+        self.release_if_empty(key, entry);
     }
 
     fn start_subject(self: &Arc<Self>, target: &Target) -> Arc<SubjectEntry> {
@@ -551,7 +677,7 @@ impl Hub {
                     }
                     if entry.resync.swap(false, Ordering::AcqRel)
                         && let Some(res) = &entry.resumable
-                        && let Err(why) = self.fill(&entry, res, None).await
+                        && let Err(why) = self.fill(&key, &entry, res, None).await
                     {
                         break Some(why);
                     }
@@ -563,7 +689,7 @@ impl Hub {
             match &entry.resumable {
                 None => fan_out(&entry, &msg.payload, &self.metrics, self.max_payload),
                 Some(res) => {
-                    if let Err(why) = self.deliver(&entry, res, msg).await {
+                    if let Err(why) = self.deliver(&key, &entry, res, msg).await {
                         break Some(why);
                     }
                 }
@@ -581,8 +707,9 @@ impl Hub {
     /// messages before it were missed. An error ends the entry (its subscribers resubscribe
     /// with their position, and the stream decides).
     async fn deliver(
-        &self,
-        entry: &SubjectEntry,
+        self: &Arc<Self>,
+        key: &str,
+        entry: &Arc<SubjectEntry>,
         res: &Resumable,
         msg: async_nats::Message,
     ) -> Result<(), &'static str> {
@@ -596,9 +723,20 @@ impl Hub {
             at_ms: now,
             payload: msg.payload,
         };
-        if let Live::Gap { .. } = self.offer(entry, res, &m, pos.prev, now) {
-            self.fill(entry, res, Some(m.seq)).await?;
-            if let Live::Gap { after } = self.offer(entry, res, &m, pos.prev, history::now_ms()) {
+        if let Live::Gap { .. } = self.offer(entry, res, &m, pos.prev, now, None) {
+            self.fill(key, entry, res, Some(m.seq)).await?;
+            // Paced like the fill before it: it may find the queues the fill filled.
+            let mut behind = Vec::new();
+            let verdict = self.offer(
+                entry,
+                res,
+                &m,
+                pos.prev,
+                history::now_ms(),
+                Some(&mut behind),
+            );
+            self.pace_all(key, entry, behind);
+            if let Live::Gap { after } = verdict {
                 // The stream no longer holds what came before: never skip silently.
                 tracing::warn!(stream = %res.stream, subject = %res.subject, after, "history hole the stream cannot fill");
                 self.metrics.history(&self.metrics.history_gaps, "lost");
@@ -610,10 +748,13 @@ impl Hub {
     }
 
     /// Reads the messages after the last one delivered (and before `before`) from the
-    /// stream and delivers them.
+    /// stream and delivers them, paced: a subscriber whose queue cannot take them (a big
+    /// channel after a NATS reconnect) catches up from the ring ([`Hub::catch_up`]) instead
+    /// of being closed as a slow consumer.
     async fn fill(
-        &self,
-        entry: &SubjectEntry,
+        self: &Arc<Self>,
+        key: &str,
+        entry: &Arc<SubjectEntry>,
         res: &Resumable,
         before: Option<u64>,
     ) -> Result<(), &'static str> {
@@ -651,15 +792,24 @@ impl Hub {
             }
         };
         let now = history::now_ms();
+        let mut behind = Vec::new();
         for m in &read {
             // Read from the stream: in order after `after`, so no hole check.
-            self.offer(entry, res, m, 0, now);
+            self.offer(entry, res, m, 0, now, Some(&mut behind));
         }
+        self.pace_all(key, entry, behind);
         Ok(())
     }
 
+    fn pace_all(self: &Arc<Self>, key: &str, entry: &Arc<SubjectEntry>, behind: Vec<Behind>) {
+        for (conn, channel, serial, prev) in behind {
+            self.pace(entry, key, &conn, channel, serial, prev);
+        }
+    }
+
     /// Offers a message to a resumable entry: appended and fanned out under the ring lock
-    /// when it is the next one.
+    /// when it is the next one. With `behind`, the fan-out is paced: a subscriber whose
+    /// queue has no room leaves live delivery and is listed there, to catch up.
     fn offer(
         &self,
         entry: &SubjectEntry,
@@ -667,15 +817,53 @@ impl Hub {
         m: &Stored,
         prev: u64,
         now: u64,
+        behind: Option<&mut Vec<Behind>>,
     ) -> Live {
         res.with_ring(|ring: &mut Ring| {
             let verdict = Resumable::accept(ring, m, prev, now);
             if let Live::Deliver { prev } = verdict {
-                fan_out_at(entry, m, prev, &self.metrics, self.max_payload);
+                match behind {
+                    None => fan_out_at(entry, m, prev, &self.metrics, self.max_payload),
+                    Some(_) if m.payload.len() > self.max_payload => {
+                        let n = read(&entry.subscribers).len() as u64;
+                        self.metrics.drop_msgs("too_large", n);
+                    }
+                    Some(behind) => behind.extend(fan_out_paced(entry, m, prev)),
+                }
             }
             verdict
         })
     }
+}
+
+/// How much of a replay a client's queue took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    /// All of it; the position of the last message queued.
+    All(u64),
+    /// Up to this position: no room for the next one yet.
+    Upto(u64),
+    /// The connection is closing.
+    Closing,
+}
+
+/// Queues `msgs` (what follows `prev`, in order) to `conn` as far as its queue has room,
+/// never applying the slow-consumer policy.
+fn queue_replay(conn: &ConnShared, channel: &Arc<str>, mut prev: u64, msgs: &[Stored]) -> Queued {
+    let received = Instant::now();
+    for s in msgs {
+        let frame = Frame {
+            msg: Message::text(encode_message_at(channel, &s.payload, Some((s.seq, prev)))),
+            received: Some(received),
+            channel: Some(channel.clone()),
+        };
+        match conn.outbox.try_push_message(frame) {
+            Ok(true) => prev = s.seq,
+            Ok(false) => return Queued::Closing,
+            Err(_) => return Queued::Upto(prev),
+        }
+    }
+    Queued::All(prev)
 }
 
 /// The `reason` of the `unsubscribed` notice: `forbidden` when NATS refused the subject (a
@@ -710,6 +898,29 @@ fn fan_out_at(entry: &SubjectEntry, m: &Stored, prev: u64, metrics: &Metrics, ma
     fan_out_encoded(entry, &m.payload, metrics, max_payload, |channel| {
         encode_message_at(channel, &m.payload, Some((m.seq, prev)))
     });
+}
+
+/// A subscriber left behind by a paced fan-out: its connection, channel, serial, and the
+/// last position it was given.
+type Behind = (Arc<ConnShared>, Arc<str>, u64, u64);
+
+/// Fans out a message a gap fill read, never applying the slow-consumer policy: a
+/// subscriber whose queue has no room leaves live delivery and is returned (it holds
+/// everything up to `prev`). Called under the ring's lock.
+fn fan_out_paced(entry: &SubjectEntry, m: &Stored, prev: u64) -> Vec<Behind> {
+    let mut behind = Vec::new();
+    let subs = read(&entry.subscribers);
+    for sub in subs.values() {
+        if !sub.live.load(Ordering::Acquire) {
+            continue;
+        }
+        let one = [m.clone()];
+        if let Queued::Upto(_) = queue_replay(&sub.conn, &sub.channel, prev, &one) {
+            sub.live.store(false, Ordering::Release);
+            behind.push((sub.conn.clone(), sub.channel.clone(), sub.serial, prev));
+        }
+    }
+    behind
 }
 
 fn fan_out_encoded(

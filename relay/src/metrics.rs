@@ -24,6 +24,16 @@ pub struct Op {
     pub op: &'static str,
 }
 
+/// Labels of `wsrelay_history_stream_error`: the stream, and why it is not in place
+/// (JetStream's answer, at most 200 characters). One per stream of the config.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamError {
+    /// The stream's name.
+    pub stream: String,
+    /// JetStream's answer, e.g. `insufficient storage resources available (10047)`.
+    pub error: String,
+}
+
 /// Labels of `wsrelay_nats_last_error`: a configured server URL without credentials, and
 /// one of a fixed set of causes (`crate::nats::io_cause`, `crate::nats::nats_cause`). Bounded by the config.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -140,6 +150,9 @@ pub struct Metrics {
     pub reloads: Family<Reason, Counter>,
     /// `wsrelay_history_streams_ready`: history streams in place (resumable bindings).
     pub history_streams_ready: Gauge,
+    /// `wsrelay_history_stream_error{stream,error}`: 1 per history stream the relay could
+    /// not create or update at its last try, with JetStream's answer; none once in place.
+    pub history_stream_error: Family<StreamError, Gauge>,
     /// `wsrelay_history_resumes_total{reason}`: subscribes with `since`, by outcome:
     /// `recovered`, `not_recovered`, `unavailable` (JetStream did not answer: 503).
     pub history_resumes: Family<Reason, Counter>,
@@ -189,6 +202,7 @@ impl Metrics {
             drain_grace: Gauge::default(),
             reloads: Family::default(),
             history_streams_ready: Gauge::default(),
+            history_stream_error: Family::default(),
             history_resumes: Family::default(),
             history_reads: Family::default(),
             history_gaps: Family::default(),
@@ -320,6 +334,11 @@ impl Metrics {
             "history_streams_ready",
             "History streams in place",
             m.history_streams_ready.clone(),
+        );
+        r.register(
+            "history_stream_error",
+            "1 per history stream the relay cannot create or update (stream, JetStream's answer)",
+            m.history_stream_error.clone(),
         );
         r.register(
             "history_resumes",

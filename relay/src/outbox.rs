@@ -465,6 +465,27 @@ impl Outbox {
         result
     }
 
+    /// Queues a message only if no limit would be broken (the slow-consumer policy is never
+    /// applied): a replay paced against the client's reading. `Err` gives the frame back
+    /// when there is no room yet, `Ok(false)` when the connection is closing.
+    pub fn try_push_message(&self, frame: Frame) -> Result<bool, Frame> {
+        let len = frame.msg.len();
+        let mut g = lock(&self.inner);
+        if g.close.is_some() {
+            return Ok(false);
+        }
+        if self.over(&g, len).is_some() {
+            return Err(frame);
+        }
+        g.queue.push_back(frame);
+        g.messages += 1;
+        g.bytes += len;
+        self.budget.add(len);
+        drop(g);
+        self.notify.notify();
+        Ok(true)
+    }
+
     /// Queues a reply or notice. Returns false (and asks for a close) if the client makes
     /// requests without reading its replies.
     pub fn push_reply(&self, msg: Message) -> bool {

@@ -29,12 +29,12 @@ fn resumable_config(nats_url: &str, max_messages: u32) -> Config {
     let mut c = base_config(nats_url);
     c.limits.send_queue_len = c.limits.send_queue_len.max(max_messages);
     let mut orders = binding("orders.{id}", "orders.{id}", Direction::Both);
-    orders.history = Some(History {
-        stream: STREAM.into(),
-        max_messages,
-        max_age_seconds: 300,
-        replicas: 1,
-    });
+    // From the config's own form: the limits left out take their defaults.
+    let history: History = serde_json::from_value(
+        json!({"stream": STREAM, "maxMessages": max_messages, "maxAgeSeconds": 300}),
+    )
+    .unwrap();
+    orders.history = Some(history);
     c.bindings = vec![orders, binding("news", "public.news", Direction::Both)];
     c.validate().unwrap();
     c
@@ -717,4 +717,417 @@ async fn a_slow_client_on_a_resumable_channel_is_told_of_the_hole() {
         "dropOldest on a resumable channel: {total} published, {delivered} delivered, {notices} \
          named in dropped notices, resubscribed from {resync:?}: {answer}"
     );
+}
+
+/// Payloads of `size` bytes with their index: `{"i":N,"pad":"xx…"}`.
+fn big_payload(i: u64, size: usize) -> String {
+    let head = format!("{{\"i\":{i},\"pad\":\"");
+    let pad = "x".repeat(size - head.len() - 2);
+    format!("{head}{pad}\"}}")
+}
+
+/// Reads `want` message frames of big payloads, checking the position chain; panics on a
+/// close (naming its code) or when nothing comes for 20 s.
+async fn read_big_chain(ws: &mut Ws, last: &mut u64, want: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        match next_event(ws, Duration::from_secs(20)).await {
+            Got::Json(v) if v["type"] == "message" => {
+                let (seq, prev) = (v["seq"].as_u64().unwrap(), v["prev"].as_u64().unwrap());
+                assert!(seq > *last, "seq {seq} not above {last}");
+                assert_eq!(prev, *last, "prev of {seq} is not the last position");
+                *last = seq;
+                got.push(v["payload"]["i"].as_u64().unwrap());
+            }
+            Got::Json(v) => panic!("unexpected frame {}", v["type"]),
+            other => panic!("after {} messages: {other:?}", got.len()),
+        }
+    }
+    got
+}
+
+/// Issue 22 item 4: a resume whose replay is larger than the connection's send queue
+/// (`sendQueueBytes`, 1 MiB here: 60 messages of 60 KB are 3.6 MB) is paced against the
+/// client's reading, never closed as a slow consumer. Before the fix the whole replay was
+/// queued at once and the client was closed with 4008 before its `ok`, on every retry.
+#[tokio::test]
+async fn a_resume_larger_than_the_send_queue_is_paced_not_closed() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("paced");
+    let c = resumable_config(&nats.url(), 100);
+    assert_eq!(c.limits.send_queue_bytes, 1 << 20);
+    let relay = start_relay(c).await;
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let nc = nats.client().await;
+
+    let mut ws = connect(addr, "").await;
+    let ok = subscribe(&mut ws, 1, "orders.big").await;
+    let epoch = ok["epoch"].as_str().unwrap().to_owned();
+    let from = ok["seq"].as_u64().unwrap();
+    drop(ws);
+    for i in 0..60 {
+        nc.publish("orders.big", big_payload(i, 60_000).into())
+            .await
+            .unwrap();
+    }
+    nc.flush().await.unwrap();
+    stream_stored(&nc, 60).await;
+
+    // Twice: a client that resumed once resumes the same way again.
+    for attempt in 0..2 {
+        let mut ws = connect_small_window(addr).await;
+        let ok = resume(&mut ws, 2, "orders.big", &epoch, from).await;
+        assert_eq!(ok["type"], "ok", "attempt {attempt}: {ok}");
+        assert_eq!(ok["recovered"], true, "attempt {attempt}: {ok}");
+        let mut last = from;
+        let got = read_big_chain(&mut ws, &mut last, 60).await;
+        assert_eq!(got, (0..60).collect::<Vec<_>>(), "attempt {attempt}");
+        // Live after the replay, in the same chain.
+        nc.publish("orders.big", big_payload(60, 100).into())
+            .await
+            .unwrap();
+        nc.flush().await.unwrap();
+        assert_eq!(read_big_chain(&mut ws, &mut last, 1).await, [60]);
+        drop(ws);
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                relay.relay.hub.subject_count() == 0
+            })
+            .await
+        );
+    }
+    assert_eq!(
+        metric(admin, "wsrelay_slow_consumers_total").await,
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "wsrelay_connections_closed_total{reason=\"slow_consumer\"}"
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
+    relay.drain().await;
+}
+
+/// A TCP proxy on loopback to a NATS server that the test can cut (every connection through
+/// it dropped, new ones closed at once) and restore: the relay loses NATS while the server,
+/// and its stream, carry on.
+struct Cuttable {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let (open, conns) = (open.clone(), conns.clone());
+            async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        continue; // dropped: closed at once
+                    }
+                    conns.lock().unwrap().push(tokio::spawn(async move {
+                        if let Ok(mut up) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                    }));
+                }
+            }
+        });
+        Self {
+            port,
+            open,
+            conns,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Issue 22 item 4, the gap fill: messages stored while the relay was cut off from NATS
+/// (60 of 60 KB: 3.6 MB, above each connection's 1 MiB send queue) are read from the stream
+/// after the reconnection and reach every subscriber of the channel, paced, in order; none
+/// is closed as a slow consumer. Before the fix the fill was queued at once to all of them
+/// and every one was closed with 4008.
+#[tokio::test]
+async fn a_gap_fill_larger_than_the_send_queue_is_paced_for_every_subscriber() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("paced-fill");
+    let proxy = Cuttable::start(nats.port).await;
+    let relay = start_relay(resumable_config(&proxy.url(), 100)).await;
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let nc = nats.client().await;
+
+    // More subscribers than a fan-out writes to itself: every message goes through the
+    // connections' queues.
+    let mut clients = Vec::new();
+    for id in 0..6 {
+        let mut ws = connect_small_window(addr).await;
+        let ok = subscribe(&mut ws, id, "orders.fill").await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+        let last = ok["seq"].as_u64().unwrap();
+        clients.push((ws, last));
+    }
+    nc.publish("orders.fill", big_payload(0, 100).into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    for (ws, last) in &mut clients {
+        assert_eq!(read_big_chain(ws, last, 1).await, [0]);
+    }
+
+    proxy.cut();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(admin, "wsrelay_nats_connected").await == Some(0.0)
+        })
+        .await,
+        "the relay did not notice the cut"
+    );
+    for i in 1..61 {
+        nc.publish("orders.fill", big_payload(i, 60_000).into())
+            .await
+            .unwrap();
+    }
+    nc.flush().await.unwrap();
+    stream_stored(&nc, 61).await;
+    proxy.restore();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            metric(admin, "wsrelay_nats_connected").await == Some(1.0)
+        })
+        .await,
+        "the relay did not reconnect"
+    );
+
+    for (n, (ws, last)) in clients.iter_mut().enumerate() {
+        let got = read_big_chain(ws, last, 60).await;
+        assert_eq!(got, (1..61).collect::<Vec<_>>(), "subscriber {n}");
+    }
+    // Live again, for all.
+    nc.publish("orders.fill", big_payload(61, 100).into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    for (ws, last) in &mut clients {
+        assert_eq!(read_big_chain(ws, last, 1).await, [61]);
+    }
+    assert!(
+        metric(admin, "wsrelay_history_reads_total{reason=\"fill\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(
+        metric(admin, "wsrelay_slow_consumers_total").await,
+        Some(0.0)
+    );
+    relay.drain().await;
+}
+
+/// The stream's configuration as JetStream holds it.
+async fn stream_config(nc: &async_nats::Client) -> async_nats::jetstream::stream::Config {
+    let js = async_nats::jetstream::new(nc.clone());
+    js.get_stream(STREAM)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone()
+}
+
+/// Issue 22 item 6: the history stream is bounded in bytes (the binding's `maxBytes`,
+/// 256 MiB by default) and per message (`maxMessageBytes` plus room for headers). Before
+/// the fix the relay created it with neither (`max_bytes` -1, `max_msg_size` -1).
+#[tokio::test]
+async fn the_history_stream_is_bounded_in_bytes_by_default() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("bytes-default");
+    let c = resumable_config(&nats.url(), 100);
+    let relay = start_relay(c.clone()).await;
+    let nc = nats.client().await;
+    let cfg = stream_config(&nc).await;
+    assert_eq!(cfg.max_bytes, 256 << 20, "{cfg:?}");
+    assert_eq!(
+        i64::from(cfg.max_message_size),
+        i64::from(c.limits.max_message_bytes) + 4096
+    );
+    relay.drain().await;
+}
+
+/// Issue 22 item 6: one client publishing to new channels of its own choosing cannot grow
+/// the stream beyond the binding's `maxBytes` (256 KiB here); the oldest messages go first.
+/// Before the fix 10 channels of 6 messages of 10 KB added 0.6 MB to a stream without limit.
+#[tokio::test]
+async fn a_client_publishing_to_new_channels_cannot_grow_the_stream_beyond_max_bytes() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("bytes");
+    let mut c = resumable_config(&nats.url(), 100);
+    let h: History = serde_json::from_value(
+        json!({"stream": STREAM, "maxMessages": 100, "maxAgeSeconds": 300, "maxBytes": 262_144}),
+    )
+    .unwrap();
+    c.bindings[0].history = Some(h);
+    // 60 publishes in a row: not the rate limit under test.
+    c.limits.publish_rate_per_second = 1_000;
+    c.limits.publish_burst = 1_000;
+    c.validate().unwrap();
+    let relay = start_relay(c).await;
+    let nc = nats.client().await;
+    let mut ws = connect(relay.client_addr, "").await;
+    let pad = "x".repeat(10_000);
+    let mut id = 0;
+    for channel in 0..10 {
+        for i in 0..6 {
+            id += 1;
+            let ok = request(
+                &mut ws,
+                json!({"type": "publish", "id": id, "channel": format!("orders.new{channel}"),
+                       "payload": {"i": i, "pad": pad}}),
+            )
+            .await;
+            assert_eq!(ok["type"], "ok", "{ok}");
+        }
+    }
+    let js = async_nats::jetstream::new(nc.clone());
+    let info = js.get_stream(STREAM).await.unwrap().cached_info().clone();
+    assert_eq!(info.config.max_bytes, 262_144);
+    assert_eq!(info.state.last_sequence, 60, "every publish was stored");
+    assert!(
+        info.state.bytes <= 262_144,
+        "the stream holds {} bytes",
+        info.state.bytes
+    );
+    assert!(info.state.first_sequence > 1, "the oldest went first");
+    eprintln!(
+        "60 publishes of 10 KB on 10 new channels: the stream holds {} bytes in {} messages",
+        info.state.bytes, info.state.messages
+    );
+    relay.drain().await;
+}
+
+/// Issue 22 item 7: a history younger than JetStream's default duplicate window (120 s)
+/// gets its stream (the window is the max age then), and its channels work. Before the fix
+/// JetStream refused the stream (error 10052) for ever and every subscribe answered 503.
+#[tokio::test]
+async fn a_history_shorter_than_two_minutes_gets_its_stream() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("short-age");
+    let mut c = resumable_config(&nats.url(), 100);
+    let h: History =
+        serde_json::from_value(json!({"stream": STREAM, "maxMessages": 100, "maxAgeSeconds": 30}))
+            .unwrap();
+    c.bindings[0].history = Some(h);
+    c.validate().unwrap();
+    let relay = start_relay(c).await;
+    let nc = nats.client().await;
+    let cfg = stream_config(&nc).await;
+    assert_eq!(cfg.duplicate_window, Duration::from_secs(30));
+    assert_eq!(cfg.max_age, Duration::from_secs(30));
+    let mut ws = connect(relay.client_addr, "").await;
+    let ok = subscribe(&mut ws, 1, "orders.short").await;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    // A publish with a msgId twice: stored once (the duplicate window works).
+    let mut oks = Vec::new();
+    for id in [2, 3] {
+        let ok = request(
+            &mut ws,
+            json!({"type": "publish", "id": id, "channel": "orders.short", "payload": 7,
+                   "msgId": "once"}),
+        )
+        .await;
+        assert_eq!(ok["type"], "ok", "{ok}");
+        oks.push(ok);
+    }
+    assert_eq!(oks[1]["duplicate"], true, "{}", oks[1]);
+    let js = async_nats::jetstream::new(nc.clone());
+    let info = js.get_stream(STREAM).await.unwrap().cached_info().clone();
+    assert_eq!(info.state.messages, 1);
+    relay.drain().await;
+}
+
+/// Issue 22 item 7: a stream the relay cannot create is visible with JetStream's answer,
+/// in `wsrelay_history_stream_error{stream,error}` (which the operator turns into
+/// `Degraded` `HistoryNotReady` with the reason), and the sample goes once the stream is in
+/// place. Here another stream already holds the binding's subjects.
+#[tokio::test]
+async fn a_stream_the_relay_cannot_create_is_reported_with_jetstreams_answer() {
+    init_logs();
+    let (nats, _dir) = jetstream_nats("refused");
+    let nc = nats.client().await;
+    let js = async_nats::jetstream::new(nc.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "SQUATTER".into(),
+        subjects: vec!["orders.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let relay = wsrelay::process::start(resumable_config(&nats.url(), 100))
+        .await
+        .unwrap();
+    let admin = relay.admin_addr;
+    let sample = format!("wsrelay_history_stream_error{{stream=\"{STREAM}\",error=\"");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(admin, &sample).await == Some(1.0)
+        })
+        .await,
+        "no wsrelay_history_stream_error sample for the refused stream"
+    );
+    let (_, body) = http_get(admin, "/metrics").await;
+    let line = body.lines().find(|l| l.starts_with(&sample)).unwrap();
+    assert!(
+        line.contains("overlap"),
+        "JetStream's answer is named: {line}"
+    );
+    assert_eq!(
+        metric(admin, "wsrelay_history_streams_ready").await,
+        Some(0.0)
+    );
+    eprintln!("{line}");
+
+    js.delete_stream("SQUATTER").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            metric(admin, "wsrelay_history_streams_ready").await == Some(1.0)
+        })
+        .await,
+        "the stream was not put in place once possible"
+    );
+    assert_eq!(metric(admin, &sample).await, None, "the error sample stays");
+    relay.drain().await;
 }

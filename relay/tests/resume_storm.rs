@@ -30,6 +30,7 @@ fn config(nats_url: &str) -> wsrelay::config::Config {
         // More than the publisher sends: the window outlasts the storm.
         max_messages: 1_024,
         max_age_seconds: 300,
+        max_bytes: wsrelay::config::DEFAULT_HISTORY_BYTES,
         replicas: 1,
     });
     c.bindings = vec![b];

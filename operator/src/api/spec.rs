@@ -83,6 +83,7 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsrelay/wsrelay:", env!("CARGO_
     validation = Rule::new("has(self.autoscaling) || !has(oldSelf.autoscaling) || has(self.replicas)").message("removing spec.autoscaling needs an explicit spec.replicas: set it to the current count (status.replicas) to keep every relay running, or to the count you want; the relays go straight from the autoscaled count to it"),
     validation = Rule::new("!has(self.autoscaling) || self.autoscaling.targetConnectionsPerPod <= self.limits.maxConnectionsPerPod").message("spec.autoscaling.targetConnectionsPerPod must not exceed spec.limits.maxConnectionsPerPod: pods would refuse connections before the autoscaler adds more"),
     validation = Rule::new("self.bindings.all(b, !has(b.history) || b.history.maxMessages <= self.limits.sendQueueLength)").message("a binding's history.maxMessages must not exceed limits.sendQueueLength: a full replay is queued to the client at once"),
+    validation = Rule::new("self.bindings.all(b, !has(b.history) || b.history.maxBytes >= self.limits.maxMessageBytes)").message("a binding's history.maxBytes must be at least limits.maxMessageBytes: the stream must hold one message of the largest size"),
     validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, b.subject.contains('{claims.'))").message("a binding uses {claims.*} but auth has no jwt section, so clients carry no claims: add auth.jwt or drop the claims from the subject")
 )]
 #[serde(rename_all = "camelCase")]
@@ -434,10 +435,19 @@ pub struct BindingHistory {
     #[serde(default = "default_history_messages")]
     #[schemars(range(min = 1, max = 65_536))]
     pub max_messages: i32,
-    /// Oldest message kept, in seconds.
+    /// Oldest message kept, in seconds. Client publishes with the same `msgId` are stored
+    /// once within 120 s, or within this age when it is shorter.
     #[serde(default = "default_history_age")]
     #[schemars(range(min = 1, max = 31_536_000))]
     pub max_age_seconds: i32,
+    /// Bytes the history keeps in all, every channel of the binding together: beyond it the
+    /// oldest messages of any channel go first (clients choose channel names, so this is
+    /// what bounds the stream). JetStream reserves it on the NATS servers' file store (times
+    /// `replicas`); a stream JetStream refuses turns the gateway Degraded (HistoryNotReady).
+    /// At least `limits.maxMessageBytes`. Default 268435456 (256 MiB).
+    #[serde(default = "default_history_bytes")]
+    #[schemars(range(min = 1_048_576, max = 1_099_511_627_776_i64))]
+    pub max_bytes: i64,
     /// Copies of the history in a NATS cluster (1, 3 or 5); 3 survives the loss of a server.
     #[serde(default = "default_history_replicas")]
     pub replicas: i32,
@@ -448,6 +458,9 @@ fn default_history_messages() -> i32 {
 }
 fn default_history_age() -> i32 {
     300
+}
+fn default_history_bytes() -> i64 {
+    268_435_456
 }
 fn default_history_replicas() -> i32 {
     1

@@ -186,6 +186,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                     ),
                     max_messages: u32_of(h.max_messages.into()),
                     max_age_seconds: u64_of(h.max_age_seconds),
+                    max_bytes: u64::try_from(h.max_bytes.max(0)).unwrap_or(0),
                     replicas: u8::try_from(h.replicas).unwrap_or(1),
                 }),
             })
@@ -391,9 +392,27 @@ mod tests {
             .expect("a binding with history");
         assert_eq!(h.stream, history_stream("ns", "gw", "orders.*.events"));
         assert_eq!(
-            (h.max_messages, h.max_age_seconds, h.replicas),
-            (200, 600, 3)
+            (h.max_messages, h.max_age_seconds, h.max_bytes, h.replicas),
+            (200, 600, 512 << 20, 3)
         );
+        config.validate().expect("valid");
+    }
+
+    #[test]
+    fn a_history_without_max_bytes_gets_the_relays_default() {
+        let mut s = spec(include_str!("../../tests/fixtures/full.yaml"));
+        for b in &mut s.bindings {
+            if let Some(h) = &mut b.history {
+                *h = serde_json::from_value(serde_json::json!({})).expect("history");
+            }
+        }
+        let config = relay_config(&s, "ns", "gw");
+        let h = config
+            .bindings
+            .iter()
+            .find_map(|b| b.history.clone())
+            .expect("a binding with history");
+        assert_eq!(h.max_bytes, relay::DEFAULT_HISTORY_BYTES);
         config.validate().expect("valid");
     }
 

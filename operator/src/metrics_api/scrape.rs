@@ -155,6 +155,9 @@ pub struct Report {
     pub config_rejected: bool,
     /// `wsrelay_history_streams_ready`, when exported.
     pub history_streams_ready: Option<i64>,
+    /// `wsrelay_history_stream_error{stream,error}`: a history stream the relay could not
+    /// create or update, and JetStream's answer.
+    pub history_error: Option<(String, String)>,
     /// `wsrelay_jwks_fetch_failing`: its last fetch of the JWKS document failed.
     pub jwks_failing: bool,
 }
@@ -165,19 +168,22 @@ impl Report {
         let connections = prom::gauge(body, metric)
             .map(prom::as_count)
             .ok_or(ScrapeError::NoSample(metric))?;
-        let nats_error = prom::samples(body, "wsrelay_nats_last_error")
-            .into_iter()
-            .find(|(_, v)| *v > 0.0)
-            .map(|(labels, _)| {
-                let get = |k: &str| {
-                    labels
-                        .iter()
-                        .find(|(name, _)| name == k)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default()
-                };
-                (get("server"), get("error"))
-            });
+        let labelled = |metric: &str, a: &str, b: &str| {
+            prom::samples(body, metric)
+                .into_iter()
+                .find(|(_, v)| *v > 0.0)
+                .map(|(labels, _)| {
+                    let get = |k: &str| {
+                        labels
+                            .iter()
+                            .find(|(name, _)| name == k)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_default()
+                    };
+                    (get(a), get(b))
+                })
+        };
+        let nats_error = labelled("wsrelay_nats_last_error", "server", "error");
         Ok(Self {
             connections,
             nats_connected: prom::gauge(body, "wsrelay_nats_connected").map(|v| v > 0.0),
@@ -185,6 +191,7 @@ impl Report {
             config_rejected: prom::gauge(body, "wsrelay_config_rejected").is_some_and(|v| v > 0.0),
             history_streams_ready: prom::gauge(body, "wsrelay_history_streams_ready")
                 .map(prom::as_count),
+            history_error: labelled("wsrelay_history_stream_error", "stream", "error"),
             jwks_failing: prom::gauge(body, "wsrelay_jwks_fetch_failing").is_some_and(|v| v > 0.0),
         })
     }
@@ -495,7 +502,8 @@ mod tests {
         let body = "wsrelay_connections 2\nwsrelay_nats_connected 0\n\
             wsrelay_nats_last_error{server=\"nats://10.0.0.9:4222\",error=\"connection refused\"} 1\n\
             wsrelay_config_rejected 1\nwsrelay_history_streams_ready 1\n\
-            wsrelay_jwks_fetch_failing 1\n";
+            wsrelay_jwks_fetch_failing 1\n\
+            wsrelay_history_stream_error{stream=\"wsrelay_a_b_1\",error=\"insufficient storage resources available (code 500, error code 10047)\"} 1\n";
         let r = Report::parse(body, "wsrelay_connections").expect("report");
         assert_eq!(
             r,
@@ -505,6 +513,10 @@ mod tests {
                 nats_error: Some(("nats://10.0.0.9:4222".into(), "connection refused".into())),
                 config_rejected: true,
                 history_streams_ready: Some(1),
+                history_error: Some((
+                    "wsrelay_a_b_1".into(),
+                    "insufficient storage resources available (code 500, error code 10047)".into()
+                )),
                 jwks_failing: true,
             }
         );

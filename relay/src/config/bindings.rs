@@ -66,9 +66,17 @@ pub struct History {
     /// Newest messages kept per channel (the stream's `max_msgs_per_subject`). Default 100.
     #[serde(default = "default_history_messages")]
     pub max_messages: u32,
-    /// Oldest message kept, in seconds (the stream's `max_age`). Default 300.
+    /// Oldest message kept, in seconds (the stream's `max_age`). Default 300. JetStream's
+    /// duplicate window for client publishes with a `msgId` is the shorter of this and 120 s.
     #[serde(default = "default_history_age")]
     pub max_age_seconds: u64,
+    /// Bytes the whole stream keeps, every channel of the binding together (the stream's
+    /// `max_bytes`): beyond it the stream's oldest messages go first, whatever their channel.
+    /// Clients choose channel names, so without it the stream would grow with every new
+    /// channel. Reserved on the NATS servers' JetStream storage. Between `maxMessageBytes`
+    /// and 1 TiB. Default 268435456 (256 MiB).
+    #[serde(default = "default_history_bytes")]
+    pub max_bytes: u64,
     /// Stream replicas in a NATS cluster (1, 3 or 5). Default 1.
     #[serde(default = "default_history_replicas")]
     pub replicas: u8,
@@ -79,6 +87,14 @@ fn default_history_messages() -> u32 {
 }
 fn default_history_age() -> u64 {
     300
+}
+/// 256 MiB: a few hundred busy channels of 100 messages of 1 KiB, or 40 of 100 messages of
+/// 64 KiB; small enough to fit a modest JetStream file store.
+pub const DEFAULT_HISTORY_BYTES: u64 = 256 << 20;
+/// Upper bound of `history.maxBytes`.
+pub const MAX_HISTORY_BYTES: u64 = 1 << 40;
+fn default_history_bytes() -> u64 {
+    DEFAULT_HISTORY_BYTES
 }
 fn default_history_replicas() -> u8 {
     1
@@ -140,6 +156,22 @@ impl Config {
                         field("maxAgeSeconds"),
                         "must be at least 1",
                     ));
+                }
+                if h.max_bytes > MAX_HISTORY_BYTES {
+                    errs.push(ValidationError::invalid(
+                        field("maxBytes"),
+                        format!("must be at most {MAX_HISTORY_BYTES} (1 TiB)"),
+                    ));
+                }
+                if h.max_bytes < u64::from(self.limits.max_message_bytes) {
+                    errs.push(ValidationError::Conflict {
+                        field: field("maxBytes"),
+                        other: "limits.maxMessageBytes".into(),
+                        reason: format!(
+                            "the stream ({} bytes) must hold at least one message of the largest size ({})",
+                            h.max_bytes, self.limits.max_message_bytes
+                        ),
+                    });
                 }
                 if h.max_messages > self.limits.send_queue_len {
                     errs.push(ValidationError::Conflict {

@@ -334,3 +334,26 @@ fn env_overrides_set_secret_paths() {
     assert_eq!(c.tls.as_ref().unwrap().key_file, PathBuf::from("/k"));
     c.validate().unwrap();
 }
+
+#[test]
+fn history_is_bounded_in_bytes_by_default_and_by_the_message_limit() {
+    let mut c = Config::example("nats://n:4222");
+    c.bindings[0].history =
+        Some(serde_json::from_str(r#"{"stream": "S", "maxAgeSeconds": 30}"#).unwrap());
+    c.validate().unwrap();
+    let h = c.bindings[0].history.clone().unwrap();
+    assert_eq!(h.max_bytes, DEFAULT_HISTORY_BYTES);
+    for (bytes, ok) in [
+        (u64::from(c.limits.max_message_bytes), true),
+        (u64::from(c.limits.max_message_bytes) - 1, false),
+        (MAX_HISTORY_BYTES, true),
+        (MAX_HISTORY_BYTES + 1, false),
+    ] {
+        c.bindings[0].history.as_mut().unwrap().max_bytes = bytes;
+        let r = c.validate();
+        assert_eq!(r.is_ok(), ok, "{bytes}: {r:?}");
+        if let Err(errs) = r {
+            assert_eq!(errs.0[0].field(), "bindings[0].history.maxBytes");
+        }
+    }
+}

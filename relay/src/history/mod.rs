@@ -81,7 +81,11 @@ pub fn wanted_streams(config: &Config) -> Vec<async_nats::jetstream::stream::Con
             continue;
         }
         let filter = crate::config::subject_filter(&tokens);
-        out.push(stream::stream_config(h, &filter));
+        out.push(stream::stream_config(
+            h,
+            &filter,
+            config.limits.max_message_bytes,
+        ));
     }
     out
 }
@@ -99,6 +103,7 @@ pub async fn maintain(relay: Arc<crate::relay::Relay>, every: Duration, changed:
         let due = applied.as_ref() != Some(&wanted) || last_check.elapsed() >= every;
         if due {
             let mut all_ok = true;
+            let mut failed = Vec::new();
             for cfg in &wanted {
                 match stream::ensure(&js, cfg.clone()).await {
                     Ok(epoch) => {
@@ -110,8 +115,30 @@ pub async fn maintain(relay: Arc<crate::relay::Relay>, every: Duration, changed:
                     Err(e) => {
                         all_ok = false;
                         tracing::warn!(error = %e, "history stream not in place; resumable subscribes answer 503");
+                        failed.push(crate::metrics::StreamError {
+                            stream: cfg.name.clone(),
+                            // A label value: no quote, backslash or line break to escape.
+                            error: e
+                                .reason()
+                                .chars()
+                                .map(|c| match c {
+                                    '"' => '\'',
+                                    '\\' => '/',
+                                    c if c.is_control() => ' ',
+                                    c => c,
+                                })
+                                .take(200)
+                                .collect(),
+                        });
                     }
                 }
+            }
+            // Why each stream is not in place, for the operator (Degraded HistoryNotReady)
+            // and for dashboards: a refusal is a config error that no retry mends.
+            let errors = &relay.metrics.history_stream_error;
+            errors.clear();
+            for f in failed {
+                errors.get_or_create(&f).set(1);
             }
             relay
                 .metrics

@@ -153,6 +153,13 @@ impl Ring {
         }
     }
 
+    /// What follows `pos` for a subscriber that holds every message up to it (a paced
+    /// replay or gap fill resuming): `None` when the ring dropped a message after `pos`
+    /// meanwhile (the subscriber can no longer be given a gap-free chain from here).
+    pub fn continue_after(&self, pos: u64) -> Option<Vec<Stored>> {
+        (self.evicted_upto <= pos).then(|| self.after(pos))
+    }
+
     fn after(&self, pos: u64) -> Vec<Stored> {
         let start = self.msgs.partition_point(|m| m.seq <= pos);
         self.msgs.range(start..).cloned().collect()
@@ -242,6 +249,22 @@ mod tests {
         assert!(r.is_loaded());
         assert_eq!(seqs(&r.decide(4)), [10, 12]);
         assert_eq!(r.head(), 12);
+    }
+
+    #[test]
+    fn a_paced_subscriber_continues_until_the_ring_drops_what_it_needs() {
+        let mut r = Ring::new(LIMITS);
+        r.load(vec![m(3), m(7)], 9, 1_000);
+        let seqs = |v: Option<Vec<Stored>>| v.map(|v| v.iter().map(|m| m.seq).collect::<Vec<_>>());
+        assert_eq!(seqs(r.continue_after(3)), Some(vec![7]));
+        r.append(m(11), 1_000);
+        r.append(m(12), 1_000);
+        // 3 left the ring (3 messages at most): from 3 on is still whole, before it is not.
+        assert_eq!(seqs(r.continue_after(3)), Some(vec![7, 11, 12]));
+        assert_eq!(seqs(r.continue_after(2)), None);
+        r.append(m(13), 1_000);
+        assert_eq!(seqs(r.continue_after(3)), None, "7 is gone");
+        assert_eq!(seqs(r.continue_after(7)), Some(vec![11, 12, 13]));
     }
 
     #[test]

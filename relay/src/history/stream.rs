@@ -41,20 +41,44 @@ pub enum StreamError {
     },
 }
 
+impl StreamError {
+    /// Why, without the stream's name.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Ensure { message, .. } | Self::Read { message, .. } => message,
+        }
+    }
+}
+
 /// The subject live messages of `subject` are republished to.
 pub fn republish_subject(stream: &str, subject: &str) -> String {
     format!("{REPUBLISH_PREFIX}.{stream}.{subject}")
 }
 
+/// Longest duplicate window (JetStream's default): client publishes with the same `msgId`
+/// within it are stored once.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Room for headers in the stream's per-message limit, which JetStream applies to headers
+/// and payload together: a client publish carries the relay's sender headers and its
+/// `msgId`, and a payload the relay accepted (`maxMessageBytes`) must be stored.
+pub const HEADER_ROOM: u32 = 4096;
+
 /// The stream's configuration: the binding's subjects (placeholders as `*`), its limits per
-/// channel, republishing to [`republish_subject`]. Pure.
-pub fn stream_config(h: &History, subject_filter: &str) -> stream::Config {
+/// channel and in all (`max_bytes`; no message above `max_message_bytes`, the relay's own
+/// message limit, plus [`HEADER_ROOM`]), republishing to [`republish_subject`]. The duplicate window is at most
+/// the max age: JetStream refuses a longer one (error 10052). Pure.
+pub fn stream_config(h: &History, subject_filter: &str, max_message_bytes: u32) -> stream::Config {
+    let max_age = Duration::from_secs(h.max_age_seconds);
     stream::Config {
         name: h.stream.clone(),
         description: Some("wsrelay history (resumable channels); managed by the relays".into()),
         subjects: vec![subject_filter.to_owned()],
         max_messages_per_subject: i64::from(h.max_messages),
-        max_age: Duration::from_secs(h.max_age_seconds),
+        max_age,
+        max_bytes: i64::try_from(h.max_bytes).unwrap_or(i64::MAX),
+        max_message_size: i32::try_from(max_message_bytes.saturating_add(HEADER_ROOM))
+            .unwrap_or(i32::MAX),
         storage: stream::StorageType::File,
         num_replicas: usize::from(h.replicas),
         discard: stream::DiscardPolicy::Old,
@@ -64,7 +88,7 @@ pub fn stream_config(h: &History, subject_filter: &str) -> stream::Config {
             destination: format!("{REPUBLISH_PREFIX}.{}.>", h.stream),
             headers_only: false,
         }),
-        duplicate_window: Duration::from_secs(120),
+        duplicate_window: DUPLICATE_WINDOW.min(max_age),
         ..Default::default()
     }
 }
@@ -88,8 +112,20 @@ pub async fn ensure(
     let info = tokio::time::timeout(READ_TIMEOUT, js.create_or_update_stream(config))
         .await
         .map_err(|_| err("JetStream did not answer".into()))?
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(said_once(e.to_string())))?;
     Ok(epoch_of(&info))
+}
+
+/// `"x: x"` as `"x"`: async-nats says a JetStream refusal twice (kind, then source). Pure.
+fn said_once(s: String) -> String {
+    let n = s.len();
+    if n > 2 && (n - 2).is_multiple_of(2) {
+        let h = (n - 2) / 2;
+        if s.is_char_boundary(h) && s.get(h..h + 2) == Some(": ") && s[..h] == s[h + 2..] {
+            return s[..h].to_owned();
+        }
+    }
+    s
 }
 
 /// The stream's last sequence.
@@ -240,5 +276,37 @@ pub async fn held(
                 .map(|v| v.as_str() == subject);
             Ok(Some(on.unwrap_or(false)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn history(max_age_seconds: u64) -> History {
+        History {
+            stream: "S".into(),
+            max_messages: 10,
+            max_age_seconds,
+            max_bytes: 1 << 20,
+            replicas: 1,
+        }
+    }
+
+    #[test]
+    fn the_duplicate_window_is_never_longer_than_the_max_age() {
+        let c = stream_config(&history(30), "a.*", 65_536);
+        assert_eq!(c.duplicate_window, Duration::from_secs(30));
+        let c = stream_config(&history(3_600), "a.*", 65_536);
+        assert_eq!(c.duplicate_window, DUPLICATE_WINDOW);
+        assert_eq!(c.max_bytes, 1 << 20);
+        assert_eq!(c.max_message_size, 65_536 + 4_096);
+    }
+
+    #[test]
+    fn refusals_said_twice_are_said_once() {
+        assert_eq!(said_once("a b (1): a b (1)".into()), "a b (1)");
+        assert_eq!(said_once("a: b".into()), "a: b");
+        assert_eq!(said_once("timeout".into()), "timeout");
     }
 }
