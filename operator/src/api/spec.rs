@@ -308,7 +308,7 @@ impl Default for AuthSpec {
     validation = Rule::new("has(self.hmacSecretRef) || !has(self.algorithms) || !self.algorithms.exists(a, a == 'HS256')").message("HS256 tokens need hmacSecretRef: a public key or JWKS cannot verify them"),
     validation = Rule::new("!has(self.publicKeySecretRef) || !has(self.algorithms) || self.algorithms.size() == 1").message("a PEM public key is either RSA (RS256) or EC (ES256): list one algorithm"),
     validation = Rule::new("has(self.jwksUrl) || (!has(self.jwksCacheSeconds) && !has(self.jwksMinRefreshSeconds))").message("jwksCacheSeconds and jwksMinRefreshSeconds apply only with jwksUrl"),
-    validation = Rule::new("!has(self.jwksUrl) || !self.jwksUrl.lowerAscii().startsWith('http://') || self.jwksAllowHttp").message("jwksUrl is http://: keys fetched without TLS can be replaced by anyone on the path; use https://, or set jwksAllowHttp: true for an issuer on a network you trust (tests, in-cluster)"),
+    validation = Rule::new("!has(self.jwksUrl) || !self.jwksUrl.startsWith('http://') || self.jwksAllowHttp").message("jwksUrl is http://: keys fetched without TLS can be replaced by anyone on the path; use https://, or set jwksAllowHttp: true for an issuer on a network you trust (tests, in-cluster)"),
     validation = Rule::new("has(self.jwksUrl) || !self.jwksAllowHttp").message("jwksAllowHttp applies only with jwksUrl")
 )]
 pub struct JwtSpec {
@@ -326,7 +326,7 @@ pub struct JwtSpec {
     /// only with `jwksAllowHttp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
-    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['https', 'http'] && url(self).getHostname() != ''").message("jwksUrl must be an http(s) URL such as https://issuer.example.com/.well-known/jwks.json"))]
+    #[x_kube(validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://')) && url(self).getHostname() != ''").message("jwksUrl must be an http(s) URL such as https://issuer.example.com/.well-known/jwks.json"))]
     pub jwks_url: Option<String>,
 
     /// Accept an `http://` `jwksUrl`. Keys fetched without TLS can be replaced by anyone on
