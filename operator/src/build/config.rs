@@ -582,6 +582,38 @@ mod tests {
         assert_eq!(back, config);
     }
 
+    /// The ends of the ranges the CRD admits (schema bounds and CEL cross-checks) render a
+    /// config the relay accepts: a gateway the API server took never fails the build on
+    /// these fields.
+    #[test]
+    fn the_extremes_the_crd_admits_pass_the_relays_validation() {
+        let mut s = minimal();
+        for (message, queue, budget, handshakes, share) in [
+            (256, 256, Some(256), 1, Some(1)),
+            (8_388_608, 8_388_608, Some(8_388_608), 65_536, Some(65_536)),
+            (8_388_608, 67_108_864, Some(1_099_511_627_776), 65_536, None),
+            (256, 67_108_864, None, 1, None),
+        ] {
+            s.limits.max_message_bytes = message;
+            s.limits.send_queue_bytes = queue;
+            s.limits.max_queued_bytes_per_pod = budget;
+            s.limits.max_handshakes_in_flight = handshakes;
+            s.limits.max_handshakes_in_flight_per_ip = share;
+            s.limits.max_connections_per_ip = 1_000_000;
+            s.limits.max_connections_per_subject = 0;
+            for memory in [None, Some("1"), Some("1Ti")] {
+                match memory {
+                    Some(m) => set_memory_limit(&mut s, m),
+                    None => s.resources = None,
+                }
+                let config = relay_config(&s, "ns", "gw");
+                config.validate().unwrap_or_else(|e| {
+                    panic!("{message} {queue} {budget:?} {handshakes} {share:?} {memory:?}: {e}")
+                });
+            }
+        }
+    }
+
     /// The relay's config takes CIDRs only; the CRD also admits a single address, which
     /// becomes a network of one. An entry neither parses as is left out (trust less).
     #[test]
