@@ -155,32 +155,33 @@ async fn sigterm_drains_every_client_across_the_grace_period() {
     )
     .unwrap();
 
-    // Readiness goes false at once and new clients are refused (bounded well within the
-    // grace period, after which the admin port is gone).
+    // Readiness goes false and new clients are refused while the relay drains: seen before
+    // it exits (its admin port goes with it), however late this test gets to look.
     assert!(
-        eventually(Duration::from_secs(4), || async {
+        eventually(Duration::from_secs(20), || async {
             http_get(relay.admin, "/ready").await.0 == 503
         })
         .await
     );
     assert_eq!(connect_with(relay.client, "", &[]).await.err(), Some(503));
 
-    let mut outcomes = Vec::with_capacity(CLIENTS);
-    for t in tasks {
-        outcomes.push(t.await.unwrap());
-    }
-    // The process exits 0 before the grace period ends.
+    // The process exits 0 before the grace period ends: watched here, while the client tasks
+    // read their closes on their own, so that their reading does not delay the measurement.
     let status = loop {
         if let Some(s) = relay.child.try_wait().unwrap() {
             break s;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(GRACE_SECS + 5),
+            started.elapsed() < Duration::from_secs(GRACE_SECS + 20),
             "relay did not exit"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let exited_after = started.elapsed();
+    let mut outcomes = Vec::with_capacity(CLIENTS);
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
     assert!(status.success(), "exit status {status:?}");
     assert!(
         exited_after < Duration::from_secs(GRACE_SECS),
@@ -192,27 +193,22 @@ async fn sigterm_drains_every_client_across_the_grace_period() {
         .filter(|o| o.drain_hint_ms.is_some())
         .count();
     let with_1012 = outcomes.iter().filter(|o| o.close == Some(1012)).count();
+    // Every client got its 1012 before the relay exited, and the relay exits at its drain
+    // deadline (0.9 of the grace period) whatever is still open (without a close frame):
+    // so every close came in the grace period. The times this process read the closes at
+    // are not checked against it: on two loaded cores its readers lag by seconds.
     assert_eq!(with_drain, CLIENTS, "every client gets a drain notice");
     assert_eq!(with_1012, CLIENTS, "every client gets 1012");
     let grace = Duration::from_secs(GRACE_SECS);
     let times: Vec<Duration> = outcomes.iter().filter_map(|o| o.closed_at).collect();
-    assert!(
-        times.iter().all(|t| *t < grace),
-        "a close after the grace period"
-    );
-    // Closes follow the hints: a client is closed at (or just after) its announced turn.
-    // "Just after" is generous: the close time is when this process read the close, which
-    // a loaded machine can delay by seconds.
+    // Closes follow the hints: no client is closed before its announced turn (a lower
+    // bound, which a slow reader cannot break; how late is the relay's schedule, below).
     for o in &outcomes {
         let hint = Duration::from_millis(o.drain_hint_ms.unwrap());
         let at = o.closed_at.unwrap();
         assert!(
             at + Duration::from_millis(50) >= hint,
             "closed at {at:?} before its hint {hint:?}"
-        );
-        assert!(
-            at <= hint + Duration::from_secs(3),
-            "closed at {at:?}, long after its hint {hint:?}"
         );
     }
     // Spread: histogram of the closes over tenths of the grace period (printed), and of the
@@ -582,15 +578,23 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// Resident memory per idle connection (a measurement, not a check: run with
-/// `cargo test -p wsrelay --test binary -- --ignored --nocapture`).
+/// Resident memory per idle (unauthenticated) WebSocket connection of the relay binary, in
+/// this debug build: IDLE_CONNECTIONS connections (default 1,000, small enough for every
+/// `make test`; `make bench`'s idle workload measures release builds at 18,000). Asserted
+/// under a bound with room for allocator noise, so that a connection that starts holding a
+/// buffer of its own (a 64 KiB read buffer, an unshrunk queue) fails it.
 #[tokio::test]
-#[ignore = "measurement; run by hand"]
 async fn idle_memory_per_connection() {
-    const N: usize = 5_000;
+    let n: usize = std::env::var("IDLE_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000)
+        .max(250)
+        / 250
+        * 250;
     let nats = Nats::start();
     let mut c = base_config(&nats.url());
-    c.limits.max_connections = 10_000;
+    c.limits.max_connections = 20_000;
     c.limits.idle_timeout_seconds = 600;
     c.limits.ping_interval_seconds = 300;
     let dir = std::env::temp_dir().join(format!("wsrelay-mem-{}", std::process::id()));
@@ -599,10 +603,18 @@ async fn idle_memory_per_connection() {
     std::fs::write(&path, serde_json::to_string(&c).unwrap()).unwrap();
     let relay = spawn_relay(&path);
     let pid = relay.child.id();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Warm: one connection first, so that what every relay allocates once (the first
+    // connection's runtime structures) is not counted per connection.
+    let warm = raw_ws(relay.client).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(relay.admin, "wsrelay_connections ").await == Some(1.0)
+        })
+        .await
+    );
     let before = rss_kib(pid);
-    let mut socks = Vec::with_capacity(N);
-    for _ in 0..N / 250 {
+    let mut socks = Vec::with_capacity(n);
+    for _ in 0..n / 250 {
         let batch: Vec<_> = (0..250)
             .map(|_| tokio::spawn(raw_ws(relay.client)))
             .collect();
@@ -612,16 +624,23 @@ async fn idle_memory_per_connection() {
     }
     assert!(
         eventually(Duration::from_secs(20), || async {
-            metric(relay.admin, "wsrelay_connections ").await == Some(N as f64)
+            metric(relay.admin, "wsrelay_connections ").await == Some((n + 1) as f64)
         })
         .await
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(pid);
+    let per = after.saturating_sub(before) as f64 / n as f64;
     println!(
-        "{N} idle connections: RSS {before} KiB -> {after} KiB, {:.1} KiB per connection (debug build)",
-        (after - before) as f64 / N as f64
+        "{n} idle connections: RSS {before} KiB -> {after} KiB, {per:.1} KiB per connection (debug build)"
     );
-    drop(socks);
+    assert!(
+        per <= MAX_IDLE_KIB,
+        "{per:.1} KiB per idle connection, above {MAX_IDLE_KIB} KiB"
+    );
+    drop((socks, warm));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The bound for [`idle_memory_per_connection`] in a debug build: twice what 1,000
+/// connections measured (10.2 KiB each, 7.5 at 4,000; 2026-12-06).
+const MAX_IDLE_KIB: f64 = 20.0;

@@ -1,10 +1,11 @@
-//! A reconnect storm on a resumable channel (issue 11's storm figure), run by hand:
-//! `cargo test -p wsrelay --test resume_storm -- --ignored --nocapture` (STORM_CLIENTS,
-//! default 5,000). Relay A runs as a process of its own; every client subscribes through it;
-//! a publisher goes on at 10 messages a second; relay A is killed with SIGKILL; every client
-//! reconnects to relay B with its last position. Asserted: nothing lost, nothing doubled, every
-//! client recovered. Printed: the time until all are caught up (p50/p99/max), and the JetStream
-//! reads the storm cost relay B.
+//! A reconnect storm on a resumable channel (issue 11's storm figure). `make bench` runs the
+//! big one: `cargo test -p wsrelay --test resume_storm -- --ignored --nocapture`
+//! (STORM_CLIENTS, default 5,000); a small one (50 clients) runs with every `cargo test`.
+//! Relay A runs as a process of its own; every client subscribes through it; a publisher goes
+//! on at 10 messages a second; relay A is killed with SIGKILL; every client reconnects to
+//! relay B with its last position. Asserted: nothing lost, nothing doubled, every
+//! client recovered, and the storm cost relay B one JetStream read. Printed: the time until all
+//! are caught up (p50/p99/max), and those reads.
 
 #![allow(clippy::unwrap_used)]
 
@@ -74,9 +75,25 @@ fn absorb(c: &mut Client, v: &serde_json::Value) {
 /// resume.
 const TOTAL: u64 = 300;
 
+/// The storm `make bench` runs (`--ignored`): STORM_CLIENTS clients (default 5,000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a storm of thousands of connections: run by hand"]
 async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
+    let n: usize = std::env::var("STORM_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    storm(n, TOTAL).await;
+}
+
+/// The same storm, small enough for every `make test`: 50 clients, 60 messages (6 s), with
+/// the same assertions (nothing lost or doubled, everyone recovered, one stream read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_reconnect_storm_recovers_everyone_with_one_stream_read() {
+    storm(50, 60).await;
+}
+
+async fn storm(n: usize, total: u64) {
     init_logs();
     let _ = nix::sys::resource::setrlimit(
         nix::sys::resource::Resource::RLIMIT_NOFILE,
@@ -87,10 +104,6 @@ async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
             .unwrap()
             .1,
     );
-    let n: usize = std::env::var("STORM_CLIENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000);
     let dir = std::env::temp_dir().join(format!("wsrelay-storm-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -151,7 +164,7 @@ async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
     let publisher = tokio::spawn({
         let nc = nc.clone();
         async move {
-            for i in 0..TOTAL {
+            for i in 0..total {
                 nc.publish(CHANNEL, i.to_string().into()).await.unwrap();
                 nc.flush().await.unwrap();
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -201,7 +214,7 @@ async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
             let (killed, before_kill) = kill_mark.lock().await.expect("killed");
             let mut caught = (client.next >= before_kill).then(|| killed.elapsed());
             let deadline = Instant::now() + Duration::from_secs(120);
-            while client.next < TOTAL && Instant::now() < deadline {
+            while client.next < total && Instant::now() < deadline {
                 match next_event(&mut ws, Duration::from_secs(10)).await {
                     Got::Json(v) => {
                         absorb(&mut client, &v);
@@ -238,16 +251,15 @@ async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
         if !recovered {
             not_recovered += 1;
         }
-        if client.next < TOTAL {
+        if client.next < total {
             short += 1;
         }
-        lost += client.lost + (TOTAL - client.next.min(TOTAL));
+        lost += client.lost + (total - client.next.min(total));
         doubled += client.doubled;
         assert!(client.broken.is_none(), "chain broken: {:?}", client.broken);
         catch_up.push(caught.unwrap_or(Duration::from_secs(3_600)));
     }
     let before_kill = stored_before_kill;
-    let total = TOTAL;
     catch_up.sort();
     let pct = |p: f64| catch_up[((catch_up.len() as f64 * p) as usize).min(catch_up.len() - 1)];
     let reads = |r: &'static str| {
@@ -261,17 +273,27 @@ async fn a_reconnect_storm_after_a_relay_kill_recovers_everyone() {
             .unwrap_or(0.0)
         }
     };
-    eprintln!(
-        "storm: {n} clients, {total} messages ({before_kill} before the kill), lost {lost}, doubled {doubled}, not recovered {not_recovered}; caught up after the kill p50 {:.2} s, p99 {:.2} s, max {:.2} s; relay B JetStream reads: load {}, check {}, fill {}",
-        pct(0.50).as_secs_f64(),
-        pct(0.99).as_secs_f64(),
-        catch_up.last().unwrap().as_secs_f64(),
+    let (load, check, fill) = (
         reads("load").await,
         reads("check").await,
         reads("fill").await,
     );
+    eprintln!(
+        "storm: {n} clients, {total} messages ({before_kill} before the kill), lost {lost}, doubled {doubled}, not recovered {not_recovered}; caught up after the kill p50 {:.2} s, p99 {:.2} s, max {:.2} s; relay B JetStream reads: load {load}, check {check}, fill {fill}",
+        pct(0.50).as_secs_f64(),
+        pct(0.99).as_secs_f64(),
+        catch_up.last().unwrap().as_secs_f64(),
+    );
     assert_eq!(lost, 0, "{short} clients short of the last message");
     assert_eq!(doubled, 0);
     assert_eq!(not_recovered, 0);
+    // docs/protocol.md section 8: "a reconnect storm of clients on one channel costs one
+    // stream read, not one per client": relay B loaded the channel's ring once, and answered
+    // every resume from it (no per-client check, no gap fill).
+    assert_eq!(
+        (load, check, fill),
+        (1.0, 0.0, 0.0),
+        "relay B's JetStream reads (load, check, fill) for {n} resumes"
+    );
     relay_b.drain().await;
 }

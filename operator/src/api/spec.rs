@@ -364,7 +364,7 @@ pub struct JwtSpec {
     #[schemars(length(max = 16), inner(length(max = 256)))]
     pub audiences: Vec<String>,
 
-    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    /// Clock skew tolerated on `nbf`, in seconds (`exp` is enforced to the second).
     #[serde(default = "default_leeway")]
     #[schemars(range(min = 0, max = 300))]
     pub leeway_seconds: i32,
@@ -449,7 +449,7 @@ pub enum TokenLocation {
     validation = Rule::new("self.channel.matches('^([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}])([.]([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]))*$')").message("channel must be dot-separated tokens, each a name (letters, digits, _ or -) or a placeholder such as {id}, e.g. orders.{id}"),
     validation = Rule::new("self.subject.matches('^([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}])([.]([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}]))*$')").message("subject must be dot-separated tokens, each a name (letters, digits, _ or -), a channel placeholder such as {id} or a claim such as {claims.sub} or {claims.org.id}; NATS wildcards are not allowed"),
     validation = Rule::new("self.subject.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("subject uses a placeholder its channel does not define: a subject may use only the channel's own {placeholders} and {claims.*}"),
-    validation = Rule::new("!self.subject.startsWith('{') && self.subject != '_INBOX' && !self.subject.startsWith('_INBOX.')").message("subject must start with a fixed name, outside _INBOX: a placeholder first could reach NATS's own subjects ($JS., $SYS., _INBOX.)")
+    validation = Rule::new("!self.subject.startsWith('{') && self.subject != '_INBOX' && !self.subject.startsWith('_INBOX.') && self.subject != '_WSRELAY' && !self.subject.startsWith('_WSRELAY.')").message("subject must start with a fixed name, outside _INBOX and _WSRELAY: a placeholder first could reach NATS's own subjects ($JS., $SYS., _INBOX.), and _WSRELAY is the relay's own")
 )]
 pub struct Binding {
     /// The channel clients name, e.g. `orders.{id}` or `notifications`.

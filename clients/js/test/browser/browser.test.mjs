@@ -9,6 +9,7 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import {
   chromiumBin,
+  httpStatus,
   killAll,
   launchBrowser,
   natsBin,
@@ -207,32 +208,36 @@ describe("@wsrelay/client in headless Chromium against real relays and NATS", { 
     }
   });
 
-  test("token refresh before expiry: in band when the relay supports it, else a reconnect with the new token", async (t) => {
+  test("token refresh before expiry: in band, and the connection outlives the first token", async () => {
     const relay = await startRelay({ natsUrl: nats.url, origin: pages.origin, name: "refresh" });
     const svc = await startService([relay]);
     try {
+      const before = pages.tokenRequests.filter((r) => r.sub === "rita").length;
       await open("refresh", wsUrl(svc), "rita", { ttl: 8 });
       await subscribe("refresh", "me.notify");
       await waitSubscribed("refresh", "me.notify", 1);
-      // The refresh is due 3 s in (8 s token: 80% of the life, at least 5 s before expiry).
-      const first = await waitFor("a refresh outcome", 15_000, async () => {
+      // The first token's `exp` is at most this (signed in the second after the request).
+      const first = pages.tokenRequests.filter((r) => r.sub === "rita")[before];
+      const firstExpMs = (Math.floor(first.at / 1000) + 8 + 1) * 1000;
+      // The refresh is due 3 s in (8 s token: 80% of the life, at least 5 s before expiry),
+      // and must be in band: the relay implements the `refresh` frame.
+      const outcome = await waitFor("a refresh outcome", 15_000, async () => {
         const ok = await log("refresh", "token");
         const err = (await log("refresh", "error")).filter((e) => e.errorKind === "refresh");
         return ok[0] ?? err[0];
       });
-      if (first.kind === "token") {
-        assert.equal(first.inBand, true);
-        await waitLog("a second in-band refresh", "refresh", "token", 2, 15_000);
-        assert.equal((await log("refresh", "connected")).length, 1, "one connection throughout");
-        assert.equal((await log("refresh", "disconnected")).length, 0);
-      } else {
-        // A relay without the `refresh` frame answers 400: the SDK reconnects with the new token.
-        t.diagnostic("the relay answered refresh with an error: in-band refresh pending relay support; fallback exercised");
-        assert.equal(first.error.code, 400, JSON.stringify(first));
-        const [d] = await waitLog("the fallback reconnect", "refresh", "disconnected", 1, 5000);
-        assert.equal(d.code, 4903);
-        await waitSubscribed("refresh", "me.notify", 2, 15_000);
-      }
+      assert.equal(outcome.kind, "token", JSON.stringify(outcome));
+      assert.equal(outcome.inBand, true, JSON.stringify(outcome));
+      // A refresh that did not move the relay's expiry would close the connection with 1008
+      // at the first token's `exp`: wait until well past it (the relay's leeway is 0 here).
+      while (Date.now() < firstExpMs + 2000) await sleep(200);
+      assert.ok((await log("refresh", "token")).length >= 2, "refreshed again in band");
+      assert.equal((await log("refresh", "connected")).length, 1, "one connection throughout");
+      assert.deepEqual(await log("refresh", "disconnected"), []);
+      // The relay's own count: no connection of this relay ended at a token's expiry.
+      const metrics = (await httpStatus(relay.adminPort, "/metrics", 5000))?.body ?? "";
+      const expired = metrics.split("\n").find((l) => l.startsWith('wsrelay_connections_closed_total{reason="token_expired"}'));
+      assert.equal(Number(expired?.split(" ").pop() ?? 0), 0, expired);
       await roundTrip("refresh", "users.rita.notify", "me.notify", { still: "here" });
     } finally {
       await closeClient("refresh");
