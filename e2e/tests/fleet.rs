@@ -156,7 +156,9 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
         secs(t0)
     );
 
-    // A bad token is refused before the upgrade, through the Service too.
+    // A bad token is refused through the Service too, with the close code the SDK reads
+    // (the CRD's default `auth.refuseAfterUpgrade: true`), not an HTTP 401 a browser
+    // would only see as 1006.
     let bad = Target {
         token: "not-a-jwt".into(),
         ..target.clone()
@@ -166,10 +168,29 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
         refused
             .as_ref()
             .err()
-            .is_some_and(|e| format!("{e:#}").contains("401")),
-        "a bad token should get HTTP 401, got {:?}",
+            .is_some_and(|e| format!("{e:#}").contains("4401")),
+        "a bad token should be closed with 4401, got {:?}",
         refused.map(|_| ())
     );
+
+    // One identity holds at most `limits.maxConnectionsPerSubject` (2 here) connections on
+    // a pod: alice's second connection through the Service is admitted, her third refused
+    // with 4429. There is one relay pod at this point (minReplicas 1, two connections are
+    // below the autoscaler's target), so all three reach the same pod.
+    let second = subscriber::connect_and_subscribe(&target)
+        .await
+        .context("alice's second connection, within maxConnectionsPerSubject")?;
+    let third = subscriber::connect_and_subscribe(&target).await;
+    ensure!(
+        third.as_ref().err().is_some_and(|e| {
+            let e = format!("{e:#}");
+            e.contains("4429") && e.contains("too many connections for this token subject")
+        }),
+        "alice's third connection should be closed with 4429, got {:?}",
+        third.map(|_| ())
+    );
+    // Her second goes again, so the scaling checks below count only their own clients.
+    drop(second);
 
     // --- enough connections -> the HPA raises replicas -> new pods take new connections ---
     let t2 = Instant::now();
@@ -477,6 +498,7 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
                 "targetConnectionsPerPod": TARGET_PER_POD,
                 "scaleDownStabilizationSeconds": 300
             },
+            "limits": { "maxConnectionsPerSubject": 2 },
             "drain": { "gracePeriodSeconds": 6 },
             "service": { "type": gateway::service_type(), "port": 80 },
             "resources": { "requests": { "cpu": "10m", "memory": "16Mi" } }

@@ -411,6 +411,36 @@ async fn bad_gateways_are_refused_by_the_api_server_with_their_messages() -> Res
             ("Secret name that is not a DNS name",
              json!({"spec": {"nats": {"credentials": {"token": {"name": "Not_A_Name", "key": "token"}}}}}),
              "spec.nats.credentials.token.name"),
+            ("message larger than the send queue",
+             json!({"spec": {"limits": {"maxMessageBytes": 2_097_152}}}),
+             "limits.maxMessageBytes must not exceed limits.sendQueueBytes"),
+            ("pod budget below one connection's queue",
+             json!({"spec": {"limits": {"sendQueueBytes": 4_194_304, "maxQueuedBytesPerPod": 1_048_576}}}),
+             "limits.maxQueuedBytesPerPod must be at least limits.sendQueueBytes"),
+            ("per-address handshake share above the total",
+             json!({"spec": {"limits": {"maxHandshakesInFlight": 100, "maxHandshakesInFlightPerIp": 200}}}),
+             "limits.maxHandshakesInFlightPerIp must not exceed limits.maxHandshakesInFlight"),
+            ("negative per-address connection limit",
+             json!({"spec": {"limits": {"maxConnectionsPerIp": -1}}}),
+             "spec.limits.maxConnectionsPerIp"),
+            ("http JWKS without jwksAllowHttp",
+             json!({"spec": {"auth": {"jwt": {"hmacSecretRef": null, "jwksUrl": "http://issuer.example.com/jwks.json"}}}}),
+             "jwksUrl is http://"),
+            ("JWKS URL with an upper-case scheme (the relay reads https:// only)",
+             json!({"spec": {"auth": {"jwt": {"hmacSecretRef": null, "jwksUrl": "HTTPS://issuer.example.com/jwks.json"}}}}),
+             "jwksUrl must be an http(s) URL"),
+            ("jwksAllowHttp without a JWKS",
+             json!({"spec": {"auth": {"jwt": {"jwksAllowHttp": true}}}}),
+             "jwksAllowHttp applies only with jwksUrl"),
+            ("trusted proxy with a prefix too long",
+             json!({"spec": {"network": {"trustedProxies": ["10.0.0.0/8", "10.0.0.0/33"]}}}),
+             "each trusted proxy must be a CIDR"),
+            ("trusted proxy given by name",
+             json!({"spec": {"network": {"trustedProxies": ["ingress-nginx"]}}}),
+             "each trusted proxy must be a CIDR"),
+            ("client IP header that is not a header name",
+             json!({"spec": {"network": {"clientIpHeader": "X Forwarded For"}}}),
+             "spec.network.clientIpHeader"),
         ];
         assert!(cases.len() >= 10);
         let mut failures = Vec::new();
@@ -427,6 +457,29 @@ async fn bad_gateways_are_refused_by_the_api_server_with_their_messages() -> Res
                     }
                 }
                 Err(e) => failures.push(format!("{what}: {e}")),
+            }
+        }
+        // What the rules above must still let through: an http JWKS with its flag, IPv6
+        // and single-address trusted proxies, the largest message in a queue its size.
+        let accepted: Vec<(&str, serde_json::Value)> = vec![
+            ("http JWKS with jwksAllowHttp",
+             json!({"spec": {"auth": {"jwt": {"hmacSecretRef": null, "jwksAllowHttp": true,
+                 "jwksUrl": "http://issuer.auth.svc.cluster.local/jwks.json"}}}})),
+            ("trusted proxies: IPv4 and IPv6 CIDRs and single addresses",
+             json!({"spec": {"network": {"trustedProxies":
+                 ["10.244.0.0/16", "fd00:10:244::/56", "192.0.2.10", "2001:db8::1"]},
+                 "limits": {"maxConnectionsPerIp": 300}}})),
+            ("maxMessageBytes equal to sendQueueBytes",
+             json!({"spec": {"limits": {"maxMessageBytes": 8_388_608, "sendQueueBytes": 8_388_608,
+                 "maxQueuedBytesPerPod": 8_388_608}}})),
+        ];
+        for (i, (what, patch)) in accepted.iter().enumerate() {
+            let mut obj = valid()?;
+            merge(&mut obj, patch);
+            obj["metadata"] = json!({ "name": format!("good-{i}") });
+            let obj: kube::api::DynamicObject = serde_json::from_value(obj)?;
+            if let Err(e) = gws.create(&PostParams { dry_run: true, ..Default::default() }, &obj).await {
+                failures.push(format!("{what}: refused: {e}"));
             }
         }
         // A valid custom resource name that its children cannot carry (the Service name

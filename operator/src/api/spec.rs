@@ -111,9 +111,15 @@ pub struct WebsocketGatewaySpec {
     #[x_kube(validation = Rule::new("self.all(b, self.exists_one(c, c.channel == b.channel))").message("each channel may be bound only once: two bindings share a channel"))]
     pub bindings: Vec<Binding>,
 
-    /// Per-pod and per-connection limits.
+    /// Per-pod, per-client and per-connection limits.
     #[serde(default)]
     pub limits: LimitsSpec,
+
+    /// How the relays tell clients apart behind proxies: which peers may name the client's
+    /// address in a header. Used by `limits.maxConnectionsPerIp` and
+    /// `limits.maxHandshakesInFlightPerIp`.
+    #[serde(default)]
+    pub network: NetworkSpec,
 
     /// Scale the fleet on open connections per pod (a HorizontalPodAutoscaler on the relay
     /// metric `wsrelay_connections`). Unset: a fixed `replicas`.
@@ -236,9 +242,10 @@ fn default_password_key() -> String {
     "password".into()
 }
 
-/// Client authentication on the WebSocket handshake. A refused client gets HTTP 401/403,
-/// never an upgraded-then-closed socket.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+/// Client authentication on the WebSocket handshake. A refused client gets a close code it
+/// can read (4401, 4403), or with `refuseAfterUpgrade: false` an HTTP 401/403; it never
+/// reaches a channel.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("has(self.jwt) || self.allowAnonymous").message("auth needs a jwt section, or allowAnonymous: true for a gateway without authentication"),
@@ -260,6 +267,36 @@ pub struct AuthSpec {
     #[schemars(length(max = 64), inner(length(max = 256)))]
     #[x_kube(validation = Rule::new("self.all(o, o == '*' || o.matches('^https?://[A-Za-z0-9.-]+(:[0-9]+)?$'))").message("each allowed origin must be '*' or scheme://host[:port] with no path, such as https://app.example.com"))]
     pub allowed_origins: Vec<String>,
+
+    /// Refuse a WebSocket request after the upgrade instead of with an HTTP status: the
+    /// relay accepts it and closes it at once with 4401 (no or invalid token), 4403 (origin
+    /// not allowed), 4429 (too many connections from this address or token subject) or
+    /// 4503 (at capacity, draining, signing keys unavailable) and a readable reason.
+    ///
+    /// Default true, because browsers report every refused upgrade (HTTP 401, 403, 429,
+    /// 503) as close code 1006, the same as a network failure: the SDK (docs/client.md) then
+    /// retries a forbidden origin for ever and asks for a new token only after several
+    /// failed opens, while with these codes it gets a new token at once (4401), stops
+    /// (4403) or backs off harder (4429). The cost: a refused client costs an upgrade and a
+    /// close frame, and is never counted as a connection. Set false for clients that read
+    /// HTTP statuses (a refused handshake then answers 401/403/429/503).
+    #[serde(default = "default_true")]
+    pub refuse_after_upgrade: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for AuthSpec {
+    fn default() -> Self {
+        Self {
+            jwt: None,
+            allow_anonymous: false,
+            allowed_origins: Vec::new(),
+            refuse_after_upgrade: default_true(),
+        }
+    }
 }
 
 /// JWT verification: exactly one key source, optional issuer and audience checks, and where
@@ -271,7 +308,9 @@ pub struct AuthSpec {
     validation = Rule::new("!has(self.hmacSecretRef) || !has(self.algorithms) || self.algorithms.all(a, a == 'HS256')").message("an HMAC secret verifies only HS256 tokens: remove the other algorithms"),
     validation = Rule::new("has(self.hmacSecretRef) || !has(self.algorithms) || !self.algorithms.exists(a, a == 'HS256')").message("HS256 tokens need hmacSecretRef: a public key or JWKS cannot verify them"),
     validation = Rule::new("!has(self.publicKeySecretRef) || !has(self.algorithms) || self.algorithms.size() == 1").message("a PEM public key is either RSA (RS256) or EC (ES256): list one algorithm"),
-    validation = Rule::new("has(self.jwksUrl) || (!has(self.jwksCacheSeconds) && !has(self.jwksMinRefreshSeconds))").message("jwksCacheSeconds and jwksMinRefreshSeconds apply only with jwksUrl")
+    validation = Rule::new("has(self.jwksUrl) || (!has(self.jwksCacheSeconds) && !has(self.jwksMinRefreshSeconds))").message("jwksCacheSeconds and jwksMinRefreshSeconds apply only with jwksUrl"),
+    validation = Rule::new("!has(self.jwksUrl) || !self.jwksUrl.startsWith('http://') || self.jwksAllowHttp").message("jwksUrl is http://: keys fetched without TLS can be replaced by anyone on the path; use https://, or set jwksAllowHttp: true for an issuer on a network you trust (tests, in-cluster)"),
+    validation = Rule::new("has(self.jwksUrl) || !self.jwksAllowHttp").message("jwksAllowHttp applies only with jwksUrl")
 )]
 pub struct JwtSpec {
     /// An HMAC secret for HS256 tokens (at least 32 bytes). Rotating the Secret's value takes
@@ -284,11 +323,18 @@ pub struct JwtSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_secret_ref: Option<SecretKeyRef>,
 
-    /// An https URL serving a JWKS for RS256/ES256 tokens; the relays refresh it.
+    /// An https URL serving a JWKS for RS256/ES256 tokens; the relays refresh it. `http://`
+    /// only with `jwksAllowHttp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
-    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['https', 'http'] && url(self).getHostname() != ''").message("jwksUrl must be an http(s) URL such as https://issuer.example.com/.well-known/jwks.json"))]
+    #[x_kube(validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://')) && url(self).getHostname() != ''").message("jwksUrl must be an http(s) URL such as https://issuer.example.com/.well-known/jwks.json"))]
     pub jwks_url: Option<String>,
+
+    /// Accept an `http://` `jwksUrl`. Keys fetched without TLS can be replaced by anyone on
+    /// the path, who can then sign any token: only for an issuer on a network you trust
+    /// (tests, an issuer in the same cluster).
+    #[serde(default)]
+    pub jwks_allow_http: bool,
 
     /// How long the relays use a fetched JWKS before fetching it again, in seconds (with
     /// `jwksUrl`). Unset: the relay's default (300).
@@ -482,14 +528,53 @@ pub enum Direction {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.pingIntervalSeconds < self.idleTimeoutSeconds").message("limits.pingIntervalSeconds must be shorter than limits.idleTimeoutSeconds, or healthy idle clients are cut off")
+    validation = Rule::new("self.pingIntervalSeconds < self.idleTimeoutSeconds").message("limits.pingIntervalSeconds must be shorter than limits.idleTimeoutSeconds, or healthy idle clients are cut off"),
+    validation = Rule::new("self.maxMessageBytes <= self.sendQueueBytes").message("limits.maxMessageBytes must not exceed limits.sendQueueBytes: a connection's send queue must have room for the largest message; raise sendQueueBytes or lower maxMessageBytes"),
+    validation = Rule::new("!has(self.maxQueuedBytesPerPod) || self.maxQueuedBytesPerPod >= self.sendQueueBytes").message("limits.maxQueuedBytesPerPod must be at least limits.sendQueueBytes: the pod's budget must hold one connection's full queue"),
+    validation = Rule::new("!has(self.maxHandshakesInFlightPerIp) || self.maxHandshakesInFlightPerIp <= self.maxHandshakesInFlight").message("limits.maxHandshakesInFlightPerIp must not exceed limits.maxHandshakesInFlight: it is one address's share of them")
 )]
 pub struct LimitsSpec {
-    /// Connections one pod accepts before it refuses new ones (HTTP 503).
+    /// Connections one pod accepts before it refuses new ones (4503, or HTTP 503 with
+    /// `auth.refuseAfterUpgrade: false`).
     #[serde(default = "default_max_connections")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub max_connections_per_pod: i64,
-    /// Largest message a client may send or receive, in bytes.
+    /// Open connections one client address may hold on one pod; beyond it the handshake is
+    /// refused (4429, or HTTP 429 with `auth.refuseAfterUpgrade: false`). IPv6 addresses
+    /// are counted per /64. 0: no limit.
+    ///
+    /// Default 0, because the address is the TCP peer's unless the peer is listed in
+    /// `network.trustedProxies`: behind an ingress, a load balancer that does not keep
+    /// client addresses (`externalTrafficPolicy: Cluster`) or any other proxy, every client
+    /// has the proxy's address and a limit would refuse everyone once the proxy holds that
+    /// many. List the proxies in `network.trustedProxies` (or make sure the pods see client
+    /// addresses), then set it: a few hundred leaves room for a NAT with many users.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub max_connections_per_ip: i64,
+    /// Open connections one identity (the token's `sub`) may hold on one pod; beyond it the
+    /// handshake is refused (4429, or HTTP 429 with `auth.refuseAfterUpgrade: false`).
+    /// Anonymous clients are not counted. 0: no limit. Default 100: far above one person's
+    /// tabs and devices, far below a pod's capacity, so one stolen or shared token cannot
+    /// take a pod's connections. Raise it (or set 0) when many clients share one token.
+    #[serde(default = "default_max_connections_per_subject")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub max_connections_per_subject: i64,
+    /// HTTP handshakes (TLS included) one pod processes at once, from the TCP accept to the
+    /// upgrade; beyond it new TCP connections are refused (HTTP 503 on `ws://`, closed on
+    /// `wss://`). Bounds what slow or stalled handshakes can hold.
+    #[serde(default = "default_max_handshakes")]
+    #[schemars(range(min = 1, max = 65_536))]
+    pub max_handshakes_in_flight: i32,
+    /// Handshakes one client address may have in progress at once on one pod (the TCP
+    /// peer's address, IPv6 per /64); beyond it its new TCP connections are refused like
+    /// those over `maxHandshakesInFlight`. Peers in `network.trustedProxies` are not counted.
+    /// Unset: a quarter of `maxHandshakesInFlight` (the relay's default), so one address
+    /// cannot take every slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65_536))]
+    pub max_handshakes_in_flight_per_ip: Option<i32>,
+    /// Largest message a client may send or receive, in bytes. At most `sendQueueBytes`.
     #[serde(default = "default_max_message_bytes")]
     #[schemars(range(min = 256, max = 8_388_608))]
     pub max_message_bytes: i32,
@@ -497,6 +582,23 @@ pub struct LimitsSpec {
     #[serde(default = "default_send_queue")]
     #[schemars(range(min = 1, max = 65_536))]
     pub send_queue_length: i32,
+    /// Bytes queued per connection before the slow-consumer policy applies (with
+    /// `sendQueueLength`: the first reached applies). At least `maxMessageBytes`. Default
+    /// 1048576 (1 MiB).
+    #[serde(default = "default_send_queue_bytes")]
+    #[schemars(range(min = 256, max = 67_108_864))]
+    pub send_queue_bytes: i64,
+    /// Bytes queued on all connections of one pod together. When a message would take the
+    /// total above it, a connection that is already behind gets the slow-consumer policy
+    /// instead of the message; one that keeps up still gets it. At least `sendQueueBytes`.
+    ///
+    /// Unset: half the relay container's memory limit (`resources.limits.memory`) when
+    /// one is set (at least `sendQueueBytes`), so that clients that stop reading cannot
+    /// take the pod past its limit; without a memory limit, the relay's default (536870912,
+    /// 512 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 256, max = 1_099_511_627_776_i64))]
+    pub max_queued_bytes_per_pod: Option<i64>,
     /// What happens to a client whose queue is full.
     #[serde(default)]
     pub slow_consumer_policy: SlowConsumerPolicy,
@@ -538,6 +640,15 @@ fn default_max_connections() -> i64 {
 fn default_max_message_bytes() -> i32 {
     65_536
 }
+fn default_max_connections_per_subject() -> i64 {
+    100
+}
+fn default_max_handshakes() -> i32 {
+    1024
+}
+fn default_send_queue_bytes() -> i64 {
+    1_048_576
+}
 fn default_send_queue() -> i32 {
     256
 }
@@ -567,8 +678,14 @@ impl Default for LimitsSpec {
     fn default() -> Self {
         Self {
             max_connections_per_pod: default_max_connections(),
+            max_connections_per_ip: 0,
+            max_connections_per_subject: default_max_connections_per_subject(),
+            max_handshakes_in_flight: default_max_handshakes(),
+            max_handshakes_in_flight_per_ip: None,
             max_message_bytes: default_max_message_bytes(),
             send_queue_length: default_send_queue(),
+            send_queue_bytes: default_send_queue_bytes(),
+            max_queued_bytes_per_pod: None,
             slow_consumer_policy: SlowConsumerPolicy::default(),
             publish_rate_per_second: default_publish_rate(),
             publish_burst: default_publish_burst(),
@@ -589,6 +706,51 @@ pub enum SlowConsumerPolicy {
     Disconnect,
     /// Drop the oldest queued message and keep the connection.
     DropOldest,
+}
+
+/// How the relays find a client's address when connections arrive through proxies.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// Proxies whose `clientIpHeader` the relays believe: CIDRs (`10.0.0.0/8`,
+    /// `fd00::/8`) or single addresses (`10.1.2.3`). A connection from one of them is
+    /// counted under the address the header names (read from the right, skipping trusted
+    /// proxies; the first other address is the client), and the proxy's own address is not
+    /// counted against `limits.maxHandshakesInFlightPerIp`. A connection from any other peer
+    /// is counted under the peer's address, whatever it sends.
+    ///
+    /// Empty (the default): the header is never read. Behind an ingress controller, list
+    /// the addresses its pods connect from (the cluster's pod CIDR, say); the controller
+    /// must append the address it received the connection from to the header (as
+    /// `X-Forwarded-For` proxies do), so a client cannot choose what the rightmost
+    /// untrusted entry is. Listing an address anyone can connect from lets anyone pick the
+    /// address they are counted under.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) || isIP(c))").message("each trusted proxy must be a CIDR such as 10.0.0.0/8 or fd00::/8, or a single address such as 10.1.2.3"))]
+    pub trusted_proxies: Vec<String>,
+
+    /// The header a trusted proxy puts the client's address in: a comma-separated list each
+    /// proxy appends to (`X-Forwarded-For`, the default) or a single address (`X-Real-IP`).
+    #[serde(default = "default_client_ip_header")]
+    #[schemars(
+        length(min = 1, max = 64),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    )]
+    pub client_ip_header: String,
+}
+
+fn default_client_ip_header() -> String {
+    "X-Forwarded-For".into()
+}
+
+impl Default for NetworkSpec {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            client_ip_header: default_client_ip_header(),
+        }
+    }
 }
 
 /// Autoscaling on open connections per pod.

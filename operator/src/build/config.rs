@@ -42,6 +42,111 @@ fn u32_of(v: i64) -> u32 {
 fn u64_of(v: i32) -> u64 {
     u64::try_from(v.max(0)).unwrap_or(0)
 }
+fn u64_of_i64(v: i64) -> u64 {
+    u64::try_from(v.max(0)).unwrap_or(0)
+}
+
+/// The trusted proxies as the relay reads them: CIDRs as they are, a single address as a
+/// network of one. The CRD's CEL rule admits only CIDRs and addresses; an entry that
+/// parses there but not here is left out, which trusts less, never more.
+fn trusted_proxies<T>(entries: &[String]) -> Vec<T>
+where
+    T: std::str::FromStr + From<std::net::IpAddr>,
+{
+    entries
+        .iter()
+        .filter_map(|e| {
+            let e = e.trim();
+            e.parse::<T>()
+                .ok()
+                .or_else(|| e.parse::<std::net::IpAddr>().ok().map(T::from))
+        })
+        .collect()
+}
+
+/// The pod's queued-bytes budget: `limits.maxQueuedBytesPerPod` when set; else half the
+/// container's memory limit, when one is set (never below one connection's queue, which the
+/// relay requires); else the relay's own default.
+fn max_queued_bytes(spec: &WebsocketGatewaySpec) -> u64 {
+    let send_queue = u64_of_i64(spec.limits.send_queue_bytes);
+    if let Some(explicit) = spec.limits.max_queued_bytes_per_pod {
+        return u64_of_i64(explicit).max(send_queue);
+    }
+    let memory_limit = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .and_then(|q| quantity_bytes(&q.0));
+    match memory_limit {
+        Some(bytes) => (bytes / 2).max(send_queue),
+        None => relay_default::<relay::Limits>()
+            .max_queued_bytes
+            .max(send_queue),
+    }
+}
+
+/// A Kubernetes quantity (`1Gi`, `512M`, `1e9`, `1.5Gi`, `128974848`) in bytes, rounded up;
+/// `None` when it is not one or does not fit. Pure.
+fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let number_end = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(number_end);
+    let number = number.strip_prefix('+').unwrap_or(number);
+    if number.starts_with('-') {
+        return None;
+    }
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty()
+        || !whole
+            .chars()
+            .chain(fraction.chars())
+            .all(|c| c.is_ascii_digit())
+    {
+        return None;
+    }
+    // value = digits / 10^fraction_len, times num / den.
+    let digits: u128 = format!("{whole}{fraction}").parse().ok()?;
+    let mut den: u128 = 10u128.checked_pow(u32::try_from(fraction.len()).ok()?)?;
+    let mut num: u128 = 1;
+    let binary = |p: u32| 1024u128.checked_pow(p);
+    let decimal = |p: u32| 10u128.checked_pow(p);
+    match suffix {
+        "" => {}
+        "Ki" => num = binary(1)?,
+        "Mi" => num = binary(2)?,
+        "Gi" => num = binary(3)?,
+        "Ti" => num = binary(4)?,
+        "Pi" => num = binary(5)?,
+        "Ei" => num = binary(6)?,
+        "n" => den = den.checked_mul(decimal(9)?)?,
+        "u" => den = den.checked_mul(decimal(6)?)?,
+        "m" => den = den.checked_mul(decimal(3)?)?,
+        "k" => num = decimal(3)?,
+        "M" => num = decimal(6)?,
+        "G" => num = decimal(9)?,
+        "T" => num = decimal(12)?,
+        "P" => num = decimal(15)?,
+        "E" => num = decimal(18)?,
+        exponent => {
+            let exp: i32 = exponent
+                .strip_prefix(['e', 'E'])?
+                .parse()
+                .ok()
+                .filter(|e: &i32| e.abs() <= 30)?;
+            let scale = decimal(exp.unsigned_abs())?;
+            if exp >= 0 {
+                num = scale;
+            } else {
+                den = den.checked_mul(scale)?;
+            }
+        }
+    }
+    let bytes = digits.checked_mul(num)?.div_ceil(den);
+    u64::try_from(bytes).ok()
+}
 
 /// The JetStream stream that keeps a binding's history: named after the gateway and the
 /// subjects it keeps (not the binding's position, so reordering bindings keeps it), within
@@ -103,6 +208,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             hmac_secret_file: j.hmac_secret_ref.as_ref().map(key_path),
             public_key_file: j.public_key_secret_ref.as_ref().map(key_path),
             jwks_url: j.jwks_url.clone(),
+            jwks_allow_http: j.jwks_allow_http,
             ..relay_default::<relay::JwtKey>()
         };
         if let Some(s) = j.jwks_cache_seconds {
@@ -146,7 +252,8 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             client: std::net::SocketAddr::from(([0, 0, 0, 0], CLIENT_PORT as u16)),
             admin: std::net::SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT as u16)),
             path: WS_PATH.to_string(),
-            ..relay::Listen::default()
+            trusted_proxies: trusted_proxies(&spec.network.trusted_proxies),
+            client_ip_header: spec.network.client_ip_header.clone(),
         },
         tls: spec.tls.as_ref().map(|_| relay::ServerTls {
             cert_file: PathBuf::from(format!("{TLS_DIR}/tls.crt")),
@@ -163,7 +270,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             token_sources,
             allowed_origins: spec.auth.allowed_origins.clone(),
             allow_anonymous: spec.auth.allow_anonymous,
-            refuse_after_upgrade: relay::Auth::default().refuse_after_upgrade,
+            refuse_after_upgrade: spec.auth.refuse_after_upgrade,
         },
         bindings: spec
             .bindings
@@ -195,13 +302,14 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             max_connections: u32_of(l.max_connections_per_pod),
             max_message_bytes: u32_of(l.max_message_bytes.into()),
             send_queue_len: u32_of(l.send_queue_length.into()),
-            send_queue_bytes: relay::Limits::default().send_queue_bytes,
-            max_queued_bytes: relay::Limits::default().max_queued_bytes,
-            max_connections_per_ip: relay::Limits::default().max_connections_per_ip,
-            max_connections_per_subject: relay::Limits::default().max_connections_per_subject,
-            max_handshakes_in_flight: relay::Limits::default().max_handshakes_in_flight,
-            max_handshakes_in_flight_per_ip: relay::Limits::default()
-                .max_handshakes_in_flight_per_ip,
+            send_queue_bytes: u64_of_i64(l.send_queue_bytes),
+            max_queued_bytes: max_queued_bytes(spec),
+            max_connections_per_ip: u32_of(l.max_connections_per_ip),
+            max_connections_per_subject: u32_of(l.max_connections_per_subject),
+            max_handshakes_in_flight: u32_of(l.max_handshakes_in_flight.into()),
+            max_handshakes_in_flight_per_ip: l
+                .max_handshakes_in_flight_per_ip
+                .map(|v| u32_of(v.into())),
             slow_consumer_policy: match l.slow_consumer_policy {
                 SlowConsumerPolicy::Disconnect => relay::SlowConsumerPolicy::Disconnect,
                 SlowConsumerPolicy::DropOldest => relay::SlowConsumerPolicy::DropOldest,
@@ -396,6 +504,217 @@ mod tests {
             (200, 600, 512 << 20, 3)
         );
         config.validate().expect("valid");
+    }
+
+    fn minimal() -> WebsocketGatewaySpec {
+        spec(include_str!("../../tests/fixtures/minimal.yaml"))
+    }
+
+    fn set_memory_limit(s: &mut WebsocketGatewaySpec, memory: &str) {
+        use k8s_openapi::api::core::v1::ResourceRequirements;
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        s.resources = Some(ResourceRequirements {
+            limits: Some([("memory".to_string(), Quantity(memory.to_string()))].into()),
+            ..ResourceRequirements::default()
+        });
+    }
+
+    /// A gateway that sets none of the protections gets the CRD's defaults, which differ
+    /// from the relay's where a public gateway needs them to (per-subject limit, refusals
+    /// a browser can read).
+    #[test]
+    fn protections_default_to_what_a_public_gateway_needs() {
+        let config = relay_config(&minimal(), "ns", "gw");
+        config.validate().expect("the relay accepts the config");
+        let l = &config.limits;
+        assert_eq!(l.max_connections_per_ip, 0, "off: the pods may see a proxy");
+        assert_eq!(l.max_connections_per_subject, 100);
+        assert_eq!(l.max_handshakes_in_flight, 1024);
+        assert_eq!(l.max_handshakes_in_flight_per_ip, None);
+        assert_eq!(l.handshakes_per_ip(), 256);
+        assert_eq!(l.send_queue_bytes, 1024 * 1024);
+        assert_eq!(l.max_queued_bytes, 512 * 1024 * 1024, "no memory limit");
+        assert!(config.auth.refuse_after_upgrade);
+        assert!(config.listen.trusted_proxies.is_empty());
+        assert_eq!(config.listen.client_ip_header, "X-Forwarded-For");
+    }
+
+    #[test]
+    fn every_protection_set_in_the_spec_reaches_the_relay_config() {
+        let mut s = minimal();
+        s.limits.max_connections_per_ip = 50;
+        s.limits.max_connections_per_subject = 7;
+        s.limits.max_handshakes_in_flight = 300;
+        s.limits.max_handshakes_in_flight_per_ip = Some(20);
+        s.limits.max_message_bytes = 1_048_576;
+        s.limits.send_queue_bytes = 4 * 1_048_576;
+        s.limits.max_queued_bytes_per_pod = Some(64 * 1_048_576);
+        s.auth.refuse_after_upgrade = false;
+        s.network.trusted_proxies = vec!["10.244.0.0/16".into(), "fd00::/8".into()];
+        s.network.client_ip_header = "X-Real-IP".into();
+        let config = relay_config(&s, "ns", "gw");
+        config.validate().expect("the relay accepts the config");
+        let l = &config.limits;
+        assert_eq!(
+            (
+                l.max_connections_per_ip,
+                l.max_connections_per_subject,
+                l.max_handshakes_in_flight,
+                l.max_handshakes_in_flight_per_ip,
+            ),
+            (50, 7, 300, Some(20))
+        );
+        assert_eq!(
+            (l.max_message_bytes, l.send_queue_bytes, l.max_queued_bytes),
+            (1_048_576, 4 * 1_048_576, 64 * 1_048_576)
+        );
+        assert!(!config.auth.refuse_after_upgrade);
+        let proxies: Vec<String> = config
+            .listen
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(proxies, ["10.244.0.0/16", "fd00::/8"]);
+        assert_eq!(config.listen.client_ip_header, "X-Real-IP");
+        // The rendered file reads back as the same config (the relay's own loader).
+        let back: relay::Config =
+            serde_json::from_str(&render_config(&config).expect("renders")).expect("reads back");
+        assert_eq!(back, config);
+    }
+
+    /// The ends of the ranges the CRD admits (schema bounds and CEL cross-checks) render a
+    /// config the relay accepts: a gateway the API server took never fails the build on
+    /// these fields.
+    #[test]
+    fn the_extremes_the_crd_admits_pass_the_relays_validation() {
+        let mut s = minimal();
+        for (message, queue, budget, handshakes, share) in [
+            (256, 256, Some(256), 1, Some(1)),
+            (8_388_608, 8_388_608, Some(8_388_608), 65_536, Some(65_536)),
+            (8_388_608, 67_108_864, Some(1_099_511_627_776), 65_536, None),
+            (256, 67_108_864, None, 1, None),
+        ] {
+            s.limits.max_message_bytes = message;
+            s.limits.send_queue_bytes = queue;
+            s.limits.max_queued_bytes_per_pod = budget;
+            s.limits.max_handshakes_in_flight = handshakes;
+            s.limits.max_handshakes_in_flight_per_ip = share;
+            s.limits.max_connections_per_ip = 1_000_000;
+            s.limits.max_connections_per_subject = 0;
+            for memory in [None, Some("1"), Some("1Ti")] {
+                match memory {
+                    Some(m) => set_memory_limit(&mut s, m),
+                    None => s.resources = None,
+                }
+                let config = relay_config(&s, "ns", "gw");
+                config.validate().unwrap_or_else(|e| {
+                    panic!("{message} {queue} {budget:?} {handshakes} {share:?} {memory:?}: {e}")
+                });
+            }
+        }
+    }
+
+    /// The relay's config takes CIDRs only; the CRD also admits a single address, which
+    /// becomes a network of one. An entry neither parses as is left out (trust less).
+    #[test]
+    fn a_single_trusted_address_becomes_a_network_of_one() {
+        let mut s = minimal();
+        s.network.trusted_proxies = vec![
+            "10.1.2.3".into(),
+            "2001:db8::7".into(),
+            "192.168.0.0/24".into(),
+            "not-an-address".into(),
+        ];
+        let config = relay_config(&s, "ns", "gw");
+        config.validate().expect("valid");
+        let proxies: Vec<String> = config
+            .listen
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            proxies,
+            ["10.1.2.3/32", "2001:db8::7/128", "192.168.0.0/24"]
+        );
+    }
+
+    /// Unset, the pod's queued-bytes budget is half its memory limit (never below one
+    /// connection's queue); without a memory limit, the relay's default.
+    #[test]
+    fn the_queued_bytes_budget_follows_the_memory_limit() {
+        let mut s = minimal();
+        let budget = |s: &WebsocketGatewaySpec| {
+            let c = relay_config(s, "ns", "gw");
+            c.validate().expect("the relay accepts the config");
+            c.limits.max_queued_bytes
+        };
+        assert_eq!(budget(&s), relay::Limits::default().max_queued_bytes);
+        set_memory_limit(&mut s, "3Gi");
+        assert_eq!(budget(&s), 3 * 1024 * 1024 * 1024 / 2);
+        set_memory_limit(&mut s, "600M");
+        assert_eq!(budget(&s), 300_000_000);
+        set_memory_limit(&mut s, "1Mi");
+        assert_eq!(budget(&s), 1024 * 1024, "at least sendQueueBytes");
+        // A limit it cannot read: the relay's default, not zero.
+        set_memory_limit(&mut s, "lots");
+        assert_eq!(budget(&s), relay::Limits::default().max_queued_bytes);
+        // A memory request alone is no limit.
+        s.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(
+                [(
+                    "memory".to_string(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity("2Gi".into()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        });
+        assert_eq!(budget(&s), relay::Limits::default().max_queued_bytes);
+        // An explicit budget wins over the memory limit.
+        set_memory_limit(&mut s, "3Gi");
+        s.limits.max_queued_bytes_per_pod = Some(100_000_000);
+        assert_eq!(budget(&s), 100_000_000);
+    }
+
+    #[test]
+    fn quantities_are_read_in_bytes_rounded_up() {
+        let cases: [(&str, Option<u64>); 16] = [
+            ("128974848", Some(128_974_848)),
+            ("129e6", Some(129_000_000)),
+            ("129M", Some(129_000_000)),
+            ("123Mi", Some(123 * 1024 * 1024)),
+            ("1Gi", Some(1 << 30)),
+            ("1.5Gi", Some(3 << 29)),
+            ("0.5Ki", Some(512)),
+            ("1k", Some(1000)),
+            ("1E3", Some(1000)),
+            ("1E", Some(1_000_000_000_000_000_000)),
+            ("1500m", Some(2)),
+            ("+1Ki", Some(1024)),
+            ("-1Gi", None),
+            ("1Gb", None),
+            ("", None),
+            ("Gi", None),
+        ];
+        for (q, want) in cases {
+            assert_eq!(quantity_bytes(q), want, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn an_http_jwks_url_is_passed_on_with_its_flag() {
+        let mut s = spec(include_str!("../../tests/fixtures/full.yaml"));
+        let j = s.auth.jwt.as_mut().expect("jwt");
+        j.hmac_secret_ref = None;
+        j.jwks_url = Some("http://issuer.auth.svc/jwks.json".into());
+        j.jwks_allow_http = true;
+        let config = relay_config(&s, "ns", "gw");
+        config
+            .validate()
+            .expect("the relay accepts http with the flag");
+        assert!(config.auth.jwt.expect("jwt").key.jwks_allow_http);
     }
 
     #[test]
