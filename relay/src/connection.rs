@@ -77,18 +77,22 @@ pub async fn run<S>(
             why
         }
     });
-    let read = read_loop(
-        stream,
-        &conn,
-        &relay,
-        &done,
-        Duration::from_secs(limits.idle_timeout_seconds),
-        expires_at,
-    );
     // Whatever ended the reader, make sure the writer ends too (a no-op when a close was
     // requested already: the first request wins). A panic in a request's handling ends
     // this connection with 1011 and nothing else.
-    let cause = match crate::task::catch("reader", &relay.metrics, read).await {
+    let read = crate::task::catch(
+        "reader",
+        &relay.metrics,
+        read_loop(
+            stream,
+            &conn,
+            &relay,
+            &done,
+            Duration::from_secs(limits.idle_timeout_seconds),
+            expires_at,
+        ),
+    );
+    let cause = match read.await {
         Some(()) => Cause::PeerGone,
         None => Cause::Internal,
     };

@@ -12,15 +12,21 @@ use crate::metrics::Metrics;
 
 /// Runs `fut` to its end; `None` if it panicked (counted in `wsrelay_task_panics_total`).
 /// What `fut` held is dropped by the unwind: its caller releases what it registered.
-pub async fn catch<F: Future>(task: &'static str, metrics: &Metrics, fut: F) -> Option<F::Output> {
-    match AssertUnwindSafe(fut).catch_unwind().await {
+/// Not an `async fn`: that would hold `fut` twice (as its argument and inside the
+/// `CatchUnwind`), and an idle connection's task is sized by its reader's future.
+pub fn catch<'a, F: Future + 'a>(
+    task: &'static str,
+    metrics: &'a Metrics,
+    fut: F,
+) -> impl Future<Output = Option<F::Output>> + 'a {
+    AssertUnwindSafe(fut).catch_unwind().map(move |r| match r {
         Ok(v) => Some(v),
         Err(_) => {
             metrics.task_panics.inc();
             tracing::debug!(task, "panic caught at the task boundary");
             None
         }
-    }
+    })
 }
 
 /// Logs a panic as one structured error line (message and place), instead of the default
