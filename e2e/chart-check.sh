@@ -199,6 +199,9 @@ refuse 'a misspelt monitoring key' "additional properties 'enable' not allowed" 
 refuse 'a scrape interval without unit' "at '/monitoring/podMonitor/interval'" <<<'monitoring: {podMonitor: {interval: "30"}}'
 refuse 'a misspelt relay admin peer' "additional properties 'podSelecter' not allowed" <<<'relayAdminAccess: {from: [{podSelecter: {}}]}'
 refuse 'a misspelt networkPolicy key' "additional properties 'enable' not allowed" <<<'networkPolicy: {enable: false}'
+refuse 'a Secret label that is not key=value' "at '/tenancy/secretLabel'" <<<'tenancy: {secretLabel: usable}'
+refuse 'a tenant without a namespace selector' "missing property 'namespaceSelector'" <<<'tenancy: {policy: {enabled: true, tenants: [{name: a}]}}'
+refuse 'a NATS URL list written as one string with a comma' "at '/tenancy/policy/tenants/0/natsUrls/0'" <<<'tenancy: {policy: {enabled: true, tenants: [{name: a, namespaceSelector: {}, natsUrls: ["nats://a:4222,nats://b:4222"]}]}}'
 # The relays' admin port: the operator's own pods first, then relayAdminAccess.from.
 helm template "$release" "$chart" -n "$namespace" --show-only templates/deployment.yaml \
 	-f "$chart/ci/watch-namespace-values.yaml" >"$tmp/deploy.yaml"
@@ -230,4 +233,32 @@ if helm template "$release" "$chart" -n "$namespace" --set networkPolicy.enabled
 	fail "networkPolicy.enabled=false still renders a NetworkPolicy"
 fi
 log "operator NetworkPolicy: admin port from relayAdminAccess.from only, metrics API port from anywhere"
+# The tenancy policy: off by default; with ci/tenancy-values.yaml one policy, and per tenant
+# its parameters and a binding to its namespaces; the operator told the Secret label.
+if helm template "$release" "$chart" -n "$namespace" | grep -q '^kind: ValidatingAdmissionPolicy$'; then
+	fail "the tenancy policy is rendered with the default values (it is off by default)"
+fi
+helm template "$release" "$chart" -n "$namespace" -f "$chart/ci/tenancy-values.yaml" >"$tmp/tenancy.yaml"
+python3 - "$tmp/tenancy.yaml" "$release" "$namespace" <<'PY' || fail "the tenancy policy with ci/tenancy-values.yaml"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+release, ns = sys.argv[2], sys.argv[3]
+kinds = lambda k: [d for d in docs if d["kind"] == k]
+policies = kinds("ValidatingAdmissionPolicy")
+assert len(policies) == 1, policies
+policy = policies[0]["metadata"]["name"]
+binds = {b["metadata"]["name"]: b["spec"] for b in kinds("ValidatingAdmissionPolicyBinding")}
+params = {c["metadata"]["name"]: c for c in kinds("ConfigMap") if c["metadata"]["name"].startswith(policy)}
+assert sorted(binds) == [policy + "-platform", policy + "-team-a"], binds
+for name, spec in binds.items():
+    assert spec["policyName"] == policy and spec["validationActions"] == ["Deny"], spec
+    assert spec["paramRef"] == {"name": name, "namespace": ns, "parameterNotFoundAction": "Deny"}, spec
+    assert params[name]["metadata"]["namespace"] == ns
+assert binds[policy + "-team-a"]["matchResources"]["namespaceSelector"] == {"matchLabels": {"team": "a"}}
+assert params[policy + "-team-a"]["data"] == {"natsUrls": "nats://nats.team-a:4222", "imagePrefixes": "registry.example.com/wsrelay/", "allowPlacement": "false"}
+assert params[policy + "-platform"]["data"] == {"allowPlacement": "true"}
+env = {e["name"]: e.get("value") for d in kinds("Deployment") for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+assert env.get("WSRELAY_SECRET_LABEL") == "wsrelay.dev/usable=true", env
+PY
+log "tenancy: off by default; a policy, per tenant its parameters and binding; the Secret label passed on"
 log "ok"

@@ -69,6 +69,16 @@ pub struct Operator {
 impl Operator {
     /// Starts an operator for `namespace`, with leader election over `lease` if given.
     pub fn start(client: Client, namespace: &str, lease: Option<LeaseConfig>) -> Self {
+        Self::start_with(client, namespace, lease, None)
+    }
+
+    /// Like [`Operator::start`], requiring `secret_label` of every Secret a gateway names.
+    pub fn start_with(
+        client: Client,
+        namespace: &str,
+        lease: Option<LeaseConfig>,
+        secret_label: Option<wsrelay_operator::validate::SecretLabel>,
+    ) -> Self {
         let shutdown = CancellationToken::new();
         let config = RunConfig {
             namespace: Some(namespace.to_string()),
@@ -76,6 +86,7 @@ impl Operator {
             identity: lease.as_ref().map(|l| l.identity.clone()),
             leader_election: lease,
             relay_admin_peers: Vec::new(),
+            secret_label,
         };
         let task = tokio::spawn(wsrelay_operator::run(client, config, shutdown.clone()));
         Self {

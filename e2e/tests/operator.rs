@@ -895,3 +895,202 @@ async fn the_operator_reads_only_the_secrets_it_needs_and_is_quiet_at_rest() -> 
     })
     .await
 }
+
+/// Runs `kubectl` with `args` (as `user` when given) and returns (success, stdout + stderr).
+fn kubectl_as(user: Option<&str>, args: &[&str]) -> Result<(bool, String)> {
+    let mut c = wsrelay_e2e::tools::kubectl();
+    if let Some(user) = user {
+        c.args(["--as", user]);
+    }
+    let out = c.args(args).output().context("running kubectl")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// The chart's tenancy policy (issue 23: a gateway author who cannot exceed their rights), on
+/// a real API server: a user who may create gateways and may not read Secrets, impersonated
+/// with `kubectl --as`, is refused each spec the namespace's tenant may not use, with the
+/// policy's message, and may create what it may.
+#[tokio::test]
+async fn a_tenancy_policy_refuses_what_the_namespace_may_not_use() -> Result<()> {
+    with_namespace("op-tenancy", |client, ns| async move {
+        install_crd(&client).await?;
+        // This namespace alone is the tenant: other tests' namespaces stay unrestricted.
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .patch(
+                &ns,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"wsrelay.dev/tenant": ns}}})),
+            )
+            .await?;
+        let dir = std::env::temp_dir().join(format!("wsrelay-e2e-{ns}"));
+        std::fs::create_dir_all(&dir)?;
+        let values = dir.join("values.json");
+        std::fs::write(
+            &values,
+            json!({"tenancy": {"policy": {"enabled": true, "tenants": [{
+                "name": "a",
+                "namespaceSelector": {"matchLabels": {"wsrelay.dev/tenant": ns}},
+                "natsUrls": ["nats://nats.tenant-a:4222"],
+                "imagePrefixes": ["registry.example.com/wsrelay/"],
+            }]}}})
+            .to_string(),
+        )?;
+        // The chart's own template, rendered for this namespace (the release name makes the
+        // cluster-scoped objects this test's own).
+        let chart = wsrelay_e2e::repo_root().join("charts/wsrelay-operator");
+        let mut helm = wsrelay_e2e::tools::helm();
+        helm.args(["template", &ns])
+            .arg(&chart)
+            .args(["--namespace", &ns, "-f"])
+            .arg(&values)
+            .args(["--show-only", "templates/tenancy-policy.yaml"]);
+        let rendered = wsrelay_e2e::tools::run(helm)?.stdout;
+        let manifest = dir.join("policy.yaml");
+        std::fs::write(&manifest, rendered)?;
+        let manifest = manifest.to_string_lossy().into_owned();
+        let outcome = async {
+            let (ok, out) = kubectl_as(None, &["apply", "-f", &manifest])?;
+            anyhow::ensure!(ok, "applying the policy: {out}");
+            // The author: gateways yes, Secrets no.
+            for args in [
+                vec!["create", "role", "gateway-author", "-n", &ns, "--verb=create,get,list,update,patch", "--resource=websocketgateways.wsrelay.dev"],
+                vec!["create", "rolebinding", "gateway-author", "-n", &ns, "--role=gateway-author", "--user=tenant-author"],
+            ] {
+                let (ok, out) = kubectl_as(None, &args)?;
+                anyhow::ensure!(ok, "{args:?}: {out}");
+            }
+            let author = Some("tenant-author");
+            let (ok, out) = kubectl_as(author, &["get", "secrets", "-n", &ns])?;
+            assert!(!ok && out.contains("forbidden"), "the author reads no Secret: {out}");
+
+            let mut allowed = valid()?;
+            merge(
+                &mut allowed,
+                &json!({
+                    "metadata": {"namespace": ns},
+                    "spec": {
+                        "nats": {"urls": ["nats://nats.tenant-a:4222"]},
+                        "image": {"name": "registry.example.com/wsrelay/wsrelay:0.1.0"}
+                    }
+                }),
+            );
+            let try_create = |gw: &serde_json::Value| -> Result<(bool, String)> {
+                let file = dir.join("gateway.json");
+                std::fs::write(&file, gw.to_string())?;
+                kubectl_as(
+                    author,
+                    &["create", "--dry-run=server", "-n", &ns, "-f", &file.to_string_lossy()],
+                )
+            };
+            let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+                ("another NATS server",
+                 json!({"spec": {"nats": {"urls": ["nats://attacker.example.com:4222"]}}}),
+                 "may use only the NATS servers nats://nats.tenant-a:4222"),
+                ("a listed server and another",
+                 json!({"spec": {"nats": {"urls": ["nats://nats.tenant-a:4222", "nats://nats.tenant-a:4222.attacker.example.com"]}}}),
+                 "may use only the NATS servers"),
+                ("an image from another registry",
+                 json!({"spec": {"image": {"name": "docker.io/attacker/relay:1"}}}),
+                 "may run only images under registry.example.com/wsrelay/, not docker.io/attacker/relay:1"),
+                ("a node selector",
+                 json!({"spec": {"placement": {"nodeSelector": {"node-role.kubernetes.io/control-plane": ""}}}}),
+                 "may not choose their nodes"),
+                ("a toleration",
+                 json!({"spec": {"placement": {"tolerations": [{"key": "dedicated", "operator": "Exists"}]}}}),
+                 "may not choose their nodes"),
+            ];
+            // A new policy takes effect within seconds: wait for the first refusal.
+            let (_, first, want) = &cases[0];
+            let mut gw = allowed.clone();
+            merge(&mut gw, first);
+            eventually("the tenancy policy to take effect", || async {
+                let (ok, out) = try_create(&gw)?;
+                Ok((!ok && out.contains(want)).then_some(()))
+            })
+            .await?;
+            for (what, patch, want) in &cases {
+                let mut gw = allowed.clone();
+                merge(&mut gw, patch);
+                let (ok, out) = try_create(&gw)?;
+                assert!(!ok, "{what}: accepted");
+                assert!(out.contains(want), "{what}: {out}");
+            }
+            let (ok, out) = try_create(&allowed)?;
+            assert!(ok, "what the tenant may use is accepted: {out}");
+            Ok(())
+        }
+        .await;
+        // The policy and its binding are cluster-scoped: they go whatever the outcome.
+        let _ = kubectl_as(None, &["delete", "--ignore-not-found", "-f", &manifest]);
+        let _ = std::fs::remove_dir_all(&dir);
+        outcome
+    })
+    .await
+}
+
+/// With a required Secret label (`tenancy.secretLabel`), a gateway that names a Secret
+/// without it is Degraded `SecretNotUsable` with a Warning Event, nothing is rolled out, and
+/// labelling the Secret lets it recover.
+#[tokio::test]
+async fn a_secret_without_the_required_label_degrades_the_gateway() -> Result<()> {
+    with_namespace("op-label", |client, ns| async move {
+        install_crd(&client).await?;
+        let label: wsrelay_operator::validate::SecretLabel = "wsrelay.dev/usable=true".parse().map_err(anyhow::Error::msg)?;
+        let _operator = Operator::start_with(client.clone(), &ns, None, Some(label));
+        let (secrets, gw) = example()?;
+        let secret_api = Api::<Secret>::namespaced(client.clone(), &ns);
+        // Every Secret labelled but the JWT key's.
+        for mut s in secrets {
+            s.metadata.resource_version = None;
+            if s.name_any() != "chat-jwt" {
+                s.labels_mut().insert("wsrelay.dev/usable".into(), "true".into());
+            }
+            secret_api.create(&PostParams::default(), &s).await?;
+        }
+        let gw = create_gateway(&client, &ns, &gw).await?;
+        let name = gw.name_any();
+        let gws = Api::<WebsocketGateway>::namespaced(client.clone(), &ns);
+        let degraded = wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| condition(g, "Degraded"))
+                .is_some_and(|c| c.status == "True")
+        })
+        .await?;
+        let c = condition(&degraded, "Degraded").context("Degraded")?;
+        assert_eq!(c.reason, "SecretNotUsable", "{}", c.message);
+        assert!(
+            c.message.contains("Secret chat-jwt lacks the label wsrelay.dev/usable=true"),
+            "{}",
+            c.message
+        );
+        eventually("a SecretNotUsable Event", || async {
+            let e = events_for(&client, &ns, &name, "SecretNotUsable").await?;
+            Ok((!e.is_empty()).then_some(()))
+        })
+        .await?;
+        assert!(
+            get::<Deployment>(&client, &ns, &name).await?.is_none(),
+            "nothing is rolled out with a Secret it may not use"
+        );
+        // Its owner labels it: the gateway recovers at the operator's next look.
+        secret_api
+            .patch(
+                "chat-jwt",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"wsrelay.dev/usable": "true"}}})),
+            )
+            .await?;
+        wait_for(&gws, &name, |g: Option<&WebsocketGateway>| {
+            g.and_then(|g| condition(g, "Degraded"))
+                .is_some_and(|c| c.status == "False")
+        })
+        .await?;
+        assert!(get::<Deployment>(&client, &ns, &name).await?.is_some());
+        Ok(())
+    })
+    .await
+}

@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// pods and the monitoring. Empty: only the node (kubelet probes) reaches it.
     #[arg(long, env = "WSRELAY_RELAY_ADMIN_PEERS", value_parser = parse_peers, default_value = "[]")]
     pub relay_admin_peers: Peers,
+    /// A label (`key=value`) every Secret a gateway names must carry; a gateway naming
+    /// another is Degraded (`SecretNotUsable`). Unset: any Secret of the gateway's namespace.
+    #[arg(long, env = "WSRELAY_SECRET_LABEL")]
+    pub secret_label: Option<crate::validate::SecretLabel>,
     /// The custom metrics API (custom.metrics.k8s.io) for the HPA. Boxed: it would make
     /// `Command::Run` much larger than its sibling.
     #[command(flatten)]
@@ -93,6 +97,7 @@ impl RunArgs {
             }),
             identity: Some(identity),
             relay_admin_peers: self.relay_admin_peers.0,
+            secret_label: self.secret_label,
         }
     }
 }

@@ -146,6 +146,8 @@ pub struct Context {
     /// The one scraper of the relays' `/metrics` (shared with the custom metrics API, so a
     /// pod is asked once per cache period whoever asks).
     scraper: Scraper,
+    /// The label every Secret a gateway names must carry (`--secret-label`), if any.
+    secret_label: Option<crate::validate::SecretLabel>,
 }
 
 impl std::fmt::Debug for Context {
@@ -161,6 +163,7 @@ impl Context {
         instance: Option<String>,
         admin_peers: Vec<NetworkPolicyPeer>,
         scraper: Scraper,
+        secret_label: Option<crate::validate::SecretLabel>,
     ) -> Self {
         let reporter = Reporter {
             controller: MANAGER.to_string(),
@@ -174,6 +177,7 @@ impl Context {
             applied: Mutex::new(HashMap::new()),
             admin_peers,
             scraper,
+            secret_label,
         }
     }
 
@@ -332,7 +336,7 @@ async fn reconcile_stages(
 async fn pipeline(o: &Observed, ctx: &Context, stages: &mut Stages) -> Result<Action, Error> {
     stages.done("fetch");
     let gw = o.gateway.as_ref();
-    let valid = validate(gw, &o.secrets);
+    let valid = validate(gw, &o.secrets, ctx.secret_label.as_ref());
     stages.done("validate");
     if let Err(e) = valid {
         ctx.record_applied(o, None);

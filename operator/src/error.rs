@@ -89,6 +89,7 @@ pub const CATEGORIES: &[&str] = &[
     "SecretNotFound",
     "SecretKeyNotFound",
     "InvalidSecret",
+    "SecretNotUsable",
     "InvalidConfig",
     "BuildFailed",
     "ApplyFailed",
@@ -155,6 +156,13 @@ mod tests {
                 name: "s".into(),
                 key: "k".into(),
                 reason: "r".into(),
+            }),
+            Error::Validate(ValidateError::SecretNotUsable {
+                name: "s".into(),
+                label: crate::validate::SecretLabel {
+                    key: "k".into(),
+                    value: "v".into(),
+                },
             }),
             Error::Build(BuildError::MissingMetadata("uid")),
             Error::Apply {

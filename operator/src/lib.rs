@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub identity: Option<String>,
     /// Who may reach the relays' admin port (see [`build::Options::admin_peers`]).
     pub relay_admin_peers: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
+    /// The label every Secret a gateway names must carry (None: any Secret of its namespace).
+    pub secret_label: Option<validate::SecretLabel>,
 }
 
 /// Why the operator could not run.
@@ -153,6 +155,7 @@ pub async fn run_with(
         config.identity.clone(),
         config.relay_admin_peers.clone(),
         scraper,
+        config.secret_label.clone(),
     ));
     let namespace = config.namespace.clone();
     // A replica that lost the lease ends here with an error (the binary exits non-zero and

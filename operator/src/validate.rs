@@ -28,6 +28,54 @@ pub enum ValidateError {
         key: String,
         reason: String,
     },
+    /// A referenced Secret lacks the label this installation requires of Secrets a gateway
+    /// may name (`--secret-label`): an author may not point a gateway at any Secret of the
+    /// namespace.
+    #[error(
+        "Secret {name} lacks the label {label}: this installation lets a gateway use only Secrets labelled so (ask whoever owns the Secret to label it)"
+    )]
+    SecretNotUsable { name: String, label: SecretLabel },
+}
+
+/// The label a Secret must carry for a gateway to use it (`--secret-label key=value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretLabel {
+    /// The label's key.
+    pub key: String,
+    /// Its value.
+    pub value: String,
+}
+
+impl std::fmt::Display for SecretLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
+    }
+}
+
+impl std::str::FromStr for SecretLabel {
+    type Err = String;
+
+    /// `key=value`, a label key and value as Kubernetes allows them (checked loosely: no
+    /// spaces, both sides non-empty for the key).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (key, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?} is not key=value"))?;
+        let ok = |t: &str| {
+            t.len() <= 317
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        };
+        if key.is_empty() || !ok(key) || !ok(value) {
+            return Err(format!(
+                "{s:?} is not a label key=value (letters, digits, '-', '_', '.', '/')"
+            ));
+        }
+        Ok(Self {
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
 }
 
 impl ValidateError {
@@ -37,6 +85,7 @@ impl ValidateError {
             Self::SecretNotFound { .. } => "SecretNotFound",
             Self::SecretKeyNotFound { .. } => "SecretKeyNotFound",
             Self::InvalidSecret { .. } => "InvalidSecret",
+            Self::SecretNotUsable { .. } => "SecretNotUsable",
         }
     }
 }
@@ -179,16 +228,31 @@ pub fn secret_names(gw: &WebsocketGateway) -> Vec<String> {
     names
 }
 
-/// Checks the referenced Secrets (`None`: the Secret does not exist). Pure.
+/// Checks the referenced Secrets (`None`: the Secret does not exist), and that each carries
+/// `required` when the installation requires a label. Pure.
 pub fn validate(
     gw: &WebsocketGateway,
     secrets: &BTreeMap<String, Option<Secret>>,
+    required: Option<&SecretLabel>,
 ) -> Result<(), ValidateError> {
     for (name, key, content) in references(gw) {
         let secret = secrets
             .get(&name)
             .and_then(Option::as_ref)
             .ok_or_else(|| ValidateError::SecretNotFound { name: name.clone() })?;
+        if let Some(label) = required
+            && secret
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(&label.key))
+                != Some(&label.value)
+        {
+            return Err(ValidateError::SecretNotUsable {
+                name: name.clone(),
+                label: label.clone(),
+            });
+        }
         let value = secret_value(secret, &key).ok_or_else(|| ValidateError::SecretKeyNotFound {
             name: name.clone(),
             key: key.clone(),
@@ -410,7 +474,7 @@ mod tests {
 
     #[test]
     fn all_secrets_present_and_usable_passes() {
-        assert_eq!(validate(&gateway(), &good()), Ok(()));
+        assert_eq!(validate(&gateway(), &good(), None), Ok(()));
     }
 
     #[test]
@@ -432,7 +496,7 @@ mod tests {
         let mut s = good();
         s.insert("chat-jwt".into(), None);
         assert_eq!(
-            validate(&gateway(), &s),
+            validate(&gateway(), &s, None),
             Err(ValidateError::SecretNotFound {
                 name: "chat-jwt".into()
             })
@@ -443,7 +507,7 @@ mod tests {
     fn a_missing_key_is_named() {
         let mut s = good();
         s.insert("chat-nats".into(), secret(&[("other", "x")]));
-        let err = validate(&gateway(), &s).expect_err("missing key");
+        let err = validate(&gateway(), &s, None).expect_err("missing key");
         assert_eq!(err.category(), "SecretKeyNotFound");
         assert_eq!(err.to_string(), "Secret chat-nats has no key token");
     }
@@ -452,7 +516,7 @@ mod tests {
     fn a_short_hmac_key_is_refused() {
         let mut s = good();
         s.insert("chat-jwt".into(), secret(&[("hmac", "short")]));
-        let err = validate(&gateway(), &s).expect_err("weak key");
+        let err = validate(&gateway(), &s, None).expect_err("weak key");
         assert_eq!(err.category(), "InvalidSecret");
         assert!(err.to_string().contains("at least 32 bytes"), "{err}");
     }
@@ -461,15 +525,60 @@ mod tests {
     fn a_ca_that_is_not_pem_is_refused() {
         let mut s = good();
         s.insert("nats-ca".into(), secret(&[("ca.crt", "not a certificate")]));
-        let err = validate(&gateway(), &s).expect_err("not pem");
+        let err = validate(&gateway(), &s, None).expect_err("not pem");
         assert!(err.to_string().contains("not PEM"), "{err}");
+    }
+
+    #[test]
+    fn a_required_label_is_checked_on_every_secret_named() {
+        let label: SecretLabel = "wsrelay.dev/usable=true".parse().expect("label");
+        let labelled = |mut s: BTreeMap<String, Option<Secret>>| {
+            for secret in s.values_mut().flatten() {
+                secret.metadata.labels =
+                    Some(BTreeMap::from([(label.key.clone(), label.value.clone())]));
+            }
+            s
+        };
+        assert_eq!(validate(&gateway(), &labelled(good()), Some(&label)), Ok(()));
+        // One Secret without it (here the NATS token) is named, with the label it lacks.
+        let mut s = labelled(good());
+        s.insert("chat-nats".into(), secret(&[("token", "t")]));
+        let err = validate(&gateway(), &s, Some(&label)).expect_err("unlabelled");
+        assert_eq!(err.category(), "SecretNotUsable");
+        assert!(
+            err.to_string()
+                .starts_with("Secret chat-nats lacks the label wsrelay.dev/usable=true"),
+            "{err}"
+        );
+        // Another value of the label is not the label.
+        let mut s = labelled(good());
+        if let Some(Some(n)) = s.get_mut("chat-nats") {
+            n.metadata.labels = Some(BTreeMap::from([(label.key.clone(), "false".into())]));
+        }
+        assert!(validate(&gateway(), &s, Some(&label)).is_err());
+        // Without the requirement, labels do not matter.
+        assert_eq!(validate(&gateway(), &good(), None), Ok(()));
+    }
+
+    #[test]
+    fn a_secret_label_is_key_equals_value() {
+        assert_eq!(
+            "wsrelay.dev/usable=true".parse::<SecretLabel>(),
+            Ok(SecretLabel {
+                key: "wsrelay.dev/usable".into(),
+                value: "true".into()
+            })
+        );
+        for bad in ["usable", "=true", "a b=c", "k=v v"] {
+            assert!(bad.parse::<SecretLabel>().is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn an_empty_value_is_refused() {
         let mut s = good();
         s.insert("chat-nats".into(), secret(&[("token", " \n")]));
-        let err = validate(&gateway(), &s).expect_err("empty");
+        let err = validate(&gateway(), &s, None).expect_err("empty");
         assert!(err.to_string().ends_with("is empty"), "{err}");
     }
 }
