@@ -1040,7 +1040,9 @@ async fn a_tenancy_policy_refuses_what_the_namespace_may_not_use() -> Result<()>
 async fn a_secret_without_the_required_label_degrades_the_gateway() -> Result<()> {
     with_namespace("op-label", |client, ns| async move {
         install_crd(&client).await?;
-        let label: wsrelay_operator::validate::SecretLabel = "wsrelay.dev/usable=true".parse().map_err(anyhow::Error::msg)?;
+        let label: wsrelay_operator::validate::SecretLabel = "wsrelay.dev/usable=true"
+            .parse()
+            .map_err(anyhow::Error::msg)?;
         let _operator = Operator::start_with(client.clone(), &ns, None, Some(label));
         let (secrets, gw) = example()?;
         let secret_api = Api::<Secret>::namespaced(client.clone(), &ns);
@@ -1048,7 +1050,8 @@ async fn a_secret_without_the_required_label_degrades_the_gateway() -> Result<()
         for mut s in secrets {
             s.metadata.resource_version = None;
             if s.name_any() != "chat-jwt" {
-                s.labels_mut().insert("wsrelay.dev/usable".into(), "true".into());
+                s.labels_mut()
+                    .insert("wsrelay.dev/usable".into(), "true".into());
             }
             secret_api.create(&PostParams::default(), &s).await?;
         }
@@ -1063,7 +1066,8 @@ async fn a_secret_without_the_required_label_degrades_the_gateway() -> Result<()
         let c = condition(&degraded, "Degraded").context("Degraded")?;
         assert_eq!(c.reason, "SecretNotUsable", "{}", c.message);
         assert!(
-            c.message.contains("Secret chat-jwt lacks the label wsrelay.dev/usable=true"),
+            c.message
+                .contains("Secret chat-jwt lacks the label wsrelay.dev/usable=true"),
             "{}",
             c.message
         );

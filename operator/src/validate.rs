@@ -539,7 +539,10 @@ mod tests {
             }
             s
         };
-        assert_eq!(validate(&gateway(), &labelled(good()), Some(&label)), Ok(()));
+        assert_eq!(
+            validate(&gateway(), &labelled(good()), Some(&label)),
+            Ok(())
+        );
         // One Secret without it (here the NATS token) is named, with the label it lacks.
         let mut s = labelled(good());
         s.insert("chat-nats".into(), secret(&[("token", "t")]));
