@@ -992,7 +992,7 @@ async fn a_tenancy_policy_refuses_what_the_namespace_may_not_use() -> Result<()>
                  json!({"spec": {"nats": {"urls": ["nats://attacker.example.com:4222"]}}}),
                  "may use only the NATS servers nats://nats.tenant-a:4222"),
                 ("a listed server and another",
-                 json!({"spec": {"nats": {"urls": ["nats://nats.tenant-a:4222", "nats://nats.tenant-a:4222.attacker.example.com"]}}}),
+                 json!({"spec": {"nats": {"urls": ["nats://nats.tenant-a:4222", "nats://nats.tenant-a.attacker.example.com:4222"]}}}),
                  "may use only the NATS servers"),
                 ("an image from another registry",
                  json!({"spec": {"image": {"name": "docker.io/attacker/relay:1"}}}),
