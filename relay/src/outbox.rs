@@ -189,6 +189,9 @@ pub struct QueueBudget {
     /// `wsrelay_messages_dropped_total{reason="slow_consumer_drop_oldest"}`: a byte limit can
     /// drop more than one message for one push; the hub counts one per push, this the rest.
     dropped_extra: Counter,
+    /// `wsrelay_slow_consumers_total`, for the overflows of replies (the hub counts those of
+    /// messages).
+    slow_consumers: Counter,
 }
 
 impl QueueBudget {
@@ -198,6 +201,7 @@ impl QueueBudget {
         used: Gauge,
         hits: Family<LimitHit, Counter>,
         dropped_extra: Counter,
+        slow_consumers: Counter,
     ) -> Self {
         Self {
             used,
@@ -205,6 +209,7 @@ impl QueueBudget {
             hits,
             queues: std::sync::atomic::AtomicUsize::new(0),
             dropped_extra,
+            slow_consumers,
         }
     }
 
@@ -214,6 +219,7 @@ impl QueueBudget {
             u64::MAX,
             Gauge::default(),
             Family::default(),
+            Counter::default(),
             Counter::default(),
         )
     }
@@ -499,6 +505,7 @@ impl Outbox {
             && g.bytes.saturating_add(len) > self.max_bytes.saturating_add(REPLY_ROOM_BYTES);
         if g.queue.len() >= self.capacity + REPLY_ROOM || over_bytes {
             self.budget.hit("replies");
+            self.budget.slow_consumers.inc();
             g.close = Some(Cause::SlowConsumer.request());
             self.discard(&mut g);
             drop(g);
@@ -760,6 +767,7 @@ mod tests {
             limit,
             Gauge::default(),
             Family::default(),
+            Counter::default(),
             Counter::default(),
         ))
     }

@@ -110,6 +110,7 @@ impl Relay {
                     reason: "slow_consumer_drop_oldest",
                 })
                 .clone(),
+            metrics.slow_consumers.clone(),
         ));
         let name = std::env::var("HOSTNAME")
             .ok()

@@ -417,6 +417,11 @@ async fn item10_unread_replies_count_against_the_send_queue_bytes() {
         metric(admin, "wsrelay_queued_bytes ").await
     );
     assert_eq!(metric(admin, "wsrelay_queued_bytes ").await, Some(0.0));
+    assert_eq!(
+        metric(admin, "wsrelay_slow_consumers_total").await,
+        Some(1.0),
+        "counted as a slow consumer, as a message overflow is"
+    );
     relay.drain().await;
 }
 

@@ -27,7 +27,11 @@ pub struct Listen {
     /// client. A request from any other peer is counted under the peer's address, whatever it
     /// sends. Empty (the default): the header is never read. The PROXY protocol is not
     /// supported.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nets_or_addresses"
+    )]
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The header a trusted proxy puts the client's address in: a comma-separated list
     /// appended to by each proxy (`X-Forwarded-For`), or a single address (`X-Real-IP`).
@@ -111,4 +115,24 @@ impl Config {
             }
         }
     }
+}
+
+/// CIDRs, or single addresses taken as a network of one (`10.1.2.3` is `10.1.2.3/32`).
+fn nets_or_addresses<'de, D>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let items = <Vec<String> as Deserialize<'de>>::deserialize(d)?;
+    items
+        .iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is neither a CIDR (10.0.0.0/8) nor an address (10.1.2.3)"
+                    ))
+                })
+        })
+        .collect()
 }

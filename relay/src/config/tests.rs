@@ -61,6 +61,22 @@ fn full_config_parses_and_validates() {
 }
 
 #[test]
+fn trusted_proxies_are_cidrs_or_single_addresses() {
+    let parse = |proxies: &str| {
+        serde_json::from_str::<Config>(&format!(
+            r#"{{"nats":{{"urls":["nats://n:4222"]}},"listen":{{"trustedProxies":{proxies}}}}}"#
+        ))
+        .map(|c| c.listen.trusted_proxies)
+    };
+    let nets = parse(r#"["10.0.0.0/8","10.1.2.3","2001:db8::1"]"#).unwrap();
+    let shown: Vec<String> = nets.iter().map(ToString::to_string).collect();
+    assert_eq!(shown, ["10.0.0.0/8", "10.1.2.3/32", "2001:db8::1/128"]);
+    let err = parse(r#"["ingress-nginx"]"#).unwrap_err().to_string();
+    assert!(err.contains("neither a CIDR"), "{err}");
+    assert!(parse(r#"["10.0.0.0/33"]"#).is_err());
+}
+
+#[test]
 fn minimal_config_gets_defaults() {
     let c: Config = serde_json::from_str(
         r#"{"nats":{"urls":["nats://n:4222"]},"auth":{"allowAnonymous":true},
