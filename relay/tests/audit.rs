@@ -34,15 +34,6 @@ fn q(claims: Value) -> String {
     format!("?token={}", hs256(claims))
 }
 
-/// A nats-server with JetStream, its store in a directory of the test's own.
-fn jetstream_nats(tag: &str) -> (Nats, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("wsrelay-audit-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let nats = Nats::start_args(&["-js", "-sd", dir.to_str().unwrap()]);
-    (nats, dir)
-}
-
 /// A WebSocket client on a socket of its own making: bound to `local` (another loopback
 /// address stands for another client address), with `recv_buffer` bytes of receive buffer.
 async fn connect_from(
@@ -82,7 +73,7 @@ async fn connect_from(
 #[tokio::test]
 async fn item1_a_msg_id_with_a_line_break_is_refused_and_the_connection_lives() {
     init_logs();
-    let (nats, dir) = jetstream_nats("msgid");
+    let (_store, nats) = jetstream_nats("msgid");
     let mut c = config(&nats.url());
     let mut orders = binding("orders.{id}", "orders.{id}", Direction::Both);
     orders.history = Some(
@@ -132,7 +123,6 @@ async fn item1_a_msg_id_with_a_line_break_is_refused_and_the_connection_lives() 
         "no task panicked"
     );
     relay.drain().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Item 2: an SSE session that ended (here by an oversize POST: 413, close 1009) left its

@@ -16,15 +16,6 @@ use wsrelay::config::{Config, Direction, History};
 
 const STREAM: &str = "WSRELAY_TEST_ORDERS";
 
-/// A nats-server with JetStream, its store in a directory of the test's own.
-fn jetstream_nats(tag: &str) -> (Nats, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("wsrelay-resume-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let nats = Nats::start_args(&["-js", "-sd", dir.to_str().unwrap()]);
-    (nats, dir)
-}
-
 fn resumable_config(nats_url: &str, max_messages: u32) -> Config {
     let mut c = base_config(nats_url);
     c.limits.send_queue_len = c.limits.send_queue_len.max(max_messages);
@@ -116,7 +107,7 @@ async fn resume(ws: &mut Ws, id: u64, channel: &str, epoch: &str, seq: u64) -> V
 #[tokio::test]
 async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("basic");
+    let (_store, nats) = jetstream_nats("basic");
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
@@ -185,7 +176,7 @@ async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
 #[tokio::test]
 async fn a_client_that_subscribed_before_any_message_resumes_from_zero() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("zero");
+    let (_store, nats) = jetstream_nats("zero");
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
@@ -209,7 +200,7 @@ async fn a_client_that_subscribed_before_any_message_resumes_from_zero() {
 #[tokio::test]
 async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("window");
+    let (_store, nats) = jetstream_nats("window");
     let relay = start_relay(resumable_config(&nats.url(), 5)).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
@@ -263,7 +254,7 @@ async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
 #[tokio::test]
 async fn foreign_and_malformed_positions_get_defined_answers() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("foreign");
+    let (_store, nats) = jetstream_nats("foreign");
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
@@ -306,7 +297,7 @@ async fn foreign_and_malformed_positions_get_defined_answers() {
 #[tokio::test]
 async fn publishes_on_resumable_channels_are_stored_before_ok() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("publish");
+    let (_store, nats) = jetstream_nats("publish");
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let mut reader = connect(relay.client_addr, "").await;
     let ok = subscribe(&mut reader, 1, "orders.p").await;
@@ -339,7 +330,7 @@ async fn publishes_on_resumable_channels_are_stored_before_ok() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_racing_live_publishes_lose_and_double_nothing() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("race");
+    let (_store, nats) = jetstream_nats("race");
     // A window that holds everything: what is measured is the merge, not the window.
     let relay = start_relay(resumable_config(&nats.url(), 4_096)).await;
     let addr = relay.client_addr;
@@ -395,7 +386,7 @@ async fn replays_racing_live_publishes_lose_and_double_nothing() {
 #[tokio::test]
 async fn nats_restarted_mid_stream_loses_nothing() {
     init_logs();
-    let (mut nats, dir) = jetstream_nats("restart");
+    let (dir, mut nats) = jetstream_nats("restart");
     let port = nats.port;
     let relay = start_relay(resumable_config(&nats.url(), 100)).await;
     let addr = relay.client_addr;
@@ -444,7 +435,7 @@ async fn a_cluster_server_killed_mid_stream_loses_nothing() {
     // one taken meanwhile by another process makes its server exit, and then all three
     // start again on other ports. Client ports are picked by nats-server itself.
     let mut attempt = 0;
-    let mut servers: Vec<(Nats, std::path::PathBuf)> = loop {
+    let mut servers: Vec<(Nats, StoreDir)> = loop {
         attempt += 1;
         let cports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes = cports
@@ -455,10 +446,7 @@ async fn a_cluster_server_killed_mid_stream_loses_nothing() {
         let mut servers = Vec::new();
         let mut failed = None;
         for (i, cport) in cports.iter().enumerate() {
-            let dir =
-                std::env::temp_dir().join(format!("wsrelay-resume-{}-c{i}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = StoreDir::new(&format!("c{i}"));
             match Nats::try_start_args(&[
                 "-js",
                 "-sd",
@@ -592,7 +580,7 @@ async fn connect_small_window(addr: std::net::SocketAddr) -> Ws {
 #[tokio::test]
 async fn a_slow_client_on_a_resumable_channel_is_told_of_the_hole() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("dropped");
+    let (_store, nats) = jetstream_nats("dropped");
     let mut c = resumable_config(&nats.url(), 16);
     c.limits.send_queue_len = 16;
     c.limits.slow_consumer_policy = wsrelay::config::SlowConsumerPolicy::DropOldest;
@@ -753,7 +741,7 @@ async fn read_big_chain(ws: &mut Ws, last: &mut u64, want: usize) -> Vec<u64> {
 #[tokio::test]
 async fn a_resume_larger_than_the_send_queue_is_paced_not_closed() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("paced");
+    let (_store, nats) = jetstream_nats("paced");
     let c = resumable_config(&nats.url(), 100);
     assert_eq!(c.limits.send_queue_bytes, 1 << 20);
     let relay = start_relay(c).await;
@@ -885,7 +873,7 @@ impl Drop for Cuttable {
 #[tokio::test]
 async fn a_gap_fill_larger_than_the_send_queue_is_paced_for_every_subscriber() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("paced-fill");
+    let (_store, nats) = jetstream_nats("paced-fill");
     let proxy = Cuttable::start(nats.port).await;
     let relay = start_relay(resumable_config(&proxy.url(), 100)).await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
@@ -975,7 +963,7 @@ async fn stream_config(nc: &async_nats::Client) -> async_nats::jetstream::stream
 #[tokio::test]
 async fn the_history_stream_is_bounded_in_bytes_by_default() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("bytes-default");
+    let (_store, nats) = jetstream_nats("bytes-default");
     let c = resumable_config(&nats.url(), 100);
     let relay = start_relay(c.clone()).await;
     let nc = nats.client().await;
@@ -994,7 +982,7 @@ async fn the_history_stream_is_bounded_in_bytes_by_default() {
 #[tokio::test]
 async fn a_client_publishing_to_new_channels_cannot_grow_the_stream_beyond_max_bytes() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("bytes");
+    let (_store, nats) = jetstream_nats("bytes");
     let mut c = resumable_config(&nats.url(), 100);
     let h: History = serde_json::from_value(
         json!({"stream": STREAM, "maxMessages": 100, "maxAgeSeconds": 300, "maxBytes": 262_144}),
@@ -1045,7 +1033,7 @@ async fn a_client_publishing_to_new_channels_cannot_grow_the_stream_beyond_max_b
 #[tokio::test]
 async fn a_history_shorter_than_two_minutes_gets_its_stream() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("short-age");
+    let (_store, nats) = jetstream_nats("short-age");
     let mut c = resumable_config(&nats.url(), 100);
     let h: History =
         serde_json::from_value(json!({"stream": STREAM, "maxMessages": 100, "maxAgeSeconds": 30}))
@@ -1086,7 +1074,7 @@ async fn a_history_shorter_than_two_minutes_gets_its_stream() {
 #[tokio::test]
 async fn a_stream_the_relay_cannot_create_is_reported_with_jetstreams_answer() {
     init_logs();
-    let (nats, _dir) = jetstream_nats("refused");
+    let (_store, nats) = jetstream_nats("refused");
     let nc = nats.client().await;
     let js = async_nats::jetstream::new(nc.clone());
     js.create_stream(async_nats::jetstream::stream::Config {

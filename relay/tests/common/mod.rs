@@ -192,6 +192,40 @@ impl Drop for Nats {
     }
 }
 
+/// A directory of a test's own under the system temp dir, removed when dropped.
+pub struct StoreDir(PathBuf);
+
+impl StoreDir {
+    /// `wsrelay-js-<pid>-<tag>` under the temp dir, empty.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("wsrelay-js-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl std::ops::Deref for StoreDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for StoreDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A nats-server with JetStream, its store in a directory of the test's own. The directory
+/// comes first so that it outlives the server: `let (_store, nats) = jetstream_nats(..)`.
+pub fn jetstream_nats(tag: &str) -> (StoreDir, Nats) {
+    let dir = StoreDir::new(tag);
+    let nats = Nats::start_args(&["-js", "-sd", dir.to_str().unwrap()]);
+    (dir, nats)
+}
+
 /// A config on loopback with free ports.
 pub fn base_config(nats_url: &str) -> Config {
     let mut c = Config::example(nats_url);
