@@ -79,6 +79,21 @@ struct Subscriber {
     serial: u64,
 }
 
+impl Subscriber {
+    /// The relay ended this subscription to `key`: the connection forgets it (unless it has
+    /// subscribed to the channel again since) and hears an `unsubscribed` notice.
+    fn unsubscribed(&self, key: &str, reason: &str) {
+        let mut subs = self.conn.subs();
+        if subs.get(&*self.channel).map(String::as_str) == Some(key) {
+            subs.remove(&*self.channel);
+            drop(subs);
+            self.conn
+                .outbox
+                .push_reply(Message::text(encode_unsubscribed(&self.channel, reason)));
+        }
+    }
+}
+
 /// Where a subject's NATS subscription stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
@@ -489,15 +504,7 @@ impl Hub {
             }
         };
         if let Some(s) = removed {
-            let mut subs = s.conn.subs();
-            if subs.get(&*s.channel).map(String::as_str) == Some(key) {
-                subs.remove(&*s.channel);
-                drop(subs);
-                s.conn.outbox.push_reply(Message::text(encode_unsubscribed(
-                    &s.channel,
-                    "unavailable",
-                )));
-            }
+            s.unsubscribed(key, "unavailable");
         }
         self.release_if_empty(key, entry);
     }
@@ -607,15 +614,7 @@ impl Hub {
             return;
         }
         for s in subscribers {
-            let mut subs = s.conn.subs();
-            if subs.get(&*s.channel).map(String::as_str) == Some(key) {
-                subs.remove(&*s.channel);
-                drop(subs);
-                s.conn.outbox.push_reply(Message::text(encode_unsubscribed(
-                    &s.channel,
-                    notice_reason(why),
-                )));
-            }
+            s.unsubscribed(key, notice_reason(why));
         }
     }
 

@@ -462,13 +462,18 @@ impl Outbox {
                 }
             }
         }
+        self.enqueue(g, frame, len);
+        result
+    }
+
+    /// Appends a message frame of `len` bytes, counts it and wakes the writer.
+    fn enqueue(&self, mut g: std::sync::MutexGuard<'_, Inner>, frame: Frame, len: usize) {
         g.queue.push_back(frame);
         g.messages += 1;
         g.bytes += len;
         self.budget.add(len);
         drop(g);
         self.notify.notify();
-        result
     }
 
     /// Queues a message only if no limit would be broken (the slow-consumer policy is never
@@ -476,19 +481,14 @@ impl Outbox {
     /// when there is no room yet, `Ok(false)` when the connection is closing.
     pub fn try_push_message(&self, frame: Frame) -> Result<bool, Frame> {
         let len = frame.msg.len();
-        let mut g = lock(&self.inner);
+        let g = lock(&self.inner);
         if g.close.is_some() {
             return Ok(false);
         }
         if self.over(&g, len).is_some() {
             return Err(frame);
         }
-        g.queue.push_back(frame);
-        g.messages += 1;
-        g.bytes += len;
-        self.budget.add(len);
-        drop(g);
-        self.notify.notify();
+        self.enqueue(g, frame, len);
         Ok(true)
     }
 

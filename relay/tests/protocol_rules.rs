@@ -325,7 +325,14 @@ async fn a_publish_puts_the_exact_json_text_of_its_payload_in_nats() {
     let relay = start(config(&nats.url())).await;
     let nc = nats.client().await;
     let mut sub = nc.subscribe("orders.>").await.unwrap();
-    nc.flush().await.unwrap();
+    // A flush only writes the SUB: a message of our own coming back proves the server has
+    // it, before the relay's publishes (on another connection) can race it.
+    nc.publish("orders.probe", "p".into()).await.unwrap();
+    let probe = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("the subscription is in place")
+        .unwrap();
+    assert_eq!(probe.subject.as_str(), "orders.probe");
     let mut ws = connect(relay.client_addr, "").await;
     let payload = r#"{ "b" : [1, 2.50, 1e3],"a":"\u00e9\n" }"#;
     let r = raw_request(
