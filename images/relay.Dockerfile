@@ -16,6 +16,7 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=debuginfo
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY relay relay
+COPY relay-config relay-config
 COPY operator operator
 COPY e2e e2e
 COPY images images

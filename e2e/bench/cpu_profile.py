@@ -26,7 +26,7 @@ USER = [
     ("async_nats", "async-nats: NATS protocol, per-subscription channels"),
     ("tungstenite", "tungstenite: WebSocket framing"),
     ("serde_json", "serde_json: the payload's JSON check"),
-    ("wsrelay::hub", "wsrelay hub: fan-out"),
+    ("wsrelay::fanout", "wsrelay hub: fan-out"),
     ("wsrelay::protocol", "wsrelay protocol: encoding frames"),
     ("wsrelay::", "wsrelay: connection, sink, outbox"),
     ("poll_fn::PollFn", "task bodies inlined into their pollers (subject loop, writer)"),

@@ -603,7 +603,7 @@ def doc(runs, summary, d, images, path, step_seconds):
         p("")
         p("History (2026-11-28): the relay's handshake p99 was about 1 s while it listened with tokio's default backlog")
         p("of 128 (`TcpListener::bind`): 256 handshakes in flight overflowed it. nats-server and Centrifugo (Go) ask")
-        p("`listen(2)` for `net.core.somaxconn`; the relay now does the same (`relay/src/process.rs`), and the baseline too.")
+        p("`listen(2)` for `net.core.somaxconn`; the relay now does the same (`relay/src/runtime/process.rs`), and the baseline too.")
         p("")
     for line in cpu_profile.section(d):
         p(line)

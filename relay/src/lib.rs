@@ -1,66 +1,46 @@
 //! wsrelay: the WebSocket data plane between browsers and NATS.
 //!
-//! `config` is the relay's configuration format (with `template`, the channel and subject
-//! template parser it validates with); it is the contract with the
-//! operator (which renders it into a ConfigMap) and needs only serde. Everything
-//! else is behind the `server` feature (on by default):
+//! `config` (with `template`, the channel and subject template parser it validates with,
+//! and `pem`) is the crate `wsrelay-config`, the contract with the operator, re-exported
+//! here. The relay itself is in layers; each imports only the layers below it
+//! (`tests/layering.rs` checks it):
 //!
-//! - pure cores: `protocol` (frames), `authz` (bindings), `limits` (token bucket),
-//!   `drain::schedule`, token lookup in `auth`;
-//! - runtime parts: `auth` (JWT keys, JWKS), `nats`, `confirm` (a round trip through the NATS
-//!   server that no other client can answer or delay), `hub` (subject fan-out), `outbox`
-//!   (per-connection queue), `signal` (a cheap wake-up for one task), `connection` (reader and writer), `sink` (the write half a fan-out may write to at once), `server` (accept and
-//!   upgrade), `admin` and `metrics`, `drain`, `reload`, `tls`, `process` (start, signals),
-//!   `task` (the panic boundary of per-connection and per-subject tasks).
+//! 1. `protocol` (frames), `metrics`, `limits` (token bucket, counters), `slots`, `signal`
+//!    (a cheap wake-up for one task): pure or leaf parts;
+//! 2. `task` (the panic boundary), `confirm` (a NATS round trip no other client can answer),
+//!    `auth` (JWT keys, JWKS), `authz` (bindings), `nats` (the connection), `history` (the
+//!    ring and the stream reads);
+//! 3. `conn/`: one open connection — its subscription map, outbox, close causes, sink;
+//! 4. `fanout/`: subject entries, the resumable join and gap fill, the hub;
+//! 5. `state`: the relay's shared state;
+//! 6. `session/`: reader, writer and requests, over any sink and stream;
+//! 7. `edge/`: one admission, then the WebSocket and SSE transports, the listener, TLS;
+//! 8. `runtime/`: process, drain, reload, admin, stream upkeep.
 
-pub mod config;
-#[cfg(feature = "pem")]
-pub mod pem;
-pub mod template;
+pub use wsrelay_config as config;
+pub use wsrelay_config::{pem, template};
 
-#[cfg(feature = "server")]
-pub mod admin;
-#[cfg(feature = "server")]
-pub mod auth;
-#[cfg(feature = "server")]
-pub mod authz;
-#[cfg(feature = "server")]
-pub mod confirm;
-#[cfg(feature = "server")]
-pub mod connection;
-#[cfg(feature = "server")]
-pub mod drain;
-#[cfg(feature = "server")]
-pub mod history;
-#[cfg(feature = "server")]
-pub mod hub;
-#[cfg(feature = "server")]
 pub mod limits;
-#[cfg(feature = "server")]
 pub mod metrics;
-#[cfg(feature = "server")]
-pub mod nats;
-#[cfg(feature = "server")]
-pub mod outbox;
-#[cfg(feature = "server")]
-pub mod process;
-#[cfg(feature = "server")]
 pub mod protocol;
-#[cfg(feature = "server")]
-pub mod relay;
-#[cfg(feature = "server")]
-pub mod reload;
-#[cfg(feature = "server")]
-pub mod server;
-#[cfg(feature = "server")]
 pub mod signal;
-#[cfg(feature = "server")]
-pub mod sink;
-#[cfg(feature = "server")]
 pub mod slots;
-#[cfg(feature = "server")]
-pub mod sse;
-#[cfg(feature = "server")]
+
+pub mod auth;
+pub mod authz;
+pub mod confirm;
+pub mod history;
+pub mod nats;
 pub mod task;
-#[cfg(feature = "server")]
-pub mod tls;
+
+pub mod conn;
+
+pub mod fanout;
+
+pub mod state;
+
+pub mod session;
+
+pub mod edge;
+
+pub mod runtime;

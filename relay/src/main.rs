@@ -135,7 +135,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(wsrelay::process::run(config, loaded)) {
+            match rt.block_on(wsrelay::runtime::process::run(config, loaded)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "relay failed");

@@ -26,6 +26,15 @@ pub struct Op {
 
 /// Labels of `wsrelay_history_stream_error`: the stream, and why it is not in place
 /// (JetStream's answer, at most 200 characters). One per stream of the config.
+/// Which limit sent a push to the slow-consumer policy (label `limit` of
+/// `wsrelay_send_queue_limit_hits_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitHit {
+    /// `messages` (`sendQueueLen`), `bytes` (`sendQueueBytes`) or `process_bytes`
+    /// (`maxQueuedBytes`); `replies` for a client that makes requests without reading.
+    pub limit: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamError {
     /// The stream's name.
@@ -61,8 +70,8 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "handshakes_per_ip",
     "handshake_timeout",
 ];
-/// `reason` values of `wsrelay_connections_closed_total` (`crate::outbox::CloseRequest::label`,
-/// and the writer's `write_error`, `write_timeout`).
+/// `reason` values of `wsrelay_connections_closed_total` (`crate::conn::close::End::label`:
+/// every cause, and the writer's `write_error`, `write_timeout`, `other`).
 pub const CLOSE_REASONS: &[&str] = &[
     "write_error",
     "write_timeout",
@@ -117,7 +126,7 @@ pub struct Metrics {
     pub queued_bytes: Gauge,
     /// `wsrelay_send_queue_limit_hits_total{limit}`: pushes that met the slow-consumer
     /// policy, by the limit reached.
-    pub queue_limit_hits: Family<crate::outbox::LimitHit, Counter>,
+    pub queue_limit_hits: Family<LimitHit, Counter>,
     /// `wsrelay_requests_rate_limited_total{op}`: requests refused with 429.
     pub rate_limited: Family<Op, Counter>,
     /// `wsrelay_handshakes_in_flight`: HTTP handshakes between accept and upgrade.

@@ -36,7 +36,7 @@ fn read_trimmed(p: &std::path::Path) -> Result<String, NatsError> {
 
 /// What the NATS connection reports to the hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Signal {
+pub enum Report {
     /// The server refused this connection's subscription to the subject (the hub ends it).
     Refused(String),
     /// The connection is up again after a loss (republished messages may have been lost:
@@ -51,7 +51,7 @@ pub async fn connect(
     cfg: &Nats,
     metrics: Arc<Metrics>,
     connected: Arc<AtomicBool>,
-    signals: tokio::sync::mpsc::Sender<Signal>,
+    signals: tokio::sync::mpsc::Sender<Report>,
 ) -> Result<async_nats::Client, NatsError> {
     let m = metrics.clone();
     let flag = connected.clone();
@@ -85,7 +85,7 @@ pub async fn connect(
                         m.nats_connected.set(1);
                         m.nats_last_error.clear();
                         tracing::info!("NATS connected");
-                        if again && signals.try_send(Signal::Reconnected).is_err() {
+                        if again && signals.try_send(Report::Reconnected).is_err() {
                             tracing::warn!("NATS reconnection not forwarded");
                         }
                     }
@@ -100,12 +100,12 @@ pub async fn connect(
                         m.nats_connected.set(0);
                     }
                     Event::ServerError(async_nats::ServerError::Other(e))
-                        if crate::hub::refused_subject(&e).is_some() =>
+                        if refused_subject(&e).is_some() =>
                     {
-                        if let Some(subject) = crate::hub::refused_subject(&e) {
+                        if let Some(subject) = refused_subject(&e) {
                             // Bounded: a flood of refusals beyond it is only logged.
                             if signals
-                                .try_send(Signal::Refused(subject.to_owned()))
+                                .try_send(Report::Refused(subject.to_owned()))
                                 .is_err()
                             {
                                 tracing::warn!(%subject, "NATS refusal not forwarded");
@@ -405,5 +405,40 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("{want} not in {}", metrics.encode());
+    }
+}
+
+/// The subject a NATS permissions-violation error names for a subscription
+/// (`Permissions Violation for Subscription to "private.x"`), if it is one. Pure.
+pub fn refused_subject(error: &str) -> Option<&str> {
+    let rest = error
+        .split_once("Permissions Violation for Subscription to ")?
+        .1;
+    let rest = rest.trim_start_matches(['"', '\'']);
+    let end = rest.find(['"', '\'', ' ']).unwrap_or(rest.len());
+    Some(&rest[..end]).filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod refused_tests {
+    use super::*;
+
+    #[test]
+    fn refused_subjects_are_read_from_server_errors() {
+        assert_eq!(
+            refused_subject("Permissions Violation for Subscription to \"private.x\""),
+            Some("private.x")
+        );
+        assert_eq!(
+            refused_subject(
+                "nats: Permissions Violation for Subscription to \"a.b\" using queue \"q\""
+            ),
+            Some("a.b")
+        );
+        assert_eq!(
+            refused_subject("Permissions Violation for Publish to \"x\""),
+            None
+        );
+        assert_eq!(refused_subject("authorization violation"), None);
     }
 }

@@ -44,7 +44,7 @@ fn status_of(head: &str) -> u16 {
 async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(hs_config(&nats.url()))
+    let relay = wsrelay::runtime::process::start(hs_config(&nats.url()))
         .await
         .unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
@@ -229,7 +229,7 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
         public_key_file: Some(fixture("rsa.pub")),
         ..JwtKey::default()
     };
-    let relay = wsrelay::process::start(rs.clone()).await.unwrap();
+    let relay = wsrelay::runtime::process::start(rs.clone()).await.unwrap();
     assert!(
         connect_with(
             relay.client_addr,
@@ -256,7 +256,7 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
     let jwt = es.auth.jwt.as_mut().unwrap();
     jwt.algorithms = vec![JwtAlgorithm::ES256];
     jwt.key.public_key_file = Some(fixture("ec.pub"));
-    let relay = wsrelay::process::start(es).await.unwrap();
+    let relay = wsrelay::runtime::process::start(es).await.unwrap();
     let key = std::fs::read(fixture("ec.key")).unwrap();
     let es_token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
@@ -304,7 +304,7 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
         ..JwtKey::default()
     };
     jw.validate().unwrap();
-    let relay = wsrelay::process::start(jw).await.unwrap();
+    let relay = wsrelay::runtime::process::start(jw).await.unwrap();
     for _ in 0..3 {
         assert!(
             connect_with(
@@ -364,7 +364,7 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
         jwks_min_refresh_seconds: 1,
         ..JwtKey::default()
     };
-    let relay = wsrelay::process::start(jw).await.unwrap();
+    let relay = wsrelay::runtime::process::start(jw).await.unwrap();
     let token = rs_token(Some("test-rsa"));
     assert_eq!(
         connect_with(relay.client_addr, &format!("?token={token}"), &[])
@@ -391,7 +391,7 @@ async fn too_many_connections_get_503_with_retry_after() {
     let nats = Nats::start();
     let mut c = base_config(&nats.url());
     c.limits.max_connections = 2;
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let a = connect(addr, "").await;
     let _b = connect(addr, "").await;
@@ -448,7 +448,7 @@ async fn oversize_frame_closes_1009_and_flood_closes_4029_others_served() {
     c.limits.publish_rate_per_second = 5;
     c.limits.publish_burst = 5;
     c.bindings = vec![binding("news", "public.news", Direction::Both)];
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let addr = relay.client_addr;
     let nc = nats.client().await;
     let mut good = connect(addr, "").await;
@@ -530,7 +530,7 @@ async fn slow_reader_case(policy: SlowConsumerPolicy) {
     c.limits.slow_consumer_policy = policy;
     c.limits.idle_timeout_seconds = 120;
     c.limits.ping_interval_seconds = 60;
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
     let mut slow = connect(addr, "").await;
@@ -647,7 +647,7 @@ async fn idle_client_and_stalled_handshake_are_closed() {
     c.limits.idle_timeout_seconds = 5;
     c.limits.ping_interval_seconds = 1;
     c.limits.handshake_timeout_seconds = 3;
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let addr = relay.client_addr;
     // A client that answers pings (its library does, while reading) stays.
     let (live_count, live_task) = count_messages(connect(addr, "").await);
@@ -700,7 +700,7 @@ async fn an_unreachable_jwks_is_reported() {
         ..JwtKey::default()
     };
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     assert_eq!(
         metric(relay.admin_addr, "wsrelay_jwks_fetch_failing").await,
         Some(0.0),

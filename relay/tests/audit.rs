@@ -82,7 +82,7 @@ async fn item1_a_msg_id_with_a_line_break_is_refused_and_the_connection_lives() 
     );
     c.bindings.push(orders);
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -136,7 +136,7 @@ async fn item2_an_ended_sse_session_closes_its_socket() {
     c.limits.max_message_bytes = 1024;
     c.limits.send_queue_bytes = 64 * 1024;
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let query = q(claims("alice"));
     let mut s = Stream::open(addr, &query, "").await;
@@ -179,7 +179,9 @@ async fn item2_an_ended_sse_session_closes_its_socket() {
 async fn item3_a_malformed_header_from_another_publisher_is_survived() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let relay = wsrelay::runtime::process::start(config(&nats.url()))
+        .await
+        .unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let mut ws = connect(addr, &q(claims("alice"))).await;
     assert_eq!(subscribe(&mut ws, 1, "news").await["type"], "ok");
@@ -235,7 +237,9 @@ async fn item3_a_malformed_header_from_another_publisher_is_survived() {
 async fn item3_a_nats_client_that_stops_is_noticed() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let relay = wsrelay::runtime::process::start(config(&nats.url()))
+        .await
+        .unwrap();
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -272,7 +276,9 @@ async fn item5_a_silent_subscriber_on_everything_delays_no_subscribe() {
     let _all = nc.subscribe(">").await.unwrap();
     let _sync = nc.subscribe("_WSRELAY.>").await.unwrap();
     nc.flush().await.unwrap();
-    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let relay = wsrelay::runtime::process::start(config(&nats.url()))
+        .await
+        .unwrap();
     let mut ws = connect(relay.client_addr, &q(claims("alice"))).await;
     for (id, ch) in [(1, "news"), (2, "chat.a"), (3, "chat.b")] {
         let r = subscribe(&mut ws, id, ch).await;
@@ -295,7 +301,7 @@ async fn item8_idle_connects_from_one_address_leave_others_their_handshakes() {
     let mut c = config(&nats.url());
     c.limits.max_handshakes_in_flight = 32;
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let mut idle = Vec::new();
     for _ in 0..40 {
@@ -336,7 +342,9 @@ async fn item8_idle_connects_from_one_address_leave_others_their_handshakes() {
 async fn item9_a_token_without_sub_is_refused_at_the_handshake() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let relay = wsrelay::runtime::process::start(config(&nats.url()))
+        .await
+        .unwrap();
     let addr = relay.client_addr;
     let mut no_sub = claims("x");
     no_sub.as_object_mut().unwrap().remove("sub");
@@ -367,7 +375,7 @@ async fn item10_unread_replies_count_against_the_send_queue_bytes() {
     c.limits.send_queue_bytes = 64 * 1024;
     c.limits.max_message_bytes = 64 * 1024;
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     let ws = connect_from(addr, local, Some(4096), &q(claims("alice")))
@@ -425,7 +433,7 @@ async fn item11_sse_cors_grants_credentials_only_to_a_listed_origin() {
     let mut c = config(&nats.url());
     c.auth.allowed_origins = vec!["https://app.test".into()];
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let addr = relay.client_addr;
     let query = q(claims("alice"));
     let post_to = |origin: &str| {
@@ -456,7 +464,7 @@ async fn item11_sse_cors_grants_credentials_only_to_a_listed_origin() {
     let mut c = config(&nats.url());
     c.auth.allowed_origins = vec!["*".into()];
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let s = Stream::open(relay.client_addr, &query, "Origin: https://evil.test\r\n").await;
     assert_eq!(s.status, 200, "{}", s.headers);
     let h = s.headers.to_ascii_lowercase();
@@ -473,7 +481,9 @@ async fn item11_sse_cors_grants_credentials_only_to_a_listed_origin() {
 async fn item12_token_bounds_are_the_same_at_the_handshake_and_in_band() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let relay = wsrelay::runtime::process::start(config(&nats.url()))
+        .await
+        .unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
 
     let mut ws = connect(addr, &q(claims("alice"))).await;

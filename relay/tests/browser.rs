@@ -212,7 +212,7 @@ async fn the_documented_browser_example_receives_its_messages_in_chromium() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let token = hs256(claims("alice"));
-    let relay = wsrelay::process::start(config(&nats.url(), &format!("http://{addr}")))
+    let relay = wsrelay::runtime::process::start(config(&nats.url(), &format!("http://{addr}")))
         .await
         .unwrap();
     let mut reports = serve_page(listener, page(relay.client_addr, &token));
@@ -275,7 +275,7 @@ async fn the_documented_browser_example_receives_its_messages_in_chromium() {
 async fn a_page_from_another_origin_is_refused_before_the_upgrade() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(config(&nats.url(), "https://app.example.com"))
+    let relay = wsrelay::runtime::process::start(config(&nats.url(), "https://app.example.com"))
         .await
         .unwrap();
     let token = hs256(claims("alice"));

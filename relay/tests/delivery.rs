@@ -51,7 +51,7 @@ async fn subscribed(nc: &async_nats::Client, subject: &str, probe: &str) -> asyn
 async fn messages_reach_exactly_the_allowed_clients() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
         .await
         .unwrap();
     let addr = relay.client_addr;
@@ -179,7 +179,7 @@ async fn messages_reach_exactly_the_allowed_clients() {
 async fn injection_attempts_are_refused() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
         .await
         .unwrap();
     let addr = relay.client_addr;
@@ -236,7 +236,7 @@ async fn injection_attempts_are_refused() {
 async fn one_nats_subscription_per_subject_shared_and_released() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
         .await
         .unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
@@ -308,7 +308,9 @@ async fn config_reload_changes_bindings_and_keeps_connections() {
     let path = dir.join("config.json");
     let mut config = jwt_config(&nats.url());
     std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
-    let relay = wsrelay::process::start(config.clone()).await.unwrap();
+    let relay = wsrelay::runtime::process::start(config.clone())
+        .await
+        .unwrap();
     let addr = relay.client_addr;
     let nc = nats.client().await;
     let mut c = connect(addr, "").await;
@@ -322,7 +324,7 @@ async fn config_reload_changes_bindings_and_keeps_connections() {
         .bindings
         .push(binding("alerts", "public.alerts", Direction::Subscribe));
     std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
-    let ended = wsrelay::reload::reload(&relay.relay, &path).unwrap();
+    let ended = relay.reload(&path).unwrap();
     assert_eq!(ended, 1);
     assert_eq!(
         next_json(&mut c).await.unwrap(),
@@ -340,7 +342,7 @@ async fn config_reload_changes_bindings_and_keeps_connections() {
     assert!(got.iter().all(|m| m["channel"] != "news"));
     // An invalid file is refused and the config in force stays.
     std::fs::write(&path, "nats: {urls: []}\nbogus: 1\n").unwrap();
-    assert!(wsrelay::reload::reload(&relay.relay, &path).is_err());
+    assert!(relay.reload(&path).is_err());
     assert_eq!(subscribe(&mut c, 6, "orders.6").await["type"], "ok");
     let _ = std::fs::remove_dir_all(&dir);
     relay.drain().await;
@@ -352,7 +354,7 @@ async fn config_reload_changes_bindings_and_keeps_connections() {
 async fn publishes_carry_the_sender_in_nats_headers() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
         .await
         .unwrap();
     let admin = relay.admin_addr;
@@ -421,7 +423,7 @@ async fn a_personal_channel_keeps_order_across_direct_and_queued_writes() {
     c.limits.send_queue_len = 20_000;
     c.limits.ping_interval_seconds = 1;
     c.limits.idle_timeout_seconds = 30;
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let mut ws = connect(
         relay.client_addr,
         &format!("?token={}", hs256(claims("alice"))),

@@ -11,11 +11,13 @@ mod common;
 
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use common::*;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use wsrelay::config::SlowConsumerPolicy;
-use wsrelay::outbox::Outbox;
+use wsrelay::conn::outbox::Outbox;
 
 /// The size of a future's state, without polling it.
 fn size_of_future<F: std::future::Future>(_: &F) -> usize {
@@ -26,20 +28,21 @@ fn size_of_future<F: std::future::Future>(_: &F) -> usize {
 async fn an_idle_connections_future_stays_small() {
     let nats = Nats::start();
     let c = base_config(&nats.url());
-    let running = wsrelay::process::start(c.clone()).await.unwrap();
+    let running = wsrelay::runtime::process::start(c.clone()).await.unwrap();
     let relay = running.relay.clone();
     let (server_io, _client_io) = tokio::io::duplex(1024);
     let ws = WebSocketStream::from_raw_socket(
         server_io,
         Role::Server,
-        Some(wsrelay::server::ws_config(&c.limits)),
+        Some(wsrelay::edge::websocket::ws_config(&c.limits)),
     )
     .await;
     let conn = relay.register(
         Arc::new(Outbox::new(64, SlowConsumerPolicy::Disconnect)),
         None,
     );
-    let run = wsrelay::connection::run(ws, relay.clone(), conn.clone(), None);
+    let (sink, stream) = ws.split();
+    let run = wsrelay::session::run(sink, stream, relay.clone(), conn.clone(), None);
     let size = size_of_future(&run);
     eprintln!("connection future: {size} bytes");
     // 1,488 bytes (release) when written; debug builds lay futures out alike here. The

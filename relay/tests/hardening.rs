@@ -21,7 +21,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use wsrelay::config::{Config, Direction, SlowConsumerPolicy};
-use wsrelay::outbox::Outbox;
+use wsrelay::conn::outbox::Outbox;
 
 fn jwt_config(nats_url: &str) -> Config {
     let mut c = base_config(nats_url);
@@ -46,7 +46,7 @@ fn token(claims: serde_json::Value) -> String {
 async fn configured_issuer_and_audience_are_required() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
         .await
         .unwrap();
     let addr = relay.client_addr;
@@ -67,7 +67,7 @@ async fn configured_issuer_and_audience_are_required() {
 async fn fractional_exp_is_floored_and_enforced() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
         .await
         .unwrap();
     let exp = now_secs() as f64 + 2.5;
@@ -135,7 +135,7 @@ async fn a_writer_blocked_mid_ping_is_released() {
     c.limits.ping_interval_seconds = 1;
     c.limits.idle_timeout_seconds = 2;
     c.limits.write_timeout_seconds = 30;
-    let running = wsrelay::process::start(c.clone()).await.unwrap();
+    let running = wsrelay::runtime::process::start(c.clone()).await.unwrap();
     let relay = running.relay.clone();
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
     let frozen = Arc::new(AtomicBool::new(false));
@@ -146,14 +146,21 @@ async fn a_writer_blocked_mid_ping_is_released() {
     let ws = WebSocketStream::from_raw_socket(
         valve,
         Role::Server,
-        Some(wsrelay::server::ws_config(&c.limits)),
+        Some(wsrelay::edge::websocket::ws_config(&c.limits)),
     )
     .await;
     let conn = relay.register(
         Arc::new(Outbox::new(64, SlowConsumerPolicy::Disconnect)),
         None,
     );
-    let task = tokio::spawn(wsrelay::connection::run(ws, relay.clone(), conn, None));
+    let (sink, stream) = ws.split();
+    let task = tokio::spawn(wsrelay::session::run(
+        sink,
+        stream,
+        relay.clone(),
+        conn,
+        None,
+    ));
     let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
     let welcome = tokio::time::timeout(Duration::from_secs(5), client.next())
         .await
@@ -186,7 +193,7 @@ async fn a_client_that_stops_reading_is_released_by_the_write_deadline() {
     c.limits.idle_timeout_seconds = 120;
     c.limits.ping_interval_seconds = 60;
     c.limits.write_timeout_seconds = 2;
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let mut stuck = connect(addr, "").await;
     assert_eq!(subscribe(&mut stuck, 1, "public.t").await["type"], "ok");
@@ -241,7 +248,7 @@ async fn a_client_that_stops_reading_is_released_by_the_write_deadline() {
 async fn two_channels_on_one_subject_are_independent() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
         .await
         .unwrap();
     let mut ws = connect(relay.client_addr, &token(claims("a"))).await;
@@ -275,7 +282,7 @@ async fn two_channels_on_one_subject_are_independent() {
 async fn an_overlong_subject_is_refused_and_nats_stays_up() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(jwt_config(&nats.url()))
+    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
         .await
         .unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
@@ -332,7 +339,7 @@ async fn a_subscription_nats_refuses_is_reported_and_removed() {
         binding("public.{id}", "public.{id}", Direction::Subscribe),
     ];
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = async_nats::ConnectOptions::with_user_and_password("test".into(), "testpw".into())
         .connect(nats.url())
@@ -380,7 +387,7 @@ async fn max_connections_survives_lowering_and_raising() {
     let nats = Nats::start();
     let mut c = base_config(&nats.url());
     c.limits.max_connections = 3;
-    let relay = wsrelay::process::start(c.clone()).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c.clone()).await.unwrap();
     let addr = relay.client_addr;
     let mut open = Vec::new();
     for _ in 0..3 {
@@ -390,7 +397,7 @@ async fn max_connections_survives_lowering_and_raising() {
     for max in [1, 3] {
         c.limits.max_connections = max;
         std::fs::write(&path, serde_json::to_string(&c).unwrap()).unwrap();
-        wsrelay::reload::reload(&relay.relay, &path).unwrap();
+        relay.reload(&path).unwrap();
     }
     // Three are open and the limit is three: a fourth is refused.
     assert_eq!(connect_with(addr, "", &[]).await.err(), Some(503));
@@ -424,7 +431,7 @@ async fn a_receive_only_client_under_a_flood_keeps_getting_pings() {
     c.limits.idle_timeout_seconds = 5;
     c.limits.slow_consumer_policy = SlowConsumerPolicy::DropOldest;
     c.limits.send_queue_len = 64;
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let mut ws = connect(relay.client_addr, &token(claims("alice"))).await;
     assert_eq!(subscribe(&mut ws, 1, "news").await["type"], "ok");
 

@@ -91,7 +91,7 @@ async fn send_queue_bytes_disconnect_a_slow_reader_before_the_message_count() {
     c.limits.send_queue_bytes = 512 * 1024;
     c.limits.slow_consumer_policy = SlowConsumerPolicy::Disconnect;
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
     let mut slow = connect(addr, "").await;
@@ -150,7 +150,7 @@ async fn process_budget_punishes_the_backlogged_not_the_client_keeping_up() {
     c.limits.send_queue_bytes = 1024 * 1024;
     c.limits.max_queued_bytes = 1024 * 1024;
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
     let mut slow = Vec::new();
@@ -203,7 +203,7 @@ async fn drop_oldest_under_the_byte_limit_counts_every_message() {
     c.limits.send_queue_bytes = 512 * 1024;
     c.limits.slow_consumer_policy = SlowConsumerPolicy::DropOldest;
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
     let mut slow = connect(addr, "").await;
@@ -260,7 +260,7 @@ async fn connections_per_client_address_with_and_without_a_trusted_proxy() {
     c.limits.max_connections_per_ip = 2;
     c.listen.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c.clone()).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c.clone()).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let xff = |ip: &str| format!("X-Forwarded-For: 198.51.100.1, {ip}\r\n");
     let a1 = connect_with(
@@ -305,7 +305,7 @@ async fn connections_per_client_address_with_and_without_a_trusted_proxy() {
     // Without a trusted proxy the header is ignored: every client is 127.0.0.1.
     let mut c2 = c;
     c2.listen.trusted_proxies.clear();
-    let relay = wsrelay::process::start(c2).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c2).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let x = connect_with(addr, "", &[("x-forwarded-for", "203.0.113.7")])
         .await
@@ -335,7 +335,7 @@ async fn connections_per_token_subject() {
     c.auth.jwt = Some(fixture_jwt());
     c.limits.max_connections_per_subject = 2;
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let alice = format!("?token={}", hs256(claims("alice")));
     let a1 = connect(addr, &alice).await;
@@ -379,7 +379,7 @@ async fn handshakes_in_flight_are_capped() {
     c.limits.max_handshakes_in_flight_per_ip = Some(10);
     c.limits.handshake_timeout_seconds = 30;
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     // Three clients that start their request and stall hold every handshake slot (a connect
     // that sends nothing holds none: `audit.rs`, item 8).
@@ -481,7 +481,7 @@ async fn one_rate_limit_over_subscribe_unsubscribe_and_publish() {
         binding("news", "public.news", Direction::Both),
     ];
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
 
     // A reconnecting client subscribes again to all it had (10) at once: not limited.
@@ -639,7 +639,7 @@ async fn jwks_stale_keys_serve_handshakes_while_one_background_refresh_runs() {
     let (jwks_addr, hits, ended, server) = jwks_server(jwks, delay).await;
     let c = jwks_config(&nats.url(), format!("http://{jwks_addr}/jwks.json"), 1);
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let addr = relay.client_addr;
     let token = format!("?token={}", rs_token("test-rsa"));
     assert!(connect_with(addr, &token, &[]).await.is_ok());
@@ -694,7 +694,7 @@ async fn jwks_keys_are_filtered_by_use_kty_and_alg() {
     let (jwks_addr, _hits, _ended, server) =
         jwks_server(set.to_string(), Arc::new(AtomicUsize::new(0))).await;
     let c = jwks_config(&nats.url(), format!("http://{jwks_addr}/jwks.json"), 300);
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let addr = relay.client_addr;
     assert!(
         connect_with(addr, &format!("?token={}", rs_token("test-rsa")), &[])
@@ -749,7 +749,7 @@ async fn drain_waits_before_the_first_close() {
     c.drain.grace_period_seconds = 8;
     c.drain.delay_before_close_seconds = 5;
     c.validate().unwrap();
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let mut ws = connect(addr, "").await;
     let t0 = Instant::now();

@@ -19,7 +19,7 @@ async fn relay_resubscribes_after_nats_restart() {
     let port = nats.port;
     let mut c = base_config(&nats.url());
     c.bindings = vec![binding("t", "public.t", wsrelay::config::Direction::Both)];
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -154,7 +154,7 @@ async fn relay_starts_without_nats_and_becomes_ready_when_it_appears() {
     init_logs();
     let port = free_port();
     let c = base_config(&format!("nats://127.0.0.1:{port}"));
-    let relay = tokio::time::timeout(Duration::from_secs(10), wsrelay::process::start(c))
+    let relay = tokio::time::timeout(Duration::from_secs(10), wsrelay::runtime::process::start(c))
         .await
         .expect("start does not wait for NATS")
         .unwrap();
@@ -231,7 +231,7 @@ async fn nats_credentials_and_tls_from_files() {
         let mut c = base_config(&format!("{scheme}://127.0.0.1:{port}"));
         set(&mut c);
         c.validate().unwrap();
-        let relay = wsrelay::process::start(c).await.unwrap();
+        let relay = wsrelay::runtime::process::start(c).await.unwrap();
         let admin = relay.admin_addr;
         assert!(
             eventually(Duration::from_secs(10), || async {
@@ -247,7 +247,7 @@ async fn nats_credentials_and_tls_from_files() {
     let port = nats.port;
     let mut c = base_config(&format!("nats://127.0.0.1:{port}"));
     c.nats.credentials.token_file = Some(dir.join("token"));
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(http_get(relay.admin_addr, "/ready").await.0, 503);
     relay.drain().await;

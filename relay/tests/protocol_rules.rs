@@ -29,8 +29,8 @@ fn config(nats_url: &str) -> Config {
 }
 
 /// Starts a relay and waits until it is ready (connected to NATS).
-async fn start(c: Config) -> wsrelay::process::Running {
-    let relay = wsrelay::process::start(c).await.unwrap();
+async fn start(c: Config) -> wsrelay::runtime::process::Running {
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(20), || async {

@@ -31,7 +31,9 @@ fn token_for(sub: &str, exp: u64) -> String {
 async fn a_refresh_moves_the_expiry_of_the_same_identity_only() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let relay = wsrelay::runtime::process::start(config(&nats.url()))
+        .await
+        .unwrap();
     let addr = relay.client_addr;
 
     // Expires in 4 s (3 to 4: `exp` is in whole seconds), time for the handshake and the

@@ -32,8 +32,8 @@ fn resumable_config(nats_url: &str, max_messages: u32) -> Config {
 }
 
 /// Starts a relay and waits until its history stream is in place.
-async fn start_relay(c: Config) -> wsrelay::process::Running {
-    let relay = wsrelay::process::start(c).await.unwrap();
+async fn start_relay(c: Config) -> wsrelay::runtime::process::Running {
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(15), || async {
@@ -479,7 +479,7 @@ async fn a_cluster_server_killed_mid_stream_loses_nothing() {
     c.bindings[0].history.as_mut().unwrap().replicas = 3;
     c.validate().unwrap();
     // The stream needs the JetStream cluster formed: the relay retries until it is.
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(60), || async {
@@ -1084,7 +1084,7 @@ async fn a_stream_the_relay_cannot_create_is_reported_with_jetstreams_answer() {
     })
     .await
     .unwrap();
-    let relay = wsrelay::process::start(resumable_config(&nats.url(), 100))
+    let relay = wsrelay::runtime::process::start(resumable_config(&nats.url(), 100))
         .await
         .unwrap();
     let admin = relay.admin_addr;

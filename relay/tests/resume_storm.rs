@@ -139,7 +139,9 @@ async fn storm(n: usize, total: u64) {
         .await
     );
     // Relay B, in this process.
-    let relay_b = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let relay_b = wsrelay::runtime::process::start(config(&nats.url()))
+        .await
+        .unwrap();
     let (addr_b, admin_b) = (relay_b.client_addr, relay_b.admin_addr);
 
     // Every client on relay A.

@@ -46,7 +46,9 @@ async fn connections(admin: SocketAddr) -> f64 {
 async fn a_session_subscribes_receives_and_publishes_like_a_connection() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let relay = wsrelay::runtime::process::start(config(&nats.url()))
+        .await
+        .unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
 
@@ -172,7 +174,7 @@ async fn a_frame_over_the_limit_closes_with_1009_and_drain_closes_with_1012() {
     let nats = Nats::start();
     let mut c = config(&nats.url());
     c.limits.max_message_bytes = 1024;
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let addr = relay.client_addr;
     let q = format!("?token={}", token("alice"));
 
@@ -220,7 +222,7 @@ async fn refusals_after_the_upgrade_carry_a_code_and_a_reason() {
     let mut c = config(&nats.url());
     c.auth.refuse_after_upgrade = true;
     c.limits.max_connections = 1;
-    let relay = wsrelay::process::start(c).await.unwrap();
+    let relay = wsrelay::runtime::process::start(c).await.unwrap();
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
 
     let bad = format!("{}x", token("alice"));
@@ -332,7 +334,9 @@ async fn refusals_after_the_upgrade_carry_a_code_and_a_reason() {
 async fn without_the_option_refusals_stay_http_statuses() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::process::start(config(&nats.url())).await.unwrap();
+    let relay = wsrelay::runtime::process::start(config(&nats.url()))
+        .await
+        .unwrap();
     let addr = relay.client_addr;
     assert_eq!(connect_with(addr, "?token=bad", &[]).await.err(), Some(401));
     let s = Stream::open(addr, "?token=bad", "").await;

@@ -1,10 +1,10 @@
-//! The relay config (the relay crate's own `wsrelay::config::Config`, never a copy of it)
+//! The relay config (the `wsrelay-config` crate's own `Config`, never a copy of it)
 //! mapped from the gateway spec, rendered for the ConfigMap.
 
 use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
-use wsrelay::config as relay;
+use wsrelay_config as relay;
 
 use super::{ADMIN_PORT, CLIENT_PORT, WS_PATH};
 use crate::api::{
@@ -287,7 +287,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                     stream: history_stream(
                         namespace,
                         name,
-                        &wsrelay::template::parse_subject_template(&b.subject)
+                        &wsrelay_config::template::parse_subject_template(&b.subject)
                             .map(|t| relay::subject_filter(&t))
                             .unwrap_or_else(|_| b.subject.clone()),
                     ),

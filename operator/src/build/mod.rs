@@ -55,7 +55,7 @@ pub enum BuildError {
     RenderConfig(#[from] serde_json::Error),
     /// The relay refuses the config the spec maps to.
     #[error("the relay would refuse this config: {0}")]
-    InvalidConfig(#[from] wsrelay::config::ValidationErrors),
+    InvalidConfig(#[from] wsrelay_config::ValidationErrors),
 }
 
 /// Every object a gateway should have. `hpa` is absent when autoscaling is off; the apply

@@ -45,10 +45,11 @@ pub fn server_config(
     key: &Path,
     requestheader: &RequestHeaderConfig,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let (certs, key) = wsrelay::pem::cert_chain_and_key(cert, key).map_err(|e| TlsError::Pem {
-        path: e.path,
-        message: e.message,
-    })?;
+    let (certs, key) =
+        wsrelay_config::pem::cert_chain_and_key(cert, key).map_err(|e| TlsError::Pem {
+            path: e.path,
+            message: e.message,
+        })?;
 
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(requestheader.client_ca_pem.as_bytes()) {

@@ -12,8 +12,8 @@ pub mod ring;
 pub mod stream;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
 
@@ -90,80 +90,6 @@ pub fn wanted_streams(config: &Config) -> Vec<async_nats::jetstream::stream::Con
     out
 }
 
-/// Keeps the streams of the live config in place: creates or updates them at start, after
-/// a reload and every `every`, retrying every 2 s while JetStream does not answer. An epoch
-/// that changes (a stream recreated behind the relay's back) is reported to `changed`.
-pub async fn maintain(relay: Arc<crate::relay::Relay>, every: Duration, changed: impl Fn(&str)) {
-    let js = async_nats::jetstream::new(relay.hub.client().clone());
-    let mut applied: Option<Vec<async_nats::jetstream::stream::Config>> = None;
-    let mut last_check = tokio::time::Instant::now();
-    let mut failures: u32 = 0;
-    loop {
-        let wanted = wanted_streams(&relay.live().config);
-        let due = applied.as_ref() != Some(&wanted) || last_check.elapsed() >= every;
-        if due {
-            let mut all_ok = true;
-            let mut failed = Vec::new();
-            for cfg in &wanted {
-                match stream::ensure(&js, cfg.clone()).await {
-                    Ok(epoch) => {
-                        if relay.hub.streams().set(&cfg.name, epoch).is_some() {
-                            tracing::warn!(stream = %cfg.name, "history stream recreated: positions of the old one are void");
-                            changed(&cfg.name);
-                        }
-                    }
-                    Err(e) => {
-                        all_ok = false;
-                        tracing::warn!(error = %e, "history stream not in place; resumable subscribes answer 503");
-                        failed.push(crate::metrics::StreamError {
-                            stream: cfg.name.clone(),
-                            // A label value: no quote, backslash or line break to escape.
-                            error: e
-                                .reason()
-                                .chars()
-                                .map(|c| match c {
-                                    '"' => '\'',
-                                    '\\' => '/',
-                                    c if c.is_control() => ' ',
-                                    c => c,
-                                })
-                                .take(200)
-                                .collect(),
-                        });
-                    }
-                }
-            }
-            // Why each stream is not in place, for the operator (Degraded HistoryNotReady)
-            // and for dashboards: a refusal is a config error that no retry mends.
-            let errors = &relay.metrics.history_stream_error;
-            errors.clear();
-            for f in failed {
-                errors.get_or_create(&f).set(1);
-            }
-            relay
-                .metrics
-                .history_streams_ready
-                .set(i64::try_from(relay.hub.streams().ready()).unwrap_or(0));
-            if all_ok {
-                applied = Some(wanted);
-                last_check = tokio::time::Instant::now();
-            }
-        }
-        // While JetStream refuses (not enabled, no permission), retry with backoff up to
-        // 30 s: the warning above is logged at that pace, not twice a second.
-        failures = if applied.is_some() { 0 } else { failures + 1 };
-        let pause = if failures == 0 {
-            Duration::from_secs(2)
-        } else {
-            Duration::from_millis(250u64.saturating_mul(1 << failures.min(7)))
-        };
-        tokio::select! {
-            () = relay.shutdown.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
-        }
-    }
-}
-
 /// A live message as the stream republished it: its position, and the position of the
 /// previous message on its subject (`0`: none held).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,7 +113,7 @@ pub fn position(headers: Option<&HeaderMap>) -> Option<Position> {
 
 /// What to do with a live message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Live {
+pub enum Arrival {
     /// Deliver it; `prev` is the position delivered before it on this channel.
     Deliver {
         /// The previous delivered position.
@@ -262,17 +188,17 @@ impl Resumable {
     }
 
     /// Classifies a live message and, when it is to be delivered, appends it.
-    pub fn accept(ring: &mut Ring, m: &Stored, prev: u64, now: u64) -> Live {
+    pub fn accept(ring: &mut Ring, m: &Stored, prev: u64, now: u64) -> Arrival {
         let last = ring.last_seen();
         if m.seq <= last {
-            return Live::Duplicate;
+            return Arrival::Duplicate;
         }
         let known = last.max(ring.head());
         if ring.is_loaded() && prev > known {
-            return Live::Gap { after: last };
+            return Arrival::Gap { after: last };
         }
         ring.append(m.clone(), now);
-        Live::Deliver { prev: last }
+        Arrival::Deliver { prev: last }
     }
 
     /// Makes the ring complete (once per entry; later callers wait for the first). Returns
@@ -397,27 +323,27 @@ mod tests {
         r.load(vec![m(2)], 5, 0);
         assert_eq!(
             Resumable::accept(&mut r, &m(6), 2, 0),
-            Live::Deliver { prev: 2 }
+            Arrival::Deliver { prev: 2 }
         );
-        assert_eq!(Resumable::accept(&mut r, &m(6), 2, 0), Live::Duplicate);
-        assert_eq!(Resumable::accept(&mut r, &m(4), 0, 0), Live::Duplicate);
+        assert_eq!(Resumable::accept(&mut r, &m(6), 2, 0), Arrival::Duplicate);
+        assert_eq!(Resumable::accept(&mut r, &m(4), 0, 0), Arrival::Duplicate);
         // 9 says the message before it was 8, which was never seen: read after 6 first.
         assert_eq!(
             Resumable::accept(&mut r, &m(9), 8, 0),
-            Live::Gap { after: 6 }
+            Arrival::Gap { after: 6 }
         );
         assert_eq!(
             Resumable::accept(&mut r, &m(8), 6, 0),
-            Live::Deliver { prev: 6 }
+            Arrival::Deliver { prev: 6 }
         );
         assert_eq!(
             Resumable::accept(&mut r, &m(9), 8, 0),
-            Live::Deliver { prev: 8 }
+            Arrival::Deliver { prev: 8 }
         );
         // prev 0: the previous one was removed from the stream; nothing to fill.
         assert_eq!(
             Resumable::accept(&mut r, &m(12), 0, 0),
-            Live::Deliver { prev: 9 }
+            Arrival::Deliver { prev: 9 }
         );
     }
 

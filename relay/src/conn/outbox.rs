@@ -33,7 +33,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use super::close::Cause;
 use crate::config::SlowConsumerPolicy;
+use crate::metrics::LimitHit;
 
 /// One frame waiting to be written.
 #[derive(Debug)]
@@ -58,123 +60,6 @@ pub enum Push {
     Overflow,
     /// The connection is closing; nothing was queued.
     Closed,
-}
-
-/// A close requested by anyone; the writer sends it.
-///
-/// How a connection closes, as one sequence (docs/protocol.md section 6 has the table):
-///
-/// ```text
-/// open --close(req)--> closing --flush_first--> flushing --(queue written)--> close frame
-///                              \--!flush_first--> killed: the write in progress is
-///                                  interrupted, the queue discarded --> close frame
-/// close frame (bounded: CLOSE_FRAME_WITHIN, KILLED_CLOSE_WITHIN after a kill; none for
-///   PeerGone) --> the reader lingers (reads until the client's close, LINGER_WITHIN; for
-///   TooBig it holds the socket TOO_BIG_HOLD without reading) --> closed: unregistered,
-///   counted under `label()`
-/// ```
-///
-/// The first request wins; a later one changes nothing. A write that fails or makes no
-/// progress for `limits.writeTimeoutSeconds` skips to closed (`write_error`,
-/// `write_timeout`), with no close frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseRequest {
-    /// WebSocket close code.
-    pub code: u16,
-    /// Close reason (short, for people).
-    pub reason: &'static str,
-    /// Write what is queued before closing (drain), or not (slow consumer).
-    pub flush_first: bool,
-}
-
-/// Time the writer may take to send a close frame after the queue (flush-first closes, and
-/// closes that find the writer idle).
-pub const CLOSE_FRAME_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
-/// Time a killed writer (it was blocked on a full socket) may still try its close frame.
-pub const KILLED_CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_millis(500);
-/// Time the reader keeps reading after a close, for the client's close reply: closing a
-/// socket with unread client data sends a TCP reset, and the client could lose the close.
-pub const LINGER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
-/// After a 1009 the rest of the oversize message is unread: the reader waits for the writer
-/// (at most `CLOSE_FRAME_WITHIN`), then holds the socket this long without reading.
-pub const TOO_BIG_HOLD: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Why a connection is closed by the relay (or found closed by the client). Each maps to
-/// one [`CloseRequest`]: its code, its reason and whether the queue is written first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    /// The client closed, or its stream ended or failed: no close frame, queue discarded.
-    PeerGone,
-    /// Nothing from the client for `limits.idleTimeoutSeconds`: 4000, queue discarded.
-    Idle,
-    /// The token's `exp` passed: 1008 after the queue.
-    TokenExpired,
-    /// A client message above `limits.maxMessageBytes`: 1009, queue discarded.
-    TooBig,
-    /// Requests above the rate after `2 × publishBurst` refusals in a row: 4029 after the
-    /// queue (its 429 replies included).
-    Flood,
-    /// A send-queue limit under policy `disconnect`: 4008, queue discarded.
-    SlowConsumer,
-    /// The drain reached this connection's turn: 1012 after the queue (the `drain` notice).
-    Drain,
-    /// The connection's own task panicked (a bug, caught at the task boundary): 1011, queue
-    /// discarded.
-    Internal,
-}
-
-impl Cause {
-    /// The close request for this cause.
-    pub const fn request(self) -> CloseRequest {
-        use crate::protocol::close;
-        let (code, reason, flush_first) = match self {
-            Self::PeerGone => (close::NORMAL, "", false),
-            Self::Idle => (close::IDLE_TIMEOUT, "idle timeout", false),
-            Self::TokenExpired => (close::POLICY, "token expired", true),
-            Self::TooBig => (close::TOO_BIG, "message too big", false),
-            Self::Flood => (close::FLOOD, "request flood", true),
-            Self::SlowConsumer => (close::SLOW_CONSUMER, "slow consumer", false),
-            Self::Drain => (close::RESTART, "service restart", true),
-            Self::Internal => (close::INTERNAL, "internal error", false),
-        };
-        CloseRequest {
-            code,
-            reason,
-            flush_first,
-        }
-    }
-}
-
-impl CloseRequest {
-    /// Whether the writer sends a close frame (not when the client is gone).
-    pub fn sends_frame(&self) -> bool {
-        self.code != crate::protocol::close::NORMAL || !self.reason.is_empty()
-    }
-
-    /// The `reason` label of `wsrelay_connections_closed_total`.
-    pub fn label(&self) -> &'static str {
-        use crate::protocol::close;
-        match self.code {
-            close::NORMAL => "normal",
-            close::POLICY => "token_expired",
-            close::TOO_BIG => "too_big",
-            close::RESTART => "drain",
-            close::IDLE_TIMEOUT => "idle",
-            close::SLOW_CONSUMER => "slow_consumer",
-            close::FLOOD => "flood",
-            close::INTERNAL => "internal_error",
-            _ => "other",
-        }
-    }
-}
-
-/// Which limit sent a push to the slow-consumer policy (label `limit` of
-/// `wsrelay_send_queue_limit_hits_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
-pub struct LimitHit {
-    /// `messages` (`sendQueueLen`), `bytes` (`sendQueueBytes`) or `process_bytes`
-    /// (`maxQueuedBytes`); `replies` for a client that makes requests without reading.
-    pub limit: &'static str,
 }
 
 /// The process-wide budget of queued bytes (`limits.maxQueuedBytes`), shared by every
@@ -269,7 +154,7 @@ struct Inner {
     /// Messages dropped (drop-oldest) since the last batch, per channel, in the order the
     /// channels first lost one.
     dropped_unreported: Vec<(Arc<str>, u64)>,
-    close: Option<CloseRequest>,
+    close: Option<Cause>,
     /// The writer found nothing at its last look and holds nothing it took: a fan-out may
     /// write a message itself (`claim_direct`).
     writer_idle: bool,
@@ -323,7 +208,7 @@ pub struct Batch {
     /// Messages dropped (drop-oldest) since the last batch, per channel: tell the client.
     pub dropped: Vec<(Arc<str>, u64)>,
     /// Close after writing (or instead of writing, when `flush_first` is false).
-    pub close: Option<CloseRequest>,
+    pub close: Option<Cause>,
     /// A fan-out's write left bytes to flush.
     pub flush: bool,
 }
@@ -432,7 +317,7 @@ impl Outbox {
             self.budget.hit(limit);
             match self.policy {
                 SlowConsumerPolicy::Disconnect => {
-                    g.close = Some(Cause::SlowConsumer.request());
+                    g.close = Some(Cause::SlowConsumer);
                     self.discard(&mut g);
                     drop(g);
                     self.kill.cancel();
@@ -506,7 +391,7 @@ impl Outbox {
         if g.queue.len() >= self.capacity + REPLY_ROOM || over_bytes {
             self.budget.hit("replies");
             self.budget.slow_consumers.inc();
-            g.close = Some(Cause::SlowConsumer.request());
+            g.close = Some(Cause::SlowConsumer);
             self.discard(&mut g);
             drop(g);
             self.kill.cancel();
@@ -526,14 +411,14 @@ impl Outbox {
     }
 
     /// Asks the writer to close; the first request wins.
-    pub fn close(&self, req: CloseRequest) {
+    pub fn close(&self, cause: Cause) {
         let mut g = lock(&self.inner);
         if g.close.is_none() {
-            if !req.flush_first {
+            if !cause.flush_first() {
                 self.discard(&mut g);
                 self.kill.cancel();
             }
-            g.close = Some(req);
+            g.close = Some(cause);
         }
         drop(g);
         self.notify.notify();
@@ -578,7 +463,7 @@ impl Outbox {
         self.budget.sub(taken);
         let dropped = std::mem::take(&mut g.dropped_unreported);
         let close = match &g.close {
-            Some(c) if !c.flush_first || g.queue.is_empty() => Some(c.clone()),
+            Some(c) if !c.flush_first() || g.queue.is_empty() => Some(*c),
             _ => None,
         };
         let flush = std::mem::take(&mut g.flush_owed);
@@ -590,7 +475,7 @@ impl Outbox {
         };
         g.writer_idle = batch.is_idle(frames.len());
         drop(g);
-        if batch.close.as_ref().is_some_and(|c| !c.flush_first) {
+        if batch.close.as_ref().is_some_and(|c| !c.flush_first()) {
             frames.clear();
         }
         batch
@@ -649,8 +534,8 @@ impl Outbox {
     }
 
     /// The close request, if any.
-    pub fn close_request(&self) -> Option<CloseRequest> {
-        lock(&self.inner).close.clone()
+    pub fn close_request(&self) -> Option<Cause> {
+        lock(&self.inner).close
     }
 
     /// Waits until something was pushed or a close was requested.
@@ -718,7 +603,7 @@ mod tests {
         }
         // The limit plus the replies' room, and not a frame more.
         assert_eq!(queued, (1000 + REPLY_ROOM_BYTES) / 100);
-        assert_eq!(o.close_request().map(|c| c.code), Some(4008));
+        assert_eq!(o.close_request().map(|c| c.code()), Some(4008));
         assert_eq!(o.queued_bytes(), 0, "a slow consumer's queue is discarded");
     }
 
@@ -759,7 +644,7 @@ mod tests {
         assert_eq!(o.push_message(msg(4)), Push::Closed);
         let b = o.take(100);
         assert!(b.frames.is_empty());
-        assert_eq!(b.close.unwrap().code, 4008);
+        assert_eq!(b.close.unwrap().code(), 4008);
     }
 
     fn budget(limit: u64) -> Arc<QueueBudget> {
@@ -843,13 +728,13 @@ mod tests {
         o.push_message(msg(1));
         o.push_message(msg(2));
         o.push_reply(Message::Text("drain".into()));
-        o.close(Cause::Drain.request());
+        o.close(Cause::Drain);
         let b = o.take(2);
         assert_eq!(texts(&b), ["1", "2"]);
         assert!(b.close.is_none());
         let b = o.take(2);
         assert_eq!(texts(&b), ["drain"]);
-        assert_eq!(b.close.unwrap().code, 1012);
+        assert_eq!(b.close.unwrap().code(), 1012);
     }
 
     #[test]
@@ -899,7 +784,7 @@ mod tests {
     fn a_close_stops_fan_outs_from_writing() {
         let o = Outbox::new(10, SlowConsumerPolicy::DropOldest);
         let _ = o.take(10);
-        o.close(Cause::Drain.request());
+        o.close(Cause::Drain);
         assert_eq!(o.claim_direct(Instant::now()), None);
         assert_eq!(o.push_message(msg(1)), Push::Closed);
     }

@@ -10,9 +10,9 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::outbox::Cause;
+use crate::conn::close::Cause;
 use crate::protocol;
-use crate::relay::Relay;
+use crate::state::Relay;
 
 /// Share of the grace period over which clients are closed; the rest is for NATS to drain
 /// and the process to exit.
@@ -50,7 +50,7 @@ pub async fn drain(relay: &Arc<Relay>, grace: Duration) {
         .metrics
         .drain_started
         .set(since_epoch.as_secs() as i64);
-    let delay = Duration::from_secs(relay.live().config.drain.delay_before_close_seconds)
+    let delay = Duration::from_secs(relay.settings().config.drain.delay_before_close_seconds)
         .min(grace.saturating_sub(Duration::from_secs(1)));
     if !delay.is_zero() {
         tracing::info!(
@@ -77,17 +77,17 @@ pub async fn drain(relay: &Arc<Relay>, grace: Duration) {
             turn.as_millis() as u64
         )));
     }
-    let restart = Cause::Drain.request();
+    let restart = Cause::Drain;
     for (conn, turn) in conns.iter().zip(&turns) {
         tokio::time::sleep_until(start + *turn).await;
-        conn.outbox.close(restart.clone());
+        conn.outbox.close(restart);
     }
     // Anything that got through the upgrade while the snapshot was taken.
     for conn in relay.connections() {
         if !conn.outbox.is_closing() {
             conn.outbox
                 .push_reply(Message::text(protocol::encode_drain(0)));
-            conn.outbox.close(restart.clone());
+            conn.outbox.close(restart);
         }
     }
     relay.shutdown.cancel();

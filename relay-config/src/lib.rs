@@ -1,10 +1,12 @@
-//! The relay configuration file format (rendered by the operator, read by the relay).
+//! wsrelay-config: the relay configuration file format (rendered by the operator, read by
+//! the relay), the channel and subject template parser it validates with ([`template`]),
+//! and the PEM loader both use for TLS ([`pem`], feature `pem`).
 //!
-//! This module is the contract between the operator, which renders a [`Config`] into a
-//! ConfigMap, and the relay, which reads it. It depends on serde and thiserror only, so the
-//! operator can use it with `default-features = false`.
+//! This crate is the contract between the operator, which renders a [`Config`] into a
+//! ConfigMap, and the relay, which reads it. Without features it depends on serde,
+//! thiserror and ipnet only.
 //!
-//! On disk the file is YAML (the relay's loader, behind the `server` feature). JSON is a
+//! On disk the file is YAML (the loader, [`load`], feature `load`). JSON is a
 //! subset of YAML, so an operator may render the config with `serde_json` and the relay
 //! reads it all the same.
 //!
@@ -16,9 +18,8 @@
 //! naming the path of the field at fault (`bindings[2].subject`).
 //!
 //! Split by section: [`listen`], [`nats`], [`auth`], [`bindings`], [`limits`] (with drain),
-//! [`env`] (secret path overrides) and the loader ([`load`], behind `server`). Each section
-//! owns its types and the part of [`Config::validate`] that checks them. The channel and
-//! subject template parser is [`crate::template`].
+//! [`env`] (secret path overrides) and the loader ([`load`], feature `load`). Each
+//! section owns its types and the part of [`Config::validate`] that checks them.
 
 use std::fmt;
 
@@ -29,9 +30,12 @@ mod bindings;
 mod env;
 mod limits;
 mod listen;
-#[cfg(feature = "server")]
+#[cfg(feature = "load")]
 mod load;
 mod nats;
+#[cfg(feature = "pem")]
+pub mod pem;
+pub mod template;
 
 pub use crate::template::{TemplateError, TemplateToken, parse_subject_template, parse_template};
 pub use auth::*;
@@ -39,7 +43,7 @@ pub use bindings::*;
 pub use env::*;
 pub use limits::*;
 pub use listen::*;
-#[cfg(feature = "server")]
+#[cfg(feature = "load")]
 pub use load::*;
 pub use nats::*;
 

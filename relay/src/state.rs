@@ -1,4 +1,6 @@
-//! The state shared by every part of a running relay.
+//! The state shared by every part of a running relay: the settings in force (swapped as one
+//! on reload), the hub, the metrics, the open connections, and the relay's lifecycle
+//! (ready, draining, NATS failed, shutdown). Admission's counters live with the edge.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,40 +13,14 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::authz::Authorizer;
 use crate::config::Config;
-use crate::hub::{ConnId, Hub};
-use crate::limits::{ConnCounter, InFlight};
+use crate::conn::outbox::{Outbox, QueueBudget};
+use crate::conn::{Conn, ConnId};
+use crate::fanout::Hub;
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, QueueBudget};
-use crate::slots::Slots;
-
-/// What the rest of the relay knows about one open connection.
-#[derive(Debug)]
-pub struct ConnShared {
-    /// Process-unique id.
-    pub id: ConnId,
-    /// Its send queue.
-    pub outbox: Arc<Outbox>,
-    /// Channel to NATS subject, for each subscription.
-    pub subs: Mutex<HashMap<String, String>>,
-    /// JWT claims; `None` when anonymous.
-    pub claims: Option<Map<String, Value>>,
-    /// Its WebSocket write half, for fan-outs that write at once (`sink::deliver`); set by
-    /// `connection::run` (unset before: messages are queued).
-    pub sink: std::sync::OnceLock<Arc<crate::sink::SharedSink>>,
-}
-
-impl ConnShared {
-    /// Locks the subscription map.
-    pub fn subs(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.subs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
 
 /// The parts of the config that can change on reload, swapped as one.
 #[derive(Debug)]
-pub struct Live {
+pub struct Settings {
     /// The config in force.
     pub config: Arc<Config>,
     /// Its compiled bindings.
@@ -56,7 +32,7 @@ pub struct Live {
 /// Shared state of a running relay.
 #[derive(Debug)]
 pub struct Relay {
-    live: RwLock<Arc<Live>>,
+    live: RwLock<Arc<Settings>>,
     /// Subject fan-out.
     pub hub: Arc<Hub>,
     /// Metrics.
@@ -67,19 +43,8 @@ pub struct Relay {
     pub draining: AtomicBool,
     /// Cancelled when the NATS client stopped for good (`crate::nats::supervise`).
     pub nats_failed: CancellationToken,
-    /// Open-connection slots (`limits.maxConnections`).
-    pub slots: Arc<Slots>,
     /// Bytes queued on all connections (`limits.maxQueuedBytes`).
     pub queue_budget: Arc<QueueBudget>,
-    /// Open connections per client address (`limits.maxConnectionsPerIp`).
-    pub per_ip: Arc<ConnCounter<std::net::IpAddr>>,
-    /// Open connections per token `sub` (`limits.maxConnectionsPerSubject`).
-    pub per_subject: Arc<ConnCounter<String>>,
-    /// HTTP handshakes in flight (`limits.maxHandshakesInFlight`).
-    pub handshakes: InFlight,
-    /// TCP connections in their handshake per client address
-    /// (`limits.maxHandshakesInFlightPerIp`).
-    pub handshakes_per_ip: Arc<ConnCounter<std::net::IpAddr>>,
     /// Tracks every connection task (and the HTTP handshakes), so none outlives shutdown.
     pub tracker: TaskTracker,
     /// Cancelled when the relay stops: ends accept loops and the admin server.
@@ -87,19 +52,18 @@ pub struct Relay {
     /// This relay's name in the `Wsrelay-Connection` header of client publishes: the pod
     /// name (`HOSTNAME`), else the NATS connection name.
     pub name: String,
-    conns: Mutex<HashMap<ConnId, Arc<ConnShared>>>,
+    conns: Mutex<HashMap<ConnId, Arc<Conn>>>,
     next_id: AtomicU64,
 }
 
 impl Relay {
     /// Assembles the state.
     pub fn new(
-        live: Live,
+        live: Settings,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         nats_connected: Arc<AtomicBool>,
     ) -> Self {
-        let max = live.config.limits.max_connections as usize;
         let queue_budget = Arc::new(QueueBudget::new(
             live.config.limits.max_queued_bytes,
             metrics.queued_bytes.clone(),
@@ -127,12 +91,7 @@ impl Relay {
             nats_connected,
             draining: AtomicBool::new(false),
             nats_failed: CancellationToken::new(),
-            slots: Arc::new(Slots::new(max)),
             queue_budget,
-            per_ip: Arc::default(),
-            per_subject: Arc::default(),
-            handshakes: InFlight::default(),
-            handshakes_per_ip: Arc::default(),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             conns: Mutex::new(HashMap::new()),
@@ -141,7 +100,7 @@ impl Relay {
     }
 
     /// The config, bindings and authenticator in force.
-    pub fn live(&self) -> Arc<Live> {
+    pub fn settings(&self) -> Arc<Settings> {
         self.live
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -150,7 +109,7 @@ impl Relay {
 
     /// Replaces them (config reload); returns the previous ones. The process-wide queue
     /// budget takes the new `maxQueuedBytes` at once.
-    pub fn swap_live(&self, live: Live) -> Arc<Live> {
+    pub fn swap_settings(&self, live: Settings) -> Arc<Settings> {
         self.queue_budget
             .set_limit(live.config.limits.max_queued_bytes);
         self.metrics
@@ -176,28 +135,17 @@ impl Relay {
     }
 
     /// Registers a new connection.
-    pub fn register(
-        &self,
-        outbox: Arc<Outbox>,
-        claims: Option<Map<String, Value>>,
-    ) -> Arc<ConnShared> {
+    pub fn register(&self, outbox: Arc<Outbox>, claims: Option<Map<String, Value>>) -> Arc<Conn> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(ConnShared {
-            id,
-            outbox,
-            subs: Mutex::new(HashMap::new()),
-            claims,
-            sink: std::sync::OnceLock::new(),
-        });
+        let conn = Arc::new(Conn::new(id, outbox, claims));
         self.conns_lock().insert(id, conn.clone());
         self.metrics.connections.inc();
         conn
     }
 
     /// Forgets a closed connection and drops its subscriptions.
-    pub fn unregister(&self, conn: &ConnShared) {
-        let subs: Vec<(String, String)> = conn.subs().drain().collect();
-        for (channel, subject) in subs {
+    pub fn unregister(&self, conn: &Conn) {
+        for (channel, subject) in conn.take_subscriptions() {
             self.hub.unsubscribe(&subject, conn.id, &channel);
         }
         if self.conns_lock().remove(&conn.id).is_some() {
@@ -206,13 +154,39 @@ impl Relay {
     }
 
     /// A snapshot of the open connections.
-    pub fn connections(&self) -> Vec<Arc<ConnShared>> {
+    pub fn connections(&self) -> Vec<Arc<Conn>> {
         self.conns_lock().values().cloned().collect()
     }
 
-    fn conns_lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Arc<ConnShared>>> {
+    fn conns_lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Arc<Conn>>> {
         self.conns
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+impl Relay {
+    /// A relay whose NATS client has no server (it retries a closed loopback port), for unit
+    /// tests of what needs no NATS round trip.
+    pub(crate) async fn unconnected(config: Config) -> Arc<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .expect("a client that retries");
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(client, metrics.clone(), 1 << 20));
+        let settings = Settings {
+            authz: Arc::new(Authorizer::new(&config.bindings)),
+            authn: Arc::new(Authenticator::new(&config.auth).expect("keys")),
+            config: Arc::new(config),
+        };
+        Arc::new(Self::new(
+            settings,
+            hub,
+            metrics,
+            Arc::new(AtomicBool::new(false)),
+        ))
     }
 }

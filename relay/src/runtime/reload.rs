@@ -14,10 +14,11 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::auth::Authenticator;
 use crate::authz::{Authorizer, Operation};
 use crate::config::Config;
-use crate::hub::Target;
+use crate::edge::Edge;
+use crate::fanout::Target;
 use crate::metrics::Reason;
 use crate::protocol;
-use crate::relay::{Live, Relay};
+use crate::state::{Relay, Settings};
 
 /// Why a reload was refused (the old config stays in force).
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +32,8 @@ pub enum ReloadError {
 }
 
 /// Reloads from `path`. Returns how many subscriptions were ended.
-pub fn reload(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
-    let result = reload_inner(relay, path);
+pub fn reload(relay: &Arc<Relay>, edge: &Edge, path: &Path) -> Result<usize, ReloadError> {
+    let result = reload_inner(relay, edge, path);
     let outcome = if result.is_ok() { "ok" } else { "error" };
     relay
         .metrics
@@ -46,16 +47,18 @@ pub fn reload(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
     result
 }
 
-fn reload_inner(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
+fn reload_inner(relay: &Arc<Relay>, edge: &Edge, path: &Path) -> Result<usize, ReloadError> {
     let new = Config::load(path)?;
     let authn = Authenticator::new(&new.auth)?;
-    let old = relay.live();
+    let old = relay.settings();
     if new.listen != old.config.listen || new.nats != old.config.nats || new.tls != old.config.tls {
         tracing::warn!("listen, nats and tls changes take effect at the next restart");
     }
-    relay.slots.set_max(new.limits.max_connections as usize);
+    edge.admission
+        .slots
+        .set_max(new.limits.max_connections as usize);
     let authz = Arc::new(Authorizer::new(&new.bindings));
-    relay.swap_live(Live {
+    relay.swap_settings(Settings {
         config: Arc::new(new),
         authz: authz.clone(),
         authn: Arc::new(authn),
@@ -63,19 +66,21 @@ fn reload_inner(relay: &Arc<Relay>, path: &Path) -> Result<usize, ReloadError> {
     let mut ended = 0;
     for conn in relay.connections() {
         let gone: Vec<(String, String)> = conn
-            .subs()
-            .iter()
+            .subscriptions()
+            .into_iter()
             .filter(|(channel, key)| {
                 authz
                     .resolve_binding(channel, Operation::Subscribe, conn.claims.as_ref())
                     .map(|r| Target::of(&r).key)
                     .as_ref()
-                    != Ok(*key)
+                    != Ok(key)
             })
-            .map(|(c, s)| (c.clone(), s.clone()))
             .collect();
         for (channel, subject) in gone {
-            conn.subs().remove(&channel);
+            // Unless the client unsubscribed meanwhile.
+            if !conn.remove_if(&channel, &subject) {
+                continue;
+            }
             relay.hub.unsubscribe(&subject, conn.id, &channel);
             conn.outbox
                 .push_reply(Message::text(protocol::encode_unsubscribed(

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::relay::Relay;
+use crate::state::Relay;
 
 /// The admin router.
 pub fn router(relay: Arc<Relay>) -> Router {
@@ -37,7 +37,7 @@ async fn metrics(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     relay
         .metrics
         .jwks_fetch_failing
-        .set(i64::from(relay.live().authn.jwks_failing()));
+        .set(i64::from(relay.settings().authn.jwks_failing()));
     (
         [(
             header::CONTENT_TYPE,

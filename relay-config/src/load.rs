@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use super::{Config, ValidationErrors};
 
 /// Why a config file could not be loaded.
-#[cfg(feature = "server")]
+#[cfg(feature = "load")]
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file could not be read.
@@ -34,7 +34,7 @@ pub enum LoadError {
     },
 }
 
-#[cfg(feature = "server")]
+#[cfg(feature = "load")]
 impl Config {
     /// Parses a config from YAML (or JSON, which is YAML) text, without validating it.
     pub fn from_yaml_str(text: &str) -> Result<Self, String> {

@@ -12,11 +12,12 @@ use tokio::task::JoinHandle;
 use crate::auth::{Authenticator, KeyLoadError};
 use crate::authz::Authorizer;
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::edge::Edge;
+use crate::edge::tls::{TlsAcceptor, TlsError};
+use crate::fanout::Hub;
 use crate::metrics::Metrics;
-use crate::nats::{NatsError, Signal};
-use crate::relay::{Live, Relay};
-use crate::tls::{TlsAcceptor, TlsError};
+use crate::nats::{NatsError, Report};
+use crate::state::{Relay, Settings};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// The TLS acceptor, if serving wss.
     pub tls: Option<TlsAcceptor>,
+    /// The edge: admission's counters.
+    pub edge: Arc<Edge>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -86,7 +89,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let connected = Arc::new(AtomicBool::new(false));
     let authn = Authenticator::new(&config.auth)?;
     let tls = match &config.tls {
-        Some(t) => Some(TlsAcceptor::new(crate::tls::load(
+        Some(t) => Some(TlsAcceptor::new(crate::edge::tls::load(
             &t.cert_file,
             &t.key_file,
         )?)),
@@ -114,12 +117,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             addr: config.listen.admin,
             source,
         })?;
-    let live = Live {
+    let live = Settings {
         authz: Arc::new(Authorizer::new(&config.bindings)),
         authn: Arc::new(authn),
         config: Arc::new(config),
     };
     let relay = Arc::new(Relay::new(live, hub, metrics, connected));
+    let edge = Arc::new(Edge::new(relay.clone()));
     // What the NATS connection reports: refused subscriptions end the hub's entries for
     // those subjects; a reconnection makes resumable channels read what they missed.
     let refusals = {
@@ -129,8 +133,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 tokio::select! {
                     () = relay.shutdown.cancelled() => break,
                     s = signals_rx.recv() => match s {
-                        Some(Signal::Refused(subject)) => relay.hub.refused(&subject),
-                        Some(Signal::Reconnected) => relay.hub.resync(),
+                        Some(Report::Refused(subject)) => relay.hub.refused(&subject),
+                        Some(Report::Reconnected) => relay.hub.resync(),
                         None => break,
                     },
                 }
@@ -140,7 +144,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let history = tokio::spawn({
         let relay = relay.clone();
         let hub = relay.hub.clone();
-        crate::history::maintain(relay, Duration::from_secs(60), move |stream| {
+        super::upkeep::maintain(relay, Duration::from_secs(60), move |stream| {
             hub.reset_stream(stream)
         })
     });
@@ -151,7 +155,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         relay.nats_failed.clone(),
         relay.shutdown.clone(),
         relay
-            .live()
+            .settings()
             .config
             .nats
             .urls
@@ -163,12 +167,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         refusals,
         history,
         supervisor,
-        tokio::spawn(crate::server::serve(
+        tokio::spawn(crate::edge::listener::serve(
             client_listener,
-            relay.clone(),
+            edge.clone(),
             tls.clone(),
         )),
-        tokio::spawn(crate::admin::serve(admin_listener, relay.clone())),
+        tokio::spawn(super::admin::serve(admin_listener, relay.clone())),
     ];
     tracing::info!(client = %client_addr, admin = %admin_addr, "wsrelay listening");
     Ok(Running {
@@ -176,15 +180,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         client_addr,
         admin_addr,
         tls,
+        edge,
         tasks,
     })
 }
 
 impl Running {
+    /// Reloads the config from `path` (see `reload::reload`); returns the subscriptions it
+    /// ended.
+    pub fn reload(&self, path: &Path) -> Result<usize, super::reload::ReloadError> {
+        super::reload::reload(&self.relay, &self.edge, path)
+    }
+
     /// Drains and stops (what SIGTERM does).
     pub async fn drain(self) {
-        let grace = Duration::from_secs(self.relay.live().config.drain.grace_period_seconds);
-        crate::drain::drain(&self.relay, grace).await;
+        let grace = Duration::from_secs(self.relay.settings().config.drain.grace_period_seconds);
+        super::drain::drain(&self.relay, grace).await;
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
         }
@@ -211,7 +222,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let tls_paths = relay
-        .live()
+        .settings()
         .config
         .tls
         .as_ref()
@@ -220,7 +231,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
     // rotated Secret updates the key file in place, and the relay picks the new key up
     // without dropping connections).
     let watched = |relay: &Relay| -> Vec<Option<u64>> {
-        let live = relay.live();
+        let live = relay.settings();
         let key = live.config.auth.jwt.as_ref().map(|j| &j.key);
         std::iter::once(config_path.as_path())
             .chain(key.and_then(|k| k.hmac_secret_file.as_deref()))
@@ -249,7 +260,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
                 if let (Some((c, k)), Some(acceptor)) = (&tls_paths, &running.tls) {
                     let now = (fingerprint(c), fingerprint(k));
                     if Some(now) != seen_tls {
-                        match crate::tls::load(c, k) {
+                        match crate::edge::tls::load(c, k) {
                             Ok(cfg) => {
                                 acceptor.replace(cfg);
                                 tracing::info!("TLS certificate reloaded");
@@ -262,7 +273,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> Result<(), StartError>
             }
         }
         if do_reload {
-            if let Err(e) = crate::reload::reload(&relay, &config_path) {
+            if let Err(e) = running.reload(&config_path) {
                 tracing::error!(error = %e, "config reload refused; the old config stays in force");
             }
             // After the reload: the new config may name other key files.

@@ -1,0 +1,256 @@
+//! One open connection, whatever its transport, and nothing else: its identity, its
+//! subscription map (this module holds the only code that changes it), its send queue
+//! ([`outbox`]), how it closes ([`close`]), and its write half ([`sink`]) with the one
+//! decision a fan-out makes per message: write now, or queue ([`Conn::deliver`]).
+
+pub mod close;
+pub mod outbox;
+pub mod sink;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+
+use crate::metrics::Metrics;
+use outbox::{Frame, Outbox, Push, Release};
+use sink::{SharedSink, Written};
+
+/// A connection's id, unique in the process.
+pub type ConnId = u64;
+
+/// What the rest of the relay knows about one open connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Process-unique id.
+    pub id: ConnId,
+    /// Its send queue.
+    pub outbox: Arc<Outbox>,
+    /// JWT claims; `None` when anonymous.
+    pub claims: Option<Map<String, Value>>,
+    /// Channel to the key (NATS subject) it is subscribed to, for each subscription.
+    subs: Mutex<HashMap<String, String>>,
+    /// Its write half, for fan-outs that write at once ([`Conn::deliver`]); set when its
+    /// session starts (unset before: messages are queued).
+    sink: OnceLock<Arc<SharedSink>>,
+}
+
+/// Why a subscription could not be added to a connection's map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AddError {
+    /// The connection holds the channel already.
+    #[error("already subscribed")]
+    AlreadySubscribed,
+    /// The connection holds `limits.maxSubscriptionsPerConnection` channels.
+    #[error("too many subscriptions")]
+    TooMany,
+}
+
+/// What became of a delivered frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written by the caller, at once.
+    Written,
+    /// Queued for the writer (or refused), as [`Push`] says.
+    Queued(Push),
+}
+
+impl Conn {
+    /// A connection with `id`, its queue and its identity; not yet subscribed to anything.
+    pub fn new(id: ConnId, outbox: Arc<Outbox>, claims: Option<Map<String, Value>>) -> Self {
+        Self {
+            id,
+            outbox,
+            claims,
+            subs: Mutex::new(HashMap::new()),
+            sink: OnceLock::new(),
+        }
+    }
+
+    fn subs(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        self.subs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a subscription to `key` as `channel`, at most `max` of them.
+    pub fn add_subscription(&self, channel: &str, key: &str, max: usize) -> Result<(), AddError> {
+        let mut subs = self.subs();
+        if subs.contains_key(channel) {
+            return Err(AddError::AlreadySubscribed);
+        }
+        if subs.len() >= max {
+            return Err(AddError::TooMany);
+        }
+        subs.insert(channel.to_owned(), key.to_owned());
+        Ok(())
+    }
+
+    /// Whether `channel` is (still) a subscription to `key`: a reload or the hub may have
+    /// ended it meanwhile, and the client may have subscribed to it again since.
+    pub fn holds(&self, channel: &str, key: &str) -> bool {
+        self.subs().get(channel).is_some_and(|k| k == key)
+    }
+
+    /// Forgets `channel` when it is a subscription to `key`; returns whether it was.
+    pub fn remove_if(&self, channel: &str, key: &str) -> bool {
+        let mut subs = self.subs();
+        let held = subs.get(channel).is_some_and(|k| k == key);
+        if held {
+            subs.remove(channel);
+        }
+        held
+    }
+
+    /// Forgets `channel`; returns the key it was a subscription to.
+    pub fn remove_subscription(&self, channel: &str) -> Option<String> {
+        self.subs().remove(channel)
+    }
+
+    /// Forgets every subscription (the connection closed); returns them as (channel, key).
+    pub fn take_subscriptions(&self) -> Vec<(String, String)> {
+        self.subs().drain().collect()
+    }
+
+    /// The subscriptions now, as (channel, key).
+    pub fn subscriptions(&self) -> Vec<(String, String)> {
+        self.subs()
+            .iter()
+            .map(|(c, k)| (c.clone(), k.clone()))
+            .collect()
+    }
+
+    /// Hands fan-outs the write half (once, when the session starts).
+    pub fn attach_sink(&self, sink: Arc<SharedSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Delivers a message frame: written at once when the writer is idle with nothing
+    /// queued and `direct` allows (the fan-out's choice), else queued. The frame's arrival
+    /// time stands for the clock (a due ping goes with it).
+    ///
+    /// A message for a connection whose queue is empty and whose writer is idle (nearly
+    /// every message of a personal channel) is written by the fan-out itself: one task
+    /// wake-up and one poll of the writer fewer per delivery. What cannot be written at once
+    /// stays in the sink's buffer, and the flush is handed to the writer. Order is kept by
+    /// the outbox: the fan-out writes only when nothing is queued and the writer holds
+    /// nothing it took (`Outbox::claim_direct`), and everything pushed meanwhile is queued
+    /// behind.
+    pub fn deliver(&self, frame: Frame, direct: bool, metrics: &Metrics) -> Delivery {
+        let outbox = &self.outbox;
+        let Some(sink) = self.sink.get().filter(|_| direct) else {
+            return Delivery::Queued(outbox.push_message(frame));
+        };
+        let received = frame.received;
+        let Some(ping) = outbox.claim_direct(received.unwrap_or_else(Instant::now)) else {
+            return Delivery::Queued(outbox.push_message(frame));
+        };
+        let (written, ping_owed) = sink.write_now(ping, frame.msg, outbox.waker());
+        match written {
+            Written::NotTaken(msg) => {
+                outbox.release_direct(Release::NotTaken, ping_owed);
+                Delivery::Queued(outbox.push_message(Frame { msg, ..frame }))
+            }
+            written => {
+                let how = match written {
+                    Written::Flushed => Release::Done,
+                    _ => Release::FlushOwed,
+                };
+                outbox.release_direct(how, ping_owed);
+                if !matches!(written, Written::Failed) {
+                    if let Some(t) = received {
+                        metrics
+                            .delivery_latency
+                            .observe(Instant::now().saturating_duration_since(t).as_secs_f64());
+                    }
+                    metrics.delivered.inc();
+                }
+                Delivery::Written
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumerPolicy;
+    use futures::StreamExt;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    fn frame(text: &str) -> Frame {
+        Frame {
+            msg: Message::text(text),
+            received: Some(Instant::now()),
+            channel: Some(Arc::from("c")),
+        }
+    }
+
+    #[test]
+    fn the_subscription_map_refuses_a_second_subscribe_and_more_than_the_maximum() {
+        let conn = Conn::new(
+            1,
+            Arc::new(Outbox::new(8, SlowConsumerPolicy::DropOldest)),
+            None,
+        );
+        assert_eq!(conn.add_subscription("a", "s.a", 2), Ok(()));
+        assert_eq!(
+            conn.add_subscription("a", "s.a", 2),
+            Err(AddError::AlreadySubscribed)
+        );
+        assert_eq!(conn.add_subscription("b", "s.b", 2), Ok(()));
+        assert_eq!(conn.add_subscription("c", "s.c", 2), Err(AddError::TooMany));
+        assert!(conn.holds("a", "s.a"));
+        assert!(!conn.remove_if("a", "s.other"), "another key: kept");
+        assert!(conn.remove_if("a", "s.a"));
+        assert!(!conn.holds("a", "s.a"));
+        assert_eq!(conn.remove_subscription("b"), Some("s.b".into()));
+        assert!(conn.take_subscriptions().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_written_at_once_and_a_busy_one_queued() {
+        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let (sink, _stream) = server.split();
+        let conn = Conn::new(
+            1,
+            Arc::new(Outbox::new(8, SlowConsumerPolicy::DropOldest)),
+            None,
+        );
+        conn.attach_sink(Arc::new(SharedSink::new(sink)));
+        let metrics = Metrics::new();
+
+        // The writer has not looked at its queue yet: queued.
+        assert_eq!(
+            conn.deliver(frame("1"), true, &metrics),
+            Delivery::Queued(Push::Queued)
+        );
+        assert_eq!(conn.outbox.take(8).frames.len(), 1);
+        assert!(conn.outbox.take(8).is_idle(0), "the writer goes idle");
+        // Idle: written by the caller, with the ping that is due.
+        conn.outbox.start_pings(std::time::Duration::ZERO);
+        assert_eq!(conn.deliver(frame("2"), true, &metrics), Delivery::Written);
+        assert_eq!(client.next().await.unwrap().unwrap(), Message::text("2"));
+        assert!(matches!(
+            client.next().await.unwrap().unwrap(),
+            Message::Ping(_)
+        ));
+        assert_eq!(metrics.delivered.get(), 1);
+        // The fan-out may decline (a broadcast): queued.
+        assert_eq!(
+            conn.deliver(frame("3"), false, &metrics),
+            Delivery::Queued(Push::Queued)
+        );
+        // Something queued: queued behind it, never ahead.
+        assert_eq!(
+            conn.deliver(frame("4"), true, &metrics),
+            Delivery::Queued(Push::Queued)
+        );
+        assert_eq!(conn.outbox.take(8).frames.len(), 2);
+    }
+}

@@ -1,0 +1,229 @@
+//! Admission, once for every transport: whether a client may open a connection (a WebSocket
+//! upgrade or an SSE session), checked cheapest first — draining, connections per client
+//! address, the process's connection slots, the token (Origin, signature, claims),
+//! connections per token subject — and the counters it holds for the connection's life.
+//! A refusal is a [`Refusal`]: one table from it to the HTTP status, the metric label, the
+//! `Retry-After`, and the close code and text when it is answered after the upgrade.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode};
+
+use crate::auth::{AuthError, Identity, TokenVia};
+use crate::limits::{ConnCounter, CountGuard, InFlight, client_ip, ip_key};
+use crate::protocol::close;
+use crate::slots::{Slot, Slots};
+use crate::state::Relay;
+
+/// The counters admission draws on, shared by both transports.
+#[derive(Debug)]
+pub struct Admission {
+    /// Open-connection slots (`limits.maxConnections`).
+    pub slots: Arc<Slots>,
+    /// Open connections per client address (`limits.maxConnectionsPerIp`).
+    pub per_ip: Arc<ConnCounter<IpAddr>>,
+    /// Open connections per token `sub` (`limits.maxConnectionsPerSubject`).
+    pub per_subject: Arc<ConnCounter<String>>,
+    /// HTTP handshakes in flight (`limits.maxHandshakesInFlight`).
+    pub handshakes: InFlight,
+    /// TCP connections in their handshake per client address
+    /// (`limits.maxHandshakesInFlightPerIp`).
+    pub handshakes_per_ip: Arc<ConnCounter<IpAddr>>,
+}
+
+impl Admission {
+    /// Counters for at most `max_connections` open connections.
+    pub fn new(max_connections: usize) -> Self {
+        Self {
+            slots: Arc::new(Slots::new(max_connections)),
+            per_ip: Arc::default(),
+            per_subject: Arc::default(),
+            handshakes: InFlight::default(),
+            handshakes_per_ip: Arc::default(),
+        }
+    }
+}
+
+/// Why a client may not open a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Not a WebSocket upgrade request.
+    #[error("not a WebSocket request")]
+    NotWebsocket,
+    /// The relay is draining.
+    #[error("draining")]
+    Draining,
+    /// `limits.maxConnectionsPerIp` reached for the client's address.
+    #[error("too many connections from {0}")]
+    PerIp(IpAddr),
+    /// `limits.maxConnections` reached.
+    #[error("at capacity")]
+    MaxConnections,
+    /// The token (or the Origin) is refused.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// `limits.maxConnectionsPerSubject` reached for the token's `sub`.
+    #[error("too many connections for one token subject")]
+    PerSubject,
+    /// The token came in `Sec-WebSocket-Protocol` without our subprotocol offered.
+    #[error("token in Sec-WebSocket-Protocol without the wsrelay subprotocol")]
+    Subprotocol,
+}
+
+impl Refusal {
+    /// The HTTP status answered.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotWebsocket | Self::Subprotocol => StatusCode::BAD_REQUEST,
+            Self::Draining | Self::MaxConnections => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PerIp(_) | Self::PerSubject => StatusCode::TOO_MANY_REQUESTS,
+            Self::Auth(e) => e.status(),
+        }
+    }
+
+    /// The `reason` label of `wsrelay_connections_refused_total` (also the HTTP body).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotWebsocket => "not_websocket",
+            Self::Draining => "draining",
+            Self::PerIp(_) => "per_ip",
+            Self::MaxConnections => "max_connections",
+            Self::Auth(e) => e.reason(),
+            Self::PerSubject => "per_subject",
+            Self::Subprotocol => "subprotocol",
+        }
+    }
+
+    /// Seconds a client should wait before trying again, when retrying may help.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Draining => Some(1),
+            Self::PerIp(_) | Self::MaxConnections | Self::PerSubject => Some(5),
+            Self::Auth(e) if e.status() == StatusCode::SERVICE_UNAVAILABLE => Some(5),
+            _ => None,
+        }
+    }
+
+    /// The close code that stands for this refusal after the upgrade
+    /// (`auth.refuseAfterUpgrade`); `None` for a request that is refused before it in any case.
+    pub fn close_code(&self) -> Option<u16> {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => Some(close::REFUSED_UNAUTHORIZED),
+            StatusCode::FORBIDDEN => Some(close::REFUSED_FORBIDDEN),
+            StatusCode::TOO_MANY_REQUESTS => Some(close::REFUSED_TOO_MANY),
+            StatusCode::SERVICE_UNAVAILABLE => Some(close::REFUSED_UNAVAILABLE),
+            _ => None,
+        }
+    }
+
+    /// The close reason after the upgrade. Fixed texts: a reason never carries anything from
+    /// the request (the token least of all).
+    pub fn text(&self) -> &'static str {
+        match self.label() {
+            "no_token" => "no token",
+            "invalid_token" => "invalid token",
+            "origin" => "origin not allowed",
+            "keys_unavailable" => "signing keys unavailable, retry later",
+            "draining" => "relay draining, retry later",
+            "max_connections" => "relay at capacity, retry later",
+            "per_ip" => "too many connections from this address",
+            "per_subject" => "too many connections for this token subject",
+            _ => "refused",
+        }
+    }
+}
+
+/// What an admitted connection holds for its life: its slot and its counts per address and
+/// subject (released when dropped), and who it is.
+#[derive(Debug)]
+pub struct Admitted {
+    /// Released with the connection.
+    pub held: Held,
+    /// The token's identity (claims, expiry), or anonymous.
+    pub identity: Identity,
+    /// Where the token was read.
+    pub via: Option<TokenVia>,
+}
+
+/// The counts an open connection holds.
+#[derive(Debug)]
+pub struct Held {
+    _slot: Slot,
+    _per_ip: Option<CountGuard<IpAddr>>,
+    _per_subject: Option<CountGuard<String>>,
+}
+
+/// The request as admission reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct Asking<'a> {
+    /// Its headers.
+    pub headers: &'a HeaderMap,
+    /// Its query string.
+    pub query: Option<&'a str>,
+    /// The TCP peer it came from.
+    pub peer: Option<SocketAddr>,
+}
+
+/// Admits a connection, or says why not.
+pub async fn admit(
+    relay: &Relay,
+    admission: &Admission,
+    req: Asking<'_>,
+) -> Result<Admitted, Refusal> {
+    if relay.is_draining() {
+        return Err(Refusal::Draining);
+    }
+    let settings = relay.settings();
+    // Per client address first: the cheapest refusal, before any token is verified.
+    let per_ip = match req.peer {
+        Some(peer) => {
+            let listen = &settings.config.listen;
+            let values = req
+                .headers
+                .get_all(listen.client_ip_header.as_str())
+                .iter()
+                .filter_map(|v| v.to_str().ok());
+            let ip = client_ip(peer.ip(), &listen.trusted_proxies, values);
+            let max = settings.config.limits.max_connections_per_ip;
+            match admission.per_ip.try_acquire(ip_key(ip), max) {
+                Some(g) => Some(g),
+                None => {
+                    tracing::debug!(%ip, "too many connections from one address");
+                    return Err(Refusal::PerIp(ip));
+                }
+            }
+        }
+        None => None,
+    };
+    let Some(slot) = admission.slots.try_acquire() else {
+        return Err(Refusal::MaxConnections);
+    };
+    let (identity, via) = settings
+        .authn
+        .authenticate(req.headers, req.query)
+        .await
+        .inspect_err(|e| tracing::debug!(error = %e, "refused before the connection opened"))?;
+    let per_subject = match identity.claims.as_ref().and_then(crate::auth::subject) {
+        Some(sub) => {
+            let max = settings.config.limits.max_connections_per_subject;
+            match admission.per_subject.try_acquire(sub.to_owned(), max) {
+                Some(g) => Some(g),
+                None => {
+                    tracing::debug!(sub, "too many connections for one token subject");
+                    return Err(Refusal::PerSubject);
+                }
+            }
+        }
+        None => None,
+    };
+    Ok(Admitted {
+        held: Held {
+            _slot: slot,
+            _per_ip: per_ip,
+            _per_subject: per_subject,
+        },
+        identity,
+        via,
+    })
+}

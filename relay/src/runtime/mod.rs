@@ -1,0 +1,9 @@
+//! The running process: start and stop ([`process`]), the drain on SIGTERM ([`drain`]),
+//! config reload ([`reload`]), the admin server ([`admin`]), history stream upkeep
+//! ([`upkeep`]).
+
+pub mod admin;
+pub mod drain;
+pub mod process;
+pub mod reload;
+pub mod upkeep;
