@@ -17,6 +17,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY relay relay
 COPY relay-config relay-config
+COPY testkit testkit
 COPY operator operator
 COPY e2e e2e
 COPY images images

@@ -619,8 +619,9 @@ def doc(runs, summary, d, images, path, step_seconds):
     p("`BENCH_CORES` narrow or move a run; `BENCH_RELAY_BIN` measures another wsrelay binary (before/after). Raw results:")
     p("`target/bench/<workload>/<peer>.<trial>.json` (every step: CPU per process, core shares, latency, the relay's")
     p("histogram, verdict and reason), `target/bench/summary.json`; plots copied to `docs/benchmarks/`. A before/after of")
-    p("the relay alone: `BENCH_TARGETS=wsrelay BENCH_NO_DOC=1 BENCH_OUT=target/bench-before BENCH_RELAY_BIN=<old binary>")
-    p("e2e/bench/run.sh`, the same with the new binary into another directory, then compare the two `summary.json`.")
+    p("the relay alone: `e2e/bench/before-after.sh <old binary>` runs personal-10k, broadcast-1k and idle against the old")
+    p("binary and the one built from the tree, trial after trial interleaved (three each), and `e2e/bench/compare.py` prints")
+    p("each figure's median and spread and flags the new binary where it is worse than the old one's worst trial.")
     p("")
     with open(path, "w") as f:
         f.write("\n".join(L))

@@ -23,15 +23,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use tokio_util::sync::CancellationToken;
+use wsrelay_testkit::client::{Request, Since, Ws, read_value};
 
 use crate::subscriber::Target;
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Socket = Ws;
 
 /// How long a handshake (and the `welcome`) may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -654,7 +654,7 @@ async fn serve(
                 pending = Some(next_id);
                 if let Err(e) = ws
                     .send(Message::text(
-                        subscribe_frame(next_id, target, since).to_string(),
+                        subscribe_frame(next_id, target, since).to_text(),
                     ))
                     .await
                 {
@@ -683,7 +683,7 @@ async fn serve(
                 pending = Some(next_id);
                 if let Err(e) = ws
                     .send(Message::text(
-                        subscribe_frame(next_id, target, since).to_string(),
+                        subscribe_frame(next_id, target, since).to_text(),
                     ))
                     .await
                 {
@@ -738,12 +738,12 @@ fn on_message(r: &mut Record, v: &Value) {
     r.check_caught_up();
 }
 
-fn subscribe_frame(id: u64, target: &Target, since: Option<(String, u64)>) -> Value {
-    let mut f = json!({"type": "subscribe", "id": id, "channel": target.channel});
-    if let Some((epoch, seq)) = since {
-        f["since"] = json!({"epoch": epoch, "seq": seq});
+fn subscribe_frame(id: u64, target: &Target, since: Option<(String, u64)>) -> Request {
+    Request::Subscribe {
+        id: Some(id),
+        channel: target.channel.clone(),
+        since: since.map(|(epoch, seq)| Since { epoch, seq }),
     }
-    f
 }
 
 /// Connects, reads `welcome`, subscribes (with `since` when given) and returns the socket
@@ -760,7 +760,7 @@ async fn connect_and_subscribe(
         if welcome["type"] != "welcome" {
             bail!("expected welcome, got {welcome}");
         }
-        ws.send(Message::text(subscribe_frame(1, target, since).to_string()))
+        ws.send(Message::text(subscribe_frame(1, target, since).to_text()))
             .await?;
         // The `ok` may follow messages of nothing else: this is the only subscription.
         let reply = next_json(&mut ws).await?;
@@ -774,15 +774,7 @@ async fn connect_and_subscribe(
 }
 
 async fn next_json(ws: &mut Socket) -> Result<Value> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t)?),
-            Some(Ok(Message::Close(c))) => bail!("closed by the relay: {c:?}"),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.into()),
-            None => bail!("connection ended"),
-        }
-    }
+    Ok(read_value(ws).await?)
 }
 
 /// The figures of one case over all clients.

@@ -12,15 +12,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::{SinkExt, StreamExt};
-use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use tokio_util::sync::CancellationToken;
+use wsrelay_testkit::client::{Frame, Request, Ws, read_frame};
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Socket = Ws;
 
 /// How long one connect-and-subscribe attempt may take before it counts as failed.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,16 +159,18 @@ async fn read(
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
             Some(Ok(_)) => continue,
         };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+        let Ok(frame) = serde_json::from_str::<Frame>(&text) else {
             continue;
         };
-        match v["type"].as_str() {
-            Some("message") => {
-                if let Some(seq) = v["payload"]["seq"].as_u64() {
+        match frame {
+            Frame::Message {
+                payload: Some(p), ..
+            } => {
+                if let Some(seq) = p["seq"].as_u64() {
                     stats.received.lock().expect("stats lock").insert(seq);
                 }
             }
-            Some("drain") if !drained => {
+            Frame::Drain { .. } if !drained => {
                 drained = true;
                 let _ = events.try_send(Event::Drain);
             }
@@ -187,30 +188,18 @@ pub async fn connect_and_subscribe(target: &Target) -> Result<Socket> {
         let (mut ws, _) = connect_async(target.url_with_token())
             .await
             .context("WebSocket handshake")?;
-        let welcome = next_json(&mut ws).await?;
-        if welcome["type"] != "welcome" {
-            bail!("expected welcome, got {welcome}");
+        let welcome = read_frame(&mut ws).await?;
+        if !matches!(welcome, Frame::Welcome { .. }) {
+            bail!("expected welcome, got {welcome:?}");
         }
-        let request = json!({"type": "subscribe", "id": 1, "channel": target.channel});
-        ws.send(Message::text(request.to_string())).await?;
-        let reply = next_json(&mut ws).await?;
-        if reply["type"] != "ok" {
-            bail!("subscribe to {} refused: {reply}", target.channel);
+        let request = Request::subscribe(1, &target.channel);
+        ws.send(Message::text(request.to_text())).await?;
+        let reply = read_frame(&mut ws).await?;
+        if !matches!(reply, Frame::Ok { .. }) {
+            bail!("subscribe to {} refused: {reply:?}", target.channel);
         }
         Ok(ws)
     })
     .await
     .context("connect and subscribe timed out")?
-}
-
-async fn next_json(ws: &mut Socket) -> Result<Value> {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t)?),
-            Some(Ok(Message::Close(c))) => bail!("closed by the relay: {c:?}"),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.into()),
-            None => bail!("connection ended"),
-        }
-    }
 }

@@ -4,36 +4,32 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-use wsrelay::config::{Config, Direction, JwtAlgorithm, JwtKey, SlowConsumerPolicy, TokenSource};
+use wsrelay_testkit::prelude::*;
 
-fn hs_config(nats_url: &str) -> Config {
-    let mut c = base_config(nats_url);
-    c.auth.allow_anonymous = false;
-    c.auth.allowed_origins = vec!["https://app.test".into()];
-    c.auth.token_sources = vec![
-        TokenSource::Query {
-            name: "token".into(),
-        },
-        TokenSource::AuthorizationHeader {},
-        TokenSource::Subprotocol {},
-        TokenSource::Cookie {
-            name: "session".into(),
-        },
-    ];
-    c.auth.jwt = Some(fixture_jwt());
-    c.bindings = vec![binding("news", "public.news", Direction::Both)];
-    c.validate().unwrap();
-    c
+/// Tokens only (HS256), from every source; one allowed origin.
+fn hs_config(nats: &Nats) -> RelayBuilder {
+    TestRelay::builder(nats)
+        .anonymous(false)
+        .origin("https://app.test")
+        .token_sources(vec![
+            TokenSource::Query {
+                name: "token".into(),
+            },
+            TokenSource::AuthorizationHeader {},
+            TokenSource::Subprotocol {},
+            TokenSource::Cookie {
+                name: "session".into(),
+            },
+        ])
+        .hs256()
+        .binding("news", "public.news", Direction::Both)
 }
 
 fn status_of(head: &str) -> u16 {
@@ -44,9 +40,7 @@ fn status_of(head: &str) -> u16 {
 async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(hs_config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = hs_config(&nats).start().await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let now = now_secs();
     let base = claims("alice");
@@ -206,30 +200,56 @@ async fn bad_tokens_and_origins_are_refused_before_the_upgrade() {
     relay.drain().await;
 }
 
-fn rs_token(kid: Option<&str>) -> String {
-    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    h.kid = kid.map(str::to_owned);
-    let key = std::fs::read(fixture("rsa.key")).unwrap();
-    jsonwebtoken::encode(
-        &h,
-        &claims("r"),
-        &jsonwebtoken::EncodingKey::from_rsa_pem(&key).unwrap(),
+/// Serves `app` on a loopback port of its own.
+async fn serve(
+    app: axum::Router,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (
+        addr,
+        tokio::spawn(async move { axum::serve(listener, app).await }),
     )
-    .unwrap()
+}
+
+/// RS256 tokens, their keys from the JWKS `jwks_addr` serves over plain HTTP.
+fn jwks_config(
+    nats: &Nats,
+    jwks_addr: std::net::SocketAddr,
+    min_refresh_seconds: u64,
+) -> RelayBuilder {
+    hs_config(nats).jwt_with(
+        JwtAlgorithm::RS256,
+        JwtKey {
+            jwks_url: Some(format!("http://{jwks_addr}/jwks.json")),
+            jwks_allow_http: true,
+            jwks_min_refresh_seconds: min_refresh_seconds,
+            ..JwtKey::default()
+        },
+    )
+}
+
+fn rs_token(kid: Option<&str>) -> String {
+    rs256(&claims("r"), kid)
 }
 
 #[tokio::test]
 async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
     init_logs();
     let nats = Nats::start();
-    let mut rs = hs_config(&nats.url());
-    let jwt = rs.auth.jwt.as_mut().unwrap();
-    jwt.algorithms = vec![JwtAlgorithm::RS256];
-    jwt.key = JwtKey {
-        public_key_file: Some(fixture("rsa.pub")),
-        ..JwtKey::default()
-    };
-    let relay = wsrelay::runtime::process::start(rs.clone()).await.unwrap();
+    let relay = hs_config(&nats)
+        .jwt_with(
+            JwtAlgorithm::RS256,
+            JwtKey {
+                public_key_file: Some(fixture("rsa.pub")),
+                ..JwtKey::default()
+            },
+        )
+        .start()
+        .await;
     assert!(
         connect_with(
             relay.client_addr,
@@ -252,11 +272,16 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
     );
     relay.drain().await;
 
-    let mut es = rs.clone();
-    let jwt = es.auth.jwt.as_mut().unwrap();
-    jwt.algorithms = vec![JwtAlgorithm::ES256];
-    jwt.key.public_key_file = Some(fixture("ec.pub"));
-    let relay = wsrelay::runtime::process::start(es).await.unwrap();
+    let relay = hs_config(&nats)
+        .jwt_with(
+            JwtAlgorithm::ES256,
+            JwtKey {
+                public_key_file: Some(fixture("ec.pub")),
+                ..JwtKey::default()
+            },
+        )
+        .start()
+        .await;
     let key = std::fs::read(fixture("ec.key")).unwrap();
     let es_token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
@@ -293,18 +318,8 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
             async move { body }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let jwks_addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let mut jw = rs.clone();
-    jw.auth.jwt.as_mut().unwrap().key = JwtKey {
-        jwks_url: Some(format!("http://{jwks_addr}/jwks.json")),
-        jwks_allow_http: true,
-        jwks_min_refresh_seconds: 30,
-        ..JwtKey::default()
-    };
-    jw.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(jw).await.unwrap();
+    let (jwks_addr, server) = serve(app).await;
+    let relay = jwks_config(&nats, jwks_addr, 30).start().await;
     for _ in 0..3 {
         assert!(
             connect_with(
@@ -354,17 +369,8 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
             async move { body }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let jwks_addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let mut jw = rs.clone();
-    jw.auth.jwt.as_mut().unwrap().key = JwtKey {
-        jwks_url: Some(format!("http://{jwks_addr}/jwks.json")),
-        jwks_allow_http: true,
-        jwks_min_refresh_seconds: 1,
-        ..JwtKey::default()
-    };
-    let relay = wsrelay::runtime::process::start(jw).await.unwrap();
+    let (jwks_addr, server) = serve(app).await;
+    let relay = jwks_config(&nats, jwks_addr, 1).start().await;
     let token = rs_token(Some("test-rsa"));
     assert_eq!(
         connect_with(relay.client_addr, &format!("?token={token}"), &[])
@@ -389,9 +395,7 @@ async fn rs256_es256_from_pem_and_jwks_with_refresh_limits() {
 async fn too_many_connections_get_503_with_retry_after() {
     init_logs();
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    c.limits.max_connections = 2;
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = TestRelay::builder(&nats).max_connections(2).start().await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let a = connect(addr, "").await;
     let _b = connect(addr, "").await;
@@ -443,12 +447,15 @@ fn count_messages(mut ws: Ws) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Ws>)
 async fn oversize_frame_closes_1009_and_flood_closes_4029_others_served() {
     init_logs();
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    c.limits.max_message_bytes = 1024;
-    c.limits.publish_rate_per_second = 5;
-    c.limits.publish_burst = 5;
-    c.bindings = vec![binding("news", "public.news", Direction::Both)];
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = TestRelay::builder(&nats)
+        .max_message_bytes(1024)
+        .binding("news", "public.news", Direction::Both)
+        .config(|c| {
+            c.limits.publish_rate_per_second = 5;
+            c.limits.publish_burst = 5;
+        })
+        .start()
+        .await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     let mut good = connect(addr, "").await;
@@ -525,12 +532,15 @@ async fn oversize_frame_closes_1009_and_flood_closes_4029_others_served() {
 async fn slow_reader_case(policy: SlowConsumerPolicy) {
     init_logs();
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    c.limits.send_queue_len = 64;
-    c.limits.slow_consumer_policy = policy;
-    c.limits.idle_timeout_seconds = 120;
-    c.limits.ping_interval_seconds = 60;
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = TestRelay::builder(&nats)
+        .send_queue_len(64)
+        .slow_consumer_policy(policy)
+        .config(|c| {
+            c.limits.idle_timeout_seconds = 120;
+            c.limits.ping_interval_seconds = 60;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
     let mut slow = connect(addr, "").await;
@@ -640,14 +650,17 @@ async fn idle_client_and_stalled_handshake_are_closed() {
     use tokio::io::AsyncReadExt;
     init_logs();
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    // An answering client's pong must reach the relay within the idle timeout after a
-    // ping, and each handshake here must complete within the handshake timeout: seconds
-    // of slack, since a loaded machine can stall this process for that long.
-    c.limits.idle_timeout_seconds = 5;
-    c.limits.ping_interval_seconds = 1;
-    c.limits.handshake_timeout_seconds = 3;
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = TestRelay::builder(&nats)
+        .config(|c| {
+            // An answering client's pong must reach the relay within the idle timeout after a
+            // ping, and each handshake here must complete within the handshake timeout: seconds
+            // of slack, since a loaded machine can stall this process for that long.
+            c.limits.idle_timeout_seconds = 5;
+            c.limits.ping_interval_seconds = 1;
+            c.limits.handshake_timeout_seconds = 3;
+        })
+        .start()
+        .await;
     let addr = relay.client_addr;
     // A client that answers pings (its library does, while reading) stays.
     let (live_count, live_task) = count_messages(connect(addr, "").await);
@@ -690,17 +703,18 @@ async fn idle_client_and_stalled_handshake_are_closed() {
 async fn an_unreachable_jwks_is_reported() {
     init_logs();
     let nats = Nats::start();
-    let mut c = hs_config(&nats.url());
-    let jwt = c.auth.jwt.as_mut().unwrap();
-    jwt.algorithms = vec![JwtAlgorithm::RS256];
-    jwt.key = JwtKey {
-        // A loopback port nothing listens on.
-        jwks_url: Some(format!("http://127.0.0.1:{}/jwks.json", free_port())),
-        jwks_allow_http: true,
-        ..JwtKey::default()
-    };
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = hs_config(&nats)
+        .jwt_with(
+            JwtAlgorithm::RS256,
+            JwtKey {
+                // A loopback port nothing listens on.
+                jwks_url: Some(format!("http://127.0.0.1:{}/jwks.json", free_port())),
+                jwks_allow_http: true,
+                ..JwtKey::default()
+            },
+        )
+        .start()
+        .await;
     assert_eq!(
         metric(relay.admin_addr, "wsrelay_jwks_fetch_failing").await,
         Some(0.0),

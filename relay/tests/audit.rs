@@ -5,29 +5,23 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::sse::*;
-use common::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use wsrelay::config::{Config, Direction};
+use wsrelay_testkit::prelude::*;
+use wsrelay_testkit::sse::*;
 
-fn config(nats_url: &str) -> Config {
-    let mut c = base_config(nats_url);
-    c.auth.jwt = Some(fixture_jwt());
-    c.auth.allow_anonymous = false;
-    c.bindings = vec![
-        binding("news", "public.news", Direction::Both),
-        binding("chat.{room}", "chat.{room}", Direction::Both),
-    ];
-    c.validate().unwrap();
-    c
+/// HS256 tokens only; two channels.
+fn config(nats: &Nats) -> RelayBuilder {
+    TestRelay::builder(nats)
+        .hs256()
+        .anonymous(false)
+        .binding("news", "public.news", Direction::Both)
+        .binding("chat.{room}", "chat.{room}", Direction::Both)
 }
 
 fn q(claims: Value) -> String {
@@ -74,15 +68,12 @@ async fn connect_from(
 async fn item1_a_msg_id_with_a_line_break_is_refused_and_the_connection_lives() {
     init_logs();
     let (_store, nats) = jetstream_nats("msgid");
-    let mut c = config(&nats.url());
     let mut orders = binding("orders.{id}", "orders.{id}", Direction::Both);
     orders.history = Some(
         serde_json::from_value(json!({"stream": "WSRELAY_AUDIT_MSGID", "maxMessages": 10}))
             .unwrap(),
     );
-    c.bindings.push(orders);
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = config(&nats).with_binding(orders).start().await;
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -132,11 +123,13 @@ async fn item1_a_msg_id_with_a_line_break_is_refused_and_the_connection_lives() 
 async fn item2_an_ended_sse_session_closes_its_socket() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.limits.max_message_bytes = 1024;
-    c.limits.send_queue_bytes = 64 * 1024;
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = config(&nats)
+        .max_message_bytes(1024)
+        .config(|c| {
+            c.limits.send_queue_bytes = 64 * 1024;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let query = q(claims("alice"));
     let mut s = Stream::open(addr, &query, "").await;
@@ -179,9 +172,7 @@ async fn item2_an_ended_sse_session_closes_its_socket() {
 async fn item3_a_malformed_header_from_another_publisher_is_survived() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = config(&nats).start().await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let mut ws = connect(addr, &q(claims("alice"))).await;
     assert_eq!(subscribe(&mut ws, 1, "news").await["type"], "ok");
@@ -237,9 +228,7 @@ async fn item3_a_malformed_header_from_another_publisher_is_survived() {
 async fn item3_a_nats_client_that_stops_is_noticed() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = config(&nats).start().await;
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -276,9 +265,7 @@ async fn item5_a_silent_subscriber_on_everything_delays_no_subscribe() {
     let _all = nc.subscribe(">").await.unwrap();
     let _sync = nc.subscribe("_WSRELAY.>").await.unwrap();
     nc.flush().await.unwrap();
-    let relay = wsrelay::runtime::process::start(config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = config(&nats).start().await;
     let mut ws = connect(relay.client_addr, &q(claims("alice"))).await;
     for (id, ch) in [(1, "news"), (2, "chat.a"), (3, "chat.b")] {
         let r = subscribe(&mut ws, id, ch).await;
@@ -298,10 +285,12 @@ async fn item5_a_silent_subscriber_on_everything_delays_no_subscribe() {
 async fn item8_idle_connects_from_one_address_leave_others_their_handshakes() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.limits.max_handshakes_in_flight = 32;
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = config(&nats)
+        .config(|c| {
+            c.limits.max_handshakes_in_flight = 32;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let mut idle = Vec::new();
     for _ in 0..40 {
@@ -342,9 +331,7 @@ async fn item8_idle_connects_from_one_address_leave_others_their_handshakes() {
 async fn item9_a_token_without_sub_is_refused_at_the_handshake() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = config(&nats).start().await;
     let addr = relay.client_addr;
     let mut no_sub = claims("x");
     no_sub.as_object_mut().unwrap().remove("sub");
@@ -370,12 +357,14 @@ async fn item9_a_token_without_sub_is_refused_at_the_handshake() {
 async fn item10_unread_replies_count_against_the_send_queue_bytes() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.limits.send_queue_len = 100_000;
-    c.limits.send_queue_bytes = 64 * 1024;
-    c.limits.max_message_bytes = 64 * 1024;
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = config(&nats)
+        .send_queue_len(100_000)
+        .max_message_bytes(64 * 1024)
+        .config(|c| {
+            c.limits.send_queue_bytes = 64 * 1024;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     let ws = connect_from(addr, local, Some(4096), &q(claims("alice")))
@@ -430,10 +419,12 @@ async fn item10_unread_replies_count_against_the_send_queue_bytes() {
 async fn item11_sse_cors_grants_credentials_only_to_a_listed_origin() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.auth.allowed_origins = vec!["https://app.test".into()];
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = config(&nats)
+        .config(|c| {
+            c.auth.allowed_origins = vec!["https://app.test".into()];
+        })
+        .start()
+        .await;
     let addr = relay.client_addr;
     let query = q(claims("alice"));
     let post_to = |origin: &str| {
@@ -461,10 +452,12 @@ async fn item11_sse_cors_grants_credentials_only_to_a_listed_origin() {
     relay.drain().await;
 
     // `*`: any origin may read, none with credentials.
-    let mut c = config(&nats.url());
-    c.auth.allowed_origins = vec!["*".into()];
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = config(&nats)
+        .config(|c| {
+            c.auth.allowed_origins = vec!["*".into()];
+        })
+        .start()
+        .await;
     let s = Stream::open(relay.client_addr, &query, "Origin: https://evil.test\r\n").await;
     assert_eq!(s.status, 200, "{}", s.headers);
     let h = s.headers.to_ascii_lowercase();
@@ -481,9 +474,7 @@ async fn item11_sse_cors_grants_credentials_only_to_a_listed_origin() {
 async fn item12_token_bounds_are_the_same_at_the_handshake_and_in_band() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = config(&nats).start().await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
 
     let mut ws = connect(addr, &q(claims("alice"))).await;

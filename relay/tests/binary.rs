@@ -8,66 +8,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use wsrelay_testkit::prelude::*;
 
 const CLIENTS: usize = 1_000;
 const GRACE_SECS: u64 = 8;
-
-struct Relay {
-    child: std::process::Child,
-    client: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the binary and reads its bound addresses from the JSON log.
-fn spawn_relay(config_path: &std::path::Path) -> Relay {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(config_path)
-        .env("WSRELAY_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["fields"]["message"] == "wsrelay listening"
-            {
-                let client: SocketAddr = v["fields"]["client"].as_str().unwrap().parse().unwrap();
-                let admin: SocketAddr = v["fields"]["admin"].as_str().unwrap().parse().unwrap();
-                let _ = tx.send((client, admin));
-                sent = true;
-            }
-        }
-    });
-    let (client, admin) = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("relay did not start");
-    Relay {
-        child,
-        client,
-        admin,
-    }
-}
 
 struct Outcome {
     drain_hint_ms: Option<u64>,
@@ -79,14 +27,17 @@ struct Outcome {
 async fn sigterm_drains_every_client_across_the_grace_period() {
     init_logs();
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    c.drain.grace_period_seconds = GRACE_SECS;
-    c.limits.max_connections = 5_000;
+    let c = TestRelay::builder(&nats)
+        .max_connections(5_000)
+        .config(|c| {
+            c.drain.grace_period_seconds = GRACE_SECS;
+        })
+        .build();
     let dir = std::env::temp_dir().join(format!("wsrelay-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.yaml");
     std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
-    let mut relay = spawn_relay(&path);
+    let mut relay = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
     assert!(
         eventually(Duration::from_secs(10), || async {
             http_get(relay.admin, "/ready").await.0 == 200
@@ -326,22 +277,14 @@ async fn sighup_reload_and_tls_rotation_keep_connections() {
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     std::fs::copy(fixture("tls.crt"), &cert).unwrap();
     std::fs::copy(fixture("tls.key"), &key).unwrap();
-    let mut c = base_config(&nats.url());
-    c.tls = Some(wsrelay::config::ServerTls {
-        cert_file: cert.clone(),
-        key_file: key.clone(),
-    });
-    c.bindings = vec![
-        binding("news", "public.news", wsrelay::config::Direction::Subscribe),
-        binding(
-            "orders.{id}",
-            "orders.{id}",
-            wsrelay::config::Direction::Subscribe,
-        ),
-    ];
+    let mut c = TestRelay::builder(&nats)
+        .tls(cert.clone(), key.clone())
+        .binding("news", "public.news", Direction::Subscribe)
+        .binding("orders.{id}", "orders.{id}", Direction::Subscribe)
+        .build();
     let path = dir.join("config.yaml");
     std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
-    let mut relay = spawn_relay(&path);
+    let mut relay = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
 
     let mut ws = connect_wss(relay.client, "ca.crt")
         .await
@@ -423,22 +366,18 @@ async fn a_rotated_jwt_key_file_takes_effect_without_a_restart() {
         "the-second-key-of-at-least-32-bytes-long",
     );
     std::fs::write(&key_file, old_key).unwrap();
-    let mut c = base_config(&nats.url());
     // The fixture's verification, but reading the key from a file this test rotates.
     let mut jwt = fixture_jwt();
     jwt.key.hmac_secret_file = Some(key_file.clone());
     jwt.issuer = None;
     jwt.audiences.clear();
-    c.auth.jwt = Some(jwt);
-    c.bindings = vec![binding(
-        "news",
-        "public.news",
-        wsrelay::config::Direction::Subscribe,
-    )];
-    c.validate().unwrap();
+    let c = TestRelay::builder(&nats)
+        .jwt(jwt)
+        .binding("news", "public.news", Direction::Subscribe)
+        .build();
     let path = dir.join("config.yaml");
     std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
-    let relay = spawn_relay(&path);
+    let relay = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
     let token = |key: &str| {
         let claims = json!({"sub": "alice", "exp": now_secs() + 600});
         let t = jsonwebtoken::encode(
@@ -593,15 +532,18 @@ async fn idle_memory_per_connection() {
         / 250
         * 250;
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    c.limits.max_connections = 20_000;
-    c.limits.idle_timeout_seconds = 600;
-    c.limits.ping_interval_seconds = 300;
+    let c = TestRelay::builder(&nats)
+        .max_connections(20_000)
+        .config(|c| {
+            c.limits.idle_timeout_seconds = 600;
+            c.limits.ping_interval_seconds = 300;
+        })
+        .build();
     let dir = std::env::temp_dir().join(format!("wsrelay-mem-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.yaml");
     std::fs::write(&path, serde_json::to_string(&c).unwrap()).unwrap();
-    let relay = spawn_relay(&path);
+    let relay = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
     let pid = relay.child.id();
     // Warm: one connection first, so that what every relay allocates once (the first
     // connection's runtime structures) is not counted per connection.

@@ -10,19 +10,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use axum::response::IntoResponse;
-use common::*;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use wsrelay::config::Direction;
+use wsrelay_testkit::prelude::*;
 
 /// How long the browser may take to start, load the page, connect and report.
 const BROWSER_WAIT: Duration = Duration::from_secs(60);
@@ -186,17 +184,16 @@ impl Drop for Browser {
     }
 }
 
-fn config(nats_url: &str, allowed_origin: &str) -> wsrelay::config::Config {
-    let mut c = base_config(nats_url);
-    c.auth.jwt = Some(fixture_jwt());
-    c.auth.allowed_origins = vec![allowed_origin.to_string()];
-    c.bindings = vec![binding(
-        "me.notify",
-        "users.{claims.sub}.notify",
-        Direction::Subscribe,
-    )];
-    c.validate().unwrap();
-    c
+/// HS256 tokens, one allowed origin, each user's own channel.
+fn config(nats: &Nats, allowed_origin: &str) -> RelayBuilder {
+    TestRelay::builder(nats)
+        .hs256()
+        .origin(allowed_origin)
+        .binding(
+            "me.notify",
+            "users.{claims.sub}.notify",
+            Direction::Subscribe,
+        )
 }
 
 async fn next_report(rx: &mut mpsc::UnboundedReceiver<Value>, within: Duration) -> Option<Value> {
@@ -212,9 +209,7 @@ async fn the_documented_browser_example_receives_its_messages_in_chromium() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let token = hs256(claims("alice"));
-    let relay = wsrelay::runtime::process::start(config(&nats.url(), &format!("http://{addr}")))
-        .await
-        .unwrap();
+    let relay = config(&nats, &format!("http://{addr}")).start().await;
     let mut reports = serve_page(listener, page(relay.client_addr, &token));
     let _browser = Browser::open(&format!("http://{addr}/"));
 
@@ -275,9 +270,7 @@ async fn the_documented_browser_example_receives_its_messages_in_chromium() {
 async fn a_page_from_another_origin_is_refused_before_the_upgrade() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(config(&nats.url(), "https://app.example.com"))
-        .await
-        .unwrap();
+    let relay = config(&nats, "https://app.example.com").start().await;
     let token = hs256(claims("alice"));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -4,30 +4,25 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use serde_json::json;
-use wsrelay::config::Direction;
+use wsrelay_testkit::prelude::*;
 
-fn jwt_config(nats_url: &str) -> wsrelay::config::Config {
-    let mut c = base_config(nats_url);
-    c.auth.allow_anonymous = true;
-    c.auth.jwt = Some(fixture_jwt());
-    c.bindings = vec![
-        binding("orders.{id}", "orders.{id}", Direction::Both),
-        binding(
+/// Anonymous and HS256 clients; both directions, a claim-templated subject, publish-only and
+/// subscribe-only channels.
+fn jwt_config(nats: &Nats) -> RelayBuilder {
+    TestRelay::builder(nats)
+        .anonymous(true)
+        .hs256()
+        .binding("orders.{id}", "orders.{id}", Direction::Both)
+        .binding(
             "me.notify",
             "users.{claims.sub}.notify",
             Direction::Subscribe,
-        ),
-        binding("chat.{room}", "chat.in.{room}", Direction::Publish),
-        binding("news", "public.news", Direction::Subscribe),
-    ];
-    c.validate().unwrap();
-    c
+        )
+        .binding("chat.{room}", "chat.in.{room}", Direction::Publish)
+        .binding("news", "public.news", Direction::Subscribe)
 }
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -51,9 +46,7 @@ async fn subscribed(nc: &async_nats::Client, subject: &str, probe: &str) -> asyn
 async fn messages_reach_exactly_the_allowed_clients() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = jwt_config(&nats).start().await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
 
@@ -179,9 +172,7 @@ async fn messages_reach_exactly_the_allowed_clients() {
 async fn injection_attempts_are_refused() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = jwt_config(&nats).start().await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     let mut anon = connect(addr, "").await;
@@ -236,9 +227,7 @@ async fn injection_attempts_are_refused() {
 async fn one_nats_subscription_per_subject_shared_and_released() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = jwt_config(&nats).start().await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
     let mut clients = Vec::new();
@@ -306,11 +295,9 @@ async fn config_reload_changes_bindings_and_keeps_connections() {
     let dir = std::env::temp_dir().join(format!("wsrelay-reload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.json");
-    let mut config = jwt_config(&nats.url());
+    let mut config = jwt_config(&nats).build();
     std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
-    let relay = wsrelay::runtime::process::start(config.clone())
-        .await
-        .unwrap();
+    let relay = TestRelay::start(config.clone()).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     let mut c = connect(addr, "").await;
@@ -354,9 +341,7 @@ async fn config_reload_changes_bindings_and_keeps_connections() {
 async fn publishes_carry_the_sender_in_nats_headers() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = jwt_config(&nats).start().await;
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -419,11 +404,14 @@ async fn publishes_carry_the_sender_in_nats_headers() {
 async fn a_personal_channel_keeps_order_across_direct_and_queued_writes() {
     init_logs();
     let nats = Nats::start();
-    let mut c = jwt_config(&nats.url());
-    c.limits.send_queue_len = 20_000;
-    c.limits.ping_interval_seconds = 1;
-    c.limits.idle_timeout_seconds = 30;
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = jwt_config(&nats)
+        .send_queue_len(20_000)
+        .config(|c| {
+            c.limits.ping_interval_seconds = 1;
+            c.limits.idle_timeout_seconds = 30;
+        })
+        .start()
+        .await;
     let mut ws = connect(
         relay.client_addr,
         &format!("?token={}", hs256(claims("alice"))),

@@ -28,19 +28,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 use wsrelay::config::Direction;
+use wsrelay_testkit::prelude::*;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -186,17 +184,18 @@ async fn delivery_cost() {
     let _ =
         nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 20_000, 20_000);
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
     let port = free_port();
     let admin_port = free_port();
-    c.listen.client = format!("127.0.0.1:{port}").parse().unwrap();
-    c.listen.admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    c.auth.jwt = Some(fixture_jwt());
-    c.bindings = vec![
-        binding("notify", "users.{claims.sub}.notify", Direction::Subscribe),
-        binding("public.{topic}", "public.{topic}", Direction::Subscribe),
-    ];
-    c.limits.max_connections = 19_000;
+    let c = TestRelay::builder(&nats)
+        .config(|c| {
+            c.listen.client = format!("127.0.0.1:{port}").parse().unwrap();
+            c.listen.admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        })
+        .hs256()
+        .binding("notify", "users.{claims.sub}.notify", Direction::Subscribe)
+        .binding("public.{topic}", "public.{topic}", Direction::Subscribe)
+        .max_connections(19_000)
+        .build();
     let dir = std::env::temp_dir().join(format!("wsrelay-cost-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.yaml");

@@ -7,17 +7,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 
 use futures::StreamExt;
 
-use common::*;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use wsrelay::config::SlowConsumerPolicy;
 use wsrelay::conn::outbox::Outbox;
+use wsrelay_testkit::prelude::*;
 
 /// The size of a future's state, without polling it.
 fn size_of_future<F: std::future::Future>(_: &F) -> usize {
@@ -27,8 +25,8 @@ fn size_of_future<F: std::future::Future>(_: &F) -> usize {
 #[tokio::test]
 async fn an_idle_connections_future_stays_small() {
     let nats = Nats::start();
-    let c = base_config(&nats.url());
-    let running = wsrelay::runtime::process::start(c.clone()).await.unwrap();
+    let c = TestRelay::builder(&nats).build();
+    let running = TestRelay::start(c.clone()).await;
     let relay = running.relay.clone();
     let (server_io, _client_io) = tokio::io::duplex(1024);
     let ws = WebSocketStream::from_raw_socket(

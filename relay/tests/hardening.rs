@@ -5,35 +5,30 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::*;
 use futures::StreamExt;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use wsrelay::config::{Config, Direction, SlowConsumerPolicy};
+use wsrelay::config::{Direction, SlowConsumerPolicy};
 use wsrelay::conn::outbox::Outbox;
+use wsrelay_testkit::prelude::*;
 
-fn jwt_config(nats_url: &str) -> Config {
-    let mut c = base_config(nats_url);
-    c.auth.jwt = Some(fixture_jwt());
-    c.bindings = vec![
-        binding("news", "public.news", Direction::Both),
-        binding("orders.{id}", "orders.{id}", Direction::Subscribe),
-        binding("o.{id}", "orders.{id}", Direction::Subscribe),
-        binding("me", "users.{claims.sub}", Direction::Subscribe),
-    ];
-    c.validate().unwrap();
-    c
+/// HS256 tokens (and anonymous clients); two channels on one subject, a personal one.
+fn jwt_config(nats: &Nats) -> RelayBuilder {
+    TestRelay::builder(nats)
+        .hs256()
+        .binding("news", "public.news", Direction::Both)
+        .binding("orders.{id}", "orders.{id}", Direction::Subscribe)
+        .binding("o.{id}", "orders.{id}", Direction::Subscribe)
+        .binding("me", "users.{claims.sub}", Direction::Subscribe)
 }
 
 fn token(claims: serde_json::Value) -> String {
@@ -46,9 +41,7 @@ fn token(claims: serde_json::Value) -> String {
 async fn configured_issuer_and_audience_are_required() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = jwt_config(&nats).start().await;
     let addr = relay.client_addr;
     let exp = now_secs() + 600;
     let no_iss = json!({"sub": "a", "aud": "wsrelay", "exp": exp});
@@ -67,9 +60,7 @@ async fn configured_issuer_and_audience_are_required() {
 async fn fractional_exp_is_floored_and_enforced() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = jwt_config(&nats).start().await;
     let exp = now_secs() as f64 + 2.5;
     let mut c = claims("a");
     c["exp"] = json!(exp);
@@ -131,11 +122,14 @@ impl AsyncWrite for Valve {
 async fn a_writer_blocked_mid_ping_is_released() {
     init_logs();
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    c.limits.ping_interval_seconds = 1;
-    c.limits.idle_timeout_seconds = 2;
-    c.limits.write_timeout_seconds = 30;
-    let running = wsrelay::runtime::process::start(c.clone()).await.unwrap();
+    let c = TestRelay::builder(&nats)
+        .config(|c| {
+            c.limits.ping_interval_seconds = 1;
+            c.limits.idle_timeout_seconds = 2;
+            c.limits.write_timeout_seconds = 30;
+        })
+        .build();
+    let running = TestRelay::start(c.clone()).await;
     let relay = running.relay.clone();
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
     let frozen = Arc::new(AtomicBool::new(false));
@@ -187,13 +181,16 @@ async fn a_writer_blocked_mid_ping_is_released() {
 async fn a_client_that_stops_reading_is_released_by_the_write_deadline() {
     init_logs();
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    c.limits.slow_consumer_policy = SlowConsumerPolicy::DropOldest;
-    c.limits.send_queue_len = 64;
-    c.limits.idle_timeout_seconds = 120;
-    c.limits.ping_interval_seconds = 60;
-    c.limits.write_timeout_seconds = 2;
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = TestRelay::builder(&nats)
+        .slow_consumer_policy(SlowConsumerPolicy::DropOldest)
+        .send_queue_len(64)
+        .config(|c| {
+            c.limits.idle_timeout_seconds = 120;
+            c.limits.ping_interval_seconds = 60;
+            c.limits.write_timeout_seconds = 2;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let mut stuck = connect(addr, "").await;
     assert_eq!(subscribe(&mut stuck, 1, "public.t").await["type"], "ok");
@@ -248,9 +245,7 @@ async fn a_client_that_stops_reading_is_released_by_the_write_deadline() {
 async fn two_channels_on_one_subject_are_independent() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = jwt_config(&nats).start().await;
     let mut ws = connect(relay.client_addr, &token(claims("a"))).await;
     assert_eq!(subscribe(&mut ws, 1, "orders.1").await["type"], "ok");
     assert_eq!(subscribe(&mut ws, 2, "o.1").await["type"], "ok");
@@ -282,9 +277,7 @@ async fn two_channels_on_one_subject_are_independent() {
 async fn an_overlong_subject_is_refused_and_nats_stays_up() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(jwt_config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = jwt_config(&nats).start().await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let long = "x".repeat(5_000);
     let mut ws = connect(addr, &token(claims(&long))).await;
@@ -331,15 +324,15 @@ async fn a_subscription_nats_refuses_is_reported_and_removed() {
 "#,
     );
     let nats = Nats::start_args(&["-c", conf.to_str().unwrap()]);
-    let mut c = base_config(&format!("nats://127.0.0.1:{}", nats.port));
-    c.nats.credentials.user_file = Some(write_temp("user", "relay"));
-    c.nats.credentials.password_file = Some(write_temp("password", "relaypw"));
-    c.bindings = vec![
-        binding("private.{id}", "private.{id}", Direction::Subscribe),
-        binding("public.{id}", "public.{id}", Direction::Subscribe),
-    ];
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = TestRelay::builder(&format!("nats://127.0.0.1:{}", nats.port))
+        .binding("private.{id}", "private.{id}", Direction::Subscribe)
+        .binding("public.{id}", "public.{id}", Direction::Subscribe)
+        .config(|c| {
+            c.nats.credentials.user_file = Some(write_temp("user", "relay"));
+            c.nats.credentials.password_file = Some(write_temp("password", "relaypw"));
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = async_nats::ConnectOptions::with_user_and_password("test".into(), "testpw".into())
         .connect(nats.url())
@@ -385,9 +378,8 @@ async fn a_subscription_nats_refuses_is_reported_and_removed() {
 async fn max_connections_survives_lowering_and_raising() {
     init_logs();
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    c.limits.max_connections = 3;
-    let relay = wsrelay::runtime::process::start(c.clone()).await.unwrap();
+    let mut c = TestRelay::builder(&nats).max_connections(3).build();
+    let relay = TestRelay::start(c.clone()).await;
     let addr = relay.client_addr;
     let mut open = Vec::new();
     for _ in 0..3 {
@@ -423,15 +415,18 @@ async fn max_connections_survives_lowering_and_raising() {
 async fn a_receive_only_client_under_a_flood_keeps_getting_pings() {
     init_logs();
     let nats = Nats::start();
-    let mut c = jwt_config(&nats.url());
-    // Idle timeout 5 s, pings every second: pings starved for the flood's 10 s close the
-    // client mid-flood, while an answering client has 4 s for a pong to be read (a loaded
-    // machine can stall this process for seconds).
-    c.limits.ping_interval_seconds = 1;
-    c.limits.idle_timeout_seconds = 5;
-    c.limits.slow_consumer_policy = SlowConsumerPolicy::DropOldest;
-    c.limits.send_queue_len = 64;
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = jwt_config(&nats)
+        .slow_consumer_policy(SlowConsumerPolicy::DropOldest)
+        .send_queue_len(64)
+        .config(|c| {
+            // Idle timeout 5 s, pings every second: pings starved for the flood's 10 s close the
+            // client mid-flood, while an answering client has 4 s for a pong to be read (a loaded
+            // machine can stall this process for seconds).
+            c.limits.ping_interval_seconds = 1;
+            c.limits.idle_timeout_seconds = 5;
+        })
+        .start()
+        .await;
     let mut ws = connect(relay.client_addr, &token(claims("alice"))).await;
     assert_eq!(subscribe(&mut ws, 1, "news").await["type"], "ok");
 

@@ -6,18 +6,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use wsrelay::config::{Config, Direction, JwtAlgorithm, JwtKey, SlowConsumerPolicy};
+use wsrelay_testkit::prelude::*;
 
 /// A reader that counts message frames of a client in the background.
 fn count_messages(mut ws: Ws) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Ws>) {
@@ -36,11 +34,12 @@ fn count_messages(mut ws: Ws) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Ws>)
     (n, task)
 }
 
-fn quiet_config(nats_url: &str) -> Config {
-    let mut c = base_config(nats_url);
-    c.limits.idle_timeout_seconds = 120;
-    c.limits.ping_interval_seconds = 60;
-    c
+/// No idle timeout or ping within a test's time.
+fn quiet_config(nats: &Nats) -> RelayBuilder {
+    TestRelay::builder(nats).config(|c| {
+        c.limits.idle_timeout_seconds = 120;
+        c.limits.ping_interval_seconds = 60;
+    })
 }
 
 /// Publishes `total` messages of 8 KiB on `subject`, in batches paced by `good` (the client
@@ -84,14 +83,16 @@ async fn assert_ended_slow(ws: &mut Ws) {
 async fn send_queue_bytes_disconnect_a_slow_reader_before_the_message_count() {
     init_logs();
     let nats = Nats::start();
-    let mut c = quiet_config(&nats.url());
-    // The count limit (10,000 x 8 KiB = 80 MiB) is never reached; the byte limit is.
-    c.limits.send_queue_len = 10_000;
-    // Above what the paced publisher queues to the client that keeps up (25 x 8 KiB).
-    c.limits.send_queue_bytes = 512 * 1024;
-    c.limits.slow_consumer_policy = SlowConsumerPolicy::Disconnect;
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = quiet_config(&nats)
+        .send_queue_len(10_000)
+        .slow_consumer_policy(SlowConsumerPolicy::Disconnect)
+        .config(|c| {
+            // The count limit (10,000 x 8 KiB = 80 MiB) is never reached; the byte limit is.
+            // Above what the paced publisher queues to the client that keeps up (25 x 8 KiB).
+            c.limits.send_queue_bytes = 512 * 1024;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
     let mut slow = connect(addr, "").await;
@@ -144,13 +145,15 @@ async fn send_queue_bytes_disconnect_a_slow_reader_before_the_message_count() {
 async fn process_budget_punishes_the_backlogged_not_the_client_keeping_up() {
     init_logs();
     let nats = Nats::start();
-    let mut c = quiet_config(&nats.url());
-    c.limits.send_queue_len = 10_000;
-    // Each connection could queue 1 MiB; the process only 1 MiB for all.
-    c.limits.send_queue_bytes = 1024 * 1024;
-    c.limits.max_queued_bytes = 1024 * 1024;
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = quiet_config(&nats)
+        .send_queue_len(10_000)
+        .config(|c| {
+            // Each connection could queue 1 MiB; the process only 1 MiB for all.
+            c.limits.send_queue_bytes = 1024 * 1024;
+            c.limits.max_queued_bytes = 1024 * 1024;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
     let mut slow = Vec::new();
@@ -198,12 +201,14 @@ async fn process_budget_punishes_the_backlogged_not_the_client_keeping_up() {
 async fn drop_oldest_under_the_byte_limit_counts_every_message() {
     init_logs();
     let nats = Nats::start();
-    let mut c = quiet_config(&nats.url());
-    c.limits.send_queue_len = 10_000;
-    c.limits.send_queue_bytes = 512 * 1024;
-    c.limits.slow_consumer_policy = SlowConsumerPolicy::DropOldest;
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = quiet_config(&nats)
+        .send_queue_len(10_000)
+        .slow_consumer_policy(SlowConsumerPolicy::DropOldest)
+        .config(|c| {
+            c.limits.send_queue_bytes = 512 * 1024;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
     let mut slow = connect(addr, "").await;
@@ -256,11 +261,13 @@ fn status_and_retry(head: &str) -> (u16, Option<u64>) {
 async fn connections_per_client_address_with_and_without_a_trusted_proxy() {
     init_logs();
     let nats = Nats::start();
-    let mut c = quiet_config(&nats.url());
-    c.limits.max_connections_per_ip = 2;
-    c.listen.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c.clone()).await.unwrap();
+    let c = quiet_config(&nats)
+        .config(|c| {
+            c.limits.max_connections_per_ip = 2;
+            c.listen.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        })
+        .build();
+    let relay = TestRelay::start(c.clone()).await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let xff = |ip: &str| format!("X-Forwarded-For: 198.51.100.1, {ip}\r\n");
     let a1 = connect_with(
@@ -305,7 +312,7 @@ async fn connections_per_client_address_with_and_without_a_trusted_proxy() {
     // Without a trusted proxy the header is ignored: every client is 127.0.0.1.
     let mut c2 = c;
     c2.listen.trusted_proxies.clear();
-    let relay = wsrelay::runtime::process::start(c2).await.unwrap();
+    let relay = TestRelay::start(c2).await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let x = connect_with(addr, "", &[("x-forwarded-for", "203.0.113.7")])
         .await
@@ -331,11 +338,13 @@ async fn connections_per_client_address_with_and_without_a_trusted_proxy() {
 async fn connections_per_token_subject() {
     init_logs();
     let nats = Nats::start();
-    let mut c = quiet_config(&nats.url());
-    c.auth.jwt = Some(fixture_jwt());
-    c.limits.max_connections_per_subject = 2;
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = quiet_config(&nats)
+        .hs256()
+        .config(|c| {
+            c.limits.max_connections_per_subject = 2;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let alice = format!("?token={}", hs256(claims("alice")));
     let a1 = connect(addr, &alice).await;
@@ -374,12 +383,14 @@ async fn connections_per_token_subject() {
 async fn handshakes_in_flight_are_capped() {
     init_logs();
     let nats = Nats::start();
-    let mut c = quiet_config(&nats.url());
-    c.limits.max_handshakes_in_flight = 3;
-    c.limits.max_handshakes_in_flight_per_ip = Some(10);
-    c.limits.handshake_timeout_seconds = 30;
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = quiet_config(&nats)
+        .config(|c| {
+            c.limits.max_handshakes_in_flight = 3;
+            c.limits.max_handshakes_in_flight_per_ip = Some(10);
+            c.limits.handshake_timeout_seconds = 30;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     // Three clients that start their request and stall hold every handshake slot (a connect
     // that sends nothing holds none: `audit.rs`, item 8).
@@ -472,16 +483,18 @@ async fn fire(ws: &mut Ws, reqs: Vec<serde_json::Value>) -> Fired {
 async fn one_rate_limit_over_subscribe_unsubscribe_and_publish() {
     init_logs();
     let nats = Nats::start();
-    let mut c = quiet_config(&nats.url());
-    c.limits.publish_rate_per_second = 5;
-    c.limits.publish_burst = 5;
-    c.limits.max_subscriptions_per_connection = 10;
-    c.bindings = vec![
-        binding("public.{topic}", "public.{topic}", Direction::Both),
-        binding("news", "public.news", Direction::Both),
-    ];
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = quiet_config(&nats)
+        .config(|c| {
+            c.limits.publish_rate_per_second = 5;
+            c.limits.publish_burst = 5;
+            c.limits.max_subscriptions_per_connection = 10;
+            c.bindings = vec![
+                binding("public.{topic}", "public.{topic}", Direction::Both),
+                binding("news", "public.news", Direction::Both),
+            ];
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
 
     // A reconnecting client subscribes again to all it had (10) at once: not limited.
@@ -557,15 +570,7 @@ async fn one_rate_limit_over_subscribe_unsubscribe_and_publish() {
 }
 
 fn rs_token(kid: &str) -> String {
-    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    h.kid = Some(kid.to_owned());
-    let key = std::fs::read(fixture("rsa.key")).unwrap();
-    jsonwebtoken::encode(
-        &h,
-        &claims("r"),
-        &jsonwebtoken::EncodingKey::from_rsa_pem(&key).unwrap(),
-    )
-    .unwrap()
+    rs256(&claims("r"), Some(kid))
 }
 
 /// A JWKS endpoint on loopback that counts fetches, and fetches that ended (answered, or
@@ -613,19 +618,18 @@ async fn jwks_server(
     (addr, hits, ended, task)
 }
 
-fn jwks_config(nats_url: &str, url: String, cache_seconds: u64) -> Config {
-    let mut c = quiet_config(nats_url);
-    let mut jwt = fixture_jwt();
-    jwt.algorithms = vec![JwtAlgorithm::RS256];
-    jwt.key = JwtKey {
-        jwks_url: Some(url),
-        jwks_cache_seconds: cache_seconds,
-        jwks_min_refresh_seconds: 1,
-        jwks_allow_http: true,
-        ..JwtKey::default()
-    };
-    c.auth.jwt = Some(jwt);
-    c
+/// RS256 tokens, their keys from a JWKS at `url`.
+fn jwks_config(nats: &Nats, url: String, cache_seconds: u64) -> RelayBuilder {
+    quiet_config(nats).jwt_with(
+        JwtAlgorithm::RS256,
+        JwtKey {
+            jwks_url: Some(url),
+            jwks_cache_seconds: cache_seconds,
+            jwks_min_refresh_seconds: 1,
+            jwks_allow_http: true,
+            ..JwtKey::default()
+        },
+    )
 }
 
 #[tokio::test]
@@ -637,9 +641,9 @@ async fn jwks_stale_keys_serve_handshakes_while_one_background_refresh_runs() {
     // timeout (5 s). Handshakes served from the stale set complete while it is still open.
     let delay = Arc::new(AtomicUsize::new(600_000));
     let (jwks_addr, hits, ended, server) = jwks_server(jwks, delay).await;
-    let c = jwks_config(&nats.url(), format!("http://{jwks_addr}/jwks.json"), 1);
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = jwks_config(&nats, format!("http://{jwks_addr}/jwks.json"), 1)
+        .start()
+        .await;
     let addr = relay.client_addr;
     let token = format!("?token={}", rs_token("test-rsa"));
     assert!(connect_with(addr, &token, &[]).await.is_ok());
@@ -693,8 +697,9 @@ async fn jwks_keys_are_filtered_by_use_kty_and_alg() {
     ]});
     let (jwks_addr, _hits, _ended, server) =
         jwks_server(set.to_string(), Arc::new(AtomicUsize::new(0))).await;
-    let c = jwks_config(&nats.url(), format!("http://{jwks_addr}/jwks.json"), 300);
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = jwks_config(&nats, format!("http://{jwks_addr}/jwks.json"), 300)
+        .start()
+        .await;
     let addr = relay.client_addr;
     assert!(
         connect_with(addr, &format!("?token={}", rs_token("test-rsa")), &[])
@@ -728,7 +733,7 @@ async fn jwks_keys_are_filtered_by_use_kty_and_alg() {
     server.abort();
 
     // http needs the flag.
-    let mut c = jwks_config(&nats.url(), "http://127.0.0.1:1/jwks.json".into(), 300);
+    let mut c = jwks_config(&nats, "http://127.0.0.1:1/jwks.json".into(), 300).unvalidated();
     c.auth.jwt.as_mut().unwrap().key.jwks_allow_http = false;
     let errs = c.validate().unwrap_err();
     assert!(
@@ -743,13 +748,15 @@ async fn jwks_keys_are_filtered_by_use_kty_and_alg() {
 async fn drain_waits_before_the_first_close() {
     init_logs();
     let nats = Nats::start();
-    let mut c = quiet_config(&nats.url());
-    // A delay long enough that two loaded cores cannot run through it before this test has
-    // looked at the relay (the checks below are ordered against the drain notice, not timed).
-    c.drain.grace_period_seconds = 8;
-    c.drain.delay_before_close_seconds = 5;
-    c.validate().unwrap();
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = quiet_config(&nats)
+        .config(|c| {
+            // A delay long enough that two loaded cores cannot run through it before this test has
+            // looked at the relay (the checks below are ordered against the drain notice, not timed).
+            c.drain.grace_period_seconds = 8;
+            c.drain.delay_before_close_seconds = 5;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let mut ws = connect(addr, "").await;
     let t0 = Instant::now();

@@ -4,22 +4,21 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::*;
+use wsrelay_testkit::prelude::*;
 
 #[tokio::test]
 async fn relay_resubscribes_after_nats_restart() {
     init_logs();
     let mut nats = Nats::start();
     let port = nats.port;
-    let mut c = base_config(&nats.url());
-    c.bindings = vec![binding("t", "public.t", wsrelay::config::Direction::Both)];
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = TestRelay::builder(&nats)
+        .binding("t", "public.t", Direction::Both)
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -153,11 +152,12 @@ async fn relay_resubscribes_after_nats_restart() {
 async fn relay_starts_without_nats_and_becomes_ready_when_it_appears() {
     init_logs();
     let port = free_port();
-    let c = base_config(&format!("nats://127.0.0.1:{port}"));
-    let relay = tokio::time::timeout(Duration::from_secs(10), wsrelay::runtime::process::start(c))
-        .await
-        .expect("start does not wait for NATS")
-        .unwrap();
+    let relay = tokio::time::timeout(
+        Duration::from_secs(10),
+        TestRelay::builder(&format!("nats://127.0.0.1:{port}")).start(),
+    )
+    .await
+    .expect("start does not wait for NATS");
     let admin = relay.admin_addr;
     assert_eq!(http_get(admin, "/live").await.0, 200);
     assert_eq!(http_get(admin, "/ready").await.0, 503);
@@ -228,10 +228,10 @@ async fn nats_credentials_and_tls_from_files() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let nats = Nats::start_args(&args);
         let port = nats.port;
-        let mut c = base_config(&format!("{scheme}://127.0.0.1:{port}"));
-        set(&mut c);
-        c.validate().unwrap();
-        let relay = wsrelay::runtime::process::start(c).await.unwrap();
+        let relay = TestRelay::builder(&format!("{scheme}://127.0.0.1:{port}"))
+            .config(|c| set(c))
+            .start()
+            .await;
         let admin = relay.admin_addr;
         assert!(
             eventually(Duration::from_secs(10), || async {
@@ -245,9 +245,10 @@ async fn nats_credentials_and_tls_from_files() {
     // Wrong credentials: the relay runs but never becomes ready.
     let nats = Nats::start_args(&["--auth", "other"]);
     let port = nats.port;
-    let mut c = base_config(&format!("nats://127.0.0.1:{port}"));
-    c.nats.credentials.token_file = Some(dir.join("token"));
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = TestRelay::builder(&format!("nats://127.0.0.1:{port}"))
+        .config(|c| c.nats.credentials.token_file = Some(dir.join("token")))
+        .start()
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(http_get(relay.admin_addr, "/ready").await.0, 503);
     relay.drain().await;

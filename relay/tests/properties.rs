@@ -8,8 +8,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -349,7 +347,7 @@ fn rendered_subjects_never_widen_or_leave_their_namespace() {
             // time must hold on their own.
             let bs: Vec<_> = bindings
                 .iter()
-                .map(|(c, s, d)| common::binding(c, s, *d))
+                .map(|(c, s, d)| wsrelay_testkit::relay::binding(c, s, *d))
                 .collect();
             let authz = Authorizer::new(&bs);
             if let Ok(subject) = authz.resolve(&channel, op, claims.as_ref()) {
@@ -383,7 +381,7 @@ fn safe_values_render_exactly() {
         "subject renderer, safe values render exactly",
         case,
         |(lit, id, sub, org)| {
-            let bs = vec![common::binding(
+            let bs = vec![wsrelay_testkit::relay::binding(
                 &format!("{lit}.{{id}}"),
                 &format!("{lit}.{{claims.sub}}.{{id}}.{{claims.org.id}}"),
                 Direction::Both,
@@ -723,7 +721,7 @@ fn config_strategy() -> impl Strategy<Value = Config> {
                 c.listen.path = path;
                 c.bindings = bindings
                     .iter()
-                    .map(|(ch, s, d)| common::binding(ch, s, *d))
+                    .map(|(ch, s, d)| wsrelay_testkit::relay::binding(ch, s, *d))
                     .collect();
                 c.drain.grace_period_seconds = grace;
                 c.drain.delay_before_close_seconds = delay;

@@ -6,43 +6,25 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-use wsrelay::config::{Config, Direction, History};
+use wsrelay::config::{Direction, History};
+use wsrelay_testkit::prelude::*;
 
-fn config(nats_url: &str) -> Config {
-    let mut c = base_config(nats_url);
-    c.auth.allow_anonymous = true;
-    c.auth.jwt = Some(fixture_jwt());
-    c.bindings = vec![
-        binding("orders.{id}", "orders.{id}", Direction::Both),
-        binding("news", "public.news", Direction::Subscribe),
-    ];
-    c.validate().unwrap();
-    c
+/// Anonymous and HS256 clients; a channel both ways, one subscribe-only. Started, the relay
+/// is ready (connected to NATS).
+fn config(nats: &Nats) -> RelayBuilder {
+    TestRelay::builder(nats)
+        .anonymous(true)
+        .hs256()
+        .binding("orders.{id}", "orders.{id}", Direction::Both)
+        .binding("news", "public.news", Direction::Subscribe)
+        .ready()
 }
 
-/// Starts a relay and waits until it is ready (connected to NATS).
-async fn start(c: Config) -> wsrelay::runtime::process::Running {
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
-    let admin = relay.admin_addr;
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            http_get(admin, "/ready").await.0 == 200
-        })
-        .await,
-        "the relay did not become ready"
-    );
-    relay
-}
-
-/// The reply to a raw text frame (not built from a `Value`, so its exact bytes are sent).
 async fn raw_request(ws: &mut Ws, text: &str) -> Value {
     ws.send(Message::text(text.to_owned())).await.unwrap();
     next_json(ws).await.expect("a reply")
@@ -54,10 +36,7 @@ async fn raw_request(ws: &mut Ws, text: &str) -> Value {
 async fn the_welcome_frame_and_the_subprotocol_answer_are_as_documented() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.limits.max_message_bytes = 4096;
-    c.validate().unwrap();
-    let relay = start(c).await;
+    let relay = config(&nats).max_message_bytes(4096).start().await;
     let addr = relay.client_addr;
 
     let mut anon = connect_with(addr, "", &[]).await.unwrap();
@@ -95,10 +74,7 @@ async fn the_welcome_frame_and_the_subprotocol_answer_are_as_documented() {
 async fn the_first_token_source_present_is_the_one_used() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.auth.allow_anonymous = false;
-    c.validate().unwrap();
-    let relay = start(c).await;
+    let relay = config(&nats).anonymous(false).start().await;
     let addr = relay.client_addr;
     let good = hs256(claims("alice"));
     let bearer = format!("Bearer {good}");
@@ -145,7 +121,7 @@ async fn the_first_token_source_present_is_the_one_used() {
 async fn a_binary_frame_is_answered_400_and_the_connection_stays() {
     init_logs();
     let nats = Nats::start();
-    let relay = start(config(&nats.url())).await;
+    let relay = config(&nats).start().await;
     let mut ws = connect(relay.client_addr, "").await;
     ws.send(Message::binary(br#"{"type":"ping","id":1}"#.to_vec()))
         .await
@@ -173,7 +149,7 @@ async fn a_binary_frame_is_answered_400_and_the_connection_stays() {
 async fn malformed_requests_are_answered_400_with_their_id() {
     init_logs();
     let nats = Nats::start();
-    let relay = start(config(&nats.url())).await;
+    let relay = config(&nats).start().await;
     let mut ws = connect(relay.client_addr, "").await;
     let id64 = "x".repeat(64);
     let id65 = "x".repeat(65);
@@ -244,7 +220,7 @@ async fn malformed_requests_are_answered_400_with_their_id() {
 async fn a_second_subscribe_to_a_channel_is_answered_409() {
     init_logs();
     let nats = Nats::start();
-    let relay = start(config(&nats.url())).await;
+    let relay = config(&nats).start().await;
     let nc = nats.client().await;
     let mut ws = connect(relay.client_addr, "").await;
     assert_eq!(
@@ -285,7 +261,7 @@ async fn a_second_subscribe_to_a_channel_is_answered_409() {
 async fn replies_come_in_request_order() {
     init_logs();
     let nats = Nats::start();
-    let relay = start(config(&nats.url())).await;
+    let relay = config(&nats).start().await;
     let mut ws = connect(relay.client_addr, "").await;
     let mut want = Vec::new();
     for round in 0..10u64 {
@@ -322,7 +298,7 @@ async fn replies_come_in_request_order() {
 async fn a_publish_puts_the_exact_json_text_of_its_payload_in_nats() {
     init_logs();
     let nats = Nats::start();
-    let relay = start(config(&nats.url())).await;
+    let relay = config(&nats).start().await;
     let nc = nats.client().await;
     let mut sub = nc.subscribe("orders.>").await.unwrap();
     // A flush only writes the SUB: a message of our own coming back proves the server has
@@ -367,7 +343,7 @@ async fn a_publish_puts_the_exact_json_text_of_its_payload_in_nats() {
 async fn nats_payloads_arrive_as_payload_text_or_base64() {
     init_logs();
     let nats = Nats::start();
-    let relay = start(config(&nats.url())).await;
+    let relay = config(&nats).start().await;
     let nc = nats.client().await;
     let mut ws = connect(relay.client_addr, "").await;
     assert_eq!(subscribe(&mut ws, 1, "orders.42").await["type"], "ok");
@@ -398,10 +374,7 @@ async fn nats_payloads_arrive_as_payload_text_or_base64() {
 async fn a_nats_payload_over_max_message_bytes_is_not_relayed_and_is_counted() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.limits.max_message_bytes = 1024;
-    c.validate().unwrap();
-    let relay = start(c).await;
+    let relay = config(&nats).max_message_bytes(1024).start().await;
     let nc = nats.client().await;
     let mut ws = connect(relay.client_addr, "").await;
     assert_eq!(subscribe(&mut ws, 1, "news").await["type"], "ok");
@@ -433,7 +406,7 @@ async fn a_nats_payload_over_max_message_bytes_is_not_relayed_and_is_counted() {
 async fn a_channel_name_over_256_bytes_is_refused_with_422() {
     init_logs();
     let nats = Nats::start();
-    let relay = start(config(&nats.url())).await;
+    let relay = config(&nats).start().await;
     let mut ws = connect(relay.client_addr, "").await;
     let ok = format!("orders.{}", "1".repeat(256 - "orders.".len()));
     let long = format!("{ok}1");
@@ -460,18 +433,20 @@ async fn a_channel_name_over_256_bytes_is_refused_with_422() {
 async fn admission_checks_run_in_the_documented_order() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.auth.allow_anonymous = false;
-    c.auth.allowed_origins = vec!["https://app.test".into()];
-    c.listen.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
-    c.limits.max_connections_per_ip = 2;
-    c.limits.max_connections = 3;
-    c.limits.max_connections_per_subject = 1;
-    // Connections stay open during the drain's delay: the drain check meets full limits.
-    c.drain.delay_before_close_seconds = 8;
-    c.drain.grace_period_seconds = 9;
-    c.validate().unwrap();
-    let relay = start(c).await;
+    let relay = config(&nats)
+        .anonymous(false)
+        .max_connections(3)
+        .config(|c| {
+            c.auth.allowed_origins = vec!["https://app.test".into()];
+            c.listen.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+            c.limits.max_connections_per_ip = 2;
+            c.limits.max_connections_per_subject = 1;
+            // Connections stay open during the drain's delay: the drain check meets full limits.
+            c.drain.delay_before_close_seconds = 8;
+            c.drain.grace_period_seconds = 9;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let token = |sub: &str| format!("?token={}", hs256(claims(sub)));
     let try_from = |ip: &'static str, query: String, origin: &'static str| async move {
@@ -571,7 +546,7 @@ async fn admission_checks_run_in_the_documented_order() {
 async fn a_subscribe_while_nats_is_down_is_answered_503() {
     init_logs();
     let mut nats = Nats::start();
-    let relay = start(config(&nats.url())).await;
+    let relay = config(&nats).start().await;
     let admin = relay.admin_addr;
     let mut ws = connect(relay.client_addr, "").await;
     nats.stop();
@@ -609,7 +584,7 @@ async fn a_subscribe_while_nats_is_down_is_answered_503() {
 async fn a_subscribe_nats_does_not_confirm_is_answered_503() {
     init_logs();
     let nats = Nats::start();
-    let relay = start(config(&nats.url())).await;
+    let relay = config(&nats).start().await;
     let mut ws = connect(relay.client_addr, "").await;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(nats.pid()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
@@ -688,9 +663,6 @@ async fn silent_jetstream_makes_resumable_subscribes_and_publishes_503() {
         std::fs::write(&p, v).unwrap();
         p
     };
-    let mut c = base_config(&nats.url());
-    c.nats.credentials.user_file = Some(secret("user", "relay"));
-    c.nats.credentials.password_file = Some(secret("password", "relaypw"));
     let mut orders = binding("orders.{id}", "orders.{id}", Direction::Both);
     // From the config format, so that fields added to `History` later take their defaults.
     let history: History = serde_json::from_value(
@@ -698,9 +670,15 @@ async fn silent_jetstream_makes_resumable_subscribes_and_publishes_503() {
     )
     .unwrap();
     orders.history = Some(history);
-    c.bindings = vec![orders];
-    c.validate().unwrap();
-    let relay = start(c).await;
+    let relay = TestRelay::builder(&nats)
+        .with_binding(orders)
+        .config(|c| {
+            c.nats.credentials.user_file = Some(secret("user", "relay"));
+            c.nats.credentials.password_file = Some(secret("password", "relaypw"));
+        })
+        .ready()
+        .start()
+        .await;
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(20), || async {

@@ -4,22 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use serde_json::json;
-use wsrelay::config::Direction;
-
-fn config(nats_url: &str) -> wsrelay::config::Config {
-    let mut c = base_config(nats_url);
-    c.auth.allow_anonymous = true;
-    c.auth.jwt = Some(fixture_jwt());
-    c.bindings = vec![binding("news", "public.news", Direction::Subscribe)];
-    c.validate().unwrap();
-    c
-}
+use wsrelay_testkit::prelude::*;
 
 fn token_for(sub: &str, exp: u64) -> String {
     let mut c = claims(sub);
@@ -31,9 +19,12 @@ fn token_for(sub: &str, exp: u64) -> String {
 async fn a_refresh_moves_the_expiry_of_the_same_identity_only() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = TestRelay::builder(&nats)
+        .anonymous(true)
+        .hs256()
+        .binding("news", "public.news", Direction::Subscribe)
+        .start()
+        .await;
     let addr = relay.client_addr;
 
     // Expires in 4 s (3 to 4: `exp` is in whole seconds), time for the handshake and the

@@ -8,76 +8,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use serde_json::Value;
 use wsrelay::config::Direction;
-
-struct Relay {
-    child: std::process::Child,
-    client: SocketAddr,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_relay(config_path: &std::path::Path) -> Relay {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(config_path)
-        .env("WSRELAY_LOG", "wsrelay=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let keep = lines.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["fields"]["message"] == "wsrelay listening"
-            {
-                let client: SocketAddr = v["fields"]["client"].as_str().unwrap().parse().unwrap();
-                let _ = tx.send(client);
-            }
-            keep.lock().unwrap().push(line);
-        }
-    });
-    let client = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("relay did not start");
-    Relay {
-        child,
-        client,
-        lines,
-    }
-}
-
-/// The JSON log lines whose message is `message`.
-fn lines_with(relay: &Relay, message: &str) -> Vec<Value> {
-    relay
-        .lines
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == message)
-        .collect()
-}
+use wsrelay_testkit::prelude::*;
 
 /// The `request_id` of the spans of a JSON log line (tracing-subscriber's `spans` list).
 fn span_request_id(v: &Value) -> Option<String> {
@@ -90,15 +25,20 @@ fn span_request_id(v: &Value) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
     let nats = Nats::start();
-    let mut c = base_config(&nats.url());
-    c.auth.allow_anonymous = false;
-    c.auth.jwt = Some(fixture_jwt());
-    c.bindings = vec![binding("news", "public.news", Direction::Subscribe)];
+    let c = TestRelay::builder(&nats)
+        .anonymous(false)
+        .hs256()
+        .binding("news", "public.news", Direction::Subscribe)
+        .build();
     let dir = std::env::temp_dir().join(format!("wsrelay-reqlog-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
-    let relay = spawn_relay(&path);
+    let relay = RelayProcess::spawn(
+        env!("CARGO_BIN_EXE_wsrelay").as_ref(),
+        &path,
+        "wsrelay=debug",
+    );
 
     // Refused: a token that is no JWT. The answer names the request id.
     let bad = "not-a-jwt-but-secret-looking-0123456789";
@@ -143,8 +83,8 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
     // The relay logs a refusal after it has answered it, so wait for the last line of each
     // kind rather than for one of them.
     let ok = eventually(Duration::from_secs(20), || async {
-        !lines_with(&relay, "request refused").is_empty()
-            && lines_with(&relay, "handshake refused").len() >= 2
+        !relay.lines_with("request refused").is_empty()
+            && relay.lines_with("handshake refused").len() >= 2
     })
     .await;
     assert!(
@@ -152,7 +92,7 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
         "missing 'request refused' or the second 'handshake refused' line"
     );
 
-    let refused = lines_with(&relay, "handshake refused");
+    let refused = relay.lines_with("handshake refused");
     assert!(
         refused
             .iter()
@@ -166,7 +106,7 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
             .any(|v| span_request_id(v).as_deref() == Some(answered.as_str())),
         "{refused:?}"
     );
-    let accepted = lines_with(&relay, "connection accepted");
+    let accepted = relay.lines_with("connection accepted");
     assert!(
         accepted
             .iter()
@@ -178,7 +118,7 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
         ("subscribed", "7"),
         ("request refused", "8"),
     ] {
-        let found = lines_with(&relay, message);
+        let found = relay.lines_with(message);
         assert!(
             found.iter().any(|v| v["fields"]["request_id"] == id
                 && span_request_id(v).as_deref() == Some("req-good-2")),
@@ -186,7 +126,7 @@ async fn handshakes_and_subscribes_log_their_request_id_and_no_token() {
         );
     }
 
-    let all = relay.lines.lock().unwrap().join("\n");
+    let all = relay.log();
     assert!(!all.contains(bad), "the refused token is in the log");
     assert!(!all.contains(&token), "the accepted token is in the log");
     let signature = token.rsplit('.').next().unwrap();

@@ -5,20 +5,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
 use serde_json::{Value, json};
-use wsrelay::config::{Config, Direction, History};
+use wsrelay::config::{Direction, History};
+use wsrelay_testkit::prelude::*;
 
 const STREAM: &str = "WSRELAY_TEST_ORDERS";
 
-fn resumable_config(nats_url: &str, max_messages: u32) -> Config {
-    let mut c = base_config(nats_url);
-    c.limits.send_queue_len = c.limits.send_queue_len.max(max_messages);
+/// `orders.{id}` resumable, keeping `max_messages` (the send queue holds as many), and
+/// `news`, not resumable.
+fn resumable_config(nats_url: &str, max_messages: u32) -> RelayBuilder {
     let mut orders = binding("orders.{id}", "orders.{id}", Direction::Both);
     // From the config's own form: the limits left out take their defaults.
     let history: History = serde_json::from_value(
@@ -26,23 +24,10 @@ fn resumable_config(nats_url: &str, max_messages: u32) -> Config {
     )
     .unwrap();
     orders.history = Some(history);
-    c.bindings = vec![orders, binding("news", "public.news", Direction::Both)];
-    c.validate().unwrap();
-    c
-}
-
-/// Starts a relay and waits until its history stream is in place.
-async fn start_relay(c: Config) -> wsrelay::runtime::process::Running {
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
-    let admin = relay.admin_addr;
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            metric(admin, "wsrelay_history_streams_ready").await == Some(1.0)
-        })
-        .await,
-        "the history stream was not put in place"
-    );
-    relay
+    TestRelay::builder(nats_url)
+        .config(|c| c.limits.send_queue_len = c.limits.send_queue_len.max(max_messages))
+        .with_binding(orders)
+        .binding("news", "public.news", Direction::Both)
 }
 
 async fn publish_all(nc: &async_nats::Client, subject: &str, from: u64, to: u64) {
@@ -108,7 +93,10 @@ async fn resume(ws: &mut Ws, id: u64, channel: &str, epoch: &str, seq: u64) -> V
 async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
     init_logs();
     let (_store, nats) = jetstream_nats("basic");
-    let relay = start_relay(resumable_config(&nats.url(), 100)).await;
+    let relay = resumable_config(&nats.url(), 100)
+        .streams_ready(1)
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
 
@@ -177,7 +165,10 @@ async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
 async fn a_client_that_subscribed_before_any_message_resumes_from_zero() {
     init_logs();
     let (_store, nats) = jetstream_nats("zero");
-    let relay = start_relay(resumable_config(&nats.url(), 100)).await;
+    let relay = resumable_config(&nats.url(), 100)
+        .streams_ready(1)
+        .start()
+        .await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
 
@@ -201,7 +192,10 @@ async fn a_client_that_subscribed_before_any_message_resumes_from_zero() {
 async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
     init_logs();
     let (_store, nats) = jetstream_nats("window");
-    let relay = start_relay(resumable_config(&nats.url(), 5)).await;
+    let relay = resumable_config(&nats.url(), 5)
+        .streams_ready(1)
+        .start()
+        .await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     let mut ws = connect(addr, "").await;
@@ -255,7 +249,10 @@ async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
 async fn foreign_and_malformed_positions_get_defined_answers() {
     init_logs();
     let (_store, nats) = jetstream_nats("foreign");
-    let relay = start_relay(resumable_config(&nats.url(), 100)).await;
+    let relay = resumable_config(&nats.url(), 100)
+        .streams_ready(1)
+        .start()
+        .await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     publish_all(&nc, "orders.secret", 0, 5).await;
@@ -298,7 +295,10 @@ async fn foreign_and_malformed_positions_get_defined_answers() {
 async fn publishes_on_resumable_channels_are_stored_before_ok() {
     init_logs();
     let (_store, nats) = jetstream_nats("publish");
-    let relay = start_relay(resumable_config(&nats.url(), 100)).await;
+    let relay = resumable_config(&nats.url(), 100)
+        .streams_ready(1)
+        .start()
+        .await;
     let mut reader = connect(relay.client_addr, "").await;
     let ok = subscribe(&mut reader, 1, "orders.p").await;
     let mut last = ok["seq"].as_u64().unwrap();
@@ -332,7 +332,10 @@ async fn replays_racing_live_publishes_lose_and_double_nothing() {
     init_logs();
     let (_store, nats) = jetstream_nats("race");
     // A window that holds everything: what is measured is the merge, not the window.
-    let relay = start_relay(resumable_config(&nats.url(), 4_096)).await;
+    let relay = resumable_config(&nats.url(), 4_096)
+        .streams_ready(1)
+        .start()
+        .await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     let total: u64 = 2_000;
@@ -388,7 +391,10 @@ async fn nats_restarted_mid_stream_loses_nothing() {
     init_logs();
     let (dir, mut nats) = jetstream_nats("restart");
     let port = nats.port;
-    let relay = start_relay(resumable_config(&nats.url(), 100)).await;
+    let relay = resumable_config(&nats.url(), 100)
+        .streams_ready(1)
+        .start()
+        .await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     let mut ws = connect(addr, "").await;
@@ -475,11 +481,11 @@ async fn a_cluster_server_killed_mid_stream_loses_nothing() {
             Some(log) => panic!("the cluster did not start:\n{log}"),
         }
     };
-    let mut c = resumable_config(&servers[0].0.url(), 100);
-    c.bindings[0].history.as_mut().unwrap().replicas = 3;
-    c.validate().unwrap();
-    // The stream needs the JetStream cluster formed: the relay retries until it is.
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = resumable_config(&servers[0].0.url(), 100)
+        .config(|c| c.bindings[0].history.as_mut().unwrap().replicas = 3)
+        // The stream needs the JetStream cluster formed: the relay retries until it is.
+        .start()
+        .await;
     let admin = relay.admin_addr;
     assert!(
         eventually(Duration::from_secs(60), || async {
@@ -581,11 +587,12 @@ async fn connect_small_window(addr: std::net::SocketAddr) -> Ws {
 async fn a_slow_client_on_a_resumable_channel_is_told_of_the_hole() {
     init_logs();
     let (_store, nats) = jetstream_nats("dropped");
-    let mut c = resumable_config(&nats.url(), 16);
-    c.limits.send_queue_len = 16;
-    c.limits.slow_consumer_policy = wsrelay::config::SlowConsumerPolicy::DropOldest;
-    c.validate().unwrap();
-    let relay = start_relay(c).await;
+    let relay = resumable_config(&nats.url(), 16)
+        .send_queue_len(16)
+        .slow_consumer_policy(SlowConsumerPolicy::DropOldest)
+        .streams_ready(1)
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
 
@@ -742,9 +749,9 @@ async fn read_big_chain(ws: &mut Ws, last: &mut u64, want: usize) -> Vec<u64> {
 async fn a_resume_larger_than_the_send_queue_is_paced_not_closed() {
     init_logs();
     let (_store, nats) = jetstream_nats("paced");
-    let c = resumable_config(&nats.url(), 100);
+    let c = resumable_config(&nats.url(), 100).build();
     assert_eq!(c.limits.send_queue_bytes, 1 << 20);
-    let relay = start_relay(c).await;
+    let relay = TestRelay::with_config(c).streams_ready(1).start().await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
 
@@ -875,7 +882,10 @@ async fn a_gap_fill_larger_than_the_send_queue_is_paced_for_every_subscriber() {
     init_logs();
     let (_store, nats) = jetstream_nats("paced-fill");
     let proxy = Cuttable::start(nats.port).await;
-    let relay = start_relay(resumable_config(&proxy.url(), 100)).await;
+    let relay = resumable_config(&proxy.url(), 100)
+        .streams_ready(1)
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
 
@@ -964,8 +974,11 @@ async fn stream_config(nc: &async_nats::Client) -> async_nats::jetstream::stream
 async fn the_history_stream_is_bounded_in_bytes_by_default() {
     init_logs();
     let (_store, nats) = jetstream_nats("bytes-default");
-    let c = resumable_config(&nats.url(), 100);
-    let relay = start_relay(c.clone()).await;
+    let c = resumable_config(&nats.url(), 100).build();
+    let relay = TestRelay::with_config(c.clone())
+        .streams_ready(1)
+        .start()
+        .await;
     let nc = nats.client().await;
     let cfg = stream_config(&nc).await;
     assert_eq!(cfg.max_bytes, 256 << 20, "{cfg:?}");
@@ -983,17 +996,20 @@ async fn the_history_stream_is_bounded_in_bytes_by_default() {
 async fn a_client_publishing_to_new_channels_cannot_grow_the_stream_beyond_max_bytes() {
     init_logs();
     let (_store, nats) = jetstream_nats("bytes");
-    let mut c = resumable_config(&nats.url(), 100);
     let h: History = serde_json::from_value(
         json!({"stream": STREAM, "maxMessages": 100, "maxAgeSeconds": 300, "maxBytes": 262_144}),
     )
     .unwrap();
-    c.bindings[0].history = Some(h);
-    // 60 publishes in a row: not the rate limit under test.
-    c.limits.publish_rate_per_second = 1_000;
-    c.limits.publish_burst = 1_000;
-    c.validate().unwrap();
-    let relay = start_relay(c).await;
+    let relay = resumable_config(&nats.url(), 100)
+        .config(|c| {
+            c.bindings[0].history = Some(h);
+            // 60 publishes in a row: not the rate limit under test.
+            c.limits.publish_rate_per_second = 1_000;
+            c.limits.publish_burst = 1_000;
+        })
+        .streams_ready(1)
+        .start()
+        .await;
     let nc = nats.client().await;
     let mut ws = connect(relay.client_addr, "").await;
     let pad = "x".repeat(10_000);
@@ -1034,13 +1050,14 @@ async fn a_client_publishing_to_new_channels_cannot_grow_the_stream_beyond_max_b
 async fn a_history_shorter_than_two_minutes_gets_its_stream() {
     init_logs();
     let (_store, nats) = jetstream_nats("short-age");
-    let mut c = resumable_config(&nats.url(), 100);
     let h: History =
         serde_json::from_value(json!({"stream": STREAM, "maxMessages": 100, "maxAgeSeconds": 30}))
             .unwrap();
-    c.bindings[0].history = Some(h);
-    c.validate().unwrap();
-    let relay = start_relay(c).await;
+    let relay = resumable_config(&nats.url(), 100)
+        .config(|c| c.bindings[0].history = Some(h))
+        .streams_ready(1)
+        .start()
+        .await;
     let nc = nats.client().await;
     let cfg = stream_config(&nc).await;
     assert_eq!(cfg.duplicate_window, Duration::from_secs(30));
@@ -1084,9 +1101,7 @@ async fn a_stream_the_relay_cannot_create_is_reported_with_jetstreams_answer() {
     })
     .await
     .unwrap();
-    let relay = wsrelay::runtime::process::start(resumable_config(&nats.url(), 100))
-        .await
-        .unwrap();
+    let relay = resumable_config(&nats.url(), 100).start().await;
     let admin = relay.admin_addr;
     let sample = format!("wsrelay_history_stream_error{{stream=\"{STREAM}\",error=\"");
     assert!(

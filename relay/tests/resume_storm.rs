@@ -9,21 +9,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::Mutex;
 use wsrelay::config::{Direction, History};
+use wsrelay_testkit::prelude::*;
 
 const CHANNEL: &str = "orders.storm";
 
-fn config(nats_url: &str) -> wsrelay::config::Config {
-    let mut c = base_config(nats_url);
+/// One resumable channel whose window outlasts the storm; room for every client.
+fn config(nats: &Nats) -> RelayBuilder {
     let mut b = binding("orders.{id}", "orders.{id}", Direction::Subscribe);
     b.history = Some(History {
         stream: "WSRELAY_STORM".into(),
@@ -33,11 +31,10 @@ fn config(nats_url: &str) -> wsrelay::config::Config {
         max_bytes: wsrelay::config::DEFAULT_HISTORY_BYTES,
         replicas: 1,
     });
-    c.bindings = vec![b];
-    c.limits.max_connections = 50_000;
-    c.limits.send_queue_len = 1_024;
-    c.validate().unwrap();
-    c
+    TestRelay::builder(nats)
+        .with_binding(b)
+        .max_connections(50_000)
+        .send_queue_len(1_024)
 }
 
 /// One client's view: its position, the next payload it expects (the publisher counts up from
@@ -105,33 +102,17 @@ async fn storm(n: usize, total: u64) {
             .unwrap()
             .1,
     );
-    let dir = std::env::temp_dir().join(format!("wsrelay-storm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let nats = Nats::start_args(&["-js", "-sd", dir.to_str().unwrap()]);
+    let (dir, nats) = jetstream_nats("storm");
 
     // Relay A: a process of its own, to be killed.
-    let mut ca = config(&nats.url());
-    let a_port = free_port();
-    ca.listen.client = format!("127.0.0.1:{a_port}").parse().unwrap();
-    ca.listen.admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let path = dir.join("relay-a.json");
-    std::fs::write(&path, serde_json::to_string(&ca).unwrap()).unwrap();
-    let mut relay_a = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let admin_a = ca.listen.admin;
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            tokio::net::TcpStream::connect(admin_a).await.is_ok()
-        })
-        .await,
-        "relay A did not start"
-    );
+    std::fs::write(
+        &path,
+        serde_json::to_string(&config(&nats).build()).unwrap(),
+    )
+    .unwrap();
+    let mut relay_a = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
+    let admin_a = relay_a.admin;
     assert!(
         eventually(Duration::from_secs(20), || async {
             metric(admin_a, "wsrelay_history_streams_ready").await == Some(1.0)
@@ -139,13 +120,11 @@ async fn storm(n: usize, total: u64) {
         .await
     );
     // Relay B, in this process.
-    let relay_b = wsrelay::runtime::process::start(config(&nats.url()))
-        .await
-        .unwrap();
+    let relay_b = config(&nats).start().await;
     let (addr_b, admin_b) = (relay_b.client_addr, relay_b.admin_addr);
 
     // Every client on relay A.
-    let a_addr: std::net::SocketAddr = ca.listen.client;
+    let a_addr = relay_a.client;
     let mut sockets = Vec::with_capacity(n);
     let connect_started = Instant::now();
     for i in 0..n {
@@ -243,8 +222,8 @@ async fn storm(n: usize, total: u64) {
             .messages
     };
     *kill_mark.lock().await = Some((Instant::now(), stored_before_kill));
-    relay_a.kill().unwrap();
-    let _ = relay_a.wait();
+    relay_a.child.kill().unwrap();
+    let _ = relay_a.child.wait();
     publisher.await.unwrap();
 
     let mut catch_up = Vec::with_capacity(n);

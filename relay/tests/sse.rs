@@ -5,33 +5,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::sse::*;
-use common::*;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use wsrelay::config::Direction;
+use wsrelay_testkit::prelude::*;
+use wsrelay_testkit::sse::*;
 
-fn config(nats_url: &str) -> wsrelay::config::Config {
-    let mut c = base_config(nats_url);
-    c.auth.jwt = Some(fixture_jwt());
-    c.auth.allow_anonymous = false;
-    c.auth.allowed_origins = vec!["https://app.test".into()];
-    c.limits.ping_interval_seconds = 1;
-    c.bindings = vec![
-        binding("chat.{room}", "chat.{room}", Direction::Both),
-        binding(
+/// HS256 tokens only, one allowed origin, pings every second; a chat and a personal channel.
+fn config(nats: &Nats) -> RelayBuilder {
+    TestRelay::builder(nats)
+        .hs256()
+        .anonymous(false)
+        .origin("https://app.test")
+        .config(|c| c.limits.ping_interval_seconds = 1)
+        .binding("chat.{room}", "chat.{room}", Direction::Both)
+        .binding(
             "me.notify",
             "users.{claims.sub}.notify",
             Direction::Subscribe,
-        ),
-    ];
-    c.validate().unwrap();
-    c
+        )
 }
 
 fn token(sub: &str) -> String {
@@ -46,9 +41,7 @@ async fn connections(admin: SocketAddr) -> f64 {
 async fn a_session_subscribes_receives_and_publishes_like_a_connection() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = config(&nats).start().await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
 
@@ -172,9 +165,7 @@ async fn a_session_subscribes_receives_and_publishes_like_a_connection() {
 async fn a_frame_over_the_limit_closes_with_1009_and_drain_closes_with_1012() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.limits.max_message_bytes = 1024;
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = config(&nats).max_message_bytes(1024).start().await;
     let addr = relay.client_addr;
     let q = format!("?token={}", token("alice"));
 
@@ -219,10 +210,13 @@ async fn a_frame_over_the_limit_closes_with_1009_and_drain_closes_with_1012() {
 async fn refusals_after_the_upgrade_carry_a_code_and_a_reason() {
     init_logs();
     let nats = Nats::start();
-    let mut c = config(&nats.url());
-    c.auth.refuse_after_upgrade = true;
-    c.limits.max_connections = 1;
-    let relay = wsrelay::runtime::process::start(c).await.unwrap();
+    let relay = config(&nats)
+        .max_connections(1)
+        .config(|c| {
+            c.auth.refuse_after_upgrade = true;
+        })
+        .start()
+        .await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
 
     let bad = format!("{}x", token("alice"));
@@ -334,9 +328,7 @@ async fn refusals_after_the_upgrade_carry_a_code_and_a_reason() {
 async fn without_the_option_refusals_stay_http_statuses() {
     init_logs();
     let nats = Nats::start();
-    let relay = wsrelay::runtime::process::start(config(&nats.url()))
-        .await
-        .unwrap();
+    let relay = config(&nats).start().await;
     let addr = relay.client_addr;
     assert_eq!(connect_with(addr, "?token=bad", &[]).await.err(), Some(401));
     let s = Stream::open(addr, "?token=bad", "").await;

@@ -39,6 +39,7 @@ use wsrelay_e2e::load::{
     ProcSample, encode_payload, histogram_delta_quantile, new_histogram, now_ns, parse_cpu_ticks,
     parse_netstat, parse_prom_histogram, sample_proc, summarize, timestamps,
 };
+use wsrelay_testkit::client::{Head, Request};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
@@ -503,15 +504,12 @@ fn nats_reply(op: &Op) -> Option<Result<()>> {
     }
 }
 
+/// The reply to request `id`: read from the frame's head alone, so that the messages that
+/// arrive meanwhile are not parsed into value trees.
 fn wsrelay_reply(b: &[u8], id: u64) -> Option<Result<()>> {
-    let v: Value = serde_json::from_slice(b).ok()?;
-    if v["id"].as_u64() != Some(id) {
-        return None;
-    }
-    match v["type"].as_str()? {
-        "ok" => Some(Ok(())),
-        "error" => Some(Err(anyhow!("wsrelay: {v}"))),
-        _ => None,
+    match Head::reply_to(b, id)? {
+        true => Some(Ok(())),
+        false => Some(Err(anyhow!("wsrelay: {}", String::from_utf8_lossy(b)))),
     }
 }
 
@@ -545,9 +543,12 @@ async fn set_subscription(
     let channel = channel_for(args.target, subject);
     match args.target {
         Target::Wsrelay => {
-            let kind = if on { "subscribe" } else { "unsubscribe" };
-            let cmd = json!({"type": kind, "id": sid, "channel": channel}).to_string();
-            ws.send(Message::text(cmd)).await?;
+            let cmd = if on {
+                Request::subscribe(sid, &channel)
+            } else {
+                Request::unsubscribe(sid, &channel)
+            };
+            ws.send(Message::text(cmd.to_text())).await?;
             expect(ws, args.target, shared, reader, |b| wsrelay_reply(b, sid)).await
         }
         Target::Centrifugo => {

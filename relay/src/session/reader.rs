@@ -94,7 +94,7 @@ pub(super) async fn read_loop<St>(
                     let verdict = limiter.check();
                     if verdict != Verdict::Allowed {
                         relay.metrics.rate_limited.get_or_create(&Op { op }).inc();
-                        if op == "publish" {
+                        if matches!(req, Request::Publish { .. }) {
                             relay.metrics.drop_msgs("rate_limited", 1);
                         }
                     }

@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// An open event stream.
+#[derive(Debug)]
 pub struct Stream {
     pub tcp: TcpStream,
     /// Raw bytes read, not yet decoded.

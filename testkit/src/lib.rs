@@ -1,0 +1,80 @@
+//! What a wsrelay test needs, each in one line: a real nats-server ([`nats`]), a relay started
+//! in-process ([`relay::TestRelay`]), a client of the protocol over a real WebSocket
+//! ([`client`]), of the SSE fallback ([`sse`]), and of the admin port ([`http`]); tokens signed
+//! with the fixture keys ([`tokens`]).
+//!
+//! Loopback only. Every wait is bounded, by 20 s for what is expected to come: a loaded
+//! machine can stall for seconds.
+//!
+//! ```no_run
+//! # async fn t() {
+//! use wsrelay_testkit::prelude::*;
+//! let nats = Nats::start();
+//! let relay = TestRelay::builder(&nats).binding("news", "public.news", Direction::Both).start().await;
+//! let mut ws = connect(relay.client_addr, "").await;
+//! assert_eq!(subscribe(&mut ws, 1, "news").await["type"], "ok");
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+// A test kit: a failed setup step is a failed test, said where it happened.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+
+pub mod client;
+pub mod http;
+#[cfg(feature = "relay")]
+pub mod nats;
+#[cfg(feature = "relay")]
+pub mod relay;
+pub mod sse;
+#[cfg(feature = "relay")]
+pub mod tokens;
+
+#[cfg(feature = "relay")]
+/// The relay crate's API the kit builds on, in one place: when the relay's modules move, this
+/// is the only part of the kit to follow them.
+pub mod api {
+    pub use wsrelay::config::{
+        Binding, Config, Direction, History, Jwt, JwtAlgorithm, JwtKey, ServerTls,
+        SlowConsumerPolicy, TokenSource,
+    };
+    pub use wsrelay::runtime::process::{Running, StartError, start};
+}
+
+#[cfg(feature = "relay")]
+/// A file of the test fixtures (keys, certificates: see `fixtures/README.md`).
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+#[cfg(feature = "relay")]
+/// Logs to the test output when `WSRELAY_LOG` is set (e.g. `WSRELAY_LOG=debug`).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("WSRELAY_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Everything a test uses, for `use wsrelay_testkit::prelude::*;`.
+#[cfg(feature = "relay")]
+pub mod prelude {
+    pub use crate::api::{
+        Binding, Config, Direction, History, Jwt, JwtAlgorithm, JwtKey, SlowConsumerPolicy,
+        TokenSource,
+    };
+    pub use crate::client::{
+        Client, Frame, Got, Request, Since, Ws, close_code, connect, connect_with, drain_messages,
+        expect_messages, messages_then_quiet, next_event, next_json, request, send, subscribe,
+    };
+    pub use crate::http::{eventually, http_get, metric, raw_frames, raw_upgrade, raw_ws};
+    pub use crate::nats::{Nats, StoreDir, free_port, jetstream_nats, nats_server_bin};
+    pub use crate::relay::{
+        Builder as RelayBuilder, RelayProcess, TestRelay, base_config, binding,
+    };
+    pub use crate::tokens::{claims, fixture_jwt, hs256, now_secs, rs256};
+    pub use crate::{fixture, init_logs};
+}
