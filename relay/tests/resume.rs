@@ -30,6 +30,18 @@ fn resumable_config(nats_url: &str, max_messages: u32) -> RelayBuilder {
         .binding("news", "public.news", Direction::Both)
 }
 
+/// A JetStream nats-server (its store removed after it) and a relay whose `orders.{id}`
+/// channels keep `max_messages` each, started once its history stream is in place.
+async fn resumable_relay(tag: &str, max_messages: u32) -> (StoreDir, Nats, TestRelay) {
+    init_logs();
+    let (store, nats) = jetstream_nats(tag);
+    let relay = resumable_config(&nats.url(), max_messages)
+        .streams_ready(1)
+        .start()
+        .await;
+    (store, nats, relay)
+}
+
 async fn publish_all(nc: &async_nats::Client, subject: &str, from: u64, to: u64) {
     for i in from..to {
         nc.publish(subject.to_owned(), i.to_string().into())
@@ -91,12 +103,7 @@ async fn resume(ws: &mut Ws, id: u64, channel: &str, epoch: &str, seq: u64) -> V
 
 #[tokio::test]
 async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
-    init_logs();
-    let (_store, nats) = jetstream_nats("basic");
-    let relay = resumable_config(&nats.url(), 100)
-        .streams_ready(1)
-        .start()
-        .await;
+    let (_store, nats, relay) = resumable_relay("basic", 100).await;
     let (addr, admin) = (relay.client_addr, relay.admin_addr);
     let nc = nats.client().await;
 
@@ -163,12 +170,7 @@ async fn a_client_resumes_after_a_disconnect_with_nothing_lost_or_doubled() {
 /// message, so nothing was lost.
 #[tokio::test]
 async fn a_client_that_subscribed_before_any_message_resumes_from_zero() {
-    init_logs();
-    let (_store, nats) = jetstream_nats("zero");
-    let relay = resumable_config(&nats.url(), 100)
-        .streams_ready(1)
-        .start()
-        .await;
+    let (_store, nats, relay) = resumable_relay("zero", 100).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
 
@@ -190,12 +192,7 @@ async fn a_client_that_subscribed_before_any_message_resumes_from_zero() {
 
 #[tokio::test]
 async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
-    init_logs();
-    let (_store, nats) = jetstream_nats("window");
-    let relay = resumable_config(&nats.url(), 5)
-        .streams_ready(1)
-        .start()
-        .await;
+    let (_store, nats, relay) = resumable_relay("window", 5).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     let mut ws = connect(addr, "").await;
@@ -247,12 +244,7 @@ async fn stale_epochs_and_positions_past_the_window_are_not_recovered() {
 
 #[tokio::test]
 async fn foreign_and_malformed_positions_get_defined_answers() {
-    init_logs();
-    let (_store, nats) = jetstream_nats("foreign");
-    let relay = resumable_config(&nats.url(), 100)
-        .streams_ready(1)
-        .start()
-        .await;
+    let (_store, nats, relay) = resumable_relay("foreign", 100).await;
     let addr = relay.client_addr;
     let nc = nats.client().await;
     publish_all(&nc, "orders.secret", 0, 5).await;
@@ -293,12 +285,7 @@ async fn foreign_and_malformed_positions_get_defined_answers() {
 
 #[tokio::test]
 async fn publishes_on_resumable_channels_are_stored_before_ok() {
-    init_logs();
-    let (_store, nats) = jetstream_nats("publish");
-    let relay = resumable_config(&nats.url(), 100)
-        .streams_ready(1)
-        .start()
-        .await;
+    let (_store, _nats, relay) = resumable_relay("publish", 100).await;
     let mut reader = connect(relay.client_addr, "").await;
     let ok = subscribe(&mut reader, 1, "orders.p").await;
     let mut last = ok["seq"].as_u64().unwrap();

@@ -10,14 +10,14 @@
 //!   fills, paced replays;
 //! - [`deliver`]: the fan-out to the subscribers.
 //!
-//! The path of a message on a resumable channel, from NATS to the socket, each file once:
-//! `fanout/mod.rs` (the subject's task takes it from the NATS subscription) →
-//! `fanout/resumable.rs` (`Hub::deliver_stored`: its position, then `offer` under the ring's
-//! lock) → `history/mod.rs` (`Resumable::accept`: next, duplicate or gap; `history/ring.rs`
-//! keeps it) → `fanout/deliver.rs` (`fan_out_at`: encoded once per channel, then per
-//! subscriber) → `conn/mod.rs` (`Conn::deliver`: written at once when the connection's
-//! writer is idle, via `conn/sink.rs`, else queued in `conn/outbox.rs`) → for a queued frame,
-//! `session/writer.rs` takes it from the outbox and writes it to the sink. A plain channel's
+//! The path of a message on a resumable channel, from NATS to the socket, each file entered
+//! once: `fanout/mod.rs` (the subject's task takes it from the NATS subscription) →
+//! `fanout/resumable.rs` (`Hub::deliver`: its position; `offer` locks the channel's ring,
+//! `history/mod.rs`, and asks it, `history/ring.rs` `Ring::accept`: next, duplicate or gap)
+//! → `fanout/deliver.rs` (`fan_out_at`: encoded once per channel, then per subscriber) →
+//! `conn/mod.rs` (`Conn::deliver`) → `conn/outbox.rs` (`Outbox::deliver`: written at once
+//! through `conn/sink.rs` when the connection's writer is idle, else queued). A queued
+//! frame is then taken by `session/writer.rs` and written to the sink. A plain channel's
 //! message skips `resumable.rs` and `history/`.
 
 pub mod deliver;

@@ -14,7 +14,7 @@ use super::entry::{SubKey, SubjectEntry, Target, read, write};
 use super::{EndReason, Hub, SubscribeError};
 use crate::conn::Conn;
 use crate::conn::close::Cause;
-use crate::history::ring::{Ring, Stored};
+use crate::history::ring::Stored;
 use crate::history::{self, Arrival, Resumable, Start, stream};
 use crate::protocol::{RequestId, Since, encode_ok_position};
 
@@ -343,19 +343,20 @@ impl Hub {
         now: u64,
         behind: Option<&mut Vec<Behind>>,
     ) -> Arrival {
-        res.with_ring(|ring: &mut Ring| {
-            let verdict = Resumable::accept(ring, m, prev, now);
-            if let Arrival::Deliver { prev } = verdict {
-                match behind {
-                    None => fan_out_at(entry, m, prev, &self.metrics, self.max_payload),
-                    Some(_) if m.payload.len() > self.max_payload => {
-                        let n = read(&entry.subscribers).len() as u64;
-                        self.metrics.drop_msgs("too_large", n);
-                    }
-                    Some(behind) => behind.extend(fan_out_paced(entry, m, prev)),
+        // The fan-out runs under the ring's lock, after the append.
+        let mut ring = res.ring();
+        let verdict = ring.accept(m, prev, now);
+        if let Arrival::Deliver { prev } = verdict {
+            match behind {
+                None => fan_out_at(entry, m, prev, &self.metrics, self.max_payload),
+                Some(_) if m.payload.len() > self.max_payload => {
+                    let n = read(&entry.subscribers).len() as u64;
+                    self.metrics.drop_msgs("too_large", n);
                 }
+                Some(behind) => behind.extend(fan_out_paced(entry, m, prev)),
             }
-            verdict
-        })
+        }
+        drop(ring);
+        verdict
     }
 }

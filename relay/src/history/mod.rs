@@ -19,6 +19,7 @@ use async_nats::HeaderMap;
 
 use crate::config::{Config, History};
 use crate::template::parse_subject_template;
+pub use ring::Arrival;
 use ring::{Decision, Limits, Ring, Stored};
 
 /// Milliseconds since the epoch, now.
@@ -111,23 +112,6 @@ pub fn position(headers: Option<&HeaderMap>) -> Option<Position> {
     Some(Position { seq, prev })
 }
 
-/// What to do with a live message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arrival {
-    /// Deliver it; `prev` is the position delivered before it on this channel.
-    Deliver {
-        /// The previous delivered position.
-        prev: u64,
-    },
-    /// Already delivered (a duplicate, or read by a gap fill first).
-    Duplicate,
-    /// Messages before it were missed: read the stream after `after` first.
-    Gap {
-        /// The last position delivered.
-        after: u64,
-    },
-}
-
 /// One live resumable channel: which stream and subject it reads, and its ring.
 #[derive(Debug)]
 pub struct Resumable {
@@ -181,24 +165,15 @@ impl Resumable {
         }
     }
 
-    /// Runs `f` with the ring locked (the hub delivers and joins under this lock, so a
-    /// resume and live delivery never interleave).
-    pub fn with_ring<T>(&self, f: impl FnOnce(&mut Ring) -> T) -> T {
-        f(&mut lock(&self.ring))
+    /// The ring, locked: the hub delivers and joins under this lock, so a resume and live
+    /// delivery never interleave.
+    pub fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+        lock(&self.ring)
     }
 
-    /// Classifies a live message and, when it is to be delivered, appends it.
-    pub fn accept(ring: &mut Ring, m: &Stored, prev: u64, now: u64) -> Arrival {
-        let last = ring.last_seen();
-        if m.seq <= last {
-            return Arrival::Duplicate;
-        }
-        let known = last.max(ring.head());
-        if ring.is_loaded() && prev > known {
-            return Arrival::Gap { after: last };
-        }
-        ring.append(m.clone(), now);
-        Arrival::Deliver { prev: last }
+    /// Runs `f` with the ring locked ([`Resumable::ring`]).
+    pub fn with_ring<T>(&self, f: impl FnOnce(&mut Ring) -> T) -> T {
+        f(&mut self.ring())
     }
 
     /// Makes the ring complete (once per entry; later callers wait for the first). Returns
@@ -321,30 +296,15 @@ mod tests {
     fn live_messages_are_chained_deduplicated_and_gaps_found() {
         let mut r = ring();
         r.load(vec![m(2)], 5, 0);
-        assert_eq!(
-            Resumable::accept(&mut r, &m(6), 2, 0),
-            Arrival::Deliver { prev: 2 }
-        );
-        assert_eq!(Resumable::accept(&mut r, &m(6), 2, 0), Arrival::Duplicate);
-        assert_eq!(Resumable::accept(&mut r, &m(4), 0, 0), Arrival::Duplicate);
+        assert_eq!(r.accept(&m(6), 2, 0), Arrival::Deliver { prev: 2 });
+        assert_eq!(r.accept(&m(6), 2, 0), Arrival::Duplicate);
+        assert_eq!(r.accept(&m(4), 0, 0), Arrival::Duplicate);
         // 9 says the message before it was 8, which was never seen: read after 6 first.
-        assert_eq!(
-            Resumable::accept(&mut r, &m(9), 8, 0),
-            Arrival::Gap { after: 6 }
-        );
-        assert_eq!(
-            Resumable::accept(&mut r, &m(8), 6, 0),
-            Arrival::Deliver { prev: 6 }
-        );
-        assert_eq!(
-            Resumable::accept(&mut r, &m(9), 8, 0),
-            Arrival::Deliver { prev: 8 }
-        );
+        assert_eq!(r.accept(&m(9), 8, 0), Arrival::Gap { after: 6 });
+        assert_eq!(r.accept(&m(8), 6, 0), Arrival::Deliver { prev: 6 });
+        assert_eq!(r.accept(&m(9), 8, 0), Arrival::Deliver { prev: 8 });
         // prev 0: the previous one was removed from the stream; nothing to fill.
-        assert_eq!(
-            Resumable::accept(&mut r, &m(12), 0, 0),
-            Arrival::Deliver { prev: 9 }
-        );
+        assert_eq!(r.accept(&m(12), 0, 0), Arrival::Deliver { prev: 9 });
     }
 
     #[test]

@@ -60,7 +60,38 @@ pub struct Ring {
     live_since: Option<u64>,
 }
 
+/// What to do with a live message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Deliver it; `prev` is the position delivered before it on this channel.
+    Deliver {
+        /// The previous delivered position.
+        prev: u64,
+    },
+    /// Already delivered (a duplicate, or read by a gap fill first).
+    Duplicate,
+    /// Messages before it were missed: read the stream after `after` first.
+    Gap {
+        /// The last position delivered.
+        after: u64,
+    },
+}
+
 impl Ring {
+    /// Classifies a live message and, when it is to be delivered, appends it.
+    pub fn accept(&mut self, m: &Stored, prev: u64, now: u64) -> Arrival {
+        let last = self.last_seen();
+        if m.seq <= last {
+            return Arrival::Duplicate;
+        }
+        let known = last.max(self.head());
+        if self.is_loaded() && prev > known {
+            return Arrival::Gap { after: last };
+        }
+        self.append(m.clone(), now);
+        Arrival::Deliver { prev: last }
+    }
+
     /// An empty, not yet loaded ring.
     pub fn new(limits: Limits) -> Self {
         Self {
