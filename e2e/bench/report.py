@@ -621,7 +621,8 @@ def doc(runs, summary, d, images, path, step_seconds):
     p("histogram, verdict and reason), `target/bench/summary.json`; plots copied to `docs/benchmarks/`. A before/after of")
     p("the relay alone: `e2e/bench/before-after.sh <old binary>` runs personal-10k, broadcast-1k and idle against the old")
     p("binary and the one built from the tree, trial after trial interleaved (three each), and `e2e/bench/compare.py` prints")
-    p("each figure's median and spread and flags the new binary where it is worse than the old one's worst trial.")
+    p("each figure's median and spread and flags the new binary where it is worse than the old one's worst trial")
+    p("(recorded runs: [before-after.md](before-after.md)).")
     p("")
     with open(path, "w") as f:
         f.write("\n".join(L))

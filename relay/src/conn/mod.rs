@@ -1,8 +1,7 @@
 //! One open connection, whatever its transport, and nothing else: its identity, its
 //! subscription map (this module holds the only code that changes it), its send queue
 //! ([`outbox`]), how it closes ([`close`]), and its write half ([`sink`]) with the one
-//! decision a fan-out makes per message: write now, or queue ([`Conn::deliver`], which the
-//! outbox decides).
+//! decision a fan-out makes per message: write now, or queue ([`Conn::deliver`]).
 
 pub mod close;
 pub mod outbox;
@@ -10,13 +9,13 @@ pub mod sink;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use serde_json::{Map, Value};
 
 use crate::metrics::Metrics;
-pub use outbox::Delivery;
-use outbox::{Frame, Outbox};
-use sink::SharedSink;
+use outbox::{Frame, Outbox, Push, Release};
+use sink::{SharedSink, Written};
 
 /// A connection's id, unique in the process.
 pub type ConnId = u64;
@@ -46,6 +45,15 @@ pub enum AddError {
     /// The connection holds `limits.maxSubscriptionsPerConnection` channels.
     #[error("too many subscriptions")]
     TooMany,
+}
+
+/// What became of a delivered frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written by the caller, at once.
+    Written,
+    /// Queued for the writer (or refused), as [`Push`] says.
+    Queued(Push),
 }
 
 impl Conn {
@@ -119,11 +127,48 @@ impl Conn {
     }
 
     /// Delivers a message frame: written at once when the writer is idle with nothing
-    /// queued and `direct` allows (the fan-out's choice), else queued
-    /// ([`Outbox::deliver`]).
+    /// queued and `direct` allows (the fan-out's choice), else queued. The frame's arrival
+    /// time stands for the clock (a due ping goes with it).
+    ///
+    /// A message for a connection whose queue is empty and whose writer is idle (nearly
+    /// every message of a personal channel) is written by the fan-out itself: one task
+    /// wake-up and one poll of the writer fewer per delivery. What cannot be written at once
+    /// stays in the sink's buffer, and the flush is handed to the writer. Order is kept by
+    /// the outbox: the fan-out writes only when nothing is queued and the writer holds
+    /// nothing it took (`Outbox::claim_direct`), and everything pushed meanwhile is queued
+    /// behind.
     pub fn deliver(&self, frame: Frame, direct: bool, metrics: &Metrics) -> Delivery {
-        let sink = self.sink.get().filter(|_| direct).map(|s| &**s);
-        self.outbox.deliver(frame, sink, metrics)
+        let outbox = &self.outbox;
+        let Some(sink) = self.sink.get().filter(|_| direct) else {
+            return Delivery::Queued(outbox.push_message(frame));
+        };
+        let received = frame.received;
+        let Some(ping) = outbox.claim_direct(received.unwrap_or_else(Instant::now)) else {
+            return Delivery::Queued(outbox.push_message(frame));
+        };
+        let (written, ping_owed) = sink.write_now(ping, frame.msg, outbox.waker());
+        match written {
+            Written::NotTaken(msg) => {
+                outbox.release_direct(Release::NotTaken, ping_owed);
+                Delivery::Queued(outbox.push_message(Frame { msg, ..frame }))
+            }
+            written => {
+                let how = match written {
+                    Written::Flushed => Release::Done,
+                    _ => Release::FlushOwed,
+                };
+                outbox.release_direct(how, ping_owed);
+                if !matches!(written, Written::Failed) {
+                    if let Some(t) = received {
+                        metrics
+                            .delivery_latency
+                            .observe(Instant::now().saturating_duration_since(t).as_secs_f64());
+                    }
+                    metrics.delivered.inc();
+                }
+                Delivery::Written
+            }
+        }
     }
 }
 
@@ -131,9 +176,7 @@ impl Conn {
 mod tests {
     use super::*;
     use crate::config::SlowConsumerPolicy;
-    use crate::conn::outbox::Push;
     use futures::StreamExt;
-    use std::time::Instant;
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::Role;

@@ -34,9 +34,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::close::Cause;
-use super::sink::{SharedSink, Written};
 use crate::config::SlowConsumerPolicy;
-use crate::metrics::{LimitHit, Metrics};
+use crate::metrics::LimitHit;
 
 /// One frame waiting to be written.
 #[derive(Debug)]
@@ -165,15 +164,6 @@ struct Inner {
     flush_owed: bool,
     /// When the next ping is due, and the interval (`start_pings`); `None` before.
     ping: Option<(Instant, std::time::Duration)>,
-}
-
-/// What became of a delivered frame ([`Outbox::deliver`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Written by the caller, at once.
-    Written,
-    /// Queued for the writer (or refused), as [`Push`] says.
-    Queued(Push),
 }
 
 /// How a fan-out's write (`Outbox::claim_direct`) ended.
@@ -491,54 +481,11 @@ impl Outbox {
         batch
     }
 
-    /// Delivers a message frame: written into `sink` at once when the writer is idle with
-    /// nothing queued (and a sink is given: the fan-out's choice), else queued.
-    ///
-    /// A message for a connection whose queue is empty and whose writer is idle (nearly
-    /// every message of a personal channel) is written by the fan-out itself: one task
-    /// wake-up and one poll of the writer fewer per delivery. What cannot be written at once
-    /// stays in the sink's buffer, and the flush is handed to the writer. Order is kept
-    /// here: the fan-out writes only when nothing is queued and the writer holds nothing it
-    /// took (`claim_direct`), and everything pushed meanwhile is queued behind. The frame's
-    /// arrival time stands for the clock (a due ping goes with it).
-    pub fn deliver(&self, frame: Frame, sink: Option<&SharedSink>, metrics: &Metrics) -> Delivery {
-        let Some(sink) = sink else {
-            return Delivery::Queued(self.push_message(frame));
-        };
-        let received = frame.received;
-        let Some(ping) = self.claim_direct(received.unwrap_or_else(Instant::now)) else {
-            return Delivery::Queued(self.push_message(frame));
-        };
-        let (written, ping_owed) = sink.write_now(ping, frame.msg, self.waker());
-        match written {
-            Written::NotTaken(msg) => {
-                self.release_direct(Release::NotTaken, ping_owed);
-                Delivery::Queued(self.push_message(Frame { msg, ..frame }))
-            }
-            written => {
-                let how = match written {
-                    Written::Flushed => Release::Done,
-                    _ => Release::FlushOwed,
-                };
-                self.release_direct(how, ping_owed);
-                if !matches!(written, Written::Failed) {
-                    if let Some(t) = received {
-                        metrics
-                            .delivery_latency
-                            .observe(Instant::now().saturating_duration_since(t).as_secs_f64());
-                    }
-                    metrics.delivered.inc();
-                }
-                Delivery::Written
-            }
-        }
-    }
-
     /// Claims the sink for a fan-out's write of one message: only when nothing is queued,
     /// the writer is idle, no other fan-out writes and no close was asked for. `Some(ping)`
     /// when claimed: `ping` says a ping is due (`now` stands for the clock) and goes with
     /// the message. Every claim is followed by a [`Outbox::release_direct`].
-    fn claim_direct(&self, now: Instant) -> Option<bool> {
+    pub fn claim_direct(&self, now: Instant) -> Option<bool> {
         let mut g = lock(&self.inner);
         if !g.writer_idle || g.direct || g.flush_owed || g.close.is_some() || !g.queue.is_empty() {
             return None;
@@ -549,7 +496,7 @@ impl Outbox {
 
     /// Ends a fan-out's write; wakes the writer when it has something to do. `ping_owed`:
     /// the claim's ping was not sent, and is due again.
-    fn release_direct(&self, how: Release, ping_owed: bool) {
+    pub fn release_direct(&self, how: Release, ping_owed: bool) {
         let mut g = lock(&self.inner);
         g.direct = false;
         if how == Release::FlushOwed {

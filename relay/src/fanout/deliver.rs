@@ -9,9 +9,8 @@ use std::time::Instant;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::entry::{SubjectEntry, read};
-use crate::conn::Conn;
-use crate::conn::outbox::Delivery;
 use crate::conn::outbox::{Frame, Push};
+use crate::conn::{Conn, Delivery};
 use crate::history::ring::Stored;
 use crate::metrics::Metrics;
 use crate::protocol::{encode_message, encode_message_at};

@@ -10,15 +10,18 @@
 //!   fills, paced replays;
 //! - [`deliver`]: the fan-out to the subscribers.
 //!
-//! The path of a message on a resumable channel, from NATS to the socket, each file entered
-//! once: `fanout/mod.rs` (the subject's task takes it from the NATS subscription) →
+//! The path of a message on a resumable channel, from NATS to the socket:
+//! `fanout/mod.rs` (the subject's task takes it from the NATS subscription) →
 //! `fanout/resumable.rs` (`Hub::deliver`: its position; `offer` locks the channel's ring,
 //! `history/mod.rs`, and asks it, `history/ring.rs` `Ring::accept`: next, duplicate or gap)
 //! → `fanout/deliver.rs` (`fan_out_at`: encoded once per channel, then per subscriber) →
-//! `conn/mod.rs` (`Conn::deliver`) → `conn/outbox.rs` (`Outbox::deliver`: written at once
-//! through `conn/sink.rs` when the connection's writer is idle, else queued). A queued
-//! frame is then taken by `session/writer.rs` and written to the sink. A plain channel's
-//! message skips `resumable.rs` and `history/`.
+//! `conn/mod.rs` (`Conn::deliver`: when the connection's writer is idle with nothing queued,
+//! `conn/outbox.rs` grants the write, `conn/sink.rs` writes it at once, and the outbox is
+//! told how it went; else the outbox queues it). A queued frame is then taken by
+//! `session/writer.rs` and written to the sink. Each file is entered once, none from a file
+//! it called; only the outbox is asked twice, by `Conn::deliver`, before and after the
+//! write (one outbox call wrapping the write cost more CPU per delivery: see
+//! docs/before-after.md). A plain channel's message skips `resumable.rs` and `history/`.
 
 pub mod deliver;
 pub mod entry;
