@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, KeyLoadError};
 use crate::authz::Authorizer;
 use crate::config::Config;
 use crate::conn::outbox::{Outbox, QueueBudget};
@@ -27,6 +27,17 @@ pub struct Settings {
     pub authz: Arc<Authorizer>,
     /// Its authentication settings and keys.
     pub authn: Arc<Authenticator>,
+}
+
+impl Settings {
+    /// Compiles `config`'s bindings and loads its keys.
+    pub fn new(config: Config) -> Result<Self, KeyLoadError> {
+        Ok(Self {
+            authn: Arc::new(Authenticator::new(&config.auth)?),
+            authz: Arc::new(Authorizer::new(&config.bindings)),
+            config: Arc::new(config),
+        })
+    }
 }
 
 /// Shared state of a running relay.
@@ -177,11 +188,7 @@ impl Relay {
             .expect("a client that retries");
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(client, metrics.clone(), 1 << 20));
-        let settings = Settings {
-            authz: Arc::new(Authorizer::new(&config.bindings)),
-            authn: Arc::new(Authenticator::new(&config.auth).expect("keys")),
-            config: Arc::new(config),
-        };
+        let settings = Settings::new(config).expect("keys");
         Arc::new(Self::new(
             settings,
             hub,

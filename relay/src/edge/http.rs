@@ -9,6 +9,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::admit::Refusal;
 use crate::metrics::Metrics;
+use crate::state::Relay;
 
 /// The TCP peer of the connection a request came on (a request extension).
 #[derive(Debug, Clone, Copy)]
@@ -39,21 +40,33 @@ pub fn request_id(headers: &HeaderMap) -> String {
 }
 
 /// A refusal answered with its HTTP status (and `Retry-After` when retrying may help),
-/// counted under its label.
+/// counted under its label. One request per connection: closed after a refusal, so that only
+/// a stalled handshake ever meets the handshake timeout.
 pub fn refuse(metrics: &Metrics, refusal: &Refusal) -> Response {
     let (status, reason) = (refusal.status(), refusal.label());
     metrics.refuse(reason);
     tracing::debug!(status = status.as_u16(), reason, "handshake refused");
-    let mut resp = (status, reason).into_response();
-    // One request per connection: close after a refusal, so that only a stalled
-    // handshake ever meets the handshake timeout.
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    let mut resp = answer(status, reason);
     if let Some(s) = refusal.retry_after() {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
     resp
+}
+
+/// The close code a refusal is answered with after the upgrade (WebSocket) or in a `close`
+/// event (SSE), when `auth.refuseAfterUpgrade` is on and the refusal has one; counted then.
+/// `None`: answer with the HTTP status ([`refuse`]).
+pub fn refused_after_upgrade(relay: &Relay, refusal: &Refusal) -> Option<u16> {
+    let on = relay.settings().config.auth.refuse_after_upgrade;
+    let code = refusal.close_code().filter(|_| on)?;
+    relay.metrics.refuse(refusal.label());
+    tracing::debug!(
+        close = code,
+        reason = refusal.label(),
+        "refused after the upgrade"
+    );
+    Some(code)
 }
 
 /// Whether a comma-separated header holds `token` (case-insensitive).

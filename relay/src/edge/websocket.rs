@@ -23,7 +23,9 @@ use tracing::Instrument;
 
 use super::Edge;
 use super::admit::{Asking, Refusal, admit};
-use super::http::{Peer, REQUEST_ID_HEADER, header_has_token, refuse, request_id};
+use super::http::{
+    Peer, REQUEST_ID_HEADER, header_has_token, refuse, refused_after_upgrade, request_id,
+};
 use crate::auth::TokenVia;
 use crate::config::Limits;
 use crate::protocol::SUBPROTOCOL;
@@ -129,16 +131,9 @@ async fn handshake(edge: Arc<Edge>, mut req: Request, span: tracing::Span) -> Re
 /// subscribe and is not in `wsrelay_connections`.
 fn refuse_ws(edge: &Edge, req: &mut Request, refusal: &Refusal, offers_ours: bool) -> Response {
     let relay = &edge.relay;
-    let after_upgrade = relay.settings().config.auth.refuse_after_upgrade;
-    let Some(code) = refusal.close_code().filter(|_| after_upgrade) else {
+    let Some(code) = refused_after_upgrade(relay, refusal) else {
         return refuse(&relay.metrics, refusal);
     };
-    relay.metrics.refuse(refusal.label());
-    tracing::debug!(
-        close = code,
-        reason = refusal.label(),
-        "handshake refused after the upgrade"
-    );
     let text = refusal.text();
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let config = ws_config(&relay.settings().config.limits);

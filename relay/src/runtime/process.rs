@@ -9,8 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::auth::{Authenticator, KeyLoadError};
-use crate::authz::Authorizer;
+use crate::auth::KeyLoadError;
 use crate::config::Config;
 use crate::edge::Edge;
 use crate::edge::tls::{TlsAcceptor, TlsError};
@@ -87,7 +86,9 @@ const LISTEN_BACKLOG: u32 = 65_535;
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let connected = Arc::new(AtomicBool::new(false));
-    let authn = Authenticator::new(&config.auth)?;
+    // Keys first: a relay that cannot verify tokens does not connect to anything.
+    let settings = Settings::new(config)?;
+    let config = settings.config.clone();
     let tls = match &config.tls {
         Some(t) => Some(TlsAcceptor::new(crate::edge::tls::load(
             &t.cert_file,
@@ -117,12 +118,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             addr: config.listen.admin,
             source,
         })?;
-    let live = Settings {
-        authz: Arc::new(Authorizer::new(&config.bindings)),
-        authn: Arc::new(authn),
-        config: Arc::new(config),
-    };
-    let relay = Arc::new(Relay::new(live, hub, metrics, connected));
+    let relay = Arc::new(Relay::new(settings, hub, metrics, connected));
     let edge = Arc::new(Edge::new(relay.clone()));
     // What the NATS connection reports: refused subscriptions end the hub's entries for
     // those subjects; a reconnection makes resumable channels read what they missed.

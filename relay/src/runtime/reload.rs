@@ -11,8 +11,7 @@ use std::sync::Arc;
 
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::auth::Authenticator;
-use crate::authz::{Authorizer, Operation};
+use crate::authz::Operation;
 use crate::config::Config;
 use crate::edge::Edge;
 use crate::fanout::Target;
@@ -48,8 +47,8 @@ pub fn reload(relay: &Arc<Relay>, edge: &Edge, path: &Path) -> Result<usize, Rel
 }
 
 fn reload_inner(relay: &Arc<Relay>, edge: &Edge, path: &Path) -> Result<usize, ReloadError> {
-    let new = Config::load(path)?;
-    let authn = Authenticator::new(&new.auth)?;
+    let settings = Settings::new(Config::load(path)?)?;
+    let new = settings.config.clone();
     let old = relay.settings();
     if new.listen != old.config.listen || new.nats != old.config.nats || new.tls != old.config.tls {
         tracing::warn!("listen, nats and tls changes take effect at the next restart");
@@ -57,12 +56,8 @@ fn reload_inner(relay: &Arc<Relay>, edge: &Edge, path: &Path) -> Result<usize, R
     edge.admission
         .slots
         .set_max(new.limits.max_connections as usize);
-    let authz = Arc::new(Authorizer::new(&new.bindings));
-    relay.swap_settings(Settings {
-        config: Arc::new(new),
-        authz: authz.clone(),
-        authn: Arc::new(authn),
-    });
+    let authz = settings.authz.clone();
+    relay.swap_settings(settings);
     let mut ended = 0;
     for conn in relay.connections() {
         let gone: Vec<(String, String)> = conn

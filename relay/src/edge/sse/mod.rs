@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Edge;
 use super::admit::{Asking, Refusal, admit};
-use super::http::{Peer, StreamHandoff, refuse};
+use super::http::{Peer, StreamHandoff, refuse, refused_after_upgrade};
 use crate::conn::Conn;
 use crate::conn::close::Cause;
 use crate::state::Relay;
@@ -137,11 +137,9 @@ fn stream_response(rx: mpsc::Receiver<Bytes>, gone: CancellationToken) -> Respon
 /// only a `close` event with the 4xxx code and a readable reason (EventSource cannot read a
 /// status either).
 fn refuse_stream(relay: &Relay, refusal: &Refusal) -> Response {
-    let after_upgrade = relay.settings().config.auth.refuse_after_upgrade;
-    let Some(code) = refusal.close_code().filter(|_| after_upgrade) else {
+    let Some(code) = refused_after_upgrade(relay, refusal) else {
         return refuse(&relay.metrics, refusal);
     };
-    relay.metrics.refuse(refusal.label());
     let (tx, rx) = mpsc::channel(1);
     let _ = tx.try_send(close_event(code, refusal.text()));
     stream_response(rx, CancellationToken::new())
