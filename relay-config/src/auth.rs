@@ -37,6 +37,10 @@ pub struct Auth {
     /// and is not counted in `wsrelay_connections`. Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refuse_after_upgrade: bool,
+    /// The connect step: ask the application's backend, after the token is verified and
+    /// before the upgrade, whether this identity may connect (docs/protocol.md section 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_request: Option<super::BackendRequest>,
 }
 
 impl Default for Auth {
@@ -47,6 +51,7 @@ impl Default for Auth {
             allowed_origins: Vec::new(),
             allow_anonymous: false,
             refuse_after_upgrade: false,
+            connect_request: None,
         }
     }
 }
@@ -256,6 +261,30 @@ impl Config {
         if let Some(jwt) = &auth.jwt {
             validate_jwt(jwt, errs);
         }
+    }
+}
+
+/// [`validate_jwt`] for a key set at `prefix` (a binding's subscription-token keys): the
+/// same checks, naming the fields under `prefix`.
+pub(super) fn validate_jwt_at(prefix: &str, jwt: &Jwt, errs: &mut Vec<ValidationError>) {
+    let mut found = Vec::new();
+    validate_jwt(jwt, &mut found);
+    let rename = |f: &mut String| {
+        if let Some(rest) = f.strip_prefix("auth.jwt") {
+            *f = format!("{prefix}{rest}");
+        }
+    };
+    for mut e in found {
+        match &mut e {
+            ValidationError::Required { field } | ValidationError::Invalid { field, .. } => {
+                rename(field)
+            }
+            ValidationError::Conflict { field, other, .. } => {
+                rename(field);
+                rename(other);
+            }
+        }
+        errs.push(e);
     }
 }
 

@@ -52,6 +52,11 @@ pub struct Binding {
     /// Absent: messages are delivered only while a client is connected (at most once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<History>,
+    /// Who may use the binding's channels beyond what the templates decide: a subscription
+    /// token, a CEL rule, a backend request (docs/protocol.md section 3). Absent: anyone
+    /// the templates admit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorize: Option<super::Authorize>,
 }
 
 /// The history of a resumable binding: a NATS JetStream stream that captures the binding's

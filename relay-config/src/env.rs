@@ -94,6 +94,7 @@ impl Config {
                 subject: "public.{topic}".to_owned(),
                 direction: Direction::Subscribe,
                 history: None,
+                authorize: None,
             }],
             limits: Limits::default(),
             drain: Drain::default(),

@@ -26,6 +26,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 mod auth;
+mod authorize;
 mod bindings;
 mod env;
 mod limits;
@@ -35,10 +36,12 @@ mod load;
 mod nats;
 #[cfg(feature = "pem")]
 pub mod pem;
+pub mod rule;
 pub mod template;
 
 pub use crate::template::{TemplateError, TemplateToken, parse_subject_template, parse_template};
 pub use auth::*;
+pub use authorize::*;
 pub use bindings::*;
 pub use env::*;
 pub use limits::*;
@@ -149,6 +152,7 @@ impl Config {
         self.validate_nats(&mut errs);
         self.validate_auth(&mut errs);
         self.validate_bindings(&mut errs);
+        self.validate_authorize(&mut errs);
         self.validate_limits(&mut errs);
         if self.drain.grace_period_seconds == 0 {
             errs.push(ValidationError::invalid(

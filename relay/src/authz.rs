@@ -320,6 +320,7 @@ mod tests {
             subject: subject.into(),
             direction,
             history: None,
+            authorize: None,
         }
     }
 

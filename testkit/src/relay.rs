@@ -32,6 +32,7 @@ pub fn binding(channel: &str, subject: &str, direction: Direction) -> Binding {
         subject: subject.into(),
         direction,
         history: None,
+        authorize: None,
     }
 }
 

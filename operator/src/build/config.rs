@@ -271,6 +271,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             allowed_origins: spec.auth.allowed_origins.clone(),
             allow_anonymous: spec.auth.allow_anonymous,
             refuse_after_upgrade: spec.auth.refuse_after_upgrade,
+            connect_request: None,
         },
         bindings: spec
             .bindings
@@ -296,6 +297,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                     max_bytes: u64::try_from(h.max_bytes.max(0)).unwrap_or(0),
                     replicas: u8::try_from(h.replicas).unwrap_or(1),
                 }),
+                authorize: None,
             })
             .collect(),
         limits: relay::Limits {
