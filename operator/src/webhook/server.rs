@@ -189,6 +189,12 @@ async fn handle(body: Bytes) -> Response {
 mod tests {
     use super::*;
     use clap::Parser;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::process::Command;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -221,5 +227,174 @@ mod tests {
         assert_eq!(on.key, Path::new("/tls/tls.key"));
         // A certificate directory without an address is a mistake, not silently ignored.
         assert!(Cli::try_parse_from(["x", "--webhook-cert-dir", "/tls"]).is_err());
+    }
+
+    /// `openssl` (as e2e/src/pki.rs and e2e/cluster/pki.sh make test certificates): a CA and a
+    /// serving certificate for 127.0.0.1 in `dir` (ca.crt, tls.crt, tls.key).
+    fn certificates(dir: &Path) {
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(dir)
+                .args(args)
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=test-ca",
+            "-days",
+            "1",
+        ]);
+        openssl(&ca);
+        let mut csr = vec!["req"];
+        csr.extend(ec);
+        csr.extend([
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        openssl(&csr);
+        std::fs::write(
+            dir.join("tls.ext"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+        )
+        .expect("write");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "tls.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "tls.ext",
+        ]);
+    }
+
+    /// One HTTP/1.1 request over TLS, verified against `ca`; the whole response.
+    async fn https(addr: SocketAddr, ca: &Path, request: String) -> String {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).expect("ca.crt") {
+            roots.add(c.expect("a certificate")).expect("added");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::IpAddress(addr.ip().into());
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("the certificate verifies for 127.0.0.1");
+        tls.write_all(request.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
+            .await
+            .expect("an answer in time")
+            .ok();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn post(body: &str) -> String {
+        format!(
+            "POST /validate-websocketgateway HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// The server end to end on a real socket: TLS with the certificate from the directory,
+    /// an AdmissionReview in and out, a 400 for a body that is none, and a clean stop.
+    #[tokio::test]
+    async fn answers_admission_reviews_over_https_and_stops_on_shutdown() {
+        let dir = std::env::temp_dir().join(format!("wsrelay-webhook-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        certificates(&dir);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_on(
+            listener,
+            WebhookConfig::new(addr, &dir),
+            shutdown.clone(),
+        ));
+
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1",
+                "kind": {"group": "wsrelay.dev", "version": "v1alpha1", "kind": "WebsocketGateway"},
+                "resource": {"group": "wsrelay.dev", "version": "v1alpha1", "resource": "websocketgateways"},
+                "name": "chat", "namespace": "apps", "operation": "CREATE",
+                "userInfo": {"username": "admin"},
+                "object": {
+                    "apiVersion": "wsrelay.dev/v1alpha1", "kind": "WebsocketGateway",
+                    "metadata": {"name": "chat", "namespace": "apps"},
+                    "spec": {"bindings": [{"channel": "rooms.{room}", "subject": "rooms.{room}",
+                        "authorize": {"rule": "vars.room in claims.rooms ||"}}]},
+                },
+            },
+        });
+        let out = https(addr, &dir.join("ca.crt"), post(&review.to_string())).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let answer: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(answer["kind"], "AdmissionReview");
+        assert_eq!(answer["response"]["uid"], "u-1");
+        assert_eq!(answer["response"]["allowed"], false);
+        let message = answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            message.starts_with("spec.bindings[0].authorize.rule: line 1, column "),
+            "{message}"
+        );
+
+        let out = https(addr, &dir.join("ca.crt"), post("{}")).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("stops on shutdown")
+            .expect("task")
+            .expect("served without error");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
