@@ -52,9 +52,9 @@ pub fn review(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     if faults.is_empty() {
         return response;
     }
-    // No code or reason: the API server answers 400 with "admission webhook ... denied the
-    // request: " and the message. (A 422 or reason `Invalid` without field causes makes
-    // kubectl print only "The request is invalid", losing the message.)
+    // No code or reason: the API server answers 400 (BadRequest) with "admission webhook
+    // "websocketgateways.wsrelay.dev" denied the request: " and the message, which kubectl
+    // prints as it is.
     response.deny(faults.join("\n"))
 }
 
