@@ -52,7 +52,7 @@ pub fn review(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     if faults.is_empty() {
         return response;
     }
-    // No code or reason: the API server answers 400 (BadRequest) with "admission webhook
+    // No code or reason: the API server answers 400 with "admission webhook
     // "websocketgateways.wsrelay.dev" denied the request: " and the message, which kubectl
     // prints as it is.
     response.deny(faults.join("\n"))
