@@ -56,7 +56,20 @@ kubectl get apiservice v1beta2.custom.metrics.k8s.io
 say "Applying examples/gateway.yaml in namespace $ns (NATS for pods: $pods_nats)"
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f -
 kubectl label namespace "$ns" "$demo_label" --overwrite >/dev/null
-sed "s#nats://127.0.0.1:14222#$pods_nats#" examples/gateway.yaml | kubectl apply -n "$ns" -f -
+# The chart's admission webhook (failurePolicy Fail) answers once the API server has its
+# endpoints, a moment after `helm --wait`: retry "failed calling webhook", bounded.
+gateway=$(sed "s#nats://127.0.0.1:14222#$pods_nats#" examples/gateway.yaml)
+for attempt in $(seq 1 30); do
+	if out=$(kubectl apply -n "$ns" -f - <<<"$gateway" 2>&1); then
+		echo "$out"
+		break
+	fi
+	if [[ $out != *"failed calling webhook"* || $attempt == 30 ]]; then
+		echo "$out" >&2
+		exit 1
+	fi
+	sleep 2
+done
 kubectl wait -n "$ns" wsgw/chat --for=condition=Ready --timeout=300s
 kubectl get wsgw,deploy,pods,svc,hpa -n "$ns" -l app.kubernetes.io/instance=chat -o wide
 
