@@ -959,3 +959,56 @@ test("backend data: welcome.data in connected and client.server, the subscribe o
   ws.push({ type: "error", id: ws.last("publish").id, code: 403, reason: "no binding" });
   await assert.rejects(q, (e) => e.code === 403 && e.appCode === undefined);
 });
+
+test("refresh failures, connection and subscription alike: a throwing function is retried while time is left; a token that expires no later is not sent", async () => {
+  // Connection token, 100 s: refresh at 80 s; getToken throws; retried at min(5 s, left / 2).
+  let mode = "ok";
+  let n = 0;
+  const t = setup({
+    getToken: async () => {
+      if (mode === "throw" && n > 0) throw new Error("idp down");
+      const exp = mode === "same" ? first : Math.floor(t.clock.now() / 1000) + 100;
+      n++;
+      return fakeJwt({ sub: "alice", n, exp });
+    },
+  });
+  const first = Math.floor(t.clock.now() / 1000) + 100;
+  const ws = await connected(t);
+  mode = "throw";
+  await t.clock.advance(80_000);
+  let e = t.named("error").at(-1);
+  assert.deepEqual([e.kind, e.error.code], ["refresh", "token"]);
+  assert.match(e.error.reason, /getToken failed: Error: idp down/);
+  assert.equal(ws.ofType("refresh").length, 0);
+  mode = "same"; // a token with the same exp: nothing newer
+  await t.clock.advance(5_000);
+  e = t.named("error").at(-1);
+  assert.match(e.error.reason, /getToken returned no token that expires later than the current one/);
+  assert.equal(ws.ofType("refresh").length, 0, "not sent");
+  assert.equal(t.named("error").length, 2);
+  assert.equal(t.client.state, "connected");
+
+  // The same two outcomes for a subscription token, by the same code.
+  let subMode = "ok";
+  let subFirst;
+  const s = setup({ tokenLifetimeS: 10_000 });
+  const sws = await connected(s);
+  s.client.subscribe("orders.42", {
+    getToken: async (channel) => {
+      if (subMode === "throw") throw new Error("down");
+      const exp = subMode === "same" ? subFirst : Math.floor(s.clock.now() / 1000) + 100;
+      subFirst ??= exp;
+      return fakeJwt({ sub: "alice", channel, exp });
+    },
+  });
+  await flush();
+  sws.ok("subscribe");
+  subMode = "throw";
+  await s.clock.advance(80_000);
+  assert.match(s.named("error").at(-1).error.reason, /getSubscriptionToken\(orders\.42\) failed: Error: down/);
+  subMode = "same";
+  await s.clock.advance(5_000);
+  assert.match(s.named("error").at(-1).error.reason, /getSubscriptionToken\(orders\.42\) returned no token that expires later/);
+  assert.deepEqual(s.named("error").map((x) => x.kind), ["subrefresh", "subrefresh"]);
+  assert.equal(sws.ofType("subrefresh").length, 0);
+});
