@@ -28,6 +28,11 @@ if (missing.length && process.env.WSRELAY_REQUIRE_BROWSER === "1")
   throw new Error(`browser tests need ${missing.join(", ")}`);
 const skip = missing.length ? `missing ${missing.join(", ")}` : false;
 
+// WAITING: the relay side of subscription tokens (issue 25) is not on main yet; a relay of
+// 1117c40 ignores `authorize.token` and refuses `subscribe`'s `token` field (400), so these
+// tests fail against it. They run and report as TODO (never as passing) until then.
+const todo = "waiting for the relay's subscription tokens (issue 25) on main";
+
 // Lifetime of the short subscription tokens, in seconds: the SDK refreshes at 80% of the time
 // left but at least 5 s before exp, so an 8 s token (7-8 s left when issued, exp is in whole
 // seconds) is replaced after 2-3 s.
@@ -88,7 +93,7 @@ describe("subscription tokens (authorize.token) in headless Chromium against a r
   const fast = { minReconnectDelayMs: 100, maxReconnectDelayMs: 300 };
 
   for (const transport of ["websocket", "sse"]) {
-    test(`${transport}: without a subscription token 403; with one subscribed and receiving`, async () => {
+    test(`${transport}: without a subscription token 403; with one subscribed and receiving`, { todo }, async () => {
       const { page, api } = await newPage(transport === "sse");
       const name = `${transport}-basic`;
       try {
@@ -118,7 +123,7 @@ describe("subscription tokens (authorize.token) in headless Chromium against a r
       }
     });
 
-    test(`${transport}: a short-lived subscription token is refreshed with subrefresh; messages arrive past its exp`, async () => {
+    test(`${transport}: a short-lived subscription token is refreshed with subrefresh; messages arrive past its exp`, { todo }, async () => {
       const { page, api } = await newPage(transport === "sse");
       const name = `${transport}-refresh`;
       const control = `${transport}-norefresh`;
@@ -171,7 +176,7 @@ describe("subscription tokens (authorize.token) in headless Chromium against a r
     });
   }
 
-  test("publish on a binding with authorize.token: 403 without a token, ok with one", async () => {
+  test("publish on a binding with authorize.token: 403 without a token, ok with one", { todo }, async () => {
     const { page, api } = await newPage(false);
     const name = "publisher";
     try {
