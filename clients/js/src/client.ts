@@ -398,7 +398,12 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     return this.clock.now() - start;
   }
 
-  /** Refreshes the token in band now (normally scheduled by itself before expiry). */
+  /**
+   * Refreshes the token in band now (normally scheduled by itself before expiry): sends any
+   * token from `getToken` other than the current one, also one that does not expire later,
+   * e.g. with new claims (the relay then checks every subscription again under them, and ends
+   * the ones no longer allowed with `forbidden`).
+   */
   async refreshTokenNow(): Promise<void> {
     await this.refreshInBand(true);
   }
@@ -743,6 +748,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     const r = await refreshOnce({
       source: "getToken",
       current: this.token,
+      requireLater: !byApp,
       fetch: getToken,
       send: (token) => this.request({ type: "refresh", token }),
       live: () => conn === this.conn,
@@ -1088,6 +1094,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     const r = await refreshOnce({
       source: `getSubscriptionToken(${sub.channel})`,
       current: sub._token,
+      requireLater: true,
       fetch: () => source(sub.channel),
       send: (token) => this.request({ type: "subrefresh", channel: sub.channel, token }),
       live,

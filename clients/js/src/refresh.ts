@@ -53,6 +53,12 @@ export interface RefreshStep {
   source: string;
   /** The token in use now. */
   current: string | null | undefined;
+  /**
+   * Send only a token that expires later than `current` (the scheduled refresh: a token that
+   * does not would be refreshed again at once). False (the app asked, e.g. for new claims):
+   * any token other than `current`.
+   */
+  requireLater: boolean;
   /** Asks the app for a new token. */
   fetch(): Promise<string | null | undefined>;
   /** Sends the new token; resolves with the relay's `ok`, rejects with its error. */
@@ -67,7 +73,7 @@ export type RefreshResult =
   | { kind: "ok"; token: string; expiresAt: number | undefined }
   /** The app's function threw; `retryInMs`: try again then (there is time left before `exp`). */
   | { kind: "fetch_failed"; error: WsrelayError; retryInMs: number | undefined }
-  /** The app gave no token that expires later than the current one: nothing was sent. */
+  /** The app gave no token that expires later than the current one (or none other than it): nothing was sent. */
   | { kind: "stale"; error: WsrelayError }
   /** The relay refused the new token (its `error`), or the request failed (timeout, disconnected). */
   | { kind: "refused"; error: WsrelayError; token: string }
@@ -93,7 +99,9 @@ export async function refreshOnce(step: RefreshStep): Promise<RefreshResult> {
   }
   if (!step.live()) return { kind: "gone", token: next ?? undefined };
   const newExp = next ? jwtExpiryMs(next) : undefined;
-  if (!next || (oldExp !== undefined && (newExp === undefined || newExp <= oldExp)))
+  if (!next || next === current)
+    return { kind: "stale", error: new WsrelayError("token", `${step.source} returned no new token`) };
+  if (step.requireLater && oldExp !== undefined && (newExp === undefined || newExp <= oldExp))
     return {
       kind: "stale",
       error: new WsrelayError("token", `${step.source} returned no token that expires later than the current one`),

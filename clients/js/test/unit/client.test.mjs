@@ -991,6 +991,7 @@ test("refresh failures, connection and subscription alike: a throwing function i
   // The same two outcomes for a subscription token, by the same code.
   let subMode = "ok";
   let subFirst;
+  let subN = 0;
   const s = setup({ tokenLifetimeS: 10_000 });
   const sws = await connected(s);
   s.client.subscribe("orders.42", {
@@ -998,7 +999,7 @@ test("refresh failures, connection and subscription alike: a throwing function i
       if (subMode === "throw") throw new Error("down");
       const exp = subMode === "same" ? subFirst : Math.floor(s.clock.now() / 1000) + 100;
       subFirst ??= exp;
-      return fakeJwt({ sub: "alice", channel, exp });
+      return fakeJwt({ sub: "alice", channel, exp, n: ++subN });
     },
   });
   await flush();
@@ -1011,4 +1012,23 @@ test("refresh failures, connection and subscription alike: a throwing function i
   assert.match(s.named("error").at(-1).error.reason, /getSubscriptionToken\(orders\.42\) returned no token that expires later/);
   assert.deepEqual(s.named("error").map((x) => x.kind), ["subrefresh", "subrefresh"]);
   assert.equal(sws.ofType("subrefresh").length, 0);
+});
+
+test("refreshTokenNow(): sends a new token even when it expires no later (new claims); not the same token again", async () => {
+  let claims = { rooms: ["1", "2"] };
+  const exp = Math.floor(Date.now() / 1000) + 600; // every token: the same exp
+  const t = setup({ getToken: async () => fakeJwt({ sub: "alice", exp, ...claims }) });
+  const ws = await connected(t);
+  claims = { rooms: ["1"] };
+  const p = t.client.refreshTokenNow();
+  await flush();
+  const r = ws.last("refresh");
+  assert.ok(r, "sent: the app asked for it (the relay re-checks subscriptions under the new claims)");
+  assert.equal(r.token, fakeJwt({ sub: "alice", exp, rooms: ["1"] }));
+  ws.ok("refresh");
+  await p;
+  assert.equal(t.named("token").length, 1);
+  // The same token again: nothing to send.
+  await assert.rejects(t.client.refreshTokenNow(), (e) => e.code === "token" && /no new token/.test(e.reason));
+  assert.equal(ws.ofType("refresh").length, 1);
 });
