@@ -3,7 +3,9 @@
 // subscribe without a subscription token is refused with 403, one with a token receives; a
 // short-lived token is replaced with `subrefresh` before its `exp` and the subscription keeps
 // receiving past it (while a client that does not refresh is ended with `expired` by the relay
-// and subscribes again with a new token); a publish on the binding needs a token too.
+// and subscribes again with a new token); a publish on the binding needs a token too; and a
+// connection `refresh` whose new claims no longer allow a subscription (a CEL rule) ends it
+// with `forbidden`, for good, while the others go on.
 // Same needs and skip rules as browser.test.mjs.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -45,7 +47,10 @@ describe("subscription tokens (authorize.token) in headless Chromium against a r
       natsUrl: nats.url,
       origin: pages.origin,
       name: "authz",
-      bindings: [{ channel: "secure.{id}", subject: "secure.{id}", direction: "both", authorize: { token: {} } }],
+      bindings: [
+        { channel: "secure.{id}", subject: "secure.{id}", direction: "both", authorize: { token: {} } },
+        { channel: "rooms.{room}", subject: "rooms.{room}", direction: "subscribe", authorize: { rule: "vars.room in claims.rooms" } },
+      ],
     });
   });
 
@@ -168,6 +173,45 @@ describe("subscription tokens (authorize.token) in headless Chromium against a r
       } finally {
         await api.closeClient(name);
         await api.closeClient(control);
+        await page.close();
+      }
+    });
+  }
+
+  for (const transport of ["websocket", "sse"]) {
+    test(`${transport}: a refresh whose claims drop a room ends that subscription with 'forbidden'; the others go on`, async () => {
+      const { page, api } = await newPage(transport === "sse");
+      const name = `${transport}-rooms`;
+      try {
+        await api.open(name, url(), "erin", { claims: { rooms: ["1", "2"] }, options: fast });
+        await api.waitLog("connected", name, "connected", 1, 20_000);
+        await api.subscribe(name, "rooms.1");
+        await api.subscribe(name, "rooms.2");
+        await api.subscribe(name, "rooms.3");
+        await api.waitSubscribed(name, "rooms.1", 1);
+        await api.waitSubscribed(name, "rooms.2", 1);
+        const [refused] = await api.waitLog("rooms.3 refused", name, "sub-unsubscribed", 1, 10_000, (e) => e.channel === "rooms.3");
+        assert.deepEqual([refused.code, refused.reason], [403, "denied by rule"]);
+        await roundTrip(api, name, "rooms.2", { room: 2 });
+
+        await api.setClaims(name, { rooms: ["1"] });
+        assert.deepEqual(await api.refreshNow(name), { ok: true });
+        const [ended] = await api.waitLog("rooms.2 forbidden", name, "sub-unsubscribed", 1, 10_000, (e) => e.channel === "rooms.2");
+        assert.deepEqual([ended.reason, ended.byRelay], ["forbidden", true]);
+        await roundTrip(api, name, "rooms.1", { room: 1, after: "refresh" });
+        const before = (await api.messages(name, "rooms.2")).length;
+        nc.publish("rooms.2", { room: 2, after: "refresh" });
+        await nc.flush();
+        await roundTrip(api, name, "rooms.1", { room: 1, fence: true }); // published after it: rooms.2's would have come
+        assert.equal((await api.messages(name, "rooms.2")).length, before, "nothing more on rooms.2");
+        assert.deepEqual(
+          (await api.log(name, "sub-subscribing")).filter((e) => e.channel === "rooms.2"),
+          [],
+          "not subscribed again",
+        );
+        assert.equal((await api.log(name, "connected")).length, 1, "one connection throughout");
+      } finally {
+        await api.closeClient(name);
         await page.close();
       }
     });

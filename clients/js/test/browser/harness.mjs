@@ -189,9 +189,10 @@ export function signJwt(claims) {
   return `${head}.${body}.${sig}`;
 }
 
-export function token(sub, ttlSeconds) {
+/** A connection token; `extra`: more claims (e.g. `{ rooms: ["1"] }` for a binding's rule). */
+export function token(sub, ttlSeconds, extra = {}) {
   const now = Math.floor(Date.now() / 1000);
-  return signJwt({ sub, iss: "https://issuer.test", aud: "wsrelay", iat: now, exp: now + ttlSeconds });
+  return signJwt({ ...extra, sub, iss: "https://issuer.test", aud: "wsrelay", iat: now, exp: now + ttlSeconds });
 }
 
 /** A subscription token (docs/protocol.md section 3, `authorize.token`) for one channel. */
@@ -399,9 +400,10 @@ export async function startPageServer() {
     if (url.pathname === "/token") {
       const sub = url.searchParams.get("sub") ?? "alice";
       const ttl = Number(url.searchParams.get("ttl") ?? "600");
-      tokenRequests.push({ sub, ttl, at: Date.now() });
+      const claims = JSON.parse(url.searchParams.get("claims") ?? "{}");
+      tokenRequests.push({ sub, ttl, claims, at: Date.now() });
       res.writeHead(200, { "content-type": "text/plain", "cache-control": "no-store" });
-      res.end(token(sub, ttl));
+      res.end(token(sub, ttl, claims));
       return;
     }
     if (url.pathname === "/") {
@@ -484,6 +486,10 @@ export function pageApi(page) {
     publish: (name, channel, payload, opts = {}) =>
       page.evaluate(([n, c, p, o]) => window.publish(n, c, p, o), [name, channel, payload, opts]),
     closeClient: (name) => page.evaluate((n) => window.closeClient(n), name),
+    /** The claims the page asks its token endpoint to add to the client's next tokens. */
+    setClaims: (name, claims) => page.evaluate(([n, c]) => window.setClaims(n, c), [name, claims]),
+    /** `client.refreshTokenNow()`: `{ ok }` or `{ ok: false, code, reason }`. */
+    refreshNow: (name) => page.evaluate((n) => window.refreshNow(n), name),
   };
   return api;
 }
