@@ -1,7 +1,7 @@
 /**
  * In-band token refresh, one code path for the connection's token (`refresh`) and each
  * subscription token (`subrefresh`): when to refresh (a timer before `exp`), and one refresh
- * (ask the app for a token, check it expires later, send it). What a failure means differs
+ * (ask the app for a token, check it is new, send it). What a failure means differs
  * (a refused connection token reconnects; a refused subscription token lets the subscription
  * run until it expires and then subscribes anew), so the caller reacts to the result.
  */
@@ -41,10 +41,6 @@ export class RefreshTimer {
       this.clock.clearTimeout(this.handle);
       this.handle = undefined;
     }
-  }
-
-  get pending(): boolean {
-    return this.handle !== undefined;
   }
 }
 
