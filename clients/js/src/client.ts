@@ -24,7 +24,8 @@ import {
   type SubscriptionOptions,
   type SubscriptionOwner,
 } from "./subscription.js";
-import { jwtExpiryMs, refreshDelayMs, tokenExpired } from "./token.js";
+import { RefreshTimer, refreshOnce } from "./refresh.js";
+import { tokenExpired } from "./token.js";
 import {
   sseTransport,
   webSocketTransport,
@@ -60,6 +61,14 @@ export interface ClientOptions {
    * refresh.
    */
   getToken?: () => Promise<string | null | undefined>;
+  /**
+   * Returns a subscription token for a channel (docs/protocol.md section 3, `authorize.token`),
+   * or null for a channel whose binding takes none. Called for every subscription without
+   * its own `getToken`: before its subscribe when it holds no token valid for more than
+   * `tokenMinValidityMs`, before the token expires (sent as `subrefresh`), and after the relay
+   * ended the subscription because the token expired or refused it (401).
+   */
+  getSubscriptionToken?: (channel: string) => Promise<string | null | undefined>;
   /** Backoff floor. Default 500 ms. */
   minReconnectDelayMs?: number;
   /** Backoff ceiling. Default 20 000 ms. */
@@ -83,13 +92,20 @@ export interface ClientOptions {
    * for their POST on the SSE transport; beyond it they are rejected (`queue_full`). Default 100.
    */
   maxQueuedRequests?: number;
-  /** Refresh the token in band (`refresh` frame) before it expires. Default true (needs `getToken`). */
+  /**
+   * Refresh the token in band (`refresh` frame) before it expires, and each subscription token
+   * (`subrefresh`). Default true (needs `getToken`, `getSubscriptionToken` or a subscription's `getToken`).
+   */
   refreshToken?: boolean;
   /** A token expiring within this time is not used for a new connection. Default 5 000 ms. */
   tokenMinValidityMs?: number;
   /** After a drain, reconnect at the relay's turn plus a random delay up to this. Default 1 000 ms. */
   drainJitterMs?: number;
-  /** Consecutive 4401 refusals after which the client stops and reports. Default 3. */
+  /**
+   * Consecutive 4401 refusals after which the client stops and reports; also, per
+   * subscription, consecutive failures to get a usable subscription token (the function
+   * threw, or the relay refused the token with 401) after which the subscription ends. Default 3.
+   */
   maxAuthFailures?: number;
   /** After every this many consecutive connections that never reached `welcome`, call `getToken` before the next try (an HTTP 401 shows as 1006 in browsers). Default 3; 0 never. */
   newTokenAfterFailedOpens?: number;
@@ -120,6 +136,8 @@ export interface ConnectedContext {
   anonymous: boolean;
   /** Not the first connection of this client. */
   reconnected: boolean;
+  /** What the relay's connect step (`auth.connectRequest`) backend replied, when it sent any (`welcome.data`). */
+  data?: unknown;
 }
 
 export interface DisconnectedContext {
@@ -145,7 +163,7 @@ export interface ConnectingContext {
   delayMs: number;
 }
 
-export type ErrorKind = "token" | "transport" | "refresh" | "closed" | "protocol" | "subscribe";
+export type ErrorKind = "token" | "transport" | "refresh" | "closed" | "protocol" | "subscribe" | "subrefresh";
 
 export interface ClientEvents {
   state: { state: ClientState; previous: ClientState };
@@ -159,6 +177,15 @@ export interface ClientEvents {
   token: { inBand: boolean; expiresAt?: number };
   /** The relay dropped messages for this connection (slow consumer); `channel` when the relay names it. */
   dropped: { count: number; channel?: string };
+}
+
+export interface PublishOptions {
+  /**
+   * A subscription token for the channel, for a binding with `authorize.token` (docs/protocol.md
+   * section 3). Not needed while this client is subscribed to the channel: the relay uses the
+   * subscription's token.
+   */
+  token?: string;
 }
 
 export interface PublishResult {
@@ -190,9 +217,13 @@ function byteLength(s: string): number {
 
 export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   private readonly o: Required<
-    Omit<ClientOptions, "token" | "getToken" | "WebSocket" | "clock" | "random" | "transports">
+    Omit<
+      ClientOptions,
+      "token" | "getToken" | "getSubscriptionToken" | "WebSocket" | "clock" | "random" | "transports"
+    >
   >;
   private readonly getToken: ClientOptions["getToken"];
+  private readonly getSubscriptionToken: ClientOptions["getSubscriptionToken"];
   private readonly transports: TransportFactory[];
   private readonly clock: Clock;
   private readonly random: () => number;
@@ -223,7 +254,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   private connectTimer: unknown;
   private pingTimer: unknown;
   private pongTimer: unknown;
-  private refreshTimer: unknown;
+  private readonly refreshTimer: RefreshTimer;
   private lastReceived = 0;
   private pingSentAt = 0;
 
@@ -258,6 +289,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     };
     this.token = options.token;
     this.getToken = options.getToken;
+    this.getSubscriptionToken = options.getSubscriptionToken;
     // Where the platform has EventSource (browsers), the SSE + POST transport follows the
     // WebSocket one: a network that blocks WebSockets gets the fallback by itself.
     const hasEventSource = typeof (globalThis as { EventSource?: unknown }).EventSource === "function";
@@ -268,6 +300,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
         : [webSocketTransport(options.WebSocket)];
     this.clock = options.clock ?? systemClock;
     this.random = options.random ?? Math.random;
+    this.refreshTimer = new RefreshTimer(this.clock);
   }
 
   // ---- public API -------------------------------------------------------------------------
@@ -326,7 +359,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   subscribe(channel: string, options: SubscriptionOptions = {}): Subscription {
     if (this.subs.has(channel))
       throw new Error(`already subscribed to ${channel}: use getSubscription() or unsubscribe first`);
-    const sub = new Subscription(this, channel, options);
+    const sub = new Subscription(this, channel, options, this.clock);
     this.subs.set(channel, sub);
     sub._subscribing("subscribe");
     if (this.conn?.welcomed) this.sendSubscribe(sub);
@@ -341,15 +374,20 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     return [...this.subs.values()];
   }
 
-  /** Publishes a JSON value; settles with the relay's `ok` (resolve) or `error` (reject, with code and reason). */
-  async publish(channel: string, payload: unknown): Promise<PublishResult> {
-    const ok = (await this.request({ type: "publish", channel, payload })) as OkFrame;
+  /**
+   * Publishes a JSON value; settles with the relay's `ok` (resolve) or `error` (reject, with
+   * code, reason and, for a backend's deny, `appCode`).
+   */
+  async publish(channel: string, payload: unknown, options: PublishOptions = {}): Promise<PublishResult> {
+    const token = options.token ? { token: options.token } : {};
+    const ok = (await this.request({ type: "publish", channel, payload, ...token })) as OkFrame;
     return ok.seq !== undefined ? { seq: ok.seq } : {};
   }
 
   /** Publishes a string as the exact NATS payload (not JSON-encoded). */
-  async publishText(channel: string, text: string): Promise<PublishResult> {
-    const ok = (await this.request({ type: "publish", channel, text })) as OkFrame;
+  async publishText(channel: string, text: string, options: PublishOptions = {}): Promise<PublishResult> {
+    const token = options.token ? { token: options.token } : {};
+    const ok = (await this.request({ type: "publish", channel, text, ...token })) as OkFrame;
     return ok.seq !== undefined ? { seq: ok.seq } : {};
   }
 
@@ -360,7 +398,12 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     return this.clock.now() - start;
   }
 
-  /** Refreshes the token in band now (normally scheduled by itself before expiry). */
+  /**
+   * Refreshes the token in band now (normally scheduled by itself before expiry): sends any
+   * token from `getToken` other than the current one, also one that does not expire later,
+   * e.g. with new claims (the relay then checks every subscription again under them, and ends
+   * the ones no longer allowed with `forbidden`).
+   */
   async refreshTokenNow(): Promise<void> {
     await this.refreshInBand(true);
   }
@@ -374,9 +417,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     this.emit("state", { state, previous });
   }
 
-  private clearTimer(
-    name: "reconnectTimer" | "connectTimer" | "pingTimer" | "pongTimer" | "refreshTimer",
-  ): void {
+  private clearTimer(name: "reconnectTimer" | "connectTimer" | "pingTimer" | "pongTimer"): void {
     if (this[name] !== undefined) {
       this.clock.clearTimeout(this[name]);
       this[name] = undefined;
@@ -554,6 +595,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       maxMessageBytes: w.maxMessageBytes,
       anonymous: w.anonymous,
       reconnected,
+      ...(w.data !== undefined ? { data: w.data } : {}),
     });
     if (conn !== this.conn) return; // a listener disconnected
     this.startHeartbeat(conn);
@@ -573,7 +615,8 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   private closed(conn: Conn, code: number, reason: string, wasClean: boolean): void {
     if (conn !== this.conn) return;
     this.conn = undefined;
-    for (const t of ["connectTimer", "pingTimer", "pongTimer", "refreshTimer"] as const) this.clearTimer(t);
+    for (const t of ["connectTimer", "pingTimer", "pongTimer"] as const) this.clearTimer(t);
+    this.refreshTimer.cancel();
     const wasWelcomed = conn.welcomed;
     let probe = false;
     if (wasWelcomed) {
@@ -599,6 +642,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     this.ignoredReplies.clear();
     for (const sub of this.subs.values()) {
       sub._pendingId = undefined;
+      sub._refresh.cancel();
       if (sub.state === "subscribed") sub._subscribing("disconnected");
     }
 
@@ -689,75 +733,62 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   // ---- tokens -----------------------------------------------------------------------------
 
   private scheduleRefresh(): void {
-    this.clearTimer("refreshTimer");
+    this.refreshTimer.cancel();
     if (!this.o.refreshToken || !this.getToken || !this.token) return;
-    const delay = refreshDelayMs(jwtExpiryMs(this.token), this.clock.now());
-    if (delay === undefined) return;
-    this.refreshTimer = this.clock.setTimeout(() => {
-      this.refreshTimer = undefined;
-      void this.refreshInBand(false);
-    }, delay);
+    this.refreshTimer.before(this.token, () => void this.refreshInBand(false));
   }
 
   private async refreshInBand(byApp: boolean): Promise<void> {
     const conn = this.conn;
-    if (!conn?.welcomed || !this.getToken) {
+    const getToken = this.getToken;
+    if (!conn?.welcomed || !getToken) {
       if (byApp) throw new WsrelayError("not_connected", "no open connection to refresh");
       return;
     }
-    const current = this.token;
-    let next: string | null | undefined;
-    try {
-      next = await this.getToken();
-    } catch (e) {
-      const err = new WsrelayError("token", `getToken failed: ${String(e)}`);
-      this.emit("error", { kind: "refresh", error: err });
-      // Try again while there is time; the relay's 1008 at expiry is the backstop.
-      const exp = current ? jwtExpiryMs(current) : undefined;
-      const left = exp !== undefined ? exp - this.clock.now() : 0;
-      if (conn === this.conn && left > 2_000)
-        this.refreshTimer = this.clock.setTimeout(() => {
-          this.refreshTimer = undefined;
-          void this.refreshInBand(false);
-        }, Math.min(5_000, Math.floor(left / 2)));
-      if (byApp) throw err;
-      return;
+    const r = await refreshOnce({
+      source: "getToken",
+      current: this.token,
+      requireLater: !byApp,
+      fetch: getToken,
+      send: (token) => this.request({ type: "refresh", token }),
+      live: () => conn === this.conn,
+      now: () => this.clock.now(),
+    });
+    switch (r.kind) {
+      case "ok":
+        this.token = r.token;
+        this.emit("token", { inBand: true, ...(r.expiresAt !== undefined ? { expiresAt: r.expiresAt } : {}) });
+        this.scheduleRefresh();
+        return;
+      case "gone":
+        if (r.token) this.token = r.token;
+        return;
+      case "fetch_failed":
+        this.emit("error", { kind: "refresh", error: r.error });
+        if (conn === this.conn && r.retryInMs !== undefined)
+          this.refreshTimer.after(r.retryInMs, () => void this.refreshInBand(false));
+        break;
+      case "stale":
+        // Nothing newer to offer: the relay closes with 1008 at expiry and the client then
+        // asks getToken again before reconnecting.
+        this.emit("error", { kind: "refresh", error: r.error });
+        break;
+      case "refused":
+        // 401: the relay refuses the new token itself, so ask getToken again before connecting.
+        // Otherwise (403: another identity; 400: a relay without in-band refresh; no reply)
+        // connect anew with the new token.
+        if (r.error.code === 401) {
+          this.token = undefined;
+          this.needNewToken = true;
+        } else {
+          this.token = r.token;
+        }
+        this.emit("error", { kind: "refresh", error: r.error });
+        if (conn === this.conn)
+          this.abandon(conn, LocalClose.TokenRefresh, `token refresh failed (${r.error.code}): reconnecting with a new token`);
+        break;
     }
-    if (conn !== this.conn) {
-      if (next) this.token = next;
-      return;
-    }
-    const oldExp = current ? jwtExpiryMs(current) : undefined;
-    const newExp = next ? jwtExpiryMs(next) : undefined;
-    if (!next || (oldExp !== undefined && (newExp === undefined || newExp <= oldExp))) {
-      // Nothing newer to offer: the relay closes with 1008 at expiry and the client then
-      // asks getToken again before reconnecting.
-      const err = new WsrelayError("token", "getToken returned no token that expires later than the current one");
-      this.emit("error", { kind: "refresh", error: err });
-      if (byApp) throw err;
-      return;
-    }
-    try {
-      await this.request({ type: "refresh", token: next });
-      if (conn !== this.conn) return;
-      this.token = next;
-      this.emit("token", { inBand: true, ...(newExp !== undefined ? { expiresAt: newExp } : {}) });
-      this.scheduleRefresh();
-    } catch (e) {
-      const err = e instanceof WsrelayError ? e : new WsrelayError("token", String(e));
-      // 401: the relay refuses the new token itself, so ask getToken again before connecting.
-      // Otherwise (403: another identity; 400: a relay without in-band refresh; no reply)
-      // connect anew with the new token.
-      if (err.code === 401) {
-        this.token = undefined;
-        this.needNewToken = true;
-      } else {
-        this.token = next;
-      }
-      this.emit("error", { kind: "refresh", error: err });
-      if (conn === this.conn) this.abandon(conn, LocalClose.TokenRefresh, `token refresh failed (${err.code}): reconnecting with a new token`);
-      if (byApp) throw err;
-    }
+    if (byApp) throw r.error;
   }
 
   // ---- requests ---------------------------------------------------------------------------
@@ -873,7 +904,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     const id = f.id;
     if (typeof id !== "number") {
       if (f.type === "error")
-        this.emit("error", { kind: "protocol", error: new WsrelayError(f.code, f.reason) });
+        this.emit("error", { kind: "protocol", error: new WsrelayError(f.code, f.reason, f.appCode) });
       return;
     }
     if (this.ignoredReplies.delete(id)) return;
@@ -887,21 +918,69 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     if (!p) return;
     this.inflight.delete(id);
     this.clock.clearTimeout(p.timer);
-    if (f.type === "error") p.reject(new WsrelayError(f.code, f.reason));
+    if (f.type === "error") p.reject(new WsrelayError(f.code, f.reason, f.appCode));
     else p.resolve(f);
   }
 
   // ---- subscriptions ----------------------------------------------------------------------
 
+  /** The function that gives this subscription its tokens, if any. */
+  private tokenSource(sub: Subscription): ((channel: string) => Promise<string | null | undefined>) | undefined {
+    return sub._getToken ?? this.getSubscriptionToken;
+  }
+
+  /**
+   * Sends a subscribe, with a subscription token when the subscription has a token source or
+   * was given one. A token still valid for `tokenMinValidityMs` is reused (after a reconnect
+   * too: a fleet restart must not become one token request per subscription at once);
+   * otherwise the source is asked first.
+   */
   private sendSubscribe(sub: Subscription): void {
     const conn = this.conn;
     if (!conn?.welcomed) return;
+    const attempt = ++sub._attempt;
+    sub._refresh.cancel();
+    const source = this.tokenSource(sub);
+    const cached = sub._token;
+    if (!source || (cached && !tokenExpired(cached, this.clock.now(), this.o.tokenMinValidityMs))) {
+      this.sendSubscribeFrame(conn, sub, cached);
+      return;
+    }
+    const name = `getSubscriptionToken(${sub.channel})`;
+    // Still the subscribe this token was asked for (not unsubscribed, not a newer attempt or connection).
+    const wanted = () =>
+      attempt === sub._attempt && conn === this.conn && this.subs.get(sub.channel) === sub && sub.state !== "unsubscribed";
+    Promise.resolve()
+      .then(() => source(sub.channel))
+      .then(
+        (token) => {
+          if (!wanted()) return;
+          if (token && tokenExpired(token, this.clock.now(), this.o.tokenMinValidityMs)) {
+            this.subscribeTokenFailed(sub, new WsrelayError("token", `${name} returned an expired token`));
+            return;
+          }
+          sub._token = token || undefined;
+          this.sendSubscribeFrame(conn, sub, sub._token);
+        },
+        (e: unknown) => {
+          if (wanted()) this.subscribeTokenFailed(sub, new WsrelayError("token", `${name} failed: ${String(e)}`));
+        },
+      );
+  }
+
+  private sendSubscribeFrame(conn: Conn, sub: Subscription, token: string | undefined): void {
     const since: Position | undefined = sub._position.since();
     const id = this.nextId++;
     sub._pendingId = id;
     sub._sentSince = since;
     this.subRequests.set(id, sub);
-    this.sendRaw(conn, { type: "subscribe", id, channel: sub.channel, ...(since ? { since } : {}) });
+    this.sendRaw(conn, {
+      type: "subscribe",
+      id,
+      channel: sub.channel,
+      ...(since ? { since } : {}),
+      ...(token ? { token } : {}),
+    });
   }
 
   private subscribeReply(sub: Subscription, id: number, f: OkFrame | ErrorFrame | PongFrame): void {
@@ -915,6 +994,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       const resubscribed = sub._everSubscribed;
       sub._everSubscribed = true;
       sub._retryAttempt = 0;
+      sub._tokenFailures = 0;
       const pos = sub._position;
       sub._subscribed({
         resumable: ok.epoch !== undefined,
@@ -923,7 +1003,10 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
         resubscribed,
         ...(pos.epoch !== undefined ? { epoch: pos.epoch } : {}),
         ...(pos.seq !== undefined ? { seq: pos.seq } : {}),
+        ...(ok.data !== undefined ? { data: ok.data } : {}),
       });
+      // A listener may have unsubscribed.
+      if (sub.state === "subscribed" && this.subs.get(sub.channel) === sub) this.scheduleSubRefresh(sub);
       return;
     }
     if (f.type !== "error") return;
@@ -938,14 +1021,51 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       this.retrySubscribe(sub, "retry");
       return;
     }
-    const err = new WsrelayError(f.code, f.reason);
-    this.subs.delete(sub.channel);
-    sub._emit("error", err);
-    this.emit("error", { kind: "subscribe", error: err });
-    sub._ended({ reason: f.reason, code: f.code, byRelay: true });
+    const err = new WsrelayError(f.code, f.reason, f.appCode);
+    if (f.code === 401 && this.tokenSource(sub)) {
+      // The relay refused the subscription token (invalid, expired): ask for a new one.
+      this.subscribeTokenFailed(sub, err);
+      return;
+    }
+    this.endSubscription(sub, err, true);
   }
 
-  private retrySubscribe(sub: Subscription, reason: "retry" | "unavailable"): void {
+  /** Ends a subscription for good and reports `err` (a refused subscribe, or too many token failures). */
+  private endSubscription(sub: Subscription, err: WsrelayError, byRelay: boolean): void {
+    this.subs.delete(sub.channel);
+    sub._refresh.cancel();
+    if (sub._retryTimer !== undefined) {
+      this.clock.clearTimeout(sub._retryTimer);
+      sub._retryTimer = undefined;
+    }
+    sub._emit("error", err);
+    this.emit("error", { kind: "subscribe", error: err });
+    sub._ended({
+      reason: err.reason,
+      ...(typeof err.code === "number" ? { code: err.code } : {}),
+      ...(err.appCode !== undefined ? { appCode: err.appCode } : {}),
+      byRelay,
+    });
+  }
+
+  /**
+   * No usable subscription token (the source threw or gave an expired one, or the relay
+   * refused it with 401): retry with a new one after a backoff, at most `maxAuthFailures` in a
+   * row, then end the subscription.
+   */
+  private subscribeTokenFailed(sub: Subscription, err: WsrelayError): void {
+    sub._token = undefined;
+    sub._tokenFailures++;
+    if (sub._tokenFailures >= this.o.maxAuthFailures) {
+      this.endSubscription(sub, err, typeof err.code === "number");
+      return;
+    }
+    sub._emit("error", err);
+    this.emit("error", { kind: "subscribe", error: err });
+    this.retrySubscribe(sub, "token");
+  }
+
+  private retrySubscribe(sub: Subscription, reason: "retry" | "unavailable" | "token"): void {
     sub._subscribing(reason);
     if (sub._retryTimer !== undefined) return;
     const delay = backoffDelay(sub._retryAttempt++, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
@@ -955,13 +1075,69 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     }, delay);
   }
 
+  // ---- subscription tokens ----------------------------------------------------------------
+
+  private scheduleSubRefresh(sub: Subscription): void {
+    sub._refresh.cancel();
+    if (!this.o.refreshToken || !this.tokenSource(sub) || !sub._token) return;
+    sub._refresh.before(sub._token, () => void this.subRefresh(sub));
+  }
+
+  /** Sends `subrefresh` with a new token for a live subscription (the same path as the connection's `refresh`). */
+  private async subRefresh(sub: Subscription): Promise<void> {
+    const conn = this.conn;
+    const source = this.tokenSource(sub);
+    if (!conn?.welcomed || !source || sub.state !== "subscribed" || this.subs.get(sub.channel) !== sub) return;
+    const attempt = sub._attempt;
+    const live = () =>
+      conn === this.conn && attempt === sub._attempt && this.subs.get(sub.channel) === sub && sub.state === "subscribed";
+    const r = await refreshOnce({
+      source: `getSubscriptionToken(${sub.channel})`,
+      current: sub._token,
+      requireLater: true,
+      fetch: () => source(sub.channel),
+      send: (token) => this.request({ type: "subrefresh", channel: sub.channel, token }),
+      live,
+      now: () => this.clock.now(),
+    });
+    switch (r.kind) {
+      case "ok":
+        sub._token = r.token;
+        sub._emit("token", r.expiresAt !== undefined ? { expiresAt: r.expiresAt } : {});
+        this.scheduleSubRefresh(sub);
+        return;
+      case "gone":
+        return;
+      case "fetch_failed":
+        if (live() && r.retryInMs !== undefined) sub._refresh.after(r.retryInMs, () => void this.subRefresh(sub));
+        break;
+      case "stale":
+      case "refused":
+        // The subscription runs on until its token's exp; the relay then ends it with
+        // `expired` and the client subscribes again with a new token.
+        break;
+    }
+    sub._emit("error", r.error);
+    this.emit("error", { kind: "subrefresh", error: r.error });
+  }
+
   private relayUnsubscribed(channel: string, reason: string): void {
     const sub = this.subs.get(channel);
     if (!sub) return;
     sub._pendingId = undefined;
+    sub._refresh.cancel();
     if (reason === "unavailable") {
       // Transient (the relay lost its NATS subscription): resubscribe with backoff, resuming.
       this.retrySubscribe(sub, "unavailable");
+      return;
+    }
+    if (reason === "expired" && this.tokenSource(sub)) {
+      // The subscription token expired before a subrefresh replaced it: subscribe again at
+      // once with a new token (resuming on a resumable channel). A token that cannot be had
+      // is retried with backoff, boundedly (subscribeTokenFailed).
+      sub._token = undefined;
+      sub._subscribing("expired");
+      this.sendSubscribe(sub);
       return;
     }
     this.subs.delete(channel);
@@ -1012,6 +1188,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   /** @internal called by Subscription.unsubscribe() */
   _unsubscribe(sub: Subscription): void {
     if (sub.state === "unsubscribed") return;
+    sub._refresh.cancel();
     if (sub._retryTimer !== undefined) {
       this.clock.clearTimeout(sub._retryTimer);
       sub._retryTimer = undefined;

@@ -10,7 +10,7 @@
  * | `"not_connected"` | the client is stopped (`disconnect()`, never connected, or a terminal close) |
  * | `"queue_full"` | `maxQueuedRequests` requests are already waiting for a connection, or (SSE) for their POST |
  * | `"too_big"` | the frame is larger than the relay's `maxMessageBytes` (from `welcome`): not sent |
- * | `"token"` | `getToken()` failed or gave no usable token |
+ * | `"token"` | `getToken()` (or a subscription token function) failed or gave no usable token |
  * | `"unsubscribed"` | the subscription ended before it was subscribed |
  */
 export type ErrorCode =
@@ -26,11 +26,17 @@ export type ErrorCode =
 export class WsrelayError extends Error {
   readonly code: ErrorCode;
   readonly reason: string;
+  /**
+   * The application's own code (4000-4999) when the relay's authorization backend denied the
+   * request with one (docs/protocol.md section 3, `appCode`); the `code` is then 403.
+   */
+  readonly appCode?: number;
 
-  constructor(code: ErrorCode, reason: string) {
+  constructor(code: ErrorCode, reason: string, appCode?: number) {
     super(`${String(code)}: ${reason}`);
     this.name = "WsrelayError";
     this.code = code;
     this.reason = reason;
+    if (appCode !== undefined) this.appCode = appCode;
   }
 }

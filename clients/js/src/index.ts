@@ -8,6 +8,7 @@ export {
   type ConnectingContext,
   type DisconnectedContext,
   type ErrorKind,
+  type PublishOptions,
   type PublishResult,
 } from "./client.js";
 export {

@@ -9,6 +9,8 @@ export interface WelcomeFrame {
   protocol: string;
   maxMessageBytes: number;
   anonymous: boolean;
+  /** What the connect step's backend (`auth.connectRequest`) replied, when it sent any. */
+  data?: unknown;
 }
 
 export interface OkFrame {
@@ -20,6 +22,8 @@ export interface OkFrame {
   seq?: number;
   /** subscribe with `since`: whether the gap was replayed. */
   recovered?: boolean;
+  /** subscribe on a binding with `authorize.request`: what the backend replied, when it sent any. */
+  data?: unknown;
 }
 
 export interface ErrorFrame {
@@ -27,6 +31,8 @@ export interface ErrorFrame {
   id: RequestId | null;
   code: number;
   reason: string;
+  /** The `code` (4000-4999) of an authorization backend's deny. */
+  appCode?: number;
 }
 
 export interface PongFrame {

@@ -2,6 +2,7 @@
 import { Emitter } from "./emitter.js";
 import { WsrelayError } from "./errors.js";
 import { PositionTracker, type Position } from "./position.js";
+import { RefreshTimer, type TimerClock } from "./refresh.js";
 
 export type SubscriptionState = "unsubscribed" | "subscribing" | "subscribed";
 
@@ -33,11 +34,21 @@ export interface SubscribedContext {
   /** The channel's stream epoch and the position the subscription is at (resumable only). */
   epoch?: string;
   seq?: number;
+  /**
+   * What the binding's authorization backend (`authorize.request`) replied to this subscribe,
+   * when it sent any (the `ok`'s `data`), e.g. the channel's current state.
+   */
+  data?: unknown;
 }
 
 export interface SubscribingContext {
-  /** "subscribe" (first time), "disconnected", "unavailable" (relay ended it, retrying), "gap" (resyncing), "retry" (503). */
-  reason: "subscribe" | "disconnected" | "unavailable" | "gap" | "retry";
+  /**
+   * "subscribe" (first time), "disconnected", "unavailable" (relay ended it, retrying), "gap"
+   * (resyncing), "retry" (503), "expired" (its subscription token expired: subscribing again
+   * with a new one), "token" (getting a subscription token failed, or the relay refused it
+   * with 401: retrying with backoff).
+   */
+  reason: "subscribe" | "disconnected" | "unavailable" | "gap" | "retry" | "expired" | "token";
 }
 
 export interface UnsubscribedContext {
@@ -45,6 +56,8 @@ export interface UnsubscribedContext {
   reason: string;
   /** The relay's error code when a subscribe was refused (403, 422, 430, ...). */
   code?: number;
+  /** The authorization backend's own code (4000-4999) when it denied the subscribe. */
+  appCode?: number;
   /** The relay ended or refused the subscription (as opposed to the app). */
   byRelay: boolean;
 }
@@ -57,6 +70,8 @@ export interface SubscriptionEvents {
   message: Message;
   /** The relay dropped this many messages of this channel for this connection (slow consumer, `dropOldest`). */
   dropped: { count: number };
+  /** The relay took a new subscription token for this subscription (`subrefresh`). */
+  token: { expiresAt?: number };
   error: WsrelayError;
 }
 
@@ -67,6 +82,17 @@ export interface SubscriptionOptions {
   onError?: (e: WsrelayError) => void;
   /** Resume from a position the app kept (e.g. across page loads): sent as `since` on the first subscribe. */
   since?: Position;
+  /**
+   * A subscription token to start with (a binding with `authorize.token`, docs/protocol.md
+   * section 3). Used while it is valid; without `getToken` (here or the client's
+   * `getSubscriptionToken`) it is never renewed and the subscription ends when it expires.
+   */
+  token?: string;
+  /**
+   * Returns a subscription token for this channel (null: none needed); overrides the client's
+   * `getSubscriptionToken` for this subscription. Called as that one is.
+   */
+  getToken?: (channel: string) => Promise<string | null | undefined>;
 }
 
 /** What the client needs from a subscription's owner (internal). */
@@ -87,12 +113,20 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   /** @internal */ _retryAttempt = 0;
   /** @internal */ _retryTimer: unknown;
   /** @internal messages dropped as duplicates (seq at or below the last delivered) */ _duplicates = 0;
+  /** @internal the subscription token in use (or to use next) */ _token: string | undefined;
+  /** @internal this subscription's own token function */ readonly _getToken: SubscriptionOptions["getToken"];
+  /** @internal counts subscribe attempts: a token fetched for an older one is not used */ _attempt = 0;
+  /** @internal consecutive token failures (fetch failed, 401) */ _tokenFailures = 0;
+  /** @internal the subrefresh timer */ readonly _refresh: RefreshTimer;
 
   /** @internal use `client.subscribe()` */
-  constructor(owner: SubscriptionOwner, channel: string, opts: SubscriptionOptions = {}) {
+  constructor(owner: SubscriptionOwner, channel: string, opts: SubscriptionOptions, clock: TimerClock) {
     super();
     this.owner = owner;
     this.channel = channel;
+    this._token = opts.token;
+    this._getToken = opts.getToken;
+    this._refresh = new RefreshTimer(clock);
     if (opts.onMessage) this.on("message", opts.onMessage);
     if (opts.onSubscribed) this.on("subscribed", opts.onSubscribed);
     if (opts.onUnsubscribed) this.on("unsubscribed", opts.onUnsubscribed);
@@ -143,7 +177,7 @@ export class Subscription extends Emitter<SubscriptionEvents> {
       });
       const offEnd = this.on("unsubscribed", (ctx) => {
         done();
-        reject(new WsrelayError(ctx.code ?? "unsubscribed", ctx.reason));
+        reject(new WsrelayError(ctx.code ?? "unsubscribed", ctx.reason, ctx.appCode));
       });
       if (timeoutMs !== undefined)
         timer = setTimeout(() => {

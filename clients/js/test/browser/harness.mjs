@@ -189,9 +189,16 @@ export function signJwt(claims) {
   return `${head}.${body}.${sig}`;
 }
 
-export function token(sub, ttlSeconds) {
+/** A connection token; `extra`: more claims (e.g. `{ rooms: ["1"] }` for a binding's rule). */
+export function token(sub, ttlSeconds, extra = {}) {
   const now = Math.floor(Date.now() / 1000);
-  return signJwt({ sub, iss: "https://issuer.test", aud: "wsrelay", iat: now, exp: now + ttlSeconds });
+  return signJwt({ ...extra, sub, iss: "https://issuer.test", aud: "wsrelay", iat: now, exp: now + ttlSeconds });
+}
+
+/** A subscription token (docs/protocol.md section 3, `authorize.token`) for one channel. */
+export function subscriptionToken(sub, channel, ttlSeconds) {
+  const now = Math.floor(Date.now() / 1000);
+  return signJwt({ sub, channel, iss: "https://issuer.test", aud: "wsrelay", iat: now, exp: now + ttlSeconds });
 }
 
 // ---- relays --------------------------------------------------------------------------------
@@ -201,9 +208,10 @@ export function token(sub, ttlSeconds) {
  * Starts a relay (the real binary) on fixed ports so that it can be restarted on them.
  * `history` (e.g. `{stream: "FEED", maxMessages: 1000}`) adds the resumable binding
  * `feed.{id}` -> `feed.{id}` (docs/protocol.md section 8; NATS needs JetStream), and the
- * relay is ready only once its history stream is in place.
+ * relay is ready only once its history stream is in place. `bindings` come first (e.g. one
+ * with `authorize`).
  */
-export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4, auth = {}, jwt = {}, history }) {
+export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4, auth = {}, jwt = {}, history, bindings = [] }) {
   port ??= await freePort();
   adminPort ??= await freePort();
   const config = {
@@ -226,6 +234,7 @@ export async function startRelay({ natsUrl, origin, port, adminPort, name = "rel
       ...auth,
     },
     bindings: [
+      ...bindings,
       { channel: "me.notify", subject: "users.{claims.sub}.notify", direction: "subscribe" },
       { channel: "chat.{room}", subject: "chat.{room}", direction: "both" },
       { channel: "orders.{id}", subject: "orders.{id}", direction: "subscribe" },
@@ -368,18 +377,33 @@ export async function startService(backends, { blockWebSocket = false } = {}) {
 
 const types = { ".js": "text/javascript", ".map": "application/json", ".html": "text/html", ".ts": "text/plain" };
 
-/** Serves the page, the built SDK (dist/esm) and `/token?sub=..&ttl=..`; counts token requests. */
+/**
+ * Serves the page, the built SDK (dist/esm), `/token?sub=..&ttl=..` and
+ * `/subtoken?sub=..&channel=..&ttl=..` (subscription tokens); counts the requests of both.
+ */
 export async function startPageServer() {
   const port = await freePort();
   const tokenRequests = [];
+  const subTokenRequests = [];
   const srv = createHttpServer((req, res) => {
     const url = new URL(req.url, `http://127.0.0.1:${port}`);
+    if (url.pathname === "/subtoken") {
+      const sub = url.searchParams.get("sub") ?? "alice";
+      const channel = url.searchParams.get("channel") ?? "";
+      const ttl = Number(url.searchParams.get("ttl") ?? "600");
+      const tok = subscriptionToken(sub, channel, ttl);
+      subTokenRequests.push({ sub, channel, ttl, at: Date.now(), exp: JSON.parse(Buffer.from(tok.split(".")[1], "base64url")).exp });
+      res.writeHead(200, { "content-type": "text/plain", "cache-control": "no-store" });
+      res.end(tok);
+      return;
+    }
     if (url.pathname === "/token") {
       const sub = url.searchParams.get("sub") ?? "alice";
       const ttl = Number(url.searchParams.get("ttl") ?? "600");
-      tokenRequests.push({ sub, ttl, at: Date.now() });
+      const claims = JSON.parse(url.searchParams.get("claims") ?? "{}");
+      tokenRequests.push({ sub, ttl, claims, at: Date.now() });
       res.writeHead(200, { "content-type": "text/plain", "cache-control": "no-store" });
-      res.end(token(sub, ttl));
+      res.end(token(sub, ttl, claims));
       return;
     }
     if (url.pathname === "/") {
@@ -399,7 +423,7 @@ export async function startPageServer() {
     res.end();
   });
   await new Promise((r) => srv.listen(port, "127.0.0.1", r));
-  return { port, origin: `http://127.0.0.1:${port}`, tokenRequests, close: () => srv.close() };
+  return { port, origin: `http://127.0.0.1:${port}`, tokenRequests, subTokenRequests, close: () => srv.close() };
 }
 
 /** Headless Debian Chromium with a fresh profile (never a downloaded browser). */
@@ -457,9 +481,15 @@ export function pageApi(page) {
       }),
     open: (name, url, sub, opts = {}) =>
       page.evaluate(([n, u, s, o]) => window.openClient(n, { url: u, sub: s, ...o }), [name, url, sub, opts]),
-    subscribe: (name, channel) => page.evaluate(([n, c]) => window.subscribeChannel(n, c), [name, channel]),
-    publish: (name, channel, payload) => page.evaluate(([n, c, p]) => window.publish(n, c, p), [name, channel, payload]),
+    subscribe: (name, channel, opts = {}) =>
+      page.evaluate(([n, c, o]) => window.subscribeChannel(n, c, o), [name, channel, opts]),
+    publish: (name, channel, payload, opts = {}) =>
+      page.evaluate(([n, c, p, o]) => window.publish(n, c, p, o), [name, channel, payload, opts]),
     closeClient: (name) => page.evaluate((n) => window.closeClient(n), name),
+    /** The claims the page asks its token endpoint to add to the client's next tokens. */
+    setClaims: (name, claims) => page.evaluate(([n, c]) => window.setClaims(n, c), [name, claims]),
+    /** `client.refreshTokenNow()`: `{ ok }` or `{ ok: false, code, reason }`. */
+    refreshNow: (name) => page.evaluate((n) => window.refreshNow(n), name),
   };
   return api;
 }

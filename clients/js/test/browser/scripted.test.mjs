@@ -2,7 +2,8 @@
 // runs the built SDK against a scripted relay (test/browser/wsserver.mjs) that sends exactly
 // the frames and close codes documented for them: 4401 / 4403 after the upgrade, resume
 // positions (seq, prev, epoch, since, recovered), `unsubscribed` with a reason, `dropped` with a
-// channel, and the in-band `refresh`. When the relay implements them, browser.test.mjs gets the
+// channel, the in-band `refresh`, and subscription tokens (`subrefresh`, `expired`,
+// `forbidden`, the backend's `data` and `appCode`). When the relay implements them, browser.test.mjs gets the
 // same cases against the real thing; until then these pin the client's side of the contract.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -172,5 +173,65 @@ describe("@wsrelay/client in headless Chromium against a scripted relay (protoco
     c2.welcome();
     await waitFor("connected again", 5000, async () => (await p.log("inband", "connected")).length === 2);
     await p.closeClient("inband");
+  });
+  test("subscription tokens, backend data and appCode: the frames of docs/protocol.md sections 2-3", async () => {
+    const claims = (jwt) => JSON.parse(atob(jwt.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
+    const asked = pages.subTokenRequests.length;
+    await p.open("authz", relay.url, "zoe", { subTokenTtl: 7 });
+    const c = await relay.accept();
+    c.welcome({ data: { plan: "pro" } });
+    const [conn] = await p.waitLog("connected", "authz", "connected", 1, 5000);
+    assert.deepEqual(conn.data, { plan: "pro" }, "welcome.data reaches the app");
+
+    // subscribe carries a token for that channel; the ok's data reaches `subscribed`.
+    await p.subscribe("authz", "orders.42");
+    const s1 = await c.nextOfType("subscribe");
+    assert.deepEqual([claims(s1.token).channel, claims(s1.token).sub], ["orders.42", "zoe"]);
+    c.send({ type: "ok", id: s1.id, data: { status: "shipped" } });
+    const [ctx] = await p.waitSubscribed("authz", "orders.42", 1);
+    assert.deepEqual(ctx.data, { status: "shipped" });
+
+    // subrefresh before its exp (about 2 s into a 7 s token), with a token that expires later.
+    const r = await c.nextOfType("subrefresh", 8000);
+    assert.equal(r.channel, "orders.42");
+    assert.ok(claims(r.token).exp > claims(s1.token).exp);
+    c.send({ type: "ok", id: r.id });
+    const [tok] = await p.waitLog("the token event", "authz", "sub-token", 1, 5000);
+    assert.equal(tok.expiresAt, claims(r.token).exp * 1000);
+
+    // expired: a new token and a subscribe again.
+    const before = pages.subTokenRequests.length;
+    c.send({ type: "unsubscribed", channel: "orders.42", reason: "expired" });
+    const s2 = await c.nextOfType("subscribe", 5000);
+    assert.equal(s2.channel, "orders.42");
+    // (Compared by requests: a token signed within the same second as the last is the same string.)
+    assert.equal(pages.subTokenRequests.length - before, 1, "a token fetched anew");
+    assert.ok(claims(s2.token).exp >= claims(r.token).exp);
+    c.send({ type: "ok", id: s2.id });
+    const subs = await p.waitSubscribed("authz", "orders.42", 2);
+    assert.equal(subs[1].resubscribed, true);
+    const reasons = (await p.log("authz", "sub-subscribing")).map((e) => e.reason);
+    assert.deepEqual(reasons, ["expired"], "(the first, \"subscribe\", is emitted before the page listens)");
+
+    // A backend's deny with its own code: 403 and appCode on the subscription's end.
+    await p.subscribe("authz", "orders.43");
+    const s3 = await c.nextOfType("subscribe");
+    c.send({ type: "error", id: s3.id, code: 403, reason: "not your order", appCode: 4040 });
+    const [denied] = await p.waitLog("the deny", "authz", "sub-unsubscribed", 1, 5000, (e) => e.channel === "orders.43");
+    assert.deepEqual([denied.code, denied.appCode, denied.reason, denied.byRelay], [403, 4040, "not your order", true]);
+
+    // forbidden (after a connection refresh): the subscription ends for good.
+    c.send({ type: "unsubscribed", channel: "orders.42", reason: "forbidden" });
+    const [gone] = await p.waitLog("the end", "authz", "sub-unsubscribed", 1, 5000, (e) => e.channel === "orders.42");
+    assert.deepEqual([gone.reason, gone.byRelay], ["forbidden", true]);
+    await sleep(1500);
+    assert.equal(c.frames.filter((f) => f.type === "subscribe").length, 3, "no subscribe after forbidden");
+    assert.equal(c.frames.filter((f) => f.type === "subrefresh").length, 1, "no subrefresh for an ended subscription");
+    assert.deepEqual(
+      pages.subTokenRequests.slice(asked).map((q) => q.channel),
+      ["orders.42", "orders.42", "orders.42", "orders.43"],
+      "subscribe, subrefresh, after expired; and the other channel",
+    );
+    await p.closeClient("authz");
   });
 });

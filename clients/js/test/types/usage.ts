@@ -13,8 +13,10 @@ import {
 const client = new Client({
   url: () => "wss://relay.example.com/ws",
   getToken: async () => "jwt",
+  getSubscriptionToken: async (channel: string) => (channel.startsWith("orders.") ? "sub-jwt" : null),
   pingIntervalMs: 15_000,
 });
+client.on("connected", (c: ConnectedContext) => c.data);
 client.on("connected", (c: ConnectedContext) => c.transport.toUpperCase());
 client.on("disconnected", (d: DisconnectedContext) => (d.willReconnect ? d.delayMs ?? 0 : d.code));
 client.on("error", ({ kind, error }) => `${kind} ${String(error.code)} ${error.reason}`);
@@ -25,6 +27,14 @@ const sub: Subscription = client.subscribe("me.notify", {
   since: { epoch: "e", seq: 1 },
 });
 sub.on("dropped", (d) => d.count);
+sub.on("token", (t) => t.expiresAt ?? 0);
+sub.on("unsubscribed", (u) => (u.reason === "forbidden" ? u.appCode ?? u.code : 0));
+const order: Subscription = client.subscribe("orders.42", {
+  getToken: async (channel: string) => `token-for-${channel}`,
+  token: "first-jwt",
+  onSubscribed: (ctx: SubscribedContext) => ctx.data,
+});
+void order;
 const pos: { epoch: string; seq: number } | undefined = sub.position;
 void pos;
 async function main(): Promise<void> {
@@ -35,8 +45,9 @@ async function main(): Promise<void> {
   await sub.ready(5000);
   try {
     await client.publishText("chat.lobby", "raw");
+    await client.publish("orders.42", { x: 1 }, { token: "sub-jwt" });
   } catch (e) {
-    if (e instanceof WsrelayError && e.code === 403) client.disconnect();
+    if (e instanceof WsrelayError && e.code === 403 && e.appCode === 4001) client.disconnect();
   }
 }
 void main;

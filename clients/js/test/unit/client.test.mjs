@@ -684,3 +684,351 @@ test("a WebSocket constructor that throws: error, then disconnected (1006, willR
   assert.equal(calls, 2);
   assert.equal(t.named("disconnected").length, 2);
 });
+
+// ---- subscription tokens, backend data, appCode (issue 25) --------------------------------
+
+/** A client with getSubscriptionToken; `subTokens` records each token it handed out. */
+function setupSubTokens(opts = {}) {
+  const subTokens = [];
+  let n = 0;
+  const t = setup({
+    ...opts,
+    client: {
+      getSubscriptionToken: async (channel) => {
+        if (opts.failSubToken?.(channel)) throw new Error("token endpoint down");
+        const claims = { sub: "alice", channel, n: ++n, exp: Math.floor(t.clock.now() / 1000) + (opts.subTokenLifetimeS ?? 100) };
+        const tok = fakeJwt(claims);
+        subTokens.push({ channel, token: tok, claims });
+        return tok;
+      },
+      ...opts.client,
+    },
+  });
+  t.subTokens = subTokens;
+  return t;
+}
+
+test("subscription token: fetched per channel and sent with subscribe; a subscription's own getToken or token wins", async () => {
+  const t = setupSubTokens();
+  const ws = await connected(t);
+  t.client.subscribe("orders.42");
+  assert.equal(ws.ofType("subscribe").length, 0, "not before the token is there");
+  await flush();
+  const f = ws.last("subscribe");
+  assert.deepEqual({ channel: f.channel, token: f.token }, { channel: "orders.42", token: t.subTokens[0].token });
+  assert.equal(t.subTokens[0].channel, "orders.42");
+
+  const own = [];
+  t.client.subscribe("rooms.7", { getToken: async (ch) => (own.push(ch), fakeJwt({ sub: "alice", channel: ch, exp: 2e9 })) });
+  t.client.subscribe("me.notify", { getToken: async () => null }); // a binding without authorize.token
+  const given = fakeJwt({ sub: "alice", channel: "feed.1", exp: 2e9 });
+  t.client.subscribe("feed.1", { token: given });
+  await flush();
+  assert.deepEqual(own, ["rooms.7"]);
+  const byChannel = Object.fromEntries(ws.ofType("subscribe").map((s) => [s.channel, s.token]));
+  assert.equal(byChannel["rooms.7"], fakeJwt({ sub: "alice", channel: "rooms.7", exp: 2e9 }));
+  assert.equal("me.notify" in byChannel && byChannel["me.notify"], undefined, "null: no token field");
+  assert.equal(byChannel["feed.1"], given, "a valid given token is used without asking");
+  assert.equal(t.subTokens.length, 1, "the client-level function only for the subscription without its own");
+});
+
+test("subscription token: refreshed with subrefresh on the connection token's schedule; token event; and again", async () => {
+  const t = setupSubTokens({ tokenLifetimeS: 10_000, subTokenLifetimeS: 100 });
+  const ws = await connected(t);
+  const sub = t.client.subscribe("orders.42");
+  await flush();
+  ws.ok("subscribe");
+  const tokenEvents = [];
+  sub.on("token", (e) => tokenEvents.push(e));
+  // refreshDelayMs: 80% of 100 s.
+  await t.clock.advance(79_999);
+  assert.equal(ws.ofType("subrefresh").length, 0);
+  await t.clock.advance(1);
+  const r = ws.last("subrefresh");
+  assert.deepEqual({ channel: r.channel, token: r.token }, { channel: "orders.42", token: t.subTokens[1].token });
+  assert.equal(typeof r.id, "number");
+  ws.ok("subrefresh");
+  await flush();
+  assert.deepEqual(tokenEvents, [{ expiresAt: t.subTokens[1].claims.exp * 1000 }]);
+  await t.clock.advance(80_000);
+  assert.equal(ws.ofType("subrefresh").length, 2);
+  assert.equal(ws.last("subrefresh").token, t.subTokens[2].token);
+  ws.ok("subrefresh");
+  await flush();
+  assert.equal(tokenEvents.length, 2);
+  assert.equal(ws.ofType("subscribe").length, 1, "one subscribe throughout");
+  assert.equal(sub.state, "subscribed");
+  assert.equal(ws.ofType("refresh").length, 0, "the connection token is not refreshed for it");
+});
+
+test("subscription token: resubscribe after a reconnect reuses a valid token, asks anew for one about to expire", async () => {
+  const t = setupSubTokens({ tokenLifetimeS: 10_000, subTokenLifetimeS: 100 });
+  const ws = await connected(t);
+  t.client.subscribe("orders.42");
+  await flush();
+  ws.ok("subscribe");
+  ws.serverClose(1006, "", false);
+  await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  const ws2 = t.last();
+  ws2.accept();
+  await flush();
+  assert.equal(ws2.last("subscribe").token, t.subTokens[0].token, "still valid: no token request per subscription on a fleet restart");
+  assert.equal(t.subTokens.length, 1);
+  ws2.ok("subscribe");
+  // 96 s into its life (4 s left, below tokenMinValidityMs) the connection drops just before
+  // the subrefresh would have run: the resubscribe asks for a new token.
+  await t.clock.advance(79_000 - t.named("disconnected").at(-1).delayMs);
+  ws2.serverClose(1006, "", false);
+  await t.clock.advance(17_000);
+  t.last().accept();
+  await flush();
+  assert.equal(t.subTokens.length, 2);
+  assert.equal(t.last().last("subscribe").token, t.subTokens[1].token);
+});
+
+test("unsubscribed 'expired': a new token and a subscribe again, resuming from the last position", async () => {
+  const t = setupSubTokens({ client: { refreshToken: false } });
+  const ws = await connected(t);
+  const sub = t.client.subscribe("feed.1");
+  const reasons = [];
+  sub.on("subscribing", (e) => reasons.push(e.reason));
+  const subscribed = [];
+  sub.on("subscribed", (c) => subscribed.push(c));
+  await flush();
+  ws.ok("subscribe", { epoch: "e1", seq: 10 });
+  ws.push({ type: "message", channel: "feed.1", payload: 1, seq: 11, prev: 10 });
+  ws.push({ type: "unsubscribed", channel: "feed.1", reason: "expired" });
+  assert.equal(sub.state, "subscribing");
+  await flush();
+  const again = ws.last("subscribe");
+  assert.equal(ws.ofType("subscribe").length, 2);
+  assert.equal(again.token, t.subTokens[1].token, "a new token, not the expired one");
+  assert.deepEqual(again.since, { epoch: "e1", seq: 11 });
+  ws.ok("subscribe", { epoch: "e1", seq: 11, recovered: true });
+  assert.deepEqual(reasons, ["expired"], "(the first, \"subscribe\", came before the listener)");
+  assert.deepEqual(subscribed.map((c) => [c.resubscribed, c.recovered]), [[false, false], [true, true]]);
+  assert.equal(ws.ofType("subrefresh").length, 0, "refreshToken: false");
+});
+
+test("'expired' with a token that cannot be had: retried with backoff, at most maxAuthFailures, then ended", async () => {
+  let down = false;
+  const t = setupSubTokens({ failSubToken: () => down, random: () => 1 });
+  const ws = await connected(t);
+  const sub = t.client.subscribe("orders.42");
+  const errors = [];
+  sub.on("error", (e) => errors.push(e.reason));
+  const ended = [];
+  sub.on("unsubscribed", (e) => ended.push(e));
+  await flush();
+  ws.ok("subscribe");
+  down = true;
+  ws.push({ type: "unsubscribed", channel: "orders.42", reason: "expired" });
+  await flush();
+  assert.equal(errors.length, 1);
+  assert.match(errors[0], /getSubscriptionToken\(orders\.42\) failed: Error: token endpoint down/);
+  assert.equal(sub.state, "subscribing");
+  // Backoff (random 1: the top of the window): 1 s, then 2 s; the third failure ends it.
+  await t.clock.advance(999);
+  assert.equal(errors.length, 1);
+  await t.clock.advance(1);
+  assert.equal(errors.length, 2);
+  await t.clock.advance(2000);
+  assert.equal(errors.length, 3);
+  assert.equal(sub.state, "unsubscribed");
+  assert.equal(ended.length, 1);
+  assert.equal(ended[0].byRelay, false);
+  assert.match(ended[0].reason, /token endpoint down/);
+  assert.equal(t.client.getSubscription("orders.42"), undefined);
+  assert.equal(ws.ofType("subscribe").length, 1, "nothing sent without a token");
+  await t.clock.advance(60_000);
+  assert.equal(errors.length, 3, "no retry after it ended");
+});
+
+test("subscribe refused with 401: a new token and a retry; one that works resets the count", async () => {
+  const t = setupSubTokens({ random: () => 0 });
+  const ws = await connected(t);
+  const sub = t.client.subscribe("orders.42");
+  await flush();
+  ws.push({ type: "error", id: ws.last("subscribe").id, code: 401, reason: "invalid subscription token" });
+  assert.equal(sub.state, "subscribing");
+  await t.clock.advance(500);
+  assert.equal(ws.ofType("subscribe").length, 2);
+  assert.equal(ws.last("subscribe").token, t.subTokens[1].token);
+  ws.ok("subscribe");
+  assert.equal(sub.state, "subscribed");
+});
+
+test("subscribe refused with 403 by a backend (appCode): ended with code and appCode; 'forbidden' ends a live one", async () => {
+  const t = setupSubTokens();
+  const ws = await connected(t);
+  const denied = t.client.subscribe("orders.43");
+  const ready = denied.ready();
+  const ended = [];
+  denied.on("unsubscribed", (e) => ended.push(e));
+  await flush();
+  ws.push({ type: "error", id: ws.last("subscribe").id, code: 403, reason: "not your order", appCode: 4040 });
+  await assert.rejects(ready, (e) => e instanceof WsrelayError && e.code === 403 && e.appCode === 4040 && e.reason === "not your order");
+  assert.deepEqual(ended, [{ reason: "not your order", code: 403, appCode: 4040, byRelay: true }]);
+  assert.equal(t.named("error").at(-1).error.appCode, 4040);
+
+  const live = t.client.subscribe("orders.42");
+  await flush();
+  ws.ok("subscribe");
+  const liveEnded = [];
+  live.on("unsubscribed", (e) => liveEnded.push(e));
+  ws.push({ type: "unsubscribed", channel: "orders.42", reason: "forbidden" });
+  assert.deepEqual(liveEnded, [{ reason: "forbidden", byRelay: true }]);
+  assert.equal(live.state, "unsubscribed");
+  await t.clock.advance(200_000);
+  assert.equal(ws.ofType("subrefresh").length, 0, "no subrefresh for an ended subscription");
+  assert.equal(ws.ofType("subscribe").length, 2, "and no subscribe again");
+});
+
+test("subrefresh refused: reported (kind subrefresh); the subscription runs on; getSubscriptionToken failures retried while time is left", async () => {
+  let down = false;
+  const t = setupSubTokens({ tokenLifetimeS: 10_000, subTokenLifetimeS: 100, failSubToken: () => down });
+  const ws = await connected(t);
+  const sub = t.client.subscribe("orders.42");
+  await flush();
+  ws.ok("subscribe");
+  await t.clock.advance(80_000);
+  ws.push({ type: "error", id: ws.last("subrefresh").id, code: 401, reason: "invalid subscription token" });
+  await flush();
+  const e = t.named("error").at(-1);
+  assert.deepEqual([e.kind, e.error.code], ["subrefresh", 401]);
+  assert.equal(sub.state, "subscribed");
+  assert.equal(t.client.state, "connected", "a refused subscription token does not touch the connection");
+
+  // A new subscription whose token source fails at refresh time: retried (min(5 s, half the
+  // time left)), and once it works the subrefresh goes out.
+  const other = t.client.subscribe("orders.44");
+  await flush();
+  ws.ok("subscribe");
+  down = true;
+  await t.clock.advance(80_000);
+  assert.equal(t.named("error").at(-1).kind, "subrefresh");
+  assert.match(t.named("error").at(-1).error.reason, /token endpoint down/);
+  const before = ws.ofType("subrefresh").length;
+  down = false;
+  await t.clock.advance(5_000);
+  assert.equal(ws.ofType("subrefresh").length, before + 1);
+  assert.equal(ws.last("subrefresh").channel, "orders.44");
+  assert.equal(other.state, "subscribed");
+});
+
+test("a token that arrives after its subscription ended or its connection closed is not used", async () => {
+  let release;
+  const t = setup({
+    client: { getSubscriptionToken: () => new Promise((r) => (release = r)) },
+  });
+  const ws = await connected(t);
+  const sub = t.client.subscribe("orders.42");
+  await flush();
+  sub.unsubscribe();
+  release(fakeJwt({ sub: "alice", channel: "orders.42", exp: 2e9 }));
+  await flush();
+  assert.equal(ws.ofType("subscribe").length, 0);
+  assert.equal(ws.ofType("unsubscribe").length, 0, "nothing to unsubscribe: no subscribe went out");
+
+  t.client.subscribe("orders.43");
+  await flush();
+  ws.serverClose(1006, "", false);
+  release(fakeJwt({ sub: "alice", channel: "orders.43", exp: 2e9 }));
+  await flush();
+  assert.equal(ws.ofType("subscribe").length, 0, "not on the old connection");
+});
+
+test("backend data: welcome.data in connected and client.server, the subscribe ok's data in subscribed; publish token and appCode", async () => {
+  const t = setup();
+  const ws = await connected(t, { data: { plan: "pro" } });
+  assert.deepEqual(t.named("connected")[0].data, { plan: "pro" });
+  assert.deepEqual(t.client.server.data, { plan: "pro" });
+  const sub = t.client.subscribe("orders.42");
+  ws.ok("subscribe", { data: { status: "shipped" } });
+  assert.deepEqual((await sub.ready()).data, { status: "shipped" });
+  const plain = t.client.subscribe("me.notify");
+  ws.ok("subscribe");
+  assert.equal("data" in (await plain.ready()), false);
+
+  const p = t.client.publish("orders.42", { x: 1 }, { token: "sub.tok.en" });
+  assert.equal(ws.last("publish").token, "sub.tok.en");
+  ws.push({ type: "error", id: ws.last("publish").id, code: 403, reason: "order closed", appCode: 4009 });
+  await assert.rejects(p, (e) => e.code === 403 && e.appCode === 4009);
+  const q = t.client.publishText("chat.1", "hi");
+  assert.equal("token" in ws.last("publish"), false);
+  ws.push({ type: "error", id: ws.last("publish").id, code: 403, reason: "no binding" });
+  await assert.rejects(q, (e) => e.code === 403 && e.appCode === undefined);
+});
+
+test("refresh failures, connection and subscription alike: a throwing function is retried while time is left; a token that expires no later is not sent", async () => {
+  // Connection token, 100 s: refresh at 80 s; getToken throws; retried at min(5 s, left / 2).
+  let mode = "ok";
+  let n = 0;
+  const t = setup({
+    getToken: async () => {
+      if (mode === "throw" && n > 0) throw new Error("idp down");
+      const exp = mode === "same" ? first : Math.floor(t.clock.now() / 1000) + 100;
+      n++;
+      return fakeJwt({ sub: "alice", n, exp });
+    },
+  });
+  const first = Math.floor(t.clock.now() / 1000) + 100;
+  const ws = await connected(t);
+  mode = "throw";
+  await t.clock.advance(80_000);
+  let e = t.named("error").at(-1);
+  assert.deepEqual([e.kind, e.error.code], ["refresh", "token"]);
+  assert.match(e.error.reason, /getToken failed: Error: idp down/);
+  assert.equal(ws.ofType("refresh").length, 0);
+  mode = "same"; // a token with the same exp: nothing newer
+  await t.clock.advance(5_000);
+  e = t.named("error").at(-1);
+  assert.match(e.error.reason, /getToken returned no token that expires later than the current one/);
+  assert.equal(ws.ofType("refresh").length, 0, "not sent");
+  assert.equal(t.named("error").length, 2);
+  assert.equal(t.client.state, "connected");
+
+  // The same two outcomes for a subscription token, by the same code.
+  let subMode = "ok";
+  let subFirst;
+  let subN = 0;
+  const s = setup({ tokenLifetimeS: 10_000 });
+  const sws = await connected(s);
+  s.client.subscribe("orders.42", {
+    getToken: async (channel) => {
+      if (subMode === "throw") throw new Error("down");
+      const exp = subMode === "same" ? subFirst : Math.floor(s.clock.now() / 1000) + 100;
+      subFirst ??= exp;
+      return fakeJwt({ sub: "alice", channel, exp, n: ++subN });
+    },
+  });
+  await flush();
+  sws.ok("subscribe");
+  subMode = "throw";
+  await s.clock.advance(80_000);
+  assert.match(s.named("error").at(-1).error.reason, /getSubscriptionToken\(orders\.42\) failed: Error: down/);
+  subMode = "same";
+  await s.clock.advance(5_000);
+  assert.match(s.named("error").at(-1).error.reason, /getSubscriptionToken\(orders\.42\) returned no token that expires later/);
+  assert.deepEqual(s.named("error").map((x) => x.kind), ["subrefresh", "subrefresh"]);
+  assert.equal(sws.ofType("subrefresh").length, 0);
+});
+
+test("refreshTokenNow(): sends a new token even when it expires no later (new claims); not the same token again", async () => {
+  let claims = { rooms: ["1", "2"] };
+  const exp = Math.floor(Date.now() / 1000) + 600; // every token: the same exp
+  const t = setup({ getToken: async () => fakeJwt({ sub: "alice", exp, ...claims }) });
+  const ws = await connected(t);
+  claims = { rooms: ["1"] };
+  const p = t.client.refreshTokenNow();
+  await flush();
+  const r = ws.last("refresh");
+  assert.ok(r, "sent: the app asked for it (the relay re-checks subscriptions under the new claims)");
+  assert.equal(r.token, fakeJwt({ sub: "alice", exp, rooms: ["1"] }));
+  ws.ok("refresh");
+  await p;
+  assert.equal(t.named("token").length, 1);
+  // The same token again: nothing to send.
+  await assert.rejects(t.client.refreshTokenNow(), (e) => e.code === "token" && /no new token/.test(e.reason));
+  assert.equal(ws.ofType("refresh").length, 1);
+});
