@@ -90,6 +90,7 @@ pub const CATEGORIES: &[&str] = &[
     "SecretKeyNotFound",
     "InvalidSecret",
     "SecretNotUsable",
+    "InvalidRule",
     "InvalidConfig",
     "BuildFailed",
     "ApplyFailed",
@@ -163,6 +164,10 @@ mod tests {
                     key: "k".into(),
                     value: "v".into(),
                 },
+            }),
+            Error::Validate(ValidateError::InvalidRule {
+                field: "spec.bindings[0].authorize.rule".into(),
+                error: wsrelay_config::rule::compile("nope(").expect_err("bad rule"),
             }),
             Error::Build(BuildError::MissingMetadata("uid")),
             Error::Apply {

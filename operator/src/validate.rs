@@ -35,6 +35,15 @@ pub enum ValidateError {
         "Secret {name} lacks the label {label}: this installation lets a gateway use only Secrets labelled so (ask whoever owns the Secret to label it)"
     )]
     SecretNotUsable { name: String, label: SecretLabel },
+    /// A binding's `authorize.rule` does not compile (checked here too, so a cluster
+    /// without the validating webhook never renders a config the relays refuse).
+    #[error("{field}: {error}")]
+    InvalidRule {
+        /// Where, e.g. `spec.bindings[2].authorize.rule`.
+        field: String,
+        /// Why, with the line and column when the parser knows them.
+        error: wsrelay_config::rule::RuleError,
+    },
 }
 
 /// The label a Secret must carry for a gateway to use it (`--secret-label key=value`).
@@ -86,6 +95,7 @@ impl ValidateError {
             Self::SecretKeyNotFound { .. } => "SecretKeyNotFound",
             Self::InvalidSecret { .. } => "InvalidSecret",
             Self::SecretNotUsable { .. } => "SecretNotUsable",
+            Self::InvalidRule { .. } => "InvalidRule",
         }
     }
 }
@@ -113,20 +123,45 @@ fn references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
     refs
 }
 
-/// The keys of the Secrets mounted under the relay's secrets directory: NATS and JWT (the
-/// serving certificate has a mount of its own).
+/// The keys of the Secrets mounted under the relay's secrets directory: NATS and JWT, the
+/// connection tokens' and each binding's subscription-token keys (the serving certificate
+/// has a mount of its own).
 fn mounted_references(gw: &WebsocketGateway) -> Vec<(String, String, Content)> {
     let mut refs = nats_references(gw);
+    let mut push_keys = |hmac: Option<&SecretKeyRef>, public_key: Option<&SecretKeyRef>| {
+        if let Some(r) = hmac {
+            refs.push((r.name.clone(), r.key.clone(), Content::HmacKey));
+        }
+        if let Some(r) = public_key {
+            refs.push((r.name.clone(), r.key.clone(), Content::Pem));
+        }
+    };
     if let Some(j) = &gw.spec.auth.jwt {
-        let mut push = |r: &SecretKeyRef, c: Content| refs.push((r.name.clone(), r.key.clone(), c));
-        if let Some(r) = &j.hmac_secret_ref {
-            push(r, Content::HmacKey);
-        }
-        if let Some(r) = &j.public_key_secret_ref {
-            push(r, Content::Pem);
-        }
+        push_keys(j.hmac_secret_ref.as_ref(), j.public_key_secret_ref.as_ref());
+    }
+    for j in gw
+        .spec
+        .bindings
+        .iter()
+        .filter_map(|b| b.authorize.as_ref()?.token.as_ref()?.jwt.as_ref())
+    {
+        push_keys(j.hmac_secret_ref.as_ref(), j.public_key_secret_ref.as_ref());
     }
     refs
+}
+
+/// Compiles each binding's `authorize.rule` as the relay will: the first that does not
+/// compile is named with where it fails. Pure.
+fn check_rules(gw: &WebsocketGateway) -> Result<(), ValidateError> {
+    for (i, b) in gw.spec.bindings.iter().enumerate() {
+        if let Some(rule) = b.authorize.as_ref().and_then(|a| a.rule.as_deref()) {
+            wsrelay_config::rule::compile(rule).map_err(|error| ValidateError::InvalidRule {
+                field: format!("spec.bindings[{i}].authorize.rule"),
+                error,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// The Secrets the relay pods mount under the secrets directory, one volume each (sorted,
@@ -228,13 +263,14 @@ pub fn secret_names(gw: &WebsocketGateway) -> Vec<String> {
     names
 }
 
-/// Checks the referenced Secrets (`None`: the Secret does not exist), and that each carries
-/// `required` when the installation requires a label. Pure.
+/// Checks the bindings' rules, the referenced Secrets (`None`: the Secret does not exist),
+/// and that each Secret carries `required` when the installation requires a label. Pure.
 pub fn validate(
     gw: &WebsocketGateway,
     secrets: &BTreeMap<String, Option<Secret>>,
     required: Option<&SecretLabel>,
 ) -> Result<(), ValidateError> {
+    check_rules(gw)?;
     for (name, key, content) in references(gw) {
         let secret = secrets
             .get(&name)
@@ -583,5 +619,121 @@ mod tests {
         s.insert("chat-nats".into(), secret(&[("token", " \n")]));
         let err = validate(&gateway(), &s, None).expect_err("empty");
         assert!(err.to_string().ends_with("is empty"), "{err}");
+    }
+
+    fn authorize_gateway() -> WebsocketGateway {
+        serde_yaml::from_str(include_str!("../tests/fixtures/authorize.yaml")).expect("fixture")
+    }
+
+    const PUBLIC_KEY: &str = "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n";
+
+    fn authorize_secrets() -> BTreeMap<String, Option<Secret>> {
+        BTreeMap::from([
+            (
+                "shop-jwt".to_string(),
+                secret(&[("hmac", "0123456789abcdef0123456789abcdef")]),
+            ),
+            (
+                "channel-keys".to_string(),
+                secret(&[("public.pem", PUBLIC_KEY)]),
+            ),
+        ])
+    }
+
+    /// A binding's subscription-token keys are checked like `auth.jwt`'s and mounted
+    /// beside them.
+    #[test]
+    fn a_subscription_tokens_own_key_secret_is_checked_and_mounted() {
+        let gw = authorize_gateway();
+        assert_eq!(validate(&gw, &authorize_secrets(), None), Ok(()));
+        assert_eq!(secret_names(&gw), ["channel-keys", "shop-jwt"]);
+        assert!(mounted_secret_names(&gw).contains("channel-keys"));
+
+        let mut s = authorize_secrets();
+        s.insert("channel-keys".into(), None);
+        assert_eq!(
+            validate(&gw, &s, None),
+            Err(ValidateError::SecretNotFound {
+                name: "channel-keys".into()
+            })
+        );
+        let mut s = authorize_secrets();
+        s.insert("channel-keys".into(), secret(&[("other.pem", PUBLIC_KEY)]));
+        assert_eq!(
+            validate(&gw, &s, None).map_err(|e| e.category()),
+            Err("SecretKeyNotFound")
+        );
+        let mut s = authorize_secrets();
+        s.insert(
+            "channel-keys".into(),
+            secret(&[("public.pem", "not a key")]),
+        );
+        let err = validate(&gw, &s, None).expect_err("not PEM");
+        assert_eq!(err.category(), "InvalidSecret");
+        assert!(err.to_string().contains("not PEM"), "{err}");
+
+        // An HMAC key of the binding's own is held to HS256's minimum length.
+        let mut gw = authorize_gateway();
+        let jwt = gw.spec.bindings[2]
+            .authorize
+            .as_mut()
+            .and_then(|a| a.token.as_mut())
+            .and_then(|t| t.jwt.as_mut())
+            .expect("the private binding's own key set");
+        jwt.public_key_secret_ref = None;
+        jwt.algorithms.clear();
+        jwt.hmac_secret_ref = Some(SecretKeyRef {
+            name: "channel-keys".into(),
+            key: "hmac".into(),
+        });
+        let mut s = authorize_secrets();
+        s.insert("channel-keys".into(), secret(&[("hmac", "short")]));
+        let err = validate(&gw, &s, None).expect_err("weak key");
+        assert_eq!(err.category(), "InvalidSecret");
+        assert!(err.to_string().contains("at least 32 bytes"), "{err}");
+    }
+
+    /// A rule that does not compile is named with its binding and where it fails, before
+    /// any Secret is looked at.
+    #[test]
+    fn a_rule_that_does_not_compile_is_an_invalid_rule_with_its_position() {
+        let mut gw = authorize_gateway();
+        let rule = &mut gw.spec.bindings[0]
+            .authorize
+            .as_mut()
+            .expect("authorize")
+            .rule;
+        *rule = Some("vars.room in claims.rooms ||\n  claims.roles.exists(r, r ==)".into());
+        let err = validate(&gw, &BTreeMap::new(), None).expect_err("bad rule");
+        assert_eq!(err.category(), "InvalidRule");
+        let ValidateError::InvalidRule { field, error } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(field, "spec.bindings[0].authorize.rule");
+        let (line, column) = error.at.expect("a position");
+        assert_eq!(line, 2, "{err}");
+        assert!(column > 1, "{err}");
+        assert!(
+            err.to_string().starts_with(&format!(
+                "spec.bindings[0].authorize.rule: line 2, column {column}: "
+            )),
+            "{err}"
+        );
+        // A variable the relay does not provide is refused too (the checker, not the parser).
+        *gw.spec.bindings[0]
+            .authorize
+            .as_mut()
+            .expect("authorize")
+            .rule
+            .as_mut()
+            .expect("rule") = "user.admin".into();
+        let err = validate(&gw, &authorize_secrets(), None).expect_err("unknown variable");
+        assert_eq!(err.category(), "InvalidRule");
+        assert!(err.to_string().contains("user"), "{err}");
+        // The fixture's own rules compile.
+        assert_eq!(
+            validate(&authorize_gateway(), &authorize_secrets(), None),
+            Ok(())
+        );
     }
 }

@@ -84,7 +84,8 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsrelay/wsrelay:", env!("CARGO_
     validation = Rule::new("!has(self.autoscaling) || self.autoscaling.targetConnectionsPerPod <= self.limits.maxConnectionsPerPod").message("spec.autoscaling.targetConnectionsPerPod must not exceed spec.limits.maxConnectionsPerPod: pods would refuse connections before the autoscaler adds more"),
     validation = Rule::new("self.bindings.all(b, !has(b.history) || b.history.maxMessages <= self.limits.sendQueueLength)").message("a binding's history.maxMessages must not exceed limits.sendQueueLength: a full replay is queued to the client at once"),
     validation = Rule::new("self.bindings.all(b, !has(b.history) || b.history.maxBytes >= self.limits.maxMessageBytes)").message("a binding's history.maxBytes must be at least limits.maxMessageBytes: the stream must hold one message of the largest size"),
-    validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, b.subject.contains('{claims.'))").message("a binding uses {claims.*} but auth has no jwt section, so clients carry no claims: add auth.jwt or drop the claims from the subject")
+    validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, b.subject.contains('{claims.'))").message("a binding uses {claims.*} but auth has no jwt section, so clients carry no claims: add auth.jwt or drop the claims from the subject"),
+    validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, has(b.authorize) && has(b.authorize.token) && !has(b.authorize.token.jwt))").message("a binding's authorize.token has no jwt of its own, so subscription tokens would be verified with spec.auth.jwt's keys, and auth has no jwt section: add auth.jwt, or give the token its own jwt (a subscription token's sub must also match the connection's, which needs auth.jwt)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WebsocketGatewaySpec {
@@ -250,7 +251,8 @@ fn default_password_key() -> String {
 #[x_kube(
     validation = Rule::new("has(self.jwt) || self.allowAnonymous").message("auth needs a jwt section, or allowAnonymous: true for a gateway without authentication"),
     validation = Rule::new("!has(self.jwt) || !self.jwt.tokenSources.exists(s, s.from == 'Cookie') || (has(self.allowedOrigins) && self.allowedOrigins.size() > 0)").message("a Cookie token source needs allowedOrigins: browsers send cookies on cross-site WebSocket requests"),
-    validation = Rule::new("!has(self.jwt) || !self.jwt.tokenSources.exists(s, s.from == 'Cookie') || !has(self.allowedOrigins) || !self.allowedOrigins.exists(o, o == '*')").message("a Cookie token source cannot be combined with allowedOrigins '*': any site could open a connection with the visitor's cookie (cross-site WebSocket hijacking); list the allowed origins")
+    validation = Rule::new("!has(self.jwt) || !self.jwt.tokenSources.exists(s, s.from == 'Cookie') || !has(self.allowedOrigins) || !self.allowedOrigins.exists(o, o == '*')").message("a Cookie token source cannot be combined with allowedOrigins '*': any site could open a connection with the visitor's cookie (cross-site WebSocket hijacking); list the allowed origins"),
+    validation = Rule::new("!has(self.connectRequest) || has(self.jwt)").message("auth.connectRequest asks your backend whether a token's identity may connect: it needs auth.jwt (an anonymous connection has no identity to ask about)")
 )]
 pub struct AuthSpec {
     /// Verify a JWT presented by each client.
@@ -282,6 +284,14 @@ pub struct AuthSpec {
     /// HTTP statuses (a refused handshake then answers 401/403/429/503).
     #[serde(default = "default_true")]
     pub refuse_after_upgrade: bool,
+
+    /// The connect step: after the token is verified and before the upgrade, ask your
+    /// backend over NATS request-reply whether this identity may connect (`op` `connect`,
+    /// docs/protocol.md section 3). A deny refuses the connection (403, or 4403 after the
+    /// upgrade); a timeout or no backend listening refuses it with 503 (4503) unless
+    /// `onTimeout: Allow`. The reply's `data` reaches the client in `welcome`. Needs `jwt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_request: Option<BackendRequestSpec>,
 }
 
 fn default_true() -> bool {
@@ -295,6 +305,7 @@ impl Default for AuthSpec {
             allow_anonymous: false,
             allowed_origins: Vec::new(),
             refuse_after_upgrade: default_true(),
+            connect_request: None,
         }
     }
 }
@@ -468,6 +479,193 @@ pub struct Binding {
     /// have JetStream enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<BindingHistory>,
+    /// Who may use the channel, beyond what the subject template decides from the token:
+    /// `orders.{id}` or `rooms.{room}` otherwise accept any value from any authenticated
+    /// client. Up to three checks; all the ones named must allow, and they run cheapest
+    /// first (token, rule, request) on every `subscribe` and `publish` on the binding
+    /// (docs/protocol.md section 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorize: Option<AuthorizeSpec>,
+}
+
+/// The checks a binding adds; all the ones named must allow.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.token) || has(self.rule) || has(self.request)").message("authorize names no check: set token, rule or request (all the ones set must allow), or remove authorize")
+)]
+pub struct AuthorizeSpec {
+    /// Require a subscription token: a short JWT for this one channel that the client got
+    /// from your backend and sends with the `subscribe` (claims `sub`, equal to the
+    /// connection's, `channel`, equal to the channel, and `exp`; the subscription ends at
+    /// its `exp` unless the client sends a newer one). `{}` verifies it with
+    /// `spec.auth.jwt`'s keys; `jwt` names a key set of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SubscriptionTokenSpec>,
+    /// A CEL expression that must be `true`, over `claims` (the connection's JWT claims),
+    /// `vars` (the channel's placeholder values), `channel` and `op` (`subscribe` or
+    /// `publish`), e.g. `vars.room in claims.rooms || 'admin' in claims.roles`. At most 1024
+    /// bytes and 256 expression nodes, no comprehension inside another. A rule that does
+    /// not compile is refused when the gateway is applied (with a validating webhook
+    /// installed) or turns it Degraded (`InvalidRule`, naming the line and column). A rule
+    /// that fails when it runs (an absent claim: use `has(claims.rooms)`) denies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub rule: Option<String>,
+    /// Ask your backend over NATS request-reply, answered allow or deny (for access that
+    /// lives in your application's data: who owns order 42). Decisions are cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<BackendRequestSpec>,
+}
+
+/// How a binding's subscription tokens are verified.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscriptionTokenSpec {
+    /// The binding's own key set, shaped like `spec.auth.jwt` (without token sources: the
+    /// token travels in the `subscribe`). Unset: `spec.auth.jwt`'s keys, issuer and
+    /// audiences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<TokenJwtSpec>,
+}
+
+/// A subscription token's key set: exactly one key source, optional issuer and audience
+/// checks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("[has(self.hmacSecretRef), has(self.publicKeySecretRef), has(self.jwksUrl)].filter(x, x).size() == 1").message("authorize.token.jwt needs exactly one key source: hmacSecretRef, publicKeySecretRef or jwksUrl"),
+    validation = Rule::new("!has(self.hmacSecretRef) || !has(self.algorithms) || self.algorithms.all(a, a == 'HS256')").message("an HMAC secret verifies only HS256 tokens: remove the other algorithms from authorize.token.jwt"),
+    validation = Rule::new("has(self.hmacSecretRef) || !has(self.algorithms) || !self.algorithms.exists(a, a == 'HS256')").message("HS256 subscription tokens need authorize.token.jwt.hmacSecretRef: a public key or JWKS cannot verify them"),
+    validation = Rule::new("!has(self.publicKeySecretRef) || !has(self.algorithms) || self.algorithms.size() == 1").message("a PEM public key is either RSA (RS256) or EC (ES256): list one algorithm in authorize.token.jwt"),
+    validation = Rule::new("has(self.jwksUrl) || (!has(self.jwksCacheSeconds) && !has(self.jwksMinRefreshSeconds))").message("authorize.token.jwt: jwksCacheSeconds and jwksMinRefreshSeconds apply only with jwksUrl"),
+    validation = Rule::new("!has(self.jwksUrl) || !self.jwksUrl.startsWith('http://') || self.jwksAllowHttp").message("authorize.token.jwt.jwksUrl is http://: keys fetched without TLS can be replaced by anyone on the path; use https://, or set jwksAllowHttp: true for an issuer on a network you trust (tests, in-cluster)"),
+    validation = Rule::new("has(self.jwksUrl) || !self.jwksAllowHttp").message("authorize.token.jwt: jwksAllowHttp applies only with jwksUrl")
+)]
+pub struct TokenJwtSpec {
+    /// An HMAC secret for HS256 tokens (at least 32 bytes). Rotating the Secret's value
+    /// takes effect without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_secret_ref: Option<SecretKeyRef>,
+
+    /// A PEM public key (RSA or EC) for RS256/ES256 tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_secret_ref: Option<SecretKeyRef>,
+
+    /// An https URL serving a JWKS for RS256/ES256 tokens; the relays refresh it. `http://`
+    /// only with `jwksAllowHttp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://')) && url(self).getHostname() != ''").message("authorize.token.jwt.jwksUrl must be an http(s) URL such as https://issuer.example.com/.well-known/jwks.json"))]
+    pub jwks_url: Option<String>,
+
+    /// Accept an `http://` `jwksUrl` (only for an issuer on a network you trust).
+    #[serde(default)]
+    pub jwks_allow_http: bool,
+
+    /// How long the relays use a fetched JWKS before fetching it again, in seconds (with
+    /// `jwksUrl`). Unset: the relay's default (300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub jwks_cache_seconds: Option<i32>,
+
+    /// The least time between two fetches caused by tokens with an unknown key id, in
+    /// seconds (with `jwksUrl`). Unset: the relay's default (10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub jwks_min_refresh_seconds: Option<i32>,
+
+    /// The algorithms accepted. Empty: HS256 for an HMAC secret, RS256 for a public key,
+    /// RS256 and ES256 for a JWKS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    pub algorithms: Vec<JwtAlgorithm>,
+
+    /// Required `iss` claim. Unset: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub issuer: Option<String>,
+
+    /// Accepted `aud` values (any one must match). Empty: not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 256)))]
+    pub audiences: Vec<String>,
+
+    /// Clock skew tolerated on `nbf`, in seconds (`exp` is enforced to the second).
+    #[serde(default = "default_leeway")]
+    #[schemars(range(min = 0, max = 300))]
+    pub leeway_seconds: i32,
+}
+
+impl TokenJwtSpec {
+    /// The same key set as a connection token's `JwtSpec` (token sources do not apply to
+    /// a subscription token; the default ones stand in), so both map and validate alike.
+    pub fn as_jwt_spec(&self) -> JwtSpec {
+        JwtSpec {
+            hmac_secret_ref: self.hmac_secret_ref.clone(),
+            public_key_secret_ref: self.public_key_secret_ref.clone(),
+            jwks_url: self.jwks_url.clone(),
+            jwks_allow_http: self.jwks_allow_http,
+            jwks_cache_seconds: self.jwks_cache_seconds,
+            jwks_min_refresh_seconds: self.jwks_min_refresh_seconds,
+            algorithms: self.algorithms.clone(),
+            issuer: self.issuer.clone(),
+            audiences: self.audiences.clone(),
+            leeway_seconds: self.leeway_seconds,
+            token_sources: default_token_sources(),
+        }
+    }
+}
+
+/// A question to your backend over NATS request-reply: the relay sends the operation, the
+/// channel, its placeholder values and the connection's claims (JSON) and waits for
+/// `{"allow": true}` or `{"allow": false, "reason": "..."}` (docs/protocol.md section 3).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRequestSpec {
+    /// The NATS subject your backend serves, a fixed subject such as `authz.orders` (serve
+    /// it with a queue group to spread the load).
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_-]+([.][A-Za-z0-9_-]+)*$') && self != '_INBOX' && !self.startsWith('_INBOX.') && self != '_WSRELAY' && !self.startsWith('_WSRELAY.')").message("request subject must be a fixed NATS subject: dot-separated names of letters, digits, '-' and '_' (no wildcards or placeholders), not starting with '$', _INBOX or _WSRELAY, e.g. authz.orders"))]
+    pub subject: String,
+    /// How long to wait for the reply, in milliseconds; then `onTimeout` decides.
+    #[serde(default = "default_request_timeout_ms")]
+    #[schemars(range(min = 1, max = 5000))]
+    pub timeout_ms: i32,
+    /// How long a decision (allow or deny) is reused for the same question (identity,
+    /// operation and channel; for the connect step, the identity), in seconds, or until the
+    /// reply's `expiresAt` when that is sooner; 0: never cached. Failures are never cached.
+    #[serde(default = "default_request_cache_seconds")]
+    #[schemars(range(min = 0, max = 86_400))]
+    pub cache_seconds: i32,
+    /// Most decisions each relay keeps for this check.
+    #[serde(default = "default_request_cache_entries")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub cache_entries: i32,
+    /// What a backend that does not answer within `timeoutMs` decides. No backend
+    /// listening, or NATS disconnected, always refuses (503), whatever this says.
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+}
+
+fn default_request_timeout_ms() -> i32 {
+    300
+}
+fn default_request_cache_seconds() -> i32 {
+    30
+}
+fn default_request_cache_entries() -> i32 {
+    10_000
+}
+
+/// What a backend that does not answer in time decides.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum OnTimeout {
+    /// Refuse with 503 (the client retries later).
+    #[default]
+    Deny,
+    /// Allow.
+    Allow,
 }
 
 /// How much history a resumable binding keeps, per channel.

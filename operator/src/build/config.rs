@@ -8,7 +8,8 @@ use wsrelay_config as relay;
 
 use super::{ADMIN_PORT, CLIENT_PORT, WS_PATH};
 use crate::api::{
-    Direction, JwtAlgorithm, SecretKeyRef, SlowConsumerPolicy, TokenLocation, WebsocketGatewaySpec,
+    AuthorizeSpec, BackendRequestSpec, Direction, JwtAlgorithm, JwtSpec, OnTimeout, SecretKeyRef,
+    SlowConsumerPolicy, TokenLocation, WebsocketGatewaySpec,
 };
 
 /// The ConfigMap key holding the relay config.
@@ -162,6 +163,75 @@ pub fn history_stream(namespace: &str, name: &str, subject_filter: &str) -> Stri
     }
 }
 
+/// A JWT key set as the relay reads it (the connection tokens' or a binding's own).
+fn relay_jwt(j: &JwtSpec) -> relay::Jwt {
+    let algorithms = if j.algorithms.is_empty() {
+        // The key source decides what can be verified; HS256 never mixes with the others.
+        if j.hmac_secret_ref.is_some() {
+            vec![relay::JwtAlgorithm::HS256]
+        } else if j.public_key_secret_ref.is_some() {
+            vec![relay::JwtAlgorithm::RS256]
+        } else {
+            vec![relay::JwtAlgorithm::RS256, relay::JwtAlgorithm::ES256]
+        }
+    } else {
+        j.algorithms
+            .iter()
+            .map(|a| match a {
+                JwtAlgorithm::HS256 => relay::JwtAlgorithm::HS256,
+                JwtAlgorithm::RS256 => relay::JwtAlgorithm::RS256,
+                JwtAlgorithm::ES256 => relay::JwtAlgorithm::ES256,
+            })
+            .collect()
+    };
+    let mut key = relay::JwtKey {
+        hmac_secret_file: j.hmac_secret_ref.as_ref().map(key_path),
+        public_key_file: j.public_key_secret_ref.as_ref().map(key_path),
+        jwks_url: j.jwks_url.clone(),
+        jwks_allow_http: j.jwks_allow_http,
+        ..relay_default::<relay::JwtKey>()
+    };
+    if let Some(s) = j.jwks_cache_seconds {
+        key.jwks_cache_seconds = u64_of(s);
+    }
+    if let Some(s) = j.jwks_min_refresh_seconds {
+        key.jwks_min_refresh_seconds = u64_of(s);
+    }
+    relay::Jwt {
+        algorithms,
+        key,
+        issuer: j.issuer.clone(),
+        audiences: j.audiences.clone(),
+        leeway_seconds: u64_of(j.leeway_seconds),
+    }
+}
+
+/// A backend request (a binding's `authorize.request` or `auth.connectRequest`).
+fn relay_request(r: &BackendRequestSpec) -> relay::BackendRequest {
+    relay::BackendRequest {
+        subject: r.subject.clone(),
+        timeout_ms: u64_of(r.timeout_ms),
+        cache_seconds: u64_of(r.cache_seconds),
+        cache_entries: u32_of(r.cache_entries.into()),
+        on_timeout: match r.on_timeout {
+            OnTimeout::Deny => relay::OnTimeout::Deny,
+            OnTimeout::Allow => relay::OnTimeout::Allow,
+        },
+    }
+}
+
+/// A binding's `authorize` section. The subscription token's own keys appear as file
+/// paths like `auth.jwt`'s (the validate stage mounts their Secrets).
+fn relay_authorize(a: &AuthorizeSpec) -> relay::Authorize {
+    relay::Authorize {
+        token: a.token.as_ref().map(|t| relay::SubscriptionToken {
+            jwt: t.jwt.as_ref().map(|j| relay_jwt(&j.as_jwt_spec())),
+        }),
+        rule: a.rule.clone(),
+        request: a.request.as_ref().map(relay_request),
+    }
+}
+
 /// Maps the spec to the relay's config. Secrets appear as file paths (they are mounted into
 /// the pod), never inline, so the ConfigMap holds nothing secret.
 pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) -> relay::Config {
@@ -184,47 +254,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
         })
         .unwrap_or_default();
 
-    let jwt = spec.auth.jwt.as_ref().map(|j| {
-        let algorithms = if j.algorithms.is_empty() {
-            // The key source decides what can be verified; HS256 never mixes with the others.
-            if j.hmac_secret_ref.is_some() {
-                vec![relay::JwtAlgorithm::HS256]
-            } else if j.public_key_secret_ref.is_some() {
-                vec![relay::JwtAlgorithm::RS256]
-            } else {
-                vec![relay::JwtAlgorithm::RS256, relay::JwtAlgorithm::ES256]
-            }
-        } else {
-            j.algorithms
-                .iter()
-                .map(|a| match a {
-                    JwtAlgorithm::HS256 => relay::JwtAlgorithm::HS256,
-                    JwtAlgorithm::RS256 => relay::JwtAlgorithm::RS256,
-                    JwtAlgorithm::ES256 => relay::JwtAlgorithm::ES256,
-                })
-                .collect()
-        };
-        let mut key = relay::JwtKey {
-            hmac_secret_file: j.hmac_secret_ref.as_ref().map(key_path),
-            public_key_file: j.public_key_secret_ref.as_ref().map(key_path),
-            jwks_url: j.jwks_url.clone(),
-            jwks_allow_http: j.jwks_allow_http,
-            ..relay_default::<relay::JwtKey>()
-        };
-        if let Some(s) = j.jwks_cache_seconds {
-            key.jwks_cache_seconds = u64_of(s);
-        }
-        if let Some(s) = j.jwks_min_refresh_seconds {
-            key.jwks_min_refresh_seconds = u64_of(s);
-        }
-        relay::Jwt {
-            algorithms,
-            key,
-            issuer: j.issuer.clone(),
-            audiences: j.audiences.clone(),
-            leeway_seconds: u64_of(j.leeway_seconds),
-        }
-    });
+    let jwt = spec.auth.jwt.as_ref().map(relay_jwt);
 
     let token_sources = spec
         .auth
@@ -271,7 +301,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             allowed_origins: spec.auth.allowed_origins.clone(),
             allow_anonymous: spec.auth.allow_anonymous,
             refuse_after_upgrade: spec.auth.refuse_after_upgrade,
-            connect_request: None,
+            connect_request: spec.auth.connect_request.as_ref().map(relay_request),
         },
         bindings: spec
             .bindings
@@ -297,7 +327,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                     max_bytes: u64::try_from(h.max_bytes.max(0)).unwrap_or(0),
                     replicas: u8::try_from(h.replicas).unwrap_or(1),
                 }),
-                authorize: None,
+                authorize: b.authorize.as_ref().map(relay_authorize),
             })
             .collect(),
         limits: relay::Limits {
@@ -756,5 +786,128 @@ mod tests {
         let c = relay_config(&s, "ns", "gw");
         assert_eq!(c.drain.delay_before_close_seconds, 0);
         c.validate().expect("valid");
+    }
+
+    fn authorize_fixture() -> WebsocketGatewaySpec {
+        spec(include_str!("../../tests/fixtures/authorize.yaml"))
+    }
+
+    /// Each check of a binding's `authorize` and the connect step reach the relay config
+    /// as written, the subscription token's own key as a mounted file, and the relay
+    /// accepts the result.
+    #[test]
+    fn authorize_sections_reach_the_relay_config_and_the_relay_accepts_it() {
+        let config = relay_config(&authorize_fixture(), "apps", "shop");
+        config.validate().expect("the relay accepts the config");
+        let authorize = |channel: &str| {
+            config
+                .bindings
+                .iter()
+                .find(|b| b.channel == channel)
+                .and_then(|b| b.authorize.clone())
+                .unwrap_or_else(|| panic!("{channel} has no authorize"))
+        };
+        assert_eq!(
+            authorize("rooms.{room}"),
+            relay::Authorize {
+                token: None,
+                rule: Some("vars.room in claims.rooms || 'admin' in claims.roles".into()),
+                request: None,
+            }
+        );
+        assert_eq!(
+            authorize("orders.{id}").request,
+            Some(relay::BackendRequest {
+                subject: "authz.orders".into(),
+                timeout_ms: 300,
+                cache_seconds: 30,
+                cache_entries: 10_000,
+                on_timeout: relay::OnTimeout::Deny,
+            })
+        );
+        let own = authorize("private.{id}")
+            .token
+            .expect("token")
+            .jwt
+            .expect("its own key set");
+        assert_eq!(
+            own.key.public_key_file,
+            Some(PathBuf::from(
+                "/etc/wsrelay/secrets/channel-keys/public.pem"
+            ))
+        );
+        assert_eq!(own.key.hmac_secret_file, None);
+        assert_eq!(own.algorithms, vec![relay::JwtAlgorithm::ES256]);
+        assert_eq!(own.issuer.as_deref(), Some("https://channels.example.com"));
+        let all = authorize("vault.{id}");
+        assert_eq!(
+            all.token,
+            Some(relay::SubscriptionToken { jwt: None }),
+            "{{}}: auth.jwt's keys"
+        );
+        assert!(all.rule.is_some());
+        assert_eq!(
+            all.request,
+            Some(relay::BackendRequest {
+                subject: "authz.vault".into(),
+                timeout_ms: 1000,
+                cache_seconds: 0,
+                cache_entries: 500,
+                on_timeout: relay::OnTimeout::Allow,
+            })
+        );
+        assert_eq!(
+            config.auth.connect_request,
+            Some(relay::BackendRequest {
+                subject: "authz.connect".into(),
+                timeout_ms: 500,
+                cache_seconds: 60,
+                cache_entries: 10_000,
+                on_timeout: relay::OnTimeout::Deny,
+            })
+        );
+        let unchecked = config
+            .bindings
+            .iter()
+            .filter(|b| b.authorize.is_none())
+            .count();
+        assert_eq!(unchecked, 0);
+        // A gateway without the sections renders none.
+        let plain = relay_config(&minimal(), "ns", "gw");
+        assert!(plain.bindings.iter().all(|b| b.authorize.is_none()));
+        assert_eq!(plain.auth.connect_request, None);
+        // The rendered file reads back as the same config (the relay's own loader).
+        let back: relay::Config =
+            serde_json::from_str(&render_config(&config).expect("renders")).expect("reads back");
+        assert_eq!(back, config);
+    }
+
+    /// The CRD's defaults for a backend request are the relay's own: a request that names
+    /// only its subject means the same to both.
+    #[test]
+    fn a_backend_requests_crd_defaults_are_the_relays() {
+        let crd: crate::api::BackendRequestSpec =
+            serde_json::from_value(serde_json::json!({"subject": "authz.x"})).expect("crd");
+        let relay: relay::BackendRequest =
+            serde_json::from_value(serde_json::json!({"subject": "authz.x"})).expect("relay");
+        assert_eq!(relay_request(&crd), relay);
+    }
+
+    /// The ends of the ranges the CRD admits for a backend request pass the relay's
+    /// validation.
+    #[test]
+    fn the_request_extremes_the_crd_admits_pass_the_relays_validation() {
+        let mut s = authorize_fixture();
+        for (timeout, cache, entries) in [(1, 0, 1), (5000, 86_400, 1_000_000)] {
+            for b in &mut s.bindings {
+                if let Some(r) = b.authorize.as_mut().and_then(|a| a.request.as_mut()) {
+                    (r.timeout_ms, r.cache_seconds, r.cache_entries) = (timeout, cache, entries);
+                }
+            }
+            let config = relay_config(&s, "ns", "gw");
+            config
+                .validate()
+                .unwrap_or_else(|e| panic!("{timeout} {cache} {entries}: {e}"));
+        }
     }
 }
