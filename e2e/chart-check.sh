@@ -4,7 +4,8 @@
 #   - helm template of each of those piped to kubeconform -strict against JSON schemas made
 #     here from Kubernetes' own OpenAPI document (the pinned release, from the Go module
 #     cache), the chart's CRD and cert-manager's CRDs; a kind without a schema fails;
-#   - the generated serving certificate verifies for the Service name with the caBundle;
+#   - the generated serving certificate verifies for both Services' names with the caBundle
+#     of the APIServices and the webhook configuration; the webhook's rules and scope;
 #   - invalid values files are refused by values.schema.json;
 #   - no Role or ClusterRole grants list or watch on Secrets (every values set above);
 #   - the operator's NetworkPolicy admits its admin port only from relayAdminAccess.from;
@@ -20,7 +21,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 chart=$root/charts/wsrelay-operator
 cache=${WSRELAY_CACHE:-$HOME/.cache/wsrelay}
 # cert-manager's CRDs, to check the Issuer and Certificate the chart renders with
-# metricsApi.certManager.enabled. A Go module, so the module proxy has it.
+# servingCertificate.certManager.enabled. A Go module, so the module proxy has it.
 cert_manager=v1.21.2
 # The Prometheus Operator's CRDs, to check the PodMonitors and PrometheusRule the chart renders
 # with monitoring.* (also a Go module).
@@ -144,20 +145,49 @@ done
 log "examples/gateway.yaml against the CRD"
 conform "$root/examples/gateway.yaml" || fail "examples/gateway.yaml does not fit the CRD"
 
-# The generated certificate: the APIServices' caBundle is the Secret's CA and verifies the
-# serving certificate for <service>.<namespace>.svc.
-helm template "$release" "$chart" -n "$namespace" --show-only templates/metrics-api.yaml >"$tmp/api.yaml"
+# The generated certificate: the caBundle of the APIServices and of the webhook configuration
+# is the Secret's CA (one render makes one CA for all), which verifies the serving certificate
+# for both Services' <service>.<namespace>.svc.
+helm template "$release" "$chart" -n "$namespace" --show-only templates/serving-cert.yaml \
+	--show-only templates/metrics-api.yaml --show-only templates/webhook.yaml >"$tmp/api.yaml"
 field() { awk -v k="$1:" '$1 == k { print $2 }' "$tmp/api.yaml"; }
 field ca.crt | base64 -d >"$tmp/ca.crt"
 field tls.crt | base64 -d >"$tmp/tls.crt"
 for b in $(field caBundle); do
-	[ "$b" = "$(field ca.crt)" ] || fail "an APIService's caBundle is not the Secret's ca.crt"
+	[ "$b" = "$(field ca.crt)" ] || fail "a caBundle (APIService or webhook) is not the Secret's ca.crt"
 done
-[ "$(field caBundle | wc -l)" = 2 ] || fail "expected two APIServices with a caBundle"
-openssl verify -CAfile "$tmp/ca.crt" -purpose sslserver \
-	-verify_hostname "$release-metrics-api.$namespace.svc" "$tmp/tls.crt" >/dev/null ||
-	fail "the generated certificate does not verify for $release-metrics-api.$namespace.svc"
-log "generated certificate verifies for $release-metrics-api.$namespace.svc with the caBundle"
+[ "$(field caBundle | wc -l)" = 3 ] || fail "expected two APIServices and a webhook with a caBundle"
+for svc in "$release-metrics-api" "$release-webhook"; do
+	openssl verify -CAfile "$tmp/ca.crt" -purpose sslserver \
+		-verify_hostname "$svc.$namespace.svc" "$tmp/tls.crt" >/dev/null ||
+		fail "the generated certificate does not verify for $svc.$namespace.svc"
+	log "generated certificate verifies for $svc.$namespace.svc with the caBundle"
+done
+# The webhook: for gateways' CREATE and UPDATE (not their status), scoped as the operator is.
+webhook() {
+	helm template "$release" "$chart" -n "$namespace" --show-only templates/webhook.yaml "$@" >"$tmp/webhook.yaml"
+	python3 - "$tmp/webhook.yaml" "$want_webhook" <<'PY'
+import json, sys, yaml
+docs = {d["kind"]: d for d in yaml.safe_load_all(open(sys.argv[1])) if d}
+w = docs["ValidatingWebhookConfiguration"]["webhooks"][0]
+want = json.loads(sys.argv[2])
+got = {k: w.get(k) for k in want}
+if got != want:
+    sys.exit("rendered %s\nwanted   %s" % (json.dumps(got, sort_keys=True), json.dumps(want, sort_keys=True)))
+svc = w["clientConfig"]["service"]
+assert svc["path"] == "/validate-websocketgateway" and svc["name"] == docs["Service"]["metadata"]["name"], svc
+PY
+}
+rules='[{"apiGroups": ["wsrelay.dev"], "apiVersions": ["*"], "resources": ["websocketgateways"], "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}]'
+want_webhook='{"rules": '$rules', "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 5, "namespaceSelector": null}'
+webhook || fail "the webhook configuration with the default values"
+want_webhook='{"rules": '$rules', "failurePolicy": "Ignore", "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}'
+webhook -f "$chart/ci/watch-namespace-values.yaml" --set webhook.failurePolicy=Ignore ||
+	fail "the webhook configuration with ci/watch-namespace-values.yaml and failurePolicy Ignore"
+if helm template "$release" "$chart" -n "$namespace" --set webhook.enabled=false | grep -q '^kind: ValidatingWebhookConfiguration$'; then
+	fail "webhook.enabled=false still renders the webhook configuration"
+fi
+log "webhook: gateways' CREATE and UPDATE, failurePolicy as set, the watched namespace only"
 
 # The PrometheusRule carries monitoring/alerts.yaml's groups unchanged (ruleLabels added to
 # every rule when set), and the dashboard ConfigMap the JSON.
@@ -190,10 +220,12 @@ refuse() {
 }
 refuse 'replicaCount: "two"' "at '/replicaCount': got string, want integer" <<<'replicaCount: "two"'
 refuse 'an unknown top-level key' "additional properties 'replicas' not allowed" <<<'replicas: 2'
-refuse 'a misspelt nested key' "additional properties 'enable' not allowed" <<<'metricsApi: {certManager: {enable: true}}'
+refuse 'a misspelt nested key' "additional properties 'enable' not allowed" <<<'servingCertificate: {certManager: {enable: true}}'
 refuse 'an unknown pull policy' 'pullPolicy' <<<'image: {pullPolicy: Sometimes}'
-refuse 'existingSecret without caBundle' "at '/metricsApi/existingSecret/caBundle'" <<<'metricsApi: {existingSecret: {name: mine}}'
-refuse 'both cert-manager and an own Secret' 'exclude each other' <<<'metricsApi: {certManager: {enabled: true}, existingSecret: {name: mine, caBundle: QQ==}}'
+refuse 'existingSecret without caBundle' "at '/servingCertificate/existingSecret/caBundle'" <<<'servingCertificate: {existingSecret: {name: mine}}'
+refuse 'both cert-manager and an own Secret' 'exclude each other' <<<'servingCertificate: {certManager: {enabled: true}, existingSecret: {name: mine, caBundle: QQ==}}'
+refuse 'the certificate values where they were before' "additional properties 'certManager' not allowed" <<<'metricsApi: {certManager: {enabled: true}}'
+refuse 'a failure policy the API server does not know' "at '/webhook/failurePolicy'" <<<'webhook: {failurePolicy: Retry}'
 refuse 'two replicas without leader election' 'leaderElection' <<<'leaderElection: {enabled: false}'
 refuse 'a misspelt monitoring key' "additional properties 'enable' not allowed" <<<'monitoring: {podMonitor: {enable: true}}'
 refuse 'a scrape interval without unit' "at '/monitoring/podMonitor/interval'" <<<'monitoring: {podMonitor: {interval: "30"}}'
@@ -211,7 +243,8 @@ want='[{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":
 [ "$peers" = "\"$want\"" ] || fail "WSRELAY_RELAY_ADMIN_PEERS is $peers, wanted \"$want\""
 log "relay admin peers: the operator's pods and relayAdminAccess.from"
 # The operator's NetworkPolicy: the admin port only from relayAdminAccess.from (no rule at
-# all without peers: the node only), the metrics API port from anywhere when it is served.
+# all without peers: the node only), the metrics API and webhook ports from anywhere (the
+# kube-apiserver) when they are served.
 netpol() {
 	helm template "$release" "$chart" -n "$namespace" --show-only templates/networkpolicy.yaml "$@" >"$tmp/netpol.yaml"
 	python3 - "$tmp/netpol.yaml" "$want_netpol" <<'PY'
@@ -223,16 +256,17 @@ if got != want:
 PY
 }
 selector='{"matchLabels": {"app.kubernetes.io/instance": "'$release'", "app.kubernetes.io/name": "wsrelay-operator"}}'
-want_netpol='{"podSelector": '$selector', "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 6443, "protocol": "TCP"}]}]}'
+want_netpol='{"podSelector": '$selector', "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 6443, "protocol": "TCP"}]}, {"ports": [{"port": 9443, "protocol": "TCP"}]}]}'
 netpol || fail "the operator's NetworkPolicy with the default values"
-want_netpol='{"podSelector": '$selector', "policyTypes": ["Ingress"], "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}], "ports": [{"port": 8080, "protocol": "TCP"}]}]}'
+want_netpol='{"podSelector": '$selector', "policyTypes": ["Ingress"], "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}], "ports": [{"port": 8080, "protocol": "TCP"}]}, {"ports": [{"port": 9443, "protocol": "TCP"}]}]}'
 netpol -f "$chart/ci/watch-namespace-values.yaml" || fail "the operator's NetworkPolicy with ci/watch-namespace-values.yaml"
 want_netpol='{"podSelector": '$selector', "policyTypes": ["Ingress"], "ingress": []}'
-netpol --set metricsApi.enabled=false || fail "the operator's NetworkPolicy with no peers and no metrics API"
+netpol --set metricsApi.enabled=false --set webhook.enabled=false ||
+	fail "the operator's NetworkPolicy with no peers, no metrics API and no webhook"
 if helm template "$release" "$chart" -n "$namespace" --set networkPolicy.enabled=false | grep -q '^kind: NetworkPolicy$'; then
 	fail "networkPolicy.enabled=false still renders a NetworkPolicy"
 fi
-log "operator NetworkPolicy: admin port from relayAdminAccess.from only, metrics API port from anywhere"
+log "operator NetworkPolicy: admin port from relayAdminAccess.from only, metrics API and webhook ports from anywhere"
 # The tenancy policy: off by default; with ci/tenancy-values.yaml one policy, and per tenant
 # its parameters and a binding to its namespaces; the operator told the Secret label.
 if helm template "$release" "$chart" -n "$namespace" | grep -q '^kind: ValidatingAdmissionPolicy$'; then

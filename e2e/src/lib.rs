@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod load;
 pub mod netns;
 pub mod operator;
+pub mod pki;
 pub mod prometheus;
 pub mod resumable;
 pub mod subscriber;

@@ -155,7 +155,9 @@ pub async fn create_example(client: &Client, namespace: &str) -> Result<Websocke
     create_gateway(client, namespace, &gateway).await
 }
 
-/// Creates a gateway, retrying while a just-installed CRD is not yet served.
+/// Creates a gateway, retrying while a just-installed CRD is not yet served, or while the
+/// API server cannot call a just-installed admission webhook (the chart's: its Service's
+/// endpoints can lag the operator Deployment's readiness by a moment).
 pub async fn create_gateway(
     client: &Client,
     namespace: &str,
@@ -166,6 +168,11 @@ pub async fn create_gateway(
         match api.create(&PostParams::default(), gateway).await {
             Ok(gw) => Ok(Some(gw)),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(kube::Error::Api(s))
+                if s.code == 500 && s.message.contains("failed calling webhook") =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e.into()),
         }
     })

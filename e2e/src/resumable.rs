@@ -743,6 +743,7 @@ fn subscribe_frame(id: u64, target: &Target, since: Option<(String, u64)>) -> Re
         id: Some(id),
         channel: target.channel.clone(),
         since: since.map(|(epoch, seq)| Since { epoch, seq }),
+        token: None,
     }
 }
 

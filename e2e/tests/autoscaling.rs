@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use wsrelay_e2e::netns::{self, NetNs};
+use wsrelay_e2e::pki;
 use wsrelay_e2e::tools::{kubectl, tool};
 use wsrelay_e2e::{eventually, repo_root, unique_name, wait_limit, with_namespace};
 use wsrelay_operator::api::WebsocketGateway;
@@ -120,91 +121,20 @@ impl Drop for ApiServiceGuard {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .context("running openssl")?;
-    ensure!(
-        out.status.success(),
-        "openssl {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// A CA, a serving certificate for the Service's DNS name (what the API server checks) and
 /// the host address, and a client certificate from a CA that is not the front proxy's.
 fn make_certificates(dir: &Path, dns: &str, ip: Ipv4Addr) -> Result<()> {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let ca = |name: &str, cn: &str| -> Result<()> {
-        let mut args = vec!["req", "-x509"];
-        args.extend(ec);
-        let (key, crt, subj) = (
-            format!("{name}.key"),
-            format!("{name}.crt"),
-            format!("/CN={cn}"),
-        );
-        args.extend(["-keyout", &key, "-out", &crt, "-subj", &subj, "-days", "1"]);
-        openssl(dir, &args)
-    };
-    let leaf = |name: &str, ca: &str, cn: &str, ext: &str| -> Result<()> {
-        std::fs::write(dir.join(format!("{name}.ext")), ext)?;
-        let (key, csr, crt, subj) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-            format!("/CN={cn}"),
-        );
-        let mut args = vec!["req"];
-        args.extend(ec);
-        args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        openssl(dir, &args)?;
-        let (ca_crt, ca_key, extfile) = (
-            format!("{ca}.crt"),
-            format!("{ca}.key"),
-            format!("{name}.ext"),
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca_crt,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "1",
-                "-extfile",
-                &extfile,
-            ],
-        )
-    };
-    ca("serving-ca", "wsrelay-e2e-metrics-api-ca")?;
-    leaf(
+    pki::ca(dir, "serving-ca", "wsrelay-e2e-metrics-api-ca")?;
+    pki::leaf(
+        dir,
         "serving",
         "serving-ca",
         dns,
-        &format!(
-            "subjectAltName=DNS:{dns},IP:{ip}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"
-        ),
+        &pki::server_ext(&format!("DNS:{dns},IP:{ip}")),
     )?;
-    ca("rogue-ca", "not-the-front-proxy-ca")?;
-    leaf(
+    pki::ca(dir, "rogue-ca", "not-the-front-proxy-ca")?;
+    pki::leaf(
+        dir,
         "rogue-client",
         "rogue-ca",
         "front-proxy-client",

@@ -715,7 +715,10 @@ fn chart_leftovers(ns: &str) -> Result<Vec<String>> {
             "deployments,services,serviceaccounts,secrets,configmaps,roles,rolebindings,poddisruptionbudgets",
             true,
         ),
-        ("clusterroles,clusterrolebindings,apiservices", false),
+        (
+            "clusterroles,clusterrolebindings,apiservices,validatingwebhookconfigurations",
+            false,
+        ),
     ] {
         let mut c = kubectl();
         c.args(["get", kinds, "-l", &selector, "-o", "name"]);

@@ -444,6 +444,51 @@ async fn bad_gateways_are_refused_by_the_api_server_with_their_messages() -> Res
             ("client IP header that is not a header name",
              json!({"spec": {"network": {"clientIpHeader": "X Forwarded For"}}}),
              "spec.network.clientIpHeader"),
+            ("authorize naming no check",
+             json!({"spec": {"bindings": [{"channel": "o.{id}", "subject": "o.{id}", "authorize": {}}]}}),
+             "authorize names no check"),
+            ("request subject with a wildcard",
+             json!({"spec": {"bindings": [{"channel": "o.{id}", "subject": "o.{id}",
+                 "authorize": {"request": {"subject": "authz.*"}}}]}}),
+             "request subject must be a fixed NATS subject"),
+            ("request subject with a placeholder",
+             json!({"spec": {"bindings": [{"channel": "o.{id}", "subject": "o.{id}",
+                 "authorize": {"request": {"subject": "authz.{id}"}}}]}}),
+             "request subject must be a fixed NATS subject"),
+            ("request subject in $SYS",
+             json!({"spec": {"bindings": [{"channel": "o.{id}", "subject": "o.{id}",
+                 "authorize": {"request": {"subject": "$SYS.REQ.USER.INFO"}}}]}}),
+             "request subject must be a fixed NATS subject"),
+            ("request subject in _INBOX",
+             json!({"spec": {"bindings": [{"channel": "o.{id}", "subject": "o.{id}",
+                 "authorize": {"request": {"subject": "_INBOX.authz"}}}]}}),
+             "request subject must be a fixed NATS subject"),
+            ("request timeout above 5 s",
+             json!({"spec": {"bindings": [{"channel": "o.{id}", "subject": "o.{id}",
+                 "authorize": {"request": {"subject": "authz.o", "timeoutMs": 6000}}}]}}),
+             "spec.bindings[0].authorize.request.timeoutMs"),
+            ("onTimeout in the relay config's spelling",
+             json!({"spec": {"bindings": [{"channel": "o.{id}", "subject": "o.{id}",
+                 "authorize": {"request": {"subject": "authz.o", "onTimeout": "allow"}}}]}}),
+             "spec.bindings[0].authorize.request.onTimeout"),
+            ("rule above 1024 bytes",
+             json!({"spec": {"bindings": [{"channel": "o.{id}", "subject": "o.{id}",
+                 "authorize": {"rule": format!("{}true", "true && ".repeat(128))}}]}}),
+             "spec.bindings[0].authorize.rule"),
+            ("subscription token without keys of its own nor auth.jwt",
+             json!({"spec": {"auth": {"jwt": null, "allowAnonymous": true},
+                 "bindings": [{"channel": "o.{id}", "subject": "o.{id}", "authorize": {"token": {}}}]}}),
+             "authorize.token has no jwt of its own"),
+            ("subscription token with two key sources",
+             json!({"spec": {"bindings": [{"channel": "o.{id}", "subject": "o.{id}",
+                 "authorize": {"token": {"jwt": {"hmacSecretRef": {"name": "k", "key": "hmac"},
+                     "jwksUrl": "https://issuer.example.com/jwks.json"}}}}]}}),
+             "authorize.token.jwt needs exactly one key source"),
+            ("connect request without auth.jwt",
+             json!({"spec": {"auth": {"jwt": null, "allowAnonymous": true,
+                 "connectRequest": {"subject": "authz.connect"}},
+                 "bindings": [{"channel": "news", "subject": "news"}]}}),
+             "auth.connectRequest asks your backend"),
         ];
         assert!(cases.len() >= 10);
         let mut failures = Vec::new();
@@ -475,6 +520,19 @@ async fn bad_gateways_are_refused_by_the_api_server_with_their_messages() -> Res
             ("maxMessageBytes equal to sendQueueBytes",
              json!({"spec": {"limits": {"maxMessageBytes": 8_388_608, "sendQueueBytes": 8_388_608,
                  "maxQueuedBytesPerPod": 8_388_608}}})),
+            ("every authorize check, and the connect step",
+             json!({"spec": {"auth": {"connectRequest": {"subject": "authz.connect", "onTimeout": "Allow"}},
+                 "bindings": [
+                     {"channel": "rooms.{room}", "subject": "chat.rooms.{room}", "direction": "Both",
+                      "authorize": {"rule": "vars.room in claims.rooms || 'admin' in claims.roles"}},
+                     {"channel": "orders.{id}", "subject": "orders.{id}.events",
+                      "authorize": {"request": {"subject": "authz.orders", "timeoutMs": 5000,
+                          "cacheSeconds": 0, "cacheEntries": 1_000_000}}},
+                     {"channel": "vault.{id}", "subject": "vault.{id}",
+                      "authorize": {"token": {"jwt": {"publicKeySecretRef": {"name": "k", "key": "pub.pem"},
+                          "algorithms": ["ES256"]}}, "rule": "has(claims.org)",
+                          "request": {"subject": "authz.vault-1_x"}}},
+                     {"channel": "plans.{id}", "subject": "plans.{id}", "authorize": {"token": {}}}]}})),
         ];
         for (i, (what, patch)) in accepted.iter().enumerate() {
             let mut obj = valid()?;
@@ -1097,6 +1155,161 @@ async fn a_secret_without_the_required_label_degrades_the_gateway() -> Result<()
         })
         .await?;
         assert!(get::<Deployment>(&client, &ns, &name).await?.is_some());
+        Ok(())
+    })
+    .await
+}
+
+/// Deletes the test's ValidatingWebhookConfiguration on drop, pass, fail or panic: it is
+/// cluster-scoped, so the namespace's deletion does not take it along. (Should even this
+/// fail, it matches only the test's namespace, which is deleted.)
+struct WebhookGuard(String);
+
+impl Drop for WebhookGuard {
+    fn drop(&mut self) {
+        match kubectl_as(
+            None,
+            &[
+                "delete",
+                "validatingwebhookconfiguration",
+                &self.0,
+                "--ignore-not-found",
+                "--wait=false",
+                "--request-timeout=20s",
+            ],
+        ) {
+            Ok((true, _)) => {}
+            Ok((false, out)) => eprintln!("deleting webhook configuration {}: {out}", self.0),
+            Err(e) => eprintln!("deleting webhook configuration {}: {e}", self.0),
+        }
+    }
+}
+
+/// Issue 25: a rule that does not compile is refused by `kubectl apply`, with its path and
+/// position, by the operator's admission webhook (run in-process on the host's loopback,
+/// where the kube-apiserver reaches it), registered for this test's namespace only; a good
+/// rule is accepted; an update to a bad rule is refused too.
+#[tokio::test]
+async fn the_webhook_refuses_a_rule_that_does_not_compile_with_its_position() -> Result<()> {
+    use wsrelay_operator::webhook::{self, server::WebhookConfig};
+
+    with_namespace("op-hook", |client, ns| async move {
+        install_crd(&client).await?;
+        let dir = std::env::temp_dir().join(format!("wsrelay-e2e-{ns}"));
+        std::fs::create_dir_all(&dir)?;
+        wsrelay_e2e::pki::ca(&dir, "ca", "wsrelay-e2e-webhook-ca")?;
+        wsrelay_e2e::pki::leaf(
+            &dir,
+            "tls",
+            "ca",
+            "127.0.0.1",
+            &wsrelay_e2e::pki::server_ext("IP:127.0.0.1"),
+        )?;
+        let ca_bundle = k8s_openapi::ByteString(std::fs::read(dir.join("ca.crt"))?);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(webhook::server::serve_on(
+            listener,
+            WebhookConfig::new(addr, &dir),
+            shutdown.clone(),
+        ));
+
+        // Registered as the chart registers it, but by URL, for this namespace alone.
+        let name = format!("wsrelay-e2e-{ns}");
+        let registration = json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "websocketgateways.wsrelay.dev",
+                "clientConfig": {
+                    "url": format!("https://{addr}{}", webhook::PATH),
+                    "caBundle": ca_bundle,
+                },
+                "rules": [{
+                    "apiGroups": ["wsrelay.dev"],
+                    "apiVersions": ["*"],
+                    "resources": ["websocketgateways"],
+                    "operations": ["CREATE", "UPDATE"],
+                    "scope": "Namespaced",
+                }],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 5,
+            }],
+        });
+        let _guard = WebhookGuard(name.clone());
+        let file = dir.join("webhook.json");
+        std::fs::write(&file, registration.to_string())?;
+        let (ok, out) = kubectl_as(None, &["apply", "-f", &file.to_string_lossy()])?;
+        anyhow::ensure!(ok, "registering the webhook: {out}");
+
+        let with_rule = |rule: &str| -> Result<String> {
+            let mut gw = valid()?;
+            merge(
+                &mut gw,
+                &json!({"metadata": {"name": "rooms", "namespace": ns}}),
+            );
+            gw["spec"]["bindings"] = json!([{
+                "channel": "rooms.{room}",
+                "subject": "chat.rooms.{room}",
+                "direction": "Both",
+                "authorize": {"rule": rule},
+            }]);
+            let file = dir.join("gateway.json");
+            std::fs::write(&file, gw.to_string())?;
+            Ok(file.to_string_lossy().into_owned())
+        };
+        let bad = with_rule("vars.room in claims.rooms ||")?;
+        // The API server picks up a new webhook configuration within seconds; until then a
+        // server-side dry run is accepted (and stores nothing).
+        eventually("the webhook to take effect", || async {
+            let (ok, out) = kubectl_as(None, &["apply", "--dry-run=server", "-f", &bad])?;
+            anyhow::ensure!(
+                !out.contains("unknown field"),
+                "the CRD has no authorize field yet: {out}"
+            );
+            Ok((!ok && out.contains("denied the request")).then_some(()))
+        })
+        .await?;
+        let (ok, out) = kubectl_as(None, &["apply", "-f", &bad])?;
+        assert!(!ok, "a rule that does not compile was accepted: {out}");
+        assert!(
+            out.contains("spec.bindings[0].authorize.rule: line 1, column "),
+            "{out}"
+        );
+
+        let good = with_rule("vars.room in claims.rooms || 'admin' in claims.roles")?;
+        let (ok, out) = kubectl_as(None, &["apply", "-f", &good])?;
+        assert!(ok, "a good rule is accepted: {out}");
+        // An update to a bad rule (the UPDATE path) is refused, and the good one stays.
+        let bad = with_rule("claims.rooms.exists(r, rooom == r)")?;
+        let (ok, out) = kubectl_as(None, &["apply", "-f", &bad])?;
+        assert!(!ok, "an update to a bad rule was accepted: {out}");
+        assert!(
+            out.contains("spec.bindings[0].authorize.rule: line 1, column ")
+                && out.contains("undeclared reference to \"rooom\""),
+            "{out}"
+        );
+        let stored = Api::<kube::api::DynamicObject>::namespaced_with(
+            client.clone(),
+            &ns,
+            &kube::api::ApiResource::erase::<WebsocketGateway>(&()),
+        )
+        .get("rooms")
+        .await?;
+        assert_eq!(
+            stored.data["spec"]["bindings"][0]["authorize"]["rule"],
+            "vars.room in claims.rooms || 'admin' in claims.roles"
+        );
+
+        shutdown.cancel();
+        server.await??;
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     })
     .await

@@ -78,6 +78,9 @@ pub struct RunArgs {
     /// `Command::Run` much larger than its sibling.
     #[command(flatten)]
     pub metrics_api: Box<crate::metrics_api::MetricsApiArgs>,
+    /// The validating admission webhook (a rule that does not compile refused at apply).
+    #[command(flatten)]
+    pub webhook: crate::webhook::server::WebhookArgs,
 }
 
 impl RunArgs {

@@ -4,6 +4,7 @@
 //! [`fetch`] referenced Secrets -> [`validate`] -> [`build`] desired objects (pure) ->
 //! [`apply`] them (server-side apply, orphan sweep) -> [`status`]. [`controller`] drives it,
 //! [`leader`] makes sure one replica at a time does, [`admin`] serves health and [`metrics`].
+//! Beside it: the custom metrics API ([`metrics_api`]) and the admission [`webhook`].
 
 pub mod admin;
 pub mod api;
@@ -20,6 +21,7 @@ pub mod metrics_api;
 pub mod stages;
 pub mod status;
 pub mod validate;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -55,6 +55,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 None => None,
             };
+            // The admission webhook, on every replica too (its Service spreads the API
+            // server's calls). Not part of readiness: a replica reconciles without it.
+            let webhook = match args.webhook.clone().into_config()? {
+                Some(config) => {
+                    let shutdown = shutdown.clone();
+                    Some(tokio::spawn(async move {
+                        let result =
+                            wsrelay_operator::webhook::server::serve(config, shutdown.clone())
+                                .await;
+                        if let Err(e) = &result {
+                            // As for the metrics API: a dead webhook behind a Ready pod
+                            // would refuse (or, with failurePolicy Ignore, let through)
+                            // every gateway write unseen; exit so it is seen and restarted.
+                            tracing::error!("admission webhook stopped: {e}; shutting down");
+                            shutdown.cancel();
+                        }
+                        result
+                    }))
+                }
+                None => None,
+            };
             wsrelay_operator::run_with(
                 client,
                 args.into_config(),
@@ -66,6 +87,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             // A lost lease ends up here: exit non-zero, and the kubelet restarts the replica.
             .inspect_err(|e| tracing::error!("{e}; exiting"))?;
             if let Some(task) = metrics_api {
+                shutdown.cancel();
+                task.await??;
+            }
+            if let Some(task) = webhook {
                 shutdown.cancel();
                 task.await??;
             }

@@ -8,7 +8,7 @@ use crate::api::{
     WebsocketGatewayStatus,
 };
 use crate::build::{endpoint, relay_config, selector_string};
-use crate::metrics_api::scrape::Report;
+use crate::metrics_api::scrape::{AuthorizeCounts, Report};
 
 /// A problem a person must fix, as the Degraded condition shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,7 +146,7 @@ pub fn compute(
 /// from the gateway and the reports of the relay pods that answered their scrape. In
 /// order: NATS unreachable (with each server and cause), a config reload refused, the JWKS
 /// document unreachable, history streams missing (fewer than the gateway's resumable bindings
-/// need).
+/// need), most backend authorization requests failing.
 pub fn relay_problem(gw: &WebsocketGateway, relays: &[(String, Report)]) -> Option<Degradation> {
     let total = relays.len();
     let mut unreachable: std::collections::BTreeMap<&(String, String), usize> =
@@ -245,7 +245,60 @@ pub fn relay_problem(gw: &WebsocketGateway, relays: &[(String, Report)]) -> Opti
             ),
         });
     }
-    None
+    authorize_failing(gw, relays)
+}
+
+/// Fewest backend authorization requests (fleet-wide, in the relays' last windows) for
+/// failures to count as most of them: one failed request out of one is no news.
+pub const AUTHORIZE_MIN_REQUESTS: u64 = 20;
+
+/// Degraded `AuthorizeFailing` when more than half of the fleet's backend authorization
+/// requests failed over the relays' last windows ([`crate::metrics_api::scrape::AUTHORIZE_WINDOW`])
+/// and there were at least [`AUTHORIZE_MIN_REQUESTS`]. Denies are answers, not failures.
+fn authorize_failing(gw: &WebsocketGateway, relays: &[(String, Report)]) -> Option<Degradation> {
+    let mut sum = AuthorizeCounts::default();
+    let mut pods = 0;
+    for (_, r) in relays {
+        if let Some(w) = &r.authorize_window {
+            sum.add(w);
+            pods += usize::from(w.failed() > 0);
+        }
+    }
+    let failed = sum.failed();
+    // A failure before the request left (NATS down) may not count as one: never less than
+    // the failures, so "more than half" stays a fraction.
+    let asked = sum.requests.max(failed);
+    if asked < AUTHORIZE_MIN_REQUESTS || failed * 2 <= asked {
+        return None;
+    }
+    let mut reasons: Vec<(&String, &u64)> = sum.failures.iter().filter(|(_, n)| **n > 0).collect();
+    reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    let mut subjects: Vec<&str> = gw
+        .spec
+        .auth
+        .connect_request
+        .iter()
+        .chain(
+            gw.spec
+                .bindings
+                .iter()
+                .filter_map(|b| b.authorize.as_ref()?.request.as_ref()),
+        )
+        .map(|r| r.subject.as_str())
+        .collect();
+    subjects.sort_unstable();
+    subjects.dedup();
+    Some(Degradation {
+        reason: "AuthorizeFailing".into(),
+        message: format!(
+            "{failed} of {asked} backend authorization requests failed in the last {}s or more ({}; on {pods} of {} relay pods), so clients are refused with 503 unless onTimeout: Allow; check that a backend serves {} (a queue group of responders), answers within timeoutMs with {{\"allow\": ...}} JSON, and that the relays' NATS user may publish there",
+            crate::metrics_api::scrape::AUTHORIZE_WINDOW.as_secs(),
+            reasons.join(", "),
+            relays.len(),
+            subjects.join(", ")
+        ),
+    })
 }
 
 /// The reason of the gateway's current Degraded=True condition, if it has one.
@@ -365,7 +418,69 @@ mod tests {
             history_streams_ready: Some(0),
             history_error: None,
             jwks_failing: false,
+            authorize: None,
+            authorize_window: None,
         }
+    }
+
+    /// A relay whose last window saw `requests` backend requests and these failures.
+    fn authorizing(requests: u64, failures: &[(&str, u64)]) -> Report {
+        let mut r = report(None);
+        r.authorize_window = Some(AuthorizeCounts {
+            requests,
+            failures: failures.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
+        });
+        r
+    }
+
+    #[test]
+    fn most_backend_authorization_requests_failing_is_degraded() {
+        let mut gw = gateway();
+        gw.spec.bindings[0].authorize = Some(
+            serde_json::from_value(json!({"request": {"subject": "authz.prices"}}))
+                .expect("authorize"),
+        );
+        let relays = vec![
+            (
+                "ticker-a".to_string(),
+                authorizing(30, &[("timeout", 20), ("no_responders", 4)]),
+            ),
+            ("ticker-b".to_string(), authorizing(10, &[])),
+        ];
+        let d = relay_problem(&gw, &relays).expect("a problem");
+        assert_eq!(d.reason, "AuthorizeFailing");
+        assert!(
+            d.message.starts_with(
+                "24 of 40 backend authorization requests failed in the last 60s or more (timeout 20, no_responders 4; on 1 of 2 relay pods)"
+            ),
+            "{}",
+            d.message
+        );
+        assert!(d.message.contains("serves authz.prices"), "{}", d.message);
+
+        // Half is not most; a few requests are not enough to tell.
+        let half = vec![("a".to_string(), authorizing(40, &[("timeout", 20)]))];
+        assert_eq!(relay_problem(&gw, &half), None);
+        let few = vec![("a".to_string(), authorizing(5, &[("timeout", 5)]))];
+        assert_eq!(relay_problem(&gw, &few), None);
+        let just = vec![(
+            "a".to_string(),
+            authorizing(AUTHORIZE_MIN_REQUESTS, &[("bad_reply", 11)]),
+        )];
+        assert_eq!(
+            relay_problem(&gw, &just).map(|d| d.reason),
+            Some("AuthorizeFailing".into())
+        );
+        // No window yet (a relay just started, or an older relay): nothing to say.
+        assert_eq!(relay_problem(&gw, &[("a".into(), report(None))]), None);
+        // NATS down explains the failures: that is the condition's reason.
+        let mut down = authorizing(30, &[("unavailable", 30)]);
+        down.nats_connected = Some(false);
+        down.nats_error = Some(("nats://nats:4222".into(), "connection refused".into()));
+        assert_eq!(
+            relay_problem(&gw, &[("a".into(), down)]).map(|d| d.reason),
+            Some("NatsUnreachable".into())
+        );
     }
 
     #[test]

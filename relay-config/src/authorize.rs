@@ -159,10 +159,10 @@ impl Config {
                     None => {}
                 }
             }
-            if let Some(rule) = &a.rule {
-                if let Err(e) = crate::rule::check(rule) {
-                    errs.push(ValidationError::invalid(field(".rule"), e.to_string()));
-                }
+            if let Some(rule) = &a.rule
+                && let Err(e) = crate::rule::check(rule)
+            {
+                errs.push(ValidationError::invalid(field(".rule"), e.to_string()));
             }
             if let Some(r) = &a.request {
                 validate_request(&field(".request"), r, errs);

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use crate::config::{Binding, Direction, History};
+use crate::protocol::ErrorCode;
 use crate::template::{TemplateToken, parse_subject_template, parse_template};
 
 /// What a client wants to do on a channel.
@@ -122,6 +123,8 @@ pub fn check_value(v: &str) -> Result<(), &'static str> {
 
 #[derive(Debug, Clone)]
 struct Compiled {
+    /// Its index in the config's bindings.
+    index: usize,
     channel: Vec<TemplateToken>,
     subject: Vec<TemplateToken>,
     direction: Direction,
@@ -135,6 +138,8 @@ pub struct Resolved {
     pub subject: String,
     /// The binding's history, when its channels are resumable.
     pub history: Option<History>,
+    /// The binding's index in the config.
+    pub binding: usize,
 }
 
 /// The bindings of a config, parsed once.
@@ -151,8 +156,10 @@ impl Authorizer {
     pub fn new(bindings: &[Binding]) -> Self {
         let bindings = bindings
             .iter()
-            .filter_map(|b| {
+            .enumerate()
+            .filter_map(|(index, b)| {
                 Some(Compiled {
+                    index,
                     channel: parse_template(&b.channel, true).ok()?,
                     subject: parse_subject_template(&b.subject).ok()?,
                     direction: b.direction,
@@ -216,6 +223,7 @@ impl Authorizer {
             return Ok(Resolved {
                 subject,
                 history: b.history.clone(),
+                binding: b.index,
             });
         }
         if matched_other_direction {
@@ -225,6 +233,43 @@ impl Authorizer {
             })
         } else {
             Err(AuthzError::NoBinding(channel.to_owned()))
+        }
+    }
+}
+
+impl Authorizer {
+    /// The placeholder values `channel` gives binding `binding` (`rooms.{room}` on
+    /// `rooms.7`: `room` = `7`), in pattern order; empty when it does not match.
+    pub fn vars(&self, binding: usize, channel: &str) -> Vec<(String, String)> {
+        let tokens: Vec<&str> = channel.split('.').collect();
+        let Some(b) = self.bindings.iter().find(|b| b.index == binding) else {
+            return Vec::new();
+        };
+        if b.channel.len() != tokens.len() {
+            return Vec::new();
+        }
+        b.channel
+            .iter()
+            .zip(&tokens)
+            .filter_map(|(p, t)| match p {
+                TemplateToken::Var(name) => Some((name.clone(), (*t).to_owned())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl AuthzError {
+    /// The error code a client hears for a channel the bindings refuse.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidChannel { .. }
+            | Self::InvalidClaim { .. }
+            | Self::SubjectTooLong { .. } => ErrorCode::InvalidValue,
+            Self::NoBinding(_)
+            | Self::WrongDirection { .. }
+            | Self::MissingClaim { .. }
+            | Self::ReservedSubject { .. } => ErrorCode::Forbidden,
         }
     }
 }

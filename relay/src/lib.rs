@@ -10,12 +10,14 @@
 //! 2. `task` (the panic boundary), `confirm` (a NATS round trip no other client can answer),
 //!    `auth` (JWT keys, JWKS), `authz` (bindings), `nats` (the connection), `history` (the
 //!    ring and the stream reads);
-//! 3. `conn/`: one open connection — its subscription map, outbox, close causes, sink;
-//! 4. `fanout/`: subject entries, the resumable join and gap fill, the hub;
-//! 5. `state`: the relay's shared state;
-//! 6. `session/`: reader, writer and requests, over any sink and stream;
-//! 7. `edge/`: one admission, then the WebSocket and SSE transports, the listener, TLS;
-//! 8. `runtime/`: process, drain, reload, admin, stream upkeep.
+//! 3. `access/`: whether a connection may use a channel (bindings, subscription tokens,
+//!    rules, the backend's decisions) and may connect;
+//! 4. `conn/`: one open connection — its subscription map, outbox, close causes, sink;
+//! 5. `fanout/`: subject entries, the resumable join and gap fill, the hub;
+//! 6. `state`: the relay's shared state;
+//! 7. `session/`: reader, writer and requests, over any sink and stream;
+//! 8. `edge/`: one admission, then the WebSocket and SSE transports, the listener, TLS;
+//! 9. `runtime/`: process, drain, reload, admin, stream upkeep.
 
 pub use wsrelay_config as config;
 pub use wsrelay_config::{pem, template};
@@ -32,6 +34,8 @@ pub mod confirm;
 pub mod history;
 pub mod nats;
 pub mod task;
+
+pub mod access;
 
 pub mod conn;
 

@@ -24,6 +24,39 @@ pub struct Op {
     pub op: &'static str,
 }
 
+/// Labels of the `wsrelay_authorize_*` counters: the operation (`connect`, `subscribe`,
+/// `publish`) and one of a fixed set of values (a failure reason, a cache result, a check).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpReason {
+    /// `connect`, `subscribe` or `publish`.
+    pub op: &'static str,
+    /// A fixed value (never user input).
+    pub reason: &'static str,
+}
+
+/// Labels of `wsrelay_authorize_cache_total`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpResult {
+    /// `connect`, `subscribe` or `publish`.
+    pub op: &'static str,
+    /// `hit` or `miss`.
+    pub result: &'static str,
+}
+
+/// Labels of `wsrelay_authorize_denied_total`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpCheck {
+    /// `connect`, `subscribe` or `publish`.
+    pub op: &'static str,
+    /// `token`, `rule` or `request`.
+    pub check: &'static str,
+}
+
+/// Buckets of `wsrelay_authorize_duration_seconds`: 0.5 ms to about 8 s.
+fn authorize_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_5, 2.0, 15))
+}
+
 /// Labels of `wsrelay_history_stream_error`: the stream, and why it is not in place
 /// (JetStream's answer, at most 200 characters). One per stream of the config.
 /// Which limit sent a push to the slow-consumer policy (label `limit` of
@@ -69,6 +102,8 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "handshakes",
     "handshakes_per_ip",
     "handshake_timeout",
+    "connect_denied",
+    "connect_unavailable",
 ];
 /// `reason` values of `wsrelay_connections_closed_total` (`crate::conn::close::End::label`:
 /// every cause, and the writer's `write_error`, `write_timeout`, `other`).
@@ -102,6 +137,16 @@ pub struct Metrics {
     registry: Registry,
     /// `wsrelay_connections`: open WebSocket connections (the autoscaler's input).
     pub connections: Gauge,
+    /// Backend authorization requests sent (cache misses), by operation.
+    pub authorize_requests: Family<Op, Counter>,
+    /// Their latency, by operation.
+    pub authorize_duration: Family<Op, Histogram, fn() -> Histogram>,
+    /// Authorization checks that failed (not denials), by operation and reason.
+    pub authorize_failures: Family<OpReason, Counter>,
+    /// Backend decision cache lookups, by operation and result.
+    pub authorize_cache: Family<OpResult, Counter>,
+    /// Denials, by operation and the check that denied.
+    pub authorize_denied: Family<OpCheck, Counter>,
     /// `wsrelay_connections_accepted_total`: upgrades accepted.
     pub accepted: Counter,
     /// `wsrelay_connections_refused_total{reason}`: requests refused before the upgrade.
@@ -186,6 +231,11 @@ impl Metrics {
         let mut registry = Registry::with_prefix("wsrelay");
         let m = Self {
             connections: Gauge::default(),
+            authorize_requests: Family::default(),
+            authorize_duration: Family::new_with_constructor(authorize_buckets),
+            authorize_failures: Family::default(),
+            authorize_cache: Family::default(),
+            authorize_denied: Family::default(),
             accepted: Counter::default(),
             refused: Family::default(),
             closed: Family::default(),
@@ -363,6 +413,31 @@ impl Metrics {
             "history_gaps",
             "Holes in live delivery of resumable channels, by outcome",
             m.history_gaps.clone(),
+        );
+        r.register(
+            "authorize_requests",
+            "Backend authorization requests sent (decision cache misses), by operation",
+            m.authorize_requests.clone(),
+        );
+        r.register(
+            "authorize_duration_seconds",
+            "Latency of backend authorization requests, by operation",
+            m.authorize_duration.clone(),
+        );
+        r.register(
+            "authorize_failures",
+            "Authorization checks that could not decide (timeout, no responders, a bad reply, a rule error), by operation and reason",
+            m.authorize_failures.clone(),
+        );
+        r.register(
+            "authorize_cache",
+            "Backend decision cache lookups, by operation and result",
+            m.authorize_cache.clone(),
+        );
+        r.register(
+            "authorize_denied",
+            "Requests denied by a binding's authorize section or the connect step, by operation and check",
+            m.authorize_denied.clone(),
         );
         // The known label values show up at 0 from the start, so that rate() and increase()
         // (and the alerts built on them) see the first refusal, close or drop too.

@@ -34,6 +34,8 @@ pub enum Request {
         channel: String,
         /// Resume from this position (resumable channels).
         since: Option<Since>,
+        /// A subscription token, for a binding that takes one.
+        token: Option<String>,
     },
     /// Stop receiving messages of a channel.
     Unsubscribe {
@@ -52,6 +54,17 @@ pub enum Request {
         payload: Vec<u8>,
         /// Client message id for de-duplication on resumable channels (`Nats-Msg-Id`).
         msg_id: Option<String>,
+        /// A subscription token, for a binding that takes one.
+        token: Option<String>,
+    },
+    /// A new subscription token for a live subscription: its expiry replaces the old one.
+    SubRefresh {
+        /// Request id.
+        id: Option<RequestId>,
+        /// The subscribed channel.
+        channel: String,
+        /// The JWT.
+        token: String,
     },
     /// A new token for this connection (same identity): its expiry replaces the old one.
     Refresh {
@@ -140,6 +153,9 @@ struct RawFrame<'a> {
     token: Option<String>,
 }
 
+/// The frames that may carry a `token`.
+const TOKEN_FRAMES: &[&str] = &["refresh", "subrefresh", "subscribe", "publish"];
+
 /// Longest token a `refresh` frame may carry, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
@@ -175,8 +191,18 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
     let need_channel = |id: &Option<RequestId>, ch: Option<String>| {
         ch.ok_or_else(|| bad(id.clone(), "missing field `channel`"))
     };
-    if raw.token.is_some() && raw.kind != "refresh" {
-        return Err(bad(id, "token is only allowed on refresh"));
+    if raw.token.is_some() && !TOKEN_FRAMES.contains(&raw.kind.as_str()) {
+        return Err(bad(
+            id,
+            "token is only allowed on refresh, subrefresh, subscribe and publish",
+        ));
+    }
+    if raw
+        .token
+        .as_ref()
+        .is_some_and(|t| t.is_empty() || t.len() > MAX_TOKEN_BYTES)
+    {
+        return Err(bad(id, "token must be 1 to 8192 bytes"));
     }
     match raw.kind.as_str() {
         "subscribe" | "unsubscribe" => {
@@ -195,9 +221,16 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
                 {
                     return Err(bad(id, "since.epoch must be 1 to 64 bytes"));
                 }
-                Ok(Request::Subscribe { id, channel, since })
+                Ok(Request::Subscribe {
+                    id,
+                    channel,
+                    since,
+                    token: raw.token,
+                })
             } else if raw.since.is_some() {
                 Err(bad(id, "since is only allowed on subscribe"))
+            } else if raw.token.is_some() {
+                Err(bad(id, "token is not allowed on unsubscribe"))
             } else {
                 Ok(Request::Unsubscribe { id, channel })
             }
@@ -223,7 +256,25 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
                 channel,
                 payload,
                 msg_id: raw.msg_id,
+                token: raw.token,
             })
+        }
+        "subrefresh" => {
+            let extra = raw.payload.is_some()
+                || raw.text.is_some()
+                || raw.since.is_some()
+                || raw.msg_id.is_some();
+            if extra {
+                return Err(bad(
+                    id,
+                    "subrefresh takes only an id, a channel and a token",
+                ));
+            }
+            let channel = need_channel(&id, raw.channel)?;
+            match raw.token {
+                None => Err(bad(id, "missing field `token`")),
+                Some(token) => Ok(Request::SubRefresh { id, channel, token }),
+            }
         }
         "refresh" => {
             let extra = raw.channel.is_some()
@@ -477,6 +528,34 @@ pub fn encode_error(id: Option<&RequestId>, code: ErrorCode, reason: &str) -> St
     out
 }
 
+/// `{"type":"error","id":..,"code":..,"reason":..,"appCode":..}`: [`encode_error`] with the
+/// application's code of a backend's deny, when it gave one.
+pub fn encode_error_app(
+    id: Option<&RequestId>,
+    code: ErrorCode,
+    reason: &str,
+    app_code: Option<u16>,
+) -> String {
+    let mut out = encode_error(id, code, reason);
+    if let Some(c) = app_code {
+        out.pop();
+        let _ = write!(out, ",\"appCode\":{c}}}");
+    }
+    out
+}
+
+/// Adds `"data":<raw JSON>` to an encoded object (an `ok` or the `welcome`), when there is
+/// data. `data` is JSON a backend sent, already parsed once.
+pub fn with_data(mut frame: String, data: Option<&str>) -> String {
+    if let Some(d) = data {
+        frame.pop();
+        frame.push_str(",\"data\":");
+        frame.push_str(d);
+        frame.push('}');
+    }
+    frame
+}
+
 /// `{"type":"pong","id":..}`.
 pub fn encode_pong(id: Option<&RequestId>) -> String {
     let mut out = String::from("{\"type\":\"pong\",");
@@ -542,7 +621,8 @@ mod tests {
             Ok(Request::Subscribe {
                 id: Some(RequestId::Num(1)),
                 channel: "orders.1".into(),
-                since: None
+                since: None,
+                token: None,
             })
         );
         assert_eq!(
@@ -558,7 +638,8 @@ mod tests {
                 id: None,
                 channel: "x".into(),
                 payload: br#"{"a": [1, 2]}"#.to_vec(),
-                msg_id: None
+                msg_id: None,
+                token: None,
             })
         );
         assert_eq!(
@@ -567,7 +648,8 @@ mod tests {
                 id: None,
                 channel: "x".into(),
                 payload: "hé".as_bytes().to_vec(),
-                msg_id: None
+                msg_id: None,
+                token: None,
             })
         );
         assert_eq!(
@@ -590,7 +672,8 @@ mod tests {
                 since: Some(Since {
                     epoch: "e1".into(),
                     seq: 42
-                })
+                }),
+                token: None,
             })
         );
         assert_eq!(
@@ -599,7 +682,8 @@ mod tests {
                 id: Some(RequestId::Num(2)),
                 channel: "c".into(),
                 payload: b"t".to_vec(),
-                msg_id: Some("m-1".into())
+                msg_id: Some("m-1".into()),
+                token: None,
             })
         );
         let long = "x".repeat(65);
@@ -671,8 +755,12 @@ mod tests {
             r#"{"type":"refresh","id":9}"#,
             r#"{"type":"refresh","id":9,"token":""}"#,
             r#"{"type":"refresh","id":9,"token":"t","channel":"c"}"#,
-            r#"{"type":"subscribe","id":9,"channel":"c","token":"t"}"#,
+            r#"{"type":"unsubscribe","id":9,"channel":"c","token":"t"}"#,
             r#"{"type":"ping","id":9,"token":"t"}"#,
+            r#"{"type":"subrefresh","id":9,"channel":"c"}"#,
+            r#"{"type":"subrefresh","id":9,"token":"t"}"#,
+            r#"{"type":"subrefresh","id":9,"channel":"c","token":"t","text":"x"}"#,
+            r#"{"type":"subscribe","id":9,"channel":"c","token":""}"#,
         ] {
             assert_eq!(
                 parse_request(bad).unwrap_err().id,
@@ -680,6 +768,70 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn subscription_tokens_ride_on_subscribe_publish_and_subrefresh() {
+        assert_eq!(
+            parse_request(r#"{"type":"subscribe","id":1,"channel":"c","token":"t"}"#),
+            Ok(Request::Subscribe {
+                id: Some(RequestId::Num(1)),
+                channel: "c".into(),
+                since: None,
+                token: Some("t".into()),
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"type":"publish","channel":"c","text":"x","token":"t"}"#),
+            Ok(Request::Publish {
+                id: None,
+                channel: "c".into(),
+                payload: b"x".to_vec(),
+                msg_id: None,
+                token: Some("t".into()),
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"type":"subrefresh","id":"r","channel":"c","token":"t"}"#),
+            Ok(Request::SubRefresh {
+                id: Some(RequestId::Str("r".into())),
+                channel: "c".into(),
+                token: "t".into(),
+            })
+        );
+        let long = "t".repeat(MAX_TOKEN_BYTES + 1);
+        let frame = format!(r#"{{"type":"subscribe","id":2,"channel":"c","token":"{long}"}}"#);
+        assert!(parse_request(&frame).is_err());
+    }
+
+    #[test]
+    fn data_and_app_codes_are_added_to_replies() {
+        let v = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+        assert_eq!(
+            v(&with_data(
+                encode_ok(Some(&RequestId::Num(1))),
+                Some(r#"{"n":1}"#)
+            )),
+            json!({"type":"ok","id":1,"data":{"n":1}})
+        );
+        assert_eq!(
+            v(&with_data(encode_welcome(10, false), Some("[1]")))["data"],
+            json!([1])
+        );
+        assert_eq!(with_data(encode_ok(None), None), encode_ok(None));
+        assert_eq!(
+            v(&encode_error_app(
+                None,
+                ErrorCode::Forbidden,
+                "no",
+                Some(4031)
+            )),
+            json!({"type":"error","id":null,"code":403,"reason":"no","appCode":4031})
+        );
+        assert_eq!(
+            encode_error_app(None, ErrorCode::Forbidden, "no", None),
+            encode_error(None, ErrorCode::Forbidden, "no")
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::{Access, AccessError};
 use crate::auth::{Authenticator, KeyLoadError};
 use crate::authz::Authorizer;
 use crate::config::Config;
@@ -27,14 +28,31 @@ pub struct Settings {
     pub authz: Arc<Authorizer>,
     /// Its authentication settings and keys.
     pub authn: Arc<Authenticator>,
+    /// Its bindings' checks and the connect step (with their decision caches).
+    pub access: Arc<Access>,
+}
+
+/// Why settings could not be built from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The connection tokens' keys.
+    #[error(transparent)]
+    Keys(#[from] KeyLoadError),
+    /// A binding's checks (its own subscription-token keys).
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 impl Settings {
-    /// Compiles `config`'s bindings and loads its keys.
-    pub fn new(config: Config) -> Result<Self, KeyLoadError> {
+    /// Compiles `config`'s bindings and checks and loads its keys.
+    pub fn new(config: Config) -> Result<Self, SettingsError> {
+        let authn = Arc::new(Authenticator::new(&config.auth)?);
+        let authz = Arc::new(Authorizer::new(&config.bindings));
+        let access = Arc::new(Access::new(&config, authz.clone(), authn.clone())?);
         Ok(Self {
-            authn: Arc::new(Authenticator::new(&config.auth)?),
-            authz: Arc::new(Authorizer::new(&config.bindings)),
+            authn,
+            authz,
+            access,
             config: Arc::new(config),
         })
     }
@@ -131,6 +149,15 @@ impl Relay {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         std::mem::replace(&mut *g, Arc::new(live))
+    }
+
+    /// What access checks reach: the NATS client, whether it is connected, the metrics.
+    pub fn link(&self) -> crate::access::Link<'_> {
+        crate::access::Link {
+            nats: self.hub.client(),
+            connected: self.nats_connected.load(Ordering::SeqCst),
+            metrics: &self.metrics,
+        }
     }
 
     /// Ready: NATS up and not draining.

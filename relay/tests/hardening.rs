@@ -154,6 +154,7 @@ async fn a_writer_blocked_mid_ping_is_released() {
         relay.clone(),
         conn,
         None,
+        None,
     ));
     let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
     let welcome = tokio::time::timeout(Duration::from_secs(5), client.next())

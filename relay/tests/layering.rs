@@ -11,6 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["protocol", "metrics", "limits", "slots", "signal"],
     &["task", "confirm", "auth", "authz", "nats", "history"],
+    &["access"],
     &["conn"],
     &["fanout"],
     &["state"],

@@ -182,6 +182,9 @@ pub enum Request {
         channel: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<Since>,
+        /// A subscription token (docs/protocol.md section 3).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     Unsubscribe {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -199,6 +202,14 @@ pub enum Request {
         text: Option<String>,
         #[serde(rename = "msgId", skip_serializing_if = "Option::is_none")]
         msg_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    Subrefresh {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        channel: String,
+        token: String,
     },
     Refresh {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -217,6 +228,26 @@ impl Request {
             id: Some(id),
             channel: channel.into(),
             since: None,
+            token: None,
+        }
+    }
+
+    /// A subscribe with a subscription token.
+    pub fn subscribe_with_token(id: u64, channel: &str, token: &str) -> Self {
+        Self::Subscribe {
+            id: Some(id),
+            channel: channel.into(),
+            since: None,
+            token: Some(token.into()),
+        }
+    }
+
+    /// A new subscription token for a live subscription.
+    pub fn subrefresh(id: u64, channel: &str, token: &str) -> Self {
+        Self::Subrefresh {
+            id: Some(id),
+            channel: channel.into(),
+            token: token.into(),
         }
     }
 
@@ -226,6 +257,7 @@ impl Request {
             id: Some(id),
             channel: channel.into(),
             since: Some(since),
+            token: None,
         }
     }
 
@@ -244,6 +276,7 @@ impl Request {
             payload: Some(payload),
             text: None,
             msg_id: None,
+            token: None,
         }
     }
 
@@ -255,6 +288,7 @@ impl Request {
             payload: None,
             text: Some(text.into()),
             msg_id: None,
+            token: None,
         }
     }
 
@@ -276,6 +310,7 @@ impl Request {
             | Self::Unsubscribe { id, .. }
             | Self::Publish { id, .. }
             | Self::Refresh { id, .. }
+            | Self::Subrefresh { id, .. }
             | Self::Ping { id } => *id,
         }
     }
@@ -296,6 +331,9 @@ pub enum Frame {
         protocol: String,
         max_message_bytes: u64,
         anonymous: bool,
+        /// What the connect step's backend replied.
+        #[serde(default)]
+        data: Option<Value>,
     },
     /// `epoch`/`seq`/`recovered` on a resumable channel's subscribe, `seq` on its publish.
     Ok {
@@ -303,11 +341,17 @@ pub enum Frame {
         epoch: Option<String>,
         seq: Option<u64>,
         recovered: Option<bool>,
+        /// A subscribe's backend `data`.
+        #[serde(default)]
+        data: Option<Value>,
     },
+    #[serde(rename_all = "camelCase")]
     Error {
         id: Option<Value>,
         code: u16,
         reason: String,
+        #[serde(default)]
+        app_code: Option<u16>,
     },
     Pong {
         id: Option<Value>,
@@ -500,6 +544,19 @@ impl Client {
         self.request(&Request::resume(id, channel, since)).await
     }
 
+    /// A subscribe with a subscription token (docs/protocol.md section 3).
+    pub async fn subscribe_with_token(&mut self, channel: &str, token: &str) -> Frame {
+        let id = self.id();
+        self.request(&Request::subscribe_with_token(id, channel, token))
+            .await
+    }
+
+    /// A new subscription token for a live subscription.
+    pub async fn subrefresh(&mut self, channel: &str, token: &str) -> Frame {
+        let id = self.id();
+        self.request(&Request::subrefresh(id, channel, token)).await
+    }
+
     pub async fn unsubscribe(&mut self, channel: &str) -> Frame {
         let id = self.id();
         self.request(&Request::unsubscribe(id, channel)).await
@@ -633,7 +690,8 @@ mod tests {
             Frame::Welcome {
                 protocol: "wsrelay.v1".into(),
                 max_message_bytes: 65536,
-                anonymous: false
+                anonymous: false,
+                data: None,
             }
         );
         let f: Frame = serde_json::from_str(

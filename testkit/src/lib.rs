@@ -34,8 +34,8 @@ pub mod tokens;
 /// is the only part of the kit to follow them.
 pub mod api {
     pub use wsrelay::config::{
-        Binding, Config, Direction, History, Jwt, JwtAlgorithm, JwtKey, ServerTls,
-        SlowConsumerPolicy, TokenSource,
+        Authorize, BackendRequest, Binding, Config, Direction, History, Jwt, JwtAlgorithm, JwtKey,
+        OnTimeout, ServerTls, SlowConsumerPolicy, SubscriptionToken, TokenSource,
     };
     pub use wsrelay::runtime::process::{Running, StartError, start};
 }
@@ -63,12 +63,13 @@ pub fn init_logs() {
 #[cfg(feature = "relay")]
 pub mod prelude {
     pub use crate::api::{
-        Binding, Config, Direction, History, Jwt, JwtAlgorithm, JwtKey, SlowConsumerPolicy,
-        TokenSource,
+        Authorize, BackendRequest, Binding, Config, Direction, History, Jwt, JwtAlgorithm, JwtKey,
+        OnTimeout, SlowConsumerPolicy, SubscriptionToken, TokenSource,
     };
     pub use crate::client::{
-        Client, Frame, Got, Request, Since, Ws, close_code, connect, connect_with, drain_messages,
-        expect_messages, messages_then_quiet, next_event, next_json, request, send, subscribe,
+        Client, Event, Frame, Got, Request, Since, Ws, close_code, connect, connect_with,
+        drain_messages, expect_messages, messages_then_quiet, next_event, next_json, request, send,
+        subscribe,
     };
     pub use crate::http::{eventually, http_get, metric, raw_frames, raw_upgrade, raw_ws};
     pub use crate::nats::{Nats, StoreDir, free_port, jetstream_nats, nats_server_bin};

@@ -3,7 +3,7 @@
 //! results kept for a short time so that the HPA controller, `kubectl get --raw` and the
 //! status of the gateway asking at once cost one scrape per pod.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -160,6 +160,136 @@ pub struct Report {
     pub history_error: Option<(String, String)>,
     /// `wsrelay_jwks_fetch_failing`: its last fetch of the JWKS document failed.
     pub jwks_failing: bool,
+    /// `wsrelay_authorize_requests_total` and `wsrelay_authorize_failures_total` as they
+    /// stand (counters since the relay started), when it exports either.
+    pub authorize: Option<AuthorizeCounts>,
+    /// How much those counters grew over this relay's last complete window of at least
+    /// [`AUTHORIZE_WINDOW`] (filled by the [`Scraper`], which remembers earlier scrapes;
+    /// None until one window has passed, or after the counters went back: a restart).
+    pub authorize_window: Option<AuthorizeCounts>,
+}
+
+/// The least time over which the increase of a relay's authorization counters is taken:
+/// the operator keeps the counters of one earlier scrape per pod (it has no time series),
+/// and a gateway at rest is looked at once a [`crate::controller::RESYNC`], so each of
+/// those scrapes closes a window.
+pub const AUTHORIZE_WINDOW: Duration = Duration::from_secs(60);
+
+/// A relay's backend authorization requests (`wsrelay_authorize_requests_total`, every
+/// `op`) and those that failed, by reason (`wsrelay_authorize_failures_total{reason}`,
+/// every `op`). `rule_error` is left out: a rule that fails is no backend request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuthorizeCounts {
+    /// Backend requests sent.
+    pub requests: u64,
+    /// Failed ones by reason (`timeout`, `no_responders`, `unavailable`, `bad_reply`).
+    pub failures: BTreeMap<String, u64>,
+}
+
+impl AuthorizeCounts {
+    /// Reads the two counter families; None when the relay exports neither.
+    fn parse(body: &str) -> Option<Self> {
+        let requests = prom::samples(body, "wsrelay_authorize_requests_total");
+        let failures = prom::samples(body, "wsrelay_authorize_failures_total");
+        if requests.is_empty() && failures.is_empty() {
+            return None;
+        }
+        let count = |v: f64| u64::try_from(prom::as_count(v)).unwrap_or(0);
+        let mut by_reason = BTreeMap::new();
+        for (labels, v) in failures {
+            let reason = labels
+                .iter()
+                .find(|(k, _)| k == "reason")
+                .map(|(_, r)| r.clone())
+                .unwrap_or_default();
+            if reason == "rule_error" {
+                continue;
+            }
+            *by_reason.entry(reason).or_insert(0) += count(v);
+        }
+        Some(Self {
+            requests: requests.into_iter().map(|(_, v)| count(v)).sum(),
+            failures: by_reason,
+        })
+    }
+
+    /// All failures, whatever the reason.
+    pub fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
+    /// The growth since `earlier`; None when a counter went back (the relay restarted).
+    fn since(&self, earlier: &Self) -> Option<Self> {
+        let requests = self.requests.checked_sub(earlier.requests)?;
+        let mut failures = BTreeMap::new();
+        for (reason, n) in &self.failures {
+            let before = earlier.failures.get(reason).copied().unwrap_or(0);
+            failures.insert(reason.clone(), n.checked_sub(before)?);
+        }
+        // A reason that disappeared is a reset too (a counter never goes away on its own).
+        if earlier
+            .failures
+            .keys()
+            .any(|r| !self.failures.contains_key(r))
+        {
+            return None;
+        }
+        Some(Self { requests, failures })
+    }
+
+    /// Adds `other` in (summing relays).
+    pub fn add(&mut self, other: &Self) {
+        self.requests += other.requests;
+        for (reason, n) in &other.failures {
+            *self.failures.entry(reason.clone()).or_insert(0) += n;
+        }
+    }
+}
+
+/// One pod's authorization counters at the start of its current window, and the growth over
+/// its last complete one.
+#[derive(Debug, Clone)]
+struct Window {
+    started: Instant,
+    at_start: AuthorizeCounts,
+    last: Option<AuthorizeCounts>,
+    seen: Instant,
+}
+
+/// Per pod (`uid/name`), the authorization counters' windows.
+#[derive(Debug, Default)]
+struct Windows(HashMap<String, Window>);
+
+impl Windows {
+    /// Records `now`'s totals of `pod` and answers the growth over its last complete window.
+    fn observe(
+        &mut self,
+        pod: &str,
+        totals: &AuthorizeCounts,
+        now: Instant,
+    ) -> Option<AuthorizeCounts> {
+        // Forget pods not scraped for several windows (deleted, rescheduled).
+        self.0
+            .retain(|_, w| now.saturating_duration_since(w.seen) < AUTHORIZE_WINDOW * 5);
+        let fresh = || Window {
+            started: now,
+            at_start: totals.clone(),
+            last: None,
+            seen: now,
+        };
+        let w = self.0.entry(pod.to_string()).or_insert_with(fresh);
+        w.seen = now;
+        match totals.since(&w.at_start) {
+            None => *w = fresh(),
+            Some(growth) if now.saturating_duration_since(w.started) >= AUTHORIZE_WINDOW => {
+                w.last = Some(growth);
+                w.started = now;
+                w.at_start = totals.clone();
+            }
+            Some(_) => {}
+        }
+        w.last.clone()
+    }
 }
 
 impl Report {
@@ -193,6 +323,8 @@ impl Report {
                 .map(prom::as_count),
             history_error: labelled("wsrelay_history_stream_error", "stream", "error"),
             jwks_failing: prom::gauge(body, "wsrelay_jwks_fetch_failing").is_some_and(|v| v > 0.0),
+            authorize: AuthorizeCounts::parse(body),
+            authorize_window: None,
         })
     }
 }
@@ -213,6 +345,7 @@ pub struct Scraper {
     pub ttl: Duration,
     pub metrics: ScrapeMetrics,
     cache: Arc<Mutex<HashMap<String, Cached>>>,
+    windows: Arc<Mutex<Windows>>,
 }
 
 /// One pod's value, as served.
@@ -241,6 +374,7 @@ impl Scraper {
             ttl,
             metrics,
             cache: Arc::default(),
+            windows: Arc::default(),
         }
     }
 
@@ -310,7 +444,16 @@ impl Scraper {
             Ok(Err(e)) => Err(e),
             Ok(Ok(body)) => Report::parse(&body, self.metric),
         }
-        .map(|v| (v, now_rfc3339()));
+        .map(|mut v| {
+            if let Some(totals) = &v.authorize {
+                v.authorize_window = self
+                    .windows
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .observe(&key, totals, Instant::now());
+            }
+            (v, now_rfc3339())
+        });
         self.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -518,6 +661,8 @@ mod tests {
                     "insufficient storage resources available (code 500, error code 10047)".into()
                 )),
                 jwks_failing: true,
+                authorize: None,
+                authorize_window: None,
             }
         );
         // An older relay: only the connection gauge.
@@ -527,6 +672,76 @@ mod tests {
             (4, None, None)
         );
         assert!(Report::parse("x 1\n", "wsrelay_connections").is_err());
+    }
+
+    #[test]
+    fn authorization_counters_are_summed_over_ops_without_rule_errors() {
+        let body = "wsrelay_connections 1\n\
+            # TYPE wsrelay_authorize_requests_total counter\n\
+            wsrelay_authorize_requests_total{op=\"subscribe\"} 10\n\
+            wsrelay_authorize_requests_total{op=\"connect\"} 5\n\
+            wsrelay_authorize_failures_total{op=\"subscribe\",reason=\"timeout\"} 3\n\
+            wsrelay_authorize_failures_total{op=\"connect\",reason=\"timeout\"} 1\n\
+            wsrelay_authorize_failures_total{op=\"publish\",reason=\"no_responders\"} 2\n\
+            wsrelay_authorize_failures_total{op=\"subscribe\",reason=\"rule_error\"} 7\n";
+        let r = Report::parse(body, "wsrelay_connections").expect("report");
+        let counts = r.authorize.expect("counters");
+        assert_eq!(counts.requests, 15);
+        assert_eq!(
+            counts.failures,
+            BTreeMap::from([("no_responders".into(), 2), ("timeout".into(), 4)])
+        );
+        assert_eq!(counts.failed(), 6);
+        assert_eq!(r.authorize_window, None, "the scraper fills it");
+        // A relay without authorization (or an older one) exports neither family.
+        let plain = Report::parse("wsrelay_connections 1\n", "wsrelay_connections").expect("r");
+        assert_eq!(plain.authorize, None);
+    }
+
+    /// The growth of a pod's counters is taken over windows of at least
+    /// [`AUTHORIZE_WINDOW`]; the last complete one is answered until the next closes, and a
+    /// counter that goes back (a restart) starts over.
+    #[test]
+    fn authorization_windows_close_after_the_window_and_restart_on_a_reset() {
+        let counts = |requests: u64, timeout: u64| AuthorizeCounts {
+            requests,
+            failures: BTreeMap::from([("timeout".to_string(), timeout)]),
+        };
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = Windows::default();
+        assert_eq!(w.observe("uid/a", &counts(10, 0), at(0)), None);
+        assert_eq!(w.observe("uid/a", &counts(20, 5), at(30)), None, "open");
+        assert_eq!(
+            w.observe("uid/a", &counts(50, 25), at(61)),
+            Some(counts(40, 25))
+        );
+        assert_eq!(
+            w.observe("uid/a", &counts(60, 25), at(90)),
+            Some(counts(40, 25)),
+            "the last complete window until the next closes"
+        );
+        assert_eq!(
+            w.observe("uid/a", &counts(70, 25), at(122)),
+            Some(counts(20, 0))
+        );
+        // Another pod has windows of its own.
+        assert_eq!(w.observe("uid/b", &counts(1, 1), at(122)), None);
+        // The relay restarted in place: its counters went back.
+        assert_eq!(w.observe("uid/a", &counts(3, 1), at(130)), None);
+        assert_eq!(
+            w.observe("uid/a", &counts(9, 1), at(191)),
+            Some(counts(6, 0))
+        );
+        // A reason that appears for the first time grows from zero.
+        let mut more = counts(19, 1);
+        more.failures.insert("bad_reply".into(), 4);
+        let mut want = counts(10, 0);
+        want.failures.insert("bad_reply".into(), 4);
+        assert_eq!(w.observe("uid/a", &more, at(252)), Some(want));
+        // A pod not scraped for long is forgotten.
+        assert_eq!(w.observe("uid/c", &counts(0, 0), at(1000)), None);
+        assert!(!w.0.contains_key("uid/b"));
     }
 
     #[tokio::test]

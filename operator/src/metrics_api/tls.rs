@@ -1,5 +1,6 @@
 //! The HTTPS listener: the serving certificate from files, client certificates verified
-//! against the API server's requestheader (front proxy) CA.
+//! against the API server's requestheader (front proxy) CA. The admission webhook
+//! (`crate::webhook`) is served by the same loop, without client certificates.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -45,12 +46,7 @@ pub fn server_config(
     key: &Path,
     requestheader: &RequestHeaderConfig,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let (certs, key) =
-        wsrelay_config::pem::cert_chain_and_key(cert, key).map_err(|e| TlsError::Pem {
-            path: e.path,
-            message: e.message,
-        })?;
-
+    let (certs, key) = cert_chain_and_key(cert, key)?;
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(requestheader.client_ca_pem.as_bytes()) {
         let ca = ca.map_err(|e| TlsError::ClientCa(e.to_string()))?;
@@ -73,6 +69,35 @@ pub fn server_config(
     // HTTP/1.1 only: the API server's proxy speaks it when h2 is not offered.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Server settings that ask no client certificate: `cert`/`key` served, HTTP/1.1. For the
+/// admission webhook, which the API server calls without one (unless told to in its own
+/// admission configuration) and which hands out nothing: it answers allow or deny.
+pub fn server_config_without_client_auth(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let (certs, key) = cert_chain_and_key(cert, key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+type ChainAndKey = (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+fn cert_chain_and_key(cert: &Path, key: &Path) -> Result<ChainAndKey, TlsError> {
+    wsrelay_config::pem::cert_chain_and_key(cert, key).map_err(|e| TlsError::Pem {
+        path: e.path,
+        message: e.message,
+    })
 }
 
 /// A TLS acceptor whose settings can be swapped while running.
@@ -145,11 +170,11 @@ pub async fn accept_loop<F>(
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     // A certificate from another CA ends here: refused at the TLS layer.
-                    tracing::debug!(%peer, error = %e, "metrics API TLS handshake failed");
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return None;
                 }
                 Err(_) => {
-                    tracing::debug!(%peer, "metrics API TLS handshake timed out");
+                    tracing::debug!(%peer, "TLS handshake timed out");
                     return None;
                 }
             };
@@ -196,7 +221,7 @@ pub async fn accept_with<H, Fut, Io, F>(
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "metrics API accept failed");
+                    tracing::warn!(error = %e, "HTTPS accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -248,7 +273,7 @@ async fn serve_connection<Io, S>(
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "metrics API connection ended");
+                    tracing::debug!(%peer, error = %e, "HTTPS connection ended");
                 }
                 return;
             }
@@ -260,7 +285,7 @@ async fn serve_connection<Io, S>(
             }
         }
     };
-    tracing::debug!(%peer, reason = stop, "closing metrics API connection");
+    tracing::debug!(%peer, reason = stop, "closing HTTPS connection");
     // Finish the request in flight (an idle connection closes at once), then close.
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;

@@ -8,7 +8,7 @@ pub mod outbox;
 pub mod sink;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Instant;
 
 use serde_json::{Map, Value};
@@ -27,13 +27,22 @@ pub struct Conn {
     pub id: ConnId,
     /// Its send queue.
     pub outbox: Arc<Outbox>,
-    /// JWT claims; `None` when anonymous.
-    pub claims: Option<Map<String, Value>>,
-    /// Channel to the key (NATS subject) it is subscribed to, for each subscription.
-    subs: Mutex<HashMap<String, String>>,
+    /// JWT claims; `None` when anonymous. A `refresh` replaces them ([`Conn::claims`]).
+    claims: RwLock<Option<Arc<Map<String, Value>>>>,
+    /// Channel to what it is subscribed to, for each subscription.
+    subs: Mutex<HashMap<String, Held>>,
     /// Its write half, for fan-outs that write at once ([`Conn::deliver`]); set when its
     /// session starts (unset before: messages are queued).
     sink: OnceLock<Arc<SharedSink>>,
+}
+
+/// One subscription as the connection holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Held {
+    /// The key (NATS subject) it is a subscription to.
+    key: String,
+    /// When its subscription token expires (Unix seconds); `None` without one.
+    token_expires_at: Option<u64>,
 }
 
 /// Why a subscription could not be added to a connection's map.
@@ -62,13 +71,34 @@ impl Conn {
         Self {
             id,
             outbox,
-            claims,
+            claims: RwLock::new(claims.map(Arc::new)),
             subs: Mutex::new(HashMap::new()),
             sink: OnceLock::new(),
         }
     }
 
-    fn subs(&self) -> MutexGuard<'_, HashMap<String, String>> {
+    /// The connection's claims now; `None` when anonymous.
+    pub fn claims(&self) -> Option<Arc<Map<String, Value>>> {
+        self.claims
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether the connection is anonymous (it never gets claims later).
+    pub fn is_anonymous(&self) -> bool {
+        self.claims().is_none()
+    }
+
+    /// Replaces the claims (a `refresh` of the same identity).
+    pub fn set_claims(&self, claims: Map<String, Value>) {
+        *self
+            .claims
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(claims));
+    }
+
+    fn subs(&self) -> MutexGuard<'_, HashMap<String, Held>> {
         self.subs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -83,20 +113,67 @@ impl Conn {
         if subs.len() >= max {
             return Err(AddError::TooMany);
         }
-        subs.insert(channel.to_owned(), key.to_owned());
+        subs.insert(
+            channel.to_owned(),
+            Held {
+                key: key.to_owned(),
+                token_expires_at: None,
+            },
+        );
         Ok(())
+    }
+
+    /// Sets when `channel`'s subscription token expires, if it is (still) a subscription to
+    /// `key`; returns whether it was.
+    pub fn set_token_expiry(&self, channel: &str, key: &str, expires_at: u64) -> bool {
+        match self.subs().get_mut(channel) {
+            Some(h) if h.key == key => {
+                h.token_expires_at = Some(expires_at);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// When `channel`'s subscription token expires: `None` when the connection does not
+    /// hold the channel, `Some(None)` when it holds it without a token.
+    pub fn token_expiry(&self, channel: &str) -> Option<Option<u64>> {
+        self.subs().get(channel).map(|h| h.token_expires_at)
+    }
+
+    /// The earliest subscription-token expiry (Unix seconds), if any subscription has one.
+    pub fn next_token_expiry(&self) -> Option<u64> {
+        self.subs()
+            .values()
+            .filter_map(|h| h.token_expires_at)
+            .min()
+    }
+
+    /// Forgets the subscriptions whose token expired at or before `now`; returns them as
+    /// (channel, key).
+    pub fn take_expired(&self, now: u64) -> Vec<(String, String)> {
+        let mut subs = self.subs();
+        let expired: Vec<String> = subs
+            .iter()
+            .filter(|(_, h)| h.token_expires_at.is_some_and(|e| e <= now))
+            .map(|(c, _)| c.clone())
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|c| subs.remove(&c).map(|h| (c, h.key)))
+            .collect()
     }
 
     /// Whether `channel` is (still) a subscription to `key`: a reload or the hub may have
     /// ended it meanwhile, and the client may have subscribed to it again since.
     pub fn holds(&self, channel: &str, key: &str) -> bool {
-        self.subs().get(channel).is_some_and(|k| k == key)
+        self.subs().get(channel).is_some_and(|h| h.key == key)
     }
 
     /// Forgets `channel` when it is a subscription to `key`; returns whether it was.
     pub fn remove_if(&self, channel: &str, key: &str) -> bool {
         let mut subs = self.subs();
-        let held = subs.get(channel).is_some_and(|k| k == key);
+        let held = subs.get(channel).is_some_and(|h| h.key == key);
         if held {
             subs.remove(channel);
         }
@@ -105,19 +182,19 @@ impl Conn {
 
     /// Forgets `channel`; returns the key it was a subscription to.
     pub fn remove_subscription(&self, channel: &str) -> Option<String> {
-        self.subs().remove(channel)
+        self.subs().remove(channel).map(|h| h.key)
     }
 
     /// Forgets every subscription (the connection closed); returns them as (channel, key).
     pub fn take_subscriptions(&self) -> Vec<(String, String)> {
-        self.subs().drain().collect()
+        self.subs().drain().map(|(c, h)| (c, h.key)).collect()
     }
 
     /// The subscriptions now, as (channel, key).
     pub fn subscriptions(&self) -> Vec<(String, String)> {
         self.subs()
             .iter()
-            .map(|(c, k)| (c.clone(), k.clone()))
+            .map(|(c, h)| (c.clone(), h.key.clone()))
             .collect()
     }
 
@@ -209,6 +286,27 @@ mod tests {
         assert!(!conn.holds("a", "s.a"));
         assert_eq!(conn.remove_subscription("b"), Some("s.b".into()));
         assert!(conn.take_subscriptions().is_empty());
+    }
+
+    #[test]
+    fn subscription_tokens_expire_one_by_one() {
+        let conn = Conn::new(
+            1,
+            Arc::new(Outbox::new(8, SlowConsumerPolicy::DropOldest)),
+            None,
+        );
+        for c in ["a", "b", "c"] {
+            conn.add_subscription(c, &format!("s.{c}"), 8).unwrap();
+        }
+        assert!(conn.set_token_expiry("a", "s.a", 100));
+        assert!(conn.set_token_expiry("b", "s.b", 200));
+        assert!(!conn.set_token_expiry("c", "s.other", 50), "another key");
+        assert_eq!(conn.next_token_expiry(), Some(100));
+        assert_eq!(conn.token_expiry("c"), Some(None));
+        assert_eq!(conn.token_expiry("d"), None);
+        assert_eq!(conn.take_expired(150), vec![("a".into(), "s.a".into())]);
+        assert_eq!(conn.next_token_expiry(), Some(200));
+        assert!(conn.holds("b", "s.b") && conn.holds("c", "s.c"));
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, StatusCode};
 
+use crate::access::{Denied, Who};
 use crate::auth::{AuthError, Identity, TokenVia};
 use crate::limits::{ConnCounter, CountGuard, InFlight, client_ip, ip_key};
 use crate::protocol::close;
@@ -69,6 +70,12 @@ pub enum Refusal {
     /// The token came in `Sec-WebSocket-Protocol` without our subprotocol offered.
     #[error("token in Sec-WebSocket-Protocol without the wsrelay subprotocol")]
     Subprotocol,
+    /// The connect step's backend denied (`auth.connectRequest`).
+    #[error("denied by the connect step's backend")]
+    ConnectDenied,
+    /// The connect step's backend did not decide (timeout, no responders, NATS down).
+    #[error("the connect step's backend is unavailable")]
+    ConnectUnavailable,
 }
 
 impl Refusal {
@@ -76,7 +83,10 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotWebsocket | Self::Subprotocol => StatusCode::BAD_REQUEST,
-            Self::Draining | Self::MaxConnections => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Draining | Self::MaxConnections | Self::ConnectUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::ConnectDenied => StatusCode::FORBIDDEN,
             Self::PerIp(_) | Self::PerSubject => StatusCode::TOO_MANY_REQUESTS,
             Self::Auth(e) => e.status(),
         }
@@ -92,6 +102,8 @@ impl Refusal {
             Self::Auth(e) => e.reason(),
             Self::PerSubject => "per_subject",
             Self::Subprotocol => "subprotocol",
+            Self::ConnectDenied => "connect_denied",
+            Self::ConnectUnavailable => "connect_unavailable",
         }
     }
 
@@ -99,7 +111,9 @@ impl Refusal {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Draining => Some(1),
-            Self::PerIp(_) | Self::MaxConnections | Self::PerSubject => Some(5),
+            Self::PerIp(_) | Self::MaxConnections | Self::PerSubject | Self::ConnectUnavailable => {
+                Some(5)
+            }
             Self::Auth(e) if e.status() == StatusCode::SERVICE_UNAVAILABLE => Some(5),
             _ => None,
         }
@@ -129,6 +143,8 @@ impl Refusal {
             "max_connections" => "relay at capacity, retry later",
             "per_ip" => "too many connections from this address",
             "per_subject" => "too many connections for this token subject",
+            "connect_denied" => "denied by backend",
+            "connect_unavailable" => "authorization backend unavailable, retry later",
             _ => "refused",
         }
     }
@@ -144,6 +160,8 @@ pub struct Admitted {
     pub identity: Identity,
     /// Where the token was read.
     pub via: Option<TokenVia>,
+    /// What the connect step's backend replied, for the `welcome`.
+    pub data: Option<Arc<str>>,
 }
 
 /// The counts an open connection holds.
@@ -217,6 +235,20 @@ pub async fn admit(
         }
         None => None,
     };
+    // Last: the only step that costs the application's backend a request.
+    let who = Who {
+        claims: identity.claims.as_ref(),
+        relay: &relay.name,
+        conn: None,
+    };
+    let data = settings
+        .access
+        .connect(who, relay.link())
+        .await
+        .map_err(|denied| match denied {
+            Denied::Backend { .. } => Refusal::ConnectDenied,
+            _ => Refusal::ConnectUnavailable,
+        })?;
     Ok(Admitted {
         held: Held {
             _slot: slot,
@@ -225,5 +257,6 @@ pub async fn admit(
         },
         identity,
         via,
+        data,
     })
 }

@@ -116,6 +116,7 @@ async fn handshake(edge: Arc<Edge>, mut req: Request, span: tracing::Span) -> Re
             edge2.relay.clone(),
             conn,
             admitted.identity.expires_at,
+            admitted.data,
         )
         .instrument(tracing::debug_span!("connection", conn = id))
         .await;

@@ -45,7 +45,7 @@ use entry::{State, SubjectEntry, Subscriber, lock, read, write};
 use crate::conn::{Conn, ConnId};
 use crate::history::{Resumable, Streams};
 use crate::metrics::Metrics;
-use crate::protocol::{RequestId, Since, encode_ok, encode_ok_not_recovered};
+use crate::protocol::{RequestId, Since, encode_ok, encode_ok_not_recovered, with_data};
 use crate::signal::Signal;
 
 /// How long a subscribe waits for NATS to confirm the SUB before answering 503.
@@ -162,6 +162,7 @@ impl Hub {
         channel: &str,
         id: Option<&RequestId>,
         since: Option<&Since>,
+        data: Option<&str>,
     ) -> Result<(), SubscribeError> {
         let channel: Arc<str> = Arc::from(channel);
         let key = (conn.id, channel.clone());
@@ -200,9 +201,9 @@ impl Hub {
         };
         if outcome.is_ok() {
             outcome = match &entry.resumable {
-                None => self.join_plain(&entry, target, conn, &channel, id, since),
+                None => self.join_plain(&entry, target, conn, &channel, id, since, data),
                 Some(res) => {
-                    self.join_resumable(&entry, res, target, conn, &channel, id, since)
+                    self.join_resumable(&entry, res, target, conn, &channel, id, since, data)
                         .await
                 }
             };
@@ -222,6 +223,7 @@ impl Hub {
 
     /// A plain channel: the subscriber is live already; queue the `ok` unless a reload
     /// ended the subscription meanwhile.
+    #[allow(clippy::too_many_arguments)]
     fn join_plain(
         &self,
         entry: &SubjectEntry,
@@ -230,6 +232,7 @@ impl Hub {
         channel: &str,
         id: Option<&RequestId>,
         since: Option<&Since>,
+        data: Option<&str>,
     ) -> Result<(), SubscribeError> {
         let _subs = read(&entry.subscribers);
         if !conn.holds(channel, &target.key) {
@@ -241,7 +244,7 @@ impl Hub {
         } else {
             encode_ok(id)
         };
-        conn.outbox.push_reply(Message::text(ok));
+        conn.outbox.push_reply(Message::text(with_data(ok, data)));
         Ok(())
     }
 

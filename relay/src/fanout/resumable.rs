@@ -16,7 +16,7 @@ use crate::conn::Conn;
 use crate::conn::close::Cause;
 use crate::history::ring::Stored;
 use crate::history::{self, Arrival, Resumable, Start, stream};
-use crate::protocol::{RequestId, Since, encode_ok_position};
+use crate::protocol::{RequestId, Since, encode_ok_position, with_data};
 
 /// How long a gap fill retries JetStream before the channel's subscribers are told to
 /// subscribe again.
@@ -46,6 +46,7 @@ impl Hub {
         channel: &str,
         id: Option<&RequestId>,
         since: Option<&Since>,
+        data: Option<&str>,
     ) -> Result<(), SubscribeError> {
         let m = &self.metrics;
         let unavailable = |e: stream::StreamError| {
@@ -93,8 +94,9 @@ impl Hub {
                 };
                 m.history(&m.history_resumes, outcome);
             }
-            conn.outbox.push_reply(Message::text(encode_ok_position(
-                id, &epoch, pos, recovered,
+            conn.outbox.push_reply(Message::text(with_data(
+                encode_ok_position(id, &epoch, pos, recovered),
+                data,
             )));
             let name: Arc<str> = Arc::from(channel);
             let Some(sub) = subs.get(&(conn.id, name.clone())) else {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::auth::KeyLoadError;
 use crate::config::Config;
 use crate::edge::Edge;
 use crate::edge::tls::{TlsAcceptor, TlsError};
@@ -23,7 +22,7 @@ use crate::state::{Relay, Settings};
 pub enum StartError {
     /// Key files.
     #[error(transparent)]
-    Keys(#[from] KeyLoadError),
+    Keys(#[from] crate::state::SettingsError),
     /// NATS options.
     #[error(transparent)]
     Nats(#[from] NatsError),

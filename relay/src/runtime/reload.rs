@@ -1,7 +1,9 @@
 //! Config reload (SIGHUP or file change) that keeps connections.
 //!
 //! Bindings and auth take effect at once for every request; subscriptions whose channel no
-//! longer resolves to the same subject are ended with an `unsubscribed` notice.
+//! longer resolves to the same subject are ended with an `unsubscribed` notice. A binding's
+//! `authorize` checks apply to new requests; live subscriptions are not re-checked against
+//! them (a `refresh` re-checks a connection's).
 //! `limits.maxConnections` changes at once; the other limits apply to connections opened
 //! after the reload. Listen addresses, NATS settings and TLS file paths need a restart (a
 //! warning says so); the TLS files themselves are reloaded when their content changes.
@@ -9,14 +11,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio_tungstenite::tungstenite::Message;
-
 use crate::authz::Operation;
 use crate::config::Config;
 use crate::edge::Edge;
 use crate::fanout::Target;
 use crate::metrics::Reason;
-use crate::protocol;
+use crate::session::requests::end;
 use crate::state::{Relay, Settings};
 
 /// Why a reload was refused (the old config stays in force).
@@ -27,7 +27,7 @@ pub enum ReloadError {
     Load(#[from] crate::config::LoadError),
     /// A key file did not load.
     #[error(transparent)]
-    Keys(#[from] crate::auth::KeyLoadError),
+    Keys(#[from] crate::state::SettingsError),
 }
 
 /// Reloads from `path`. Returns how many subscriptions were ended.
@@ -60,29 +60,22 @@ fn reload_inner(relay: &Arc<Relay>, edge: &Edge, path: &Path) -> Result<usize, R
     relay.swap_settings(settings);
     let mut ended = 0;
     for conn in relay.connections() {
+        let claims = conn.claims();
         let gone: Vec<(String, String)> = conn
             .subscriptions()
             .into_iter()
             .filter(|(channel, key)| {
                 authz
-                    .resolve_binding(channel, Operation::Subscribe, conn.claims.as_ref())
+                    .resolve_binding(channel, Operation::Subscribe, claims.as_deref())
                     .map(|r| Target::of(&r).key)
                     .as_ref()
                     != Ok(key)
             })
             .collect();
         for (channel, subject) in gone {
-            // Unless the client unsubscribed meanwhile.
-            if !conn.remove_if(&channel, &subject) {
-                continue;
+            if end(&conn, relay, &channel, &subject, "binding removed") {
+                ended += 1;
             }
-            relay.hub.unsubscribe(&subject, conn.id, &channel);
-            conn.outbox
-                .push_reply(Message::text(protocol::encode_unsubscribed(
-                    &channel,
-                    "binding removed",
-                )));
-            ended += 1;
         }
     }
     tracing::info!(ended_subscriptions = ended, "config reloaded");

@@ -29,12 +29,14 @@ use crate::protocol;
 use crate::state::Relay;
 
 /// Runs a registered connection to its end over `sink` and `stream`, then unregisters it.
+/// `welcome_data`: what the connect step's backend replied, for the `welcome`.
 pub async fn run<Si, St>(
     sink: Si,
     stream: St,
     relay: Arc<Relay>,
     conn: Arc<Conn>,
     expires_at: Option<u64>,
+    welcome_data: Option<Arc<str>>,
 ) where
     Si: Sink<Message, Error = tungstenite::Error> + Send + 'static,
     St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
@@ -44,11 +46,10 @@ pub async fn run<Si, St>(
     drop(settings);
     let sink = Arc::new(SharedSink::new(sink));
     conn.attach_sink(sink.clone());
-    conn.outbox
-        .push_reply(Message::text(protocol::encode_welcome(
-            limits.max_message_bytes,
-            conn.claims.is_none(),
-        )));
+    conn.outbox.push_reply(Message::text(protocol::with_data(
+        protocol::encode_welcome(limits.max_message_bytes, conn.is_anonymous()),
+        welcome_data.as_deref(),
+    )));
     let done = CancellationToken::new();
     // The writer is a task of its own: joined with the reader in one task, every delivery's
     // wake-up also polled the reader (its socket, idle and expiry timers, cancellation),
@@ -134,7 +135,7 @@ mod tests {
         let conn = relay.register(outbox, None);
         let sink = to_client.sink_map_err(|_| tungstenite::Error::ConnectionClosed);
         let stream = from_client.map(Ok);
-        let task = tokio::spawn(run(sink, stream, relay.clone(), conn, None));
+        let task = tokio::spawn(run(sink, stream, relay.clone(), conn, None, None));
         (from_session, to_session, task)
     }
 

@@ -40,6 +40,10 @@ pub(super) async fn read_loop<St>(
     tokio::pin!(idle);
     let expiry = tokio::time::sleep(until_expiry(expires_at));
     tokio::pin!(expiry);
+    // The earliest subscription-token expiry; moved after the requests that change it.
+    let mut next_sub_expiry: Option<u64> = None;
+    let sub_expiry = tokio::time::sleep(EXPIRY_HORIZON);
+    tokio::pin!(sub_expiry);
     loop {
         let msg = tokio::select! {
             () = done.cancelled() => return linger(&mut stream).await,
@@ -50,6 +54,14 @@ pub(super) async fn read_loop<St>(
             () = &mut expiry, if expires_at.is_some() => {
                 conn.outbox.close(Cause::TokenExpired);
                 return linger(&mut stream).await;
+            }
+            () = &mut sub_expiry, if next_sub_expiry.is_some() => {
+                for (channel, key) in conn.take_expired(now_secs()) {
+                    requests::end_expired(conn, relay, &channel, &key);
+                }
+                next_sub_expiry = conn.next_token_expiry();
+                sub_expiry.as_mut().reset(tokio::time::Instant::now() + until_expiry(next_sub_expiry));
+                continue;
             }
             m = stream.next() => m,
         };
@@ -88,6 +100,7 @@ pub(super) async fn read_loop<St>(
                     Request::Publish { id, .. } => Some(("publish", id)),
                     // A JWT verification each (and maybe a JWKS fetch).
                     Request::Refresh { id, .. } => Some(("refresh", id)),
+                    Request::SubRefresh { id, .. } => Some(("subrefresh", id)),
                     Request::Ping { .. } => None,
                 };
                 if let Some((op, id)) = limited {
@@ -130,10 +143,25 @@ pub(super) async fn read_loop<St>(
                     }
                     continue;
                 }
+                let moves_expiry = matches!(
+                    req,
+                    Request::Subscribe { token: Some(_), .. }
+                        | Request::SubRefresh { .. }
+                        | Request::Unsubscribe { .. }
+                );
                 // Boxed, here and for `refresh`: a request's future (a subscribe waits for
                 // NATS and may read a stream) is larger than everything else an idle
                 // connection holds. Inline, it sized every connection's task for it.
                 Box::pin(requests::handle(req, conn, relay)).await;
+                if moves_expiry {
+                    let next = conn.next_token_expiry();
+                    if next != next_sub_expiry {
+                        next_sub_expiry = next;
+                        sub_expiry
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + until_expiry(next));
+                    }
+                }
             }
             Message::Binary(_) => {
                 reply_error(
@@ -177,9 +205,12 @@ fn until_expiry(expires_at: Option<u64>) -> Duration {
     let Some(exp) = expires_at else {
         return EXPIRY_HORIZON;
     };
-    let now = SystemTime::now()
+    Duration::from_secs(exp.saturating_sub(now_secs())).min(EXPIRY_HORIZON)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
-    Duration::from_secs(exp.saturating_sub(now)).min(EXPIRY_HORIZON)
+        .unwrap_or(0)
 }

@@ -183,10 +183,10 @@ async fn open(State(sse): State<Sse>, req: Request) -> Response {
     ));
     let gone = CancellationToken::new();
     let (sink, stream) = transport::transport(body_tx, inbox_rx, gone.clone());
-    let expires_at = admitted.identity.expires_at;
+    let (expires_at, data) = (admitted.identity.expires_at, admitted.data);
     let (relay2, sse2) = (relay.clone(), sse.clone());
     relay.tracker.spawn(async move {
-        crate::session::run(sink, stream, relay2, conn, expires_at).await;
+        crate::session::run(sink, stream, relay2, conn, expires_at, data).await;
         sse2.sessions().remove(&id);
         drop(held);
     });
@@ -255,9 +255,9 @@ async fn frame(State(sse): State<Sse>, Path(session): Path<String>, req: Request
     };
     let authn = relay.settings().authn.clone();
     let same = match authn.authenticate(&headers, parts.uri.query()).await {
-        Ok((identity, _)) => match (&conn.claims, &identity.claims) {
+        Ok((identity, _)) => match (conn.claims(), &identity.claims) {
             (None, None) => true,
-            (Some(old), Some(new)) => crate::auth::same_identity(old, new),
+            (Some(old), Some(new)) => crate::auth::same_identity(&old, new),
             _ => false,
         },
         Err(e) => {

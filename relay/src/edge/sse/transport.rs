@@ -274,7 +274,14 @@ mod tests {
         let (inbox_tx, inbox_rx) = mpsc::channel(16);
         let gone = CancellationToken::new();
         let (sink, stream) = transport(body_tx, inbox_rx, gone.clone());
-        let task = tokio::spawn(crate::session::run(sink, stream, relay.clone(), conn, None));
+        let task = tokio::spawn(crate::session::run(
+            sink,
+            stream,
+            relay.clone(),
+            conn,
+            None,
+            None,
+        ));
         (relay, body_rx, gone, task, inbox_tx)
     }
 

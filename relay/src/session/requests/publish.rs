@@ -1,27 +1,24 @@
-//! `publish`: the bindings decide the subject; the message goes to NATS with headers naming
-//! its sender, and on a resumable channel is stored by JetStream before the `ok`, which then
+//! `publish`: the bindings and their checks decide the subject (`crate::access`; a
+//! subscription token comes with the publish, or is the one the connection holds for the
+//! channel); the message goes to NATS with headers naming its sender, and on a resumable channel is stored by JetStream before the `ok`, which then
 //! carries its position.
 
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::authz::{AuthzError, Operation};
+use crate::access::{Denied, Presented};
+use crate::authz::Operation;
 use crate::conn::Conn;
 use crate::protocol::{self, ErrorCode, RequestId};
 use crate::state::Relay;
 
-use super::{authz_code, reply_error};
-
-/// The header naming the publishing client's token subject.
-pub const SENDER_SUB_HEADER: &str = "Wsrelay-Sub";
-/// The header naming the publishing connection.
-pub const SENDER_CONNECTION_HEADER: &str = "Wsrelay-Connection";
+use super::{reply_denied, reply_error, who};
 
 /// Why a publish is refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    /// The bindings refuse the channel.
+    /// The bindings or their checks refuse the channel.
     #[error(transparent)]
-    Refused(#[from] AuthzError),
+    Refused(#[from] Denied),
     /// The relay's NATS connection is down.
     #[error("NATS unavailable")]
     NatsUnavailable,
@@ -40,7 +37,7 @@ impl PublishError {
     /// The error code the client hears.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Refused(e) => authz_code(e),
+            Self::Refused(e) => e.code(),
             _ => ErrorCode::Unavailable,
         }
     }
@@ -53,10 +50,11 @@ pub async fn apply(
     channel: &str,
     payload: Vec<u8>,
     msg_id: Option<String>,
+    token: Option<&str>,
     conn: &Conn,
     relay: &Relay,
 ) {
-    match publish(channel, payload, msg_id, conn, relay).await {
+    match publish(channel, payload, msg_id, token, conn, relay).await {
         Ok(stored) => {
             relay.metrics.published.inc();
             let ok = match stored {
@@ -65,10 +63,9 @@ pub async fn apply(
             };
             conn.outbox.push_reply(Message::text(ok));
         }
+        Err(PublishError::Refused(denied)) => reply_denied(conn, id, &denied),
         Err(e) => {
-            if !matches!(e, PublishError::Refused(_)) {
-                relay.metrics.drop_msgs("nats_unavailable", 1);
-            }
+            relay.metrics.drop_msgs("nats_unavailable", 1);
             reply_error(conn, id, e.code(), &e.to_string());
         }
     }
@@ -80,21 +77,29 @@ async fn publish(
     channel: &str,
     payload: Vec<u8>,
     msg_id: Option<String>,
+    token: Option<&str>,
     conn: &Conn,
     relay: &Relay,
 ) -> Result<Option<(u64, bool)>, PublishError> {
-    let resolved = relay.settings().authz.resolve_binding(
-        channel,
-        Operation::Publish,
-        conn.claims.as_ref(),
-    )?;
+    let access = relay.settings().access.clone();
+    let claims = conn.claims();
+    let who = who(conn, relay, claims.as_deref());
+    let presented = match token {
+        Some(t) => Presented::Token(t),
+        None if holds_live_token(conn, channel) => Presented::Held,
+        None => Presented::None,
+    };
+    let resolved = access
+        .check(channel, Operation::Publish, who, presented, relay.link())
+        .await?
+        .resolved;
     if !relay
         .nats_connected
         .load(std::sync::atomic::Ordering::SeqCst)
     {
         return Err(PublishError::NatsUnavailable);
     }
-    let headers = sender_headers(conn, &relay.name);
+    let headers = who.headers();
     let client = relay.hub.client();
     if resolved.history.is_none() {
         client
@@ -108,20 +113,13 @@ async fn publish(
         .map(Some)
 }
 
-/// Headers a client publish carries to NATS, so a backend knows who sent it: the token's
-/// `sub` (absent for anonymous clients or a token without one) and the connection
-/// (`<relay name>/<connection id>`). Set by the relay; a client cannot set NATS headers, so it
-/// cannot forge them.
-fn sender_headers(conn: &Conn, relay_name: &str) -> async_nats::HeaderMap {
-    let mut h = async_nats::HeaderMap::new();
-    if let Some(sub) = conn.claims.as_ref().and_then(crate::auth::subject) {
-        h.insert(SENDER_SUB_HEADER, sub);
-    }
-    h.insert(
-        SENDER_CONNECTION_HEADER,
-        format!("{relay_name}/{}", conn.id).as_str(),
-    );
-    h
+/// Whether `conn` holds `channel` with a subscription token that has not expired.
+fn holds_live_token(conn: &Conn, channel: &str) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    matches!(conn.token_expiry(channel), Some(Some(exp)) if exp > now)
 }
 
 /// A publish on a resumable channel: stored by JetStream before the `ok`, which carries its

@@ -33,17 +33,24 @@ impl RefreshError {
     }
 }
 
-/// Verifies `token`: valid as at the handshake, and of the connection's identity. Returns
-/// its expiry.
+/// Verifies `token`: valid as at the handshake, and of the connection's identity. Its
+/// claims then replace the connection's, and every subscription is authorized again under
+/// them (`super::recheck`). Returns its expiry.
 pub async fn apply(token: &str, conn: &Conn, relay: &Relay) -> Result<u64, RefreshError> {
-    let Some(old) = &conn.claims else {
+    let Some(old) = conn.claims() else {
         return Err(RefreshError::Anonymous);
     };
     let authn = relay.settings().authn.clone();
     let identity = authn.verify_token(token).await?;
     let new = identity.claims.unwrap_or_default();
-    if !crate::auth::same_identity(old, &new) {
+    if !crate::auth::same_identity(&old, &new) {
         return Err(RefreshError::OtherIdentity);
     }
-    identity.expires_at.ok_or(RefreshError::NoExpiry)
+    let expires_at = identity.expires_at.ok_or(RefreshError::NoExpiry)?;
+    conn.set_claims(new);
+    let ended = super::recheck(conn, relay).await;
+    if ended > 0 {
+        tracing::debug!(conn = conn.id, ended, "refresh ended subscriptions");
+    }
+    Ok(expires_at)
 }
