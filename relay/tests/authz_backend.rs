@@ -231,13 +231,21 @@ async fn the_example_backend_decides_who_joins_a_room() {
     ]
     .map(|(o, c, s, a)| (o.to_owned(), c.to_owned(), s.to_owned(), a));
     assert_eq!(seen, want, "{:?}", backend.lines());
-    let alice: Vec<Value> = backend.decisions()[1..]
+    // Wsrelay-Connection: `<relay>/-` at the connect step (no connection id before the
+    // upgrade), then one `<relay>/<id>` for all of alice's subscribes.
+    let connections: Vec<String> = backend.decisions()[1..]
         .iter()
-        .map(|d| d["connection"].clone())
+        .map(|d| d["connection"].as_str().unwrap().to_owned())
         .collect();
+    let (relay_name, _) = connections[0]
+        .split_once('/')
+        .unwrap_or_else(|| panic!("{connections:?}"));
+    assert_eq!(connections[0], format!("{relay_name}/-"), "{connections:?}");
     assert!(
-        alice[0].as_str().is_some_and(|c| !c.is_empty()) && alice.iter().all(|c| *c == alice[0]),
-        "one connection id (Wsrelay-Connection) for alice's questions: {alice:?}"
+        connections[1].starts_with(&format!("{relay_name}/"))
+            && connections[1] != connections[0]
+            && connections[2] == connections[1],
+        "one connection id for alice's subscribes: {connections:?}"
     );
 
     // SIGTERM: the backend drains and exits 0; then no one serves the subject, and a question
