@@ -17,11 +17,15 @@ key=$(cd "$here" && cat go.mod go.sum build.sh $(ls -- *.go | grep -v '_test\.go
 dir=$cache/bin/authz-backend-$key
 if [[ ! -f $dir/.done ]]; then
     echo "authz-backend: building into $dir" >&2
-    rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+    mkdir -p "$cache/bin"
+    # A directory of this run's own: images/build.sh and a test may build at the same time.
+    tmp=$(mktemp -d "$dir.tmp.XXXXXX") && chmod 755 "$tmp"
+    trap 'rm -rf "$tmp"' EXIT
     # -trimpath and no VCS stamp: the same sources give the same binary, so the image's
     # digest changes only with them.
-    (cd "$here" && go build -trimpath -ldflags "-s -w" -o "$dir.tmp/authz-backend" .)
-    rm -rf "$dir" && mv "$dir.tmp" "$dir" && touch "$dir/.done"
-    find "$cache/bin" -maxdepth 1 -name 'authz-backend-*' ! -name "$(basename "$dir")" -exec rm -rf {} +
+    (cd "$here" && go build -trimpath -ldflags "-s -w" -o "$tmp/authz-backend" .)
+    touch "$tmp/.done"
+    rm -rf "$dir" && mv -T "$tmp" "$dir"
+    find "$cache/bin" -maxdepth 1 -name 'authz-backend-*' ! -name "$(basename "$dir")" ! -name '*.tmp.*' -exec rm -rf {} +
 fi
 echo "$dir/authz-backend"
