@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Builds the relay, operator and pause images without Docker: static release binaries, then
-# one OCI image archive each (images/oci.py). Prints the directory holding the archives on
-# stdout; progress goes to stderr.
+# one OCI image archive each (images/oci.py); and the example authorization backend's image
+# (examples/authz-backend, a static Go binary that its own build.sh caches by its sources).
+# Prints the directory holding the archives on stdout; progress goes to stderr.
 #
 #   images/build.sh [OUT_DIR]     default: $WSRELAY_CACHE/images (~/.cache/wsrelay/images)
 #
 # Names come from images/images.env, the tag from the workspace version in Cargo.toml.
 # An archive is rewritten only when its inputs (binary, oci.py, name, settings) change, so a
-# second run costs a no-op cargo build and three hashes.
+# second run costs a no-op cargo build and four hashes.
 #
-# Needs rustup, musl-gcc (Debian: musl-tools), python3 and file.
+# Needs rustup, musl-gcc (Debian: musl-tools), go, python3 and file.
 # Environment: CARGO_TARGET_DIR (default target/), WSRELAY_IMAGE_TARGET (default
 # x86_64-unknown-linux-musl, added with rustup when missing; x86_64-unknown-linux-gnu links
 # glibc statically instead), SOURCE_DATE_EPOCH (timestamps in the images; default 0, so the
@@ -64,15 +65,20 @@ cargo build --release --locked --target "$target" \
     -p wsrelay-pause --bin wsrelay-pause >&2
 bin=${CARGO_TARGET_DIR:-$root/target}/$target/release
 
+# Nothing in FROM scratch to load a dynamic library from.
+static() {
+    file -b "$1" | grep -qE 'statically linked|static-pie linked' || { log "$1 is not statically linked: $(file -b "$1")"; exit 1; }
+}
 for b in wsrelay wsrelay-operator wsrelay-pause; do
-    # Nothing in FROM scratch to load a dynamic library from.
-    if ! file -b "$bin/$b" | grep -qE 'statically linked|static-pie linked'; then
-        log "$bin/$b is not statically linked: $(file -b "$bin/$b")"
-        exit 1
-    fi
+    static "$bin/$b"
     # And it runs: what goes into the image is what printed this.
     "$bin/$b" --version >/dev/null || { log "$bin/$b --version failed"; exit 1; }
 done
+
+# CGO off, -trimpath, no VCS stamp: static, and the same sources give the same binary.
+log "examples/authz-backend/build.sh"
+authz_bin=$(examples/authz-backend/build.sh)
+static "$authz_bin"
 
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 # The writer and the files it adds are inputs too.
@@ -119,5 +125,12 @@ mapfile -d '' pause_labels < <(labels pause "Pod sandbox process: holds the name
 image "$PAUSE_IMAGE:$version" "$bin/wsrelay-pause" "pause-$version.oci.tar" \
     --file "/pause=$bin/wsrelay-pause" \
     --entrypoint /pause --user 65535:65535 "${pause_labels[@]}"
+
+# The example backend needs no files besides itself (no user lookup, no TLS roots for a
+# plain nats:// URL): numeric non-root user, no ports (it only dials NATS).
+mapfile -d '' authz_labels < <(labels authz-example "Example wsrelay authorization backend: answers authorize.request over NATS")
+image "$AUTHZ_EXAMPLE_IMAGE:$version" "$authz_bin" "authz-example-$version.oci.tar" \
+    --file "/usr/local/bin/authz-backend=$authz_bin" \
+    --entrypoint /usr/local/bin/authz-backend --user 65532:65532 "${authz_labels[@]}"
 
 echo "$out"

@@ -5,6 +5,7 @@
 //! namespace of its own ([`with_namespace`]) that is removed afterwards, pass or fail, so tests
 //! run in parallel and leave nothing behind.
 
+pub mod authz;
 pub mod gateway;
 pub mod load;
 pub mod netns;

@@ -3,7 +3,9 @@
 //! Service, publish on NATS, let the HPA scale the fleet on connection count, roll the fleet
 //! while clients stay subscribed, delete everything. Through the rollout, what plain-channel
 //! clients lose is reported, not asserted (at-most-once by design); clients of a resumable
-//! channel (a binding with history, src/resumable.rs) must lose nothing.
+//! channel (a binding with history, src/resumable.rs) must lose nothing. A binding that asks
+//! the application's backend (`authorize.request`) is answered by the example backend
+//! (examples/authz-backend, src/authz.rs) running as a Deployment beside the fleet.
 //!
 //! The same code runs on the local node (`make cluster-up NODE=1`) and on kind
 //! (`make kind-e2e`). What differs between the two comes from the environment:
@@ -32,10 +34,11 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use wsrelay_e2e::gateway;
+use wsrelay_e2e::operator::install_chart_crd;
 use wsrelay_e2e::resumable::{self, Feed, Published};
 use wsrelay_e2e::subscriber::{self, Subscriber, Target};
 use wsrelay_e2e::tools::{helm, kubectl, run};
+use wsrelay_e2e::{authz, gateway};
 use wsrelay_e2e::{eventually, nats_url, repo_root, with_namespace};
 use wsrelay_operator::api::WebsocketGateway;
 use wsrelay_operator::build::INSTANCE_LABEL;
@@ -55,6 +58,9 @@ const PUBLISH_RATE: u64 = 20;
 /// Clients on the resumable channel (`orders`, a binding with history), opened before the
 /// rollout; they are not counted by the scaling checks above.
 const RESUMABLE_CLIENTS: usize = 12;
+/// The example authorization backend's Deployment, and who may join which room.
+const AUTHZ_BACKEND: &str = "authz-example";
+const ROOMS: &str = "alice:1;bob:1,2";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_gateway_clients_scaling_rollout_and_delete() -> Result<()> {
@@ -107,12 +113,25 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
 
     // --- install the chart -> operator Ready ---
     let mut release = install_chart(&ns)?;
+    // helm installs the chart's CRD only where there is none: a cluster that has an older
+    // one would prune the fields this gateway uses (`authorize`). Apply the chart's copy.
+    install_chart_crd(&client).await?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let operator = operator_deployment(&deployments).await?;
     gateway::wait_available(&deployments, &operator, 2).await?;
     eprintln!("FIGURE operator Ready (2 replicas): {}", secs(t0));
     wait_apiservices_available().await?;
     eprintln!("FIGURE metrics APIServices Available: {}", secs(t0));
+    // The backend starts beside the relays, so it costs the scenario no time of its own.
+    authz::deploy_backend(
+        &client,
+        &ns,
+        AUTHZ_BACKEND,
+        &gateway::gateway_nats_url()?,
+        &authz_subject(&ns),
+        ROOMS,
+    )
+    .await?;
 
     // --- apply a gateway -> relay pods Ready ---
     let t1 = Instant::now();
@@ -191,6 +210,44 @@ async fn scenario(client: Client, ns: String) -> Result<()> {
     );
     // Her second goes again, so the scaling checks below count only their own clients.
     drop(second);
+
+    // --- a binding that asks the backend: alice may join room 1 (with the backend's data in
+    // the ok), not room 2 (403 with the backend's reason) ---
+    let t_rooms = Instant::now();
+    gateway::wait_available(&deployments, AUTHZ_BACKEND, 1).await?;
+    let alice = token("alice")?;
+    // Retried while not yet decided: until the backend has subscribed NATS has no responders
+    // (503, not cached); until the relay has seen her second connection go, a third one of
+    // hers is refused (4429).
+    let replies = eventually("alice's rooms answered by the backend", || async {
+        match authz::subscribe_replies(&url, &alice, &["rooms.1", "rooms.2"]).await {
+            Ok(r) if r.iter().all(|r| r["code"] != 503) => Ok(Some(r)),
+            Ok(r) => {
+                tracing::info!("backend not serving yet: {r:?}");
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::info!("not yet: {e:#}");
+                Ok(None)
+            }
+        }
+    })
+    .await?;
+    let (room1, room2) = (&replies[0], &replies[1]);
+    ensure!(
+        room1["type"] == "ok" && room1["data"] == json!({ "room": "1", "members": 2 }),
+        "alice should join room 1 with the backend's data, got {room1}"
+    );
+    ensure!(
+        room2["type"] == "error"
+            && room2["code"] == 403
+            && room2["reason"] == "not a member of room 2",
+        "alice should be refused room 2 with the backend's reason, got {room2}"
+    );
+    eprintln!(
+        "FIGURE backend authorization through the Service (room 1 ok, room 2 403): {}",
+        secs(t_rooms)
+    );
 
     // --- enough connections -> the HPA raises replicas -> new pods take new connections ---
     let t2 = Instant::now();
@@ -490,6 +547,11 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
                     "channel": "orders",
                     "subject": format!("e2e.{ns}.orders"),
                     "history": { "maxMessages": 200, "maxAgeSeconds": 300 }
+                },
+                {
+                    "channel": "rooms.{room}",
+                    "subject": format!("e2e.{ns}.rooms.{{room}}"),
+                    "authorize": { "request": { "subject": authz_subject(ns), "timeoutMs": 2000 } }
                 }
             ],
             "autoscaling": {
@@ -506,6 +568,11 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
     }))?;
     wsrelay_e2e::operator::create_gateway(client, ns, &gw).await?;
     Ok(())
+}
+
+/// The subject the example backend serves for this test's relays (a namespace of its own).
+fn authz_subject(ns: &str) -> String {
+    format!("e2e.{ns}.authz")
 }
 
 /// Opens `n` subscribers like `target`, each with a token of its own (`{prefix}{i}`).
