@@ -627,3 +627,72 @@ async fn the_connect_step_admits_with_data_and_refuses_before_the_upgrade() {
     let _again = open(&relay, &token("alice", json!({}))).await;
     assert_eq!(b.asked.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn all_checks_must_allow_and_the_cheapest_decide_first() {
+    init_logs();
+    let nats = Nats::start();
+    let b = backend(
+        &nats,
+        "authz.all",
+        &[("alice", "1"), ("alice", "2")],
+        Duration::ZERO,
+    )
+    .await;
+    let relay = TestRelay::builder(&nats)
+        .hs256()
+        .with_binding(guarded(
+            "rooms.{room}",
+            "rooms.{room}",
+            Authorize {
+                token: Some(SubscriptionToken::default()),
+                rule: Some("vars.room in claims.rooms".into()),
+                request: Some(asking("authz.all")),
+            },
+        ))
+        .ready()
+        .start()
+        .await;
+    let later = now_secs() + 600;
+    let mut alice = open(&relay, &token("alice", json!({"rooms": ["1", "3"]}))).await;
+    // No token: refused before the rule and the backend.
+    assert_eq!(error_code(&alice.subscribe("rooms.1").await), Some(403));
+    // A token, but the rule says no (room 2 is not in the claims): the backend is not asked.
+    let r = alice
+        .subscribe_with_token("rooms.2", &sub_token("alice", "rooms.2", later))
+        .await;
+    assert!(
+        matches!(&r, Frame::Error { code: 403, reason, .. } if reason == "denied by rule"),
+        "{r:?}"
+    );
+    assert_eq!(b.asked.load(Ordering::SeqCst), 0);
+    // Token and rule allow, the backend says no (room 3 is not its member list).
+    let r = alice
+        .subscribe_with_token("rooms.3", &sub_token("alice", "rooms.3", later))
+        .await;
+    assert!(
+        matches!(
+            &r,
+            Frame::Error {
+                code: 403,
+                app_code: Some(4031),
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // All three allow: subscribed, with the backend's data.
+    let r = alice
+        .subscribe_with_token("rooms.1", &sub_token("alice", "rooms.1", later))
+        .await;
+    assert!(
+        matches!(&r, Frame::Ok { data: Some(d), .. } if d["room"] == "1"),
+        "{r:?}"
+    );
+    assert_eq!(b.asked.load(Ordering::SeqCst), 2);
+    for (check, n) in [("token", 1), ("rule", 1), ("request", 1)] {
+        let sample =
+            format!("wsrelay_authorize_denied_total{{op=\"subscribe\",check=\"{check}\"}}");
+        assert_eq!(counter(&relay, &sample), n, "{check}");
+    }
+}
