@@ -18,6 +18,9 @@ use crate::metrics::{Op, OpReason, OpResult};
 
 /// Longest `reason` a backend may give the client, in bytes.
 pub const MAX_REASON_BYTES: usize = 256;
+/// Largest `data` a backend may send, encoded, in bytes: it is cached with the decision
+/// (`cacheEntries` of them per binding) and sent in a reply frame.
+pub const MAX_DATA_BYTES: usize = 8 * 1024;
 /// The reason of a deny without one.
 pub const DEFAULT_REASON: &str = "denied by backend";
 
@@ -257,6 +260,9 @@ fn cache_key(op: &str, channel: Option<&str>, who: Who<'_>) -> String {
 /// Reads a reply; `None` when it is not the documented JSON. Pure.
 fn parse_reply(payload: &[u8], cache_for: Duration) -> Option<Decision> {
     let reply: Reply<'_> = serde_json::from_slice(payload).ok()?;
+    if reply.data.is_some_and(|d| d.get().len() > MAX_DATA_BYTES) {
+        return None;
+    }
     let reason = reply
         .reason
         .filter(|r| {
@@ -322,6 +328,14 @@ mod tests {
         ] {
             assert!(parse_reply(bad, keep).is_none(), "{bad:?}");
         }
+        let big = format!(
+            r#"{{"allow":true,"data":"{}"}}"#,
+            "x".repeat(MAX_DATA_BYTES)
+        );
+        assert!(
+            parse_reply(big.as_bytes(), keep).is_none(),
+            "data above 8 KiB"
+        );
     }
 
     #[test]

@@ -195,11 +195,6 @@ impl Access {
         })
     }
 
-    /// The bindings.
-    pub fn authz(&self) -> &Authorizer {
-        &self.authz
-    }
-
     /// Decides whether `who` may `op` on `channel`: the bindings, then the binding's
     /// checks, cheapest first.
     pub async fn check(
@@ -286,25 +281,6 @@ impl Access {
                 .inc();
         }
         outcome
-    }
-
-    /// Whether the connect step is configured.
-    pub fn asks_on_connect(&self) -> bool {
-        self.connect.is_some()
-    }
-
-    /// Whether `channel`'s binding (for `op`) takes a subscription token.
-    pub fn takes_token(
-        &self,
-        channel: &str,
-        op: Operation,
-        claims: Option<&Map<String, Value>>,
-    ) -> bool {
-        self.authz
-            .resolve_binding(channel, op, claims)
-            .ok()
-            .and_then(|r| self.guards.get(r.binding))
-            .is_some_and(|g| g.token.is_some())
     }
 }
 
