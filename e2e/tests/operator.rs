@@ -1189,7 +1189,9 @@ impl Drop for WebhookGuard {
 /// position, by the operator's admission webhook (run in-process on the host's loopback,
 /// where the kube-apiserver reaches it), registered for this test's namespace only; a good
 /// rule is accepted; an update to a bad rule is refused too.
-#[tokio::test]
+// Multi-threaded: the test runs `kubectl` as a blocking child process while the API server
+// calls the webhook served by this same process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_refuses_a_rule_that_does_not_compile_with_its_position() -> Result<()> {
     use wsrelay_operator::webhook::{self, server::WebhookConfig};
 
