@@ -325,8 +325,14 @@ def authorize_section(runs, summary, d, standalone):
         p("")
         shared = authz_shared_rates(az)
         if shared:
+            step = next((r.get("step_seconds") for w in az for r in runs[w]["wsrelay"]), None)
             p("At each rate every variant sustained (median over trials, (min–max) when they differ); \"vs plain\" = the")
-            p("variant's relay CPU per subscribe / plain's at the same rate (and the difference):")
+            p("variant's relay CPU per subscribe / plain's at the same rate (and the difference). One 10 ms tick of CPU time")
+            if step:
+                p(f"is 10,000 / (rate × {step:g} s) µs per subscribe ({fmt(10_000 / (float(shared[0]) * step), 1)} µs at {fmt(float(shared[0]))}/s,"
+                  f" {fmt(10_000 / (float(shared[-1]) * step), 1)} µs at {fmt(float(shared[-1]))}/s): compare at the higher rates.")
+            else:
+                p("is a large share of a step's CPU at the low rates: compare at the higher rates.")
             p("")
             p("| rate (subscribes/s) | variant | achieved subscribes/s | relay CPU-µs per subscribe | vs plain | incl. its NATS | generator CPU-µs | p50 ms | p99 ms | max ms | cache hits | backend requests |")
             p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -343,12 +349,20 @@ def authorize_section(runs, summary, d, standalone):
                       f"{rng(a['cpu_us_incl_nats'], 1)} | {rng(a['generator_cpu_us'], 1)} | {rng(a['p50_ms'], 2)} | {rng(a['p99_ms'], 2)} | "
                       f"{rng(a['max_ms'], 2)} | {rng(a['cache_hits'], 0)} | {rng(a['backend_requests'], 0)} |")
             p("")
-            miss, plain = az.get("subscribe-miss"), az.get("subscribe-plain")
+            miss, plain, rule = az.get("subscribe-miss"), az.get("subscribe-plain"), az.get("subscribe-rule")
+            top = shared[-1]
             if miss and plain:
-                top = shared[-1]
                 p(f"A subscribe with a cache miss (the backend asked, on this machine's loopback): p99 {rng(miss['at'][top]['p99_ms'], 2)} ms"
                   f" at {fmt(float(top))} subscribes/s, against {rng(plain['at'][top]['p99_ms'], 2)} ms for a plain subscribe.")
                 p("")
+            sixteen = next((c for c in (cost or {}).get("cases", []) if c["rule"] != "op == 'subscribe'" and c["rooms"] == 16 and "last" in c["what"]), None)
+            if rule and plain and sixteen:
+                r, b = med(rule["at"][top]["cpu_us"]), med(plain["at"][top]["cpu_us"])
+                if r is not None and b is not None:
+                    p(f"The rule in the relay, at {fmt(float(top))} subscribes/s: {r - b:+.1f} CPU-µs per subscribe over plain; the same rule")
+                    p(f"evaluated in a loop (below, 16 rooms): {sixteen['ns_per_eval_median'] / 1000:.1f} µs. The loop runs with warm caches;")
+                    p("in the relay each evaluation comes between other work.")
+                    p("")
         else:
             p("No rate every variant sustained in this run.")
             p("")
