@@ -64,9 +64,12 @@ relay=${BENCH_RELAY_BIN:-$target_dir/release/wsrelay}
 load=$target_dir/release/wsrelay-load
 baseline=$target_dir/release/wsrelay-baseline
 rule_cost=$target_dir/release/wsrelay-rule-cost
-# Centrifugo is built only when it is measured (a run of the relay alone needs no Go build).
+# Centrifugo is built only when it is measured (a run of the relay alone, or of workloads only
+# the relay runs, needs no Go build).
+only_authz=1
+for w in $workloads; do case $w in subscribe-*) ;; *) only_authz= ;; esac; done
 wanted_tools=nats
-case " $targets " in *" centrifugo "*) wanted_tools="nats centrifugo" ;; esac
+case " $targets " in *" centrifugo "*) [ -n "$only_authz" ] || wanted_tools="nats centrifugo" ;; esac
 log "building $wanted_tools (cached)"
 # shellcheck disable=SC2086 # one word per tool
 tools=$("$root/e2e/cluster/tools.sh" $wanted_tools)
@@ -393,8 +396,6 @@ printf '%s\n' "$((SECONDS - started))" >"$out/config/seconds.txt"
 doc_args=()
 [ -n "${BENCH_NO_DOC:-}" ] || doc_args=(--doc "$root/docs/benchmarks.md")
 # Only the authorization workloads: only their section of the document is rewritten.
-only_authz=1
-for w in $workloads; do case $w in subscribe-*) ;; *) only_authz= ;; esac; done
 [ -z "$only_authz" ] || doc_args+=(--authorize-only)
 python3 "$root/e2e/bench/report.py" --dir "$out" --nofile "$nofile" --step "$step" "${doc_args[@]}"
 log "results in $out"
