@@ -34,6 +34,9 @@ DESCRIBE = {
     "wss-1k": "broadcast-1k over TLS (wss; a P-256 certificate, TLS 1.3 with rustls in the generator); the baseline has no TLS and does not run",
 }
 UNIT = {"upstream-1k": "publishes/s", "churn-1k": "cycles/s"}
+# Channel authorization (issue 25): wsrelay alone, their own section (authorize_section).
+AUTHZ = ["subscribe-plain", "subscribe-rule", "subscribe-cached", "subscribe-miss"]
+AUTHZ_BEGIN, AUTHZ_END = "<!-- authorize:begin -->", "<!-- authorize:end -->"
 
 
 def load(d):
@@ -123,7 +126,7 @@ def stop_reasons(rs):
 
 def ladders(runs):
     """Workloads with a rate ladder, known ones in their order, then any other (smoke runs)."""
-    extra = sorted(w for w, rw in runs.items() if w not in LADDERS and w not in ("storm-5k", "slow-1k", "idle")
+    extra = sorted(w for w, rw in runs.items() if w not in LADDERS and w not in ("storm-5k", "slow-1k", "idle") and w not in AUTHZ
                    and any(r.get("steps") for rs in rw.values() for r in rs))
     return [w for w in LADDERS if w in runs] + extra
 
@@ -193,6 +196,231 @@ def summarize(runs):
             "concurrency": r["handshake"].get("concurrency"),
         } for r in rs]
     return out
+
+
+def summarize_authz(runs):
+    """Channel authorization (issue 25): per variant, its maximum sustained rate and, per ladder
+    rate, the figures of each trial."""
+    out = {}
+    for w in AUTHZ:
+        rs = (runs.get(w) or {}).get("wsrelay")
+        if not rs:
+            continue
+        rw = {"wsrelay": rs}
+        rates = sorted({s["rate"] for r in rs for s in r.get("steps", []) if s["kind"] == "ladder"})
+
+        def auth(key):
+            return lambda s: (s.get("relay_authorize") or {}).get(key)
+
+        keys = {
+            "subscribes_per_second": lambda s: s["deliveries_per_second"],
+            "cpu_us": lambda s: s["cpu_us_per_delivery"],
+            "cpu_us_incl_nats": lambda s: s["cpu_us_per_delivery_incl_nats"],
+            "generator_cpu_us": lambda s: s["generator_cpu_us_per_delivery"],
+            "p50_ms": lambda s: s["latency"]["p50_ms"],
+            "p99_ms": lambda s: s["latency"]["p99_ms"],
+            "max_ms": lambda s: s["latency"]["max_ms"],
+            "sustained": lambda s: s["verdict"] == "sustained",
+            "cache_hits": auth("cache_hits"),
+            "cache_misses": auth("cache_misses"),
+            "backend_requests": auth("backend_requests"),
+            "denied": auth("denied"),
+            "failures": auth("failures"),
+        }
+        sub = [r.get("subscribe") or {} for r in rs]
+        out[w] = {
+            "trials": len(rs),
+            "connections": [r.get("connections_ready") for r in rs],
+            "rooms_per_connection": [x.get("rooms_per_connection") for x in sub],
+            "token_bytes": [x.get("token_bytes") for x in sub],
+            "backend_answered": [x.get("backend_answered") for x in sub],
+            "max_sustained_rate": [r.get("max_sustained_rate") for r in rs],
+            "stop_reasons": [r.get("stop_reason") for r in rs],
+            "lost_connections": [r.get("lost_connections") for r in rs],
+            "errors": [r.get("errors") for r in rs],
+            "at": {str(rate): {k: at_rate(rw, "wsrelay", rate, f) for k, f in keys.items()} for rate in rates},
+        }
+    return out
+
+
+def authz_shared_rates(az):
+    """Ladder rates every variant ran and sustained in every trial."""
+    if not az:
+        return []
+    common = set.intersection(*(set(v["at"]) for v in az.values()))
+    ok = [r for r in common if all(v["at"][r]["sustained"] and all(v["at"][r]["sustained"]) for v in az.values())]
+    return sorted(ok, key=float)
+
+
+def authorize_section(runs, summary, d, standalone):
+    """The channel authorization section, between markers (a run of these workloads alone
+    replaces just this section of the document)."""
+    az = summary.get("authorize") or {}
+    cost = None
+    try:
+        cost = json.load(open(os.path.join(d, "rule-cost.json")))
+    except (OSError, ValueError):
+        pass
+    if not az and not cost:
+        return []
+    L = [AUTHZ_BEGIN, "## Channel authorization: the cost of `authorize` per subscribe (wsrelay)", ""]
+    p = L.append
+    if standalone:
+        vpath = os.path.join(d, "config", "versions.txt")
+        ended = os.path.getmtime(vpath) if os.path.exists(vpath) else None
+        when = datetime.datetime.fromtimestamp(ended, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if ended else "?"
+        seconds = read(os.path.join(d, "config", "seconds.txt")).strip()
+        first = (read(vpath).strip().splitlines() or ["?"])[0]
+        loads = sorted(float(r["loadavg"][0]) for rw in runs.values() for rs in rw.values() for r in rs if r.get("loadavg"))
+        p(f"Measured apart from the rest of this page: run of {when}, {fmt(int(seconds) / 60 if seconds else None, 1)} min"
+          f" (`BENCH_WORKLOADS=\"{' '.join(w for w in AUTHZ if w in runs)}\"`"
+          f"{' BENCH_QUICK=1' if any(r.get('step_seconds') == 2 for rw in runs.values() for rs in rw.values() for r in rs) else ''}), `{first}`.")
+        if loads:
+            p(f"Machine: {machine()}, shared with other work: 1-minute load average {loads[0]:.2f} to {loads[-1]:.2f} after the runs.")
+        p("")
+    conns = fmt(med([c for v in az.values() for c in v["connections"]]))
+    rooms = fmt(med([k for v in az.values() for k in v["rooms_per_connection"]]))
+    p(f"Issue 25: what a binding's `authorize` adds to a subscribe. {conns} connections, each on its own channels")
+    p("`rooms.{room}`: when the schedule says, a connection subscribes and, once the `ok` is in, unsubscribes again (it")
+    p("stays under `maxSubscriptionsPerConnection`, and `cached` comes back to its rooms). Rate = subscribes per second")
+    p("over all connections; latency = the subscribe's due time to its `ok` (sent once the NATS subscription is confirmed")
+    p("by a round trip through the NATS server). CPU-µs per subscribe = the relay process's CPU time over a step")
+    p("(`/proc/PID/stat`, 10 ms ticks) / the subscribes in it; it includes the unsubscribe that follows each one, the")
+    p("same in every variant, so the difference to `plain` is what the check costs. wsrelay only: the peers have no")
+    p("equivalent. The variants differ only in the relay's binding for `rooms.{room}` (as run):")
+    p("")
+    p("```yaml")
+    p(read(os.path.join(d, "config", "authorize-bindings.yaml")).strip())
+    p("```")
+    p("")
+    p("- **plain**: no `authorize`: the cost of a subscribe itself.")
+    p(f"- **rule**: the CEL rule; every connection's token carries `rooms` (its {rooms} rooms) and `roles`, so the rule")
+    p("  passes on its first clause (every variant's tokens carry the same claims).")
+    p(f"- **cached**: `authorize.request`; each connection subscribes once to each of its {rooms} rooms while it connects, so")
+    p("  the relay holds a decision for every (user, channel) the schedule names: every measured subscribe is a cache hit.")
+    p("- **miss**: `authorize.request`; every subscribe names a room never named before: a cache miss, a NATS request to")
+    p("  the backend and its reply before the `ok`.")
+    p("")
+    p("The backend of `cached` and `miss` is a thread of the load generator (Rust, async-nats, queue group `authz`,")
+    p("`{\"allow\":true}` at once): it runs on the generator's core, its CPU counts as the generator's, and its requests")
+    p("and replies go through the relay's nats-server (in \"incl. NATS\"). The relay's own counters")
+    p("(`wsrelay_authorize_cache_total`, `wsrelay_authorize_requests_total`), read around every step, say what each step's")
+    p("subscribes cost the cache and the backend.")
+    p("")
+    p("This machine has 2 cores shared with other agents' builds and tests: the figures are noisy (other processes'")
+    p("share of the cores is in the last table); compare variants within this run, not with other pages.")
+    p("")
+    if az:
+        label = {w: w.removeprefix("subscribe-") for w in AUTHZ}
+        limit = next((r.get("p99_limit_ms") for w in az for r in runs[w]["wsrelay"]), None)
+        p(f"| variant | trials | max subscribes/s sustained (p99 ≤ {fmt(limit)} ms) | stopped because | connections lost | errors |")
+        p("|---|---:|---:|---|---:|---|")
+        for w in AUTHZ:
+            v = az.get(w)
+            if not v:
+                continue
+            errs = "; ".join(f"{k} ({n})" for e in v["errors"] for k, n in (e or {}).items()) or "none"
+            p(f"| {label[w]} | {v['trials']} | {rng(v['max_sustained_rate'], 0)} | {'; '.join(sorted(set(x or '–' for x in v['stop_reasons'])))} | "
+              f"{fmt(sum(x or 0 for x in v['lost_connections']))} | {errs} |")
+        p("")
+        shared = authz_shared_rates(az)
+        if shared:
+            step = next((r.get("step_seconds") for w in az for r in runs[w]["wsrelay"]), None)
+            p("At each rate every variant sustained (median over trials, (min–max) when they differ); \"vs plain\" = the")
+            p("variant's relay CPU per subscribe / plain's at the same rate (and the difference). One 10 ms tick of CPU time")
+            if step:
+                p(f"is 10,000 / (rate × {step:g} s) µs per subscribe ({fmt(10_000 / (float(shared[0]) * step), 1)} µs at {fmt(float(shared[0]))}/s,"
+                  f" {fmt(10_000 / (float(shared[-1]) * step), 1)} µs at {fmt(float(shared[-1]))}/s): compare at the higher rates.")
+            else:
+                p("is a large share of a step's CPU at the low rates: compare at the higher rates.")
+            p("")
+            p("| rate (subscribes/s) | variant | achieved subscribes/s | relay CPU-µs per subscribe | vs plain | incl. its NATS | generator CPU-µs | p50 ms | p99 ms | max ms | cache hits | backend requests |")
+            p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for rate in shared:
+                base = med((az.get("subscribe-plain") or {}).get("at", {}).get(rate, {}).get("cpu_us", []))
+                for w in AUTHZ:
+                    v = az.get(w)
+                    if not v:
+                        continue
+                    a = v["at"][rate]
+                    c = med(a["cpu_us"])
+                    vs = "–" if w == "subscribe-plain" or not (c and base) else f"{c / base:.2f}x ({c - base:+.1f})"
+                    p(f"| {fmt(float(rate))} | {label[w]} | {rng(a['subscribes_per_second'], 0)} | {rng(a['cpu_us'], 1)} | {vs} | "
+                      f"{rng(a['cpu_us_incl_nats'], 1)} | {rng(a['generator_cpu_us'], 1)} | {rng(a['p50_ms'], 2)} | {rng(a['p99_ms'], 2)} | "
+                      f"{rng(a['max_ms'], 2)} | {rng(a['cache_hits'], 0)} | {rng(a['backend_requests'], 0)} |")
+            p("")
+            miss, plain, rule = az.get("subscribe-miss"), az.get("subscribe-plain"), az.get("subscribe-rule")
+            top = shared[-1]
+            if miss and plain:
+                p(f"A subscribe with a cache miss (the backend asked, on this machine's loopback): p99 {rng(miss['at'][top]['p99_ms'], 2)} ms"
+                  f" at {fmt(float(top))} subscribes/s, against {rng(plain['at'][top]['p99_ms'], 2)} ms for a plain subscribe.")
+                p("")
+            sixteen = next((c for c in (cost or {}).get("cases", []) if c["rule"] != "op == 'subscribe'" and c["rooms"] == 16 and "last" in c["what"]), None)
+            if rule and plain and sixteen:
+                r, b = med(rule["at"][top]["cpu_us"]), med(plain["at"][top]["cpu_us"])
+                if r is not None and b is not None:
+                    p(f"The rule in the relay, at {fmt(float(top))} subscribes/s: {r - b:+.1f} CPU-µs per subscribe over plain; the same rule")
+                    p(f"evaluated in a loop (below, 16 rooms): {sixteen['ns_per_eval_median'] / 1000:.1f} µs. The loop runs with warm caches;")
+                    p("in the relay each evaluation comes between other work.")
+                    p("")
+        else:
+            p("No rate every variant sustained in this run.")
+            p("")
+        fl = foreign_load({w: runs[w] for w in az})
+        p("| variant | other processes on the server core | on the generator core |")
+        p("|---|---:|---:|")
+        for w in AUTHZ:
+            f = fl.get(w)
+            if f:
+                p(f"| {label[w]} | {fmt(f[0] * 100)}% | {fmt(f[1] * 100)}% |")
+        p("")
+    if cost:
+        p("### The CEL rule's cost per evaluation")
+        p("")
+        p("`wsrelay-rule-cost` (`e2e/src/bin/wsrelay-rule-cost.rs`) builds the relay's own `Rule`")
+        p(f"(`relay/src/access/rule.rs`, the `cel` crate {cel_version()}) and calls `Rule::allows` as a subscribe does (the claims")
+        p("turned into CEL values, the context built, the program run) in a loop pinned to the server's core, in rounds of")
+        p(f"about {cost.get('round_ms')} ms; median (and minimum) over the rounds. Claims as the bench's tokens: `sub`, `exp`,")
+        p("`rooms` (names like `u4242k15`) and `roles`.")
+        p("")
+        p("| rule | case | rooms in the claims | claims bytes (JSON) | ns per evaluation | min |")
+        p("|---|---|---:|---:|---:|---:|")
+        for c in cost.get("cases", []):
+            rule = c["rule"].replace("|", "\\|")  # a `|` in a cell ends it, even in code
+            p(f"| `{rule}` | {c['what']} | {c['rooms']} | {fmt(c['claims_bytes'])} | {fmt(c['ns_per_eval_median'])} | {fmt(c['ns_per_eval_min'])} |")
+        p("")
+    if standalone:
+        p("Reproduce: `BENCH_WORKLOADS=\"subscribe-plain subscribe-rule subscribe-cached subscribe-miss\" make bench`; a run of")
+        p("these workloads alone rewrites only this section of the page.")
+        p("")
+    p(AUTHZ_END)
+    p("")
+    return L
+
+
+def cel_version():
+    """The `cel` crate's version in the workspace's Cargo.lock."""
+    lock = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "Cargo.lock")
+    m = re.search(r'name = "cel"\nversion = "([^"]+)"', read(lock))
+    return m.group(1) if m else "(version unknown)"
+
+
+def splice(path, section):
+    """Replaces the authorization section of the document at `path` (or inserts it before the
+    targets, or the end), leaving the rest as the last full run wrote it."""
+    text = read(path)
+    block = "\n".join(section)
+    if AUTHZ_BEGIN in text and AUTHZ_END in text:
+        head, rest = text.split(AUTHZ_BEGIN, 1)
+        tail = rest.split(AUTHZ_END, 1)[1].lstrip("\n")
+        text = head + block + "\n" + tail
+    else:
+        at = text.find("## Issue 15's targets")
+        if at < 0:
+            at = text.find("## Reproduce")
+        text = text + "\n" + block if at < 0 else text[:at] + block + "\n" + text[at:]
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def ladder_series(rs, key):
@@ -607,6 +835,8 @@ def doc(runs, summary, d, images, path, step_seconds):
         p("")
     for line in cpu_profile.section(d):
         p(line)
+    for line in authorize_section(runs, summary, d, standalone=False):
+        p(line)
     p("## Issue 15's targets against this run")
     p("")
     for line in targets(summary):
@@ -622,7 +852,8 @@ def doc(runs, summary, d, images, path, step_seconds):
     p("the relay alone: `e2e/bench/before-after.sh <old binary>` runs personal-10k, broadcast-1k and idle against the old")
     p("binary and the one built from the tree, trial after trial interleaved (three each), and `e2e/bench/compare.py` prints")
     p("each figure's median and spread and flags the new binary where it is worse than the old one's worst trial")
-    p("(recorded runs: [before-after.md](before-after.md)).")
+    p("(recorded runs: [before-after.md](before-after.md)). `BENCH_WORKLOADS=\"subscribe-plain subscribe-rule subscribe-cached")
+    p("subscribe-miss\"` measures channel authorization alone and rewrites only its section of this page.")
     p("")
     with open(path, "w") as f:
         f.write("\n".join(L))
@@ -693,14 +924,24 @@ def main():
     ap.add_argument("--nofile", default="?")
     ap.add_argument("--step", default="4")
     ap.add_argument("--doc")
+    ap.add_argument("--authorize-only", action="store_true",
+                    help="the run measured the authorization workloads alone: rewrite only their section of --doc")
     a = ap.parse_args()
     runs = load(a.dir)
+    if a.authorize_only:
+        # Results of other workloads left in the directory by earlier runs are not this run's.
+        runs = {w: rw for w, rw in runs.items() if w in AUTHZ}
     summary = summarize(runs)
+    summary["authorize"] = summarize_authz(runs)
     summary["nofile_limit"] = a.nofile
     with open(os.path.join(a.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     images = plots(runs, a.dir)
-    if a.doc:
+    if a.doc and a.authorize_only and os.path.exists(a.doc):
+        # The authorization workloads alone: their section of the document, the rest (and its
+        # plots) as the last full run left them.
+        splice(a.doc, authorize_section(runs, summary, a.dir, standalone=True))
+    elif a.doc:
         img_dir = os.path.join(os.path.dirname(a.doc), "benchmarks")
         os.makedirs(img_dir, exist_ok=True)
         for old in os.listdir(img_dir):

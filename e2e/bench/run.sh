@@ -27,13 +27,17 @@
 #   BENCH_RELAY_BIN  a wsrelay binary to measure instead of the one built (before/after)
 #   BENCH_NO_BUILD=1 use the release binaries already in $CARGO_TARGET_DIR
 #   BENCH_NO_PROFILE=1  skip the profile of the relay (perf) that runs with personal-10k
+#   (subscribe-plain, subscribe-rule, subscribe-cached and subscribe-miss measure wsrelay's
+#   channel authorization alone, issue 25; wsrelay-rule-cost, the CEL rule's cost per
+#   evaluation, runs with them)
 #   BENCH_CONFIG_ONLY=1  only write the peers' configs (target/bench/config/) and stop
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${BENCH_OUT:-$root/target/bench}
 target_dir=${CARGO_TARGET_DIR:-$root/target}
-all_workloads="broadcast-1k broadcast-10k personal-10k idle storm-5k slow-1k upstream-1k churn-1k channels-10k wss-1k payload-64 payload-64k payload-1k payload-16k"
+# The subscribe-* workloads (wsrelay only) take about 20 s each with BENCH_QUICK, 30 s without.
+all_workloads="broadcast-1k broadcast-10k personal-10k idle storm-5k slow-1k upstream-1k churn-1k channels-10k wss-1k payload-64 payload-64k payload-1k payload-16k subscribe-plain subscribe-rule subscribe-cached subscribe-miss"
 workloads=${BENCH_WORKLOADS:-$all_workloads}
 targets=${BENCH_TARGETS:-wsrelay nats-ws centrifugo baseline}
 quick=${BENCH_QUICK:-}
@@ -55,14 +59,18 @@ log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 mkdir -p "$out/run" "$out/config"
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
 	log "building release binaries"
-	(cd "$root" && cargo build --release -q -p wsrelay -p wsrelay-e2e --bin wsrelay --bin wsrelay-load --bin wsrelay-baseline --bin wsrelay-effective-config)
+	(cd "$root" && cargo build --release -q --locked -p wsrelay -p wsrelay-e2e --bin wsrelay --bin wsrelay-load --bin wsrelay-baseline --bin wsrelay-effective-config --bin wsrelay-rule-cost)
 fi
 relay=${BENCH_RELAY_BIN:-$target_dir/release/wsrelay}
 load=$target_dir/release/wsrelay-load
 baseline=$target_dir/release/wsrelay-baseline
-# Centrifugo is built only when it is measured (a run of the relay alone needs no Go build).
+rule_cost=$target_dir/release/wsrelay-rule-cost
+# Centrifugo is built only when it is measured (a run of the relay alone, or of workloads only
+# the relay runs, needs no Go build).
+only_authz=1
+for w in $workloads; do case $w in subscribe-*) ;; *) only_authz= ;; esac; done
 wanted_tools=nats
-case " $targets " in *" centrifugo "*) wanted_tools="nats centrifugo" ;; esac
+case " $targets " in *" centrifugo "*) [ -n "$only_authz" ] || wanted_tools="nats centrifugo" ;; esac
 log "building $wanted_tools (cached)"
 # shellcheck disable=SC2086 # one word per tool
 tools=$("$root/e2e/cluster/tools.sh" $wanted_tools)
@@ -110,7 +118,8 @@ nats_token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 printf '%s' "$nats_token" >"$run_dir/nats.token"
 
 # Workload -> "p99 limit (ms)|targets it applies to|wsrelay-load arguments". One limit per
-# workload, the same for every peer.
+# workload, the same for every peer. Targets: all, no-baseline, tls (no baseline: it has no
+# TLS), wsrelay (a wsrelay feature the peers have no equivalent of: the others do not run).
 workload_spec() {
 	local b="--workload broadcast"
 	case $1 in
@@ -128,12 +137,30 @@ workload_spec() {
 	wss-1k) echo "100|tls|$b --connections 1000 --rates 10,20,40,80,160,320,640,1280,2560" ;;
 	slow-1k) echo "50|all|$b --connections 1000 --slow 100 --payload-bytes 1024 --rates 50,100,200 --refine 0 --step-seconds 8" ;;
 	idle) echo "1000|no-baseline|--workload idle --connections $idle_n --rates 1 --hold-seconds 5" ;;
+	# Channel authorization (issue 25): 200 connections subscribe (and unsubscribe) to
+	# rooms.{room}; the binding's authorize is the variant's (authz_binding below).
+	subscribe-plain | subscribe-rule | subscribe-cached | subscribe-miss)
+		echo "50|wsrelay|--workload subscribe --authz ${1#subscribe-} --connections 200 --rooms 16 --rates 250,500,1000,2000,4000,8000,16000 --refine 1" ;;
 	smoke) echo "200|all|$b --connections 200 --rates 20,80 --refine 0 --warmup-seconds 1" ;;
 	smoke-personal) echo "200|all|--workload personal --connections 500 --rates 500,2000 --refine 0 --warmup-seconds 1" ;;
 	smoke-idle) echo "1000|no-baseline|--workload idle --connections 300 --rates 1 --hold-seconds 1" ;;
 	*) echo "unknown workload $1" >&2; return 1 ;;
 	esac
 }
+
+# The relay's binding for the subscribe workloads' channels, per variant (the load generator's
+# --authz must match: its tokens carry the rooms the rule reads; cached and miss answer
+# authz.bench). Empty for the other workloads.
+authz_binding() { # variant
+	local b='{channel: "rooms.{room}", subject: "rooms.{room}"'
+	case $1 in
+	plain) echo "  - $b}" ;;
+	rule) echo "  - $b, authorize: {rule: \"vars.room in claims.rooms || 'admin' in claims.roles\"}}" ;;
+	cached | miss) echo "  - $b, authorize: {request: {subject: authz.bench, cacheSeconds: 600}}}" ;;
+	*) ;;
+	esac
+}
+authz=
 
 core_workload() { case $1 in broadcast-1k | broadcast-10k | personal-10k) return 0 ;; *) return 1 ;; esac; }
 
@@ -173,6 +200,7 @@ write_configs() { # np sp ap
 		  tokenSources: [{type: query, name: token}]
 		bindings:
 		  - {channel: "bench.{id}", subject: "bench.{id}", direction: both}
+		$(authz_binding "$authz")
 		limits: {maxConnections: 19900, maxMessageBytes: 131072, publishRatePerSecond: 1000, publishBurst: 1000}
 		$relay_tls
 	EOF
@@ -222,6 +250,9 @@ run_one() { # workload target trial
 	limit=${spec%%|*}; spec=${spec#*|}
 	which=${spec%%|*}; wargs=${spec#*|}
 	if [ "$which" != all ] && [ "$t" = baseline ]; then return 0; fi
+	if [ "$which" = wsrelay ] && [ "$t" != wsrelay ]; then return 0; fi
+	authz=
+	case $w in subscribe-*) authz=${w#subscribe-} ;; esac
 	tls=
 	local tls_args=()
 	if [ "$which" = tls ]; then tls=1; tls_args=(--tls-ca "$run_dir/ca.crt"); fi
@@ -284,6 +315,7 @@ write_configs "$np" "$sp" "$ap"
 scrub() { sed "s/$nats_token/<token>/g; s/$(cat "$secret")/<hs256 key>/g; s/41001/<nats port>/g; s/41002/<nats ws port>/g; s/41003/<server port>/g; s/41004/<admin port>/g"; }
 scrub <"$run_dir/nats.conf" >"$out/config/nats-server.conf"
 scrub <"$run_dir/wsrelay.yaml" >"$out/config/wsrelay.yaml"
+for v in plain rule cached miss; do printf 'subscribe-%s:\n%s\n' "$v" "$(authz_binding "$v")"; done >"$out/config/authorize-bindings.yaml"
 scrub <"$run_dir/centrifugo.json" >"$out/config/centrifugo.json"
 "$target_dir/release/wsrelay-effective-config" "$run_dir/wsrelay.yaml" | scrub >"$out/config/wsrelay.effective.yaml" || true
 [ ! -x "$centrifugo" ] || "$centrifugo" defaultconfig -b "$run_dir/centrifugo.json" -d 2>/dev/null | scrub >"$out/config/centrifugo.effective.json" || true
@@ -304,6 +336,15 @@ for w in $workloads; do
 	done
 done
 log "all runs done in $((SECONDS - started))s"
+
+# The CEL rule's cost per evaluation (issue 25): the relay's own Rule in a bounded loop, on the
+# server's core, with the subscribe workloads.
+rm -f "$out/rule-cost.json"
+if [[ " $workloads " == *" subscribe-"* ]]; then
+	log "rule cost: wsrelay-rule-cost (the relay's Rule::allows, ns per evaluation)"
+	"${on_server_core[@]}" "$rule_cost" >"$out/rule-cost.json.tmp" 2>"$out/rule-cost.log" &&
+		mv "$out/rule-cost.json.tmp" "$out/rule-cost.json" || log "rule cost failed: $out/rule-cost.log"
+fi
 
 # Resumable channels (issue 11): 5,000 clients on resumable channels of one relay, the relay
 # SIGKILLed and another started; every client resumes from its last position. The relay's
@@ -355,5 +396,7 @@ fi
 printf '%s\n' "$((SECONDS - started))" >"$out/config/seconds.txt"
 doc_args=()
 [ -n "${BENCH_NO_DOC:-}" ] || doc_args=(--doc "$root/docs/benchmarks.md")
+# Only the authorization workloads: only their section of the document is rewritten.
+[ -z "$only_authz" ] || doc_args+=(--authorize-only)
 python3 "$root/e2e/bench/report.py" --dir "$out" --nofile "$nofile" --step "$step" "${doc_args[@]}"
 log "results in $out"

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use wsrelay_e2e::load::natsproto::{Op, Reader};
 use wsrelay_e2e::load::{
     ProcSample, encode_payload, histogram_delta_quantile, new_histogram, now_ns, parse_cpu_ticks,
-    parse_netstat, parse_prom_histogram, sample_proc, summarize, timestamps,
+    parse_netstat, parse_prom_counter, parse_prom_histogram, sample_proc, summarize, timestamps,
 };
 use wsrelay_testkit::client::{Head, Request};
 
@@ -68,6 +68,29 @@ enum Workload {
     /// Every connection on one channel; the server is killed and restarted by the driver
     /// (after `--ready-file` appears); every client reconnects and subscribes again.
     Storm,
+    /// wsrelay only: connections subscribe to channels `rooms.{room}` of their own (one
+    /// subscribe per schedule item, then its unsubscribe, so that a connection stays under
+    /// `maxSubscriptionsPerConnection`); latency is from the item's due time to the
+    /// subscribe's `ok`. `--authz` says which `authorize` the relay's binding has.
+    Subscribe,
+}
+
+/// The `subscribe` workload's variant: what the relay's `rooms.{room}` binding checks (the
+/// driver writes the relay's config to match) and which channels the clients name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Authz {
+    /// No `authorize`: the cost of a subscribe itself.
+    Plain,
+    /// `authorize.rule`; every token's `rooms` claim lists the connection's rooms, so the
+    /// rule passes.
+    Rule,
+    /// `authorize.request`, every decision cached before the ladder: each connection
+    /// subscribes once to each of its `--rooms` rooms while it connects, and its scheduled
+    /// subscribes go round them.
+    Cached,
+    /// `authorize.request`, every subscribe a new (user, channel) pair: a cache miss, a
+    /// request to the backend.
+    Miss,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -146,6 +169,17 @@ struct Args {
     /// back off (full jitter, 0.5 s doubling up to 8 s).
     #[arg(long, default_value_t = 1000)]
     reconnect_jitter_ms: u64,
+    /// Subscribe: the variant (the relay's config must match it).
+    #[arg(long, value_enum, default_value = "plain")]
+    authz: Authz,
+    /// Subscribe: rooms per connection (`plain`, `rule` and `cached` go round them; the
+    /// token's `rooms` claim lists them).
+    #[arg(long, default_value_t = 16)]
+    rooms: usize,
+    /// Subscribe (`cached`, `miss`): the NATS subject of `authorize.request`; the generator
+    /// answers it (`{"allow":true}`, queue group `authz`) on a thread of its own.
+    #[arg(long, default_value = "authz.bench")]
+    authz_subject: String,
     /// Storm: how long to wait for every client to be back.
     #[arg(long, default_value_t = 60.0)]
     storm_seconds: f64,
@@ -202,12 +236,37 @@ impl Args {
     fn subscribes_at_connect(&self) -> bool {
         !matches!(
             self.workload,
-            Workload::Idle | Workload::Upstream | Workload::Churn
+            Workload::Idle | Workload::Upstream | Workload::Churn | Workload::Subscribe
         )
     }
 
     fn ticketed(&self) -> bool {
-        matches!(self.workload, Workload::Upstream | Workload::Churn)
+        matches!(
+            self.workload,
+            Workload::Upstream | Workload::Churn | Workload::Subscribe
+        )
+    }
+
+    /// The `room` of connection `i`'s `seq`-th scheduled subscribe: one of its own `--rooms`
+    /// rooms in turn, or (`miss`) a room never named before.
+    fn room_of(&self, i: usize, seq: u64) -> String {
+        match self.authz {
+            Authz::Miss => format!("u{i}m{seq}"),
+            // The same names as the token's `rooms` claim (extra_claims).
+            _ => format!("u{i}k{}", seq % self.rooms.max(1) as u64),
+        }
+    }
+
+    /// The extra claims of connection `i`'s token: its rooms (the subscribe workload's rule
+    /// reads them; every variant carries them so that the claims are the same size).
+    fn extra_claims(&self, i: usize) -> Value {
+        if self.workload != Workload::Subscribe {
+            return json!({});
+        }
+        let rooms: Vec<String> = (0..self.rooms.max(1))
+            .map(|k| format!("u{i}k{k}"))
+            .collect();
+        json!({"rooms": rooms, "roles": ["member"]})
     }
 }
 
@@ -335,13 +394,16 @@ impl AsyncWrite for BoxIo {
 
 type Ws = WebSocketStream<BoxIo>;
 
-fn mint(key: &[u8], i: usize) -> Result<String> {
+fn mint(key: &[u8], i: usize, extra: Value) -> Result<String> {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
         + 3600;
-    let claims = json!({"sub": format!("u{i}"), "exp": exp});
+    let mut claims = json!({"sub": format!("u{i}"), "exp": exp});
+    if let (Some(c), Value::Object(extra)) = (claims.as_object_mut(), extra) {
+        c.extend(extra);
+    }
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
@@ -685,7 +747,7 @@ async fn serve(
     tickets: &mut Option<mpsc::Receiver<u64>>,
 ) -> End {
     let stop = shared.stop.clone();
-    let mut next_id: u64 = 10;
+    let mut seq: u64 = 0;
     loop {
         let ticket = async {
             match tickets.as_mut() {
@@ -697,8 +759,9 @@ async fn serve(
             _ = stop.cancelled() => return End::Stopped,
             t = ticket => {
                 let Some(due) = t else { return End::Stopped };
-                next_id += 2;
-                if let Err(e) = work(i, args, shared, ws, reader, due, next_id).await {
+                let item = seq;
+                seq += 1;
+                if let Err(e) = work(i, args, shared, ws, reader, due, item).await {
                     shared.error(&e);
                     return End::Lost;
                 }
@@ -726,7 +789,8 @@ async fn serve(
     }
 }
 
-/// One schedule item due at `due` (ns): a publish upstream, or a subscribe/unsubscribe cycle.
+/// The connection's `seq`-th schedule item (0, 1, ...), due at `due` (ns): a publish upstream,
+/// or a subscribe/unsubscribe cycle.
 async fn work(
     i: usize,
     args: &Args,
@@ -734,8 +798,10 @@ async fn work(
     ws: &mut Ws,
     reader: &mut Reader,
     due: u64,
-    id: u64,
+    seq: u64,
 ) -> Result<()> {
+    // Request ids 12, 14, ...: above the subscribe at connect (1); two per item.
+    let id = 12 + 2 * seq;
     match args.workload {
         Workload::Upstream => {
             let payload = encode_payload(due, args.payload_bytes);
@@ -760,6 +826,14 @@ async fn work(
             set_subscription(ws, args, shared, reader, &subject, id, true).await?;
             set_subscription(ws, args, shared, reader, &subject, id + 1, false).await?;
             shared.record_at(i, due);
+        }
+        Workload::Subscribe => {
+            // Only the subscribe is timed; the unsubscribe keeps the connection under
+            // `maxSubscriptionsPerConnection` (and, for `cached`, lets it come back to a room).
+            let channel = format!("rooms.{}", args.room_of(i, seq));
+            set_subscription(ws, args, shared, reader, &channel, id, true).await?;
+            shared.record_at(i, due);
+            set_subscription(ws, args, shared, reader, &channel, id + 1, false).await?;
         }
         _ => {}
     }
@@ -789,6 +863,19 @@ async fn client(
         }
     };
     lock(&shared.handshake).saturating_record((t0.elapsed().as_micros() as u64).max(1));
+    if args.workload == Workload::Subscribe && args.authz == Authz::Cached {
+        let primed = tokio::time::timeout(
+            Duration::from_secs(60),
+            prime(i, &args, &shared, &mut ws, &mut reader),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("priming the cache timed out (60 s)")));
+        if let Err(e) = primed {
+            shared.error(&e);
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
     shared
         .last_ready_ns
         .fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -824,6 +911,90 @@ async fn client(
         }
     }
     let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+}
+
+/// Subscribe, `cached`: one subscribe (and its unsubscribe) to each of the connection's rooms,
+/// so that the relay holds a decision for every (user, channel) the schedule will name.
+async fn prime(
+    i: usize,
+    args: &Args,
+    shared: &Shared,
+    ws: &mut Ws,
+    reader: &mut Reader,
+) -> Result<()> {
+    for k in 0..args.rooms.max(1) as u64 {
+        let channel = format!("rooms.{}", args.room_of(i, k));
+        // Ids far above the schedule's, which starts after this.
+        let id = 1_000_000 + 2 * k;
+        set_subscription(ws, args, shared, reader, &channel, id, true)
+            .await
+            .context("priming")?;
+        set_subscription(ws, args, shared, reader, &channel, id + 1, false)
+            .await
+            .context("priming")?;
+    }
+    Ok(())
+}
+
+/// Subscribe (`cached`, `miss`): the application's backend for `authorize.request`, on a thread
+/// of the generator's own (and so on its core): a queue-group subscriber on `--authz-subject`
+/// that answers `{"allow":true}` at once. Returns the count of requests answered, once it
+/// listens.
+fn start_backend(args: &Args) -> Result<Arc<AtomicU64>> {
+    let answered = Arc::new(AtomicU64::new(0));
+    let count = answered.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let (nats, token, subject) = (
+        args.nats.to_string(),
+        args.nats_token.clone(),
+        args.authz_subject.clone(),
+    );
+    std::thread::Builder::new()
+        .name("authz-backend".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let setup = async {
+                    let nc = async_nats::ConnectOptions::new()
+                        .token(token)
+                        .name("wsrelay-load authz backend")
+                        .connect(nats)
+                        .await
+                        .context("backend: connect to NATS")?;
+                    let sub = nc.queue_subscribe(subject, "authz".into()).await?;
+                    nc.flush().await?;
+                    anyhow::Ok((nc, sub))
+                };
+                let (nc, mut sub) = match setup.await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                while let Some(m) = sub.next().await {
+                    if let Some(reply) = m.reply
+                        && nc.publish(reply, r#"{"allow":true}"#.into()).await.is_ok()
+                    {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow!("the authz backend did not start within 10 s"))??;
+    Ok(answered)
 }
 
 /// Storm: reconnects after the server went away, with a jittered first attempt and full-jitter
@@ -926,8 +1097,8 @@ fn net_delta(a: &BTreeMap<String, i64>, b: &BTreeMap<String, i64>) -> Value {
     Value::Object(m)
 }
 
-/// wsrelay's delivery-latency histogram (NATS receive to socket write), from its admin port.
-async fn relay_histogram(addr: Option<SocketAddrV4>) -> Option<Vec<(f64, u64)>> {
+/// wsrelay's metrics (text exposition), from its admin port.
+async fn relay_metrics(addr: Option<SocketAddrV4>) -> Option<String> {
     let addr = addr?;
     let fetch = async {
         let mut s = TcpStream::connect(addr).await?;
@@ -937,14 +1108,43 @@ async fn relay_histogram(addr: Option<SocketAddrV4>) -> Option<Vec<(f64, u64)>> 
         s.read_to_string(&mut body).await?;
         anyhow::Ok(body)
     };
-    let body = tokio::time::timeout(Duration::from_secs(2), fetch)
+    tokio::time::timeout(Duration::from_secs(2), fetch)
         .await
         .ok()?
-        .ok()?;
-    Some(parse_prom_histogram(
-        &body,
-        "wsrelay_delivery_latency_seconds",
-    ))
+        .ok()
+}
+
+/// wsrelay's delivery-latency histogram (NATS receive to socket write) in its metrics.
+fn delivery_histogram(text: &str) -> Vec<(f64, u64)> {
+    parse_prom_histogram(text, "wsrelay_delivery_latency_seconds")
+}
+
+/// wsrelay's authorization counters for subscribes (docs/protocol.md section 3, "Metrics"):
+/// what a step's subscribes cost the cache and the backend.
+fn authorize_counters(text: &str) -> BTreeMap<&'static str, f64> {
+    let sub = ("op", "subscribe");
+    [
+        (
+            "cache_hits",
+            "wsrelay_authorize_cache_total",
+            vec![sub, ("result", "hit")],
+        ),
+        (
+            "cache_misses",
+            "wsrelay_authorize_cache_total",
+            vec![sub, ("result", "miss")],
+        ),
+        (
+            "backend_requests",
+            "wsrelay_authorize_requests_total",
+            vec![sub],
+        ),
+        ("denied", "wsrelay_authorize_denied_total", vec![sub]),
+        ("failures", "wsrelay_authorize_failures_total", vec![sub]),
+    ]
+    .into_iter()
+    .map(|(key, name, labels)| (key, parse_prom_counter(text, name, &labels).unwrap_or(0.0)))
+    .collect()
 }
 
 /// Where the schedule's items go.
@@ -1026,7 +1226,7 @@ impl Runner {
     /// Expected deliveries for `issued` items.
     fn expected(&self, issued: u64) -> f64 {
         match self.args.workload {
-            Workload::Upstream | Workload::Churn => issued as f64,
+            Workload::Upstream | Workload::Churn | Workload::Subscribe => issued as f64,
             _ => {
                 let counts: Vec<u64> = self
                     .shared
@@ -1056,7 +1256,7 @@ impl Runner {
         };
         let lost_before = shared.lost.load(Ordering::Relaxed);
         let errors_before: u64 = lock(&shared.errors).values().sum();
-        let metrics_a = relay_histogram(args.metrics).await;
+        let text_a = relay_metrics(args.metrics).await;
         shared.take();
         let (a, cores_a, t_a) = (samples(&args), cores(), Instant::now());
         let issued = self
@@ -1074,7 +1274,21 @@ impl Runner {
         let elapsed = t_a.elapsed().as_secs_f64();
         let b = samples(&args);
         let (hist, delivered) = shared.take();
-        let metrics_b = relay_histogram(args.metrics).await;
+        let text_b = relay_metrics(args.metrics).await;
+        let metrics_a = text_a.as_deref().map(delivery_histogram);
+        let metrics_b = text_b.as_deref().map(delivery_histogram);
+        // What this step's subscribes cost the relay's authorization (cache, backend).
+        let authorize = match (&text_a, &text_b) {
+            (Some(x), Some(y)) if args.workload == Workload::Subscribe => {
+                let (x, y) = (authorize_counters(x), authorize_counters(y));
+                Value::Object(
+                    y.iter()
+                        .map(|(k, v)| ((*k).to_string(), json!(v - x.get(k).unwrap_or(&0.0))))
+                        .collect(),
+                )
+            }
+            _ => Value::Null,
+        };
         let lat = summarize(&hist);
         let cpu = cpu_delta(&a, &b);
         let cpu_window = cpu_delta(&a, &c);
@@ -1148,6 +1362,7 @@ impl Runner {
             "server_rss_bytes": b.get("server").map(|s| s.rss_bytes),
             "latency": lat,
             "relay_delivery_latency": relay,
+            "relay_authorize": authorize,
             "lost_connections": lost,
             "errors": errors_after - errors_before,
             "verdict": verdict,
@@ -1258,6 +1473,14 @@ fn main() -> Result<()> {
 
 async fn run(args: Arc<Args>) -> Result<()> {
     now_ns();
+    if args.workload == Workload::Subscribe && args.target != Target::Wsrelay {
+        bail!("the subscribe workload measures wsrelay's authorize: --target wsrelay only");
+    }
+    // Before any connection: `cached` primes the relay's cache while it connects.
+    let backend = match (args.workload, args.authz) {
+        (Workload::Subscribe, Authz::Cached | Authz::Miss) => Some(start_backend(&args)?),
+        _ => None,
+    };
     let key = match &args.jwt_secret_file {
         Some(p) => std::fs::read(p).with_context(|| format!("read {}", p.display()))?,
         None => Vec::new(),
@@ -1268,7 +1491,7 @@ async fn run(args: Arc<Args>) -> Result<()> {
             if key.is_empty() {
                 Ok(String::new())
             } else {
-                mint(&key, i)
+                mint(&key, i, args.extra_claims(i))
             }
         })
         .collect::<Result<_>>()?;
@@ -1360,6 +1583,16 @@ async fn run(args: Arc<Args>) -> Result<()> {
         "generator_saturation": args.generator_saturation,
         "sources": args.sources,
     });
+    if args.workload == Workload::Subscribe {
+        report["subscribe"] = json!({
+            "authz": format!("{:?}", args.authz).to_lowercase(),
+            "rooms_per_connection": args.rooms,
+            "token_bytes": tokens.first().map(String::len),
+            "authz_subject": (args.authz == Authz::Cached || args.authz == Authz::Miss)
+                .then(|| args.authz_subject.clone()),
+            "backend": backend.as_ref().map(|_| "a thread of wsrelay-load (the generator's core): queue group authz, replies {\"allow\":true} at once"),
+        });
+    }
 
     let sink = if args.ticketed() {
         Sink::Tickets(ticket_txs)
@@ -1478,6 +1711,9 @@ async fn run(args: Arc<Args>) -> Result<()> {
     report["lost_connections"] = json!(shared.lost.load(Ordering::Relaxed));
     report["errors"] = json!(lock(&shared.errors).clone());
     report["procs_end"] = json!(samples(&args));
+    if let Some(answered) = &backend {
+        report["subscribe"]["backend_answered"] = json!(answered.load(Ordering::Relaxed));
+    }
 
     shared.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), async {

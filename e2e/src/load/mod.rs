@@ -212,6 +212,42 @@ pub fn parse_prom_histogram(text: &str, name: &str) -> Vec<(f64, u64)> {
     out
 }
 
+/// The sum of the samples of the Prometheus counter `name` (any suffix such as `_total` is
+/// part of `name`) whose labels include every `key="value"` of `labels`, in a text
+/// exposition; `None` when no sample matches.
+pub fn parse_prom_counter(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        let (set, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once("} ") {
+                Some((set, value)) => (set, value),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(value) => ("", value),
+                None => continue,
+            },
+        };
+        let wanted = labels
+            .iter()
+            .all(|(k, v)| set.split(',').any(|p| p == format!("{k}=\"{v}\"")));
+        if !wanted {
+            continue;
+        }
+        if let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
 /// Percentile `q` (0..1) of the difference of two readings of one cumulative histogram: the
 /// upper bound of the bucket it falls in, in milliseconds (`None` when nothing was counted;
 /// infinite when it is in the last, open bucket).
@@ -321,6 +357,28 @@ mod tests {
         assert_eq!(n["TcpExt.ListenOverflows"], 7);
         assert_eq!(n["TcpExt.ListenDrops"], 9);
         assert_eq!(n["IpExt.InNoRoutes"], 3);
+    }
+
+    #[test]
+    fn prometheus_counter_by_labels() {
+        let text = "# TYPE wsrelay_authorize_cache_total counter\n\
+            wsrelay_authorize_cache_total{op=\"subscribe\",result=\"hit\"} 12\n\
+            wsrelay_authorize_cache_total{op=\"subscribe\",result=\"miss\"} 3\n\
+            wsrelay_authorize_cache_total{op=\"publish\",result=\"hit\"} 5\n\
+            wsrelay_authorize_cache_total_created 1\n\
+            wsrelay_connections 7\n";
+        let c = |labels: &[(&str, &str)]| {
+            parse_prom_counter(text, "wsrelay_authorize_cache_total", labels)
+        };
+        assert_eq!(c(&[("op", "subscribe"), ("result", "hit")]), Some(12.0));
+        assert_eq!(c(&[("result", "hit")]), Some(17.0));
+        assert_eq!(c(&[]), Some(20.0));
+        assert_eq!(c(&[("op", "connect")]), None);
+        assert_eq!(
+            parse_prom_counter(text, "wsrelay_connections", &[]),
+            Some(7.0)
+        );
+        assert_eq!(parse_prom_counter(text, "wsrelay_absent_total", &[]), None);
     }
 
     #[test]
