@@ -363,9 +363,15 @@ async fn a_backend_decides_with_data_reasons_and_a_cache() {
         counter(&relay, "wsrelay_authorize_requests_total{op=\"subscribe\"}"),
         2
     );
-    // Publishing is another operation: asked once.
+    // Publishing is another operation: asked once, allowed or denied.
     assert!(is_ok(&alice.publish("rooms.1", json!({})).await));
-    assert_eq!(b.asked.load(Ordering::SeqCst), 3);
+    let denied = alice.publish("rooms.2", json!({})).await;
+    assert!(
+        matches!(&denied, Frame::Error { code: 403, app_code: Some(4031), .. }),
+        "{denied:?}"
+    );
+    assert_eq!(b.asked.load(Ordering::SeqCst), 4);
+    assert_eq!(b.seen.lock().unwrap()[3]["op"], "publish");
 }
 
 #[tokio::test]
