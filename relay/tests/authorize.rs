@@ -367,7 +367,14 @@ async fn a_backend_decides_with_data_reasons_and_a_cache() {
     assert!(is_ok(&alice.publish("rooms.1", json!({})).await));
     let denied = alice.publish("rooms.2", json!({})).await;
     assert!(
-        matches!(&denied, Frame::Error { code: 403, app_code: Some(4031), .. }),
+        matches!(
+            &denied,
+            Frame::Error {
+                code: 403,
+                app_code: Some(4031),
+                ..
+            }
+        ),
         "{denied:?}"
     );
     assert_eq!(b.asked.load(Ordering::SeqCst), 4);
