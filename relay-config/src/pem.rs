@@ -1,7 +1,9 @@
 //! A certificate chain and its private key from PEM files: the one loader behind the relay's
-//! wss listener and the operator's metrics API (feature `pem`, usable without `server`).
+//! wss listener and the operator's metrics API and admission webhook (feature `pem`, usable
+//! without `server`); and the one plain server config built from them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -14,6 +16,34 @@ pub struct PemError {
     pub path: PathBuf,
     /// Why.
     pub message: String,
+}
+
+/// Why a server config could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerConfigError {
+    /// A PEM file.
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    /// rustls refused the pair.
+    #[error("certificate/key: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A TLS server config serving `cert`/`key` over HTTP/1.1, asking no client certificate: the
+/// relay's wss listener and the operator's admission webhook (which the API server calls
+/// without one).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, ServerConfigError> {
+    let (certs, key) = cert_chain_and_key(cert, key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Reads every certificate of `cert` (leaf first) and the private key in `key`.

@@ -78,14 +78,13 @@ pub fn server_config_without_client_auth(
     cert: &Path,
     key: &Path,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let (certs, key) = cert_chain_and_key(cert, key)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    wsrelay_config::pem::server_config(cert, key).map_err(|e| match e {
+        wsrelay_config::pem::ServerConfigError::Pem(e) => TlsError::Pem {
+            path: e.path,
+            message: e.message,
+        },
+        wsrelay_config::pem::ServerConfigError::Rustls(e) => TlsError::Rustls(e),
+    })
 }
 
 type ChainAndKey = (

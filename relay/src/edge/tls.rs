@@ -25,17 +25,13 @@ pub enum TlsError {
 
 /// Builds a rustls server config from PEM files.
 pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let (certs, key) = crate::pem::cert_chain_and_key(cert, key).map_err(|e| TlsError::Pem {
-        path: e.path,
-        message: e.message,
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    crate::pem::server_config(cert, key).map_err(|e| match e {
+        crate::pem::ServerConfigError::Pem(e) => TlsError::Pem {
+            path: e.path,
+            message: e.message,
+        },
+        crate::pem::ServerConfigError::Rustls(e) => TlsError::Rustls(e),
+    })
 }
 
 /// A TLS acceptor whose certificate can be swapped while running.

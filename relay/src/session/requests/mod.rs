@@ -80,7 +80,7 @@ pub fn reply_ok(conn: &Conn, id: Option<&RequestId>) {
 /// Queues the `error` for a denied channel (with the backend's `appCode`, if any).
 pub fn reply_denied(conn: &Conn, id: Option<&RequestId>, denied: &Denied) {
     let (code, reason) = (denied.code(), denied.to_string());
-    tracing::debug!(request_id = %log_id(id), code = code as u16, %reason, "request denied");
+    tracing::debug!(request_id = %log_id(id), code = code as u16, %reason, "request refused");
     conn.outbox
         .push_reply(Message::text(protocol::encode_error_app(
             id,
