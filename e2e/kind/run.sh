@@ -197,6 +197,14 @@ export E2E_GATEWAY_NATS_URL="nats://nats.wsrelay-nats.svc:4222"
 export E2E_SERVICE_ACCESS=node-port
 export E2E_REQUIRE_NODE=1
 export E2E_WAIT_SECONDS=${E2E_WAIT_SECONDS:-300}
+# Where the API server reaches this machine (the webhook test serves it in-process): the
+# host's end of the kind bridge with podman, the kind network's gateway with Docker.
+if [ "$provider" = podman ]; then
+	export E2E_CALLBACK_IP=$KIND_SUBNET.1
+else
+	E2E_CALLBACK_IP=$(docker network inspect kind -f '{{range .IPAM.Config}}{{if .Gateway}}{{.Gateway}} {{end}}{{end}}' | tr ' ' '\n' | grep -m1 '\.')
+	export E2E_CALLBACK_IP
+fi
 phase "running the fleet and operator suites against $name (node $node_ip)"
 t=$SECONDS
 cargo test -p wsrelay-e2e --locked --test fleet --test operator -- --nocapture

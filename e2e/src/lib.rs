@@ -42,6 +42,18 @@ pub fn wait_limit() -> Duration {
     Duration::from_secs(seconds.unwrap_or(120))
 }
 
+/// The address of this machine that the cluster's API server reaches, for what the tests
+/// serve it in-process (the admission webhook test): `E2E_CALLBACK_IP`, else loopback, where
+/// the local cluster's API server runs. `make kind-e2e` sets the host's end of the kind bridge.
+pub fn callback_ip() -> Result<std::net::IpAddr> {
+    match std::env::var("E2E_CALLBACK_IP") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("E2E_CALLBACK_IP={v:?} is not an IP address")),
+        Err(_) => Ok(std::net::Ipv4Addr::LOCALHOST.into()),
+    }
+}
+
 /// The repository root (the e2e crate's parent directory).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

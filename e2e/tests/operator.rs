@@ -1186,8 +1186,8 @@ impl Drop for WebhookGuard {
 }
 
 /// Issue 25: a rule that does not compile is refused by `kubectl apply`, with its path and
-/// position, by the operator's admission webhook (run in-process on the host's loopback,
-/// where the kube-apiserver reaches it), registered for this test's namespace only; a good
+/// position, by the operator's admission webhook (run in-process at the address where the
+/// kube-apiserver reaches this machine, `callback_ip`), registered for this test's namespace only; a good
 /// rule is accepted; an update to a bad rule is refused too.
 // Multi-threaded: the test runs `kubectl` as a blocking child process while the API server
 // calls the webhook served by this same process.
@@ -1200,16 +1200,17 @@ async fn the_webhook_refuses_a_rule_that_does_not_compile_with_its_position() ->
         let dir = std::env::temp_dir().join(format!("wsrelay-e2e-{ns}"));
         std::fs::create_dir_all(&dir)?;
         wsrelay_e2e::pki::ca(&dir, "ca", "wsrelay-e2e-webhook-ca")?;
+        let ip = wsrelay_e2e::callback_ip()?;
         wsrelay_e2e::pki::leaf(
             &dir,
             "tls",
             "ca",
-            "127.0.0.1",
-            &wsrelay_e2e::pki::server_ext("IP:127.0.0.1"),
+            &ip.to_string(),
+            &wsrelay_e2e::pki::server_ext(&format!("IP:{ip}")),
         )?;
         let ca_bundle = k8s_openapi::ByteString(std::fs::read(dir.join("ca.crt"))?);
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
         let shutdown = tokio_util::sync::CancellationToken::new();
         let server = tokio::spawn(webhook::server::serve_on(
