@@ -191,16 +191,34 @@ async fn drive(client: &Client, ns: &str, child: &mut Script, deadline: Instant)
 }
 
 /// The relay pod holding the pages' connections (both come from this machine's address, which
-/// the Service's ClientIP affinity sends to one pod).
+/// the Service's ClientIP affinity sends to one pod). Waited for: after a disruption the pages
+/// may still be reconnecting, or be on a restarted relay that is not Ready yet.
 async fn busiest_pod(client: &Client, ns: &str) -> Result<Pod> {
-    let pods = gateway::relay_pods_by_connections(client, ns, GATEWAY).await?;
-    let (pod, n) = pods.into_iter().next().context("no Ready relay pod")?;
+    let last = std::sync::atomic::AtomicU64::new(0);
+    let found = wsrelay_e2e::eventually("both pages' connections on one Ready relay pod", || {
+        let last = &last;
+        async move {
+            let pods = gateway::relay_pods_by_connections(client, ns, GATEWAY).await?;
+            let Some((pod, n)) = pods.into_iter().next() else {
+                return Ok(None);
+            };
+            last.store(n as u64, std::sync::atomic::Ordering::Relaxed);
+            // More than the two pages' connections would be someone else's: not waited out.
+            ensure!(
+                n <= 2,
+                "the busiest relay pod has {n} connections, more than the pages'"
+            );
+            Ok((n == 2).then_some(pod))
+        }
+    })
+    .await;
     // Both pages' connections (and the SSE page's POSTs) on one pod: the ClientIP affinity.
-    ensure!(
-        n == 2,
-        "the busiest relay pod has {n} connections, not both pages' (sessionAffinity: ClientIP)"
-    );
-    Ok(pod)
+    found.with_context(|| {
+        let n = last.load(std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "the busiest relay pod has {n} connections, not both pages' (sessionAffinity: ClientIP)"
+        )
+    })
 }
 
 /// Round 1: SIGKILL to the relay process of the pod with the connection, or a force delete of
