@@ -98,6 +98,7 @@ impl Config {
             }],
             limits: Limits::default(),
             drain: Drain::default(),
+            registry: None,
         }
     }
 }

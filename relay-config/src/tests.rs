@@ -374,3 +374,62 @@ fn history_is_bounded_in_bytes_by_default_and_by_the_message_limit() {
         }
     }
 }
+
+#[test]
+fn the_registry_is_optional_and_defaults_its_lease_replicas_and_bytes() {
+    let mut c = Config::example("nats://n:4222");
+    assert_eq!(c.registry, None);
+    c.registry = Some(serde_json::from_str(r#"{"bucket": "WSRELAY_GW_REG"}"#).unwrap());
+    c.validate().unwrap();
+    let r = c.registry.clone().unwrap();
+    assert_eq!(
+        (r.lease_seconds, r.replicas, r.max_bytes),
+        (15, 1, DEFAULT_REGISTRY_BYTES)
+    );
+    let back: Config = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    assert!(
+        serde_json::from_str::<Registry>(r#"{"bucket": "B", "lease": 3}"#).is_err(),
+        "unknown fields are refused"
+    );
+}
+
+#[test]
+fn each_registry_field_is_validated_by_name() {
+    let base = || {
+        let mut c = Config::example("nats://n:4222");
+        c.registry = Some(serde_json::from_str(r#"{"bucket": "REG"}"#).unwrap());
+        c
+    };
+    let cases: [(&str, fn(&mut Registry)); 8] = [
+        ("registry.bucket", |r| r.bucket = String::new()),
+        ("registry.bucket", |r| r.bucket = "a.b".into()),
+        ("registry.bucket", |r| r.bucket = "x".repeat(62)),
+        ("registry.leaseSeconds", |r| r.lease_seconds = 2),
+        ("registry.leaseSeconds", |r| r.lease_seconds = 3601),
+        ("registry.replicas", |r| r.replicas = 2),
+        ("registry.maxBytes", |r| {
+            r.max_bytes = MIN_REGISTRY_BYTES - 1
+        }),
+        ("registry.maxBytes", |r| {
+            r.max_bytes = MAX_REGISTRY_BYTES + 1
+        }),
+    ];
+    for (field, break_it) in cases {
+        let mut c = base();
+        break_it(c.registry.as_mut().unwrap());
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{field}: {errs}");
+        assert_eq!(errs.0[0].field(), field, "{errs}");
+    }
+    for ok in [3, 3600] {
+        let mut c = base();
+        c.registry.as_mut().unwrap().lease_seconds = ok;
+        c.validate().unwrap();
+    }
+    // The bucket's stream may not be a history stream.
+    let mut c = base();
+    c.bindings[0].history = Some(serde_json::from_str(r#"{"stream": "KV_REG"}"#).unwrap());
+    let errs = c.validate().unwrap_err();
+    assert_eq!(errs.0[0].field(), "registry.bucket", "{errs}");
+}

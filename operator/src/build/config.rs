@@ -363,6 +363,8 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                     .min(spec.drain.grace_period_seconds / 2),
             ),
         },
+        // The connection registry is not rendered yet (issue 26: presence, next step).
+        registry: None,
     }
 }
 
