@@ -9,7 +9,7 @@
 //!    (a cheap wake-up for one task): pure or leaf parts;
 //! 2. `task` (the panic boundary), `confirm` (a NATS round trip no other client can answer),
 //!    `auth` (JWT keys, JWKS), `authz` (bindings), `nats` (the connection), `history` (the
-//!    ring and the stream reads);
+//!    ring and the stream reads), `registry` (the connection registry in JetStream KV);
 //! 3. `access/`: whether a connection may use a channel (bindings, subscription tokens,
 //!    rules, the backend's decisions) and may connect;
 //! 4. `conn/`: one open connection — its subscription map, outbox, close causes, sink;
@@ -17,7 +17,7 @@
 //! 6. `state`: the relay's shared state;
 //! 7. `session/`: reader, writer and requests, over any sink and stream;
 //! 8. `edge/`: one admission, then the WebSocket and SSE transports, the listener, TLS;
-//! 9. `runtime/`: process, drain, reload, admin, stream upkeep.
+//! 9. `runtime/`: process, drain, reload, admin, stream and bucket upkeep.
 
 pub use wsrelay_config as config;
 pub use wsrelay_config::{pem, template};
@@ -33,6 +33,7 @@ pub mod authz;
 pub mod confirm;
 pub mod history;
 pub mod nats;
+pub mod registry;
 pub mod task;
 
 pub mod access;

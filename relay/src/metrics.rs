@@ -217,7 +217,25 @@ pub struct Metrics {
     /// `wsrelay_history_gaps_total{reason}`: holes in live delivery: `filled` from the
     /// stream, or `lost` (the subscribers were told to resubscribe).
     pub history_gaps: Family<Reason, Counter>,
+    /// `wsrelay_registry_ready`: 1 while the registry's bucket is in place (0 without a
+    /// registry, or while JetStream refuses it). Readiness does not depend on it.
+    pub registry_ready: Gauge,
+    /// `wsrelay_registry_keys_written_total`: registry keys written (lease, connections).
+    pub registry_keys_written: Counter,
+    /// `wsrelay_registry_keys_deleted_total`: registry keys deleted (closes and purges).
+    pub registry_keys_deleted: Counter,
+    /// `wsrelay_registry_write_failures_total`: registry writes or deletes JetStream refused
+    /// or did not answer (the entry is missing or stale until the next reassertion).
+    pub registry_write_failures: Counter,
+    /// `wsrelay_registry_lease_failures_total`: lease refreshes that failed.
+    pub registry_lease_failures: Counter,
+    /// `wsrelay_registry_purges_total{reason}`: a relay's entries purged, by cause:
+    /// `shutdown` (its own, at exit), `forget` (`POST /registry/forget`), `lease_expired`.
+    pub registry_purges: Family<Reason, Counter>,
 }
+
+/// The causes of `wsrelay_registry_purges_total`.
+pub const PURGE_CAUSES: &[&str] = &["shutdown", "forget", "lease_expired"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -265,6 +283,12 @@ impl Metrics {
             history_resumes: Family::default(),
             history_reads: Family::default(),
             history_gaps: Family::default(),
+            registry_ready: Gauge::default(),
+            registry_keys_written: Counter::default(),
+            registry_keys_deleted: Counter::default(),
+            registry_write_failures: Counter::default(),
+            registry_lease_failures: Counter::default(),
+            registry_purges: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -439,6 +463,36 @@ impl Metrics {
             "Requests denied by a binding's authorize section or the connect step, by operation and check",
             m.authorize_denied.clone(),
         );
+        r.register(
+            "registry_ready",
+            "1 while the connection registry's bucket is in place",
+            m.registry_ready.clone(),
+        );
+        r.register(
+            "registry_keys_written",
+            "Connection registry keys written (lease, connections)",
+            m.registry_keys_written.clone(),
+        );
+        r.register(
+            "registry_keys_deleted",
+            "Connection registry keys deleted (closes and purges)",
+            m.registry_keys_deleted.clone(),
+        );
+        r.register(
+            "registry_write_failures",
+            "Connection registry writes or deletes that JetStream refused or did not answer",
+            m.registry_write_failures.clone(),
+        );
+        r.register(
+            "registry_lease_failures",
+            "Lease refreshes of this relay that failed",
+            m.registry_lease_failures.clone(),
+        );
+        r.register(
+            "registry_purges",
+            "A relay's registry entries purged, by cause (shutdown, forget, lease_expired)",
+            m.registry_purges.clone(),
+        );
         // The known label values show up at 0 from the start, so that rate() and increase()
         // (and the alerts built on them) see the first refusal, close or drop too.
         for (family, reasons) in [
@@ -446,6 +500,7 @@ impl Metrics {
             (&m.closed, CLOSE_REASONS),
             (&m.dropped, DROP_REASONS),
             (&m.history_resumes, RESUME_OUTCOMES),
+            (&m.registry_purges, PURGE_CAUSES),
         ] {
             for reason in reasons {
                 let _ = family.get_or_create(&Reason { reason });

@@ -10,7 +10,7 @@ const LAYERS: &[&[&str]] = &[
     &["template", "pem"],
     &["config"],
     &["protocol", "metrics", "limits", "slots", "signal"],
-    &["task", "confirm", "auth", "authz", "nats", "history"],
+    &["task", "confirm", "auth", "authz", "nats", "history", "registry"],
     &["access"],
     &["conn"],
     &["fanout"],

@@ -1,12 +1,13 @@
-//! The admin listener: `/live`, `/ready`, `/metrics`.
+//! The admin listener: `/live`, `/ready`, `/metrics`, and `POST /registry/forget?relay=<name>`
+//! (deletes a dead relay's registry entries; the operator calls it when it sees a pod gone).
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
 use crate::state::Relay;
@@ -17,6 +18,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/live", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/registry/forget", post(forget))
         .with_state(relay)
 }
 
@@ -29,6 +31,43 @@ async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "NATS disconnected")
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Forget {
+    relay: Option<String>,
+}
+
+/// Deletes every registry key of another relay (its entries, then its lease).
+async fn forget(
+    State(relay): State<Arc<Relay>>,
+    Query(q): Query<Forget>,
+) -> (StatusCode, String) {
+    let Some(registry) = &relay.registry else {
+        return (StatusCode::NOT_FOUND, "no registry configured".into());
+    };
+    let Some(name) = q.relay.filter(|n| crate::registry::keys::is_token(n)) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "relay: required, one NATS subject token ([-_=a-zA-Z0-9], 1 to 128)".into(),
+        );
+    };
+    if name == registry.relay() {
+        return (StatusCode::CONFLICT, "relay: this relay's own name".into());
+    }
+    match registry
+        .purge(&name, crate::registry::PurgeCause::Forget)
+        .await
+    {
+        Ok(n) => {
+            tracing::info!(relay = %name, keys = n, "registry: relay forgotten");
+            (StatusCode::OK, format!("{{\"deleted\":{n}}}"))
+        }
+        Err(e) => {
+            tracing::warn!(relay = %name, error = %e, "registry: forget failed");
+            (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
     }
 }
 
