@@ -95,6 +95,7 @@ impl Config {
                 direction: Direction::Subscribe,
                 history: None,
                 authorize: None,
+                presence: None,
             }],
             limits: Limits::default(),
             drain: Drain::default(),

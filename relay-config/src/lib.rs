@@ -36,6 +36,7 @@ mod load;
 mod nats;
 #[cfg(feature = "pem")]
 pub mod pem;
+mod presence;
 mod registry;
 pub mod rule;
 pub mod template;
@@ -50,6 +51,7 @@ pub use listen::*;
 #[cfg(feature = "load")]
 pub use load::*;
 pub use nats::*;
+pub use presence::*;
 pub use registry::*;
 
 /// The first token of every subject the relay uses for itself (history republishing,
@@ -161,6 +163,7 @@ impl Config {
         self.validate_authorize(&mut errs);
         self.validate_limits(&mut errs);
         self.validate_registry(&mut errs);
+        self.validate_presence(&mut errs);
         if self.drain.grace_period_seconds == 0 {
             errs.push(ValidationError::invalid(
                 "drain.gracePeriodSeconds",

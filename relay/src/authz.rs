@@ -366,6 +366,7 @@ mod tests {
             direction,
             history: None,
             authorize: None,
+            presence: None,
         }
     }
 

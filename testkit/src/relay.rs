@@ -33,6 +33,7 @@ pub fn binding(channel: &str, subject: &str, direction: Direction) -> Binding {
         direction,
         history: None,
         authorize: None,
+        presence: None,
     }
 }
 

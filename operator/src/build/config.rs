@@ -328,6 +328,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                     replicas: u8::try_from(h.replicas).unwrap_or(1),
                 }),
                 authorize: b.authorize.as_ref().map(relay_authorize),
+                presence: None,
             })
             .collect(),
         limits: relay::Limits {

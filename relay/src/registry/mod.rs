@@ -24,7 +24,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -128,10 +128,10 @@ impl PurgeCause {
     }
 }
 
-/// One write, in the order the relay made them.
+/// One write, in the order the relay made them; a put may ask for its stream sequence.
 #[derive(Debug)]
 enum Write {
-    Put(String, Bytes),
+    Put(String, Bytes, Option<oneshot::Sender<Result<u64, RegistryError>>>),
     Delete(String),
 }
 
@@ -156,9 +156,13 @@ pub struct Registry {
     js: jetstream::Context,
     metrics: Arc<Metrics>,
     writes: Mutex<Option<mpsc::Sender<Write>>>,
-    /// The values of this relay's open connections, to write them again when they may be
-    /// gone (the bucket recreated, the lease expired while NATS was away).
-    entries: Mutex<HashMap<u64, Bytes>>,
+    /// This relay's entries (open connections, presence memberships) by key, to write them
+    /// again when they may be gone (the bucket recreated, the lease expired while NATS was
+    /// away).
+    entries: Mutex<HashMap<String, Bytes>>,
+    /// Whether the leftovers of this relay's previous run (a container restart keeps the
+    /// pod name) were deleted: done once, the first time the bucket is in place.
+    swept: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -184,6 +188,7 @@ impl Registry {
             metrics,
             writes: Mutex::new(Some(tx)),
             entries: Mutex::new(HashMap::new()),
+            swept: std::sync::atomic::AtomicBool::new(false),
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -217,9 +222,18 @@ impl Registry {
 
     fn queue(&self, w: Write) {
         let g = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = g.as_ref().is_some_and(|tx| tx.try_send(w).is_ok());
-        if !sent {
+        let refused = match g.as_ref() {
+            Some(tx) => tx.try_send(w).err().map(|e| e.into_inner()),
+            None => Some(w),
+        };
+        if let Some(w) = refused {
             self.metrics.registry_write_failures.inc();
+            if let Write::Put(_, _, Some(ack)) = w {
+                let _ = ack.send(Err(RegistryError::Request {
+                    op: "write",
+                    message: "the registry's write queue is full or closed".into(),
+                }));
+            }
         }
     }
 
@@ -234,44 +248,102 @@ impl Registry {
         let Ok(json) = serde_json::to_vec(&value) else {
             return;
         };
-        let json = Bytes::from(json);
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, json.clone());
-        self.queue(Write::Put(keys::conn_key(&self.relay, id), json));
+        self.put(keys::conn_key(&self.relay, id), Bytes::from(json));
     }
 
     /// A connection closed: deletes `conn.<relay>.<id>`.
     pub fn closed(&self, id: u64) {
+        self.delete(keys::conn_key(&self.relay, id));
+    }
+
+    /// Writes one of this relay's entries (a key under `conn.<relay>.` or
+    /// `pres.<chan>.<relay>.`), in order with its other writes; it is written again
+    /// whenever the registry may have lost it, until [`Registry::delete`].
+    pub fn put(&self, key: String, value: Bytes) {
+        self.remember(&key, &value);
+        self.queue(Write::Put(key, value, None));
+    }
+
+    /// [`Registry::put`], and the stream sequence of the write once JetStream stored it
+    /// (an error if it did not, within [`REQUEST_WITHIN`]): a watcher that has seen this
+    /// sequence has seen the entry.
+    pub fn put_acked(
+        &self,
+        key: String,
+        value: Bytes,
+    ) -> oneshot::Receiver<Result<u64, RegistryError>> {
+        let (tx, rx) = oneshot::channel();
+        self.remember(&key, &value);
+        self.queue(Write::Put(key, value, Some(tx)));
+        rx
+    }
+
+    /// Deletes one of this relay's entries, in order with its other writes.
+    pub fn delete(&self, key: String) {
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        self.queue(Write::Delete(keys::conn_key(&self.relay, id)));
+            .remove(&key);
+        self.queue(Write::Delete(key));
+    }
+
+    fn remember(&self, key: &str, value: &Bytes) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned(), value.clone());
     }
 
     /// The bucket is (again) in place: the lease and every open connection's entry are
-    /// written again, in case the bucket is new or lost them.
-    pub fn bucket_ready(&self, ready: bool) {
+    /// written again, in case the bucket is new or lost them. The first time, the entries
+    /// a previous run of this relay left (same pod name, a container restart) are deleted
+    /// first, so watchers see those connections leave.
+    pub async fn bucket_ready(&self, ready: bool) {
         let was = self.metrics.registry_ready.set(i64::from(ready)) == 1;
+        if ready && !self.swept.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            match self.sweep_leftovers().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(keys = n, "registry: deleted what a previous run of this relay left"),
+                Err(e) => tracing::warn!(error = %e, "registry: leftovers of a previous run not deleted"),
+            }
+        }
         if ready && !was {
             self.reassert();
         }
     }
 
-    /// Writes the lease and every open connection's entry again.
+    /// Deletes this relay's keys in the bucket that this run did not write.
+    async fn sweep_leftovers(&self) -> Result<usize, RegistryError> {
+        let found = self.keys_of(&self.relay).await?;
+        let mine: Vec<String> = {
+            let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            found.into_iter().filter(|k| !e.contains_key(k)).collect()
+        };
+        let n = mine.len();
+        for key in mine {
+            self.queue(Write::Delete(key));
+        }
+        if n > 0 {
+            self.metrics
+                .registry_purges
+                .get_or_create(&Reason { reason: "restart" })
+                .inc();
+        }
+        Ok(n)
+    }
+
+    /// Writes every entry of this relay again.
     fn reassert(&self) {
-        let entries: Vec<(u64, Bytes)> = self
+        let entries: Vec<(String, Bytes)> = self
             .entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(id, v)| (*id, v.clone()))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        tracing::info!(connections = entries.len(), "registry: writing this relay's entries");
-        for (id, v) in entries {
-            self.queue(Write::Put(keys::conn_key(&self.relay, id), v));
+        tracing::info!(entries = entries.len(), "registry: writing this relay's entries");
+        for (k, v) in entries {
+            self.queue(Write::Put(k, v, None));
         }
     }
 
@@ -281,7 +353,7 @@ impl Registry {
         w: Write,
     ) -> Result<jetstream::context::PublishAckFuture, RegistryError> {
         let sent = match w {
-            Write::Put(key, value) => self.js.publish(self.subject(&key), value).await,
+            Write::Put(key, value, _) => self.js.publish(self.subject(&key), value).await,
             Write::Delete(key) => {
                 let mut h = HeaderMap::new();
                 h.insert("KV-Operation", "DEL");
@@ -304,29 +376,51 @@ impl Registry {
         while open || !acks.is_empty() {
             tokio::select! {
                 w = rx.recv(), if open && acks.len() < IN_FLIGHT => match w {
-                    Some(w) => {
+                    Some(mut w) => {
                         let delete = matches!(w, Write::Delete(_));
+                        let reply = match &mut w {
+                            Write::Put(_, _, reply) => reply.take(),
+                            Write::Delete(_) => None,
+                        };
                         match self.send(w).await {
                             Ok(ack) => acks.push(async move {
-                                (delete, tokio::time::timeout(REQUEST_WITHIN, ack.into_future()).await)
+                                (delete, reply, tokio::time::timeout(REQUEST_WITHIN, ack.into_future()).await)
                             }),
                             Err(e) => {
                                 tracing::debug!(error = %e, "registry write not sent");
                                 self.metrics.registry_write_failures.inc();
+                                if let Some(reply) = reply {
+                                    let _ = reply.send(Err(e));
+                                }
                             }
                         }
                     }
                     None => open = false,
                 },
-                Some((delete, r)) = acks.next(), if !acks.is_empty() => match r {
-                    Ok(Ok(_)) if delete => { self.metrics.registry_keys_deleted.inc(); }
-                    Ok(Ok(_)) => { self.metrics.registry_keys_written.inc(); }
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "registry write refused");
-                        self.metrics.registry_write_failures.inc();
+                Some((delete, reply, r)) = acks.next(), if !acks.is_empty() => {
+                    let done = match r {
+                        Ok(Ok(ack)) => {
+                            if delete {
+                                self.metrics.registry_keys_deleted.inc();
+                            } else {
+                                self.metrics.registry_keys_written.inc();
+                            }
+                            Ok(ack.sequence)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "registry write refused");
+                            self.metrics.registry_write_failures.inc();
+                            Err(request_err("write")(e.to_string()))
+                        }
+                        Err(_) => {
+                            self.metrics.registry_write_failures.inc();
+                            Err(RegistryError::Timeout { op: "write" })
+                        }
+                    };
+                    if let Some(reply) = reply {
+                        let _ = reply.send(done);
                     }
-                    Err(_) => { self.metrics.registry_write_failures.inc(); }
-                },
+                }
             }
         }
     }

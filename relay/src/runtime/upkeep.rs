@@ -34,7 +34,7 @@ pub async fn maintain(relay: Arc<Relay>, every: Duration, changed: impl Fn(&str)
                         if let Err(e) = &ensured {
                             tracing::warn!(error = %e, "registry bucket not in place; the relay keeps serving");
                         }
-                        r.bucket_ready(ensured.is_ok());
+                        r.bucket_ready(ensured.is_ok()).await;
                     }
                     all_ok &= ensured.is_ok();
                     continue;
