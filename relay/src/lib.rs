@@ -14,10 +14,12 @@
 //!    rules, the backend's decisions) and may connect;
 //! 4. `conn/`: one open connection — its subscription map, outbox, close causes, sink;
 //! 5. `fanout/`: subject entries, the resumable join and gap fill, the hub;
-//! 6. `state`: the relay's shared state;
-//! 7. `session/`: reader, writer and requests, over any sink and stream;
-//! 8. `edge/`: one admission, then the WebSocket and SSE transports, the listener, TLS;
-//! 9. `runtime/`: process, drain, reload, admin, stream and bucket upkeep.
+//! 6. `presence/`: channels' members from the registry, their events (fanned out the way
+//!    messages are);
+//! 7. `state`: the relay's shared state;
+//! 8. `session/`: reader, writer and requests, over any sink and stream;
+//! 9. `edge/`: one admission, then the WebSocket and SSE transports, the listener, TLS;
+//! 10. `runtime/`: process, drain, reload, admin, stream and bucket upkeep.
 
 pub use wsrelay_config as config;
 pub use wsrelay_config::{pem, template};
@@ -41,6 +43,8 @@ pub mod access;
 pub mod conn;
 
 pub mod fanout;
+
+pub mod presence;
 
 pub mod state;
 

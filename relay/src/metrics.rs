@@ -131,6 +131,16 @@ pub const DROP_REASONS: &[&str] = &[
 /// `reason` values of `wsrelay_history_resumes_total`.
 pub const RESUME_OUTCOMES: &[&str] = &["recovered", "not_recovered", "unavailable"];
 
+/// The `event` label of `wsrelay_presence_events_sent_total`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    /// `join`, `leave` or `occupancy`.
+    pub event: &'static str,
+}
+
+/// `event` values of `wsrelay_presence_events_sent_total`.
+pub const PRESENCE_EVENTS: &[&str] = &["join", "leave", "occupancy"];
+
 /// Every metric of the relay.
 #[derive(Debug)]
 pub struct Metrics {
@@ -232,6 +242,20 @@ pub struct Metrics {
     /// `wsrelay_registry_purges_total{reason}`: a relay's entries purged, by cause:
     /// `shutdown` (its own, at exit), `forget` (`POST /registry/forget`), `lease_expired`.
     pub registry_purges: Family<Reason, Counter>,
+    /// `wsrelay_presence_members`: members (users, those in their leave grace included) of
+    /// the channels this relay watches (those with a local subscriber).
+    pub presence_members: Gauge,
+    /// `wsrelay_presence_watchers`: channels this relay watches.
+    pub presence_watchers: Gauge,
+    /// `wsrelay_presence_events_sent_total{event}`: presence frames queued to subscribers
+    /// (one per recipient), by `join`, `leave`, `occupancy`.
+    pub presence_events: Family<Kind, Counter>,
+    /// `wsrelay_presence_snapshot_reads_total{op}`: member pages answered: `subscribe` (the
+    /// snapshot of a `presence: true` subscribe) or `presence` (a paging request).
+    pub presence_snapshots: Family<Op, Counter>,
+    /// `wsrelay_presence_unavailable_total`: presence requests answered 503 (the registry
+    /// did not store the membership, or the watcher did not read it, in time).
+    pub presence_unavailable: Counter,
 }
 
 /// The causes of `wsrelay_registry_purges_total`.
@@ -289,6 +313,11 @@ impl Metrics {
             registry_write_failures: Counter::default(),
             registry_lease_failures: Counter::default(),
             registry_purges: Family::default(),
+            presence_members: Gauge::default(),
+            presence_watchers: Gauge::default(),
+            presence_events: Family::default(),
+            presence_snapshots: Family::default(),
+            presence_unavailable: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -493,6 +522,34 @@ impl Metrics {
             "A relay's registry entries purged, by cause (shutdown, forget, lease_expired)",
             m.registry_purges.clone(),
         );
+        r.register(
+            "presence_members",
+            "Members of the channels this relay watches (those in their leave grace included)",
+            m.presence_members.clone(),
+        );
+        r.register(
+            "presence_watchers",
+            "Channels whose presence this relay watches (one per channel with local subscribers)",
+            m.presence_watchers.clone(),
+        );
+        r.register(
+            "presence_events_sent",
+            "Presence frames queued to subscribers (one per recipient), by event",
+            m.presence_events.clone(),
+        );
+        r.register(
+            "presence_snapshot_reads",
+            "Pages of members answered, by op (subscribe, presence)",
+            m.presence_snapshots.clone(),
+        );
+        r.register(
+            "presence_unavailable",
+            "Presence subscribes and requests answered 503",
+            m.presence_unavailable.clone(),
+        );
+        for event in PRESENCE_EVENTS {
+            let _ = m.presence_events.get_or_create(&Kind { event });
+        }
         // The known label values show up at 0 from the start, so that rate() and increase()
         // (and the alerts built on them) see the first refusal, close or drop too.
         for (family, reasons) in [

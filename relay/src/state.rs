@@ -18,6 +18,7 @@ use crate::conn::outbox::{Outbox, QueueBudget};
 use crate::conn::{Conn, ConnId};
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
+use crate::presence::Presences;
 use crate::registry::Registry;
 
 /// The parts of the config that can change on reload, swapped as one.
@@ -85,6 +86,8 @@ pub struct Relay {
     /// The connection registry, when the config has one (set at start; a reload does not
     /// change it).
     pub registry: Option<Arc<Registry>>,
+    /// Presence's watchers, with the registry.
+    pub presence: Option<Arc<Presences>>,
     conns: Mutex<HashMap<ConnId, Arc<Conn>>>,
     next_id: AtomicU64,
 }
@@ -116,6 +119,7 @@ impl Relay {
         Self {
             name,
             registry: None,
+            presence: None,
             live: RwLock::new(Arc::new(live)),
             hub,
             metrics,
@@ -141,6 +145,13 @@ impl Relay {
     /// With the connection registry (before the state is shared).
     #[must_use]
     pub fn with_registry(mut self, registry: Option<Arc<Registry>>) -> Self {
+        self.presence = registry.as_ref().map(|r| {
+            Arc::new(Presences::new(
+                r.clone(),
+                self.hub.client().clone(),
+                self.metrics.clone(),
+            ))
+        });
         self.registry = registry;
         self
     }

@@ -37,12 +37,26 @@ pub struct Conn {
 }
 
 /// One subscription as the connection holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct Held {
     /// The key (NATS subject) it is a subscription to.
     key: String,
     /// When its subscription token expires (Unix seconds); `None` without one.
     token_expires_at: Option<u64>,
+    /// What ends with the subscription ([`Conn::attach`]).
+    attached: Option<Attached>,
+}
+
+/// Something that lives as long as a subscription (a presence membership): dropped with it,
+/// whichever of the many ways the subscription ends (unsubscribe, close, expiry, a reload,
+/// a refusal, NATS), so none of them can forget it. Dropped under the subscription map's
+/// lock: a subscription to the same channel again is added only after its `Drop` ran.
+pub struct Attached(pub Box<dyn Send + Sync>);
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Attached")
+    }
 }
 
 /// Why a subscription could not be added to a connection's map.
@@ -118,9 +132,22 @@ impl Conn {
             Held {
                 key: key.to_owned(),
                 token_expires_at: None,
+                attached: None,
             },
         );
         Ok(())
+    }
+
+    /// Attaches `what` to `channel`'s subscription to `key` (see [`Attached`]); gives it
+    /// back when the connection no longer holds that subscription.
+    pub fn attach(&self, channel: &str, key: &str, what: Attached) -> Result<(), Attached> {
+        match self.subs().get_mut(channel) {
+            Some(h) if h.key == key => {
+                h.attached = Some(what);
+                Ok(())
+            }
+            _ => Err(what),
+        }
     }
 
     /// Sets when `channel`'s subscription token expires, if it is (still) a subscription to
