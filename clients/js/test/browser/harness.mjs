@@ -463,6 +463,16 @@ export function pageApi(page) {
     messages: (client, channel) => page.evaluate((key) => window.T.messages[key] ?? [], `${client}:${channel}`),
     positions: (client, channel) => page.evaluate((key) => window.T.positions[key] ?? [], `${client}:${channel}`),
     stats: (client, channel) => page.evaluate(([c, ch]) => window.subscriptionStats(c, ch), [client, channel]),
+    /** The presence events of a subscription (join, leave, occupancy, presence), in order. */
+    presenceEvents: (client, channel) => page.evaluate((key) => window.T.presence[key] ?? [], `${client}:${channel}`),
+    /** `presence()` (as member objects), `occupancy()` and `presenceSynced` of a subscription. */
+    presenceOf: (client, channel) => page.evaluate(([c, ch]) => window.presenceOf(c, ch), [client, channel]),
+    /** Waits for the `n`-th presence event of `kind`; returns the subscription's presence events. */
+    waitPresence: (what, client, channel, kind, n, ms = 10_000) =>
+      waitFor(what, ms, async () => {
+        const es = await api.presenceEvents(client, channel);
+        return es.filter((e) => e.kind === kind).length >= n ? es : undefined;
+      }),
     subscribedCtx: (client, channel) => page.evaluate((key) => window.T.subscribed[key] ?? [], `${client}:${channel}`),
     waitLog: (what, client, kind, n, ms, pred = () => true) =>
       waitFor(what, ms, async () => {
