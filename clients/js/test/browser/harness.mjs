@@ -209,9 +209,9 @@ export function subscriptionToken(sub, channel, ttlSeconds) {
  * `history` (e.g. `{stream: "FEED", maxMessages: 1000}`) adds the resumable binding
  * `feed.{id}` -> `feed.{id}` (docs/protocol.md section 8; NATS needs JetStream), and the
  * relay is ready only once its history stream is in place. `bindings` come first (e.g. one
- * with `authorize`).
+ * with `authorize` or `presence`). `registry`: the config's registry section (presence needs it).
  */
-export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4, auth = {}, jwt = {}, history, bindings = [] }) {
+export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4, auth = {}, jwt = {}, history, bindings = [], registry }) {
   port ??= await freePort();
   adminPort ??= await freePort();
   const config = {
@@ -242,6 +242,7 @@ export async function startRelay({ natsUrl, origin, port, adminPort, name = "rel
     ],
     limits: { pingIntervalSeconds: 5, idleTimeoutSeconds: 30 },
     drain: { gracePeriodSeconds: graceSeconds },
+    ...(registry ? { registry } : {}),
   };
   const file = join(workDir, `${name}-${port}.json`);
   writeFileSync(file, JSON.stringify(config, null, 2));
