@@ -170,7 +170,11 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     this._token = opts.token;
     this._getToken = opts.getToken;
     this._presenceWanted = opts.presence === true;
-    this._presencePageSize = opts.presencePageSize;
+    const size = opts.presencePageSize;
+    // The relay refuses any other limit (400), which would leave the list unpageable.
+    if (size !== undefined && !(Number.isInteger(size) && size >= 1 && size <= 1000))
+      throw new RangeError(`presencePageSize must be an integer from 1 to 1000, not ${String(size)}`);
+    this._presencePageSize = size;
     this._refresh = new RefreshTimer(clock);
     if (opts.onMessage) this.on("message", opts.onMessage);
     if (opts.onSubscribed) this.on("subscribed", opts.onSubscribed);

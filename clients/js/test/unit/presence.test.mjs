@@ -100,6 +100,8 @@ test("presence: subscribe sends presence: true; the snapshot fills presence() an
 test("presence: an incomplete snapshot is paged (after: next, limit) until complete; events meanwhile are folded in", async () => {
   const t = setup();
   const ws = await connected(t);
+  assert.throws(() => t.client.subscribe("rooms.big", { presence: true, presencePageSize: 1001 }), RangeError);
+  assert.throws(() => t.client.subscribe("rooms.big", { presence: true, presencePageSize: 0 }), RangeError);
   const sub = t.client.subscribe("rooms.big", { presence: true, presencePageSize: 2 });
   const log = record(sub);
   const s = ws.last("subscribe");
