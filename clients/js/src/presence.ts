@@ -145,7 +145,11 @@ export class PresenceTracker {
       put(b, member(m.key, m.info, typeof m.clients === "number" ? m.clients : 0));
     }
     if (typeof p.clients === "number" && typeof p.users === "number")
-      this.occupancy = { clients: p.clients, users: p.users, events: this.occupancy?.events };
+      this.occupancy = {
+        clients: p.clients,
+        users: p.users,
+        events: typeof p.events === "boolean" ? p.events : this.occupancy?.events,
+      };
     return next;
   }
 

@@ -46,6 +46,8 @@ export interface PresencePage {
   /** Whether this page holds every member after the page's start; if not, `next` is where to go on. */
   complete: boolean;
   next?: string;
+  /** Whether `join`/`leave` are being sent for the channel now. */
+  events?: boolean;
 }
 
 /** `join` / `leave`: a member of a channel subscribed with `presence: true`. */
