@@ -36,6 +36,7 @@ use crate::api::{CONDITION_READY, WebsocketGateway, WebsocketGatewayStatus};
 use crate::build::{MANAGED_BY_LABEL, MANAGER, Options, applies_replicas, build_with};
 use crate::error::Error;
 use crate::fetch::{Caches, Children, Observed};
+use crate::forget::Forgetter;
 use crate::metrics::Metrics;
 use crate::metrics_api::scrape::Scraper;
 use crate::stages::{self, Stages};
@@ -148,6 +149,8 @@ pub struct Context {
     scraper: Scraper,
     /// The label every Secret a gateway names must carry (`--secret-label`), if any.
     secret_label: Option<crate::validate::SecretLabel>,
+    /// Asks a live relay to forget a lost one ([`crate::forget`]).
+    forgetter: Arc<Forgetter>,
 }
 
 impl std::fmt::Debug for Context {
@@ -172,12 +175,13 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            metrics,
             failures: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
             admin_peers,
             scraper,
             secret_label,
+            forgetter: Arc::new(Forgetter::new(metrics.forgets.clone())),
+            metrics,
         }
     }
 
@@ -561,8 +565,28 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
+    // After each pod event (the cache already holds it), the relays lost since the previous
+    // view are forgotten by a live relay of their gateway, if it keeps a registry.
+    let forget = {
+        let forgetter = ctx.forgetter.clone();
+        let pods = pods.clone();
+        let gateways = gateways.clone();
+        move |event: &Result<watcher::Event<Pod>, watcher::Error>| {
+            if event.is_err() {
+                return;
+            }
+            let view = pods.state();
+            let forgets = forgetter.observe(view.iter().map(AsRef::as_ref), |ns, name| {
+                gateways
+                    .get(&ObjectRef::new(name).within(ns))
+                    .is_some_and(|gw| crate::build::relay_registry(&gw.spec, ns, name).is_some())
+            });
+            forgetter.spawn(forgets);
+        }
+    };
     let pod_events = reflector::reflector(pods_w, watcher(api::<Pod>(&client, ns), owned.clone()))
         .default_backoff()
+        .inspect(forget)
         .touched_objects();
     // The other children: their metadata is enough (wake the gateway, see one deleted).
     fn meta<K>(
