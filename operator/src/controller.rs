@@ -149,8 +149,6 @@ pub struct Context {
     scraper: Scraper,
     /// The label every Secret a gateway names must carry (`--secret-label`), if any.
     secret_label: Option<crate::validate::SecretLabel>,
-    /// Asks a live relay to forget a lost one ([`crate::forget`]).
-    forgetter: Arc<Forgetter>,
 }
 
 impl std::fmt::Debug for Context {
@@ -180,7 +178,6 @@ impl Context {
             admin_peers,
             scraper,
             secret_label,
-            forgetter: Arc::new(Forgetter::new(metrics.forgets.clone())),
             metrics,
         }
     }
@@ -566,13 +563,16 @@ pub async fn run(
     .default_backoff()
     .touched_objects();
     // After each pod event (the cache already holds it), the relays lost since the previous
-    // view are forgotten by a live relay of their gateway, if it keeps a registry.
+    // view are forgotten by a live relay of their gateway, if it keeps a registry. One
+    // forgetter per run, and no view before the cache's first full list (Init and InitApply
+    // do not change what the cache shows; InitDone does): a cache that is still empty, this
+    // run's or after a leadership change, must never read as every relay gone.
     let forget = {
-        let forgetter = ctx.forgetter.clone();
+        let forgetter = Arc::new(Forgetter::new(ctx.metrics.forgets.clone()));
         let pods = pods.clone();
         let gateways = gateways.clone();
         move |event: &Result<watcher::Event<Pod>, watcher::Error>| {
-            if event.is_err() {
+            if !crate::forget::shows_a_view(event) {
                 return;
             }
             let view = pods.state();

@@ -90,6 +90,19 @@ pub fn relay_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeMap<Strin
         .collect()
 }
 
+/// Whether the pod cache, once `event` is applied, shows a full view worth comparing: not
+/// during a (re)list (`Init`, `InitApply`: the cache still shows what it had, or nothing at
+/// all before its first list), not on an error. Pure.
+pub fn shows_a_view<K>(
+    event: &Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>,
+) -> bool {
+    use kube::runtime::watcher::Event;
+    matches!(
+        event,
+        Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))
+    )
+}
+
 /// The name a relay gives itself in the registry's keys: its pod name (its `HOSTNAME`; a
 /// Deployment's pod names are at most 63 characters, so the hostname is the whole name),
 /// each character a key token refuses as `_`, at most 128 bytes. The relay's own rule
@@ -420,6 +433,18 @@ mod tests {
         assert_eq!(relay_token(&"a".repeat(200)).len(), 128);
         assert_eq!(forget_path("chat-1"), "/registry/forget?relay=chat-1");
         assert_eq!(forget_path("a=b"), "/registry/forget?relay=a%3Db");
+    }
+
+    /// A (re)list shows no view until it is done: an empty cache is not every relay gone.
+    #[test]
+    fn only_a_listed_cache_is_a_view() {
+        use kube::runtime::watcher::Event;
+        let p = pod("chat", "chat-1-a", "Running", true);
+        assert!(!shows_a_view::<Pod>(&Ok(Event::Init)));
+        assert!(!shows_a_view(&Ok(Event::InitApply(p.clone()))));
+        assert!(shows_a_view::<Pod>(&Ok(Event::InitDone)));
+        assert!(shows_a_view(&Ok(Event::Apply(p.clone()))));
+        assert!(shows_a_view(&Ok(Event::Delete(p))));
     }
 
     /// The first view only records: pods lost while no operator watched are the lease's.
