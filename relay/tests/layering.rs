@@ -10,7 +10,9 @@ const LAYERS: &[&[&str]] = &[
     &["template", "pem"],
     &["config"],
     &["protocol", "metrics", "limits", "slots", "signal"],
-    &["task", "confirm", "auth", "authz", "nats", "history", "registry"],
+    &[
+        "task", "confirm", "auth", "authz", "nats", "history", "registry",
+    ],
     &["access"],
     &["conn"],
     &["fanout"],
