@@ -181,9 +181,10 @@ pub fn plan(
         .collect()
 }
 
-/// The path of a forget: the relay token is `[-_=a-zA-Z0-9]`, `=` escaped for the query.
+/// The path of a forget. The relay token is `[-_=a-zA-Z0-9]`, sent as it is: the relay reads
+/// the name after `relay=` without percent-decoding it (relay/src/runtime/admin.rs).
 pub fn forget_path(relay: &str) -> String {
-    format!("/registry/forget?relay={}", relay.replace('=', "%3D"))
+    format!("/registry/forget?relay={relay}")
 }
 
 /// Label of `wsrelay_operator_registry_forgets_total`.
@@ -432,7 +433,7 @@ mod tests {
         assert_eq!(relay_token(""), "_");
         assert_eq!(relay_token(&"a".repeat(200)).len(), 128);
         assert_eq!(forget_path("chat-1"), "/registry/forget?relay=chat-1");
-        assert_eq!(forget_path("a=b"), "/registry/forget?relay=a%3Db");
+        assert_eq!(forget_path("a=b"), "/registry/forget?relay=a=b");
     }
 
     /// A (re)list shows no view until it is done: an empty cache is not every relay gone.

@@ -216,6 +216,8 @@ pub fn relay_registry(
         lease_seconds: u64_of(r.lease_seconds),
         replicas: u8::try_from(r.replicas).unwrap_or(1),
         max_bytes: u64_of_i64(r.max_bytes),
+        // A pod's relay names itself after its pod (HOSTNAME), which the forget path relies on.
+        relay_name: None,
     })
 }
 
@@ -1017,6 +1019,7 @@ mod tests {
                 lease_seconds: 9,
                 replicas: 3,
                 max_bytes: 128 << 20,
+                relay_name: None,
             })
         );
         // The rendered file reads back as the same config (the relay's own loader).
