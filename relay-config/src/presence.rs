@@ -121,7 +121,10 @@ impl Config {
                         {
                             errs.push(ValidationError::invalid(
                                 field("key"),
-                                format!("{{{v}}} is not a placeholder of the channel {:?}", b.channel),
+                                format!(
+                                    "{{{v}}} is not a placeholder of the channel {:?}",
+                                    b.channel
+                                ),
                             ));
                         }
                     }
@@ -137,7 +140,9 @@ impl Config {
                 if info_claim_path(entry).is_none() {
                     errs.push(ValidationError::invalid(
                         format!("bindings[{i}].presence.info[{j}]"),
-                        format!("{entry:?} is not a claim path ('claims.' then names joined by '.')"),
+                        format!(
+                            "{entry:?} is not a claim path ('claims.' then names joined by '.')"
+                        ),
                     ));
                 }
             }

@@ -26,6 +26,11 @@ pub struct Registry {
     /// Default 67108864 (64 MiB: about 400,000 connection entries).
     #[serde(default = "default_registry_bytes")]
     pub max_bytes: u64,
+    /// This relay's name in the registry and in the `Wsrelay-Connection` header. Default:
+    /// the pod name (`HOSTNAME`), else `nats.name`. Each relay of a gateway needs its own;
+    /// set it only where relays do not run as pods (several relays on one host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_name: Option<String>,
 }
 
 fn default_lease_seconds() -> u64 {
@@ -69,6 +74,18 @@ impl Config {
                     "{:?} is not a bucket name (letters, digits, '-', '_'; 1 to 61)",
                     r.bucket
                 ),
+            ));
+        }
+        if let Some(n) = &r.relay_name
+            && (n.is_empty()
+                || n.len() > 128
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '='))
+        {
+            errs.push(ValidationError::invalid(
+                "registry.relayName",
+                format!("{n:?} is not a relay name (letters, digits, '-', '_', '='; 1 to 128)"),
             ));
         }
         if !(MIN_LEASE_SECONDS..=MAX_LEASE_SECONDS).contains(&r.lease_seconds) {

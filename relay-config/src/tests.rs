@@ -427,9 +427,73 @@ fn each_registry_field_is_validated_by_name() {
         c.registry.as_mut().unwrap().lease_seconds = ok;
         c.validate().unwrap();
     }
+    let mut c = base();
+    c.registry.as_mut().unwrap().relay_name = Some("a.b".into());
+    assert_eq!(
+        c.validate().unwrap_err().0[0].field(),
+        "registry.relayName"
+    );
     // The bucket's stream may not be a history stream.
     let mut c = base();
     c.bindings[0].history = Some(serde_json::from_str(r#"{"stream": "KV_REG"}"#).unwrap());
     let errs = c.validate().unwrap_err();
     assert_eq!(errs.0[0].field(), "registry.bucket", "{errs}");
+}
+
+#[test]
+fn presence_needs_the_registry_and_each_field_is_validated_by_name() {
+    let base = || {
+        let mut c = Config::example("nats://n:4222");
+        c.bindings[0].channel = "rooms.{room}".into();
+        c.bindings[0].subject = "chat.{room}".into();
+        c.bindings[0].presence = Some(Presence::default());
+        c.registry = Some(serde_json::from_str(r#"{"bucket": "REG"}"#).unwrap());
+        c
+    };
+    let p: Presence = serde_json::from_str("{}").unwrap();
+    assert_eq!(p, Presence::default());
+    assert_eq!(
+        (p.key.as_str(), p.events, p.max_members_with_events, p.leave_grace_seconds),
+        ("{claims.sub}", true, 200, 10)
+    );
+    let mut c = base();
+    c.bindings[0].presence.as_mut().unwrap().key = "{room}".into();
+    c.validate().unwrap();
+
+    let mut c = base();
+    c.registry = None;
+    let errs = c.validate().unwrap_err();
+    assert!(
+        errs.0.iter().any(|e| e.field() == "bindings[0].presence"),
+        "{errs}"
+    );
+    let cases: [(&str, fn(&mut Presence)); 6] = [
+        ("bindings[0].presence.key", |p| p.key = "{nope}".into()),
+        ("bindings[0].presence.key", |p| p.key = "a..b".into()),
+        ("bindings[0].presence.info[0]", |p| p.info = vec!["name".into()]),
+        ("bindings[0].presence.info", |p| {
+            p.info = (0..9).map(|i| format!("claims.c{i}")).collect()
+        }),
+        ("bindings[0].presence.maxMembersWithEvents", |p| {
+            p.max_members_with_events = 0
+        }),
+        ("bindings[0].presence.leaveGraceSeconds", |p| {
+            p.leave_grace_seconds = 301
+        }),
+    ];
+    for (field, break_it) in cases {
+        let mut c = base();
+        c.bindings[0].presence.as_mut().unwrap().key = "{room}".into();
+        break_it(c.bindings[0].presence.as_mut().unwrap());
+        let errs = c.validate().unwrap_err();
+        assert!(
+            errs.0.iter().any(|e| e.field() == field),
+            "{field}: {errs}"
+        );
+    }
+    // A publish-only binding has no subscribers, so no members.
+    let mut c = base();
+    c.bindings[0].presence.as_mut().unwrap().key = "{room}".into();
+    c.bindings[0].direction = Direction::Publish;
+    assert!(c.validate().is_err());
 }

@@ -240,7 +240,8 @@ pub struct Metrics {
     /// `wsrelay_registry_lease_failures_total`: lease refreshes that failed.
     pub registry_lease_failures: Counter,
     /// `wsrelay_registry_purges_total{reason}`: a relay's entries purged, by cause:
-    /// `shutdown` (its own, at exit), `forget` (`POST /registry/forget`), `lease_expired`.
+    /// `shutdown` (its own, at exit), `forget` (`POST /registry/forget`), `lease_expired`,
+    /// `restart` (what a previous run under the same name left).
     pub registry_purges: Family<Reason, Counter>,
     /// `wsrelay_presence_members`: members (users, those in their leave grace included) of
     /// the channels this relay watches (those with a local subscriber).
@@ -259,7 +260,7 @@ pub struct Metrics {
 }
 
 /// The causes of `wsrelay_registry_purges_total`.
-pub const PURGE_CAUSES: &[&str] = &["shutdown", "forget", "lease_expired"];
+pub const PURGE_CAUSES: &[&str] = &["shutdown", "forget", "lease_expired", "restart"];
 
 impl Default for Metrics {
     fn default() -> Self {

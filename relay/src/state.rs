@@ -136,6 +136,9 @@ impl Relay {
 
     /// The relay's name: the pod name (`HOSTNAME`), else the NATS connection name.
     pub fn name_for(config: &Config) -> String {
+        if let Some(n) = config.registry.as_ref().and_then(|r| r.relay_name.clone()) {
+            return n;
+        }
         std::env::var("HOSTNAME")
             .ok()
             .filter(|h| !h.is_empty())

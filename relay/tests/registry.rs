@@ -8,40 +8,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use wsrelay::config::Registry;
 use wsrelay_testkit::prelude::*;
 
 const BUCKET: &str = "WSRELAY_TEST_REG";
 
-fn registry(lease_seconds: u64) -> Registry {
-    Registry {
-        bucket: BUCKET.into(),
-        lease_seconds,
-        replicas: 1,
-        max_bytes: 8 << 20,
-    }
-}
-
-/// An in-process relay named `name` (its NATS connection name: no `HOSTNAME` here) with the
-/// registry, its bucket in place.
+/// An in-process relay named `name` with the registry, its bucket in place.
 async fn relay(nats: &Nats, name: &str, lease_seconds: u64) -> TestRelay {
-    let name = name.to_owned();
-    let relay = TestRelay::builder(nats)
-        .config(move |c| {
-            c.nats.name = name;
-            c.registry = Some(registry(lease_seconds));
-        })
-        .ready()
+    TestRelay::builder(nats)
+        .registry(BUCKET, name, lease_seconds)
         .start()
-        .await;
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            relay.metric("wsrelay_registry_ready").await == Some(1.0)
-        })
-        .await,
-        "the registry's bucket was not put in place"
-    );
-    relay
+        .await
 }
 
 /// The registry's live keys, sorted.
@@ -81,8 +57,10 @@ async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
@@ -101,10 +79,7 @@ async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
 fn relay_process(nats: &Nats, name: &str, lease_seconds: u64) -> RelayProcess {
     let name = name.to_owned();
     let c = TestRelay::builder(nats)
-        .config(|c| {
-            c.nats.name = name.clone();
-            c.registry = Some(registry(lease_seconds));
-        })
+        .registry(BUCKET, &name, lease_seconds)
         .build();
     let dir = std::env::temp_dir().join(format!("wsrelay-registry-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -136,7 +111,11 @@ async fn a_connection_on_each_relay_is_a_conn_key_until_it_closes() {
     })
     .await;
     assert_eq!(of(&k, "conn.relay-a."), 0, "{k:?}");
-    assert_eq!(of(&k, "conn.relay-b."), 1, "the other relay's entry stays: {k:?}");
+    assert_eq!(
+        of(&k, "conn.relay-b."),
+        1,
+        "the other relay's entry stays: {k:?}"
+    );
     assert!(a.metric("wsrelay_registry_keys_deleted_total").await >= Some(1.0));
 }
 
@@ -203,7 +182,11 @@ async fn a_killed_relay_is_purged_by_the_survivor_when_its_lease_expires() {
     let took = killed.elapsed();
     assert_eq!(of(&k, "conn.relay-b."), 0, "{k:?}");
     assert!(!k.contains(&"relay.relay-b".to_owned()), "{k:?}");
-    assert_eq!(of(&k, "conn.relay-a."), 1, "the survivor's own entry stays: {k:?}");
+    assert_eq!(
+        of(&k, "conn.relay-a."),
+        1,
+        "the survivor's own entry stays: {k:?}"
+    );
     assert!(k.contains(&"relay.relay-a".to_owned()), "{k:?}");
     eprintln!(
         "purged {} ms after the SIGKILL (lease {LEASE} s)",
@@ -294,5 +277,57 @@ async fn without_a_registry_section_there_is_no_bucket_and_no_endpoint() {
             .get_key_value(BUCKET)
             .await
             .is_err()
+    );
+}
+
+/// A container restart keeps the pod name: the relay started again under the same name
+/// deletes what its previous run left (its connections are gone), before its lease could
+/// expire, and keeps its own new entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restarted_under_its_name_deletes_what_its_previous_run_left() {
+    init_logs();
+    // A long lease: only the restart can remove the old entries within the test.
+    const LEASE: u64 = 600;
+    let (_store, nats) = jetstream_nats("registry-restart");
+    let mut first = relay_process(&nats, "relay-r", LEASE);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(first.admin, "wsrelay_registry_ready").await == Some(1.0)
+        })
+        .await
+    );
+    let _c1 = connect(first.client, "").await;
+    let _c2 = connect(first.client, "").await;
+    let _c3 = connect(first.client, "").await;
+    let k = keys_until(&nats, Duration::from_secs(10), |k| {
+        of(k, "conn.relay-r.") == 3
+    })
+    .await;
+    assert_eq!(of(&k, "conn.relay-r."), 3, "{k:?}");
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let second = relay_process(&nats, "relay-r", LEASE);
+    let _again = connect(second.client, "").await;
+    let k = keys_until(&nats, Duration::from_secs(20), |k| {
+        of(k, "conn.relay-r.") == 1
+    })
+    .await;
+    assert_eq!(
+        of(&k, "conn.relay-r."),
+        1,
+        "only the new run's connection: {k:?}"
+    );
+    assert!(k.contains(&"relay.relay-r".to_owned()), "{k:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                second.admin,
+                "wsrelay_registry_purges_total{reason=\"restart\"}",
+            )
+            .await
+                == Some(1.0)
+        })
+        .await
     );
 }

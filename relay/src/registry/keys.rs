@@ -16,8 +16,7 @@ pub const VALUE_VERSION: u32 = 1;
 pub fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
 }
 

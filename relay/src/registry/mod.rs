@@ -131,7 +131,11 @@ impl PurgeCause {
 /// One write, in the order the relay made them; a put may ask for its stream sequence.
 #[derive(Debug)]
 enum Write {
-    Put(String, Bytes, Option<oneshot::Sender<Result<u64, RegistryError>>>),
+    Put(
+        String,
+        Bytes,
+        Option<oneshot::Sender<Result<u64, RegistryError>>>,
+    ),
     Delete(String),
 }
 
@@ -163,6 +167,8 @@ pub struct Registry {
     /// Whether the leftovers of this relay's previous run (a container restart keeps the
     /// pod name) were deleted: done once, the first time the bucket is in place.
     swept: std::sync::atomic::AtomicBool,
+    /// Wakes the lease loop to write the lease now (the bucket just came into place).
+    lease_now: tokio::sync::Notify,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -189,6 +195,7 @@ impl Registry {
             writes: Mutex::new(Some(tx)),
             entries: Mutex::new(HashMap::new()),
             swept: std::sync::atomic::AtomicBool::new(false),
+            lease_now: tokio::sync::Notify::new(),
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -303,11 +310,17 @@ impl Registry {
         if ready && !self.swept.swap(true, std::sync::atomic::Ordering::SeqCst) {
             match self.sweep_leftovers().await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(keys = n, "registry: deleted what a previous run of this relay left"),
-                Err(e) => tracing::warn!(error = %e, "registry: leftovers of a previous run not deleted"),
+                Ok(n) => tracing::info!(
+                    keys = n,
+                    "registry: deleted what a previous run of this relay left"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry: leftovers of a previous run not deleted")
+                }
             }
         }
         if ready && !was {
+            self.lease_now.notify_one();
             self.reassert();
         }
     }
@@ -341,17 +354,17 @@ impl Registry {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        tracing::info!(entries = entries.len(), "registry: writing this relay's entries");
+        tracing::info!(
+            entries = entries.len(),
+            "registry: writing this relay's entries"
+        );
         for (k, v) in entries {
             self.queue(Write::Put(k, v, None));
         }
     }
 
     /// Sends one write; its acknowledgement is awaited by the caller.
-    async fn send(
-        &self,
-        w: Write,
-    ) -> Result<jetstream::context::PublishAckFuture, RegistryError> {
+    async fn send(&self, w: Write) -> Result<jetstream::context::PublishAckFuture, RegistryError> {
         let sent = match w {
             Write::Put(key, value, _) => self.js.publish(self.subject(&key), value).await,
             Write::Delete(key) => {
@@ -477,6 +490,7 @@ impl Registry {
             tokio::select! {
                 () = self.stop.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
+                () = self.lease_now.notified() => {}
             }
         }
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -34,20 +34,22 @@ async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Forget {
-    relay: Option<String>,
-}
-
 /// Deletes every registry key of another relay (its entries, then its lease).
 async fn forget(
     State(relay): State<Arc<Relay>>,
-    Query(q): Query<Forget>,
+    RawQuery(query): RawQuery,
 ) -> (StatusCode, String) {
     let Some(registry) = &relay.registry else {
         return (StatusCode::NOT_FOUND, "no registry configured".into());
     };
-    let Some(name) = q.relay.filter(|n| crate::registry::keys::is_token(n)) else {
+    // A relay's name is one key token, which needs no percent-decoding.
+    let name = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("relay="))
+        .filter(|n| crate::registry::keys::is_token(n));
+    let Some(name) = name else {
         return (
             StatusCode::BAD_REQUEST,
             "relay: required, one NATS subject token ([-_=a-zA-Z0-9], 1 to 128)".into(),
@@ -57,7 +59,7 @@ async fn forget(
         return (StatusCode::CONFLICT, "relay: this relay's own name".into());
     }
     match registry
-        .purge(&name, crate::registry::PurgeCause::Forget)
+        .purge(name, crate::registry::PurgeCause::Forget)
         .await
     {
         Ok(n) => {
