@@ -621,13 +621,14 @@ pub fn with_presence(mut frame: String, presence: &str) -> String {
 }
 
 /// A page of members, the `presence` of an `ok`: `{"members":[{"key":..,"info":..,
-/// "clients":..}],"clients":..,"users":..,"complete":..,"next":..}`. `members` are (key,
-/// info as JSON object text, connections); `next`: the key to page on from, when the page
-/// is not complete.
+/// "clients":..}],"clients":..,"users":..,"events":..,"complete":..,"next":..}`. `members`
+/// are (key, info as JSON object text, connections); `events`: whether `join`/`leave` are
+/// sent now; `next`: the key to page on from, when the page is not complete.
 pub fn encode_presence<'a>(
     members: impl IntoIterator<Item = (&'a str, &'a str, usize)>,
     clients: usize,
     users: usize,
+    events: bool,
     next: Option<&str>,
 ) -> String {
     let mut out = String::from("{\"members\":[");
@@ -641,7 +642,7 @@ pub fn encode_presence<'a>(
     }
     let _ = write!(
         out,
-        "],\"clients\":{clients},\"users\":{users},\"complete\":{}",
+        "],\"clients\":{clients},\"users\":{users},\"events\":{events},\"complete\":{}",
         next.is_none()
     );
     if let Some(n) = next {
@@ -788,6 +789,7 @@ mod tests {
             [("alice", r#"{"name":"Alice"}"#, 2), ("b\"ob", "{}", 0)],
             3,
             2,
+            true,
             Some("b\"ob"),
         );
         assert_eq!(
@@ -795,11 +797,11 @@ mod tests {
             json!({"type": "ok", "id": 1, "presence": {
                 "members": [{"key": "alice", "info": {"name": "Alice"}, "clients": 2},
                             {"key": "b\"ob", "info": {}, "clients": 0}],
-                "clients": 3, "users": 2, "complete": false, "next": "b\"ob"}})
+                "clients": 3, "users": 2, "events": true, "complete": false, "next": "b\"ob"}})
         );
         assert_eq!(
-            v(&encode_presence([], 0, 0, None)),
-            json!({"members": [], "clients": 0, "users": 0, "complete": true})
+            v(&encode_presence([], 0, 0, false, None)),
+            json!({"members": [], "clients": 0, "users": 0, "events": false, "complete": true})
         );
         assert_eq!(
             v(&encode_member_event(

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wsrelay::config::{Presence, Registry};
+use wsrelay::config::Presence;
 use wsrelay_testkit::client::EXPECT;
 use wsrelay_testkit::prelude::*;
 
@@ -27,28 +27,11 @@ fn rooms(max_members_with_events: u32, leave_grace_seconds: u64) -> Binding {
 
 /// An in-process relay named `name` with the registry and `bindings`, its bucket in place.
 async fn relay(nats: &Nats, name: &str, bindings: Vec<Binding>) -> TestRelay {
-    let name = name.to_owned();
-    let mut builder = TestRelay::builder(nats).hs256().config(move |c| {
-        c.nats.name = name;
-        c.registry = Some(Registry {
-            bucket: BUCKET.into(),
-            lease_seconds: 15,
-            replicas: 1,
-            max_bytes: 8 << 20,
-        });
-    });
+    let mut builder = TestRelay::builder(nats).hs256().registry(BUCKET, name, 15);
     for b in bindings {
         builder = builder.with_binding(b);
     }
-    let relay = builder.ready().start().await;
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            relay.metric("wsrelay_registry_ready").await == Some(1.0)
-        })
-        .await,
-        "the registry's bucket was not put in place"
-    );
-    relay
+    builder.start().await
 }
 
 /// Two relays on one nats-server, both with `bindings`.
@@ -158,7 +141,7 @@ async fn members_on_two_relays_see_each_other_join_and_tabs_of_one_user_are_one_
     assert_eq!(
         ok["presence"],
         json!({"members": [{"key": "alice", "info": {"name": "Alice"}, "clients": 1}],
-               "clients": 1, "users": 1, "complete": true}),
+               "clients": 1, "users": 1, "events": true, "complete": true}),
         "the snapshot holds the subscriber itself"
     );
 

@@ -73,6 +73,8 @@ pub struct Page {
     pub clients: usize,
     /// Members.
     pub users: usize,
+    /// Whether `join`/`leave` are sent now.
+    pub events: bool,
     /// Whether no member follows the page; else the key to page on from.
     pub next: Option<Arc<str>>,
 }
@@ -89,6 +91,10 @@ pub struct Members {
     sent: Option<((usize, usize, bool), Instant)>,
     /// The counts changed since `sent`; emitted once [`OCCUPANCY_EVERY`] has passed.
     dirty: bool,
+    /// Events were off at some moment since `sent`: the next occupancy says `events: false`
+    /// even if they are on again, so a subscriber never misses a pause (docs/protocol.md
+    /// section 10).
+    paused: bool,
 }
 
 impl Members {
@@ -100,6 +106,7 @@ impl Members {
             members: BTreeMap::new(),
             sent: None,
             dirty: false,
+            paused: false,
         }
     }
 
@@ -226,15 +233,16 @@ impl Members {
     }
 
     fn occupancy(&mut self, now: Instant, out: &mut Vec<Event>) {
+        let on = self.events();
+        self.paused |= !on;
         if !self.dirty {
             return;
         }
-        let counts = (self.clients(), self.users(), self.events());
+        let counts = (self.clients(), self.users(), on && !self.paused);
         match self.sent {
-            Some((last, _)) if last == counts => self.dirty = false,
-            Some((_, at)) if now < at + OCCUPANCY_EVERY => {}
+            Some((last, _)) if last == counts => {}
+            Some((_, at)) if now < at + OCCUPANCY_EVERY => return,
             _ => {
-                self.dirty = false;
                 self.sent = Some((counts, now));
                 out.push(Event::Occupancy {
                     clients: counts.0,
@@ -243,6 +251,9 @@ impl Members {
                 });
             }
         }
+        // A pause just reported while events are on again: one more, saying so.
+        self.paused = !on;
+        self.dirty = counts.2 != on;
     }
 
     /// What time alone brings: leaves whose grace passed, a coalesced occupancy.
@@ -302,6 +313,7 @@ impl Members {
             members,
             clients: self.clients(),
             users: self.users(),
+            events: self.events(),
             next,
         }
     }
@@ -445,14 +457,22 @@ mod tests {
             names(&out).iter().all(|e| !e.starts_with("leave")),
             "{out:?}"
         );
+        // The pause is reported even though events are on again by then, then their return.
+        assert!(m.events());
         assert_eq!(
             names(&m.tick(t0 + 3 * OCCUPANCY_EVERY)),
-            ["occupancy 3/3/true"]
+            ["occupancy 3/3/false"]
         );
+        assert_eq!(m.next_due(), Some(t0 + 4 * OCCUPANCY_EVERY));
         assert_eq!(
             names(&m.delete("c7", t0 + 3 * OCCUPANCY_EVERY)),
             ["leave u7"]
         );
+        assert_eq!(
+            names(&m.tick(t0 + 4 * OCCUPANCY_EVERY)),
+            ["occupancy 2/2/true"]
+        );
+        assert_eq!(m.next_due(), None);
     }
 
     #[test]

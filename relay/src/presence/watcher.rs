@@ -118,9 +118,15 @@ impl Watcher {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// A page of members, as the `presence` of an `ok`.
-    pub fn page(&self, after: Option<&str>, limit: usize) -> String {
-        encode_page(&self.lock().members.page(after, limit))
+    /// Queues `ok` with a page of members: under the lock events are applied under, so the
+    /// page reflects every event queued before it and none queued after.
+    pub fn answer_page(&self, conn: &Conn, ok: String, after: Option<&str>, limit: usize) {
+        let g = self.lock();
+        let page = encode_page(&g.members.page(after, limit));
+        conn.outbox
+            .push_reply(tokio_tungstenite::tungstenite::Message::text(
+                crate::protocol::with_presence(ok, &page),
+            ));
     }
 
     /// Queues `ok` with the first page of members, and from then on the events, to the
@@ -347,6 +353,7 @@ fn encode_page(p: &Page) -> String {
         p.members.iter().map(|(m, n)| (&*m.key, &*m.info, *n)),
         p.clients,
         p.users,
+        p.events,
         p.next.as_deref(),
     )
 }

@@ -1,8 +1,6 @@
 //! `presence`: a page of a subscribed channel's members (docs/protocol.md section 10),
 //! from the channel's watcher on this relay.
 
-use tokio_tungstenite::tungstenite::Message;
-
 use crate::authz::Operation;
 use crate::conn::Conn;
 use crate::metrics::Op;
@@ -46,15 +44,10 @@ pub async fn apply(
         relay.metrics.presence_unavailable.inc();
         return reply_error(conn, id, ErrorCode::Unavailable, PRESENCE_UNAVAILABLE);
     }
-    let page = watcher.page(after, limit);
     relay
         .metrics
         .presence_snapshots
         .get_or_create(&Op { op: "presence" })
         .inc();
-    conn.outbox
-        .push_reply(Message::text(protocol::with_presence(
-            protocol::encode_ok(id),
-            &page,
-        )));
+    watcher.answer_page(conn, protocol::encode_ok(id), after, limit);
 }
