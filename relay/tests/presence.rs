@@ -2,6 +2,8 @@
 //! share a registry bucket; clients subscribe to a presence binding on either and see each
 //! other's snapshot, joins, leaves (after the grace) and occupancy, over real WebSockets.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
