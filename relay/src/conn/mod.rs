@@ -315,6 +315,44 @@ mod tests {
         assert!(conn.take_subscriptions().is_empty());
     }
 
+    /// Counts its drops.
+    struct Probe(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn what_is_attached_to_a_subscription_ends_with_it_whatever_ends_it() {
+        let conn = Conn::new(
+            1,
+            Arc::new(Outbox::new(8, SlowConsumerPolicy::DropOldest)),
+            None,
+        );
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let probe = || Attached(Box::new(Probe(dropped.clone())));
+        let count = || dropped.load(std::sync::atomic::Ordering::SeqCst);
+        for c in ["a", "b", "c", "d", "e"] {
+            conn.add_subscription(c, &format!("s.{c}"), 8).unwrap();
+            assert!(conn.attach(c, &format!("s.{c}"), probe()).is_ok());
+        }
+        // Not held (another key, or no such channel): given back, and dropped by the caller.
+        assert!(conn.attach("a", "s.other", probe()).is_err());
+        assert!(conn.attach("z", "s.z", probe()).is_err());
+        assert_eq!(count(), 2);
+        assert!(conn.remove_if("a", "s.a"), "unsubscribe, or ended by the relay");
+        assert_eq!(count(), 3);
+        assert_eq!(conn.remove_subscription("b"), Some("s.b".into()));
+        assert_eq!(count(), 4);
+        conn.set_token_expiry("c", "s.c", 10);
+        assert_eq!(conn.take_expired(10).len(), 1, "its token expired");
+        assert_eq!(count(), 5);
+        assert_eq!(conn.take_subscriptions().len(), 2, "the connection closed");
+        assert_eq!(count(), 7);
+    }
+
     #[test]
     fn subscription_tokens_expire_one_by_one() {
         let conn = Conn::new(
