@@ -342,7 +342,10 @@ mod tests {
         assert!(conn.attach("a", "s.other", probe()).is_err());
         assert!(conn.attach("z", "s.z", probe()).is_err());
         assert_eq!(count(), 2);
-        assert!(conn.remove_if("a", "s.a"), "unsubscribe, or ended by the relay");
+        assert!(
+            conn.remove_if("a", "s.a"),
+            "unsubscribe, or ended by the relay"
+        );
         assert_eq!(count(), 3);
         assert_eq!(conn.remove_subscription("b"), Some("s.b".into()));
         assert_eq!(count(), 4);
