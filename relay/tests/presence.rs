@@ -415,17 +415,24 @@ async fn a_plain_subscriber_is_a_member_and_hears_no_presence() {
     subscribe_presence(&mut alice, 1, "rooms.7").await;
     // On alice's relay: its events, had it any, would come in the same fan-out as hers.
     let mut carol = user(&r1, "carol", "Carol").await;
+    let t = Instant::now();
     let (ok, _) = ask(
         &mut carol,
         json!({"type": "subscribe", "id": 1, "channel": "rooms.7"}),
     )
     .await;
+    eprintln!("a plain subscribe to a presence binding: {:?}", t.elapsed());
     assert_eq!(ok, json!({"type": "ok", "id": 1}), "a plain ok");
     let (join, _) = until(&mut alice, EXPECT, |f| f["type"] == "join").await;
     assert_eq!(join.unwrap()["member"]["key"], "carol", "carol is a member");
 
     let mut dave = user(&r2, "dave", "Dave").await;
+    let t = Instant::now();
     subscribe_presence(&mut dave, 1, "rooms.7").await;
+    eprintln!(
+        "a presence subscribe (relay 2 starts following the channel): {:?}",
+        t.elapsed()
+    );
     let (join, _) = until(&mut alice, EXPECT, |f| {
         f["type"] == "join" && f["member"]["key"] == "dave"
     })
@@ -525,4 +532,63 @@ async fn presence_errors_are_the_documented_ones() {
         "alice is in her grace: {ok}"
     );
     assert_eq!(ok["presence"]["clients"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_members_of_a_killed_relay_leave_once_the_survivor_purges_it() {
+    init_logs();
+    const LEASE: u64 = 3;
+    const GRACE: u64 = 1;
+    let (_store, nats) = jetstream_nats("presence-killed");
+    let r1 = TestRelay::builder(&nats)
+        .hs256()
+        .registry(BUCKET, "relay-1", LEASE)
+        .with_binding(rooms(200, GRACE))
+        .start()
+        .await;
+    // Relay 2 is the binary, to be killed.
+    let config = TestRelay::builder(&nats)
+        .hs256()
+        .registry(BUCKET, "relay-2", LEASE)
+        .with_binding(rooms(200, GRACE))
+        .build();
+    let dir = std::env::temp_dir().join(format!("wsrelay-presence-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay-2.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    let mut r2 = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
+    assert!(
+        eventually(EXPECT, || async {
+            metric(r2.admin, "wsrelay_registry_ready").await == Some(1.0)
+        })
+        .await
+    );
+
+    let mut alice = user(&r1, "alice", "Alice").await;
+    subscribe_presence(&mut alice, 1, "rooms.7").await;
+    let mut c = claims("bob");
+    c["name"] = json!("Bob");
+    let mut bob = connect(r2.client, &format!("?token={}", hs256(c))).await;
+    subscribe_presence(&mut bob, 1, "rooms.7").await;
+    let (join, _) = until(&mut alice, EXPECT, |f| f["type"] == "join").await;
+    assert_eq!(join.unwrap()["member"]["key"], "bob");
+
+    r2.child.kill().unwrap();
+    r2.child.wait().unwrap();
+    let killed = Instant::now();
+    // Bound: the lease, the expiry marker's delivery, the purge, the grace; generous.
+    let (leave, seen) = until(&mut alice, Duration::from_secs(LEASE + GRACE + 30), |f| {
+        f["type"] == "leave"
+    })
+    .await;
+    let after = killed.elapsed();
+    eprintln!("bob left {after:?} after relay 2 was killed");
+    assert_eq!(leave.expect("a leave")["member"]["key"], "bob", "{seen:?}");
+    let (page, _) = ask(
+        &mut alice,
+        json!({"type": "presence", "id": 2, "channel": "rooms.7"}),
+    )
+    .await;
+    assert_eq!(keys(&page["presence"]), ["alice"], "{page}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
