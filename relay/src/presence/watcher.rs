@@ -290,8 +290,9 @@ impl Watcher {
             }
             out
         });
+        // The sequences of the stream read now (a recreated bucket starts again from 1).
         self.progress.send_modify(|p| {
-            p.applied = p.applied.max(last);
+            p.applied = last;
             p.current = true;
         });
     }
