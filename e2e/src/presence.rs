@@ -227,7 +227,8 @@ async fn connect_and_subscribe(target: &Target, state: &State) -> Result<Ws> {
         let (mut ws, _) = connect_async(target.url_with_token())
             .await
             .context("WebSocket handshake")?;
-        let subscribe = json!({"type": "subscribe", "id": 1, "channel": target.channel, "presence": true});
+        let subscribe =
+            json!({"type": "subscribe", "id": 1, "channel": target.channel, "presence": true});
         ws.send(Message::text(subscribe.to_string())).await?;
         loop {
             let Some(frame) = ws.next().await else {
@@ -239,7 +240,9 @@ async fn connect_and_subscribe(target: &Target, state: &State) -> Result<Ws> {
             let v: Value = serde_json::from_str(&text)?;
             match v["type"].as_str() {
                 Some("ok") if v["id"] == 1 => {
-                    let users = v["presence"]["users"].as_u64().context("ok without presence")?;
+                    let users = v["presence"]["users"]
+                        .as_u64()
+                        .context("ok without presence")?;
                     state
                         .users
                         .store(u32::try_from(users).unwrap_or(u32::MAX), Ordering::Relaxed);

@@ -401,7 +401,8 @@ fn each_registry_field_is_validated_by_name() {
         c.registry = Some(serde_json::from_str(r#"{"bucket": "REG"}"#).unwrap());
         c
     };
-    let cases: [(&str, fn(&mut Registry)); 8] = [
+    type Break = fn(&mut Registry);
+    let cases: [(&str, Break); 8] = [
         ("registry.bucket", |r| r.bucket = String::new()),
         ("registry.bucket", |r| r.bucket = "a.b".into()),
         ("registry.bucket", |r| r.bucket = "x".repeat(62)),
@@ -429,10 +430,7 @@ fn each_registry_field_is_validated_by_name() {
     }
     let mut c = base();
     c.registry.as_mut().unwrap().relay_name = Some("a.b".into());
-    assert_eq!(
-        c.validate().unwrap_err().0[0].field(),
-        "registry.relayName"
-    );
+    assert_eq!(c.validate().unwrap_err().0[0].field(), "registry.relayName");
     // The bucket's stream may not be a history stream.
     let mut c = base();
     c.bindings[0].history = Some(serde_json::from_str(r#"{"stream": "KV_REG"}"#).unwrap());
@@ -453,7 +451,12 @@ fn presence_needs_the_registry_and_each_field_is_validated_by_name() {
     let p: Presence = serde_json::from_str("{}").unwrap();
     assert_eq!(p, Presence::default());
     assert_eq!(
-        (p.key.as_str(), p.events, p.max_members_with_events, p.leave_grace_seconds),
+        (
+            p.key.as_str(),
+            p.events,
+            p.max_members_with_events,
+            p.leave_grace_seconds
+        ),
         ("{claims.sub}", true, 200, 10)
     );
     let mut c = base();
@@ -467,10 +470,13 @@ fn presence_needs_the_registry_and_each_field_is_validated_by_name() {
         errs.0.iter().any(|e| e.field() == "bindings[0].presence"),
         "{errs}"
     );
-    let cases: [(&str, fn(&mut Presence)); 6] = [
+    type Break = fn(&mut Presence);
+    let cases: [(&str, Break); 6] = [
         ("bindings[0].presence.key", |p| p.key = "{nope}".into()),
         ("bindings[0].presence.key", |p| p.key = "a..b".into()),
-        ("bindings[0].presence.info[0]", |p| p.info = vec!["name".into()]),
+        ("bindings[0].presence.info[0]", |p| {
+            p.info = vec!["name".into()]
+        }),
         ("bindings[0].presence.info", |p| {
             p.info = (0..9).map(|i| format!("claims.c{i}")).collect()
         }),
@@ -486,10 +492,7 @@ fn presence_needs_the_registry_and_each_field_is_validated_by_name() {
         c.bindings[0].presence.as_mut().unwrap().key = "{room}".into();
         break_it(c.bindings[0].presence.as_mut().unwrap());
         let errs = c.validate().unwrap_err();
-        assert!(
-            errs.0.iter().any(|e| e.field() == field),
-            "{field}: {errs}"
-        );
+        assert!(errs.0.iter().any(|e| e.field() == field), "{field}: {errs}");
     }
     // A publish-only binding has no subscribers, so no members.
     let mut c = base();

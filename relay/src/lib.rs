@@ -5,7 +5,7 @@
 //! here. The relay itself is in layers; each imports only the layers below it
 //! (`tests/layering.rs` checks it):
 //!
-//! 1. `protocol` (frames), `metrics`, `limits` (token bucket, counters), `slots`, `signal`
+//! 1. `protocol` (frames), `metrics`, `limits` (token bucket, counters), `slots`, `clock`, `signal`
 //!    (a cheap wake-up for one task): pure or leaf parts;
 //! 2. `task` (the panic boundary), `confirm` (a NATS round trip no other client can answer),
 //!    `auth` (JWT keys, JWKS), `authz` (bindings), `nats` (the connection), `history` (the
@@ -24,6 +24,7 @@
 pub use wsrelay_config as config;
 pub use wsrelay_config::{pem, template};
 
+pub mod clock;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;

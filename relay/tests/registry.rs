@@ -4,6 +4,8 @@
 //! killed one is purged by the survivor when its lease expires, or at once by
 //! `POST /registry/forget`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

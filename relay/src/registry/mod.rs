@@ -141,7 +141,7 @@ enum Write {
 
 /// Milliseconds since the epoch, now.
 fn now_ms() -> u64 {
-    crate::history::now_ms()
+    crate::clock::now_ms()
 }
 
 /// The relay that purges a dead one: the live relay whose name sorts first. Pure.
