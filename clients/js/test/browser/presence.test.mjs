@@ -2,11 +2,6 @@
 // registry (a JetStream KV bucket on a nats-server of the test's own): members across relays,
 // one member for two connections of one user, no leave/join pair when a relay is SIGKILLed
 // and its clients move to the other relay, and a leave after the grace.
-//
-// NEEDS THE RELAY SIDE OF PRESENCE (issue 26), which is being written in parallel: skipped
-// unless WSRELAY_PRESENCE=1. Written against the protocol text only, never run against a
-// relay yet (its config field names are those of relay-config/src/{registry,presence}.rs on
-// the branch `presence`). The same cases run against a scripted relay in scripted.test.mjs.
 // Otherwise the same needs and skip rules as browser.test.mjs.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -24,17 +19,12 @@ import {
   waitFor,
 } from "./harness.mjs";
 
-const gated = process.env.WSRELAY_PRESENCE !== "1";
 const missing = [!relayBin() && "the relay binary", !natsBin() && "nats-server", !chromiumBin() && "chromium"].filter(
   Boolean,
 );
-if (!gated && missing.length && process.env.WSRELAY_REQUIRE_BROWSER === "1")
+if (missing.length && process.env.WSRELAY_REQUIRE_BROWSER === "1")
   throw new Error(`browser tests need ${missing.join(", ")}`);
-const skip = gated
-  ? "needs the relay side of presence (issue 26): set WSRELAY_PRESENCE=1"
-  : missing.length
-    ? `missing ${missing.join(", ")}`
-    : false;
+const skip = missing.length ? `missing ${missing.join(", ")}` : false;
 
 const LEASE_S = 3;
 const GRACE_S = 2;
