@@ -131,7 +131,11 @@ func apply(members *Members, e jetstream.KeyValueEntry, o options, log *slog.Log
 		return members.Put(e.Key(), entry)
 	default: // a delete or a purge: that connection's membership is gone
 		if o.verbose {
-			log.Info("entry", "op", e.Operation().String(), "kvKey", e.Key(), "revision", e.Revision())
+			op := "delete"
+			if e.Operation() == jetstream.KeyValuePurge {
+				op = "purge"
+			}
+			log.Info("entry", "op", op, "kvKey", e.Key(), "revision", e.Revision())
 		}
 		return members.Delete(e.Key())
 	}
