@@ -286,6 +286,59 @@ async fn a_member_back_on_another_relay_within_the_grace_makes_no_leave_or_join(
     assert_eq!(leave.unwrap()["member"]["key"], "bob");
 }
 
+/// A rolling update, as a relay sees it: a member leaves its old relay, and the new relay's
+/// watcher for the channel starts while the member is in its grace (nobody there followed the
+/// channel before). The new relay learns the departure from the registry's delete marker: its
+/// snapshot holds the member (in its grace, no connection), and the member coming back makes
+/// no join; gone for good, it leaves at the end of the grace that began when it went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_starts_following_a_channel_knows_who_is_in_their_grace() {
+    init_logs();
+    const GRACE: u64 = 8;
+    let (_store, nats) = jetstream_nats("presence-late-watcher");
+    let (r1, r2) = pair(&nats, vec![rooms(200, GRACE)]).await;
+    let mut bob = user(&r1, "bob", "Bob").await;
+    subscribe_presence(&mut bob, 1, "rooms.7").await;
+    let mut carol = user(&r1, "carol", "Carol").await;
+    subscribe_presence(&mut carol, 1, "rooms.7").await;
+    bob.close(None).await.unwrap();
+    carol.close(None).await.unwrap();
+    let gone = Instant::now();
+
+    // Relay 2 has followed nobody on rooms.7 so far: alice is its first subscriber.
+    let mut alice = user(&r2, "alice", "Alice").await;
+    let ok = subscribe_presence(&mut alice, 1, "rooms.7").await;
+    assert_eq!(keys(&ok["presence"]), ["alice", "bob", "carol"], "{ok}");
+    assert_eq!(
+        member(&ok["presence"], "bob").unwrap()["clients"],
+        0,
+        "{ok}"
+    );
+    assert_eq!(ok["presence"]["users"], 3, "{ok}");
+    assert_eq!(ok["presence"]["clients"], 1, "{ok}");
+
+    // Bob back within his grace, on the other relay: no join at alice's.
+    let mut bob = user(&r1, "bob", "Bob").await;
+    subscribe_presence(&mut bob, 1, "rooms.7").await;
+    assert!(
+        gone.elapsed() < Duration::from_secs(GRACE),
+        "bob came back after the grace: the test proves nothing"
+    );
+    // Carol does not come back: alice hears her leave once her grace, from when she went,
+    // has passed; of bob, nothing.
+    let (leave, before) = until(&mut alice, EXPECT, |f| f["type"] == "leave").await;
+    let leave = leave.expect("carol's leave");
+    assert_eq!(leave["member"]["key"], "carol");
+    assert_eq!(leave["member"]["info"]["name"], "Carol");
+    assert!(
+        gone.elapsed() >= Duration::from_secs(GRACE),
+        "carol left before her grace ended"
+    );
+    assert!(joins_of(&before, "bob").is_empty(), "{before:?}");
+    let after = quiet(&mut alice, Duration::from_secs(1)).await;
+    assert!(joins_of(&after, "bob").is_empty(), "{after:?}");
+}
+
 /// Every frame until `at`.
 async fn quiet_until(ws: &mut Ws, at: Instant) -> Vec<Value> {
     let mut out = Vec::new();

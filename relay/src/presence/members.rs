@@ -120,6 +120,11 @@ impl Members {
         self.members.len()
     }
 
+    /// Whether KV key `conn` (a connection) is held.
+    pub fn holds(&self, conn: &str) -> bool {
+        self.conns.contains_key(conn)
+    }
+
     /// The KV keys (connections) held.
     pub fn conns(&self) -> impl Iterator<Item = &str> {
         self.conns.keys().map(String::as_str)
@@ -187,6 +192,34 @@ impl Members {
             self.remove(conn, now, &mut out);
             self.changed(now, &mut out);
         }
+        out
+    }
+
+    /// A connection of `key` (with `info`), which this view never held, ended at `gone_at`:
+    /// a watcher that starts while the member is in its grace learns it from the delete
+    /// marker. The member is kept in its grace until `gone_at` + the grace, as the relays
+    /// that saw it keep it: a connection back within it makes no join, and otherwise it
+    /// leaves then, here too.
+    pub fn departed(
+        &mut self,
+        key: &str,
+        info: &str,
+        gone_at: Instant,
+        now: Instant,
+    ) -> Vec<Event> {
+        let mut out = Vec::new();
+        if self.members.contains_key(key) || now >= gone_at + self.policy.leave_grace {
+            return out;
+        }
+        self.members.insert(
+            Arc::from(key),
+            State {
+                info: Arc::from(info),
+                clients: 0,
+                gone_at: Some(gone_at),
+            },
+        );
+        self.changed(now, &mut out);
         out
     }
 
@@ -325,6 +358,10 @@ mod tests {
 
     const T: Duration = Duration::from_millis(1);
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
     fn policy(max: usize, grace_ms: u64) -> Policy {
         Policy {
             events: true,
@@ -395,6 +432,27 @@ mod tests {
         assert!(names(&later).iter().all(|e| e.starts_with("occupancy")));
         assert_eq!(m.users(), 1);
         assert_eq!(m.clients(), 1);
+    }
+
+    #[test]
+    fn a_member_learned_from_a_recent_departure_is_in_its_grace_not_a_join() {
+        let t0 = Instant::now();
+        let mut m = Members::new(policy(10, 5_000));
+        // Bob went 2 s before this view started: in his grace, a member without connections.
+        let e = m.departed("bob", "{}", t0, t0 + ms(2_000));
+        assert!(!names(&e).iter().any(|n| n.starts_with("join")), "{e:?}");
+        assert_eq!((m.users(), m.clients()), (1, 0));
+        // Back on another relay within it: no join.
+        let e = m.put("r2.9", "bob", "{}", t0 + ms(3_000));
+        assert!(!names(&e).iter().any(|n| n.starts_with("join")), "{e:?}");
+        assert_eq!((m.users(), m.clients()), (1, 1));
+        // Carol went and does not come back: she leaves when her grace (from when she went) ends.
+        m.departed("carol", "{}", t0 + ms(1_000), t0 + ms(3_000));
+        let e = m.tick(t0 + ms(6_000));
+        assert!(names(&e).contains(&"leave carol".to_owned()), "{e:?}");
+        // A departure older than the grace is nobody's business any more.
+        assert!(m.departed("dave", "{}", t0, t0 + ms(9_000)).is_empty());
+        assert_eq!(m.users(), 1);
     }
 
     #[test]

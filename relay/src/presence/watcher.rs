@@ -204,7 +204,7 @@ impl Watcher {
             .map_err(|_| "JetStream did not answer".to_owned())??;
         // What existed at the start, gathered, then compared with what the members hold
         // (empty the first time; stale after an error): the difference is applied.
-        let mut start: Option<HashMap<String, Option<(String, String)>>> = Some(HashMap::new());
+        let mut start: Option<HashMap<String, Seen>> = Some(HashMap::new());
         let mut last = 0u64;
         if pending == 0 {
             self.reconcile(start.take().unwrap_or_default(), last, metrics);
@@ -233,28 +233,20 @@ impl Watcher {
             let Some(conn) = m.subject.strip_prefix(prefix.as_str()) else {
                 continue;
             };
-            let removed = m.headers.as_ref().is_some_and(|h| {
-                h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some()
-            });
-            let value = if removed {
-                None
-            } else {
-                entry::read(&m.payload)
-            };
+            let published_ms =
+                u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            let seen = seen(m.headers.as_ref(), &m.payload, published_ms);
             last = seq;
             match &mut start {
                 Some(s) => {
-                    s.insert(conn.to_owned(), value);
+                    s.insert(conn.to_owned(), seen);
                     if left == 0 {
                         self.reconcile(start.take().unwrap_or_default(), last, metrics);
                     }
                 }
                 None => {
                     let conn = conn.to_owned();
-                    self.apply(metrics, |members, now| match &value {
-                        Some((key, info)) => members.put(&conn, key, info, now),
-                        None => members.delete(&conn, now),
-                    });
+                    self.apply(metrics, |members, now| seen.apply(members, &conn, now));
                     self.progress.send_modify(|p| p.applied = seq);
                 }
             }
@@ -262,16 +254,11 @@ impl Watcher {
     }
 
     /// The entries read at a (re)start replace what the members held.
-    fn reconcile(
-        &self,
-        entries: HashMap<String, Option<(String, String)>>,
-        last: u64,
-        metrics: &Metrics,
-    ) {
+    fn reconcile(&self, entries: HashMap<String, Seen>, last: u64, metrics: &Metrics) {
         self.apply(metrics, |members, now| {
             let present: HashSet<&str> = entries
                 .iter()
-                .filter(|(_, v)| v.is_some())
+                .filter(|(_, v)| matches!(v, Seen::Present(..)))
                 .map(|(k, _)| k.as_str())
                 .collect();
             let gone: Vec<String> = members
@@ -284,8 +271,14 @@ impl Watcher {
                 out.extend(members.delete(&c, now));
             }
             for (c, v) in &entries {
-                if let Some((key, info)) = v {
+                if let Seen::Present(key, info) = v {
                     out.extend(members.put(c, key, info, now));
+                }
+            }
+            // Departures after the present ones: a member with a connection is no departure.
+            for (c, v) in &entries {
+                if let Seen::Departed(..) = v {
+                    out.extend(v.apply(members, c, now));
                 }
             }
             out
@@ -345,6 +338,59 @@ impl Watcher {
                 .inc_by(to.len() as u64);
             fan_out_frame(to.iter().copied(), &self.channel, text, metrics);
         }
+    }
+}
+
+/// What one message of the watch says about its KV key (a connection's membership).
+#[derive(Debug)]
+enum Seen {
+    /// It holds this member (key, info).
+    Present(String, String),
+    /// It was deleted, and held this member (key, info) until then (the marker says so).
+    Departed(String, String, Instant),
+    /// It is gone (a purge's marker, an expired one, or a value this relay cannot read).
+    Gone,
+}
+
+impl Seen {
+    fn apply(&self, members: &mut Members, conn: &str, now: Instant) -> Vec<Event> {
+        match self {
+            Self::Present(key, info) => members.put(conn, key, info, now),
+            // A connection this view held: a plain departure. One it never held: a member
+            // that may be in its grace elsewhere.
+            Self::Departed(key, info, at) if !members.holds(conn) => {
+                members.departed(key, info, *at, now)
+            }
+            Self::Departed(..) | Self::Gone => members.delete(conn, now),
+        }
+    }
+}
+
+/// Reads one message of the watch: a value, or a delete marker (with the departed entry's
+/// value when the relay that wrote it deleted it: [`crate::registry::WAS_HEADER`]).
+fn seen(headers: Option<&async_nats::HeaderMap>, payload: &[u8], published_ms: u64) -> Seen {
+    let removed = headers
+        .is_some_and(|h| h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some());
+    if !removed {
+        return entry::read(payload).map_or(Seen::Gone, |(k, i)| Seen::Present(k, i));
+    }
+    let was = headers
+        .and_then(|h| h.get(crate::registry::WAS_HEADER))
+        .and_then(|v| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str())
+                .ok()
+        })
+        .and_then(|v| entry::read(&v));
+    match was {
+        Some((key, info)) => {
+            // When it went, on this relay's clock: the marker's age by the wall clock.
+            let age = Duration::from_millis(crate::clock::now_ms().saturating_sub(published_ms));
+            let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            Seen::Departed(key, info, at)
+        }
+        None => Seen::Gone,
     }
 }
 

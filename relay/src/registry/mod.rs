@@ -136,8 +136,18 @@ enum Write {
         Bytes,
         Option<oneshot::Sender<Result<u64, RegistryError>>>,
     ),
-    Delete(String),
+    /// A key and, when this relay wrote it, the value it held (carried by the marker).
+    Delete(String, Option<Bytes>),
 }
+
+/// The header of a delete marker that carries the deleted entry's value (base64): a watcher
+/// that starts after the delete still learns whose connection went, and when.
+pub const WAS_HEADER: &str = "Wsrelay-Was";
+
+/// How long a delete marker stays in the bucket (its `Nats-TTL`): past the longest leave
+/// grace (300 s), so a watcher starting within a member's grace sees the departure; then it
+/// expires, so markers do not pile up in the bucket.
+pub const DELETE_MARKER_TTL: Duration = Duration::from_secs(360);
 
 /// Milliseconds since the epoch, now.
 fn now_ms() -> u64 {
@@ -287,11 +297,12 @@ impl Registry {
 
     /// Deletes one of this relay's entries, in order with its other writes.
     pub fn delete(&self, key: String) {
-        self.entries
+        let was = self
+            .entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
-        self.queue(Write::Delete(key));
+        self.queue(Write::Delete(key, was));
     }
 
     fn remember(&self, key: &str, value: &Bytes) {
@@ -334,7 +345,7 @@ impl Registry {
         };
         let n = mine.len();
         for key in mine {
-            self.queue(Write::Delete(key));
+            self.queue(Write::Delete(key, None));
         }
         if n > 0 {
             self.metrics
@@ -367,9 +378,15 @@ impl Registry {
     async fn send(&self, w: Write) -> Result<jetstream::context::PublishAckFuture, RegistryError> {
         let sent = match w {
             Write::Put(key, value, _) => self.js.publish(self.subject(&key), value).await,
-            Write::Delete(key) => {
+            Write::Delete(key, was) => {
                 let mut h = HeaderMap::new();
                 h.insert("KV-Operation", "DEL");
+                h.insert("Nats-TTL", DELETE_MARKER_TTL.as_secs().to_string().as_str());
+                if let Some(was) = was {
+                    use base64::Engine;
+                    let was = base64::engine::general_purpose::STANDARD.encode(was);
+                    h.insert(WAS_HEADER, was.as_str());
+                }
                 self.js
                     .publish_with_headers(self.subject(&key), h, Bytes::new())
                     .await
@@ -390,10 +407,10 @@ impl Registry {
             tokio::select! {
                 w = rx.recv(), if open && acks.len() < IN_FLIGHT => match w {
                     Some(mut w) => {
-                        let delete = matches!(w, Write::Delete(_));
+                        let delete = matches!(w, Write::Delete(..));
                         let reply = match &mut w {
                             Write::Put(_, _, reply) => reply.take(),
-                            Write::Delete(_) => None,
+                            Write::Delete(..) => None,
                         };
                         match self.send(w).await {
                             Ok(ack) => acks.push(async move {
@@ -639,7 +656,7 @@ impl Registry {
             }
             let mut acks = FuturesUnordered::new();
             for key in &keys {
-                let ack = self.send(Write::Delete(key.clone())).await?;
+                let ack = self.send(Write::Delete(key.clone(), None)).await?;
                 acks.push(ack.into_future());
                 if acks.len() >= IN_FLIGHT
                     && let Some(r) = acks.next().await
