@@ -1,9 +1,10 @@
 //! A presence member for the e2e suites (issue 26, docs/protocol.md section 10): it connects
 //! with a JWT, subscribes to one channel with `presence: true`, and records every `join` and
-//! `leave` frame the relay sends it, with when it came. On a `drain` notice it opens its new
-//! connection and subscribes there before the old one closes (make before break, as the
-//! protocol advises); after an unexpected close it reconnects with backoff while
-//! `reconnect` is on, and otherwise counts itself gone (the member left with its relay).
+//! `leave` frame the relay sends it, with when it came. On a `drain` notice it closes its
+//! connection and opens a new one at once (break before make: the member is away for a
+//! moment, which its leave grace must absorb); after an unexpected close it reconnects with
+//! backoff while `reconnect` is on, and otherwise counts itself gone (the member left with
+//! its relay).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -169,7 +170,7 @@ async fn supervise(target: Target, first: Ws, state: Arc<State>, stop: Cancellat
         match read(current, &state, &stop).await {
             End::Stopped => return,
             End::Closed => {}
-            // Make before break: the old connection is dropped once the new one is subscribed.
+            // The old connection is closed (dropped by `read`); a new one at once.
             End::Drain => loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
