@@ -1,10 +1,10 @@
 //! A presence member for the e2e suites (issue 26, docs/protocol.md section 10): it connects
 //! with a JWT, subscribes to one channel with `presence: true`, and records every `join` and
-//! `leave` frame the relay sends it, with when it came. On a `drain` notice it closes its
-//! connection and opens a new one at once (break before make: the member is away for a
-//! moment, which its leave grace must absorb); after an unexpected close it reconnects with
-//! backoff while `reconnect` is on, and otherwise counts itself gone (the member left with
-//! its relay).
+//! `leave` frame the relay sends it, with when it came. On a `drain` notice it opens its new
+//! connection and subscribes there before it drops the old one (make before break, as
+//! docs/protocol.md section 5 advises: the member is never away); after an unexpected close
+//! it reconnects with backoff while `reconnect` is on, and otherwise counts itself gone (the
+//! member left with its relay).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -136,7 +136,8 @@ pub async fn start(key: &str, target: Target) -> Result<Member> {
 
 /// How a connection's reading ended.
 enum End {
-    Drain,
+    /// A drain notice: the connection, still open, until the new one is in place.
+    Drain(Ws),
     Closed,
     Stopped,
 }
@@ -170,8 +171,8 @@ async fn supervise(target: Target, first: Ws, state: Arc<State>, stop: Cancellat
         match read(current, &state, &stop).await {
             End::Stopped => return,
             End::Closed => {}
-            // The old connection is closed (dropped by `read`); a new one at once.
-            End::Drain => loop {
+            // The old connection stays open (unread) until the new one is subscribed.
+            End::Drain(_old) => loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
                     attempt = connect_and_subscribe(&target, &state) => match attempt {
@@ -208,7 +209,7 @@ async fn read(mut socket: Ws, state: &State, stop: &CancellationToken) -> End {
         let kind = match frame["type"].as_str() {
             Some("join") => Kind::Join,
             Some("leave") => Kind::Leave,
-            Some("drain") => return End::Drain,
+            Some("drain") => return End::Drain(socket),
             _ => continue,
         };
         if let Some(key) = frame["member"]["key"].as_str() {
@@ -260,16 +261,16 @@ async fn connect_and_subscribe(target: &Target, state: &State) -> Result<Ws> {
     Ok(ws)
 }
 
-/// Starts `n` members, `parallel` at a time: member `i` is `m{i}` on channel
+/// Starts members `range`, `parallel` at a time: member `i` is `m{i}` on channel
 /// `channels[i % channels.len()]`, with the token `token(i)`.
 pub async fn open_members(
     url: &str,
     channels: &[String],
-    n: usize,
+    range: std::ops::Range<usize>,
     token: impl Fn(usize) -> Result<String>,
     parallel: usize,
 ) -> Result<Vec<Member>> {
-    let targets: Vec<(String, Target)> = (0..n)
+    let targets: Vec<(String, Target)> = range
         .map(|i| {
             Ok((
                 format!("m{i}"),

@@ -333,3 +333,22 @@ async fn a_relay_restarted_under_its_name_deletes_what_its_previous_run_left() {
         .await
     );
 }
+
+/// A relay with a registry is Ready only once its bucket was put in place: without JetStream
+/// it never is, and says why; the same relay without a registry is Ready on that server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_is_not_ready_before_its_bucket_is_in_place() {
+    init_logs();
+    let nats = Nats::start(); // no JetStream: no bucket can be made
+    let plain = TestRelay::builder(&nats).ready().start().await;
+    assert_eq!(http_get(plain.admin(), "/ready").await.0, 200);
+    let with = TestRelay::builder(&nats)
+        .config(|c| c.registry = Some(registry(BUCKET, "relay-x", 15)))
+        .start()
+        .await;
+    // Give it the time it would need, then some.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = http_get(with.admin(), "/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("registry bucket not in place yet"), "{body}");
+}

@@ -336,6 +336,12 @@ impl Registry {
         }
     }
 
+    /// Whether the bucket has been in place at least once since the start (`/ready` waits
+    /// for it).
+    pub fn was_in_place(&self) -> bool {
+        self.swept.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Deletes this relay's keys in the bucket that this run did not write.
     async fn sweep_leftovers(&self) -> Result<usize, RegistryError> {
         let found = self.keys_of(&self.relay).await?;

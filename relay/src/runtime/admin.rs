@@ -27,6 +27,13 @@ async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if relay.nats_failed.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "NATS client failed")
+    } else if relay.registry.as_ref().is_some_and(|r| !r.was_in_place()) {
+        // Once only: a new relay takes no client before presence can answer; a later
+        // registry outage does not take it out of the Service (presence answers 503).
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "registry bucket not in place yet",
+        )
     } else if relay.is_ready() {
         (StatusCode::OK, "ready")
     } else {
