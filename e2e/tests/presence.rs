@@ -56,6 +56,10 @@ async fn presence_survives_a_rollout_and_leaves_with_killed_relays() -> Result<(
     if !gateway::node_or_skip(&client, "presence e2e").await? {
         return Ok(());
     }
+    // The relays create the registry's bucket and nobody removes it (a gateway's deletion
+    // leaves it): the buckets of this test's earlier runs, a crashed one's included, go first,
+    // and this run's at the end; JetStream reserves each one's maxBytes.
+    delete_buckets("KV_wsrelay_presence-").await;
     with_namespace("presence", |client, ns| async move {
         install_crd(&client).await?;
         let mut operator = Some(Operator::start(client.clone(), &ns, None));
@@ -64,10 +68,33 @@ async fn presence_survives_a_rollout_and_leaves_with_killed_relays() -> Result<(
             Some(o) => o.stop().await,
             None => Ok(()),
         };
+        delete_buckets(&format!("KV_wsrelay_{ns}_")).await;
         outcome?;
         stopped
     })
     .await
+}
+
+/// Deletes the JetStream streams whose name starts with `prefix`.
+async fn delete_buckets(prefix: &str) {
+    use futures::StreamExt;
+    let Ok(url) = wsrelay_e2e::nats_url() else {
+        return;
+    };
+    let Ok(nats) = async_nats::connect(url).await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(nats);
+    let names: Vec<String> = js
+        .stream_names()
+        .filter_map(|n| async move { n.ok() })
+        .collect()
+        .await;
+    for name in names.iter().filter(|n| n.starts_with(prefix)) {
+        if let Err(e) = js.delete_stream(name).await {
+            eprintln!("cleanup: deleting the registry bucket's stream {name}: {e}");
+        }
+    }
 }
 
 async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) -> Result<()> {
@@ -376,7 +403,7 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
                     "leaveGraceSeconds": GRACE_SECONDS
                 }
             }],
-            "registry": { "leaseSeconds": LEASE_SECONDS },
+            "registry": { "leaseSeconds": LEASE_SECONDS, "maxBytes": 8 << 20 },
             "limits": { "maxConnections": 2000 },
             "drain": { "gracePeriodSeconds": 5 },
             "service": { "type": gateway::service_type(), "port": 80 },
