@@ -1777,7 +1777,7 @@ async fn run(args: Arc<Args>) -> Result<()> {
 mod presence {
     use super::*;
     use tokio::sync::mpsc::UnboundedSender;
-    use wsrelay_e2e::load::presence::{FrameKind, kind_of, max_within, min_gap, occupancy_bound};
+    use wsrelay_e2e::load::presence::{FrameKind, kind_of, min_gap, occupancy_bound};
 
     /// Token indices (`sub` `u<i>`) of the connections that are not members from the start:
     /// churn joiners are `connections + k`, these far above.
@@ -2422,7 +2422,6 @@ mod presence {
                 "leave": left,
                 "per_second": occupancy.len() as f64 / observed.max(1e-9),
                 "min_gap_seconds": min_gap(&occupancy),
-                "max_in_any_second": max_within(&occupancy, 1.0),
                 "events_true": inside.iter().filter(|s| s.events == Some(true)).count(),
                 "users_first": users.first(),
                 "users_last": users.last(),

@@ -76,21 +76,6 @@ pub fn min_gap(times_s: &[f64]) -> Option<f64> {
     t.windows(2).map(|w| w[1] - w[0]).min_by(f64::total_cmp)
 }
 
-/// The most arrivals within any interval of `width_s` seconds (half-open).
-pub fn max_within(times_s: &[f64], width_s: f64) -> usize {
-    let mut t = times_s.to_vec();
-    t.sort_by(f64::total_cmp);
-    let mut best = 0;
-    let mut lo = 0;
-    for hi in 0..t.len() {
-        while t[hi] - t[lo] >= width_s {
-            lo += 1;
-        }
-        best = best.max(hi - lo + 1);
-    }
-    best
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,12 +121,9 @@ mod tests {
     }
 
     #[test]
-    fn gaps_and_windows() {
+    fn the_shortest_gap_between_arrivals() {
         let t = [3.0, 0.0, 1.0, 1.2, 5.0];
         assert_eq!(min_gap(&t).map(|g| (g * 10.0).round()), Some(2.0));
         assert_eq!(min_gap(&[1.0]), None);
-        assert_eq!(max_within(&t, 1.0), 2);
-        assert_eq!(max_within(&[0.0, 1.0, 2.0], 1.0), 1);
-        assert_eq!(max_within(&[], 1.0), 0);
     }
 }
