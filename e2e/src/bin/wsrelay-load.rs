@@ -2502,6 +2502,7 @@ mod presence {
             "connect_failed": join["failed"],
             "channels": 1,
             "sources": args.sources,
+            "step_seconds": args.step_seconds,
             "procs_before_connect": before,
             "presence": {
                 "channel": args.presence_channel,
