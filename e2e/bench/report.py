@@ -532,9 +532,10 @@ def presence_section(runs, summary, d, standalone):
               f"{fmt(sn.get('paged_members'))} | {fmt(sn.get('page_all_bytes'))} | {fmt(a.get('p50_ms'), 1)} | {fmt(a.get('p99_ms'), 1)} |")
         p("")
         reps = (first.get("snapshot") or {}).get("repetitions")
-        few = f"With {fmt(reps)} repetitions the p99 is the slowest of them. " if reps and reps < 100 else ""
-        p(f"{few}The `ok` carries the first page (100 members), not the channel. `users` counts members in their")
-        p("leave grace (earlier repetitions' subscribers); the pages hold them too.")
+        if reps and reps < 100:
+            p(f"With {fmt(reps)} repetitions the p99 is the slowest of them.")
+        p("The `ok` carries the first page (100 members), not the channel. `users` counts members in their leave grace")
+        p("(earlier repetitions' subscribers); the pages hold them too.")
         p("")
         p("**Churn** (relay CPU while members leave and join)")
         p("")
