@@ -48,7 +48,7 @@ pub fn occupancy_bound(window_s: f64, occupancy_s: &[f64], joins: u64, leaves: u
     let n = occupancy_s.len() as u64;
     let reason = if joins + leaves > 0 {
         format!(
-            "{joins} join and {leaves} leave frames: the channel is above maxMembersWithEvents, occupancy only"
+            "{joins} join and {leaves} leave frames: expected occupancy only (the channel is above maxMembersWithEvents)"
         )
     } else if n == 0 {
         "no occupancy frame in the window: nothing was measured".to_string()
