@@ -39,7 +39,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${BENCH_OUT:-$root/target/bench}
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 # The subscribe-* workloads (wsrelay only) take about 20 s each with BENCH_QUICK, 30 s without;
-# presence-10k (wsrelay only) about 1.5 min either way.
+# presence-10k (wsrelay only) about 50 s either way.
 all_workloads="broadcast-1k broadcast-10k personal-10k idle storm-5k slow-1k upstream-1k churn-1k channels-10k wss-1k payload-64 payload-64k payload-1k payload-16k subscribe-plain subscribe-rule subscribe-cached subscribe-miss presence-10k"
 workloads=${BENCH_WORKLOADS:-$all_workloads}
 targets=${BENCH_TARGETS:-wsrelay nats-ws centrifugo baseline}
