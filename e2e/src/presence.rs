@@ -22,6 +22,9 @@ use wsrelay_testkit::client::Ws;
 /// How long one connect-and-subscribe attempt may take before it counts as failed.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long a member keeps trying its first connection.
+const FIRST_CONNECTION_WITHIN: Duration = Duration::from_secs(30);
+
 /// A presence frame the relay sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -63,6 +66,11 @@ impl State {
             .filter(|s| s.at >= since)
             .cloned()
             .collect()
+    }
+
+    /// How many joins and leaves it has seen.
+    pub fn seen_count(&self) -> usize {
+        self.events.lock().expect("events lock").len()
     }
 
     /// When the member left for good, if it did.
@@ -115,9 +123,23 @@ pub async fn start(key: &str, target: Target) -> Result<Member> {
         users: AtomicU32::new(0),
         failed_attempts: AtomicU32::new(0),
     });
-    let socket = connect_and_subscribe(&target, &state)
-        .await
-        .with_context(|| format!("first connection of {key} to {}", target.url))?;
+    // The first connection may meet a Service whose rules the node is still writing ("no
+    // route to host"): a few tries, within a bound.
+    let deadline = Instant::now() + FIRST_CONNECTION_WITHIN;
+    let socket = loop {
+        match connect_and_subscribe(&target, &state).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "presence member: first attempt failed");
+                state.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("first connection of {key} to {}", target.url));
+            }
+        }
+    };
     let stop = CancellationToken::new();
     let task = tokio::spawn(supervise(
         target.clone(),

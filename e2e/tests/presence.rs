@@ -64,11 +64,16 @@ async fn presence_survives_a_rollout_and_leaves_with_killed_relays() -> Result<(
         install_crd(&client).await?;
         let mut operator = Some(Operator::start(client.clone(), &ns, None));
         let outcome = scenario(&client, &ns, &mut operator).await;
+        eprintln!("scenario done; stopping the operator");
         let stopped = match operator {
-            Some(o) => o.stop().await,
+            Some(o) => tokio::time::timeout(Duration::from_secs(60), o.stop())
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the operator did not stop within 60 s"))),
             None => Ok(()),
         };
+        eprintln!("operator stopped: {stopped:?}; deleting the bucket");
         delete_buckets(&format!("KV_wsrelay_{ns}_")).await;
+        eprintln!("bucket deleted");
         outcome?;
         stopped
     })
@@ -141,6 +146,9 @@ async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) ->
         );
     }
 
+    // The last joins reach every member (a relay's watcher reads them after the `ok`).
+    settle(&members).await;
+
     // --- (a) a rolling update: nobody leaves, nobody joins ---
     let t = Instant::now();
     let old = gateway::relay_pods(client, ns, GATEWAY).await?;
@@ -210,6 +218,9 @@ async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) ->
     *operator = Some(Operator::start(client.clone(), ns, None));
     outcome?;
     eprintln!("(c) the operator was down throughout: the leaves came by lease expiry");
+    // The operator back: its first reconcile (it waits up to 10 s for its caches) done
+    // before the test stops it again.
+    tokio::time::sleep(Duration::from_secs(15)).await;
     Ok(())
 }
 
@@ -218,19 +229,23 @@ async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) ->
 async fn case_leaves(case: &str, members: &[Member], killed: Instant) -> Result<()> {
     // The dead relay's members notice at once (their TCP connection is reset); wait until
     // the count holds still.
+    let gone_now = |m: &Member| m.state.gone_at().is_some_and(|at| at >= killed);
     let mut gone = 0;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = members
-            .iter()
-            .filter(|m| m.state.gone_at().is_some())
-            .count();
+        let now = members.iter().filter(|m| gone_now(m)).count();
         if now == gone && now > 0 {
             break;
         }
         gone = now;
     }
+    // Gone in this case, and gone at all (an earlier case's leavers are no stray events).
     let gone: BTreeSet<&str> = members
+        .iter()
+        .filter(|m| gone_now(m))
+        .map(|m| m.key.as_str())
+        .collect();
+    let gone_ever: BTreeSet<&str> = members
         .iter()
         .filter(|m| m.state.gone_at().is_some())
         .map(|m| m.key.as_str())
@@ -280,7 +295,7 @@ async fn case_leaves(case: &str, members: &[Member], killed: Instant) -> Result<
         }
         stray.extend(
             seen.iter()
-                .filter(|s| s.kind == Kind::Join || !gone.contains(s.key.as_str()))
+                .filter(|s| s.kind == Kind::Join || !gone_ever.contains(s.key.as_str()))
                 .map(|s| (o.key.clone(), s.kind, s.key.clone())),
         );
     }
@@ -312,6 +327,20 @@ async fn case_leaves(case: &str, members: &[Member], killed: Instant) -> Result<
         &stray[..stray.len().min(10)]
     );
     Ok(())
+}
+
+/// Waits until no member has seen a new `join` or `leave` for a second (at most 20 s).
+async fn settle(members: &[Member]) {
+    let count = || members.iter().map(|m| m.state.seen_count()).sum::<usize>();
+    let mut last = count();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = count();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
 }
 
 /// Every `join` and `leave` any member saw since `since`: (who saw it, what, whose).
