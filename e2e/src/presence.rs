@@ -159,7 +159,7 @@ pub async fn start(key: &str, target: Target) -> Result<Member> {
 /// How a connection's reading ended.
 enum End {
     /// A drain notice: the connection, still open, until the new one is in place.
-    Drain(Ws),
+    Drain(Box<Ws>),
     Closed,
     Stopped,
 }
@@ -231,7 +231,7 @@ async fn read(mut socket: Ws, state: &State, stop: &CancellationToken) -> End {
         let kind = match frame["type"].as_str() {
             Some("join") => Kind::Join,
             Some("leave") => Kind::Leave,
-            Some("drain") => return End::Drain(socket),
+            Some("drain") => return End::Drain(Box::new(socket)),
             _ => continue,
         };
         if let Some(key) = frame["member"]["key"].as_str() {
