@@ -85,12 +85,15 @@ e2e: cluster-up sdk ## end-to-end tests against the local cluster (with the node
 	@# left running is uninstalled first (the script says so when it does).
 	@e2e/demo.sh stop
 	$(CARGO) build -p wsrelay --bin wsrelay --locked
-	E2E_REQUIRE_NODE=$(NODE) WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay $(CARGO) test -p wsrelay-e2e --locked -- --skip chart_gateway_clients --skip chaos_ --skip prometheus_scrapes
+	E2E_REQUIRE_NODE=$(NODE) WSRELAY_BIN=$(CURDIR)/target/debug/wsrelay $(CARGO) test -p wsrelay-e2e --locked -- --skip chart_gateway_clients --skip chaos_ --skip prometheus_scrapes --skip presence_
 	@# The fleet suite alone, with its output: it prints the figures (times, messages lost).
 	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test fleet -- --nocapture
 	@# Resumable channels under chaos, alone, with its output: 200 clients through a rolling
 	@# update, a pod force-deleted and a relay SIGKILLed; it prints lost/duplicated/catch-up per case.
 	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test chaos -- --nocapture
+	@# Presence, alone, with its output: 1,000 members over 20 channels on three relays through a
+	@# rolling update, a relay SIGKILLed, and a relay gone while the operator is down.
+	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test presence -- --nocapture
 	@# A real Prometheus scraping the fleet like the chart's PodMonitors; every dashboard query
 	@# must return series under load (it prints the counts and which alerts' conditions hold).
 	E2E_REQUIRE_NODE=$(NODE) $(CARGO) test -p wsrelay-e2e --locked --test observability -- --nocapture

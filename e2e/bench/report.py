@@ -37,6 +37,9 @@ UNIT = {"upstream-1k": "publishes/s", "churn-1k": "cycles/s"}
 # Channel authorization (issue 25): wsrelay alone, their own section (authorize_section).
 AUTHZ = ["subscribe-plain", "subscribe-rule", "subscribe-cached", "subscribe-miss"]
 AUTHZ_BEGIN, AUTHZ_END = "<!-- authorize:begin -->", "<!-- authorize:end -->"
+# Presence (issue 26): wsrelay alone, its own section (presence_section).
+PRES = ["presence-10k"]
+PRES_BEGIN, PRES_END = "<!-- presence:begin -->", "<!-- presence:end -->"
 
 
 def load(d):
@@ -126,7 +129,7 @@ def stop_reasons(rs):
 
 def ladders(runs):
     """Workloads with a rate ladder, known ones in their order, then any other (smoke runs)."""
-    extra = sorted(w for w, rw in runs.items() if w not in LADDERS and w not in ("storm-5k", "slow-1k", "idle") and w not in AUTHZ
+    extra = sorted(w for w, rw in runs.items() if w not in LADDERS and w not in ("storm-5k", "slow-1k", "idle") and w not in AUTHZ + PRES
                    and any(r.get("steps") for rs in rw.values() for r in rs))
     return [w for w in LADDERS if w in runs] + extra
 
@@ -266,18 +269,7 @@ def authorize_section(runs, summary, d, standalone):
     L = [AUTHZ_BEGIN, "## Channel authorization: the cost of `authorize` per subscribe (wsrelay)", ""]
     p = L.append
     if standalone:
-        vpath = os.path.join(d, "config", "versions.txt")
-        ended = os.path.getmtime(vpath) if os.path.exists(vpath) else None
-        when = datetime.datetime.fromtimestamp(ended, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if ended else "?"
-        seconds = read(os.path.join(d, "config", "seconds.txt")).strip()
-        first = (read(vpath).strip().splitlines() or ["?"])[0]
-        loads = sorted(float(r["loadavg"][0]) for rw in runs.values() for rs in rw.values() for r in rs if r.get("loadavg"))
-        p(f"Measured apart from the rest of this page: run of {when}, {fmt(int(seconds) / 60 if seconds else None, 1)} min"
-          f" (`BENCH_WORKLOADS=\"{' '.join(w for w in AUTHZ if w in runs)}\"`"
-          f"{' BENCH_QUICK=1' if any(r.get('step_seconds') == 2 for rw in runs.values() for rs in rw.values() for r in rs) else ''}), `{first}`.")
-        if loads:
-            p(f"Machine: {machine()}, shared with other work: 1-minute load average {loads[0]:.2f} to {loads[-1]:.2f} after the runs.")
-        p("")
+        L += measured_apart(runs, d, AUTHZ)
     conns = fmt(med([c for v in az.values() for c in v["connections"]]))
     rooms = fmt(med([k for v in az.values() for k in v["rooms_per_connection"]]))
     p(f"Issue 25: what a binding's `authorize` adds to a subscribe. {conns} connections, each on its own channels")
@@ -398,6 +390,183 @@ def authorize_section(runs, summary, d, standalone):
     return L
 
 
+def measured_apart(runs, d, names):
+    """The lines that say when a run of the workloads `names` alone (which rewrites only their
+    section) was made, with what and on what."""
+    vpath = os.path.join(d, "config", "versions.txt")
+    ended = os.path.getmtime(vpath) if os.path.exists(vpath) else None
+    when = datetime.datetime.fromtimestamp(ended, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if ended else "?"
+    seconds = read(os.path.join(d, "config", "seconds.txt")).strip()
+    first = (read(vpath).strip().splitlines() or ["?"])[0]
+    mine = [r for w in names for rs in (runs.get(w) or {}).values() for r in rs]
+    loads = sorted(float(r["loadavg"][0]) for r in mine if r.get("loadavg"))
+    quick = any(r.get("step_seconds") == 2 for r in mine)
+    L = [f"Measured apart from the rest of this page: run of {when}, {fmt(int(seconds) / 60 if seconds else None, 1)} min"
+         f" (`BENCH_WORKLOADS=\"{' '.join(w for w in names if w in runs)}\"`{' BENCH_QUICK=1' if quick else ''}), `{first}`."]
+    if loads:
+        L.append(f"Machine: {machine()}, shared with other work: 1-minute load average {loads[0]:.2f} to {loads[-1]:.2f} after the runs.")
+    L.append("")
+    return L
+
+
+def summarize_presence(runs):
+    """Presence (issue 26): per workload, each trial's figures as the load generator wrote them."""
+    out = {}
+    for w in PRES:
+        rs = (runs.get(w) or {}).get("wsrelay")
+        if rs:
+            out[w] = [{"trial": r.get("trial"), "presence": r.get("presence"), "lost_connections": r.get("lost_connections"),
+                       "errors": r.get("errors"), "cores": r.get("cores"), "loadavg": r.get("loadavg")} for r in rs]
+    return out
+
+
+def pct(v):
+    return f"{fmt(v * 100)}%" if v is not None else "–"
+
+
+def other_share(trial, phase, seconds):
+    """The share of the server's core busy with other processes' work during a presence phase:
+    the core's busy share less the relay's and its nats-server's CPU over the phase."""
+    sc = (trial.get("cores") or {}).get("server", 0)
+    busy = (phase.get("cores_busy") or {}).get(f"cpu{sc}")
+    cpu = phase.get("cpu_seconds") or {}
+    if busy is None or not seconds:
+        return None
+    return max(0.0, busy - ((cpu.get("server") or 0) + (cpu.get("nats") or 0)) / seconds)
+
+
+def presence_section(runs, summary, d, standalone):
+    """The presence section, between markers (a run of its workload alone replaces just this
+    section of the document)."""
+    pr = summary.get("presence") or {}
+    if not pr:
+        return []
+    L = [PRES_BEGIN, "## Presence: a 10,000-member channel (wsrelay)", ""]
+    p = L.append
+    if standalone:
+        L += measured_apart(runs, d, PRES)
+    for w, trials in pr.items():
+        first = trials[0]["presence"] or {}
+        j0, c0 = first.get("join") or {}, first.get("churn") or {}
+        n = j0.get("members")
+        p(f"Issue 26: one channel (`{first.get('channel')}`) of {fmt(n)} members, occupancy only ({w}). wsrelay only: the peers have")
+        p("no equivalent presence over NATS (nats-server has no membership at all; Centrifugo keeps presence in its own")
+        p("presence manager, in memory or Redis, not through the NATS broker it runs with on this page). The relay's")
+        p("nats-server runs JetStream for this workload alone (the connection registry is a KV bucket in it), on the")
+        p("server's core like the relay. Relay config besides the other workloads' (as run):")
+        p("")
+        p("```yaml")
+        p(read(os.path.join(d, "config", "presence.yaml")).strip())
+        p("```")
+        p("")
+        p(f"Every member is a connection with a token of its own `sub`, subscribed with `presence: true`; {fmt(n)} members are")
+        p("above `maxMembersWithEvents` (200): the channel sends `occupancy` only, at most one per second per subscriber.")
+        p(f"`leaveGraceSeconds: 2` (default 10) so that the churn's leavers leave within its window. Three phases, one run:")
+        p("")
+        p(f"1. **Join**: the members connect and subscribe at {fmt(j0.get('rate'))}/s (at most 256 joins in flight). Join")
+        p("   latency = the `subscribe` with `presence: true` sent to its `ok` (the relay has stored the membership in the")
+        p("   registry and read it back), by the channel's size when the member joined. Relay CPU and memory over the phase")
+        p("   (`/proc`), per member joined; every member receives the channel's `occupancy` meanwhile (part of the cost).")
+        p(f"2. **Snapshot**: {fmt((first.get('snapshot') or {}).get('repetitions'))} fresh connections, one after another, subscribe with `presence: true` to the full")
+        p("   channel (time to the `ok`, whose `presence` is the first page of 100 members), then page every member with")
+        p(f"   `presence` requests (limit {fmt((first.get('snapshot') or {}).get('page_limit'))}, from the start) until `complete`, then unsubscribe.")
+        p(f"3. **Churn**: {fmt(c0.get('rate'))} members per second leave (close their connection) and {fmt(c0.get('rate'))} new ones (`sub`s never")
+        p(f"   seen) join, for {fmt(c0.get('seconds'))} s. A steady observer (a connection subscribed with `presence: true` before")
+        p(f"   it) counts the presence frames it receives over the churn and {fmt((c0.get('observer') or {}).get('tail_seconds'))} s after (when the last leavers' grace")
+        p("   ends). **The bound** (issue 26): occupancy only (no `join`/`leave`) and at most one per second, checked by the")
+        p("   load generator: a window of W seconds admits ⌈W⌉ + 1 (one sent before the window may arrive in it). A violation")
+        p("   fails the workload: `wsrelay-load` exits 4, `make bench` exits 4 after writing this page.")
+        p("")
+        p("One trial on this machine's 2 cores shared with other agents' builds and tests: noisy figures (the other")
+        p("processes' share of the cores is given per phase); the bound, not the speed, is the verdict.")
+        p("")
+        p("**The bound during churn**")
+        p("")
+        p("| trial | observed s | occupancy frames | join | leave | per second | shortest gap s | `events: true` | users seen | bound |")
+        p("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        for t in trials:
+            c = (t["presence"] or {}).get("churn") or {}
+            o, b = c.get("observer") or {}, c.get("bound") or {}
+            verdict = "**PASS**" if b.get("pass") else f"**FAIL**: {b.get('reason') or c.get('error') or '?'}"
+            users = f"{fmt(o.get('users_min'))}–{fmt(o.get('users_max'))}" if o.get("users_min") is not None else "–"
+            p(f"| {t['trial']} | {fmt(o.get('window_seconds'), 1)} | {fmt(o.get('occupancy'))} (at most {fmt(b.get('max_allowed'))}) | {fmt(o.get('join'))} | "
+              f"{fmt(o.get('leave'))} | {fmt(o.get('per_second'), 2)} | {fmt(o.get('min_gap_seconds'), 3)} | {fmt(o.get('events_true'))} | {users} | {verdict} |")
+        p("")
+        p("**Join** (the channel growing to its members)")
+        p("")
+        p("| trial | joined | failed | joins/s | subscribe p50 ms | p99 ms | max ms | handshake p99 ms | relay CPU-µs per join | its NATS | relay RSS per member | its NATS | other processes on the server core |")
+        p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t in trials:
+            j = (t["presence"] or {}).get("join") or {}
+            s, h = j.get("subscribe") or {}, j.get("handshake") or {}
+            rss = j.get("rss_bytes_per_member") or {}
+            kib = lambda v: f"{fmt(v / 1024, 1)} KiB" if v is not None else "–"
+            p(f"| {t['trial']} | {fmt(j.get('joined'))} | {fmt(j.get('failed'))} | {fmt(j.get('per_second'))} | {fmt(s.get('p50_ms'), 2)} | "
+              f"{fmt(s.get('p99_ms'), 2)} | {fmt(s.get('max_ms'), 2)} | {fmt(h.get('p99_ms'), 2)} | {fmt(j.get('relay_cpu_us_per_join'))} | "
+              f"{fmt(j.get('nats_cpu_us_per_join'))} | {kib(rss.get('server'))} | {kib(rss.get('nats'))} | {pct(other_share(t, j, j.get('seconds')))} |")
+        p("")
+        p("Join latency by the channel's size when the member joined (first trial):")
+        p("")
+        p("| members before | joins | p50 ms | p99 ms | max ms |")
+        p("|---|---:|---:|---:|---:|")
+        for b in j0.get("by_size") or []:
+            s = b.get("subscribe") or {}
+            p(f"| {fmt(b['members_from'])}–{fmt(b['members_to'])} | {fmt(s.get('count'))} | {fmt(s.get('p50_ms'), 2)} | {fmt(s.get('p99_ms'), 2)} | {fmt(s.get('max_ms'), 2)} |")
+        p("")
+        rel = j0.get("relay") or {}
+        rec = j0.get("members_received") or {}
+        p(f"During the join the relay queued {fmt(rel.get('join_sent'))} `join` frames (while the channel had at most 200 members) and")
+        p(f"{fmt(rel.get('occupancy_sent'))} `occupancy` frames; the members received {fmt(rec.get('join'))} and {fmt(rec.get('occupancy'))}. The relay's RSS per member includes")
+        p("its connection (an idle authenticated connection costs about 7.6 KiB, \"Idle connections\" above); the NATS server's")
+        p("includes the registry's entries (one per connection, one per membership).")
+        p("")
+        p("**Snapshot** (a new subscriber on the full channel)")
+        p("")
+        p("| trial | repetitions | failed | `ok` p50 ms | p99 ms | max ms | `ok` bytes (first page) | members in it | users | all members: pages | members | bytes | p50 ms | p99 ms |")
+        p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t in trials:
+            sn = (t["presence"] or {}).get("snapshot") or {}
+            o, a = sn.get("ok") or {}, sn.get("page_all") or {}
+            p(f"| {t['trial']} | {fmt(sn.get('repetitions'))} | {fmt(sn.get('failed'))} | {fmt(o.get('p50_ms'), 2)} | {fmt(o.get('p99_ms'), 2)} | "
+              f"{fmt(o.get('max_ms'), 2)} | {fmt(sn.get('ok_bytes'))} | {fmt(sn.get('first_page_members'))} | {fmt(sn.get('users'))} | {fmt(sn.get('pages'))} | "
+              f"{fmt(sn.get('paged_members'))} | {fmt(sn.get('page_all_bytes'))} | {fmt(a.get('p50_ms'), 1)} | {fmt(a.get('p99_ms'), 1)} |")
+        p("")
+        reps = (first.get("snapshot") or {}).get("repetitions")
+        if reps and reps < 100:
+            p(f"With {fmt(reps)} repetitions the p99 is the slowest of them.")
+        p("The `ok` carries the first page (100 members), not the channel. `users` counts members in their leave grace")
+        p("(earlier repetitions' subscribers); the pages hold them too.")
+        p("")
+        p("**Churn** (relay CPU while members leave and join)")
+        p("")
+        p("| trial | leave+join per s | s | new members' subscribe p50 ms | p99 ms | relay core share | its NATS | relay CPU-µs per leave+join | `occupancy` queued by the relay per s | frames received by all members per s | other processes on the server core |")
+        p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t in trials:
+            c = (t["presence"] or {}).get("churn") or {}
+            s, sh, rel = c.get("subscribe") or {}, c.get("core_share") or {}, c.get("relay") or {}
+            other = other_share(t, c, c.get("schedule_seconds"))
+            obs = (c.get("observer") or {}).get("window_seconds")
+            occ = rel.get("occupancy_sent") / obs if obs and rel.get("occupancy_sent") is not None else None
+            p(f"| {t['trial']} | {fmt(c.get('rate'))} | {fmt(c.get('seconds'))} | {fmt(s.get('p50_ms'), 2)} | {fmt(s.get('p99_ms'), 2)} | {pct(sh.get('server'))} | "
+              f"{pct(sh.get('nats'))} | {fmt(c.get('relay_cpu_us_per_item'))} | {fmt(occ)} | {fmt((c.get('members_received') or {}).get('per_second'))} | {pct(other)} |")
+        p("")
+        p("Every member is a presence subscriber that gets the channel's `occupancy` once a second while its counts change:")
+        p("the relay's CPU during the churn is that fan-out (the frames queued per second above) and the leaves and joins")
+        p("themselves (handshakes, tokens, registry writes and reads) together; this run does not separate the two.")
+        p("")
+        lost = sum(t.get("lost_connections") or 0 for t in trials)
+        errs = "; ".join(f"{k} ({v})" for t in trials for k, v in (t.get("errors") or {}).items()) or "none"
+        p(f"Connections lost: {fmt(lost)}; errors: {errs}.")
+        p("")
+    if standalone:
+        p(f"Reproduce: `BENCH_WORKLOADS=\"{' '.join(PRES)}\" make bench`; a run of this workload alone rewrites only this section")
+        p("of the page.")
+        p("")
+    p(PRES_END)
+    p("")
+    return L
+
+
 def cel_version():
     """The `cel` crate's version in the workspace's Cargo.lock."""
     lock = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "Cargo.lock")
@@ -405,14 +574,14 @@ def cel_version():
     return m.group(1) if m else "(version unknown)"
 
 
-def splice(path, section):
-    """Replaces the authorization section of the document at `path` (or inserts it before the
-    targets, or the end), leaving the rest as the last full run wrote it."""
+def splice(path, section, begin=AUTHZ_BEGIN, end=AUTHZ_END):
+    """Replaces the section between `begin` and `end` of the document at `path` (or inserts it
+    before the targets, or the end), leaving the rest as the last full run wrote it."""
     text = read(path)
     block = "\n".join(section)
-    if AUTHZ_BEGIN in text and AUTHZ_END in text:
-        head, rest = text.split(AUTHZ_BEGIN, 1)
-        tail = rest.split(AUTHZ_END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + block + "\n" + tail
     else:
         at = text.find("## Issue 15's targets")
@@ -837,6 +1006,8 @@ def doc(runs, summary, d, images, path, step_seconds):
         p(line)
     for line in authorize_section(runs, summary, d, standalone=False):
         p(line)
+    for line in presence_section(runs, summary, d, standalone=False):
+        p(line)
     p("## Issue 15's targets against this run")
     p("")
     for line in targets(summary):
@@ -853,7 +1024,8 @@ def doc(runs, summary, d, images, path, step_seconds):
     p("binary and the one built from the tree, trial after trial interleaved (three each), and `e2e/bench/compare.py` prints")
     p("each figure's median and spread and flags the new binary where it is worse than the old one's worst trial")
     p("(recorded runs: [before-after.md](before-after.md)). `BENCH_WORKLOADS=\"subscribe-plain subscribe-rule subscribe-cached")
-    p("subscribe-miss\"` measures channel authorization alone and rewrites only its section of this page.")
+    p("subscribe-miss\"` measures channel authorization alone and rewrites only its section of this page;")
+    p("`BENCH_WORKLOADS=presence-10k` presence alone, likewise.")
     p("")
     with open(path, "w") as f:
         f.write("\n".join(L))
@@ -926,21 +1098,28 @@ def main():
     ap.add_argument("--doc")
     ap.add_argument("--authorize-only", action="store_true",
                     help="the run measured the authorization workloads alone: rewrite only their section of --doc")
+    ap.add_argument("--presence-only", action="store_true",
+                    help="the run measured the presence workload alone (with --authorize-only: and those): rewrite only its section of --doc")
     a = ap.parse_args()
     runs = load(a.dir)
-    if a.authorize_only:
+    only = (AUTHZ if a.authorize_only else []) + (PRES if a.presence_only else [])
+    if only:
         # Results of other workloads left in the directory by earlier runs are not this run's.
-        runs = {w: rw for w, rw in runs.items() if w in AUTHZ}
+        runs = {w: rw for w, rw in runs.items() if w in only}
     summary = summarize(runs)
     summary["authorize"] = summarize_authz(runs)
+    summary["presence"] = summarize_presence(runs)
     summary["nofile_limit"] = a.nofile
     with open(os.path.join(a.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     images = plots(runs, a.dir)
-    if a.doc and a.authorize_only and os.path.exists(a.doc):
-        # The authorization workloads alone: their section of the document, the rest (and its
+    if a.doc and only and os.path.exists(a.doc):
+        # wsrelay-only workloads alone: their sections of the document, the rest (and its
         # plots) as the last full run left them.
-        splice(a.doc, authorize_section(runs, summary, a.dir, standalone=True))
+        if a.authorize_only:
+            splice(a.doc, authorize_section(runs, summary, a.dir, standalone=True))
+        if a.presence_only:
+            splice(a.doc, presence_section(runs, summary, a.dir, standalone=True), PRES_BEGIN, PRES_END)
     elif a.doc:
         img_dir = os.path.join(os.path.dirname(a.doc), "benchmarks")
         os.makedirs(img_dir, exist_ok=True)

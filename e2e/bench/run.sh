@@ -29,15 +29,18 @@
 #   BENCH_NO_PROFILE=1  skip the profile of the relay (perf) that runs with personal-10k
 #   (subscribe-plain, subscribe-rule, subscribe-cached and subscribe-miss measure wsrelay's
 #   channel authorization alone, issue 25; wsrelay-rule-cost, the CEL rule's cost per
-#   evaluation, runs with them)
+#   evaluation, runs with them; presence-10k measures a 10,000-member presence channel, issue 26:
+#   the join cost, the snapshot and its pages, and the churn a steady observer sees, which must
+#   be occupancy only and at most one per second: a violation makes the run exit with status 4)
 #   BENCH_CONFIG_ONLY=1  only write the peers' configs (target/bench/config/) and stop
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${BENCH_OUT:-$root/target/bench}
 target_dir=${CARGO_TARGET_DIR:-$root/target}
-# The subscribe-* workloads (wsrelay only) take about 20 s each with BENCH_QUICK, 30 s without.
-all_workloads="broadcast-1k broadcast-10k personal-10k idle storm-5k slow-1k upstream-1k churn-1k channels-10k wss-1k payload-64 payload-64k payload-1k payload-16k subscribe-plain subscribe-rule subscribe-cached subscribe-miss"
+# The subscribe-* workloads (wsrelay only) take about 20 s each with BENCH_QUICK, 30 s without;
+# presence-10k (wsrelay only) about 50 s either way.
+all_workloads="broadcast-1k broadcast-10k personal-10k idle storm-5k slow-1k upstream-1k churn-1k channels-10k wss-1k payload-64 payload-64k payload-1k payload-16k subscribe-plain subscribe-rule subscribe-cached subscribe-miss presence-10k"
 workloads=${BENCH_WORKLOADS:-$all_workloads}
 targets=${BENCH_TARGETS:-wsrelay nats-ws centrifugo baseline}
 quick=${BENCH_QUICK:-}
@@ -66,11 +69,14 @@ load=$target_dir/release/wsrelay-load
 baseline=$target_dir/release/wsrelay-baseline
 rule_cost=$target_dir/release/wsrelay-rule-cost
 # Centrifugo is built only when it is measured (a run of the relay alone, or of workloads only
-# the relay runs, needs no Go build).
-only_authz=1
-for w in $workloads; do case $w in subscribe-*) ;; *) only_authz= ;; esac; done
+# the relay runs, needs no Go build). A run of wsrelay-only workloads alone rewrites only their
+# sections of docs/benchmarks.md.
+has_other= has_authz= has_pres=
+for w in $workloads; do
+	case $w in subscribe-*) has_authz=1 ;; presence-*) has_pres=1 ;; *) has_other=1 ;; esac
+done
 wanted_tools=nats
-case " $targets " in *" centrifugo "*) [ -n "$only_authz" ] || wanted_tools="nats centrifugo" ;; esac
+case " $targets " in *" centrifugo "*) [ -z "$has_other" ] || wanted_tools="nats centrifugo" ;; esac
 log "building $wanted_tools (cached)"
 # shellcheck disable=SC2086 # one word per tool
 tools=$("$root/e2e/cluster/tools.sh" $wanted_tools)
@@ -141,6 +147,11 @@ workload_spec() {
 	# rooms.{room}; the binding's authorize is the variant's (authz_binding below).
 	subscribe-plain | subscribe-rule | subscribe-cached | subscribe-miss)
 		echo "50|wsrelay|--workload subscribe --authz ${1#subscribe-} --connections 200 --rooms 16 --rates 250,500,1000,2000,4000,8000,16000 --refine 1" ;;
+	# Presence (issue 26): 10,000 members (each its own sub) join pres.big (presence_binding)
+	# at 500/s; 20 fresh subscribers take the snapshot and page it (limit 1000); then 100
+	# members/s leave and 100 new ones join for 15 s under a steady observer. No ladder: the p99
+	# limit is not used; the observer's bound (occupancy only, <= 1/s) is the verdict.
+	presence-10k) echo "1000|wsrelay|--workload presence --connections 10000 --join-rate 500 --snapshots 20 --page-limit 1000 --rates 100 --churn-seconds 15 --churn-tail-seconds 3" ;;
 	smoke) echo "200|all|$b --connections 200 --rates 20,80 --refine 0 --warmup-seconds 1" ;;
 	smoke-personal) echo "200|all|--workload personal --connections 500 --rates 500,2000 --refine 0 --warmup-seconds 1" ;;
 	smoke-idle) echo "1000|no-baseline|--workload idle --connections 300 --rates 1 --hold-seconds 1" ;;
@@ -162,6 +173,18 @@ authz_binding() { # variant
 }
 authz=
 
+# The presence workloads' binding and the registry it needs (pres=1), else nothing: only
+# they run with JetStream and the connection registry (every connection an entry in it).
+# maxMembersWithEvents is the default, written out: 10,000 members are occupancy only. A
+# short leaveGraceSeconds so that the churn's leavers leave within its window.
+presence_binding() {
+	[ -z "$pres" ] || echo '  - {channel: "pres.{id}", subject: "pres.{id}", presence: {key: "{claims.sub}", maxMembersWithEvents: 200, leaveGraceSeconds: 2}}'
+}
+presence_registry() {
+	[ -z "$pres" ] || echo 'registry: {bucket: wsrelay_bench_reg, relayName: bench, leaseSeconds: 15}'
+}
+pres=
+
 core_workload() { case $1 in broadcast-1k | broadcast-10k | personal-10k) return 0 ;; *) return 1 ;; esac; }
 
 # wss: a CA (trusted by the generator) and a P-256 certificate for 127.0.0.1 signed by it.
@@ -177,7 +200,8 @@ core_workload() { case $1 in broadcast-1k | broadcast-10k | personal-10k) return
 # The peers' configs (ports filled in per start); with tls=1 the client-facing listener is wss.
 tls=
 write_configs() { # np sp ap
-	local np=$1 sp=$2 ap=$3 ws_tls="no_tls: true" relay_tls="" cf_tls=""
+	local np=$1 sp=$2 ap=$3 ws_tls="no_tls: true" relay_tls="" cf_tls="" js=""
+	[ -z "$pres" ] || js="jetstream { store_dir: \"$run_dir/js\", max_file_store: 1G, max_memory_store: 64M }"
 	if [ -n "$tls" ]; then
 		ws_tls="tls { cert_file: \"$run_dir/tls.crt\", key_file: \"$run_dir/tls.key\" }"
 		relay_tls="tls: {certFile: $run_dir/tls.crt, keyFile: $run_dir/tls.key}"
@@ -188,6 +212,7 @@ write_configs() { # np sp ap
 		authorization { token: "$nats_token" }
 		websocket { listen: "127.0.0.1:$wp", $ws_tls }
 		max_connections: 65536
+		$js
 	EOF
 	cat >"$run_dir/wsrelay.yaml" <<-EOF
 		listen: {client: "127.0.0.1:$sp", admin: "127.0.0.1:$ap", path: /ws}
@@ -201,6 +226,8 @@ write_configs() { # np sp ap
 		bindings:
 		  - {channel: "bench.{id}", subject: "bench.{id}", direction: both}
 		$(authz_binding "$authz")
+		$(presence_binding)
+		$(presence_registry)
 		limits: {maxConnections: 19900, maxMessageBytes: 131072, publishRatePerSecond: 1000, publishBurst: 1000}
 		$relay_tls
 	EOF
@@ -251,8 +278,9 @@ run_one() { # workload target trial
 	which=${spec%%|*}; wargs=${spec#*|}
 	if [ "$which" != all ] && [ "$t" = baseline ]; then return 0; fi
 	if [ "$which" = wsrelay ] && [ "$t" != wsrelay ]; then return 0; fi
-	authz=
-	case $w in subscribe-*) authz=${w#subscribe-} ;; esac
+	authz= pres=
+	case $w in subscribe-*) authz=${w#subscribe-} ;; presence-*) pres=1 ;; esac
+	rm -rf "${run_dir:?}/js"
 	tls=
 	local tls_args=()
 	if [ "$which" = tls ]; then tls=1; tls_args=(--tls-ca "$run_dir/ca.crt"); fi
@@ -291,7 +319,13 @@ run_one() { # workload target trial
 			start_server "$t" || log "$t did not come back"
 		fi
 	fi
-	wait "$load_pid" || log "wsrelay-load failed for $w/$t (status $?; $run_dir/$cur.load.log)"
+	local status=0
+	wait "$load_pid" || status=$?
+	[ "$status" = 0 ] || log "wsrelay-load failed for $w/$t (status $status; $run_dir/$cur.load.log)"
+	if [ "$status" = 4 ]; then
+		log "PRESENCE BOUND VIOLATED in $w/$t/$trial: the observer got join/leave or more than one occupancy per second"
+		bound_failed+=" $w/$t/$trial"
+	fi
 	tail -n 30 "$run_dir/$cur.load.log" >&2 || true
 	if [ -f "$json.tmp" ]; then
 		NICE=$nice_level python3 - "$json.tmp" "$nofile" "$w" "$trial" "$limit" "$server_core" "$gen_core" <<-'EOF'
@@ -316,12 +350,22 @@ scrub() { sed "s/$nats_token/<token>/g; s/$(cat "$secret")/<hs256 key>/g; s/4100
 scrub <"$run_dir/nats.conf" >"$out/config/nats-server.conf"
 scrub <"$run_dir/wsrelay.yaml" >"$out/config/wsrelay.yaml"
 for v in plain rule cached miss; do printf 'subscribe-%s:\n%s\n' "$v" "$(authz_binding "$v")"; done >"$out/config/authorize-bindings.yaml"
+pres=1
+{
+	printf '# wsrelay.yaml (besides the above)\n%s\nbindings:\n%s\n' "$(presence_registry)" "$(presence_binding)"
+	printf '# nats-server.conf (besides the above)\n'
+	write_configs "$np" "$sp" "$ap"
+	grep '^jetstream' "$run_dir/nats.conf" | sed "s|$run_dir|<run dir>|"
+} >"$out/config/presence.yaml"
+pres=
+write_configs "$np" "$sp" "$ap"
 scrub <"$run_dir/centrifugo.json" >"$out/config/centrifugo.json"
 "$target_dir/release/wsrelay-effective-config" "$run_dir/wsrelay.yaml" | scrub >"$out/config/wsrelay.effective.yaml" || true
 [ ! -x "$centrifugo" ] || "$centrifugo" defaultconfig -b "$run_dir/centrifugo.json" -d 2>/dev/null | scrub >"$out/config/centrifugo.effective.json" || true
 [ -z "${BENCH_CONFIG_ONLY:-}" ] || { log "configs in $out/config"; exit 0; }
 
 started=$SECONDS
+bound_failed=
 for w in $workloads; do rm -rf "${out:?}/$w"; done
 for w in $workloads; do
 	n=$extra_trials
@@ -396,7 +440,14 @@ fi
 printf '%s\n' "$((SECONDS - started))" >"$out/config/seconds.txt"
 doc_args=()
 [ -n "${BENCH_NO_DOC:-}" ] || doc_args=(--doc "$root/docs/benchmarks.md")
-# Only the authorization workloads: only their section of the document is rewritten.
-[ -z "$only_authz" ] || doc_args+=(--authorize-only)
+# Only wsrelay-only workloads (authorization, presence): only their sections are rewritten.
+if [ -z "$has_other" ]; then
+	[ -z "$has_authz" ] || doc_args+=(--authorize-only)
+	[ -z "$has_pres" ] || doc_args+=(--presence-only)
+fi
 python3 "$root/e2e/bench/report.py" --dir "$out" --nofile "$nofile" --step "$step" "${doc_args[@]}"
 log "results in $out"
+if [ -n "$bound_failed" ]; then
+	log "FAILED: the presence bound was violated in:$bound_failed (docs/benchmarks.md, Presence)"
+	exit 4
+fi

@@ -11,6 +11,7 @@ pub mod load;
 pub mod netns;
 pub mod operator;
 pub mod pki;
+pub mod presence;
 pub mod prometheus;
 pub mod resumable;
 pub mod subscriber;

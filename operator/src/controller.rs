@@ -36,6 +36,7 @@ use crate::api::{CONDITION_READY, WebsocketGateway, WebsocketGatewayStatus};
 use crate::build::{MANAGED_BY_LABEL, MANAGER, Options, applies_replicas, build_with};
 use crate::error::Error;
 use crate::fetch::{Caches, Children, Observed};
+use crate::forget::Forgetter;
 use crate::metrics::Metrics;
 use crate::metrics_api::scrape::Scraper;
 use crate::stages::{self, Stages};
@@ -172,12 +173,12 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            metrics,
             failures: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
             admin_peers,
             scraper,
             secret_label,
+            metrics,
         }
     }
 
@@ -561,8 +562,31 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
+    // After each pod event (the cache already holds it), the relays lost since the previous
+    // view are forgotten by a live relay of their gateway, if it keeps a registry. One
+    // forgetter per run, and no view before the cache's first full list (Init and InitApply
+    // do not change what the cache shows; InitDone does): a cache that is still empty, this
+    // run's or after a leadership change, must never read as every relay gone.
+    let forget = {
+        let forgetter = Arc::new(Forgetter::new(ctx.metrics.forgets.clone()));
+        let pods = pods.clone();
+        let gateways = gateways.clone();
+        move |event: &Result<watcher::Event<Pod>, watcher::Error>| {
+            if !crate::forget::shows_a_view(event) {
+                return;
+            }
+            let view = pods.state();
+            let forgets = forgetter.observe(view.iter().map(AsRef::as_ref), |ns, name| {
+                gateways
+                    .get(&ObjectRef::new(name).within(ns))
+                    .is_some_and(|gw| crate::build::relay_registry(&gw.spec, ns, name).is_some())
+            });
+            forgetter.spawn(forgets);
+        }
+    };
     let pod_events = reflector::reflector(pods_w, watcher(api::<Pod>(&client, ns), owned.clone()))
         .default_backoff()
+        .inspect(forget)
         .touched_objects();
     // The other children: their metadata is enough (wake the gateway, see one deleted).
     fn meta<K>(

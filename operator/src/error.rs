@@ -91,6 +91,7 @@ pub const CATEGORIES: &[&str] = &[
     "InvalidSecret",
     "SecretNotUsable",
     "InvalidRule",
+    "InvalidPresence",
     "InvalidConfig",
     "BuildFailed",
     "ApplyFailed",

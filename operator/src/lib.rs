@@ -14,6 +14,7 @@ pub mod cli;
 pub mod controller;
 pub mod error;
 pub mod fetch;
+pub mod forget;
 pub mod gateway_metrics;
 pub mod leader;
 pub mod metrics;

@@ -8,6 +8,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::CATEGORIES;
+use crate::forget::{ForgetCounts, ForgetLabels, RESULTS};
 use crate::gateway_metrics::GatewayMetrics;
 use crate::metrics_api::ScrapeMetrics;
 
@@ -37,6 +38,9 @@ pub struct Metrics {
     pub stage_duration: Family<StageLabels, Histogram>,
     /// Per-gateway series read from the leader's caches at scrape time.
     pub gateways: GatewayMetrics,
+    /// `wsrelay_operator_registry_forgets_total{result}`: lost relays the operator asked a
+    /// live one to forget ([`crate::forget`]), by outcome.
+    pub forgets: ForgetCounts,
     registry: Registry,
 }
 
@@ -86,6 +90,15 @@ impl Metrics {
         registry.register_collector(Box::new(gateways.clone()));
         let scrape = ScrapeMetrics::new();
         scrape.register(&mut registry);
+        let forgets = ForgetCounts::default();
+        registry.register(
+            "registry_forgets",
+            "Lost relay pods whose registry entries the operator asked a live relay to delete, by result (ok; failed: no relay asked answered; no_relay: none to ask)",
+            forgets.clone(),
+        );
+        for result in RESULTS {
+            let _ = forgets.get_or_create(&ForgetLabels { result });
+        }
         // Every category shows up at 0 from the start, so rate() works on the first failure.
         for category in CATEGORIES {
             let _ = failures.get_or_create(&FailureLabels {
@@ -100,6 +113,7 @@ impl Metrics {
             scrape,
             stage_duration,
             gateways,
+            forgets,
             registry,
         }
     }
@@ -157,6 +171,23 @@ mod tests {
         assert!(
             text.contains("wsrelay_operator_reconcile_duration_seconds_count 1"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn forgets_are_counted_by_result_from_zero() {
+        let m = Metrics::new();
+        let text = m.encode();
+        for result in RESULTS {
+            let want = format!("wsrelay_operator_registry_forgets_total{{result=\"{result}\"}} 0");
+            assert!(text.contains(&want), "{want} not in {text}");
+        }
+        m.forgets
+            .get_or_create(&ForgetLabels { result: "ok" })
+            .inc();
+        assert!(
+            m.encode()
+                .contains(r#"wsrelay_operator_registry_forgets_total{result="ok"} 1"#)
         );
     }
 

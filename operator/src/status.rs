@@ -4,10 +4,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{
-    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, WebsocketGateway,
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, RegistryStatus, WebsocketGateway,
     WebsocketGatewayStatus,
 };
-use crate::build::{endpoint, relay_config, selector_string};
+use crate::build::{endpoint, relay_config, relay_registry, selector_string};
 use crate::metrics_api::scrape::{AuthorizeCounts, Report};
 
 /// A problem a person must fix, as the Degraded condition shows it.
@@ -139,6 +139,12 @@ pub fn compute(
         connections,
         endpoint: endpoint(gw),
         selector: Some(selector_string(&name)),
+        registry: relay_registry(
+            &gw.spec,
+            gw.metadata.namespace.as_deref().unwrap_or_default(),
+            &name,
+        )
+        .map(|r| RegistryStatus { bucket: r.bucket }),
     }
 }
 
@@ -585,5 +591,24 @@ mod tests {
         assert_eq!(cond(&later, "Ready").last_transition_time, at(100));
         let down = compute(&gw, Some(&deployment(2, 0, 2)), 0, None, &at(300));
         assert_eq!(cond(&down, "Ready").last_transition_time, at(300));
+    }
+
+    /// The bucket backends read presence from is in the status (docs/protocol.md section
+    /// 10), the same the relay config names; none without a registry.
+    #[test]
+    fn the_registry_bucket_is_in_the_status_when_the_relays_keep_one() {
+        let plain = compute(&gateway(), None, 0, None, &at(0));
+        assert_eq!(plain.registry, None);
+        let gw: WebsocketGateway =
+            serde_yaml::from_str(include_str!("../tests/fixtures/presence.yaml")).expect("fixture");
+        let s = compute(&gw, None, 0, None, &at(0));
+        let bucket = s.registry.expect("registry").bucket;
+        assert_eq!(bucket, crate::build::registry_bucket("games", "lobby"));
+        assert_eq!(
+            relay_config(&gw.spec, "games", "lobby")
+                .registry
+                .map(|r| r.bucket),
+            Some(bucket)
+        );
     }
 }

@@ -44,6 +44,14 @@ pub enum ValidateError {
         /// Why, with the line and column when the parser knows them.
         error: wsrelay_config::rule::RuleError,
     },
+    /// A binding's `presence` (or `spec.registry`) the relay would refuse, judged by the
+    /// relay config's own validation (the CRD's rules catch most of it at admission; this
+    /// names what they cannot, or what a cluster with an older CRD let through).
+    #[error("{}", .faults.join("; "))]
+    InvalidPresence {
+        /// Each fault, `spec.<path>: <why>`.
+        faults: Vec<String>,
+    },
 }
 
 /// The label a Secret must carry for a gateway to use it (`--secret-label key=value`).
@@ -96,6 +104,7 @@ impl ValidateError {
             Self::InvalidSecret { .. } => "InvalidSecret",
             Self::SecretNotUsable { .. } => "SecretNotUsable",
             Self::InvalidRule { .. } => "InvalidRule",
+            Self::InvalidPresence { .. } => "InvalidPresence",
         }
     }
 }
@@ -162,6 +171,42 @@ fn check_rules(gw: &WebsocketGateway) -> Result<(), ValidateError> {
         }
     }
     Ok(())
+}
+
+/// Whether a relay config field is of presence or the registry (`bindings[2].presence.key`,
+/// `registry.leaseSeconds`).
+fn is_presence_field(field: &str) -> bool {
+    field.starts_with("registry")
+        || (field.starts_with("bindings[") && field.contains("].presence"))
+}
+
+/// Judges each binding's `presence` and the registry with the relay config's own validation
+/// of the config the spec maps to, naming each fault by its spec path. Other faults are the
+/// build stage's (`InvalidConfig`). Pure.
+fn check_presence(gw: &WebsocketGateway) -> Result<(), ValidateError> {
+    let spec = &gw.spec;
+    if spec.registry.is_none() && spec.bindings.iter().all(|b| b.presence.is_none()) {
+        return Ok(());
+    }
+    let config = crate::build::relay_config(
+        spec,
+        gw.metadata.namespace.as_deref().unwrap_or_default(),
+        gw.metadata.name.as_deref().unwrap_or_default(),
+    );
+    let Err(errors) = config.validate() else {
+        return Ok(());
+    };
+    let faults: Vec<String> = errors
+        .0
+        .iter()
+        .filter(|e| is_presence_field(e.field()))
+        .map(|e| format!("spec.{e}"))
+        .collect();
+    if faults.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidateError::InvalidPresence { faults })
+    }
 }
 
 /// The Secrets the relay pods mount under the secrets directory, one volume each (sorted,
@@ -271,6 +316,7 @@ pub fn validate(
     required: Option<&SecretLabel>,
 ) -> Result<(), ValidateError> {
     check_rules(gw)?;
+    check_presence(gw)?;
     for (name, key, content) in references(gw) {
         let secret = secrets
             .get(&name)
@@ -735,5 +781,56 @@ mod tests {
             validate(&authorize_gateway(), &authorize_secrets(), None),
             Ok(())
         );
+    }
+
+    fn presence_gateway() -> WebsocketGateway {
+        let mut gw = gateway();
+        gw.spec.bindings[0].direction = crate::api::Direction::Both;
+        gw.spec.bindings[0].presence = Some(
+            serde_json::from_value(serde_json::json!({ "info": ["claims.name"] }))
+                .expect("presence"),
+        );
+        gw
+    }
+
+    #[test]
+    fn a_valid_presence_passes() {
+        assert_eq!(validate(&presence_gateway(), &good(), None), Ok(()));
+    }
+
+    /// What the CRD's rules would refuse at admission, a cluster with an older CRD lets
+    /// through: the validate stage names it by its spec path, with the relay's reason.
+    #[test]
+    fn a_presence_the_relay_would_refuse_is_named_by_its_spec_path() {
+        let mut gw = presence_gateway();
+        let channel = gw.spec.bindings[0].channel.clone();
+        let p = gw.spec.bindings[0].presence.as_mut().expect("presence");
+        p.key = "{claims.sub}.{room}".into();
+        p.info = vec!["name".into()];
+        let err = validate(&gw, &good(), None).expect_err("refused");
+        assert_eq!(err.category(), "InvalidPresence");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "spec.bindings[0].presence.key: {{room}} is not a placeholder of the channel {channel:?}; \
+                 spec.bindings[0].presence.info[0]: \"name\" is not a claim path ('claims.' then names joined by '.')"
+            )
+        );
+        // A publish-only binding has no subscribers to be members.
+        let mut gw = presence_gateway();
+        gw.spec.bindings[0].direction = crate::api::Direction::Publish;
+        let err = validate(&gw, &good(), None).expect_err("refused");
+        assert!(
+            err.to_string().starts_with("spec.bindings[0].presence: "),
+            "{err}"
+        );
+        // The registry's own fields, named under spec.registry.
+        let mut gw = presence_gateway();
+        gw.spec.registry = Some(crate::api::RegistrySpec {
+            replicas: 2,
+            ..Default::default()
+        });
+        let err = validate(&gw, &good(), None).expect_err("refused");
+        assert_eq!(err.to_string(), "spec.registry.replicas: must be 1, 3 or 5");
     }
 }

@@ -57,6 +57,9 @@ pub struct Binding {
     /// the templates admit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorize: Option<super::Authorize>,
+    /// Who is in the binding's channels (docs/protocol.md section 10). Absent: no presence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<super::Presence>,
 }
 
 /// The history of a resumable binding: a NATS JetStream stream that captures the binding's

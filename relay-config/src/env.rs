@@ -95,9 +95,11 @@ impl Config {
                 direction: Direction::Subscribe,
                 history: None,
                 authorize: None,
+                presence: None,
             }],
             limits: Limits::default(),
             drain: Drain::default(),
+            registry: None,
         }
     }
 }

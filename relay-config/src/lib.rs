@@ -18,7 +18,7 @@
 //! naming the path of the field at fault (`bindings[2].subject`).
 //!
 //! Split by section: [`listen`], [`nats`], [`auth`], [`bindings`], [`limits`] (with drain),
-//! [`env`] (secret path overrides) and the loader ([`load`], feature `load`). Each
+//! [`registry`], [`env`] (secret path overrides) and the loader ([`load`], feature `load`). Each
 //! section owns its types and the part of [`Config::validate`] that checks them.
 
 use std::fmt;
@@ -36,6 +36,8 @@ mod load;
 mod nats;
 #[cfg(feature = "pem")]
 pub mod pem;
+mod presence;
+mod registry;
 pub mod rule;
 pub mod template;
 
@@ -49,6 +51,8 @@ pub use listen::*;
 #[cfg(feature = "load")]
 pub use load::*;
 pub use nats::*;
+pub use presence::*;
+pub use registry::*;
 
 /// The first token of every subject the relay uses for itself (history republishing,
 /// SUB confirmations): reserved, no binding may map a channel under it.
@@ -80,6 +84,10 @@ pub struct Config {
     /// Graceful drain on SIGTERM.
     #[serde(default)]
     pub drain: Drain,
+    /// The connection registry (a JetStream KV bucket: a lease per relay, an entry per
+    /// connection). Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<Registry>,
 }
 
 /// One problem found by [`Config::validate`], naming the field at fault.
@@ -154,6 +162,8 @@ impl Config {
         self.validate_bindings(&mut errs);
         self.validate_authorize(&mut errs);
         self.validate_limits(&mut errs);
+        self.validate_registry(&mut errs);
+        self.validate_presence(&mut errs);
         if self.drain.grace_period_seconds == 0 {
             errs.push(ValidationError::invalid(
                 "drain.gracePeriodSeconds",

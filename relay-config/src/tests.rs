@@ -374,3 +374,129 @@ fn history_is_bounded_in_bytes_by_default_and_by_the_message_limit() {
         }
     }
 }
+
+#[test]
+fn the_registry_is_optional_and_defaults_its_lease_replicas_and_bytes() {
+    let mut c = Config::example("nats://n:4222");
+    assert_eq!(c.registry, None);
+    c.registry = Some(serde_json::from_str(r#"{"bucket": "WSRELAY_GW_REG"}"#).unwrap());
+    c.validate().unwrap();
+    let r = c.registry.clone().unwrap();
+    assert_eq!(
+        (r.lease_seconds, r.replicas, r.max_bytes),
+        (15, 1, DEFAULT_REGISTRY_BYTES)
+    );
+    let back: Config = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    assert!(
+        serde_json::from_str::<Registry>(r#"{"bucket": "B", "lease": 3}"#).is_err(),
+        "unknown fields are refused"
+    );
+}
+
+#[test]
+fn each_registry_field_is_validated_by_name() {
+    let base = || {
+        let mut c = Config::example("nats://n:4222");
+        c.registry = Some(serde_json::from_str(r#"{"bucket": "REG"}"#).unwrap());
+        c
+    };
+    type Break = fn(&mut Registry);
+    let cases: [(&str, Break); 8] = [
+        ("registry.bucket", |r| r.bucket = String::new()),
+        ("registry.bucket", |r| r.bucket = "a.b".into()),
+        ("registry.bucket", |r| r.bucket = "x".repeat(62)),
+        ("registry.leaseSeconds", |r| r.lease_seconds = 2),
+        ("registry.leaseSeconds", |r| r.lease_seconds = 3601),
+        ("registry.replicas", |r| r.replicas = 2),
+        ("registry.maxBytes", |r| {
+            r.max_bytes = MIN_REGISTRY_BYTES - 1
+        }),
+        ("registry.maxBytes", |r| {
+            r.max_bytes = MAX_REGISTRY_BYTES + 1
+        }),
+    ];
+    for (field, break_it) in cases {
+        let mut c = base();
+        break_it(c.registry.as_mut().unwrap());
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{field}: {errs}");
+        assert_eq!(errs.0[0].field(), field, "{errs}");
+    }
+    for ok in [3, 3600] {
+        let mut c = base();
+        c.registry.as_mut().unwrap().lease_seconds = ok;
+        c.validate().unwrap();
+    }
+    let mut c = base();
+    c.registry.as_mut().unwrap().relay_name = Some("a.b".into());
+    assert_eq!(c.validate().unwrap_err().0[0].field(), "registry.relayName");
+    // The bucket's stream may not be a history stream.
+    let mut c = base();
+    c.bindings[0].history = Some(serde_json::from_str(r#"{"stream": "KV_REG"}"#).unwrap());
+    let errs = c.validate().unwrap_err();
+    assert_eq!(errs.0[0].field(), "registry.bucket", "{errs}");
+}
+
+#[test]
+fn presence_needs_the_registry_and_each_field_is_validated_by_name() {
+    let base = || {
+        let mut c = Config::example("nats://n:4222");
+        c.bindings[0].channel = "rooms.{room}".into();
+        c.bindings[0].subject = "chat.{room}".into();
+        c.bindings[0].presence = Some(Presence::default());
+        c.registry = Some(serde_json::from_str(r#"{"bucket": "REG"}"#).unwrap());
+        c
+    };
+    let p: Presence = serde_json::from_str("{}").unwrap();
+    assert_eq!(p, Presence::default());
+    assert_eq!(
+        (
+            p.key.as_str(),
+            p.events,
+            p.max_members_with_events,
+            p.leave_grace_seconds
+        ),
+        ("{claims.sub}", true, 200, 10)
+    );
+    let mut c = base();
+    c.bindings[0].presence.as_mut().unwrap().key = "{room}".into();
+    c.validate().unwrap();
+
+    let mut c = base();
+    c.registry = None;
+    let errs = c.validate().unwrap_err();
+    assert!(
+        errs.0.iter().any(|e| e.field() == "bindings[0].presence"),
+        "{errs}"
+    );
+    type Break = fn(&mut Presence);
+    let cases: [(&str, Break); 6] = [
+        ("bindings[0].presence.key", |p| p.key = "{nope}".into()),
+        ("bindings[0].presence.key", |p| p.key = "a..b".into()),
+        ("bindings[0].presence.info[0]", |p| {
+            p.info = vec!["name".into()]
+        }),
+        ("bindings[0].presence.info", |p| {
+            p.info = (0..9).map(|i| format!("claims.c{i}")).collect()
+        }),
+        ("bindings[0].presence.maxMembersWithEvents", |p| {
+            p.max_members_with_events = 0
+        }),
+        ("bindings[0].presence.leaveGraceSeconds", |p| {
+            p.leave_grace_seconds = 301
+        }),
+    ];
+    for (field, break_it) in cases {
+        let mut c = base();
+        c.bindings[0].presence.as_mut().unwrap().key = "{room}".into();
+        break_it(c.bindings[0].presence.as_mut().unwrap());
+        let errs = c.validate().unwrap_err();
+        assert!(errs.0.iter().any(|e| e.field() == field), "{field}: {errs}");
+    }
+    // A publish-only binding has no subscribers, so no members.
+    let mut c = base();
+    c.bindings[0].presence.as_mut().unwrap().key = "{room}".into();
+    c.bindings[0].direction = Direction::Publish;
+    assert!(c.validate().is_err());
+}

@@ -129,6 +129,8 @@ struct Compiled {
     subject: Vec<TemplateToken>,
     direction: Direction,
     history: Option<History>,
+    /// Its `presence.key`, parsed (a binding with presence).
+    presence_key: Option<Vec<TemplateToken>>,
 }
 
 /// What a channel resolves to.
@@ -164,6 +166,10 @@ impl Authorizer {
                     subject: parse_subject_template(&b.subject).ok()?,
                     direction: b.direction,
                     history: b.history.clone(),
+                    presence_key: match &b.presence {
+                        None => None,
+                        Some(p) => Some(parse_subject_template(&p.key).ok()?),
+                    },
                 })
             })
             .collect();
@@ -256,6 +262,27 @@ impl Authorizer {
                 _ => None,
             })
             .collect()
+    }
+}
+
+impl Authorizer {
+    /// A member key of `channel` (which binding `binding` matched): the binding's
+    /// `presence.key` rendered like its subject, from the channel's placeholders and
+    /// `claims`. `None` when the binding has no presence; an error when `claims` cannot
+    /// render it (anonymous, a claim missing or not fit for a subject).
+    pub fn presence_key(
+        &self,
+        binding: usize,
+        channel: &str,
+        claims: Option<&Map<String, Value>>,
+    ) -> Option<Result<String, AuthzError>> {
+        let b = self.bindings.iter().find(|b| b.index == binding)?;
+        let template = b.presence_key.as_ref()?;
+        let tokens: Vec<&str> = channel.split('.').collect();
+        let Some(vars) = match_pattern(&b.channel, &tokens) else {
+            return Some(Err(AuthzError::NoBinding(channel.to_owned())));
+        };
+        Some(render(template, &vars, claims, channel))
     }
 }
 
@@ -366,6 +393,7 @@ mod tests {
             direction,
             history: None,
             authorize: None,
+            presence: None,
         }
     }
 
@@ -605,5 +633,30 @@ mod tests {
         for bad in ["", ".", "a.b", "*", ">", "a*", " ", "a\u{2003}b", "\u{7f}"] {
             assert!(check_value(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_presence_key_renders_like_a_subject_or_fails_without_its_claims() {
+        let mut b = binding("rooms.{room}", "chat.{room}", Direction::Both);
+        b.presence = Some(crate::config::Presence {
+            key: "{room}.{claims.sub}".into(),
+            ..Default::default()
+        });
+        let a = Authorizer::new(&[binding("plain", "plain", Direction::Both), b]);
+        let claims = json!({"sub": "alice"});
+        assert_eq!(
+            a.presence_key(1, "rooms.7", claims.as_object())
+                .unwrap()
+                .unwrap(),
+            "7.alice"
+        );
+        assert!(
+            a.presence_key(1, "rooms.7", None).unwrap().is_err(),
+            "anonymous"
+        );
+        assert!(
+            a.presence_key(0, "plain", claims.as_object()).is_none(),
+            "no presence"
+        );
     }
 }

@@ -131,6 +131,16 @@ pub const DROP_REASONS: &[&str] = &[
 /// `reason` values of `wsrelay_history_resumes_total`.
 pub const RESUME_OUTCOMES: &[&str] = &["recovered", "not_recovered", "unavailable"];
 
+/// The `event` label of `wsrelay_presence_events_sent_total`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    /// `join`, `leave` or `occupancy`.
+    pub event: &'static str,
+}
+
+/// `event` values of `wsrelay_presence_events_sent_total`.
+pub const PRESENCE_EVENTS: &[&str] = &["join", "leave", "occupancy"];
+
 /// Every metric of the relay.
 #[derive(Debug)]
 pub struct Metrics {
@@ -217,7 +227,40 @@ pub struct Metrics {
     /// `wsrelay_history_gaps_total{reason}`: holes in live delivery: `filled` from the
     /// stream, or `lost` (the subscribers were told to resubscribe).
     pub history_gaps: Family<Reason, Counter>,
+    /// `wsrelay_registry_ready`: 1 while the registry's bucket is in place (0 without a
+    /// registry, or while JetStream refuses it). Readiness does not depend on it.
+    pub registry_ready: Gauge,
+    /// `wsrelay_registry_keys_written_total`: registry keys written (lease, connections).
+    pub registry_keys_written: Counter,
+    /// `wsrelay_registry_keys_deleted_total`: registry keys deleted (closes and purges).
+    pub registry_keys_deleted: Counter,
+    /// `wsrelay_registry_write_failures_total`: registry writes or deletes JetStream refused
+    /// or did not answer (the entry is missing or stale until the next reassertion).
+    pub registry_write_failures: Counter,
+    /// `wsrelay_registry_lease_failures_total`: lease refreshes that failed.
+    pub registry_lease_failures: Counter,
+    /// `wsrelay_registry_purges_total{reason}`: a relay's entries purged, by cause:
+    /// `shutdown` (its own, at exit), `forget` (`POST /registry/forget`), `lease_expired`,
+    /// `restart` (what a previous run under the same name left).
+    pub registry_purges: Family<Reason, Counter>,
+    /// `wsrelay_presence_members`: members (users, those in their leave grace included) of
+    /// the channels this relay watches (those with a local subscriber).
+    pub presence_members: Gauge,
+    /// `wsrelay_presence_watchers`: channels this relay watches.
+    pub presence_watchers: Gauge,
+    /// `wsrelay_presence_events_sent_total{event}`: presence frames queued to subscribers
+    /// (one per recipient), by `join`, `leave`, `occupancy`.
+    pub presence_events: Family<Kind, Counter>,
+    /// `wsrelay_presence_snapshot_reads_total{op}`: member pages answered: `subscribe` (the
+    /// snapshot of a `presence: true` subscribe) or `presence` (a paging request).
+    pub presence_snapshots: Family<Op, Counter>,
+    /// `wsrelay_presence_unavailable_total`: presence requests answered 503 (the registry
+    /// did not store the membership, or the watcher did not read it, in time).
+    pub presence_unavailable: Counter,
 }
+
+/// The causes of `wsrelay_registry_purges_total`.
+pub const PURGE_CAUSES: &[&str] = &["shutdown", "forget", "lease_expired", "restart"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -265,6 +308,17 @@ impl Metrics {
             history_resumes: Family::default(),
             history_reads: Family::default(),
             history_gaps: Family::default(),
+            registry_ready: Gauge::default(),
+            registry_keys_written: Counter::default(),
+            registry_keys_deleted: Counter::default(),
+            registry_write_failures: Counter::default(),
+            registry_lease_failures: Counter::default(),
+            registry_purges: Family::default(),
+            presence_members: Gauge::default(),
+            presence_watchers: Gauge::default(),
+            presence_events: Family::default(),
+            presence_snapshots: Family::default(),
+            presence_unavailable: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -439,6 +493,64 @@ impl Metrics {
             "Requests denied by a binding's authorize section or the connect step, by operation and check",
             m.authorize_denied.clone(),
         );
+        r.register(
+            "registry_ready",
+            "1 while the connection registry's bucket is in place",
+            m.registry_ready.clone(),
+        );
+        r.register(
+            "registry_keys_written",
+            "Connection registry keys written (lease, connections)",
+            m.registry_keys_written.clone(),
+        );
+        r.register(
+            "registry_keys_deleted",
+            "Connection registry keys deleted (closes and purges)",
+            m.registry_keys_deleted.clone(),
+        );
+        r.register(
+            "registry_write_failures",
+            "Connection registry writes or deletes that JetStream refused or did not answer",
+            m.registry_write_failures.clone(),
+        );
+        r.register(
+            "registry_lease_failures",
+            "Lease refreshes of this relay that failed",
+            m.registry_lease_failures.clone(),
+        );
+        r.register(
+            "registry_purges",
+            "A relay's registry entries purged, by cause (shutdown, forget, lease_expired)",
+            m.registry_purges.clone(),
+        );
+        r.register(
+            "presence_members",
+            "Members of the channels this relay watches (those in their leave grace included)",
+            m.presence_members.clone(),
+        );
+        r.register(
+            "presence_watchers",
+            "Channels whose presence this relay watches (one per channel with local subscribers)",
+            m.presence_watchers.clone(),
+        );
+        r.register(
+            "presence_events_sent",
+            "Presence frames queued to subscribers (one per recipient), by event",
+            m.presence_events.clone(),
+        );
+        r.register(
+            "presence_snapshot_reads",
+            "Pages of members answered, by op (subscribe, presence)",
+            m.presence_snapshots.clone(),
+        );
+        r.register(
+            "presence_unavailable",
+            "Presence subscribes and requests answered 503",
+            m.presence_unavailable.clone(),
+        );
+        for event in PRESENCE_EVENTS {
+            let _ = m.presence_events.get_or_create(&Kind { event });
+        }
         // The known label values show up at 0 from the start, so that rate() and increase()
         // (and the alerts built on them) see the first refusal, close or drop too.
         for (family, reasons) in [
@@ -446,6 +558,7 @@ impl Metrics {
             (&m.closed, CLOSE_REASONS),
             (&m.dropped, DROP_REASONS),
             (&m.history_resumes, RESUME_OUTCOMES),
+            (&m.registry_purges, PURGE_CAUSES),
         ] {
             for reason in reasons {
                 let _ = family.get_or_create(&Reason { reason });

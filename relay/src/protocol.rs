@@ -36,6 +36,19 @@ pub enum Request {
         since: Option<Since>,
         /// A subscription token, for a binding that takes one.
         token: Option<String>,
+        /// The members, then their joins and leaves (a binding with presence).
+        presence: bool,
+    },
+    /// A page of a subscribed channel's members.
+    Presence {
+        /// Request id.
+        id: Option<RequestId>,
+        /// The subscribed channel.
+        channel: String,
+        /// Members whose key sorts after this one (exclusive).
+        after: Option<String>,
+        /// At most this many ([`PRESENCE_LIMITS`]).
+        limit: usize,
     },
     /// Stop receiving messages of a channel.
     Unsubscribe {
@@ -151,7 +164,16 @@ struct RawFrame<'a> {
     msg_id: Option<String>,
     #[serde(default)]
     token: Option<String>,
+    #[serde(default)]
+    presence: Option<bool>,
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    limit: Option<u64>,
 }
+
+/// The `limit` of a `presence` request: at least, at most, and without one.
+pub const PRESENCE_LIMITS: (usize, usize, usize) = (1, 1000, 100);
 
 /// The frames that may carry a `token`.
 const TOKEN_FRAMES: &[&str] = &["refresh", "subrefresh", "subscribe", "publish"];
@@ -204,6 +226,12 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
     {
         return Err(bad(id, "token must be 1 to 8192 bytes"));
     }
+    if raw.presence.is_some() && raw.kind != "subscribe" {
+        return Err(bad(id, "presence is only allowed on subscribe"));
+    }
+    if (raw.after.is_some() || raw.limit.is_some()) && raw.kind != "presence" {
+        return Err(bad(id, "after and limit are only allowed on presence"));
+    }
     match raw.kind.as_str() {
         "subscribe" | "unsubscribe" => {
             if raw.payload.is_some() || raw.text.is_some() || raw.msg_id.is_some() {
@@ -226,6 +254,7 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
                     channel,
                     since,
                     token: raw.token,
+                    presence: raw.presence.unwrap_or(false),
                 })
             } else if raw.since.is_some() {
                 Err(bad(id, "since is only allowed on subscribe"))
@@ -290,6 +319,32 @@ pub fn parse_request(text: &str) -> Result<Request, BadFrame> {
                 }
                 Some(token) => Ok(Request::Refresh { id, token }),
             }
+        }
+        "presence" => {
+            let extra = raw.payload.is_some()
+                || raw.text.is_some()
+                || raw.since.is_some()
+                || raw.msg_id.is_some()
+                || raw.token.is_some();
+            if extra {
+                return Err(bad(
+                    id,
+                    "presence takes only an id, a channel, after and limit",
+                ));
+            }
+            let channel = need_channel(&id, raw.channel)?;
+            let (min, max, default) = PRESENCE_LIMITS;
+            let limit = match raw.limit {
+                None => default,
+                Some(l) if (min as u64..=max as u64).contains(&l) => l as usize,
+                Some(_) => return Err(bad(id, "limit must be 1 to 1000")),
+            };
+            Ok(Request::Presence {
+                id,
+                channel,
+                after: raw.after,
+                limit,
+            })
         }
         "ping" if raw.since.is_some() || raw.msg_id.is_some() => {
             Err(bad(id, "ping takes only an id"))
@@ -556,6 +611,81 @@ pub fn with_data(mut frame: String, data: Option<&str>) -> String {
     frame
 }
 
+/// Adds `"presence":<raw JSON>` (an [`encode_presence`]) to an encoded `ok`.
+pub fn with_presence(mut frame: String, presence: &str) -> String {
+    frame.pop();
+    frame.push_str(",\"presence\":");
+    frame.push_str(presence);
+    frame.push('}');
+    frame
+}
+
+/// A page of members, the `presence` of an `ok`: `{"members":[{"key":..,"info":..,
+/// "clients":..}],"clients":..,"users":..,"events":..,"complete":..,"next":..}`. `members`
+/// are (key, info as JSON object text, connections); `events`: whether `join`/`leave` are
+/// sent now; `next`: the key to page on from, when the page is not complete.
+pub fn encode_presence<'a>(
+    members: impl IntoIterator<Item = (&'a str, &'a str, usize)>,
+    clients: usize,
+    users: usize,
+    events: bool,
+    next: Option<&str>,
+) -> String {
+    let mut out = String::from("{\"members\":[");
+    for (i, (key, info, n)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_member(&mut out, key, info);
+        out.pop();
+        let _ = write!(out, ",\"clients\":{n}}}");
+    }
+    let _ = write!(
+        out,
+        "],\"clients\":{clients},\"users\":{users},\"events\":{events},\"complete\":{}",
+        next.is_none()
+    );
+    if let Some(n) = next {
+        out.push_str(",\"next\":");
+        push_json_str(&mut out, n);
+    }
+    out.push('}');
+    out
+}
+
+/// `{"key":..,"info":..}`; `info` is a JSON object's text.
+fn push_member(out: &mut String, key: &str, info: &str) {
+    out.push_str("{\"key\":");
+    push_json_str(out, key);
+    out.push_str(",\"info\":");
+    out.push_str(info);
+    out.push('}');
+}
+
+/// `{"type":"join"|"leave","channel":..,"member":{"key":..,"info":..}}`: `kind` is `join`
+/// or `leave`.
+pub fn encode_member_event(kind: &str, channel: &str, key: &str, info: &str) -> String {
+    let mut out = String::from("{\"type\":");
+    push_json_str(&mut out, kind);
+    out.push_str(",\"channel\":");
+    push_json_str(&mut out, channel);
+    out.push_str(",\"member\":");
+    push_member(&mut out, key, info);
+    out.push('}');
+    out
+}
+
+/// `{"type":"occupancy","channel":..,"clients":..,"users":..,"events":..}`.
+pub fn encode_occupancy(channel: &str, clients: usize, users: usize, events: bool) -> String {
+    let mut out = String::from("{\"type\":\"occupancy\",\"channel\":");
+    push_json_str(&mut out, channel);
+    let _ = write!(
+        out,
+        ",\"clients\":{clients},\"users\":{users},\"events\":{events}}}"
+    );
+    out
+}
+
 /// `{"type":"pong","id":..}`.
 pub fn encode_pong(id: Option<&RequestId>) -> String {
     let mut out = String::from("{\"type\":\"pong\",");
@@ -615,6 +745,80 @@ mod tests {
     }
 
     #[test]
+    fn presence_is_asked_on_subscribe_only_and_paged_with_presence() {
+        assert!(matches!(
+            parse_request(r#"{"type":"subscribe","channel":"c","presence":true}"#),
+            Ok(Request::Subscribe { presence: true, .. })
+        ));
+        assert_eq!(
+            parse_request(r#"{"type":"presence","id":2,"channel":"c","after":"bob","limit":5}"#),
+            Ok(Request::Presence {
+                id: Some(RequestId::Num(2)),
+                channel: "c".into(),
+                after: Some("bob".into()),
+                limit: 5,
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"type":"presence","channel":"c"}"#),
+            Ok(Request::Presence {
+                id: None,
+                channel: "c".into(),
+                after: None,
+                limit: 100,
+            })
+        );
+        for bad in [
+            r#"{"type":"publish","id":3,"channel":"c","text":"x","presence":true}"#,
+            r#"{"type":"unsubscribe","id":3,"channel":"c","presence":false}"#,
+            r#"{"type":"subscribe","id":3,"channel":"c","limit":5}"#,
+            r#"{"type":"presence","id":3,"channel":"c","limit":0}"#,
+            r#"{"type":"presence","id":3,"channel":"c","limit":1001}"#,
+            r#"{"type":"presence","id":3,"channel":"c","presence":true}"#,
+            r#"{"type":"presence","id":3}"#,
+            r#"{"type":"subscribe","id":3,"channel":"c","presence":"yes"}"#,
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert_eq!(e.id, Some(RequestId::Num(3)), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn presence_frames_are_the_documented_json() {
+        let page = encode_presence(
+            [("alice", r#"{"name":"Alice"}"#, 2), ("b\"ob", "{}", 0)],
+            3,
+            2,
+            true,
+            Some("b\"ob"),
+        );
+        assert_eq!(
+            v(&with_presence(encode_ok(Some(&RequestId::Num(1))), &page)),
+            json!({"type": "ok", "id": 1, "presence": {
+                "members": [{"key": "alice", "info": {"name": "Alice"}, "clients": 2},
+                            {"key": "b\"ob", "info": {}, "clients": 0}],
+                "clients": 3, "users": 2, "events": true, "complete": false, "next": "b\"ob"}})
+        );
+        assert_eq!(
+            v(&encode_presence([], 0, 0, false, None)),
+            json!({"members": [], "clients": 0, "users": 0, "events": false, "complete": true})
+        );
+        assert_eq!(
+            v(&encode_member_event(
+                "join",
+                "rooms.7",
+                "alice",
+                r#"{"name":"A"}"#
+            )),
+            json!({"type": "join", "channel": "rooms.7", "member": {"key": "alice", "info": {"name": "A"}}})
+        );
+        assert_eq!(
+            v(&encode_occupancy("rooms.7", 3, 2, false)),
+            json!({"type": "occupancy", "channel": "rooms.7", "clients": 3, "users": 2, "events": false})
+        );
+    }
+
+    #[test]
     fn parses_requests() {
         assert_eq!(
             parse_request(r#"{"type":"subscribe","id":1,"channel":"orders.1"}"#),
@@ -623,6 +827,7 @@ mod tests {
                 channel: "orders.1".into(),
                 since: None,
                 token: None,
+                presence: false,
             })
         );
         assert_eq!(
@@ -674,6 +879,7 @@ mod tests {
                     seq: 42
                 }),
                 token: None,
+                presence: false,
             })
         );
         assert_eq!(
@@ -779,6 +985,7 @@ mod tests {
                 channel: "c".into(),
                 since: None,
                 token: Some("t".into()),
+                presence: false,
             })
         );
         assert_eq!(

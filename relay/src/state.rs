@@ -18,6 +18,8 @@ use crate::conn::outbox::{Outbox, QueueBudget};
 use crate::conn::{Conn, ConnId};
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
+use crate::presence::Presences;
+use crate::registry::Registry;
 
 /// The parts of the config that can change on reload, swapped as one.
 #[derive(Debug)]
@@ -81,6 +83,11 @@ pub struct Relay {
     /// This relay's name in the `Wsrelay-Connection` header of client publishes: the pod
     /// name (`HOSTNAME`), else the NATS connection name.
     pub name: String,
+    /// The connection registry, when the config has one (set at start; a reload does not
+    /// change it).
+    pub registry: Option<Arc<Registry>>,
+    /// Presence's watchers, with the registry.
+    pub presence: Option<Arc<Presences>>,
     conns: Mutex<HashMap<ConnId, Arc<Conn>>>,
     next_id: AtomicU64,
 }
@@ -105,15 +112,14 @@ impl Relay {
                 .clone(),
             metrics.slow_consumers.clone(),
         ));
-        let name = std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| live.config.nats.name.clone());
+        let name = Self::name_for(&live.config);
         metrics
             .drain_grace
             .set(live.config.drain.grace_period_seconds as i64);
         Self {
             name,
+            registry: None,
+            presence: None,
             live: RwLock::new(Arc::new(live)),
             hub,
             metrics,
@@ -126,6 +132,31 @@ impl Relay {
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// The relay's name: the pod name (`HOSTNAME`), else the NATS connection name.
+    pub fn name_for(config: &Config) -> String {
+        if let Some(n) = config.registry.as_ref().and_then(|r| r.relay_name.clone()) {
+            return n;
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| config.nats.name.clone())
+    }
+
+    /// With the connection registry (before the state is shared).
+    #[must_use]
+    pub fn with_registry(mut self, registry: Option<Arc<Registry>>) -> Self {
+        self.presence = registry.as_ref().map(|r| {
+            Arc::new(Presences::new(
+                r.clone(),
+                self.hub.client().clone(),
+                self.metrics.clone(),
+            ))
+        });
+        self.registry = registry;
+        self
     }
 
     /// The config, bindings and authenticator in force.
@@ -175,6 +206,16 @@ impl Relay {
     /// Registers a new connection.
     pub fn register(&self, outbox: Arc<Outbox>, claims: Option<Map<String, Value>>) -> Arc<Conn> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(r) = &self.registry {
+            let claim = |k: &str| {
+                claims
+                    .as_ref()
+                    .and_then(|c| c.get(k))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            r.opened(id, claim("sub"), claim("iss"));
+        }
         let conn = Arc::new(Conn::new(id, outbox, claims));
         self.conns_lock().insert(id, conn.clone());
         self.metrics.connections.inc();
@@ -188,6 +229,9 @@ impl Relay {
         }
         if self.conns_lock().remove(&conn.id).is_some() {
             self.metrics.connections.dec();
+            if let Some(r) = &self.registry {
+                r.closed(conn.id);
+            }
         }
     }
 

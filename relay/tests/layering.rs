@@ -9,11 +9,14 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["template", "pem"],
     &["config"],
-    &["protocol", "metrics", "limits", "slots", "signal"],
-    &["task", "confirm", "auth", "authz", "nats", "history"],
+    &["protocol", "metrics", "limits", "slots", "signal", "clock"],
+    &[
+        "task", "confirm", "auth", "authz", "nats", "history", "registry",
+    ],
     &["access"],
     &["conn"],
     &["fanout"],
+    &["presence"],
     &["state"],
     &["session"],
     &["edge"],

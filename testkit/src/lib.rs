@@ -35,7 +35,8 @@ pub mod tokens;
 pub mod api {
     pub use wsrelay::config::{
         Authorize, BackendRequest, Binding, Config, Direction, History, Jwt, JwtAlgorithm, JwtKey,
-        OnTimeout, ServerTls, SlowConsumerPolicy, SubscriptionToken, TokenSource,
+        OnTimeout, Presence, Registry, ServerTls, SlowConsumerPolicy, SubscriptionToken,
+        TokenSource,
     };
     pub use wsrelay::runtime::process::{Running, StartError, start};
 }
@@ -64,7 +65,7 @@ pub fn init_logs() {
 pub mod prelude {
     pub use crate::api::{
         Authorize, BackendRequest, Binding, Config, Direction, History, Jwt, JwtAlgorithm, JwtKey,
-        OnTimeout, SlowConsumerPolicy, SubscriptionToken, TokenSource,
+        OnTimeout, Presence, Registry, SlowConsumerPolicy, SubscriptionToken, TokenSource,
     };
     pub use crate::client::{
         Client, Event, Frame, Got, Request, Since, Ws, close_code, connect, connect_with,
@@ -74,7 +75,7 @@ pub mod prelude {
     pub use crate::http::{eventually, http_get, metric, raw_frames, raw_upgrade, raw_ws};
     pub use crate::nats::{Nats, StoreDir, free_port, jetstream_nats, nats_server_bin};
     pub use crate::relay::{
-        Builder as RelayBuilder, RelayProcess, TestRelay, base_config, binding,
+        Builder as RelayBuilder, RelayProcess, TestRelay, base_config, binding, registry,
     };
     pub use crate::tokens::{claims, fixture_jwt, hs256, now_secs, rs256};
     pub use crate::{fixture, init_logs};

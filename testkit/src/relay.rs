@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::api::{
-    Binding, Config, Direction, Jwt, JwtAlgorithm, JwtKey, Running, ServerTls, SlowConsumerPolicy,
-    StartError, TokenSource, start,
+    Binding, Config, Direction, Jwt, JwtAlgorithm, JwtKey, Registry, Running, ServerTls,
+    SlowConsumerPolicy, StartError, TokenSource, start,
 };
 use crate::client::{self, Ws};
 use crate::http::{eventually, http_get, metric};
@@ -33,6 +33,19 @@ pub fn binding(channel: &str, subject: &str, direction: Direction) -> Binding {
         direction,
         history: None,
         authorize: None,
+        presence: None,
+    }
+}
+
+/// A registry section: the test's `bucket` (1 MiB ... 8 MiB), this relay named `name` in it
+/// (in-process relays share `HOSTNAME`), its lease `lease_seconds`.
+pub fn registry(bucket: &str, name: &str, lease_seconds: u64) -> Registry {
+    Registry {
+        bucket: bucket.into(),
+        lease_seconds,
+        replicas: 1,
+        max_bytes: 8 << 20,
+        relay_name: Some(name.into()),
     }
 }
 
@@ -79,6 +92,8 @@ pub struct Builder {
     /// Whether a binding was given: the first one replaces the example's.
     bound: bool,
     wait: Wait,
+    /// Wait for the registry's bucket too.
+    registry_ready: bool,
 }
 
 impl Builder {
@@ -170,6 +185,17 @@ impl Builder {
         self
     }
 
+    /// With the connection registry (see [`registry`]); the start then also waits until its
+    /// bucket is in place.
+    pub fn registry(mut self, bucket: &str, name: &str, lease_seconds: u64) -> Self {
+        self.config.registry = Some(registry(bucket, name, lease_seconds));
+        if self.wait == Wait::Listening {
+            self.wait = Wait::Ready;
+        }
+        self.registry_ready = true;
+        self
+    }
+
     /// After the start, waits until `/ready` answers 200 (connected to NATS).
     pub fn ready(mut self) -> Self {
         self.wait = Wait::Ready;
@@ -197,7 +223,7 @@ impl Builder {
 
     /// Starts the relay (panics if it cannot), then waits as asked.
     pub async fn start(self) -> TestRelay {
-        let wait = self.wait;
+        let (wait, registry_ready) = (self.wait, self.registry_ready);
         let relay = TestRelay::start(self.build()).await;
         let admin = relay.admin_addr;
         match wait {
@@ -216,6 +242,15 @@ impl Builder {
                 .await,
                 "the history stream was not put in place"
             ),
+        }
+        if registry_ready {
+            assert!(
+                eventually(Duration::from_secs(15), || async {
+                    metric(admin, "wsrelay_registry_ready").await == Some(1.0)
+                })
+                .await,
+                "the registry's bucket was not put in place"
+            );
         }
         relay
     }
@@ -247,6 +282,7 @@ impl TestRelay {
             config: base_config(&nats.nats_url()),
             bound: false,
             wait: Wait::Listening,
+            registry_ready: false,
         }
     }
 
@@ -256,6 +292,7 @@ impl TestRelay {
             config,
             bound: true,
             wait: Wait::Listening,
+            registry_ready: false,
         }
     }
 

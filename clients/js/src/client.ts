@@ -13,11 +13,15 @@ import {
   parseFrame,
   type ErrorFrame,
   type MessageFrame,
+  type OccupancyFrame,
   type OkFrame,
   type PongFrame,
+  type PresenceEventFrame,
+  type PresencePage,
   type ServerFrame,
   type WelcomeFrame,
 } from "./protocol.js";
+import { PresenceProtocolError, type PresenceMember } from "./presence.js";
 import {
   Subscription,
   type Message,
@@ -163,7 +167,15 @@ export interface ConnectingContext {
   delayMs: number;
 }
 
-export type ErrorKind = "token" | "transport" | "refresh" | "closed" | "protocol" | "subscribe" | "subrefresh";
+export type ErrorKind =
+  | "token"
+  | "transport"
+  | "refresh"
+  | "closed"
+  | "protocol"
+  | "subscribe"
+  | "subrefresh"
+  | "presence";
 
 export interface ClientEvents {
   state: { state: ClientState; previous: ClientState };
@@ -210,6 +222,9 @@ interface Conn {
   welcomed: boolean;
   factory: TransportFactory;
 }
+
+/** Tries of one presence page (the first included) when the relay answers 429 or 503, or not in time. */
+const PRESENCE_PAGE_TRIES = 4;
 
 function byteLength(s: string): number {
   return new TextEncoder().encode(s).length;
@@ -348,6 +363,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       this.closed(conn, 1000, "client disconnect", true);
     } else {
       this.failQueue("not_connected", "client disconnected");
+      this.failPresenceWaiters("client disconnected");
       this.setState("disconnected");
     }
   }
@@ -471,7 +487,13 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     this.clearTimer("reconnectTimer");
     this.emit("error", { kind, error });
     this.failQueue("not_connected", error.reason);
+    this.failPresenceWaiters(error.reason);
     this.setState("disconnected");
+  }
+
+  /** The client stopped: fetchPresence() calls waiting for a resubscribe's list would wait until connect(). */
+  private failPresenceWaiters(reason: string): void {
+    for (const sub of this.subs.values()) sub._presenceSettle(new WsrelayError("not_connected", reason));
   }
 
   private async open(gen: number): Promise<void> {
@@ -649,6 +671,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     if (this.stopped) {
       this.emit("disconnected", { code, reason, wasClean, willReconnect: false });
       this.failQueue("not_connected", "client disconnected");
+      this.failPresenceWaiters("client disconnected");
       this.setState("disconnected");
       return;
     }
@@ -794,27 +817,35 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   // ---- requests ---------------------------------------------------------------------------
 
   private request(frame: Record<string, unknown>): Promise<Reply> {
-    if (this._state === "disconnected")
-      return Promise.reject(new WsrelayError("not_connected", "the client is not connected (call connect())"));
-    return new Promise<Reply>((resolve, reject) => {
-      const p: Pending = { frame, resolve, reject, timer: undefined };
-      p.timer = this.clock.setTimeout(() => {
-        if (p.id !== undefined) {
-          this.inflight.delete(p.id);
-          // Rejected: it must not go out later (SSE may still hold it in its POST queue).
-          p.withdraw?.();
-        } else this.queue = this.queue.filter((q) => q !== p);
-        reject(new WsrelayError("timeout", `no reply within ${this.o.requestTimeoutMs} ms`));
-      }, this.o.requestTimeoutMs);
-      if (this.conn?.welcomed) {
-        this.transmit(p);
-      } else if (this.queue.length >= this.o.maxQueuedRequests) {
-        this.clock.clearTimeout(p.timer);
-        reject(new WsrelayError("queue_full", `${this.o.maxQueuedRequests} requests already wait for a connection`));
-      } else {
-        this.queue.push(p);
-      }
-    });
+    return new Promise<Reply>((resolve, reject) => this.requestWith(frame, resolve, reject));
+  }
+
+  /**
+   * A request whose outcome is handled synchronously, as the reply frame is read: before the
+   * frames after it (presence pages must be applied before the joins and leaves that follow).
+   */
+  private requestWith(frame: Record<string, unknown>, resolve: (r: Reply) => void, reject: (e: WsrelayError) => void): void {
+    if (this._state === "disconnected") {
+      reject(new WsrelayError("not_connected", "the client is not connected (call connect())"));
+      return;
+    }
+    const p: Pending = { frame, resolve, reject, timer: undefined };
+    p.timer = this.clock.setTimeout(() => {
+      if (p.id !== undefined) {
+        this.inflight.delete(p.id);
+        // Rejected: it must not go out later (SSE may still hold it in its POST queue).
+        p.withdraw?.();
+      } else this.queue = this.queue.filter((q) => q !== p);
+      reject(new WsrelayError("timeout", `no reply within ${this.o.requestTimeoutMs} ms`));
+    }, this.o.requestTimeoutMs);
+    if (this.conn?.welcomed) {
+      this.transmit(p);
+    } else if (this.queue.length >= this.o.maxQueuedRequests) {
+      this.clock.clearTimeout(p.timer);
+      reject(new WsrelayError("queue_full", `${this.o.maxQueuedRequests} requests already wait for a connection`));
+    } else {
+      this.queue.push(p);
+    }
   }
 
   private transmit(p: Pending): void {
@@ -893,6 +924,11 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       case "drain":
         this.drainAt = this.clock.now() + Math.max(0, f.reconnectAfterMs);
         this.emit("drain", { reconnectAfterMs: f.reconnectAfterMs });
+        return;
+      case "join":
+      case "leave":
+      case "occupancy":
+        this.presenceFrame(f);
         return;
       default:
         // A frame type from a newer relay: ignored, as the protocol asks.
@@ -980,6 +1016,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       channel: sub.channel,
       ...(since ? { since } : {}),
       ...(token ? { token } : {}),
+      ...(sub._presenceWanted ? { presence: true } : {}),
     });
   }
 
@@ -1006,7 +1043,11 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
         ...(ok.data !== undefined ? { data: ok.data } : {}),
       });
       // A listener may have unsubscribed.
-      if (sub.state === "subscribed" && this.subs.get(sub.channel) === sub) this.scheduleSubRefresh(sub);
+      if (sub.state !== "subscribed" || this.subs.get(sub.channel) !== sub) return;
+      this.scheduleSubRefresh(sub);
+      if (ok.presence !== undefined) this.presenceBuild(sub, ok.presence);
+      // No snapshot (a 409, or fetchPresence() calls waiting on a plain subscription): page it.
+      else if (sub._presenceWanted || sub._presenceWaiters.length > 0) this.presenceBuild(sub, undefined);
       return;
     }
     if (f.type !== "error") return;
@@ -1183,6 +1224,128 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     this.ignoredReplies.add(id);
     this.sendRaw(conn, { type: "unsubscribe", id, channel: sub.channel });
     this.sendSubscribe(sub);
+  }
+
+  // ---- presence ---------------------------------------------------------------------------
+
+  /**
+   * Builds a subscription's member list: from a subscribe's snapshot (`first`), or by paging
+   * from the first key; pages on with `presence` requests until complete. Events that arrive
+   * meanwhile are folded into it; the completed list replaces the old one and what changed is
+   * reported as join / leave, then `presence`.
+   */
+  private presenceBuild(sub: Subscription, first: PresencePage | undefined): void {
+    const gen = sub._presence.begin();
+    if (first !== undefined) this.presencePage(sub, gen, undefined, first);
+    else this.presenceRequest(sub, gen, undefined, 0);
+  }
+
+  private presencePage(sub: Subscription, gen: number, after: string | undefined, page: PresencePage): void {
+    let next: string | undefined;
+    try {
+      next = sub._presence.page(after, page);
+    } catch (e) {
+      if (!(e instanceof PresenceProtocolError)) throw e;
+      this.presenceFailed(sub, new WsrelayError(400, `presence of ${sub.channel}: ${e.message}`));
+      return;
+    }
+    if (next !== undefined) {
+      this.presenceRequest(sub, gen, next, 0);
+      return;
+    }
+    const diff = sub._presence.finish();
+    for (const m of diff.left) sub._emit("leave", m);
+    for (const m of diff.joined) sub._emit("join", m);
+    // A listener may have unsubscribed or asked for another list.
+    if (sub._presence.building() || sub.state !== "subscribed") return;
+    sub._emit("presence", {
+      members: sub._presence.members,
+      occupancy: sub.occupancy() ?? { clients: 0, users: 0, events: undefined },
+      initial: diff.initial,
+    });
+    sub._presenceSettle();
+  }
+
+  private presenceRequest(sub: Subscription, gen: number, after: string | undefined, failures: number): void {
+    const live = () => sub._presence.building(gen) && this.subs.get(sub.channel) === sub && sub.state === "subscribed";
+    const limit = sub._presencePageSize;
+    this.requestWith(
+      {
+        type: "presence",
+        channel: sub.channel,
+        ...(after !== undefined ? { after } : {}),
+        ...(limit !== undefined ? { limit } : {}),
+      },
+      (r) => {
+        if (!live()) return;
+        const page = (r as OkFrame).presence;
+        if (page === undefined) {
+          this.presenceFailed(sub, new WsrelayError(400, `presence of ${sub.channel}: an ok without presence`));
+          return;
+        }
+        this.presencePage(sub, gen, after, page);
+      },
+      (err) => {
+        if (!live()) return;
+        // A page the relay could not give now (rate, registry unavailable, slow): the same
+        // page again after a backoff, a few times. "disconnected" needs nothing: the
+        // resubscribe brings a new snapshot.
+        const transient = err.code === 429 || err.code === 503 || err.code === "timeout";
+        if (err.code === "disconnected") return;
+        if (!transient || failures + 1 >= PRESENCE_PAGE_TRIES) {
+          this.presenceFailed(sub, err);
+          return;
+        }
+        const delay = backoffDelay(failures, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
+        this.clock.setTimeout(() => {
+          if (live()) this.presenceRequest(sub, gen, after, failures + 1);
+        }, delay);
+      },
+    );
+  }
+
+  /** A member list could not be completed: the old one stays, the waiting fetchPresence() calls reject. */
+  private presenceFailed(sub: Subscription, err: WsrelayError): void {
+    sub._presence.abandon(false);
+    sub._presenceSettle(err);
+    sub._emit("error", err);
+    this.emit("error", { kind: "presence", error: err });
+  }
+
+  private presenceFrame(f: PresenceEventFrame | OccupancyFrame): void {
+    if (typeof f.channel !== "string") return;
+    const sub = this.subs.get(f.channel);
+    // Frames of a subscription being replaced (reconnect, resync) describe a list its new
+    // snapshot replaces.
+    if (!sub || !sub._presenceWanted || sub.state !== "subscribed") return;
+    if (f.type === "occupancy") {
+      if (typeof f.clients !== "number" || typeof f.users !== "number") return;
+      const { occupancy, resumed } = sub._presence.occupancyFrame(f);
+      sub._emit("occupancy", occupancy);
+      // Events were off (too many members) and are on again: the list missed what changed
+      // meanwhile. Page it again (joins and leaves from now on are folded into it).
+      if (resumed && sub._presenceWanted && !sub._presence.building() && sub.state === "subscribed")
+        this.presenceBuild(sub, undefined);
+      return;
+    }
+    const m = f.member;
+    if (m === null || typeof m !== "object" || typeof m.key !== "string") return;
+    const changed = f.type === "join" ? sub._presence.join(m.key, m.info) : sub._presence.leave(m.key, m.info);
+    if (changed) sub._emit(f.type, changed);
+  }
+
+  /** @internal called by Subscription.fetchPresence() */
+  _fetchPresence(sub: Subscription): Promise<ReadonlyMap<string, PresenceMember>> {
+    if (sub.state === "unsubscribed" || this.subs.get(sub.channel) !== sub)
+      return Promise.reject(new WsrelayError("unsubscribed", `not subscribed to ${sub.channel}`));
+    if (this._state === "disconnected")
+      return Promise.reject(new WsrelayError("not_connected", "the client is not connected (call connect())"));
+    const p = new Promise<ReadonlyMap<string, PresenceMember>>((resolve, reject) =>
+      sub._presenceWaiters.push({ resolve, reject }),
+    );
+    // While subscribing, the subscribe's ok starts the list; a paging under way is joined.
+    if (sub.state === "subscribed" && !sub._presence.building()) this.presenceBuild(sub, undefined);
+    return p;
   }
 
   /** @internal called by Subscription.unsubscribe() */

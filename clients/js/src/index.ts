@@ -14,6 +14,7 @@ export {
 export {
   Subscription,
   type Message,
+  type PresenceSync,
   type SubscribedContext,
   type SubscribingContext,
   type SubscriptionEvents,
@@ -26,7 +27,22 @@ export { backoffDelay, backoffCap } from "./backoff.js";
 export { jwtClaims, jwtExpiryMs, tokenExpired, refreshDelayMs } from "./token.js";
 export { closePolicy, LocalClose, type ClosePolicy } from "./closecodes.js";
 export { PositionTracker, type Position, type Verdict } from "./position.js";
-export { PROTOCOL, parseFrame, type ServerFrame } from "./protocol.js";
+export {
+  PresenceTracker,
+  compareKeys,
+  type Occupancy,
+  type PresenceDiff,
+  type PresenceMember,
+} from "./presence.js";
+export {
+  PROTOCOL,
+  parseFrame,
+  type OccupancyFrame,
+  type PresenceEventFrame,
+  type PresenceMemberEntry,
+  type PresencePage,
+  type ServerFrame,
+} from "./protocol.js";
 export {
   sseTransport,
   sseUrl,

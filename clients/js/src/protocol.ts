@@ -24,6 +24,46 @@ export interface OkFrame {
   recovered?: boolean;
   /** subscribe on a binding with `authorize.request`: what the backend replied, when it sent any. */
   data?: unknown;
+  /** subscribe with `presence: true`, and a `presence` request: a page of the channel's members. */
+  presence?: PresencePage;
+}
+
+/** One member of a channel's presence (docs/protocol.md section 10), as a page lists it. */
+export interface PresenceMemberEntry {
+  key: string;
+  info: Record<string, unknown>;
+  /** Its connections when the page was read (0 while it is in its leave grace). */
+  clients: number;
+}
+
+/** The `presence` of an `ok`: a page of members in byte order of `key`, and the channel's counts. */
+export interface PresencePage {
+  members: PresenceMemberEntry[];
+  /** Connections subscribed to the channel, on every relay. */
+  clients: number;
+  /** Members (distinct keys), those in their leave grace included. */
+  users: number;
+  /** Whether this page holds every member after the page's start; if not, `next` is where to go on. */
+  complete: boolean;
+  next?: string;
+  /** Whether `join`/`leave` are being sent for the channel now. */
+  events?: boolean;
+}
+
+/** `join` / `leave`: a member of a channel subscribed with `presence: true`. */
+export interface PresenceEventFrame {
+  type: "join" | "leave";
+  channel: string;
+  member: { key: string; info: Record<string, unknown> };
+}
+
+/** `occupancy`: a channel's counts changed (at most one a second); `events: false` while no join/leave is sent. */
+export interface OccupancyFrame {
+  type: "occupancy";
+  channel: string;
+  clients: number;
+  users: number;
+  events: boolean;
 }
 
 export interface ErrorFrame {
@@ -75,7 +115,9 @@ export type ServerFrame =
   | MessageFrame
   | DroppedFrame
   | UnsubscribedFrame
-  | DrainFrame;
+  | DrainFrame
+  | PresenceEventFrame
+  | OccupancyFrame;
 
 /** Parses one text frame; undefined for anything that is not a JSON object with a string `type`. */
 export function parseFrame(text: string): ServerFrame | undefined {

@@ -2,6 +2,7 @@
 import { Emitter } from "./emitter.js";
 import { WsrelayError } from "./errors.js";
 import { PositionTracker, type Position } from "./position.js";
+import { PresenceTracker, type Occupancy, type PresenceMember } from "./presence.js";
 import { RefreshTimer, type TimerClock } from "./refresh.js";
 
 export type SubscriptionState = "unsubscribed" | "subscribing" | "subscribed";
@@ -73,6 +74,30 @@ export interface SubscriptionEvents {
   /** The relay took a new subscription token for this subscription (`subrefresh`). */
   token: { expiresAt?: number };
   error: WsrelayError;
+  /**
+   * Presence (`presence: true`): a member joined the channel, live or found by a list paged
+   * again (after a reconnect, `fetchPresence()`); never for a member the list already holds.
+   */
+  join: PresenceMember;
+  /** Presence: a member left (after its leave grace), live or found gone by a list paged again. */
+  leave: PresenceMember;
+  /** Presence: the channel's counts changed (at most one a second). */
+  occupancy: Occupancy;
+  /** Presence: the member list is whole (after the subscribe's snapshot and its pages, a resubscribe, `fetchPresence()`). */
+  presence: PresenceSync;
+}
+
+/** The `presence` event: the member list is complete. */
+export interface PresenceSync {
+  /** The whole list (the map `presence()` returns). */
+  members: ReadonlyMap<string, PresenceMember>;
+  occupancy: Occupancy;
+  /**
+   * The subscription's first complete list: its members were not reported one by one. Any
+   * later list (a resubscribe, `fetchPresence()`) reports what changed as `join` / `leave`
+   * events first.
+   */
+  initial: boolean;
 }
 
 export interface SubscriptionOptions {
@@ -93,11 +118,25 @@ export interface SubscriptionOptions {
    * `getSubscriptionToken` for this subscription. Called as that one is.
    */
   getToken?: (channel: string) => Promise<string | null | undefined>;
+  /**
+   * Ask for the channel's presence (its binding must have a `presence` section, else the
+   * subscribe is refused with 400): the members, kept up to date (`presence()`, events `join`,
+   * `leave`, `occupancy`, `presence`). Default false.
+   */
+  presence?: boolean;
+  /** Members per `presence` request when the list is paged (1 to 1000; default: the relay's, 100). */
+  presencePageSize?: number;
 }
 
 /** What the client needs from a subscription's owner (internal). */
 export interface SubscriptionOwner {
   _unsubscribe(sub: Subscription): void;
+  _fetchPresence(sub: Subscription): Promise<ReadonlyMap<string, PresenceMember>>;
+}
+
+interface PresenceWaiter {
+  resolve: (m: ReadonlyMap<string, PresenceMember>) => void;
+  reject: (e: WsrelayError) => void;
 }
 
 export class Subscription extends Emitter<SubscriptionEvents> {
@@ -118,6 +157,10 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   /** @internal counts subscribe attempts: a token fetched for an older one is not used */ _attempt = 0;
   /** @internal consecutive token failures (fetch failed, 401) */ _tokenFailures = 0;
   /** @internal the subrefresh timer */ readonly _refresh: RefreshTimer;
+  /** @internal */ readonly _presence = new PresenceTracker();
+  /** @internal subscribed with `presence: true` */ readonly _presenceWanted: boolean;
+  /** @internal */ readonly _presencePageSize: number | undefined;
+  /** @internal `fetchPresence()` calls waiting for the next complete list */ _presenceWaiters: PresenceWaiter[] = [];
 
   /** @internal use `client.subscribe()` */
   constructor(owner: SubscriptionOwner, channel: string, opts: SubscriptionOptions, clock: TimerClock) {
@@ -126,6 +169,12 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     this.channel = channel;
     this._token = opts.token;
     this._getToken = opts.getToken;
+    this._presenceWanted = opts.presence === true;
+    const size = opts.presencePageSize;
+    // The relay refuses any other limit (400), which would leave the list unpageable.
+    if (size !== undefined && !(Number.isInteger(size) && size >= 1 && size <= 1000))
+      throw new RangeError(`presencePageSize must be an integer from 1 to 1000, not ${String(size)}`);
+    this._presencePageSize = size;
     this._refresh = new RefreshTimer(clock);
     if (opts.onMessage) this.on("message", opts.onMessage);
     if (opts.onSubscribed) this.on("subscribed", opts.onSubscribed);
@@ -149,6 +198,41 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   /** Messages received more than once (replay overlapping live delivery) and not delivered again. */
   get duplicatesDropped(): number {
     return this._duplicates;
+  }
+
+  /**
+   * The channel's members (`presence: true`), key to member: read-only, replaced whole when
+   * the list is paged again. Empty until the first `presence` event. Kept up to date by
+   * `join` / `leave` while `occupancy().events` is not false; above the binding's
+   * `maxMembersWithEvents` the relay sends no `join` / `leave`, and this is the list as last
+   * paged: call `fetchPresence()` to page it again. While the subscription is down
+   * (reconnecting) it is the list as it was; the resubscribe's snapshot replaces it.
+   */
+  presence(): ReadonlyMap<string, PresenceMember> {
+    return this._presence.members;
+  }
+
+  /** The channel's counts: from the last snapshot or page, then from `occupancy` frames. */
+  occupancy(): Occupancy | undefined {
+    const o = this._presence.occupancy;
+    return o ? { ...o } : undefined;
+  }
+
+  /** A complete member list was built since the last (re)subscribe (false while reconnecting or paging). */
+  get presenceSynced(): boolean {
+    return this._presence.synced;
+  }
+
+  /**
+   * Pages the member list again from the relay (`presence` requests) and resolves with it,
+   * once complete; differences from the previous list are reported as `join` / `leave`, then
+   * a `presence` event. Joins a paging already under way. Works on a subscription without
+   * `presence: true` too (a one-off read: no events keep it up to date). Rejects when the
+   * subscription ends first, the client is stopped, or a page fails (after retries of 429,
+   * 503 and timeouts).
+   */
+  fetchPresence(): Promise<ReadonlyMap<string, PresenceMember>> {
+    return this.owner._fetchPresence(this);
   }
 
   /** Stops the subscription (sends `unsubscribe` when the relay has it). Final: subscribe again for a new one. */
@@ -192,6 +276,12 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     const previous = this._state;
     if (previous === state) return;
     this._state = state;
+    // A member list is built, and kept, only while subscribed: a resubscribe brings a new one.
+    if (previous === "subscribed") this._presence.abandon(true);
+    if (state === "unsubscribed") {
+      this._presence.abandon(true);
+      this._presenceSettle(new WsrelayError("unsubscribed", `not subscribed to ${this.channel}`));
+    }
     this.emit("state", { state, previous });
   }
 
@@ -213,6 +303,16 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   _ended(ctx: UnsubscribedContext): void {
     this._setState("unsubscribed");
     this.emit("unsubscribed", ctx);
+  }
+
+  /** @internal resolves (no error) or rejects the `fetchPresence()` calls waiting */
+  _presenceSettle(err?: WsrelayError): void {
+    const waiters = this._presenceWaiters;
+    this._presenceWaiters = [];
+    for (const w of waiters) {
+      if (err) w.reject(err);
+      else w.resolve(this._presence.members);
+    }
   }
 
   /** @internal */

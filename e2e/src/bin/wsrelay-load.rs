@@ -73,6 +73,13 @@ enum Workload {
     /// `maxSubscriptionsPerConnection`); latency is from the item's due time to the
     /// subscribe's `ok`. `--authz` says which `authorize` the relay's binding has.
     Subscribe,
+    /// wsrelay only (issue 26): `--connections` members join one presence channel
+    /// (`--presence-channel`, each its own `sub`, `presence: true`) at `--join-rate`; then
+    /// `--snapshots` fresh subscribers take the snapshot and page every member; then members
+    /// leave and new ones join at the first of `--rates` per second for `--churn-seconds`
+    /// while a steady observer counts the presence frames it gets: occupancy only, at most
+    /// one per second, or the run fails (status 4). No ladder.
+    Presence,
 }
 
 /// The `subscribe` workload's variant: what the relay's `rooms.{room}` binding checks (the
@@ -180,6 +187,25 @@ struct Args {
     /// answers it (`{"allow":true}`, queue group `authz`) on a thread of its own.
     #[arg(long, default_value = "authz.bench")]
     authz_subject: String,
+    /// Presence: the channel every member joins (the relay's binding for it has `presence`).
+    #[arg(long, default_value = "pres.big")]
+    presence_channel: String,
+    /// Presence: members joining per second while the channel grows (a bounded rate).
+    #[arg(long, default_value_t = 500.0)]
+    join_rate: f64,
+    /// Presence: fresh subscribers that take the snapshot, one after another.
+    #[arg(long, default_value_t = 20)]
+    snapshots: usize,
+    /// Presence: `limit` of the `presence` requests that page the members.
+    #[arg(long, default_value_t = 1000)]
+    page_limit: usize,
+    /// Presence: how long members leave and join (at the first of `--rates` per second).
+    #[arg(long, default_value_t = 15.0)]
+    churn_seconds: f64,
+    /// Presence: how long the observer keeps counting after the churn's last item (the last
+    /// leavers' `leaveGraceSeconds` end in it).
+    #[arg(long, default_value_t = 3.0)]
+    churn_tail_seconds: f64,
     /// Storm: how long to wait for every client to be back.
     #[arg(long, default_value_t = 60.0)]
     storm_seconds: f64,
@@ -236,7 +262,11 @@ impl Args {
     fn subscribes_at_connect(&self) -> bool {
         !matches!(
             self.workload,
-            Workload::Idle | Workload::Upstream | Workload::Churn | Workload::Subscribe
+            Workload::Idle
+                | Workload::Upstream
+                | Workload::Churn
+                | Workload::Subscribe
+                | Workload::Presence
         )
     }
 
@@ -309,6 +339,33 @@ struct Shared {
 }
 
 impl Shared {
+    /// Nothing recorded yet; `subjects` subjects to count subscribers of.
+    fn new(subjects: usize) -> Self {
+        Shared {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        hist: new_histogram(),
+                        delivered: 0,
+                    })
+                })
+                .collect(),
+            ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            lost: AtomicUsize::new(0),
+            handshake: Mutex::new(new_histogram()),
+            errors: Mutex::new(BTreeMap::new()),
+            last_ready_ns: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+            subscribers: (0..subjects).map(|_| AtomicU32::new(0)).collect(),
+            first_drop_ns: AtomicU64::new(u64::MAX),
+            recovered: AtomicUsize::new(0),
+            recovery: Mutex::new(new_histogram()),
+            reconnect_attempts: AtomicU64::new(0),
+            reconnect_failures: AtomicU64::new(0),
+        }
+    }
+
     fn record_at(&self, conn: usize, t_ns: u64) {
         let us = (now_ns().saturating_sub(t_ns) / 1000).max(1);
         let mut shard = lock(&self.shards[conn % SHARDS]);
@@ -1476,6 +1533,12 @@ async fn run(args: Arc<Args>) -> Result<()> {
     if args.workload == Workload::Subscribe && args.target != Target::Wsrelay {
         bail!("the subscribe workload measures wsrelay's authorize: --target wsrelay only");
     }
+    if args.workload == Workload::Presence {
+        if args.target != Target::Wsrelay {
+            bail!("the presence workload measures wsrelay's presence: --target wsrelay only");
+        }
+        return presence::run(args).await;
+    }
     // Before any connection: `cached` primes the relay's cache while it connects.
     let backend = match (args.workload, args.authz) {
         (Workload::Subscribe, Authz::Cached | Authz::Miss) => Some(start_backend(&args)?),
@@ -1496,29 +1559,7 @@ async fn run(args: Arc<Args>) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let subjects = args.subjects();
-    let shared = Arc::new(Shared {
-        shards: (0..SHARDS)
-            .map(|_| {
-                Mutex::new(Shard {
-                    hist: new_histogram(),
-                    delivered: 0,
-                })
-            })
-            .collect(),
-        ready: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        lost: AtomicUsize::new(0),
-        handshake: Mutex::new(new_histogram()),
-        errors: Mutex::new(BTreeMap::new()),
-        last_ready_ns: AtomicU64::new(0),
-        stop: CancellationToken::new(),
-        subscribers: subjects.iter().map(|_| AtomicU32::new(0)).collect(),
-        first_drop_ns: AtomicU64::new(u64::MAX),
-        recovered: AtomicUsize::new(0),
-        recovery: Mutex::new(new_histogram()),
-        reconnect_attempts: AtomicU64::new(0),
-        reconnect_failures: AtomicU64::new(0),
-    });
+    let shared = Arc::new(Shared::new(subjects.len()));
     let before_connect = samples(&args);
     let net_before = net_counters();
 
@@ -1728,4 +1769,770 @@ async fn run(args: Arc<Args>) -> Result<()> {
         None => println!("{text}"),
     }
     std::process::exit(0)
+}
+
+/// The presence workload (issue 26), wsrelay only: one channel of `--connections` members,
+/// its snapshot, and its churn seen by a steady observer. Writes the report and exits: status
+/// 4 when the observer's bound (occupancy only, at most one per second) was broken.
+mod presence {
+    use super::*;
+    use tokio::sync::mpsc::UnboundedSender;
+    use wsrelay_e2e::load::presence::{FrameKind, kind_of, min_gap, occupancy_bound};
+
+    /// Token indices (`sub` `u<i>`) of the connections that are not members from the start:
+    /// churn joiners are `connections + k`, these far above.
+    const SNAPSHOT_BASE: usize = 1_000_000;
+    const OBSERVER: usize = 2_000_000;
+    /// Bound on one reply (a subscribe with presence waits at most 5 s in the relay).
+    const REPLY_WITHIN: Duration = Duration::from_secs(20);
+
+    /// Presence frames received, by kind.
+    #[derive(Debug, Default)]
+    struct Counts {
+        join: AtomicU64,
+        leave: AtomicU64,
+        occupancy: AtomicU64,
+    }
+
+    impl Counts {
+        fn add(&self, text: &[u8]) {
+            let c = match kind_of(text) {
+                FrameKind::Join => &self.join,
+                FrameKind::Leave => &self.leave,
+                FrameKind::Occupancy => &self.occupancy,
+                FrameKind::Other => return,
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+
+        fn read(&self) -> [u64; 3] {
+            [&self.join, &self.leave, &self.occupancy].map(|c| c.load(Ordering::Relaxed))
+        }
+    }
+
+    /// What arrived between two readings of [`Counts`], and per second over `seconds`.
+    fn counts_between(a: [u64; 3], b: [u64; 3], seconds: f64) -> Value {
+        let d: Vec<u64> = (0..3).map(|k| b[k].saturating_sub(a[k])).collect();
+        json!({
+            "join": d[0], "leave": d[1], "occupancy": d[2],
+            "per_second": d.iter().sum::<u64>() as f64 / seconds.max(1e-9),
+        })
+    }
+
+    /// The relay's presence counters (docs/protocol.md section 10, "Metrics").
+    fn relay_presence(text: Option<&str>) -> BTreeMap<&'static str, f64> {
+        let Some(text) = text else {
+            return BTreeMap::new();
+        };
+        let sent = "wsrelay_presence_events_sent_total";
+        let reads = "wsrelay_presence_snapshot_reads_total";
+        [
+            ("join_sent", sent, vec![("event", "join")]),
+            ("leave_sent", sent, vec![("event", "leave")]),
+            ("occupancy_sent", sent, vec![("event", "occupancy")]),
+            ("snapshot_reads", reads, vec![("op", "subscribe")]),
+            ("page_reads", reads, vec![("op", "presence")]),
+            ("unavailable", "wsrelay_presence_unavailable_total", vec![]),
+            ("members", "wsrelay_presence_members", vec![]),
+        ]
+        .into_iter()
+        .map(|(k, name, labels)| (k, parse_prom_counter(text, name, &labels).unwrap_or(0.0)))
+        .collect()
+    }
+
+    /// Counters' differences (`members`, a gauge, as read at the end).
+    fn relay_between(a: &BTreeMap<&str, f64>, b: &BTreeMap<&str, f64>) -> Value {
+        Value::Object(
+            b.iter()
+                .map(|(k, v)| {
+                    let d = if *k == "members" {
+                        *v
+                    } else {
+                        v - a.get(k).unwrap_or(&0.0)
+                    };
+                    ((*k).to_string(), json!(d))
+                })
+                .collect(),
+        )
+    }
+
+    fn subscribe_text(id: u64, channel: &str) -> String {
+        json!({"type": "subscribe", "id": id, "channel": channel, "presence": true}).to_string()
+    }
+
+    /// Sends `text` and reads until the reply to `id` (presence frames read meanwhile are
+    /// counted); the reply's text and the time from the send to it.
+    async fn request(
+        ws: &mut Ws,
+        text: String,
+        id: u64,
+        counts: &Counts,
+    ) -> Result<(String, Duration)> {
+        let exchange = async {
+            let t0 = Instant::now();
+            ws.send(Message::text(text)).await?;
+            loop {
+                match ws
+                    .next()
+                    .await
+                    .context("connection ended")?
+                    .context("read")?
+                {
+                    Message::Text(t) => match Head::reply_to(t.as_bytes(), id) {
+                        Some(true) => return Ok((t.as_str().to_owned(), t0.elapsed())),
+                        Some(false) => bail!("wsrelay: {}", t.as_str()),
+                        None => counts.add(t.as_bytes()),
+                    },
+                    Message::Close(c) => bail!("closed: {c:?}"),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(REPLY_WITHIN, exchange)
+            .await
+            .map_err(|_| anyhow!("no reply to {id} within {REPLY_WITHIN:?}"))?
+    }
+
+    /// A member's join: its handshake (TCP, upgrade, `welcome`) and its subscribe with
+    /// presence (the send to the `ok`), in µs.
+    struct Joined {
+        handshake_us: u64,
+        subscribe_us: u64,
+    }
+
+    /// One member, token index `i`: connects, subscribes with presence, says how long it took
+    /// on `done` (with `k`, its place in the phase), then reads (counting presence frames)
+    /// until `stop`, and closes.
+    #[allow(clippy::too_many_arguments)]
+    async fn member(
+        k: usize,
+        i: usize,
+        args: Arc<Args>,
+        shared: Arc<Shared>,
+        counts: Arc<Counts>,
+        token: String,
+        stop: CancellationToken,
+        done: UnboundedSender<(usize, Result<Joined>)>,
+    ) {
+        let t0 = Instant::now();
+        let (mut ws, _) = match open_bounded(&args, &shared, i, &token, false).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = done.send((k, Err(e)));
+                return;
+            }
+        };
+        let handshake_us = t0.elapsed().as_micros() as u64;
+        let text = subscribe_text(1, &args.presence_channel);
+        match request(&mut ws, text, 1, &counts).await {
+            Ok((_, took)) => {
+                let _ = done.send((
+                    k,
+                    Ok(Joined {
+                        handshake_us,
+                        subscribe_us: took.as_micros() as u64,
+                    }),
+                ));
+            }
+            Err(e) => {
+                let _ = done.send((k, Err(e)));
+                return;
+            }
+        }
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => break,
+                m = ws.next() => m,
+            };
+            match msg {
+                Some(Ok(Message::Text(t))) => counts.add(t.as_bytes()),
+                Some(Ok(Message::Close(c))) => {
+                    shared.error(&anyhow!("closed by server: {c:?}"));
+                    shared.lost.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    shared.error(&anyhow!("read: {e}"));
+                    shared.lost.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                None => {
+                    shared.lost.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+    }
+
+    /// Everything the phases share.
+    struct Ctx {
+        args: Arc<Args>,
+        shared: Arc<Shared>,
+        counts: Arc<Counts>,
+        key: Vec<u8>,
+        tasks: tokio::task::JoinSet<()>,
+        /// Each member slot's stop (a churned slot's is its newest member's).
+        stops: Vec<CancellationToken>,
+    }
+
+    impl Ctx {
+        /// Starts the member with token index `i` (in slot `slot`), `k` in its phase.
+        fn spawn(
+            &mut self,
+            slot: usize,
+            k: usize,
+            i: usize,
+            done: &UnboundedSender<(usize, Result<Joined>)>,
+        ) -> Result<()> {
+            let token = mint(&self.key, i, json!({}))?;
+            let stop = self.shared.stop.child_token();
+            if let Some(old) = self.stops.get_mut(slot) {
+                // The slot's member leaves.
+                old.cancel();
+                *old = stop.clone();
+            } else {
+                self.stops.push(stop.clone());
+            }
+            self.tasks.spawn(member(
+                k,
+                i,
+                self.args.clone(),
+                self.shared.clone(),
+                self.counts.clone(),
+                token,
+                stop,
+                done.clone(),
+            ));
+            Ok(())
+        }
+    }
+
+    /// Join results, as they come.
+    struct Joins {
+        all: Histogram<u64>,
+        handshake: Histogram<u64>,
+        /// Subscribe times by tenth of the phase (the channel's size when the member joined).
+        by_tenth: Vec<Histogram<u64>>,
+        joined: usize,
+        failed: usize,
+        last: Instant,
+    }
+
+    impl Joins {
+        fn new() -> Self {
+            Joins {
+                all: new_histogram(),
+                handshake: new_histogram(),
+                by_tenth: (0..10).map(|_| new_histogram()).collect(),
+                joined: 0,
+                failed: 0,
+                last: Instant::now(),
+            }
+        }
+
+        fn add(&mut self, shared: &Shared, k: usize, n: usize, r: Result<Joined>) {
+            self.last = Instant::now();
+            match r {
+                Ok(j) => {
+                    self.joined += 1;
+                    self.all.saturating_record(j.subscribe_us.max(1));
+                    self.handshake.saturating_record(j.handshake_us.max(1));
+                    let tenth = (k * 10 / n.max(1)).min(9);
+                    self.by_tenth[tenth].saturating_record(j.subscribe_us.max(1));
+                }
+                Err(e) => {
+                    self.failed += 1;
+                    shared.error(&e);
+                }
+            }
+        }
+
+        fn seen(&self) -> usize {
+            self.joined + self.failed
+        }
+    }
+
+    /// Waits until `joins` holds `n` results, at most `within`.
+    async fn drain(
+        rx: &mut mpsc::UnboundedReceiver<(usize, Result<Joined>)>,
+        joins: &mut Joins,
+        shared: &Shared,
+        n: usize,
+        phase_n: usize,
+        within: Duration,
+    ) {
+        let until = tokio::time::Instant::now() + within;
+        while joins.seen() < n {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some((k, r))) => joins.add(shared, k, phase_n, r),
+                _ => break,
+            }
+        }
+    }
+
+    /// Phase 1: `--connections` members join at `--join-rate`, at most
+    /// `--connect-concurrency` joins in flight.
+    async fn grow(ctx: &mut Ctx) -> Result<Value> {
+        let args = ctx.args.clone();
+        let n = args.connections;
+        let rate = args.join_rate.max(1.0);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut joins = Joins::new();
+        let (a, cores_a, metrics_a) = (samples(&args), cores(), relay_metrics(args.metrics).await);
+        let counts_a = ctx.counts.read();
+        let t0 = Instant::now();
+        let start = tokio::time::Instant::now();
+        for k in 0..n {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / rate)).await;
+            while k - joins.seen() >= args.connect_concurrency.max(1) {
+                match tokio::time::timeout(REPLY_WITHIN * 3, rx.recv()).await {
+                    Ok(Some((kk, r))) => joins.add(&ctx.shared, kk, n, r),
+                    _ => bail!("no join completed within {:?}", REPLY_WITHIN * 3),
+                }
+            }
+            ctx.spawn(k, k, k, &tx)?;
+        }
+        let spawned = t0.elapsed().as_secs_f64();
+        drain(&mut rx, &mut joins, &ctx.shared, n, n, REPLY_WITHIN * 3).await;
+        let seconds = joins.last.duration_since(t0).as_secs_f64();
+        let (b, cores_b, metrics_b) = (samples(&args), cores(), relay_metrics(args.metrics).await);
+        let cpu = cpu_delta(&a, &b);
+        let rss = |s: &BTreeMap<String, ProcSample>, name: &str| s.get(name).map(|p| p.rss_bytes);
+        let per_member = |name: &str| match (rss(&a, name), rss(&b, name)) {
+            (Some(x), Some(y)) if joins.joined > 0 => {
+                Some((y as f64 - x as f64) / joins.joined as f64)
+            }
+            _ => None,
+        };
+        let per_join = |name: &str| {
+            cpu[name]
+                .as_f64()
+                .filter(|_| joins.joined > 0)
+                .map(|c| c * 1e6 / joins.joined as f64)
+        };
+        let by_size: Vec<Value> = joins
+            .by_tenth
+            .iter()
+            .enumerate()
+            .map(|(t, h)| {
+                json!({"members_from": t * n / 10, "members_to": (t + 1) * n / 10, "subscribe": summarize(h)})
+            })
+            .collect();
+        let out = json!({
+            "members": n,
+            "rate": rate,
+            "joined": joins.joined,
+            "failed": joins.failed,
+            "schedule_seconds": spawned,
+            "seconds": seconds,
+            "per_second": joins.joined as f64 / seconds.max(1e-9),
+            "subscribe": summarize(&joins.all),
+            "handshake": summarize(&joins.handshake),
+            "by_size": by_size,
+            "cpu_seconds": cpu,
+            "cores_busy": cores_busy(&cores_a, &cores_b),
+            "relay_cpu_us_per_join": per_join("server"),
+            "nats_cpu_us_per_join": per_join("nats"),
+            "rss_bytes_before": {"server": rss(&a, "server"), "nats": rss(&a, "nats")},
+            "rss_bytes_after": {"server": rss(&b, "server"), "nats": rss(&b, "nats")},
+            "rss_bytes_per_member": {"server": per_member("server"), "nats": per_member("nats")},
+            "relay": relay_between(
+                &relay_presence(metrics_a.as_deref()),
+                &relay_presence(metrics_b.as_deref()),
+            ),
+            "members_received": counts_between(counts_a, ctx.counts.read(), seconds),
+        });
+        eprintln!(
+            "  presence join: {}/{n} in {seconds:.1} s ({} failed), subscribe p50 {:.2} ms p99 {:.2} ms",
+            joins.joined,
+            joins.failed,
+            out["subscribe"]["p50_ms"].as_f64().unwrap_or(0.0),
+            out["subscribe"]["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+        Ok(out)
+    }
+
+    /// What one snapshot repetition measured.
+    struct Snapshot {
+        ok: Duration,
+        ok_bytes: usize,
+        first_page: usize,
+        users: u64,
+        complete: bool,
+        page: Duration,
+        page_bytes: usize,
+        pages: usize,
+        paged: usize,
+    }
+
+    /// One fresh subscriber (token index `i`): subscribes with presence, pages every member,
+    /// unsubscribes, closes.
+    async fn snapshot_once(ctx: &Ctx, i: usize, counts: &Counts) -> Result<Snapshot> {
+        let args = &ctx.args;
+        let channel = &args.presence_channel;
+        let token = mint(&ctx.key, i, json!({}))?;
+        let (mut ws, _) = open_bounded(args, &ctx.shared, i, &token, false).await?;
+        let (ok, took) = request(&mut ws, subscribe_text(1, channel), 1, counts).await?;
+        let v: Value = serde_json::from_str(&ok)?;
+        let p = &v["presence"];
+        let first_page = p["members"].as_array().map_or(0, Vec::len);
+        let (users, complete) = (p["users"].as_u64().unwrap_or(0), p["complete"] == true);
+        let t0 = Instant::now();
+        let (mut after, mut pages, mut paged, mut page_bytes) = (None::<String>, 0, 0, 0);
+        // Bounded: far more pages than the members can fill.
+        for id in 100..100 + 1000u64 {
+            let mut req =
+                json!({"type": "presence", "id": id, "channel": channel, "limit": args.page_limit});
+            if let Some(a) = &after {
+                req["after"] = json!(a);
+            }
+            let (text, _) = request(&mut ws, req.to_string(), id, counts).await?;
+            page_bytes += text.len();
+            pages += 1;
+            let v: Value = serde_json::from_str(&text)?;
+            let p = &v["presence"];
+            paged += p["members"].as_array().map_or(0, Vec::len);
+            if p["complete"] == true {
+                break;
+            }
+            after = Some(
+                p["next"]
+                    .as_str()
+                    .context("an incomplete page without next")?
+                    .to_owned(),
+            );
+        }
+        let page = t0.elapsed();
+        request(
+            &mut ws,
+            Request::unsubscribe(2, channel).to_text(),
+            2,
+            counts,
+        )
+        .await?;
+        let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+        Ok(Snapshot {
+            ok: took,
+            ok_bytes: ok.len(),
+            first_page,
+            users,
+            complete,
+            page,
+            page_bytes,
+            pages,
+            paged,
+        })
+    }
+
+    /// Phase 2: `--snapshots` fresh subscribers, one after another, on the full channel.
+    async fn snapshots(ctx: &Ctx) -> Value {
+        let counts = Counts::default();
+        let (mut ok, mut page) = (new_histogram(), new_histogram());
+        let mut reps = Vec::new();
+        let mut failed = 0;
+        for r in 0..ctx.args.snapshots {
+            match snapshot_once(ctx, SNAPSHOT_BASE + r, &counts).await {
+                Ok(s) => {
+                    ok.saturating_record((s.ok.as_micros() as u64).max(1));
+                    page.saturating_record((s.page.as_micros() as u64).max(1));
+                    reps.push(s);
+                }
+                Err(e) => {
+                    failed += 1;
+                    ctx.shared.error(&e.context("snapshot"));
+                }
+            }
+        }
+        let median = |mut v: Vec<usize>| {
+            v.sort_unstable();
+            v.get(v.len() / 2).copied()
+        };
+        let out = json!({
+            "repetitions": ctx.args.snapshots,
+            "failed": failed,
+            "ok": summarize(&ok),
+            "ok_bytes": median(reps.iter().map(|s| s.ok_bytes).collect()),
+            "ok_bytes_max": reps.iter().map(|s| s.ok_bytes).max(),
+            "first_page_members": median(reps.iter().map(|s| s.first_page).collect()),
+            "users": reps.iter().map(|s| s.users).max(),
+            "complete": reps.iter().any(|s| s.complete),
+            "page_limit": ctx.args.page_limit,
+            "page_all": summarize(&page),
+            "page_all_bytes": median(reps.iter().map(|s| s.page_bytes).collect()),
+            "pages": median(reps.iter().map(|s| s.pages).collect()),
+            "paged_members": median(reps.iter().map(|s| s.paged).collect()),
+        });
+        eprintln!(
+            "  presence snapshot: ok p50 {:.2} ms p99 {:.2} ms, {} bytes; all {} members in {} pages: p50 {:.1} ms, {} bytes",
+            out["ok"]["p50_ms"].as_f64().unwrap_or(0.0),
+            out["ok"]["p99_ms"].as_f64().unwrap_or(0.0),
+            out["ok_bytes"],
+            out["paged_members"],
+            out["pages"],
+            out["page_all"]["p50_ms"].as_f64().unwrap_or(0.0),
+            out["page_all_bytes"],
+        );
+        out
+    }
+
+    /// A presence frame the observer received: when, its kind, and an occupancy's counts.
+    struct Seen {
+        at: Instant,
+        kind: FrameKind,
+        users: Option<u64>,
+        events: Option<bool>,
+    }
+
+    /// The steady observer: subscribed with presence before the churn, it records every
+    /// presence frame until `stop`.
+    async fn observer(
+        ctx: &Ctx,
+        stop: CancellationToken,
+    ) -> Result<(tokio::task::JoinHandle<()>, Arc<Mutex<Vec<Seen>>>)> {
+        let token = mint(&ctx.key, OBSERVER, json!({}))?;
+        let (mut ws, _) = open_bounded(&ctx.args, &ctx.shared, OBSERVER, &token, false).await?;
+        let text = subscribe_text(1, &ctx.args.presence_channel);
+        request(&mut ws, text, 1, &Counts::default()).await?;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let shared = ctx.shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = ws.next() => m,
+                };
+                let t = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                        shared.error(&anyhow!("the presence observer's connection ended"));
+                        shared.lost.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Some(Ok(_)) => continue,
+                };
+                let kind = kind_of(t.as_bytes());
+                if kind == FrameKind::Other {
+                    continue;
+                }
+                let v: Value = serde_json::from_slice(t.as_bytes()).unwrap_or(Value::Null);
+                lock(&log).push(Seen {
+                    at: Instant::now(),
+                    kind,
+                    users: v["users"].as_u64(),
+                    events: v["events"].as_bool(),
+                });
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+        });
+        Ok((task, seen))
+    }
+
+    /// Phase 3: members leave and new ones join at the first of `--rates` per second for
+    /// `--churn-seconds`; the observer's frames over that and `--churn-tail-seconds` after.
+    async fn churn(ctx: &mut Ctx) -> Result<Value> {
+        let args = ctx.args.clone();
+        let n = args.connections;
+        let rate = args.rates.first().copied().unwrap_or(100.0).max(0.1);
+        let stop = ctx.shared.stop.child_token();
+        let (task, seen) = observer(ctx, stop.clone()).await?;
+        // What the snapshots' subscribers changed reaches the observer before the window.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut joins = Joins::new();
+        let items = (rate * args.churn_seconds).round() as usize;
+        let (a, cores_a, metrics_a) = (samples(&args), cores(), relay_metrics(args.metrics).await);
+        let counts_a = ctx.counts.read();
+        let t0 = Instant::now();
+        let start = tokio::time::Instant::now();
+        for k in 0..items {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / rate)).await;
+            while let Ok((kk, r)) = rx.try_recv() {
+                joins.add(&ctx.shared, kk, items, r);
+            }
+            // Slot k mod n's member leaves; a new member (a `sub` never seen) joins.
+            ctx.spawn(k % n.max(1), k, n + k, &tx)?;
+        }
+        let (c, cores_c) = (samples(&args), cores());
+        let schedule = t0.elapsed().as_secs_f64();
+        let window = args.churn_seconds + args.churn_tail_seconds;
+        tokio::time::sleep_until(start + Duration::from_secs_f64(window)).await;
+        let t_end = Instant::now();
+        let (b, metrics_b) = (samples(&args), relay_metrics(args.metrics).await);
+        let counts_b = ctx.counts.read();
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        drain(
+            &mut rx,
+            &mut joins,
+            &ctx.shared,
+            items,
+            items,
+            REPLY_WITHIN * 3,
+        )
+        .await;
+
+        let seen = std::mem::take(&mut *lock(&seen));
+        let inside: Vec<&Seen> = seen.iter().filter(|s| s.at >= t0 && s.at < t_end).collect();
+        let rel = |s: &Seen| s.at.duration_since(t0).as_secs_f64();
+        let of = |k: FrameKind| inside.iter().filter(|s| s.kind == k).count() as u64;
+        let occupancy: Vec<f64> = inside
+            .iter()
+            .filter(|s| s.kind == FrameKind::Occupancy)
+            .map(|s| rel(s))
+            .collect();
+        let (joined, left) = (of(FrameKind::Join), of(FrameKind::Leave));
+        let observed = t_end.duration_since(t0).as_secs_f64();
+        let bound = occupancy_bound(observed, &occupancy, joined, left);
+        let users: Vec<u64> = inside.iter().filter_map(|s| s.users).collect();
+        let cpu = cpu_delta(&a, &c);
+        let share = |name: &str| cpu[name].as_f64().map(|s| s / schedule.max(1e-9));
+        let per_item = |name: &str| {
+            cpu[name]
+                .as_f64()
+                .filter(|_| items > 0)
+                .map(|s| s * 1e6 / items as f64)
+        };
+        let out = json!({
+            "rate": rate,
+            "seconds": args.churn_seconds,
+            "items": items,
+            "schedule_seconds": schedule,
+            "joined": joins.joined,
+            "failed": joins.failed,
+            "subscribe": summarize(&joins.all),
+            "cpu_seconds": cpu,
+            "cpu_seconds_window": cpu_delta(&a, &b),
+            "core_share": {"server": share("server"), "nats": share("nats"), "loadgen": share("loadgen")},
+            "cores_busy": cores_busy(&cores_a, &cores_c),
+            "relay_cpu_us_per_item": per_item("server"),
+            "nats_cpu_us_per_item": per_item("nats"),
+            "relay": relay_between(
+                &relay_presence(metrics_a.as_deref()),
+                &relay_presence(metrics_b.as_deref()),
+            ),
+            "members_received": counts_between(counts_a, counts_b, observed),
+            "observer": {
+                "window_seconds": observed,
+                "tail_seconds": args.churn_tail_seconds,
+                "occupancy": occupancy.len(),
+                "join": joined,
+                "leave": left,
+                "per_second": occupancy.len() as f64 / observed.max(1e-9),
+                "min_gap_seconds": min_gap(&occupancy),
+                "events_true": inside.iter().filter(|s| s.events == Some(true)).count(),
+                "users_first": users.first(),
+                "users_last": users.last(),
+                "users_min": users.iter().min(),
+                "users_max": users.iter().max(),
+            },
+            "bound": bound,
+        });
+        eprintln!(
+            "  presence churn: {items} leave+join at {rate}/s, observer {} occupancy {joined} join {left} leave in {observed:.1} s, relay {:.0}% of its core -> {}",
+            occupancy.len(),
+            share("server").unwrap_or(0.0) * 100.0,
+            if bound.pass {
+                "bound held".to_string()
+            } else {
+                format!("BOUND VIOLATED: {}", bound.reason)
+            }
+        );
+        Ok(out)
+    }
+
+    /// Waits (at most 30 s) until the relay's registry bucket is in place.
+    async fn registry_ready(args: &Args) -> bool {
+        if args.metrics.is_none() {
+            return true;
+        }
+        for _ in 0..300 {
+            let text = relay_metrics(args.metrics).await;
+            if text
+                .as_deref()
+                .and_then(|t| parse_prom_counter(t, "wsrelay_registry_ready", &[]))
+                == Some(1.0)
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    pub(super) async fn run(args: Arc<Args>) -> Result<()> {
+        let key = match &args.jwt_secret_file {
+            Some(p) => std::fs::read(p).with_context(|| format!("read {}", p.display()))?,
+            None => {
+                bail!("the presence workload needs --jwt-secret-file: every member its own sub")
+            }
+        };
+        if !registry_ready(&args).await {
+            bail!("the relay's registry was not ready within 30 s (wsrelay_registry_ready)");
+        }
+        let shared = Arc::new(Shared::new(1));
+        let mut ctx = Ctx {
+            args: args.clone(),
+            shared: shared.clone(),
+            counts: Arc::new(Counts::default()),
+            key,
+            tasks: tokio::task::JoinSet::new(),
+            stops: Vec::new(),
+        };
+        let before = samples(&args);
+        let join = grow(&mut ctx).await?;
+        // The joins' occupancy frames go out before the snapshots.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let snapshot = snapshots(&ctx).await;
+        let churn = match churn(&mut ctx).await {
+            Ok(v) => v,
+            Err(e) => {
+                shared.error(&e);
+                json!({"error": format!("{e:#}"), "bound": {"pass": false, "reason": format!("the churn did not run: {e:#}")}})
+            }
+        };
+        let pass = churn["bound"]["pass"] == true;
+        let report = json!({
+            "target": "wsrelay",
+            "workload": "presence",
+            "connections_requested": args.connections,
+            "connections_ready": join["joined"],
+            "connect_failed": join["failed"],
+            "channels": 1,
+            "sources": args.sources,
+            "step_seconds": args.step_seconds,
+            "procs_before_connect": before,
+            "presence": {
+                "channel": args.presence_channel,
+                "join": join,
+                "snapshot": snapshot,
+                "churn": churn,
+                "bound_pass": pass,
+            },
+            "lost_connections": shared.lost.load(Ordering::Relaxed),
+            "errors": lock(&shared.errors).clone(),
+            "procs_end": samples(&args),
+        });
+        shared.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while ctx.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        ctx.tasks.abort_all();
+        let text = serde_json::to_string_pretty(&report)?;
+        match &args.out {
+            Some(p) => std::fs::write(p, text).with_context(|| format!("write {}", p.display()))?,
+            None => println!("{text}"),
+        }
+        if !pass {
+            eprintln!(
+                "wsrelay-load presence: BOUND VIOLATED: {}",
+                churn["bound"]["reason"].as_str().unwrap_or("?")
+            );
+            std::process::exit(4);
+        }
+        std::process::exit(0)
+    }
 }

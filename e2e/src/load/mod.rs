@@ -1,10 +1,12 @@
 //! Pure parts of the `wsrelay-load` benchmark client: the timestamped payload, the latency
 //! histogram summary, the NATS text-protocol reader for the nats-server WebSocket peer, the
 //! `/proc` readers (process CPU and memory, per-core busy time, the kernel's TCP counters) and
-//! the reader of a Prometheus histogram (the relay's own delivery latency). The network side
+//! the reader of a Prometheus histogram (the relay's own delivery latency), the presence
+//! workload's frame kinds and occupancy bound ([`presence`]). The network side
 //! lives in `src/bin/wsrelay-load.rs`.
 
 pub mod natsproto;
+pub mod presence;
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;

@@ -150,6 +150,58 @@ pub struct WebsocketGatewaySpec {
     /// Where relay pods run, and extra labels and annotations for them.
     #[serde(default)]
     pub placement: PlacementSpec,
+
+    /// The connection registry: a NATS JetStream KV bucket where every relay of the gateway
+    /// keeps a lease for itself and an entry per connection and per presence membership
+    /// (docs/protocol.md section 10). The relays keep one when a binding has `presence`, or
+    /// when this is set; the operator names the bucket (`status.registry.bucket`). Unset:
+    /// a binding's presence gets the defaults (a 15 s lease, 1 replica, 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistrySpec>,
+}
+
+/// The connection registry's bucket and leases.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.replicas in [1, 3, 5]").message("registry.replicas must be 1, 3 or 5 (JetStream stream replicas)")
+)]
+pub struct RegistrySpec {
+    /// How long a relay's lease outlives its last refresh, in seconds: a relay refreshes it
+    /// every third of this, and one silent for this long is taken for dead (its members
+    /// leave) when the operator has not already reported it gone.
+    #[serde(default = "default_lease_seconds")]
+    #[schemars(range(min = 3, max = 3600))]
+    pub lease_seconds: i32,
+    /// Copies of the bucket in a NATS cluster (1, 3 or 5).
+    #[serde(default = "default_registry_replicas")]
+    pub replicas: i32,
+    /// Bytes the bucket keeps (about 150 per connection and 200 per presence membership);
+    /// writes beyond it are refused. JetStream reserves it on the NATS servers (times
+    /// `replicas`). Default 67108864 (64 MiB).
+    #[serde(default = "default_registry_bytes")]
+    #[schemars(range(min = 1_048_576, max = 1_099_511_627_776_i64))]
+    pub max_bytes: i64,
+}
+
+fn default_lease_seconds() -> i32 {
+    15
+}
+fn default_registry_replicas() -> i32 {
+    1
+}
+fn default_registry_bytes() -> i64 {
+    67_108_864
+}
+
+impl Default for RegistrySpec {
+    fn default() -> Self {
+        Self {
+            lease_seconds: default_lease_seconds(),
+            replicas: default_registry_replicas(),
+            max_bytes: default_registry_bytes(),
+        }
+    }
 }
 
 /// A reference to one key of a Secret in the gateway's namespace.
@@ -461,6 +513,8 @@ pub enum TokenLocation {
     validation = Rule::new("self.channel.matches('^([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}])([.]([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]))*$')").message("channel must be dot-separated tokens, each a name (letters, digits, _ or -) or a placeholder such as {id}, e.g. orders.{id}"),
     validation = Rule::new("self.subject.matches('^([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}])([.]([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}]))*$')").message("subject must be dot-separated tokens, each a name (letters, digits, _ or -), a channel placeholder such as {id} or a claim such as {claims.sub} or {claims.org.id}; NATS wildcards are not allowed"),
     validation = Rule::new("self.subject.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("subject uses a placeholder its channel does not define: a subject may use only the channel's own {placeholders} and {claims.*}"),
+    validation = Rule::new("!has(self.presence) || !has(self.direction) || self.direction != 'Publish'").message("presence makes the channel's subscribers its members: a binding with presence must allow subscribe (direction Subscribe or Both)"),
+    validation = Rule::new("!has(self.presence) || !has(self.presence.key) || self.presence.key.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("presence.key uses a placeholder its channel does not define: a key may use only the channel's own {placeholders} and {claims.*}"),
     validation = Rule::new("!self.subject.startsWith('{') && self.subject != '_INBOX' && !self.subject.startsWith('_INBOX.') && self.subject != '_WSRELAY' && !self.subject.startsWith('_WSRELAY.')").message("subject must start with a fixed name, outside _INBOX and _WSRELAY: a placeholder first could reach NATS's own subjects ($JS., $SYS., _INBOX.), and _WSRELAY is the relay's own")
 )]
 pub struct Binding {
@@ -486,6 +540,57 @@ pub struct Binding {
     /// (docs/protocol.md section 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorize: Option<AuthorizeSpec>,
+    /// Who is in the channel: every subscriber is a member, and a client that subscribes
+    /// with `presence: true` gets the members, their joins and leaves, and the counts
+    /// (docs/protocol.md section 10). Kept in the connection registry (`spec.registry`),
+    /// which needs NATS with JetStream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceSpec>,
+}
+
+/// A binding's presence.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceSpec {
+    /// Who a member is: dot-separated names, the channel's placeholders and claims, like a
+    /// subject (`{claims.sub}`, `{claims.org}.{claims.sub}`); the connections that render the
+    /// same key are one member. A connection whose claims cannot render it (an anonymous
+    /// one) is a member of its own.
+    #[serde(default = "default_presence_key")]
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}])([.]([A-Za-z0-9_-]+|[{][a-z][A-Za-z0-9_]*[}]|[{]claims([.][A-Za-z0-9_-]+)+[}]))*$')").message("presence.key must be dot-separated tokens, each a name (letters, digits, _ or -), a channel placeholder such as {room} or a claim such as {claims.sub}"))]
+    pub key: String,
+    /// The claims the other members see as this member's `info`, as `claims.` then the
+    /// claim's path (`claims.name`). Only these, never the token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 8),
+        inner(length(max = 128), regex(pattern = r"^claims([.][A-Za-z0-9_-]+)+$"))
+    )]
+    pub info: Vec<String>,
+    /// Send `join` and `leave` frames. False: the counts (`occupancy`) only.
+    #[serde(default = "default_true")]
+    pub events: bool,
+    /// Above this many members a channel sends only `occupancy`, at most once a second,
+    /// whatever its churn.
+    #[serde(default = "default_max_members_with_events")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_members_with_events: i32,
+    /// A member whose connections all ended and who is back within this many seconds makes
+    /// no leave/join pair (a relay drain, a page reload, a network blip).
+    #[serde(default = "default_leave_grace_seconds")]
+    #[schemars(range(min = 0, max = 300))]
+    pub leave_grace_seconds: i32,
+}
+
+fn default_presence_key() -> String {
+    "{claims.sub}".into()
+}
+fn default_max_members_with_events() -> i32 {
+    200
+}
+fn default_leave_grace_seconds() -> i32 {
+    10
 }
 
 /// The checks a binding adds; all the ones named must allow.

@@ -48,4 +48,18 @@ pub struct WebsocketGatewayStatus {
     /// The label selector of the relay pods, for the scale subresource and HPA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+
+    /// The connection registry the relays keep, when they keep one (a binding has
+    /// `presence`, or `spec.registry` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryStatus>,
+}
+
+/// Where the gateway's connection registry is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryStatus {
+    /// The JetStream KV bucket (its stream is `KV_<bucket>`): what backends read presence
+    /// from with plain NATS (`nats kv ls <bucket>`; keys `pres.<channel>.<relay>.<conn>`).
+    pub bucket: String,
 }

@@ -8,8 +8,8 @@ use wsrelay_config as relay;
 
 use super::{ADMIN_PORT, CLIENT_PORT, WS_PATH};
 use crate::api::{
-    AuthorizeSpec, BackendRequestSpec, Direction, JwtAlgorithm, JwtSpec, OnTimeout, SecretKeyRef,
-    SlowConsumerPolicy, TokenLocation, WebsocketGatewaySpec,
+    AuthorizeSpec, BackendRequestSpec, Direction, JwtAlgorithm, JwtSpec, OnTimeout, PresenceSpec,
+    SecretKeyRef, SlowConsumerPolicy, TokenLocation, WebsocketGatewaySpec,
 };
 
 /// The ConfigMap key holding the relay config.
@@ -160,6 +160,75 @@ pub fn history_stream(namespace: &str, name: &str, subject_filter: &str) -> Stri
         full
     } else {
         format!("wsrelay_{}", &hex[..24])
+    }
+}
+
+/// Longest KV bucket name: its stream, `KV_<bucket>`, must fit JetStream's 64 characters
+/// (the relay's config refuses longer).
+const MAX_BUCKET_LEN: usize = 61;
+
+/// The JetStream KV bucket of a gateway's connection registry: named after the gateway like
+/// its history streams (`wsrelay_<namespace>_<name>_reg_<hash>`), unique per gateway (the
+/// hash is of `namespace/name`, so names whose other characters map alike still differ), at
+/// most 61 characters of `[A-Za-z0-9_-]`. Pure.
+pub fn registry_bucket(namespace: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("{namespace}/{name}/registry").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    // A gateway's name may hold '.', which a bucket name may not.
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    };
+    let full = format!(
+        "wsrelay_{}_{}_reg_{}",
+        clean(namespace),
+        clean(name),
+        &hex[..8]
+    );
+    if full.len() <= MAX_BUCKET_LEN {
+        full
+    } else {
+        format!("wsrelay_reg_{}", &hex[..24])
+    }
+}
+
+/// The relay config's `registry`: present when a binding has presence or `spec.registry`
+/// is set, in the bucket [`registry_bucket`] names. Pure.
+pub fn relay_registry(
+    spec: &WebsocketGatewaySpec,
+    namespace: &str,
+    name: &str,
+) -> Option<relay::Registry> {
+    let needed = spec.bindings.iter().any(|b| b.presence.is_some());
+    if !needed && spec.registry.is_none() {
+        return None;
+    }
+    let r = spec.registry.clone().unwrap_or_default();
+    Some(relay::Registry {
+        bucket: registry_bucket(namespace, name),
+        lease_seconds: u64_of(r.lease_seconds),
+        replicas: u8::try_from(r.replicas).unwrap_or(1),
+        max_bytes: u64_of_i64(r.max_bytes),
+        // A pod's relay names itself after its pod (HOSTNAME), which the forget path relies on.
+        relay_name: None,
+    })
+}
+
+/// A binding's presence as the relay reads it.
+fn relay_presence(p: &PresenceSpec) -> relay::Presence {
+    relay::Presence {
+        key: p.key.clone(),
+        info: p.info.clone(),
+        events: p.events,
+        max_members_with_events: u32_of(p.max_members_with_events.into()),
+        leave_grace_seconds: u64_of(p.leave_grace_seconds),
     }
 }
 
@@ -328,6 +397,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                     replicas: u8::try_from(h.replicas).unwrap_or(1),
                 }),
                 authorize: b.authorize.as_ref().map(relay_authorize),
+                presence: b.presence.as_ref().map(relay_presence),
             })
             .collect(),
         limits: relay::Limits {
@@ -363,6 +433,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                     .min(spec.drain.grace_period_seconds / 2),
             ),
         },
+        registry: relay_registry(spec, namespace, name),
     }
 }
 
@@ -908,6 +979,144 @@ mod tests {
             config
                 .validate()
                 .unwrap_or_else(|e| panic!("{timeout} {cache} {entries}: {e}"));
+        }
+    }
+
+    fn presence_fixture() -> WebsocketGatewaySpec {
+        spec(include_str!("../../tests/fixtures/presence.yaml"))
+    }
+
+    /// Each binding's presence reaches the relay config as written (the CRD's defaults where
+    /// it says `{}`), with the registry in the bucket the operator names, and the relay
+    /// accepts the result.
+    #[test]
+    fn presence_and_the_registry_reach_the_relay_config_and_the_relay_accepts_it() {
+        let config = relay_config(&presence_fixture(), "games", "lobby");
+        config.validate().expect("the relay accepts the config");
+        let presence = |channel: &str| {
+            config
+                .bindings
+                .iter()
+                .find(|b| b.channel == channel)
+                .and_then(|b| b.presence.clone())
+        };
+        assert_eq!(
+            presence("rooms.{room}"),
+            Some(relay::Presence {
+                key: "{claims.org}.{claims.sub}".into(),
+                info: vec!["claims.name".into(), "claims.profile.avatar".into()],
+                events: true,
+                max_members_with_events: 50,
+                leave_grace_seconds: 20,
+            })
+        );
+        assert_eq!(presence("lobby"), Some(relay::Presence::default()));
+        assert_eq!(presence("scores.{game}"), None);
+        assert_eq!(
+            config.registry,
+            Some(relay::Registry {
+                bucket: registry_bucket("games", "lobby"),
+                lease_seconds: 9,
+                replicas: 3,
+                max_bytes: 128 << 20,
+                relay_name: None,
+            })
+        );
+        // The rendered file reads back as the same config (the relay's own loader).
+        let back: relay::Config =
+            serde_json::from_str(&render_config(&config).expect("renders")).expect("reads back");
+        assert_eq!(back, config);
+    }
+
+    /// A presence section or registry that names nothing means the same to the CRD and to
+    /// the relay: the defaults are the relay's own.
+    #[test]
+    fn the_crd_defaults_of_presence_and_the_registry_are_the_relays() {
+        let crd: crate::api::PresenceSpec =
+            serde_json::from_value(serde_json::json!({})).expect("crd");
+        let relay: relay::Presence = serde_json::from_value(serde_json::json!({})).expect("relay");
+        assert_eq!(relay_presence(&crd), relay);
+        let mut s = presence_fixture();
+        s.registry = None;
+        let mapped = relay_config(&s, "games", "lobby")
+            .registry
+            .expect("registry");
+        let relay: relay::Registry =
+            serde_json::from_value(serde_json::json!({ "bucket": mapped.bucket })).expect("relay");
+        assert_eq!(mapped, relay);
+    }
+
+    /// No presence and no `spec.registry`: no registry (no bucket, no lease). `spec.registry`
+    /// alone keeps one (the connection entries backends may read).
+    #[test]
+    fn the_registry_is_rendered_only_when_presence_or_the_spec_asks_for_it() {
+        assert_eq!(relay_config(&minimal(), "ns", "gw").registry, None);
+        let mut s = minimal();
+        s.registry = Some(crate::api::RegistrySpec::default());
+        let config = relay_config(&s, "ns", "gw");
+        config.validate().expect("valid");
+        assert_eq!(
+            config.registry.map(|r| r.bucket),
+            Some(registry_bucket("ns", "gw"))
+        );
+    }
+
+    #[test]
+    fn registry_buckets_are_named_after_the_gateway_uniquely_within_61_characters() {
+        let a = registry_bucket("games", "lobby");
+        assert!(a.starts_with("wsrelay_games_lobby_reg_"), "{a}");
+        assert_eq!(a, registry_bucket("games", "lobby"), "stable");
+        assert_ne!(a, registry_bucket("games", "lobby2"));
+        assert_ne!(a, registry_bucket("games2", "lobby"));
+        // '.' is no bucket character: mapped, and the hash keeps the two apart.
+        let dotted = registry_bucket("games", "lobby.eu");
+        assert_ne!(dotted, registry_bucket("games", "lobby-eu"));
+        let long = registry_bucket(&"n".repeat(63), &"g".repeat(253));
+        assert_ne!(long, registry_bucket(&"n".repeat(63), &"h".repeat(253)));
+        for name in [a, dotted, long] {
+            assert!(name.len() <= 61, "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                "{name}"
+            );
+            // Never one of the history streams' names (those are `wsrelay_...` streams; the
+            // bucket's stream is `KV_<bucket>`).
+            assert!(!format!("KV_{name}").starts_with("wsrelay_"));
+        }
+        // The relay accepts the longest.
+        let mut s = presence_fixture();
+        s.registry = None;
+        let mut config = relay_config(&s, "ns", "gw");
+        config.registry.as_mut().expect("registry").bucket =
+            registry_bucket(&"n".repeat(63), &"g".repeat(253));
+        config.validate().expect("valid");
+    }
+
+    /// The ends of the ranges the CRD admits for presence and the registry pass the relay's
+    /// validation.
+    #[test]
+    fn the_presence_extremes_the_crd_admits_pass_the_relays_validation() {
+        let mut s = presence_fixture();
+        for (lease, replicas, bytes, members, grace, infos) in [
+            (3, 1, 1_048_576_i64, 1, 0, 0),
+            (3600, 5, 1_099_511_627_776, 10_000, 300, 8),
+        ] {
+            s.registry = Some(crate::api::RegistrySpec {
+                lease_seconds: lease,
+                replicas,
+                max_bytes: bytes,
+            });
+            for b in &mut s.bindings {
+                if let Some(p) = &mut b.presence {
+                    p.max_members_with_events = members;
+                    p.leave_grace_seconds = grace;
+                    p.info = (0..infos).map(|i| format!("claims.c{i}")).collect();
+                }
+            }
+            relay_config(&s, "ns", "gw")
+                .validate()
+                .unwrap_or_else(|e| panic!("{lease} {replicas} {bytes} {members} {grace}: {e}"));
         }
     }
 }

@@ -21,7 +21,10 @@ use kube::core::Resource;
 
 use crate::api::WebsocketGateway;
 
-pub use config::{CONFIG_FILE, CONFIG_KEY, config_hash, relay_config, render_config, secret_path};
+pub use config::{
+    CONFIG_FILE, CONFIG_KEY, config_hash, registry_bucket, relay_config, relay_registry,
+    render_config, secret_path,
+};
 pub use scaling::{CONNECTIONS_METRIC, HANDOVER_MANAGER, applies_replicas, replicas_handover};
 
 /// The field manager of every server-side apply the operator makes.

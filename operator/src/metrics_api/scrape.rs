@@ -488,15 +488,29 @@ fn now_rfc3339() -> String {
 /// One HTTP/1.0 GET of `/metrics`: the connection closes after the answer, so reading to
 /// the end is the whole response, and no HTTP client library is needed.
 async fn scrape(addr: SocketAddr) -> Result<String, ScrapeError> {
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n");
+    let (status, line, body) = exchange(addr, &request).await?;
+    if status != 200 {
+        return Err(ScrapeError::Status(line));
+    }
+    Ok(body)
+}
+
+/// One HTTP/1.0 POST of `path` without a body to a relay's admin port (the operator's
+/// `/registry/forget`), like [`scrape`]: the status code and the body. Unbounded in time:
+/// the caller bounds it.
+pub async fn post(addr: SocketAddr, path: &str) -> Result<(u16, String), ScrapeError> {
+    let request = format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    let (status, _, body) = exchange(addr, &request).await?;
+    Ok((status, body))
+}
+
+/// Sends `request`, reads the response to its end (at most [`MAX_BODY`]): the status code,
+/// the status line and the body.
+async fn exchange(addr: SocketAddr, request: &str) -> Result<(u16, String, String), ScrapeError> {
     let io = |e: std::io::Error| ScrapeError::Io(e.to_string());
     let mut stream = TcpStream::connect(addr).await.map_err(io)?;
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .map_err(io)?;
+    stream.write_all(request.as_bytes()).await.map_err(io)?;
     let mut raw = Vec::new();
     stream
         .take(MAX_BODY)
@@ -507,11 +521,13 @@ async fn scrape(addr: SocketAddr) -> Result<String, ScrapeError> {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| ScrapeError::Io("no HTTP header".into()))?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        return Err(ScrapeError::Status(status.to_string()));
-    }
-    Ok(body.to_string())
+    let line = head.lines().next().unwrap_or_default().to_string();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ScrapeError::Status(line.clone()))?;
+    Ok((status, line, body.to_string()))
 }
 
 #[cfg(test)]

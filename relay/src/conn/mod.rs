@@ -37,12 +37,26 @@ pub struct Conn {
 }
 
 /// One subscription as the connection holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct Held {
     /// The key (NATS subject) it is a subscription to.
     key: String,
     /// When its subscription token expires (Unix seconds); `None` without one.
     token_expires_at: Option<u64>,
+    /// What ends with the subscription ([`Conn::attach`]).
+    attached: Option<Attached>,
+}
+
+/// Something that lives as long as a subscription (a presence membership): dropped with it,
+/// whichever of the many ways the subscription ends (unsubscribe, close, expiry, a reload,
+/// a refusal, NATS), so none of them can forget it. Dropped under the subscription map's
+/// lock: a subscription to the same channel again is added only after its `Drop` ran.
+pub struct Attached(pub Box<dyn Send + Sync>);
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Attached")
+    }
 }
 
 /// Why a subscription could not be added to a connection's map.
@@ -118,9 +132,22 @@ impl Conn {
             Held {
                 key: key.to_owned(),
                 token_expires_at: None,
+                attached: None,
             },
         );
         Ok(())
+    }
+
+    /// Attaches `what` to `channel`'s subscription to `key` (see [`Attached`]); gives it
+    /// back when the connection no longer holds that subscription.
+    pub fn attach(&self, channel: &str, key: &str, what: Attached) -> Result<(), Attached> {
+        match self.subs().get_mut(channel) {
+            Some(h) if h.key == key => {
+                h.attached = Some(what);
+                Ok(())
+            }
+            _ => Err(what),
+        }
     }
 
     /// Sets when `channel`'s subscription token expires, if it is (still) a subscription to
@@ -286,6 +313,47 @@ mod tests {
         assert!(!conn.holds("a", "s.a"));
         assert_eq!(conn.remove_subscription("b"), Some("s.b".into()));
         assert!(conn.take_subscriptions().is_empty());
+    }
+
+    /// Counts its drops.
+    struct Probe(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn what_is_attached_to_a_subscription_ends_with_it_whatever_ends_it() {
+        let conn = Conn::new(
+            1,
+            Arc::new(Outbox::new(8, SlowConsumerPolicy::DropOldest)),
+            None,
+        );
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let probe = || Attached(Box::new(Probe(dropped.clone())));
+        let count = || dropped.load(std::sync::atomic::Ordering::SeqCst);
+        for c in ["a", "b", "c", "d", "e"] {
+            conn.add_subscription(c, &format!("s.{c}"), 8).unwrap();
+            assert!(conn.attach(c, &format!("s.{c}"), probe()).is_ok());
+        }
+        // Not held (another key, or no such channel): given back, and dropped by the caller.
+        assert!(conn.attach("a", "s.other", probe()).is_err());
+        assert!(conn.attach("z", "s.z", probe()).is_err());
+        assert_eq!(count(), 2);
+        assert!(
+            conn.remove_if("a", "s.a"),
+            "unsubscribe, or ended by the relay"
+        );
+        assert_eq!(count(), 3);
+        assert_eq!(conn.remove_subscription("b"), Some("s.b".into()));
+        assert_eq!(count(), 4);
+        conn.set_token_expiry("c", "s.c", 10);
+        assert_eq!(conn.take_expired(10).len(), 1, "its token expired");
+        assert_eq!(count(), 5);
+        assert_eq!(conn.take_subscriptions().len(), 2, "the connection closed");
+        assert_eq!(count(), 7);
     }
 
     #[test]

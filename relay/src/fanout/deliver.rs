@@ -145,12 +145,30 @@ fn fan_out_encoded(
             received: Some(received),
             channel: Some(sub.channel.clone()),
         };
-        match sub.conn.deliver(frame, direct, metrics) {
-            Delivery::Written | Delivery::Queued(Push::Queued | Push::Closed) => {}
-            Delivery::Queued(Push::DroppedOldest) => dropped += 1,
-            Delivery::Queued(Push::Overflow) => slow += 1,
-        }
+        deliver_one(&sub.conn, frame, direct, metrics, &mut dropped, &mut slow);
     }
+    count_losses(metrics, dropped, slow);
+}
+
+/// One frame to one connection, its loss tallied (`dropped`: the oldest queued message
+/// dropped for it; `slow`: the connection closed as a slow consumer).
+#[inline]
+fn deliver_one(
+    conn: &Conn,
+    frame: Frame,
+    direct: bool,
+    metrics: &Metrics,
+    dropped: &mut u64,
+    slow: &mut u64,
+) {
+    match conn.deliver(frame, direct, metrics) {
+        Delivery::Written | Delivery::Queued(Push::Queued | Push::Closed) => {}
+        Delivery::Queued(Push::DroppedOldest) => *dropped += 1,
+        Delivery::Queued(Push::Overflow) => *slow += 1,
+    }
+}
+
+fn count_losses(metrics: &Metrics, dropped: u64, slow: u64) {
     if dropped > 0 {
         metrics.drop_msgs("slow_consumer_drop_oldest", dropped);
     }
@@ -158,4 +176,27 @@ fn fan_out_encoded(
         metrics.slow_consumers.inc_by(slow);
         metrics.drop_msgs("slow_consumer_disconnect", slow);
     }
+}
+
+/// Fans out one frame of `channel` encoded once (a presence event) to `conns` the way a
+/// message goes: written at once or queued, under the slow-consumer policy.
+pub fn fan_out_frame<'a>(
+    conns: impl ExactSizeIterator<Item = &'a Arc<Conn>>,
+    channel: &Arc<str>,
+    text: String,
+    metrics: &Metrics,
+) {
+    let received = Instant::now();
+    let direct = conns.len() <= DIRECT_FAN_OUT;
+    let bytes = Utf8Bytes::from(text);
+    let (mut dropped, mut slow) = (0u64, 0u64);
+    for conn in conns {
+        let frame = Frame {
+            msg: Message::Text(bytes.clone()),
+            received: Some(received),
+            channel: Some(channel.clone()),
+        };
+        deliver_one(conn, frame, direct, metrics, &mut dropped, &mut slow);
+    }
+    count_losses(metrics, dropped, slow);
 }

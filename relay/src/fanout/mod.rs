@@ -103,6 +103,20 @@ pub enum SubscribeError {
     Ended,
 }
 
+/// Queues a subscribe's `ok` in the hub's place, given its text: presence adds the
+/// channel's members to it, atomically with registering the subscriber for their events.
+pub type Answer<'a> = &'a (dyn Fn(String) + Send + Sync);
+
+/// Queues the `ok`: by `answer` when given, else as a reply.
+fn queue_ok(conn: &Conn, ok: String, answer: Option<Answer<'_>>) {
+    match answer {
+        Some(a) => a(ok),
+        None => {
+            conn.outbox.push_reply(Message::text(ok));
+        }
+    }
+}
+
 /// Subject to local subscribers.
 #[derive(Debug)]
 pub struct Hub {
@@ -155,6 +169,8 @@ impl Hub {
     /// the NATS subscription is confirmed by a round trip through the server, so a message
     /// published after the `ok` is delivered; or an error (and `conn` is not subscribed)
     /// when NATS refuses, fails or does not confirm within 2 s, or JetStream does not answer.
+    /// `answer` queues the `ok` in the hub's place (see [`Answer`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn subscribe(
         self: &Arc<Self>,
         target: &Target,
@@ -163,6 +179,7 @@ impl Hub {
         id: Option<&RequestId>,
         since: Option<&Since>,
         data: Option<&str>,
+        answer: Option<Answer<'_>>,
     ) -> Result<(), SubscribeError> {
         let channel: Arc<str> = Arc::from(channel);
         let key = (conn.id, channel.clone());
@@ -201,10 +218,12 @@ impl Hub {
         };
         if outcome.is_ok() {
             outcome = match &entry.resumable {
-                None => self.join_plain(&entry, target, conn, &channel, id, since, data),
+                None => self.join_plain(&entry, target, conn, &channel, id, since, data, answer),
                 Some(res) => {
-                    self.join_resumable(&entry, res, target, conn, &channel, id, since, data)
-                        .await
+                    self.join_resumable(
+                        &entry, res, target, conn, &channel, id, since, data, answer,
+                    )
+                    .await
                 }
             };
         }
@@ -233,6 +252,7 @@ impl Hub {
         id: Option<&RequestId>,
         since: Option<&Since>,
         data: Option<&str>,
+        answer: Option<Answer<'_>>,
     ) -> Result<(), SubscribeError> {
         let _subs = read(&entry.subscribers);
         if !conn.holds(channel, &target.key) {
@@ -244,7 +264,7 @@ impl Hub {
         } else {
             encode_ok(id)
         };
-        conn.outbox.push_reply(Message::text(with_data(ok, data)));
+        queue_ok(conn, with_data(ok, data), answer);
         Ok(())
     }
 

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio_tungstenite::tungstenite::Message;
-
 use super::deliver::{Behind, Queued, fan_out_at, fan_out_paced, queue_replay};
 use super::entry::{SubKey, SubjectEntry, Target, read, write};
 use super::{EndReason, Hub, SubscribeError};
@@ -47,6 +45,7 @@ impl Hub {
         id: Option<&RequestId>,
         since: Option<&Since>,
         data: Option<&str>,
+        answer: Option<super::Answer<'_>>,
     ) -> Result<(), SubscribeError> {
         let m = &self.metrics;
         let unavailable = |e: stream::StreamError| {
@@ -94,10 +93,11 @@ impl Hub {
                 };
                 m.history(&m.history_resumes, outcome);
             }
-            conn.outbox.push_reply(Message::text(with_data(
-                encode_ok_position(id, &epoch, pos, recovered),
-                data,
-            )));
+            super::queue_ok(
+                conn,
+                with_data(encode_ok_position(id, &epoch, pos, recovered), data),
+                answer,
+            );
             let name: Arc<str> = Arc::from(channel);
             let Some(sub) = subs.get(&(conn.id, name.clone())) else {
                 return Ok(None);

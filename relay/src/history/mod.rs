@@ -13,7 +13,6 @@ pub mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::HeaderMap;
 
@@ -22,12 +21,7 @@ use crate::template::parse_subject_template;
 pub use ring::Arrival;
 use ring::{Decision, Limits, Ring, Stored};
 
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use crate::clock::now_ms;
 
 /// Payload bytes a relay keeps in memory for one resumable channel.
 pub const RING_BYTES: usize = 4 << 20;

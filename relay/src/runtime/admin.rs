@@ -1,12 +1,13 @@
-//! The admin listener: `/live`, `/ready`, `/metrics`.
+//! The admin listener: `/live`, `/ready`, `/metrics`, and `POST /registry/forget?relay=<name>`
+//! (deletes a dead relay's registry entries; the operator calls it when it sees a pod gone).
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
 use crate::state::Relay;
@@ -17,6 +18,7 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/live", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/registry/forget", post(forget))
         .with_state(relay)
 }
 
@@ -25,10 +27,56 @@ async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if relay.nats_failed.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "NATS client failed")
+    } else if relay.registry.as_ref().is_some_and(|r| !r.was_in_place()) {
+        // Once only: a new relay takes no client before presence can answer; a later
+        // registry outage does not take it out of the Service (presence answers 503).
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "registry bucket not in place yet",
+        )
     } else if relay.is_ready() {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "NATS disconnected")
+    }
+}
+
+/// Deletes every registry key of another relay (its entries, then its lease).
+async fn forget(
+    State(relay): State<Arc<Relay>>,
+    RawQuery(query): RawQuery,
+) -> (StatusCode, String) {
+    let Some(registry) = &relay.registry else {
+        return (StatusCode::NOT_FOUND, "no registry configured".into());
+    };
+    // A relay's name is one key token, which needs no percent-decoding.
+    let name = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("relay="))
+        .filter(|n| crate::registry::keys::is_token(n));
+    let Some(name) = name else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "relay: required, one NATS subject token ([-_=a-zA-Z0-9], 1 to 128)".into(),
+        );
+    };
+    if name == registry.relay() {
+        return (StatusCode::CONFLICT, "relay: this relay's own name".into());
+    }
+    match registry
+        .purge(name, crate::registry::PurgeCause::Forget)
+        .await
+    {
+        Ok(n) => {
+            tracing::info!(relay = %name, keys = n, "registry: relay forgotten");
+            (StatusCode::OK, format!("{{\"deleted\":{n}}}"))
+        }
+        Err(e) => {
+            tracing::warn!(relay = %name, error = %e, "registry: forget failed");
+            (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
     }
 }
 

@@ -98,6 +98,17 @@ pub async fn drain(relay: &Arc<Relay>, grace: Duration) {
     {
         tracing::warn!("some connection tasks outlived the drain window");
     }
+    // Every connection's close queued its delete: the registry flushes them, deletes what
+    // is left of this relay's keys, then its lease (before NATS drains).
+    if let Some(r) = &relay.registry {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left.max(Duration::from_secs(1)), r.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("registry: no time left to delete this relay's keys");
+        }
+    }
     let left = deadline.saturating_duration_since(Instant::now());
     relay.hub.close(left / 2).await;
     let left = deadline.saturating_duration_since(Instant::now());

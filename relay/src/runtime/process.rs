@@ -117,7 +117,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             addr: config.listen.admin,
             source,
         })?;
-    let relay = Arc::new(Relay::new(settings, hub, metrics, connected));
+    let registry = config.registry.as_ref().map(|r| {
+        crate::registry::Registry::start(
+            r,
+            &Relay::name_for(&config),
+            hub.client().clone(),
+            metrics.clone(),
+        )
+    });
+    let relay = Arc::new(Relay::new(settings, hub, metrics, connected).with_registry(registry));
     let edge = Arc::new(Edge::new(relay.clone()));
     // What the NATS connection reports: refused subscriptions end the hub's entries for
     // those subjects; a reconnection makes resumable channels read what they missed.

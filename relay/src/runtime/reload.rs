@@ -50,8 +50,12 @@ fn reload_inner(relay: &Arc<Relay>, edge: &Edge, path: &Path) -> Result<usize, R
     let settings = Settings::new(Config::load(path)?)?;
     let new = settings.config.clone();
     let old = relay.settings();
-    if new.listen != old.config.listen || new.nats != old.config.nats || new.tls != old.config.tls {
-        tracing::warn!("listen, nats and tls changes take effect at the next restart");
+    if new.listen != old.config.listen
+        || new.nats != old.config.nats
+        || new.tls != old.config.tls
+        || new.registry != old.config.registry
+    {
+        tracing::warn!("listen, nats, tls and registry changes take effect at the next restart");
     }
     edge.admission
         .slots

@@ -1,6 +1,7 @@
-//! Stream upkeep: keeps the history streams the config names in place (created or updated
-//! at start, after a reload and every minute), tells the hub when one was recreated behind
-//! the relay's back, and exports why a stream is not in place.
+//! Stream upkeep: keeps the history streams the config names, and the connection registry's
+//! bucket, in place (created or updated at start, after a reload and every minute), tells
+//! the hub when a history stream was recreated behind the relay's back, and exports why a
+//! stream is not in place.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,13 +18,28 @@ pub async fn maintain(relay: Arc<Relay>, every: Duration, changed: impl Fn(&str)
     let mut last_check = tokio::time::Instant::now();
     let mut failures: u32 = 0;
     loop {
-        let wanted = wanted_streams(&relay.settings().config);
+        let mut wanted = wanted_streams(&relay.settings().config);
+        let bucket = relay.registry.as_ref().map(|r| r.stream_config().clone());
+        wanted.extend(bucket.clone());
         let due = applied.as_ref() != Some(&wanted) || last_check.elapsed() >= every;
         if due {
             let mut all_ok = true;
             let mut failed = Vec::new();
             for cfg in &wanted {
-                match stream::ensure(&js, cfg.clone()).await {
+                let is_bucket = bucket.as_ref().is_some_and(|b| b.name == cfg.name);
+                let ensured = stream::ensure(&js, cfg.clone()).await;
+                if is_bucket {
+                    // The registry's bucket is not a history stream: its state is its own.
+                    if let Some(r) = &relay.registry {
+                        if let Err(e) = &ensured {
+                            tracing::warn!(error = %e, "registry bucket not in place; the relay keeps serving");
+                        }
+                        r.bucket_ready(ensured.is_ok()).await;
+                    }
+                    all_ok &= ensured.is_ok();
+                    continue;
+                }
+                match ensured {
                     Ok(epoch) => {
                         if relay.hub.streams().set(&cfg.name, epoch).is_some() {
                             tracing::warn!(stream = %cfg.name, "history stream recreated: positions of the old one are void");

@@ -101,6 +101,8 @@ pub(super) async fn read_loop<St>(
                     // A JWT verification each (and maybe a JWKS fetch).
                     Request::Refresh { id, .. } => Some(("refresh", id)),
                     Request::SubRefresh { id, .. } => Some(("subrefresh", id)),
+                    // A lock and a page of up to 1000 members.
+                    Request::Presence { id, .. } => Some(("presence", id)),
                     Request::Ping { .. } => None,
                 };
                 if let Some((op, id)) = limited {

@@ -209,9 +209,9 @@ export function subscriptionToken(sub, channel, ttlSeconds) {
  * `history` (e.g. `{stream: "FEED", maxMessages: 1000}`) adds the resumable binding
  * `feed.{id}` -> `feed.{id}` (docs/protocol.md section 8; NATS needs JetStream), and the
  * relay is ready only once its history stream is in place. `bindings` come first (e.g. one
- * with `authorize`).
+ * with `authorize` or `presence`). `registry`: the config's registry section (presence needs it).
  */
-export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4, auth = {}, jwt = {}, history, bindings = [] }) {
+export async function startRelay({ natsUrl, origin, port, adminPort, name = "relay", graceSeconds = 4, auth = {}, jwt = {}, history, bindings = [], registry }) {
   port ??= await freePort();
   adminPort ??= await freePort();
   const config = {
@@ -242,6 +242,7 @@ export async function startRelay({ natsUrl, origin, port, adminPort, name = "rel
     ],
     limits: { pingIntervalSeconds: 5, idleTimeoutSeconds: 30 },
     drain: { gracePeriodSeconds: graceSeconds },
+    ...(registry ? { registry } : {}),
   };
   const file = join(workDir, `${name}-${port}.json`);
   writeFileSync(file, JSON.stringify(config, null, 2));
@@ -463,6 +464,16 @@ export function pageApi(page) {
     messages: (client, channel) => page.evaluate((key) => window.T.messages[key] ?? [], `${client}:${channel}`),
     positions: (client, channel) => page.evaluate((key) => window.T.positions[key] ?? [], `${client}:${channel}`),
     stats: (client, channel) => page.evaluate(([c, ch]) => window.subscriptionStats(c, ch), [client, channel]),
+    /** The presence events of a subscription (join, leave, occupancy, presence), in order. */
+    presenceEvents: (client, channel) => page.evaluate((key) => window.T.presence[key] ?? [], `${client}:${channel}`),
+    /** `presence()` (as member objects), `occupancy()` and `presenceSynced` of a subscription. */
+    presenceOf: (client, channel) => page.evaluate(([c, ch]) => window.presenceOf(c, ch), [client, channel]),
+    /** Waits for the `n`-th presence event of `kind`; returns the subscription's presence events. */
+    waitPresence: (what, client, channel, kind, n, ms = 10_000) =>
+      waitFor(what, ms, async () => {
+        const es = await api.presenceEvents(client, channel);
+        return es.filter((e) => e.kind === kind).length >= n ? es : undefined;
+      }),
     subscribedCtx: (client, channel) => page.evaluate((key) => window.T.subscribed[key] ?? [], `${client}:${channel}`),
     waitLog: (what, client, kind, n, ms, pred = () => true) =>
       waitFor(what, ms, async () => {

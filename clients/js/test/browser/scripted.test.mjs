@@ -3,7 +3,8 @@
 // the frames and close codes documented for them: 4401 / 4403 after the upgrade, resume
 // positions (seq, prev, epoch, since, recovered), `unsubscribed` with a reason, `dropped` with a
 // channel, the in-band `refresh`, and subscription tokens (`subrefresh`, `expired`,
-// `forbidden`, the backend's `data` and `appCode`). When the relay implements them, browser.test.mjs gets the
+// `forbidden`, the backend's `data` and `appCode`), and presence (a paged snapshot, join /
+// leave / occupancy, a reconnect's snapshot overlapping the old list). When the relay implements them, browser.test.mjs gets the
 // same cases against the real thing; until then these pin the client's side of the contract.
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
@@ -233,5 +234,55 @@ describe("@wsrelay/client in headless Chromium against a scripted relay (protoco
       "subscribe, subrefresh, after expired; and the other channel",
     );
     await p.closeClient("authz");
+  });
+  test("presence: a paged snapshot, live join / leave / occupancy, a reconnect resync with overlap (no duplicate join, no leave/join pair)", async () => {
+    const ch = "rooms.7";
+    const member = (key, clients = 1) => ({ key, info: { name: key.toUpperCase() }, clients });
+    await p.open("pres", relay.url, "alice");
+    const c1 = await relay.accept();
+    c1.welcome();
+    await p.subscribe("pres", ch, { presence: true });
+    const s1 = await c1.nextOfType("subscribe");
+    assert.equal(s1.presence, true);
+    // A snapshot in two pages; bob joins (already paged: folded in, not reported) while the
+    // second page is asked.
+    c1.send({ type: "ok", id: s1.id, presence: { members: [member("alice", 2), member("bob")], clients: 4, users: 3, complete: false, next: "bob" } });
+    const r1 = await c1.nextOfType("presence");
+    assert.deepEqual([r1.channel, r1.after], [ch, "bob"]);
+    c1.send({ type: "join", channel: ch, member: { key: "dave", info: { name: "DAVE" } } });
+    c1.send({ type: "ok", id: r1.id, presence: { members: [member("carol"), member("dave")], clients: 5, users: 4, complete: true } });
+    let ev = await p.waitPresence("the first list", "pres", ch, "presence", 1);
+    assert.deepEqual(ev.map((e) => [e.kind, e.keys ?? e.key, e.initial]), [["presence", ["alice", "bob", "carol", "dave"], true]]);
+    // Live.
+    c1.send({ type: "join", channel: ch, member: { key: "erin", info: { name: "ERIN" } } });
+    c1.send({ type: "leave", channel: ch, member: { key: "bob", info: { name: "BOB" } } });
+    c1.send({ type: "occupancy", channel: ch, clients: 5, users: 4, events: true });
+    ev = await p.waitPresence("the occupancy", "pres", ch, "occupancy", 1);
+    assert.deepEqual(ev.slice(1).map((e) => [e.kind, e.key ?? e.users]), [["join", "erin"], ["leave", "bob"], ["occupancy", 4]]);
+    let view = await p.presenceOf("pres", ch);
+    assert.deepEqual(view.members.map((m) => m.key).sort(), ["alice", "carol", "dave", "erin"]);
+    assert.deepEqual(view.occupancy, { clients: 5, users: 4, events: true });
+    assert.equal(view.synced, true);
+
+    // The relay goes away; meanwhile carol left and frank joined; alice, dave, erin stayed.
+    c1.close(1011, "internal error");
+    const c2 = await relay.accept();
+    c2.welcome();
+    const s2 = await c2.nextOfType("subscribe");
+    assert.equal(s2.presence, true);
+    c2.send({ type: "ok", id: s2.id, presence: { members: [member("alice", 1), member("dave")], clients: 4, users: 4, complete: false, next: "dave" } });
+    const r2 = await c2.nextOfType("presence");
+    assert.equal(r2.after, "dave");
+    c2.send({ type: "ok", id: r2.id, presence: { members: [member("erin"), member("frank")], clients: 4, users: 4, complete: true } });
+    ev = await p.waitPresence("the second list", "pres", ch, "presence", 2);
+    const after = ev.slice(4);
+    assert.deepEqual(after.map((e) => [e.kind, e.key ?? e.keys, e.initial]), [
+      ["leave", "carol", undefined],
+      ["join", "frank", undefined],
+      ["presence", ["alice", "dave", "erin", "frank"], false],
+    ]);
+    view = await p.presenceOf("pres", ch);
+    assert.deepEqual(view.members.map((m) => [m.key, m.clients]), [["alice", 1], ["dave", 1], ["erin", 1], ["frank", 1]]);
+    await p.closeClient("pres");
   });
 });

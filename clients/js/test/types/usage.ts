@@ -6,6 +6,9 @@ import {
   type ConnectedContext,
   type DisconnectedContext,
   type Message,
+  type Occupancy,
+  type PresenceMember,
+  type PresenceSync,
   type SubscribedContext,
   type Subscription,
 } from "../../dist/esm/index.js";
@@ -35,6 +38,18 @@ const order: Subscription = client.subscribe("orders.42", {
   onSubscribed: (ctx: SubscribedContext) => ctx.data,
 });
 void order;
+const room: Subscription = client.subscribe("rooms.7", { presence: true, presencePageSize: 500 });
+room.on("join", (m: PresenceMember) => `${m.key} ${String(m.info["name"])} ${m.clients}`);
+room.on("leave", (m: PresenceMember) => m.key);
+room.on("occupancy", (o: Occupancy) => (o.events === false ? o.users : o.clients));
+room.on("presence", (p: PresenceSync) => (p.initial ? p.members.size : p.occupancy.users));
+const members: ReadonlyMap<string, PresenceMember> = room.presence();
+const alice: PresenceMember | undefined = members.get("alice");
+void alice;
+const occ: Occupancy | undefined = room.occupancy();
+const synced: boolean = room.presenceSynced;
+void occ;
+void synced;
 const pos: { epoch: string; seq: number } | undefined = sub.position;
 void pos;
 async function main(): Promise<void> {
@@ -43,6 +58,8 @@ async function main(): Promise<void> {
   const seq: number | undefined = r.seq;
   void seq;
   await sub.ready(5000);
+  const list: ReadonlyMap<string, PresenceMember> = await room.fetchPresence();
+  for (const [key, m] of list) void `${key}: ${JSON.stringify(m.info)}`;
   try {
     await client.publishText("chat.lobby", "raw");
     await client.publish("orders.42", { x: 1 }, { token: "sub-jwt" });

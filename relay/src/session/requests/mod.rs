@@ -3,6 +3,7 @@
 //! rate and the expiry timer are the reader's.
 
 pub mod ping;
+pub mod presence;
 pub mod publish;
 pub mod refresh;
 pub mod subrefresh;
@@ -33,8 +34,17 @@ pub async fn handle(req: Request, conn: &Arc<Conn>, relay: &Relay) {
             channel,
             since,
             token,
+            presence,
         } => {
-            subscribe::apply(id.as_ref(), channel, since, token, conn, relay).await;
+            subscribe::apply(id.as_ref(), channel, since, token, presence, conn, relay).await;
+        }
+        Request::Presence {
+            id,
+            channel,
+            after,
+            limit,
+        } => {
+            presence::apply(id.as_ref(), &channel, after.as_deref(), limit, conn, relay).await;
         }
         Request::SubRefresh { id, channel, token } => {
             subrefresh::apply(id.as_ref(), &channel, &token, conn, relay).await;

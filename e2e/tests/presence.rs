@@ -1,0 +1,444 @@
+//! Presence on the node (issue 26): a gateway of three relay pods whose binding has presence,
+//! 1,000 members over 20 channels through the gateway's Service, every member subscribed with
+//! `presence: true` (src/presence.rs: it records each `join` and `leave` its relay sends it).
+//! Then, one after the other:
+//! (a) a rolling update (a relay config change): the members move to new pods (make before
+//!     break on `drain`); no `leave` and no `join` may reach anyone;
+//! (b) the relay process of the busiest pod killed with SIGKILL: its members go with it (they
+//!     do not reconnect); kubelet restarts the container, and the relay, back under the same
+//!     pod name, deletes what its previous run left. Every other member of each such member's
+//!     channel must see its `leave` within leaseSeconds + 5 s of the kill, and no other
+//!     member may leave;
+//! (c) the operator stopped, then the busiest relay killed and its pod force-deleted (a new pod
+//!     with a new name replaces it, so nothing restarts under the old name and nobody
+//!     forgets it): the survivors purge it when its lease expires; the same bound.
+//!
+//! The operator runs in this process (the current code, scoped to the test's namespace); the
+//! relays are the node's imported image (`make images`, node-up.sh). It needs the local node
+//! as root (it kills a relay process found in this machine's /proc); without a Ready node it
+//! says SKIPPED, unless `E2E_REQUIRE_NODE=1`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use wsrelay_e2e::gateway::{self, hs256_token};
+use wsrelay_e2e::operator::{Operator, install_crd};
+use wsrelay_e2e::presence::{self, Kind, Member};
+use wsrelay_e2e::{eventually, with_namespace};
+use wsrelay_operator::api::WebsocketGateway;
+
+const GATEWAY: &str = "presence";
+const HMAC_KEY: &str = "e2e-presence-hmac-key-of-at-least-32-bytes";
+const REPLICAS: i32 = 3;
+const MEMBERS: usize = 1000;
+const CHANNELS: usize = 20;
+/// The relays' lease: a relay silent this long is taken for dead.
+const LEASE_SECONDS: u64 = 10;
+/// A member away for less makes no leave/join pair. Short, so that the lease path's leaves
+/// (lease + grace + the purge) fit the bound the issue sets, lease + 5 s.
+const GRACE_SECONDS: u64 = 3;
+/// What the issue asks: leaves within the lease's TTL + 5 s of a relay's death.
+const LEAVE_BOUND: Duration = Duration::from_secs(LEASE_SECONDS + 5);
+/// After a rolling update, how long the test watches for a stray leave or join: past the
+/// grace, so that a leave held back by it would have come.
+const QUIET_AFTER_ROLLOUT: Duration = Duration::from_secs(GRACE_SECONDS + 4);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_survives_a_rollout_and_leaves_with_killed_relays() -> Result<()> {
+    let client = wsrelay_e2e::client().await?;
+    if !gateway::node_or_skip(&client, "presence e2e").await? {
+        return Ok(());
+    }
+    // The relays create the registry's bucket and nobody removes it (a gateway's deletion
+    // leaves it): the buckets of this test's earlier runs, a crashed one's included, go first,
+    // and this run's at the end; JetStream reserves each one's maxBytes.
+    delete_buckets("KV_wsrelay_presence-").await;
+    with_namespace("presence", |client, ns| async move {
+        install_crd(&client).await?;
+        let mut operator = Some(Operator::start(client.clone(), &ns, None));
+        let outcome = scenario(&client, &ns, &mut operator).await;
+        eprintln!("scenario done; stopping the operator");
+        let stopped = match operator {
+            Some(o) => tokio::time::timeout(Duration::from_secs(60), o.stop())
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the operator did not stop within 60 s"))),
+            None => Ok(()),
+        };
+        eprintln!("operator stopped: {stopped:?}; deleting the bucket");
+        delete_buckets(&format!("KV_wsrelay_{ns}_")).await;
+        eprintln!("bucket deleted");
+        outcome?;
+        stopped
+    })
+    .await
+}
+
+/// Deletes the JetStream streams whose name starts with `prefix`.
+async fn delete_buckets(prefix: &str) {
+    use futures::StreamExt;
+    let Ok(url) = wsrelay_e2e::nats_url() else {
+        return;
+    };
+    let Ok(nats) = async_nats::connect(url).await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(nats);
+    let names: Vec<String> = js
+        .stream_names()
+        .filter_map(|n| async move { n.ok() })
+        .collect()
+        .await;
+    for name in names.iter().filter(|n| n.starts_with(prefix)) {
+        if let Err(e) = js.delete_stream(name).await {
+            eprintln!("cleanup: deleting the registry bucket's stream {name}: {e}");
+        }
+    }
+}
+
+async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) -> Result<()> {
+    let t0 = Instant::now();
+    create_gateway(client, ns).await?;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+    gateway::wait_available(&deployments, GATEWAY, REPLICAS).await?;
+    gateway::wait_endpoints_ready(client, ns, GATEWAY, REPLICAS as usize).await?;
+    let url = gateway::service_url(client, ns, GATEWAY).await?;
+    eprintln!(
+        "{REPLICAS} relay pods Ready in {:.1}s, reached at {url}",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let t1 = Instant::now();
+    let channels: Vec<String> = (0..CHANNELS).map(|i| format!("room.{i}")).collect();
+    let token = |i| hs256_token(HMAC_KEY, &format!("m{i}"));
+    let mut members =
+        presence::open_members(&url, &channels, 0..MEMBERS - CHANNELS, token, 32).await?;
+    // The last member of each channel alone, after all the others: its snapshot holds them.
+    members.extend(
+        presence::open_members(&url, &channels, MEMBERS - CHANNELS..MEMBERS, token, 1).await?,
+    );
+    eprintln!(
+        "{MEMBERS} members on {CHANNELS} channels in {:.1}s",
+        t1.elapsed().as_secs_f64()
+    );
+    // Every member is in the registry, read with plain NATS as a backend would.
+    let bucket = registry_bucket(client, ns).await?;
+    let per_channel = MEMBERS / CHANNELS;
+    eventually("every membership in the registry", || async {
+        let n = registry_memberships(&bucket).await?;
+        Ok((n == MEMBERS).then_some(()))
+    })
+    .await?;
+    // The last member of each channel subscribed after all the others of its channel.
+    for m in &members[MEMBERS - CHANNELS..] {
+        let users = m.state.users.load(Ordering::Relaxed) as usize;
+        ensure!(
+            users == per_channel,
+            "{} on {} saw {users} members in its snapshot, not {per_channel}",
+            m.key,
+            m.channel
+        );
+    }
+
+    // The last joins reach every member (a relay's watcher reads them after the `ok`).
+    settle(&members).await;
+
+    // --- (a) a rolling update: nobody leaves, nobody joins ---
+    let t = Instant::now();
+    let old = gateway::relay_pods(client, ns, GATEWAY).await?;
+    Api::<WebsocketGateway>::namespaced(client.clone(), ns)
+        .patch(
+            GATEWAY,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "limits": { "publishRatePerSecond": 7 } } })),
+        )
+        .await?;
+    gateway::wait_rollout(client, ns, GATEWAY, &old).await?;
+    gateway::wait_endpoints_ready(client, ns, GATEWAY, REPLICAS as usize).await?;
+    let rolled = t.elapsed();
+    tokio::time::sleep(QUIET_AFTER_ROLLOUT).await;
+    let stray = events_since(&members, t);
+    eprintln!(
+        "(a) rollout of {} pods in {:.1}s: {} leaves, {} joins seen by {MEMBERS} members",
+        old.len(),
+        rolled.as_secs_f64(),
+        stray.iter().filter(|(_, k, _)| *k == Kind::Leave).count(),
+        stray.iter().filter(|(_, k, _)| *k == Kind::Join).count(),
+    );
+    ensure!(
+        stray.is_empty(),
+        "(a) a rolling update made leaves or joins: {:?}",
+        &stray[..stray.len().min(10)]
+    );
+    ensure!(
+        members.iter().all(|m| m.state.gone_at().is_none()),
+        "(a) a member gave up"
+    );
+
+    // --- (b) SIGKILL: the relay restarts under its pod name and deletes its leftovers ---
+    for m in &members {
+        m.state.reconnect.store(false, Ordering::SeqCst);
+    }
+    let victim = busiest_pod(client, ns, "(b)").await?;
+    let pid = gateway::container_id(&victim)
+        .and_then(|c| gateway::host_pid_of(&c, "wsrelay"))
+        .context("(b) the relay process of the busiest pod")?;
+    let killed = Instant::now();
+    kill(pid)?;
+    case_leaves("(b) SIGKILL", &members, killed).await?;
+    // Back to the steady state before the next case: the container restarted.
+    gateway::wait_endpoints_ready(client, ns, GATEWAY, REPLICAS as usize).await?;
+
+    // --- (c) the operator down, a relay killed and its pod deleted: the lease path ---
+    if let Some(o) = operator.take() {
+        o.stop().await.context("stopping the operator")?;
+    }
+    let victim = busiest_pod(client, ns, "(c)").await?;
+    let pid = gateway::container_id(&victim)
+        .and_then(|c| gateway::host_pid_of(&c, "wsrelay"))
+        .context("(c) the relay process of the busiest pod")?;
+    let killed = Instant::now();
+    kill(pid)?;
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .delete(
+            &victim.name_any(),
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            },
+        )
+        .await?;
+    let outcome = case_leaves("(c) operator down, pod gone", &members, killed).await;
+    *operator = Some(Operator::start(client.clone(), ns, None));
+    outcome?;
+    eprintln!("(c) the operator was down throughout: the leaves came by lease expiry");
+    // The operator back: its first reconcile (it waits up to 10 s for its caches) done
+    // before the test stops it again.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    Ok(())
+}
+
+/// After a kill at `killed`: the members whose connection ended are gone; every other member
+/// of each one's channel must see its leave within [`LEAVE_BOUND`], and nobody else may leave.
+async fn case_leaves(case: &str, members: &[Member], killed: Instant) -> Result<()> {
+    // The dead relay's members notice at once (their TCP connection is reset); wait until
+    // the count holds still.
+    let gone_now = |m: &Member| m.state.gone_at().is_some_and(|at| at >= killed);
+    let mut gone = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = members.iter().filter(|m| gone_now(m)).count();
+        if now == gone && now > 0 {
+            break;
+        }
+        gone = now;
+    }
+    // Gone in this case, and gone at all (an earlier case's leavers are no stray events).
+    let gone: BTreeSet<&str> = members
+        .iter()
+        .filter(|m| gone_now(m))
+        .map(|m| m.key.as_str())
+        .collect();
+    let gone_ever: BTreeSet<&str> = members
+        .iter()
+        .filter(|m| m.state.gone_at().is_some())
+        .map(|m| m.key.as_str())
+        .collect();
+    ensure!(!gone.is_empty(), "{case}: no member lost its connection");
+    // Who must see which leaves: the live members of each gone member's channel.
+    let mut expected: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for m in members.iter().filter(|m| gone.contains(m.key.as_str())) {
+        expected
+            .entry(m.channel.as_str())
+            .or_default()
+            .insert(&m.key);
+    }
+    let observers: Vec<&Member> = members
+        .iter()
+        .filter(|m| m.state.gone_at().is_none() && expected.contains_key(m.channel.as_str()))
+        .collect();
+    let deadline = killed + LEAVE_BOUND + Duration::from_secs(20);
+    let all_seen = || {
+        observers.iter().all(|o| {
+            let left: BTreeSet<String> = o
+                .state
+                .seen_since(killed)
+                .into_iter()
+                .filter(|s| s.kind == Kind::Leave)
+                .map(|s| s.key)
+                .collect();
+            expected[o.channel.as_str()]
+                .iter()
+                .all(|k| left.contains(*k))
+        })
+    };
+    while !all_seen() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Measured over every observer and every leave it should have seen.
+    let mut latest = Duration::ZERO;
+    let mut missing = 0usize;
+    let mut stray = Vec::new();
+    for o in &observers {
+        let seen = o.state.seen_since(killed);
+        for k in &expected[o.channel.as_str()] {
+            match seen.iter().find(|s| s.kind == Kind::Leave && s.key == *k) {
+                Some(s) => latest = latest.max(s.at - killed),
+                None => missing += 1,
+            }
+        }
+        stray.extend(
+            seen.iter()
+                .filter(|s| s.kind == Kind::Join || !gone_ever.contains(s.key.as_str()))
+                .map(|s| (o.key.clone(), s.kind, s.key.clone())),
+        );
+    }
+    let wanted: usize = observers
+        .iter()
+        .map(|o| expected[o.channel.as_str()].len())
+        .sum();
+    eprintln!(
+        "{case}: {} members gone with the relay; {} leaves due at {} observers, {missing} missing, \
+         the last {:.1}s after the kill (bound {}s); {} stray events",
+        gone.len(),
+        wanted,
+        observers.len(),
+        latest.as_secs_f64(),
+        LEAVE_BOUND.as_secs(),
+        stray.len()
+    );
+    ensure!(
+        missing == 0,
+        "{case}: {missing} of {wanted} leaves never came"
+    );
+    ensure!(
+        latest <= LEAVE_BOUND,
+        "{case}: the last leave came {latest:?} after the kill, over {LEAVE_BOUND:?}"
+    );
+    ensure!(
+        stray.is_empty(),
+        "{case}: leaves of members that stayed, or joins: {:?}",
+        &stray[..stray.len().min(10)]
+    );
+    Ok(())
+}
+
+/// Waits until no member has seen a new `join` or `leave` for a second (at most 20 s).
+async fn settle(members: &[Member]) {
+    let count = || members.iter().map(|m| m.state.seen_count()).sum::<usize>();
+    let mut last = count();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = count();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Every `join` and `leave` any member saw since `since`: (who saw it, what, whose).
+fn events_since(members: &[Member], since: Instant) -> Vec<(String, Kind, String)> {
+    members
+        .iter()
+        .flat_map(|m| {
+            m.state
+                .seen_since(since)
+                .into_iter()
+                .map(|s| (m.key.clone(), s.kind, s.key))
+        })
+        .collect()
+}
+
+fn kill(pid: u32) -> Result<()> {
+    let mut kill = std::process::Command::new("kill");
+    kill.args(["-KILL", &pid.to_string()]);
+    wsrelay_e2e::tools::run(kill).context("SIGKILL to the relay process")?;
+    Ok(())
+}
+
+/// The Ready relay pod with the most connections, after printing every pod's count.
+async fn busiest_pod(client: &Client, ns: &str, case: &str) -> Result<Pod> {
+    let pods = gateway::relay_pods_by_connections(client, ns, GATEWAY).await?;
+    let counts: Vec<String> = pods
+        .iter()
+        .map(|(p, n)| format!("{} {n}", p.name_any()))
+        .collect();
+    eprintln!("{case}: connections per relay pod: {}", counts.join(", "));
+    let (pod, n) = pods.into_iter().next().context("no Ready relay pod")?;
+    ensure!(n > 0, "{case}: no relay pod has a connection");
+    Ok(pod)
+}
+
+/// The registry's bucket, from the gateway's status.
+async fn registry_bucket(client: &Client, ns: &str) -> Result<String> {
+    let gateways = Api::<WebsocketGateway>::namespaced(client.clone(), ns);
+    eventually("the registry's bucket in the gateway's status", || async {
+        let gw = serde_json::to_value(gateways.get(GATEWAY).await?)?;
+        Ok(gw["status"]["registry"]["bucket"]
+            .as_str()
+            .map(str::to_owned))
+    })
+    .await
+}
+
+/// How many memberships (`pres.` keys) the registry holds, read with a plain KV client.
+async fn registry_memberships(bucket: &str) -> Result<usize> {
+    use futures::TryStreamExt;
+    let nats = async_nats::connect(wsrelay_e2e::nats_url()?).await?;
+    let kv = async_nats::jetstream::new(nats)
+        .get_key_value(bucket)
+        .await
+        .context("the registry's bucket")?;
+    let keys: Vec<String> = tokio::time::timeout(Duration::from_secs(20), async {
+        anyhow::Ok(kv.keys().await?.try_collect().await?)
+    })
+    .await
+    .context("listing the registry's keys")??;
+    Ok(keys.iter().filter(|k| k.starts_with("pres.")).count())
+}
+
+async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "presence-jwt" },
+        "stringData": { "hmac": HMAC_KEY }
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let gw: WebsocketGateway = serde_json::from_value(json!({
+        "apiVersion": "wsrelay.dev/v1alpha1",
+        "kind": "WebsocketGateway",
+        "metadata": { "name": GATEWAY },
+        "spec": {
+            "replicas": REPLICAS,
+            "nats": { "urls": [gateway::gateway_nats_url()?] },
+            "auth": { "jwt": {
+                "hmacSecretRef": { "name": "presence-jwt", "key": "hmac" },
+                "tokenSources": [{ "from": "Query", "name": "token" }]
+            } },
+            "bindings": [{
+                "channel": "room.{id}",
+                "subject": format!("e2e.{ns}.room.{{id}}"),
+                "presence": {
+                    "key": "{claims.sub}",
+                    "maxMembersWithEvents": 100,
+                    "leaveGraceSeconds": GRACE_SECONDS
+                }
+            }],
+            "registry": { "leaseSeconds": LEASE_SECONDS, "maxBytes": 8 << 20 },
+            "limits": { "maxConnections": 2000 },
+            "drain": { "gracePeriodSeconds": 5 },
+            "service": { "type": gateway::service_type(), "port": 80 },
+            "resources": { "requests": { "cpu": "10m", "memory": "16Mi" } }
+        }
+    }))?;
+    wsrelay_e2e::operator::create_gateway(client, ns, &gw).await?;
+    Ok(())
+}

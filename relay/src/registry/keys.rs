@@ -1,0 +1,161 @@
+//! The registry's key layout and values (pure).
+//!
+//! Keys are NATS subject tokens joined by `.`; a relay name and a connection id are one
+//! token each, a channel is one token in base64url without padding (a channel may hold
+//! characters a KV key refuses). So `conn.<relay>.*` is one relay's connections,
+//! `pres.*.<relay>.*` its presence entries and `pres.<chan>.>` one channel's members.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+
+/// Version of the values' JSON (`"v"`): a reader skips what it does not know.
+pub const VALUE_VERSION: u32 = 1;
+
+/// Whether `s` is one KV key token (and one NATS subject token): `[-_=a-zA-Z0-9]`, 1 to 128.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+}
+
+/// A relay's name as one token: the pod name, each character a key refuses (a pod name
+/// may hold `.`) as `_`, at most 128 bytes.
+pub fn relay_token(name: &str) -> String {
+    let t: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '=' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    if t.is_empty() { "_".to_owned() } else { t }
+}
+
+/// `relay.<relay>`: the relay's lease.
+pub fn lease_key(relay: &str) -> String {
+    format!("relay.{relay}")
+}
+
+/// The relay a lease key names (`relay.<relay>`), if it is one.
+pub fn lease_owner(key: &str) -> Option<&str> {
+    key.strip_prefix("relay.").filter(|r| is_token(r))
+}
+
+/// `conn.<relay>.<conn>`: one open connection.
+pub fn conn_key(relay: &str, conn: u64) -> String {
+    format!("conn.{relay}.{conn}")
+}
+
+/// `pres.<chan>.<relay>.<conn>`: one connection's membership of a channel.
+pub fn presence_key(channel: &str, relay: &str, conn: u64) -> String {
+    format!("pres.{}.{relay}.{conn}", channel_token(channel))
+}
+
+/// A channel as one token: base64url without padding.
+pub fn channel_token(channel: &str) -> String {
+    URL_SAFE_NO_PAD.encode(channel)
+}
+
+/// The channel a [`channel_token`] encodes.
+pub fn channel_of(token: &str) -> Option<String> {
+    let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// The key filters that hold every entry of `relay` but its lease: what a purge deletes.
+pub fn relay_filters(relay: &str) -> [String; 2] {
+    [format!("conn.{relay}.*"), format!("pres.*.{relay}.*")]
+}
+
+/// The value of `relay.<relay>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lease {
+    /// [`VALUE_VERSION`].
+    pub v: u32,
+    /// When the relay started, in milliseconds since the epoch.
+    pub started: u64,
+    /// The lease's lifetime: the relay refreshes it every third of it.
+    pub lease_seconds: u64,
+}
+
+/// The value of `conn.<relay>.<conn>`: small, read by whoever lists connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnEntry {
+    /// [`VALUE_VERSION`].
+    pub v: u32,
+    /// The token's `sub`, if it has one (anonymous: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// The token's `iss`, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// When the connection opened, in milliseconds since the epoch.
+    pub connected_at: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_tokens_and_one_relay_is_one_filter() {
+        assert_eq!(lease_key("wsrelay-0"), "relay.wsrelay-0");
+        assert_eq!(conn_key("wsrelay-0", 7), "conn.wsrelay-0.7");
+        assert_eq!(relay_token("a.b c*>"), "a_b_c__");
+        assert_eq!(relay_token(""), "_");
+        assert_eq!(lease_owner("relay.r1"), Some("r1"));
+        assert_eq!(lease_owner("relay.a.b"), None);
+        assert_eq!(lease_owner("conn.r1.1"), None);
+        assert!(is_token("wsrelay-7f9c_x="));
+        for bad in ["", "a.b", "a*", "a>", "a b", "ü"] {
+            assert!(!is_token(bad), "{bad:?}");
+        }
+        assert_eq!(
+            relay_filters("r1"),
+            ["conn.r1.*".to_owned(), "pres.*.r1.*".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_channel_is_one_token_whatever_it_holds() {
+        for ch in ["orders.42", "a b/c>*", "ü.€", ""] {
+            let t = channel_token(ch);
+            assert!(t.is_empty() || is_token(&t), "{ch:?} -> {t:?}");
+            assert_eq!(channel_of(&t).as_deref(), Some(ch));
+        }
+        let k = presence_key("orders.42", "r1", 3);
+        assert_eq!(k, format!("pres.{}.r1.3", channel_token("orders.42")));
+        assert_eq!(k.split('.').count(), 4);
+    }
+
+    #[test]
+    fn values_are_versioned_camel_case_json() {
+        let c = ConnEntry {
+            v: VALUE_VERSION,
+            sub: Some("u1".into()),
+            iss: None,
+            connected_at: 5,
+        };
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"{"v":1,"sub":"u1","connectedAt":5}"#
+        );
+        let l = Lease {
+            v: 1,
+            started: 9,
+            lease_seconds: 15,
+        };
+        assert_eq!(
+            serde_json::to_string(&l).unwrap(),
+            r#"{"v":1,"started":9,"leaseSeconds":15}"#
+        );
+    }
+}

@@ -1,0 +1,736 @@
+//! The connection registry (docs/design/presence.md): a JetStream KV bucket shared by the
+//! relays of a gateway, where each relay keeps one lease for itself (`relay.<relay>`,
+//! refreshed every third of `leaseSeconds`, with a per-message TTL) and one entry per open
+//! connection (`conn.<relay>.<conn>`). A relay that exits deletes its keys; a relay that
+//! died is purged by `POST /registry/forget` or, when its lease expires, by the live relay
+//! whose name sorts first. Deletes, never a stream purge: watchers see every removal.
+//!
+//! - [`keys`]: the key layout and the values (pure);
+//! - here: the bucket's stream configuration (pure), and [`Registry`], the I/O: an ordered
+//!   writer, the lease, the lease watch, purges.
+//!
+//! Nothing here decides readiness: a registry outage is logged and counted, and the relay
+//! keeps serving.
+
+pub mod keys;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::kv::Operation;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Registry as RegistryConfig;
+use crate::metrics::{Metrics, Reason};
+use keys::{ConnEntry, Lease, VALUE_VERSION};
+
+/// Bound on one KV request (a write's acknowledgement, a consumer's creation).
+pub const REQUEST_WITHIN: Duration = Duration::from_secs(5);
+
+/// Bound on a purge: listing a relay's keys and deleting them.
+pub const PURGE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Bound on the registry's part of a shutdown: the writer's queue flushed, then the purge.
+pub const SHUTDOWN_WITHIN: Duration = Duration::from_secs(10);
+
+/// Writes waiting for the writer; beyond it a write is dropped and counted as a failure
+/// (the entry comes back at the next reassertion).
+pub const QUEUE_LEN: usize = 65_536;
+
+/// Writes sent and not yet acknowledged by JetStream.
+const IN_FLIGHT: usize = 256;
+
+/// Pause before the lease watch starts again after an error.
+const WATCH_RETRY: Duration = Duration::from_secs(2);
+
+/// How long an expired lease's delete marker stays in the bucket: long enough for a
+/// watcher that reconnects to still see it.
+pub const MARKER_TTL: Duration = Duration::from_secs(60);
+
+/// The name of the bucket's stream.
+pub fn stream_name(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The bucket's stream configuration, as a KV client would create it (history 1, rollups,
+/// direct gets) plus per-message TTLs and delete markers for expired leases. Created and
+/// updated with the history streams, by `runtime::upkeep`. Pure.
+pub fn bucket_config(r: &RegistryConfig) -> stream::Config {
+    stream::Config {
+        name: stream_name(&r.bucket),
+        description: Some("wsrelay connection registry; managed by the relays".into()),
+        subjects: vec![format!("$KV.{}.>", r.bucket)],
+        max_messages_per_subject: 1,
+        max_bytes: i64::try_from(r.max_bytes).unwrap_or(i64::MAX),
+        max_message_size: 64 * 1024,
+        storage: stream::StorageType::File,
+        num_replicas: usize::from(r.replicas),
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        allow_message_ttl: true,
+        subject_delete_marker_ttl: Some(MARKER_TTL),
+        ..Default::default()
+    }
+}
+
+/// Why a registry request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// JetStream refused or failed.
+    #[error("registry {op}: {message}")]
+    Request {
+        /// What was asked.
+        op: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// JetStream did not answer within the bound.
+    #[error("registry {op}: JetStream did not answer")]
+    Timeout {
+        /// What was asked.
+        op: &'static str,
+    },
+}
+
+fn request_err(op: &'static str) -> impl Fn(String) -> RegistryError {
+    move |message| RegistryError::Request { op, message }
+}
+
+/// Why a relay's entries were purged (the `reason` of `wsrelay_registry_purges_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeCause {
+    /// The relay's own, at its exit.
+    Shutdown,
+    /// `POST /registry/forget`.
+    Forget,
+    /// Its lease expired.
+    LeaseExpired,
+}
+
+impl PurgeCause {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shutdown",
+            Self::Forget => "forget",
+            Self::LeaseExpired => "lease_expired",
+        }
+    }
+}
+
+/// One write, in the order the relay made them; a put may ask for its stream sequence.
+#[derive(Debug)]
+enum Write {
+    Put(
+        String,
+        Bytes,
+        Option<oneshot::Sender<Result<u64, RegistryError>>>,
+    ),
+    /// A key and, when this relay wrote it, the value it held (carried by the marker).
+    Delete(String, Option<Bytes>),
+}
+
+/// The header of a delete marker that carries the deleted entry's value (base64): a watcher
+/// that starts after the delete still learns whose connection went, and when.
+pub const WAS_HEADER: &str = "Wsrelay-Was";
+
+/// How long a delete marker stays in the bucket (its `Nats-TTL`): past the longest leave
+/// grace (300 s), so a watcher starting within a member's grace sees the departure; then it
+/// expires, so markers do not pile up in the bucket.
+pub const DELETE_MARKER_TTL: Duration = Duration::from_secs(360);
+
+/// Milliseconds since the epoch, now.
+fn now_ms() -> u64 {
+    crate::clock::now_ms()
+}
+
+/// The relay that purges a dead one: the live relay whose name sorts first. Pure.
+pub fn purger<'a>(live: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    live.into_iter().min()
+}
+
+/// The registry of one relay.
+#[derive(Debug)]
+pub struct Registry {
+    bucket: String,
+    stream: stream::Config,
+    relay: String,
+    lease: Duration,
+    started: u64,
+    js: jetstream::Context,
+    metrics: Arc<Metrics>,
+    writes: Mutex<Option<mpsc::Sender<Write>>>,
+    /// This relay's entries (open connections, presence memberships) by key, to write them
+    /// again when they may be gone (the bucket recreated, the lease expired while NATS was
+    /// away).
+    entries: Mutex<HashMap<String, Bytes>>,
+    /// Whether the leftovers of this relay's previous run (a container restart keeps the
+    /// pod name) were deleted: done once, the first time the bucket is in place.
+    swept: std::sync::atomic::AtomicBool,
+    /// Wakes the lease loop to write the lease now (the bucket just came into place).
+    lease_now: tokio::sync::Notify,
+    stop: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Registry {
+    /// Starts the registry of the relay `name` (made a key token): its writer, its lease and
+    /// its lease watch. The bucket itself is put in place by `runtime::upkeep`, which calls
+    /// [`Registry::bucket_ready`].
+    pub fn start(
+        config: &RegistryConfig,
+        name: &str,
+        client: async_nats::Client,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(QUEUE_LEN);
+        let registry = Arc::new(Self {
+            bucket: config.bucket.clone(),
+            stream: bucket_config(config),
+            relay: keys::relay_token(name),
+            lease: Duration::from_secs(config.lease_seconds),
+            started: now_ms(),
+            js: jetstream::new(client),
+            metrics,
+            writes: Mutex::new(Some(tx)),
+            entries: Mutex::new(HashMap::new()),
+            swept: std::sync::atomic::AtomicBool::new(false),
+            lease_now: tokio::sync::Notify::new(),
+            stop: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let tasks = vec![
+            tokio::spawn(registry.clone().write_loop(rx)),
+            tokio::spawn(registry.clone().lease_loop()),
+            tokio::spawn(registry.clone().watch_loop()),
+        ];
+        *registry.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        registry
+    }
+
+    /// This relay's name in the keys.
+    pub fn relay(&self) -> &str {
+        &self.relay
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The bucket's stream configuration (for `runtime::upkeep`).
+    pub fn stream_config(&self) -> &stream::Config {
+        &self.stream
+    }
+
+    fn subject(&self, key: &str) -> String {
+        format!("$KV.{}.{key}", self.bucket)
+    }
+
+    fn queue(&self, w: Write) {
+        let g = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = match g.as_ref() {
+            Some(tx) => tx.try_send(w).err().map(|e| e.into_inner()),
+            None => Some(w),
+        };
+        if let Some(w) = refused {
+            self.metrics.registry_write_failures.inc();
+            if let Write::Put(_, _, Some(ack)) = w {
+                let _ = ack.send(Err(RegistryError::Request {
+                    op: "write",
+                    message: "the registry's write queue is full or closed".into(),
+                }));
+            }
+        }
+    }
+
+    /// A connection opened: writes `conn.<relay>.<id>`.
+    pub fn opened(&self, id: u64, sub: Option<String>, iss: Option<String>) {
+        let value = ConnEntry {
+            v: VALUE_VERSION,
+            sub,
+            iss,
+            connected_at: now_ms(),
+        };
+        let Ok(json) = serde_json::to_vec(&value) else {
+            return;
+        };
+        self.put(keys::conn_key(&self.relay, id), Bytes::from(json));
+    }
+
+    /// A connection closed: deletes `conn.<relay>.<id>`.
+    pub fn closed(&self, id: u64) {
+        self.delete(keys::conn_key(&self.relay, id));
+    }
+
+    /// Writes one of this relay's entries (a key under `conn.<relay>.` or
+    /// `pres.<chan>.<relay>.`), in order with its other writes; it is written again
+    /// whenever the registry may have lost it, until [`Registry::delete`].
+    pub fn put(&self, key: String, value: Bytes) {
+        self.remember(&key, &value);
+        self.queue(Write::Put(key, value, None));
+    }
+
+    /// [`Registry::put`], and the stream sequence of the write once JetStream stored it
+    /// (an error if it did not, within [`REQUEST_WITHIN`]): a watcher that has seen this
+    /// sequence has seen the entry.
+    pub fn put_acked(
+        &self,
+        key: String,
+        value: Bytes,
+    ) -> oneshot::Receiver<Result<u64, RegistryError>> {
+        let (tx, rx) = oneshot::channel();
+        self.remember(&key, &value);
+        self.queue(Write::Put(key, value, Some(tx)));
+        rx
+    }
+
+    /// Deletes one of this relay's entries, in order with its other writes.
+    pub fn delete(&self, key: String) {
+        let was = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        self.queue(Write::Delete(key, was));
+    }
+
+    fn remember(&self, key: &str, value: &Bytes) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned(), value.clone());
+    }
+
+    /// The bucket is (again) in place: the lease and every open connection's entry are
+    /// written again, in case the bucket is new or lost them. The first time, the entries
+    /// a previous run of this relay left (same pod name, a container restart) are deleted
+    /// first, so watchers see those connections leave.
+    pub async fn bucket_ready(&self, ready: bool) {
+        let was = self.metrics.registry_ready.set(i64::from(ready)) == 1;
+        if ready && !self.swept.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            match self.sweep_leftovers().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    keys = n,
+                    "registry: deleted what a previous run of this relay left"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry: leftovers of a previous run not deleted")
+                }
+            }
+        }
+        if ready && !was {
+            self.lease_now.notify_one();
+            self.reassert();
+        }
+    }
+
+    /// Whether the bucket has been in place at least once since the start (`/ready` waits
+    /// for it).
+    pub fn was_in_place(&self) -> bool {
+        self.swept.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Deletes this relay's keys in the bucket that this run did not write.
+    async fn sweep_leftovers(&self) -> Result<usize, RegistryError> {
+        let found = self.keys_of(&self.relay).await?;
+        let mine: Vec<String> = {
+            let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            found.into_iter().filter(|k| !e.contains_key(k)).collect()
+        };
+        let n = mine.len();
+        for key in mine {
+            self.queue(Write::Delete(key, None));
+        }
+        if n > 0 {
+            self.metrics
+                .registry_purges
+                .get_or_create(&Reason { reason: "restart" })
+                .inc();
+        }
+        Ok(n)
+    }
+
+    /// Writes every entry of this relay again.
+    fn reassert(&self) {
+        let entries: Vec<(String, Bytes)> = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        tracing::info!(
+            entries = entries.len(),
+            "registry: writing this relay's entries"
+        );
+        for (k, v) in entries {
+            self.queue(Write::Put(k, v, None));
+        }
+    }
+
+    /// Sends one write; its acknowledgement is awaited by the caller.
+    async fn send(&self, w: Write) -> Result<jetstream::context::PublishAckFuture, RegistryError> {
+        let sent = match w {
+            Write::Put(key, value, _) => self.js.publish(self.subject(&key), value).await,
+            Write::Delete(key, was) => {
+                let mut h = HeaderMap::new();
+                h.insert("KV-Operation", "DEL");
+                h.insert("Nats-TTL", DELETE_MARKER_TTL.as_secs().to_string().as_str());
+                if let Some(was) = was {
+                    use base64::Engine;
+                    let was = base64::engine::general_purpose::STANDARD.encode(was);
+                    h.insert(WAS_HEADER, was.as_str());
+                }
+                self.js
+                    .publish_with_headers(self.subject(&key), h, Bytes::new())
+                    .await
+            }
+        };
+        sent.map_err(|e| RegistryError::Request {
+            op: "write",
+            message: e.to_string(),
+        })
+    }
+
+    /// Sends the writes in order, up to [`IN_FLIGHT`] unacknowledged; ends when the queue
+    /// is closed (shutdown) and every acknowledgement came or timed out.
+    async fn write_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Write>) {
+        let mut acks = FuturesUnordered::new();
+        let mut open = true;
+        while open || !acks.is_empty() {
+            tokio::select! {
+                w = rx.recv(), if open && acks.len() < IN_FLIGHT => match w {
+                    Some(mut w) => {
+                        let delete = matches!(w, Write::Delete(..));
+                        let reply = match &mut w {
+                            Write::Put(_, _, reply) => reply.take(),
+                            Write::Delete(..) => None,
+                        };
+                        match self.send(w).await {
+                            Ok(ack) => acks.push(async move {
+                                (delete, reply, tokio::time::timeout(REQUEST_WITHIN, ack.into_future()).await)
+                            }),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "registry write not sent");
+                                self.metrics.registry_write_failures.inc();
+                                if let Some(reply) = reply {
+                                    let _ = reply.send(Err(e));
+                                }
+                            }
+                        }
+                    }
+                    None => open = false,
+                },
+                Some((delete, reply, r)) = acks.next(), if !acks.is_empty() => {
+                    let done = match r {
+                        Ok(Ok(ack)) => {
+                            if delete {
+                                self.metrics.registry_keys_deleted.inc();
+                            } else {
+                                self.metrics.registry_keys_written.inc();
+                            }
+                            Ok(ack.sequence)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "registry write refused");
+                            self.metrics.registry_write_failures.inc();
+                            Err(request_err("write")(e.to_string()))
+                        }
+                        Err(_) => {
+                            self.metrics.registry_write_failures.inc();
+                            Err(RegistryError::Timeout { op: "write" })
+                        }
+                    };
+                    if let Some(reply) = reply {
+                        let _ = reply.send(done);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the lease (with its TTL) and waits for the acknowledgement.
+    async fn write_lease(&self) -> Result<(), RegistryError> {
+        let lease = Lease {
+            v: VALUE_VERSION,
+            started: self.started,
+            lease_seconds: self.lease.as_secs(),
+        };
+        let value = serde_json::to_vec(&lease).unwrap_or_default();
+        let mut h = HeaderMap::new();
+        h.insert("Nats-TTL", self.lease.as_secs().to_string().as_str());
+        let subject = self.subject(&keys::lease_key(&self.relay));
+        let fut = async {
+            self.js
+                .publish_with_headers(subject, h, value.into())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(REQUEST_WITHIN, fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(m)) => Err(request_err("lease")(m)),
+            Err(_) => Err(RegistryError::Timeout { op: "lease" }),
+        }
+    }
+
+    /// Refreshes the lease every third of its lifetime until the registry stops.
+    async fn lease_loop(self: Arc<Self>) {
+        let every = self.lease / 3;
+        let mut failing = false;
+        loop {
+            match self.write_lease().await {
+                Ok(()) => {
+                    self.metrics.registry_keys_written.inc();
+                    if failing {
+                        tracing::info!("registry lease written again");
+                        // The lease may have expired meanwhile and the entries been purged.
+                        self.reassert();
+                    }
+                    failing = false;
+                }
+                Err(e) => {
+                    self.metrics.registry_lease_failures.inc();
+                    if !failing {
+                        tracing::warn!(error = %e, "registry lease not written; the relay keeps serving");
+                    }
+                    failing = true;
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+                () = self.lease_now.notified() => {}
+            }
+        }
+    }
+
+    /// Watches every lease: an expired one (a TTL delete marker) makes the live relay whose
+    /// name sorts first purge the dead relay's entries. This relay's own lease purged or
+    /// deleted by someone else makes it write its entries again.
+    async fn watch_loop(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.watch_once().await {
+                tracing::debug!(error = %e, "registry lease watch ended; starting again");
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(WATCH_RETRY) => {}
+            }
+        }
+    }
+
+    async fn watch_once(&self) -> Result<(), RegistryError> {
+        let kv = tokio::time::timeout(REQUEST_WITHIN, self.js.get_key_value(&self.bucket))
+            .await
+            .map_err(|_| RegistryError::Timeout { op: "watch" })?
+            .map_err(|e| request_err("watch")(e.to_string()))?;
+        let mut watch = tokio::time::timeout(REQUEST_WITHIN, kv.watch_with_history("relay.*"))
+            .await
+            .map_err(|_| RegistryError::Timeout { op: "watch" })?
+            .map_err(|e| request_err("watch")(e.to_string()))?;
+        let mut live: BTreeSet<String> = BTreeSet::new();
+        // Leases found expired while catching up: judged once every live lease is known.
+        let mut expired: Vec<String> = Vec::new();
+        loop {
+            let entry = tokio::select! {
+                () = self.stop.cancelled() => return Ok(()),
+                e = watch.next() => e,
+            };
+            let Some(entry) = entry else {
+                return Err(request_err("watch")("the watch ended".into()));
+            };
+            let entry = entry.map_err(|e| request_err("watch")(e.to_string()))?;
+            let Some(owner) = keys::lease_owner(&entry.key) else {
+                continue;
+            };
+            let owner = owner.to_owned();
+            match entry.operation {
+                Operation::Put => {
+                    live.insert(owner);
+                }
+                Operation::Delete | Operation::Purge if owner == self.relay => {
+                    if !self.stop.is_cancelled() {
+                        tracing::warn!(
+                            "registry: this relay's lease was removed by another; writing its entries again"
+                        );
+                        let _ = self.write_lease().await;
+                        self.reassert();
+                    }
+                }
+                // A relay that exits deletes its own entries, then its lease.
+                Operation::Delete => {
+                    live.remove(&owner);
+                }
+                // A TTL delete marker: the lease expired.
+                Operation::Purge => {
+                    live.remove(&owner);
+                    expired.push(owner);
+                }
+            }
+            if !entry.seen_current {
+                continue;
+            }
+            let first = purger(
+                live.iter()
+                    .map(String::as_str)
+                    .chain(std::iter::once(self.relay.as_str())),
+            ) == Some(self.relay.as_str());
+            for dead in std::mem::take(&mut expired) {
+                if first {
+                    self.purge_expired(&dead).await;
+                }
+            }
+        }
+    }
+
+    async fn purge_expired(&self, relay: &str) {
+        tracing::warn!(relay = %relay, "registry: lease expired; purging its entries");
+        match self.purge(relay, PurgeCause::LeaseExpired).await {
+            Ok(n) => tracing::info!(relay = %relay, keys = n, "registry: purged"),
+            Err(e) => tracing::warn!(relay = %relay, error = %e, "registry: purge failed"),
+        }
+    }
+
+    /// The keys of `relay`'s entries (its lease aside) that hold a value: an ordered,
+    /// headers-only consumer on the relay's filters, read to its end.
+    async fn keys_of(&self, relay: &str) -> Result<Vec<String>, RegistryError> {
+        let err = request_err("list");
+        let prefix = format!("$KV.{}.", self.bucket);
+        let stream = self
+            .js
+            .get_stream(stream_name(&self.bucket))
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let consumer = stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subjects: keys::relay_filters(relay)
+                    .iter()
+                    .map(|f| format!("{prefix}{f}"))
+                    .collect(),
+                headers_only: true,
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                replay_policy: consumer::ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| err(e.to_string()))?;
+            let removed = m.headers.as_ref().is_some_and(|h| {
+                h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some()
+            });
+            if !removed && let Some(key) = m.subject.strip_prefix(prefix.as_str()) {
+                out.push(key.to_owned());
+            }
+            let pending = m.info().map_err(|e| err(e.to_string()))?.pending;
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every entry of `relay` (a KV delete per key: watchers see each one), and
+    /// for `forget` its lease too; returns how many keys it deleted. Bounded by
+    /// [`PURGE_WITHIN`]; idempotent.
+    pub async fn purge(&self, relay: &str, cause: PurgeCause) -> Result<usize, RegistryError> {
+        let fut = async {
+            let mut keys = self.keys_of(relay).await?;
+            if cause != PurgeCause::LeaseExpired {
+                // Last: while entries remain, the lease says who they belong to.
+                keys.push(keys::lease_key(relay));
+            }
+            let mut acks = FuturesUnordered::new();
+            for key in &keys {
+                let ack = self.send(Write::Delete(key.clone(), None)).await?;
+                acks.push(ack.into_future());
+                if acks.len() >= IN_FLIGHT
+                    && let Some(r) = acks.next().await
+                {
+                    r.map_err(|e| request_err("purge")(e.to_string()))?;
+                    self.metrics.registry_keys_deleted.inc();
+                }
+            }
+            while let Some(r) = acks.next().await {
+                r.map_err(|e| request_err("purge")(e.to_string()))?;
+                self.metrics.registry_keys_deleted.inc();
+            }
+            Ok(keys.len())
+        };
+        let n = tokio::time::timeout(PURGE_WITHIN, fut)
+            .await
+            .map_err(|_| RegistryError::Timeout { op: "purge" })??;
+        self.metrics
+            .registry_purges
+            .get_or_create(&Reason {
+                reason: cause.label(),
+            })
+            .inc();
+        Ok(n)
+    }
+
+    /// At the relay's exit, after its connections closed: stops the lease and the watch,
+    /// flushes the queued writes, deletes whatever entry of this relay is left, then its
+    /// lease. Bounded by [`SHUTDOWN_WITHIN`].
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        drop(self.writes.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let fut = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+            self.purge(&self.relay, PurgeCause::Shutdown).await
+        };
+        match tokio::time::timeout(SHUTDOWN_WITHIN, fut).await {
+            Ok(Ok(n)) => tracing::info!(keys = n, "registry: this relay's keys deleted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "registry: this relay's keys not deleted"),
+            Err(_) => tracing::warn!("registry: deleting this relay's keys timed out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_is_a_kv_stream_with_ttls_and_markers() {
+        let r: RegistryConfig =
+            serde_json::from_str(r#"{"bucket": "REG", "replicas": 3, "maxBytes": 2097152}"#)
+                .unwrap();
+        let c = bucket_config(&r);
+        assert_eq!(c.name, "KV_REG");
+        assert_eq!(c.subjects, ["$KV.REG.>"]);
+        assert_eq!(c.max_messages_per_subject, 1);
+        assert_eq!((c.num_replicas, c.max_bytes), (3, 2_097_152));
+        assert!(c.allow_message_ttl && c.allow_direct && c.allow_rollup && c.deny_delete);
+        assert_eq!(c.subject_delete_marker_ttl, Some(MARKER_TTL));
+    }
+
+    #[test]
+    fn the_first_live_name_purges() {
+        assert_eq!(purger(["r2", "r1", "r3"]), Some("r1"));
+        assert_eq!(purger(Vec::<&str>::new()), None);
+    }
+}
