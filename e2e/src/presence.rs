@@ -96,21 +96,8 @@ impl Drop for Member {
     }
 }
 
-/// Where and as whom a member connects.
-#[derive(Clone, Debug)]
-pub struct Target {
-    /// `ws://host:port/path` without the token.
-    pub url: String,
-    pub token: String,
-    pub channel: String,
-}
-
-impl Target {
-    fn url_with_token(&self) -> String {
-        let sep = if self.url.contains('?') { '&' } else { '?' };
-        format!("{}{sep}token={}", self.url, self.token)
-    }
-}
+/// Where and as whom a member connects: the fleet subscriber's target.
+pub use crate::subscriber::Target;
 
 /// Connects and subscribes with presence, returns once the first snapshot came, then keeps
 /// the membership alive in the background.

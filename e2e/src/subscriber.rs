@@ -79,7 +79,8 @@ pub struct Target {
 }
 
 impl Target {
-    fn url_with_token(&self) -> String {
+    /// The URL with the token as the `token` query parameter.
+    pub fn url_with_token(&self) -> String {
         let sep = if self.url.contains('?') { '&' } else { '?' };
         format!("{}{sep}token={}", self.url, self.token)
     }

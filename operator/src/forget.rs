@@ -103,24 +103,10 @@ pub fn shows_a_view<K>(
     )
 }
 
-/// The name a relay gives itself in the registry's keys: its pod name (its `HOSTNAME`; a
-/// Deployment's pod names are at most 63 characters, so the hostname is the whole name),
-/// each character a key token refuses as `_`, at most 128 bytes. The relay's own rule
-/// (`relay/src/registry/keys.rs`, `relay_token`). Pure.
-pub fn relay_token(pod: &str) -> String {
-    let t: String = pod
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '=' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(128)
-        .collect();
-    if t.is_empty() { "_".to_owned() } else { t }
-}
+/// The name a relay gives itself in the registry's keys, from its pod name (a Deployment's
+/// pod names are at most 63 characters, so `HOSTNAME` is the whole name): the relay's own
+/// rule, from the config crate they share.
+pub use wsrelay_config::relay_token;
 
 /// One dead relay to forget, and whom to ask.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -53,6 +53,24 @@ fn default_registry_bytes() -> u64 {
     DEFAULT_REGISTRY_BYTES
 }
 
+/// A relay's name as one registry key token: its pod name (`HOSTNAME`), each character a
+/// key token refuses (a pod name may hold `.`) as `_`, at most 128 bytes. The relay names
+/// its keys with it and the operator the relay it asks a survivor to forget. Pure.
+pub fn relay_token(name: &str) -> String {
+    let t: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '=' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    if t.is_empty() { "_".to_owned() } else { t }
+}
+
 /// Whether `name` can name a KV bucket whose stream (`KV_<name>`) is a stream name.
 fn is_bucket_name(name: &str) -> bool {
     !name.is_empty()

@@ -20,22 +20,7 @@ pub fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
 }
 
-/// A relay's name as one token: the pod name, each character a key refuses (a pod name
-/// may hold `.`) as `_`, at most 128 bytes.
-pub fn relay_token(name: &str) -> String {
-    let t: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '=' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(128)
-        .collect();
-    if t.is_empty() { "_".to_owned() } else { t }
-}
+pub use crate::config::relay_token;
 
 /// `relay.<relay>`: the relay's lease.
 pub fn lease_key(relay: &str) -> String {
