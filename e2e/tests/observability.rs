@@ -57,10 +57,16 @@ async fn prometheus_scrapes_the_fleet_and_every_dashboard_query_returns_series()
     if !gateway::node_or_skip(&client, "observability e2e").await? {
         return Ok(());
     }
-    with_namespace(
-        "obs",
-        |client, ns| async move { scenario(client, ns).await },
-    )
+    with_namespace("obs", |client, ns| async move {
+        let subject = format!("e2e.{ns}.orders");
+        let outcome = scenario(client, ns).await;
+        // The relays create the history stream and nobody else removes it: JetStream reserves
+        // its maxBytes (256 MiB) until then, and a few runs' leftovers filled the local server.
+        if let Ok(url) = nats_url() {
+            wsrelay_e2e::resumable::delete_stream_of(&url, &subject).await;
+        }
+        outcome
+    })
     .await
 }
 
