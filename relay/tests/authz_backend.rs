@@ -7,9 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -18,27 +17,6 @@ use wsrelay_testkit::prelude::*;
 
 /// The subject the backend serves and the relay asks.
 const SUBJECT: &str = "authz.example";
-
-/// The backend's binary, built (or found in the cache) once per test process.
-fn backend_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/authz-backend/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({}): the example backend needs go",
-            script.display(),
-            out.status
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-}
 
 /// The example backend as a child process, its JSON log kept; killed when dropped.
 struct Backend {
@@ -50,7 +28,7 @@ impl Backend {
     /// Starts it on `nats` with the table in `env` (ROOMS, ORDERS, BANNED) and waits (20 s)
     /// for its `serving` line: the NATS server has its subscription from then on.
     fn start(nats: &Nats, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(backend_bin())
+        let mut child = Command::new(example_bin("authz-backend"))
             .args(["-nats", &nats.url(), "-subject", SUBJECT])
             .envs(env.iter().copied())
             .stdout(Stdio::null())

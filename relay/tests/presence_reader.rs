@@ -7,9 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -18,27 +17,6 @@ use wsrelay_testkit::client::EXPECT;
 use wsrelay_testkit::prelude::*;
 
 const BUCKET: &str = "WSRELAY_TEST_PRES_READER";
-
-/// The reader's binary, built (or found in the cache) once per test process.
-fn reader_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/presence-reader/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({}): the example reader needs go",
-            script.display(),
-            out.status
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-}
 
 type Lines = Arc<Mutex<Vec<Value>>>;
 
@@ -66,7 +44,7 @@ struct Reader {
 
 impl Reader {
     fn start(nats: &Nats, channel: &str) -> Self {
-        let mut child = Command::new(reader_bin())
+        let mut child = Command::new(example_bin("presence-reader"))
             .args(["-nats", &nats.url(), "-bucket", BUCKET, "-channel", channel])
             .arg("-v")
             .stdout(Stdio::piped())
@@ -191,7 +169,7 @@ fn now_ms() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_reader_prints_members_then_joins_and_leaves_from_the_registry() {
     init_logs();
-    reader_bin(); // built before anything runs: its build is not part of any bound
+    example_bin("presence-reader"); // built before anything runs: its build is not part of any bound
     let started_ms = now_ms();
     let (_store, nats) = jetstream_nats("presence-reader");
     // A long grace: the relays hold bob's leave back; the reader, which applies none, not.

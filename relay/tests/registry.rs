@@ -77,8 +77,8 @@ async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The relay binary `name`, with the registry, from a config file.
-fn relay_process(nats: &Nats, name: &str, lease_seconds: u64) -> RelayProcess {
+/// The relay binary `name`, with the registry, from a config file; its bucket in place.
+async fn relay_process(nats: &Nats, name: &str, lease_seconds: u64) -> RelayProcess {
     let name = name.to_owned();
     let c = TestRelay::builder(nats)
         .registry(BUCKET, &name, lease_seconds)
@@ -87,7 +87,15 @@ fn relay_process(nats: &Nats, name: &str, lease_seconds: u64) -> RelayProcess {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
-    RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info")
+    let relay = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(relay.admin, "wsrelay_registry_ready").await == Some(1.0)
+        })
+        .await,
+        "the registry's bucket was not put in place"
+    );
+    relay
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,13 +165,7 @@ async fn a_killed_relay_is_purged_by_the_survivor_when_its_lease_expires() {
     const LEASE: u64 = 3;
     let (_store, nats) = jetstream_nats("registry-expiry");
     let a = relay(&nats, "relay-a", LEASE).await;
-    let mut b = relay_process(&nats, "relay-b", LEASE);
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            metric(b.admin, "wsrelay_registry_ready").await == Some(1.0)
-        })
-        .await
-    );
+    let mut b = relay_process(&nats, "relay-b", LEASE).await;
     let _c1 = connect(b.client, "").await;
     let _c2 = connect(b.client, "").await;
     let _on_a = a.connect("").await;
@@ -211,13 +213,7 @@ async fn forget_purges_a_dead_relay_at_once_and_refuses_bad_names() {
     const LEASE: u64 = 600;
     let (_store, nats) = jetstream_nats("registry-forget");
     let a = relay(&nats, "relay-a", LEASE).await;
-    let mut b = relay_process(&nats, "relay-b", LEASE);
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            metric(b.admin, "wsrelay_registry_ready").await == Some(1.0)
-        })
-        .await
-    );
+    let mut b = relay_process(&nats, "relay-b", LEASE).await;
     let _c1 = connect(b.client, "").await;
     let _c2 = connect(b.client, "").await;
     let _on_a = a.connect("").await;
@@ -291,13 +287,7 @@ async fn a_relay_restarted_under_its_name_deletes_what_its_previous_run_left() {
     // A long lease: only the restart can remove the old entries within the test.
     const LEASE: u64 = 600;
     let (_store, nats) = jetstream_nats("registry-restart");
-    let mut first = relay_process(&nats, "relay-r", LEASE);
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            metric(first.admin, "wsrelay_registry_ready").await == Some(1.0)
-        })
-        .await
-    );
+    let mut first = relay_process(&nats, "relay-r", LEASE).await;
     let _c1 = connect(first.client, "").await;
     let _c2 = connect(first.client, "").await;
     let _c3 = connect(first.client, "").await;
@@ -309,7 +299,7 @@ async fn a_relay_restarted_under_its_name_deletes_what_its_previous_run_left() {
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
-    let second = relay_process(&nats, "relay-r", LEASE);
+    let second = relay_process(&nats, "relay-r", LEASE).await;
     let _again = connect(second.client, "").await;
     let k = keys_until(&nats, Duration::from_secs(20), |k| {
         of(k, "conn.relay-r.") == 1

@@ -41,6 +41,37 @@ pub mod api {
     pub use wsrelay::runtime::process::{Running, StartError, start};
 }
 
+/// The binary of `examples/<name>` (a Go example with its own `build.sh`, which caches it under
+/// `~/.cache/wsrelay/bin` by its sources and prints its path; needs `go`), built once per test
+/// process.
+pub fn example_bin(name: &str) -> std::path::PathBuf {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static BINS: OnceLock<Mutex<HashMap<String, std::path::PathBuf>>> = OnceLock::new();
+    let mut bins = BINS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    bins.entry(name.to_owned())
+        .or_insert_with(|| {
+            let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("../examples/{name}/build.sh"));
+            let out = std::process::Command::new("bash")
+                .arg(&script)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+            assert!(
+                out.status.success(),
+                "{} failed ({}): the example needs go",
+                script.display(),
+                out.status
+            );
+            std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        })
+        .clone()
+}
+
 #[cfg(feature = "relay")]
 /// A file of the test fixtures (keys, certificates: see `fixtures/README.md`).
 pub fn fixture(name: &str) -> std::path::PathBuf {
@@ -78,5 +109,5 @@ pub mod prelude {
         Builder as RelayBuilder, RelayProcess, TestRelay, base_config, binding, registry,
     };
     pub use crate::tokens::{claims, fixture_jwt, hs256, now_secs, rs256};
-    pub use crate::{fixture, init_logs};
+    pub use crate::{example_bin, fixture, init_logs};
 }
