@@ -369,9 +369,7 @@ impl Seen {
 /// Reads one message of the watch: a value, or a delete marker (with the departed entry's
 /// value when the relay that wrote it deleted it: [`crate::registry::WAS_HEADER`]).
 fn seen(headers: Option<&async_nats::HeaderMap>, payload: &[u8], published_ms: u64) -> Seen {
-    let removed = headers
-        .is_some_and(|h| h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some());
-    if !removed {
+    if !crate::registry::is_removal(headers) {
         return entry::read(payload).map_or(Seen::Gone, |(k, i)| Seen::Present(k, i));
     }
     let was = headers

@@ -144,6 +144,13 @@ enum Write {
 /// that starts after the delete still learns whose connection went, and when.
 pub const WAS_HEADER: &str = "Wsrelay-Was";
 
+/// Whether a message of the bucket marks its key gone: a KV delete or purge, or a marker the
+/// server left when a TTL expired.
+pub fn is_removal(headers: Option<&HeaderMap>) -> bool {
+    headers
+        .is_some_and(|h| h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some())
+}
+
 /// How long a delete marker stays in the bucket (its `Nats-TTL`): past the longest leave
 /// grace (300 s), so a watcher starting within a member's grace sees the departure; then it
 /// expires, so markers do not pile up in the bucket.
@@ -636,10 +643,9 @@ impl Registry {
         let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| err(e.to_string()))?;
-            let removed = m.headers.as_ref().is_some_and(|h| {
-                h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some()
-            });
-            if !removed && let Some(key) = m.subject.strip_prefix(prefix.as_str()) {
+            if !is_removal(m.headers.as_ref())
+                && let Some(key) = m.subject.strip_prefix(prefix.as_str())
+            {
                 out.push(key.to_owned());
             }
             let pending = m.info().map_err(|e| err(e.to_string()))?.pending;
