@@ -87,7 +87,7 @@ pub enum OnTimeout {
 
 /// Whether `s` is a fixed NATS subject a relay may send requests to: dot-separated tokens
 /// of letters, digits, `-` and `_`, outside the reserved namespaces.
-fn is_request_subject(s: &str) -> bool {
+pub(crate) fn is_request_subject(s: &str) -> bool {
     let first = s.split('.').next().unwrap_or_default();
     s.len() <= 256
         && !s.starts_with('$')

@@ -100,6 +100,8 @@ impl Config {
             limits: Limits::default(),
             drain: Drain::default(),
             registry: None,
+            events: None,
+            control: None,
         }
     }
 }

@@ -29,6 +29,7 @@ mod auth;
 mod authorize;
 mod bindings;
 mod env;
+mod events;
 mod limits;
 mod listen;
 #[cfg(feature = "load")]
@@ -46,6 +47,7 @@ pub use auth::*;
 pub use authorize::*;
 pub use bindings::*;
 pub use env::*;
+pub use events::*;
 pub use limits::*;
 pub use listen::*;
 #[cfg(feature = "load")]
@@ -88,6 +90,12 @@ pub struct Config {
     /// connection). Absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<Registry>,
+    /// Lifecycle events for the backend (docs/backend.md). Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Events>,
+    /// The control service for the backend (docs/backend.md). Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<Control>,
 }
 
 /// One problem found by [`Config::validate`], naming the field at fault.
@@ -164,6 +172,7 @@ impl Config {
         self.validate_limits(&mut errs);
         self.validate_registry(&mut errs);
         self.validate_presence(&mut errs);
+        self.validate_events(&mut errs);
         if self.drain.grace_period_seconds == 0 {
             errs.push(ValidationError::invalid(
                 "drain.gracePeriodSeconds",

@@ -6,7 +6,7 @@
 //! (`tests/layering.rs` checks it):
 //!
 //! 1. `protocol` (frames), `metrics`, `limits` (token bucket, counters), `slots`, `clock`, `signal`
-//!    (a cheap wake-up for one task): pure or leaf parts;
+//!    (a cheap wake-up for one task), `events` (the lifecycle events' form): pure or leaf parts;
 //! 2. `task` (the panic boundary), `confirm` (a NATS round trip no other client can answer),
 //!    `auth` (JWT keys, JWKS), `authz` (bindings), `nats` (the connection), `history` (the
 //!    ring and the stream reads), `registry` (the connection registry in JetStream KV);
@@ -19,12 +19,14 @@
 //! 7. `state`: the relay's shared state;
 //! 8. `session/`: reader, writer and requests, over any sink and stream;
 //! 9. `edge/`: one admission, then the WebSocket and SSE transports, the listener, TLS;
-//! 10. `runtime/`: process, drain, reload, admin, stream and bucket upkeep.
+//! 10. `runtime/`: process, drain, reload, admin, stream and bucket upkeep, the control
+//!     service.
 
 pub use wsrelay_config as config;
 pub use wsrelay_config::{pem, template};
 
 pub mod clock;
+pub mod events;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;

@@ -1,4 +1,5 @@
-//! The wsrelay binary: `wsrelay run --config FILE`, `wsrelay check-config FILE`.
+//! The wsrelay binary: `wsrelay run --config FILE`, `wsrelay check-config FILE`, and
+//! `wsrelay ctl ...`, a client of the control service (docs/backend.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +41,53 @@ enum Command {
         #[arg(long)]
         check_files: bool,
     },
+    /// Command a gateway's relays through their control service over NATS (docs/backend.md):
+    /// prints the JSON reply; exits 1 when the service refuses, 2 when it does not answer.
+    Ctl {
+        /// The NATS server.
+        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// A NATS credentials file (`.creds`), if the server wants one.
+        #[arg(long, env = "NATS_CREDS")]
+        creds: Option<PathBuf>,
+        /// The gateway's control subject: `status.controlSubject` of the WebsocketGateway,
+        /// e.g. `wsrelay.control.default.chat`.
+        #[arg(long, env = "WSRELAY_CONTROL_SUBJECT")]
+        subject: String,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+/// Which connections a control command is for.
+#[derive(Debug, clap::Args)]
+struct Whom {
+    /// The connections whose token has this `sub`.
+    #[arg(long)]
+    sub: Option<String>,
+    /// With `--sub`: only those whose token also has this `iss`.
+    #[arg(long)]
+    iss: Option<String>,
+    /// The connection with this id (`<relay>/<n>`, as in the events).
+    #[arg(long)]
+    connection: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Close connections (close code 4100; 4101 with --no-reconnect).
+    Disconnect {
+        #[command(flatten)]
+        whom: Whom,
+        /// Tell the clients not to reconnect.
+        #[arg(long)]
+        no_reconnect: bool,
+    },
+    /// List connections, with their channels.
+    Connections {
+        #[command(flatten)]
+        whom: Whom,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -80,9 +128,52 @@ fn report(e: &LoadError) {
     }
 }
 
+/// `wsrelay ctl`: one request to the control service, its reply on stdout.
+fn ctl(nats: &str, creds: Option<PathBuf>, subject: &str, command: CtlCommand) -> ExitCode {
+    use wsrelay::runtime::control::{Selector, Verb, ask};
+    let (verb, whom, reconnect) = match command {
+        CtlCommand::Disconnect { whom, no_reconnect } => {
+            (Verb::Disconnect, whom, no_reconnect.then_some(false))
+        }
+        CtlCommand::Connections { whom } => (Verb::Connections, whom, None),
+    };
+    let selector = Selector {
+        sub: whom.sub,
+        iss: whom.iss,
+        connection: whom.connection,
+        reconnect,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(ask(nats, creds.as_deref(), subject, verb, &selector)) {
+        Ok(reply) => {
+            println!("{reply}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(if e.is_refusal() { 1 } else { 2 })
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
+        Command::Ctl {
+            nats,
+            creds,
+            subject,
+            command,
+        } => ctl(&nats, creds, &subject, command),
         Command::CheckConfig { file, check_files } => match Config::load(&file) {
             Ok(config) => {
                 let unreadable: Vec<String> = if check_files {

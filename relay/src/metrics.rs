@@ -118,6 +118,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "slow_consumer",
     "flood",
     "internal_error",
+    "disconnect",
     "other",
 ];
 /// `reason` values of `wsrelay_messages_dropped_total`.
@@ -131,12 +132,28 @@ pub const DROP_REASONS: &[&str] = &[
 /// `reason` values of `wsrelay_history_resumes_total`.
 pub const RESUME_OUTCOMES: &[&str] = &["recovered", "not_recovered", "unavailable"];
 
-/// The `event` label of `wsrelay_presence_events_sent_total`.
+/// The `event` label of `wsrelay_presence_events_sent_total` and of the lifecycle events'
+/// counters.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Kind {
-    /// `join`, `leave` or `occupancy`.
+    /// `join`, `leave` or `occupancy`; `Connected`, `Disconnected`, ...
     pub event: &'static str,
 }
+
+/// The labels of `wsrelay_control_commands_total`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Command {
+    /// The endpoint: `disconnect`, `connections`.
+    pub command: &'static str,
+    /// `ok`, `invalid` (refused with 400), `partial` (not every relay answered in time),
+    /// `error`.
+    pub outcome: &'static str,
+}
+
+/// `command` values of `wsrelay_control_commands_total`.
+pub const CONTROL_COMMANDS: &[&str] = &["disconnect", "connections"];
+/// `outcome` values of `wsrelay_control_commands_total`.
+pub const CONTROL_OUTCOMES: &[&str] = &["ok", "invalid", "partial", "error"];
 
 /// `event` values of `wsrelay_presence_events_sent_total`.
 pub const PRESENCE_EVENTS: &[&str] = &["join", "leave", "occupancy"];
@@ -257,6 +274,18 @@ pub struct Metrics {
     /// `wsrelay_presence_unavailable_total`: presence requests answered 503 (the registry
     /// did not store the membership, or the watcher did not read it, in time).
     pub presence_unavailable: Counter,
+    /// `wsrelay_events_published_total{event}`: lifecycle events sent (stored, for a
+    /// durable stream), by type.
+    pub events_published: Family<Kind, Counter>,
+    /// `wsrelay_events_failed_total{event}`: lifecycle events not sent or not stored (NATS
+    /// or the stream refused, no acknowledgement in time, the queue full).
+    pub events_failed: Family<Kind, Counter>,
+    /// `wsrelay_control_commands_total{command,outcome}`: control commands this relay took
+    /// from the backend (not the fleet requests it answered for another relay).
+    pub control_commands: Family<Command, Counter>,
+    /// `wsrelay_control_applied_total{command}`: fleet requests this relay carried out on
+    /// its own connections, for whichever relay took the command.
+    pub control_applied: Family<Kind, Counter>,
 }
 
 /// The causes of `wsrelay_registry_purges_total`.
@@ -319,6 +348,10 @@ impl Metrics {
             presence_events: Family::default(),
             presence_snapshots: Family::default(),
             presence_unavailable: Counter::default(),
+            events_published: Family::default(),
+            events_failed: Family::default(),
+            control_commands: Family::default(),
+            control_applied: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -550,6 +583,38 @@ impl Metrics {
         );
         for event in PRESENCE_EVENTS {
             let _ = m.presence_events.get_or_create(&Kind { event });
+        }
+        r.register(
+            "events_published",
+            "Lifecycle events sent (stored, with a durable stream), by type",
+            m.events_published.clone(),
+        );
+        r.register(
+            "events_failed",
+            "Lifecycle events not sent or not stored, by type",
+            m.events_failed.clone(),
+        );
+        r.register(
+            "control_commands",
+            "Control commands taken from the backend, by command and outcome",
+            m.control_commands.clone(),
+        );
+        r.register(
+            "control_applied",
+            "Control requests carried out on this relay's connections, by command",
+            m.control_applied.clone(),
+        );
+        for t in crate::config::EventType::ALL {
+            let _ = m.events_published.get_or_create(&Kind { event: t.name() });
+            let _ = m.events_failed.get_or_create(&Kind { event: t.name() });
+        }
+        for command in CONTROL_COMMANDS {
+            let _ = m.control_applied.get_or_create(&Kind { event: command });
+            for outcome in CONTROL_OUTCOMES {
+                let _ = m
+                    .control_commands
+                    .get_or_create(&Command { command, outcome });
+            }
         }
         // The known label values show up at 0 from the start, so that rate() and increase()
         // (and the alerts built on them) see the first refusal, close or drop too.

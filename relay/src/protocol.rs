@@ -407,6 +407,10 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// The client kept publishing above its rate after being told (flood).
     pub const FLOOD: u16 = 4029;
+    /// Disconnected by the backend (control service); the client may reconnect.
+    pub const DISCONNECT: u16 = 4100;
+    /// Disconnected by the backend, for good: the client must not reconnect on its own.
+    pub const DISCONNECT_FINAL: u16 = 4101;
     /// A request refused after the upgrade (`auth.refuseAfterUpgrade`): no token, or an
     /// invalid one (HTTP 401 otherwise).
     pub const REFUSED_UNAUTHORIZED: u16 = 4401;

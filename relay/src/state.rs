@@ -15,6 +15,7 @@ use crate::auth::{Authenticator, KeyLoadError};
 use crate::authz::Authorizer;
 use crate::config::Config;
 use crate::conn::outbox::{Outbox, QueueBudget};
+use crate::conn::close::End;
 use crate::conn::{Conn, ConnId};
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
@@ -88,6 +89,8 @@ pub struct Relay {
     pub registry: Option<Arc<Registry>>,
     /// Presence's watchers, with the registry.
     pub presence: Option<Arc<Presences>>,
+    /// The lifecycle events' stream, when the config at start has durable events.
+    pub events_stream: Option<async_nats::jetstream::stream::Config>,
     conns: Mutex<HashMap<ConnId, Arc<Conn>>>,
     next_id: AtomicU64,
 }
@@ -120,6 +123,11 @@ impl Relay {
             name,
             registry: None,
             presence: None,
+            events_stream: live
+                .config
+                .events
+                .as_ref()
+                .and_then(crate::events::stream_config),
             live: RwLock::new(Arc::new(live)),
             hub,
             metrics,
@@ -222,15 +230,19 @@ impl Relay {
         conn
     }
 
-    /// Forgets a closed connection and drops its subscriptions.
-    pub fn unregister(&self, conn: &Conn) {
+    /// Forgets a closed connection and drops its subscriptions; `end`: how it ended.
+    pub fn unregister(&self, conn: &Conn, end: End) {
         for (channel, subject) in conn.take_subscriptions() {
             self.hub.unsubscribe(&subject, conn.id, &channel);
         }
         if self.conns_lock().remove(&conn.id).is_some() {
             self.metrics.connections.dec();
             if let Some(r) = &self.registry {
-                r.closed(conn.id);
+                let code = match end {
+                    End::Closed(c) if c.sends_frame() => Some(c.code()),
+                    _ => None,
+                };
+                r.closed(conn.id, end.label(), code);
             }
         }
     }

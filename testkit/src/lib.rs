@@ -34,9 +34,9 @@ pub mod tokens;
 /// is the only part of the kit to follow them.
 pub mod api {
     pub use wsrelay::config::{
-        Authorize, BackendRequest, Binding, Config, Direction, History, Jwt, JwtAlgorithm, JwtKey,
-        OnTimeout, Presence, Registry, ServerTls, SlowConsumerPolicy, SubscriptionToken,
-        TokenSource,
+        Authorize, BackendRequest, Binding, Config, Control, Direction, Events, History, Jwt,
+        JwtAlgorithm, JwtKey, OnTimeout, Presence, Registry, ServerTls, SlowConsumerPolicy,
+        SubscriptionToken, TokenSource,
     };
     pub use wsrelay::runtime::process::{Running, StartError, start};
 }

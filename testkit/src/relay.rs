@@ -196,6 +196,26 @@ impl Builder {
         self
     }
 
+    /// With lifecycle events on `subject` (`<subject>.<Type>`), kept in `stream` when given
+    /// (duplicate window 60 s; the registry's lease must be at most 30 s).
+    pub fn events(mut self, subject: &str, stream: Option<&str>) -> Self {
+        let durable = stream.map(|s| serde_json::json!({"stream": s, "duplicateWindowSeconds": 60}));
+        let mut v = serde_json::json!({"subject": subject});
+        if let Some(d) = durable {
+            v["durable"] = d;
+        }
+        self.config.events = Some(serde_json::from_value(v).unwrap());
+        self
+    }
+
+    /// With the control service on `subject` (`<subject>.disconnect`, ...).
+    pub fn control(mut self, subject: &str) -> Self {
+        self.config.control = Some(crate::api::Control {
+            subject: subject.to_owned(),
+        });
+        self
+    }
+
     /// After the start, waits until `/ready` answers 200 (connected to NATS).
     pub fn ready(mut self) -> Self {
         self.wait = Wait::Ready;

@@ -38,6 +38,10 @@ export function closePolicy(code: number): ClosePolicy {
   switch (code) {
     case 1008: // the token expired (relay) or was refused (policy): fetch a new one
       return { ...retry, newToken: true };
+    case 4100: // disconnected by the backend (control service): back with a fresh token
+      return { ...retry, newToken: true };
+    case 4101: // disconnected by the backend, for good: never back by itself
+      return { ...retry, reconnect: false };
     case 4029: // publish flood: back off harder (first delay 0.5-8 s instead of 0.5-1 s)
       return { ...retry, minAttempt: 3 };
     case 4401: // handshake refused: token missing or invalid

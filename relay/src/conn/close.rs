@@ -55,6 +55,12 @@ pub enum Cause {
     /// The connection's own task panicked (a bug, caught at the task boundary): 1011, queue
     /// discarded.
     Internal,
+    /// The backend's `disconnect` (control service), the client may come back: 4100 after
+    /// the queue.
+    Disconnect,
+    /// The backend's `disconnect` with `reconnect: false`: 4101 after the queue; the client
+    /// must not reconnect on its own.
+    DisconnectFinal,
 }
 
 /// One row of the table: close code, close reason, queue written first, metric label.
@@ -77,6 +83,13 @@ impl Cause {
             ),
             Self::Drain => Row(close::RESTART, "service restart", true, "drain"),
             Self::Internal => Row(close::INTERNAL, "internal error", false, "internal_error"),
+            Self::Disconnect => Row(close::DISCONNECT, "disconnected", true, "disconnect"),
+            Self::DisconnectFinal => Row(
+                close::DISCONNECT_FINAL,
+                "disconnected, do not reconnect",
+                true,
+                "disconnect",
+            ),
         }
     }
 
@@ -148,6 +161,8 @@ mod tests {
             Cause::SlowConsumer,
             Cause::Drain,
             Cause::Internal,
+            Cause::Disconnect,
+            Cause::DisconnectFinal,
         ];
         let ends = causes.iter().map(|c| End::Closed(*c)).chain([
             End::WriteError,

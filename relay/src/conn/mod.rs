@@ -8,6 +8,7 @@ pub mod outbox;
 pub mod sink;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -25,6 +26,8 @@ pub type ConnId = u64;
 pub struct Conn {
     /// Process-unique id.
     pub id: ConnId,
+    /// When it opened, in milliseconds since the epoch.
+    pub connected_at: u64,
     /// Its send queue.
     pub outbox: Arc<Outbox>,
     /// JWT claims; `None` when anonymous. A `refresh` replaces them ([`Conn::claims`]).
@@ -34,6 +37,11 @@ pub struct Conn {
     /// Its write half, for fan-outs that write at once ([`Conn::deliver`]); set when its
     /// session starts (unset before: messages are queued).
     sink: OnceLock<Arc<SharedSink>>,
+    /// Set when the connection ends, before its subscriptions are dropped: what is attached
+    /// to them can tell a subscription that ended from one its connection took along.
+    ended: Arc<AtomicBool>,
+    /// Subscriptions made so far (each one's serial, for the lifecycle events' ids).
+    serials: AtomicU64,
 }
 
 /// One subscription as the connection holds it.
@@ -44,7 +52,7 @@ struct Held {
     /// When its subscription token expires (Unix seconds); `None` without one.
     token_expires_at: Option<u64>,
     /// What ends with the subscription ([`Conn::attach`]).
-    attached: Option<Attached>,
+    attached: Vec<Attached>,
 }
 
 /// Something that lives as long as a subscription (a presence membership): dropped with it,
@@ -84,10 +92,13 @@ impl Conn {
     pub fn new(id: ConnId, outbox: Arc<Outbox>, claims: Option<Map<String, Value>>) -> Self {
         Self {
             id,
+            connected_at: crate::clock::now_ms(),
             outbox,
             claims: RwLock::new(claims.map(Arc::new)),
             subs: Mutex::new(HashMap::new()),
             sink: OnceLock::new(),
+            ended: Arc::new(AtomicBool::new(false)),
+            serials: AtomicU64::new(0),
         }
     }
 
@@ -132,7 +143,7 @@ impl Conn {
             Held {
                 key: key.to_owned(),
                 token_expires_at: None,
-                attached: None,
+                attached: Vec::new(),
             },
         );
         Ok(())
@@ -143,7 +154,7 @@ impl Conn {
     pub fn attach(&self, channel: &str, key: &str, what: Attached) -> Result<(), Attached> {
         match self.subs().get_mut(channel) {
             Some(h) if h.key == key => {
-                h.attached = Some(what);
+                h.attached.push(what);
                 Ok(())
             }
             _ => Err(what),
@@ -214,7 +225,18 @@ impl Conn {
 
     /// Forgets every subscription (the connection closed); returns them as (channel, key).
     pub fn take_subscriptions(&self) -> Vec<(String, String)> {
+        self.ended.store(true, Ordering::SeqCst);
         self.subs().drain().map(|(c, h)| (c, h.key)).collect()
+    }
+
+    /// A flag set once the connection ends (before its subscriptions are dropped).
+    pub fn ended(&self) -> Arc<AtomicBool> {
+        self.ended.clone()
+    }
+
+    /// The next subscription serial of this connection (1, 2, ...).
+    pub fn next_serial(&self) -> u64 {
+        self.serials.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// The subscriptions now, as (channel, key).

@@ -84,6 +84,10 @@ pub struct ConnEntry {
     pub iss: Option<String>,
     /// When the connection opened, in milliseconds since the epoch.
     pub connected_at: u64,
+    /// The relay's name (its connections' ids are `<relay>/<id>`), which its key token may
+    /// have changed; absent in entries of relays before events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
 }
 
 #[cfg(test)]
@@ -128,6 +132,7 @@ mod tests {
             sub: Some("u1".into()),
             iss: None,
             connected_at: 5,
+            relay: None,
         };
         assert_eq!(
             serde_json::to_string(&c).unwrap(),

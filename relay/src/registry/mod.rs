@@ -29,7 +29,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Registry as RegistryConfig;
-use crate::metrics::{Metrics, Reason};
+use crate::events::{Emitter, Event, EventType, Outgoing, RELAY_LOST, connection_id};
+use crate::metrics::{Kind, Metrics, Reason};
 use keys::{ConnEntry, Lease, VALUE_VERSION};
 
 /// Bound on one KV request (a write's acknowledgement, a consumer's creation).
@@ -138,6 +139,16 @@ enum Write {
     ),
     /// A key and, when this relay wrote it, the value it held (carried by the marker).
     Delete(String, Option<Bytes>),
+    /// A lifecycle event (`crate::events`), in order with the entries it concerns.
+    Event(Outgoing),
+}
+
+/// What an acknowledgement the writer awaits is for, to count it.
+#[derive(Debug, Clone, Copy)]
+enum Acked {
+    Put,
+    Delete,
+    Event(EventType),
 }
 
 /// The header of a delete marker that carries the deleted entry's value (base64): a watcher
@@ -161,6 +172,23 @@ fn now_ms() -> u64 {
     crate::clock::now_ms()
 }
 
+/// A connection's lifecycle event of `kind` at `at`, from its registry entry. Pure.
+pub fn lifecycle(entry: &ConnEntry, id: u64, relay: &str, kind: EventType, at: u64) -> Event {
+    let ended = matches!(kind, EventType::Disconnected);
+    Event {
+        kind,
+        sub: entry.sub.clone(),
+        iss: entry.iss.clone(),
+        connection: connection_id(relay, id),
+        relay: relay.to_owned(),
+        channel: None,
+        reason: None,
+        close_code: None,
+        at,
+        duration_ms: ended.then(|| at.saturating_sub(entry.connected_at)),
+    }
+}
+
 /// The relay that purges a dead one: the live relay whose name sorts first. Pure.
 pub fn purger<'a>(live: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     live.into_iter().min()
@@ -171,7 +199,14 @@ pub fn purger<'a>(live: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
 pub struct Registry {
     bucket: String,
     stream: stream::Config,
+    /// This relay's name, as in its connections' ids (`<name>/<id>`).
+    name: String,
+    /// [`keys::relay_token`] of the name: the relay in the keys.
     relay: String,
+    /// The lifecycle events published, when the config has `events`.
+    events: Option<Emitter>,
+    /// The relays whose lease is live, as the lease watch last saw them.
+    live: Mutex<BTreeSet<String>>,
     lease: Duration,
     started: u64,
     js: jetstream::Context,
@@ -197,6 +232,7 @@ impl Registry {
     pub fn start(
         config: &RegistryConfig,
         name: &str,
+        events: Option<Emitter>,
         client: async_nats::Client,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
@@ -204,7 +240,10 @@ impl Registry {
         let registry = Arc::new(Self {
             bucket: config.bucket.clone(),
             stream: bucket_config(config),
+            name: name.to_owned(),
             relay: keys::relay_token(name),
+            events,
+            live: Mutex::new(BTreeSet::new()),
             lease: Duration::from_secs(config.lease_seconds),
             started: now_ms(),
             js: jetstream::new(client),
@@ -251,7 +290,10 @@ impl Registry {
             None => Some(w),
         };
         if let Some(w) = refused {
-            self.metrics.registry_write_failures.inc();
+            match &w {
+                Write::Event(o) => self.event_failed(o.kind),
+                _ => self.metrics.registry_write_failures.inc(),
+            }
             if let Write::Put(_, _, Some(ack)) = w {
                 let _ = ack.send(Err(RegistryError::Request {
                     op: "write",
@@ -261,23 +303,69 @@ impl Registry {
         }
     }
 
-    /// A connection opened: writes `conn.<relay>.<id>`.
+    /// This relay's name, as in its connections' ids.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The lifecycle events published, if any.
+    pub fn events(&self) -> Option<&Emitter> {
+        self.events.as_ref()
+    }
+
+    /// How many relays hold a live lease, this one included (at least 1).
+    pub fn live_relays(&self) -> usize {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.len() + usize::from(!live.contains(&self.relay))
+    }
+
+    /// A connection opened: writes `conn.<relay>.<id>`, then says `Connected`.
     pub fn opened(&self, id: u64, sub: Option<String>, iss: Option<String>) {
         let value = ConnEntry {
             v: VALUE_VERSION,
             sub,
             iss,
             connected_at: now_ms(),
+            relay: Some(self.name.clone()),
         };
         let Ok(json) = serde_json::to_vec(&value) else {
             return;
         };
         self.put(keys::conn_key(&self.relay, id), Bytes::from(json));
+        self.say(&lifecycle(&value, id, &self.name, EventType::Connected, value.connected_at));
     }
 
-    /// A connection closed: deletes `conn.<relay>.<id>`.
-    pub fn closed(&self, id: u64) {
-        self.delete(keys::conn_key(&self.relay, id));
+    /// A connection closed: says `Disconnected` (why, and the close code the relay sent),
+    /// then deletes `conn.<relay>.<id>`.
+    pub fn closed(&self, id: u64, reason: &'static str, close_code: Option<u16>) {
+        let key = keys::conn_key(&self.relay, id);
+        if self.events.is_some() {
+            let entry = self
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .and_then(|v| serde_json::from_slice::<ConnEntry>(v).ok());
+            if let Some(entry) = entry {
+                let mut e = lifecycle(&entry, id, &self.name, EventType::Disconnected, now_ms());
+                e.reason = Some(reason);
+                e.close_code = close_code;
+                self.say(&e);
+            }
+        }
+        self.delete(key);
+    }
+
+    /// Publishes a lifecycle event, in order with this relay's registry writes (a no-op
+    /// without `events`, or for a type not published). `serial`: a subscription's serial.
+    pub fn event(&self, event: &Event, serial: Option<u64>) {
+        if let Some(o) = self.events.as_ref().and_then(|e| e.outgoing(event, serial)) {
+            self.queue(Write::Event(o));
+        }
+    }
+
+    fn say(&self, event: &Event) {
+        self.event(event, None);
     }
 
     /// Writes one of this relay's entries (a key under `conn.<relay>.` or
@@ -351,13 +439,16 @@ impl Registry {
 
     /// Deletes this relay's keys in the bucket that this run did not write.
     async fn sweep_leftovers(&self) -> Result<usize, RegistryError> {
-        let found = self.keys_of(&self.relay).await?;
-        let mine: Vec<String> = {
+        let found = self.entries_of(&self.relay).await?;
+        let mine: Vec<(String, Bytes)> = {
             let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            found.into_iter().filter(|k| !e.contains_key(k)).collect()
+            found.into_iter().filter(|(k, _)| !e.contains_key(k)).collect()
         };
         let n = mine.len();
-        for key in mine {
+        for (key, value) in mine {
+            if let Some(o) = self.lost(&key, &value) {
+                self.queue(Write::Event(o));
+            }
             self.queue(Write::Delete(key, None));
         }
         if n > 0 {
@@ -387,9 +478,41 @@ impl Registry {
         }
     }
 
-    /// Sends one write; its acknowledgement is awaited by the caller.
-    async fn send(&self, w: Write) -> Result<jetstream::context::PublishAckFuture, RegistryError> {
+    fn event_failed(&self, kind: EventType) {
+        self.metrics
+            .events_failed
+            .get_or_create(&Kind { event: kind.name() })
+            .inc();
+    }
+
+    fn event_published(&self, kind: EventType) {
+        self.metrics
+            .events_published
+            .get_or_create(&Kind { event: kind.name() })
+            .inc();
+    }
+
+    /// Sends one write; its acknowledgement, if it has one, is awaited by the caller (an
+    /// event that goes to no stream has none).
+    async fn send(
+        &self,
+        w: Write,
+    ) -> Result<Option<jetstream::context::PublishAckFuture>, RegistryError> {
         let sent = match w {
+            Write::Event(o) if !self.events.as_ref().is_some_and(Emitter::durable) => {
+                return self
+                    .js
+                    .client()
+                    .publish_with_headers(o.subject.clone(), o.headers(), o.payload)
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| request_err("event")(e.to_string()));
+            }
+            Write::Event(o) => {
+                self.js
+                    .publish_with_headers(o.subject.clone(), o.headers(), o.payload)
+                    .await
+            }
             Write::Put(key, value, _) => self.js.publish(self.subject(&key), value).await,
             Write::Delete(key, was) => {
                 let mut h = HeaderMap::new();
@@ -405,7 +528,7 @@ impl Registry {
                     .await
             }
         };
-        sent.map_err(|e| RegistryError::Request {
+        sent.map(Some).map_err(|e| RegistryError::Request {
             op: "write",
             message: e.to_string(),
         })
@@ -420,18 +543,26 @@ impl Registry {
             tokio::select! {
                 w = rx.recv(), if open && acks.len() < IN_FLIGHT => match w {
                     Some(mut w) => {
-                        let delete = matches!(w, Write::Delete(..));
-                        let reply = match &mut w {
-                            Write::Put(_, _, reply) => reply.take(),
-                            Write::Delete(..) => None,
+                        let (what, reply) = match &mut w {
+                            Write::Put(_, _, reply) => (Acked::Put, reply.take()),
+                            Write::Delete(..) => (Acked::Delete, None),
+                            Write::Event(o) => (Acked::Event(o.kind), None),
                         };
                         match self.send(w).await {
-                            Ok(ack) => acks.push(async move {
-                                (delete, reply, tokio::time::timeout(REQUEST_WITHIN, ack.into_future()).await)
+                            Ok(Some(ack)) => acks.push(async move {
+                                (what, reply, tokio::time::timeout(REQUEST_WITHIN, ack.into_future()).await)
                             }),
+                            Ok(None) => {
+                                if let Acked::Event(kind) = what {
+                                    self.event_published(kind);
+                                }
+                            }
                             Err(e) => {
                                 tracing::debug!(error = %e, "registry write not sent");
-                                self.metrics.registry_write_failures.inc();
+                                match what {
+                                    Acked::Event(kind) => self.event_failed(kind),
+                                    _ => self.metrics.registry_write_failures.inc(),
+                                }
                                 if let Some(reply) = reply {
                                     let _ = reply.send(Err(e));
                                 }
@@ -440,23 +571,33 @@ impl Registry {
                     }
                     None => open = false,
                 },
-                Some((delete, reply, r)) = acks.next(), if !acks.is_empty() => {
+                Some((what, reply, r)) = acks.next(), if !acks.is_empty() => {
+                    let failed = |e: &dyn std::fmt::Display| {
+                        tracing::debug!(error = %e, "registry write refused or not acknowledged");
+                        match what {
+                            Acked::Event(kind) => self.event_failed(kind),
+                            _ => self.metrics.registry_write_failures.inc(),
+                        }
+                    };
                     let done = match r {
                         Ok(Ok(ack)) => {
-                            if delete {
-                                self.metrics.registry_keys_deleted.inc();
-                            } else {
-                                self.metrics.registry_keys_written.inc();
+                            match what {
+                                Acked::Put => {
+                                    self.metrics.registry_keys_written.inc();
+                                }
+                                Acked::Delete => {
+                                    self.metrics.registry_keys_deleted.inc();
+                                }
+                                Acked::Event(kind) => self.event_published(kind),
                             }
                             Ok(ack.sequence)
                         }
                         Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "registry write refused");
-                            self.metrics.registry_write_failures.inc();
+                            failed(&e);
                             Err(request_err("write")(e.to_string()))
                         }
                         Err(_) => {
-                            self.metrics.registry_write_failures.inc();
+                            failed(&"no acknowledgement");
                             Err(RegistryError::Timeout { op: "write" })
                         }
                     };
@@ -591,6 +732,10 @@ impl Registry {
             if !entry.seen_current {
                 continue;
             }
+            self.live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone_from(&live);
             let first = purger(
                 live.iter()
                     .map(String::as_str)
@@ -612,9 +757,27 @@ impl Registry {
         }
     }
 
-    /// The keys of `relay`'s entries (its lease aside) that hold a value: an ordered,
-    /// headers-only consumer on the relay's filters, read to its end.
-    async fn keys_of(&self, relay: &str) -> Result<Vec<String>, RegistryError> {
+    /// The `Disconnected {reason: relay_lost}` for the entry `key` of a relay that is gone,
+    /// if it is a connection's and events are published. Its message id is the one the
+    /// relay would have used: a stream stores it once, whoever said it.
+    fn lost(&self, key: &str, value: &[u8]) -> Option<Outgoing> {
+        let events = self.events.as_ref()?;
+        let mut parts = key.split('.');
+        let (Some("conn"), Some(token), Some(id)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        let id: u64 = id.parse().ok()?;
+        let entry: ConnEntry = serde_json::from_slice(value).ok()?;
+        let name = entry.relay.clone().unwrap_or_else(|| token.to_owned());
+        let mut e = lifecycle(&entry, id, &name, EventType::Disconnected, now_ms());
+        e.reason = Some(RELAY_LOST);
+        events.outgoing(&e, None)
+    }
+
+    /// The entries of `relay` (its lease aside) that hold a value: an ordered consumer on
+    /// the relay's filters, read to its end.
+    async fn entries_of(&self, relay: &str) -> Result<Vec<(String, Bytes)>, RegistryError> {
         let err = request_err("list");
         let prefix = format!("$KV.{}.", self.bucket);
         let stream = self
@@ -629,7 +792,6 @@ impl Registry {
                     .iter()
                     .map(|f| format!("{prefix}{f}"))
                     .collect(),
-                headers_only: true,
                 deliver_policy: consumer::DeliverPolicy::LastPerSubject,
                 replay_policy: consumer::ReplayPolicy::Instant,
                 ..Default::default()
@@ -646,7 +808,7 @@ impl Registry {
             if !is_removal(m.headers.as_ref())
                 && let Some(key) = m.subject.strip_prefix(prefix.as_str())
             {
-                out.push(key.to_owned());
+                out.push((key.to_owned(), m.payload.clone()));
             }
             let pending = m.info().map_err(|e| err(e.to_string()))?.pending;
             if pending == 0 {
@@ -656,32 +818,82 @@ impl Registry {
         Ok(out)
     }
 
+    /// Sends `writes` (events, deletes) outside the ordered queue, up to [`IN_FLIGHT`]
+    /// unacknowledged, and waits for every acknowledgement; counts them. The first refusal
+    /// ends it.
+    async fn send_all(&self, writes: impl Iterator<Item = Write>) -> Result<(), RegistryError> {
+        let mut acks = FuturesUnordered::new();
+        let settle = |what: Acked,
+                      r: Result<
+            jetstream::publish::PublishAck,
+            jetstream::context::PublishError,
+        >| {
+            match (what, r) {
+                (Acked::Event(kind), Ok(_)) => self.event_published(kind),
+                (Acked::Event(kind), Err(_)) => self.event_failed(kind),
+                (_, Ok(_)) => {
+                    self.metrics.registry_keys_deleted.inc();
+                }
+                (_, Err(e)) => return Err(request_err("purge")(e.to_string())),
+            }
+            Ok(())
+        };
+        for w in writes {
+            let what = match &w {
+                Write::Event(o) => Acked::Event(o.kind),
+                Write::Put(..) => Acked::Put,
+                Write::Delete(..) => Acked::Delete,
+            };
+            match self.send(w).await {
+                Ok(Some(ack)) => acks.push(async move { (what, ack.into_future().await) }),
+                Ok(None) => {
+                    if let Acked::Event(kind) = what {
+                        self.event_published(kind);
+                    }
+                }
+                Err(e) if matches!(what, Acked::Event(_)) => {
+                    tracing::debug!(error = %e, "event not sent");
+                    if let Acked::Event(kind) = what {
+                        self.event_failed(kind);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            if acks.len() >= IN_FLIGHT
+                && let Some((what, r)) = acks.next().await
+            {
+                settle(what, r)?;
+            }
+        }
+        while let Some((what, r)) = acks.next().await {
+            settle(what, r)?;
+        }
+        Ok(())
+    }
+
     /// Deletes every entry of `relay` (a KV delete per key: watchers see each one), and
     /// for `forget` its lease too; returns how many keys it deleted. Bounded by
     /// [`PURGE_WITHIN`]; idempotent.
     pub async fn purge(&self, relay: &str, cause: PurgeCause) -> Result<usize, RegistryError> {
         let fut = async {
-            let mut keys = self.keys_of(relay).await?;
+            let entries = self.entries_of(relay).await?;
+            // Every `Disconnected` is stored before any entry goes, as the relay itself
+            // would have said them: a purger that dies half way leaves the entries for the
+            // next, whose events the stream's duplicate window removes.
+            let events = entries
+                .iter()
+                .filter_map(|(k, v)| self.lost(k, v))
+                .map(Write::Event);
+            self.send_all(events).await?;
+            let mut keys: Vec<String> = entries.into_iter().map(|(k, _)| k).collect();
             if cause != PurgeCause::LeaseExpired {
                 // Last: while entries remain, the lease says who they belong to.
                 keys.push(keys::lease_key(relay));
             }
-            let mut acks = FuturesUnordered::new();
-            for key in &keys {
-                let ack = self.send(Write::Delete(key.clone(), None)).await?;
-                acks.push(ack.into_future());
-                if acks.len() >= IN_FLIGHT
-                    && let Some(r) = acks.next().await
-                {
-                    r.map_err(|e| request_err("purge")(e.to_string()))?;
-                    self.metrics.registry_keys_deleted.inc();
-                }
-            }
-            while let Some(r) = acks.next().await {
-                r.map_err(|e| request_err("purge")(e.to_string()))?;
-                self.metrics.registry_keys_deleted.inc();
-            }
-            Ok(keys.len())
+            let n = keys.len();
+            self.send_all(keys.into_iter().map(|k| Write::Delete(k, None)))
+                .await?;
+            Ok(n)
         };
         let n = tokio::time::timeout(PURGE_WITHIN, fut)
             .await

@@ -1,8 +1,9 @@
 //! The running process: start and stop ([`process`]), the drain on SIGTERM ([`drain`]),
 //! config reload ([`reload`]), the admin server ([`admin`]), history stream upkeep
-//! ([`upkeep`]).
+//! ([`upkeep`]), the backend's control service ([`control`]).
 
 pub mod admin;
+pub mod control;
 pub mod drain;
 pub mod process;
 pub mod reload;

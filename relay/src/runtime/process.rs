@@ -121,6 +121,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         crate::registry::Registry::start(
             r,
             &Relay::name_for(&config),
+            config.events.as_ref().map(crate::events::Emitter::new),
             hub.client().clone(),
             metrics.clone(),
         )
@@ -166,10 +167,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .cloned()
             .unwrap_or_default(),
     ));
+    let control = tokio::spawn(super::control::serve(relay.clone()));
     let tasks = vec![
         refusals,
         history,
         supervisor,
+        control,
         tokio::spawn(crate::edge::listener::serve(
             client_listener,
             edge.clone(),

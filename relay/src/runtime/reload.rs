@@ -54,8 +54,12 @@ fn reload_inner(relay: &Arc<Relay>, edge: &Edge, path: &Path) -> Result<usize, R
         || new.nats != old.config.nats
         || new.tls != old.config.tls
         || new.registry != old.config.registry
+        || new.events != old.config.events
+        || new.control != old.config.control
     {
-        tracing::warn!("listen, nats, tls and registry changes take effect at the next restart");
+        tracing::warn!(
+            "listen, nats, tls, registry, events and control changes take effect at the next restart"
+        );
     }
     edge.admission
         .slots

@@ -21,6 +21,13 @@ pub async fn maintain(relay: Arc<Relay>, every: Duration, changed: impl Fn(&str)
         let mut wanted = wanted_streams(&relay.settings().config);
         let bucket = relay.registry.as_ref().map(|r| r.stream_config().clone());
         wanted.extend(bucket.clone());
+        // The events' stream, as the config at start named it (events change at a restart).
+        let events = relay
+            .registry
+            .as_ref()
+            .and(relay.events_stream.as_ref())
+            .cloned();
+        wanted.extend(events.clone());
         let due = applied.as_ref() != Some(&wanted) || last_check.elapsed() >= every;
         if due {
             let mut all_ok = true;
@@ -35,6 +42,13 @@ pub async fn maintain(relay: Arc<Relay>, every: Duration, changed: impl Fn(&str)
                             tracing::warn!(error = %e, "registry bucket not in place; the relay keeps serving");
                         }
                         r.bucket_ready(ensured.is_ok()).await;
+                    }
+                    all_ok &= ensured.is_ok();
+                    continue;
+                }
+                if events.as_ref().is_some_and(|e| e.name == cfg.name) {
+                    if let Err(e) = &ensured {
+                        tracing::warn!(error = %e, "events stream not in place; events are counted as failed until it is");
                     }
                     all_ok &= ensured.is_ok();
                     continue;

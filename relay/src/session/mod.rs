@@ -94,7 +94,7 @@ pub async fn run<Si, St>(
     };
     conn.outbox.close(cause);
     let end = writer.await.unwrap_or(End::Closed(Cause::Internal));
-    relay.unregister(&conn);
+    relay.unregister(&conn, end);
     relay
         .metrics
         .closed

@@ -70,6 +70,8 @@ test("close codes: what the client does for each", () => {
   );
   assert.deepEqual({ r: p(4401).reconnect, t: p(4401).newToken, a: p(4401).authFailure }, { r: true, t: true, a: true });
   assert.equal(p(4403).reconnect, false);
+  assert.deepEqual({ r: p(4100).reconnect, t: p(4100).newToken }, { r: true, t: true });
+  assert.equal(p(4101).reconnect, false);
   assert.equal(p(4029).minAttempt, 3);
   assert.equal(p(LocalClose.TokenRefresh).immediate, true);
 });

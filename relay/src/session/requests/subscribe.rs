@@ -8,10 +8,13 @@
 //! read it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::access::Presented;
 use crate::authz::Operation;
+use crate::clock::now_ms;
 use crate::conn::{AddError, Attached, Conn};
+use crate::events::{Event, EventType, connection_id};
 use crate::fanout::Target;
 use crate::metrics::Op;
 use crate::presence::{self, Handle, SNAPSHOT_WITHIN, entry};
@@ -138,6 +141,7 @@ pub async fn apply(
         .await
     {
         Ok(()) => {
+            announce(relay, conn, &channel, &target.key);
             if answer.is_some() {
                 relay
                     .metrics
@@ -151,6 +155,68 @@ pub async fn apply(
             conn.remove_if(&channel, &target.key);
             reply_error(conn, id, ErrorCode::Unavailable, &e.to_string());
         }
+    }
+}
+
+/// Says `Subscribed` (lifecycle events), and attaches to the subscription what says
+/// `Unsubscribed` when it ends while its connection stays.
+fn announce(relay: &Relay, conn: &Conn, channel: &str, key: &str) {
+    let Some(registry) = relay.registry.as_ref().filter(|r| r.events().is_some()) else {
+        return;
+    };
+    let claims = conn.claims();
+    let claim = |k: &str| {
+        claims
+            .as_deref()
+            .and_then(|c| c.get(k))
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    let event = Event {
+        kind: EventType::Subscribed,
+        sub: claim("sub"),
+        iss: claim("iss"),
+        connection: connection_id(&relay.name, conn.id),
+        relay: relay.name.clone(),
+        channel: Some(channel.to_owned()),
+        reason: None,
+        close_code: None,
+        at: now_ms(),
+        duration_ms: None,
+    };
+    let serial = conn.next_serial();
+    registry.event(&event, Some(serial));
+    let ends = Unannounce {
+        registry: registry.clone(),
+        event,
+        serial,
+        connection_ended: conn.ended(),
+    };
+    // When the subscription already ended, `attach` gives `ends` back, and dropping it says
+    // the end at once, after the start.
+    drop(conn.attach(channel, key, Attached(Box::new(ends))));
+}
+
+/// Says `Unsubscribed` when dropped with its subscription, unless the connection ended
+/// (its `Disconnected` says that).
+struct Unannounce {
+    registry: Arc<crate::registry::Registry>,
+    event: Event,
+    serial: u64,
+    connection_ended: Arc<AtomicBool>,
+}
+
+impl Drop for Unannounce {
+    fn drop(&mut self) {
+        if self.connection_ended.load(Ordering::SeqCst) {
+            return;
+        }
+        let at = now_ms();
+        let mut e = self.event.clone();
+        e.kind = EventType::Unsubscribed;
+        e.duration_ms = Some(at.saturating_sub(e.at));
+        e.at = at;
+        self.registry.event(&e, Some(self.serial));
     }
 }
 

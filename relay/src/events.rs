@@ -1,0 +1,221 @@
+//! Lifecycle events for the backend (docs/backend.md): what one holds, its subject, its
+//! message id, and the stream that keeps them. Pure. The registry's ordered writer sends them
+//! (`crate::registry`), each after the registry entry it concerns and before that entry's
+//! removal, on the relay's one NATS connection: so a relay that dies has either said
+//! `Disconnected` or left the entry from which a survivor says it (`relay_lost`), and a
+//! `Connected` whose entry was lost cannot have been sent.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::stream;
+use bytes::Bytes;
+use serde::Serialize;
+
+pub use crate::config::EventType;
+use crate::config::Events as EventsConfig;
+
+/// The `reason` of a `Disconnected` a survivor says for a relay that died.
+pub const RELAY_LOST: &str = "relay_lost";
+
+/// One event, as published (camelCase JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// Its type.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// The connection token's `sub` (absent: anonymous).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// The token's `iss`, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// `<relay>/<id>`, as in the `Wsrelay-Connection` header of the connection's publishes.
+    pub connection: String,
+    /// The relay that served it.
+    pub relay: String,
+    /// The channel (`Subscribed`, `Unsubscribed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// Why it ended (`Disconnected`: the close's reason label, or `relay_lost`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// The WebSocket close code the relay sent (`Disconnected`, when it sent one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_code: Option<u16>,
+    /// When, in milliseconds since the epoch.
+    pub at: u64,
+    /// How long the connection or subscription lasted (`Disconnected`, `Unsubscribed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// `<relay>/<id>`: a connection's id across the fleet.
+pub fn connection_id(relay: &str, id: u64) -> String {
+    format!("{relay}/{id}")
+}
+
+/// An event ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// `<events.subject>.<Type>`.
+    pub subject: String,
+    /// The `Nats-Msg-Id` header: `<connection>:<Type>`, and for a subscription event its
+    /// serial in the connection (a channel may be subscribed to again), so the stream
+    /// stores each event once however often it is said.
+    pub msg_id: String,
+    /// The JSON.
+    pub payload: Bytes,
+    /// For the metrics.
+    pub kind: EventType,
+}
+
+impl Outgoing {
+    /// Its headers.
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", self.msg_id.as_str());
+        h
+    }
+}
+
+/// What the relay publishes, and where: the `events` section of the config, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emitter {
+    subject: String,
+    types: BTreeSet<EventType>,
+    durable: bool,
+}
+
+impl Emitter {
+    /// From the config's `events` section.
+    pub fn new(c: &EventsConfig) -> Self {
+        Self {
+            subject: c.subject.clone(),
+            types: c.types.iter().copied().collect(),
+            durable: c.durable.is_some(),
+        }
+    }
+
+    /// Whether events go to a stream (published with an acknowledgement) rather than as
+    /// plain messages.
+    pub fn durable(&self) -> bool {
+        self.durable
+    }
+
+    /// Whether `kind` is published at all.
+    pub fn wants(&self, kind: EventType) -> bool {
+        self.types.contains(&kind)
+    }
+
+    /// `event` ready to send (`serial`: a subscription's serial in its connection), or
+    /// `None` when its type is not published.
+    pub fn outgoing(&self, event: &Event, serial: Option<u64>) -> Option<Outgoing> {
+        if !self.wants(event.kind) {
+            return None;
+        }
+        let name = event.kind.name();
+        let msg_id = match serial {
+            Some(n) => format!("{}:{name}:{n}", event.connection),
+            None => format!("{}:{name}", event.connection),
+        };
+        Some(Outgoing {
+            subject: format!("{}.{name}", self.subject),
+            msg_id,
+            payload: Bytes::from(serde_json::to_vec(event).ok()?),
+            kind: event.kind,
+        })
+    }
+}
+
+/// The events' stream, as the relays create and update it (with the history streams,
+/// by `runtime::upkeep`). Pure.
+pub fn stream_config(c: &EventsConfig) -> Option<stream::Config> {
+    let d = c.durable.as_ref()?;
+    Some(stream::Config {
+        name: d.stream.clone(),
+        description: Some("wsrelay lifecycle events; managed by the relays".into()),
+        subjects: vec![format!("{}.*", c.subject)],
+        max_age: Duration::from_secs(d.max_age_seconds),
+        max_bytes: i64::try_from(d.max_bytes).unwrap_or(i64::MAX),
+        max_message_size: 16 * 1024,
+        storage: stream::StorageType::File,
+        num_replicas: usize::from(d.replicas),
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: Duration::from_secs(d.duplicate_window_seconds),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(types: &str, durable: bool) -> EventsConfig {
+        let d = if durable {
+            r#","durable":{"stream":"EV"}"#
+        } else {
+            ""
+        };
+        serde_json::from_str(&format!(
+            r#"{{"subject":"wsrelay.events.ns.gw"{types}{d}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn disconnected() -> Event {
+        Event {
+            kind: EventType::Disconnected,
+            sub: Some("u1".into()),
+            iss: None,
+            connection: connection_id("wsrelay-0", 7),
+            relay: "wsrelay-0".into(),
+            channel: None,
+            reason: Some(RELAY_LOST),
+            close_code: None,
+            at: 5,
+            duration_ms: Some(3),
+        }
+    }
+
+    #[test]
+    fn an_event_is_camel_case_json_on_its_types_subject_with_one_id() {
+        let e = Emitter::new(&config("", true));
+        assert!(e.durable());
+        let o = e.outgoing(&disconnected(), None).unwrap();
+        assert_eq!(o.subject, "wsrelay.events.ns.gw.Disconnected");
+        assert_eq!(o.msg_id, "wsrelay-0/7:Disconnected");
+        assert_eq!(
+            std::str::from_utf8(&o.payload).unwrap(),
+            r#"{"type":"Disconnected","sub":"u1","connection":"wsrelay-0/7","relay":"wsrelay-0","reason":"relay_lost","at":5,"durationMs":3}"#
+        );
+        let mut s = disconnected();
+        s.kind = EventType::Subscribed;
+        s.channel = Some("orders.42".into());
+        let o = e.outgoing(&s, Some(2)).unwrap();
+        assert_eq!(o.msg_id, "wsrelay-0/7:Subscribed:2");
+        assert_eq!(o.headers().get("Nats-Msg-Id").unwrap().as_str(), o.msg_id);
+    }
+
+    #[test]
+    fn only_the_named_types_are_published() {
+        let e = Emitter::new(&config(r#","types":["Connected"]"#, false));
+        assert!(!e.durable());
+        assert!(e.outgoing(&disconnected(), None).is_none());
+        let mut c = disconnected();
+        c.kind = EventType::Connected;
+        assert!(e.outgoing(&c, None).is_some());
+    }
+
+    #[test]
+    fn the_stream_holds_the_types_subjects_and_removes_duplicates() {
+        let s = stream_config(&config("", true)).unwrap();
+        assert_eq!(s.name, "EV");
+        assert_eq!(s.subjects, ["wsrelay.events.ns.gw.*"]);
+        assert_eq!(s.duplicate_window, Duration::from_secs(300));
+        assert_eq!(s.max_age, Duration::from_secs(86_400));
+        assert!(stream_config(&config("", false)).is_none());
+    }
+}

@@ -1,0 +1,270 @@
+//! Lifecycle events and the control service (docs/backend.md), on a JetStream-enabled
+//! nats-server with real relays: a connection's events come once each and in order; a killed
+//! relay's connections are said `Disconnected` by a survivor, with the id the relay itself
+//! would have used (so the stream stores one); the backend disconnects a user on every relay
+//! and hears how many it reached, through the service and through `wsrelay ctl`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wsrelay::runtime::control::{AskError, Selector, Verb, ask};
+use wsrelay_testkit::prelude::*;
+
+const BUCKET: &str = "WSRELAY_TEST_EVENTS_REG";
+const EVENTS: &str = "wsrelay.events.test.gw";
+const CONTROL: &str = "wsrelay.control.test.gw";
+const STREAM: &str = "WSRELAY_TEST_EVENTS";
+
+/// A relay named `name` with the registry, durable events and the control service.
+fn builder(nats: &Nats, name: &str, lease: u64) -> RelayBuilder {
+    TestRelay::builder(nats)
+        .hs256()
+        .registry(BUCKET, name, lease)
+        .events(EVENTS, Some(STREAM))
+        .control(CONTROL)
+}
+
+async fn as_user(relay: &TestRelay, sub: &str) -> Ws {
+    relay.connect(&format!("?token={}", hs256(claims(sub)))).await
+}
+
+/// Every event in the stream, in order, once it holds at least `n` (or the bound passed).
+async fn stored(nats: &Nats, n: u64, within: Duration) -> Vec<Value> {
+    let js = async_nats::jetstream::new(nats.client().await);
+    let deadline = Instant::now() + within;
+    let mut stream = loop {
+        match js.get_stream(STREAM).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("no events stream: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    loop {
+        let state = stream.info().await.unwrap().state.clone();
+        if state.messages >= n || Instant::now() > deadline {
+            let mut out = Vec::new();
+            for seq in state.first_sequence..=state.last_sequence {
+                if let Ok(m) = stream.get_raw_message(seq).await {
+                    out.push(serde_json::from_slice(&m.payload).unwrap());
+                }
+            }
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_events_come_once_each_and_in_order() {
+    init_logs();
+    let (_store, nats) = jetstream_nats("events-order");
+    let relay = builder(&nats, "relay-a", 15).start().await;
+    let mut ws = as_user(&relay, "u1").await;
+    assert_eq!(subscribe(&mut ws, 1, "public.a").await["type"], "ok");
+    assert_eq!(
+        request(&mut ws, json!({"type": "unsubscribe", "id": 2, "channel": "public.a"})).await
+            ["type"],
+        "ok"
+    );
+    assert_eq!(subscribe(&mut ws, 3, "public.a").await["type"], "ok");
+    ws.close(None).await.unwrap();
+
+    let got = stored(&nats, 5, Duration::from_secs(20)).await;
+    let kinds: Vec<&str> = got.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    // The second subscription ends with its connection: `Disconnected` says it.
+    assert_eq!(
+        kinds,
+        ["Connected", "Subscribed", "Unsubscribed", "Subscribed", "Disconnected"],
+        "{got:#?}"
+    );
+    let connection = got[0]["connection"].as_str().unwrap();
+    assert!(connection.starts_with("relay-a/"), "{connection}");
+    for e in &got {
+        assert_eq!(e["connection"], connection, "{e}");
+        assert_eq!((e["sub"].as_str(), e["relay"].as_str()), (Some("u1"), Some("relay-a")));
+        assert!(e["at"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(got[1]["channel"], "public.a");
+    assert!(got[2]["durationMs"].is_u64(), "{}", got[2]);
+    let d = &got[4];
+    assert_eq!((d["reason"].as_str(), d["closeCode"].as_u64()), (Some("normal"), None));
+    assert!(d["durationMs"].is_u64(), "{d}");
+    assert_eq!(
+        relay.metric("wsrelay_events_published_total{event=\"Subscribed\"}").await,
+        Some(2.0)
+    );
+    assert_eq!(relay.metric("wsrelay_events_failed_total{event=\"Connected\"}").await, Some(0.0));
+
+    // Nothing else comes later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stored(&nats, 0, Duration::ZERO).await.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relays_connections_are_said_disconnected_once_by_a_survivor() {
+    init_logs();
+    const LEASE: u64 = 3;
+    let (_store, nats) = jetstream_nats("events-lost");
+    let _a = builder(&nats, "relay-a", LEASE).start().await;
+    let config = builder(&nats, "relay-b", LEASE).build();
+    let dir = std::env::temp_dir().join(format!("wsrelay-events-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    let mut b = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(b.admin, "wsrelay_registry_ready").await == Some(1.0)
+        })
+        .await,
+        "relay-b's registry is not in place"
+    );
+    let token = |sub: &str| format!("?token={}", hs256(claims(sub)));
+    let _c1 = connect(b.client, &token("u1")).await;
+    let _c2 = connect(b.client, &token("u2")).await;
+    let connected = stored(&nats, 2, Duration::from_secs(20)).await;
+    let ids: Vec<String> = of_type(&connected, "Connected")
+        .iter()
+        .map(|e| e["connection"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2, "{connected:#?}");
+
+    // As if relay-b had said the first one's `Disconnected` just before it died: the
+    // survivor says it again with the same message id, and the stream keeps one.
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", format!("{}:Disconnected", ids[0]).as_str());
+    let said = json!({"type": "Disconnected", "connection": ids[0], "reason": "said before"});
+    js.publish_with_headers(
+        format!("{EVENTS}.Disconnected"),
+        h,
+        serde_json::to_vec(&said).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let killed = Instant::now();
+    // Bound: the lease, the marker's delivery and the purge; generous for 2 loaded cores.
+    let all = stored(&nats, 4, Duration::from_secs(LEASE + 25)).await;
+    let took = killed.elapsed();
+    let gone = of_type(&all, "Disconnected");
+    assert_eq!(gone.len(), 2, "one Disconnected per connection: {all:#?}");
+    assert_eq!(gone[0]["reason"], "said before", "the duplicate was removed");
+    assert_eq!(gone[1]["connection"].as_str(), Some(ids[1].as_str()));
+    assert_eq!(gone[1]["reason"], "relay_lost");
+    assert_eq!(gone[1]["sub"], "u2");
+    assert!(gone[1]["durationMs"].is_u64());
+    eprintln!("relay_lost said {} ms after the SIGKILL (lease {LEASE} s)", took.as_millis());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stored(&nats, 0, Duration::ZERO).await.len(), 4, "nothing more");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_disconnects_a_user_on_every_relay_and_hears_how_many() {
+    init_logs();
+    let (_store, nats) = jetstream_nats("events-control");
+    let a = builder(&nats, "relay-a", 15).start().await;
+    let b = builder(&nats, "relay-b", 15).start().await;
+    let url = nats.url();
+    // Both relays' leases seen by both (the answer counts the relays it expects).
+    let service = nats.client().await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let Ok(r) = ask(&url, None, CONTROL, Verb::Connections, &by_sub("nobody")).await
+            else {
+                return false;
+            };
+            let t: Value = serde_json::from_str(&r).unwrap();
+            t["expected"] == 2 && t["relays"] == 2
+        })
+        .await,
+        "the control service did not answer for both relays"
+    );
+    let mut u1_a = as_user(&a, "u1").await;
+    let mut u1_b = as_user(&b, "u1").await;
+    let mut u2_a = as_user(&a, "u2").await;
+    assert_eq!(subscribe(&mut u2_a, 1, "public.x").await["type"], "ok");
+
+    // Listed, with their channels.
+    let r: Value =
+        serde_json::from_str(&ask(&url, None, CONTROL, Verb::Connections, &by_sub("u2")).await.unwrap())
+            .unwrap();
+    assert_eq!((r["reached"].as_u64(), r["relays"].as_u64()), (Some(1), Some(2)), "{r}");
+    assert_eq!(r["connections"][0]["channels"], json!(["public.x"]), "{r}");
+    assert!(r["connections"][0]["connection"].as_str().unwrap().starts_with("relay-a/"));
+
+    // The same through `wsrelay ctl`.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["ctl", "--nats", &url, "--subject", CONTROL, "connections", "--sub", "u1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["reached"], 2, "{r}");
+
+    let started = Instant::now();
+    let mut final_ = by_sub("u1");
+    final_.reconnect = Some(false);
+    let r: Value =
+        serde_json::from_str(&ask(&url, None, CONTROL, Verb::Disconnect, &final_).await.unwrap())
+            .unwrap();
+    assert_eq!(r, json!({"reached": 2, "relays": 2, "expected": 2}));
+    let within = Duration::from_secs(10);
+    assert_eq!(close_code(&mut u1_a, within).await, Some(4101));
+    assert_eq!(close_code(&mut u1_b, within).await, Some(4101));
+    eprintln!("both of u1's connections closed {} ms after the command", started.elapsed().as_millis());
+    // The other user stays.
+    assert_eq!(request(&mut u2_a, json!({"type": "ping", "id": 9})).await["type"], "pong");
+    let gone = stored(&nats, 5, Duration::from_secs(20)).await;
+    let gone = of_type(&gone, "Disconnected");
+    assert_eq!(gone.len(), 2, "{gone:#?}");
+    for e in gone {
+        assert_eq!((e["reason"].as_str(), e["closeCode"].as_u64()), (Some("disconnect"), Some(4101)));
+    }
+
+    // Refused with a reason, counted.
+    let e = ask(&url, None, CONTROL, Verb::Disconnect, &Selector::default()).await.unwrap_err();
+    assert!(matches!(&e, AskError::Refused { code, .. } if code == "400"), "{e}");
+    let taken = a.metric("wsrelay_control_commands_total{command=\"disconnect\",outcome=\"invalid\"}").await.unwrap_or(0.0)
+        + b.metric("wsrelay_control_commands_total{command=\"disconnect\",outcome=\"invalid\"}").await.unwrap_or(0.0);
+    assert_eq!(taken, 1.0);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["ctl", "--nats", &url, "--subject", CONTROL, "disconnect"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("name `sub` or `connection`"));
+
+    // Found the NATS way: the service's INFO names both endpoints on the control subject.
+    let info = service
+        .request("$SRV.INFO.wsrelay_control", "".into())
+        .await
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.payload).unwrap();
+    let subjects: Vec<&str> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap())
+        .collect();
+    assert!(subjects.contains(&format!("{CONTROL}.disconnect").as_str()), "{info}");
+    assert!(subjects.contains(&format!("{CONTROL}.connections").as_str()), "{info}");
+}
+
+fn by_sub(sub: &str) -> Selector {
+    Selector {
+        sub: Some(sub.to_owned()),
+        ..Selector::default()
+    }
+}
