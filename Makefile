@@ -111,7 +111,11 @@ kind-delete: ## delete the kind cluster a KIND_KEEP=1 run left
 	e2e/kind/run.sh delete
 
 .PHONY: test
+# One full run gains nothing from incremental builds, which would double the workspace's share of
+# target/; the disk it ends with is printed, as CI's disk is bounded (README).
+test: export CARGO_INCREMENTAL := 0
 test: fmt-check lint unit chart-check rules-check client-js e2e ## everything CI runs
+	@echo "make test: target/ holds $$(du -sh target | cut -f1)"
 
 .PHONY: bench
 bench: tools ## wsrelay vs nats-server WebSocket vs Centrifugo vs a bare baseline, pinned cores, 3 trials: target/bench/, docs/benchmarks.md (BENCH_QUICK=1: one trial; BENCH_WORKLOADS=smoke: a minute)
