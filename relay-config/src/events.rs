@@ -173,7 +173,10 @@ impl Config {
         types.sort();
         types.dedup();
         if types.len() != e.types.len() {
-            errs.push(ValidationError::invalid("events.types", "a type is named twice"));
+            errs.push(ValidationError::invalid(
+                "events.types",
+                "a type is named twice",
+            ));
         }
         let Some(d) = &e.durable else {
             return;

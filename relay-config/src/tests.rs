@@ -500,3 +500,89 @@ fn presence_needs_the_registry_and_each_field_is_validated_by_name() {
     c.bindings[0].direction = Direction::Publish;
     assert!(c.validate().is_err());
 }
+
+#[test]
+fn events_and_control_need_the_registry_and_each_field_is_validated_by_name() {
+    let base = || {
+        let mut c = Config::example("nats://n:4222");
+        c.registry = Some(serde_json::from_str(r#"{"bucket": "REG"}"#).unwrap());
+        c.events = Some(
+            serde_json::from_str(
+                r#"{"subject": "wsrelay.events.ns.gw", "durable": {"stream": "EV"}}"#,
+            )
+            .unwrap(),
+        );
+        c.control = Some(serde_json::from_str(r#"{"subject": "wsrelay.control.ns.gw"}"#).unwrap());
+        c
+    };
+    let c = base();
+    c.validate().unwrap();
+    let e = c.events.clone().unwrap();
+    assert_eq!(e.types, EventType::ALL.to_vec(), "every type by default");
+    let d = e.durable.unwrap();
+    assert_eq!(
+        (
+            d.max_age_seconds,
+            d.replicas,
+            d.max_bytes,
+            d.duplicate_window_seconds
+        ),
+        (86_400, 1, 256 << 20, 300)
+    );
+    let back: Config = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    assert!(
+        serde_json::from_str::<Events>(r#"{"subject": "a", "type": []}"#).is_err(),
+        "unknown fields are refused"
+    );
+    assert!(serde_json::from_str::<Events>(r#"{"subject": "a", "types": ["Resumed"]}"#).is_err());
+
+    type Break = fn(&mut Config);
+    let cases: [(&str, Break); 13] = [
+        ("events", |c| c.registry = None),
+        ("events.subject", |c| {
+            c.events.as_mut().unwrap().subject = "a.*".into()
+        }),
+        ("events.subject", |c| {
+            c.events.as_mut().unwrap().subject = "$SYS.x".into()
+        }),
+        ("events.subject", |c| {
+            c.events.as_mut().unwrap().subject = "_WSRELAY.x".into()
+        }),
+        ("events.subject", |c| {
+            c.events.as_mut().unwrap().subject = "x".repeat(201)
+        }),
+        ("events.subject", |c| {
+            c.control.as_mut().unwrap().subject = "wsrelay.events.ns.gw.x".into()
+        }),
+        ("events.types", |c| {
+            c.events.as_mut().unwrap().types = vec![EventType::Connected, EventType::Connected]
+        }),
+        ("events.durable.stream", |c| dur(c).stream = "a.b".into()),
+        ("events.durable.maxAgeSeconds", |c| {
+            dur(c).max_age_seconds = 59
+        }),
+        ("events.durable.replicas", |c| dur(c).replicas = 2),
+        ("events.durable.maxBytes", |c| dur(c).max_bytes = 1),
+        ("events.durable.duplicateWindowSeconds", |c| {
+            dur(c).duplicate_window_seconds = 29
+        }),
+        ("events.durable.stream", |c| dur(c).stream = "KV_REG".into()),
+    ];
+    fn dur(c: &mut Config) -> &mut DurableEvents {
+        c.events.as_mut().unwrap().durable.as_mut().unwrap()
+    }
+    for (field, break_it) in cases {
+        let mut c = base();
+        break_it(&mut c);
+        let errs = c.validate().unwrap_err();
+        assert!(errs.0.iter().any(|e| e.field() == field), "{field}: {errs}");
+    }
+    let mut c = base();
+    c.registry = None;
+    c.events = None;
+    assert_eq!(c.validate().unwrap_err().0[0].field(), "control");
+    let mut c = base();
+    c.control.as_mut().unwrap().subject = "wsrelay.control.ns.gw.>".into();
+    assert_eq!(c.validate().unwrap_err().0[0].field(), "control.subject");
+}

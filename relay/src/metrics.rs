@@ -249,6 +249,9 @@ pub struct Metrics {
     pub registry_ready: Gauge,
     /// `wsrelay_registry_keys_written_total`: registry keys written (lease, connections).
     pub registry_keys_written: Counter,
+    /// `wsrelay_registry_live_relays`: relays of the gateway whose lease this relay's watch
+    /// sees live (the control service waits for as many answers).
+    pub registry_live_relays: Gauge,
     /// `wsrelay_registry_keys_deleted_total`: registry keys deleted (closes and purges).
     pub registry_keys_deleted: Counter,
     /// `wsrelay_registry_write_failures_total`: registry writes or deletes JetStream refused
@@ -349,6 +352,7 @@ impl Metrics {
             presence_snapshots: Family::default(),
             presence_unavailable: Counter::default(),
             events_published: Family::default(),
+            registry_live_relays: Gauge::default(),
             events_failed: Family::default(),
             control_commands: Family::default(),
             control_applied: Family::default(),
@@ -584,6 +588,11 @@ impl Metrics {
         for event in PRESENCE_EVENTS {
             let _ = m.presence_events.get_or_create(&Kind { event });
         }
+        r.register(
+            "registry_live_relays",
+            "Relays of the gateway whose registry lease this relay sees live",
+            m.registry_live_relays.clone(),
+        );
         r.register(
             "events_published",
             "Lifecycle events sent (stored, with a durable stream), by type",

@@ -14,8 +14,8 @@ use crate::access::{Access, AccessError};
 use crate::auth::{Authenticator, KeyLoadError};
 use crate::authz::Authorizer;
 use crate::config::Config;
-use crate::conn::outbox::{Outbox, QueueBudget};
 use crate::conn::close::End;
+use crate::conn::outbox::{Outbox, QueueBudget};
 use crate::conn::{Conn, ConnId};
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
@@ -138,7 +138,10 @@ impl Relay {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             conns: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
+            // Unique across this pod's container restarts too, which keep its name: the
+            // lifecycle events' message ids (`<relay>/<id>:<Type>`) must not repeat an earlier
+            // run's. A thousand per millisecond of the earlier run's life would be needed to.
+            next_id: AtomicU64::new(crate::clock::now_ms().saturating_mul(1000).max(1)),
         }
     }
 

@@ -47,6 +47,9 @@ async fn an_idle_connections_future_stays_small() {
     // bound leaves room for a field or two, not for an inlined request future.
     assert!(size <= 2048, "the connection future is {size} bytes");
     drop(run);
-    relay.unregister(&conn);
+    relay.unregister(
+        &conn,
+        wsrelay::conn::close::End::Closed(wsrelay::conn::close::Cause::PeerGone),
+    );
     running.drain().await;
 }

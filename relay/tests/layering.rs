@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["template", "pem"],
     &["config"],
-    &["protocol", "metrics", "limits", "slots", "signal", "clock", "events"],
+    &[
+        "protocol", "metrics", "limits", "slots", "signal", "clock", "events",
+    ],
     &[
         "task", "confirm", "auth", "authz", "nats", "history", "registry",
     ],

@@ -199,7 +199,8 @@ impl Builder {
     /// With lifecycle events on `subject` (`<subject>.<Type>`), kept in `stream` when given
     /// (duplicate window 60 s; the registry's lease must be at most 30 s).
     pub fn events(mut self, subject: &str, stream: Option<&str>) -> Self {
-        let durable = stream.map(|s| serde_json::json!({"stream": s, "duplicateWindowSeconds": 60}));
+        let durable =
+            stream.map(|s| serde_json::json!({"stream": s, "duplicateWindowSeconds": 60}));
         let mut v = serde_json::json!({"subject": subject});
         if let Some(d) = durable {
             v["durable"] = d;

@@ -292,7 +292,9 @@ impl Registry {
         if let Some(w) = refused {
             match &w {
                 Write::Event(o) => self.event_failed(o.kind),
-                _ => self.metrics.registry_write_failures.inc(),
+                _ => {
+                    self.metrics.registry_write_failures.inc();
+                }
             }
             if let Write::Put(_, _, Some(ack)) = w {
                 let _ = ack.send(Err(RegistryError::Request {
@@ -332,7 +334,13 @@ impl Registry {
             return;
         };
         self.put(keys::conn_key(&self.relay, id), Bytes::from(json));
-        self.say(&lifecycle(&value, id, &self.name, EventType::Connected, value.connected_at));
+        self.say(&lifecycle(
+            &value,
+            id,
+            &self.name,
+            EventType::Connected,
+            value.connected_at,
+        ));
     }
 
     /// A connection closed: says `Disconnected` (why, and the close code the relay sent),
@@ -442,7 +450,10 @@ impl Registry {
         let found = self.entries_of(&self.relay).await?;
         let mine: Vec<(String, Bytes)> = {
             let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            found.into_iter().filter(|(k, _)| !e.contains_key(k)).collect()
+            found
+                .into_iter()
+                .filter(|(k, _)| !e.contains_key(k))
+                .collect()
         };
         let n = mine.len();
         for (key, value) in mine {
@@ -561,7 +572,9 @@ impl Registry {
                                 tracing::debug!(error = %e, "registry write not sent");
                                 match what {
                                     Acked::Event(kind) => self.event_failed(kind),
-                                    _ => self.metrics.registry_write_failures.inc(),
+                                    _ => {
+                    self.metrics.registry_write_failures.inc();
+                }
                                 }
                                 if let Some(reply) = reply {
                                     let _ = reply.send(Err(e));
@@ -576,7 +589,9 @@ impl Registry {
                         tracing::debug!(error = %e, "registry write refused or not acknowledged");
                         match what {
                             Acked::Event(kind) => self.event_failed(kind),
-                            _ => self.metrics.registry_write_failures.inc(),
+                            _ => {
+                    self.metrics.registry_write_failures.inc();
+                }
                         }
                     };
                     let done = match r {
@@ -736,6 +751,9 @@ impl Registry {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone_from(&live);
+            self.metrics
+                .registry_live_relays
+                .set(i64::try_from(live.len()).unwrap_or(i64::MAX));
             let first = purger(
                 live.iter()
                     .map(String::as_str)

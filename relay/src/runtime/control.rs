@@ -127,11 +127,16 @@ fn connection_ok(s: &str) -> bool {
 
 /// Reads and checks a command's body. Pure.
 pub fn parse(verb: Verb, body: &[u8]) -> Result<Selector, Invalid> {
-    let s: Selector = serde_json::from_slice(body).map_err(|e| {
+    let json = |e: serde_json::Error| {
         let mut m = e.to_string();
         m.truncate(200);
         Invalid::Json(m)
-    })?;
+    };
+    let v: Value = serde_json::from_slice(body).map_err(json)?;
+    if !v.is_object() {
+        return Err(Invalid::Json("a JSON object is expected".into()));
+    }
+    let s: Selector = serde_json::from_value(v).map_err(json)?;
     if s.sub.is_none() && s.connection.is_none() {
         return Err(Invalid::NoTarget);
     }
@@ -233,10 +238,10 @@ impl Tally {
         seen.push(a.relay);
         self.relays += 1;
         self.reached += a.connections;
-        if a.listed.len() < a.connections {
-            self.truncated = true;
-        }
         if let Some(list) = &mut self.connections {
+            if a.listed.len() < a.connections {
+                self.truncated = true;
+            }
             list.extend(a.listed);
             list.sort_by(|x, y| x.connection.cmp(&y.connection));
             if list.len() > MAX_LISTED {
@@ -349,14 +354,12 @@ async fn serve_once(relay: &Arc<Relay>, prefix: &str) -> Result<(), async_nats::
         endpoints.push(ep.map(move |r| (verb, r)));
     }
     tracing::info!(subject = %prefix, "control service started");
-    let commands = futures::stream::select_all(endpoints).for_each_concurrent(
-        CONCURRENT,
-        |(verb, req)| {
+    let commands =
+        futures::stream::select_all(endpoints).for_each_concurrent(CONCURRENT, |(verb, req)| {
             let relay = relay.clone();
             let prefix = prefix.to_owned();
             async move { take(&relay, &prefix, verb, req).await }
-        },
-    );
+        });
     let answers = fleet.for_each_concurrent(CONCURRENT, |m| {
         let relay = relay.clone();
         async move { answer(&relay, m).await }
@@ -413,7 +416,13 @@ async fn take(relay: &Relay, prefix: &str, verb: Verb, req: async_nats::service:
     match gather(relay, prefix, verb, &s).await {
         Ok(tally) => {
             count(if tally.complete() { "ok" } else { "partial" });
-            tracing::info!(command = verb.name(), reached = tally.reached, relays = tally.relays, expected = tally.expected, "control command");
+            tracing::info!(
+                command = verb.name(),
+                reached = tally.reached,
+                relays = tally.relays,
+                expected = tally.expected,
+                "control command"
+            );
             let body = serde_json::to_vec(&tally).unwrap_or_default();
             let _ = req.respond(Ok(Bytes::from(body))).await;
         }
@@ -565,19 +574,37 @@ mod tests {
         for (verb, body, want) in [
             (Verb::Disconnect, &b"{}"[..], "name `sub` or `connection`"),
             (Verb::Disconnect, b"[]", "not a command"),
-            (Verb::Disconnect, br#"{"sub":"1","kick":true}"#, "unknown field"),
+            (
+                Verb::Disconnect,
+                br#"{"sub":"1","kick":true}"#,
+                "unknown field",
+            ),
             (Verb::Disconnect, br#"{"sub":""}"#, "sub: 1 to 256"),
             (Verb::Disconnect, br#"{"sub":"a\u0000"}"#, "sub: 1 to 256"),
             (Verb::Disconnect, br#"{"iss":"x"}"#, "name `sub`"),
             (Verb::Disconnect, br#"{"sub":"1","iss":"x"}"#, ""),
             (Verb::Disconnect, br#"{"connection":"r1"}"#, "connection:"),
-            (Verb::Disconnect, br#"{"connection":"r 1/2"}"#, "connection:"),
+            (
+                Verb::Disconnect,
+                br#"{"connection":"r 1/2"}"#,
+                "connection:",
+            ),
             (Verb::Disconnect, br#"{"connection":"r1/x"}"#, "connection:"),
-            (Verb::Connections, br#"{"sub":"1","reconnect":true}"#, "reconnect:"),
+            (
+                Verb::Connections,
+                br#"{"sub":"1","reconnect":true}"#,
+                "reconnect:",
+            ),
         ] {
-            let got = parse(verb, body).map(|_| String::new()).unwrap_or_else(|e| e.to_string());
+            let got = parse(verb, body)
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string());
             assert!(
-                if want.is_empty() { got.is_empty() } else { got.contains(want) },
+                if want.is_empty() {
+                    got.is_empty()
+                } else {
+                    got.contains(want)
+                },
                 "{}: {got:?}, want {want:?}",
                 String::from_utf8_lossy(body)
             );
@@ -615,11 +642,22 @@ mod tests {
         };
         let mut t = Tally::new(Verb::Disconnect, 2);
         let mut seen = Vec::new();
-        let a = Answer { relay: "r1".into(), connections: 3, listed: vec![] };
+        let a = Answer {
+            relay: "r1".into(),
+            connections: 3,
+            listed: vec![],
+        };
         t.add(a.clone(), &mut seen);
         t.add(a, &mut seen);
         assert_eq!((t.reached, t.relays, t.complete()), (3, 1, false));
-        t.add(Answer { relay: "r2".into(), connections: 0, listed: vec![] }, &mut seen);
+        t.add(
+            Answer {
+                relay: "r2".into(),
+                connections: 0,
+                listed: vec![],
+            },
+            &mut seen,
+        );
         assert!(t.complete());
         assert_eq!(t.connections, None);
         assert_eq!(
@@ -629,8 +667,22 @@ mod tests {
 
         let mut t = Tally::new(Verb::Connections, 2);
         let mut seen = Vec::new();
-        t.add(Answer { relay: "b".into(), connections: 600, listed: listed("b", 600) }, &mut seen);
-        t.add(Answer { relay: "a".into(), connections: 600, listed: listed("a", 600) }, &mut seen);
+        t.add(
+            Answer {
+                relay: "b".into(),
+                connections: 600,
+                listed: listed("b", 600),
+            },
+            &mut seen,
+        );
+        t.add(
+            Answer {
+                relay: "a".into(),
+                connections: 600,
+                listed: listed("a", 600),
+            },
+            &mut seen,
+        );
         let list = t.connections.as_ref().unwrap();
         assert_eq!(list.len(), MAX_LISTED);
         assert!(list.windows(2).all(|w| w[0].connection <= w[1].connection));
