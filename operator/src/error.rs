@@ -92,6 +92,7 @@ pub const CATEGORIES: &[&str] = &[
     "SecretNotUsable",
     "InvalidRule",
     "InvalidPresence",
+    "InvalidEvents",
     "InvalidConfig",
     "BuildFailed",
     "ApplyFailed",
@@ -169,6 +170,12 @@ mod tests {
             Error::Validate(ValidateError::InvalidRule {
                 field: "spec.bindings[0].authorize.rule".into(),
                 error: wsrelay_config::rule::compile("nope(").expect_err("bad rule"),
+            }),
+            Error::Validate(ValidateError::InvalidPresence {
+                faults: vec!["spec.registry.replicas: must be 1, 3 or 5".into()],
+            }),
+            Error::Validate(ValidateError::InvalidEvents {
+                faults: vec!["spec.events.durable.replicas: must be 1, 3 or 5".into()],
             }),
             Error::Build(BuildError::MissingMetadata("uid")),
             Error::Apply {

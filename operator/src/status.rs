@@ -4,10 +4,12 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{
-    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, RegistryStatus, WebsocketGateway,
-    WebsocketGatewayStatus,
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, ControlStatus, EventsStatus,
+    RegistryStatus, WebsocketGateway, WebsocketGatewayStatus,
 };
-use crate::build::{endpoint, relay_config, relay_registry, selector_string};
+use crate::build::{
+    endpoint, relay_config, relay_control, relay_events, relay_registry, selector_string,
+};
 use crate::metrics_api::scrape::{AuthorizeCounts, Report};
 
 /// A problem a person must fix, as the Degraded condition shows it.
@@ -130,6 +132,7 @@ pub fn compute(
         ),
     };
 
+    let namespace = gw.metadata.namespace.as_deref().unwrap_or_default();
     WebsocketGatewayStatus {
         observed_generation: generation,
         conditions: vec![ready_cond, progressing, degraded_cond],
@@ -139,12 +142,15 @@ pub fn compute(
         connections,
         endpoint: endpoint(gw),
         selector: Some(selector_string(&name)),
-        registry: relay_registry(
-            &gw.spec,
-            gw.metadata.namespace.as_deref().unwrap_or_default(),
-            &name,
-        )
-        .map(|r| RegistryStatus { bucket: r.bucket }),
+        registry: relay_registry(&gw.spec, namespace, &name)
+            .map(|r| RegistryStatus { bucket: r.bucket }),
+        // The same functions render the relay config, so the status names what the relays use.
+        events: relay_events(&gw.spec, namespace, &name).map(|e| EventsStatus {
+            subject: e.subject,
+            stream: e.durable.map(|d| d.stream),
+        }),
+        control: relay_control(&gw.spec, namespace, &name)
+            .map(|c| ControlStatus { subject: c.subject }),
     }
 }
 
@@ -610,5 +616,43 @@ mod tests {
                 .map(|r| r.bucket),
             Some(bucket)
         );
+    }
+
+    /// The subjects and the stream backends use are in the status, the same the relay
+    /// config names; none for a gateway without them.
+    #[test]
+    fn the_events_and_control_subjects_are_in_the_status_when_set() {
+        let plain = compute(&gateway(), None, 0, None, &at(0));
+        assert_eq!((plain.events, plain.control), (None, None));
+        let mut gw: WebsocketGateway =
+            serde_yaml::from_str(include_str!("../tests/fixtures/events.yaml")).expect("fixture");
+        let s = compute(&gw, None, 0, None, &at(0));
+        assert_eq!(
+            s.events,
+            Some(EventsStatus {
+                subject: "backend.events.apps.chat".into(),
+                stream: Some(crate::build::events_stream("apps", "chat")),
+            })
+        );
+        assert_eq!(
+            s.control,
+            Some(ControlStatus {
+                subject: "wsrelay.control.apps.chat".into()
+            })
+        );
+        assert_eq!(
+            s.registry.map(|r| r.bucket),
+            Some(crate::build::registry_bucket("apps", "chat")),
+            "events and control keep a registry"
+        );
+        let config = relay_config(&gw.spec, "apps", "chat");
+        assert_eq!(
+            config.events.map(|e| e.subject),
+            s.events.as_ref().map(|e| e.subject.clone())
+        );
+        // Plain events have no stream.
+        gw.spec.events.as_mut().expect("events").durable = None;
+        let s = compute(&gw, None, 0, None, &at(0));
+        assert_eq!(s.events.expect("events").stream, None);
     }
 }

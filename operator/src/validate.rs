@@ -52,6 +52,13 @@ pub enum ValidateError {
         /// Each fault, `spec.<path>: <why>`.
         faults: Vec<String>,
     },
+    /// `events` or `control` the relay would refuse, judged like presence by the relay
+    /// config's own validation (the CRD's rules catch most of it at admission).
+    #[error("{}", .faults.join("; "))]
+    InvalidEvents {
+        /// Each fault, `spec.<path>: <why>`.
+        faults: Vec<String>,
+    },
 }
 
 /// The label a Secret must carry for a gateway to use it (`--secret-label key=value`).
@@ -105,6 +112,7 @@ impl ValidateError {
             Self::SecretNotUsable { .. } => "SecretNotUsable",
             Self::InvalidRule { .. } => "InvalidRule",
             Self::InvalidPresence { .. } => "InvalidPresence",
+            Self::InvalidEvents { .. } => "InvalidEvents",
         }
     }
 }
@@ -180,12 +188,25 @@ fn is_presence_field(field: &str) -> bool {
         || (field.starts_with("bindings[") && field.contains("].presence"))
 }
 
-/// Judges each binding's `presence` and the registry with the relay config's own validation
-/// of the config the spec maps to, naming each fault by its spec path. Other faults are the
-/// build stage's (`InvalidConfig`). Pure.
-fn check_presence(gw: &WebsocketGateway) -> Result<(), ValidateError> {
+/// Whether a relay config field is of the lifecycle events or the control service
+/// (`events.durable.maxAgeSeconds`, `control.subject`).
+fn is_events_field(field: &str) -> bool {
+    ["events", "control"]
+        .iter()
+        .any(|s| field == *s || field.starts_with(&format!("{s}.")))
+}
+
+/// Judges each binding's `presence`, the registry, `events` and `control` with the relay
+/// config's own validation of the config the spec maps to, naming each fault by its spec
+/// path: presence and the registry first (`InvalidPresence`), then events and control
+/// (`InvalidEvents`). Other faults are the build stage's (`InvalidConfig`). Pure.
+fn check_presence_and_events(gw: &WebsocketGateway) -> Result<(), ValidateError> {
     let spec = &gw.spec;
-    if spec.registry.is_none() && spec.bindings.iter().all(|b| b.presence.is_none()) {
+    if spec.registry.is_none()
+        && spec.events.is_none()
+        && spec.control.is_none()
+        && spec.bindings.iter().all(|b| b.presence.is_none())
+    {
         return Ok(());
     }
     let config = crate::build::relay_config(
@@ -196,17 +217,23 @@ fn check_presence(gw: &WebsocketGateway) -> Result<(), ValidateError> {
     let Err(errors) = config.validate() else {
         return Ok(());
     };
-    let faults: Vec<String> = errors
-        .0
-        .iter()
-        .filter(|e| is_presence_field(e.field()))
-        .map(|e| format!("spec.{e}"))
-        .collect();
-    if faults.is_empty() {
-        Ok(())
-    } else {
-        Err(ValidateError::InvalidPresence { faults })
+    let faults = |of: fn(&str) -> bool| -> Vec<String> {
+        errors
+            .0
+            .iter()
+            .filter(|e| of(e.field()))
+            .map(|e| format!("spec.{e}"))
+            .collect()
+    };
+    let presence = faults(is_presence_field);
+    if !presence.is_empty() {
+        return Err(ValidateError::InvalidPresence { faults: presence });
     }
+    let events = faults(is_events_field);
+    if !events.is_empty() {
+        return Err(ValidateError::InvalidEvents { faults: events });
+    }
+    Ok(())
 }
 
 /// The Secrets the relay pods mount under the secrets directory, one volume each (sorted,
@@ -316,7 +343,7 @@ pub fn validate(
     required: Option<&SecretLabel>,
 ) -> Result<(), ValidateError> {
     check_rules(gw)?;
-    check_presence(gw)?;
+    check_presence_and_events(gw)?;
     for (name, key, content) in references(gw) {
         let secret = secrets
             .get(&name)
@@ -832,5 +859,70 @@ mod tests {
         });
         let err = validate(&gw, &good(), None).expect_err("refused");
         assert_eq!(err.to_string(), "spec.registry.replicas: must be 1, 3 or 5");
+    }
+
+    fn events_gateway() -> WebsocketGateway {
+        let mut gw = gateway();
+        gw.spec.events =
+            Some(serde_json::from_value(serde_json::json!({ "durable": {} })).expect("events"));
+        gw.spec.control = Some(serde_json::from_value(serde_json::json!({})).expect("control"));
+        gw
+    }
+
+    #[test]
+    fn valid_events_and_control_pass() {
+        assert_eq!(validate(&events_gateway(), &good(), None), Ok(()));
+    }
+
+    /// What the CRD's rules refuse at admission, or what they cannot see (the subjects as
+    /// rendered with the namespace and name), the validate stage names by its spec path
+    /// with the relay's reason, as InvalidEvents.
+    #[test]
+    fn events_or_control_the_relay_would_refuse_are_named_by_their_spec_path() {
+        let refused = |gw: &WebsocketGateway| {
+            let err = validate(gw, &good(), None).expect_err("refused");
+            assert_eq!(err.category(), "InvalidEvents", "{err}");
+            err.to_string()
+        };
+        // A duplicate window shorter than two leases (the registry's default lease: 15 s).
+        let mut gw = events_gateway();
+        let mut d = gw
+            .spec
+            .events
+            .as_ref()
+            .and_then(|e| e.durable.clone())
+            .expect("durable");
+        d.duplicate_window_seconds = 10;
+        gw.spec.events.as_mut().expect("events").durable = Some(d.clone());
+        assert_eq!(
+            refused(&gw),
+            "spec.events.durable.duplicateWindowSeconds: must be at least twice registry.leaseSeconds (30) and at most maxAgeSeconds (86400)"
+        );
+        // Replicas JetStream does not have.
+        d.duplicate_window_seconds = 300;
+        d.replicas = 2;
+        gw.spec.events.as_mut().expect("events").durable = Some(d);
+        assert_eq!(
+            refused(&gw),
+            "spec.events.durable.replicas: must be 1, 3 or 5"
+        );
+        // A control subject that, rendered, is within the events subject.
+        let mut gw = events_gateway();
+        gw.spec.control.as_mut().expect("control").subject = "wsrelay.events.apps.chat".into();
+        assert_eq!(
+            refused(&gw),
+            "spec.events.subject: conflicts with control.subject: one is within the other: events would reach the control service"
+        );
+        // A subject too long once rendered (a CRD older than its maxLength let it through).
+        let mut gw = events_gateway();
+        gw.spec.control.as_mut().expect("control").subject = "c".repeat(192);
+        let err = refused(&gw);
+        assert!(
+            err.starts_with(&format!(
+                "spec.control.subject: \"{}.apps.chat\" is not a fixed NATS subject",
+                "c".repeat(192)
+            )),
+            "{err}"
+        );
     }
 }

@@ -213,6 +213,37 @@ mod tests {
         assert!(NAME_RULE_MESSAGE.contains("DNS label"));
     }
 
+    /// The subject prefixes are bounded so that, with `.<namespace>.<name>` appended, the
+    /// relay takes them; the duplicate window's rule assumes the registry's default lease
+    /// when `spec.registry` is unset.
+    #[test]
+    fn the_events_rules_agree_with_the_code() {
+        let yaml = crd_yaml();
+        let doc: serde_json::Value = serde_yaml::from_str(&yaml).expect("yaml");
+        let spec = &doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        for section in ["events", "control"] {
+            let subject = &spec["properties"][section]["properties"]["subject"];
+            assert_eq!(
+                subject["maxLength"],
+                serde_json::json!(MAX_PREFIX_SUBJECT_LEN),
+                "{section}"
+            );
+        }
+        let lease = RegistrySpec::default().lease_seconds;
+        let rules = spec["x-kubernetes-validations"]
+            .as_array()
+            .expect("rules on the spec");
+        let window = rules
+            .iter()
+            .filter_map(|r| r["rule"].as_str())
+            .find(|r| r.contains("duplicateWindowSeconds"))
+            .expect("the duplicate window's rule");
+        assert!(
+            window.ends_with(&format!("self.registry.leaseSeconds : {lease})")),
+            "{window}"
+        );
+    }
+
     #[test]
     fn conditions_are_a_list_map_keyed_by_type() {
         let yaml = crd_yaml();

@@ -85,7 +85,9 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsrelay/wsrelay:", env!("CARGO_
     validation = Rule::new("self.bindings.all(b, !has(b.history) || b.history.maxMessages <= self.limits.sendQueueLength)").message("a binding's history.maxMessages must not exceed limits.sendQueueLength: a full replay is queued to the client at once"),
     validation = Rule::new("self.bindings.all(b, !has(b.history) || b.history.maxBytes >= self.limits.maxMessageBytes)").message("a binding's history.maxBytes must be at least limits.maxMessageBytes: the stream must hold one message of the largest size"),
     validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, b.subject.contains('{claims.'))").message("a binding uses {claims.*} but auth has no jwt section, so clients carry no claims: add auth.jwt or drop the claims from the subject"),
-    validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, has(b.authorize) && has(b.authorize.token) && !has(b.authorize.token.jwt))").message("a binding's authorize.token has no jwt of its own, so subscription tokens would be verified with spec.auth.jwt's keys, and auth has no jwt section: add auth.jwt, or give the token its own jwt (a subscription token's sub must also match the connection's, which needs auth.jwt)")
+    validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, has(b.authorize) && has(b.authorize.token) && !has(b.authorize.token.jwt))").message("a binding's authorize.token has no jwt of its own, so subscription tokens would be verified with spec.auth.jwt's keys, and auth has no jwt section: add auth.jwt, or give the token its own jwt (a subscription token's sub must also match the connection's, which needs auth.jwt)"),
+    validation = Rule::new("!has(self.events) || !has(self.control) || (self.events.subject != self.control.subject && !self.events.subject.startsWith(self.control.subject + '.') && !self.control.subject.startsWith(self.events.subject + '.'))").message("events.subject and control.subject must not be one within the other (such as wsrelay and wsrelay.control): events would reach the control service"),
+    validation = Rule::new("!has(self.events) || !has(self.events.durable) || self.events.durable.duplicateWindowSeconds >= 2 * (has(self.registry) ? self.registry.leaseSeconds : 15)").message("events.durable.duplicateWindowSeconds must be at least twice registry.leaseSeconds (15 when spec.registry is unset): a relay's own Disconnected and the survivor's relay_lost for the same connection must fall in one window to be stored once")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WebsocketGatewaySpec {
@@ -153,11 +155,141 @@ pub struct WebsocketGatewaySpec {
 
     /// The connection registry: a NATS JetStream KV bucket where every relay of the gateway
     /// keeps a lease for itself and an entry per connection and per presence membership
-    /// (docs/protocol.md section 10). The relays keep one when a binding has `presence`, or
-    /// when this is set; the operator names the bucket (`status.registry.bucket`). Unset:
-    /// a binding's presence gets the defaults (a 15 s lease, 1 replica, 64 MiB).
+    /// (docs/protocol.md section 10). The relays keep one when a binding has `presence`,
+    /// when `events` or `control` is set, or when this is set; the operator names the
+    /// bucket (`status.registry.bucket`). Unset: those get the defaults (a 15 s lease, 1
+    /// replica, 64 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistrySpec>,
+
+    /// Lifecycle events for your backend: the relays publish one JSON message per
+    /// connection and subscription event on `<subject>.<namespace>.<name>.<Type>`
+    /// (`status.events.subject`), optionally kept in a JetStream stream
+    /// (docs/backend.md). Turns the connection registry on. Unset: no events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsSpec>,
+
+    /// The control service for your backend: every relay serves the NATS service
+    /// `wsrelay_control` on `<subject>.<namespace>.<name>` (`status.control.subject`), to
+    /// list a user's connections or disconnect them on every relay (docs/backend.md). Turns
+    /// the connection registry on. Unset: no control service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlSpec>,
+}
+
+/// Longest `events.subject` or `control.subject` (their schemas' maxLength): the operator
+/// appends `.<namespace>.<name>` (two DNS labels, at most 63 bytes each), and the relay
+/// takes prefixes of at most 200 bytes (room for the suffixes it appends itself).
+pub const MAX_PREFIX_SUBJECT_LEN: usize = 200 - 2 * (1 + 63);
+
+/// Lifecycle events.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsSpec {
+    /// The subject prefix, a fixed NATS subject (no wildcards, not `$...`, `_INBOX` or
+    /// `_WSRELAY`), at most 72 bytes. The relays publish on
+    /// `<subject>.<namespace>.<name>.<Type>` (a `.` in the gateway's name becomes `_`).
+    #[serde(default = "default_events_subject")]
+    #[schemars(length(min = 1, max = 72))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_-]+([.][A-Za-z0-9_-]+)*$') && self != '_INBOX' && !self.startsWith('_INBOX.') && self != '_WSRELAY' && !self.startsWith('_WSRELAY.')").message("events.subject must be a fixed NATS subject: dot-separated names of letters, digits, '-' and '_' (no wildcards or placeholders), not starting with '$', _INBOX or _WSRELAY, e.g. wsrelay.events"))]
+    pub subject: String,
+    /// The event types published. Default: all four.
+    #[serde(default = "default_event_types")]
+    #[schemars(length(min = 1, max = 4))]
+    #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u == t))").message("events.types names a type twice: list each at most once"))]
+    pub types: Vec<EventType>,
+    /// Also keep the events in a JetStream stream the relays create and update
+    /// (`status.events.stream`, subjects `<subject>.<namespace>.<name>.*`): stored at least
+    /// once, duplicates removed by message id, for backends that read them with durable
+    /// consumers. Needs NATS with JetStream. Unset: plain NATS messages, heard by whoever
+    /// is subscribed at the time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable: Option<DurableEventsSpec>,
+}
+
+fn default_events_subject() -> String {
+    "wsrelay.events".into()
+}
+fn default_event_types() -> Vec<EventType> {
+    vec![
+        EventType::Connected,
+        EventType::Subscribed,
+        EventType::Unsubscribed,
+        EventType::Disconnected,
+    ]
+}
+
+/// One kind of lifecycle event.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum EventType {
+    /// A connection was admitted (after the upgrade).
+    Connected,
+    /// A connection ended, for whatever reason (its relay's death included).
+    Disconnected,
+    /// A subscription was confirmed.
+    Subscribed,
+    /// A subscription ended while its connection stayed.
+    Unsubscribed,
+}
+
+/// The JetStream stream that keeps the events.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.replicas in [1, 3, 5]").message("events.durable.replicas must be 1, 3 or 5 (JetStream stream replicas)"),
+    validation = Rule::new("self.duplicateWindowSeconds <= self.maxAgeSeconds").message("events.durable.duplicateWindowSeconds must not exceed events.durable.maxAgeSeconds: JetStream refuses a duplicate window longer than the stream keeps its messages")
+)]
+pub struct DurableEventsSpec {
+    /// How long an event is kept, in seconds (up to a year). Default 86400 (a day).
+    #[serde(default = "default_events_max_age")]
+    #[schemars(range(min = 60, max = 31_536_000))]
+    pub max_age_seconds: i32,
+    /// Copies of the stream in a NATS cluster (1, 3 or 5).
+    #[serde(default = "default_events_replicas")]
+    pub replicas: i32,
+    /// Bytes the stream keeps; beyond it the oldest events go first. JetStream reserves it
+    /// on the NATS servers (times `replicas`). Default 268435456 (256 MiB).
+    #[serde(default = "default_events_bytes")]
+    #[schemars(range(min = 1_048_576, max = 1_099_511_627_776_i64))]
+    pub max_bytes: i64,
+    /// The stream's duplicate window, in seconds: an event published twice within it (a
+    /// relay that said `Disconnected` and died before removing the connection's registry
+    /// entry, and the survivor that says it again) is stored once. At least twice
+    /// `registry.leaseSeconds`, at most `maxAgeSeconds`. Default 300.
+    #[serde(default = "default_events_duplicate_window")]
+    #[schemars(range(min = 1, max = 31_536_000))]
+    pub duplicate_window_seconds: i32,
+}
+
+fn default_events_max_age() -> i32 {
+    86_400
+}
+fn default_events_replicas() -> i32 {
+    1
+}
+fn default_events_bytes() -> i64 {
+    268_435_456
+}
+fn default_events_duplicate_window() -> i32 {
+    300
+}
+
+/// The control service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlSpec {
+    /// The subject prefix, a fixed NATS subject (no wildcards, not `$...`, `_INBOX` or
+    /// `_WSRELAY`), at most 72 bytes. The endpoints are on
+    /// `<subject>.<namespace>.<name>.<endpoint>` (a `.` in the gateway's name becomes `_`).
+    /// Whoever may publish there may disconnect any user of the gateway.
+    #[serde(default = "default_control_subject")]
+    #[schemars(length(min = 1, max = 72))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_-]+([.][A-Za-z0-9_-]+)*$') && self != '_INBOX' && !self.startsWith('_INBOX.') && self != '_WSRELAY' && !self.startsWith('_WSRELAY.')").message("control.subject must be a fixed NATS subject: dot-separated names of letters, digits, '-' and '_' (no wildcards or placeholders), not starting with '$', _INBOX or _WSRELAY, e.g. wsrelay.control"))]
+    pub subject: String,
+}
+
+fn default_control_subject() -> String {
+    "wsrelay.control".into()
 }
 
 /// The connection registry's bucket and leases.

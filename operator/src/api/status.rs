@@ -50,9 +50,17 @@ pub struct WebsocketGatewayStatus {
     pub selector: Option<String>,
 
     /// The connection registry the relays keep, when they keep one (a binding has
-    /// `presence`, or `spec.registry` is set).
+    /// `presence`, or `spec.events`, `spec.control` or `spec.registry` is set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryStatus>,
+
+    /// Where the relays publish lifecycle events, when `spec.events` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsStatus>,
+
+    /// Where the relays serve the control service, when `spec.control` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlStatus>,
 }
 
 /// Where the gateway's connection registry is.
@@ -62,4 +70,25 @@ pub struct RegistryStatus {
     /// The JetStream KV bucket (its stream is `KV_<bucket>`): what backends read presence
     /// from with plain NATS (`nats kv ls <bucket>`; keys `pres.<channel>.<relay>.<conn>`).
     pub bucket: String,
+}
+
+/// Where a gateway's lifecycle events go.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsStatus {
+    /// The subject prefix with the gateway's namespace and name: events are published on
+    /// `<subject>.<Type>` (`nats sub '<subject>.*'`).
+    pub subject: String,
+    /// The JetStream stream that keeps them, with `spec.events.durable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+}
+
+/// Where a gateway's control service is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlStatus {
+    /// The subject prefix with the gateway's namespace and name: the endpoints are
+    /// `<subject>.disconnect` and `<subject>.connections` (`wsrelay ctl --subject <subject>`).
+    pub subject: String,
 }

@@ -8,8 +8,8 @@ use wsrelay_config as relay;
 
 use super::{ADMIN_PORT, CLIENT_PORT, WS_PATH};
 use crate::api::{
-    AuthorizeSpec, BackendRequestSpec, Direction, JwtAlgorithm, JwtSpec, OnTimeout, PresenceSpec,
-    SecretKeyRef, SlowConsumerPolicy, TokenLocation, WebsocketGatewaySpec,
+    AuthorizeSpec, BackendRequestSpec, Direction, EventType, JwtAlgorithm, JwtSpec, OnTimeout,
+    PresenceSpec, SecretKeyRef, SlowConsumerPolicy, TokenLocation, WebsocketGatewaySpec,
 };
 
 /// The ConfigMap key holding the relay config.
@@ -172,9 +172,28 @@ const MAX_BUCKET_LEN: usize = 61;
 /// hash is of `namespace/name`, so names whose other characters map alike still differ), at
 /// most 61 characters of `[A-Za-z0-9_-]`. Pure.
 pub fn registry_bucket(namespace: &str, name: &str) -> String {
-    let digest = Sha256::digest(format!("{namespace}/{name}/registry").as_bytes());
+    gateway_scoped_name(namespace, name, "reg", "registry", MAX_BUCKET_LEN)
+}
+
+/// Longest JetStream stream name.
+const MAX_STREAM_LEN: usize = 64;
+
+/// The JetStream stream that keeps a gateway's lifecycle events (`events.durable`): named
+/// like its registry bucket (`wsrelay_<namespace>_<name>_ev_<hash>`), unique per gateway, at
+/// most 64 characters of `[A-Za-z0-9_-]`, never one of its history streams' names (those
+/// have no `_ev_`, as a namespace and a gateway name hold no `_`) nor its bucket's stream
+/// (`KV_...`). Pure.
+pub fn events_stream(namespace: &str, name: &str) -> String {
+    gateway_scoped_name(namespace, name, "ev", "events", MAX_STREAM_LEN)
+}
+
+/// `wsrelay_<namespace>_<name>_<kind>_<hash8>`, or `wsrelay_<kind>_<hash24>` when that is
+/// longer than `max`; the hash is of `<namespace>/<name>/<what>`, so gateways whose names
+/// map alike still differ. Pure.
+fn gateway_scoped_name(namespace: &str, name: &str, kind: &str, what: &str, max: usize) -> String {
+    let digest = Sha256::digest(format!("{namespace}/{name}/{what}").as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    // A gateway's name may hold '.', which a bucket name may not.
+    // A gateway's name may hold '.' (an older CRD allowed it), which a JetStream name may not.
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -187,26 +206,77 @@ pub fn registry_bucket(namespace: &str, name: &str) -> String {
             .collect()
     };
     let full = format!(
-        "wsrelay_{}_{}_reg_{}",
+        "wsrelay_{}_{}_{kind}_{}",
         clean(namespace),
         clean(name),
         &hex[..8]
     );
-    if full.len() <= MAX_BUCKET_LEN {
+    if full.len() <= max {
         full
     } else {
-        format!("wsrelay_reg_{}", &hex[..24])
+        format!("wsrelay_{kind}_{}", &hex[..24])
     }
 }
 
-/// The relay config's `registry`: present when a binding has presence or `spec.registry`
-/// is set, in the bucket [`registry_bucket`] names. Pure.
+/// A gateway's subject under a prefix the spec names (`events.subject`, `control.subject`):
+/// `<prefix>.<namespace>.<name>`, a `.` in the name becoming `_` so that the name stays one
+/// token (a namespace holds none). Pure.
+pub fn gateway_subject(prefix: &str, namespace: &str, name: &str) -> String {
+    format!("{prefix}.{namespace}.{}", name.replace('.', "_"))
+}
+
+/// The relay config's `events`, when the spec has them: the subject under the gateway's
+/// namespace and name, the stream [`events_stream`] names. Pure.
+pub fn relay_events(
+    spec: &WebsocketGatewaySpec,
+    namespace: &str,
+    name: &str,
+) -> Option<relay::Events> {
+    let e = spec.events.as_ref()?;
+    Some(relay::Events {
+        subject: gateway_subject(&e.subject, namespace, name),
+        types: e
+            .types
+            .iter()
+            .map(|t| match t {
+                EventType::Connected => relay::EventType::Connected,
+                EventType::Disconnected => relay::EventType::Disconnected,
+                EventType::Subscribed => relay::EventType::Subscribed,
+                EventType::Unsubscribed => relay::EventType::Unsubscribed,
+            })
+            .collect(),
+        durable: e.durable.as_ref().map(|d| relay::DurableEvents {
+            stream: events_stream(namespace, name),
+            max_age_seconds: u64_of(d.max_age_seconds),
+            replicas: u8::try_from(d.replicas).unwrap_or(1),
+            max_bytes: u64_of_i64(d.max_bytes),
+            duplicate_window_seconds: u64_of(d.duplicate_window_seconds),
+        }),
+    })
+}
+
+/// The relay config's `control`, when the spec has it. Pure.
+pub fn relay_control(
+    spec: &WebsocketGatewaySpec,
+    namespace: &str,
+    name: &str,
+) -> Option<relay::Control> {
+    spec.control.as_ref().map(|c| relay::Control {
+        subject: gateway_subject(&c.subject, namespace, name),
+    })
+}
+
+/// The relay config's `registry`: present when a binding has presence, `spec.events` or
+/// `spec.control` is set (both need it), or `spec.registry` is set; in the bucket
+/// [`registry_bucket`] names. Pure.
 pub fn relay_registry(
     spec: &WebsocketGatewaySpec,
     namespace: &str,
     name: &str,
 ) -> Option<relay::Registry> {
-    let needed = spec.bindings.iter().any(|b| b.presence.is_some());
+    let needed = spec.bindings.iter().any(|b| b.presence.is_some())
+        || spec.events.is_some()
+        || spec.control.is_some();
     if !needed && spec.registry.is_none() {
         return None;
     }
@@ -434,6 +504,8 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             ),
         },
         registry: relay_registry(spec, namespace, name),
+        events: relay_events(spec, namespace, name),
+        control: relay_control(spec, namespace, name),
     }
 }
 
@@ -1117,6 +1189,200 @@ mod tests {
             relay_config(&s, "ns", "gw")
                 .validate()
                 .unwrap_or_else(|e| panic!("{lease} {replicas} {bytes} {members} {grace}: {e}"));
+        }
+    }
+
+    fn events_fixture() -> WebsocketGatewaySpec {
+        spec(include_str!("../../tests/fixtures/events.yaml"))
+    }
+
+    /// `events` and `control` reach the relay config as written, their subjects under the
+    /// gateway's namespace and name, the stream the operator names, the registry turned on
+    /// with its defaults; the relay accepts the result and reads the rendered file back.
+    #[test]
+    fn events_and_control_reach_the_relay_config_and_the_relay_accepts_it() {
+        let config = relay_config(&events_fixture(), "apps", "chat");
+        config.validate().expect("the relay accepts the config");
+        assert_eq!(
+            config.events,
+            Some(relay::Events {
+                subject: "backend.events.apps.chat".into(),
+                types: vec![relay::EventType::Connected, relay::EventType::Disconnected],
+                durable: Some(relay::DurableEvents {
+                    stream: events_stream("apps", "chat"),
+                    max_age_seconds: 3600,
+                    replicas: 3,
+                    max_bytes: 64 << 20,
+                    duplicate_window_seconds: 120,
+                }),
+            })
+        );
+        assert_eq!(
+            config.control,
+            Some(relay::Control {
+                subject: "wsrelay.control.apps.chat".into()
+            })
+        );
+        let registry: relay::Registry = serde_json::from_value(
+            serde_json::json!({ "bucket": registry_bucket("apps", "chat") }),
+        )
+        .expect("relay defaults");
+        assert_eq!(config.registry, Some(registry), "the registry, defaulted");
+        let back: relay::Config =
+            serde_json::from_str(&render_config(&config).expect("renders")).expect("reads back");
+        assert_eq!(back, config);
+        // A gateway without them renders neither.
+        let plain = relay_config(&minimal(), "ns", "gw");
+        assert_eq!((plain.events, plain.control), (None, None));
+    }
+
+    /// Either section alone turns the registry on (the relay refuses them without one), and
+    /// the relay accepts the result.
+    #[test]
+    fn events_or_control_alone_turn_the_registry_on() {
+        let mut with_events = minimal();
+        with_events.events = Some(serde_json::from_value(serde_json::json!({})).expect("events"));
+        let mut with_control = minimal();
+        with_control.control =
+            Some(serde_json::from_value(serde_json::json!({})).expect("control"));
+        for s in [with_events, with_control] {
+            let config = relay_config(&s, "markets", "ticker");
+            config.validate().expect("the relay accepts the config");
+            assert_eq!(
+                config.registry.map(|r| r.bucket),
+                Some(registry_bucket("markets", "ticker"))
+            );
+            assert_eq!(
+                relay_registry(&s, "markets", "ticker").map(|r| r.bucket),
+                Some(registry_bucket("markets", "ticker")),
+                "what the status and the forget path read"
+            );
+        }
+    }
+
+    /// Sections that name nothing mean the same to the CRD and to the relay: the defaults
+    /// (every type; a day, one replica, 256 MiB, 300 s) are the relay's own.
+    #[test]
+    fn the_crd_defaults_of_events_are_the_relays() {
+        let mut s = minimal();
+        s.events =
+            Some(serde_json::from_value(serde_json::json!({ "durable": {} })).expect("events"));
+        let mapped = relay_events(&s, "ns", "gw").expect("events");
+        let relay: relay::Events = serde_json::from_value(serde_json::json!({
+            "subject": "wsrelay.events.ns.gw",
+            "durable": { "stream": events_stream("ns", "gw") },
+        }))
+        .expect("relay");
+        assert_eq!(mapped, relay);
+        s.control = Some(serde_json::from_value(serde_json::json!({})).expect("control"));
+        assert_eq!(
+            relay_control(&s, "ns", "gw").map(|c| c.subject).as_deref(),
+            Some("wsrelay.control.ns.gw")
+        );
+    }
+
+    #[test]
+    fn gateway_subjects_carry_the_namespace_and_the_name_with_dots_as_underscores() {
+        assert_eq!(
+            gateway_subject("wsrelay.events", "apps", "chat"),
+            "wsrelay.events.apps.chat"
+        );
+        // A name from an older CRD may hold '.', which would make it two tokens.
+        assert_eq!(
+            gateway_subject("wsrelay.control", "apps", "chat.v2"),
+            "wsrelay.control.apps.chat_v2"
+        );
+        // The longest prefix the CRD admits, with the longest namespace and name, is a
+        // subject the relay takes.
+        let mut s = minimal();
+        let prefix = format!(
+            "p{}",
+            ".p".repeat((crate::api::MAX_PREFIX_SUBJECT_LEN - 1) / 2)
+        );
+        assert_eq!(prefix.len(), crate::api::MAX_PREFIX_SUBJECT_LEN - 1);
+        let prefix = format!("{prefix}x");
+        s.events =
+            Some(serde_json::from_value(serde_json::json!({ "subject": prefix })).expect("events"));
+        s.control = Some(
+            serde_json::from_value(serde_json::json!({ "subject": format!("{}c", &prefix[..71]) }))
+                .expect("control"),
+        );
+        let (ns, name) = ("n".repeat(63), "g".repeat(63));
+        let config = relay_config(&s, &ns, &name);
+        assert_eq!(config.events.as_ref().expect("events").subject.len(), 200);
+        config
+            .validate()
+            .expect("the relay accepts the longest subjects");
+    }
+
+    #[test]
+    fn events_streams_are_named_after_the_gateway_uniquely_within_64_characters() {
+        let a = events_stream("apps", "chat");
+        assert!(a.starts_with("wsrelay_apps_chat_ev_"), "{a}");
+        assert_eq!(a, events_stream("apps", "chat"), "stable");
+        assert_ne!(a, events_stream("apps", "chat2"));
+        assert_ne!(a, events_stream("apps2", "chat"));
+        let dotted = events_stream("apps", "chat.eu");
+        assert_ne!(dotted, events_stream("apps", "chat-eu"));
+        let long = events_stream(&"n".repeat(63), &"g".repeat(253));
+        assert_ne!(long, events_stream(&"n".repeat(63), &"h".repeat(253)));
+        for (ns, name) in [("apps", "chat"), ("apps", "chat.eu")] {
+            // Neither the gateway's history streams nor its registry bucket's stream.
+            assert_ne!(
+                events_stream(ns, name),
+                history_stream(ns, name, "chat.rooms.*")
+            );
+            assert_ne!(
+                events_stream(ns, name),
+                format!("KV_{}", registry_bucket(ns, name))
+            );
+        }
+        for name in [a, dotted, long] {
+            assert!(name.len() <= 64, "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                "{name}"
+            );
+        }
+        // The relay accepts the longest, beside the history and registry of the fixture.
+        let mut config = relay_config(&events_fixture(), "ns", "gw");
+        let durable = config
+            .events
+            .as_mut()
+            .and_then(|e| e.durable.as_mut())
+            .expect("durable");
+        durable.stream = events_stream(&"n".repeat(63), &"g".repeat(253));
+        config.validate().expect("valid");
+    }
+
+    /// The ends of the ranges the CRD admits for a durable stream pass the relay's
+    /// validation (with the registry lease the duplicate window must be twice of).
+    #[test]
+    fn the_events_extremes_the_crd_admits_pass_the_relays_validation() {
+        let mut s = events_fixture();
+        for (lease, age, replicas, bytes, window) in [
+            (3, 60, 1, 1_048_576_i64, 6),
+            (3600, 31_536_000, 5, 1_099_511_627_776, 31_536_000),
+        ] {
+            s.registry = Some(crate::api::RegistrySpec {
+                lease_seconds: lease,
+                ..Default::default()
+            });
+            let d = s
+                .events
+                .as_mut()
+                .and_then(|e| e.durable.as_mut())
+                .expect("durable");
+            (
+                d.max_age_seconds,
+                d.replicas,
+                d.max_bytes,
+                d.duplicate_window_seconds,
+            ) = (age, replicas, bytes, window);
+            relay_config(&s, "ns", "gw")
+                .validate()
+                .unwrap_or_else(|e| panic!("{lease} {age} {replicas} {bytes} {window}: {e}"));
         }
     }
 }

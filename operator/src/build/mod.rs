@@ -22,8 +22,8 @@ use kube::core::Resource;
 use crate::api::WebsocketGateway;
 
 pub use config::{
-    CONFIG_FILE, CONFIG_KEY, config_hash, registry_bucket, relay_config, relay_registry,
-    render_config, secret_path,
+    CONFIG_FILE, CONFIG_KEY, config_hash, events_stream, gateway_subject, registry_bucket,
+    relay_config, relay_control, relay_events, relay_registry, render_config, secret_path,
 };
 pub use scaling::{CONNECTIONS_METRIC, HANDOVER_MANAGER, applies_replicas, replicas_handover};
 
