@@ -12,6 +12,11 @@
 //! (c) the operator stopped, then the busiest relay killed and its pod force-deleted (a new pod
 //!     with a new name replaces it, so nothing restarts under the old name and nobody
 //!     forgets it): the survivors purge it when its lease expires; the same bound.
+//! (d) lifecycle events and the control service (issue 27), on the same gateway: through all
+//!     of the above, every connection's `Connected` in the events stream has exactly one
+//!     `Disconnected` (a drain's, or `relay_lost` for the killed relays'), but the connections
+//!     still open, which have none; then a `disconnect` of one user through the control
+//!     service reaches its connection, closes it with 4101, and says so in its `Disconnected`.
 //!
 //! The operator runs in this process (the current code, scoped to the test's namespace); the
 //! relays are the node's imported image (`make images`, node-up.sh). It needs the local node
@@ -28,6 +33,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
+use wsrelay::runtime::control::{Selector, Verb, ask};
 use wsrelay_e2e::gateway::{self, hs256_token};
 use wsrelay_e2e::operator::{Operator, install_crd};
 use wsrelay_e2e::presence::{self, Kind, Member};
@@ -60,6 +66,7 @@ async fn presence_survives_a_rollout_and_leaves_with_killed_relays() -> Result<(
     // leaves it): the buckets of this test's earlier runs, a crashed one's included, go first,
     // and this run's at the end; JetStream reserves each one's maxBytes.
     delete_buckets("KV_wsrelay_presence-").await;
+    delete_buckets("wsrelay_presence-").await;
     with_namespace("presence", |client, ns| async move {
         install_crd(&client).await?;
         let mut operator = Some(Operator::start(client.clone(), &ns, None));
@@ -73,6 +80,7 @@ async fn presence_survives_a_rollout_and_leaves_with_killed_relays() -> Result<(
         };
         eprintln!("operator stopped: {stopped:?}; deleting the bucket");
         delete_buckets(&format!("KV_wsrelay_{ns}_")).await;
+        delete_buckets(&format!("wsrelay_{ns}_")).await;
         eprintln!("bucket deleted");
         outcome?;
         stopped
@@ -218,10 +226,156 @@ async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) ->
     *operator = Some(Operator::start(client.clone(), ns, None));
     outcome?;
     eprintln!("(c) the operator was down throughout: the leaves came by lease expiry");
+    gateway::wait_endpoints_ready(client, ns, GATEWAY, REPLICAS as usize).await?;
+
+    // --- (d) lifecycle events and the control service ---
+    let status = serde_json::to_value(
+        Api::<WebsocketGateway>::namespaced(client.clone(), ns)
+            .get(GATEWAY)
+            .await?,
+    )?;
+    let stream = status["status"]["events"]["stream"]
+        .as_str()
+        .context("status.events.stream")?
+        .to_owned();
+    let control = status["status"]["control"]["subject"]
+        .as_str()
+        .context("status.control.subject")?
+        .to_owned();
+    let open = || {
+        members
+            .iter()
+            .filter(|m| m.state.gone_at().is_none())
+            .count()
+    };
+    let tally = events_invariant("(d) after (a), (b) and (c)", &stream, open()).await?;
+    ensure!(
+        tally.lost > 0,
+        "(d) no relay_lost Disconnected, though relays were killed"
+    );
+
+    let m = members
+        .iter()
+        .find(|m| m.state.gone_at().is_none())
+        .context("(d) no member left to disconnect")?;
+    let url = wsrelay_e2e::nats_url()?;
+    let mut selector = Selector {
+        sub: Some(m.key.clone()),
+        ..Selector::default()
+    };
+    selector.reconnect = Some(false);
+    let asked = Instant::now();
+    let reply = ask(&url, None, &control, Verb::Disconnect, &selector)
+        .await
+        .context("(d) the control service's disconnect")?;
+    let answered = asked.elapsed();
+    let reply: serde_json::Value = serde_json::from_str(&reply)?;
+    ensure!(
+        reply == json!({"reached": 1, "relays": REPLICAS, "expected": REPLICAS}),
+        "(d) disconnect {}: {reply}",
+        m.key
+    );
+    eventually(
+        "(d) the disconnected member's connection closed",
+        || async { Ok(m.state.gone_at().map(|_| ())) },
+    )
+    .await?;
+    let closed = m
+        .state
+        .gone_at()
+        .context("gone")?
+        .saturating_duration_since(asked);
+    eprintln!(
+        "(d) disconnect of {}: answered by {REPLICAS} relays in {} ms, its connection closed {} ms after the command",
+        m.key,
+        answered.as_millis(),
+        closed.as_millis()
+    );
+    let tally = events_invariant("(d) after the disconnect", &stream, open()).await?;
+    ensure!(
+        tally.kicked == 1,
+        "(d) {} Disconnected events with reason disconnect and code 4101, not 1",
+        tally.kicked
+    );
     // The operator back: its first reconcile (it waits up to 10 s for its caches) done
     // before the test stops it again.
     tokio::time::sleep(Duration::from_secs(15)).await;
     Ok(())
+}
+
+/// What the events stream holds, per type and reason.
+#[derive(Debug, Default)]
+struct Tally {
+    connected: usize,
+    disconnected: usize,
+    lost: usize,
+    kicked: usize,
+}
+
+/// Waits until the events stream holds, for every connection, one `Connected` and one
+/// `Disconnected` but for `open` connections, which have only the first; fails on a second
+/// event of a type for a connection, or a `Disconnected` without its `Connected`.
+async fn events_invariant(case: &str, stream: &str, open: usize) -> Result<Tally> {
+    let js = async_nats::jetstream::new(async_nats::connect(wsrelay_e2e::nats_url()?).await?);
+    let mut s = js.get_stream(stream).await.context("the events stream")?;
+    let deadline = Instant::now() + LEAVE_BOUND + Duration::from_secs(30);
+    loop {
+        let state = s.info().await?.state.clone();
+        let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        let mut t = Tally::default();
+        for seq in state.first_sequence..=state.last_sequence {
+            let Ok(m) = s.get_raw_message(seq).await else {
+                continue;
+            };
+            let e: serde_json::Value = serde_json::from_slice(&m.payload)?;
+            let id = e["connection"].as_str().unwrap_or_default().to_owned();
+            let slot = per.entry(id).or_default();
+            match e["type"].as_str() {
+                Some("Connected") => {
+                    t.connected += 1;
+                    slot.0 += 1;
+                }
+                Some("Disconnected") => {
+                    t.disconnected += 1;
+                    slot.1 += 1;
+                    t.lost += usize::from(e["reason"] == "relay_lost");
+                    t.kicked += usize::from(e["reason"] == "disconnect" && e["closeCode"] == 4101);
+                }
+                _ => {}
+            }
+        }
+        let twice: Vec<&String> = per
+            .iter()
+            .filter(|(_, (c, d))| *c > 1 || *d > 1)
+            .map(|(k, _)| k)
+            .collect();
+        let orphans: Vec<&String> = per
+            .iter()
+            .filter(|(_, (c, d))| *c == 0 && *d > 0)
+            .map(|(k, _)| k)
+            .collect();
+        ensure!(
+            twice.is_empty(),
+            "{case}: connections with an event twice: {twice:?}"
+        );
+        ensure!(
+            orphans.is_empty(),
+            "{case}: Disconnected without Connected: {orphans:?}"
+        );
+        let unanswered = t.connected - t.disconnected;
+        if unanswered == open || Instant::now() > deadline {
+            eprintln!(
+                "{case}: {} Connected, {} Disconnected ({} relay_lost), {unanswered} open, {open} members connected",
+                t.connected, t.disconnected, t.lost
+            );
+            ensure!(
+                unanswered == open,
+                "{case}: {unanswered} connections without Disconnected, but {open} open"
+            );
+            return Ok(t);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// After a kill at `killed`: the members whose connection ended are gone; every other member
@@ -433,6 +587,11 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
                 }
             }],
             "registry": { "leaseSeconds": LEASE_SECONDS, "maxBytes": 8 << 20 },
+            "events": {
+                "types": ["Connected", "Disconnected"],
+                "durable": { "maxAgeSeconds": 3600, "maxBytes": 64 << 20 }
+            },
+            "control": {},
             "limits": { "maxConnections": 2000 },
             "drain": { "gracePeriodSeconds": 5 },
             "service": { "type": gateway::service_type(), "port": 80 },
