@@ -88,6 +88,31 @@ enum CtlCommand {
         #[command(flatten)]
         whom: Whom,
     },
+    /// Revoke one token by its `jti`: its connections close with 4409, and it is refused at
+    /// every handshake and refresh until --until.
+    Revoke {
+        /// The token's `jti`.
+        #[arg(long)]
+        jti: String,
+        /// When the token expires (Unix seconds): the revocation holds until then.
+        #[arg(long)]
+        until: u64,
+    },
+    /// Revoke every token of a `sub` issued before a time (their `iat`).
+    Invalidate {
+        /// The tokens' `sub`.
+        #[arg(long)]
+        sub: String,
+        /// And their `iss`.
+        #[arg(long)]
+        iss: Option<String>,
+        /// Tokens issued before this (Unix seconds; default: now).
+        #[arg(long)]
+        issued_before: Option<u64>,
+        /// Until when it holds (Unix seconds; default: a day from now).
+        #[arg(long)]
+        until: Option<u64>,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -131,17 +156,46 @@ fn report(e: &LoadError) {
 /// `wsrelay ctl`: one request to the control service, its reply on stdout.
 fn ctl(nats: &str, creds: Option<PathBuf>, subject: &str, command: CtlCommand) -> ExitCode {
     use wsrelay::runtime::control::{Selector, Verb, ask};
-    let (verb, whom, reconnect) = match command {
-        CtlCommand::Disconnect { whom, no_reconnect } => {
-            (Verb::Disconnect, whom, no_reconnect.then_some(false))
-        }
-        CtlCommand::Connections { whom } => (Verb::Connections, whom, None),
+    let whom = |w: Whom| Selector {
+        sub: w.sub,
+        iss: w.iss,
+        connection: w.connection,
+        ..Selector::default()
     };
-    let selector = Selector {
-        sub: whom.sub,
-        iss: whom.iss,
-        connection: whom.connection,
-        reconnect,
+    let (verb, selector) = match command {
+        CtlCommand::Disconnect { whom: w, no_reconnect } => (
+            Verb::Disconnect,
+            Selector {
+                reconnect: no_reconnect.then_some(false),
+                ..whom(w)
+            },
+        ),
+        CtlCommand::Connections { whom: w } => (Verb::Connections, whom(w)),
+        CtlCommand::Revoke { jti, until } => (
+            Verb::Revoke,
+            Selector {
+                jti: Some(jti),
+                until: Some(until),
+                ..Selector::default()
+            },
+        ),
+        CtlCommand::Invalidate {
+            sub,
+            iss,
+            issued_before,
+            until,
+        } => (
+            Verb::Invalidate,
+            Selector {
+                sub: Some(sub),
+                iss,
+                issued_before: Some(
+                    issued_before.unwrap_or_else(wsrelay::clock::now_secs),
+                ),
+                until,
+                ..Selector::default()
+            },
+        ),
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -104,6 +104,7 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "handshake_timeout",
     "connect_denied",
     "connect_unavailable",
+    "revoked",
 ];
 /// `reason` values of `wsrelay_connections_closed_total` (`crate::conn::close::End::label`:
 /// every cause, and the writer's `write_error`, `write_timeout`, `other`).
@@ -119,6 +120,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "flood",
     "internal_error",
     "disconnect",
+    "revoked",
     "other",
 ];
 /// `reason` values of `wsrelay_messages_dropped_total`.
@@ -151,7 +153,7 @@ pub struct Command {
 }
 
 /// `command` values of `wsrelay_control_commands_total`.
-pub const CONTROL_COMMANDS: &[&str] = &["disconnect", "connections"];
+pub const CONTROL_COMMANDS: &[&str] = &["disconnect", "connections", "revoke", "invalidate"];
 /// `outcome` values of `wsrelay_control_commands_total`.
 pub const CONTROL_OUTCOMES: &[&str] = &["ok", "invalid", "partial", "error"];
 
@@ -249,6 +251,9 @@ pub struct Metrics {
     pub registry_ready: Gauge,
     /// `wsrelay_registry_keys_written_total`: registry keys written (lease, connections).
     pub registry_keys_written: Counter,
+    /// `wsrelay_revocations`: revocations this relay holds (control service `revoke`,
+    /// `invalidate`; until the registry's TTL removes them).
+    pub revocations: Gauge,
     /// `wsrelay_registry_live_relays`: relays of the gateway whose lease this relay's watch
     /// sees live (the control service waits for as many answers).
     pub registry_live_relays: Gauge,
@@ -353,6 +358,7 @@ impl Metrics {
             presence_unavailable: Counter::default(),
             events_published: Family::default(),
             registry_live_relays: Gauge::default(),
+            revocations: Gauge::default(),
             events_failed: Family::default(),
             control_commands: Family::default(),
             control_applied: Family::default(),
@@ -592,6 +598,11 @@ impl Metrics {
             "registry_live_relays",
             "Relays of the gateway whose registry lease this relay sees live",
             m.registry_live_relays.clone(),
+        );
+        r.register(
+            "revocations",
+            "Token revocations this relay holds (until they expire)",
+            m.revocations.clone(),
         );
         r.register(
             "events_published",

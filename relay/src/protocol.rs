@@ -411,6 +411,8 @@ pub mod close {
     pub const DISCONNECT: u16 = 4100;
     /// Disconnected by the backend, for good: the client must not reconnect on its own.
     pub const DISCONNECT_FINAL: u16 = 4101;
+    /// The backend revoked the connection's token: do not reconnect with it.
+    pub const REVOKED: u16 = 4409;
     /// A request refused after the upgrade (`auth.refuseAfterUpgrade`): no token, or an
     /// invalid one (HTTP 401 otherwise).
     pub const REFUSED_UNAUTHORIZED: u16 = 4401;

@@ -89,6 +89,11 @@ pub struct Relay {
     pub registry: Option<Arc<Registry>>,
     /// Presence's watchers, with the registry.
     pub presence: Option<Arc<Presences>>,
+    /// The tokens the backend revoked (kept by `runtime::revocations`).
+    pub revoked: crate::access::revoked::Revoked,
+    /// Whether the revocations present at the start were read (`/ready` waits for it when
+    /// the config has `control`).
+    pub revocations_read: AtomicBool,
     /// The lifecycle events' stream, when the config at start has durable events.
     pub events_stream: Option<async_nats::jetstream::stream::Config>,
     conns: Mutex<HashMap<ConnId, Arc<Conn>>>,
@@ -123,6 +128,8 @@ impl Relay {
             name,
             registry: None,
             presence: None,
+            revoked: crate::access::revoked::Revoked::default(),
+            revocations_read: AtomicBool::new(false),
             events_stream: live
                 .config
                 .events

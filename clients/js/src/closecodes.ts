@@ -42,6 +42,8 @@ export function closePolicy(code: number): ClosePolicy {
       return { ...retry, newToken: true };
     case 4101: // disconnected by the backend, for good: never back by itself
       return { ...retry, reconnect: false };
+    case 4409: // the backend revoked the token: never back by itself (the app signs in again)
+      return { ...retry, reconnect: false, newToken: true };
     case 4029: // publish flood: back off harder (first delay 0.5-8 s instead of 0.5-1 s)
       return { ...retry, minAttempt: 3 };
     case 4401: // handshake refused: token missing or invalid

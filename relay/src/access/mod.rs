@@ -7,6 +7,7 @@
 //! (docs/protocol.md section 3). The connect step is [`ask`] alone, before the upgrade.
 
 pub mod ask;
+pub mod revoked;
 pub mod rule;
 pub mod token;
 

@@ -61,6 +61,9 @@ pub enum Cause {
     /// The backend's `disconnect` with `reconnect: false`: 4101 after the queue; the client
     /// must not reconnect on its own.
     DisconnectFinal,
+    /// The backend revoked the connection's token (control service `revoke`, `invalidate`):
+    /// 4409 after the queue; the client must not reconnect with that token.
+    Revoked,
 }
 
 /// One row of the table: close code, close reason, queue written first, metric label.
@@ -84,6 +87,7 @@ impl Cause {
             Self::Drain => Row(close::RESTART, "service restart", true, "drain"),
             Self::Internal => Row(close::INTERNAL, "internal error", false, "internal_error"),
             Self::Disconnect => Row(close::DISCONNECT, "disconnected", true, "disconnect"),
+            Self::Revoked => Row(close::REVOKED, "token revoked", true, "revoked"),
             Self::DisconnectFinal => Row(
                 close::DISCONNECT_FINAL,
                 "disconnected, do not reconnect",
@@ -163,6 +167,7 @@ mod tests {
             Cause::Internal,
             Cause::Disconnect,
             Cause::DisconnectFinal,
+            Cause::Revoked,
         ];
         let ends = causes.iter().map(|c| End::Closed(*c)).chain([
             End::WriteError,

@@ -76,6 +76,9 @@ pub enum Refusal {
     /// The connect step's backend did not decide (timeout, no responders, NATS down).
     #[error("the connect step's backend is unavailable")]
     ConnectUnavailable,
+    /// The backend revoked the token (control service `revoke`, `invalidate`).
+    #[error("the token was revoked")]
+    Revoked,
 }
 
 impl Refusal {
@@ -87,6 +90,7 @@ impl Refusal {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::ConnectDenied => StatusCode::FORBIDDEN,
+            Self::Revoked => StatusCode::UNAUTHORIZED,
             Self::PerIp(_) | Self::PerSubject => StatusCode::TOO_MANY_REQUESTS,
             Self::Auth(e) => e.status(),
         }
@@ -104,6 +108,7 @@ impl Refusal {
             Self::Subprotocol => "subprotocol",
             Self::ConnectDenied => "connect_denied",
             Self::ConnectUnavailable => "connect_unavailable",
+            Self::Revoked => "revoked",
         }
     }
 
@@ -145,6 +150,7 @@ impl Refusal {
             "per_subject" => "too many connections for this token subject",
             "connect_denied" => "denied by backend",
             "connect_unavailable" => "authorization backend unavailable, retry later",
+            "revoked" => "token revoked",
             _ => "refused",
         }
     }
@@ -222,6 +228,13 @@ pub async fn admit(
         .authenticate(req.headers, req.query)
         .await
         .inspect_err(|e| tracing::debug!(error = %e, "refused before the connection opened"))?;
+    if identity
+        .claims
+        .as_ref()
+        .is_some_and(|c| relay.revoked.covers(c, crate::clock::now_secs()))
+    {
+        return Err(Refusal::Revoked);
+    }
     let per_subject = match identity.claims.as_ref().and_then(crate::auth::subject) {
         Some(sub) => {
             let max = settings.config.limits.max_connections_per_subject;

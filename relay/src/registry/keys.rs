@@ -42,6 +42,20 @@ pub fn presence_key(channel: &str, relay: &str, conn: u64) -> String {
     format!("pres.{}.{relay}.{conn}", channel_token(channel))
 }
 
+/// `rev.jti.<jti>` (base64url): a token revoked by its `jti`.
+pub fn revoked_jti_key(jti: &str) -> String {
+    format!("rev.jti.{}", channel_token(jti))
+}
+
+/// `rev.sub.<sub>.<iss or ->` (base64url): a subject's tokens issued before a time.
+pub fn invalidated_sub_key(sub: &str, iss: Option<&str>) -> String {
+    let iss = iss.map_or_else(|| "-".to_owned(), channel_token);
+    format!("rev.sub.{}.{iss}", channel_token(sub))
+}
+
+/// The filter of every revocation.
+pub const REVOKED_FILTER: &str = "rev.>";
+
 /// A channel as one token: base64url without padding.
 pub fn channel_token(channel: &str) -> String {
     URL_SAFE_NO_PAD.encode(channel)

@@ -836,6 +836,72 @@ impl Registry {
         Ok(out)
     }
 
+    /// Writes `key` now, outside this relay's entries (it outlives the relay), with a TTL
+    /// after which the server removes it; waits for the acknowledgement.
+    pub async fn put_ttl(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), RegistryError> {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-TTL", ttl.as_secs().max(1).to_string().as_str());
+        let fut = async {
+            self.js
+                .publish_with_headers(self.subject(key), h, value)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(REQUEST_WITHIN, fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(m)) => Err(request_err("put")(m)),
+            Err(_) => Err(RegistryError::Timeout { op: "put" }),
+        }
+    }
+
+    /// Watches the keys under `filter` (e.g. `rev.>`): each one's last value first (how many
+    /// are pending then is returned), then every change; a removal has no value.
+    pub async fn watch(
+        &self,
+        filter: &str,
+    ) -> Result<
+        (
+            u64,
+            impl futures::Stream<Item = Result<(String, Option<Bytes>), RegistryError>> + use<>,
+        ),
+        RegistryError,
+    > {
+        let err = request_err("watch");
+        let prefix = format!("$KV.{}.", self.bucket);
+        let stream = tokio::time::timeout(
+            REQUEST_WITHIN,
+            self.js.get_stream(stream_name(&self.bucket)),
+        )
+        .await
+        .map_err(|_| RegistryError::Timeout { op: "watch" })?
+        .map_err(|e| err(e.to_string()))?;
+        let consumer = stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: format!("{prefix}{filter}"),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                replay_policy: consumer::ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let pending = consumer.cached_info().num_pending;
+        let messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
+        let changes = messages.map(move |m| {
+            let m = m.map_err(|e| request_err("watch")(e.to_string()))?;
+            let key = m
+                .subject
+                .strip_prefix(prefix.as_str())
+                .unwrap_or_default()
+                .to_owned();
+            let value = (!is_removal(m.headers.as_ref())).then(|| m.payload.clone());
+            Ok((key, value))
+        });
+        Ok((pending, changes))
+    }
+
     /// Sends `writes` (events, deletes) outside the ordered queue, up to [`IN_FLIGHT`]
     /// unacknowledged, and waits for every acknowledgement; counts them. The first refusal
     /// ends it.

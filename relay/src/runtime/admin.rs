@@ -34,6 +34,17 @@ async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "registry bucket not in place yet",
         )
+    } else if relay.settings().config.control.is_some()
+        && relay.registry.is_some()
+        && !relay
+            .revocations_read
+            .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        // Once only: a relay started after a revocation must know it before any handshake.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "revocations not read yet",
+        )
     } else if relay.is_ready() {
         (StatusCode::OK, "ready")
     } else {

@@ -1,7 +1,7 @@
 //! The control service (docs/backend.md): the backend commands the fleet over NATS. Every
 //! relay serves the NATS service [`SERVICE_NAME`] (the NATS micro conventions: found with
-//! `$SRV.PING`, `$SRV.INFO`), whose endpoints `<control.subject>.disconnect` and
-//! `<control.subject>.connections` share one queue group: one relay takes each command. It
+//! `$SRV.PING`, `$SRV.INFO`), whose endpoints `<control.subject>.disconnect`, `.connections`,
+//! `.revoke` and `.invalidate` share one queue group: one relay takes each command. It
 //! asks every relay on `<control.subject>.fleet.<command>` (each relay, itself included,
 //! subscribes to it), gathers their answers until as many as the registry has live leases
 //! answered, or [`GATHER_WITHIN`], and replies with the sum.
@@ -20,7 +20,9 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::access::revoked::Revocation;
 use crate::conn::close::Cause;
+use crate::registry::keys;
 use crate::events::connection_id;
 use crate::metrics::{Command, Kind};
 use crate::state::Relay;
@@ -51,18 +53,34 @@ pub enum Verb {
     Disconnect,
     /// List them.
     Connections,
+    /// Revoke one token (its `jti`): refused at handshakes and refreshes, its connections
+    /// closed with 4409.
+    Revoke,
+    /// Revoke every token of a `sub` issued before a time.
+    Invalidate,
 }
 
 impl Verb {
-    /// Both, in the order of the docs.
-    pub const ALL: [Self; 2] = [Self::Disconnect, Self::Connections];
+    /// Every one, in the order of the docs.
+    pub const ALL: [Self; 4] = [
+        Self::Disconnect,
+        Self::Connections,
+        Self::Revoke,
+        Self::Invalidate,
+    ];
 
     /// The endpoint's name, the last token of its subjects.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Disconnect => "disconnect",
             Self::Connections => "connections",
+            Self::Revoke => "revoke",
+            Self::Invalidate => "invalidate",
         }
+    }
+
+    fn revokes(self) -> bool {
+        matches!(self, Self::Revoke | Self::Invalidate)
     }
 
     fn of(name: &str) -> Option<Self> {
@@ -88,7 +106,24 @@ pub struct Selector {
     /// (4101). Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconnect: Option<bool>,
+    /// `revoke`: the token's `jti`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// `invalidate`: the tokens of `sub` (and `iss`) whose `iat` is before this (Unix
+    /// seconds), or that have no `iat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_before: Option<u64>,
+    /// `revoke`, `invalidate`: until when it holds (Unix seconds), at most a year away: the
+    /// revoked tokens' `exp`. Required by `revoke`; `invalidate` defaults to a day from now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
 }
+
+/// Longest a revocation holds.
+pub const MAX_REVOCATION: Duration = Duration::from_secs(366 * 86_400);
+
+/// How long an `invalidate` without `until` holds.
+pub const DEFAULT_INVALIDATION: Duration = Duration::from_secs(86_400);
 
 /// Why a command is refused (answered with the service error code 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +134,9 @@ pub enum Invalid {
     /// Selects nothing by name.
     #[error("name `sub` or `connection`")]
     NoTarget,
+    /// A field this command does not take.
+    #[error("{0}: not a field of this command")]
+    NotHere(&'static str),
     /// A field out of bounds.
     #[error("{field}: {reason}")]
     Field {
@@ -137,10 +175,48 @@ pub fn parse(verb: Verb, body: &[u8]) -> Result<Selector, Invalid> {
         return Err(Invalid::Json("a JSON object is expected".into()));
     }
     let s: Selector = serde_json::from_value(v).map_err(json)?;
-    if s.sub.is_none() && s.connection.is_none() {
-        return Err(Invalid::NoTarget);
-    }
     let field = |field, reason| Err(Invalid::Field { field, reason });
+    let not_here = |verb: Verb| {
+        let has = [
+            ("sub", s.sub.is_some() && verb == Verb::Revoke),
+            ("iss", s.iss.is_some() && verb == Verb::Revoke),
+            ("connection", s.connection.is_some() && verb.revokes()),
+            ("reconnect", s.reconnect.is_some() && verb != Verb::Disconnect),
+            ("jti", s.jti.is_some() && verb != Verb::Revoke),
+            ("issuedBefore", s.issued_before.is_some() && verb != Verb::Invalidate),
+            ("until", s.until.is_some() && !verb.revokes()),
+        ];
+        has.into_iter().find(|(_, h)| *h).map(|(f, _)| f)
+    };
+    if let Some(f) = not_here(verb) {
+        return Err(Invalid::NotHere(f));
+    }
+    match verb {
+        Verb::Revoke => {
+            if !s.jti.as_deref().is_some_and(claim_ok) {
+                return field("jti", "required: 1 to 256 bytes, no control characters");
+            }
+            if s.until.is_none() {
+                return field("until", "required: when the token expires (Unix seconds)");
+            }
+        }
+        Verb::Invalidate => {
+            if s.sub.is_none() || s.issued_before.is_none() {
+                return field("issuedBefore", "required, with `sub`");
+            }
+        }
+        Verb::Disconnect | Verb::Connections => {
+            if s.sub.is_none() && s.connection.is_none() {
+                return Err(Invalid::NoTarget);
+            }
+        }
+    }
+    if let Some(until) = s.until {
+        let now = crate::clock::now_secs();
+        if until <= now || until > now + MAX_REVOCATION.as_secs() {
+            return field("until", "in the future, at most a year away (Unix seconds)");
+        }
+    }
     if s.sub.as_deref().is_some_and(|v| !claim_ok(v)) {
         return field("sub", "1 to 256 bytes, no control characters");
     }
@@ -153,10 +229,32 @@ pub fn parse(verb: Verb, body: &[u8]) -> Result<Selector, Invalid> {
     if s.connection.as_deref().is_some_and(|v| !connection_ok(v)) {
         return field("connection", "`<relay>/<id>`, as in the events");
     }
-    if verb == Verb::Connections && s.reconnect.is_some() {
-        return field("reconnect", "applies to `disconnect` only");
-    }
     Ok(s)
+}
+
+impl Selector {
+    /// The revocation a `revoke` or `invalidate` stores, and its registry key.
+    pub fn revocation(&self, verb: Verb) -> Option<(String, Revocation)> {
+        let until = self.until.unwrap_or_else(|| {
+            crate::clock::now_secs() + DEFAULT_INVALIDATION.as_secs()
+        });
+        let r = Revocation {
+            v: 1,
+            jti: self.jti.clone(),
+            sub: self.sub.clone(),
+            iss: self.iss.clone(),
+            issued_before: self.issued_before,
+            until,
+        };
+        match verb {
+            Verb::Revoke => Some((keys::revoked_jti_key(self.jti.as_deref()?), r)),
+            Verb::Invalidate => Some((
+                keys::invalidated_sub_key(self.sub.as_deref()?, self.iss.as_deref()),
+                r,
+            )),
+            Verb::Disconnect | Verb::Connections => None,
+        }
+    }
 }
 
 impl Selector {
@@ -264,6 +362,15 @@ pub fn apply(relay: &Relay, verb: Verb, s: &Selector) -> Answer {
         connections: 0,
         listed: Vec::new(),
     };
+    if let Some((_, r)) = s.revocation(verb) {
+        answer.connections = super::revocations::close_covered(relay, &r);
+        relay
+            .metrics
+            .control_applied
+            .get_or_create(&Kind { event: verb.name() })
+            .inc();
+        return answer;
+    }
     for conn in relay.connections() {
         let id = connection_id(&relay.name, conn.id);
         let claims = conn.claims();
@@ -296,7 +403,7 @@ pub fn apply(relay: &Relay, verb: Verb, s: &Selector) -> Answer {
                     channels,
                 });
             }
-            Verb::Connections => {}
+            Verb::Connections | Verb::Revoke | Verb::Invalidate => {}
         }
     }
     relay
@@ -340,7 +447,9 @@ async fn serve_once(relay: &Arc<Relay>, prefix: &str) -> Result<(), async_nats::
     let fleet = client.subscribe(format!("{prefix}.fleet.*")).await?;
     let service = client
         .service_builder()
-        .description("wsrelay: disconnect and list a gateway's connections (docs/backend.md)")
+        .description(
+            "wsrelay: disconnect and list a gateway's connections, revoke tokens (docs/backend.md)",
+        )
         .metadata(HashMap::from([("subject".to_owned(), prefix.to_owned())]))
         .start(SERVICE_NAME, SERVICE_VERSION)
         .await?;
@@ -413,7 +522,26 @@ async fn take(relay: &Relay, prefix: &str, verb: Verb, req: async_nats::service:
             return;
         }
     };
-    match gather(relay, prefix, verb, &s).await {
+    // Revocations: the connections closed first (and counted), then the revocation stored
+    // for later handshakes, refreshes and relays.
+    let gathered = match gather(relay, prefix, verb, &s).await {
+        Ok(tally) => match (s.revocation(verb), &relay.registry) {
+            (Some((key, r)), Some(registry)) => {
+                let ttl = r.until.saturating_sub(crate::clock::now_secs());
+                let value = Bytes::from(serde_json::to_vec(&r).unwrap_or_default());
+                registry
+                    .put_ttl(&key, value, Duration::from_secs(ttl))
+                    .await
+                    .map(|()| tally)
+                    .map_err(|e| -> async_nats::Error {
+                        format!("the revocation was not stored: {e}").into()
+                    })
+            }
+            _ => Ok(tally),
+        },
+        Err(e) => Err(e),
+    };
+    match gathered {
         Ok(tally) => {
             count(if tally.complete() { "ok" } else { "partial" });
             tracing::info!(
@@ -608,6 +736,28 @@ mod tests {
                 "{}: {got:?}, want {want:?}",
                 String::from_utf8_lossy(body)
             );
+        }
+        let later = crate::clock::now_secs() + 600;
+        let ok = parse(Verb::Revoke, format!(r#"{{"jti":"t1","until":{later}}}"#).as_bytes());
+        let (key, r) = ok.unwrap().revocation(Verb::Revoke).unwrap();
+        assert_eq!((key.as_str(), r.until), ("rev.jti.dDE", later));
+        let ok = parse(Verb::Invalidate, br#"{"sub":"u","issuedBefore":5}"#).unwrap();
+        let (key, r) = ok.revocation(Verb::Invalidate).unwrap();
+        assert_eq!(key, "rev.sub.dQ.-");
+        assert!(r.until > crate::clock::now_secs(), "a day by default");
+        for (verb, body, want) in [
+            (Verb::Revoke, r#"{"jti":"t1"}"#.to_owned(), "until: required"),
+            (Verb::Revoke, format!(r#"{{"until":{later}}}"#), "jti: required"),
+            (Verb::Revoke, format!(r#"{{"jti":"t","sub":"u","until":{later}}}"#), "sub: not a field"),
+            (Verb::Revoke, r#"{"jti":"t","until":5}"#.to_owned(), "until: in the future"),
+            (Verb::Revoke, format!(r#"{{"jti":"t","until":{}}}"#, later + 400 * 86_400), "until: in the future"),
+            (Verb::Invalidate, r#"{"sub":"u"}"#.to_owned(), "issuedBefore: required"),
+            (Verb::Invalidate, r#"{"sub":"u","issuedBefore":1,"connection":"r/1"}"#.to_owned(), "connection: not a field"),
+            (Verb::Disconnect, r#"{"sub":"u","jti":"t"}"#.to_owned(), "jti: not a field"),
+            (Verb::Connections, format!(r#"{{"sub":"u","until":{later}}}"#), "until: not a field"),
+        ] {
+            let got = parse(verb, body.as_bytes()).map(|_| String::new()).unwrap_or_else(|e| e.to_string());
+            assert!(got.contains(want), "{body}: {got:?}, want {want:?}");
         }
         let long = format!(r#"{{"sub":"{}"}}"#, "x".repeat(257));
         assert!(parse(Verb::Disconnect, long.as_bytes()).is_err());

@@ -7,4 +7,5 @@ pub mod control;
 pub mod drain;
 pub mod process;
 pub mod reload;
+pub mod revocations;
 pub mod upkeep;

@@ -168,11 +168,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .unwrap_or_default(),
     ));
     let control = tokio::spawn(super::control::serve(relay.clone()));
+    let revocations = tokio::spawn(super::revocations::watch(relay.clone()));
     let tasks = vec![
         refusals,
         history,
         supervisor,
         control,
+        revocations,
         tokio::spawn(crate::edge::listener::serve(
             client_listener,
             edge.clone(),

@@ -72,6 +72,7 @@ test("close codes: what the client does for each", () => {
   assert.equal(p(4403).reconnect, false);
   assert.deepEqual({ r: p(4100).reconnect, t: p(4100).newToken }, { r: true, t: true });
   assert.equal(p(4101).reconnect, false);
+  assert.deepEqual({ r: p(4409).reconnect, t: p(4409).newToken }, { r: false, t: true });
   assert.equal(p(4029).minAttempt, 3);
   assert.equal(p(LocalClose.TokenRefresh).immediate, true);
 });

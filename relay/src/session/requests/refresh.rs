@@ -21,6 +21,9 @@ pub enum RefreshError {
     /// The new token never expires (the old one's timer would be lost).
     #[error("the token has no exp")]
     NoExpiry,
+    /// The backend revoked the new token.
+    #[error("the token was revoked")]
+    Revoked,
 }
 
 impl RefreshError {
@@ -28,7 +31,7 @@ impl RefreshError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Anonymous | Self::OtherIdentity => ErrorCode::Forbidden,
-            Self::Token(_) | Self::NoExpiry => ErrorCode::Unauthorized,
+            Self::Token(_) | Self::NoExpiry | Self::Revoked => ErrorCode::Unauthorized,
         }
     }
 }
@@ -43,6 +46,9 @@ pub async fn apply(token: &str, conn: &Conn, relay: &Relay) -> Result<u64, Refre
     let authn = relay.settings().authn.clone();
     let identity = authn.verify_token(token).await?;
     let new = identity.claims.unwrap_or_default();
+    if relay.revoked.covers(&new, crate::clock::now_secs()) {
+        return Err(RefreshError::Revoked);
+    }
     if !crate::auth::same_identity(&old, &new) {
         return Err(RefreshError::OtherIdentity);
     }

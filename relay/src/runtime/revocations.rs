@@ -1,0 +1,82 @@
+//! Keeps the relay's revoked tokens (`access::revoked`) current from the connection
+//! registry's `rev.` keys, which the control service's `revoke` and `invalidate` write: a new
+//! one closes this relay's connections it covers (4409), and admission and `refresh` refuse
+//! the tokens it covers. `/ready` waits until the keys present at the start were read, so a
+//! relay started after a revocation refuses the token too.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::access::revoked::Revocation;
+use crate::conn::close::Cause;
+use crate::registry::keys::REVOKED_FILTER;
+use crate::state::Relay;
+
+/// Pause before the watch starts again after an error.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Closes this relay's connections whose token `r` covers; returns how many.
+pub fn close_covered(relay: &Relay, r: &Revocation) -> usize {
+    let now = crate::clock::now_secs();
+    let mut n = 0;
+    for conn in relay.connections() {
+        if conn.claims().is_some_and(|c| r.covers(&c, now)) {
+            conn.outbox.close(Cause::Revoked);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Watches the revocations until the relay stops; nothing without `control` (revocations
+/// are written through it) or a registry.
+pub async fn watch(relay: Arc<Relay>) {
+    if relay.settings().config.control.is_none() {
+        return;
+    }
+    let Some(registry) = relay.registry.clone() else {
+        return;
+    };
+    loop {
+        let watched = async {
+            let (pending, mut changes) = registry.watch(REVOKED_FILTER).await?;
+            let mut read = 0u64;
+            if pending == 0 {
+                relay.revocations_read.store(true, Ordering::SeqCst);
+            }
+            while let Some(change) = changes.next().await {
+                let (key, value) = change?;
+                let r = value.and_then(|v| serde_json::from_slice::<Revocation>(&v).ok());
+                if let Some(r) = &r {
+                    let closed = close_covered(&relay, r);
+                    if closed > 0 {
+                        tracing::info!(closed, "revoked tokens: connections closed");
+                    }
+                }
+                relay.revoked.set(&key, r);
+                relay
+                    .metrics
+                    .revocations
+                    .set(i64::try_from(relay.revoked.len()).unwrap_or(i64::MAX));
+                read += 1;
+                if read >= pending {
+                    relay.revocations_read.store(true, Ordering::SeqCst);
+                }
+            }
+            Ok::<(), crate::registry::RegistryError>(())
+        };
+        tokio::select! {
+            () = relay.shutdown.cancelled() => return,
+            r = watched => if let Err(e) = r {
+                tracing::debug!(error = %e, "revocation watch ended; starting again");
+            },
+        }
+        tokio::select! {
+            () = relay.shutdown.cancelled() => return,
+            () = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
