@@ -163,7 +163,10 @@ fn ctl(nats: &str, creds: Option<PathBuf>, subject: &str, command: CtlCommand) -
         ..Selector::default()
     };
     let (verb, selector) = match command {
-        CtlCommand::Disconnect { whom: w, no_reconnect } => (
+        CtlCommand::Disconnect {
+            whom: w,
+            no_reconnect,
+        } => (
             Verb::Disconnect,
             Selector {
                 reconnect: no_reconnect.then_some(false),
@@ -189,9 +192,7 @@ fn ctl(nats: &str, creds: Option<PathBuf>, subject: &str, command: CtlCommand) -
             Selector {
                 sub: Some(sub),
                 iss,
-                issued_before: Some(
-                    issued_before.unwrap_or_else(wsrelay::clock::now_secs),
-                ),
+                issued_before: Some(issued_before.unwrap_or_else(wsrelay::clock::now_secs)),
                 until,
                 ..Selector::default()
             },

@@ -384,35 +384,63 @@ async fn revoked_tokens_are_closed_refused_and_known_to_relays_started_later() {
     let stolen = token("u1", "t1", now - 10);
     let mut on_a = a.connect(&format!("?token={stolen}")).await;
     let mut on_b = b.connect(&format!("?token={stolen}")).await;
-    let mut other = a.connect(&format!("?token={}", token("u1", "t2", now - 10))).await;
+    let mut other = a
+        .connect(&format!("?token={}", token("u1", "t2", now - 10)))
+        .await;
 
     // revoke {jti}: both of the token's connections close with 4409, the other stays.
     let until = now + 600;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["ctl", "--nats", &url, "--subject", CONTROL, "revoke", "--jti", "t1", "--until"])
+        .args([
+            "ctl",
+            "--nats",
+            &url,
+            "--subject",
+            CONTROL,
+            "revoke",
+            "--jti",
+            "t1",
+            "--until",
+        ])
         .arg(until.to_string())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r, json!({"reached": 2, "relays": 2, "expected": 2}));
     let within = Duration::from_secs(10);
     assert_eq!(close_code(&mut on_a, within).await, Some(4409));
     assert_eq!(close_code(&mut on_b, within).await, Some(4409));
-    assert_eq!(request(&mut other, json!({"type": "ping", "id": 1})).await["type"], "pong");
+    assert_eq!(
+        request(&mut other, json!({"type": "ping", "id": 1})).await["type"],
+        "pong"
+    );
 
     // Refused at the handshake (401) and on refresh, here and on a relay started later.
     assert!(
         eventually(Duration::from_secs(10), || async {
-            upgrade_status(a.addr(), &stolen).await == 401 && upgrade_status(b.addr(), &stolen).await == 401
+            upgrade_status(a.addr(), &stolen).await == 401
+                && upgrade_status(b.addr(), &stolen).await == 401
         })
         .await,
         "the revoked token is still admitted"
     );
-    let r = request(&mut other, json!({"type": "refresh", "id": 2, "token": stolen})).await;
+    let r = request(
+        &mut other,
+        json!({"type": "refresh", "id": 2, "token": stolen}),
+    )
+    .await;
     assert_eq!(r["code"], 401, "{r}");
     let c = builder(&nats, "relay-c", 15).start().await;
-    assert_eq!(upgrade_status(c.addr(), &stolen).await, 401, "a relay started later knows it");
+    assert_eq!(
+        upgrade_status(c.addr(), &stolen).await,
+        401,
+        "a relay started later knows it"
+    );
     assert_eq!(c.metric("wsrelay_revocations").await, Some(1.0));
 
     // invalidate {sub, issuedBefore}: u1's tokens issued before now go, a newer one is admitted.
@@ -421,17 +449,39 @@ async fn revoked_tokens_are_closed_refused_and_known_to_relays_started_later() {
         ..Selector::default()
     };
     i.issued_before = Some(now);
-    let r: Value =
-        serde_json::from_str(&ask(&url, None, CONTROL, Verb::Invalidate, &i).await.unwrap()).unwrap();
+    let r: Value = serde_json::from_str(
+        &ask(&url, None, CONTROL, Verb::Invalidate, &i)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(r["reached"], 1, "{r}");
     assert_eq!(close_code(&mut other, within).await, Some(4409));
-    assert_eq!(upgrade_status(c.addr(), &token("u1", "t3", now - 1)).await, 401);
-    let fresh = token("u1", "t4", now + 1);
-    assert_eq!(upgrade_status(c.addr(), &fresh).await, 101, "issued after: admitted");
     assert_eq!(
-        a.metric("wsrelay_connections_closed_total{reason=\"revoked\"}").await.unwrap_or(0.0)
-            + b.metric("wsrelay_connections_closed_total{reason=\"revoked\"}").await.unwrap_or(0.0),
-        3.0
+        upgrade_status(c.addr(), &token("u1", "t3", now - 1)).await,
+        401
+    );
+    let fresh = token("u1", "t4", now + 1);
+    assert_eq!(
+        upgrade_status(c.addr(), &fresh).await,
+        101,
+        "issued after: admitted"
+    );
+    // Counted once each session ended (after the client's close reply, or the linger).
+    let revoked = |admin: std::net::SocketAddr| async move {
+        metric(
+            admin,
+            "wsrelay_connections_closed_total{reason=\"revoked\"}",
+        )
+        .await
+        .unwrap_or(0.0)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            revoked(a.admin()).await + revoked(b.admin()).await == 3.0
+        })
+        .await,
+        "3 closes counted as revoked"
     );
 }
 

@@ -47,7 +47,10 @@ impl Revocation {
         };
         claim("sub") == Some(sub.as_str())
             && self.iss.as_deref().is_none_or(|i| claim("iss") == Some(i))
-            && match (self.issued_before, claims.get("iat").and_then(Value::as_u64)) {
+            && match (
+                self.issued_before,
+                claims.get("iat").and_then(Value::as_u64),
+            ) {
                 (Some(before), Some(iat)) => iat < before,
                 // Without `iat`, nothing shows the token was issued after.
                 (Some(_), None) => true,
@@ -123,7 +126,10 @@ mod tests {
             until: 100,
         };
         assert!(r.covers(&claims(json!({"jti": "t1", "sub": "u"})), 99));
-        assert!(!r.covers(&claims(json!({"jti": "t1"})), 100), "until passed");
+        assert!(
+            !r.covers(&claims(json!({"jti": "t1"})), 100),
+            "until passed"
+        );
         assert!(!r.covers(&claims(json!({"jti": "t2"})), 99));
         assert!(!r.covers(&claims(json!({"sub": "u"})), 99));
     }
@@ -140,7 +146,10 @@ mod tests {
         };
         assert!(r.covers(&claims(json!({"sub": "u", "iss": "i", "iat": 49})), 60));
         assert!(!r.covers(&claims(json!({"sub": "u", "iss": "i", "iat": 50})), 60));
-        assert!(r.covers(&claims(json!({"sub": "u", "iss": "i"})), 60), "no iat");
+        assert!(
+            r.covers(&claims(json!({"sub": "u", "iss": "i"})), 60),
+            "no iat"
+        );
         assert!(!r.covers(&claims(json!({"sub": "u", "iss": "j", "iat": 1})), 60));
         assert!(!r.covers(&claims(json!({"sub": "v", "iss": "i", "iat": 1})), 60));
         let set = Revoked::default();

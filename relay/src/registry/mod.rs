@@ -838,7 +838,12 @@ impl Registry {
 
     /// Writes `key` now, outside this relay's entries (it outlives the relay), with a TTL
     /// after which the server removes it; waits for the acknowledgement.
-    pub async fn put_ttl(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), RegistryError> {
+    pub async fn put_ttl(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
         let mut h = HeaderMap::new();
         h.insert("Nats-TTL", ttl.as_secs().max(1).to_string().as_str());
         let fut = async {

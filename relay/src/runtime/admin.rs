@@ -41,10 +41,7 @@ async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
             .load(std::sync::atomic::Ordering::SeqCst)
     {
         // Once only: a relay started after a revocation must know it before any handshake.
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "revocations not read yet",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "revocations not read yet")
     } else if relay.is_ready() {
         (StatusCode::OK, "ready")
     } else {

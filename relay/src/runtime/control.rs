@@ -22,9 +22,9 @@ use serde_json::{Map, Value};
 
 use crate::access::revoked::Revocation;
 use crate::conn::close::Cause;
-use crate::registry::keys;
 use crate::events::connection_id;
 use crate::metrics::{Command, Kind};
+use crate::registry::keys;
 use crate::state::Relay;
 
 /// The NATS service's name (every gateway's relays serve it; `$SRV.INFO.wsrelay_control`
@@ -181,9 +181,15 @@ pub fn parse(verb: Verb, body: &[u8]) -> Result<Selector, Invalid> {
             ("sub", s.sub.is_some() && verb == Verb::Revoke),
             ("iss", s.iss.is_some() && verb == Verb::Revoke),
             ("connection", s.connection.is_some() && verb.revokes()),
-            ("reconnect", s.reconnect.is_some() && verb != Verb::Disconnect),
+            (
+                "reconnect",
+                s.reconnect.is_some() && verb != Verb::Disconnect,
+            ),
             ("jti", s.jti.is_some() && verb != Verb::Revoke),
-            ("issuedBefore", s.issued_before.is_some() && verb != Verb::Invalidate),
+            (
+                "issuedBefore",
+                s.issued_before.is_some() && verb != Verb::Invalidate,
+            ),
             ("until", s.until.is_some() && !verb.revokes()),
         ];
         has.into_iter().find(|(_, h)| *h).map(|(f, _)| f)
@@ -235,9 +241,9 @@ pub fn parse(verb: Verb, body: &[u8]) -> Result<Selector, Invalid> {
 impl Selector {
     /// The revocation a `revoke` or `invalidate` stores, and its registry key.
     pub fn revocation(&self, verb: Verb) -> Option<(String, Revocation)> {
-        let until = self.until.unwrap_or_else(|| {
-            crate::clock::now_secs() + DEFAULT_INVALIDATION.as_secs()
-        });
+        let until = self
+            .until
+            .unwrap_or_else(|| crate::clock::now_secs() + DEFAULT_INVALIDATION.as_secs());
         let r = Revocation {
             v: 1,
             jti: self.jti.clone(),
@@ -374,7 +380,8 @@ pub fn apply(relay: &Relay, verb: Verb, s: &Selector) -> Answer {
     for conn in relay.connections() {
         let id = connection_id(&relay.name, conn.id);
         let claims = conn.claims();
-        if !s.selects(&id, claims.as_deref()) {
+        // One that is closing already (its close frame sent) is gone for the backend.
+        if conn.outbox.close_request().is_some() || !s.selects(&id, claims.as_deref()) {
             continue;
         }
         answer.connections += 1;
@@ -738,7 +745,10 @@ mod tests {
             );
         }
         let later = crate::clock::now_secs() + 600;
-        let ok = parse(Verb::Revoke, format!(r#"{{"jti":"t1","until":{later}}}"#).as_bytes());
+        let ok = parse(
+            Verb::Revoke,
+            format!(r#"{{"jti":"t1","until":{later}}}"#).as_bytes(),
+        );
         let (key, r) = ok.unwrap().revocation(Verb::Revoke).unwrap();
         assert_eq!((key.as_str(), r.until), ("rev.jti.dDE", later));
         let ok = parse(Verb::Invalidate, br#"{"sub":"u","issuedBefore":5}"#).unwrap();
@@ -746,17 +756,55 @@ mod tests {
         assert_eq!(key, "rev.sub.dQ.-");
         assert!(r.until > crate::clock::now_secs(), "a day by default");
         for (verb, body, want) in [
-            (Verb::Revoke, r#"{"jti":"t1"}"#.to_owned(), "until: required"),
-            (Verb::Revoke, format!(r#"{{"until":{later}}}"#), "jti: required"),
-            (Verb::Revoke, format!(r#"{{"jti":"t","sub":"u","until":{later}}}"#), "sub: not a field"),
-            (Verb::Revoke, r#"{"jti":"t","until":5}"#.to_owned(), "until: in the future"),
-            (Verb::Revoke, format!(r#"{{"jti":"t","until":{}}}"#, later + 400 * 86_400), "until: in the future"),
-            (Verb::Invalidate, r#"{"sub":"u"}"#.to_owned(), "issuedBefore: required"),
-            (Verb::Invalidate, r#"{"sub":"u","issuedBefore":1,"connection":"r/1"}"#.to_owned(), "connection: not a field"),
-            (Verb::Disconnect, r#"{"sub":"u","jti":"t"}"#.to_owned(), "jti: not a field"),
-            (Verb::Connections, format!(r#"{{"sub":"u","until":{later}}}"#), "until: not a field"),
+            (
+                Verb::Revoke,
+                r#"{"jti":"t1"}"#.to_owned(),
+                "until: required",
+            ),
+            (
+                Verb::Revoke,
+                format!(r#"{{"until":{later}}}"#),
+                "jti: required",
+            ),
+            (
+                Verb::Revoke,
+                format!(r#"{{"jti":"t","sub":"u","until":{later}}}"#),
+                "sub: not a field",
+            ),
+            (
+                Verb::Revoke,
+                r#"{"jti":"t","until":5}"#.to_owned(),
+                "until: in the future",
+            ),
+            (
+                Verb::Revoke,
+                format!(r#"{{"jti":"t","until":{}}}"#, later + 400 * 86_400),
+                "until: in the future",
+            ),
+            (
+                Verb::Invalidate,
+                r#"{"sub":"u"}"#.to_owned(),
+                "issuedBefore: required",
+            ),
+            (
+                Verb::Invalidate,
+                r#"{"sub":"u","issuedBefore":1,"connection":"r/1"}"#.to_owned(),
+                "connection: not a field",
+            ),
+            (
+                Verb::Disconnect,
+                r#"{"sub":"u","jti":"t"}"#.to_owned(),
+                "jti: not a field",
+            ),
+            (
+                Verb::Connections,
+                format!(r#"{{"sub":"u","until":{later}}}"#),
+                "until: not a field",
+            ),
         ] {
-            let got = parse(verb, body.as_bytes()).map(|_| String::new()).unwrap_or_else(|e| e.to_string());
+            let got = parse(verb, body.as_bytes())
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string());
             assert!(got.contains(want), "{body}: {got:?}, want {want:?}");
         }
         let long = format!(r#"{{"sub":"{}"}}"#, "x".repeat(257));

@@ -18,12 +18,14 @@ use crate::state::Relay;
 /// Pause before the watch starts again after an error.
 const RETRY: Duration = Duration::from_secs(2);
 
-/// Closes this relay's connections whose token `r` covers; returns how many.
+/// Closes this relay's connections whose token `r` covers; returns how many (those already
+/// closing for another cause are neither closed again nor counted).
 pub fn close_covered(relay: &Relay, r: &Revocation) -> usize {
     let now = crate::clock::now_secs();
     let mut n = 0;
     for conn in relay.connections() {
-        if conn.claims().is_some_and(|c| r.covers(&c, now)) {
+        if conn.outbox.close_request().is_none() && conn.claims().is_some_and(|c| r.covers(&c, now))
+        {
             conn.outbox.close(Cause::Revoked);
             n += 1;
         }
