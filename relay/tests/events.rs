@@ -137,11 +137,12 @@ async fn a_killed_relays_connections_are_said_disconnected_once_by_a_survivor() 
     let (_store, nats) = jetstream_nats("events-lost");
     let _a = builder(&nats, "relay-a", LEASE).start().await;
     let config = builder(&nats, "relay-b", LEASE).build();
-    let dir = std::env::temp_dir().join(format!("wsrelay-events-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
-    let mut b = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
+    let mut b = RelayProcess::spawn_config(
+        env!("CARGO_BIN_EXE_wsrelay").as_ref(),
+        &config,
+        "events-relay-b",
+        "info",
+    );
     assert!(
         eventually(Duration::from_secs(20), || async {
             metric(b.admin, "wsrelay_registry_ready").await == Some(1.0)
@@ -201,7 +202,6 @@ async fn a_killed_relays_connections_are_said_disconnected_once_by_a_survivor() 
         4,
         "nothing more"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,19 +249,7 @@ async fn the_backend_disconnects_a_user_on_every_relay_and_hears_how_many() {
     );
 
     // The same through `wsrelay ctl`.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args([
-            "ctl",
-            "--nats",
-            &url,
-            "--subject",
-            CONTROL,
-            "connections",
-            "--sub",
-            "u1",
-        ])
-        .output()
-        .unwrap();
+    let out = ctl(&url, &["connections", "--sub", "u1"]);
     assert!(
         out.status.success(),
         "{}",
@@ -318,10 +306,7 @@ async fn the_backend_disconnects_a_user_on_every_relay_and_hears_how_many() {
             .await
             .unwrap_or(0.0);
     assert_eq!(taken, 1.0);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["ctl", "--nats", &url, "--subject", CONTROL, "disconnect"])
-        .output()
-        .unwrap();
+    let out = ctl(&url, &["disconnect"]);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -390,21 +375,10 @@ async fn revoked_tokens_are_closed_refused_and_known_to_relays_started_later() {
 
     // revoke {jti}: both of the token's connections close with 4409, the other stays.
     let until = now + 600;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args([
-            "ctl",
-            "--nats",
-            &url,
-            "--subject",
-            CONTROL,
-            "revoke",
-            "--jti",
-            "t1",
-            "--until",
-        ])
-        .arg(until.to_string())
-        .output()
-        .unwrap();
+    let out = ctl(
+        &url,
+        &["revoke", "--jti", "t1", "--until", &until.to_string()],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -489,4 +463,13 @@ async fn revoked_tokens_are_closed_refused_and_known_to_relays_started_later() {
 async fn upgrade_status(addr: std::net::SocketAddr, token: &str) -> u16 {
     let head = raw_upgrade(addr, &format!("Authorization: Bearer {token}\r\n")).await;
     head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// `wsrelay ctl --nats <url> --subject <CONTROL> <args>`, run to its end.
+fn ctl(url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["ctl", "--nats", url, "--subject", CONTROL])
+        .args(args)
+        .output()
+        .unwrap()
 }

@@ -83,11 +83,12 @@ async fn relay_process(nats: &Nats, name: &str, lease_seconds: u64) -> RelayProc
     let c = TestRelay::builder(nats)
         .registry(BUCKET, &name, lease_seconds)
         .build();
-    let dir = std::env::temp_dir().join(format!("wsrelay-registry-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
-    let relay = RelayProcess::spawn(env!("CARGO_BIN_EXE_wsrelay").as_ref(), &path, "info");
+    let relay = RelayProcess::spawn_config(
+        env!("CARGO_BIN_EXE_wsrelay").as_ref(),
+        &c,
+        &format!("registry-{name}"),
+        "info",
+    );
     assert!(
         eventually(Duration::from_secs(20), || async {
             metric(relay.admin, "wsrelay_registry_ready").await == Some(1.0)

@@ -369,6 +369,16 @@ pub struct RelayProcess {
 }
 
 impl RelayProcess {
+    /// Writes `config` to a file of its own (under the system's temp dir, named after `tag`
+    /// and this process) and starts `bin` with it, as [`RelayProcess::spawn`] does.
+    pub fn spawn_config(bin: &Path, config: &Config, tag: &str, log_filter: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("wsrelay-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(config).unwrap()).unwrap();
+        Self::spawn(bin, &path, log_filter)
+    }
+
     /// Starts `bin` (the test's `env!("CARGO_BIN_EXE_wsrelay")`) with `config_path`, logging
     /// JSON at `log_filter` (`WSRELAY_LOG`), and reads its bound addresses from the log
     /// (within 20 s).

@@ -632,22 +632,13 @@ impl Registry {
             lease_seconds: self.lease.as_secs(),
         };
         let value = serde_json::to_vec(&lease).unwrap_or_default();
-        let mut h = HeaderMap::new();
-        h.insert("Nats-TTL", self.lease.as_secs().to_string().as_str());
-        let subject = self.subject(&keys::lease_key(&self.relay));
-        let fut = async {
-            self.js
-                .publish_with_headers(subject, h, value.into())
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(REQUEST_WITHIN, fut).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(m)) => Err(request_err("lease")(m)),
-            Err(_) => Err(RegistryError::Timeout { op: "lease" }),
-        }
+        self.publish_ttl(
+            "lease",
+            &keys::lease_key(&self.relay),
+            value.into(),
+            self.lease,
+        )
+        .await
     }
 
     /// Refreshes the lease every third of its lifetime until the registry stops.
@@ -844,6 +835,18 @@ impl Registry {
         value: Bytes,
         ttl: Duration,
     ) -> Result<(), RegistryError> {
+        self.publish_ttl("put", key, value, ttl).await
+    }
+
+    /// Publishes `key` with a `Nats-TTL` and waits for the acknowledgement, within
+    /// [`REQUEST_WITHIN`]; `op` names it in errors.
+    async fn publish_ttl(
+        &self,
+        op: &'static str,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
         let mut h = HeaderMap::new();
         h.insert("Nats-TTL", ttl.as_secs().max(1).to_string().as_str());
         let fut = async {
@@ -856,8 +859,8 @@ impl Registry {
         };
         match tokio::time::timeout(REQUEST_WITHIN, fut).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(m)) => Err(request_err("put")(m)),
-            Err(_) => Err(RegistryError::Timeout { op: "put" }),
+            Ok(Err(m)) => Err(request_err(op)(m)),
+            Err(_) => Err(RegistryError::Timeout { op }),
         }
     }
 
