@@ -171,8 +171,8 @@ pub struct WebsocketGatewaySpec {
 
     /// The control service for your backend: every relay serves the NATS service
     /// `wsrelay_control` on `<subject>.<namespace>.<name>` (`status.control.subject`), to
-    /// list a user's connections or disconnect them on every relay (docs/backend.md). Turns
-    /// the connection registry on. Unset: no control service.
+    /// list a user's connections, disconnect them on every relay, or revoke tokens
+    /// (docs/backend.md). Turns the connection registry on. Unset: no control service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlSpec>,
 }
@@ -281,7 +281,7 @@ pub struct ControlSpec {
     /// The subject prefix, a fixed NATS subject (no wildcards, not `$...`, `_INBOX` or
     /// `_WSRELAY`), at most 72 bytes. The endpoints are on
     /// `<subject>.<namespace>.<name>.<endpoint>` (a `.` in the gateway's name becomes `_`).
-    /// Whoever may publish there may disconnect any user of the gateway.
+    /// Whoever may publish there may disconnect any user of the gateway and revoke their tokens.
     #[serde(default = "default_control_subject")]
     #[schemars(length(min = 1, max = 72))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_-]+([.][A-Za-z0-9_-]+)*$') && self != '_INBOX' && !self.startsWith('_INBOX.') && self != '_WSRELAY' && !self.startsWith('_WSRELAY.')").message("control.subject must be a fixed NATS subject: dot-separated names of letters, digits, '-' and '_' (no wildcards or placeholders), not starting with '$', _INBOX or _WSRELAY, e.g. wsrelay.control"))]

@@ -89,6 +89,7 @@ pub struct EventsStatus {
 #[serde(rename_all = "camelCase")]
 pub struct ControlStatus {
     /// The subject prefix with the gateway's namespace and name: the endpoints are
-    /// `<subject>.disconnect` and `<subject>.connections` (`wsrelay ctl --subject <subject>`).
+    /// `<subject>.disconnect`, `.connections`, `.revoke` and `.invalidate` (`wsrelay ctl
+    /// --subject <subject>`).
     pub subject: String,
 }
