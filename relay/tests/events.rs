@@ -280,7 +280,8 @@ async fn the_backend_disconnects_a_user_on_every_relay_and_hears_how_many() {
         request(&mut u2_a, json!({"type": "ping", "id": 9})).await["type"],
         "pong"
     );
-    let gone = stored(&nats, 5, Duration::from_secs(20)).await;
+    // Three Connected, one Subscribed, and both Disconnected (said once each session ended).
+    let gone = stored(&nats, 6, Duration::from_secs(20)).await;
     let gone = of_type(&gone, "Disconnected");
     assert_eq!(gone.len(), 2, "{gone:#?}");
     for e in gone {
