@@ -1,31 +1,7 @@
 #!/usr/bin/env bash
-# Builds the example authorization backend as a static binary (CGO off, so it runs FROM
-# scratch) into a cache keyed by its sources, and prints the binary's path on stdout:
-#
-#   $WSRELAY_CACHE/bin/authz-backend-<hash of go.mod, go.sum, *.go, this script>/authz-backend
-#
-# An unchanged source costs a hash; a changed one builds again and drops the older builds,
-# as e2e/cluster/tools.sh does for the pinned tools. Used by images/build.sh and the relay's
-# test (relay/tests/authz_backend.rs).
+# Builds the example authorization backend (static, cached by its sources) and prints the
+# binary's path: examples/go-build.sh does it. Used by images/build.sh and the relay's test
+# (relay/tests/authz_backend.rs).
 set -euo pipefail
-
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-cache=${WSRELAY_CACHE:-$HOME/.cache/wsrelay}
-export GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0
-
-key=$(cd "$here" && cat go.mod go.sum build.sh $(ls -- *.go | grep -v '_test\.go$' | LC_ALL=C sort) | sha256sum | cut -c1-12)
-dir=$cache/bin/authz-backend-$key
-if [[ ! -f $dir/.done ]]; then
-    echo "authz-backend: building into $dir" >&2
-    mkdir -p "$cache/bin"
-    # A directory of this run's own: images/build.sh and a test may build at the same time.
-    tmp=$(mktemp -d "$dir.tmp.XXXXXX") && chmod 755 "$tmp"
-    trap 'rm -rf "$tmp"' EXIT
-    # -trimpath and no VCS stamp: the same sources give the same binary, so the image's
-    # digest changes only with them.
-    (cd "$here" && go build -trimpath -ldflags "-s -w" -o "$tmp/authz-backend" .)
-    touch "$tmp/.done"
-    rm -rf "$dir" && mv -T "$tmp" "$dir"
-    find "$cache/bin" -maxdepth 1 -name 'authz-backend-*' ! -name "$(basename "$dir")" ! -name '*.tmp.*' -exec rm -rf {} +
-fi
-echo "$dir/authz-backend"
+exec "$here/../go-build.sh" "$here"

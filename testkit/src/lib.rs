@@ -92,6 +92,28 @@ pub fn init_logs() {
 }
 
 /// Everything a test uses, for `use wsrelay_testkit::prelude::*;`.
+/// Sends `child` SIGTERM and returns its exit status; kills it and panics, naming `what`, if
+/// it has not exited within 20 s.
+pub fn terminate(mut child: std::process::Child, what: &str) -> std::process::ExitStatus {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM {what}: {sent}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within 20 s of SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[cfg(feature = "relay")]
 pub mod prelude {
     pub use crate::api::{
@@ -109,5 +131,5 @@ pub mod prelude {
         Builder as RelayBuilder, RelayProcess, TestRelay, base_config, binding, registry,
     };
     pub use crate::tokens::{claims, fixture_jwt, hs256, now_secs, rs256};
-    pub use crate::{example_bin, fixture, init_logs};
+    pub use crate::{example_bin, fixture, init_logs, terminate};
 }
