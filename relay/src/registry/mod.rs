@@ -189,6 +189,16 @@ pub fn lifecycle(entry: &ConnEntry, id: u64, relay: &str, kind: EventType, at: u
     }
 }
 
+/// Whether `name` can be a relay's (pod) name: 1 to 253 of letters, digits, `-`, `.`, `_`,
+/// `=`. Pure.
+fn is_relay_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._=".contains(c))
+}
+
 /// The relay that purges a dead one: the live relay whose name sorts first. Pure.
 pub fn purger<'a>(live: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     live.into_iter().min()
@@ -346,22 +356,25 @@ impl Registry {
     /// A connection closed: says `Disconnected` (why, and the close code the relay sent),
     /// then deletes `conn.<relay>.<id>`.
     pub fn closed(&self, id: u64, reason: &'static str, close_code: Option<u16>) {
-        let key = keys::conn_key(&self.relay, id);
-        if self.events.is_some() {
-            let entry = self
-                .entries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&key)
-                .and_then(|v| serde_json::from_slice::<ConnEntry>(v).ok());
-            if let Some(entry) = entry {
-                let mut e = lifecycle(&entry, id, &self.name, EventType::Disconnected, now_ms());
-                e.reason = Some(reason);
-                e.close_code = close_code;
-                self.say(&e);
-            }
+        if let Some(mut e) = self.conn_event(id, EventType::Disconnected) {
+            e.reason = Some(reason);
+            e.close_code = close_code;
+            self.say(&e);
         }
-        self.delete(key);
+        self.delete(keys::conn_key(&self.relay, id));
+    }
+
+    /// This relay's open connection `id`'s event of `kind`, now, from its entry; `None`
+    /// without events or without the entry.
+    pub fn conn_event(&self, id: u64, kind: EventType) -> Option<Event> {
+        self.events.as_ref()?;
+        let entry = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&keys::conn_key(&self.relay, id))
+            .and_then(|v| serde_json::from_slice::<ConnEntry>(v).ok())?;
+        Some(lifecycle(&entry, id, &self.name, kind, now_ms()))
     }
 
     /// Publishes a lifecycle event, in order with this relay's registry writes (a no-op
@@ -778,7 +791,13 @@ impl Registry {
         };
         let id: u64 = id.parse().ok()?;
         let entry: ConnEntry = serde_json::from_slice(value).ok()?;
-        let name = entry.relay.clone().unwrap_or_else(|| token.to_owned());
+        // The name goes into the event's message-id header: one read from the bucket is
+        // taken only if it is a relay name.
+        let name = entry
+            .relay
+            .clone()
+            .filter(|n| is_relay_name(n))
+            .unwrap_or_else(|| token.to_owned());
         let mut e = lifecycle(&entry, id, &name, EventType::Disconnected, now_ms());
         e.reason = Some(RELAY_LOST);
         events.outgoing(&e, None)

@@ -14,7 +14,7 @@ use crate::access::Presented;
 use crate::authz::Operation;
 use crate::clock::now_ms;
 use crate::conn::{AddError, Attached, Conn};
-use crate::events::{Event, EventType, connection_id};
+use crate::events::{Event, EventType};
 use crate::fanout::Target;
 use crate::metrics::Op;
 use crate::presence::{self, Handle, SNAPSHOT_WITHIN, entry};
@@ -161,29 +161,13 @@ pub async fn apply(
 /// Says `Subscribed` (lifecycle events), and attaches to the subscription what says
 /// `Unsubscribed` when it ends while its connection stays.
 fn announce(relay: &Relay, conn: &Conn, channel: &str, key: &str) {
-    let Some(registry) = relay.registry.as_ref().filter(|r| r.events().is_some()) else {
+    let Some(registry) = relay.registry.as_ref() else {
         return;
     };
-    let claims = conn.claims();
-    let claim = |k: &str| {
-        claims
-            .as_deref()
-            .and_then(|c| c.get(k))
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_owned)
+    let Some(mut event) = registry.conn_event(conn.id, EventType::Subscribed) else {
+        return;
     };
-    let event = Event {
-        kind: EventType::Subscribed,
-        sub: claim("sub"),
-        iss: claim("iss"),
-        connection: connection_id(&relay.name, conn.id),
-        relay: relay.name.clone(),
-        channel: Some(channel.to_owned()),
-        reason: None,
-        close_code: None,
-        at: now_ms(),
-        duration_ms: None,
-    };
+    event.channel = Some(channel.to_owned());
     let serial = conn.next_serial();
     registry.event(&event, Some(serial));
     let ends = Unannounce {
