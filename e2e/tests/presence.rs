@@ -291,6 +291,11 @@ async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) ->
         answered.as_millis(),
         closed.as_millis()
     );
+    // What the issue asks: every connection of the user closed within 1 s of the command.
+    ensure!(
+        closed <= Duration::from_secs(1),
+        "(d) the disconnected connection closed {closed:?} after the command, over 1 s"
+    );
     let tally = events_invariant("(d) after the disconnect", &stream, open()).await?;
     ensure!(
         tally.kicked == 1,

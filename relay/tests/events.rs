@@ -315,6 +315,26 @@ async fn the_backend_disconnects_a_user_on_every_relay_and_hears_how_many() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("name `sub` or `connection`"));
+    // No service on a subject: exit 2.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args([
+            "ctl",
+            "--nats",
+            &url,
+            "--subject",
+            "wsrelay.control.none",
+            "connections",
+            "--sub",
+            "u1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Found the NATS way: the service's INFO names both endpoints on the control subject.
     let info = service
