@@ -896,7 +896,7 @@ mod tests {
         gw.spec.events.as_mut().expect("events").durable = Some(d.clone());
         assert_eq!(
             refused(&gw),
-            "spec.events.durable.duplicateWindowSeconds: must be at least twice registry.leaseSeconds (30) and at most maxAgeSeconds (86400)"
+            "spec.events.durable.duplicateWindowSeconds: must be at least twice registry.leaseSeconds plus graceSeconds (30) and at most maxAgeSeconds (86400)"
         );
         // Replicas JetStream does not have.
         d.duplicate_window_seconds = 300;

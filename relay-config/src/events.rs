@@ -21,13 +21,29 @@ pub struct Events {
     /// id). Absent: plain NATS messages, heard by whoever is subscribed at the time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durable: Option<DurableEvents>,
+    /// How long a relay waits before it says a connection's `Disconnected`: a client that
+    /// connects again within it naming the old connection (`?resume=`) makes the new one's
+    /// relay say `Resumed` instead of the pair. 0 (default): said at once. At most 60;
+    /// above 0 it needs `durable` and the types `Connected`, `Disconnected` and `Resumed`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub grace_seconds: u64,
 }
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The largest `events.graceSeconds`.
+pub const MAX_GRACE_SECONDS: u64 = 60;
 
 /// One kind of lifecycle event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum EventType {
     /// A connection was admitted (after the upgrade).
     Connected,
+    /// A connection was admitted that resumes one that ended within `graceSeconds`: said
+    /// instead of the old one's `Disconnected` and the new one's `Connected`.
+    Resumed,
     /// A connection ended, for whatever reason, its relay's death included.
     Disconnected,
     /// A subscription was confirmed (its `ok` sent).
@@ -38,8 +54,9 @@ pub enum EventType {
 
 impl EventType {
     /// Every type, in the order a connection's events come.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Connected,
+        Self::Resumed,
         Self::Subscribed,
         Self::Unsubscribed,
         Self::Disconnected,
@@ -49,6 +66,7 @@ impl EventType {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Connected => "Connected",
+            Self::Resumed => "Resumed",
             Self::Disconnected => "Disconnected",
             Self::Subscribed => "Subscribed",
             Self::Unsubscribed => "Unsubscribed",
@@ -178,6 +196,29 @@ impl Config {
                 "a type is named twice",
             ));
         }
+        if e.grace_seconds > 0 {
+            let needed = [
+                EventType::Connected,
+                EventType::Disconnected,
+                EventType::Resumed,
+            ];
+            if e.grace_seconds > MAX_GRACE_SECONDS {
+                errs.push(ValidationError::invalid(
+                    "events.graceSeconds",
+                    format!("must be at most {MAX_GRACE_SECONDS}"),
+                ));
+            } else if e.durable.is_none() {
+                errs.push(ValidationError::invalid(
+                    "events.graceSeconds",
+                    "needs events.durable: the stream decides, once, whether a connection ended or was resumed",
+                ));
+            } else if !needed.iter().all(|t| e.types.contains(t)) {
+                errs.push(ValidationError::invalid(
+                    "events.graceSeconds",
+                    "needs the types Connected, Disconnected and Resumed",
+                ));
+            }
+        }
         let Some(d) = &e.durable else {
             return;
         };
@@ -211,13 +252,12 @@ impl Config {
             ));
         }
         let lease = self.registry.as_ref().map_or(0, |r| r.lease_seconds);
-        if d.duplicate_window_seconds < 2 * lease || d.duplicate_window_seconds > d.max_age_seconds
-        {
+        let least = 2 * lease + e.grace_seconds;
+        if d.duplicate_window_seconds < least || d.duplicate_window_seconds > d.max_age_seconds {
             errs.push(ValidationError::invalid(
                 "events.durable.duplicateWindowSeconds",
                 format!(
-                    "must be at least twice registry.leaseSeconds ({}) and at most maxAgeSeconds ({})",
-                    2 * lease,
+                    "must be at least twice registry.leaseSeconds plus graceSeconds ({least}) and at most maxAgeSeconds ({})",
                     d.max_age_seconds
                 ),
             ));

@@ -535,10 +535,23 @@ fn events_and_control_need_the_registry_and_each_field_is_validated_by_name() {
         serde_json::from_str::<Events>(r#"{"subject": "a", "type": []}"#).is_err(),
         "unknown fields are refused"
     );
-    assert!(serde_json::from_str::<Events>(r#"{"subject": "a", "types": ["Resumed"]}"#).is_err());
+    assert!(serde_json::from_str::<Events>(r#"{"subject": "a", "types": ["Renamed"]}"#).is_err());
 
     type Break = fn(&mut Config);
-    let cases: [(&str, Break); 13] = [
+    let cases: [(&str, Break); 16] = [
+        ("events.graceSeconds", |c| {
+            c.events.as_mut().unwrap().grace_seconds = 61
+        }),
+        ("events.graceSeconds", |c| {
+            let e = c.events.as_mut().unwrap();
+            e.grace_seconds = 5;
+            e.types.retain(|t| *t != EventType::Resumed);
+        }),
+        ("events.graceSeconds", |c| {
+            let e = c.events.as_mut().unwrap();
+            e.grace_seconds = 5;
+            e.durable = None;
+        }),
         ("events", |c| c.registry = None),
         ("events.subject", |c| {
             c.events.as_mut().unwrap().subject = "a.*".into()

@@ -34,6 +34,9 @@ pub struct Event {
     pub iss: Option<String>,
     /// `<relay>/<id>`, as in the `Wsrelay-Connection` header of the connection's publishes.
     pub connection: String,
+    /// The connection this one resumed (`Resumed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
     /// The relay that served it.
     pub relay: String,
     /// The channel (`Subscribed`, `Unsubscribed`).
@@ -41,7 +44,7 @@ pub struct Event {
     pub channel: Option<String>,
     /// Why it ended (`Disconnected`: the close's reason label, or `relay_lost`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'static str>,
+    pub reason: Option<String>,
     /// The WebSocket close code the relay sent (`Disconnected`, when it sent one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close_code: Option<u16>,
@@ -57,6 +60,25 @@ pub fn connection_id(relay: &str, id: u64) -> String {
     format!("{relay}/{id}")
 }
 
+/// Whether `name` can be a relay's (pod) name: 1 to 253 of letters, digits, `-`, `.`, `_`,
+/// `=`. Pure.
+pub fn is_relay_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._=".contains(c))
+}
+
+/// The relay name and number of a connection id (`<relay>/<digits>`), if `s` is one. Pure.
+pub fn parse_connection_id(s: &str) -> Option<(&str, u64)> {
+    let (relay, n) = s.rsplit_once('/')?;
+    if !is_relay_name(relay) || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((relay, n.parse().ok()?))
+}
+
 /// An event ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
@@ -64,7 +86,8 @@ pub struct Outgoing {
     pub subject: String,
     /// The `Nats-Msg-Id` header: `<connection>:<Type>`, and for a subscription event its
     /// serial in the connection (a channel may be subscribed to again), so the stream
-    /// stores each event once however often it is said.
+    /// stores each event once however often it is said. A `Resumed` carries the id of the
+    /// previous connection's `Disconnected`: the stream stores one of the two, the first.
     pub msg_id: String,
     /// The JSON.
     pub payload: Bytes,
@@ -86,7 +109,9 @@ impl Outgoing {
 pub struct Emitter {
     subject: String,
     types: BTreeSet<EventType>,
-    durable: bool,
+    /// The stream, when durable.
+    stream: Option<String>,
+    grace: Duration,
 }
 
 impl Emitter {
@@ -95,14 +120,25 @@ impl Emitter {
         Self {
             subject: c.subject.clone(),
             types: c.types.iter().copied().collect(),
-            durable: c.durable.is_some(),
+            stream: c.durable.as_ref().map(|d| d.stream.clone()),
+            grace: Duration::from_secs(c.grace_seconds),
         }
     }
 
     /// Whether events go to a stream (published with an acknowledgement) rather than as
     /// plain messages.
     pub fn durable(&self) -> bool {
-        self.durable
+        self.stream.is_some()
+    }
+
+    /// The stream, when durable.
+    pub fn stream(&self) -> Option<&str> {
+        self.stream.as_deref()
+    }
+
+    /// How long a `Disconnected` waits for a resume (`graceSeconds`; zero: none).
+    pub fn grace(&self) -> Duration {
+        self.grace
     }
 
     /// Whether `kind` is published at all.
@@ -117,9 +153,10 @@ impl Emitter {
             return None;
         }
         let name = event.kind.name();
-        let msg_id = match serial {
-            Some(n) => format!("{}:{name}:{n}", event.connection),
-            None => format!("{}:{name}", event.connection),
+        let msg_id = match (serial, &event.previous) {
+            (_, Some(previous)) => format!("{previous}:{}", EventType::Disconnected.name()),
+            (Some(n), None) => format!("{}:{name}:{n}", event.connection),
+            (None, None) => format!("{}:{name}", event.connection),
         };
         Some(Outgoing {
             subject: format!("{}.{name}", self.subject),
@@ -171,9 +208,10 @@ mod tests {
             sub: Some("u1".into()),
             iss: None,
             connection: connection_id("wsrelay-0", 7),
+            previous: None,
             relay: "wsrelay-0".into(),
             channel: None,
-            reason: Some(RELAY_LOST),
+            reason: Some(RELAY_LOST.into()),
             close_code: None,
             at: 5,
             duration_ms: Some(3),
@@ -197,6 +235,38 @@ mod tests {
         let o = e.outgoing(&s, Some(2)).unwrap();
         assert_eq!(o.msg_id, "wsrelay-0/7:Subscribed:2");
         assert_eq!(o.headers().get("Nats-Msg-Id").unwrap().as_str(), o.msg_id);
+        let mut r = disconnected();
+        r.kind = EventType::Resumed;
+        r.connection = connection_id("wsrelay-1", 9);
+        r.previous = Some(connection_id("wsrelay-0", 7));
+        let o = e.outgoing(&r, None).unwrap();
+        assert_eq!(o.subject, "wsrelay.events.ns.gw.Resumed");
+        assert_eq!(
+            o.msg_id, "wsrelay-0/7:Disconnected",
+            "one of a connection's Disconnected and its Resumed is stored"
+        );
+    }
+
+    #[test]
+    fn a_connection_id_is_a_relay_name_and_digits() {
+        assert_eq!(
+            parse_connection_id(&connection_id("chat-7f.x_2", 17)),
+            Some(("chat-7f.x_2", 17))
+        );
+        for bad in [
+            "",
+            "/1",
+            "r/",
+            "r/+1",
+            "r/-1",
+            "r/1a",
+            "r 1/2",
+            "r/99999999999999999999",
+            "a\nb/1",
+        ] {
+            assert_eq!(parse_connection_id(bad), None, "{bad:?}");
+        }
+        assert!(parse_connection_id(&format!("{}/1", "r".repeat(254))).is_none());
     }
 
     #[test]

@@ -700,12 +700,28 @@ pub fn encode_pong(id: Option<&RequestId>) -> String {
     out
 }
 
-/// `{"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":..}`: first frame after
+/// `{"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":..,"anonymous":..,
+/// "connection":..}` (and `"resumed"` when the client asked to resume): first frame after
 /// the upgrade.
-pub fn encode_welcome(max_message_bytes: u32, anonymous: bool) -> String {
-    format!(
-        "{{\"type\":\"welcome\",\"protocol\":\"{SUBPROTOCOL}\",\"maxMessageBytes\":{max_message_bytes},\"anonymous\":{anonymous}}}"
-    )
+pub fn encode_welcome(
+    max_message_bytes: u32,
+    anonymous: bool,
+    connection: &str,
+    resumed: Option<bool>,
+) -> String {
+    let mut out = format!(
+        "{{\"type\":\"welcome\",\"protocol\":\"{SUBPROTOCOL}\",\"maxMessageBytes\":{max_message_bytes},\"anonymous\":{anonymous},\"connection\":"
+    );
+    push_json_str(&mut out, connection);
+    if let Some(r) = resumed {
+        out.push_str(if r {
+            ",\"resumed\":true"
+        } else {
+            ",\"resumed\":false"
+        });
+    }
+    out.push('}');
+    out
 }
 
 /// `{"type":"dropped","channel":..,"count":..}`: this many messages of `channel` were
@@ -1028,7 +1044,10 @@ mod tests {
             json!({"type":"ok","id":1,"data":{"n":1}})
         );
         assert_eq!(
-            v(&with_data(encode_welcome(10, false), Some("[1]")))["data"],
+            v(&with_data(
+                encode_welcome(10, false, "r/1", None),
+                Some("[1]")
+            ))["data"],
             json!([1])
         );
         assert_eq!(with_data(encode_ok(None), None), encode_ok(None));
@@ -1172,8 +1191,12 @@ mod tests {
             json!({"type":"unsubscribed","channel":"a.b","reason":"binding removed"})
         );
         assert_eq!(
-            v(&encode_welcome(1024, true)),
-            json!({"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":1024,"anonymous":true})
+            v(&encode_welcome(1024, true, "r-0/7", None)),
+            json!({"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":1024,"anonymous":true,"connection":"r-0/7"})
+        );
+        assert_eq!(
+            v(&encode_welcome(1024, false, "r-0/8", Some(true)))["resumed"],
+            json!(true)
         );
     }
 }

@@ -221,8 +221,14 @@ impl Relay {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Registers a new connection.
-    pub fn register(&self, outbox: Arc<Outbox>, claims: Option<Map<String, Value>>) -> Arc<Conn> {
+    /// Registers a new connection; `resumes`: the connection it resumes, checked by
+    /// [`Relay::may_resume`] (then `Registry::settle_opened` settles it).
+    pub fn register(
+        &self,
+        outbox: Arc<Outbox>,
+        claims: Option<Map<String, Value>>,
+        resumes: Option<&str>,
+    ) -> Arc<Conn> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Some(r) = &self.registry {
             let claim = |k: &str| {
@@ -232,7 +238,7 @@ impl Relay {
                     .and_then(Value::as_str)
                     .map(str::to_owned)
             };
-            r.opened(id, claim("sub"), claim("iss"));
+            r.opened(id, claim("sub"), claim("iss"), resumes);
         }
         let conn = Arc::new(Conn::new(id, outbox, claims));
         self.conns_lock().insert(id, conn.clone());
@@ -248,13 +254,23 @@ impl Relay {
         if self.conns_lock().remove(&conn.id).is_some() {
             self.metrics.connections.dec();
             if let Some(r) = &self.registry {
-                let code = match end {
-                    End::Closed(c) if c.sends_frame() => Some(c.code()),
-                    _ => None,
+                let (code, resumable) = match end {
+                    End::Closed(c) => (c.sends_frame().then(|| c.code()), c.resumable()),
+                    _ => (None, true),
                 };
-                r.closed(conn.id, end.label(), code);
+                r.closed(conn.id, end.label(), code, resumable);
             }
         }
+    }
+
+    /// Whether a connection with `claims` may resume `previous` (docs/backend.md,
+    /// *Resumes*): asks the registry, when there is one.
+    pub async fn may_resume(&self, claims: Option<&Map<String, Value>>, previous: &str) -> bool {
+        let Some(r) = &self.registry else {
+            return false;
+        };
+        let claim = |k: &str| claims.and_then(|c| c.get(k)).and_then(Value::as_str);
+        r.may_resume(claim("sub"), claim("iss"), previous).await
     }
 
     /// A snapshot of the open connections.

@@ -480,6 +480,158 @@ async fn revoked_tokens_are_closed_refused_and_known_to_relays_started_later() {
     );
 }
 
+/// A connection of `sub` to `relay`, resuming `resume` when given, and its `welcome`.
+async fn welcomed(relay: &TestRelay, sub: &str, resume: Option<&str>) -> (Ws, Value) {
+    let mut query = format!("?token={}", hs256(claims(sub)));
+    if let Some(r) = resume {
+        query.push_str(&format!("&resume={}", r.replace('/', "%2F")));
+    }
+    let mut ws = connect_with(relay.addr(), &query, &[]).await.unwrap();
+    let w = next_json(&mut ws).await.unwrap();
+    assert_eq!(w["type"], "welcome", "{w}");
+    (ws, w)
+}
+
+fn conn_of(welcome: &Value) -> String {
+    welcome["connection"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_comes_back_within_the_grace_is_resumed_once_on_any_relay() {
+    init_logs();
+    const GRACE: u64 = 2;
+    let (_store, nats) = jetstream_nats("events-resume");
+    let a = builder(&nats, "relay-a", 15)
+        .events_grace(GRACE)
+        .start()
+        .await;
+    let b = builder(&nats, "relay-b", 15)
+        .events_grace(GRACE)
+        .start()
+        .await;
+
+    // u1 leaves relay-a and comes back on relay-b within the grace: resumed.
+    let (mut ws, w) = welcomed(&a, "u1", None).await;
+    assert_eq!(w.get("resumed"), None, "{w}");
+    let a1 = conn_of(&w);
+    assert!(a1.starts_with("relay-a/"), "{a1}");
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let (mut b1_ws, w) = welcomed(&b, "u1", Some(&a1)).await;
+    assert_eq!(w["resumed"], true, "{w}");
+    let b1 = conn_of(&w);
+    // Once only: another resume of the same connection is a new connection.
+    let (_b2_ws, w) = welcomed(&b, "u1", Some(&a1)).await;
+    assert_eq!(w["resumed"], false, "{w}");
+    let b2 = conn_of(&w);
+    // Never another user's connection.
+    let (_u2, w) = welcomed(&a, "u2", Some(&b1)).await;
+    assert_eq!(w["resumed"], false, "{w}");
+    // Nor one that is still open (its relay would say its Disconnected later).
+    let (_u1c, w) = welcomed(&a, "u1", Some(&b2)).await;
+    assert_eq!(w["resumed"], false, "{w}");
+    // A malformed resume is a 400 before the upgrade.
+    let bad = format!("?token={}&resume=relay-a", hs256(claims("u1")));
+    assert_eq!(connect_with(a.addr(), &bad, &[]).await.err(), Some(400));
+
+    // A connection the backend closed is said Disconnected at once, and is not resumed.
+    let (mut kicked, w) = welcomed(&a, "u3", None).await;
+    let k1 = conn_of(&w);
+    let r = ask(&nats.url(), None, CONTROL, Verb::Disconnect, &by_sub("u3"))
+        .await
+        .unwrap();
+    assert!(r.contains("\"reached\":1"), "{r}");
+    assert_eq!(
+        next_event(&mut kicked, Duration::from_secs(5)).await,
+        Got::Closed(Some(4100))
+    );
+    let (_u3, w) = welcomed(&a, "u3", Some(&k1)).await;
+    assert_eq!(w["resumed"], false, "{w}");
+
+    // u4 comes back after the grace: a new connection, and the old one's Disconnected.
+    let (mut ws, w) = welcomed(&a, "u4", None).await;
+    let late = conn_of(&w);
+    ws.close(None).await.unwrap();
+    drop(ws);
+    tokio::time::sleep(Duration::from_secs(GRACE) + Duration::from_millis(1500)).await;
+    let (_u4, w) = welcomed(&b, "u4", Some(&late)).await;
+    assert_eq!(w["resumed"], false, "{w}");
+
+    // b1 ends: its Disconnected comes after the grace, dated when it closed.
+    b1_ws.close(None).await.unwrap();
+    drop(b1_ws);
+    let closed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+
+    // Connected: a1, b2, u2, u1 (on a), u3 twice, u4 twice; Resumed: b1 <- a1;
+    // Disconnected: u3's kicked one, u4's late one, and b1's.
+    let all = stored(&nats, 12, Duration::from_secs(GRACE + 20)).await;
+    let of = |kind: &str, conn: &str| {
+        all.iter()
+            .filter(|e| e["type"] == kind && e["connection"] == conn)
+            .count()
+    };
+    let resumed = of_type(&all, "Resumed");
+    assert_eq!(resumed.len(), 1, "{all:#?}");
+    assert_eq!(
+        (
+            resumed[0]["connection"].as_str(),
+            resumed[0]["previous"].as_str()
+        ),
+        (Some(b1.as_str()), Some(a1.as_str()))
+    );
+    assert_eq!(resumed[0]["sub"], "u1");
+    assert_eq!(
+        (of("Connected", &a1), of("Disconnected", &a1)),
+        (1, 0),
+        "{all:#?}"
+    );
+    assert_eq!(
+        (of("Connected", &b1), of("Disconnected", &b1)),
+        (0, 1),
+        "{all:#?}"
+    );
+    assert_eq!(
+        (of("Connected", &b2), of("Disconnected", &b2)),
+        (1, 0),
+        "{all:#?}"
+    );
+    assert_eq!(of("Disconnected", &k1), 1, "{all:#?}");
+    assert_eq!(of("Disconnected", &late), 1, "{all:#?}");
+    assert_eq!(of_type(&all, "Connected").len(), 8, "{all:#?}");
+    let end = all
+        .iter()
+        .find(|e| e["type"] == "Disconnected" && e["connection"] == b1.as_str())
+        .unwrap();
+    assert_eq!(end["reason"], "normal", "{end}");
+    let at = end["at"].as_u64().unwrap();
+    assert!(
+        at <= closed_at + 1000,
+        "dated when it closed ({at}), not when said: {end}"
+    );
+    let kick = all
+        .iter()
+        .find(|e| e["type"] == "Disconnected" && e["connection"] == k1.as_str())
+        .unwrap();
+    assert_eq!(
+        (kick["reason"].as_str(), kick["closeCode"].as_u64()),
+        (Some("disconnect"), Some(4100))
+    );
+    assert_eq!(
+        b.metric("wsrelay_events_published_total{event=\"Resumed\"}")
+            .await,
+        Some(1.0)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        stored(&nats, 0, Duration::ZERO).await.len(),
+        12,
+        "nothing more"
+    );
+}
+
 /// The HTTP status of a WebSocket upgrade with `token` (101: upgraded).
 async fn upgrade_status(addr: std::net::SocketAddr, token: &str) -> u16 {
     let head = raw_upgrade(addr, &format!("Authorization: Bearer {token}\r\n")).await;

@@ -38,9 +38,17 @@ async fn an_idle_connections_future_stays_small() {
     let conn = relay.register(
         Arc::new(Outbox::new(64, SlowConsumerPolicy::Disconnect)),
         None,
+        None,
     );
     let (sink, stream) = ws.split();
-    let run = wsrelay::session::run(sink, stream, relay.clone(), conn.clone(), None, None);
+    let run = wsrelay::session::run(
+        sink,
+        stream,
+        relay.clone(),
+        conn.clone(),
+        None,
+        wsrelay::session::Welcome::default(),
+    );
     let size = size_of_future(&run);
     eprintln!("connection future: {size} bytes");
     // 1,488 bytes (release) when written; debug builds lay futures out alike here. The

@@ -146,6 +146,7 @@ async fn a_writer_blocked_mid_ping_is_released() {
     let conn = relay.register(
         Arc::new(Outbox::new(64, SlowConsumerPolicy::Disconnect)),
         None,
+        None,
     );
     let (sink, stream) = ws.split();
     let task = tokio::spawn(wsrelay::session::run(
@@ -154,7 +155,7 @@ async fn a_writer_blocked_mid_ping_is_released() {
         relay.clone(),
         conn,
         None,
-        None,
+        wsrelay::session::Welcome::default(),
     ));
     let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
     let welcome = tokio::time::timeout(Duration::from_secs(5), client.next())

@@ -209,6 +209,14 @@ impl Builder {
         self
     }
 
+    /// With `events.graceSeconds` (after [`RelayBuilder::events`] with a stream).
+    pub fn events_grace(mut self, seconds: u64) -> Self {
+        if let Some(e) = self.config.events.as_mut() {
+            e.grace_seconds = seconds;
+        }
+        self
+    }
+
     /// With the control service on `subject` (`<subject>.disconnect`, ...).
     pub fn control(mut self, subject: &str) -> Self {
         self.config.control = Some(crate::api::Control {

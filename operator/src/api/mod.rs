@@ -239,7 +239,7 @@ mod tests {
             .find(|r| r.contains("duplicateWindowSeconds"))
             .expect("the duplicate window's rule");
         assert!(
-            window.ends_with(&format!("self.registry.leaseSeconds : {lease})")),
+            window.contains(&format!("self.registry.leaseSeconds : {lease})")),
             "{window}"
         );
     }

@@ -87,7 +87,7 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/wsrelay/wsrelay:", env!("CARGO_
     validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, b.subject.contains('{claims.'))").message("a binding uses {claims.*} but auth has no jwt section, so clients carry no claims: add auth.jwt or drop the claims from the subject"),
     validation = Rule::new("has(self.auth.jwt) || !self.bindings.exists(b, has(b.authorize) && has(b.authorize.token) && !has(b.authorize.token.jwt))").message("a binding's authorize.token has no jwt of its own, so subscription tokens would be verified with spec.auth.jwt's keys, and auth has no jwt section: add auth.jwt, or give the token its own jwt (a subscription token's sub must also match the connection's, which needs auth.jwt)"),
     validation = Rule::new("!has(self.events) || !has(self.control) || (self.events.subject != self.control.subject && !self.events.subject.startsWith(self.control.subject + '.') && !self.control.subject.startsWith(self.events.subject + '.'))").message("events.subject and control.subject must not be one within the other (such as wsrelay and wsrelay.control): events would reach the control service"),
-    validation = Rule::new("!has(self.events) || !has(self.events.durable) || self.events.durable.duplicateWindowSeconds >= 2 * (has(self.registry) ? self.registry.leaseSeconds : 15)").message("events.durable.duplicateWindowSeconds must be at least twice registry.leaseSeconds (15 when spec.registry is unset): a relay's own Disconnected and the survivor's relay_lost for the same connection must fall in one window to be stored once")
+    validation = Rule::new("!has(self.events) || !has(self.events.durable) || self.events.durable.duplicateWindowSeconds >= 2 * (has(self.registry) ? self.registry.leaseSeconds : 15) + self.events.graceSeconds").message("events.durable.duplicateWindowSeconds must be at least twice registry.leaseSeconds (15 when spec.registry is unset) plus events.graceSeconds: a relay's own Disconnected, the survivor's relay_lost and a Resumed for the same connection must fall in one window to be stored once")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WebsocketGatewaySpec {
@@ -185,6 +185,9 @@ pub const MAX_PREFIX_SUBJECT_LEN: usize = 200 - 2 * (1 + 63);
 /// Lifecycle events.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.graceSeconds == 0 || (has(self.durable) && ['Connected', 'Disconnected', 'Resumed'].all(t, t in self.types))").message("events.graceSeconds needs events.durable and the types Connected, Disconnected and Resumed: the stream decides, once, whether a connection ended or was resumed")
+)]
 pub struct EventsSpec {
     /// The subject prefix, a fixed NATS subject (no wildcards, not `$...`, `_INBOX` or
     /// `_WSRELAY`), at most 72 bytes. The relays publish on
@@ -193,9 +196,9 @@ pub struct EventsSpec {
     #[schemars(length(min = 1, max = 72))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_-]+([.][A-Za-z0-9_-]+)*$') && self != '_INBOX' && !self.startsWith('_INBOX.') && self != '_WSRELAY' && !self.startsWith('_WSRELAY.')").message("events.subject must be a fixed NATS subject: dot-separated names of letters, digits, '-' and '_' (no wildcards or placeholders), not starting with '$', _INBOX or _WSRELAY, e.g. wsrelay.events"))]
     pub subject: String,
-    /// The event types published. Default: all four.
+    /// The event types published. Default: all of them.
     #[serde(default = "default_event_types")]
-    #[schemars(length(min = 1, max = 4))]
+    #[schemars(length(min = 1, max = 5))]
     #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u == t))").message("events.types names a type twice: list each at most once"))]
     pub types: Vec<EventType>,
     /// Also keep the events in a JetStream stream the relays create and update
@@ -205,6 +208,15 @@ pub struct EventsSpec {
     /// is subscribed at the time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durable: Option<DurableEventsSpec>,
+    /// Seconds a relay waits before it says a connection's `Disconnected`: a client that
+    /// connects again within them naming its old connection (the SDK does) gets `Resumed`
+    /// said instead of a `Disconnected` and a `Connected` (docs/backend.md, *Resumes*).
+    /// 0 (default): said at once. Above 0 it needs `durable` and the types `Connected`,
+    /// `Disconnected` and `Resumed`; `durable.duplicateWindowSeconds` must then be at least
+    /// twice `registry.leaseSeconds` plus this.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 60))]
+    pub grace_seconds: i32,
 }
 
 fn default_events_subject() -> String {
@@ -213,6 +225,7 @@ fn default_events_subject() -> String {
 fn default_event_types() -> Vec<EventType> {
     vec![
         EventType::Connected,
+        EventType::Resumed,
         EventType::Subscribed,
         EventType::Unsubscribed,
         EventType::Disconnected,
@@ -224,6 +237,8 @@ fn default_event_types() -> Vec<EventType> {
 pub enum EventType {
     /// A connection was admitted (after the upgrade).
     Connected,
+    /// A connection was admitted that resumes one that ended within `graceSeconds`.
+    Resumed,
     /// A connection ended, for whatever reason (its relay's death included).
     Disconnected,
     /// A subscription was confirmed.

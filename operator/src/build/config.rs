@@ -240,6 +240,7 @@ pub fn relay_events(
             .iter()
             .map(|t| match t {
                 EventType::Connected => relay::EventType::Connected,
+                EventType::Resumed => relay::EventType::Resumed,
                 EventType::Disconnected => relay::EventType::Disconnected,
                 EventType::Subscribed => relay::EventType::Subscribed,
                 EventType::Unsubscribed => relay::EventType::Unsubscribed,
@@ -252,6 +253,7 @@ pub fn relay_events(
             max_bytes: u64_of_i64(d.max_bytes),
             duplicate_window_seconds: u64_of(d.duplicate_window_seconds),
         }),
+        grace_seconds: u64_of(e.grace_seconds),
     })
 }
 
@@ -1215,6 +1217,7 @@ mod tests {
                     max_bytes: 64 << 20,
                     duplicate_window_seconds: 120,
                 }),
+                grace_seconds: 0,
             })
         );
         assert_eq!(

@@ -134,8 +134,12 @@ pub(super) fn deployment(ctx: &Ctx, gw: &WebsocketGateway, config_hash: &str) ->
     let mut pod_spec = json!({
         "serviceAccountName": ctx.name,
         "automountServiceAccountToken": false,
+        // The drain, then the wait for resumes of the connections it closed
+        // (`events.graceSeconds`), then the rest of the shutdown.
         "terminationGracePeriodSeconds":
-            i64::from(spec.drain.grace_period_seconds) + TERMINATION_SLACK_SECONDS,
+            i64::from(spec.drain.grace_period_seconds)
+                + spec.events.as_ref().map_or(0, |e| i64::from(e.grace_seconds))
+                + TERMINATION_SLACK_SECONDS,
         "securityContext": {
             "runAsNonRoot": true,
             "runAsUser": RELAY_UID,

@@ -70,6 +70,15 @@ pub enum Cause {
 struct Row(u16, &'static str, bool, &'static str);
 
 impl Cause {
+    /// Whether the client may come back and resume the connection (docs/backend.md,
+    /// *Resumes*): not after the backend closed it.
+    pub const fn resumable(self) -> bool {
+        !matches!(
+            self,
+            Self::Disconnect | Self::DisconnectFinal | Self::Revoked
+        )
+    }
+
     /// The table.
     const fn row(self) -> Row {
         match self {

@@ -79,13 +79,16 @@ pub enum Refusal {
     /// The backend revoked the token (control service `revoke`, `invalidate`).
     #[error("the token was revoked")]
     Revoked,
+    /// `?resume=` is not a connection id (docs/protocol.md section 1).
+    #[error("resume is not a connection id")]
+    BadResume,
 }
 
 impl Refusal {
     /// The HTTP status answered.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NotWebsocket | Self::Subprotocol => StatusCode::BAD_REQUEST,
+            Self::NotWebsocket | Self::Subprotocol | Self::BadResume => StatusCode::BAD_REQUEST,
             Self::Draining | Self::MaxConnections | Self::ConnectUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -109,6 +112,7 @@ impl Refusal {
             Self::ConnectDenied => "connect_denied",
             Self::ConnectUnavailable => "connect_unavailable",
             Self::Revoked => "revoked",
+            Self::BadResume => "bad_resume",
         }
     }
 
@@ -168,6 +172,22 @@ pub struct Admitted {
     pub via: Option<TokenVia>,
     /// What the connect step's backend replied, for the `welcome`.
     pub data: Option<Arc<str>>,
+    /// The connection it asks to resume (`?resume=`), a connection id.
+    pub resume: Option<String>,
+}
+
+/// The `resume` query parameter: `Ok(None)` when absent, an error when it is not a
+/// connection id (`<relay>/<digits>`). Pure.
+pub fn resume_param(query: Option<&str>) -> Result<Option<String>, Refusal> {
+    let Some(v) = query.and_then(|q| {
+        form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "resume").then_some(v))
+    }) else {
+        return Ok(None);
+    };
+    match crate::events::parse_connection_id(&v) {
+        Some(_) => Ok(Some(v.into_owned())),
+        None => Err(Refusal::BadResume),
+    }
 }
 
 /// The counts an open connection holds.
@@ -198,6 +218,7 @@ pub async fn admit(
     if relay.is_draining() {
         return Err(Refusal::Draining);
     }
+    let resume = resume_param(req.query)?;
     let settings = relay.settings();
     // Per client address first: the cheapest refusal, before any token is verified.
     let per_ip = match req.peer {
@@ -271,5 +292,30 @@ pub async fn admit(
         identity,
         via,
         data,
+        resume,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_is_a_connection_id_or_a_400() {
+        assert_eq!(resume_param(None).unwrap(), None);
+        assert_eq!(resume_param(Some("token=x")).unwrap(), None);
+        assert_eq!(
+            resume_param(Some("token=x&resume=relay-0%2F17")).unwrap(),
+            Some("relay-0/17".into())
+        );
+        assert_eq!(
+            resume_param(Some("resume=relay-0/17")).unwrap(),
+            Some("relay-0/17".into())
+        );
+        for bad in ["resume=", "resume=relay-0", "resume=a%0Ab/1", "resume=r/1x"] {
+            let e = resume_param(Some(bad)).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(e.label(), "bad_resume");
+        }
+    }
 }

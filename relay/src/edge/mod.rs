@@ -40,8 +40,20 @@ impl Edge {
         }
     }
 
-    /// Registers an admitted connection, with a send queue sized by the limits in force.
-    pub fn open(&self, claims: Option<Map<String, Value>>) -> Arc<Conn> {
+    /// Registers an admitted connection, with a send queue sized by the limits in force;
+    /// resumes the connection it names when it may (docs/backend.md, *Resumes*). What its
+    /// `welcome` says of that: `None` when it named none.
+    pub async fn open(
+        &self,
+        claims: Option<Map<String, Value>>,
+        resume: Option<&str>,
+    ) -> (Arc<Conn>, Option<bool>) {
+        let resumes = match resume {
+            Some(previous) if self.relay.may_resume(claims.as_ref(), previous).await => {
+                Some(previous)
+            }
+            _ => None,
+        };
         let settings = self.relay.settings();
         let limits = &settings.config.limits;
         let outbox = Arc::new(Outbox::with_budget(
@@ -52,7 +64,12 @@ impl Edge {
         ));
         drop(settings);
         self.relay.metrics.accepted.inc();
-        self.relay.register(outbox, claims)
+        let conn = self.relay.register(outbox, claims, resumes);
+        let resumed = match (resumes, &self.relay.registry) {
+            (Some(_), Some(r)) => Some(r.settle_opened(conn.id).await),
+            _ => resume.map(|_| false),
+        };
+        (conn, resumed)
     }
 }
 

@@ -106,7 +106,9 @@ async fn handshake(edge: Arc<Edge>, mut req: Request, span: tracing::Span) -> Re
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        let conn = edge2.open(admitted.identity.claims);
+        let (conn, resumed) = edge2
+            .open(admitted.identity.claims, admitted.resume.as_deref())
+            .await;
         tracing::debug!(conn = conn.id, "connection accepted");
         let id = conn.id;
         let (sink, stream) = ws.split();
@@ -116,7 +118,10 @@ async fn handshake(edge: Arc<Edge>, mut req: Request, span: tracing::Span) -> Re
             edge2.relay.clone(),
             conn,
             admitted.identity.expires_at,
-            admitted.data,
+            crate::session::Welcome {
+                data: admitted.data,
+                resumed,
+            },
         )
         .instrument(tracing::debug_span!("connection", conn = id))
         .await;

@@ -102,6 +102,27 @@ pub struct ConnEntry {
     /// have changed; absent in entries of relays before events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<String>,
+    /// How it ended, while its relay waits `events.graceSeconds` for a resume before it
+    /// says `Disconnected` (whoever says it for a dead relay says this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<Ended>,
+    /// The connection it resumes (`<relay>/<n>`), until it is settled whether it did:
+    /// whoever ends an entry that still has it settles it first (`registry::resume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumes: Option<String>,
+}
+
+/// How a connection ended (in its [`ConnEntry`] during the grace).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ended {
+    /// When, in milliseconds since the epoch.
+    pub at: u64,
+    /// The close's reason label.
+    pub reason: String,
+    /// The close code the relay sent, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_code: Option<u16>,
 }
 
 #[cfg(test)]
@@ -147,6 +168,8 @@ mod tests {
             iss: None,
             connected_at: 5,
             relay: None,
+            ended: None,
+            resumes: None,
         };
         assert_eq!(
             serde_json::to_string(&c).unwrap(),

@@ -13,6 +13,7 @@
 //! keeps serving.
 
 pub mod keys;
+mod resume;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -29,9 +30,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Registry as RegistryConfig;
-use crate::events::{Emitter, Event, EventType, Outgoing, RELAY_LOST, connection_id};
+use crate::events::{
+    Emitter, Event, EventType, Outgoing, RELAY_LOST, connection_id, is_relay_name,
+};
 use crate::metrics::{Kind, Metrics, Reason};
-use keys::{ConnEntry, Lease, VALUE_VERSION};
+use keys::{ConnEntry, Ended, Lease, VALUE_VERSION};
 
 /// Bound on one KV request (a write's acknowledgement, a consumer's creation).
 pub const REQUEST_WITHIN: Duration = Duration::from_secs(5);
@@ -172,31 +175,35 @@ fn now_ms() -> u64 {
     crate::clock::now_ms()
 }
 
-/// A connection's lifecycle event of `kind` at `at`, from its registry entry. Pure.
+/// A connection's lifecycle event of `kind` at `at`, from its registry entry; a
+/// `Disconnected` of an entry that says how it ended says that (and when). Pure.
 pub fn lifecycle(entry: &ConnEntry, id: u64, relay: &str, kind: EventType, at: u64) -> Event {
-    let ended = matches!(kind, EventType::Disconnected);
+    let ending = matches!(kind, EventType::Disconnected);
+    let ended = entry.ended.as_ref().filter(|_| ending);
+    let at = ended.map_or(at, |e| e.at);
     Event {
         kind,
         sub: entry.sub.clone(),
         iss: entry.iss.clone(),
         connection: connection_id(relay, id),
+        previous: None,
         relay: relay.to_owned(),
         channel: None,
-        reason: None,
-        close_code: None,
+        reason: ended.map(|e| e.reason.clone()),
+        close_code: ended.and_then(|e| e.close_code),
         at,
-        duration_ms: ended.then(|| at.saturating_sub(entry.connected_at)),
+        duration_ms: ending.then(|| at.saturating_sub(entry.connected_at)),
     }
 }
 
-/// Whether `name` can be a relay's (pod) name: 1 to 253 of letters, digits, `-`, `.`, `_`,
-/// `=`. Pure.
-fn is_relay_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-._=".contains(c))
+/// The relay name of an entry found under the key token `token`: the one the entry names
+/// if it is a relay name (it goes into events' message-id headers), else the token. Pure.
+fn name_of(entry: &ConnEntry, token: &str) -> String {
+    entry
+        .relay
+        .clone()
+        .filter(|n| is_relay_name(n))
+        .unwrap_or_else(|| token.to_owned())
 }
 
 /// The relay that purges a dead one: the live relay whose name sorts first. Pure.
@@ -231,6 +238,9 @@ pub struct Registry {
     swept: std::sync::atomic::AtomicBool,
     /// Wakes the lease loop to write the lease now (the bucket just came into place).
     lease_now: tokio::sync::Notify,
+    /// The connections that ended and wait `events.graceSeconds` for a resume before
+    /// their `Disconnected` is said: shutdown waits for them.
+    pending: tokio_util::task::TaskTracker,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -262,6 +272,7 @@ impl Registry {
             entries: Mutex::new(HashMap::new()),
             swept: std::sync::atomic::AtomicBool::new(false),
             lease_now: tokio::sync::Notify::new(),
+            pending: tokio_util::task::TaskTracker::new(),
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -331,49 +342,96 @@ impl Registry {
         live.len() + usize::from(!live.contains(&self.relay))
     }
 
-    /// A connection opened: writes `conn.<relay>.<id>`, then says `Connected`.
-    pub fn opened(&self, id: u64, sub: Option<String>, iss: Option<String>) {
+    /// A connection opened: writes `conn.<relay>.<id>`, then says `Connected`; or, when
+    /// it resumes `resumes` (checked by [`Registry::may_resume`]), writes the entry naming
+    /// it and says nothing yet: [`Registry::settle_opened`] decides.
+    pub fn opened(&self, id: u64, sub: Option<String>, iss: Option<String>, resumes: Option<&str>) {
         let value = ConnEntry {
             v: VALUE_VERSION,
             sub,
             iss,
             connected_at: now_ms(),
             relay: Some(self.name.clone()),
+            ended: None,
+            resumes: resumes.map(str::to_owned),
         };
-        let Ok(json) = serde_json::to_vec(&value) else {
-            return;
-        };
-        self.put(keys::conn_key(&self.relay, id), Bytes::from(json));
-        self.say(&lifecycle(
-            &value,
-            id,
-            &self.name,
-            EventType::Connected,
-            value.connected_at,
-        ));
+        self.write_entry(id, &value);
+        if resumes.is_none() {
+            self.say(&lifecycle(
+                &value,
+                id,
+                &self.name,
+                EventType::Connected,
+                value.connected_at,
+            ));
+        }
+    }
+
+    /// Writes this relay's entry of connection `id`.
+    fn write_entry(&self, id: u64, entry: &ConnEntry) {
+        if let Ok(json) = serde_json::to_vec(entry) {
+            self.put(keys::conn_key(&self.relay, id), Bytes::from(json));
+        }
+    }
+
+    /// This relay's entry of connection `id`, while it has one.
+    fn entry(&self, id: u64) -> Option<ConnEntry> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&keys::conn_key(&self.relay, id))
+            .and_then(|v| serde_json::from_slice::<ConnEntry>(v).ok())
     }
 
     /// A connection closed: says `Disconnected` (why, and the close code the relay sent),
-    /// then deletes `conn.<relay>.<id>`.
-    pub fn closed(&self, id: u64, reason: &'static str, close_code: Option<u16>) {
-        if let Some(mut e) = self.conn_event(id, EventType::Disconnected) {
-            e.reason = Some(reason);
-            e.close_code = close_code;
-            self.say(&e);
+    /// then deletes `conn.<relay>.<id>`. With `events.graceSeconds` and a close the client
+    /// may come back from (`resumable`), the entry is kept that long with how it ended, for
+    /// a resume (`resume`).
+    pub fn closed(
+        self: &Arc<Self>,
+        id: u64,
+        reason: &'static str,
+        close_code: Option<u16>,
+        resumable: bool,
+    ) {
+        let Some(mut entry) = self.entry(id) else {
+            self.delete(keys::conn_key(&self.relay, id));
+            return;
+        };
+        entry.ended = Some(Ended {
+            at: now_ms(),
+            reason: reason.to_owned(),
+            close_code,
+        });
+        let grace = if resumable {
+            self.grace()
+        } else {
+            Duration::ZERO
+        };
+        if grace.is_zero() && entry.resumes.is_none() {
+            self.say(&lifecycle(
+                &entry,
+                id,
+                &self.name,
+                EventType::Disconnected,
+                now_ms(),
+            ));
+            self.delete(keys::conn_key(&self.relay, id));
+            return;
         }
-        self.delete(keys::conn_key(&self.relay, id));
+        self.write_entry(id, &entry);
+        let me = self.clone();
+        self.pending.spawn(async move {
+            tokio::time::sleep(grace).await;
+            me.end(id).await;
+        });
     }
 
     /// This relay's open connection `id`'s event of `kind`, now, from its entry; `None`
     /// without events or without the entry.
     pub fn conn_event(&self, id: u64, kind: EventType) -> Option<Event> {
         self.events.as_ref()?;
-        let entry = self
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&keys::conn_key(&self.relay, id))
-            .and_then(|v| serde_json::from_slice::<ConnEntry>(v).ok())?;
+        let entry = self.entry(id)?;
         Some(lifecycle(&entry, id, &self.name, kind, now_ms()))
     }
 
@@ -469,6 +527,7 @@ impl Registry {
                 .collect()
         };
         let n = mine.len();
+        self.settle_leftovers(&mine).await;
         for (key, value) in mine {
             if let Some(o) = self.lost(&key, &value) {
                 self.queue(Write::Event(o));
@@ -793,13 +852,11 @@ impl Registry {
         let entry: ConnEntry = serde_json::from_slice(value).ok()?;
         // The name goes into the event's message-id header: one read from the bucket is
         // taken only if it is a relay name.
-        let name = entry
-            .relay
-            .clone()
-            .filter(|n| is_relay_name(n))
-            .unwrap_or_else(|| token.to_owned());
+        let name = name_of(&entry, token);
         let mut e = lifecycle(&entry, id, &name, EventType::Disconnected, now_ms());
-        e.reason = Some(RELAY_LOST);
+        if entry.ended.is_none() {
+            e.reason = Some(RELAY_LOST.into());
+        }
         events.outgoing(&e, None)
     }
 
@@ -988,6 +1045,7 @@ impl Registry {
     pub async fn purge(&self, relay: &str, cause: PurgeCause) -> Result<usize, RegistryError> {
         let fut = async {
             let entries = self.entries_of(relay).await?;
+            self.settle_leftovers(&entries).await;
             // Every `Disconnected` is stored before any entry goes, as the relay itself
             // would have said them: a purger that dies half way leaves the entries for the
             // next, whose events the stream's duplicate window removes.
@@ -1022,6 +1080,15 @@ impl Registry {
     /// flushes the queued writes, deletes whatever entry of this relay is left, then its
     /// lease. Bounded by [`SHUTDOWN_WITHIN`].
     pub async fn shutdown(&self) {
+        // The connections in their grace first: a client of this relay may resume on
+        // another within it. Those still waiting are said by the purge below.
+        self.pending.close();
+        if tokio::time::timeout(self.grace() + Duration::from_secs(1), self.pending.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("registry: connections in their grace not all said before the exit");
+        }
         self.stop.cancel();
         drop(self.writes.lock().unwrap_or_else(|p| p.into_inner()).take());
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));

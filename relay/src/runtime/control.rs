@@ -153,14 +153,7 @@ fn claim_ok(s: &str) -> bool {
 
 /// Whether `s` is a connection id: `<relay>/<id>`.
 fn connection_ok(s: &str) -> bool {
-    s.rsplit_once('/').is_some_and(|(relay, id)| {
-        !relay.is_empty()
-            && relay.len() <= 253
-            && relay
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.=".contains(c))
-            && id.parse::<u64>().is_ok()
-    })
+    crate::events::parse_connection_id(s).is_some()
 }
 
 /// Reads and checks a command's body. Pure.

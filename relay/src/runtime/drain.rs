@@ -101,8 +101,11 @@ pub async fn drain(relay: &Arc<Relay>, grace: Duration) {
     // Every connection's close queued its delete: the registry flushes them, deletes what
     // is left of this relay's keys, then its lease (before NATS drains).
     if let Some(r) = &relay.registry {
+        // At least the wait for resumes (`events.graceSeconds`), which the pod's
+        // termination grace period includes.
         let left = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(left.max(Duration::from_secs(1)), r.shutdown())
+        let least = r.grace() + Duration::from_secs(1);
+        if tokio::time::timeout(left.max(least), r.shutdown())
             .await
             .is_err()
         {

@@ -28,15 +28,23 @@ use crate::metrics::Reason;
 use crate::protocol;
 use crate::state::Relay;
 
+/// What the `welcome` says besides the relay's limits.
+#[derive(Debug, Default)]
+pub struct Welcome {
+    /// What the connect step's backend replied.
+    pub data: Option<Arc<str>>,
+    /// Whether the connection the client named was resumed (when it named one).
+    pub resumed: Option<bool>,
+}
+
 /// Runs a registered connection to its end over `sink` and `stream`, then unregisters it.
-/// `welcome_data`: what the connect step's backend replied, for the `welcome`.
 pub async fn run<Si, St>(
     sink: Si,
     stream: St,
     relay: Arc<Relay>,
     conn: Arc<Conn>,
     expires_at: Option<u64>,
-    welcome_data: Option<Arc<str>>,
+    welcome: Welcome,
 ) where
     Si: Sink<Message, Error = tungstenite::Error> + Send + 'static,
     St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
@@ -47,8 +55,13 @@ pub async fn run<Si, St>(
     let sink = Arc::new(SharedSink::new(sink));
     conn.attach_sink(sink.clone());
     conn.outbox.push_reply(Message::text(protocol::with_data(
-        protocol::encode_welcome(limits.max_message_bytes, conn.is_anonymous()),
-        welcome_data.as_deref(),
+        protocol::encode_welcome(
+            limits.max_message_bytes,
+            conn.is_anonymous(),
+            &crate::events::connection_id(&relay.name, conn.id),
+            welcome.resumed,
+        ),
+        welcome.data.as_deref(),
     )));
     let done = CancellationToken::new();
     // The writer is a task of its own: joined with the reader in one task, every delivery's
@@ -132,10 +145,17 @@ mod tests {
         let (to_client, from_session) = mpsc::channel::<Message>(64);
         let (to_session, from_client) = mpsc::channel::<Message>(64);
         let outbox = Arc::new(Outbox::new(64, SlowConsumerPolicy::Disconnect));
-        let conn = relay.register(outbox, None);
+        let conn = relay.register(outbox, None, None);
         let sink = to_client.sink_map_err(|_| tungstenite::Error::ConnectionClosed);
         let stream = from_client.map(Ok);
-        let task = tokio::spawn(run(sink, stream, relay.clone(), conn, None, None));
+        let task = tokio::spawn(run(
+            sink,
+            stream,
+            relay.clone(),
+            conn,
+            None,
+            Welcome::default(),
+        ));
         (from_session, to_session, task)
     }
 

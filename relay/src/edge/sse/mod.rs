@@ -165,7 +165,9 @@ async fn open(State(sse): State<Sse>, req: Request) -> Response {
         }
     };
     let held = admitted.held;
-    let conn = edge.open(admitted.identity.claims);
+    let (conn, resumed) = edge
+        .open(admitted.identity.claims, admitted.resume.as_deref())
+        .await;
     let id = format!("{:032x}", rand::random::<u128>());
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
     sse.sessions().insert(
@@ -183,10 +185,14 @@ async fn open(State(sse): State<Sse>, req: Request) -> Response {
     ));
     let gone = CancellationToken::new();
     let (sink, stream) = transport::transport(body_tx, inbox_rx, gone.clone());
-    let (expires_at, data) = (admitted.identity.expires_at, admitted.data);
+    let expires_at = admitted.identity.expires_at;
+    let welcome = crate::session::Welcome {
+        data: admitted.data,
+        resumed,
+    };
     let (relay2, sse2) = (relay.clone(), sse.clone());
     relay.tracker.spawn(async move {
-        crate::session::run(sink, stream, relay2, conn, expires_at, data).await;
+        crate::session::run(sink, stream, relay2, conn, expires_at, welcome).await;
         sse2.sessions().remove(&id);
         drop(held);
     });

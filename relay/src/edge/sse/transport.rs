@@ -269,7 +269,7 @@ mod tests {
             64,
             crate::config::SlowConsumerPolicy::Disconnect,
         ));
-        let conn = relay.register(outbox, None);
+        let conn = relay.register(outbox, None, None);
         let (body_tx, body_rx) = mpsc::channel(16);
         let (inbox_tx, inbox_rx) = mpsc::channel(16);
         let gone = CancellationToken::new();
@@ -280,7 +280,7 @@ mod tests {
             relay.clone(),
             conn,
             None,
-            None,
+            crate::session::Welcome::default(),
         ));
         (relay, body_rx, gone, task, inbox_tx)
     }
