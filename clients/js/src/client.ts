@@ -33,6 +33,7 @@ import { tokenExpired } from "./token.js";
 import {
   sseTransport,
   webSocketTransport,
+  withResume,
   type Transport,
   type TransportFactory,
   type WebSocketConstructor,
@@ -140,6 +141,10 @@ export interface ConnectedContext {
   anonymous: boolean;
   /** Not the first connection of this client. */
   reconnected: boolean;
+  /** This connection's id across the fleet (`welcome.connection`): what the backend's events and control service name. */
+  connection?: string;
+  /** The relay resumed the previous connection (`welcome.resumed`): the backend heard `Resumed`, not a disconnect and a connect. */
+  resumed?: boolean;
   /** What the relay's connect step (`auth.connectRequest`) backend replied, when it sent any (`welcome.data`). */
   data?: unknown;
 }
@@ -280,6 +285,8 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   private readonly subRequests = new Map<number, Subscription>();
   private readonly ignoredReplies = new Set<number>();
   private welcome: WelcomeFrame | undefined;
+  /** The connection named in `?resume=` at the next connect: the last welcomed one, until the app disconnects or the client stops. */
+  private resumeFrom: string | undefined;
   private onlineListener: (() => void) | undefined;
 
   constructor(options: ClientOptions) {
@@ -354,6 +361,8 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
    */
   disconnect(): void {
     this.stopped = true;
+    // The app ended it: the backend hears it ended, not resumed.
+    this.resumeFrom = undefined;
     this.generation++;
     this.listenOnline(false);
     this.clearTimer("reconnectTimer");
@@ -482,6 +491,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
 
   private stop(kind: ErrorKind, error: WsrelayError): void {
     this.stopped = true;
+    this.resumeFrom = undefined;
     this.generation++;
     this.listenOnline(false);
     this.clearTimer("reconnectTimer");
@@ -525,7 +535,8 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
 
     // 2. The transport.
     const factory = this.transports[this.transportIndex]!;
-    const url = typeof this.o.url === "function" ? this.o.url() : this.o.url;
+    const base = typeof this.o.url === "function" ? this.o.url() : this.o.url;
+    const url = this.resumeFrom !== undefined ? withResume(base, this.resumeFrom) : base;
     const conn: Conn = { transport: undefined, welcomed: false, factory };
     this.conn = conn;
     this.welcome = undefined;
@@ -602,6 +613,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     conn.welcomed = true;
     this.clearTimer("connectTimer");
     this.welcome = w;
+    this.resumeFrom = w.connection;
     this.welcomedAt = this.clock.now();
     this.failedOpens = 0;
     this.authFailures = 0;
@@ -617,6 +629,8 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       maxMessageBytes: w.maxMessageBytes,
       anonymous: w.anonymous,
       reconnected,
+      ...(w.connection !== undefined ? { connection: w.connection } : {}),
+      ...(w.resumed !== undefined ? { resumed: w.resumed } : {}),
       ...(w.data !== undefined ? { data: w.data } : {}),
     });
     if (conn !== this.conn) return; // a listener disconnected

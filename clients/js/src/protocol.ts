@@ -9,6 +9,10 @@ export interface WelcomeFrame {
   protocol: string;
   maxMessageBytes: number;
   anonymous: boolean;
+  /** This connection's id across the fleet (`<relay>/<n>`); absent from relays before it. */
+  connection?: string;
+  /** Whether the connection named by `?resume=` was resumed (only when one was named). */
+  resumed?: boolean;
   /** What the connect step's backend (`auth.connectRequest`) replied, when it sent any. */
   data?: unknown;
 }

@@ -135,6 +135,23 @@ export interface SseTransportOptions {
 }
 
 /**
+ * `url` with `resume=<connection>` in its query (docs/protocol.md section 1, *Resuming a
+ * connection*), replacing one it has; both transports carry it (the SSE URL keeps the query).
+ */
+export function withResume(url: string, connection: string): string {
+  try {
+    const u = new URL(url);
+    u.searchParams.set("resume", connection);
+    return u.toString();
+  } catch {
+    // Not an absolute URL: appended as it is written.
+    const hash = url.indexOf("#");
+    const base = hash < 0 ? url : url.slice(0, hash);
+    return base + (base.includes("?") ? "&" : "?") + "resume=" + encodeURIComponent(connection) + (hash < 0 ? "" : url.slice(hash));
+  }
+}
+
+/**
  * The SSE URL of a relay's WebSocket URL: `wss://h/ws?x` -> `https://h/ws/sse?x`, with the
  * token as the `token` query parameter (EventSource cannot set headers; the relay must list
  * a `query` token source).

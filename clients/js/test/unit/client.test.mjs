@@ -64,6 +64,38 @@ test("connect: token offered as subprotocol, states connecting -> connected, wel
   assert.deepEqual(t.named("state").map((e) => e.state), ["connecting", "connected"]);
 });
 
+test("resume: a lost connection is named in ?resume= on the next one, not after the app or the relay ended it", async () => {
+  const t = setup();
+  await connected(t, { connection: "relay-0/17" });
+  assert.equal(t.named("connected")[0].connection, "relay-0/17");
+  assert.equal(t.named("connected")[0].resumed, undefined, "no resume was asked");
+  t.last().serverClose(1006, "", false);
+  await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  assert.equal(t.last().url, "ws://relay.test/ws?resume=relay-0%2F17");
+  t.last().accept({ connection: "relay-1/3", resumed: true });
+  assert.deepEqual(
+    { connection: t.named("connected").at(-1).connection, resumed: t.named("connected").at(-1).resumed },
+    { connection: "relay-1/3", resumed: true },
+  );
+  // The next one names the last welcomed connection, replacing the parameter.
+  t.last().serverClose(1012, "restart");
+  await t.clock.advance(30000);
+  assert.equal(t.last().url, "ws://relay.test/ws?resume=relay-1%2F3");
+  t.last().accept({ connection: "relay-1/4", resumed: false });
+  // The app disconnects: its next connect() is a new connection.
+  t.client.disconnect();
+  t.client.connect();
+  await t.clock.advance(0);
+  assert.equal(t.last().url, "ws://relay.test/ws");
+  t.last().accept({ connection: "relay-1/5" });
+  // The backend closed it for good (4101): a later connect() is a new connection too.
+  t.last().serverClose(4101, "disconnected");
+  assert.equal(t.client.state, "disconnected");
+  t.client.connect();
+  await t.clock.advance(0);
+  assert.equal(t.last().url, "ws://relay.test/ws");
+});
+
 test("anonymous: no token and no getToken offers only wsrelay.v1", async () => {
   const t = setup({ getToken: null });
   t.client.connect();
