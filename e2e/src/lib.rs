@@ -6,6 +6,7 @@
 //! run in parallel and leave nothing behind.
 
 pub mod authz;
+pub mod churn;
 pub mod gateway;
 pub mod load;
 pub mod netns;

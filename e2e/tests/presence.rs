@@ -17,6 +17,15 @@
 //!     `Disconnected` (a drain's, or `relay_lost` for the killed relays'), but the connections
 //!     still open, which have none; then a `disconnect` of one user through the control
 //!     service reaches its connection, closes it with 4101, and says so in its `Disconnected`.
+//! (e) churn (issue 27): 500 more clients connect, subscribe, unsubscribe, leave (a clean close
+//!     or a dropped TCP connection) and come back naming their old connection (`?resume=`),
+//!     within `events.graceSeconds` or after it, for 2 minutes, while the relays are rolled
+//!     and then one is killed with SIGKILL. Then every chain of connections in the events
+//!     stream (a `Connected`, then its `Resumed`) ends with exactly one `Disconnected` but the
+//!     members still open; every connection a client was welcomed on is in the stream (lost
+//!     0), none twice (duplicated 0); every `resumed: true` a client was told is a `Resumed`
+//!     in the stream, and every client that came back well within the grace (its old relay
+//!     alive) was resumed.
 //!
 //! The operator runs in this process (the current code, scoped to the test's namespace); the
 //! relays are the node's imported image (`make images`, node-up.sh). It needs the local node
@@ -34,6 +43,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use wsrelay::runtime::control::{Selector, Verb, ask};
+use wsrelay_e2e::churn::{self, Ledger, read_ledger};
 use wsrelay_e2e::gateway::{self, hs256_token};
 use wsrelay_e2e::operator::{Operator, install_crd};
 use wsrelay_e2e::presence::{self, Kind, Member};
@@ -52,6 +62,18 @@ const LEASE_SECONDS: u64 = 10;
 const GRACE_SECONDS: u64 = 3;
 /// What the issue asks: leaves within the lease's TTL + 5 s of a relay's death.
 const LEAVE_BOUND: Duration = Duration::from_secs(LEASE_SECONDS + 5);
+/// `events.graceSeconds`: a client back within it is resumed.
+const EVENTS_GRACE_SECONDS: u64 = 3;
+/// (e): the churning clients, their channels, and how long they churn.
+const CHURNERS: usize = 500;
+const CHURN_CHANNELS: usize = 10;
+const CHURN_FOR: Duration = Duration::from_secs(120);
+/// (e): when the relays are rolled, and when one is killed, after the churn starts.
+const ROLL_AT: Duration = Duration::from_secs(25);
+const KILL_AT: Duration = Duration::from_secs(80);
+/// (e): a client back this much within the grace must have been resumed (the relay's clock
+/// starts at the close it saw, the client's when it closed; a margin for 2 loaded cores).
+const RESUME_MARGIN: Duration = Duration::from_secs(1);
 /// After a rolling update, how long the test watches for a stray leave or join: past the
 /// grace, so that a leave held back by it would have come.
 const QUIET_AFTER_ROLLOUT: Duration = Duration::from_secs(GRACE_SECONDS + 4);
@@ -250,7 +272,7 @@ async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) ->
     };
     let tally = events_invariant("(d) after (a), (b) and (c)", &stream, open()).await?;
     ensure!(
-        tally.lost > 0,
+        tally.relay_lost > 0,
         "(d) no relay_lost Disconnected, though relays were killed"
     );
 
@@ -258,14 +280,14 @@ async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) ->
         .iter()
         .find(|m| m.state.gone_at().is_none())
         .context("(d) no member left to disconnect")?;
-    let url = wsrelay_e2e::nats_url()?;
+    let nats_url = wsrelay_e2e::nats_url()?;
     let mut selector = Selector {
         sub: Some(m.key.clone()),
         ..Selector::default()
     };
     selector.reconnect = Some(false);
     let asked = Instant::now();
-    let reply = ask(&url, None, &control, Verb::Disconnect, &selector)
+    let reply = ask(&nats_url, None, &control, Verb::Disconnect, &selector)
         .await
         .context("(d) the control service's disconnect")?;
     let answered = asked.elapsed();
@@ -302,84 +324,180 @@ async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) ->
         "(d) {} Disconnected events with reason disconnect and code 4101, not 1",
         tally.kicked
     );
+    case_churn(client, ns, &stream, &open).await?;
+
     // The operator back: its first reconcile (it waits up to 10 s for its caches) done
     // before the test stops it again.
     tokio::time::sleep(Duration::from_secs(15)).await;
     Ok(())
 }
 
-/// What the events stream holds, per type and reason.
-#[derive(Debug, Default)]
-struct Tally {
-    connected: usize,
-    disconnected: usize,
-    lost: usize,
-    kicked: usize,
+/// (e): churning clients while the relays roll and one is killed; then the stream's ledger
+/// against the invariant and against what the clients were told.
+async fn case_churn(
+    client: &Client,
+    ns: &str,
+    stream: &str,
+    open: &impl Fn() -> usize,
+) -> Result<()> {
+    let url = gateway::service_url(client, ns, GATEWAY).await?;
+    let tokens = (0..CHURNERS)
+        .map(|i| hs256_token(HMAC_KEY, &format!("c{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    let channels: Vec<String> = (0..CHURN_CHANNELS).map(|i| format!("churn.{i}")).collect();
+    let grace = Duration::from_secs(EVENTS_GRACE_SECONDS);
+    let start = Instant::now();
+    let churning = tokio::spawn(async move {
+        churn::churn(&url, tokens, &channels, grace, start + CHURN_FOR).await
+    });
+
+    tokio::time::sleep(ROLL_AT).await;
+    let old = gateway::relay_pods(client, ns, GATEWAY).await?;
+    Api::<WebsocketGateway>::namespaced(client.clone(), ns)
+        .patch(
+            GATEWAY,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "limits": { "publishRatePerSecond": 9 } } })),
+        )
+        .await?;
+    gateway::wait_rollout(client, ns, GATEWAY, &old).await?;
+    gateway::wait_endpoints_ready(client, ns, GATEWAY, REPLICAS as usize).await?;
+    eprintln!(
+        "(e) rollout of {} pods done {:.1}s into the churn",
+        old.len(),
+        start.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(KILL_AT.saturating_sub(start.elapsed())).await;
+    let victim = busiest_pod(client, ns, "(e)").await?;
+    let pid = gateway::container_id(&victim)
+        .and_then(|c| gateway::host_pid_of(&c, "wsrelay"))
+        .context("(e) the relay process of the busiest pod")?;
+    kill(pid)?;
+    let killed = format!("{}/", victim.name_any());
+    eprintln!(
+        "(e) {killed} killed {:.1}s into the churn",
+        start.elapsed().as_secs_f64()
+    );
+    let churned = churning.await.context("the churning clients")?;
+
+    let ledger = events_invariant("(e) churn", stream, open()).await?;
+    let records = &churned.records;
+    let asked = records.iter().filter(|r| r.asked.is_some()).count();
+    let resumed: Vec<_> = records.iter().filter(|r| r.resumed).collect();
+    let lost: Vec<&str> = records
+        .iter()
+        .filter(|r| ledger.starts.get(&r.connection) != Some(&1))
+        .map(|r| r.connection.as_str())
+        .collect();
+    let unended: Vec<&str> = records
+        .iter()
+        .filter(|r| ledger.ends.get(&r.connection) != Some(&1))
+        .map(|r| r.connection.as_str())
+        .collect();
+    let unrecorded: Vec<&str> = resumed
+        .iter()
+        .filter(|r| ledger.resumed.get(&r.connection) != r.asked.as_ref())
+        .map(|r| r.connection.as_str())
+        .collect();
+    let due = |r: &&churn::Record| {
+        r.asked.as_deref().is_some_and(|a| !a.starts_with(&killed))
+            && r.away.is_some_and(|a| a + RESUME_MARGIN < grace)
+    };
+    let missed: Vec<&str> = records
+        .iter()
+        .filter(|r| due(r) && !r.resumed)
+        .map(|r| r.connection.as_str())
+        .collect();
+    eprintln!(
+        "(e) {CHURNERS} clients for {}s: {} connections ({} failed attempts, {} ended by a relay), \
+         {asked} asked to resume, {} resumed ({} due within the grace), stream: {} Connected, \
+         {} Resumed, {} Disconnected ({} relay_lost), {} subscription events; lost {}, \
+         unended {}, resumes not in the stream {}, due resumes refused {}",
+        CHURN_FOR.as_secs(),
+        records.len(),
+        churned.failed_attempts,
+        churned.ended_by_relay,
+        resumed.len(),
+        records.iter().filter(due).count(),
+        ledger.connected,
+        ledger.resumes,
+        ledger.disconnected,
+        ledger.relay_lost,
+        ledger.subscriptions,
+        lost.len(),
+        unended.len(),
+        unrecorded.len(),
+        missed.len(),
+    );
+    ensure!(
+        records.len() > CHURNERS * 5,
+        "(e) too little churn: {} connections",
+        records.len()
+    );
+    ensure!(
+        lost.is_empty(),
+        "(e) welcomed connections not started once in the stream: {:?}",
+        &lost[..lost.len().min(10)]
+    );
+    ensure!(
+        unended.is_empty(),
+        "(e) closed connections not ended once in the stream: {:?}",
+        &unended[..unended.len().min(10)]
+    );
+    ensure!(
+        unrecorded.is_empty(),
+        "(e) resumed: true without its Resumed: {:?}",
+        &unrecorded[..unrecorded.len().min(10)]
+    );
+    ensure!(
+        ledger.resumes == resumed.len(),
+        "(e) {} Resumed in the stream, {} clients told resumed",
+        ledger.resumes,
+        resumed.len()
+    );
+    ensure!(
+        missed.is_empty(),
+        "(e) back within the grace, not resumed: {:?}",
+        &missed[..missed.len().min(10)]
+    );
+    ensure!(
+        !resumed.is_empty() && ledger.relay_lost > 0,
+        "(e) no resume, or no relay_lost"
+    );
+    Ok(())
 }
 
-/// Waits until the events stream holds, for every connection, one `Connected` and one
-/// `Disconnected` but for `open` connections, which have only the first; fails on a second
-/// event of a type for a connection, or a `Disconnected` without its `Connected`.
-async fn events_invariant(case: &str, stream: &str, open: usize) -> Result<Tally> {
+/// Waits until the events stream's ledger has `open` chains open (the members still
+/// connected); fails at once on a duplicate or an end without a start, and at the bound if
+/// the open chains do not come down to `open`.
+async fn events_invariant(case: &str, stream: &str, open: usize) -> Result<Ledger> {
     let js = async_nats::jetstream::new(async_nats::connect(wsrelay_e2e::nats_url()?).await?);
-    let mut s = js.get_stream(stream).await.context("the events stream")?;
-    let deadline = Instant::now() + LEAVE_BOUND + Duration::from_secs(30);
+    let deadline = Instant::now()
+        + LEAVE_BOUND
+        + Duration::from_secs(EVENTS_GRACE_SECONDS)
+        + Duration::from_secs(30);
     loop {
-        let state = s.info().await?.state.clone();
-        let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        let mut t = Tally::default();
-        for seq in state.first_sequence..=state.last_sequence {
-            let Ok(m) = s.get_raw_message(seq).await else {
-                continue;
-            };
-            let e: serde_json::Value = serde_json::from_slice(&m.payload)?;
-            let id = e["connection"].as_str().unwrap_or_default().to_owned();
-            let slot = per.entry(id).or_default();
-            match e["type"].as_str() {
-                Some("Connected") => {
-                    t.connected += 1;
-                    slot.0 += 1;
-                }
-                Some("Disconnected") => {
-                    t.disconnected += 1;
-                    slot.1 += 1;
-                    t.lost += usize::from(e["reason"] == "relay_lost");
-                    t.kicked += usize::from(e["reason"] == "disconnect" && e["closeCode"] == 4101);
-                }
-                _ => {}
-            }
-        }
-        let twice: Vec<&String> = per
-            .iter()
-            .filter(|(_, (c, d))| *c > 1 || *d > 1)
-            .map(|(k, _)| k)
-            .collect();
-        let orphans: Vec<&String> = per
-            .iter()
-            .filter(|(_, (c, d))| *c == 0 && *d > 0)
-            .map(|(k, _)| k)
-            .collect();
+        let ledger = read_ledger(&js, stream).await?;
+        let faults = ledger.faults();
         ensure!(
-            twice.is_empty(),
-            "{case}: connections with an event twice: {twice:?}"
+            faults.is_empty(),
+            "{case}: {} faults: {:?}",
+            faults.len(),
+            &faults[..faults.len().min(10)]
         );
-        ensure!(
-            orphans.is_empty(),
-            "{case}: Disconnected without Connected: {orphans:?}"
-        );
-        let unanswered = t.connected - t.disconnected;
-        if unanswered == open || Instant::now() > deadline {
+        let chains = ledger.open();
+        if chains == open || Instant::now() > deadline {
             eprintln!(
-                "{case}: {} Connected, {} Disconnected ({} relay_lost), {unanswered} open, {open} members connected",
-                t.connected, t.disconnected, t.lost
+                "{case}: {} Connected, {} Resumed, {} Disconnected ({} relay_lost), {chains} open, {open} members connected",
+                ledger.connected, ledger.resumes, ledger.disconnected, ledger.relay_lost
             );
             ensure!(
-                unanswered == open,
-                "{case}: {unanswered} connections without Disconnected, but {open} open"
+                chains == open,
+                "{case}: {chains} chains of connections without Disconnected, but {open} open"
             );
-            return Ok(t);
+            return Ok(ledger);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
     }
 }
 
@@ -590,14 +708,17 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
                     "maxMembersWithEvents": 100,
                     "leaveGraceSeconds": GRACE_SECONDS
                 }
+            }, {
+                "channel": "churn.{id}",
+                "subject": format!("e2e.{ns}.churn.{{id}}"),
             }],
             "registry": { "leaseSeconds": LEASE_SECONDS, "maxBytes": 8 << 20 },
             "events": {
-                "types": ["Connected", "Disconnected"],
+                "graceSeconds": EVENTS_GRACE_SECONDS,
                 "durable": { "maxAgeSeconds": 3600, "maxBytes": 64 << 20 }
             },
             "control": {},
-            "limits": { "maxConnections": 2000 },
+            "limits": { "maxConnections": 3000 },
             "drain": { "gracePeriodSeconds": 5 },
             "service": { "type": gateway::service_type(), "port": 80 },
             "resources": { "requests": { "cpu": "10m", "memory": "16Mi" } }
