@@ -56,6 +56,14 @@ pub struct Limits {
     /// beyond it, HTTP 429 with `Retry-After` before the upgrade. 0: no limit (the default).
     #[serde(default)]
     pub max_connections_per_subject: u32,
+    /// Open connections per token subject across the fleet: every relay that shares the
+    /// connection registry (`registry`, which it needs) counts its own per subject there,
+    /// and a handshake is refused like one over `maxConnectionsPerSubject` when the relays
+    /// with a live lease hold this many already. Handshakes at the same instant on two relays
+    /// may both pass (the counts are read, not reserved). 0: no limit (the default). Read at
+    /// the start: a relay counts subjects only if it is set then.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_fleet_connections_per_subject: u32,
     /// HTTP handshakes (TLS included) in progress at once, from TCP accept to the upgrade
     /// response; beyond it a new TCP connection is answered 503 with `Retry-After` (on `ws://`)
     /// or closed (on `wss://`, where an answer would cost the TLS handshake it protects
@@ -125,6 +133,7 @@ impl Default for Limits {
             slow_consumer_policy: SlowConsumerPolicy::default(),
             max_connections_per_ip: 0,
             max_connections_per_subject: 0,
+            max_fleet_connections_per_subject: 0,
             max_handshakes_in_flight: default_max_handshakes(),
             max_handshakes_in_flight_per_ip: None,
             max_subscriptions_per_connection: default_max_subscriptions(),
@@ -241,6 +250,12 @@ impl Config {
                 ));
             }
         }
+        if l.max_fleet_connections_per_subject > 0 && self.registry.is_none() {
+            errs.push(ValidationError::invalid(
+                "limits.maxFleetConnectionsPerSubject",
+                "needs registry: the relays count each subject's connections there",
+            ));
+        }
         if l.max_message_bytes > MAX_MESSAGE_BYTES_CEILING {
             errs.push(ValidationError::invalid(
                 "limits.maxMessageBytes",
@@ -295,4 +310,8 @@ impl Config {
             });
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

@@ -632,6 +632,58 @@ async fn a_client_that_comes_back_within_the_grace_is_resumed_once_on_any_relay(
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subjects_connections_are_limited_across_the_relays() {
+    init_logs();
+    let (_store, nats) = jetstream_nats("events-fleet-limit");
+    let limited = |name| {
+        builder(&nats, name, 15).config(|c| {
+            c.limits.max_fleet_connections_per_subject = 3;
+            c.limits.max_connections_per_subject = 2;
+        })
+    };
+    let a = limited("relay-a").start().await;
+    let b = limited("relay-b").start().await;
+    for r in [&a, &b] {
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                r.metric("wsrelay_registry_live_relays").await == Some(2.0)
+            })
+            .await,
+            "a relay does not see both leases"
+        );
+    }
+    let token = format!("?token={}", hs256(claims("u1")));
+    let first = connect(a.addr(), &token).await;
+    let _second = connect(b.addr(), &token).await;
+    let _third = connect(b.addr(), &token).await;
+    // The fourth: relay-a holds one, within its own limit of 2, but the fleet holds 3. Each
+    // relay reads the other's count from the registry, written in order with its entries.
+    let refused = eventually(Duration::from_secs(10), || async {
+        connect_with(a.addr(), &token, &[]).await.err() == Some(429)
+    })
+    .await;
+    assert!(refused, "the fourth connection of u1 was admitted");
+    assert_eq!(
+        a.metric("wsrelay_connections_refused_total{reason=\"per_subject_fleet\"}")
+            .await
+            .map(|n| n >= 1.0),
+        Some(true)
+    );
+    // Another subject is not counted with it.
+    let _other = connect(a.addr(), &format!("?token={}", hs256(claims("u2")))).await;
+    // One of u1's closes: the fourth is admitted again (on relay-a: relay-b is at its own
+    // limit of 2).
+    drop(first);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            connect_with(a.addr(), &token, &[]).await.is_ok()
+        })
+        .await,
+        "a connection of u1 refused after one of its three closed"
+    );
+}
+
 /// The HTTP status of a WebSocket upgrade with `token` (101: upgraded).
 async fn upgrade_status(addr: std::net::SocketAddr, token: &str) -> u16 {
     let head = raw_upgrade(addr, &format!("Authorization: Bearer {token}\r\n")).await;

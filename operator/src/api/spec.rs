@@ -156,7 +156,8 @@ pub struct WebsocketGatewaySpec {
     /// The connection registry: a NATS JetStream KV bucket where every relay of the gateway
     /// keeps a lease for itself and an entry per connection and per presence membership
     /// (docs/protocol.md section 10). The relays keep one when a binding has `presence`,
-    /// when `events` or `control` is set, or when this is set; the operator names the
+    /// when `events` or `control` is set, when `limits.maxFleetConnectionsPerSubject` is
+    /// above 0, or when this is set; the operator names the
     /// bucket (`status.registry.bucket`). Unset: those get the defaults (a 15 s lease, 1
     /// replica, 64 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1010,6 +1011,13 @@ pub struct LimitsSpec {
     #[serde(default = "default_max_connections_per_subject")]
     #[schemars(range(min = 0, max = 1_000_000))]
     pub max_connections_per_subject: i64,
+    /// Open connections one identity (the token's `sub`) may hold across all the gateway's
+    /// pods, counted through the connection registry (which it turns on); beyond it the
+    /// handshake is refused like one over `maxConnectionsPerSubject`. Handshakes at the same
+    /// instant on two pods may both pass. 0 (default): no limit.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub max_fleet_connections_per_subject: i64,
     /// HTTP handshakes (TLS included) one pod processes at once, from the TCP accept to the
     /// upgrade; beyond it new TCP connections are refused (HTTP 503 on `ws://`, closed on
     /// `wss://`). Bounds what slow or stalled handshakes can hold.
@@ -1130,6 +1138,7 @@ impl Default for LimitsSpec {
             max_connections_per_pod: default_max_connections(),
             max_connections_per_ip: 0,
             max_connections_per_subject: default_max_connections_per_subject(),
+            max_fleet_connections_per_subject: 0,
             max_handshakes_in_flight: default_max_handshakes(),
             max_handshakes_in_flight_per_ip: None,
             max_message_bytes: default_max_message_bytes(),

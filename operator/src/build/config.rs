@@ -278,7 +278,8 @@ pub fn relay_registry(
 ) -> Option<relay::Registry> {
     let needed = spec.bindings.iter().any(|b| b.presence.is_some())
         || spec.events.is_some()
-        || spec.control.is_some();
+        || spec.control.is_some()
+        || spec.limits.max_fleet_connections_per_subject > 0;
     if !needed && spec.registry.is_none() {
         return None;
     }
@@ -480,6 +481,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             max_queued_bytes: max_queued_bytes(spec),
             max_connections_per_ip: u32_of(l.max_connections_per_ip),
             max_connections_per_subject: u32_of(l.max_connections_per_subject),
+            max_fleet_connections_per_subject: u32_of(l.max_fleet_connections_per_subject),
             max_handshakes_in_flight: u32_of(l.max_handshakes_in_flight.into()),
             max_handshakes_in_flight_per_ip: l
                 .max_handshakes_in_flight_per_ip

@@ -79,6 +79,9 @@ pub enum Refusal {
     /// The backend revoked the token (control service `revoke`, `invalidate`).
     #[error("the token was revoked")]
     Revoked,
+    /// `limits.maxFleetConnectionsPerSubject` reached for the token's `sub`.
+    #[error("too many connections for one token subject across the relays")]
+    PerSubjectFleet,
     /// `?resume=` is not a connection id (docs/protocol.md section 1).
     #[error("resume is not a connection id")]
     BadResume,
@@ -94,7 +97,9 @@ impl Refusal {
             }
             Self::ConnectDenied => StatusCode::FORBIDDEN,
             Self::Revoked => StatusCode::UNAUTHORIZED,
-            Self::PerIp(_) | Self::PerSubject => StatusCode::TOO_MANY_REQUESTS,
+            Self::PerIp(_) | Self::PerSubject | Self::PerSubjectFleet => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::Auth(e) => e.status(),
         }
     }
@@ -108,6 +113,7 @@ impl Refusal {
             Self::MaxConnections => "max_connections",
             Self::Auth(e) => e.reason(),
             Self::PerSubject => "per_subject",
+            Self::PerSubjectFleet => "per_subject_fleet",
             Self::Subprotocol => "subprotocol",
             Self::ConnectDenied => "connect_denied",
             Self::ConnectUnavailable => "connect_unavailable",
@@ -120,9 +126,11 @@ impl Refusal {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::Draining => Some(1),
-            Self::PerIp(_) | Self::MaxConnections | Self::PerSubject | Self::ConnectUnavailable => {
-                Some(5)
-            }
+            Self::PerIp(_)
+            | Self::MaxConnections
+            | Self::PerSubject
+            | Self::PerSubjectFleet
+            | Self::ConnectUnavailable => Some(5),
             Self::Auth(e) if e.status() == StatusCode::SERVICE_UNAVAILABLE => Some(5),
             _ => None,
         }
@@ -151,7 +159,7 @@ impl Refusal {
             "draining" => "relay draining, retry later",
             "max_connections" => "relay at capacity, retry later",
             "per_ip" => "too many connections from this address",
-            "per_subject" => "too many connections for this token subject",
+            "per_subject" | "per_subject_fleet" => "too many connections for this token subject",
             "connect_denied" => "denied by backend",
             "connect_unavailable" => "authorization backend unavailable, retry later",
             "revoked" => "token revoked",
@@ -269,6 +277,26 @@ pub async fn admit(
         }
         None => None,
     };
+    if let (Some(sub), Some(registry)) = (
+        identity.claims.as_ref().and_then(crate::auth::subject),
+        relay.registry.as_ref(),
+    ) {
+        let max = settings.config.limits.max_fleet_connections_per_subject;
+        if max > 0 {
+            match registry.fleet_connections(sub).await {
+                Ok(n) if n >= max => {
+                    tracing::debug!(
+                        sub,
+                        n,
+                        "too many connections for one token subject in the fleet"
+                    );
+                    return Err(Refusal::PerSubjectFleet);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "fleet connections of a subject not counted"),
+            }
+        }
+    }
     // Last: the only step that costs the application's backend a request.
     let who = Who {
         claims: identity.claims.as_ref(),

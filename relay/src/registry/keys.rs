@@ -67,9 +67,33 @@ pub fn channel_of(token: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// `subc.<sub>.<relay>` (base64url): how many connections of a token subject `relay` holds
+/// (`limits.maxFleetConnectionsPerSubject`).
+pub fn subject_count_key(sub: &str, relay: &str) -> String {
+    format!("subc.{}.{relay}", channel_token(sub))
+}
+
+/// The filter of a subject's counts on every relay.
+pub fn subject_count_filter(sub: &str) -> String {
+    format!("subc.{}.*", channel_token(sub))
+}
+
 /// The key filters that hold every entry of `relay` but its lease: what a purge deletes.
-pub fn relay_filters(relay: &str) -> [String; 2] {
-    [format!("conn.{relay}.*"), format!("pres.*.{relay}.*")]
+pub fn relay_filters(relay: &str) -> [String; 3] {
+    [
+        format!("conn.{relay}.*"),
+        format!("pres.*.{relay}.*"),
+        format!("subc.*.{relay}"),
+    ]
+}
+
+/// The value of `subc.<sub>.<relay>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectCount {
+    /// [`VALUE_VERSION`].
+    pub v: u32,
+    /// Open connections.
+    pub n: u32,
 }
 
 /// The value of `relay.<relay>`.
@@ -144,8 +168,14 @@ mod tests {
         }
         assert_eq!(
             relay_filters("r1"),
-            ["conn.r1.*".to_owned(), "pres.*.r1.*".to_owned()]
+            [
+                "conn.r1.*".to_owned(),
+                "pres.*.r1.*".to_owned(),
+                "subc.*.r1".to_owned()
+            ]
         );
+        assert_eq!(subject_count_key("u.1", "r1"), "subc.dS4x.r1");
+        assert_eq!(subject_count_filter("u.1"), "subc.dS4x.*");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 pub mod keys;
 mod resume;
+mod subjects;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -241,6 +242,9 @@ pub struct Registry {
     /// The connections that ended and wait `events.graceSeconds` for a resume before
     /// their `Disconnected` is said: shutdown waits for them.
     pending: tokio_util::task::TaskTracker,
+    /// This relay's open connections per token subject, when it counts them
+    /// (`limits.maxFleetConnectionsPerSubject`).
+    subjects: Option<Mutex<HashMap<String, u32>>>,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -252,6 +256,7 @@ impl Registry {
     pub fn start(
         config: &RegistryConfig,
         name: &str,
+        count_subjects: bool,
         events: Option<Emitter>,
         client: async_nats::Client,
         metrics: Arc<Metrics>,
@@ -273,6 +278,7 @@ impl Registry {
             swept: std::sync::atomic::AtomicBool::new(false),
             lease_now: tokio::sync::Notify::new(),
             pending: tokio_util::task::TaskTracker::new(),
+            subjects: count_subjects.then(|| Mutex::new(HashMap::new())),
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -356,6 +362,9 @@ impl Registry {
             resumes: resumes.map(str::to_owned),
         };
         self.write_entry(id, &value);
+        if let Some(sub) = &value.sub {
+            self.count_subject(sub, true);
+        }
         if resumes.is_none() {
             self.say(&lifecycle(
                 &value,
@@ -398,6 +407,9 @@ impl Registry {
             self.delete(keys::conn_key(&self.relay, id));
             return;
         };
+        if let Some(sub) = &entry.sub {
+            self.count_subject(sub, false);
+        }
         entry.ended = Some(Ended {
             at: now_ms(),
             reason: reason.to_owned(),

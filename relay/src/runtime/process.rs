@@ -121,6 +121,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         crate::registry::Registry::start(
             r,
             &Relay::name_for(&config),
+            config.limits.max_fleet_connections_per_subject > 0,
             config.events.as_ref().map(crate::events::Emitter::new),
             hub.client().clone(),
             metrics.clone(),
