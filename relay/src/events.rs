@@ -39,6 +39,10 @@ pub struct Event {
     /// The channel (`Subscribed`, `Unsubscribed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// A server-side subscription (`Subscribed`, `Unsubscribed`): the backend's, not the
+    /// client's own.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub by_server: bool,
     /// Why it ended (`Disconnected`: the close's reason label, or `relay_lost`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
@@ -173,6 +177,7 @@ mod tests {
             connection: connection_id("wsrelay-0", 7),
             relay: "wsrelay-0".into(),
             channel: None,
+            by_server: false,
             reason: Some(RELAY_LOST),
             close_code: None,
             at: 5,

@@ -728,6 +728,29 @@ pub fn encode_unsubscribed(channel: &str, reason: &str) -> String {
     out
 }
 
+/// `{"type":"subscribed","channel":..,"byServer":true}`: the backend made the connection's
+/// subscription to `channel` server-side (a server-side subscription, docs/protocol.md
+/// section 3).
+pub fn encode_server_subscribed(channel: &str) -> String {
+    let mut out = String::from("{\"type\":\"subscribed\",\"channel\":");
+    push_json_str(&mut out, channel);
+    out.push_str(",\"byServer\":true}");
+    out
+}
+
+/// A subscribe's `ok` without an id (`{"type":"ok","id":null,...}`) as the `subscribed`
+/// frame of a server-side subscription to `channel`: the same fields (a resumable channel's
+/// `epoch` and `seq`) after `"byServer":true`.
+pub fn ok_as_server_subscribed(ok: &str, channel: &str) -> String {
+    let rest = ok
+        .strip_prefix("{\"type\":\"ok\",\"id\":null")
+        .unwrap_or("}");
+    let mut out = encode_server_subscribed(channel);
+    out.pop();
+    out.push_str(rest);
+    out
+}
+
 /// `{"type":"drain","reconnectAfterMs":..}`: the relay is shutting down; it closes this
 /// connection with 1012 after `reconnectAfterMs`; reconnect then (to another relay).
 pub fn encode_drain(reconnect_after_ms: u64) -> String {
@@ -1166,6 +1189,17 @@ mod tests {
         assert_eq!(
             v(&encode_dropped("a\"b", 3)),
             json!({"type":"dropped","channel":"a\"b","count":3})
+        );
+        assert_eq!(
+            v(&ok_as_server_subscribed(&encode_ok(None), "a.b")),
+            json!({"type":"subscribed","channel":"a.b","byServer":true})
+        );
+        assert_eq!(
+            v(&ok_as_server_subscribed(
+                &encode_ok_position(None, "e1", 7, None),
+                "a.b"
+            )),
+            json!({"type":"subscribed","channel":"a.b","byServer":true,"epoch":"e1","seq":7})
         );
         assert_eq!(
             v(&encode_unsubscribed("a.b", "binding removed")),

@@ -50,6 +50,7 @@ pub async fn run<Si, St>(
         protocol::encode_welcome(limits.max_message_bytes, conn.is_anonymous()),
         welcome_data.as_deref(),
     )));
+    crate::runtime::serversubs::on_admit(&relay, &conn);
     let done = CancellationToken::new();
     // The writer is a task of its own: joined with the reader in one task, every delivery's
     // wake-up also polled the reader (its socket, idle and expiry timers, cancellation),
