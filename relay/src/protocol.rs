@@ -617,6 +617,24 @@ pub fn with_data(mut frame: String, data: Option<&str>) -> String {
     frame
 }
 
+/// Adds `"serverChannels":[..]` to an encoded `welcome`: the server-side subscriptions the
+/// connection gets next (a `subscribed` frame each), when there are any.
+pub fn with_server_channels(mut frame: String, channels: &[String]) -> String {
+    if channels.is_empty() {
+        return frame;
+    }
+    frame.pop();
+    frame.push_str(",\"serverChannels\":[");
+    for (i, c) in channels.iter().enumerate() {
+        if i > 0 {
+            frame.push(',');
+        }
+        push_json_str(&mut frame, c);
+    }
+    frame.push_str("]}");
+    frame
+}
+
 /// Adds `"presence":<raw JSON>` (an [`encode_presence`]) to an encoded `ok`.
 pub fn with_presence(mut frame: String, presence: &str) -> String {
     frame.pop();
@@ -1189,6 +1207,17 @@ mod tests {
         assert_eq!(
             v(&encode_dropped("a\"b", 3)),
             json!({"type":"dropped","channel":"a\"b","count":3})
+        );
+        assert_eq!(
+            v(&with_server_channels(
+                encode_welcome(10, false),
+                &["a".into(), "b\"".into()]
+            )),
+            json!({"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":10,"anonymous":false,"serverChannels":["a","b\""]})
+        );
+        assert_eq!(
+            with_server_channels(encode_welcome(10, false), &[]),
+            encode_welcome(10, false)
         );
         assert_eq!(
             v(&ok_as_server_subscribed(&encode_ok(None), "a.b")),

@@ -627,7 +627,15 @@ async fn server_side_subscriptions_reach_a_users_connections_everywhere_and_late
     // after its welcome.
     let c = server_side_builder(&nats, "relay-c").start().await;
     live_relays(&[&a, &b, &c], 3.0).await;
-    let mut u1_c = as_user(&c, "u1").await;
+    let mut u1_c = connect_with(c.addr(), &format!("?token={}", hs256(claims("u1"))), &[])
+        .await
+        .unwrap();
+    let welcome = next_json(&mut u1_c).await.unwrap();
+    assert_eq!(
+        welcome["serverChannels"],
+        json!(["me.feed", "public.x"]),
+        "{welcome}"
+    );
     let mut got: Vec<String> = Vec::new();
     for _ in 0..2 {
         let f = frame_of(&mut u1_c, "subscribed").await;
@@ -702,7 +710,11 @@ async fn server_side_subscriptions_reach_a_users_connections_everywhere_and_late
         );
     }
     // Gone: a later connection gets only me.feed, and public.x reaches nobody.
-    let mut u1_late = as_user(&b, "u1").await;
+    let mut u1_late = connect_with(b.addr(), &format!("?token={}", hs256(claims("u1"))), &[])
+        .await
+        .unwrap();
+    let welcome = next_json(&mut u1_late).await.unwrap();
+    assert_eq!(welcome["serverChannels"], json!(["me.feed"]), "{welcome}");
     assert_eq!(
         frame_of(&mut u1_late, "subscribed").await["channel"],
         "me.feed"

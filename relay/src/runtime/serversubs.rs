@@ -149,11 +149,16 @@ pub fn unsubscribe_live(relay: &Relay, s: &ServerSub) -> usize {
     ended
 }
 
-/// A connection was admitted (its `welcome` queued): subscribes it to its user's
-/// server-side channels, in a task of its own.
-pub fn on_admit(relay: &Arc<Relay>, conn: &Arc<Conn>) {
-    let Some(claims) = conn.claims() else { return };
-    let channels = relay.server_subs.channels_of(&claims);
+/// The server-side channels of `conn`'s user, sorted (none for an anonymous connection).
+pub fn channels_for(relay: &Relay, conn: &Conn) -> Vec<String> {
+    conn.claims()
+        .map(|c| relay.server_subs.channels_of(&c))
+        .unwrap_or_default()
+}
+
+/// A connection was admitted (its `welcome` queued, naming `channels`, its user's
+/// server-side channels): subscribes it to them, in a task of its own.
+pub fn on_admit(relay: &Arc<Relay>, conn: &Arc<Conn>, channels: Vec<String>) {
     if channels.is_empty() {
         return;
     }
