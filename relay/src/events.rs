@@ -42,6 +42,10 @@ pub struct Event {
     /// The channel (`Subscribed`, `Unsubscribed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// A server-side subscription (`Subscribed`, `Unsubscribed`): the backend's, not the
+    /// client's own.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub by_server: bool,
     /// Why it ended (`Disconnected`: the close's reason label, or `relay_lost`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -211,6 +215,7 @@ mod tests {
             previous: None,
             relay: "wsrelay-0".into(),
             channel: None,
+            by_server: false,
             reason: Some(RELAY_LOST.into()),
             close_code: None,
             at: 5,

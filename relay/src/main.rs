@@ -113,6 +113,37 @@ enum CtlCommand {
         #[arg(long)]
         until: Option<u64>,
     },
+    /// Subscribe a user's connections, present and future, on every relay, to a channel (a
+    /// server-side subscription).
+    Subscribe {
+        #[command(flatten)]
+        user: User,
+    },
+    /// End a server-side subscription.
+    Unsubscribe {
+        #[command(flatten)]
+        user: User,
+    },
+    /// List the channels subscribed to, with how many connections each.
+    Channels {
+        /// Only the channels that start with this.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+}
+
+/// Whose server-side subscription to which channel.
+#[derive(Debug, clap::Args)]
+struct User {
+    /// The user: the connections whose token has this `sub`.
+    #[arg(long)]
+    sub: String,
+    /// Only those whose token also has this `iss`.
+    #[arg(long)]
+    iss: Option<String>,
+    /// The channel.
+    #[arg(long)]
+    channel: String,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -162,6 +193,12 @@ fn ctl(nats: &str, creds: Option<PathBuf>, subject: &str, command: CtlCommand) -
         connection: w.connection,
         ..Selector::default()
     };
+    let user = |u: User| Selector {
+        sub: Some(u.sub),
+        iss: u.iss,
+        channel: Some(u.channel),
+        ..Selector::default()
+    };
     let (verb, selector) = match command {
         CtlCommand::Disconnect {
             whom: w,
@@ -194,6 +231,15 @@ fn ctl(nats: &str, creds: Option<PathBuf>, subject: &str, command: CtlCommand) -
                 iss,
                 issued_before: Some(issued_before.unwrap_or_else(wsrelay::clock::now_secs)),
                 until,
+                ..Selector::default()
+            },
+        ),
+        CtlCommand::Subscribe { user: u } => (Verb::Subscribe, user(u)),
+        CtlCommand::Unsubscribe { user: u } => (Verb::Unsubscribe, user(u)),
+        CtlCommand::Channels { prefix } => (
+            Verb::Channels,
+            Selector {
+                prefix,
                 ..Selector::default()
             },
         ),

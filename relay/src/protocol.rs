@@ -617,6 +617,24 @@ pub fn with_data(mut frame: String, data: Option<&str>) -> String {
     frame
 }
 
+/// Adds `"serverChannels":[..]` to an encoded `welcome`: the server-side subscriptions the
+/// connection gets next (a `subscribed` frame each), when there are any.
+pub fn with_server_channels(mut frame: String, channels: &[String]) -> String {
+    if channels.is_empty() {
+        return frame;
+    }
+    frame.pop();
+    frame.push_str(",\"serverChannels\":[");
+    for (i, c) in channels.iter().enumerate() {
+        if i > 0 {
+            frame.push(',');
+        }
+        push_json_str(&mut frame, c);
+    }
+    frame.push_str("]}");
+    frame
+}
+
 /// Adds `"presence":<raw JSON>` (an [`encode_presence`]) to an encoded `ok`.
 pub fn with_presence(mut frame: String, presence: &str) -> String {
     frame.pop();
@@ -741,6 +759,29 @@ pub fn encode_unsubscribed(channel: &str, reason: &str) -> String {
     out.push_str(",\"reason\":");
     push_json_str(&mut out, reason);
     out.push('}');
+    out
+}
+
+/// `{"type":"subscribed","channel":..,"byServer":true}`: the backend made the connection's
+/// subscription to `channel` server-side (a server-side subscription, docs/protocol.md
+/// section 3).
+pub fn encode_server_subscribed(channel: &str) -> String {
+    let mut out = String::from("{\"type\":\"subscribed\",\"channel\":");
+    push_json_str(&mut out, channel);
+    out.push_str(",\"byServer\":true}");
+    out
+}
+
+/// A subscribe's `ok` without an id (`{"type":"ok","id":null,...}`) as the `subscribed`
+/// frame of a server-side subscription to `channel`: the same fields (a resumable channel's
+/// `epoch` and `seq`) after `"byServer":true`.
+pub fn ok_as_server_subscribed(ok: &str, channel: &str) -> String {
+    let rest = ok
+        .strip_prefix("{\"type\":\"ok\",\"id\":null")
+        .unwrap_or("}");
+    let mut out = encode_server_subscribed(channel);
+    out.pop();
+    out.push_str(rest);
     out
 }
 
@@ -1185,6 +1226,28 @@ mod tests {
         assert_eq!(
             v(&encode_dropped("a\"b", 3)),
             json!({"type":"dropped","channel":"a\"b","count":3})
+        );
+        assert_eq!(
+            v(&with_server_channels(
+                encode_welcome(10, false, "r/1", None),
+                &["a".into(), "b\"".into()]
+            )),
+            json!({"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":10,"anonymous":false,"connection":"r/1","serverChannels":["a","b\""]})
+        );
+        assert_eq!(
+            with_server_channels(encode_welcome(10, false, "r/1", None), &[]),
+            encode_welcome(10, false, "r/1", None)
+        );
+        assert_eq!(
+            v(&ok_as_server_subscribed(&encode_ok(None), "a.b")),
+            json!({"type":"subscribed","channel":"a.b","byServer":true})
+        );
+        assert_eq!(
+            v(&ok_as_server_subscribed(
+                &encode_ok_position(None, "e1", 7, None),
+                "a.b"
+            )),
+            json!({"type":"subscribed","channel":"a.b","byServer":true,"epoch":"e1","seq":7})
         );
         assert_eq!(
             v(&encode_unsubscribed("a.b", "binding removed")),

@@ -94,6 +94,11 @@ pub struct Relay {
     /// Whether the revocations present at the start were read (`/ready` waits for it when
     /// the config has `control`).
     pub revocations_read: AtomicBool,
+    /// The backend's server-side subscriptions (kept by `runtime::serversubs`).
+    pub server_subs: crate::runtime::serversubs::ServerSubs,
+    /// Whether the server-side subscriptions present at the start were read (`/ready` waits
+    /// for it when the config has `control`).
+    pub server_subs_read: AtomicBool,
     /// The lifecycle events' stream, when the config at start has durable events.
     pub events_stream: Option<async_nats::jetstream::stream::Config>,
     conns: Mutex<HashMap<ConnId, Arc<Conn>>>,
@@ -130,6 +135,8 @@ impl Relay {
             presence: None,
             revoked: crate::access::revoked::Revoked::default(),
             revocations_read: AtomicBool::new(false),
+            server_subs: crate::runtime::serversubs::ServerSubs::default(),
+            server_subs_read: AtomicBool::new(false),
             events_stream: live
                 .config
                 .events

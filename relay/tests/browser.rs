@@ -289,3 +289,127 @@ async fn a_page_from_another_origin_is_refused_before_the_upgrade() {
     .await;
     assert_eq!(refused, Some(1.0), "the relay counts one origin refusal");
 }
+
+/// A page whose SDK client reports its connections, the server-side subscriptions the client
+/// surfaces (`subscribed` events) and their messages (handlers attached from the event).
+fn server_side_page(relay: SocketAddr, token: &str) -> String {
+    format!(
+        r#"<!doctype html><html><head>
+<script type="importmap">{{ "imports": {{ "@wsrelay/client": "/dist/esm/index.js" }} }}</script>
+</head><body><script type="module">
+import {{ Client }} from "@wsrelay/client";
+const report = (what) => fetch("/report", {{ method: "POST", body: JSON.stringify(what) }});
+const client = new Client({{ url: "ws://{relay}/ws", getToken: async () => "{token}" }});
+client.on("connected", (c) => report({{ kind: "connected", reconnected: c.reconnected }}));
+client.on("subscribed", ({{ channel, byServer, subscription, resubscribed }}) => {{
+  report({{ kind: "subscribed", channel, byServer, resubscribed, same: client.getSubscription(channel) === subscription }});
+  if (!resubscribed) subscription.on("message", (m) => report({{ kind: "message", channel: m.channel, payload: m.data }}));
+}});
+client.connect();
+</script></body></html>"#
+    )
+}
+
+/// The next report `want` accepts, skipping others (bounded by [`BROWSER_WAIT`]).
+async fn report_where(
+    rx: &mut mpsc::UnboundedReceiver<Value>,
+    want: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + BROWSER_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match next_report(rx, left).await {
+            Some(r) if want(&r) => return r,
+            Some(_) => {}
+            None => panic!("no such report from Chromium within {BROWSER_WAIT:?}"),
+        }
+    }
+}
+
+/// Publishes `payload` on `subject` every half second until the page reports it.
+async fn published_until_reported(
+    nc: &async_nats::Client,
+    rx: &mut mpsc::UnboundedReceiver<Value>,
+    subject: &str,
+    payload: Value,
+) {
+    let deadline = tokio::time::Instant::now() + BROWSER_WAIT;
+    loop {
+        nc.publish(subject.to_owned(), payload.to_string().into())
+            .await
+            .unwrap();
+        nc.flush().await.unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(r)) = tokio::time::timeout_at(until, rx.recv()).await {
+            if r["kind"] == "message" && r["payload"] == payload {
+                assert_eq!(r["channel"], "feed.news", "{r}");
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Chromium reported no {payload} within {BROWSER_WAIT:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_side_subscription_reaches_the_sdk_in_chromium_and_survives_its_reconnect() {
+    use wsrelay::runtime::control::{Selector, Verb, ask};
+    init_logs();
+    const CONTROL: &str = "wsrelay.control.test.browser";
+    let (_store, nats) = jetstream_nats("browser-srvsub");
+    let nc = nats.client().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let relay = config(&nats, &format!("http://{addr}"))
+        .binding("feed.{x}", "feed.{x}", Direction::Subscribe)
+        .registry("WSRELAY_TEST_BROWSER_REG", "relay-a", 15)
+        .control(CONTROL)
+        .start()
+        .await;
+    // The backend subscribes alice before her page connects: she gets it after `welcome`.
+    let command = |verb, s: Selector| {
+        let url = nats.url();
+        async move { ask(&url, None, CONTROL, verb, &s).await.unwrap() }
+    };
+    let alice = |channel: Option<&str>| Selector {
+        sub: Some("alice".into()),
+        channel: channel.map(str::to_owned),
+        ..Selector::default()
+    };
+    let r = command(Verb::Subscribe, alice(Some("feed.news"))).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&r).unwrap()["reached"],
+        0,
+        "{r}"
+    );
+    let token = hs256(claims("alice"));
+    let mut reports = serve_page(listener, server_side_page(relay.client_addr, &token));
+    let _browser = Browser::open(&format!("http://{addr}/"));
+    let first = report_where(&mut reports, |r| r["kind"] == "subscribed").await;
+    assert_eq!(
+        first,
+        json!({"kind": "subscribed", "channel": "feed.news", "byServer": true, "resubscribed": false, "same": true})
+    );
+    published_until_reported(&nc, &mut reports, "feed.news", json!({"n": 1})).await;
+
+    // Its connection dropped by the backend (4100: reconnect); the SDK reconnects, does not
+    // subscribe itself, and the relay gives the subscription back.
+    let r = command(Verb::Disconnect, alice(None)).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&r).unwrap()["reached"],
+        1,
+        "{r}"
+    );
+    report_where(&mut reports, |r| {
+        r["kind"] == "connected" && r["reconnected"] == true
+    })
+    .await;
+    let again = report_where(&mut reports, |r| r["kind"] == "subscribed").await;
+    assert_eq!(
+        again,
+        json!({"kind": "subscribed", "channel": "feed.news", "byServer": true, "resubscribed": true, "same": true})
+    );
+    published_until_reported(&nc, &mut reports, "feed.news", json!({"n": 2})).await;
+}

@@ -698,3 +698,330 @@ fn ctl(url: &str, args: &[&str]) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// A relay of [`builder`] whose bindings are `public.{topic}` (both ways), `me.feed` (the
+/// user's own subject, from its `sub` claim) and `out.{x}` (publish only).
+fn server_side_builder(nats: &Nats, name: &str) -> RelayBuilder {
+    builder(nats, name, 15)
+        .binding("public.{topic}", "public.{topic}", Direction::Both)
+        .binding("me.feed", "users.{claims.sub}.feed", Direction::Subscribe)
+        .binding("out.{x}", "out.{x}", Direction::Publish)
+}
+
+/// The next frame of type `kind`, skipping others (bounded).
+async fn frame_of(ws: &mut Ws, kind: &str) -> Value {
+    for _ in 0..100 {
+        match next_event(ws, Duration::from_secs(10)).await {
+            Got::Json(v) if v["type"] == kind => return v,
+            Got::Json(_) => {}
+            other => panic!("no {kind} frame: {other:?}"),
+        }
+    }
+    panic!("no {kind} frame in 100");
+}
+
+fn user_channel(sub: &str, channel: &str) -> Selector {
+    Selector {
+        sub: Some(sub.to_owned()),
+        channel: Some(channel.to_owned()),
+        ..Selector::default()
+    }
+}
+
+async fn command(url: &str, verb: Verb, s: &Selector) -> Value {
+    serde_json::from_str(&ask(url, None, CONTROL, verb, s).await.unwrap()).unwrap()
+}
+
+/// Publishes `payload` on `subject` and waits until `ws` receives it on `channel`.
+async fn delivered(nats: &async_nats::Client, subject: &str, ws: &mut Ws, channel: &str) -> Value {
+    nats.publish(subject.to_owned(), "{\"n\":1}".into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    let m = frame_of(ws, "message").await;
+    assert_eq!(m["channel"], channel, "{m}");
+    m
+}
+
+async fn live_relays(relays: &[&TestRelay], n: f64) {
+    for r in relays {
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                r.metric("wsrelay_registry_live_relays").await == Some(n)
+            })
+            .await,
+            "a relay does not see {n} leases"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_subscriptions_reach_a_users_connections_everywhere_and_later() {
+    init_logs();
+    let (_store, nats) = jetstream_nats("events-srvsub");
+    let a = server_side_builder(&nats, "relay-a").start().await;
+    let b = server_side_builder(&nats, "relay-b").start().await;
+    live_relays(&[&a, &b], 2.0).await;
+    let url = nats.url();
+    let pubs = nats.client().await;
+    let mut u1_a = as_user(&a, "u1").await;
+    let mut u1_b = as_user(&b, "u1").await;
+    let mut u2_a = as_user(&a, "u2").await;
+    // u1's connection on b had subscribed itself: taken over.
+    assert_eq!(subscribe(&mut u1_b, 1, "public.x").await["type"], "ok");
+
+    let r = command(&url, Verb::Subscribe, &user_channel("u1", "public.x")).await;
+    assert_eq!(r, json!({"reached": 2, "relays": 2, "expected": 2}));
+    let want = json!({"type": "subscribed", "channel": "public.x", "byServer": true});
+    assert_eq!(frame_of(&mut u1_a, "subscribed").await, want);
+    assert_eq!(frame_of(&mut u1_b, "subscribed").await, want);
+    delivered(&pubs, "public.x", &mut u1_a, "public.x").await;
+    delivered(&pubs, "public.x", &mut u1_b, "public.x").await;
+    // The other user is not subscribed.
+    assert!(
+        drain_messages(&mut u2_a, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    // Again: idempotent, the same count, no second frame.
+    let r = command(&url, Verb::Subscribe, &user_channel("u1", "public.x")).await;
+    assert_eq!(r["reached"], 2, "{r}");
+
+    // The client cannot end it, nor subscribe a second time.
+    let r = request(
+        &mut u1_a,
+        json!({"type": "unsubscribe", "id": 2, "channel": "public.x"}),
+    )
+    .await;
+    assert_eq!(
+        (r["code"].as_u64(), r["reason"].as_str()),
+        (
+            Some(403),
+            Some("a server-side subscription: the backend ends it")
+        ),
+        "{r}"
+    );
+    assert_eq!(subscribe(&mut u1_a, 3, "public.x").await["code"], 409);
+    delivered(&pubs, "public.x", &mut u1_a, "public.x").await;
+
+    // The binding's template is rendered with each connection's claims.
+    let r = command(&url, Verb::Subscribe, &user_channel("u1", "me.feed")).await;
+    assert_eq!(r["reached"], 2, "{r}");
+    frame_of(&mut u1_a, "subscribed").await;
+    delivered(&pubs, "users.u1.feed", &mut u1_a, "me.feed").await;
+
+    // A channel no binding allows to subscribe is refused, and nothing is stored.
+    for channel in ["nobinding.x", "out.x", "public.*"] {
+        let e = ask(
+            &url,
+            None,
+            CONTROL,
+            Verb::Subscribe,
+            &user_channel("u1", channel),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, AskError::Refused { code, .. } if code == "400"),
+            "{channel}: {e}"
+        );
+    }
+
+    // A connection admitted later, on a relay started after the command, gets both right
+    // after its welcome.
+    let c = server_side_builder(&nats, "relay-c").start().await;
+    live_relays(&[&a, &b, &c], 3.0).await;
+    let mut u1_c = connect_with(c.addr(), &format!("?token={}", hs256(claims("u1"))), &[])
+        .await
+        .unwrap();
+    let welcome = next_json(&mut u1_c).await.unwrap();
+    assert_eq!(
+        welcome["serverChannels"],
+        json!(["me.feed", "public.x"]),
+        "{welcome}"
+    );
+    let mut got: Vec<String> = Vec::new();
+    for _ in 0..2 {
+        let f = frame_of(&mut u1_c, "subscribed").await;
+        assert_eq!(f["byServer"], true, "{f}");
+        got.push(f["channel"].as_str().unwrap().to_owned());
+    }
+    got.sort();
+    assert_eq!(got, ["me.feed", "public.x"]);
+    delivered(&pubs, "public.x", &mut u1_c, "public.x").await;
+    // And a reconnect on a relay that was there: again (once the first connection is gone,
+    // so that it is not counted below).
+    u1_a.close(None).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            a.metric("wsrelay_connections").await == Some(1.0)
+        })
+        .await
+    );
+    let mut u1_a = as_user(&a, "u1").await;
+    for _ in 0..2 {
+        frame_of(&mut u1_a, "subscribed").await;
+    }
+    delivered(&pubs, "public.x", &mut u1_a, "public.x").await;
+
+    // channels: counted across the relays, filtered by prefix; u2's own subscription too.
+    assert_eq!(subscribe(&mut u2_a, 4, "public.z").await["type"], "ok");
+    let r = command(
+        &url,
+        Verb::Channels,
+        &Selector {
+            prefix: Some("public.".into()),
+            ..Selector::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        r,
+        json!({"reached": 4, "relays": 3, "expected": 3, "channels": [
+            {"channel": "public.x", "subscribers": 3},
+            {"channel": "public.z", "subscribers": 1}]})
+    );
+    let out = ctl(&url, &["channels"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        r["channels"][0],
+        json!({"channel": "me.feed", "subscribers": 3}),
+        "{r}"
+    );
+    assert_eq!(r["reached"], 7, "{r}");
+
+    // unsubscribe (through `wsrelay ctl`): ended on all three, said to each client.
+    let out = ctl(
+        &url,
+        &["unsubscribe", "--sub", "u1", "--channel", "public.x"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r, json!({"reached": 3, "relays": 3, "expected": 3}));
+    for ws in [&mut u1_a, &mut u1_b, &mut u1_c] {
+        assert_eq!(
+            frame_of(ws, "unsubscribed").await,
+            json!({"type": "unsubscribed", "channel": "public.x", "reason": "server"})
+        );
+    }
+    // Gone: a later connection gets only me.feed, and public.x reaches nobody.
+    let mut u1_late = connect_with(b.addr(), &format!("?token={}", hs256(claims("u1"))), &[])
+        .await
+        .unwrap();
+    let welcome = next_json(&mut u1_late).await.unwrap();
+    assert_eq!(welcome["serverChannels"], json!(["me.feed"]), "{welcome}");
+    assert_eq!(
+        frame_of(&mut u1_late, "subscribed").await["channel"],
+        "me.feed"
+    );
+    pubs.publish("public.x", "{}".into()).await.unwrap();
+    pubs.flush().await.unwrap();
+    for ws in [&mut u1_a, &mut u1_late] {
+        assert!(
+            drain_messages(ws, Duration::from_millis(300))
+                .await
+                .is_empty()
+        );
+    }
+    // Now the client may subscribe to it itself, and unsubscribe.
+    assert_eq!(subscribe(&mut u1_a, 5, "public.x").await["type"], "ok");
+    let r = request(
+        &mut u1_a,
+        json!({"type": "unsubscribe", "id": 6, "channel": "public.x"}),
+    )
+    .await;
+    assert_eq!(r["type"], "ok", "{r}");
+
+    // Events: Subscribed and Unsubscribed with byServer for server-side ones only. Of
+    // public.x's: u1_a's two connections' and u1_c's are server-side; u1_b's (taken over)
+    // and u1_a's own later one are the client's.
+    let of_x = |events: &[Value], kind: &str, by_server: bool| {
+        of_type(events, kind)
+            .into_iter()
+            .filter(|e| e["channel"] == "public.x" && (e["byServer"] == true) == by_server)
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let events = stored(&nats, 0, Duration::ZERO).await;
+            of_x(&events, "Unsubscribed", true) + of_x(&events, "Unsubscribed", false) >= 4
+        })
+        .await,
+        "four Unsubscribed on public.x"
+    );
+    let events = stored(&nats, 0, Duration::ZERO).await;
+    assert_eq!(of_x(&events, "Subscribed", true), 3, "{events:#?}");
+    assert_eq!(of_x(&events, "Subscribed", false), 2, "{events:#?}");
+    assert_eq!(of_x(&events, "Unsubscribed", true), 2, "{events:#?}");
+    assert_eq!(of_x(&events, "Unsubscribed", false), 2, "{events:#?}");
+    assert!(
+        of_type(&events, "Subscribed")
+            .iter()
+            .all(|e| e["byServer"].is_null() || e["byServer"] == true),
+        "byServer is true or absent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_a_user_has_at_most_64_channels() {
+    init_logs();
+    let (_store, nats) = jetstream_nats("events-srvsub-bound");
+    let a = server_side_builder(&nats, "relay-a").start().await;
+    let url = nats.url();
+    for i in 0..64 {
+        let r = command(
+            &url,
+            Verb::Subscribe,
+            &user_channel("u1", &format!("public.c{i}")),
+        )
+        .await;
+        assert_eq!(r["reached"], 0, "{r}");
+    }
+    let e = ask(
+        &url,
+        None,
+        CONTROL,
+        Verb::Subscribe,
+        &user_channel("u1", "public.more"),
+    )
+    .await
+    .unwrap_err();
+    match &e {
+        AskError::Refused { code, status } => {
+            assert_eq!(code, "409");
+            assert_eq!(status, "sub has 64 server-side channels (the most)");
+        }
+        other => panic!("{other}"),
+    }
+    // One it has is not one more; another user has room.
+    command(&url, Verb::Subscribe, &user_channel("u1", "public.c7")).await;
+    command(&url, Verb::Subscribe, &user_channel("u2", "public.more")).await;
+    // u1's connection gets the 64, and the room one unsubscribe makes is usable.
+    let mut ws = as_user(&a, "u1").await;
+    for _ in 0..64 {
+        frame_of(&mut ws, "subscribed").await;
+    }
+    let r = command(&url, Verb::Unsubscribe, &user_channel("u1", "public.c0")).await;
+    assert_eq!(r["reached"], 1, "{r}");
+    let r = command(&url, Verb::Subscribe, &user_channel("u1", "public.more")).await;
+    assert_eq!(r["reached"], 1, "{r}");
+    assert_eq!(
+        a.metric("wsrelay_control_commands_total{command=\"subscribe\",outcome=\"invalid\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        a.metric("wsrelay_control_commands_total{command=\"subscribe\",outcome=\"ok\"}")
+            .await,
+        Some(67.0)
+    );
+}

@@ -19,6 +19,7 @@ import {
   type PresenceEventFrame,
   type PresencePage,
   type ServerFrame,
+  type SubscribedFrame,
   type WelcomeFrame,
 } from "./protocol.js";
 import { PresenceProtocolError, type PresenceMember } from "./presence.js";
@@ -194,6 +195,22 @@ export interface ClientEvents {
   token: { inBand: boolean; expiresAt?: number };
   /** The relay dropped messages for this connection (slow consumer); `channel` when the relay names it. */
   dropped: { count: number; channel?: string };
+  /**
+   * The backend subscribed this user to a channel (a server-side subscription, docs/backend.md):
+   * `subscription` receives its messages (attach handlers here, before the first one comes). Said
+   * again after each reconnect (`resubscribed`), with the same `Subscription`. The client never
+   * subscribes to it itself; it ends when the backend ends it (its `unsubscribed` event, reason
+   * `server`).
+   */
+  subscribed: ServerSubscribedContext;
+}
+
+export interface ServerSubscribedContext {
+  channel: string;
+  byServer: true;
+  subscription: Subscription;
+  /** Not the first `subscribed` of this subscription (a reconnect). */
+  resubscribed: boolean;
 }
 
 export interface PublishOptions {
@@ -636,10 +653,17 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     if (conn !== this.conn) return; // a listener disconnected
     this.startHeartbeat(conn);
     this.scheduleRefresh();
-    for (const sub of this.subs.values()) {
+    const server = new Set(Array.isArray(w.serverChannels) ? w.serverChannels : []);
+    for (const sub of [...this.subs.values()]) {
       if (sub._retryTimer !== undefined) {
         this.clock.clearTimeout(sub._retryTimer);
         sub._retryTimer = undefined;
+      }
+      if (sub._byServer) {
+        // The relay subscribes it again (its `subscribed` frame follows), unless the backend
+        // ended it while this client was away: then the welcome does not name it.
+        if (!server.has(sub.channel)) this.relayUnsubscribed(sub.channel, "server");
+        continue;
       }
       if (sub.state !== "unsubscribed") this.sendSubscribe(sub);
     }
@@ -935,6 +959,9 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       case "unsubscribed":
         this.relayUnsubscribed(f.channel, f.reason);
         return;
+      case "subscribed":
+        this.serverSubscribed(f);
+        return;
       case "drain":
         this.drainAt = this.clock.now() + Math.max(0, f.reconnectAfterMs);
         this.emit("drain", { reconnectAfterMs: f.reconnectAfterMs });
@@ -1176,17 +1203,56 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     this.emit("error", { kind: "subrefresh", error: r.error });
   }
 
+  /** A server-side subscription (the backend's): a new `Subscription`, one the app had taken over, or one subscribed again after a reconnect. */
+  private serverSubscribed(f: SubscribedFrame): void {
+    if (typeof f.channel !== "string") return;
+    let sub = this.subs.get(f.channel);
+    if (!sub) {
+      sub = new Subscription(this, f.channel, {}, this.clock);
+      this.subs.set(f.channel, sub);
+    }
+    sub._byServer = true;
+    // A subscribe of the app's own still in flight: its reply no longer matters.
+    if (sub._pendingId !== undefined) this.subRequests.delete(sub._pendingId);
+    sub._pendingId = undefined;
+    sub._refresh.cancel();
+    sub._token = undefined;
+    if (sub._retryTimer !== undefined) {
+      this.clock.clearTimeout(sub._retryTimer);
+      sub._retryTimer = undefined;
+    }
+    const pos = sub._position;
+    // A taken-over subscription goes on where it was (no position in the frame).
+    if (f.epoch !== undefined) pos.subscribed({ epoch: f.epoch, ...(f.seq !== undefined ? { seq: f.seq } : {}) }, undefined);
+    const resubscribed = sub._everSubscribed;
+    sub._everSubscribed = true;
+    sub._retryAttempt = 0;
+    sub._subscribed({
+      resumable: pos.epoch !== undefined,
+      recovering: false,
+      recovered: false,
+      resubscribed,
+      byServer: true,
+      ...(pos.epoch !== undefined ? { epoch: pos.epoch } : {}),
+      ...(pos.seq !== undefined ? { seq: pos.seq } : {}),
+    });
+    this.emit("subscribed", { channel: f.channel, byServer: true, subscription: sub, resubscribed });
+  }
+
   private relayUnsubscribed(channel: string, reason: string): void {
     const sub = this.subs.get(channel);
     if (!sub) return;
     sub._pendingId = undefined;
     sub._refresh.cancel();
-    if (reason === "unavailable") {
+    // A server-side subscription is not the client's to subscribe again: whatever ended it
+    // ends it here (the relay gives it again on the next connection while the backend keeps it).
+    const own = !sub._byServer;
+    if (own && reason === "unavailable") {
       // Transient (the relay lost its NATS subscription): resubscribe with backoff, resuming.
       this.retrySubscribe(sub, "unavailable");
       return;
     }
-    if (reason === "expired" && this.tokenSource(sub)) {
+    if (own && reason === "expired" && this.tokenSource(sub)) {
       // The subscription token expired before a subrefresh replaced it: subscribe again at
       // once with a new token (resuming on a resumable channel). A token that cannot be had
       // is retried with backoff, boundedly (subscribeTokenFailed).
@@ -1217,8 +1283,12 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
       // A message on this channel was skipped. While a resume is under way the relay's replay
       // brings it; otherwise resync: unsubscribe and subscribe again from the last delivered
       // position (the relay processes the two in order).
-      if (sub.state === "subscribed") this.resync(sub);
-      return;
+      // A server-side subscription cannot be resynced by the client (the relay refuses its
+      // unsubscribe): delivered, its `prev` shows the hole.
+      if (!sub._byServer) {
+        if (sub.state === "subscribed") this.resync(sub);
+        return;
+      }
     }
     sub._position.delivered(seq);
     let m: Message;
@@ -1365,6 +1435,8 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
   /** @internal called by Subscription.unsubscribe() */
   _unsubscribe(sub: Subscription): void {
     if (sub.state === "unsubscribed") return;
+    if (sub._byServer && this.subs.get(sub.channel) === sub)
+      throw new Error(`${sub.channel} is a server-side subscription: the backend ends it`);
     sub._refresh.cancel();
     if (sub._retryTimer !== undefined) {
       this.clock.clearTimeout(sub._retryTimer);

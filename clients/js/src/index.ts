@@ -10,6 +10,7 @@ export {
   type ErrorKind,
   type PublishOptions,
   type PublishResult,
+  type ServerSubscribedContext,
 } from "./client.js";
 export {
   Subscription,

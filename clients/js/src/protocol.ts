@@ -15,6 +15,8 @@ export interface WelcomeFrame {
   resumed?: boolean;
   /** What the connect step's backend (`auth.connectRequest`) replied, when it sent any. */
   data?: unknown;
+  /** The user's server-side subscriptions, each confirmed next by a `subscribed` frame (absent: none). */
+  serverChannels?: string[];
 }
 
 export interface OkFrame {
@@ -106,6 +108,16 @@ export interface UnsubscribedFrame {
   reason: string;
 }
 
+/** The backend subscribed this connection to a channel (a server-side subscription). */
+export interface SubscribedFrame {
+  type: "subscribed";
+  channel: string;
+  byServer: boolean;
+  /** A resumable channel: its stream's epoch and current position. */
+  epoch?: string;
+  seq?: number;
+}
+
 export interface DrainFrame {
   type: "drain";
   reconnectAfterMs: number;
@@ -119,6 +131,7 @@ export type ServerFrame =
   | MessageFrame
   | DroppedFrame
   | UnsubscribedFrame
+  | SubscribedFrame
   | DrainFrame
   | PresenceEventFrame
   | OccupancyFrame;

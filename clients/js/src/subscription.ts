@@ -40,6 +40,8 @@ export interface SubscribedContext {
    * when it sent any (the `ok`'s `data`), e.g. the channel's current state.
    */
   data?: unknown;
+  /** A server-side subscription: the backend subscribed this user (a `subscribed` frame), not the app. */
+  byServer?: boolean;
 }
 
 export interface SubscribingContext {
@@ -161,6 +163,7 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   /** @internal subscribed with `presence: true` */ readonly _presenceWanted: boolean;
   /** @internal */ readonly _presencePageSize: number | undefined;
   /** @internal `fetchPresence()` calls waiting for the next complete list */ _presenceWaiters: PresenceWaiter[] = [];
+  /** @internal the backend's (a `subscribed` frame): never sent by this client, never ended by it */ _byServer = false;
 
   /** @internal use `client.subscribe()` */
   constructor(owner: SubscriptionOwner, channel: string, opts: SubscriptionOptions, clock: TimerClock) {
@@ -235,7 +238,19 @@ export class Subscription extends Emitter<SubscriptionEvents> {
     return this.owner._fetchPresence(this);
   }
 
-  /** Stops the subscription (sends `unsubscribe` when the relay has it). Final: subscribe again for a new one. */
+  /**
+   * A server-side subscription: the backend subscribed this user to the channel (the client's
+   * `subscribed` event). The relay sends it again after every reconnect; only the backend ends
+   * it (`unsubscribe()` throws).
+   */
+  get byServer(): boolean {
+    return this._byServer;
+  }
+
+  /**
+   * Stops the subscription (sends `unsubscribe` when the relay has it). Final: subscribe again
+   * for a new one. Throws for a server-side subscription (`byServer`): the backend ends it.
+   */
   unsubscribe(): void {
     this.owner._unsubscribe(this);
   }

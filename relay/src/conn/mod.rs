@@ -53,6 +53,8 @@ struct Held {
     token_expires_at: Option<u64>,
     /// What ends with the subscription ([`Conn::attach`]).
     attached: Vec<Attached>,
+    /// A server-side subscription (the backend's `subscribe`): the client cannot end it.
+    by_server: bool,
 }
 
 /// Something that lives as long as a subscription (a presence membership): dropped with it,
@@ -76,6 +78,20 @@ pub enum AddError {
     /// The connection holds `limits.maxSubscriptionsPerConnection` channels.
     #[error("too many subscriptions")]
     TooMany,
+    /// The connection ended.
+    #[error("the connection ended")]
+    Ended,
+}
+
+/// What [`Conn::add_server_subscription`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerAdd {
+    /// Recorded a new subscription: the caller sets it up.
+    New,
+    /// The client's own subscription to the channel is server-side from now on.
+    TakenOver,
+    /// It was server-side already.
+    Held,
 }
 
 /// What became of a delivered frame.
@@ -144,9 +160,61 @@ impl Conn {
                 key: key.to_owned(),
                 token_expires_at: None,
                 attached: Vec::new(),
+                by_server: false,
             },
         );
         Ok(())
+    }
+
+    /// Records a server-side subscription to `key` as `channel` (at most `max` in all), or
+    /// makes the client's own subscription to `channel` server-side. Refused once the
+    /// connection ended (its subscriptions were taken).
+    pub fn add_server_subscription(
+        &self,
+        channel: &str,
+        key: &str,
+        max: usize,
+    ) -> Result<ServerAdd, AddError> {
+        let mut subs = self.subs();
+        if self.ended.load(Ordering::SeqCst) {
+            return Err(AddError::Ended);
+        }
+        if let Some(h) = subs.get_mut(channel) {
+            if h.by_server {
+                return Ok(ServerAdd::Held);
+            }
+            h.by_server = true;
+            // A server-side subscription has no token to expire.
+            h.token_expires_at = None;
+            return Ok(ServerAdd::TakenOver);
+        }
+        if subs.len() >= max {
+            return Err(AddError::TooMany);
+        }
+        subs.insert(
+            channel.to_owned(),
+            Held {
+                key: key.to_owned(),
+                token_expires_at: None,
+                attached: Vec::new(),
+                by_server: true,
+            },
+        );
+        Ok(ServerAdd::New)
+    }
+
+    /// Whether the connection holds `channel` as a server-side subscription.
+    pub fn is_server_held(&self, channel: &str) -> bool {
+        self.subs().get(channel).is_some_and(|h| h.by_server)
+    }
+
+    /// Forgets `channel` when it is a server-side subscription; returns its key.
+    pub fn remove_server_subscription(&self, channel: &str) -> Option<String> {
+        let mut subs = self.subs();
+        if !subs.get(channel).is_some_and(|h| h.by_server) {
+            return None;
+        }
+        subs.remove(channel).map(|h| h.key)
     }
 
     /// Attaches `what` to `channel`'s subscription to `key` (see [`Attached`]); gives it
@@ -237,6 +305,15 @@ impl Conn {
     /// The next subscription serial of this connection (1, 2, ...).
     pub fn next_serial(&self) -> u64 {
         self.serials.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The server-side subscriptions now, as (channel, key).
+    pub fn server_subscriptions(&self) -> Vec<(String, String)> {
+        self.subs()
+            .iter()
+            .filter(|(_, h)| h.by_server)
+            .map(|(c, h)| (c.clone(), h.key.clone()))
+            .collect()
     }
 
     /// The subscriptions now, as (channel, key).

@@ -56,6 +56,36 @@ pub fn invalidated_sub_key(sub: &str, iss: Option<&str>) -> String {
 /// The filter of every revocation.
 pub const REVOKED_FILTER: &str = "rev.>";
 
+/// `srv.<sub>.<iss or ->.<channel>` (base64url): a server-side subscription of a user.
+pub fn server_sub_key(sub: &str, iss: Option<&str>, channel: &str) -> String {
+    let iss = iss.map_or_else(|| "-".to_owned(), channel_token);
+    format!(
+        "srv.{}.{iss}.{}",
+        channel_token(sub),
+        channel_token(channel)
+    )
+}
+
+/// The filter of every server-side subscription.
+pub const SERVER_SUB_FILTER: &str = "srv.>";
+
+/// The value of `srv.<sub>.<iss>.<channel>`: what the key says, readable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSub {
+    /// [`VALUE_VERSION`].
+    pub v: u32,
+    /// The user: the connections whose token has this `sub`.
+    pub sub: String,
+    /// And this `iss`, when it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// The channel.
+    pub channel: String,
+    /// When the backend asked, in milliseconds since the epoch.
+    pub at: u64,
+}
+
 /// A channel as one token: base64url without padding.
 pub fn channel_token(channel: &str) -> String {
     URL_SAFE_NO_PAD.encode(channel)
@@ -185,6 +215,10 @@ mod tests {
             assert!(t.is_empty() || is_token(&t), "{ch:?} -> {t:?}");
             assert_eq!(channel_of(&t).as_deref(), Some(ch));
         }
+        let k = server_sub_key("42", None, "a.b");
+        assert_eq!(k, format!("srv.NDI.-.{}", channel_token("a.b")));
+        assert_eq!(k.split('.').count(), 4);
+        assert_ne!(k, server_sub_key("42", Some("i"), "a.b"));
         let k = presence_key("orders.42", "r1", 3);
         assert_eq!(k, format!("pres.{}.r1.3", channel_token("orders.42")));
         assert_eq!(k.split('.').count(), 4);

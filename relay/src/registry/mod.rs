@@ -190,6 +190,7 @@ pub fn lifecycle(entry: &ConnEntry, id: u64, relay: &str, kind: EventType, at: u
         previous: None,
         relay: relay.to_owned(),
         channel: None,
+        by_server: false,
         reason: ended.map(|e| e.reason.clone()),
         close_code: ended.and_then(|e| e.close_code),
         at,
@@ -926,7 +927,31 @@ impl Registry {
         self.publish_ttl("put", key, value, ttl).await
     }
 
-    /// Publishes `key` with a `Nats-TTL` and waits for the acknowledgement, within
+    /// Writes `key` now, outside this relay's entries and without a TTL (it stays until
+    /// [`Registry::remove_kept`]); waits for the acknowledgement.
+    pub async fn put_kept(&self, key: &str, value: Bytes) -> Result<(), RegistryError> {
+        self.publish_ttl("put", key, value, Duration::ZERO).await
+    }
+
+    /// Deletes `key`, one not among this relay's entries (a delete marker that expires);
+    /// waits for the acknowledgement.
+    pub async fn remove_kept(&self, key: &str) -> Result<(), RegistryError> {
+        let fut = async {
+            self.send(Write::Delete(key.to_owned(), None))
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "no acknowledgement".to_owned())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(REQUEST_WITHIN, fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(m)) => Err(request_err("delete")(m)),
+            Err(_) => Err(RegistryError::Timeout { op: "delete" }),
+        }
+    }
+
+    /// Publishes `key` with a `Nats-TTL` (none for [`Duration::ZERO`]) and waits for the acknowledgement, within
     /// [`REQUEST_WITHIN`]; `op` names it in errors.
     async fn publish_ttl(
         &self,
@@ -936,7 +961,9 @@ impl Registry {
         ttl: Duration,
     ) -> Result<(), RegistryError> {
         let mut h = HeaderMap::new();
-        h.insert("Nats-TTL", ttl.as_secs().max(1).to_string().as_str());
+        if !ttl.is_zero() {
+            h.insert("Nats-TTL", ttl.as_secs().max(1).to_string().as_str());
+        }
         let fut = async {
             self.js
                 .publish_with_headers(self.subject(key), h, value)

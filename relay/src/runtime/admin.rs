@@ -42,6 +42,18 @@ async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     {
         // Once only: a relay started after a revocation must know it before any handshake.
         (StatusCode::SERVICE_UNAVAILABLE, "revocations not read yet")
+    } else if relay.settings().config.control.is_some()
+        && relay.registry.is_some()
+        && !relay
+            .server_subs_read
+            .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        // Once only: a relay started after a server-side subscribe gives it to its first
+        // connections too.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server-side subscriptions not read yet",
+        )
     } else if relay.is_ready() {
         (StatusCode::OK, "ready")
     } else {

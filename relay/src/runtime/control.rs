@@ -1,7 +1,8 @@
 //! The control service (docs/backend.md): the backend commands the fleet over NATS. Every
 //! relay serves the NATS service [`SERVICE_NAME`] (the NATS micro conventions: found with
 //! `$SRV.PING`, `$SRV.INFO`), whose endpoints `<control.subject>.disconnect`, `.connections`,
-//! `.revoke` and `.invalidate` share one queue group: one relay takes each command. It
+//! `.revoke`, `.invalidate`, `.subscribe`, `.unsubscribe` and `.channels` share one queue
+//! group: one relay takes each command. It
 //! asks every relay on `<control.subject>.fleet.<command>` (each relay, itself included,
 //! subscribes to it), gathers their answers until as many as the registry has live leases
 //! answered, or [`GATHER_WITHIN`], and replies with the sum.
@@ -24,8 +25,10 @@ use crate::access::revoked::Revocation;
 use crate::conn::close::Cause;
 use crate::events::connection_id;
 use crate::metrics::{Command, Kind};
-use crate::registry::keys;
+use crate::registry::keys::{self, ServerSub};
 use crate::state::Relay;
+
+use super::serversubs;
 
 /// The NATS service's name (every gateway's relays serve it; `$SRV.INFO.wsrelay_control`
 /// lists them, each with its endpoints' subjects).
@@ -39,6 +42,12 @@ pub const GATHER_WITHIN: Duration = Duration::from_secs(2);
 
 /// Most connections one `connections` answer lists (per relay, and in all).
 pub const MAX_LISTED: usize = 1000;
+
+/// Most channels one `channels` answer lists (per relay, and in all).
+pub const MAX_CHANNELS: usize = 1000;
+
+/// Longest `channel` or `prefix` a command may name, in bytes (the longest channel).
+pub const MAX_CHANNEL_BYTES: usize = crate::authz::MAX_CHANNEL_LEN;
 
 /// Longest `sub` or `iss` a command may name, in bytes.
 pub const MAX_CLAIM_BYTES: usize = 256;
@@ -58,15 +67,24 @@ pub enum Verb {
     Revoke,
     /// Revoke every token of a `sub` issued before a time.
     Invalidate,
+    /// Subscribe a user's connections, present and future, to a channel (server-side).
+    Subscribe,
+    /// End a server-side subscription.
+    Unsubscribe,
+    /// List the channels subscribed to, with their counts.
+    Channels,
 }
 
 impl Verb {
     /// Every one, in the order of the docs.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 7] = [
         Self::Disconnect,
         Self::Connections,
         Self::Revoke,
         Self::Invalidate,
+        Self::Subscribe,
+        Self::Unsubscribe,
+        Self::Channels,
     ];
 
     /// The endpoint's name, the last token of its subjects.
@@ -76,7 +94,15 @@ impl Verb {
             Self::Connections => "connections",
             Self::Revoke => "revoke",
             Self::Invalidate => "invalidate",
+            Self::Subscribe => "subscribe",
+            Self::Unsubscribe => "unsubscribe",
+            Self::Channels => "channels",
         }
+    }
+
+    /// `subscribe`, `unsubscribe`: a server-side subscription's.
+    fn server_side(self) -> bool {
+        matches!(self, Self::Subscribe | Self::Unsubscribe)
     }
 
     fn revokes(self) -> bool {
@@ -117,6 +143,12 @@ pub struct Selector {
     /// revoked tokens' `exp`. Required by `revoke`; `invalidate` defaults to a day from now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<u64>,
+    /// `subscribe`, `unsubscribe`: the channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// `channels`: only those starting with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
 }
 
 /// Longest a revocation holds.
@@ -170,10 +202,16 @@ pub fn parse(verb: Verb, body: &[u8]) -> Result<Selector, Invalid> {
     let s: Selector = serde_json::from_value(v).map_err(json)?;
     let field = |field, reason| Err(Invalid::Field { field, reason });
     let not_here = |verb: Verb| {
+        let listing = verb == Verb::Channels;
         let has = [
-            ("sub", s.sub.is_some() && verb == Verb::Revoke),
-            ("iss", s.iss.is_some() && verb == Verb::Revoke),
-            ("connection", s.connection.is_some() && verb.revokes()),
+            ("sub", s.sub.is_some() && (verb == Verb::Revoke || listing)),
+            ("iss", s.iss.is_some() && (verb == Verb::Revoke || listing)),
+            (
+                "connection",
+                s.connection.is_some() && (verb.revokes() || verb.server_side() || listing),
+            ),
+            ("channel", s.channel.is_some() && !verb.server_side()),
+            ("prefix", s.prefix.is_some() && !listing),
             (
                 "reconnect",
                 s.reconnect.is_some() && verb != Verb::Disconnect,
@@ -207,6 +245,26 @@ pub fn parse(verb: Verb, body: &[u8]) -> Result<Selector, Invalid> {
         Verb::Disconnect | Verb::Connections => {
             if s.sub.is_none() && s.connection.is_none() {
                 return Err(Invalid::NoTarget);
+            }
+        }
+        Verb::Subscribe | Verb::Unsubscribe => {
+            if s.sub.is_none() {
+                return field("sub", "required: the user whose connections it concerns");
+            }
+            if !s
+                .channel
+                .as_deref()
+                .is_some_and(|c| claim_ok(c) && c.len() <= MAX_CHANNEL_BYTES)
+            {
+                return field("channel", "required: 1 to 256 bytes, no control characters");
+            }
+        }
+        Verb::Channels => {
+            if s.prefix
+                .as_deref()
+                .is_some_and(|p| p.len() > MAX_CHANNEL_BYTES || p.chars().any(char::is_control))
+            {
+                return field("prefix", "at most 256 bytes, no control characters");
             }
         }
     }
@@ -251,8 +309,32 @@ impl Selector {
                 keys::invalidated_sub_key(self.sub.as_deref()?, self.iss.as_deref()),
                 r,
             )),
-            Verb::Disconnect | Verb::Connections => None,
+            Verb::Disconnect
+            | Verb::Connections
+            | Verb::Subscribe
+            | Verb::Unsubscribe
+            | Verb::Channels => None,
         }
+    }
+
+    /// The server-side subscription a `subscribe` or `unsubscribe` names, and its registry
+    /// key.
+    pub fn server_sub(&self, verb: Verb) -> Option<(String, ServerSub)> {
+        if !verb.server_side() {
+            return None;
+        }
+        let (sub, channel) = (self.sub.clone()?, self.channel.clone()?);
+        let key = keys::server_sub_key(&sub, self.iss.as_deref(), &channel);
+        Some((
+            key,
+            ServerSub {
+                v: keys::VALUE_VERSION,
+                sub,
+                iss: self.iss.clone(),
+                channel,
+                at: crate::clock::now_ms(),
+            },
+        ))
     }
 }
 
@@ -285,8 +367,18 @@ pub struct Listed {
     pub channels: Vec<String>,
 }
 
-/// One relay's answer to a fleet request.
+/// One channel in a `channels` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelCount {
+    /// The channel.
+    pub channel: String,
+    /// How many connections are subscribed to it.
+    pub subscribers: usize,
+}
+
+/// One relay's answer to a fleet request.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Answer {
     /// The relay.
@@ -296,6 +388,12 @@ pub struct Answer {
     /// `connections`: them (at most [`MAX_LISTED`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listed: Vec<Listed>,
+    /// `channels`: its channels, sorted (at most [`MAX_CHANNELS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<ChannelCount>,
+    /// `channels`: it had more than it listed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// The reply to the backend: the answers added up.
@@ -312,7 +410,11 @@ pub struct Tally {
     /// `connections`: the connections, sorted by id (at most [`MAX_LISTED`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<Vec<Listed>>,
-    /// `connections`: true when more were found than listed.
+    /// `channels`: the channels, sorted, with their counts summed over the relays (at most
+    /// [`MAX_CHANNELS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<ChannelCount>>,
+    /// `connections`, `channels`: true when more were found than listed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
 }
@@ -323,6 +425,7 @@ impl Tally {
         Self {
             expected,
             connections: (verb == Verb::Connections).then(Vec::new),
+            channels: (verb == Verb::Channels).then(Vec::new),
             ..Self::default()
         }
     }
@@ -346,6 +449,29 @@ impl Tally {
                 self.truncated = true;
             }
         }
+        if let Some(list) = &mut self.channels {
+            // Each relay lists its first channels by name: the first of the union are
+            // among them, so the counts of those kept are whole.
+            self.truncated |= a.truncated;
+            let mut merged: std::collections::BTreeMap<String, usize> = std::mem::take(list)
+                .into_iter()
+                .map(|c| (c.channel, c.subscribers))
+                .collect();
+            for c in a.channels {
+                *merged.entry(c.channel).or_default() += c.subscribers;
+            }
+            if merged.len() > MAX_CHANNELS {
+                self.truncated = true;
+            }
+            *list = merged
+                .into_iter()
+                .take(MAX_CHANNELS)
+                .map(|(channel, subscribers)| ChannelCount {
+                    channel,
+                    subscribers,
+                })
+                .collect();
+        }
     }
 
     /// Whether every expected relay answered.
@@ -354,20 +480,71 @@ impl Tally {
     }
 }
 
+/// This relay's channels starting with `prefix`: the first [`MAX_CHANNELS`] by name with
+/// their subscribers, how many subscriptions matched, and whether some were left out.
+fn channels(relay: &Relay, prefix: &str) -> (Vec<ChannelCount>, usize, bool) {
+    let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut matched = 0;
+    for conn in relay.connections() {
+        for (channel, _) in conn.subscriptions() {
+            if channel.starts_with(prefix) {
+                matched += 1;
+                *counts.entry(channel).or_default() += 1;
+            }
+        }
+    }
+    let truncated = counts.len() > MAX_CHANNELS;
+    let list = counts
+        .into_iter()
+        .take(MAX_CHANNELS)
+        .map(|(channel, subscribers)| ChannelCount {
+            channel,
+            subscribers,
+        })
+        .collect();
+    (list, matched, truncated)
+}
+
 /// Carries `verb` out on this relay's own connections.
-pub fn apply(relay: &Relay, verb: Verb, s: &Selector) -> Answer {
+pub async fn apply(relay: &Relay, verb: Verb, s: &Selector) -> Answer {
     let mut answer = Answer {
         relay: relay.name.clone(),
         connections: 0,
         listed: Vec::new(),
+        channels: Vec::new(),
+        truncated: false,
     };
-    if let Some((_, r)) = s.revocation(verb) {
-        answer.connections = super::revocations::close_covered(relay, &r);
+    let applied = || {
         relay
             .metrics
             .control_applied
             .get_or_create(&Kind { event: verb.name() })
             .inc();
+    };
+    if let Some((_, r)) = s.revocation(verb) {
+        answer.connections = super::revocations::close_covered(relay, &r);
+        applied();
+        return answer;
+    }
+    // Kept here too, not only by the watch (which may not have read the key yet): a
+    // connection this relay admits from now on is served by it.
+    if let Some((key, sub)) = s.server_sub(verb) {
+        answer.connections = if verb == Verb::Subscribe {
+            relay.server_subs.set(&key, Some(sub.clone()));
+            serversubs::subscribe_live(relay, &sub).await
+        } else {
+            relay.server_subs.set(&key, None);
+            serversubs::unsubscribe_live(relay, &sub)
+        };
+        applied();
+        return answer;
+    }
+    if verb == Verb::Channels {
+        let (list, matched, truncated) = channels(relay, s.prefix.as_deref().unwrap_or_default());
+        answer.channels = list;
+        answer.connections = matched;
+        answer.truncated = truncated;
+        applied();
         return answer;
     }
     for conn in relay.connections() {
@@ -403,14 +580,15 @@ pub fn apply(relay: &Relay, verb: Verb, s: &Selector) -> Answer {
                     channels,
                 });
             }
-            Verb::Connections | Verb::Revoke | Verb::Invalidate => {}
+            Verb::Connections
+            | Verb::Revoke
+            | Verb::Invalidate
+            | Verb::Subscribe
+            | Verb::Unsubscribe
+            | Verb::Channels => {}
         }
     }
-    relay
-        .metrics
-        .control_applied
-        .get_or_create(&Kind { event: verb.name() })
-        .inc();
+    applied();
     answer
 }
 
@@ -448,7 +626,7 @@ async fn serve_once(relay: &Arc<Relay>, prefix: &str) -> Result<(), async_nats::
     let service = client
         .service_builder()
         .description(
-            "wsrelay: disconnect and list a gateway's connections, revoke tokens (docs/backend.md)",
+            "wsrelay: disconnect and list a gateway's connections, revoke tokens, subscribe users to channels (docs/backend.md)",
         )
         .metadata(HashMap::from([("subject".to_owned(), prefix.to_owned())]))
         .start(SERVICE_NAME, SERVICE_VERSION)
@@ -491,7 +669,7 @@ async fn answer(relay: &Relay, m: async_nats::Message) {
     let Ok(s) = parse(verb, &m.payload) else {
         return;
     };
-    let a = apply(relay, verb, &s);
+    let a = apply(relay, verb, &s).await;
     if let Ok(body) = serde_json::to_vec(&a) {
         let _ = relay.hub.client().publish(reply, Bytes::from(body)).await;
     }
@@ -522,24 +700,16 @@ async fn take(relay: &Relay, prefix: &str, verb: Verb, req: async_nats::service:
             return;
         }
     };
-    // Revocations: the connections closed first (and counted), then the revocation stored
-    // for later handshakes, refreshes and relays.
-    let gathered = match gather(relay, prefix, verb, &s).await {
-        Ok(tally) => match (s.revocation(verb), &relay.registry) {
-            (Some((key, r)), Some(registry)) => {
-                let ttl = r.until.saturating_sub(crate::clock::now_secs());
-                let value = Bytes::from(serde_json::to_vec(&r).unwrap_or_default());
-                registry
-                    .put_ttl(&key, value, Duration::from_secs(ttl))
-                    .await
-                    .map(|()| tally)
-                    .map_err(|e| -> async_nats::Error {
-                        format!("the revocation was not stored: {e}").into()
-                    })
-            }
-            _ => Ok(tally),
-        },
-        Err(e) => Err(e),
+    let gathered = match carry_out(relay, prefix, verb, &s).await {
+        Ok(tally) => Ok(tally),
+        Err(Failed::Refused(code, status)) => {
+            count("invalid");
+            let _ = req
+                .respond(Err(async_nats::service::error::Error { status, code }))
+                .await;
+            return;
+        }
+        Err(Failed::Fleet(e)) => Err(e),
     };
     match gathered {
         Ok(tally) => {
@@ -564,6 +734,90 @@ async fn take(relay: &Relay, prefix: &str, verb: Verb, req: async_nats::service:
                 .await;
         }
     }
+}
+
+/// Why a checked command was not carried out.
+enum Failed {
+    /// Refused before anything was done (a service error code, and why).
+    Refused(usize, String),
+    /// The fleet could not be asked, or what it did could not be stored.
+    Fleet(async_nats::Error),
+}
+
+/// Carries a checked command out: asks the fleet, and stores or removes what it keeps in the
+/// registry (revocations, server-side subscriptions).
+async fn carry_out(relay: &Relay, prefix: &str, verb: Verb, s: &Selector) -> Result<Tally, Failed> {
+    let stored = |what: &'static str| {
+        move |e: crate::registry::RegistryError| -> Failed {
+            Failed::Fleet(format!("the {what} was not stored: {e}").into())
+        }
+    };
+    // Revocations: the connections closed first (and counted), then the revocation stored
+    // for later handshakes, refreshes and relays.
+    if let (Some((key, r)), Some(registry)) = (s.revocation(verb), &relay.registry) {
+        let tally = gather(relay, prefix, verb, s)
+            .await
+            .map_err(Failed::Fleet)?;
+        let ttl = r.until.saturating_sub(crate::clock::now_secs());
+        let value = Bytes::from(serde_json::to_vec(&r).unwrap_or_default());
+        registry
+            .put_ttl(&key, value, Duration::from_secs(ttl))
+            .await
+            .map_err(stored("revocation"))?;
+        return Ok(tally);
+    }
+    let (Some((key, sub)), Some(registry)) = (s.server_sub(verb), &relay.registry) else {
+        return gather(relay, prefix, verb, s).await.map_err(Failed::Fleet);
+    };
+    if verb == Verb::Unsubscribe {
+        // The fleet ends them first (and counts them), then the key goes; every relay's
+        // watch ends what the fleet request missed.
+        let tally = gather(relay, prefix, verb, s)
+            .await
+            .map_err(Failed::Fleet)?;
+        registry
+            .remove_kept(&key)
+            .await
+            .map_err(|e| Failed::Fleet(format!("the subscription was not removed: {e}").into()))?;
+        return Ok(tally);
+    }
+    // Subscribe: the channel must map to a binding that allows subscribe (the claims each
+    // connection has decide the rest), and the user have room; stored first, so a connection
+    // admitted from now on gets it.
+    let mut claims = Map::new();
+    claims.insert("sub".into(), Value::String(sub.sub.clone()));
+    if let Some(iss) = &sub.iss {
+        claims.insert("iss".into(), Value::String(iss.clone()));
+    }
+    let resolved = relay.settings().authz.resolve_binding(
+        &sub.channel,
+        crate::authz::Operation::Subscribe,
+        Some(&claims),
+    );
+    match resolved {
+        Ok(_)
+        | Err(
+            crate::authz::AuthzError::MissingClaim { .. }
+            | crate::authz::AuthzError::InvalidClaim { .. },
+        ) => {}
+        Err(e) => return Err(Failed::Refused(400, e.to_string())),
+    }
+    let (n, has) = relay.server_subs.count(&sub.sub, &key);
+    if !has && n >= serversubs::MAX_PER_SUB {
+        return Err(Failed::Refused(
+            409,
+            format!(
+                "sub has {} server-side channels (the most)",
+                serversubs::MAX_PER_SUB
+            ),
+        ));
+    }
+    let value = Bytes::from(serde_json::to_vec(&sub).unwrap_or_default());
+    registry
+        .put_kept(&key, value)
+        .await
+        .map_err(stored("subscription"))?;
+    gather(relay, prefix, verb, s).await.map_err(Failed::Fleet)
 }
 
 /// Asks every relay (this one included) and adds up their answers, until as many as hold a
@@ -805,6 +1059,129 @@ mod tests {
     }
 
     #[test]
+    fn server_side_commands_name_a_user_and_a_channel() {
+        let ok = parse(Verb::Subscribe, br#"{"sub":"42","channel":"a.b"}"#).unwrap();
+        let (key, s) = ok.server_sub(Verb::Subscribe).unwrap();
+        assert_eq!(key, keys::server_sub_key("42", None, "a.b"));
+        assert_eq!((s.sub.as_str(), s.channel.as_str()), ("42", "a.b"));
+        assert!(parse(Verb::Unsubscribe, br#"{"sub":"4","iss":"i","channel":"c"}"#).is_ok());
+        assert!(parse(Verb::Channels, br#"{}"#).is_ok());
+        assert!(parse(Verb::Channels, br#"{"prefix":"rooms."}"#).is_ok());
+        for (verb, body, want) in [
+            (
+                Verb::Subscribe,
+                r#"{"sub":"42"}"#.to_owned(),
+                "channel: required",
+            ),
+            (
+                Verb::Subscribe,
+                r#"{"channel":"a"}"#.to_owned(),
+                "sub: required",
+            ),
+            (
+                Verb::Subscribe,
+                r#"{"connection":"r/1","channel":"a"}"#.to_owned(),
+                "connection: not a field",
+            ),
+            (
+                Verb::Unsubscribe,
+                r#"{"sub":"1","channel":""}"#.to_owned(),
+                "channel: required",
+            ),
+            (
+                Verb::Subscribe,
+                format!(r#"{{"sub":"1","channel":"{}"}}"#, "c".repeat(257)),
+                "channel: required",
+            ),
+            (
+                Verb::Disconnect,
+                r#"{"sub":"1","channel":"a"}"#.to_owned(),
+                "channel: not a field",
+            ),
+            (
+                Verb::Channels,
+                r#"{"sub":"1"}"#.to_owned(),
+                "sub: not a field",
+            ),
+            (
+                Verb::Subscribe,
+                r#"{"sub":"1","channel":"a","prefix":"a"}"#.to_owned(),
+                "prefix: not a field",
+            ),
+            (
+                Verb::Channels,
+                format!(r#"{{"prefix":"{}"}}"#, "p".repeat(257)),
+                "prefix: at most 256",
+            ),
+        ] {
+            let got = parse(verb, body.as_bytes())
+                .map(|_| String::new())
+                .unwrap_or_else(|e| e.to_string());
+            assert!(got.contains(want), "{body}: {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn channel_counts_add_up_and_are_bounded() {
+        let counts = |names: &[(&str, usize)]| {
+            names
+                .iter()
+                .map(|(c, n)| ChannelCount {
+                    channel: (*c).to_owned(),
+                    subscribers: *n,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut t = Tally::new(Verb::Channels, 2);
+        let mut seen = Vec::new();
+        t.add(
+            Answer {
+                relay: "r1".into(),
+                connections: 3,
+                channels: counts(&[("a", 2), ("b", 1)]),
+                ..Answer::default()
+            },
+            &mut seen,
+        );
+        t.add(
+            Answer {
+                relay: "r2".into(),
+                connections: 2,
+                channels: counts(&[("b", 1), ("c", 1)]),
+                ..Answer::default()
+            },
+            &mut seen,
+        );
+        assert_eq!(
+            serde_json::to_value(&t).unwrap(),
+            json!({"reached": 5, "relays": 2, "expected": 2, "channels": [
+                {"channel": "a", "subscribers": 2},
+                {"channel": "b", "subscribers": 2},
+                {"channel": "c", "subscribers": 1}]})
+        );
+        let many = |relay: &str, from: usize| Answer {
+            relay: relay.into(),
+            connections: MAX_CHANNELS,
+            channels: (from..from + MAX_CHANNELS)
+                .map(|i| ChannelCount {
+                    channel: format!("c{i:05}"),
+                    subscribers: 1,
+                })
+                .collect(),
+            ..Answer::default()
+        };
+        let mut t = Tally::new(Verb::Channels, 2);
+        let mut seen = Vec::new();
+        t.add(many("r1", 0), &mut seen);
+        t.add(many("r2", 500), &mut seen);
+        let list = t.channels.as_ref().unwrap();
+        assert_eq!(list.len(), MAX_CHANNELS);
+        assert!(t.truncated);
+        assert_eq!(list[499].subscribers, 1);
+        assert_eq!(list[500].subscribers, 2, "in both relays' lists");
+    }
+
+    #[test]
     fn every_field_named_must_match() {
         let c = claims(json!({"sub": "42", "iss": "a"}));
         let sel = |v: Value| serde_json::from_value::<Selector>(v).unwrap();
@@ -837,6 +1214,7 @@ mod tests {
             relay: "r1".into(),
             connections: 3,
             listed: vec![],
+            ..Answer::default()
         };
         t.add(a.clone(), &mut seen);
         t.add(a, &mut seen);
@@ -846,6 +1224,7 @@ mod tests {
                 relay: "r2".into(),
                 connections: 0,
                 listed: vec![],
+                ..Answer::default()
             },
             &mut seen,
         );
@@ -863,6 +1242,7 @@ mod tests {
                 relay: "b".into(),
                 connections: 600,
                 listed: listed("b", 600),
+                ..Answer::default()
             },
             &mut seen,
         );
@@ -871,6 +1251,7 @@ mod tests {
                 relay: "a".into(),
                 connections: 600,
                 listed: listed("a", 600),
+                ..Answer::default()
             },
             &mut seen,
         );

@@ -1,6 +1,7 @@
 //! The running process: start and stop ([`process`]), the drain on SIGTERM ([`drain`]),
 //! config reload ([`reload`]), the admin server ([`admin`]), history stream upkeep
-//! ([`upkeep`]), the backend's control service ([`control`]).
+//! ([`upkeep`]), the backend's control service ([`control`]) and its server-side
+//! subscriptions ([`serversubs`]).
 
 pub mod admin;
 pub mod control;
@@ -8,4 +9,5 @@ pub mod drain;
 pub mod process;
 pub mod reload;
 pub mod revocations;
+pub mod serversubs;
 pub mod upkeep;

@@ -170,12 +170,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     ));
     let control = tokio::spawn(super::control::serve(relay.clone()));
     let revocations = tokio::spawn(super::revocations::watch(relay.clone()));
+    let server_subs = tokio::spawn(super::serversubs::watch(relay.clone()));
     let tasks = vec![
         refusals,
         history,
         supervisor,
         control,
         revocations,
+        server_subs,
         tokio::spawn(crate::edge::listener::serve(
             client_listener,
             edge.clone(),

@@ -54,15 +54,23 @@ pub async fn run<Si, St>(
     drop(settings);
     let sink = Arc::new(SharedSink::new(sink));
     conn.attach_sink(sink.clone());
-    conn.outbox.push_reply(Message::text(protocol::with_data(
-        protocol::encode_welcome(
-            limits.max_message_bytes,
-            conn.is_anonymous(),
-            &crate::events::connection_id(&relay.name, conn.id),
-            welcome.resumed,
-        ),
-        welcome.data.as_deref(),
-    )));
+    // The user's server-side subscriptions: named in the `welcome`, each confirmed next by
+    // its `subscribed` frame (a client that had one and does not find it here knows it ended).
+    let server_channels = crate::runtime::serversubs::channels_for(&relay, &conn);
+    conn.outbox
+        .push_reply(Message::text(protocol::with_server_channels(
+            protocol::with_data(
+                protocol::encode_welcome(
+                    limits.max_message_bytes,
+                    conn.is_anonymous(),
+                    &crate::events::connection_id(&relay.name, conn.id),
+                    welcome.resumed,
+                ),
+                welcome.data.as_deref(),
+            ),
+            &server_channels,
+        )));
+    crate::runtime::serversubs::on_admit(&relay, &conn, server_channels);
     let done = CancellationToken::new();
     // The writer is a task of its own: joined with the reader in one task, every delivery's
     // wake-up also polled the reader (its socket, idle and expiry timers, cancellation),

@@ -38,6 +38,12 @@ const order: Subscription = client.subscribe("orders.42", {
   onSubscribed: (ctx: SubscribedContext) => ctx.data,
 });
 void order;
+// A server-side subscription: handlers attached from the client's event.
+client.on("subscribed", ({ channel, byServer, subscription, resubscribed }) => {
+  const server: true = byServer;
+  subscription.on("message", (m: Message) => `${channel} ${String(m.data)} ${String(server)} ${String(resubscribed)}`);
+  return subscription.byServer;
+});
 const room: Subscription = client.subscribe("rooms.7", { presence: true, presencePageSize: 500 });
 room.on("join", (m: PresenceMember) => `${m.key} ${String(m.info["name"])} ${m.clients}`);
 room.on("leave", (m: PresenceMember) => m.key);

@@ -503,6 +503,81 @@ test("relay-ended subscriptions: 'unavailable' resubscribes with backoff, other 
   assert.equal(a.state, "subscribed");
 });
 
+test("server-side subscriptions: surfaced as a Subscription, never sent or resubscribed by the client, given again after a reconnect", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  const seen = [];
+  const got = [];
+  t.client.on("subscribed", (e) => {
+    seen.push({ channel: e.channel, byServer: e.byServer, resubscribed: e.resubscribed, state: e.subscription.state });
+    if (!e.resubscribed) e.subscription.on("message", (m) => got.push(m.data));
+  });
+  ws.push({ type: "subscribed", channel: "users.42.feed", byServer: true });
+  const sub = t.client.getSubscription("users.42.feed");
+  assert.ok(sub && sub.byServer);
+  assert.equal(sub.state, "subscribed");
+  ws.push({ type: "message", channel: "users.42.feed", payload: 1 });
+  assert.deepEqual(got, [1]);
+  assert.equal(ws.ofType("subscribe").length, 0, "the client never sends a subscribe for it");
+  // The app cannot end it, nor subscribe to it a second time.
+  assert.throws(() => sub.unsubscribe(), /server-side subscription/);
+  assert.equal(ws.ofType("unsubscribe").length, 0);
+  assert.throws(() => t.client.subscribe("users.42.feed"), /already subscribed/);
+  // A reconnect: no subscribe sent; the welcome names it, its subscribed frame brings it back.
+  const states = [];
+  sub.on("state", (e) => states.push(e.state));
+  ws.serverClose(1006, "", false);
+  await t.clock.advance(5000);
+  const ws2 = t.last();
+  ws2.accept({ serverChannels: ["users.42.feed"] });
+  assert.equal(sub.state, "subscribing");
+  assert.equal(ws2.ofType("subscribe").length, 0, "not resubscribed by the client");
+  ws2.push({ type: "subscribed", channel: "users.42.feed", byServer: true });
+  ws2.push({ type: "message", channel: "users.42.feed", payload: 2 });
+  assert.equal(t.client.getSubscription("users.42.feed"), sub, "the same Subscription");
+  assert.deepEqual(got, [1, 2]);
+  assert.deepEqual(states, ["subscribing", "subscribed"]);
+  assert.deepEqual(seen, [
+    { channel: "users.42.feed", byServer: true, resubscribed: false, state: "subscribed" },
+    { channel: "users.42.feed", byServer: true, resubscribed: true, state: "subscribed" },
+  ]);
+  // The backend ends it: unsubscribed, reason server.
+  const ended = [];
+  sub.on("unsubscribed", (c) => ended.push(c));
+  ws2.push({ type: "unsubscribed", channel: "users.42.feed", reason: "server" });
+  assert.deepEqual(ended, [{ reason: "server", byRelay: true }]);
+  assert.equal(t.client.getSubscription("users.42.feed"), undefined);
+});
+
+test("server-side subscriptions: ended while away (not in the welcome); one of the app's taken over; a relay's end not retried", async () => {
+  const t = setup();
+  const ws = await connected(t);
+  // The app's own subscription, taken over by the backend: the same Subscription, byServer now.
+  const own = t.client.subscribe("rooms.1");
+  ws.ok("subscribe");
+  ws.push({ type: "subscribed", channel: "rooms.1", byServer: true });
+  assert.equal(t.client.getSubscription("rooms.1"), own);
+  assert.ok(own.byServer);
+  ws.push({ type: "subscribed", channel: "feed", byServer: true, epoch: "E", seq: 4 });
+  const feed = t.client.getSubscription("feed");
+  assert.deepEqual(feed.position, { epoch: "E", seq: 4 });
+  const ended = [];
+  own.on("unsubscribed", (c) => ended.push(["rooms.1", c.reason]));
+  feed.on("unsubscribed", (c) => ended.push(["feed", c.reason]));
+  // The relay lost its NATS subscription: a server-side one is not the client's to retry.
+  ws.push({ type: "unsubscribed", channel: "rooms.1", reason: "unavailable" });
+  await t.clock.advance(5000);
+  assert.equal(ws.ofType("subscribe").length, 1, "only the app's first subscribe");
+  assert.deepEqual(ended, [["rooms.1", "unavailable"]]);
+  // The backend ended "feed" while the client was away: the next welcome does not name it.
+  ws.serverClose(1006, "", false);
+  await t.clock.advance(5000);
+  t.last().accept();
+  assert.deepEqual(ended, [["rooms.1", "unavailable"], ["feed", "server"]]);
+  assert.equal(t.client.getSubscription("feed"), undefined);
+  assert.equal(t.last().ofType("subscribe").length, 0);
+});
+
 test("dropped: surfaced on the client and, when named, on the subscription", async () => {
   const t = setup();
   const ws = await connected(t);

@@ -139,10 +139,18 @@ pub fn end_expired(conn: &Conn, relay: &Relay, channel: &str, key: &str) {
 pub async fn recheck(conn: &Conn, relay: &Relay) -> usize {
     let access = relay.settings().access.clone();
     let claims = conn.claims();
+    let authz = relay.settings().authz.clone();
     let checks = conn.subscriptions().into_iter().map(|(channel, key)| {
-        let access = &access;
+        let (access, authz) = (&access, &authz);
         let claims = claims.as_deref();
         async move {
+            // A server-side subscription: its template only, the checks do not apply.
+            if conn.is_server_held(&channel) {
+                let still = authz
+                    .resolve_binding(&channel, Operation::Subscribe, claims)
+                    .is_ok_and(|r| Target::of(&r).key == key);
+                return (channel, key, still);
+            }
             let presented = match conn.token_expiry(&channel) {
                 Some(Some(_)) => Presented::Held,
                 _ => Presented::None,

@@ -10,15 +10,17 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio_tungstenite::tungstenite::Message;
+
 use crate::access::Presented;
 use crate::authz::Operation;
 use crate::clock::now_ms;
-use crate::conn::{AddError, Attached, Conn};
+use crate::conn::{AddError, Attached, Conn, ServerAdd};
 use crate::events::{Event, EventType};
 use crate::fanout::Target;
 use crate::metrics::Op;
 use crate::presence::{self, Handle, SNAPSHOT_WITHIN, entry};
-use crate::protocol::{ErrorCode, RequestId, Since};
+use crate::protocol::{self, ErrorCode, RequestId, Since};
 use crate::state::Relay;
 
 use super::{log_id, reply_denied, reply_error, who};
@@ -28,6 +30,33 @@ pub const PRESENCE_UNAVAILABLE: &str = "presence unavailable";
 
 /// The reason of a 400 for presence on a binding without it.
 pub const NO_PRESENCE: &str = "the channel's binding has no presence";
+
+/// A presence membership to hold: the binding's policy, the member's key and info.
+type Member = (presence::members::Policy, String, String);
+
+/// The membership `conn` holds on `binding`'s channel, when the binding has presence: the
+/// binding's key, else the connection itself.
+fn member_of(
+    settings: &crate::state::Settings,
+    binding: usize,
+    channel: &str,
+    conn: &Conn,
+    relay: &Relay,
+) -> Option<Member> {
+    let config = settings.config.bindings.get(binding)?.presence.as_ref()?;
+    let claims = conn.claims();
+    let key = settings
+        .authz
+        .presence_key(binding, channel, claims.as_deref())
+        .and_then(Result::ok)
+        .filter(|k| k.len() <= entry::MAX_KEY_BYTES)
+        .unwrap_or_else(|| entry::own_key(&relay.name, conn.id));
+    Some((
+        presence::policy(config),
+        key,
+        entry::info(claims.as_deref(), &config.info),
+    ))
+}
 
 /// Subscribes `conn` to `channel`, or answers why not.
 #[allow(clippy::too_many_arguments)]
@@ -59,28 +88,10 @@ pub async fn apply(
         Err(e) => return reply_denied(conn, id, &e),
     };
     let binding = grant.resolved.binding;
-    let config = settings
-        .config
-        .bindings
-        .get(binding)
-        .and_then(|b| b.presence.clone());
-    if presence && config.is_none() {
+    let member = member_of(&settings, binding, &channel, conn, relay);
+    if presence && member.is_none() {
         return reply_error(conn, id, ErrorCode::BadRequest, NO_PRESENCE);
     }
-    // Who the member is: the binding's key, else the connection itself.
-    let member = config.as_ref().map(|p| {
-        let key = settings
-            .authz
-            .presence_key(binding, &channel, claims.as_deref())
-            .and_then(Result::ok)
-            .filter(|k| k.len() <= entry::MAX_KEY_BYTES)
-            .unwrap_or_else(|| entry::own_key(&relay.name, conn.id));
-        (
-            presence::policy(p),
-            key,
-            entry::info(claims.as_deref(), &p.info),
-        )
-    });
     let target = Target::of(&grant.resolved);
     let max = settings.config.limits.max_subscriptions_per_connection as usize;
     drop(settings);
@@ -90,7 +101,7 @@ pub async fn apply(
     }
     if let Err(e) = conn.add_subscription(&channel, &target.key, max) {
         let code = match e {
-            AddError::AlreadySubscribed => ErrorCode::AlreadySubscribed,
+            AddError::AlreadySubscribed | AddError::Ended => ErrorCode::AlreadySubscribed,
             AddError::TooMany => ErrorCode::TooManySubscriptions,
         };
         return reply_error(conn, id, code, &e.to_string());
@@ -98,69 +109,167 @@ pub async fn apply(
     if let Some(exp) = grant.token_expires_at {
         conn.set_token_expiry(&channel, &target.key, exp);
     }
+    let how = Setup {
+        id,
+        since: since.as_ref(),
+        data: grant.data.as_deref(),
+        snapshot: presence,
+        by_server: false,
+    };
+    match set_up(conn, relay, &channel, &target, member, how).await {
+        Ok(()) => tracing::debug!(request_id = %log_id(id), %channel, "subscribed"),
+        Err((code, reason)) => reply_error(conn, id, code, &reason),
+    }
+}
+
+/// Subscribes `conn` to `channel` for the backend (a server-side subscription,
+/// docs/protocol.md section 3): the channel's binding must allow subscribe, its `authorize`
+/// checks do not run (the backend's command is the authorization), and the client gets a
+/// `subscribed` frame with `byServer` instead of an `ok`. A subscription of the client's own
+/// to the channel is taken over. Returns whether the connection holds it server-side now.
+pub async fn server(conn: &Arc<Conn>, relay: &Relay, channel: &str) -> bool {
+    let settings = relay.settings();
+    let claims = conn.claims();
+    let resolved = match settings.authz.resolve_binding(
+        channel,
+        Operation::Subscribe,
+        claims.as_deref(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(conn = conn.id, %channel, error = %e, "server-side subscription not made");
+            return false;
+        }
+    };
+    let member = member_of(&settings, resolved.binding, channel, conn, relay);
+    let target = Target::of(&resolved);
+    let max = settings.config.limits.max_subscriptions_per_connection as usize;
+    drop(settings);
+    match conn.add_server_subscription(channel, &target.key, max) {
+        Ok(ServerAdd::Held) => return true,
+        Ok(ServerAdd::TakenOver) => {
+            conn.outbox
+                .push_reply(Message::text(protocol::encode_server_subscribed(channel)));
+            return true;
+        }
+        Ok(ServerAdd::New) => {}
+        Err(e) => {
+            tracing::debug!(conn = conn.id, %channel, error = %e, "server-side subscription not made");
+            return false;
+        }
+    }
+    let how = Setup {
+        id: None,
+        since: None,
+        data: None,
+        snapshot: false,
+        by_server: true,
+    };
+    match set_up(conn, relay, channel, &target, member, how).await {
+        Ok(()) => true,
+        Err((_, reason)) => {
+            tracing::debug!(conn = conn.id, %channel, %reason, "server-side subscription not made");
+            false
+        }
+    }
+}
+
+/// How a subscription recorded on the connection is set up.
+struct Setup<'a> {
+    id: Option<&'a RequestId>,
+    since: Option<&'a Since>,
+    data: Option<&'a str>,
+    /// The `ok` carries the channel's members (`presence: true`).
+    snapshot: bool,
+    /// Server-side: the `ok` becomes a `subscribed` frame.
+    by_server: bool,
+}
+
+/// Sets up the subscription `conn` just recorded (`channel` to `target`): its presence
+/// membership, the hub's subscriber (which queues the `ok`), its events. On an error the
+/// connection forgets it.
+async fn set_up(
+    conn: &Arc<Conn>,
+    relay: &Relay,
+    channel: &str,
+    target: &Target,
+    member: Option<Member>,
+    how: Setup<'_>,
+) -> Result<(), (ErrorCode, String)> {
     let mut snapshot: Option<Handle> = None;
     if let (Some(presences), Some((policy, key, info))) = (&relay.presence, member) {
         let (membership, handle, ack) =
-            presences.join(conn, &channel, policy, &key, &info, presence);
+            presences.join(conn, channel, policy, &key, &info, how.snapshot);
         // Held by the subscription from now on: whatever ends it ends the membership.
         if conn
-            .attach(&channel, &target.key, Attached(Box::new(membership)))
+            .attach(channel, &target.key, Attached(Box::new(membership)))
             .is_err()
         {
-            return reply_error(
-                conn,
-                id,
+            return Err((
                 ErrorCode::Unavailable,
-                "the subscription ended while it was being set up",
-            );
+                "the subscription ended while it was being set up".into(),
+            ));
         }
         if let Some(ack) = ack {
             if !stored_and_read(&handle, ack).await {
-                conn.remove_if(&channel, &target.key);
+                conn.remove_if(channel, &target.key);
                 relay.metrics.presence_unavailable.inc();
-                return reply_error(conn, id, ErrorCode::Unavailable, PRESENCE_UNAVAILABLE);
+                return Err((ErrorCode::Unavailable, PRESENCE_UNAVAILABLE.into()));
             }
             snapshot = Some(handle);
         }
     }
-    let answer = snapshot.map(|h| {
-        let conn = conn.clone();
-        move |ok: String| h.answer(&conn, ok)
-    });
+    let snapshotted = snapshot.is_some();
+    let answer: Option<Box<dyn Fn(String) + Send + Sync>> = match snapshot {
+        Some(h) => {
+            let conn = conn.clone();
+            Some(Box::new(move |ok: String| h.answer(&conn, ok)))
+        }
+        None if how.by_server => {
+            let (conn, channel) = (conn.clone(), channel.to_owned());
+            Some(Box::new(move |ok: String| {
+                conn.outbox
+                    .push_reply(Message::text(protocol::ok_as_server_subscribed(
+                        &ok, &channel,
+                    )));
+            }))
+        }
+        None => None,
+    };
     match relay
         .hub
         .subscribe(
-            &target,
+            target,
             conn,
-            &channel,
-            id,
-            since.as_ref(),
-            grant.data.as_deref(),
-            answer.as_ref().map(|a| a as crate::fanout::Answer<'_>),
+            channel,
+            how.id,
+            how.since,
+            how.data,
+            answer.as_deref().map(|a| a as crate::fanout::Answer<'_>),
         )
         .await
     {
         Ok(()) => {
-            announce(relay, conn, &channel, &target.key);
-            if answer.is_some() {
+            announce(relay, conn, channel, &target.key, how.by_server);
+            if snapshotted {
                 relay
                     .metrics
                     .presence_snapshots
                     .get_or_create(&Op { op: "subscribe" })
                     .inc();
             }
-            tracing::debug!(request_id = %log_id(id), %channel, "subscribed");
+            Ok(())
         }
         Err(e) => {
-            conn.remove_if(&channel, &target.key);
-            reply_error(conn, id, ErrorCode::Unavailable, &e.to_string());
+            conn.remove_if(channel, &target.key);
+            Err((ErrorCode::Unavailable, e.to_string()))
         }
     }
 }
 
 /// Says `Subscribed` (lifecycle events), and attaches to the subscription what says
 /// `Unsubscribed` when it ends while its connection stays.
-fn announce(relay: &Relay, conn: &Conn, channel: &str, key: &str) {
+fn announce(relay: &Relay, conn: &Conn, channel: &str, key: &str, by_server: bool) {
     let Some(registry) = relay.registry.as_ref() else {
         return;
     };
@@ -168,6 +277,7 @@ fn announce(relay: &Relay, conn: &Conn, channel: &str, key: &str) {
         return;
     };
     event.channel = Some(channel.to_owned());
+    event.by_server = by_server;
     let serial = conn.next_serial();
     registry.event(&event, Some(serial));
     let ends = Unannounce {
