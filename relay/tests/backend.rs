@@ -1,5 +1,6 @@
 //! The backend's side of docs/backend.md as a backend runs it: the Python examples
-//! (examples/backend-python) against a real relay binary and a JetStream nats-server.
+//! (examples/backend-python) against a real relay binary and a JetStream nats-server, and the
+//! NATS permissions docs/backend.md lists, on a nats-server that enforces them.
 //!
 //! The Python examples run in the venv `examples/backend-python/setup.sh` installs
 //! (`~/.cache/wsrelay/venv`, `make tools` runs it); without it the test fails and says so.
@@ -285,4 +286,220 @@ async fn the_python_examples_follow_who_is_online_and_command_the_relays() {
     let u4 = line["event"]["connection"].clone();
     assert_eq!(line["online"], json!({"u4": [u4]}));
     assert!(events.stop().await.success());
+}
+
+/// The users of [`the_documented_nats_permissions_are_enough_and_refuse_the_rest`], with the
+/// permissions docs/backend.md lists (section "NATS permissions") for its subjects.
+fn permissions_conf(store: &Path) -> String {
+    let list = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // What every relay needs whatever its features (relay/README.md): its bindings' subjects
+    // (here the example's `public.{topic}`) and `_WSRELAY.>`.
+    let base = ["public.>".to_owned(), "_WSRELAY.>".to_owned()];
+    let relay_pub: Vec<String> = base
+        .iter()
+        .cloned()
+        .chain([
+            format!("{EVENTS}.*"),
+            "$JS.API.>".into(),
+            format!("$KV.{BUCKET}.>"),
+            "$JS.FC.>".into(),
+            format!("{CONTROL}.fleet.*"),
+            "_INBOX.>".into(),
+        ])
+        .collect();
+    let relay_sub: Vec<String> = base
+        .iter()
+        .cloned()
+        .chain([format!("{CONTROL}.>"), "$SRV.>".into(), "_INBOX.>".into()])
+        .collect();
+    let backend_pub: Vec<String> = ["disconnect", "connections", "revoke", "invalidate"]
+        .iter()
+        .map(|e| format!("{CONTROL}.{e}"))
+        .collect();
+    let reader_pub = [
+        format!("$JS.API.CONSUMER.INFO.{STREAM}.reader"),
+        format!("$JS.API.CONSUMER.CREATE.{STREAM}.reader"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.reader"),
+        format!("$JS.ACK.{STREAM}.reader.>"),
+    ];
+    let reader_sub = [format!("{EVENTS}.*"), "_INBOX.>".into()];
+    let inbox = ["_INBOX.>".to_owned()];
+    format!(
+        r#"
+jetstream {{ store_dir: {store:?} }}
+authorization {{
+  users: [
+    {{user: relay, password: relay-secret, permissions: {{publish: [{}], subscribe: [{}]}}}}
+    {{user: backend, password: backend-secret, permissions: {{publish: [{}], subscribe: [{}]}}}}
+    {{user: reader, password: reader-secret, permissions: {{publish: [{}], subscribe: [{}]}}}}
+  ]
+}}
+"#,
+        list(&relay_pub),
+        list(&relay_sub),
+        list(&backend_pub),
+        list(&inbox),
+        list(&reader_pub),
+        list(&reader_sub),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_nats_permissions_are_enough_and_refuse_the_rest() {
+    init_logs();
+    let dir = StoreDir::new("nats-permissions");
+    let nats = Nats::start_config(&dir, &permissions_conf(&dir.join("js")));
+    // async-nats takes no user and password from a URL: they go in the options.
+    let login = |user: &str| {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), format!("{user}-secret"))
+    };
+    std::fs::write(dir.join("user"), "relay").unwrap();
+    std::fs::write(dir.join("password"), "relay-secret").unwrap();
+    // The relay with exactly its documented permissions: the start waits for its registry.
+    let relay = TestRelay::builder(&nats)
+        .hs256()
+        .registry(BUCKET, "relay-a", 15)
+        .events(EVENTS, Some(STREAM))
+        .control(CONTROL)
+        .config(|c| {
+            c.nats.credentials.user_file = Some(dir.join("user"));
+            c.nats.credentials.password_file = Some(dir.join("password"));
+        })
+        .start()
+        .await;
+
+    // The events stream in place, seen with the relay's user (the reader may not look at
+    // streams): the consumer is created on it.
+    let js = async_nats::jetstream::new(login("relay").connect(nats.url()).await.unwrap());
+    assert!(
+        eventually(WAIT, || async { js.get_stream(STREAM).await.is_ok() }).await,
+        "the relay did not create the events stream {STREAM}"
+    );
+
+    // The reader: events as plain messages (async-nats), and through its durable consumer
+    // `reader` (the Python example; nats-py reads the user and password from the URL).
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let reader = login("reader")
+        .request_timeout(Some(Duration::from_secs(3)))
+        .event_callback(move |e| {
+            let tx = errors_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = e {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let mut plain = reader.subscribe(format!("{EVENTS}.*")).await.unwrap();
+    let as_user = |user: &str| format!("nats://{user}:{user}-secret@127.0.0.1:{}", nats.port);
+    let mut consumer = Consumer::start(&as_user("reader"), "reader");
+
+    let mut u1 = relay.connect(&token(claims("u1"))).await;
+    assert_eq!(subscribe(&mut u1, 1, "public.lobby").await["type"], "ok");
+    let next_plain = async |plain: &mut async_nats::Subscriber| -> Value {
+        let m = tokio::time::timeout(WAIT, futures::StreamExt::next(plain))
+            .await
+            .expect("no event within 20 s")
+            .unwrap();
+        serde_json::from_slice(&m.payload).unwrap()
+    };
+    let e = next_plain(&mut plain).await;
+    assert_eq!(
+        (e["type"].as_str(), e["sub"].as_str()),
+        (Some("Connected"), Some("u1"))
+    );
+    let line = consumer.expect("Connected").await;
+    assert_eq!(line["event"]["sub"], "u1", "{line}");
+
+    // The reader may not command: its request is refused by the server, which says so
+    // (asynchronously) and delivers nothing, so the request times out.
+    let subject = format!("{CONTROL}.disconnect");
+    let err = reader
+        .request(subject.clone(), r#"{"sub":"u1"}"#.into())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), async_nats::RequestErrorKind::TimedOut, "{err}");
+    let said = tokio::time::timeout(WAIT, errors.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        said,
+        format!("nats: Permissions Violation for Publish to {subject:?}")
+    );
+    assert_eq!(
+        request(&mut u1, json!({"type": "ping", "id": 2})).await["type"],
+        "pong",
+        "u1 is still connected"
+    );
+
+    // The backend may.
+    let backend = login("backend").connect(nats.url()).await.unwrap();
+    let command = async |verb: &str, body: Value| -> Value {
+        let reply = backend
+            .request(format!("{CONTROL}.{verb}"), body.to_string().into())
+            .await
+            .unwrap();
+        assert!(reply.headers.is_none(), "refused: {:?}", reply.headers);
+        serde_json::from_slice(&reply.payload).unwrap()
+    };
+    let r = command("connections", json!({"sub": "u1"})).await;
+    assert_eq!(r["reached"], 1, "{r}");
+    // A revocation is stored in the registry by the relay (its `$KV` permission): else the
+    // reply is an error (503).
+    let until = now_secs() + 600;
+    let r = command("revoke", json!({"jti": "t-9", "until": until})).await;
+    assert_eq!(r, json!({"reached": 0, "relays": 1, "expected": 1}));
+    // And through the Python example.
+    let (code, out, err) = control_on(
+        &as_user("backend"),
+        CONTROL,
+        &["disconnect", "--sub", "u1", "--no-reconnect"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r, json!({"reached": 1, "relays": 1, "expected": 1}));
+    assert_eq!(close_code(&mut u1, WAIT).await, Some(4101));
+    let mut kinds = Vec::new();
+    while kinds.last().map(String::as_str) != Some("Disconnected") {
+        let e = next_plain(&mut plain).await;
+        if e["type"] == "Disconnected" {
+            assert_eq!(
+                (e["reason"].as_str(), e["closeCode"].as_u64()),
+                (Some("disconnect"), Some(4101)),
+                "{e}"
+            );
+        }
+        kinds.push(e["type"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(kinds, ["Subscribed", "Disconnected"]);
+    consumer.expect("Subscribed").await;
+    let line = consumer.expect("Disconnected").await;
+    assert_eq!(line["event"]["reason"], "disconnect", "{line}");
+    // It stops cleanly (an acknowledgement refused would be a violation, checked below).
+    assert!(consumer.stop().await.success());
+    assert_eq!(
+        relay
+            .metric("wsrelay_events_failed_total{event=\"Disconnected\"}")
+            .await,
+        Some(0.0)
+    );
+
+    // The only violation the server saw is the reader's command.
+    let log = nats.log();
+    let violations: Vec<&str> = log.lines().filter(|l| l.contains("Violation")).collect();
+    assert_eq!(violations.len(), 1, "{log}");
+    assert!(
+        violations[0].contains(r#""$G/user:reader" - Publish Violation"#)
+            && violations[0].contains(&subject),
+        "{log}"
+    );
 }
