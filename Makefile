@@ -22,8 +22,9 @@ deps: ## install missing Debian packages the scripts need
 	@$(CLUSTER)/deps.sh
 
 .PHONY: tools
-tools: deps ## build the pinned etcd, Kubernetes and nats-server binaries (cached)
+tools: deps ## build the pinned etcd, Kubernetes and nats-server binaries, and the Python examples' venv (cached)
 	@$(CLUSTER)/tools.sh >/dev/null
+	@examples/backend-python/setup.sh
 
 # The node tier (kubelet, containerd, kube-proxy in a network namespace of its own) needs root;
 # it is on by default for root and off otherwise. NODE=0 or NODE=1 says so explicitly.

@@ -3,6 +3,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The nats-server binary: `NATS_SERVER_BIN`, else `nats-server` on PATH, else the
@@ -45,7 +46,13 @@ pub fn free_port() -> u16 {
 pub struct Nats {
     pub port: u16,
     child: Option<Child>,
+    /// The server's log (stderr) so far, up to [`LOG_KEPT`] bytes.
+    log: Arc<Mutex<String>>,
 }
+
+/// How much of a server's log [`Nats::log`] keeps: without `-D`/`-V`, nats-server says little
+/// after its start (permission violations, slow consumers, JetStream warnings).
+const LOG_KEPT: usize = 1 << 20;
 
 impl Nats {
     /// On a port nats-server picks itself (`-p -1`): no other process can take it between
@@ -63,6 +70,15 @@ impl Nats {
     /// Like [`Nats::start_args`]; `Err(its log)` when it exited instead of starting.
     pub fn try_start_args(extra: &[&str]) -> Result<Self, String> {
         Self::spawn("-1", extra)
+    }
+
+    /// From a config file (`-c`): `conf` written to `<dir>/nats.conf`, e.g. users with their
+    /// permissions and `jetstream {store_dir: ...}`. The host and port are still the command
+    /// line's (127.0.0.1, a port the server picks), which take precedence over the file's.
+    pub fn start_config(dir: &std::path::Path, conf: &str) -> Self {
+        let path = dir.join("nats.conf");
+        std::fs::write(&path, conf).unwrap();
+        Self::start_args(&["-c", path.to_str().unwrap()])
     }
 
     /// On `port`, e.g. to start again where a stopped server listened.
@@ -100,15 +116,24 @@ impl Nats {
         // A cluster member binds its route port after "Server is ready" (and exits if that
         // port is taken): it is ready once it listens for routes too.
         let mut routes = !extra.contains(&"--cluster");
+        let kept = Arc::new(Mutex::new(String::new()));
+        let keep = kept.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
-            let (mut log, mut listening, mut ready) = (String::new(), None, false);
+            let (mut listening, mut ready) = (None, false);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut log = keep
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if log.len() < LOG_KEPT {
+                        log.push_str(&line);
+                        log.push('\n');
+                    }
+                }
                 if tx.is_none() {
                     continue;
                 }
-                log.push_str(&line);
-                log.push('\n');
                 if let Some(at) = line.split("Listening for client connections on ").nth(1) {
                     listening = at.trim().rsplit(':').next().and_then(|p| p.parse().ok());
                 }
@@ -123,13 +148,17 @@ impl Nats {
                 }
             }
             if let Some(tx) = tx {
-                let _ = tx.send(Err(log));
+                let log = keep
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let _ = tx.send(Err(log.clone()));
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(Ok(port)) => Ok(Self {
                 port,
                 child: Some(child),
+                log: kept,
             }),
             Ok(Err(log)) => {
                 let _ = child.kill();
@@ -146,6 +175,14 @@ impl Nats {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// What the server logged so far (its first [`LOG_KEPT`] bytes).
+    pub fn log(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The server's process id (0 once stopped).
