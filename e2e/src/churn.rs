@@ -41,6 +41,8 @@ pub struct Ledger {
     pub kicked: usize,
     /// `Subscribed` and `Unsubscribed`.
     pub subscriptions: usize,
+    /// Per channel, its `Occupied` (true) and `Vacated` (false) by their `revision`.
+    pub occupancy: BTreeMap<String, BTreeMap<u64, bool>>,
 }
 
 impl Ledger {
@@ -66,6 +68,14 @@ impl Ledger {
                 *self.ends.entry(conn).or_default() += 1;
             }
             Some("Subscribed" | "Unsubscribed") => self.subscriptions += 1,
+            Some(kind @ ("Occupied" | "Vacated")) => {
+                let channel = e["channel"].as_str().unwrap_or_default().to_owned();
+                let revision = e["revision"].as_u64().unwrap_or_default();
+                self.occupancy
+                    .entry(channel)
+                    .or_default()
+                    .insert(revision, kind == "Occupied");
+            }
             _ => {}
         }
     }
@@ -87,7 +97,27 @@ impl Ledger {
                 out.push(format!("{c} ended, never started"));
             }
         }
+        for (channel, events) in &self.occupancy {
+            // Occupied, Vacated, Occupied...: the n-th is Occupied exactly when n is even.
+            if let Some((i, _)) = events
+                .values()
+                .enumerate()
+                .find(|(i, occupied)| **occupied != (i % 2 == 0))
+            {
+                out.push(format!(
+                    "{channel}: event {i} breaks Occupied/Vacated alternation"
+                ));
+            }
+        }
         out
+    }
+
+    /// Whether `channel`'s last event (by revision) is `Vacated`: nobody holds it.
+    pub fn vacated(&self, channel: &str) -> bool {
+        self.occupancy
+            .get(channel)
+            .and_then(|e| e.values().next_back())
+            == Some(&false)
     }
 
     /// The connections started and not ended: the chains still open.
@@ -335,19 +365,29 @@ mod tests {
         ] {
             l.add(&e);
         }
+        let occ = |kind: &str, revision: u64| json!({"type": kind, "channel": "c", "revision": revision, "relay": "a"});
+        // Published out of order by two relays: ordered by revision.
+        for e in [occ("Occupied", 3), occ("Occupied", 9), occ("Vacated", 5)] {
+            l.add(&e);
+        }
         assert!(l.faults().is_empty(), "{:?}", l.faults());
+        assert!(!l.vacated("c"));
+        l.add(&occ("Vacated", 12));
+        assert!(l.vacated("c"));
         assert_eq!(l.open(), 1, "a/2");
         assert_eq!((l.connected, l.resumes, l.disconnected), (2, 1, 1));
         // A Disconnected for a resumed connection is a second end; one never started is lost.
         l.add(&ev("Disconnected", "a/1", None));
         l.add(&ev("Disconnected", "c/9", None));
         l.add(&ev("Connected", "a/2", None));
+        l.add(&occ("Vacated", 20));
         assert_eq!(
             l.faults(),
             [
                 "a/2 started 2 times",
                 "a/1 ended 2 times",
-                "c/9 ended, never started"
+                "c/9 ended, never started",
+                "c: event 4 breaks Occupied/Vacated alternation"
             ]
         );
     }

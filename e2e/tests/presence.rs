@@ -411,7 +411,7 @@ async fn case_churn(
     eprintln!(
         "(e) {CHURNERS} clients for {}s: {} connections ({} failed attempts, {} ended by a relay), \
          {asked} asked to resume, {} resumed ({} due within the grace), stream: {} Connected, \
-         {} Resumed, {} Disconnected ({} relay_lost), {} subscription events; lost {}, \
+         {} Resumed, {} Disconnected ({} relay_lost), {} subscription events, {} Occupied/Vacated; lost {}, \
          unended {}, resumes not in the stream {}, due resumes refused {}",
         CHURN_FOR.as_secs(),
         records.len(),
@@ -424,6 +424,7 @@ async fn case_churn(
         ledger.disconnected,
         ledger.relay_lost,
         ledger.subscriptions,
+        ledger.occupancy.values().map(BTreeMap::len).sum::<usize>(),
         lost.len(),
         unended.len(),
         unrecorded.len(),
@@ -463,6 +464,15 @@ async fn case_churn(
     ensure!(
         !resumed.is_empty() && ledger.relay_lost > 0,
         "(e) no resume, or no relay_lost"
+    );
+    // Every churn channel was occupied, and vacated once the last client left.
+    let occupied: Vec<String> = (0..CHURN_CHANNELS)
+        .map(|i| format!("churn.{i}"))
+        .filter(|c| !ledger.vacated(c))
+        .collect();
+    ensure!(
+        occupied.is_empty(),
+        "(e) churn channels not vacated at the end: {occupied:?}"
     );
     Ok(())
 }
@@ -714,6 +724,8 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
             }],
             "registry": { "leaseSeconds": LEASE_SECONDS, "maxBytes": 8 << 20 },
             "events": {
+                "types": ["Connected", "Resumed", "Subscribed", "Unsubscribed", "Disconnected",
+                    "Occupied", "Vacated"],
                 "graceSeconds": EVENTS_GRACE_SECONDS,
                 "durable": { "maxAgeSeconds": 3600, "maxBytes": 64 << 20 }
             },

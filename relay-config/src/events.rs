@@ -14,8 +14,10 @@ pub struct Events {
     /// The subject prefix, fixed (no wildcards): an event goes to `<subject>.<Type>`. The
     /// operator renders `<spec.events.subject>.<namespace>.<gateway>`.
     pub subject: String,
-    /// The types published. Default: all of them.
-    #[serde(default = "all_event_types")]
+    /// The types published. Default: the connections' ([`EventType::CONNECTIONS`]); a
+    /// channel's `Occupied` and `Vacated` only when named (each costs the relays a registry
+    /// round trip when a channel gains or loses its last subscriber on one of them).
+    #[serde(default = "default_event_types")]
     pub types: Vec<EventType>,
     /// Also store them in a JetStream stream (at least once, duplicates removed by message
     /// id). Absent: plain NATS messages, heard by whoever is subscribed at the time.
@@ -50,11 +52,26 @@ pub enum EventType {
     Subscribed,
     /// A subscription ended while its connection stayed.
     Unsubscribed,
+    /// A channel got its first subscriber across the relays.
+    Occupied,
+    /// A channel lost its last subscriber across the relays.
+    Vacated,
 }
 
 impl EventType {
     /// Every type, in the order a connection's events come.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
+        Self::Connected,
+        Self::Resumed,
+        Self::Subscribed,
+        Self::Unsubscribed,
+        Self::Disconnected,
+        Self::Occupied,
+        Self::Vacated,
+    ];
+
+    /// The connections' types: the default.
+    pub const CONNECTIONS: [Self; 5] = [
         Self::Connected,
         Self::Resumed,
         Self::Subscribed,
@@ -70,12 +87,14 @@ impl EventType {
             Self::Disconnected => "Disconnected",
             Self::Subscribed => "Subscribed",
             Self::Unsubscribed => "Unsubscribed",
+            Self::Occupied => "Occupied",
+            Self::Vacated => "Vacated",
         }
     }
 }
 
-fn all_event_types() -> Vec<EventType> {
-    EventType::ALL.to_vec()
+fn default_event_types() -> Vec<EventType> {
+    EventType::CONNECTIONS.to_vec()
 }
 
 /// The JetStream stream that keeps the events.

@@ -518,7 +518,11 @@ fn events_and_control_need_the_registry_and_each_field_is_validated_by_name() {
     let c = base();
     c.validate().unwrap();
     let e = c.events.clone().unwrap();
-    assert_eq!(e.types, EventType::ALL.to_vec(), "every type by default");
+    assert_eq!(
+        e.types,
+        EventType::CONNECTIONS.to_vec(),
+        "the connections' types by default"
+    );
     let d = e.durable.unwrap();
     assert_eq!(
         (

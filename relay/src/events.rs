@@ -32,7 +32,9 @@ pub struct Event {
     /// The token's `iss`, if it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
-    /// `<relay>/<id>`, as in the `Wsrelay-Connection` header of the connection's publishes.
+    /// `<relay>/<id>`, as in the `Wsrelay-Connection` header of the connection's publishes
+    /// (empty, and absent from the JSON, for a channel's `Occupied` and `Vacated`).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub connection: String,
     /// The connection this one resumed (`Resumed`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,6 +59,10 @@ pub struct Event {
     /// How long the connection or subscription lasted (`Disconnected`, `Unsubscribed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// `Occupied`, `Vacated`: the registry write that made it so, which orders a channel's
+    /// events (relays publish them independently: the stream may hold them out of order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
 }
 
 /// `<relay>/<id>`: a connection's id across the fleet.
@@ -159,6 +165,13 @@ impl Emitter {
         let name = event.kind.name();
         let msg_id = match (serial, &event.previous) {
             (_, Some(previous)) => format!("{previous}:{}", EventType::Disconnected.name()),
+            // A channel's: the channel (base64url) and the registry write that made it so.
+            (Some(n), None) if event.connection.is_empty() => {
+                use base64::Engine;
+                let channel = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(event.channel.as_deref().unwrap_or_default());
+                format!("{channel}:{name}:{n}")
+            }
             (Some(n), None) => format!("{}:{name}:{n}", event.connection),
             (None, None) => format!("{}:{name}", event.connection),
         };
@@ -220,6 +233,7 @@ mod tests {
             close_code: None,
             at: 5,
             duration_ms: Some(3),
+            revision: None,
         }
     }
 
@@ -250,6 +264,19 @@ mod tests {
             o.msg_id, "wsrelay-0/7:Disconnected",
             "one of a connection's Disconnected and its Resumed is stored"
         );
+        let mut occupied = disconnected();
+        occupied.kind = EventType::Occupied;
+        occupied.connection = String::new();
+        occupied.sub = None;
+        occupied.channel = Some("rooms.a b".into());
+        let o = e.outgoing(&occupied, Some(41)).unwrap();
+        assert_eq!(o.subject, "wsrelay.events.ns.gw.Occupied");
+        assert_eq!(
+            o.msg_id, "cm9vbXMuYSBi:Occupied:41",
+            "the channel and the write"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.payload).unwrap();
+        assert!(v.get("connection").is_none(), "{v}");
     }
 
     #[test]

@@ -684,6 +684,107 @@ async fn a_subjects_connections_are_limited_across_the_relays() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_is_occupied_and_vacated_once_across_the_relays_and_a_dead_ones() {
+    init_logs();
+    const LEASE: u64 = 3;
+    let (_store, nats) = jetstream_nats("events-occupancy");
+    let every_type = |c: &mut wsrelay::config::Config| {
+        c.events.as_mut().unwrap().types = wsrelay::config::EventType::ALL.to_vec();
+    };
+    let a = builder(&nats, "relay-a", LEASE)
+        .config(every_type)
+        .start()
+        .await;
+    let config = builder(&nats, "relay-b", LEASE).config(every_type).build();
+    let b = RelayProcess::spawn_config(
+        env!("CARGO_BIN_EXE_wsrelay").as_ref(),
+        &config,
+        "events-occupancy-b",
+        "info",
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            metric(b.admin, "wsrelay_registry_ready").await == Some(1.0)
+        })
+        .await,
+        "relay-b's registry is not in place"
+    );
+    let token = |sub: &str| format!("?token={}", hs256(claims(sub)));
+    // A channel's events, in the order of the registry writes that made them.
+    let occupancy = |all: &[Value], channel: &str| -> Vec<String> {
+        let mut of: Vec<&Value> = all
+            .iter()
+            .filter(|e| {
+                (e["type"] == "Occupied" || e["type"] == "Vacated") && e["channel"] == channel
+            })
+            .collect();
+        of.sort_by_key(|e| e["revision"].as_u64().unwrap());
+        of.iter()
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // public.o: first on relay-a, then on relay-b too; relay-a's leaves; relay-b is killed.
+    let mut u1 = as_user(&a, "u1").await;
+    assert_eq!(subscribe(&mut u1, 1, "public.o").await["type"], "ok");
+    let mut u2 = connect(b.client, &token("u2")).await;
+    assert_eq!(subscribe(&mut u2, 1, "public.o").await["type"], "ok");
+    // A channel subscribed twice on one relay is one occupant.
+    let mut u3 = as_user(&a, "u3").await;
+    assert_eq!(subscribe(&mut u3, 1, "public.o").await["type"], "ok");
+    for ws in [&mut u1, &mut u3] {
+        let r = request(
+            ws,
+            json!({"type": "unsubscribe", "id": 2, "channel": "public.o"}),
+        )
+        .await;
+        assert_eq!(r["type"], "ok");
+    }
+    // public.p: on relay-a alone, until its subscriber leaves.
+    let mut u4 = as_user(&a, "u4").await;
+    assert_eq!(subscribe(&mut u4, 1, "public.p").await["type"], "ok");
+    u4.close(None).await.unwrap();
+    drop(u4);
+    let mid = stored(&nats, 6, Duration::from_secs(20)).await;
+    assert_eq!(occupancy(&mid, "public.o"), ["Occupied"], "{mid:#?}");
+    assert_eq!(
+        occupancy(&mid, "public.p"),
+        ["Occupied", "Vacated"],
+        "{mid:#?}"
+    );
+
+    // relay-b dies holding public.o's last subscriber: the survivor that purges it says
+    // Vacated.
+    let mut b = b;
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(LEASE + 25);
+    let all = loop {
+        let all = stored(&nats, 0, Duration::ZERO).await;
+        if occupancy(&all, "public.o").len() >= 2 || Instant::now() > deadline {
+            break all;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        occupancy(&all, "public.o"),
+        ["Occupied", "Vacated"],
+        "{all:#?}"
+    );
+    let vacated = all
+        .iter()
+        .find(|e| e["type"] == "Vacated" && e["channel"] == "public.o")
+        .unwrap();
+    assert_eq!(vacated["relay"], "relay-a", "{vacated}");
+    assert!(vacated.get("connection").is_none() && vacated.get("sub").is_none());
+    assert_eq!(
+        a.metric("wsrelay_events_published_total{event=\"Vacated\"}")
+            .await,
+        Some(2.0)
+    );
+}
+
 /// The HTTP status of a WebSocket upgrade with `token` (101: upgraded).
 async fn upgrade_status(addr: std::net::SocketAddr, token: &str) -> u16 {
     let head = raw_upgrade(addr, &format!("Authorization: Bearer {token}\r\n")).await;

@@ -197,9 +197,11 @@ pub struct EventsSpec {
     #[schemars(length(min = 1, max = 72))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_-]+([.][A-Za-z0-9_-]+)*$') && self != '_INBOX' && !self.startsWith('_INBOX.') && self != '_WSRELAY' && !self.startsWith('_WSRELAY.')").message("events.subject must be a fixed NATS subject: dot-separated names of letters, digits, '-' and '_' (no wildcards or placeholders), not starting with '$', _INBOX or _WSRELAY, e.g. wsrelay.events"))]
     pub subject: String,
-    /// The event types published. Default: all of them.
+    /// The event types published. Default: the connections' (`Connected`, `Resumed`,
+    /// `Subscribed`, `Unsubscribed`, `Disconnected`); a channel's `Occupied` and `Vacated`
+    /// only when named.
     #[serde(default = "default_event_types")]
-    #[schemars(length(min = 1, max = 5))]
+    #[schemars(length(min = 1, max = 7))]
     #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u == t))").message("events.types names a type twice: list each at most once"))]
     pub types: Vec<EventType>,
     /// Also keep the events in a JetStream stream the relays create and update
@@ -246,6 +248,10 @@ pub enum EventType {
     Subscribed,
     /// A subscription ended while its connection stayed.
     Unsubscribed,
+    /// A channel got its first subscriber across the gateway's relays.
+    Occupied,
+    /// A channel lost its last subscriber across the gateway's relays.
+    Vacated,
 }
 
 /// The JetStream stream that keeps the events.

@@ -244,6 +244,8 @@ pub fn relay_events(
                 EventType::Disconnected => relay::EventType::Disconnected,
                 EventType::Subscribed => relay::EventType::Subscribed,
                 EventType::Unsubscribed => relay::EventType::Unsubscribed,
+                EventType::Occupied => relay::EventType::Occupied,
+                EventType::Vacated => relay::EventType::Vacated,
             })
             .collect(),
         durable: e.durable.as_ref().map(|d| relay::DurableEvents {

@@ -13,8 +13,11 @@
 //! keeps serving.
 
 pub mod keys;
+mod occupancy;
 mod resume;
 mod subjects;
+
+pub use occupancy::Occupying;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -195,6 +198,7 @@ pub fn lifecycle(entry: &ConnEntry, id: u64, relay: &str, kind: EventType, at: u
         close_code: ended.and_then(|e| e.close_code),
         at,
         duration_ms: ending.then(|| at.saturating_sub(entry.connected_at)),
+        revision: None,
     }
 }
 
@@ -246,6 +250,9 @@ pub struct Registry {
     /// This relay's open connections per token subject, when it counts them
     /// (`limits.maxFleetConnectionsPerSubject`).
     subjects: Option<Mutex<HashMap<String, u32>>>,
+    /// This relay's subscriptions per channel, when `Occupied` or `Vacated` are published.
+    occupancy: Option<occupancy::Counts>,
+    occupancy_task: Mutex<Option<JoinHandle<()>>>,
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -263,6 +270,15 @@ impl Registry {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
+        let occupied = events
+            .as_ref()
+            .is_some_and(|e| e.wants(EventType::Occupied) || e.wants(EventType::Vacated));
+        let (occupancy, changes) = if occupied {
+            let (c, rx) = occupancy::Counts::new();
+            (Some(c), Some(rx))
+        } else {
+            (None, None)
+        };
         let registry = Arc::new(Self {
             bucket: config.bucket.clone(),
             stream: bucket_config(config),
@@ -280,6 +296,8 @@ impl Registry {
             lease_now: tokio::sync::Notify::new(),
             pending: tokio_util::task::TaskTracker::new(),
             subjects: count_subjects.then(|| Mutex::new(HashMap::new())),
+            occupancy,
+            occupancy_task: Mutex::new(None),
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -289,6 +307,13 @@ impl Registry {
             tokio::spawn(registry.clone().watch_loop()),
         ];
         *registry.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        if let Some(rx) = changes {
+            *registry
+                .occupancy_task
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) =
+                Some(tokio::spawn(registry.clone().occupancy_loop(rx)));
+        }
         registry
     }
 
@@ -541,6 +566,10 @@ impl Registry {
         };
         let n = mine.len();
         self.settle_leftovers(&mine).await;
+        // Before any subscription of this run: the channels the previous run held.
+        if let Err(e) = self.vacate(&self.relay).await {
+            tracing::warn!(error = %e, "registry: a previous run's channels not vacated");
+        }
         for (key, value) in mine {
             if let Some(o) = self.lost(&key, &value) {
                 self.queue(Write::Event(o));
@@ -1093,6 +1122,7 @@ impl Registry {
                 .filter_map(|(k, v)| self.lost(k, v))
                 .map(Write::Event);
             self.send_all(events).await?;
+            self.vacate(relay).await?;
             let mut keys: Vec<String> = entries.into_iter().map(|(k, _)| k).collect();
             if cause != PurgeCause::LeaseExpired {
                 // Last: while entries remain, the lease says who they belong to.
@@ -1127,6 +1157,21 @@ impl Registry {
             .is_err()
         {
             tracing::warn!("registry: connections in their grace not all said before the exit");
+        }
+        // The channels this relay's connections left: vacated in order, before the writer
+        // stops (the purge below takes this relay out of whatever sets are left).
+        if let Some(c) = &self.occupancy {
+            c.close();
+        }
+        let occupancy = self
+            .occupancy_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = occupancy
+            && tokio::time::timeout(SHUTDOWN_WITHIN, t).await.is_err()
+        {
+            tracing::warn!("registry: vacating this relay's channels timed out");
         }
         self.stop.cancel();
         drop(self.writes.lock().unwrap_or_else(|p| p.into_inner()).take());

@@ -285,6 +285,7 @@ fn announce(relay: &Relay, conn: &Conn, channel: &str, key: &str, by_server: boo
         event,
         serial,
         connection_ended: conn.ended(),
+        _occupying: registry.occupying(channel),
     };
     // When the subscription already ended, `attach` gives `ends` back, and dropping it says
     // the end at once, after the start.
@@ -298,6 +299,9 @@ struct Unannounce {
     event: Event,
     serial: u64,
     connection_ended: Arc<AtomicBool>,
+    /// The channel counted for `Occupied`/`Vacated` while the subscription lasts, however
+    /// it ends.
+    _occupying: Option<crate::registry::Occupying>,
 }
 
 impl Drop for Unannounce {
