@@ -3,8 +3,9 @@
 //   dist/cjs     CommonJS + .d.ts (tsc)
 //   dist/bundle  wsrelay-client.esm.js (one ES module) and wsrelay-client.iife.js (a classic
 //                script defining the global `Wsrelay`), for pages without a bundler (esbuild)
-// and packs the package (npm pack) into ../../target/sdk/wsrelay-client-<version>.tgz, or into
-// $WSRELAY_SDK_PACK_DIR: the tarball docs/client.md installs and test/browser/package.test.mjs checks.
+// and packs the package (npm pack) into ../../target/sdk/wsrelay-client-<version>.tgz (the
+// repository's build output, not tracked): the tarball docs/client.md installs and
+// test/browser/package.test.mjs checks.
 import { execFileSync } from "node:child_process";
 import { mkdirSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
@@ -40,7 +41,7 @@ for (const [format, file] of [["esm", "wsrelay-client.esm.js"], ["iife", "wsrela
   });
 
 // The tarball, alone in its directory so that its path is predictable.
-export const packDir = resolve(process.env.WSRELAY_SDK_PACK_DIR ?? join(root, "../../target/sdk"));
+const packDir = resolve(root, "../../target/sdk");
 mkdirSync(packDir, { recursive: true });
 for (const f of readdirSync(packDir)) if (f.endsWith(".tgz")) rmSync(join(packDir, f));
 const npm = process.env.npm_execpath ? [process.execPath, [process.env.npm_execpath]] : ["npm", []];
