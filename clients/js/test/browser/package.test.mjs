@@ -10,7 +10,7 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -54,7 +54,7 @@ const installed = () => join(app, "node_modules", pkg.name);
 
 before(() => {
   assert.ok(existsSync(tarball), `${tarball} is missing: npm run build (make sdk) packs it`);
-  app = mkdtempSync(join(tmpdir(), "wsrelay-sdk-app-"));
+  app = realpathSync(mkdtempSync(join(tmpdir(), "wsrelay-sdk-app-"))); // node reports real paths
   writeFileSync(join(app, "package.json"), JSON.stringify({ name: "app", version: "1.0.0", private: true }) + "\n");
   // docs/client.md's install command, as written, with WSRELAY the repository.
   const install = docBlock("install");
