@@ -50,7 +50,7 @@ lint: ## clippy on every target, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 .PHONY: sdk
-sdk: ## build the TypeScript client SDK (clients/js/dist), which the relay's browser test serves
+sdk: ## build the TypeScript client SDK: clients/js/dist (ES modules, CommonJS, single-file ESM + IIFE bundles) and the npm tarball target/sdk/wsrelay-client-<version>.tgz
 	cd clients/js && npm ci --no-audit --no-fund && npm run build
 
 .PHONY: unit

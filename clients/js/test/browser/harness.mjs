@@ -381,8 +381,9 @@ const types = { ".js": "text/javascript", ".map": "application/json", ".html": "
 /**
  * Serves the page, the built SDK (dist/esm), `/token?sub=..&ttl=..` and
  * `/subtoken?sub=..&channel=..&ttl=..` (subscription tokens); counts the requests of both.
+ * `staticDir`: other paths are files under it (an application's public directory).
  */
-export async function startPageServer() {
+export async function startPageServer({ staticDir } = {}) {
   const port = await freePort();
   const tokenRequests = [];
   const subTokenRequests = [];
@@ -415,6 +416,14 @@ export async function startPageServer() {
     if (url.pathname.startsWith("/dist/")) {
       const file = resolve(pkgRoot, "." + url.pathname);
       if (file.startsWith(join(pkgRoot, "dist")) && existsSync(file)) {
+        res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream" });
+        res.end(readFileSync(file));
+        return;
+      }
+    }
+    if (staticDir) {
+      const file = resolve(staticDir, "." + url.pathname);
+      if (file.startsWith(resolve(staticDir) + "/") && existsSync(file)) {
         res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream" });
         res.end(readFileSync(file));
         return;
