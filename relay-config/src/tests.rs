@@ -626,7 +626,10 @@ fn storm_control_is_off_unless_set_and_its_burst_defaults_to_the_rate() {
     burst.validate().unwrap();
 
     for (limits, field) in [
-        (r#"{"acceptRatePerSecond": 50, "acceptBurst": 0}"#, "limits.acceptBurst"),
+        (
+            r#"{"acceptRatePerSecond": 50, "acceptBurst": 0}"#,
+            "limits.acceptBurst",
+        ),
         (r#"{"acceptBurst": 10}"#, "limits.acceptBurst"),
     ] {
         let errs = base(limits).validate().unwrap_err().0;
