@@ -80,6 +80,21 @@ pub struct Limits {
     /// nothing holds no slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_handshakes_in_flight_per_ip: Option<u32>,
+    /// Storm control: new connections (WebSocket upgrades and SSE sessions) this relay admits
+    /// per second, sustained, a token bucket checked before the token is verified; above it
+    /// the handshake is refused 503 with `Retry-After: 1` (close 4503 with
+    /// `auth.refuseAfterUpgrade`), counted as `accept_rate`. So that the clients of a relay
+    /// that went away do not all land on one neighbour in the same second (each costs a JWT
+    /// verification, the connect step, a resume, its subscriptions). 0: no limit (the
+    /// default: the right rate depends on the pod's CPU and the backend behind the connect
+    /// step, docs/operations.md).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub accept_rate_per_second: u32,
+    /// New connections admitted at once above `acceptRatePerSecond` (the bucket's size; it
+    /// starts full). Needs `acceptRatePerSecond`. Unset: equal to the rate (one second's
+    /// worth, so at most twice the rate in any one second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_burst: Option<u32>,
     /// Channels one connection may be subscribed to at once. Default 100.
     #[serde(default = "default_max_subscriptions")]
     pub max_subscriptions_per_connection: u32,
@@ -120,6 +135,11 @@ impl Limits {
         self.max_handshakes_in_flight_per_ip
             .unwrap_or((self.max_handshakes_in_flight / 4).max(1))
     }
+
+    /// The accept bucket's size: `acceptBurst`, else the rate.
+    pub fn accept_burst(&self) -> u32 {
+        self.accept_burst.unwrap_or(self.accept_rate_per_second)
+    }
 }
 
 impl Default for Limits {
@@ -136,6 +156,8 @@ impl Default for Limits {
             max_fleet_connections_per_subject: 0,
             max_handshakes_in_flight: default_max_handshakes(),
             max_handshakes_in_flight_per_ip: None,
+            accept_rate_per_second: 0,
+            accept_burst: None,
             max_subscriptions_per_connection: default_max_subscriptions(),
             publish_rate_per_second: default_publish_rate(),
             publish_burst: default_publish_burst(),
@@ -287,6 +309,19 @@ impl Config {
                 "limits.maxHandshakesInFlightPerIp",
                 "must be at least 1 (leave it unset for a quarter of maxHandshakesInFlight)",
             ));
+        }
+        if l.accept_burst == Some(0) {
+            errs.push(ValidationError::invalid(
+                "limits.acceptBurst",
+                "must be at least 1 (leave it unset for one second's worth of the rate)",
+            ));
+        }
+        if l.accept_burst.is_some() && l.accept_rate_per_second == 0 {
+            errs.push(ValidationError::Conflict {
+                field: "limits.acceptBurst".into(),
+                other: "limits.acceptRatePerSecond".into(),
+                reason: "a burst needs a rate (0 turns storm control off)".into(),
+            });
         }
         let d = &self.drain;
         if d.grace_period_seconds != 0 && d.delay_before_close_seconds >= d.grace_period_seconds {

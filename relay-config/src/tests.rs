@@ -603,3 +603,43 @@ fn events_and_control_need_the_registry_and_each_field_is_validated_by_name() {
     c.control.as_mut().unwrap().subject = "wsrelay.control.ns.gw.>".into();
     assert_eq!(c.validate().unwrap_err().0[0].field(), "control.subject");
 }
+
+#[test]
+fn storm_control_is_off_unless_set_and_its_burst_defaults_to_the_rate() {
+    let base = |limits: &str| -> Config {
+        serde_json::from_str(&format!(
+            r#"{{"nats": {{"urls": ["nats://n:4222"]}}, "auth": {{"allowAnonymous": true}},
+                "bindings": [{{"channel": "news", "subject": "news"}}], "limits": {limits}}}"#
+        ))
+        .unwrap()
+    };
+    let off = base("{}");
+    assert_eq!(off.limits.accept_rate_per_second, 0);
+    assert_eq!(off.limits.accept_burst(), 0);
+    off.validate().unwrap();
+    // Absent from the serialized config while off: existing configs keep their bytes (and the
+    // operator's config hash).
+    let json = serde_json::to_string(&off.limits).unwrap();
+    assert!(!json.contains("accept"), "{json}");
+
+    let on = base(r#"{"acceptRatePerSecond": 50}"#);
+    assert_eq!(on.limits.accept_burst(), 50);
+    on.validate().unwrap();
+    let burst = base(r#"{"acceptRatePerSecond": 50, "acceptBurst": 200}"#);
+    assert_eq!(burst.limits.accept_burst(), 200);
+    burst.validate().unwrap();
+
+    for (limits, field) in [
+        (
+            r#"{"acceptRatePerSecond": 50, "acceptBurst": 0}"#,
+            "limits.acceptBurst",
+        ),
+        (r#"{"acceptBurst": 10}"#, "limits.acceptBurst"),
+    ] {
+        let errs = base(limits).validate().unwrap_err().0;
+        assert!(
+            errs.iter().any(|e| e.field() == field),
+            "{limits}: {errs:#?}"
+        );
+    }
+}

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
@@ -154,6 +155,47 @@ impl<K: Eq + Hash + Clone> Drop for CountGuard<K> {
     }
 }
 
+/// Storm control's token bucket over new connections (`limits.acceptRatePerSecond`,
+/// `limits.acceptBurst`). Pure: the caller passes the time, and the rate and burst in force
+/// (a config reload changes them without losing the tokens held). It starts full.
+#[derive(Debug, Default)]
+pub struct AcceptBucket {
+    /// Tokens held, at most the burst, and when they were counted; `None` before the first take.
+    state: Option<(f64, Instant)>,
+}
+
+impl AcceptBucket {
+    /// Takes one token at `now`; false when none is left. A rate of 0 is no limit (always
+    /// true, nothing counted). A burst of 0 counts as 1.
+    pub fn take(&mut self, now: Instant, rate_per_second: u32, burst: u32) -> bool {
+        if rate_per_second == 0 {
+            self.state = None;
+            return true;
+        }
+        let burst = f64::from(burst.max(1));
+        let tokens = match self.state {
+            None => burst,
+            Some((held, at)) => {
+                // `now` before `at` (two callers racing for the lock) adds nothing.
+                let elapsed = now.saturating_duration_since(at).as_secs_f64();
+                (held + elapsed * f64::from(rate_per_second)).min(burst)
+            }
+        };
+        let (left, taken) = if tokens >= 1.0 {
+            (tokens - 1.0, true)
+        } else {
+            (tokens, false)
+        };
+        // Keep the later instant so that a late `now` never gives the same time twice.
+        let at = match self.state {
+            Some((_, at)) if at > now => at,
+            _ => now,
+        };
+        self.state = Some((left, at));
+        taken
+    }
+}
+
 /// Handshakes in flight (TCP accept to upgrade response).
 #[derive(Debug, Default)]
 pub struct InFlight {
@@ -268,6 +310,33 @@ mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
     use std::time::Duration;
+
+    #[test]
+    fn the_accept_bucket_admits_its_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut b = AcceptBucket::default();
+        // Full at first: the burst at once, then nothing.
+        let taken = (0..10).filter(|_| b.take(at(0), 2, 5)).count();
+        assert_eq!(taken, 5);
+        // 2 per second: one token after 500 ms, not before.
+        assert!(!b.take(at(499), 2, 5));
+        assert!(b.take(at(500), 2, 5));
+        assert!(!b.take(at(500), 2, 5));
+        // Refilled to the burst and no further, however long it waited.
+        let taken = (0..10).filter(|_| b.take(at(60_000), 2, 5)).count();
+        assert_eq!(taken, 5);
+        // A time before the last one adds nothing (and takes nothing back).
+        assert!(!b.take(at(59_000), 2, 5));
+        assert!(b.take(at(60_500), 2, 5));
+        // A reload that lowers the burst caps the tokens held.
+        let taken = (0..10).filter(|_| b.take(at(120_000), 2, 2)).count();
+        assert_eq!(taken, 2);
+        // Rate 0: off, every take passes; turned on again it starts full.
+        assert!((0..1000).all(|_| b.take(at(120_000), 0, 0)));
+        let taken = (0..10).filter(|_| b.take(at(120_000), 1, 3)).count();
+        assert_eq!(taken, 3);
+    }
 
     #[test]
     fn limiter_allows_burst_then_rate_then_floods() {

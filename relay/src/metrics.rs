@@ -93,6 +93,7 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "draining",
     "per_ip",
     "max_connections",
+    "accept_rate",
     "no_token",
     "invalid_token",
     "origin",

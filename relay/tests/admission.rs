@@ -425,6 +425,134 @@ async fn too_many_connections_get_503_with_retry_after() {
     relay.drain().await;
 }
 
+/// Storm control: a burst of handshakes at once gets exactly `acceptBurst` admitted and the
+/// rest 503 with `Retry-After`, counted as `accept_rate`; the bucket refills at the rate. With
+/// `auth.refuseAfterUpgrade` the refusal is a 4503 with a fixed reason, on the WebSocket and
+/// on the event stream.
+#[tokio::test]
+async fn a_handshake_storm_gets_the_burst_then_503_with_retry_after() {
+    init_logs();
+    let nats = Nats::start();
+    const BURST: u32 = 5;
+    const STORM: usize = 12;
+    let relay = TestRelay::builder(&nats)
+        .config(|c| {
+            c.limits.accept_rate_per_second = 1;
+            c.limits.accept_burst = Some(BURST);
+        })
+        .start()
+        .await;
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    let started = std::time::Instant::now();
+    let heads = futures::future::join_all((0..STORM).map(|_| raw_upgrade(addr, ""))).await;
+    let elapsed = started.elapsed();
+    let admitted = heads.iter().filter(|h| status_of(h) == 101).count();
+    let refused: Vec<&String> = heads.iter().filter(|h| status_of(h) == 503).collect();
+    assert_eq!(admitted + refused.len(), STORM, "{heads:#?}");
+    // Exactly the burst, unless the storm itself took more than a second on a loaded machine
+    // (then one more token per second may have come back).
+    let refills = usize::try_from(elapsed.as_secs()).unwrap();
+    assert!(
+        admitted >= BURST as usize && admitted <= BURST as usize + refills,
+        "{admitted} admitted in {elapsed:?}"
+    );
+    for h in &refused {
+        let lower = h.to_ascii_lowercase();
+        assert!(lower.contains("retry-after: 1\r\n"), "{h}");
+    }
+    assert_eq!(
+        metric(
+            admin,
+            "wsrelay_connections_refused_total{reason=\"accept_rate\"}"
+        )
+        .await,
+        Some(refused.len() as f64)
+    );
+    // The bucket refills: a handshake is admitted again within a few seconds.
+    let waiting = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            status_of(&raw_upgrade(addr, "").await) == 101
+        })
+        .await,
+        "the bucket refills at the rate"
+    );
+    eprintln!(
+        "storm: {admitted} of {STORM} admitted in {elapsed:?} (burst {BURST}), {} refused; \
+         admitted again after {:?}",
+        refused.len(),
+        waiting.elapsed()
+    );
+    relay.drain().await;
+
+    // After the upgrade: 4503 and a readable reason, on both transports.
+    let relay = TestRelay::builder(&nats)
+        .config(|c| {
+            c.limits.accept_rate_per_second = 1;
+            c.limits.accept_burst = Some(1);
+            c.auth.refuse_after_upgrade = true;
+        })
+        .start()
+        .await;
+    let (addr, admin) = (relay.client_addr, relay.admin_addr);
+    // The bucket holds one token and gains one a second: of a few tries in a row, all but
+    // the first (and one per second the tries take) are refused. Bounded tries, no timing.
+    const REASON: &str = "too many new connections, retry later";
+    let mut refused = 0.0;
+    let mut ws_refused = false;
+    for _ in 0..10 {
+        let mut ws = connect_with(addr, "", &[]).await.expect("the upgrade");
+        let frame = loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(Message::Close(f))) => break f,
+                Some(Ok(Message::Text(_))) => break None, // the welcome: admitted
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        if let Some(f) = frame {
+            assert_eq!(u16::from(f.code), 4503);
+            assert_eq!(f.reason.as_str(), REASON);
+            refused += 1.0;
+            ws_refused = true;
+            break;
+        }
+    }
+    assert!(ws_refused, "no WebSocket refused in 10 tries");
+    let mut sse_refused = false;
+    for _ in 0..10 {
+        let mut s = wsrelay_testkit::sse::Stream::open(addr, "", "").await;
+        assert_eq!(s.status, 200);
+        let (name, data) = loop {
+            let e = s.next(Duration::from_secs(5)).await.expect("an event");
+            if e.0.as_deref() != Some(":") {
+                break e; // not a comment
+            }
+        };
+        if name.as_deref() == Some("close") {
+            let close: serde_json::Value = serde_json::from_str(&data).unwrap();
+            assert_eq!(close, json!({"code": 4503, "reason": REASON}));
+            refused += 1.0;
+            sse_refused = true;
+            break;
+        }
+        assert_eq!(name.as_deref(), Some("session"), "{data}");
+    }
+    assert!(sse_refused, "no event stream refused in 10 tries");
+    assert_eq!(
+        metric(
+            admin,
+            "wsrelay_connections_refused_total{reason=\"accept_rate\"}"
+        )
+        .await,
+        Some(refused)
+    );
+    relay.drain().await;
+}
+
 /// A reader that counts message frames of a client in the background.
 fn count_messages(mut ws: Ws) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Ws>) {
     let n = Arc::new(AtomicUsize::new(0));

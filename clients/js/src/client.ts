@@ -750,7 +750,8 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
     } else {
       step = Math.max(this.attempt, policy.minAttempt);
       this.attempt = step + 1;
-      delay = backoffDelay(step, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
+      delay =
+        policy.retryAfterMs + backoffDelay(step, this.o.minReconnectDelayMs, this.o.maxReconnectDelayMs, this.random);
     }
     this.emit("disconnected", { code, reason, wasClean, willReconnect: true, delayMs: delay });
     if (!this.stopped) this.scheduleConnect(delay, why, step);

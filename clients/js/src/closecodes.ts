@@ -24,6 +24,11 @@ export interface ClosePolicy {
   authFailure: boolean;
   /** Reconnect at once, without a backoff delay (the close was the client's own, deliberate). */
   immediate: boolean;
+  /**
+   * Wait this long before the jittered backoff delay (added to it, so a crowd stays spread):
+   * the relay's `Retry-After`, which a browser cannot read from a refused upgrade.
+   */
+  retryAfterMs: number;
 }
 
 const retry: ClosePolicy = {
@@ -32,6 +37,7 @@ const retry: ClosePolicy = {
   minAttempt: 0,
   authFailure: false,
   immediate: false,
+  retryAfterMs: 0,
 };
 
 export function closePolicy(code: number): ClosePolicy {
@@ -52,12 +58,18 @@ export function closePolicy(code: number): ClosePolicy {
       return { ...retry, reconnect: false };
     case 4429: // handshake refused: too many connections from this address or token subject
       return { ...retry, minAttempt: 3 };
+    case 4503:
+      // Handshake refused: too many new connections per second (storm control), relay at
+      // capacity, draining, or without its keys or its authorization backend. Every such 503
+      // carries `Retry-After` of at least 1 s: never back before it. The reason text does not
+      // change the delay (texts are for people; the backoff grows with each refusal in a row).
+      return { ...retry, retryAfterMs: 1000 };
     case LocalClose.TokenRefresh:
       return { ...retry, immediate: true };
     default:
       // 1000, 1001, 1006 (network, or a handshake refused with an HTTP status, which browsers
       // do not show), 1009, 1011, 1012 (drain), 1013, 4000 (idle), 4008 (slow consumer),
-      // 4503 (relay at capacity or draining), 4901, 4902, and anything unknown.
+      // 4901, 4902, and anything unknown.
       return retry;
   }
 }

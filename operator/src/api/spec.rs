@@ -988,7 +988,8 @@ pub enum Direction {
     validation = Rule::new("self.pingIntervalSeconds < self.idleTimeoutSeconds").message("limits.pingIntervalSeconds must be shorter than limits.idleTimeoutSeconds, or healthy idle clients are cut off"),
     validation = Rule::new("self.maxMessageBytes <= self.sendQueueBytes").message("limits.maxMessageBytes must not exceed limits.sendQueueBytes: a connection's send queue must have room for the largest message; raise sendQueueBytes or lower maxMessageBytes"),
     validation = Rule::new("!has(self.maxQueuedBytesPerPod) || self.maxQueuedBytesPerPod >= self.sendQueueBytes").message("limits.maxQueuedBytesPerPod must be at least limits.sendQueueBytes: the pod's budget must hold one connection's full queue"),
-    validation = Rule::new("!has(self.maxHandshakesInFlightPerIp) || self.maxHandshakesInFlightPerIp <= self.maxHandshakesInFlight").message("limits.maxHandshakesInFlightPerIp must not exceed limits.maxHandshakesInFlight: it is one address's share of them")
+    validation = Rule::new("!has(self.maxHandshakesInFlightPerIp) || self.maxHandshakesInFlightPerIp <= self.maxHandshakesInFlight").message("limits.maxHandshakesInFlightPerIp must not exceed limits.maxHandshakesInFlight: it is one address's share of them"),
+    validation = Rule::new("!has(self.acceptBurst) || self.acceptRatePerSecond > 0").message("limits.acceptBurst needs limits.acceptRatePerSecond: a burst without a rate limits nothing (0 turns storm control off)")
 )]
 pub struct LimitsSpec {
     /// Connections one pod accepts before it refuses new ones (4503, or HTTP 503 with
@@ -1038,6 +1039,20 @@ pub struct LimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65_536))]
     pub max_handshakes_in_flight_per_ip: Option<i32>,
+    /// Storm control: new connections one pod admits per second, sustained (a token bucket,
+    /// checked before the token is verified); beyond it the handshake is refused (4503, or
+    /// HTTP 503 with `Retry-After: 1` with `auth.refuseAfterUpgrade: false`) and the client
+    /// backs off, so the clients of a pod that went away do not all land on one neighbour in
+    /// the same second. 0 (default): no limit. Size it from what one pod can admit (JWT
+    /// verification, the connect step, resumes, subscriptions; docs/operations.md).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub accept_rate_per_second: i64,
+    /// New connections one pod admits at once above `acceptRatePerSecond` (the bucket's
+    /// size). Needs `acceptRatePerSecond`. Unset: equal to the rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub accept_burst: Option<i64>,
     /// Largest message a client may send or receive, in bytes. At most `sendQueueBytes`.
     #[serde(default = "default_max_message_bytes")]
     #[schemars(range(min = 256, max = 8_388_608))]
@@ -1147,6 +1162,8 @@ impl Default for LimitsSpec {
             max_fleet_connections_per_subject: 0,
             max_handshakes_in_flight: default_max_handshakes(),
             max_handshakes_in_flight_per_ip: None,
+            accept_rate_per_second: 0,
+            accept_burst: None,
             max_message_bytes: default_max_message_bytes(),
             send_queue_length: default_send_queue(),
             send_queue_bytes: default_send_queue_bytes(),

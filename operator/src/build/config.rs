@@ -488,6 +488,8 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             max_handshakes_in_flight_per_ip: l
                 .max_handshakes_in_flight_per_ip
                 .map(|v| u32_of(v.into())),
+            accept_rate_per_second: u32_of(l.accept_rate_per_second),
+            accept_burst: l.accept_burst.map(u32_of),
             slow_consumer_policy: match l.slow_consumer_policy {
                 SlowConsumerPolicy::Disconnect => relay::SlowConsumerPolicy::Disconnect,
                 SlowConsumerPolicy::DropOldest => relay::SlowConsumerPolicy::DropOldest,
@@ -713,6 +715,10 @@ mod tests {
         assert_eq!(l.max_handshakes_in_flight, 1024);
         assert_eq!(l.max_handshakes_in_flight_per_ip, None);
         assert_eq!(l.handshakes_per_ip(), 256);
+        // Storm control off, and absent from the rendered file: the config hash of a gateway
+        // that does not set it is what it was before the field existed.
+        assert_eq!((l.accept_rate_per_second, l.accept_burst), (0, None));
+        assert!(!serde_json::to_string(&config).unwrap().contains("accept"));
         assert_eq!(l.send_queue_bytes, 1024 * 1024);
         assert_eq!(l.max_queued_bytes, 512 * 1024 * 1024, "no memory limit");
         assert!(config.auth.refuse_after_upgrade);
@@ -730,6 +736,8 @@ mod tests {
         s.limits.max_message_bytes = 1_048_576;
         s.limits.send_queue_bytes = 4 * 1_048_576;
         s.limits.max_queued_bytes_per_pod = Some(64 * 1_048_576);
+        s.limits.accept_rate_per_second = 200;
+        s.limits.accept_burst = Some(400);
         s.auth.refuse_after_upgrade = false;
         s.network.trusted_proxies = vec!["10.244.0.0/16".into(), "fd00::/8".into()];
         s.network.client_ip_header = "X-Real-IP".into();
@@ -749,6 +757,7 @@ mod tests {
             (l.max_message_bytes, l.send_queue_bytes, l.max_queued_bytes),
             (1_048_576, 4 * 1_048_576, 64 * 1_048_576)
         );
+        assert_eq!((l.accept_rate_per_second, l.accept_burst), (200, Some(400)));
         assert!(!config.auth.refuse_after_upgrade);
         let proxies: Vec<String> = config
             .listen

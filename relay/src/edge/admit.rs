@@ -1,18 +1,20 @@
 //! Admission, once for every transport: whether a client may open a connection (a WebSocket
 //! upgrade or an SSE session), checked cheapest first — draining, connections per client
-//! address, the process's connection slots, the token (Origin, signature, claims),
-//! connections per token subject — and the counters it holds for the connection's life.
+//! address, the process's connection slots, the accept rate (storm control), the token
+//! (Origin, signature, claims), connections per token subject — and the counters it holds
+//! for the connection's life.
 //! A refusal is a [`Refusal`]: one table from it to the HTTP status, the metric label, the
 //! `Retry-After`, and the close code and text when it is answered after the upgrade.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use http::{HeaderMap, StatusCode};
 
 use crate::access::{Denied, Who};
 use crate::auth::{AuthError, Identity, TokenVia};
-use crate::limits::{ConnCounter, CountGuard, InFlight, client_ip, ip_key};
+use crate::limits::{AcceptBucket, ConnCounter, CountGuard, InFlight, client_ip, ip_key};
 use crate::protocol::close;
 use crate::slots::{Slot, Slots};
 use crate::state::Relay;
@@ -31,6 +33,8 @@ pub struct Admission {
     /// TCP connections in their handshake per client address
     /// (`limits.maxHandshakesInFlightPerIp`).
     pub handshakes_per_ip: Arc<ConnCounter<IpAddr>>,
+    /// New connections per second (`limits.acceptRatePerSecond`, storm control).
+    pub accept: Mutex<AcceptBucket>,
 }
 
 impl Admission {
@@ -42,6 +46,7 @@ impl Admission {
             per_subject: Arc::default(),
             handshakes: InFlight::default(),
             handshakes_per_ip: Arc::default(),
+            accept: Mutex::default(),
         }
     }
 }
@@ -61,6 +66,9 @@ pub enum Refusal {
     /// `limits.maxConnections` reached.
     #[error("at capacity")]
     MaxConnections,
+    /// `limits.acceptRatePerSecond`: no token left in the accept bucket (storm control).
+    #[error("too many new connections per second")]
+    AcceptRate,
     /// The token (or the Origin) is refused.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -92,7 +100,7 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotWebsocket | Self::Subprotocol | Self::BadResume => StatusCode::BAD_REQUEST,
-            Self::Draining | Self::MaxConnections | Self::ConnectUnavailable => {
+            Self::Draining | Self::MaxConnections | Self::AcceptRate | Self::ConnectUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::ConnectDenied => StatusCode::FORBIDDEN,
@@ -111,6 +119,7 @@ impl Refusal {
             Self::Draining => "draining",
             Self::PerIp(_) => "per_ip",
             Self::MaxConnections => "max_connections",
+            Self::AcceptRate => "accept_rate",
             Self::Auth(e) => e.reason(),
             Self::PerSubject => "per_subject",
             Self::PerSubjectFleet => "per_subject_fleet",
@@ -125,7 +134,9 @@ impl Refusal {
     /// Seconds a client should wait before trying again, when retrying may help.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::Draining => Some(1),
+            // A token comes back within a second at any rate (the rate is at least 1/s); a
+            // crowd that retries then is spread by the clients' jitter (docs/client.md).
+            Self::Draining | Self::AcceptRate => Some(1),
             Self::PerIp(_)
             | Self::MaxConnections
             | Self::PerSubject
@@ -158,6 +169,7 @@ impl Refusal {
             "keys_unavailable" => "signing keys unavailable, retry later",
             "draining" => "relay draining, retry later",
             "max_connections" => "relay at capacity, retry later",
+            "accept_rate" => "too many new connections, retry later",
             "per_ip" => "too many connections from this address",
             "per_subject" | "per_subject_fleet" => "too many connections for this token subject",
             "connect_denied" => "denied by backend",
@@ -252,6 +264,21 @@ pub async fn admit(
     let Some(slot) = admission.slots.try_acquire() else {
         return Err(Refusal::MaxConnections);
     };
+    // Storm control, before the first step that costs CPU (the token's verification) and
+    // after the counters that refuse at no cost, so that a client they refuse does not spend
+    // a token another client needed. A token spent by a handshake refused later is not given
+    // back: the work it stood for was done.
+    let (rate, burst) = (
+        settings.config.limits.accept_rate_per_second,
+        settings.config.limits.accept_burst(),
+    );
+    if rate > 0 {
+        let mut bucket = admission.accept.lock().unwrap_or_else(|p| p.into_inner());
+        if !bucket.take(Instant::now(), rate, burst) {
+            tracing::debug!(rate, burst, "too many new connections per second");
+            return Err(Refusal::AcceptRate);
+        }
+    }
     let (identity, via) = settings
         .authn
         .authenticate(req.headers, req.query)

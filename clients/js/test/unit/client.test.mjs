@@ -1139,3 +1139,40 @@ test("refreshTokenNow(): sends a new token even when it expires no later (new cl
   await assert.rejects(t.client.refreshTokenNow(), (e) => e.code === "token" && /no new token/.test(e.reason));
   assert.equal(ws.ofType("refresh").length, 1);
 });
+
+test("4503 (storm control, capacity, draining): never back before the relay's Retry-After (1 s), then the jittered backoff on top", async () => {
+  // random 0: the backoff's own draw is its floor (500 ms), so the delay shows the 1 s added.
+  const t = setup({ random: () => 0 });
+  const ws = await connected(t);
+  // A welcomed connection lost: the first try goes out after the usual first step.
+  ws.serverClose(1006, "", false);
+  await t.clock.advance(t.named("disconnected").at(-1).delayMs);
+  // The neighbour refuses it after the upgrade: storm control's 4503 (no welcome).
+  const delays = [];
+  for (let i = 0; i < 4; i++) {
+    t.last().serverClose(4503, "too many new connections, retry later");
+    const d = t.named("disconnected").at(-1);
+    assert.equal(d.code, 4503);
+    assert.equal(d.willReconnect, true);
+    delays.push(d.delayMs);
+    // Not a moment before the delay.
+    const before = t.sockets().length;
+    await t.clock.advance(d.delayMs - 1);
+    assert.equal(t.sockets().length, before, "no try before the delay");
+    await t.clock.advance(1);
+    assert.equal(t.sockets().length, before + 1);
+  }
+  assert.deepEqual(delays, [1500, 1500, 1500, 1500], "1 s + the backoff's floor");
+  // The reason text does not change the delay: any 4503 waits the same.
+  const u = setup({ random: () => 1 });
+  await connected(u);
+  u.last().serverClose(1006, "", false);
+  await u.clock.advance(u.named("disconnected").at(-1).delayMs);
+  const windows = [];
+  for (const reason of ["too many new connections, retry later", "relay at capacity, retry later", "", "relay draining, retry later"]) {
+    u.last().serverClose(4503, reason);
+    windows.push(u.named("disconnected").at(-1).delayMs);
+    await u.clock.advance(windows.at(-1));
+  }
+  assert.deepEqual(windows, [1000 + 2000, 1000 + 4000, 1000 + 8000, 1000 + 16000], "the backoff grows under the floor");
+});

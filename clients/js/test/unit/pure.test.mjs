@@ -74,6 +74,8 @@ test("close codes: what the client does for each", () => {
   assert.equal(p(4101).reconnect, false);
   assert.deepEqual({ r: p(4409).reconnect, t: p(4409).newToken }, { r: false, t: true });
   assert.equal(p(4029).minAttempt, 3);
+  assert.equal(p(4503).retryAfterMs, 1000, "the smallest Retry-After of a 503");
+  assert.equal(p(1006).retryAfterMs, 0);
   assert.equal(p(LocalClose.TokenRefresh).immediate, true);
 });
 
