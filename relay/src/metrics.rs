@@ -99,6 +99,8 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "origin",
     "keys_unavailable",
     "per_subject",
+    "per_subject_fleet",
+    "bad_resume",
     "subprotocol",
     "handshakes",
     "handshakes_per_ip",
