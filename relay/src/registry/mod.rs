@@ -905,20 +905,23 @@ impl Registry {
     /// The entries of `relay` (its lease aside) that hold a value: an ordered consumer on
     /// the relay's filters, read to its end.
     async fn entries_of(&self, relay: &str) -> Result<Vec<(String, Bytes)>, RegistryError> {
+        self.values(&keys::relay_filters(relay)).await
+    }
+
+    /// Every key under `filters` that holds a value, with it: an ordered consumer on the
+    /// last message per key, read to its end.
+    async fn values(&self, filters: &[String]) -> Result<Vec<(String, Bytes)>, RegistryError> {
         let err = request_err("list");
         let prefix = format!("$KV.{}.", self.bucket);
         let stream = self
             .js
-            .get_stream(stream_name(&self.bucket))
+            .get_stream_no_info(stream_name(&self.bucket))
             .await
             .map_err(|e| err(e.to_string()))?;
         let consumer = stream
             .create_consumer(consumer::push::OrderedConfig {
                 deliver_subject: self.js.client().new_inbox(),
-                filter_subjects: keys::relay_filters(relay)
-                    .iter()
-                    .map(|f| format!("{prefix}{f}"))
-                    .collect(),
+                filter_subjects: filters.iter().map(|f| format!("{prefix}{f}")).collect(),
                 deliver_policy: consumer::DeliverPolicy::LastPerSubject,
                 replay_policy: consumer::ReplayPolicy::Instant,
                 ..Default::default()

@@ -13,10 +13,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer;
 use async_nats::jetstream::context::PublishErrorKind;
 use bytes::Bytes;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -254,44 +252,15 @@ impl Registry {
         if self.occupancy.is_none() {
             return Ok(0);
         }
-        let err = request_err("occupancy");
-        let prefix = format!("$KV.{}.", self.bucket);
-        let stream = self
-            .js
-            .get_stream_no_info(stream_name(&self.bucket))
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let consumer = stream
-            .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: self.js.client().new_inbox(),
-                filter_subject: format!("{prefix}occ.>"),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                replay_policy: consumer::ReplayPolicy::Instant,
-                ..Default::default()
+        let channels: Vec<String> = self
+            .values(&["occ.>".to_owned()])
+            .await?
+            .into_iter()
+            .filter(|(_, v)| {
+                serde_json::from_slice::<Occupants>(v).is_ok_and(|o| o.relays.contains(relay))
             })
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let mut channels = Vec::new();
-        if consumer.cached_info().num_pending > 0 {
-            let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
-            while let Some(m) = messages.next().await {
-                let m = m.map_err(|e| err(e.to_string()))?;
-                if !is_removal(m.headers.as_ref())
-                    && serde_json::from_slice::<Occupants>(&m.payload)
-                        .is_ok_and(|o| o.relays.contains(relay))
-                    && let Some(channel) = m
-                        .subject
-                        .strip_prefix(prefix.as_str())
-                        .and_then(|k| k.strip_prefix("occ."))
-                        .and_then(keys::channel_of)
-                {
-                    channels.push(channel);
-                }
-                if m.info().map_err(|e| err(e.to_string()))?.pending == 0 {
-                    break;
-                }
-            }
-        }
+            .filter_map(|(k, _)| k.strip_prefix("occ.").and_then(keys::channel_of))
+            .collect();
         for channel in &channels {
             self.occupy(channel, relay, false).await?;
         }

@@ -3,12 +3,10 @@
 //! (written in order with its other entries, purged with them), and a handshake adds up the
 //! counts of the relays whose lease is live.
 
-use async_nats::jetstream::consumer;
 use bytes::Bytes;
-use futures::StreamExt;
 
 use super::keys::{self, SubjectCount, VALUE_VERSION};
-use super::{Registry, RegistryError, is_removal, request_err, stream_name};
+use super::{Registry, RegistryError};
 
 /// Bound on adding up a subject's connections at a handshake; past it the handshake goes on
 /// uncounted (a registry outage must not close the door).
@@ -57,48 +55,20 @@ impl Registry {
                 .unwrap_or(0)
         });
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let prefix = format!("$KV.{}.", self.bucket);
-        let err = request_err("count");
-        let others = async {
-            let stream = self
-                .js
-                .get_stream_no_info(stream_name(&self.bucket))
-                .await
-                .map_err(|e| err(e.to_string()))?;
-            let consumer = stream
-                .create_consumer(consumer::push::OrderedConfig {
-                    deliver_subject: self.js.client().new_inbox(),
-                    filter_subject: format!("{prefix}{}", keys::subject_count_filter(sub)),
-                    deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                    replay_policy: consumer::ReplayPolicy::Instant,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| err(e.to_string()))?;
-            let mut n: u32 = 0;
-            if consumer.cached_info().num_pending == 0 {
-                return Ok(n);
-            }
-            let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
-            while let Some(m) = messages.next().await {
-                let m = m.map_err(|e| err(e.to_string()))?;
-                let relay = m.subject.rsplit('.').next().unwrap_or_default();
-                if relay != self.relay
-                    && live.contains(relay)
-                    && !is_removal(m.headers.as_ref())
-                    && let Ok(c) = serde_json::from_slice::<SubjectCount>(&m.payload)
-                {
-                    n = n.saturating_add(c.n);
-                }
-                if m.info().map_err(|e| err(e.to_string()))?.pending == 0 {
-                    break;
-                }
-            }
-            Ok(n)
-        };
-        let others = tokio::time::timeout(COUNT_WITHIN, others)
-            .await
-            .map_err(|_| RegistryError::Timeout { op: "count" })??;
+        let counts = tokio::time::timeout(
+            COUNT_WITHIN,
+            self.values(&[keys::subject_count_filter(sub)]),
+        )
+        .await
+        .map_err(|_| RegistryError::Timeout { op: "count" })??;
+        let others = counts
+            .iter()
+            .filter(|(k, _)| {
+                let relay = k.rsplit('.').next().unwrap_or_default();
+                relay != self.relay && live.contains(relay)
+            })
+            .filter_map(|(_, v)| serde_json::from_slice::<SubjectCount>(v).ok())
+            .fold(0u32, |n, c| n.saturating_add(c.n));
         Ok(own.saturating_add(others))
     }
 }
