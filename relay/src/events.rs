@@ -269,7 +269,10 @@ mod tests {
         occupied.connection = String::new();
         occupied.sub = None;
         occupied.channel = Some("rooms.a b".into());
-        assert!(e.outgoing(&occupied, Some(41)).is_none(), "not a default type");
+        assert!(
+            e.outgoing(&occupied, Some(41)).is_none(),
+            "not a default type"
+        );
         let e = Emitter::new(&config(r#","types":["Occupied"]"#, true));
         let o = e.outgoing(&occupied, Some(41)).unwrap();
         assert_eq!(o.subject, "wsrelay.events.ns.gw.Occupied");
