@@ -95,7 +95,7 @@ pub struct Relay {
     /// the config has `control`).
     pub revocations_read: AtomicBool,
     /// The backend's server-side subscriptions (kept by `runtime::serversubs`).
-    pub server_subs: crate::runtime::serversubs::ServerSubs,
+    pub server_subs: crate::registry::server_subs::ServerSubs,
     /// Whether the server-side subscriptions present at the start were read (`/ready` waits
     /// for it when the config has `control`).
     pub server_subs_read: AtomicBool,
@@ -135,7 +135,7 @@ impl Relay {
             presence: None,
             revoked: crate::access::revoked::Revoked::default(),
             revocations_read: AtomicBool::new(false),
-            server_subs: crate::runtime::serversubs::ServerSubs::default(),
+            server_subs: crate::registry::server_subs::ServerSubs::default(),
             server_subs_read: AtomicBool::new(false),
             events_stream: live
                 .config

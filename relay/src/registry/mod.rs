@@ -15,6 +15,7 @@
 pub mod keys;
 mod occupancy;
 mod resume;
+pub mod server_subs;
 mod subjects;
 
 pub use occupancy::Occupying;

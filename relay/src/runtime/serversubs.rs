@@ -2,22 +2,21 @@
 //! service's `subscribe {sub, channel}` stores `srv.<sub>.<iss>.<channel>` in the connection
 //! registry; every relay watches those keys, keeps them by `sub` ([`ServerSubs`]), subscribes
 //! its live connections of that user when one comes and every connection of that user it
-//! admits later, right after the `welcome` ([`on_admit`]); a key removed ends the
+//! admits later, right after the `welcome` (`crate::session::server_subs`); a key removed ends the
 //! subscriptions it made (`unsubscribed` reason `server`). `/ready` waits until the keys
 //! present at the start were read, so a relay started after a command applies it too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde_json::{Map, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::Conn;
 use crate::protocol;
-use crate::registry::keys::{self, SERVER_SUB_FILTER, ServerSub};
+use crate::registry::keys::{SERVER_SUB_FILTER, ServerSub};
+use crate::registry::server_subs::covers;
 use crate::session::requests::subscribe;
 use crate::state::Relay;
 
@@ -29,79 +28,6 @@ pub const REASON: &str = "server";
 
 /// Pause before the watch starts again after an error.
 const RETRY: Duration = Duration::from_secs(2);
-
-/// The server-side subscriptions this relay read from the registry, by `sub`, then key.
-#[derive(Debug, Default)]
-pub struct ServerSubs {
-    by_sub: Mutex<HashMap<String, BTreeMap<String, ServerSub>>>,
-}
-
-/// The `sub` a `srv.` key names.
-fn sub_of(key: &str) -> Option<String> {
-    keys::channel_of(key.split('.').nth(1)?)
-}
-
-/// Whether `s` covers a connection with `claims`: its `sub`, and its `iss` when it names one.
-fn covers(s: &ServerSub, claims: &Map<String, Value>) -> bool {
-    let claim = |k: &str| claims.get(k).and_then(Value::as_str);
-    claim("sub") == Some(s.sub.as_str()) && s.iss.as_deref().is_none_or(|i| claim("iss") == Some(i))
-}
-
-impl ServerSubs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<String, ServerSub>>> {
-        self.by_sub.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Sets `key` to `value`, or removes it (`None`); returns what it held.
-    pub fn set(&self, key: &str, value: Option<ServerSub>) -> Option<ServerSub> {
-        let mut m = self.lock();
-        match value {
-            Some(v) => m
-                .entry(v.sub.clone())
-                .or_default()
-                .insert(key.to_owned(), v),
-            None => {
-                let sub = sub_of(key)?;
-                let entries = m.get_mut(&sub)?;
-                let was = entries.remove(key);
-                if entries.is_empty() {
-                    m.remove(&sub);
-                }
-                was
-            }
-        }
-    }
-
-    /// How many server-side channels `sub` has, and whether `key` is one of them.
-    pub fn count(&self, sub: &str, key: &str) -> (usize, bool) {
-        self.lock()
-            .get(sub)
-            .map_or((0, false), |e| (e.len(), e.contains_key(key)))
-    }
-
-    /// The channels of the connection with `claims`, sorted, each once.
-    pub fn channels_of(&self, claims: &Map<String, Value>) -> Vec<String> {
-        let Some(sub) = claims.get("sub").and_then(Value::as_str) else {
-            return Vec::new();
-        };
-        let mut out: Vec<String> = self
-            .lock()
-            .get(sub)
-            .into_iter()
-            .flat_map(|e| e.values())
-            .filter(|s| covers(s, claims))
-            .map(|s| s.channel.clone())
-            .collect();
-        out.sort();
-        out.dedup();
-        out
-    }
-
-    /// Whether any of them covers the connection with `claims` for `channel`.
-    fn holds(&self, claims: &Map<String, Value>, channel: &str) -> bool {
-        self.channels_of(claims).iter().any(|c| c == channel)
-    }
-}
 
 /// This relay's live connections that `s` covers (not those closing already).
 fn covered(relay: &Relay, s: &ServerSub) -> Vec<Arc<Conn>> {
@@ -147,28 +73,6 @@ pub fn unsubscribe_live(relay: &Relay, s: &ServerSub) -> usize {
         }
     }
     ended
-}
-
-/// The server-side channels of `conn`'s user, sorted (none for an anonymous connection).
-pub fn channels_for(relay: &Relay, conn: &Conn) -> Vec<String> {
-    conn.claims()
-        .map(|c| relay.server_subs.channels_of(&c))
-        .unwrap_or_default()
-}
-
-/// A connection was admitted (its `welcome` queued, naming `channels`, its user's
-/// server-side channels): subscribes it to them, in a task of its own.
-pub fn on_admit(relay: &Arc<Relay>, conn: &Arc<Conn>, channels: Vec<String>) {
-    if channels.is_empty() {
-        return;
-    }
-    let (relay, conn) = (relay.clone(), conn.clone());
-    relay.clone().tracker.spawn(async move {
-        let made = channels
-            .iter()
-            .map(|channel| subscribe::server(&conn, &relay, channel));
-        futures::future::join_all(made).await;
-    });
 }
 
 /// Watches the server-side subscriptions until the relay stops; nothing without `control`
@@ -218,53 +122,5 @@ pub async fn watch(relay: Arc<Relay>) {
             () = relay.shutdown.cancelled() => return,
             () = tokio::time::sleep(RETRY) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn s(sub: &str, iss: Option<&str>, channel: &str) -> (String, ServerSub) {
-        (
-            keys::server_sub_key(sub, iss, channel),
-            ServerSub {
-                v: 1,
-                sub: sub.into(),
-                iss: iss.map(str::to_owned),
-                channel: channel.into(),
-                at: 0,
-            },
-        )
-    }
-
-    #[test]
-    fn a_users_channels_are_kept_by_sub_and_narrowed_by_iss() {
-        let m = ServerSubs::default();
-        for (k, v) in [
-            s("42", None, "b.feed"),
-            s("42", Some("i1"), "a.x"),
-            s("42", Some("i2"), "a.y"),
-            s("7", None, "b.feed"),
-        ] {
-            m.set(&k, Some(v));
-        }
-        let claims = |v: Value| v.as_object().unwrap().clone();
-        assert_eq!(
-            m.channels_of(&claims(json!({"sub": "42", "iss": "i1"}))),
-            ["a.x", "b.feed"]
-        );
-        assert_eq!(m.channels_of(&claims(json!({"sub": "42"}))), ["b.feed"]);
-        assert!(m.channels_of(&claims(json!({"sub": "4"}))).is_empty());
-        let (k, _) = s("42", None, "b.feed");
-        assert_eq!(m.count("42", &k), (3, true));
-        assert!(m.set(&k, None).is_some());
-        assert_eq!(m.count("42", &k), (2, false));
-        assert!(m.set(&k, None).is_none(), "removed once");
-        for (k, _) in [s("42", Some("i1"), "a.x"), s("42", Some("i2"), "a.y")] {
-            m.set(&k, None);
-        }
-        assert!(m.lock().get("42").is_none(), "an empty user is forgotten");
     }
 }

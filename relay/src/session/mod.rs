@@ -12,6 +12,7 @@
 
 pub mod reader;
 pub mod requests;
+pub mod server_subs;
 pub mod writer;
 
 use std::sync::Arc;
@@ -56,7 +57,7 @@ pub async fn run<Si, St>(
     conn.attach_sink(sink.clone());
     // The user's server-side subscriptions: named in the `welcome`, each confirmed next by
     // its `subscribed` frame (a client that had one and does not find it here knows it ended).
-    let server_channels = crate::runtime::serversubs::channels_for(&relay, &conn);
+    let server_channels = server_subs::channels_for(&relay, &conn);
     conn.outbox
         .push_reply(Message::text(protocol::with_server_channels(
             protocol::with_data(
@@ -70,7 +71,7 @@ pub async fn run<Si, St>(
             ),
             &server_channels,
         )));
-    crate::runtime::serversubs::on_admit(&relay, &conn, server_channels);
+    server_subs::on_admit(&relay, &conn, server_channels);
     let done = CancellationToken::new();
     // The writer is a task of its own: joined with the reader in one task, every delivery's
     // wake-up also polled the reader (its socket, idle and expiry timers, cancellation),
