@@ -171,7 +171,13 @@ async fn the_example_backend_decides_who_joins_a_room() {
     assert_eq!(m["type"], "message", "{m}");
     assert_eq!(m["channel"], "rooms.1", "{m}");
 
-    // The backend logged one line per question, with the relay's headers.
+    // The backend logged one line per question, with the relay's headers. It logs after it
+    // replied, and its log is read by a thread: wait for the four lines (bounded).
+    let logged = eventually(Duration::from_secs(10), || async {
+        backend.decisions().len() >= 4
+    })
+    .await;
+    assert!(logged, "the backend logged {:?}", backend.lines());
     let seen: Vec<(String, String, String, bool)> = backend
         .decisions()
         .iter()
