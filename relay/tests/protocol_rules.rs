@@ -39,17 +39,35 @@ async fn the_welcome_frame_and_the_subprotocol_answer_are_as_documented() {
     let relay = config(&nats).max_message_bytes(4096).start().await;
     let addr = relay.client_addr;
 
+    // `connection`: `<relay>/<n>`, a number of its own per connection.
+    let connection = |w: &mut Value| {
+        let c = w
+            .as_object_mut()
+            .and_then(|o| o.remove("connection"))
+            .and_then(|c| c.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let (relay, n) = c.rsplit_once('/').unwrap_or_default();
+        assert!(
+            !relay.is_empty() && n.parse::<u64>().is_ok(),
+            "connection {c:?}"
+        );
+        c
+    };
     let mut anon = connect_with(addr, "", &[]).await.unwrap();
+    let mut w = next_json(&mut anon).await.unwrap();
+    let first = connection(&mut w);
     assert_eq!(
-        next_json(&mut anon).await.unwrap(),
+        w,
         json!({"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":4096,"anonymous":true})
     );
     let token = hs256(claims("alice"));
     let mut alice = connect_with(addr, &format!("?token={token}"), &[])
         .await
         .unwrap();
+    let mut w = next_json(&mut alice).await.unwrap();
+    assert_ne!(connection(&mut w), first);
     assert_eq!(
-        next_json(&mut alice).await.unwrap(),
+        w,
         json!({"type":"welcome","protocol":"wsrelay.v1","maxMessageBytes":4096,"anonymous":false})
     );
 
