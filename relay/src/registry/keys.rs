@@ -37,6 +37,17 @@ pub fn conn_key(relay: &str, conn: u64) -> String {
     format!("conn.{relay}.{conn}")
 }
 
+/// The relay token and connection number of a `conn.<relay>.<conn>` key, if it is one.
+pub fn conn_of(key: &str) -> Option<(&str, u64)> {
+    let mut parts = key.split('.');
+    let (Some("conn"), Some(relay), Some(id), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    Some((relay, id.parse().ok()?))
+}
+
 /// `pres.<chan>.<relay>.<conn>`: one connection's membership of a channel.
 pub fn presence_key(channel: &str, relay: &str, conn: u64) -> String {
     format!("pres.{}.{relay}.{conn}", channel_token(channel))
@@ -205,6 +216,10 @@ mod tests {
             ]
         );
         assert_eq!(subject_count_key("u.1", "r1"), "subc.dS4x.r1");
+        assert_eq!(conn_of(&conn_key("r1", 7)), Some(("r1", 7)));
+        for bad in ["conn.r1", "conn.r1.x", "pres.r1.7", "conn.r1.7.8"] {
+            assert_eq!(conn_of(bad), None, "{bad}");
+        }
         assert_eq!(subject_count_filter("u.1"), "subc.dS4x.*");
     }
 

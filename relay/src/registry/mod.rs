@@ -448,14 +448,7 @@ impl Registry {
             Duration::ZERO
         };
         if grace.is_zero() && entry.resumes.is_none() {
-            self.say(&lifecycle(
-                &entry,
-                id,
-                &self.name,
-                EventType::Disconnected,
-                now_ms(),
-            ));
-            self.delete(keys::conn_key(&self.relay, id));
+            self.say_ended(id, &entry);
             return;
         }
         self.write_entry(id, &entry);
@@ -464,6 +457,19 @@ impl Registry {
             tokio::time::sleep(grace).await;
             me.end(id).await;
         });
+    }
+
+    /// Says the `Disconnected` of this relay's connection `id` from its `entry`, then
+    /// deletes the entry.
+    fn say_ended(&self, id: u64, entry: &ConnEntry) {
+        self.say(&lifecycle(
+            entry,
+            id,
+            &self.name,
+            EventType::Disconnected,
+            now_ms(),
+        ));
+        self.delete(keys::conn_key(&self.relay, id));
     }
 
     /// This relay's open connection `id`'s event of `kind`, now, from its entry; `None`
@@ -886,12 +892,7 @@ impl Registry {
     /// relay would have used: a stream stores it once, whoever said it.
     fn lost(&self, key: &str, value: &[u8]) -> Option<Outgoing> {
         let events = self.events.as_ref()?;
-        let mut parts = key.split('.');
-        let (Some("conn"), Some(token), Some(id)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return None;
-        };
-        let id: u64 = id.parse().ok()?;
+        let (token, id) = keys::conn_of(key)?;
         let entry: ConnEntry = serde_json::from_slice(value).ok()?;
         // The name goes into the event's message-id header: one read from the bucket is
         // taken only if it is a relay name.

@@ -137,26 +137,14 @@ impl Registry {
             return;
         };
         self.settle_unsettled(&entry, id, &self.name).await;
-        self.say(&lifecycle(
-            &entry,
-            id,
-            &self.name,
-            EventType::Disconnected,
-            now_ms(),
-        ));
-        self.delete(keys::conn_key(&self.relay, id));
+        self.say_ended(id, &entry);
     }
 
     /// Settles the unsettled connection entries among a dead relay's (or a previous run's)
     /// `entries`, before their `Disconnected` is said.
     pub(super) async fn settle_leftovers(&self, entries: &[(String, bytes::Bytes)]) {
         for (key, value) in entries {
-            let mut parts = key.split('.');
-            let (Some("conn"), Some(token), Some(Ok(id))) = (
-                parts.next(),
-                parts.next(),
-                parts.next().map(str::parse::<u64>),
-            ) else {
+            let Some((token, id)) = keys::conn_of(key) else {
                 continue;
             };
             let Ok(entry) = serde_json::from_slice::<ConnEntry>(value) else {

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod control;
 pub mod drain;
+pub mod follow;
 pub mod process;
 pub mod reload;
 pub mod revocations;

@@ -5,18 +5,11 @@
 //! relay started after a revocation refuses the token too.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
-
-use futures::StreamExt;
 
 use crate::access::revoked::Revocation;
 use crate::conn::close::Cause;
 use crate::registry::keys::REVOKED_FILTER;
 use crate::state::Relay;
-
-/// Pause before the watch starts again after an error.
-const RETRY: Duration = Duration::from_secs(2);
 
 /// Closes this relay's connections whose token `r` covers; returns how many (those already
 /// closing for another cause are neither closed again nor counted).
@@ -33,52 +26,23 @@ pub fn close_covered(relay: &Relay, r: &Revocation) -> usize {
     n
 }
 
-/// Watches the revocations until the relay stops; nothing without `control` (revocations
-/// are written through it) or a registry.
+/// Watches the revocations until the relay stops (`super::follow`).
 pub async fn watch(relay: Arc<Relay>) {
-    if relay.settings().config.control.is_none() {
-        return;
-    }
-    let Some(registry) = relay.registry.clone() else {
-        return;
-    };
-    loop {
-        let watched = async {
-            let (pending, mut changes) = registry.watch(REVOKED_FILTER).await?;
-            let mut read = 0u64;
-            if pending == 0 {
-                relay.revocations_read.store(true, Ordering::SeqCst);
+    let read = &relay.revocations_read;
+    super::follow::follow(&relay, REVOKED_FILTER, read, "revocations", |key, value| {
+        let r = value.and_then(|v| serde_json::from_slice::<Revocation>(&v).ok());
+        if let Some(r) = &r {
+            let closed = close_covered(&relay, r);
+            if closed > 0 {
+                tracing::info!(closed, "revoked tokens: connections closed");
             }
-            while let Some(change) = changes.next().await {
-                let (key, value) = change?;
-                let r = value.and_then(|v| serde_json::from_slice::<Revocation>(&v).ok());
-                if let Some(r) = &r {
-                    let closed = close_covered(&relay, r);
-                    if closed > 0 {
-                        tracing::info!(closed, "revoked tokens: connections closed");
-                    }
-                }
-                relay.revoked.set(&key, r);
-                relay
-                    .metrics
-                    .revocations
-                    .set(i64::try_from(relay.revoked.len()).unwrap_or(i64::MAX));
-                read += 1;
-                if read >= pending {
-                    relay.revocations_read.store(true, Ordering::SeqCst);
-                }
-            }
-            Ok::<(), crate::registry::RegistryError>(())
-        };
-        tokio::select! {
-            () = relay.shutdown.cancelled() => return,
-            r = watched => if let Err(e) = r {
-                tracing::debug!(error = %e, "revocation watch ended; starting again");
-            },
         }
-        tokio::select! {
-            () = relay.shutdown.cancelled() => return,
-            () = tokio::time::sleep(RETRY) => {}
-        }
-    }
+        relay.revoked.set(&key, r);
+        relay
+            .metrics
+            .revocations
+            .set(i64::try_from(relay.revoked.len()).unwrap_or(i64::MAX));
+        std::future::ready(())
+    })
+    .await;
 }

@@ -7,10 +7,7 @@
 //! present at the start were read, so a relay started after a command applies it too.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use futures::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::Conn;
@@ -25,9 +22,6 @@ pub const MAX_PER_SUB: usize = 64;
 
 /// The `reason` of the `unsubscribed` notice the backend's `unsubscribe` sends.
 pub const REASON: &str = "server";
-
-/// Pause before the watch starts again after an error.
-const RETRY: Duration = Duration::from_secs(2);
 
 /// This relay's live connections that `s` covers (not those closing already).
 fn covered(relay: &Relay, s: &ServerSub) -> Vec<Arc<Conn>> {
@@ -75,26 +69,18 @@ pub fn unsubscribe_live(relay: &Relay, s: &ServerSub) -> usize {
     ended
 }
 
-/// Watches the server-side subscriptions until the relay stops; nothing without `control`
-/// (they are written through it) or a registry.
+/// Watches the server-side subscriptions until the relay stops (`super::follow`).
 pub async fn watch(relay: Arc<Relay>) {
-    if relay.settings().config.control.is_none() {
-        return;
-    }
-    let Some(registry) = relay.registry.clone() else {
-        return;
-    };
-    loop {
-        let watched = async {
-            let (pending, mut changes) = registry.watch(SERVER_SUB_FILTER).await?;
-            let mut read = 0u64;
-            if pending == 0 {
-                relay.server_subs_read.store(true, Ordering::SeqCst);
-            }
-            while let Some(change) = changes.next().await {
-                let (key, value) = change?;
-                let value = value.and_then(|v| serde_json::from_slice::<ServerSub>(&v).ok());
-                match value {
+    let read = &relay.server_subs_read;
+    super::follow::follow(
+        &relay,
+        SERVER_SUB_FILTER,
+        read,
+        "server-side subscriptions",
+        |key, value| {
+            let relay = relay.clone();
+            async move {
+                match value.and_then(|v| serde_json::from_slice::<ServerSub>(&v).ok()) {
                     Some(s) => {
                         relay.server_subs.set(&key, Some(s.clone()));
                         subscribe_live(&relay, &s).await;
@@ -105,22 +91,8 @@ pub async fn watch(relay: Arc<Relay>) {
                         }
                     }
                 }
-                read += 1;
-                if read >= pending {
-                    relay.server_subs_read.store(true, Ordering::SeqCst);
-                }
             }
-            Ok::<(), crate::registry::RegistryError>(())
-        };
-        tokio::select! {
-            () = relay.shutdown.cancelled() => return,
-            r = watched => if let Err(e) = r {
-                tracing::debug!(error = %e, "server-side subscription watch ended; starting again");
-            },
-        }
-        tokio::select! {
-            () = relay.shutdown.cancelled() => return,
-            () = tokio::time::sleep(RETRY) => {}
-        }
-    }
+        },
+    )
+    .await;
 }
