@@ -57,6 +57,18 @@ struct Held {
     by_server: bool,
 }
 
+impl Held {
+    /// A new subscription to `key`, the client's own or (`by_server`) the backend's.
+    fn new(key: &str, by_server: bool) -> Self {
+        Self {
+            key: key.to_owned(),
+            token_expires_at: None,
+            attached: Vec::new(),
+            by_server,
+        }
+    }
+}
+
 /// Something that lives as long as a subscription (a presence membership): dropped with it,
 /// whichever of the many ways the subscription ends (unsubscribe, close, expiry, a reload,
 /// a refusal, NATS), so none of them can forget it. Dropped under the subscription map's
@@ -154,15 +166,7 @@ impl Conn {
         if subs.len() >= max {
             return Err(AddError::TooMany);
         }
-        subs.insert(
-            channel.to_owned(),
-            Held {
-                key: key.to_owned(),
-                token_expires_at: None,
-                attached: Vec::new(),
-                by_server: false,
-            },
-        );
+        subs.insert(channel.to_owned(), Held::new(key, false));
         Ok(())
     }
 
@@ -191,15 +195,7 @@ impl Conn {
         if subs.len() >= max {
             return Err(AddError::TooMany);
         }
-        subs.insert(
-            channel.to_owned(),
-            Held {
-                key: key.to_owned(),
-                token_expires_at: None,
-                attached: Vec::new(),
-                by_server: true,
-            },
-        );
+        subs.insert(channel.to_owned(), Held::new(key, true));
         Ok(ServerAdd::New)
     }
 
