@@ -398,6 +398,8 @@ async fn the_documented_nats_permissions_are_enough_and_refuse_the_rest() {
         .await
         .unwrap();
     let mut plain = reader.subscribe(format!("{EVENTS}.*")).await.unwrap();
+    // The subscription in place at the server before the first event is published.
+    reader.flush().await.unwrap();
     let as_user = |user: &str| format!("nats://{user}:{user}-secret@127.0.0.1:{}", nats.port);
     let mut consumer = Consumer::start(&as_user("reader"), "reader");
 
