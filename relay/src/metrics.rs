@@ -91,6 +91,7 @@ pub struct NatsError {
 pub const REFUSAL_REASONS: &[&str] = &[
     "not_websocket",
     "draining",
+    "rebalancing",
     "per_ip",
     "max_connections",
     "accept_rate",
@@ -118,6 +119,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "token_expired",
     "too_big",
     "drain",
+    "rebalance",
     "idle",
     "slow_consumer",
     "flood",
@@ -229,6 +231,10 @@ pub struct Metrics {
     pub draining: Gauge,
     /// `wsrelay_drain_started_timestamp_seconds`: Unix time the drain began (0 before).
     pub drain_started: Gauge,
+    /// `wsrelay_rebalancing`: 1 while a rebalancing round sheds connections.
+    pub rebalancing: Gauge,
+    /// `wsrelay_rebalance_moved_total`: connections closed at their rebalancing turn.
+    pub rebalance_moved: Counter,
     /// `wsrelay_drain_grace_period_seconds`: `drain.gracePeriodSeconds` of the config in
     /// force, so an alert can compare a drain's age with it.
     pub drain_grace: Gauge,
@@ -341,6 +347,8 @@ impl Metrics {
             delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             draining: Gauge::default(),
             drain_started: Gauge::default(),
+            rebalancing: Gauge::default(),
+            rebalance_moved: Counter::default(),
             drain_grace: Gauge::default(),
             reloads: Family::default(),
             history_streams_ready: Gauge::default(),
@@ -474,6 +482,16 @@ impl Metrics {
             m.delivery_latency.clone(),
         );
         r.register("draining", "1 while the relay drains", m.draining.clone());
+        r.register(
+            "rebalancing",
+            "1 while a rebalancing round sheds connections",
+            m.rebalancing.clone(),
+        );
+        r.register(
+            "rebalance_moved",
+            "Connections closed at their rebalancing turn (to reconnect to another relay)",
+            m.rebalance_moved.clone(),
+        );
         r.register(
             "drain_started_timestamp_seconds",
             "Unix time the drain began, 0 before",
@@ -717,6 +735,8 @@ mod tests {
             "wsrelay_delivery_latency_seconds_bucket",
             "wsrelay_draining",
             "wsrelay_drain_started_timestamp_seconds",
+            "wsrelay_rebalancing",
+            "wsrelay_rebalance_moved_total",
             "wsrelay_drain_grace_period_seconds",
             "wsrelay_nats_connected",
             "wsrelay_queued_bytes",

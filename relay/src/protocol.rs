@@ -785,10 +785,32 @@ pub fn ok_as_server_subscribed(ok: &str, channel: &str) -> String {
     out
 }
 
-/// `{"type":"drain","reconnectAfterMs":..}`: the relay is shutting down; it closes this
-/// connection with 1012 after `reconnectAfterMs`; reconnect then (to another relay).
-pub fn encode_drain(reconnect_after_ms: u64) -> String {
-    format!("{{\"type\":\"drain\",\"reconnectAfterMs\":{reconnect_after_ms}}}")
+/// Why a relay tells a connection to reconnect elsewhere (the `drain` frame's `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainReason {
+    /// The relay is shutting down (SIGTERM: a rollout, a scale-down).
+    Shutdown,
+    /// The relay holds more than its share of the fleet's connections (rebalancing).
+    Rebalance,
+}
+
+impl DrainReason {
+    /// The `reason` text.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shutdown",
+            Self::Rebalance => "rebalance",
+        }
+    }
+}
+
+/// `{"type":"drain","reconnectAfterMs":..,"reason":..}`: the relay closes this connection
+/// with 1012 after `reconnectAfterMs`; reconnect then (to another relay).
+pub fn encode_drain(reconnect_after_ms: u64, reason: DrainReason) -> String {
+    format!(
+        "{{\"type\":\"drain\",\"reconnectAfterMs\":{reconnect_after_ms},\"reason\":\"{}\"}}",
+        reason.as_str()
+    )
 }
 
 #[cfg(test)]
@@ -1220,8 +1242,12 @@ mod tests {
         );
         assert_eq!(v(&encode_pong(None)), json!({"type":"pong","id":null}));
         assert_eq!(
-            v(&encode_drain(1500)),
-            json!({"type":"drain","reconnectAfterMs":1500})
+            v(&encode_drain(1500, DrainReason::Shutdown)),
+            json!({"type":"drain","reconnectAfterMs":1500,"reason":"shutdown"})
+        );
+        assert_eq!(
+            v(&encode_drain(0, DrainReason::Rebalance)),
+            json!({"type":"drain","reconnectAfterMs":0,"reason":"rebalance"})
         );
         assert_eq!(
             v(&encode_dropped("a\"b", 3)),

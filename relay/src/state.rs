@@ -73,6 +73,9 @@ pub struct Relay {
     pub nats_connected: Arc<AtomicBool>,
     /// True from SIGTERM on.
     pub draining: AtomicBool,
+    /// True while a rebalancing round sheds connections (`runtime::rebalance`): not ready,
+    /// new connections refused, the open ones served.
+    pub shedding: AtomicBool,
     /// Cancelled when the NATS client stopped for good (`crate::nats::supervise`).
     pub nats_failed: CancellationToken,
     /// Bytes queued on all connections (`limits.maxQueuedBytes`).
@@ -147,6 +150,7 @@ impl Relay {
             metrics,
             nats_connected,
             draining: AtomicBool::new(false),
+            shedding: AtomicBool::new(false),
             nats_failed: CancellationToken::new(),
             queue_budget,
             tracker: TaskTracker::new(),
@@ -226,6 +230,11 @@ impl Relay {
     /// Whether the relay is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether a rebalancing round is shedding this relay's connections.
+    pub fn is_shedding(&self) -> bool {
+        self.shedding.load(Ordering::SeqCst)
     }
 
     /// Registers a new connection; `resumes`: the connection it resumes, checked by

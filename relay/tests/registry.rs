@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -52,29 +51,6 @@ async fn keys_until(nats: &Nats, within: Duration, ok: impl Fn(&[String]) -> boo
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// HTTP POST on the admin port; (status, body).
-async fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(40), s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text[9..12].parse().unwrap();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
 }
 
 /// The relay binary `name`, with the registry, from a config file; its bucket in place.
@@ -233,12 +209,12 @@ async fn forget_purges_a_dead_relay_at_once_and_refuses_bad_names() {
         ("/registry/forget?relay=a%3Eb", 400),
         ("/registry/forget?relay=relay-a", 409),
     ] {
-        assert_eq!(http_post(a.admin(), path).await.0, status, "{path}");
+        assert_eq!(http_post(a.admin(), path, "").await.0, status, "{path}");
     }
     assert_eq!(keys(&nats).await, k, "a refused forget deletes nothing");
 
     let started = Instant::now();
-    let (status, body) = http_post(a.admin(), "/registry/forget?relay=relay-b").await;
+    let (status, body) = http_post(a.admin(), "/registry/forget?relay=relay-b", "").await;
     let took = started.elapsed();
     assert_eq!((status, body.as_str()), (200, r#"{"deleted":3}"#));
     // Acknowledged before the answer: gone at once.
@@ -254,7 +230,7 @@ async fn forget_purges_a_dead_relay_at_once_and_refuses_bad_names() {
     );
     // Idempotent: nothing left to delete.
     assert_eq!(
-        http_post(a.admin(), "/registry/forget?relay=relay-b").await,
+        http_post(a.admin(), "/registry/forget?relay=relay-b", "").await,
         (200, r#"{"deleted":1}"#.to_owned())
     );
 }
@@ -267,7 +243,7 @@ async fn without_a_registry_section_there_is_no_bucket_and_no_endpoint() {
     let _c = a.connect("").await;
     assert_eq!(a.metric("wsrelay_registry_ready").await, Some(0.0));
     assert_eq!(
-        http_post(a.admin(), "/registry/forget?relay=x").await.0,
+        http_post(a.admin(), "/registry/forget?relay=x", "").await.0,
         404
     );
     let client = async_nats::connect(nats.url()).await.unwrap();

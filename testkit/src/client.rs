@@ -376,6 +376,9 @@ pub enum Frame {
     #[serde(rename_all = "camelCase")]
     Drain {
         reconnect_after_ms: u64,
+        /// `shutdown` or `rebalance`.
+        #[serde(default)]
+        reason: Option<String>,
     },
 }
 
@@ -706,11 +709,15 @@ mod tests {
                 ..
             }
         ));
-        let f: Frame = serde_json::from_str(r#"{"type":"drain","reconnectAfterMs":3712}"#).unwrap();
+        let f: Frame = serde_json::from_str(
+            r#"{"type":"drain","reconnectAfterMs":3712,"reason":"rebalance"}"#,
+        )
+        .unwrap();
         assert_eq!(
             f,
             Frame::Drain {
-                reconnect_after_ms: 3712
+                reconnect_after_ms: 3712,
+                reason: Some("rebalance".into())
             }
         );
         let f: Frame =

@@ -125,7 +125,9 @@ pub mod prelude {
         drain_messages, expect_messages, messages_then_quiet, next_event, next_json, request, send,
         subscribe,
     };
-    pub use crate::http::{eventually, http_get, metric, raw_frames, raw_upgrade, raw_ws};
+    pub use crate::http::{
+        eventually, http_get, http_post, metric, raw_frames, raw_upgrade, raw_ws,
+    };
     pub use crate::nats::{Nats, StoreDir, free_port, jetstream_nats, nats_server_bin};
     pub use crate::relay::{
         Builder as RelayBuilder, RelayProcess, TestRelay, base_config, binding, registry,

@@ -189,8 +189,11 @@ export interface ClientEvents {
   connected: ConnectedContext;
   disconnected: DisconnectedContext;
   error: { kind: ErrorKind; error: WsrelayError };
-  /** The relay is draining: it closes this connection with 1012 in `reconnectAfterMs`; the client reconnects then. */
-  drain: { reconnectAfterMs: number };
+  /**
+   * The relay closes this connection with 1012 in `reconnectAfterMs` (it is shutting down, or, with
+   * `reason: "rebalance"`, moving some clients to less loaded relays); the client reconnects then.
+   */
+  drain: { reconnectAfterMs: number; reason: string };
   /** A new token is in use. `inBand`: applied to the open connection by a `refresh` frame. */
   token: { inBand: boolean; expiresAt?: number };
   /** The relay dropped messages for this connection (slow consumer); `channel` when the relay names it. */
@@ -965,7 +968,7 @@ export class Client extends Emitter<ClientEvents> implements SubscriptionOwner {
         return;
       case "drain":
         this.drainAt = this.clock.now() + Math.max(0, f.reconnectAfterMs);
-        this.emit("drain", { reconnectAfterMs: f.reconnectAfterMs });
+        this.emit("drain", { reconnectAfterMs: f.reconnectAfterMs, reason: f.reason ?? "shutdown" });
         return;
       case "join":
       case "leave":

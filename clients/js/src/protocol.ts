@@ -121,6 +121,8 @@ export interface SubscribedFrame {
 export interface DrainFrame {
   type: "drain";
   reconnectAfterMs: number;
+  /** "shutdown" (the relay stops) or "rebalance" (it holds more than its share); absent from relays before 2026-12. */
+  reason?: string;
 }
 
 export type ServerFrame =

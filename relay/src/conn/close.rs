@@ -52,6 +52,9 @@ pub enum Cause {
     SlowConsumer,
     /// The drain reached this connection's turn: 1012 after the queue (the `drain` notice).
     Drain,
+    /// A rebalancing round reached this connection's turn: 1012 as for a drain (clients
+    /// reconnect the same way), after the queue (the `drain` notice with its reason).
+    Rebalance,
     /// The connection's own task panicked (a bug, caught at the task boundary): 1011, queue
     /// discarded.
     Internal,
@@ -94,6 +97,7 @@ impl Cause {
                 "slow_consumer",
             ),
             Self::Drain => Row(close::RESTART, "service restart", true, "drain"),
+            Self::Rebalance => Row(close::RESTART, "rebalancing", true, "rebalance"),
             Self::Internal => Row(close::INTERNAL, "internal error", false, "internal_error"),
             Self::Disconnect => Row(close::DISCONNECT, "disconnected", true, "disconnect"),
             Self::Revoked => Row(close::REVOKED, "token revoked", true, "revoked"),
@@ -173,6 +177,7 @@ mod tests {
             Cause::Flood,
             Cause::SlowConsumer,
             Cause::Drain,
+            Cause::Rebalance,
             Cause::Internal,
             Cause::Disconnect,
             Cause::DisconnectFinal,
@@ -190,10 +195,16 @@ mod tests {
                 e.label()
             );
         }
-        // Codes are distinct: a client tells the causes apart by code alone.
-        let mut codes: Vec<u16> = causes.iter().map(|c| c.code()).collect();
+        // Codes are distinct, so a client tells the causes apart by code alone; but a
+        // rebalancing turn is a drain's 1012 on purpose: a client reconnects the same way.
+        let mut codes: Vec<u16> = causes
+            .iter()
+            .filter(|c| **c != Cause::Rebalance)
+            .map(|c| c.code())
+            .collect();
         codes.sort_unstable();
         codes.dedup();
-        assert_eq!(codes.len(), causes.len());
+        assert_eq!(codes.len(), causes.len() - 1);
+        assert_eq!(Cause::Rebalance.code(), Cause::Drain.code());
     }
 }

@@ -157,6 +157,11 @@ impl Conn {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The keys (NATS subjects) of its subscriptions.
+    pub fn keys(&self) -> Vec<String> {
+        self.subs().values().map(|h| h.key.clone()).collect()
+    }
+
     /// Records a subscription to `key` as `channel`, at most `max` of them.
     pub fn add_subscription(&self, channel: &str, key: &str, max: usize) -> Result<(), AddError> {
         let mut subs = self.subs();

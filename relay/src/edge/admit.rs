@@ -60,6 +60,9 @@ pub enum Refusal {
     /// The relay is draining.
     #[error("draining")]
     Draining,
+    /// A rebalancing round sheds this relay's connections: new ones go to another relay.
+    #[error("rebalancing")]
+    Rebalancing,
     /// `limits.maxConnectionsPerIp` reached for the client's address.
     #[error("too many connections from {0}")]
     PerIp(IpAddr),
@@ -100,9 +103,11 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotWebsocket | Self::Subprotocol | Self::BadResume => StatusCode::BAD_REQUEST,
-            Self::Draining | Self::MaxConnections | Self::AcceptRate | Self::ConnectUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Draining
+            | Self::Rebalancing
+            | Self::MaxConnections
+            | Self::AcceptRate
+            | Self::ConnectUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ConnectDenied => StatusCode::FORBIDDEN,
             Self::Revoked => StatusCode::UNAUTHORIZED,
             Self::PerIp(_) | Self::PerSubject | Self::PerSubjectFleet => {
@@ -117,6 +122,7 @@ impl Refusal {
         match self {
             Self::NotWebsocket => "not_websocket",
             Self::Draining => "draining",
+            Self::Rebalancing => "rebalancing",
             Self::PerIp(_) => "per_ip",
             Self::MaxConnections => "max_connections",
             Self::AcceptRate => "accept_rate",
@@ -136,7 +142,7 @@ impl Refusal {
         match self {
             // A token comes back within a second at any rate (the rate is at least 1/s); a
             // crowd that retries then is spread by the clients' jitter (docs/client.md).
-            Self::Draining | Self::AcceptRate => Some(1),
+            Self::Draining | Self::Rebalancing | Self::AcceptRate => Some(1),
             Self::PerIp(_)
             | Self::MaxConnections
             | Self::PerSubject
@@ -168,6 +174,7 @@ impl Refusal {
             "origin" => "origin not allowed",
             "keys_unavailable" => "signing keys unavailable, retry later",
             "draining" => "relay draining, retry later",
+            "rebalancing" => "relay rebalancing, retry later",
             "max_connections" => "relay at capacity, retry later",
             "accept_rate" => "too many new connections, retry later",
             "per_ip" => "too many connections from this address",
@@ -237,6 +244,9 @@ pub async fn admit(
 ) -> Result<Admitted, Refusal> {
     if relay.is_draining() {
         return Err(Refusal::Draining);
+    }
+    if relay.is_shedding() {
+        return Err(Refusal::Rebalancing);
     }
     let resume = resume_param(req.query)?;
     let settings = relay.settings();

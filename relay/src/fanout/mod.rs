@@ -164,6 +164,14 @@ impl Hub {
         lock(&self.subjects).len()
     }
 
+    /// Whether `key` is a resumable channel's subscription here: a client that leaves it
+    /// resumes it elsewhere without a loss. False for a key not (or no longer) subscribed.
+    pub fn is_resumable(&self, key: &str) -> bool {
+        lock(&self.subjects)
+            .get(key)
+            .is_some_and(|e| e.resumable.is_some())
+    }
+
     /// Subscribes `conn` to `target` as `channel` and queues the `ok` (for a resumable
     /// channel with its epoch and position, then the replay `since` asked for). Returns once
     /// the NATS subscription is confirmed by a round trip through the server, so a message

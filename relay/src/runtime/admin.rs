@@ -1,5 +1,7 @@
-//! The admin listener: `/live`, `/ready`, `/metrics`, and `POST /registry/forget?relay=<name>`
-//! (deletes a dead relay's registry entries; the operator calls it when it sees a pod gone).
+//! The admin listener: `/live`, `/ready`, `/metrics`, `POST /registry/forget?relay=<name>`
+//! (deletes a dead relay's registry entries; the operator calls it when it sees a pod gone)
+//! and `POST /rebalance` (sheds connections; the operator's rebalancer calls it,
+//! `runtime::rebalance`).
 
 use std::sync::Arc;
 
@@ -19,12 +21,16 @@ pub fn router(relay: Arc<Relay>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/registry/forget", post(forget))
+        .route("/rebalance", post(rebalance))
         .with_state(relay)
 }
 
 async fn ready(State(relay): State<Arc<Relay>>) -> impl IntoResponse {
     if relay.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if relay.is_shedding() {
+        // Out of the Service's endpoints, so the connections it sheds land elsewhere.
+        (StatusCode::SERVICE_UNAVAILABLE, "rebalancing")
     } else if relay.nats_failed.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "NATS client failed")
     } else if relay.registry.as_ref().is_some_and(|r| !r.was_in_place()) {
@@ -97,6 +103,37 @@ async fn forget(
             tracing::warn!(relay = %name, error = %e, "registry: forget failed");
             (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
+    }
+}
+
+/// Starts a rebalancing round: 200 with what it will move, 409 when one is under way or the
+/// relay drains, 400 for a body that is not an [`Ask`](super::rebalance::Ask).
+async fn rebalance(State(relay): State<Arc<Relay>>, body: axum::body::Bytes) -> impl IntoResponse {
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    let ask: super::rebalance::Ask = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            let error = format!(
+                "body: {{\"shed\": <count>, \"windowMs\": <ms>, \"includePlainChannels\": <bool>}} expected ({e})"
+            );
+            return (
+                StatusCode::BAD_REQUEST,
+                json,
+                serde_json::json!({ "error": error }).to_string(),
+            );
+        }
+    };
+    match super::rebalance::start(&relay, &ask) {
+        Ok(round) => (
+            StatusCode::OK,
+            json,
+            serde_json::to_string(&round).unwrap_or_default(),
+        ),
+        Err(e) => (
+            StatusCode::CONFLICT,
+            json,
+            serde_json::json!({ "error": e.to_string() }).to_string(),
+        ),
     }
 }
 

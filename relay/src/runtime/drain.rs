@@ -74,7 +74,8 @@ pub async fn drain(relay: &Arc<Relay>, grace: Duration) {
     );
     for (conn, turn) in conns.iter().zip(&turns) {
         conn.outbox.push_reply(Message::text(protocol::encode_drain(
-            turn.as_millis() as u64
+            turn.as_millis() as u64,
+            protocol::DrainReason::Shutdown,
         )));
     }
     let restart = Cause::Drain;
@@ -85,8 +86,10 @@ pub async fn drain(relay: &Arc<Relay>, grace: Duration) {
     // Anything that got through the upgrade while the snapshot was taken.
     for conn in relay.connections() {
         if !conn.outbox.is_closing() {
-            conn.outbox
-                .push_reply(Message::text(protocol::encode_drain(0)));
+            conn.outbox.push_reply(Message::text(protocol::encode_drain(
+                0,
+                protocol::DrainReason::Shutdown,
+            )));
             conn.outbox.close(restart);
         }
     }

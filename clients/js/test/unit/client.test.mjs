@@ -204,7 +204,7 @@ test("drain: reconnect at the relay's turn (1012), never before it", async () =>
   const t = setup({ random: () => 0.5 });
   const ws = await connected(t);
   ws.push({ type: "drain", reconnectAfterMs: 3000 });
-  assert.deepEqual(t.named("drain").map((e) => e.reconnectAfterMs), [3000]);
+  assert.deepEqual(t.named("drain").map((e) => [e.reconnectAfterMs, e.reason]), [[3000, "shutdown"]]);
   await t.clock.advance(3000);
   ws.serverClose(1012, "service restart");
   const d = t.named("disconnected").at(-1);
@@ -230,6 +230,21 @@ test("drain: a connection lost before its turn still waits for the turn", async 
   assert.equal(t.sockets().length, n, "not before the turn");
   await t.clock.advance(1);
   assert.equal(t.sockets().length, n + 1);
+});
+
+test("drain for a rebalance: the reason reaches the app, and the client reconnects (and resumes) at its turn", async () => {
+  const t = setup({ random: () => 0 });
+  const ws = await connected(t, { connection: "relay-0/5" });
+  ws.push({ type: "drain", reconnectAfterMs: 2000, reason: "rebalance" });
+  assert.deepEqual(t.named("drain").map((e) => [e.reconnectAfterMs, e.reason]), [[2000, "rebalance"]]);
+  await t.clock.advance(2000);
+  ws.serverClose(1012, "rebalancing");
+  const d = t.named("disconnected").at(-1);
+  assert.equal(d.code, 1012);
+  const n = t.sockets().length;
+  await t.clock.advance(d.delayMs);
+  assert.equal(t.sockets().length, n + 1);
+  assert.equal(t.last().url, "ws://relay.test/ws?resume=relay-0%2F5", "names the connection it had");
 });
 
 test("1008 (token expired): getToken is called again before reconnecting", async () => {
