@@ -197,6 +197,8 @@ pub struct Record {
     /// Subscriptions that reached `ok` after the first.
     pub resubscribes: u64,
     pub drains: u64,
+    /// `drain` notices with reason `rebalance`: the relay moved the client to another.
+    pub moves: u64,
     /// Connections that ended without a drain notice.
     pub closes: u64,
     /// `unsubscribed` with reason `unavailable`.
@@ -257,6 +259,7 @@ pub struct Counters {
     pub not_recovered: u64,
     pub resubscribes: u64,
     pub drains: u64,
+    pub moves: u64,
     pub closes: u64,
     pub unavailable: u64,
     pub failed_attempts: u64,
@@ -272,6 +275,7 @@ impl Counters {
         self.not_recovered += o.not_recovered;
         self.resubscribes += o.resubscribes;
         self.drains += o.drains;
+        self.moves += o.moves;
         self.closes += o.closes;
         self.unavailable += o.unavailable;
         self.failed_attempts += o.failed_attempts;
@@ -354,6 +358,7 @@ impl ResumableClient {
             not_recovered: r.not_recovered - taken.not_recovered,
             resubscribes: r.resubscribes - taken.resubscribes,
             drains: r.drains - taken.drains,
+            moves: r.moves - taken.moves,
             closes: r.closes - taken.closes,
             unavailable: r.unavailable - taken.unavailable,
             failed_attempts: r.failed_attempts - taken.failed_attempts,
@@ -368,6 +373,7 @@ impl ResumableClient {
             not_recovered: r.not_recovered,
             resubscribes: r.resubscribes,
             drains: r.drains,
+            moves: r.moves,
             closes: r.closes,
             unavailable: r.unavailable,
             failed_attempts: r.failed_attempts,
@@ -613,6 +619,8 @@ async fn serve(
     // A subscribe in flight on this connection (after `unavailable` or a refusal).
     let mut pending: Option<u64> = None;
     let mut refused = 0u32;
+    // Told to move (a rebalancing `drain`): the close that follows ends a drain.
+    let mut moving = false;
     loop {
         let frame = tokio::select! {
             _ = stop.cancelled() => return End::Stop,
@@ -621,6 +629,7 @@ async fn serve(
         let text = match frame {
             Err(_) => return End::Closed(format!("nothing read for {READ_TIMEOUT:?}")),
             Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(Message::Close(_)))) if moving => return End::Drain,
             Ok(Some(Ok(Message::Close(c)))) => return End::Closed(format!("close {c:?}")),
             Ok(Some(Err(e))) => return End::Closed(format!("{e}")),
             Ok(None) => return End::Closed("end of stream".into()),
@@ -633,6 +642,12 @@ async fn serve(
             Some("message") if v["channel"] == target.channel.as_str() => {
                 let mut r = lock();
                 on_message(&mut r, &v);
+            }
+            Some("drain") if v["reason"] == "rebalance" => {
+                // As the SDK does: stay until the relay closes at the turn (the turns pace the
+                // moves), then resume elsewhere.
+                lock().moves += 1;
+                moving = true;
             }
             Some("drain") => {
                 // Leave at once and resume elsewhere: with positions nothing is lost.

@@ -6,7 +6,11 @@
 //! (a) a rolling update (a relay config change),
 //! (b) a relay pod deleted with grace period 0 (`kubectl delete --grace-period=0 --force`),
 //! (c) the relay process of a pod killed with SIGKILL (found from this machine's pid
-//!     namespace by its container's cgroup; kubelet restarts the container).
+//!     namespace by its container's cgroup; kubelet restarts the container);
+//! (d) rebalancing (issue 28): 400 more clients (600 on 2 pods), then 4 replicas and
+//!     `spec.rebalance` on: within `stableSeconds` + `overSeconds` + 30 s of the new pods'
+//!     readiness every pod holds the mean within the tolerance, no client moved twice;
+//! (e) the busiest of the 4 relays SIGKILLed: the fleet returns to balance on its own.
 //!
 //! Each client checks the position chain of every message (`seq` above the last, `prev` equal
 //! to it). After each case, once every client has caught up with the stream, the test compares
@@ -44,6 +48,13 @@ const GATEWAY: &str = "chaos";
 const HMAC_KEY: &str = "e2e-chaos-hmac-key-of-at-least-32-bytes!!";
 const REPLICAS: i32 = 2;
 const CLIENTS: usize = 200;
+/// Case (d): clients in all, and relay pods after the scale-up.
+const SCALED_CLIENTS: usize = 600;
+const SCALED_REPLICAS: i32 = 4;
+/// The gateway's `spec.rebalance` from case (d) on.
+const TOLERANCE_PERCENT: u32 = 25;
+const STABLE_SECONDS: u32 = 10;
+const OVER_SECONDS: u32 = 20;
 const CHANNELS: usize = 5;
 /// Messages a second in all, round-robin over the channels.
 const PUBLISH_RATE: u64 = 50;
@@ -120,7 +131,7 @@ async fn scenario(client: &Client, ns: &str) -> Result<()> {
     // --- 200 clients through the Service ---
     let t1 = Instant::now();
     let channels: Vec<String> = feeds.iter().map(|f| f.channel.clone()).collect();
-    let clients = resumable::open_clients(
+    let mut clients = resumable::open_clients(
         &url,
         &channels,
         CLIENTS,
@@ -219,39 +230,75 @@ async fn scenario(client: &Client, ns: &str) -> Result<()> {
 
     // --- (c) the relay process of a pod killed with SIGKILL ---
     let from = published.heads();
-    let victim = busiest_pod(client, ns, "(c)").await?;
-    let restarts = restart_count(&victim);
-    let container = gateway::container_id(&victim)?;
-    let pid = gateway::host_pid_of(&container, "wsrelay")?;
-    let t = Instant::now();
-    let mut kill = std::process::Command::new("kill");
-    kill.args(["-KILL", &pid.to_string()]);
-    wsrelay_e2e::tools::run(kill).context("SIGKILL to the relay process")?;
-    let pods = Api::<Pod>::namespaced(client.clone(), ns);
-    let victim_name = victim.name_any();
-    eventually(
-        "the killed relay's container to restart and be Ready",
-        || async {
-            let p = pods.get(&victim_name).await?;
-            let ready = p
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            Ok((restart_count(&p) > restarts && ready).then_some(()))
-        },
-    )
-    .await?;
-    gateway::wait_endpoints_ready(client, ns, GATEWAY, REPLICAS as usize).await?;
-    eprintln!(
-        "(c) relay process {pid} of pod {victim_name} killed with SIGKILL: container restarted and Ready after {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
+    sigkill_busiest(client, ns, "(c)", REPLICAS).await?;
     tokio::time::sleep(SETTLE).await;
     results.push((
         "(c) relay SIGKILL",
         finish_case("(c) relay SIGKILL", &clients, &published, &from).await,
     ));
+
+    // --- (d) rebalancing after a scale-up: 600 clients on 2 pods, then 4 pods ---
+    let more = resumable::open_clients(
+        &url,
+        &channels,
+        SCALED_CLIENTS - CLIENTS,
+        |i| hs256_token(HMAC_KEY, &format!("client{}", CLIENTS + i)),
+        &published,
+        16,
+    )
+    .await?;
+    clients.extend(more);
+    let from = published.heads();
+    let moved_before = moves(&clients);
+    counts(client, ns, "(d) before the scale-up").await?;
+    let t = Instant::now();
+    Api::<WebsocketGateway>::namespaced(client.clone(), ns)
+        .patch(
+            GATEWAY,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": {
+                "replicas": SCALED_REPLICAS,
+                "rebalance": {
+                    "enabled": true,
+                    "tolerancePercent": TOLERANCE_PERCENT,
+                    "stableSeconds": STABLE_SECONDS,
+                    "overSeconds": OVER_SECONDS,
+                    "maxMovesPerSecond": 100
+                }
+            } })),
+        )
+        .await?;
+    gateway::wait_available(&deployments, GATEWAY, SCALED_REPLICAS).await?;
+    gateway::wait_endpoints_ready(client, ns, GATEWAY, SCALED_REPLICAS as usize).await?;
+    let scaled = t.elapsed();
+    counts(client, ns, "(d) scaled up").await?;
+    let balanced = wait_balanced(client, ns, SCALED_CLIENTS).await?;
+    eprintln!(
+        "(d) {SCALED_REPLICAS} pods Ready {:.1}s after the scale-up; balanced {:.1}s after that: {balanced}",
+        scaled.as_secs_f64(),
+        (t.elapsed() - scaled).as_secs_f64()
+    );
+    tokio::time::sleep(SETTLE).await;
+    let figures = finish_case("(d) rebalance after scale-up", &clients, &published, &from).await;
+    once_each("(d)", &clients, &moved_before, figures.counters.moves)?;
+    results.push(("(d) rebalance after scale-up", figures));
+
+    // --- (e) a relay SIGKILLed under the same load: back to balance on its own ---
+    let from = published.heads();
+    let moved_before = moves(&clients);
+    let t = Instant::now();
+    sigkill_busiest(client, ns, "(e)", SCALED_REPLICAS).await?;
+    let back = t.elapsed();
+    counts(client, ns, "(e) relay back").await?;
+    let balanced = wait_balanced(client, ns, SCALED_CLIENTS).await?;
+    eprintln!(
+        "(e) balanced {:.1}s after the killed relay was Ready again: {balanced}",
+        (t.elapsed() - back).as_secs_f64()
+    );
+    tokio::time::sleep(SETTLE).await;
+    let figures = finish_case("(e) rebalance after SIGKILL", &clients, &published, &from).await;
+    once_each("(e)", &clients, &moved_before, figures.counters.moves)?;
+    results.push(("(e) rebalance after SIGKILL", figures));
 
     // --- the whole run: every client has everything stored since its first subscribe ---
     stop.cancel();
@@ -270,16 +317,17 @@ async fn scenario(client: &Client, ns: &str) -> Result<()> {
         whole.lost, whole.foreign
     );
     eprintln!(
-        "FIGURE chaos summary (case | clients | messages | lost | duplicated | reconnect-to-caught-up p50 / p99):"
+        "FIGURE chaos summary (case | clients | messages | lost | duplicated | moved | reconnect-to-caught-up p50 / p99):"
     );
     for (name, f) in &results {
         let (p50, p99, _) = resumable::percentiles(&f.counters.catchups);
         eprintln!(
-            "FIGURE | {name} | {} | {} | {} | {} | {:.0} ms / {:.0} ms |",
+            "FIGURE | {name} | {} | {} | {} | {} | {} | {:.0} ms / {:.0} ms |",
             f.clients,
             f.messages,
             f.lost,
             f.counters.duplicates,
+            f.counters.moves,
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3
         );
@@ -389,6 +437,102 @@ async fn serves(addr: SocketAddr) -> bool {
         tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
         Ok(Ok(_))
     )
+}
+
+/// SIGKILLs the relay process of the busiest pod (found in this machine's pid namespace by its
+/// container's cgroup) and waits until kubelet restarted it and `replicas` endpoints are
+/// Ready again.
+async fn sigkill_busiest(client: &Client, ns: &str, case: &str, replicas: i32) -> Result<()> {
+    let victim = busiest_pod(client, ns, case).await?;
+    let restarts = restart_count(&victim);
+    let container = gateway::container_id(&victim)?;
+    let pid = gateway::host_pid_of(&container, "wsrelay")?;
+    let t = Instant::now();
+    let mut kill = std::process::Command::new("kill");
+    kill.args(["-KILL", &pid.to_string()]);
+    wsrelay_e2e::tools::run(kill).context("SIGKILL to the relay process")?;
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let victim_name = victim.name_any();
+    eventually(
+        "the killed relay's container to restart and be Ready",
+        || async {
+            let p = pods.get(&victim_name).await?;
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            Ok((restart_count(&p) > restarts && ready).then_some(()))
+        },
+    )
+    .await?;
+    gateway::wait_endpoints_ready(client, ns, GATEWAY, replicas as usize).await?;
+    eprintln!(
+        "{case} relay process {pid} of pod {victim_name} killed with SIGKILL: container restarted and Ready after {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Prints every Ready relay pod's connections; returns them.
+async fn counts(client: &Client, ns: &str, when: &str) -> Result<Vec<i64>> {
+    let pods = gateway::relay_pods_by_connections(client, ns, GATEWAY).await?;
+    let line: Vec<String> = pods
+        .iter()
+        .map(|(p, n)| format!("{} {n}", p.name_any()))
+        .collect();
+    eprintln!("{when}: connections per relay pod: {}", line.join(", "));
+    Ok(pods.into_iter().map(|(_, n)| n).collect())
+}
+
+/// Whether every one of `counts` is within the tolerance of their mean, and they add up to
+/// `total` (every client connected).
+fn balanced(counts: &[i64], pods: usize, total: usize) -> bool {
+    let sum: i64 = counts.iter().sum();
+    if counts.len() != pods || sum != total as i64 {
+        return false;
+    }
+    let mean = sum as f64 / pods as f64;
+    let tolerance = mean * f64::from(TOLERANCE_PERCENT) / 100.0;
+    counts.iter().all(|n| (*n as f64 - mean).abs() <= tolerance)
+}
+
+/// Waits, at most `overSeconds` + 30 s after the relays' readiness plus the time the
+/// imbalance must last (`stableSeconds`), for the fleet to be balanced; returns the counts.
+async fn wait_balanced(client: &Client, ns: &str, total: usize) -> Result<String> {
+    let limit = Duration::from_secs(u64::from(OVER_SECONDS + STABLE_SECONDS) + 30);
+    let deadline = Instant::now() + limit;
+    let mut last = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(pods) = gateway::relay_pods_by_connections(client, ns, GATEWAY).await {
+            last = pods.iter().map(|(_, n)| *n).collect();
+            if balanced(&last, SCALED_REPLICAS as usize, total) {
+                return Ok(format!("{last:?}"));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!(
+        "the fleet was not balanced within {limit:?} (every pod within {TOLERANCE_PERCENT}% of the mean, {total} connections): last counts {last:?}"
+    )
+}
+
+/// Each client's `rebalance` drains so far.
+fn moves(clients: &[ResumableClient]) -> Vec<u64> {
+    clients.iter().map(|c| c.record().moves).collect()
+}
+
+/// Checks that the case moved some clients and none twice.
+fn once_each(case: &str, clients: &[ResumableClient], before: &[u64], moved: u64) -> Result<()> {
+    let twice = clients
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| c.record().moves > before.get(*i).copied().unwrap_or(0) + 1)
+        .count();
+    eprintln!("{case}: {moved} clients moved, {twice} of them more than once");
+    ensure!(moved > 0, "{case}: no client was moved");
+    ensure!(twice == 0, "{case}: {twice} clients were moved more than once");
+    Ok(())
 }
 
 fn restart_count(pod: &Pod) -> i32 {
