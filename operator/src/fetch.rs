@@ -111,7 +111,7 @@ impl Caches {
     /// Waits (at most [`READY_WAIT`]) until every cache has listed once: right after a
     /// start, an empty cache would read as "no Deployment", and the replica handover, which
     /// needs the live Deployment, would be skipped.
-    async fn ready(&self) -> Result<(), Error> {
+    pub(crate) async fn ready(&self) -> Result<(), Error> {
         let all = async {
             let c = &self.children;
             let _ = futures::join!(
@@ -177,18 +177,7 @@ pub async fn observe(
         .get(&ObjectRef::new(&name).within(&namespace));
     let hpa = caches.hpas.get(&ObjectRef::new(&name).within(&namespace));
     let missing = caches.children.missing(&namespace, &name);
-    let selector = selector_labels(&name);
-    let pods: Vec<Pod> = caches
-        .pods
-        .state()
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|p| {
-            let labels = p.labels();
-            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-        })
-        .map(|p| Pod::clone(p))
-        .collect();
+    let pods = gateway_pods(&caches.pods, &namespace, &name);
     let targets = scrape::targets(&pods);
     let relays = scraper.reports(&targets).await;
     let connections = relays.iter().map(|(_, r)| r.connections).sum();
@@ -201,6 +190,21 @@ pub async fn observe(
         connections,
         relays,
     })
+}
+
+/// The relay pods of gateway `name` in `namespace`, from the pod cache (by its selector
+/// labels).
+pub fn gateway_pods(pods: &Store<Pod>, namespace: &str, name: &str) -> Vec<Pod> {
+    let selector = selector_labels(name);
+    pods.state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace))
+        .filter(|p| {
+            let labels = p.labels();
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .map(|p| Pod::clone(p))
+        .collect()
 }
 
 /// The named Secrets of `namespace`, each read with a GET; `None` for one that does not
