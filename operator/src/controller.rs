@@ -378,7 +378,14 @@ async fn pipeline(o: &Observed, ctx: &Context, stages: &mut Stages) -> Result<Ac
     // What the relays report (NATS unreachable, a refused reload, missing history streams).
     let problem = status::relay_problem(gw, &o.relays);
     let at = now();
-    let mut status = status::compute(gw, deployment, o.connections, problem.as_ref(), &at);
+    let mut status = status::compute_with(
+        gw,
+        deployment,
+        o.connections,
+        o.shedding,
+        problem.as_ref(),
+        &at,
+    );
     status.conditions.extend(rebalancing(ctx, gw, &at));
     let ready = status
         .conditions
@@ -422,10 +429,11 @@ async fn report_user_error(o: &Observed, ctx: &Context, e: &Error) {
     };
     // Keep reporting the Deployment that runs (it still serves with the previous config).
     let at = now();
-    let mut status = status::compute(
+    let mut status = status::compute_with(
         gw,
         o.deployment.as_deref(),
         o.connections,
+        o.shedding,
         Some(&degradation),
         &at,
     );
@@ -727,6 +735,7 @@ mod tests {
             missing: Vec::new(),
             connections: 0,
             relays: Vec::new(),
+            shedding: 0,
         }
     }
 

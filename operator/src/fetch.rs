@@ -159,6 +159,9 @@ pub struct Observed {
     pub connections: i64,
     /// What the running relay pods that answered report about themselves, by pod name.
     pub relays: Vec<(String, scrape::Report)>,
+    /// Relay pods not Ready because they shed connections for a rebalance round (they
+    /// report `wsrelay_rebalancing 1`): unready on purpose, for the round only.
+    pub shedding: i32,
 }
 
 /// Gathers what the reconcile of `gw` needs.
@@ -181,6 +184,10 @@ pub async fn observe(
     let targets = scrape::targets(&pods);
     let relays = scraper.reports(&targets).await;
     let connections = relays.iter().map(|(_, r)| r.connections).sum();
+    let shedding = crate::rebalance::observe::pod_views(&pods, &relays)
+        .iter()
+        .filter(|p| p.shedding && !p.ready)
+        .count();
     Ok(Observed {
         gateway: gw,
         secrets,
@@ -189,6 +196,7 @@ pub async fn observe(
         missing,
         connections,
         relays,
+        shedding: i32::try_from(shedding).unwrap_or(i32::MAX),
     })
 }
 

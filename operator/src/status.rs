@@ -31,6 +31,20 @@ pub fn compute(
     degraded: Option<&Degradation>,
     now: &Time,
 ) -> WebsocketGatewayStatus {
+    compute_with(gw, deployment, connections, 0, degraded, now)
+}
+
+/// As [`compute`], with `shedding` relay pods not Ready on purpose: they shed connections
+/// for a rebalance round ([`crate::rebalance`]) and are Ready again after it, so they do not
+/// make the gateway not Ready (a round is no outage and no rollout).
+pub fn compute_with(
+    gw: &WebsocketGateway,
+    deployment: Option<&Deployment>,
+    connections: i64,
+    shedding: i32,
+    degraded: Option<&Degradation>,
+    now: &Time,
+) -> WebsocketGatewayStatus {
     let generation = gw.metadata.generation;
     let name = gw.metadata.name.clone().unwrap_or_default();
 
@@ -56,14 +70,19 @@ pub fn compute(
             "Degraded",
             "the gateway cannot be rolled out; see the Degraded condition".into(),
         )
-    } else if rolled_out && available >= wanted {
+    } else if rolled_out && available + shedding >= wanted {
         // Ready as for a Deployment's rollout: every replica runs the current spec and is
         // available, not merely one pod answering.
+        let also = if shedding > 0 {
+            format!(", {shedding} more shedding connections for a rebalance round")
+        } else {
+            String::new()
+        };
         condition(
             CONDITION_READY,
             true,
             "RolloutComplete",
-            format!("{available} of {wanted} relay pods available, all on the current spec"),
+            format!("{available} of {wanted} relay pods available{also}, all on the current spec"),
         )
     } else {
         let why = match degraded {
@@ -462,6 +481,26 @@ mod tests {
         );
         let done = compute(&gw, Some(&deployment(2, 2, 2)), 0, None, &at(1));
         assert_eq!(cond(&done, "Ready").reason, "RolloutComplete");
+    }
+
+    /// Relays shedding for a rebalance round read not Ready on purpose: the gateway stays
+    /// Ready, and says why fewer pods are available; other unready pods still count.
+    #[test]
+    fn relays_shedding_for_a_round_keep_the_gateway_ready() {
+        let gw = gateway();
+        let d = deployment(4, 2, 4);
+        let s = compute_with(&gw, Some(&d), 600, 2, None, &at(1));
+        assert_eq!(cond(&s, "Ready").status, "True");
+        assert_eq!(
+            cond(&s, "Ready").message,
+            "2 of 4 relay pods available, 2 more shedding connections for a rebalance round, all on the current spec"
+        );
+        let s = compute_with(&gw, Some(&d), 600, 1, None, &at(1));
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(
+            cond(&compute(&gw, Some(&d), 600, None, &at(1)), "Ready").status,
+            "False"
+        );
     }
 
     /// The Rebalancing condition: none without spec.rebalance; the rebalancer's summary
