@@ -39,6 +39,7 @@ use crate::fetch::{Caches, Children, Observed};
 use crate::forget::Forgetter;
 use crate::metrics::Metrics;
 use crate::metrics_api::scrape::Scraper;
+use crate::rebalance::{Rebalancer, TRIGGER_BUFFER};
 use crate::stages::{self, Stages};
 use crate::status::{self, Degradation};
 use crate::validate::{restart_secrets_digest, validate};
@@ -149,6 +150,9 @@ pub struct Context {
     scraper: Scraper,
     /// The label every Secret a gateway names must carry (`--secret-label`), if any.
     secret_label: Option<crate::validate::SecretLabel>,
+    /// The rebalancer's last decision per gateway, shown by the status stage as the
+    /// `Rebalancing` condition.
+    pub rebalance: Arc<crate::rebalance::Summaries>,
 }
 
 impl std::fmt::Debug for Context {
@@ -179,10 +183,17 @@ impl Context {
             scraper,
             secret_label,
             metrics,
+            rebalance: Arc::default(),
         }
     }
 
-    fn key(gw: &WebsocketGateway) -> String {
+    /// The one relay scraper (the rebalancer reads the counts through it too).
+    pub(crate) fn scraper(&self) -> &Scraper {
+        &self.scraper
+    }
+
+    /// `namespace/name`: how a gateway is keyed in the per-gateway maps.
+    pub fn key(gw: &WebsocketGateway) -> String {
         format!("{}/{}", gw.namespace().unwrap_or_default(), gw.name_any())
     }
 
@@ -366,7 +377,16 @@ async fn pipeline(o: &Observed, ctx: &Context, stages: &mut Stages) -> Result<Ac
     let deployment = deployment.as_ref().or(o.deployment.as_deref());
     // What the relays report (NATS unreachable, a refused reload, missing history streams).
     let problem = status::relay_problem(gw, &o.relays);
-    let status = status::compute(gw, deployment, o.connections, problem.as_ref(), &now());
+    let at = now();
+    let mut status = status::compute_with(
+        gw,
+        deployment,
+        o.connections,
+        o.shedding,
+        problem.as_ref(),
+        &at,
+    );
+    status.conditions.extend(rebalancing(ctx, gw, &at));
     let ready = status
         .conditions
         .iter()
@@ -408,20 +428,33 @@ async fn report_user_error(o: &Observed, ctx: &Context, e: &Error) {
         message: e.to_string(),
     };
     // Keep reporting the Deployment that runs (it still serves with the previous config).
-    let status = status::compute(
+    let at = now();
+    let mut status = status::compute_with(
         gw,
         o.deployment.as_deref(),
         o.connections,
+        o.shedding,
         Some(&degradation),
-        &now(),
+        &at,
     );
+    status.conditions.extend(rebalancing(ctx, gw, &at));
     if let Err(err) = write_status(&ctx.client, gw, status).await {
         tracing::warn!(gateway = %Context::key(gw), "could not mark the gateway Degraded: {err}");
     }
     publish(ctx, gw, EventType::Warning, e.category(), e.to_string()).await;
 }
 
-async fn publish(
+/// The `Rebalancing` condition from the rebalancer's last decision for `gw`.
+fn rebalancing(
+    ctx: &Context,
+    gw: &WebsocketGateway,
+    at: &Time,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    status::rebalancing(gw, ctx.rebalance.get(&Context::key(gw)).as_ref(), at)
+}
+
+/// An Event on the gateway (a failure to publish is logged: Events are best effort).
+pub(crate) async fn publish(
     ctx: &Context,
     gw: &WebsocketGateway,
     type_: EventType,
@@ -618,20 +651,27 @@ pub async fn run(
     let (pdbs, pdbs_w) = reflector::store();
     let (network_policies, network_policies_w) = reflector::store();
 
+    let caches = Caches {
+        deployments,
+        hpas,
+        pods,
+        children: Children {
+            config_maps,
+            services,
+            service_accounts,
+            pdbs,
+            network_policies,
+        },
+    };
+    // The rebalancer runs as long as this controller (so in the leader only), on the same
+    // caches; it wakes a gateway's reconcile when its Rebalancing condition changes.
+    let (rebalanced, rebalanced_rx) = futures::channel::mpsc::channel(TRIGGER_BUFFER);
+    let rebalancer = tokio::spawn(
+        Rebalancer::new(ctx.clone(), gateways.clone(), caches.clone(), rebalanced).run(),
+    );
     let reconciler = Arc::new(Reconciler {
         ctx: ctx.clone(),
-        caches: Caches {
-            deployments,
-            hpas,
-            pods,
-            children: Children {
-                config_maps,
-                services,
-                service_accounts,
-                pdbs,
-                network_policies,
-            },
-        },
+        caches,
     });
     controller
         .owns_stream(deployment_events)
@@ -653,6 +693,7 @@ pub async fn run(
         ))
         // Pods wake nothing (their Deployment's status does); the stream fills the cache.
         .watches_stream(pod_events, |_pod| Vec::<ObjectRef<WebsocketGateway>>::new())
+        .reconcile_on(rebalanced_rx)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, reconciler)
         .for_each(|result| async move {
@@ -662,6 +703,7 @@ pub async fn run(
             }
         })
         .await;
+    rebalancer.abort();
 }
 
 #[cfg(test)]
@@ -693,6 +735,7 @@ mod tests {
             missing: Vec::new(),
             connections: 0,
             relays: Vec::new(),
+            shedding: 0,
         }
     }
 

@@ -111,7 +111,7 @@ impl Caches {
     /// Waits (at most [`READY_WAIT`]) until every cache has listed once: right after a
     /// start, an empty cache would read as "no Deployment", and the replica handover, which
     /// needs the live Deployment, would be skipped.
-    async fn ready(&self) -> Result<(), Error> {
+    pub(crate) async fn ready(&self) -> Result<(), Error> {
         let all = async {
             let c = &self.children;
             let _ = futures::join!(
@@ -159,6 +159,9 @@ pub struct Observed {
     pub connections: i64,
     /// What the running relay pods that answered report about themselves, by pod name.
     pub relays: Vec<(String, scrape::Report)>,
+    /// Relay pods not Ready because they shed connections for a rebalance round (they
+    /// report `wsrelay_rebalancing 1`): unready on purpose, for the round only.
+    pub shedding: i32,
 }
 
 /// Gathers what the reconcile of `gw` needs.
@@ -177,21 +180,14 @@ pub async fn observe(
         .get(&ObjectRef::new(&name).within(&namespace));
     let hpa = caches.hpas.get(&ObjectRef::new(&name).within(&namespace));
     let missing = caches.children.missing(&namespace, &name);
-    let selector = selector_labels(&name);
-    let pods: Vec<Pod> = caches
-        .pods
-        .state()
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|p| {
-            let labels = p.labels();
-            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-        })
-        .map(|p| Pod::clone(p))
-        .collect();
+    let pods = gateway_pods(&caches.pods, &namespace, &name);
     let targets = scrape::targets(&pods);
     let relays = scraper.reports(&targets).await;
     let connections = relays.iter().map(|(_, r)| r.connections).sum();
+    let shedding = crate::rebalance::observe::pod_views(&pods, &relays)
+        .iter()
+        .filter(|p| p.shedding && !p.ready)
+        .count();
     Ok(Observed {
         gateway: gw,
         secrets,
@@ -200,7 +196,23 @@ pub async fn observe(
         missing,
         connections,
         relays,
+        shedding: i32::try_from(shedding).unwrap_or(i32::MAX),
     })
+}
+
+/// The relay pods of gateway `name` in `namespace`, from the pod cache (by its selector
+/// labels).
+pub fn gateway_pods(pods: &Store<Pod>, namespace: &str, name: &str) -> Vec<Pod> {
+    let selector = selector_labels(name);
+    pods.state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace))
+        .filter(|p| {
+            let labels = p.labels();
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .map(|p| Pod::clone(p))
+        .collect()
 }
 
 /// The named Secrets of `namespace`, each read with a GET; `None` for one that does not

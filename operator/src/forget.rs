@@ -248,7 +248,7 @@ impl Forgetter {
         }
         let path = forget_path(&f.relay);
         for (name, addr) in &f.ask {
-            let outcome = match tokio::time::timeout(self.timeout, post(*addr, &path)).await {
+            let outcome = match tokio::time::timeout(self.timeout, post(*addr, &path, None)).await {
                 Err(_) => Err(ScrapeError::Timeout(self.timeout)),
                 Ok(r) => r,
             };

@@ -4,7 +4,8 @@
 //! [`fetch`] referenced Secrets -> [`validate`] -> [`build`] desired objects (pure) ->
 //! [`apply`] them (server-side apply, orphan sweep) -> [`status`]. [`controller`] drives it,
 //! [`leader`] makes sure one replica at a time does, [`admin`] serves health and [`metrics`].
-//! Beside it: the custom metrics API ([`metrics_api`]) and the admission [`webhook`].
+//! Beside it: the custom metrics API ([`metrics_api`]), the admission [`webhook`], and in the
+//! leader the [`rebalance`]r, which moves connections off hot relays.
 
 pub mod admin;
 pub mod api;
@@ -19,6 +20,7 @@ pub mod gateway_metrics;
 pub mod leader;
 pub mod metrics;
 pub mod metrics_api;
+pub mod rebalance;
 pub mod stages;
 pub mod status;
 pub mod validate;

@@ -11,6 +11,7 @@ use crate::error::CATEGORIES;
 use crate::forget::{ForgetCounts, ForgetLabels, RESULTS};
 use crate::gateway_metrics::GatewayMetrics;
 use crate::metrics_api::ScrapeMetrics;
+use crate::rebalance::{self, RebalanceMetrics, RoundLabels};
 
 /// Label of a failure: its bounded category.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,6 +42,9 @@ pub struct Metrics {
     /// `wsrelay_operator_registry_forgets_total{result}`: lost relays the operator asked a
     /// live one to forget ([`crate::forget`]), by outcome.
     pub forgets: ForgetCounts,
+    /// `wsrelay_operator_rebalance_rounds_total{result}` and
+    /// `wsrelay_operator_rebalance_moves_requested_total` ([`crate::rebalance`]).
+    pub rebalance: RebalanceMetrics,
     registry: Registry,
 }
 
@@ -99,6 +103,20 @@ impl Metrics {
         for result in RESULTS {
             let _ = forgets.get_or_create(&ForgetLabels { result });
         }
+        let rebalance = RebalanceMetrics::default();
+        registry.register(
+            "rebalance_rounds",
+            "Rebalance rounds the operator started, by result (ok: every hot relay took its part; partial; failed: none did)",
+            rebalance.rounds.clone(),
+        );
+        registry.register(
+            "rebalance_moves_requested",
+            "Connections the operator asked hot relays to move in rebalance rounds",
+            rebalance.moves_requested.clone(),
+        );
+        for result in rebalance::RESULTS {
+            let _ = rebalance.rounds.get_or_create(&RoundLabels { result });
+        }
         // Every category shows up at 0 from the start, so rate() works on the first failure.
         for category in CATEGORIES {
             let _ = failures.get_or_create(&FailureLabels {
@@ -114,6 +132,7 @@ impl Metrics {
             stage_duration,
             gateways,
             forgets,
+            rebalance,
             registry,
         }
     }
@@ -189,6 +208,25 @@ mod tests {
             m.encode()
                 .contains(r#"wsrelay_operator_registry_forgets_total{result="ok"} 1"#)
         );
+    }
+
+    #[test]
+    fn rebalance_rounds_and_moves_are_counted_from_zero() {
+        let m = Metrics::new();
+        let text = m.encode();
+        for result in rebalance::RESULTS {
+            let want = format!("wsrelay_operator_rebalance_rounds_total{{result=\"{result}\"}} 0");
+            assert!(text.contains(&want), "{want} not in {text}");
+        }
+        assert!(text.contains("wsrelay_operator_rebalance_moves_requested_total 0"));
+        m.rebalance
+            .rounds
+            .get_or_create(&RoundLabels { result: "partial" })
+            .inc();
+        m.rebalance.moves_requested.inc_by(300);
+        let text = m.encode();
+        assert!(text.contains(r#"wsrelay_operator_rebalance_rounds_total{result="partial"} 1"#));
+        assert!(text.contains("wsrelay_operator_rebalance_moves_requested_total 300"));
     }
 
     #[test]

@@ -4,8 +4,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{
-    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, ControlStatus, EventsStatus,
-    RegistryStatus, WebsocketGateway, WebsocketGatewayStatus,
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, CONDITION_REBALANCING,
+    ControlStatus, EventsStatus, RegistryStatus, WebsocketGateway, WebsocketGatewayStatus,
 };
 use crate::build::{
     endpoint, relay_config, relay_control, relay_events, relay_registry, selector_string,
@@ -31,8 +31,21 @@ pub fn compute(
     degraded: Option<&Degradation>,
     now: &Time,
 ) -> WebsocketGatewayStatus {
+    compute_with(gw, deployment, connections, 0, degraded, now)
+}
+
+/// As [`compute`], with `shedding` relay pods not Ready on purpose: they shed connections
+/// for a rebalance round ([`crate::rebalance`]) and are Ready again after it, so they do not
+/// make the gateway not Ready (a round is no outage and no rollout).
+pub fn compute_with(
+    gw: &WebsocketGateway,
+    deployment: Option<&Deployment>,
+    connections: i64,
+    shedding: i32,
+    degraded: Option<&Degradation>,
+    now: &Time,
+) -> WebsocketGatewayStatus {
     let generation = gw.metadata.generation;
-    let previous = gw.status.as_ref();
     let name = gw.metadata.name.clone().unwrap_or_default();
 
     let dstatus = deployment.and_then(|d| d.status.as_ref());
@@ -47,21 +60,7 @@ pub fn compute(
     });
 
     let condition = |type_: &str, ok: bool, reason: &str, message: String| {
-        let status = if ok { "True" } else { "False" };
-        // Keep the transition time while the status holds: it says since when.
-        let last = previous
-            .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-            .filter(|c| c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| now.clone());
-        Condition {
-            type_: type_.to_string(),
-            status: status.to_string(),
-            reason: reason.to_string(),
-            message,
-            observed_generation: generation,
-            last_transition_time: last,
-        }
+        condition(gw, type_, ok, reason, message, now)
     };
 
     let ready_cond = if degraded.is_some() && deployment.is_none() {
@@ -71,14 +70,19 @@ pub fn compute(
             "Degraded",
             "the gateway cannot be rolled out; see the Degraded condition".into(),
         )
-    } else if rolled_out && available >= wanted {
+    } else if rolled_out && available + shedding >= wanted {
         // Ready as for a Deployment's rollout: every replica runs the current spec and is
         // available, not merely one pod answering.
+        let also = if shedding > 0 {
+            format!(", {shedding} more shedding connections for a rebalance round")
+        } else {
+            String::new()
+        };
         condition(
             CONDITION_READY,
             true,
             "RolloutComplete",
-            format!("{available} of {wanted} relay pods available, all on the current spec"),
+            format!("{available} of {wanted} relay pods available{also}, all on the current spec"),
         )
     } else {
         let why = match degraded {
@@ -151,6 +155,64 @@ pub fn compute(
         }),
         control: relay_control(&gw.spec, namespace, &name)
             .map(|c| ControlStatus { subject: c.subject }),
+    }
+}
+
+/// A condition of `gw`'s status; it keeps its lastTransitionTime while its status holds
+/// (the time says since when).
+fn condition(
+    gw: &WebsocketGateway,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last = gw
+        .status
+        .as_ref()
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: gw.metadata.generation,
+        last_transition_time: last,
+    }
+}
+
+/// The `Rebalancing` condition from the rebalancer's last decision ([`crate::rebalance`]):
+/// none without `spec.rebalance`; the one the status has while the rebalancer has not
+/// decided yet (right after a leader change), so it does not flap. Pure.
+pub fn rebalancing(
+    gw: &WebsocketGateway,
+    summary: Option<&crate::rebalance::Summary>,
+    now: &Time,
+) -> Option<Condition> {
+    gw.spec.rebalance.as_ref()?;
+    match summary {
+        Some(s) => Some(condition(
+            gw,
+            CONDITION_REBALANCING,
+            s.active,
+            s.reason,
+            s.message.clone(),
+            now,
+        )),
+        None => gw
+            .status
+            .as_ref()
+            .and_then(|p| {
+                p.conditions
+                    .iter()
+                    .find(|c| c.type_ == CONDITION_REBALANCING)
+            })
+            .cloned(),
     }
 }
 
@@ -421,6 +483,65 @@ mod tests {
         assert_eq!(cond(&done, "Ready").reason, "RolloutComplete");
     }
 
+    /// Relays shedding for a rebalance round read not Ready on purpose: the gateway stays
+    /// Ready, and says why fewer pods are available; other unready pods still count.
+    #[test]
+    fn relays_shedding_for_a_round_keep_the_gateway_ready() {
+        let gw = gateway();
+        let d = deployment(4, 2, 4);
+        let s = compute_with(&gw, Some(&d), 600, 2, None, &at(1));
+        assert_eq!(cond(&s, "Ready").status, "True");
+        assert_eq!(
+            cond(&s, "Ready").message,
+            "2 of 4 relay pods available, 2 more shedding connections for a rebalance round, all on the current spec"
+        );
+        let s = compute_with(&gw, Some(&d), 600, 1, None, &at(1));
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(
+            cond(&compute(&gw, Some(&d), 600, None, &at(1)), "Ready").status,
+            "False"
+        );
+    }
+
+    /// The Rebalancing condition: none without spec.rebalance; the rebalancer's summary
+    /// otherwise, keeping its transition time while its status holds; the previous one
+    /// while the rebalancer has not decided yet (a new leader).
+    #[test]
+    fn the_rebalancing_condition_follows_the_rebalancers_summary() {
+        use crate::rebalance::Summary;
+        let mut gw = gateway();
+        let shedding = Summary {
+            active: true,
+            reason: "Shedding",
+            message: "moving 300 connections".into(),
+        };
+        assert_eq!(rebalancing(&gw, Some(&shedding), &at(1)), None);
+        gw.spec.rebalance = Some(crate::api::RebalanceSpec::default());
+        let c = rebalancing(&gw, Some(&shedding), &at(1)).expect("condition");
+        assert_eq!(
+            (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
+            ("Rebalancing", "True", "Shedding")
+        );
+        assert_eq!(c.message, "moving 300 connections");
+        gw.status = Some(WebsocketGatewayStatus {
+            conditions: vec![c.clone()],
+            ..Default::default()
+        });
+        assert_eq!(rebalancing(&gw, None, &at(9)), Some(c.clone()));
+        let still = rebalancing(&gw, Some(&shedding), &at(5)).expect("condition");
+        assert_eq!(still.last_transition_time, at(1));
+        let settling = Summary {
+            active: false,
+            reason: "Settling",
+            message: "m".into(),
+        };
+        let done = rebalancing(&gw, Some(&settling), &at(5)).expect("condition");
+        assert_eq!(
+            (done.status.as_str(), done.last_transition_time.clone()),
+            ("False", at(5))
+        );
+    }
+
     fn report(nats: Option<(&str, &str)>) -> Report {
         Report {
             connections: 0,
@@ -432,6 +553,7 @@ mod tests {
             jwks_failing: false,
             authorize: None,
             authorize_window: None,
+            rebalancing: false,
         }
     }
 

@@ -129,6 +129,13 @@ pub struct WebsocketGatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 
+    /// Move connections off relay pods that hold well above the fleet's mean (after a
+    /// scale-up, or after a relay was killed and its clients piled onto the others), with
+    /// the relays' `drain` notice so clients on resumable channels lose nothing
+    /// (docs/autoscaling.md, "Rebalancing"). Unset: relays never move open connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<RebalanceSpec>,
+
     /// How a relay pod lets its clients go when it stops (rollout, scale-down, eviction).
     #[serde(default)]
     pub drain: DrainSpec,
@@ -1263,6 +1270,72 @@ fn default_min_replicas() -> i32 {
 }
 fn default_scale_down_window() -> i32 {
     300
+}
+
+/// Rebalancing: the operator's leader watches every relay's connection count and, when one
+/// holds more than the mean by more than the tolerance for `stableSeconds`, with every pod
+/// Ready, no rollout under way and the autoscaler steady, asks each such relay to move its
+/// excess to the others: it stops taking new connections (its readiness goes false) and
+/// tells the chosen clients to reconnect, their turns spread over `overSeconds`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceSpec {
+    /// Rebalance this gateway. Off by default: moving a client costs it a reconnect.
+    #[serde(default)]
+    pub enabled: bool,
+    /// How far above the mean a pod may hold, in percent of the mean, before it sheds (a
+    /// percent, not a fraction: the Kubernetes API conventions avoid floats). 25: a pod
+    /// with more than 1.25 times the mean sheds down to the mean.
+    #[serde(default = "default_tolerance_percent")]
+    #[schemars(range(min = 5, max = 100))]
+    pub tolerance_percent: i32,
+    /// How long an imbalance must last before a round starts, and how long the fleet is
+    /// left to settle after a round's last move before the next can start.
+    #[serde(default = "default_rebalance_stable")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub stable_seconds: i32,
+    /// The least time over which a round's moves are spread (longer when
+    /// `maxMovesPerSecond` needs it).
+    #[serde(default = "default_rebalance_over")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub over_seconds: i32,
+    /// The most connections the whole fleet moves per second in a round: the round's
+    /// spread is stretched until its moves fit.
+    #[serde(default = "default_max_moves")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_moves_per_second: i32,
+    /// Also move connections with a subscription on a channel without history. Such a
+    /// client may lose the messages published on those channels while it reconnects (a
+    /// resumable channel replays them). Off: only connections whose every subscription is
+    /// resumable move, so a relay may shed fewer than asked.
+    #[serde(default)]
+    pub include_plain_channels: bool,
+}
+
+fn default_tolerance_percent() -> i32 {
+    25
+}
+fn default_rebalance_stable() -> i32 {
+    60
+}
+fn default_rebalance_over() -> i32 {
+    120
+}
+fn default_max_moves() -> i32 {
+    100
+}
+
+impl Default for RebalanceSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            tolerance_percent: default_tolerance_percent(),
+            stable_seconds: default_rebalance_stable(),
+            over_seconds: default_rebalance_over(),
+            max_moves_per_second: default_max_moves(),
+            include_plain_channels: false,
+        }
+    }
 }
 
 /// Graceful drain of a stopping pod: readiness goes false, new connections are refused, and

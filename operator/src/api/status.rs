@@ -11,6 +11,9 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_PROGRESSING: &str = "Progressing";
 /// Condition type: the operator cannot bring the gateway to its spec (reason says why).
 pub const CONDITION_DEGRADED: &str = "Degraded";
+/// Condition type, with `spec.rebalance` only: True while a rebalance round moves
+/// connections; the reason says what the rebalancer waits for otherwise.
+pub const CONDITION_REBALANCING: &str = "Rebalancing";
 
 /// What the operator observed of a gateway.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
@@ -20,7 +23,8 @@ pub struct WebsocketGatewayStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready, Progressing and Degraded, one of each at most.
+    /// Ready, Progressing and Degraded, one of each at most, and Rebalancing when
+    /// `spec.rebalance` is set.
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -167,6 +167,9 @@ pub struct Report {
     /// [`AUTHORIZE_WINDOW`] (filled by the [`Scraper`], which remembers earlier scrapes;
     /// None until one window has passed, or after the counters went back: a restart).
     pub authorize_window: Option<AuthorizeCounts>,
+    /// `wsrelay_rebalancing`: the relay is shedding connections for a rebalance round
+    /// (`POST /rebalance`), so it refuses new ones and reads not Ready on purpose.
+    pub rebalancing: bool,
 }
 
 /// The least time over which the increase of a relay's authorization counters is taken:
@@ -325,6 +328,7 @@ impl Report {
             jwks_failing: prom::gauge(body, "wsrelay_jwks_fetch_failing").is_some_and(|v| v > 0.0),
             authorize: AuthorizeCounts::parse(body),
             authorize_window: None,
+            rebalancing: prom::gauge(body, "wsrelay_rebalancing").is_some_and(|v| v > 0.0),
         })
     }
 }
@@ -496,13 +500,26 @@ async fn scrape(addr: SocketAddr) -> Result<String, ScrapeError> {
     Ok(body)
 }
 
-/// One HTTP/1.0 POST of `path` without a body to a relay's admin port (the operator's
-/// `/registry/forget`), like [`scrape`]: the status code and the body. Unbounded in time:
-/// the caller bounds it.
-pub async fn post(addr: SocketAddr, path: &str) -> Result<(u16, String), ScrapeError> {
-    let request = format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
-    let (status, _, body) = exchange(addr, &request).await?;
-    Ok((status, body))
+/// One HTTP/1.0 POST of `path` to a relay's admin port (the operator's `/registry/forget`
+/// without a body, `/rebalance` with a JSON one), like [`scrape`]: the status code and the
+/// answer's body. Unbounded in time: the caller bounds it.
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    json: Option<&serde_json::Value>,
+) -> Result<(u16, String), ScrapeError> {
+    let body = json.map(|j| j.to_string()).unwrap_or_default();
+    let content_type = if json.is_some() {
+        "Content-Type: application/json\r\n"
+    } else {
+        ""
+    };
+    let request = format!(
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, _, answer) = exchange(addr, &request).await?;
+    Ok((status, answer))
 }
 
 /// Sends `request`, reads the response to its end (at most [`MAX_BODY`]): the status code,
@@ -679,8 +696,22 @@ mod tests {
                 jwks_failing: true,
                 authorize: None,
                 authorize_window: None,
+                rebalancing: false,
             }
         );
+        // A relay shedding for a rebalance round says so; the moved counter is no gauge.
+        let shedding = Report::parse(
+            "wsrelay_connections 9\nwsrelay_rebalance_moved_total 4\nwsrelay_rebalancing 1\n",
+            "wsrelay_connections",
+        )
+        .expect("shedding");
+        assert!(shedding.rebalancing);
+        let done = Report::parse(
+            "wsrelay_connections 9\nwsrelay_rebalancing 0\n",
+            "wsrelay_connections",
+        )
+        .expect("done");
+        assert!(!done.rebalancing);
         // An older relay: only the connection gauge.
         let old = Report::parse("wsrelay_connections 4\n", "wsrelay_connections").expect("old");
         assert_eq!(
