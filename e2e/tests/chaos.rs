@@ -531,7 +531,10 @@ fn once_each(case: &str, clients: &[ResumableClient], before: &[u64], moved: u64
         .count();
     eprintln!("{case}: {moved} clients moved, {twice} of them more than once");
     ensure!(moved > 0, "{case}: no client was moved");
-    ensure!(twice == 0, "{case}: {twice} clients were moved more than once");
+    ensure!(
+        twice == 0,
+        "{case}: {twice} clients were moved more than once"
+    );
     Ok(())
 }
 

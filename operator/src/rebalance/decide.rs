@@ -301,9 +301,11 @@ fn load(counts: &[(String, u64)]) -> Load {
 /// The moves that bring `counts` (every Ready pod, by name) within `tolerance_percent` of
 /// the mean: each pod above the mean by more than the tolerance sheds down to the mean
 /// rounded up; then, since the moved clients spread evenly over the pods that do not shed,
-/// a pod whose share would push it over the tolerance sheds too (it then takes none),
-/// until no such pod is left. A pod within the tolerance otherwise keeps its connections.
-/// Empty when balanced. Pure.
+/// a pod whose share would push it over the tolerance sheds too (it then takes none), and
+/// when a pod would stay below the mean by more than the tolerance even with its share (a
+/// relay back from a crash, its clients gone to the others), every pod above the mean sheds
+/// down to it; until nothing changes. A pod within the tolerance otherwise keeps its
+/// connections. Empty when balanced. Pure.
 pub fn plan(counts: &[(String, u64)], tolerance_percent: u32) -> Vec<Move> {
     let n = counts.len() as u128;
     let total: u64 = counts.iter().map(|(_, c)| c).sum();
@@ -311,13 +313,14 @@ pub fn plan(counts: &[(String, u64)], tolerance_percent: u32) -> Vec<Move> {
         return Vec::new();
     }
     let mean = total.div_ceil(n as u64);
+    let tol = u128::from(tolerance_percent);
     // c > mean * (1 + tol/100), in integers: c * 100 * n > total * (100 + tol).
-    let over = |c: u64| {
-        u128::from(c) * 100 * n > u128::from(total) * (100 + u128::from(tolerance_percent))
-    };
+    let over = |c: u64| u128::from(c) * 100 * n > u128::from(total) * (100 + tol);
+    // c < mean * (1 - tol/100).
+    let under = |c: u64| u128::from(c) * 100 * n < u128::from(total) * 100u128.saturating_sub(tol);
     let mut shedding: Vec<bool> = counts.iter().map(|(_, c)| over(*c) && *c > mean).collect();
     // Each pass adds at least one pod or stops: at most n passes.
-    for _ in 0..counts.len() {
+    for _ in 0..=counts.len() {
         let shed: u64 = counts
             .iter()
             .zip(&shedding)
@@ -325,7 +328,7 @@ pub fn plan(counts: &[(String, u64)], tolerance_percent: u32) -> Vec<Move> {
             .map(|((_, c), _)| c - mean)
             .sum();
         let receivers = shedding.iter().filter(|s| !**s).count() as u64;
-        if shed == 0 || receivers == 0 {
+        if receivers == 0 {
             break;
         }
         let share = shed.div_ceil(receivers);
@@ -334,6 +337,19 @@ pub fn plan(counts: &[(String, u64)], tolerance_percent: u32) -> Vec<Move> {
             if !shedding[i] && *c > mean && over(c + share) {
                 shedding[i] = true;
                 added = true;
+            }
+        }
+        let least = shed / receivers;
+        let cold = counts
+            .iter()
+            .zip(&shedding)
+            .any(|((_, c), s)| !*s && under(c + least));
+        if !added && cold {
+            for (i, (_, c)) in counts.iter().enumerate() {
+                if !shedding[i] && *c > mean {
+                    shedding[i] = true;
+                    added = true;
+                }
             }
         }
         // Never leave nobody to take the moved clients.
@@ -422,6 +438,24 @@ mod tests {
         assert_eq!(sheds(&m), [("relay-a", 250), ("relay-b", 30)]);
         // The two receivers end at 150 each: 10 + 280/2.
         assert_eq!(m.iter().map(|m| m.shed).sum::<u64>(), 280);
+    }
+
+    /// A pod far below the mean with nobody far above it (a relay back from a crash while
+    /// its clients stayed on the others): every pod above the mean sheds down to it.
+    #[test]
+    fn a_cold_pod_is_filled_by_every_pod_above_the_mean() {
+        // Mean 150, floor 112.5: 45 would stay cold; nobody is over 187.5.
+        assert_eq!(
+            sheds(&plan(&counts(&[185, 185, 185, 45]), 25)),
+            [("relay-a", 35), ("relay-b", 35), ("relay-c", 35)]
+        );
+        // Its share of the hot pod's moves lifts a cool pod over the floor: no more moves.
+        assert_eq!(
+            sheds(&plan(&counts(&[240, 155, 105, 100]), 25)),
+            [("relay-a", 90)]
+        );
+        // Within the tolerance on both sides: balanced.
+        assert!(plan(&counts(&[170, 160, 150, 120]), 25).is_empty());
     }
 
     #[test]
