@@ -643,3 +643,31 @@ fn storm_control_is_off_unless_set_and_its_burst_defaults_to_the_rate() {
         );
     }
 }
+
+#[test]
+fn the_sse_forward_subject_is_a_fixed_subject_under_the_relays_prefix() {
+    let c = Config::example("nats://x:1");
+    assert_eq!(c.listen.sse_forward_subject, "_WSRELAY.sse");
+    for (subject, ok) in [
+        ("_WSRELAY", true),
+        ("_WSRELAY.sse.team-a.chat_1", true),
+        ("sse.x", false),
+        ("_WSRELAYS.sse", false),
+        ("_WSRELAY.*", false),
+        ("_WSRELAY.>", false),
+        ("_WSRELAY..x", false),
+        ("_WSRELAY.a b", false),
+        ("", false),
+    ] {
+        let mut c = c.clone();
+        c.listen.sse_forward_subject = subject.into();
+        let bad = c
+            .validate()
+            .err()
+            .is_some_and(|e| e.0.iter().any(|e| e.field() == "listen.sseForwardSubject"));
+        assert_eq!(!bad, ok, "{subject:?}");
+    }
+    let mut long = c.clone();
+    long.listen.sse_forward_subject = format!("_WSRELAY.{}", "a".repeat(120));
+    assert!(long.validate().is_err());
+}

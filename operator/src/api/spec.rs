@@ -1314,13 +1314,11 @@ pub struct ServiceSpec {
     #[schemars(extend("maxProperties" = 32))]
     pub annotations: BTreeMap<String, String>,
     /// `ClientIP`: the Service sends every connection from one client address to the same
-    /// relay pod (for 3 hours after the address's last connection). Needed with more than one
-    /// replica when browsers may use the SSE fallback and reach this Service directly: the
-    /// event stream and its POSTs are separate connections and must reach the same pod.
-    /// `None` (the default) balances each connection on its own: WebSocket clients need no
-    /// affinity, and behind an ingress (which balances to the pods itself: use its cookie
-    /// affinity) or a load balancer that hides client addresses, `ClientIP` would pin every
-    /// client to one pod. See docs/client.md.
+    /// relay pod (for 3 hours after the address's last connection). No longer needed for
+    /// anything: an SSE POST may reach any relay pod, which forwards it to the pod holding the
+    /// session (docs/protocol.md section 9). `None` (the default) balances each connection
+    /// on its own; `ClientIP` pins every client behind one address (a NAT, a load balancer
+    /// that hides client addresses) to one pod. Kept for gateways that set it.
     #[serde(default)]
     pub session_affinity: SessionAffinity,
 }
