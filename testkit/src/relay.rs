@@ -34,6 +34,7 @@ pub fn binding(channel: &str, subject: &str, direction: Direction) -> Binding {
         history: None,
         authorize: None,
         presence: None,
+        auto_subscribe: false,
     }
 }
 

@@ -669,7 +669,9 @@ pub enum TokenLocation {
     validation = Rule::new("self.subject.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("subject uses a placeholder its channel does not define: a subject may use only the channel's own {placeholders} and {claims.*}"),
     validation = Rule::new("!has(self.presence) || !has(self.direction) || self.direction != 'Publish'").message("presence makes the channel's subscribers its members: a binding with presence must allow subscribe (direction Subscribe or Both)"),
     validation = Rule::new("!has(self.presence) || !has(self.presence.key) || self.presence.key.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("presence.key uses a placeholder its channel does not define: a key may use only the channel's own {placeholders} and {claims.*}"),
-    validation = Rule::new("!self.subject.startsWith('{') && self.subject != '_INBOX' && !self.subject.startsWith('_INBOX.') && self.subject != '_WSRELAY' && !self.subject.startsWith('_WSRELAY.')").message("subject must start with a fixed name, outside _INBOX and _WSRELAY: a placeholder first could reach NATS's own subjects ($JS., $SYS., _INBOX.), and _WSRELAY is the relay's own")
+    validation = Rule::new("!self.subject.startsWith('{') && self.subject != '_INBOX' && !self.subject.startsWith('_INBOX.') && self.subject != '_WSRELAY' && !self.subject.startsWith('_WSRELAY.')").message("subject must start with a fixed name, outside _INBOX and _WSRELAY: a placeholder first could reach NATS's own subjects ($JS., $SYS., _INBOX.), and _WSRELAY is the relay's own"),
+    validation = Rule::new("!has(self.autoSubscribe) || !self.autoSubscribe || !self.channel.contains('{')").message("autoSubscribe needs a channel the client chooses nothing of: no {placeholder} in the channel (fill the subject from claims instead, e.g. channel notifications, subject users.{claims.sub}.notify)"),
+    validation = Rule::new("!has(self.autoSubscribe) || !self.autoSubscribe || !has(self.direction) || self.direction != 'Publish'").message("autoSubscribe subscribes clients to the channel: the binding must allow subscribe (direction Subscribe or Both)")
 )]
 pub struct Binding {
     /// The channel clients name, e.g. `orders.{id}` or `notifications`.
@@ -700,6 +702,15 @@ pub struct Binding {
     /// which needs NATS with JetStream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence: Option<PresenceSpec>,
+    /// Subscribe every SSE session (and WebSockets that ask, `?autoSubscribe=true`) to the
+    /// channel right after its `welcome`, when the binding's `authorize` allows, with no
+    /// `subscribe` from the client: a bare `EventSource` or `curl -N` then receives it with a
+    /// URL and a token, and on a binding with `history` resumes through the browser's own
+    /// reconnect (`Last-Event-ID`). Only for a channel with no `{placeholder}` (its subject
+    /// filled from claims, e.g. `notifications` → `users.{claims.sub}.notify`) that allows
+    /// subscribe and that no earlier binding's pattern takes (docs/protocol.md section 9).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_subscribe: bool,
 }
 
 /// A binding's presence.

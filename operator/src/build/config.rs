@@ -489,6 +489,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                 }),
                 authorize: b.authorize.as_ref().map(relay_authorize),
                 presence: b.presence.as_ref().map(relay_presence),
+                auto_subscribe: b.auto_subscribe,
             })
             .collect(),
         limits: relay::Limits {

@@ -9,6 +9,7 @@
 //! that reaches another relay is forwarded there over NATS ([`forward`]) and decided as a
 //! local one ([`post`]).
 
+pub mod event_id;
 pub mod forward;
 pub mod id;
 pub mod post;
@@ -203,6 +204,9 @@ async fn open(State(sse): State<Sse>, req: Request) -> Response {
         headers: &req.headers,
         query: req.uri.query(),
         peer: req.extensions.get::<Peer>().map(|p| p.0),
+        // A stream is all a bare EventSource or `curl -N` has: it gets the
+        // auto-subscriptions unless it says `autoSubscribe=false` (the SDK does).
+        auto_by_default: true,
     };
     let admitted = match admit(relay, &edge.admission, asking).await {
         Ok(a) => a,
@@ -232,11 +236,14 @@ async fn open(State(sse): State<Sse>, req: Request) -> Response {
         &serde_json::json!({ "session": id.as_str(), "post": post }).to_string(),
     ));
     let gone = CancellationToken::new();
-    let (sink, stream) = transport::transport(body_tx, inbox_rx, gone.clone());
+    // Event ids (positions to resume from) when the session is auto-subscribed.
+    let ids = admitted.auto.is_some();
+    let (sink, stream) = transport::transport(body_tx, inbox_rx, gone.clone(), ids);
     let expires_at = admitted.identity.expires_at;
     let welcome = crate::session::Welcome {
         data: admitted.data,
         resumed,
+        auto: admitted.auto,
     };
     let (relay2, sse2) = (relay.clone(), sse.clone());
     relay.tracker.spawn(async move {
