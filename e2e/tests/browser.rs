@@ -2,12 +2,15 @@
 //! page that uses the built SDK (clients/js/dist) and connects through the gateway's Service
 //! with a JWT, subscribes to a resumable channel (a binding with history) while NATS messages
 //! are published at a steady rate; a second page whose WebSocket is blocked does the same over
-//! the SSE fallback (the Service has `sessionAffinity: ClientIP`, so its stream and POSTs reach
-//! one pod). Then, in turn:
-//! 1. the relay process holding the page's connection is killed with SIGKILL (found from this
-//!    machine's pid namespace by its container's cgroup; kubelet restarts the container; on a
-//!    cluster whose processes this machine cannot see, the pod is force-deleted instead);
-//! 2. the pod holding the connection is deleted (a graceful drain, as a rollout or a node
+//! the SSE fallback (the Service has `sessionAffinity: None`: its stream and each POST may reach
+//! any pod, and a POST that reaches another pod than the session's is forwarded to it over
+//! NATS), and publishes 100 messages before the first disruption and 100 after the last, none
+//! of its POSTs refused with 404. Then, in turn:
+//! 1. the relay processes holding the pages' connections are killed with SIGKILL (found from
+//!    this machine's pid namespace by their containers' cgroups; kubelet restarts the
+//!    containers; on a cluster whose processes this machine cannot see, the pods are
+//!    force-deleted instead);
+//! 2. the pods holding the connections are deleted (a graceful drain, as a rollout or a node
 //!    drain does).
 //!
 //! After each the page must reconnect by itself and resume with `recovered: true`; at the end
@@ -92,6 +95,10 @@ fn subject_prefix(ns: &str) -> String {
     format!("e2e.{ns}.feed")
 }
 
+fn pub_prefix(ns: &str) -> String {
+    format!("e2e.{ns}.pub")
+}
+
 async fn scenario(client: &Client, ns: &str, script: &std::path::Path) -> Result<()> {
     let t0 = Instant::now();
     create_gateway(client, ns).await?;
@@ -132,6 +139,8 @@ async fn scenario(client: &Client, ns: &str, script: &std::path::Path) -> Result
         .env("WSRELAY_E2E_CHANNEL", "feed.1")
         .env("WSRELAY_E2E_ROUNDS", "2")
         .env("WSRELAY_E2E_SSE", "1")
+        .env("WSRELAY_E2E_PUB_CHANNEL", "pub.1")
+        .env("WSRELAY_E2E_PUB_SUBJECT", format!("{}.1", pub_prefix(ns)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -160,6 +169,12 @@ async fn scenario(client: &Client, ns: &str, script: &std::path::Path) -> Result
         clients.len() == 2,
         "a WebSocket and an SSE client: {figures}"
     );
+    ensure!(
+        figures["ssePosts"]["byStatus"].get("404").is_none()
+            && figures["ssePosts"]["total"].as_u64() >= Some(200)
+            && figures["ssePublished"] == 200,
+        "the SSE page's POSTs: 200 publishes and more, none refused with 404: {figures}"
+    );
     for c in clients {
         ensure!(c["lost"] == 0 && c["duplicates"] == 0, "{c}");
         ensure!(
@@ -179,8 +194,8 @@ async fn drive(client: &Client, ns: &str, child: &mut Script, deadline: Instant)
         if let Some(round) = line.strip_prefix("DISRUPT ") {
             let round: u32 = round.trim().parse().context("DISRUPT <n>")?;
             let what = match round {
-                1 => kill_busiest_relay(client, ns).await?,
-                _ => delete_busiest_pod(client, ns).await?,
+                1 => kill_relays_with_pages(client, ns).await?,
+                _ => delete_pods_with_pages(client, ns).await?,
             };
             eprintln!("round {round}: {what}");
             child.answer(&format!("DISRUPTED {round}"))?;
@@ -190,77 +205,84 @@ async fn drive(client: &Client, ns: &str, child: &mut Script, deadline: Instant)
     }
 }
 
-/// The relay pod holding the pages' connections (both come from this machine's address, which
-/// the Service's ClientIP affinity sends to one pod). Waited for: after a disruption the pages
-/// may still be reconnecting, or be on a restarted relay that is not Ready yet.
-async fn busiest_pod(client: &Client, ns: &str) -> Result<Pod> {
-    let last = std::sync::atomic::AtomicU64::new(0);
-    let found = wsrelay_e2e::eventually("both pages' connections on one Ready relay pod", || {
+/// The relay pods holding the pages' two connections (one pod or two: the Service balances
+/// each connection on its own). Waited for: after a disruption the pages may still be
+/// reconnecting, or be on a restarted relay that is not Ready yet.
+async fn pods_with_pages(client: &Client, ns: &str) -> Result<Vec<Pod>> {
+    let last = std::sync::atomic::AtomicI64::new(0);
+    let found = wsrelay_e2e::eventually("both pages' connections on Ready relay pods", || {
         let last = &last;
         async move {
             let pods = gateway::relay_pods_by_connections(client, ns, GATEWAY).await?;
-            let Some((pod, n)) = pods.into_iter().next() else {
-                return Ok(None);
-            };
-            last.store(n as u64, std::sync::atomic::Ordering::Relaxed);
+            let total: i64 = pods.iter().map(|(_, n)| n).sum();
+            last.store(total, std::sync::atomic::Ordering::Relaxed);
             // More than the two pages' connections would be someone else's: not waited out.
             ensure!(
-                n <= 2,
-                "the busiest relay pod has {n} connections, more than the pages'"
+                total <= 2,
+                "the relay pods have {total} connections, more than the pages'"
             );
-            Ok((n == 2).then_some(pod))
+            Ok((total == 2).then(|| {
+                pods.into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(p, _)| p)
+                    .collect()
+            }))
         }
     })
     .await;
-    // Both pages' connections (and the SSE page's POSTs) on one pod: the ClientIP affinity.
     found.with_context(|| {
         let n = last.load(std::sync::atomic::Ordering::Relaxed);
-        format!(
-            "the busiest relay pod has {n} connections, not both pages' (sessionAffinity: ClientIP)"
-        )
+        format!("the relay pods have {n} connections, not the pages' two")
     })
 }
 
-/// Round 1: SIGKILL to the relay process of the pod with the connection, or a force delete of
-/// the pod when this machine cannot see the node's processes (not root, or not the local node).
-async fn kill_busiest_relay(client: &Client, ns: &str) -> Result<String> {
-    let victim = busiest_pod(client, ns).await?;
-    let pid = gateway::container_id(&victim).and_then(|c| gateway::host_pid_of(&c, "wsrelay"));
-    match pid {
-        Ok(pid) => {
-            let mut kill = Command::new("kill");
-            kill.args(["-KILL", &pid.to_string()]);
-            wsrelay_e2e::tools::run(kill).context("SIGKILL to the relay process")?;
-            Ok(format!(
-                "relay process {pid} of pod {} killed with SIGKILL",
-                victim.name_any()
-            ))
-        }
-        Err(e) => {
-            Api::<Pod>::namespaced(client.clone(), ns)
-                .delete(
-                    &victim.name_any(),
-                    &DeleteParams {
-                        grace_period_seconds: Some(0),
-                        ..DeleteParams::default()
-                    },
-                )
-                .await?;
-            Ok(format!(
-                "pod {} force-deleted (no relay process to kill here: {e:#})",
-                victim.name_any()
-            ))
+/// Round 1: SIGKILL to the relay process of each pod with a page's connection, or a force
+/// delete of the pod when this machine cannot see the node's processes (not root, or not the
+/// local node).
+async fn kill_relays_with_pages(client: &Client, ns: &str) -> Result<String> {
+    let mut done = Vec::new();
+    for victim in pods_with_pages(client, ns).await? {
+        let pid = gateway::container_id(&victim).and_then(|c| gateway::host_pid_of(&c, "wsrelay"));
+        match pid {
+            Ok(pid) => {
+                let mut kill = Command::new("kill");
+                kill.args(["-KILL", &pid.to_string()]);
+                wsrelay_e2e::tools::run(kill).context("SIGKILL to the relay process")?;
+                done.push(format!(
+                    "relay process {pid} of pod {} killed with SIGKILL",
+                    victim.name_any()
+                ));
+            }
+            Err(e) => {
+                Api::<Pod>::namespaced(client.clone(), ns)
+                    .delete(
+                        &victim.name_any(),
+                        &DeleteParams {
+                            grace_period_seconds: Some(0),
+                            ..DeleteParams::default()
+                        },
+                    )
+                    .await?;
+                done.push(format!(
+                    "pod {} force-deleted (no relay process to kill here: {e:#})",
+                    victim.name_any()
+                ));
+            }
         }
     }
+    Ok(done.join("; "))
 }
 
-/// Round 2: the pod with the connection deleted with its grace period (the relay drains).
-async fn delete_busiest_pod(client: &Client, ns: &str) -> Result<String> {
-    let victim = busiest_pod(client, ns).await?;
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .delete(&victim.name_any(), &DeleteParams::default())
-        .await?;
-    Ok(format!("pod {} deleted (drain)", victim.name_any()))
+/// Round 2: the pods with the connections deleted with their grace period (the relays drain).
+async fn delete_pods_with_pages(client: &Client, ns: &str) -> Result<String> {
+    let mut done = Vec::new();
+    for victim in pods_with_pages(client, ns).await? {
+        Api::<Pod>::namespaced(client.clone(), ns)
+            .delete(&victim.name_any(), &DeleteParams::default())
+            .await?;
+        done.push(format!("pod {} deleted (drain)", victim.name_any()));
+    }
+    Ok(done.join("; "))
 }
 
 async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
@@ -289,11 +311,16 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
                 "channel": "feed.{id}",
                 "subject": format!("{}.{{id}}", subject_prefix(ns)),
                 "history": { "maxMessages": 1000, "maxAgeSeconds": 600 }
+            }, {
+                // Where the SSE page publishes (a POST each).
+                "channel": "pub.{id}",
+                "subject": format!("{}.{{id}}", pub_prefix(ns)),
+                "direction": "Publish"
             }],
             "limits": { "sendQueueLength": 2000 },
             "drain": { "gracePeriodSeconds": 5 },
-            // The SSE client's stream and POSTs must reach the same relay pod.
-            "service": { "type": gateway::service_type(), "port": 80, "sessionAffinity": "ClientIP" },
+            // The default, spelled out: the SSE client's stream and POSTs may reach any pod.
+            "service": { "type": gateway::service_type(), "port": 80, "sessionAffinity": "None" },
             "resources": { "requests": { "cpu": "10m", "memory": "16Mi" } }
         }
     }))?;

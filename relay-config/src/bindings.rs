@@ -60,6 +60,14 @@ pub struct Binding {
     /// Who is in the binding's channels (docs/protocol.md section 10). Absent: no presence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence: Option<super::Presence>,
+    /// Subscribe SSE sessions (and WebSockets that ask) to the binding's channel right after
+    /// their `welcome`, with no `subscribe` from the client (docs/protocol.md section 9,
+    /// *Streams without a client*), when its `authorize` allows: for clients with no SDK (a
+    /// bare EventSource, `curl -N`). Only for a channel the client chooses nothing of (no
+    /// placeholder: `notifications`, its subject filled from claims), that allows
+    /// `subscribe`, and that no earlier binding's pattern takes. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_subscribe: bool,
 }
 
 /// The history of a resumable binding: a NATS JetStream stream that captures the binding's
@@ -130,7 +138,64 @@ pub fn subject_filter(tokens: &[TemplateToken]) -> String {
         .join(".")
 }
 
+/// Whether the channel pattern `pattern` takes the channel `channel` (all literal tokens).
+/// Pure.
+fn pattern_takes(pattern: &[TemplateToken], channel: &[TemplateToken]) -> bool {
+    pattern.len() == channel.len()
+        && pattern.iter().zip(channel).all(|(p, c)| match (p, c) {
+            (TemplateToken::Var(_), _) => true,
+            (TemplateToken::Literal(p), TemplateToken::Literal(c)) => p == c,
+            _ => false,
+        })
+}
+
 impl Config {
+    /// `bindings[i].autoSubscribe`: its channel (`channel`, parsed) needs no client input,
+    /// allows subscribe, and is not taken by an earlier binding (the first that matches wins).
+    fn validate_auto_subscribe(
+        &self,
+        i: usize,
+        channel: Option<&[TemplateToken]>,
+        errs: &mut Vec<ValidationError>,
+    ) {
+        let b = &self.bindings[i];
+        let field = format!("bindings[{i}].autoSubscribe");
+        if !b.direction.allows_subscribe() {
+            errs.push(ValidationError::invalid(
+                field.clone(),
+                "needs a binding clients may subscribe to (direction subscribe or both)",
+            ));
+        }
+        let Some(channel) = channel else {
+            return;
+        };
+        if let Some(TemplateToken::Var(v)) =
+            channel.iter().find(|t| matches!(t, TemplateToken::Var(_)))
+        {
+            errs.push(ValidationError::invalid(
+                field,
+                format!(
+                    "the channel {:?} has the placeholder {{{v}}}, which the client would choose: an auto-subscribed channel must be a fixed name (fill the subject from claims instead, e.g. channel 'notifications', subject 'users.{{claims.sub}}.notify')",
+                    b.channel
+                ),
+            ));
+            return;
+        }
+        if let Some(j) = self.bindings[..i].iter().position(|e| {
+            e.direction.allows_subscribe()
+                && parse_template(&e.channel, true).is_ok_and(|p| pattern_takes(&p, channel))
+        }) {
+            errs.push(ValidationError::Conflict {
+                field,
+                other: format!("bindings[{j}].channel"),
+                reason: format!(
+                    "{:?} is taken by the earlier binding's pattern {:?} (the first binding that matches a channel wins)",
+                    b.channel, self.bindings[j].channel
+                ),
+            });
+        }
+    }
+
     pub(super) fn validate_bindings(&self, errs: &mut Vec<ValidationError>) {
         if self.bindings.is_empty() {
             errs.push(ValidationError::Required {
@@ -229,6 +294,9 @@ impl Config {
                     None
                 }
             };
+            if b.auto_subscribe {
+                self.validate_auto_subscribe(i, channel.as_deref(), errs);
+            }
             for dir in [b.direction.allows_subscribe(), b.direction.allows_publish()]
                 .iter()
                 .zip(["subscribe", "publish"])

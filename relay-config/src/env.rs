@@ -96,6 +96,7 @@ impl Config {
                 history: None,
                 authorize: None,
                 presence: None,
+                auto_subscribe: false,
             }],
             limits: Limits::default(),
             drain: Drain::default(),

@@ -38,6 +38,14 @@ pub struct Listen {
     /// Default `X-Forwarded-For`.
     #[serde(default = "default_client_ip_header")]
     pub client_ip_header: String,
+    /// The NATS subject under which each relay takes the SSE POSTs other relays forward to
+    /// it (`<sseForwardSubject>.<relay>`: a POST may reach any relay of the gateway,
+    /// docs/protocol.md section 9). Under `_WSRELAY` (no binding can map a channel there, so
+    /// no client can publish on it), fixed tokens of letters, digits, `-` and `_`, at most
+    /// 128 bytes. Read at the start. Default `_WSRELAY.sse`; the operator names it after the
+    /// gateway, so gateways that share a NATS account never take each other's POSTs.
+    #[serde(default = "default_sse_forward_subject")]
+    pub sse_forward_subject: String,
 }
 
 impl Default for Listen {
@@ -48,8 +56,25 @@ impl Default for Listen {
             path: default_ws_path(),
             trusted_proxies: Vec::new(),
             client_ip_header: default_client_ip_header(),
+            sse_forward_subject: default_sse_forward_subject(),
         }
     }
+}
+
+fn default_sse_forward_subject() -> String {
+    format!("{}.sse", super::RELAY_SUBJECT_PREFIX)
+}
+
+/// Whether `s` can be `listen.sseForwardSubject`: `_WSRELAY` or under it, fixed tokens of
+/// letters, digits, `-`, `_`, at most 128 bytes (room for the relay's token after it). Pure.
+pub fn is_sse_forward_subject(s: &str) -> bool {
+    s.len() <= 128
+        && s.split('.').next() == Some(super::RELAY_SUBJECT_PREFIX)
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn default_client_ip_header() -> String {
@@ -100,6 +125,16 @@ impl Config {
             errs.push(ValidationError::invalid(
                 "listen.clientIpHeader",
                 format!("{h:?} is not an HTTP header name"),
+            ));
+        }
+        if !is_sse_forward_subject(&self.listen.sse_forward_subject) {
+            errs.push(ValidationError::invalid(
+                "listen.sseForwardSubject",
+                format!(
+                    "{:?} is not a fixed NATS subject under {} (dot-separated names of letters, digits, '-', '_'; at most 128 bytes)",
+                    self.listen.sse_forward_subject,
+                    super::RELAY_SUBJECT_PREFIX
+                ),
             ));
         }
         if let Some(tls) = &self.tls {

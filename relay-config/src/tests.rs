@@ -643,3 +643,86 @@ fn storm_control_is_off_unless_set_and_its_burst_defaults_to_the_rate() {
         );
     }
 }
+
+#[test]
+fn the_sse_forward_subject_is_a_fixed_subject_under_the_relays_prefix() {
+    let c = Config::example("nats://x:1");
+    assert_eq!(c.listen.sse_forward_subject, "_WSRELAY.sse");
+    for (subject, ok) in [
+        ("_WSRELAY", true),
+        ("_WSRELAY.sse.team-a.chat_1", true),
+        ("sse.x", false),
+        ("_WSRELAYS.sse", false),
+        ("_WSRELAY.*", false),
+        ("_WSRELAY.>", false),
+        ("_WSRELAY..x", false),
+        ("_WSRELAY.a b", false),
+        ("", false),
+    ] {
+        let mut c = c.clone();
+        c.listen.sse_forward_subject = subject.into();
+        let bad = c
+            .validate()
+            .err()
+            .is_some_and(|e| e.0.iter().any(|e| e.field() == "listen.sseForwardSubject"));
+        assert_eq!(!bad, ok, "{subject:?}");
+    }
+    let mut long = c.clone();
+    long.listen.sse_forward_subject = format!("_WSRELAY.{}", "a".repeat(120));
+    assert!(long.validate().is_err());
+}
+
+#[test]
+fn auto_subscribe_needs_a_fixed_channel_that_allows_subscribe_and_is_its_own() {
+    let config = |bindings: &str| -> Config {
+        serde_json::from_str(&format!(
+            r#"{{"nats":{{"urls":["nats://n:4222"]}},"auth":{{"jwt":{{"algorithms":["HS256"],"key":{{"hmacSecretFile":"/k"}}}}}},"bindings":{bindings}}}"#
+        ))
+        .unwrap()
+    };
+    let fields = |c: &Config| -> Vec<String> {
+        c.validate()
+            .err()
+            .map(|e| e.0.iter().map(|e| e.to_string()).collect())
+            .unwrap_or_default()
+    };
+    let ok = config(
+        r#"[{"channel":"orders.{id}","subject":"orders.{id}"},
+            {"channel":"notifications","subject":"users.{claims.sub}.notify","autoSubscribe":true}]"#,
+    );
+    assert_eq!(fields(&ok), Vec::<String>::new());
+    assert!(ok.bindings[1].auto_subscribe && !ok.bindings[0].auto_subscribe);
+    // Absent when false: existing configs keep their bytes.
+    assert!(
+        !serde_json::to_string(&ok.bindings[0])
+            .unwrap()
+            .contains("auto")
+    );
+
+    let e = fields(&config(
+        r#"[{"channel":"orders.{id}","subject":"orders.{id}","autoSubscribe":true}]"#,
+    ));
+    assert!(
+        e.iter().any(|e| e.starts_with("bindings[0].autoSubscribe")
+            && e.contains("placeholder {id}, which the client would choose")),
+        "{e:?}"
+    );
+    let e = fields(&config(
+        r#"[{"channel":"n","subject":"u.{claims.sub}","direction":"publish","autoSubscribe":true}]"#,
+    ));
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("bindings[0].autoSubscribe") && e.contains("subscribe")),
+        "{e:?}"
+    );
+    let e = fields(&config(
+        r#"[{"channel":"{any}","subject":"all.{any}"},
+            {"channel":"notifications","subject":"u.{claims.sub}","autoSubscribe":true}]"#,
+    ));
+    assert!(
+        e.iter().any(|e| e.starts_with("bindings[1].autoSubscribe")
+            && e.contains("bindings[0].channel")
+            && e.contains("taken by the earlier binding")),
+        "{e:?}"
+    );
+}

@@ -354,12 +354,33 @@ impl Authenticator {
     ) -> Result<(Identity, Option<TokenVia>), AuthError> {
         check_origin(&self.config.allowed_origins, headers)?;
         let found = extract_token(&self.config.token_sources, headers, query);
-        match (found, &self.verifier) {
-            (Some((token, via)), Some(v)) => Ok((v.verify(&token).await?, Some(via))),
+        let via = found.as_ref().map(|(_, via)| *via);
+        let identity = self
+            .identify(found.as_ref().map(|(t, _)| t.as_str()))
+            .await?;
+        Ok((identity, via))
+    }
+
+    /// The Origin check, then the token a request carries (its first configured source),
+    /// not yet verified: what an SSE POST forwarded to another relay carries
+    /// (`edge::sse::forward`), which [`Authenticator::identify`] decides there.
+    pub fn token_of(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Option<String>, AuthError> {
+        check_origin(&self.config.allowed_origins, headers)?;
+        Ok(extract_token(&self.config.token_sources, headers, query).map(|(t, _)| t))
+    }
+
+    /// Decides on the token a request carried (`None`: none, anonymous if allowed).
+    pub async fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+        match (token, &self.verifier) {
+            (Some(token), Some(v)) => v.verify(token).await,
             (Some(_), None) => Err(AuthError::InvalidToken(
                 "tokens are not accepted by this relay".into(),
             )),
-            (None, _) if self.config.allow_anonymous => Ok((Identity::default(), None)),
+            (None, _) if self.config.allow_anonymous => Ok(Identity::default()),
             (None, _) => Err(AuthError::MissingToken),
         }
     }

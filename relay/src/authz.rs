@@ -394,6 +394,7 @@ mod tests {
             history: None,
             authorize: None,
             presence: None,
+            auto_subscribe: false,
         }
     }
 

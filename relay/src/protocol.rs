@@ -785,6 +785,70 @@ pub fn ok_as_server_subscribed(ok: &str, channel: &str) -> String {
     out
 }
 
+/// A subscribe's `ok` without an id as the `subscribed` frame of an auto-subscription to
+/// `channel` (a binding with `autoSubscribe`, docs/protocol.md section 9): `"auto":true`, then
+/// the `ok`'s fields (a resumable channel's `epoch`, `seq`, `recovered`; the backend's
+/// `data`).
+pub fn ok_as_auto_subscribed(ok: &str, channel: &str) -> String {
+    let rest = ok
+        .strip_prefix("{\"type\":\"ok\",\"id\":null")
+        .unwrap_or("}");
+    let mut out = String::from("{\"type\":\"subscribed\",\"channel\":");
+    push_json_str(&mut out, channel);
+    out.push_str(",\"auto\":true");
+    out.push_str(rest);
+    out
+}
+
+/// Where a frame the relay sends puts a channel: a `message` at its `seq`, or an
+/// auto-subscription's `subscribed` at its `epoch` and `seq` (a resumable channel's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    /// An auto-subscribed resumable channel's start.
+    Subscribed {
+        /// The channel.
+        channel: String,
+        /// Its stream's epoch.
+        epoch: String,
+        /// The position.
+        seq: u64,
+    },
+    /// A message with a position.
+    Message {
+        /// The channel.
+        channel: String,
+        /// Its position.
+        seq: u64,
+    },
+}
+
+/// The position `frame` (one the relay encoded) carries, if any. Reads the frame's
+/// top-level fields only (the payload is skipped, not built). Pure.
+pub fn position_of(frame: &str) -> Option<Position> {
+    #[derive(Deserialize)]
+    struct Peek<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        channel: Option<std::borrow::Cow<'a, str>>,
+        epoch: Option<String>,
+        seq: Option<u64>,
+        #[serde(default)]
+        auto: bool,
+    }
+    let p: Peek<'_> = serde_json::from_str(frame).ok()?;
+    let (channel, seq) = (p.channel?.into_owned(), p.seq?);
+    match (p.kind.as_ref(), p.epoch) {
+        ("message", _) => Some(Position::Message { channel, seq }),
+        ("subscribed", Some(epoch)) if p.auto => Some(Position::Subscribed {
+            channel,
+            epoch,
+            seq,
+        }),
+        _ => None,
+    }
+}
+
 /// Why a relay tells a connection to reconnect elsewhere (the `drain` frame's `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainReason {
@@ -820,6 +884,41 @@ mod tests {
 
     fn v(s: &str) -> Value {
         serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn an_auto_subscription_is_a_subscribed_frame_and_positions_are_read_back() {
+        let ok = encode_ok_position(None, "e1", 17, Some(true));
+        let f = ok_as_auto_subscribed(&ok, "notifications");
+        assert_eq!(
+            v(&f),
+            json!({"type": "subscribed", "channel": "notifications", "auto": true, "epoch": "e1", "seq": 17, "recovered": true})
+        );
+        assert_eq!(
+            position_of(&f),
+            Some(Position::Subscribed {
+                channel: "notifications".into(),
+                epoch: "e1".into(),
+                seq: 17
+            })
+        );
+        let live = ok_as_auto_subscribed(&encode_ok(None), "n");
+        assert_eq!(
+            v(&live),
+            json!({"type": "subscribed", "channel": "n", "auto": true})
+        );
+        assert_eq!(position_of(&live), None);
+        let m = encode_message_at("n", b"{\"a\":[1,{\"seq\":9}]}", Some((43, 17)));
+        assert_eq!(
+            position_of(&m),
+            Some(Position::Message {
+                channel: "n".into(),
+                seq: 43
+            })
+        );
+        assert_eq!(position_of(&encode_message("n", b"{}")), None);
+        assert_eq!(position_of(&encode_server_subscribed("n")), None);
+        assert_eq!(position_of("not json"), None);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub fn binding(channel: &str, subject: &str, direction: Direction) -> Binding {
         history: None,
         authorize: None,
         presence: None,
+        auto_subscribe: false,
     }
 }
 
@@ -395,6 +396,9 @@ impl RelayProcess {
             .args(["--log-format", "json", "run", "--config"])
             .arg(config_path)
             .env("WSRELAY_LOG", log_filter)
+            // Its name from its config (`nats.name`, `registry.relayName`), not the host's:
+            // the relays a test runs on this host need names of their own.
+            .env_remove("HOSTNAME")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

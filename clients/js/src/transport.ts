@@ -181,7 +181,11 @@ export function sseTransport(opts: SseTransportOptions = {}): TransportFactory {
       const doFetch = opts.fetch ?? (globalThis as { fetch?: typeof fetch }).fetch;
       if (!ES || !doFetch) throw new Error("no EventSource or fetch here");
       const current = params.currentToken ?? (() => params.token);
-      const es = new ES(sseUrl(params.url, params.token).toString(), { withCredentials: !!opts.withCredentials });
+      // The SDK subscribes itself: no auto-subscriptions (docs/protocol.md section 9), which
+      // would take the channels it subscribes to.
+      const streamUrl = sseUrl(params.url, params.token);
+      streamUrl.searchParams.set("autoSubscribe", "false");
+      const es = new ES(streamUrl.toString(), { withCredentials: !!opts.withCredentials });
       let done = false;
       let postUrl: URL | undefined;
       // Frames waiting for their POST; `requests` counts the requests among them (the bound).

@@ -676,7 +676,9 @@ pub enum TokenLocation {
     validation = Rule::new("self.subject.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("subject uses a placeholder its channel does not define: a subject may use only the channel's own {placeholders} and {claims.*}"),
     validation = Rule::new("!has(self.presence) || !has(self.direction) || self.direction != 'Publish'").message("presence makes the channel's subscribers its members: a binding with presence must allow subscribe (direction Subscribe or Both)"),
     validation = Rule::new("!has(self.presence) || !has(self.presence.key) || self.presence.key.findAll('[{][^}]*[}]').all(p, p.startsWith('{claims.') || self.channel.contains(p))").message("presence.key uses a placeholder its channel does not define: a key may use only the channel's own {placeholders} and {claims.*}"),
-    validation = Rule::new("!self.subject.startsWith('{') && self.subject != '_INBOX' && !self.subject.startsWith('_INBOX.') && self.subject != '_WSRELAY' && !self.subject.startsWith('_WSRELAY.')").message("subject must start with a fixed name, outside _INBOX and _WSRELAY: a placeholder first could reach NATS's own subjects ($JS., $SYS., _INBOX.), and _WSRELAY is the relay's own")
+    validation = Rule::new("!self.subject.startsWith('{') && self.subject != '_INBOX' && !self.subject.startsWith('_INBOX.') && self.subject != '_WSRELAY' && !self.subject.startsWith('_WSRELAY.')").message("subject must start with a fixed name, outside _INBOX and _WSRELAY: a placeholder first could reach NATS's own subjects ($JS., $SYS., _INBOX.), and _WSRELAY is the relay's own"),
+    validation = Rule::new("!has(self.autoSubscribe) || !self.autoSubscribe || !self.channel.contains('{')").message("autoSubscribe needs a channel the client chooses nothing of: no {placeholder} in the channel (fill the subject from claims instead, e.g. channel notifications, subject users.{claims.sub}.notify)"),
+    validation = Rule::new("!has(self.autoSubscribe) || !self.autoSubscribe || !has(self.direction) || self.direction != 'Publish'").message("autoSubscribe subscribes clients to the channel: the binding must allow subscribe (direction Subscribe or Both)")
 )]
 pub struct Binding {
     /// The channel clients name, e.g. `orders.{id}` or `notifications`.
@@ -707,6 +709,15 @@ pub struct Binding {
     /// which needs NATS with JetStream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence: Option<PresenceSpec>,
+    /// Subscribe every SSE session (and WebSockets that ask, `?autoSubscribe=true`) to the
+    /// channel right after its `welcome`, when the binding's `authorize` allows, with no
+    /// `subscribe` from the client: a bare `EventSource` or `curl -N` then receives it with a
+    /// URL and a token, and on a binding with `history` resumes through the browser's own
+    /// reconnect (`Last-Event-ID`). Only for a channel with no `{placeholder}` (its subject
+    /// filled from claims, e.g. `notifications` → `users.{claims.sub}.notify`) that allows
+    /// subscribe and that no earlier binding's pattern takes (docs/protocol.md section 9).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_subscribe: bool,
 }
 
 /// A binding's presence.
@@ -1387,13 +1398,11 @@ pub struct ServiceSpec {
     #[schemars(extend("maxProperties" = 32))]
     pub annotations: BTreeMap<String, String>,
     /// `ClientIP`: the Service sends every connection from one client address to the same
-    /// relay pod (for 3 hours after the address's last connection). Needed with more than one
-    /// replica when browsers may use the SSE fallback and reach this Service directly: the
-    /// event stream and its POSTs are separate connections and must reach the same pod.
-    /// `None` (the default) balances each connection on its own: WebSocket clients need no
-    /// affinity, and behind an ingress (which balances to the pods itself: use its cookie
-    /// affinity) or a load balancer that hides client addresses, `ClientIP` would pin every
-    /// client to one pod. See docs/client.md.
+    /// relay pod (for 3 hours after the address's last connection). No longer needed for
+    /// anything: an SSE POST may reach any relay pod, which forwards it to the pod holding the
+    /// session (docs/protocol.md section 9). `None` (the default) balances each connection
+    /// on its own; `ClientIP` pins every client behind one address (a NAT, a load balancer
+    /// that hides client addresses) to one pod. Kept for gateways that set it.
     #[serde(default)]
     pub session_affinity: SessionAffinity,
 }

@@ -225,6 +225,21 @@ pub fn gateway_subject(prefix: &str, namespace: &str, name: &str) -> String {
     format!("{prefix}.{namespace}.{}", name.replace('.', "_"))
 }
 
+/// The subject a gateway's relays forward SSE POSTs under (`listen.sseForwardSubject`):
+/// `_WSRELAY.sse.<namespace>.<name>`, so that gateways on one NATS account never take each
+/// other's; `_WSRELAY.sse.<hash24>` of `<namespace>/<name>` when that is longer than the
+/// relay accepts. Pure.
+pub fn sse_forward_subject(namespace: &str, name: &str) -> String {
+    let prefix = format!("{}.sse", relay::RELAY_SUBJECT_PREFIX);
+    let full = gateway_subject(&prefix, namespace, name);
+    if relay::is_sse_forward_subject(&full) {
+        return full;
+    }
+    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}.{}", &hex[..24])
+}
+
 /// The relay config's `events`, when the spec has them: the subject under the gateway's
 /// namespace and name, the stream [`events_stream`] names. Pure.
 pub fn relay_events(
@@ -428,6 +443,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
             path: WS_PATH.to_string(),
             trusted_proxies: trusted_proxies(&spec.network.trusted_proxies),
             client_ip_header: spec.network.client_ip_header.clone(),
+            sse_forward_subject: sse_forward_subject(namespace, name),
         },
         tls: spec.tls.as_ref().map(|_| relay::ServerTls {
             cert_file: PathBuf::from(format!("{TLS_DIR}/tls.crt")),
@@ -473,6 +489,7 @@ pub fn relay_config(spec: &WebsocketGatewaySpec, namespace: &str, name: &str) ->
                 }),
                 authorize: b.authorize.as_ref().map(relay_authorize),
                 presence: b.presence.as_ref().map(relay_presence),
+                auto_subscribe: b.auto_subscribe,
             })
             .collect(),
         limits: relay::Limits {
@@ -646,6 +663,21 @@ mod tests {
             tls.key_file,
             Some(PathBuf::from("/etc/wsrelay/secrets/nats-client/tls.key"))
         );
+    }
+
+    #[test]
+    fn sse_forward_subjects_are_per_gateway_and_always_valid() {
+        assert_eq!(
+            sse_forward_subject("team-a", "chat"),
+            "_WSRELAY.sse.team-a.chat"
+        );
+        assert_eq!(
+            sse_forward_subject("team-a", "chat.v2"),
+            "_WSRELAY.sse.team-a.chat_v2"
+        );
+        let long = sse_forward_subject(&"n".repeat(63), &"g".repeat(200));
+        assert!(relay::is_sse_forward_subject(&long), "{long}");
+        assert_ne!(long, sse_forward_subject(&"n".repeat(63), &"h".repeat(200)));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::access::{Denied, Who};
 use crate::auth::{AuthError, Identity, TokenVia};
 use crate::limits::{AcceptBucket, ConnCounter, CountGuard, InFlight, client_ip, ip_key};
 use crate::protocol::close;
+use crate::session::auto::AutoSubscribe;
 use crate::slots::{Slot, Slots};
 use crate::state::Relay;
 
@@ -96,13 +97,23 @@ pub enum Refusal {
     /// `?resume=` is not a connection id (docs/protocol.md section 1).
     #[error("resume is not a connection id")]
     BadResume,
+    /// `?autoSubscribe=` is neither `true` nor `false` (docs/protocol.md section 9).
+    #[error("autoSubscribe is neither true nor false")]
+    BadAutoSubscribe,
+    /// `Last-Event-ID` (or `?lastEventId=`) is not one the relay wrote (section 9).
+    #[error("Last-Event-ID is not one the relay wrote: {0}")]
+    BadLastEventId(#[from] super::sse::event_id::BadEventId),
 }
 
 impl Refusal {
     /// The HTTP status answered.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NotWebsocket | Self::Subprotocol | Self::BadResume => StatusCode::BAD_REQUEST,
+            Self::NotWebsocket
+            | Self::Subprotocol
+            | Self::BadResume
+            | Self::BadAutoSubscribe
+            | Self::BadLastEventId(_) => StatusCode::BAD_REQUEST,
             Self::Draining
             | Self::Rebalancing
             | Self::MaxConnections
@@ -134,6 +145,8 @@ impl Refusal {
             Self::ConnectUnavailable => "connect_unavailable",
             Self::Revoked => "revoked",
             Self::BadResume => "bad_resume",
+            Self::BadAutoSubscribe => "bad_auto_subscribe",
+            Self::BadLastEventId(_) => "bad_last_event_id",
         }
     }
 
@@ -201,6 +214,49 @@ pub struct Admitted {
     pub data: Option<Arc<str>>,
     /// The connection it asks to resume (`?resume=`), a connection id.
     pub resume: Option<String>,
+    /// Its auto-subscriptions, when it asked for them (docs/protocol.md section 9).
+    pub auto: Option<AutoSubscribe>,
+}
+
+/// The header EventSource sends back the last event id in when it reconnects.
+const LAST_EVENT_ID: &str = "last-event-id";
+
+/// Whether a connection asks for its auto-subscriptions (`?autoSubscribe=true|false`, else
+/// `by_default`), and where to resume them: `Last-Event-ID`, else `?lastEventId=` (the
+/// header first: EventSource's own reconnect sends the newest id there, while the URL keeps
+/// the one it was opened with). Pure.
+pub fn auto_param(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    by_default: bool,
+) -> Result<Option<AutoSubscribe>, Refusal> {
+    let param = |name: &str| {
+        query.and_then(|q| {
+            form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == name).then_some(v))
+        })
+    };
+    let on = match param("autoSubscribe").as_deref() {
+        None => by_default,
+        Some("true" | "1") => true,
+        Some("false" | "0") => false,
+        Some(_) => return Err(Refusal::BadAutoSubscribe),
+    };
+    if !on {
+        return Ok(None);
+    }
+    let id = match headers.get(LAST_EVENT_ID) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| super::sse::event_id::BadEventId::Entry)?
+                .to_owned(),
+        ),
+        None => param("lastEventId").map(|v| v.into_owned()),
+    };
+    let since = match id {
+        Some(id) => super::sse::event_id::decode(id.trim())?,
+        None => Default::default(),
+    };
+    Ok(Some(AutoSubscribe { since }))
 }
 
 /// The `resume` query parameter: `Ok(None)` when absent, an error when it is not a
@@ -234,6 +290,9 @@ pub struct Asking<'a> {
     pub query: Option<&'a str>,
     /// The TCP peer it came from.
     pub peer: Option<SocketAddr>,
+    /// Whether it gets its auto-subscriptions unless it says `?autoSubscribe=false` (an SSE
+    /// session; a WebSocket must ask).
+    pub auto_by_default: bool,
 }
 
 /// Admits a connection, or says why not.
@@ -249,6 +308,7 @@ pub async fn admit(
         return Err(Refusal::Rebalancing);
     }
     let resume = resume_param(req.query)?;
+    let auto = auto_param(req.headers, req.query, req.auto_by_default)?;
     let settings = relay.settings();
     // Per client address first: the cheapest refusal, before any token is verified.
     let per_ip = match req.peer {
@@ -358,12 +418,56 @@ pub async fn admit(
         via,
         data,
         resume,
+        auto,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_subscriptions_are_asked_for_by_the_transport_or_the_query_and_resumed_by_the_id() {
+        let none = HeaderMap::new();
+        assert_eq!(auto_param(&none, None, false).unwrap(), None);
+        assert_eq!(
+            auto_param(&none, None, true).unwrap(),
+            Some(AutoSubscribe::default())
+        );
+        assert_eq!(
+            auto_param(&none, Some("autoSubscribe=false"), true).unwrap(),
+            None
+        );
+        assert!(
+            auto_param(&none, Some("autoSubscribe=true"), false)
+                .unwrap()
+                .is_some()
+        );
+        let e = auto_param(&none, Some("autoSubscribe=yes"), true).unwrap_err();
+        assert_eq!(
+            (e.status(), e.label()),
+            (StatusCode::BAD_REQUEST, "bad_auto_subscribe")
+        );
+
+        let q = Some("lastEventId=n%3Ae%3A3");
+        let from_query = auto_param(&none, q, true).unwrap().unwrap();
+        assert_eq!(from_query.since["n"].seq, 3);
+        let mut h = HeaderMap::new();
+        h.insert("Last-Event-ID", "n:e:7".parse().unwrap());
+        assert_eq!(
+            auto_param(&h, q, true).unwrap().unwrap().since["n"].seq,
+            7,
+            "the header first"
+        );
+        h.insert("Last-Event-ID", "n:e".parse().unwrap());
+        let e = auto_param(&h, None, true).unwrap_err();
+        assert_eq!(
+            (e.status(), e.label()),
+            (StatusCode::BAD_REQUEST, "bad_last_event_id")
+        );
+        // Not read when the connection has no auto-subscriptions.
+        assert_eq!(auto_param(&h, None, false).unwrap(), None);
+    }
 
     #[test]
     fn resume_is_a_connection_id_or_a_400() {

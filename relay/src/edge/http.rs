@@ -80,8 +80,8 @@ pub fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &s
 }
 
 /// A plain answer that closes the connection after it (one request per TCP connection).
-pub fn answer(status: StatusCode, text: &'static str) -> Response {
-    let mut resp = (status, text).into_response();
+pub fn answer(status: StatusCode, text: impl Into<std::borrow::Cow<'static, str>>) -> Response {
+    let mut resp = (status, text.into()).into_response();
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp

@@ -28,15 +28,24 @@ pub struct Edge {
     pub relay: Arc<Relay>,
     /// Admission's counters.
     pub admission: Admission,
+    /// The SSE sessions this relay holds.
+    pub sessions: Arc<sse::Sessions>,
 }
 
 impl Edge {
     /// The edge of `relay`.
     pub fn new(relay: Arc<Relay>) -> Self {
-        let max = relay.settings().config.limits.max_connections as usize;
+        let settings = relay.settings();
+        let max = settings.config.limits.max_connections as usize;
+        let sessions = Arc::new(sse::Sessions::new(
+            &relay.name,
+            &settings.config.listen.sse_forward_subject,
+        ));
+        drop(settings);
         Self {
             relay,
             admission: Admission::new(max),
+            sessions,
         }
     }
 

@@ -82,6 +82,7 @@ async fn handshake(edge: Arc<Edge>, mut req: Request, span: tracing::Span) -> Re
         headers,
         query: req.uri().query(),
         peer: req.extensions().get::<Peer>().map(|p| p.0),
+        auto_by_default: false,
     };
     let admitted = match admit(relay, &edge.admission, asking).await {
         Ok(a) => a,
@@ -121,6 +122,7 @@ async fn handshake(edge: Arc<Edge>, mut req: Request, span: tracing::Span) -> Re
             crate::session::Welcome {
                 data: admitted.data,
                 resumed,
+                auto: admitted.auto,
             },
         )
         .instrument(tracing::debug_span!("connection", conn = id))

@@ -171,6 +171,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let control = tokio::spawn(super::control::serve(relay.clone()));
     let revocations = tokio::spawn(super::revocations::watch(relay.clone()));
     let server_subs = tokio::spawn(super::serversubs::watch(relay.clone()));
+    // SSE POSTs other relays forward to this one (docs/protocol.md section 9).
+    let forwarded = tokio::spawn(crate::edge::sse::forward::serve(
+        relay.clone(),
+        edge.sessions.clone(),
+    ));
     let tasks = vec![
         refusals,
         history,
@@ -178,6 +183,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         control,
         revocations,
         server_subs,
+        forwarded,
         tokio::spawn(crate::edge::listener::serve(
             client_listener,
             edge.clone(),

@@ -10,6 +10,7 @@
 //! close frame (bounded), and ends; the reader lingers for the client's close reply
 //! (bounded); [`run`] unregisters and counts the close under its label.
 
+pub mod auto;
 pub mod reader;
 pub mod requests;
 pub mod server_subs;
@@ -36,6 +37,8 @@ pub struct Welcome {
     pub data: Option<Arc<str>>,
     /// Whether the connection the client named was resumed (when it named one).
     pub resumed: Option<bool>,
+    /// The auto-subscriptions to make after it, when the connection asked for them.
+    pub auto: Option<auto::AutoSubscribe>,
 }
 
 /// Runs a registered connection to its end over `sink` and `stream`, then unregisters it.
@@ -72,6 +75,9 @@ pub async fn run<Si, St>(
             &server_channels,
         )));
     server_subs::on_admit(&relay, &conn, server_channels);
+    if let Some(a) = welcome.auto {
+        auto::on_admit(&relay, &conn, a);
+    }
     let done = CancellationToken::new();
     // The writer is a task of its own: joined with the reader in one task, every delivery's
     // wake-up also polled the reader (its socket, idle and expiry timers, cancellation),

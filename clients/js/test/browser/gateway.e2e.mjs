@@ -18,7 +18,12 @@
 //   WSRELAY_E2E_CHANNEL   the resumable channel the page subscribes to
 //   WSRELAY_E2E_ROUNDS    how many disruptions (default 1)
 //   WSRELAY_E2E_SSE       1: a second page whose WebSocket is blocked subscribes too, over the
-//                         SSE fallback (the Service needs sessionAffinity: ClientIP)
+//                         SSE fallback (the Service has sessionAffinity: None: its POSTs may
+//                         reach any relay pod, which forwards them to the session's); it also
+//                         publishes PUBLISHES messages before the first disruption and as many
+//                         after the last, on WSRELAY_E2E_PUB_CHANNEL (NATS subject
+//                         WSRELAY_E2E_PUB_SUBJECT), and counts its POSTs: none may be refused
+//                         with 404, and at least 2 * PUBLISHES are made
 import assert from "node:assert/strict";
 import { createInterface } from "node:readline";
 import { launchBrowser, natsClient, pageApi, sleep, startPageServer, waitFor } from "./harness.mjs";
@@ -35,6 +40,10 @@ const subject = env("WSRELAY_E2E_SUBJECT");
 const channel = env("WSRELAY_E2E_CHANNEL");
 const rounds = Number(env("WSRELAY_E2E_ROUNDS", "1"));
 const sse = env("WSRELAY_E2E_SSE", "0") === "1";
+const pubChannel = sse ? env("WSRELAY_E2E_PUB_CHANNEL") : undefined;
+const pubSubject = sse ? env("WSRELAY_E2E_PUB_SUBJECT") : undefined;
+/** Messages the SSE page publishes before the first disruption, and again after the last. */
+const PUBLISHES = 100;
 /** Messages a second, and how many after the last resume before stopping. */
 const RATE = 20;
 const TAIL = 20;
@@ -61,6 +70,25 @@ try {
         window.WebSocket = function () {
           throw new Error("WebSocket blocked by the test");
         };
+        // Every POST the SDK makes (it reads fetch when it opens a session), by status
+        // (0: a network error).
+        const realFetch = window.fetch.bind(window);
+        window.__posts = { total: 0, byStatus: {} };
+        const count = (status) => {
+          window.__posts.total++;
+          window.__posts.byStatus[status] = (window.__posts.byStatus[status] ?? 0) + 1;
+        };
+        window.fetch = async (input, init) => {
+          const post = init?.method === "POST";
+          try {
+            const r = await realFetch(input, init);
+            if (post) count(r.status);
+            return r;
+          } catch (e) {
+            if (post) count(0);
+            throw e;
+          }
+        };
       });
     await page.goto(pages.origin + "/");
     await page.waitForFunction(() => window.T?.ready === true, null, { timeout: 20_000 });
@@ -71,10 +99,21 @@ try {
     await p.subscribe(name, channel);
     const [first] = await p.waitSubscribed(name, channel, 1, 30_000);
     assert.equal(first.resumable, true, `the channel is resumable: ${JSON.stringify(first)}`);
-    return { name, p, first, transport: connected.transport, resumes: [] };
+    return { name, page, p, first, transport: connected.transport, resumes: [] };
   }
   const clients = [await openClient("ws", "eve", false)];
   if (sse) clients.push(await openClient("sse", "sam", true));
+  const sseClient = clients.find((c) => c.transport === "sse");
+  const pubReceived = sse ? await nc.subscribe(pubSubject) : [];
+  /** The SSE page publishes `PUBLISHES` messages, one POST each, numbered from `from`. */
+  async function publishFromSse(from) {
+    for (let k = from; k < from + PUBLISHES; k++) {
+      const r = await sseClient.p.publish(sseClient.name, pubChannel, k);
+      assert.equal(r.ok, true, `the SSE page's publish ${k}: ${JSON.stringify(r)}`);
+    }
+    await waitFor(`the SSE page's ${from + PUBLISHES - 1} publishes on NATS`, 30_000, () => pubReceived.length >= from + PUBLISHES - 1, 100);
+  }
+  if (sse) await publishFromSse(1);
 
   let n = 0;
   let stopAt = MAX_MESSAGES;
@@ -111,6 +150,7 @@ try {
       console.error(`round ${i}: ${name} (${connectedNow.transport}) disconnected with ${d.code}, connected again after ${connectedNow.at - d.at} ms, recovered: ${s.recovered}`);
     }
   }
+  if (sse) await publishFromSse(PUBLISHES + 1);
   stopAt = n + TAIL;
   await Promise.race([published, sleep(30_000)]);
   assert.equal(n, stopAt, "the publisher finished");
@@ -137,6 +177,16 @@ try {
     if (got.join(",") !== want.join(",")) failures.push(`${name}: not 1..${n} in order`);
     if (pos.length !== n || chainBreaks) failures.push(`${name}: ${pos.length} positions, ${chainBreaks} chain breaks`);
     if (st.duplicatesDropped) failures.push(`${name}: the relays sent ${st.duplicatesDropped} messages twice`);
+  }
+  if (sse) {
+    const posts = await sseClient.page.evaluate(() => window.__posts);
+    const published = pubReceived.map((m) => Number(m.payload));
+    figures.ssePosts = posts;
+    figures.ssePublished = published.length;
+    if (posts.byStatus[404]) failures.push(`sse: ${posts.byStatus[404]} POSTs refused with 404`);
+    if (posts.total < 2 * PUBLISHES) failures.push(`sse: ${posts.total} POSTs, fewer than ${2 * PUBLISHES}`);
+    const want = Array.from({ length: 2 * PUBLISHES }, (_, i) => i + 1);
+    if (published.join(",") !== want.join(",")) failures.push(`sse: published ${published.length} messages, not 1..${2 * PUBLISHES} once in order`);
   }
   out(`FIGURES ${JSON.stringify(figures)}`);
   assert.deepEqual(failures, [], "every message once, in order, on every client");

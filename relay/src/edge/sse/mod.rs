@@ -5,8 +5,14 @@
 //! A session *is* a connection: it is admitted like an upgrade (`edge::admit`), registered,
 //! counted, and served by the one session loop (`crate::session::run`) over the SSE
 //! transport ([`transport`]). The session ends when its stream ends (the client left), or
-//! when the connection closes.
+//! when the connection closes. Its id ([`id`]) names the relay that holds it, so a POST
+//! that reaches another relay is forwarded there over NATS ([`forward`]) and decided as a
+//! local one ([`post`]).
 
+pub mod event_id;
+pub mod forward;
+pub mod id;
+pub mod post;
 pub mod transport;
 
 use std::collections::HashMap;
@@ -28,8 +34,9 @@ use super::Edge;
 use super::admit::{Asking, Refusal, admit};
 use super::http::{Peer, StreamHandoff, refuse, refused_after_upgrade};
 use crate::conn::Conn;
-use crate::conn::close::Cause;
 use crate::state::Relay;
+use id::SessionId;
+use post::{Answer, Post};
 use transport::{close_event, event};
 
 /// Frames POSTed to one session that may wait for its connection loop.
@@ -40,33 +47,75 @@ const BODY_CHUNKS: usize = 16;
 const POST_WAIT: Duration = Duration::from_secs(5);
 
 /// One open session, as a POST finds it.
+#[derive(Debug)]
 struct Session {
     conn: Arc<Conn>,
     inbox: mpsc::Sender<Message>,
+}
+
+/// The sessions this relay holds, and what names them: this relay's token (the first part
+/// of their ids) and the subject prefix forwarded POSTs travel under.
+#[derive(Debug)]
+pub struct Sessions {
+    map: Mutex<HashMap<SessionId, Session>>,
+    own: String,
+    forward_prefix: String,
+}
+
+impl Sessions {
+    /// The sessions of the relay named `relay` (its name, as in connection ids), whose
+    /// forwarded POSTs travel under `forward_prefix` (`listen.sseForwardSubject`).
+    pub fn new(relay: &str, forward_prefix: &str) -> Self {
+        Self {
+            map: Mutex::default(),
+            own: crate::config::relay_token(relay),
+            forward_prefix: forward_prefix.to_owned(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Session>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This relay's token, as session ids name it.
+    pub fn own(&self) -> &str {
+        &self.own
+    }
+
+    /// `listen.sseForwardSubject` at the start.
+    pub fn forward_prefix(&self) -> &str {
+        &self.forward_prefix
+    }
+
+    fn get(&self, id: &SessionId) -> Option<(Arc<Conn>, mpsc::Sender<Message>)> {
+        self.lock()
+            .get(id)
+            .map(|s| (s.conn.clone(), s.inbox.clone()))
+    }
+
+    fn holds(&self, id: &SessionId) -> bool {
+        self.lock().contains_key(id)
+    }
 }
 
 /// The state of the SSE routes.
 #[derive(Clone)]
 struct Sse {
     edge: Arc<Edge>,
-    sessions: Arc<Mutex<HashMap<String, Session>>>,
 }
 
 impl Sse {
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Session>> {
+        self.edge.sessions.lock()
     }
 }
 
 /// The SSE routes under the WebSocket path: `GET <path>/sse`, `POST <path>/sse/{session}`.
 pub fn router(edge: Arc<Edge>, path: &str) -> Router {
     let base = path.trim_end_matches('/');
-    let state = Sse {
-        edge,
-        sessions: Arc::default(),
-    };
+    let state = Sse { edge };
     Router::new()
         .route(&format!("{base}/sse"), get(open))
         .route(
@@ -155,6 +204,9 @@ async fn open(State(sse): State<Sse>, req: Request) -> Response {
         headers: &req.headers,
         query: req.uri.query(),
         peer: req.extensions.get::<Peer>().map(|p| p.0),
+        // A stream is all a bare EventSource or `curl -N` has: it gets the
+        // auto-subscriptions unless it says `autoSubscribe=false` (the SDK does).
+        auto_by_default: true,
     };
     let admitted = match admit(relay, &edge.admission, asking).await {
         Ok(a) => a,
@@ -168,7 +220,7 @@ async fn open(State(sse): State<Sse>, req: Request) -> Response {
     let (conn, resumed) = edge
         .open(admitted.identity.claims, admitted.resume.as_deref())
         .await;
-    let id = format!("{:032x}", rand::random::<u128>());
+    let id = SessionId::new(edge.sessions.own());
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
     sse.sessions().insert(
         id.clone(),
@@ -181,14 +233,17 @@ async fn open(State(sse): State<Sse>, req: Request) -> Response {
     let post = format!("{}/{id}", req.uri.path().trim_end_matches('/'));
     let _ = body_tx.try_send(event(
         Some("session"),
-        &serde_json::json!({ "session": id, "post": post }).to_string(),
+        &serde_json::json!({ "session": id.as_str(), "post": post }).to_string(),
     ));
     let gone = CancellationToken::new();
-    let (sink, stream) = transport::transport(body_tx, inbox_rx, gone.clone());
+    // Event ids (positions to resume from) when the session is auto-subscribed.
+    let ids = admitted.auto.is_some();
+    let (sink, stream) = transport::transport(body_tx, inbox_rx, gone.clone(), ids);
     let expires_at = admitted.identity.expires_at;
     let welcome = crate::session::Welcome {
         data: admitted.data,
         resumed,
+        auto: admitted.auto,
     };
     let (relay2, sse2) = (relay.clone(), sse.clone());
     relay.tracker.spawn(async move {
@@ -232,69 +287,49 @@ async fn preflight(State(sse): State<Sse>, headers: HeaderMap) -> Response {
 
 /// An answer to a POST; one request per TCP connection, so a browser's idle keep-alive
 /// connection never holds a handshake slot.
-fn answer(relay: &Relay, headers: &HeaderMap, status: StatusCode, text: &'static str) -> Response {
-    let mut resp = super::http::answer(status, text);
+fn answer(relay: &Relay, headers: &HeaderMap, a: Answer) -> Response {
+    let mut resp = super::http::answer(a.status, a.text);
     cors(relay, headers, &mut resp);
     resp
 }
 
 /// `POST <path>/sse/{session}`: one client frame, authenticated as the stream was (the same
 /// identity: `iss` and `sub`, or anonymous for an anonymous session). Answered 202; the reply
-/// comes on the stream.
+/// comes on the stream. Decided here when the session is here ([`Post::apply`]), else by the
+/// relay its id names ([`forward::forward`]).
 async fn frame(State(sse): State<Sse>, Path(session): Path<String>, req: Request) -> Response {
     let relay = sse.edge.relay.clone();
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
     // The origin first: a page of another origin learns nothing, not even whether the
     // session exists.
-    if let Err(e) =
-        crate::auth::check_origin(&relay.settings().config.auth.allowed_origins, &headers)
-    {
-        return answer(&relay, &headers, e.status(), e.reason());
-    }
-    let session = sse
-        .sessions()
-        .get(&session)
-        .map(|s| (s.conn.clone(), s.inbox.clone()));
-    let Some((conn, inbox)) = session else {
-        return answer(&relay, &headers, StatusCode::NOT_FOUND, "no such session");
+    let token = match relay.settings().authn.token_of(&headers, parts.uri.query()) {
+        Ok(t) => t,
+        Err(e) => return answer(&relay, &headers, Answer::of(e.status(), e.reason())),
     };
-    let authn = relay.settings().authn.clone();
-    let same = match authn.authenticate(&headers, parts.uri.query()).await {
-        Ok((identity, _)) => match (conn.claims(), &identity.claims) {
-            (None, None) => true,
-            (Some(old), Some(new)) => crate::auth::same_identity(&old, new),
-            _ => false,
-        },
-        Err(e) => {
-            return answer(&relay, &headers, e.status(), e.reason());
-        }
+    // Checked before it goes anywhere (a subject, a header, a log).
+    let Some(session) = SessionId::parse(&session) else {
+        return answer(&relay, &headers, Answer::no_session());
     };
-    if !same {
-        return answer(&relay, &headers, StatusCode::FORBIDDEN, "another identity");
-    }
     let max = relay.settings().config.limits.max_message_bytes as usize;
-    let bytes = match axum::body::to_bytes(body, max).await {
-        Ok(b) => b,
-        Err(_) => {
-            // As a WebSocket frame over the limit would: the connection closes with 1009.
-            conn.outbox.close(Cause::TooBig);
-            return answer(
-                &relay,
-                &headers,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "message too big",
-            );
-        }
+    let body = match axum::body::to_bytes(body, max).await {
+        Ok(b) => post::Body::Frame(b),
+        Err(_) => post::Body::TooBig,
     };
-    let msg = match std::str::from_utf8(&bytes) {
-        Ok(t) => Message::text(t),
-        // Answered on the stream, as a binary WebSocket frame is.
-        Err(_) => Message::Binary(bytes),
+    let post = Post {
+        session,
+        origin: headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .map(str::to_owned),
+        token,
+        body,
     };
-    match tokio::time::timeout(POST_WAIT, inbox.send(msg)).await {
-        Ok(Ok(())) => answer(&relay, &headers, StatusCode::ACCEPTED, ""),
-        Ok(Err(_)) => answer(&relay, &headers, StatusCode::NOT_FOUND, "no such session"),
-        Err(_) => answer(&relay, &headers, StatusCode::SERVICE_UNAVAILABLE, "busy"),
-    }
+    let sessions = &sse.edge.sessions;
+    let a = if sessions.holds(&post.session) || post.session.owner() == sessions.own() {
+        post.apply(&relay, sessions).await
+    } else {
+        forward::forward(&relay, sessions, &post).await
+    };
+    answer(&relay, &headers, a)
 }

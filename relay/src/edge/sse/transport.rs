@@ -17,16 +17,29 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::{CancellationToken, PollSender, WaitForCancellationFutureOwned};
 
-use crate::protocol::close;
+use std::collections::BTreeMap;
+
+use crate::protocol::{Position, close};
 use crate::signal::Signal;
 
 /// One SSE event holding `text` (split into `data:` lines: a frame's payload may hold line
 /// breaks, which EventSource joins back with `\n`, equivalent JSON whitespace).
 pub fn event(name: Option<&str>, text: &str) -> Bytes {
+    event_with_id(name, None, text)
+}
+
+/// One SSE event with an `id:` line when `id` is given (an id holds no line break: the
+/// relay writes it, `super::event_id`).
+fn event_with_id(name: Option<&str>, id: Option<&str>, text: &str) -> Bytes {
     let mut out = String::with_capacity(text.len() + 16);
     if let Some(n) = name {
         out.push_str("event: ");
         out.push_str(n);
+        out.push('\n');
+    }
+    if let Some(id) = id {
+        out.push_str("id: ");
+        out.push_str(id);
         out.push('\n');
     }
     for line in text.split(['\n', '\r']) {
@@ -61,16 +74,19 @@ struct Shared {
 
 /// Builds a session's transport: the sink over the response body's channel, the stream over
 /// the POST inbox. `gone` is cancelled when the response body is dropped (the client left).
+/// `ids`: the session is auto-subscribed, and its events carry ids to resume from.
 pub fn transport(
     body: mpsc::Sender<Bytes>,
     inbox: mpsc::Receiver<Message>,
     gone: CancellationToken,
+    ids: bool,
 ) -> (SseSink, SseStream) {
     let shared = Arc::new(Shared::default());
     (
         SseSink {
             body: PollSender::new(body),
             shared: shared.clone(),
+            positions: ids.then(BTreeMap::new),
         },
         SseStream {
             inbox,
@@ -86,6 +102,31 @@ pub fn transport(
 pub struct SseSink {
     body: PollSender<Bytes>,
     shared: Arc<Shared>,
+    /// With event ids: the last position of each auto-subscribed resumable channel, as the
+    /// frames written so far put them (their `subscribed`, then each `message`).
+    positions: Option<BTreeMap<String, (String, u64)>>,
+}
+
+impl SseSink {
+    /// The event id to write with `frame`: the positions after it, when it moved one.
+    fn id_after(&mut self, frame: &str) -> Option<String> {
+        let positions = self.positions.as_mut()?;
+        match crate::protocol::position_of(frame)? {
+            Position::Subscribed {
+                channel,
+                epoch,
+                seq,
+            } if super::event_id::carries(&channel) => {
+                positions.insert(channel, (epoch, seq));
+            }
+            Position::Message { channel, seq } => match positions.get_mut(&channel) {
+                Some(at) => at.1 = seq,
+                None => return None,
+            },
+            Position::Subscribed { .. } => return None,
+        }
+        Some(super::event_id::encode(positions))
+    }
 }
 
 impl Sink<Message> for SseSink {
@@ -105,7 +146,10 @@ impl Sink<Message> for SseSink {
             return Err(tungstenite::Error::AlreadyClosed);
         }
         let chunk = match &msg {
-            Message::Text(t) => event(None, t.as_str()),
+            Message::Text(t) => {
+                let id = self.id_after(t.as_str());
+                event_with_id(None, id.as_deref(), t.as_str())
+            }
             Message::Ping(_) => Bytes::from_static(HEARTBEAT),
             Message::Close(frame) => {
                 let (code, reason) = frame
@@ -197,7 +241,7 @@ mod tests {
         let (body_tx, mut body_rx) = mpsc::channel(8);
         let (inbox_tx, inbox_rx) = mpsc::channel(8);
         let gone = CancellationToken::new();
-        let (mut sink, mut stream) = transport(body_tx, inbox_rx, gone.clone());
+        let (mut sink, mut stream) = transport(body_tx, inbox_rx, gone.clone(), false);
 
         sink.send(Message::text("{\"a\":\n1}")).await.unwrap();
         assert_eq!(
@@ -234,11 +278,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_auto_subscribed_sessions_events_carry_the_positions_to_resume_from() {
+        let (body_tx, mut body_rx) = mpsc::channel(8);
+        let (_inbox_tx, inbox_rx) = mpsc::channel(8);
+        let (mut sink, _stream) = transport(body_tx, inbox_rx, CancellationToken::new(), true);
+        let mut next = async || String::from_utf8(body_rx.recv().await.unwrap().to_vec()).unwrap();
+        let subscribed = r#"{"type":"subscribed","channel":"n","auto":true,"epoch":"e1","seq":4}"#;
+        sink.send(Message::text(subscribed)).await.unwrap();
+        assert_eq!(next().await, format!("id: n:e1:4\ndata: {subscribed}\n\n"));
+        let m = crate::protocol::encode_message_at("n", b"1", Some((9, 4)));
+        sink.send(Message::text(m.clone())).await.unwrap();
+        assert_eq!(next().await, format!("id: n:e1:9\ndata: {m}\n\n"));
+        // Frames of other channels and without positions carry none.
+        let other = crate::protocol::encode_message_at("o", b"1", Some((10, 9)));
+        sink.send(Message::text(other.clone())).await.unwrap();
+        assert_eq!(next().await, format!("data: {other}\n\n"));
+        sink.send(Message::text("{\"type\":\"pong\"}"))
+            .await
+            .unwrap();
+        assert_eq!(next().await, "data: {\"type\":\"pong\"}\n\n");
+    }
+
+    #[tokio::test]
     async fn the_client_leaving_reads_as_a_close() {
         let (body_tx, body_rx) = mpsc::channel(8);
         let (_inbox_tx, inbox_rx) = mpsc::channel(8);
         let gone = CancellationToken::new();
-        let (mut sink, mut stream) = transport(body_tx, inbox_rx, gone.clone());
+        let (mut sink, mut stream) = transport(body_tx, inbox_rx, gone.clone(), false);
         drop(body_rx);
         gone.cancel();
         assert!(matches!(
@@ -273,7 +339,7 @@ mod tests {
         let (body_tx, body_rx) = mpsc::channel(16);
         let (inbox_tx, inbox_rx) = mpsc::channel(16);
         let gone = CancellationToken::new();
-        let (sink, stream) = transport(body_tx, inbox_rx, gone.clone());
+        let (sink, stream) = transport(body_tx, inbox_rx, gone.clone(), false);
         let task = tokio::spawn(crate::session::run(
             sink,
             stream,

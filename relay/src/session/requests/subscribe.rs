@@ -114,7 +114,7 @@ pub async fn apply(
         since: since.as_ref(),
         data: grant.data.as_deref(),
         snapshot: presence,
-        by_server: false,
+        kind: Kind::Client,
     };
     match set_up(conn, relay, &channel, &target, member, how).await {
         Ok(()) => tracing::debug!(request_id = %log_id(id), %channel, "subscribed"),
@@ -163,7 +163,7 @@ pub async fn server(conn: &Arc<Conn>, relay: &Relay, channel: &str) -> bool {
         since: None,
         data: None,
         snapshot: false,
-        by_server: true,
+        kind: Kind::Server,
     };
     match set_up(conn, relay, channel, &target, member, how).await {
         Ok(()) => true,
@@ -174,6 +174,66 @@ pub async fn server(conn: &Arc<Conn>, relay: &Relay, channel: &str) -> bool {
     }
 }
 
+/// Subscribes `conn` to `channel` by itself, for a binding with `autoSubscribe`
+/// (docs/protocol.md section 9): checked as the client's own `subscribe` (the binding's
+/// direction and `authorize`, with no subscription token), resumed from `since` when given,
+/// confirmed by a `subscribed` frame with `auto` instead of an `ok`. A channel the client may
+/// not read is left out, silently. Returns whether the connection holds it now.
+pub async fn auto(conn: &Arc<Conn>, relay: &Relay, channel: &str, since: Option<&Since>) -> bool {
+    let settings = relay.settings();
+    let claims = conn.claims();
+    let grant = match settings
+        .access
+        .check(
+            channel,
+            Operation::Subscribe,
+            who(conn, relay, claims.as_deref()),
+            Presented::None,
+            relay.link(),
+        )
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!(conn = conn.id, %channel, error = %e, "auto-subscription not made");
+            return false;
+        }
+    };
+    let member = member_of(&settings, grant.resolved.binding, channel, conn, relay);
+    let target = Target::of(&grant.resolved);
+    let max = settings.config.limits.max_subscriptions_per_connection as usize;
+    drop(settings);
+    if let Err(e) = conn.add_subscription(channel, &target.key, max) {
+        tracing::debug!(conn = conn.id, %channel, error = %e, "auto-subscription not made");
+        return false;
+    }
+    let how = Setup {
+        id: None,
+        since,
+        data: grant.data.as_deref(),
+        snapshot: false,
+        kind: Kind::Auto,
+    };
+    match set_up(conn, relay, channel, &target, member, how).await {
+        Ok(()) => true,
+        Err((_, reason)) => {
+            tracing::debug!(conn = conn.id, %channel, %reason, "auto-subscription not made");
+            false
+        }
+    }
+}
+
+/// Who asked for a subscription: what confirms it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The client's `subscribe`: an `ok`.
+    Client,
+    /// The backend (server-side): a `subscribed` frame with `byServer`.
+    Server,
+    /// The binding's `autoSubscribe`: a `subscribed` frame with `auto`.
+    Auto,
+}
+
 /// How a subscription recorded on the connection is set up.
 struct Setup<'a> {
     id: Option<&'a RequestId>,
@@ -181,8 +241,8 @@ struct Setup<'a> {
     data: Option<&'a str>,
     /// The `ok` carries the channel's members (`presence: true`).
     snapshot: bool,
-    /// Server-side: the `ok` becomes a `subscribed` frame.
-    by_server: bool,
+    /// Who asked.
+    kind: Kind,
 }
 
 /// Sets up the subscription `conn` just recorded (`channel` to `target`): its presence
@@ -225,11 +285,20 @@ async fn set_up(
             let conn = conn.clone();
             Some(Box::new(move |ok: String| h.answer(&conn, ok)))
         }
-        None if how.by_server => {
+        None if how.kind == Kind::Server => {
             let (conn, channel) = (conn.clone(), channel.to_owned());
             Some(Box::new(move |ok: String| {
                 conn.outbox
                     .push_reply(Message::text(protocol::ok_as_server_subscribed(
+                        &ok, &channel,
+                    )));
+            }))
+        }
+        None if how.kind == Kind::Auto => {
+            let (conn, channel) = (conn.clone(), channel.to_owned());
+            Some(Box::new(move |ok: String| {
+                conn.outbox
+                    .push_reply(Message::text(protocol::ok_as_auto_subscribed(
                         &ok, &channel,
                     )));
             }))
@@ -250,7 +319,7 @@ async fn set_up(
         .await
     {
         Ok(()) => {
-            announce(relay, conn, channel, &target.key, how.by_server);
+            announce(relay, conn, channel, &target.key, how.kind == Kind::Server);
             if snapshotted {
                 relay
                     .metrics
