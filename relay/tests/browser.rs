@@ -413,3 +413,161 @@ async fn a_server_side_subscription_reaches_the_sdk_in_chromium_and_survives_its
     );
     published_until_reported(&nc, &mut reports, "feed.news", json!({"n": 2})).await;
 }
+
+/// A page with no SDK: a bare `EventSource` on an auto-subscribed binding, reporting each
+/// frame with its event id, and a second one with a bad token, reporting the `close` event
+/// it reads (then closing it, as an application would).
+fn event_source_page(relay: SocketAddr, token: &str) -> String {
+    format!(
+        r#"<!doctype html><html><body><script>
+// One report after the other, so the test reads them in the order the page saw them.
+let chain = Promise.resolve();
+const report = (what) => {{
+  chain = chain.then(() => fetch("/report", {{ method: "POST", body: JSON.stringify(what) }})).catch(() => {{}});
+}};
+const es = new EventSource("http://{relay}/ws/sse?token={token}");
+es.onmessage = (e) => report({{ kind: "frame", frame: JSON.parse(e.data), id: e.lastEventId }});
+es.onerror = () => report({{ kind: "error", state: es.readyState }});
+const bad = new EventSource("http://{relay}/ws/sse?token=not-a-token");
+bad.addEventListener("close", (e) => {{
+  report({{ kind: "refused", close: JSON.parse(e.data) }});
+  bad.close();
+}});
+</script></body></html>"#
+    )
+}
+
+/// Message payloads the page reported until `want` of them (skipping other reports), and
+/// whether a `subscribed` frame said `recovered: true` meanwhile; bounded.
+async fn event_source_messages(
+    rx: &mut mpsc::UnboundedReceiver<Value>,
+    want: usize,
+    recovered: &mut bool,
+) -> Vec<u64> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + BROWSER_WAIT;
+    while got.len() < want {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(r) = next_report(rx, left).await else {
+            panic!("the page reported {got:?}, not {want} messages, within {BROWSER_WAIT:?}");
+        };
+        let f = &r["frame"];
+        match f["type"].as_str() {
+            Some("message") => got.push(f["payload"].as_u64().unwrap()),
+            Some("subscribed") if f["recovered"] == true => *recovered = true,
+            _ => {}
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_event_source_gets_its_notifications_and_resumes_across_a_relay_sigkill() {
+    init_logs();
+    let (_store, nats) = jetstream_nats("browser-event-source");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let page_addr = listener.local_addr().unwrap();
+    let mut notifications = binding(
+        "notifications",
+        "users.{claims.sub}.notify",
+        Direction::Subscribe,
+    );
+    notifications.auto_subscribe = true;
+    notifications.history = Some(
+        serde_json::from_value(
+            json!({"stream": "WSRELAY_TEST_EVENT_SOURCE", "maxMessages": 100, "maxAgeSeconds": 300}),
+        )
+        .unwrap(),
+    );
+    let mut c = TestRelay::builder(&nats)
+        .hs256()
+        .anonymous(false)
+        .origin(&format!("http://{page_addr}"))
+        .with_binding(notifications)
+        .build();
+    // As the operator renders it: refusals a page can read.
+    c.auth.refuse_after_upgrade = true;
+    let port = free_port();
+    c.listen.client = format!("127.0.0.1:{port}").parse().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_wsrelay"));
+    let streams_ready = |admin| async move {
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                metric(admin, "wsrelay_history_streams_ready").await == Some(1.0)
+            })
+            .await,
+            "the history stream was not put in place"
+        );
+    };
+    let relay = RelayProcess::spawn_config(bin, &c, "browser-event-source", "info");
+    streams_ready(relay.admin).await;
+    let nc = nats.client().await;
+    let publish = |from: u64, to: u64| {
+        let nc = nc.clone();
+        async move {
+            for i in from..=to {
+                for user in ["alice", "bob"] {
+                    nc.publish(
+                        format!("users.{user}.notify"),
+                        (i * 1000).to_string().into(),
+                    )
+                    .await
+                    .unwrap();
+                }
+                nc.publish("users.alice.notify", i.to_string().into())
+                    .await
+                    .unwrap();
+            }
+            nc.flush().await.unwrap();
+        }
+    };
+    let token = hs256(claims("alice"));
+    let mut reports = serve_page(listener, event_source_page(relay.client, &token));
+    let _browser = Browser::open(&format!("http://{page_addr}/"));
+
+    // The bad token's stream: a readable close with 4401, not a silent error.
+    // The good one: subscribed with no request, then the user's own notifications only.
+    let mut refused = None;
+    let mut subscribed = false;
+    let deadline = tokio::time::Instant::now() + BROWSER_WAIT;
+    while refused.is_none() || !subscribed {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let r = next_report(&mut reports, left)
+            .await
+            .expect("the page reports its two streams");
+        match r["kind"].as_str() {
+            Some("refused") => refused = Some(r["close"].clone()),
+            Some("frame") if r["frame"]["type"] == "subscribed" => {
+                assert_eq!(r["frame"]["auto"], true, "{r}");
+                assert_eq!(r["frame"]["channel"], "notifications", "{r}");
+                subscribed = true;
+            }
+            _ => {}
+        }
+    }
+    let refused = refused.unwrap();
+    assert_eq!(refused["code"], 4401, "{refused}");
+    assert_eq!(refused["reason"], "invalid token", "{refused}");
+
+    // Alice's and bob's notifications are published; the page shows alice's, in order.
+    // Each publish round is alice's i * 1000 and bob's, then alice's i.
+    let mut recovered = false;
+    publish(1, 10).await;
+    let mut got = event_source_messages(&mut reports, 20, &mut recovered).await;
+
+    // SIGKILL; published to while down; restarted on its port. EventSource reconnects by
+    // itself, with the last event id in `Last-Event-ID`.
+    drop(relay);
+    publish(11, 20).await;
+    let relay = RelayProcess::spawn_config(bin, &c, "browser-event-source", "info");
+    streams_ready(relay.admin).await;
+    got.extend(event_source_messages(&mut reports, 20, &mut recovered).await);
+    assert!(recovered, "the reconnected stream said recovered: true");
+    publish(21, 30).await;
+    got.extend(event_source_messages(&mut reports, 20, &mut recovered).await);
+    let want: Vec<u64> = (1..=30).flat_map(|i| [i * 1000, i]).collect();
+    assert_eq!(
+        got, want,
+        "alice's notifications, 0 lost, 0 repeated, none of bob's"
+    );
+}
