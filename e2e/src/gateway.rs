@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::ListParams;
+use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use wsrelay_operator::build::INSTANCE_LABEL;
@@ -321,4 +321,20 @@ pub fn host_pid_of(container: &str, comm: &str) -> Result<u32> {
         [] => bail!("no process {comm} in a cgroup of container {container}"),
         many => bail!("several processes {comm} in container {container}: {many:?}"),
     }
+}
+
+/// Deletes pod `name` with grace period 0 (`kubectl delete --grace-period=0 --force`): the
+/// object is gone at once, its containers die when kubelet gets to them.
+pub async fn force_delete_pod(client: &Client, ns: &str, name: &str) -> Result<()> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .delete(
+            name,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            },
+        )
+        .await
+        .with_context(|| format!("force-deleting pod {ns}/{name}"))?;
+    Ok(())
 }

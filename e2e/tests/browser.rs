@@ -254,15 +254,7 @@ async fn kill_relays_with_pages(client: &Client, ns: &str) -> Result<String> {
                 ));
             }
             Err(e) => {
-                Api::<Pod>::namespaced(client.clone(), ns)
-                    .delete(
-                        &victim.name_any(),
-                        &DeleteParams {
-                            grace_period_seconds: Some(0),
-                            ..DeleteParams::default()
-                        },
-                    )
-                    .await?;
+                gateway::force_delete_pod(client, ns, &victim.name_any()).await?;
                 done.push(format!(
                     "pod {} force-deleted (no relay process to kill here: {e:#})",
                     victim.name_any()

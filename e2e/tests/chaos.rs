@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -194,15 +194,7 @@ async fn scenario(client: &Client, ns: &str) -> Result<()> {
     let victim = busiest_pod(client, ns, "(b)").await?;
     let victim_addr = gateway::pod_port(&victim, "ws")?;
     let t = Instant::now();
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .delete(
-            &victim.name_any(),
-            &DeleteParams {
-                grace_period_seconds: Some(0),
-                ..DeleteParams::default()
-            },
-        )
-        .await?;
+    gateway::force_delete_pod(client, ns, &victim.name_any()).await?;
     // The API object is gone at once; the container dies when kubelet gets to it.
     eventually("the force-deleted relay to stop serving", || async {
         Ok((!serves(victim_addr).await).then_some(()))

@@ -235,15 +235,7 @@ async fn scenario(client: &Client, ns: &str, operator: &mut Option<Operator>) ->
         .context("(c) the relay process of the busiest pod")?;
     let killed = Instant::now();
     kill(pid)?;
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .delete(
-            &victim.name_any(),
-            &DeleteParams {
-                grace_period_seconds: Some(0),
-                ..DeleteParams::default()
-            },
-        )
-        .await?;
+    gateway::force_delete_pod(client, ns, &victim.name_any()).await?;
     let outcome = case_leaves("(c) operator down, pod gone", &members, killed).await;
     *operator = Some(Operator::start(client.clone(), ns, None));
     outcome?;
