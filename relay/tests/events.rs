@@ -34,6 +34,15 @@ async fn as_user(relay: &TestRelay, sub: &str) -> Ws {
 
 /// Every event in the stream, in order, once it holds at least `n` (or the bound passed).
 async fn stored(nats: &Nats, n: u64, within: Duration) -> Vec<Value> {
+    stored_until(nats, within, |all| all.len() as u64 >= n).await
+}
+
+/// The stream's events once `done` says they are all there, or at `within`.
+async fn stored_until(
+    nats: &Nats,
+    within: Duration,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
     let js = async_nats::jetstream::new(nats.client().await);
     let deadline = Instant::now() + within;
     let mut stream = loop {
@@ -45,13 +54,13 @@ async fn stored(nats: &Nats, n: u64, within: Duration) -> Vec<Value> {
     };
     loop {
         let state = stream.info().await.unwrap().state.clone();
-        if state.messages >= n || Instant::now() > deadline {
-            let mut out = Vec::new();
-            for seq in state.first_sequence..=state.last_sequence {
-                if let Ok(m) = stream.get_raw_message(seq).await {
-                    out.push(serde_json::from_slice(&m.payload).unwrap());
-                }
+        let mut out = Vec::new();
+        for seq in state.first_sequence..=state.last_sequence.max(state.first_sequence) {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.push(serde_json::from_slice(&m.payload).unwrap());
             }
+        }
+        if done(&out) || Instant::now() > deadline {
             return out;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -746,7 +755,11 @@ async fn a_channel_is_occupied_and_vacated_once_across_the_relays_and_a_dead_one
     assert_eq!(subscribe(&mut u4, 1, "public.p").await["type"], "ok");
     u4.close(None).await.unwrap();
     drop(u4);
-    let mid = stored(&nats, 6, Duration::from_secs(20)).await;
+    // Until public.p's Vacated is stored (it follows its subscriber's close).
+    let mid = stored_until(&nats, Duration::from_secs(20), |all| {
+        occupancy(all, "public.p").len() == 2
+    })
+    .await;
     assert_eq!(occupancy(&mid, "public.o"), ["Occupied"], "{mid:#?}");
     assert_eq!(
         occupancy(&mid, "public.p"),
