@@ -182,6 +182,24 @@ async fn scenario(client: &Client, ns: &str, script: &std::path::Path) -> Result
             "two disruptions felt: {c}"
         );
     }
+    // With no affinity, the POSTs after the last disruption reached both pods: some went to
+    // the relay without the session, which forwarded them (counted by the relays there now).
+    let mut forwarded = 0.0;
+    for pod in gateway::relay_pod_objects(client, ns, GATEWAY).await? {
+        forwarded += gateway::relay_metric(
+            &pod,
+            "wsrelay_sse_posts_forwarded_total{reason=\"answered\"}",
+        )
+        .await
+        .unwrap_or(0.0);
+    }
+    eprintln!(
+        "FIGURE browser e2e: {forwarded} SSE POSTs forwarded to the session's relay by the relays running now"
+    );
+    ensure!(
+        forwarded > 0.0,
+        "no SSE POST was forwarded: the test did not exercise a POST landing on the wrong pod"
+    );
     Ok(())
 }
 
@@ -309,7 +327,8 @@ async fn create_gateway(client: &Client, ns: &str) -> Result<()> {
                 "subject": format!("{}.{{id}}", pub_prefix(ns)),
                 "direction": "Publish"
             }],
-            "limits": { "sendQueueLength": 2000 },
+            // The SSE page publishes 100 messages one after the other (a POST each).
+            "limits": { "sendQueueLength": 2000, "publishRatePerSecond": 1000, "publishBurst": 200 },
             "drain": { "gracePeriodSeconds": 5 },
             // The default, spelled out: the SSE client's stream and POSTs may reach any pod.
             "service": { "type": gateway::service_type(), "port": 80, "sessionAffinity": "None" },

@@ -136,6 +136,10 @@ pub const DROP_REASONS: &[&str] = &[
     "rate_limited",
     "nats_unavailable",
 ];
+/// `reason` values of `wsrelay_sse_posts_forwarded_total`: the session's relay answered (any
+/// status), no relay took the session's subject (it is gone: 404), or NATS failed or the
+/// answer did not come in time (503).
+pub const FORWARD_OUTCOMES: &[&str] = &["answered", "no_relay", "unavailable"];
 /// `reason` values of `wsrelay_history_resumes_total`.
 pub const RESUME_OUTCOMES: &[&str] = &["recovered", "not_recovered", "unavailable"];
 
@@ -231,6 +235,9 @@ pub struct Metrics {
     pub draining: Gauge,
     /// `wsrelay_drain_started_timestamp_seconds`: Unix time the drain began (0 before).
     pub drain_started: Gauge,
+    /// `wsrelay_sse_posts_forwarded_total{reason}`: SSE POSTs for another relay's session,
+    /// forwarded to it over NATS.
+    pub sse_forwarded: Family<Reason, Counter>,
     /// `wsrelay_rebalancing`: 1 while a rebalancing round sheds connections.
     pub rebalancing: Gauge,
     /// `wsrelay_rebalance_moved_total`: connections closed at their rebalancing turn.
@@ -347,6 +354,7 @@ impl Metrics {
             delivery_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             draining: Gauge::default(),
             drain_started: Gauge::default(),
+            sse_forwarded: Family::default(),
             rebalancing: Gauge::default(),
             rebalance_moved: Counter::default(),
             drain_grace: Gauge::default(),
@@ -482,6 +490,11 @@ impl Metrics {
             m.delivery_latency.clone(),
         );
         r.register("draining", "1 while the relay drains", m.draining.clone());
+        r.register(
+            "sse_posts_forwarded",
+            "SSE POSTs for another relay's session, forwarded to it over NATS, by outcome",
+            m.sse_forwarded.clone(),
+        );
         r.register(
             "rebalancing",
             "1 while a rebalancing round sheds connections",
@@ -665,6 +678,7 @@ impl Metrics {
             (&m.dropped, DROP_REASONS),
             (&m.history_resumes, RESUME_OUTCOMES),
             (&m.registry_purges, PURGE_CAUSES),
+            (&m.sse_forwarded, FORWARD_OUTCOMES),
         ] {
             for reason in reasons {
                 let _ = family.get_or_create(&Reason { reason });

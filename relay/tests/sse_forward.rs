@@ -222,4 +222,21 @@ async fn a_post_to_another_relay_is_answered_by_the_sessions_relay() {
         post(b.client, &format!("{path2}{q}"), &ping, ORIGIN).await,
         404
     );
+    // B counted what it forwarded: answered by A, and the one nobody took.
+    assert!(
+        metric(
+            b.admin,
+            "wsrelay_sse_posts_forwarded_total{reason=\"answered\"}"
+        )
+        .await
+        .is_some_and(|n| n >= 200.0)
+    );
+    assert_eq!(
+        metric(
+            b.admin,
+            "wsrelay_sse_posts_forwarded_total{reason=\"no_relay\"}"
+        )
+        .await,
+        Some(1.0)
+    );
 }

@@ -104,10 +104,18 @@ fn decode_answer(msg: &async_nats::Message) -> Option<Answer> {
 /// is down or the owner did not answer within [`FORWARD_WITHIN`].
 pub async fn forward(relay: &Relay, sessions: &Sessions, post: &Post) -> Answer {
     const UNAVAILABLE: Answer = Answer::of(StatusCode::SERVICE_UNAVAILABLE, "NATS unavailable");
+    let count = |reason| {
+        relay
+            .metrics
+            .sse_forwarded
+            .get_or_create(&crate::metrics::Reason { reason })
+            .inc();
+    };
     if !relay
         .nats_connected
         .load(std::sync::atomic::Ordering::SeqCst)
     {
+        count("unavailable");
         return UNAVAILABLE;
     }
     let (headers, payload) = encode(post);
@@ -116,27 +124,38 @@ pub async fn forward(relay: &Relay, sessions: &Sessions, post: &Post) -> Answer 
         .hub
         .client()
         .request_with_headers(subject, headers, payload);
-    match tokio::time::timeout(FORWARD_WITHIN, sent).await {
-        Ok(Ok(reply)) => decode_answer(&reply).unwrap_or(Answer::of(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "bad answer from the session's relay",
-        )),
+    let (reason, answer) = match tokio::time::timeout(FORWARD_WITHIN, sent).await {
+        Ok(Ok(reply)) => (
+            "answered",
+            decode_answer(&reply).unwrap_or(Answer::of(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bad answer from the session's relay",
+            )),
+        ),
         Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-            Answer::no_session()
+            ("no_relay", Answer::no_session())
         }
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Answer::of(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the session's relay did not answer",
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => (
+            "unavailable",
+            Answer::of(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the session's relay did not answer",
+            ),
         ),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "an SSE POST was not forwarded");
-            UNAVAILABLE
+            ("unavailable", UNAVAILABLE)
         }
-        Err(_) => Answer::of(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the session's relay did not answer",
+        Err(_) => (
+            "unavailable",
+            Answer::of(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the session's relay did not answer",
+            ),
         ),
-    }
+    };
+    count(reason);
+    answer
 }
 
 /// Takes the POSTs other relays forward to this one until the relay stops, each decided in
