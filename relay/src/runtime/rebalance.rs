@@ -128,6 +128,7 @@ pub fn start(relay: &Arc<Relay>, ask: &Ask) -> Result<Round, RebalanceError> {
         eligible: candidates.iter().filter(|c| c.movable).count(),
         window_ms: window.as_millis() as u64,
     };
+    let picked: std::collections::HashSet<ConnId> = picked.into_iter().collect();
     let moving: Vec<_> = conns
         .into_iter()
         .filter(|c| picked.contains(&c.id))

@@ -302,7 +302,13 @@ async fn frame(State(sse): State<Sse>, Path(session): Path<String>, req: Request
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
     // The origin first: a page of another origin learns nothing, not even whether the
-    // session exists.
+    // session exists, and its POST goes no further than this relay (the session's relay
+    // checks a forwarded POST's origin again, `Post::apply`).
+    if let Err(e) =
+        crate::auth::check_origin(&relay.settings().config.auth.allowed_origins, &headers)
+    {
+        return answer(&relay, &headers, Answer::of(e.status(), e.reason()));
+    }
     let token = match relay.settings().authn.token_of(&headers, parts.uri.query()) {
         Ok(t) => t,
         Err(e) => return answer(&relay, &headers, Answer::of(e.status(), e.reason())),
