@@ -5,8 +5,6 @@
 
 use std::fmt;
 
-/// Longest relay token (`config::relay_token` keeps at most 128 bytes).
-const MAX_RELAY_TOKEN: usize = 128;
 /// Hex digits of the random part.
 const RANDOM_HEX: usize = 32;
 
@@ -24,11 +22,7 @@ impl SessionId {
     /// `=`), a `.`, 32 lowercase hex digits. Pure.
     pub fn parse(s: &str) -> Option<Self> {
         let (relay, random) = s.split_once('.')?;
-        let token_ok = !relay.is_empty()
-            && relay.len() <= MAX_RELAY_TOKEN
-            && relay
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=');
+        let token_ok = crate::registry::keys::is_token(relay);
         let random_ok = random.len() == RANDOM_HEX
             && random
                 .bytes()
